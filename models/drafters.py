@@ -1,0 +1,154 @@
+"""Drafters: cheap guesses of the target's next tokens, all behind one small interface.
+
+A drafter only has to say, for some tree nodes, which tokens are likely next and how likely;
+:func:`models.tree.grow_tree` turns that into an EAGLE-2 style tree. The originator tells the
+drafter what got accepted (with the target's hidden states, which an EAGLE head feeds on).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, defaultdict
+from typing import Protocol
+
+import torch
+
+from models.stage import Stage
+from models.tree import Tree, grow_tree
+
+
+class Drafter(Protocol):
+    name: str
+
+    def reset(self, prompt: list[int]) -> None:
+        """Start a new request whose context so far is ``prompt``."""
+
+    def draft(self, context: list[int], *, top_k: int, depth: int, max_nodes: int) -> Tree:
+        """A candidate tree rooted at ``context[-1]`` (the last emitted token)."""
+
+    def accept(self, context: list[int], hidden: torch.Tensor | None) -> None:
+        """``context`` is now committed; ``hidden`` holds the target's last hidden states of the
+        newly committed tokens when the caller has them (None otherwise)."""
+
+
+class NGramDrafter:
+    """Prompt lookup with back-off: the continuation of the longest earlier match of the context's suffix.
+
+    Needs no weights, so it works for any model; strong on tasks that copy from the prompt
+    (summaries, RAG, code edits). Counts of what followed each n-gram give a distribution, and
+    a discount per order makes short matches less trusted than long ones.
+    """
+
+    name = "ngram"
+
+    def __init__(self, orders: tuple[int, ...] = (3, 2, 1), discounts: dict[int, float] | None = None):
+        self.orders = orders
+        self.discounts = discounts or {3: 0.9, 2: 0.6, 1: 0.3}
+        self.reset([])
+
+    def reset(self, prompt: list[int]) -> None:
+        self._table: dict[tuple[int, ...], Counter[int]] = defaultdict(Counter)
+        self._seen = 0
+        self._context: list[int] = []
+        self.accept(list(prompt), None)
+
+    def accept(self, context: list[int], hidden: torch.Tensor | None) -> None:
+        self._context = list(context)
+        for end in range(max(self._seen, 1), len(context)):
+            nxt = context[end]
+            for n in self.orders:
+                if end - n >= 0:
+                    self._table[tuple(context[end - n:end])][nxt] += 1
+        self._seen = max(self._seen, len(context))
+
+    def _propose(self, ctx: list[int], k: int) -> list[tuple[int, float]]:
+        for n in self.orders:
+            if len(ctx) < n:
+                continue
+            counts = self._table.get(tuple(ctx[-n:]))
+            if counts:
+                total = sum(counts.values())
+                w = self.discounts.get(n, 0.5)
+                return [(tok, math.log(w * c / total)) for tok, c in counts.most_common(k)]
+        return []
+
+    def draft(self, context: list[int], *, top_k: int, depth: int, max_nodes: int) -> Tree:
+        if context[: self._seen] != self._context[: self._seen] or len(context) < self._seen:
+            self.reset(context[:-1])
+        self.accept(context, None)
+
+        def expand(tree: Tree, nodes: list[int], k: int) -> list[list[tuple[int, float]]]:
+            return [self._propose(context[:-1] + tree.path_tokens(u), k) for u in nodes]
+
+        return grow_tree(context[-1], expand, top_k=top_k, depth=depth, max_nodes=max_nodes)
+
+
+class ModelDrafter:
+    """A separate small causal LM with the target's tokenizer, run level by level over the tree.
+
+    Its KV cache holds the committed context; tree nodes are appended while drafting and
+    truncated away afterwards, so nothing speculative survives into the next round.
+    """
+
+    def __init__(self, model: Stage, name: str = "model"):
+        if not model.has_head:
+            raise ValueError("a draft model needs its embeddings and LM head")
+        self.model, self.name = model, name
+        self.cache = model.new_cache()
+        self._context: list[int] = []
+
+    def reset(self, prompt: list[int]) -> None:
+        self.cache.truncate(0)
+        self._context = []
+
+    def accept(self, context: list[int], hidden: torch.Tensor | None) -> None:
+        pass  # catching up happens lazily in draft(), where the forward can be batched
+
+    def _sync(self, context: list[int]) -> None:
+        """Make the cache hold exactly ``context[:-1]`` (the root is fed as part of the tree)."""
+        committed = context[:-1]
+        same = 0
+        limit = min(self.cache.length, len(self._context), len(committed))
+        while same < limit and self._context[same] == committed[same]:
+            same += 1
+        self.cache.truncate(same)
+        if same < len(committed):
+            new = torch.tensor(committed[same:])
+            self.model.forward_one(self.model.embed(new), self.cache, torch.arange(same, len(committed)))
+        self._context = list(committed)
+
+    @torch.inference_mode()
+    def draft(self, context: list[int], *, top_k: int, depth: int, max_nodes: int) -> Tree:
+        self._sync(context)
+        base = self.cache.length
+        slot: dict[int, int] = {}  # tree node -> cache slot of its draft KV
+
+        def expand(tree: Tree, nodes: list[int], k: int) -> list[list[tuple[int, float]]]:
+            todo = [u for u in nodes if u not in slot]
+            if todo:
+                mask = torch.zeros(len(todo), self.cache.length + len(todo), dtype=torch.bool)
+                mask[:, :base] = True
+                for r, u in enumerate(todo):
+                    anc = tree.path(u)
+                    for a in anc[:-1]:
+                        mask[r, slot[a]] = True
+                    mask[r, self.cache.length + r] = True
+                start = self.cache.length
+                hidden = self.model.forward_one(self.model.embed([tree.tokens[u] for u in todo]), self.cache,
+                                                tree.positions(base, todo), mask)
+                logp = torch.log_softmax(self.model.logits(hidden), dim=-1)
+                for r, u in enumerate(todo):
+                    slot[u] = start + r
+                    self._logp[u] = logp[r]
+            out = []
+            for u in nodes:
+                lp, tok = self._logp[u].topk(k)
+                out.append(list(zip(tok.tolist(), lp.tolist())))
+            return out
+
+        self._logp: dict[int, torch.Tensor] = {}
+        try:
+            return grow_tree(context[-1], expand, top_k=top_k, depth=depth, max_nodes=max_nodes)
+        finally:
+            self.cache.truncate(base)
+            self._logp = {}

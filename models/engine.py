@@ -1,0 +1,150 @@
+"""Single-device generation: plain autoregressive decoding and tree speculative decoding.
+
+This is the reference loop the mesh modes are measured against, and the oracle's subject:
+with temperature 0 its output must equal plain greedy decoding of the same model.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from models.budget import CostCurve, TreeBudget
+from models.drafters import Drafter
+from models.stage import Stage
+from models.tree import Tree
+from models.verify import Sampling, sample_token, verify
+
+PREFILL_CHUNK = 256
+
+
+@dataclass
+class Stats:
+    new_tokens: int = 0
+    rounds: int = 0
+    accepted_drafts: int = 0  # drafted tokens the target accepted (bonus tokens not included)
+    target_forwards: int = 0  # every forward of the target, prefill chunks included
+    verified_nodes: int = 0
+    seconds: float = 0.0
+    prefill_seconds: float = 0.0
+    draft_seconds: float = 0.0
+    per_round: list[int] = field(default_factory=list)
+
+    @property
+    def mean_accepted(self) -> float:
+        """Tokens emitted per verification round, bonus included (1.0 for plain decoding)."""
+        return (sum(self.per_round) / self.rounds) if self.rounds else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def summary(self) -> dict:
+        d = asdict(self)
+        d.pop("per_round")
+        d.update(mean_accepted=round(self.mean_accepted, 4), tokens_per_s=round(self.tokens_per_s, 3))
+        return d
+
+
+@dataclass
+class Generation:
+    token_ids: list[int]
+    stats: Stats
+    finish_reason: str  # "stop" (EOS) or "length"
+
+
+def prefill(target: Stage, cache, ids: Sequence[int], stats: Stats) -> torch.Tensor:
+    """Run the prompt through the target in chunks; return the last position's hidden state."""
+    hidden = None
+    for start in range(0, len(ids), PREFILL_CHUNK):
+        chunk = torch.tensor(ids[start:start + PREFILL_CHUNK])
+        hidden = target.forward_one(target.embed(chunk), cache, torch.arange(start, start + len(chunk)))
+        stats.target_forwards += 1
+    return hidden[-1:]
+
+
+def _finish(out: list[int], new: list[int], max_new: int, eos: set[int]) -> str | None:
+    """Append ``new`` to ``out`` up to EOS or the length limit; return the finish reason if done."""
+    for tok in new:
+        out.append(tok)
+        if tok in eos:
+            return "stop"
+        if len(out) >= max_new:
+            return "length"
+    return None
+
+
+def generate(target: Stage, prompt: Sequence[int], *, max_new_tokens: int = 128, mode: str = "spec",
+             drafter: Drafter | None = None, sampling: Sampling = Sampling(), seed: int | None = None,
+             eos_ids: Sequence[int] = (), budget: TreeBudget | None = None, top_k: int = 8,
+             depth: int = 8, pool: int = 128,
+             on_tokens: Callable[[list[int]], None] | None = None) -> Generation:
+    """Generate up to ``max_new_tokens`` after ``prompt`` on one device (``mode``: ``ar`` or ``spec``)."""
+    if mode not in ("ar", "spec"):
+        raise ValueError(f"mode {mode!r}: single-device modes are 'ar' and 'spec'")
+    if mode == "spec" and drafter is None:
+        raise ValueError("spec mode needs a drafter")
+    if not prompt:
+        raise ValueError("the prompt is empty")
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    eos = set(eos_ids)
+    stats = Stats()
+    t0 = time.perf_counter()
+    cache = target.new_cache(len(prompt) + max_new_tokens + pool + 8)
+    last = prefill(target, cache, prompt, stats)
+    stats.prefill_seconds = time.perf_counter() - t0
+    out: list[int] = []
+
+    def emit(new: list[int]) -> str | None:
+        before = len(out)
+        reason = _finish(out, new, max_new_tokens, eos)
+        if on_tokens:
+            on_tokens(out[before:])
+        return reason
+
+    reason = emit([sample_token(target.logits(last)[0], sampling, gen)])
+    context = list(prompt) + out
+    if mode == "spec":
+        drafter.reset(list(prompt))
+        budget = budget or TreeBudget(CostCurve({1: 1.0, 64: 2.0}))
+    while reason is None:
+        if mode == "ar":
+            h = target.forward_one(target.embed([out[-1]]), cache, torch.tensor([len(context) - 1]))
+            stats.target_forwards += 1
+            stats.rounds += 1
+            stats.per_round.append(1)
+            reason = emit([sample_token(target.logits(h)[0], sampling, gen)])
+            context.append(out[-1])
+            continue
+        td = time.perf_counter()
+        pool_tree = drafter.draft(context, top_k=top_k, depth=depth, max_nodes=pool)
+        draft_s = time.perf_counter() - td
+        stats.draft_seconds += draft_s
+        tree = pool_tree.best(budget.choose(pool_tree, overhead=draft_s))
+        accepted, emitted = verify_tree(target, cache, tree, len(context) - 1, sampling, gen, stats)
+        budget.observe(budget.expected(tree), len(accepted) - 1)
+        stats.rounds += 1
+        stats.accepted_drafts += len(accepted) - 1
+        stats.per_round.append(len(emitted))
+        reason = emit(emitted)
+        context = list(prompt) + out
+        drafter.accept(context, None)
+    stats.new_tokens = len(out)
+    stats.seconds = time.perf_counter() - t0
+    return Generation(out, stats, reason)
+
+
+def verify_tree(target: Stage, cache, tree: Tree, base: int, sampling: Sampling,
+                gen: torch.Generator | None, stats: Stats) -> tuple[list[int], list[int]]:
+    """One target forward over the whole tree, acceptance walk, then keep only the accepted KV."""
+    n = len(tree)
+    mask = torch.cat([torch.ones(n, cache.length, dtype=torch.bool), tree.ancestor_mask()], dim=1)
+    hidden = target.forward_one(target.embed(tree.tokens), cache, tree.positions(base), mask)
+    stats.target_forwards += 1
+    stats.verified_nodes += n
+    path, emitted = verify(tree, target.logits(hidden), sampling, gen)
+    cache.keep(list(range(base)) + [base + i for i in path])
+    return path, emitted

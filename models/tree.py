@@ -1,0 +1,206 @@
+"""The one speculative tree type, and the operations every decoding mode shares.
+
+Node 0 is the root: the last emitted token, whose KV the target has not computed yet.
+Every other node is a drafted token with a parent pointer and a cumulative draft
+log-probability. Parents always have smaller indices than their children, so index order
+is a valid topological order and "ties broken by tree order" means "by index".
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+# expand(tree, nodes, k) -> for each node, up to k (token, log-prob) proposals for its next token
+Expand = Callable[["Tree", list[int], int], list[list[tuple[int, float]]]]
+
+
+@dataclass
+class Tree:
+    tokens: list[int]
+    parents: list[int]
+    scores: list[float]
+    depth: list[int]
+    _children: list[list[int]] = field(default_factory=list, repr=False)
+
+    @classmethod
+    def root(cls, token: int) -> Tree:
+        return cls([int(token)], [-1], [0.0], [0], [[]])
+
+    @classmethod
+    def from_parents(cls, tokens: Sequence[int], parents: Sequence[int],
+                     scores: Sequence[float] | None = None) -> Tree:
+        """Rebuild a tree from the wire form (tokens + parent pointers); parents must precede children."""
+        t = cls.root(tokens[0])
+        t.scores[0] = float(scores[0]) if scores is not None else 0.0
+        for i in range(1, len(tokens)):
+            p = int(parents[i])
+            if not 0 <= p < i:
+                raise ValueError(f"node {i} has parent {p}; parents must precede their children")
+            t.add(p, int(tokens[i]), float(scores[i]) if scores is not None else 0.0)
+        return t
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def add(self, parent: int, token: int, score: float) -> int:
+        self.tokens.append(int(token))
+        self.parents.append(parent)
+        self.scores.append(float(score))
+        self.depth.append(self.depth[parent] + 1)
+        self._children.append([])
+        self._children[parent].append(len(self.tokens) - 1)
+        return len(self.tokens) - 1
+
+    def children(self, node: int) -> list[int]:
+        return self._children[node]
+
+    def child_with_token(self, node: int, token: int) -> int | None:
+        for c in self._children[node]:
+            if self.tokens[c] == token:
+                return c
+        return None
+
+    def path(self, node: int) -> list[int]:
+        """Root-to-node indices."""
+        out = []
+        while node >= 0:
+            out.append(node)
+            node = self.parents[node]
+        return out[::-1]
+
+    def path_tokens(self, node: int) -> list[int]:
+        return [self.tokens[i] for i in self.path(node)]
+
+    def subtree(self, node: int) -> list[int]:
+        """``node`` and all its descendants, in index order."""
+        keep = {node}
+        for i in range(node + 1, len(self)):
+            if self.parents[i] in keep:
+                keep.add(i)
+        return sorted(keep)
+
+    # ---- ordering and selection --------------------------------------------------------
+    def score_order(self) -> list[int]:
+        """Nodes by descending cumulative score, ties by index (so every parent precedes its child)."""
+        return sorted(range(len(self)), key=lambda i: (-self.scores[i], i))
+
+    def best(self, n: int) -> Tree:
+        """The root plus the ``n`` best-scoring drafted nodes (EAGLE-2 re-ranking).
+
+        A child's score never exceeds its parent's, so the top of the score order is closed
+        under ancestors and is itself a tree.
+        """
+        return self.select(self.score_order()[: n + 1])[0]
+
+    def select(self, keep: Iterable[int]) -> tuple[Tree, list[int]]:
+        """A new tree of the kept nodes (closed under ancestors, root included) in index order.
+
+        Returns the tree and ``old_index`` for each new node, which is how caches and queued
+        inputs are gathered after a prune.
+        """
+        old = sorted(set(keep))
+        if not old or old[0] != 0:
+            raise ValueError("the kept set must contain the root")
+        remap = {o: n for n, o in enumerate(old)}
+        t = Tree.root(self.tokens[0])
+        t.scores[0] = self.scores[0]
+        for o in old[1:]:
+            p = self.parents[o]
+            if p not in remap:
+                raise ValueError(f"node {o} is kept but its parent {p} is not")
+            t.add(remap[p], self.tokens[o], self.scores[o])
+        return t, old
+
+    def reroot(self, node: int) -> tuple[Tree, list[int]]:
+        """The subtree under ``node`` as a tree of its own (``node`` becomes the root)."""
+        sub = self.subtree(node)
+        remap = {o: n for n, o in enumerate(sub)}
+        t = Tree.root(self.tokens[node])
+        base = self.scores[node]
+        for o in sub[1:]:
+            t.add(remap[self.parents[o]], self.tokens[o], self.scores[o] - base)
+        return t, sub
+
+    def merge(self, other: Tree, at: int = 0) -> list[int]:
+        """Graft ``other`` (whose root stands for node ``at``) into this tree, matching by token path.
+
+        Returns this tree's index for each node of ``other``; nodes already present keep their
+        index (and the better score), new ones are appended, so existing indices stay valid.
+        """
+        where = [at]
+        base = self.scores[at]
+        for i in range(1, len(other)):
+            parent = where[other.parents[i]]
+            score = base + other.scores[i]
+            found = self.child_with_token(parent, other.tokens[i])
+            if found is None:
+                found = self.add(parent, other.tokens[i], score)
+            else:
+                self.scores[found] = max(self.scores[found], score)
+            where.append(found)
+        return where
+
+    # ---- tensors for the target forward ------------------------------------------------
+    def ancestor_mask(self, rows: Sequence[int] | None = None, cols: Sequence[int] | None = None) -> torch.Tensor:
+        """Bool (len(rows), len(cols)): True where column node is an ancestor of (or is) the row node."""
+        rows = list(range(len(self))) if rows is None else list(rows)
+        cols = list(range(len(self))) if cols is None else list(cols)
+        col_at = {c: j for j, c in enumerate(cols)}
+        m = torch.zeros(len(rows), len(cols), dtype=torch.bool)
+        for r, node in enumerate(rows):
+            while node >= 0:
+                j = col_at.get(node)
+                if j is not None:
+                    m[r, j] = True
+                node = self.parents[node]
+        return m
+
+    def positions(self, base: int, nodes: Sequence[int] | None = None) -> torch.Tensor:
+        nodes = range(len(self)) if nodes is None else nodes
+        return torch.tensor([base + self.depth[i] for i in nodes], dtype=torch.long)
+
+
+def grow_tree(root_token: int, expand: Expand, *, top_k: int, depth: int, max_nodes: int) -> Tree:
+    """EAGLE-2 style expansion: at each level expand the ``top_k`` best frontier nodes by cumulative
+    log-prob, each into its ``top_k`` best children, until ``depth`` levels or ``max_nodes`` nodes.
+
+    The result is a candidate pool; :meth:`Tree.best` keeps the nodes worth verifying.
+    """
+    tree = Tree.root(root_token)
+    frontier = [0]
+    for _ in range(depth):
+        proposals = expand(tree, frontier, top_k)
+        new = []
+        for node, props in zip(frontier, proposals):
+            for tok, lp in props[:top_k]:
+                if lp == -math.inf or len(tree) >= max_nodes:
+                    continue
+                new.append(tree.add(node, tok, tree.scores[node] + lp))
+        if not new:
+            break
+        frontier = sorted(new, key=lambda i: (-tree.scores[i], i))[:top_k]
+    return tree
+
+
+def split_segments(order: Sequence[int], k: int, sizes: Sequence[int] | None = None) -> list[list[int]]:
+    """Cut a parents-first node order into ``k`` contiguous near-equal segments (or the given sizes).
+
+    Contiguity in a parents-first order means every node's ancestors are in its own or an
+    earlier segment, which is what lets a stage run segment i before segment i+1 arrives.
+    """
+    order = list(order)
+    if sizes is None:
+        k = max(1, min(k, len(order)))
+        q, r = divmod(len(order), k)
+        sizes = [q + (1 if i < r else 0) for i in range(k)]
+    if sum(sizes) != len(order):
+        raise ValueError(f"segment sizes {list(sizes)} do not cover {len(order)} nodes")
+    out, start = [], 0
+    for s in sizes:
+        out.append(order[start:start + s])
+        start += s
+    return [seg for seg in out if seg]

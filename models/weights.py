@@ -1,0 +1,147 @@
+"""Read only the tensors a stage needs, one at a time, in HF naming.
+
+A Raspberry Pi holding 4 of 32 layers cannot afford to dequantize the whole file first
+(which is what transformers' GGUF path does), so readers open tensors lazily and record
+what they read; tests use that record to prove a partial load touched nothing else.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from models.config import ModelConfig, ModelError
+from models.source import ModelSource
+
+_GGUF_LAYER = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_GGUF_GLOBAL = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def gguf_to_hf_name(name: str) -> str | None:
+    if name in _GGUF_GLOBAL:
+        return _GGUF_GLOBAL[name]
+    m = re.match(r"^blk\.(\d+)\.(.+)$", name)
+    if m and m.group(2) in _GGUF_LAYER:
+        return f"model.layers.{m.group(1)}.{_GGUF_LAYER[m.group(2)]}"
+    return None
+
+
+def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's q/k row interleave so rows follow HF's rotate-half RoPE layout."""
+    out = w.shape[0]
+    return w.reshape(n_heads, out // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+@dataclass
+class TensorReader:
+    """Lazy, per-tensor access to a checkpoint in HF names. ``read_names`` lists what was read."""
+
+    source: ModelSource
+    read_names: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._index: dict[str, object] = {}
+        if self.source.kind == "gguf":
+            for t in self.source.gguf.tensors:
+                hf = gguf_to_hf_name(t.name)
+                if hf is not None:
+                    self._index[hf] = t
+        else:
+            from safetensors import safe_open
+
+            files = sorted(self.source.path.glob("*.safetensors"))
+            self._handles = [safe_open(str(f), framework="pt") for f in files]
+            for h in self._handles:
+                for k in h.keys():  # noqa: SIM118 - safe_open handles are not dicts
+                    self._index[k] = h
+
+    def names(self) -> list[str]:
+        return list(self._index)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._index
+
+    def read(self, name: str) -> torch.Tensor:
+        if name not in self._index:
+            raise ModelError(f"{self.source.path}: tensor {name!r} is missing; is the checkpoint complete?")
+        self.read_names.append(name)
+        if self.source.kind == "safetensors":
+            return self._index[name].get_tensor(name)
+        return self._read_gguf(name, self._index[name])
+
+    def _read_gguf(self, hf_name: str, t) -> torch.Tensor:
+        import gguf
+
+        qtype = t.tensor_type
+        if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+            arr = np.asarray(t.data)
+        else:
+            try:
+                arr = gguf.quants.dequantize(t.data, qtype)
+            except NotImplementedError:
+                raise ModelError(
+                    f"{self.source.path}: tensor {t.name} uses {qtype.name}, which gguf-py cannot dequantize; "
+                    "re-quantize to Q4_0, Q4_1, Q8_0, F16 or F32."
+                ) from None
+        shape = tuple(int(x) for x in reversed(t.shape))  # GGUF lists dims fastest-first
+        w = torch.from_numpy(np.array(arr, copy=True).reshape(shape))
+        cfg = self.source.config
+        if cfg.arch in ("llama", "mistral"):
+            if hf_name.endswith("q_proj.weight") or hf_name.endswith("q_proj.bias"):
+                w = unpermute_qk(w, cfg.n_heads)
+            elif hf_name.endswith("k_proj.weight") or hf_name.endswith("k_proj.bias"):
+                w = unpermute_qk(w, cfg.n_kv_heads)
+        return w
+
+
+LAYER_KEYS = (
+    "input_layernorm.weight",
+    "post_attention_layernorm.weight",
+    "self_attn.q_proj.weight",
+    "self_attn.k_proj.weight",
+    "self_attn.v_proj.weight",
+    "self_attn.o_proj.weight",
+    "mlp.gate_proj.weight",
+    "mlp.up_proj.weight",
+    "mlp.down_proj.weight",
+)
+BIAS_KEYS = ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias")
+
+
+def layer_names(cfg: ModelConfig, layers: Iterable[int]) -> list[str]:
+    keys = LAYER_KEYS + (BIAS_KEYS if cfg.qkv_bias else ())
+    return [f"model.layers.{i}.{k}" for i in layers for k in keys]
+
+
+def head_names(cfg: ModelConfig) -> list[str]:
+    names = ["model.embed_tokens.weight", "model.norm.weight"]
+    if not cfg.tie_embeddings:
+        names.append("lm_head.weight")
+    return names
+
+
+def layer_of(name: str) -> int | None:
+    m = _LAYER_RE.match(name)
+    return int(m.group(1)) if m else None

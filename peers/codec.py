@@ -1,0 +1,350 @@
+"""The one wire format between peers: a CBOR map with a typed, schema-checked body.
+
+Every frame is ``{v: protocol version, t: message type, e: plan epoch, r: request id, ...body}``.
+Bodies are checked against a per-type schema on both encode and decode, so a bug on the sending
+side fails where it happens and a hostile or corrupt frame becomes a :class:`CodecError` on the
+receiving side instead of an exception deep inside the scheduler. Size checks happen before
+anything is allocated for a tensor: the frame limit bounds every byte string, and a tensor's
+declared shape must match its byte count exactly.
+
+Tensors travel as ``{dtype, shape, bytes}`` in little-endian (every supported device is). Decoded
+tensors share memory with the decoded byte string (no second copy); treat them as read-only and
+``.clone()`` before writing in place. torch is imported on first tensor use so processes that
+only run the mesh layer never pay for it.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import cbor2
+
+if TYPE_CHECKING:
+    import torch
+
+PROTO_VERSION = 1
+DEFAULT_MAX_FRAME = 64 * 1024 * 1024
+MAX_TENSOR_DIMS = 8
+_ENVELOPE = ("v", "t", "e", "r")
+_U64 = 2**64
+
+
+class CodecError(ValueError):
+    """A frame that cannot be accepted; ``code`` names the reason in ``error`` replies."""
+
+    code = "bad_frame"
+
+
+class FrameTooLarge(CodecError):
+    code = "frame_too_large"
+
+
+class MalformedFrame(CodecError):
+    code = "malformed"
+
+
+class VersionMismatch(CodecError):
+    code = "version"
+
+
+class UnknownMessageType(CodecError):
+    code = "unknown_type"
+
+
+class SchemaError(CodecError):
+    code = "schema"
+
+
+class TensorError(SchemaError):
+    code = "tensor"
+
+
+class Kind(enum.Enum):
+    INT = "int"
+    FLOAT = "float"
+    STR = "str"
+    BYTES = "bytes"
+    BOOL = "bool"
+    TENSOR = "tensor"
+    TENSORS = "map of str to tensor"
+    INTS = "list of int"
+    FLOATS = "list of float"
+    STRS = "list of str"
+    MAP = "map"
+    LIST = "list"
+
+
+@dataclass(frozen=True)
+class Field:
+    kind: Kind
+    required: bool = True
+
+
+def optional(kind: Kind) -> Field:
+    return Field(kind, required=False)
+
+
+@dataclass(frozen=True)
+class MessageSpec:
+    name: str
+    fields: Mapping[str, Field]
+    # Control messages are consumed by the mesh layer; the others are handed to the daemon.
+    control: bool = False
+
+
+class Registry:
+    """Message types by name. The daemon registers its own data-plane types next to the built-ins."""
+
+    def __init__(self) -> None:
+        self._specs: dict[str, MessageSpec] = {}
+
+    def register(self, name: str, *, control: bool = False, **fields: Kind | Field) -> MessageSpec:
+        if name in self._specs:
+            raise ValueError(f"message type {name!r} is already registered")
+        bad = [k for k in fields if k in _ENVELOPE]
+        if bad:
+            raise ValueError(f"field names {bad} clash with the envelope keys {_ENVELOPE}")
+        spec = MessageSpec(name, {k: f if isinstance(f, Field) else Field(f) for k, f in fields.items()}, control)
+        self._specs[name] = spec
+        return spec
+
+    def spec(self, name: str) -> MessageSpec:
+        try:
+            return self._specs[name]
+        except KeyError:
+            raise UnknownMessageType(f"unknown message type {name!r}") from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._specs
+
+    def names(self) -> list[str]:
+        return sorted(self._specs)
+
+
+@dataclass
+class Message:
+    type: str
+    body: dict[str, Any] = field(default_factory=dict)
+    epoch: int = 0
+    request_id: int = 0
+
+    def __getitem__(self, key: str) -> Any:
+        return self.body[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.body.get(key, default)
+
+
+# --- tensors -------------------------------------------------------------------------------------
+
+_DTYPE_NAMES = ("fp16", "bf16", "fp32", "int64", "int32", "bool")
+
+
+def _torch_dtypes() -> dict[str, torch.dtype]:
+    import torch
+
+    return {
+        "fp16": torch.float16,
+        "bf16": torch.bfloat16,
+        "fp32": torch.float32,
+        "int64": torch.int64,
+        "int32": torch.int32,
+        "bool": torch.bool,
+    }
+
+
+def encode_tensor(t: torch.Tensor) -> dict[str, Any]:
+    names = {v: k for k, v in _torch_dtypes().items()}
+    if t.dtype not in names:
+        raise TensorError(f"cannot send a {t.dtype} tensor; supported: {', '.join(_DTYPE_NAMES)}")
+    import torch
+
+    flat = t.detach().cpu().contiguous().reshape(-1)
+    data = flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+    return {"dtype": names[t.dtype], "shape": list(t.shape), "bytes": data}
+
+
+def decode_tensor(obj: Any, where: str = "tensor") -> torch.Tensor:
+    if not isinstance(obj, dict) or set(obj) != {"dtype", "shape", "bytes"}:
+        raise TensorError(f"{where}: expected a map with exactly dtype, shape and bytes")
+    dtype, shape, data = obj["dtype"], obj["shape"], obj["bytes"]
+    if dtype not in _DTYPE_NAMES:
+        raise TensorError(f"{where}: unsupported dtype {dtype!r}; supported: {', '.join(_DTYPE_NAMES)}")
+    if (
+        not isinstance(shape, list)
+        or len(shape) > MAX_TENSOR_DIMS
+        or not all(type(d) is int and d >= 0 for d in shape)
+    ):
+        raise TensorError(f"{where}: shape must be a list of at most {MAX_TENSOR_DIMS} non-negative ints")
+    if not isinstance(data, bytes):
+        raise TensorError(f"{where}: bytes must be a byte string")
+    import torch
+
+    tdtype = _torch_dtypes()[dtype]
+    itemsize = torch.empty((), dtype=tdtype).element_size()
+    # Python ints: a huge declared shape cannot overflow, and it never matches a bounded frame.
+    expected = math.prod(shape) * itemsize
+    if expected != len(data):
+        raise TensorError(f"{where}: shape {shape} of {dtype} needs {expected} bytes, frame has {len(data)}")
+    if not data:
+        return torch.empty(shape, dtype=tdtype)
+    if dtype == "bool" and max(data) > 1:
+        raise TensorError(f"{where}: bool tensor holds bytes other than 0 and 1")
+    with warnings.catch_warnings():
+        # The buffer is immutable bytes; sharing it is the point (see module docstring).
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(data, dtype=tdtype).reshape(shape)
+
+
+# --- validation ----------------------------------------------------------------------------------
+
+
+def _is_int(x: Any) -> bool:
+    return type(x) is int
+
+
+def _is_float(x: Any) -> bool:
+    return type(x) in (int, float)
+
+
+def _is_tensor(x: Any) -> bool:
+    return type(x).__name__ == "Tensor" and type(x).__module__.startswith("torch")
+
+
+def _check(kind: Kind, value: Any, where: str, decoding: bool) -> Any:
+    """Return the value as the receiving code sees it, or raise SchemaError saying what is wrong."""
+    ok: bool
+    if kind is Kind.INT:
+        ok = _is_int(value)
+    elif kind is Kind.FLOAT:
+        ok = _is_float(value)
+        value = float(value) if ok else value
+    elif kind is Kind.STR:
+        ok = isinstance(value, str)
+    elif kind is Kind.BYTES:
+        ok = isinstance(value, bytes)
+    elif kind is Kind.BOOL:
+        ok = isinstance(value, bool)
+    elif kind is Kind.TENSOR:
+        if decoding:
+            return decode_tensor(value, where)
+        ok = _is_tensor(value)
+    elif kind is Kind.TENSORS:
+        ok = isinstance(value, dict) and all(isinstance(k, str) for k in value)
+        if ok:
+            return {k: _check(Kind.TENSOR, v, f"{where}.{k}", decoding) for k, v in value.items()}
+    elif kind is Kind.INTS:
+        ok = isinstance(value, list) and all(_is_int(x) for x in value)
+    elif kind is Kind.FLOATS:
+        ok = isinstance(value, list) and all(_is_float(x) for x in value)
+        value = [float(x) for x in value] if ok else value
+    elif kind is Kind.STRS:
+        ok = isinstance(value, list) and all(isinstance(x, str) for x in value)
+    elif kind is Kind.MAP:
+        ok = isinstance(value, dict)
+    else:  # Kind.LIST
+        ok = isinstance(value, list)
+    if not ok:
+        raise SchemaError(f"{where}: expected {kind.value}, got {type(value).__name__}")
+    return value
+
+
+def _check_body(spec: MessageSpec, body: Mapping[str, Any], decoding: bool) -> dict[str, Any]:
+    unknown = sorted(set(body) - set(spec.fields))
+    if unknown:
+        raise SchemaError(f"{spec.name}: unknown fields {unknown}")
+    out: dict[str, Any] = {}
+    for name, f in spec.fields.items():
+        if name not in body:
+            if f.required:
+                raise SchemaError(f"{spec.name}: missing field {name!r}")
+            continue
+        out[name] = _check(f.kind, body[name], f"{spec.name}.{name}", decoding)
+    return out
+
+
+def _wire(kind: Kind, value: Any) -> Any:
+    if kind is Kind.TENSOR:
+        return encode_tensor(value)
+    if kind is Kind.TENSORS:
+        return {k: encode_tensor(v) for k, v in value.items()}
+    return value
+
+
+class Codec:
+    """Encode and decode frames for one registry under one size limit."""
+
+    def __init__(self, registry: Registry | None = None, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+        self.registry = registry or REGISTRY
+        self.max_frame = max_frame
+
+    def encode(self, msg: Message) -> bytes:
+        spec = self.registry.spec(msg.type)
+        body = _check_body(spec, msg.body, decoding=False)
+        if not (_is_int(msg.epoch) and 0 <= msg.epoch < _U64 and _is_int(msg.request_id)):
+            raise SchemaError(f"{msg.type}: epoch and request_id must be ints (got {msg.epoch!r}, {msg.request_id!r})")
+        wire = {"v": PROTO_VERSION, "t": msg.type, "e": msg.epoch, "r": msg.request_id}
+        wire.update({k: _wire(spec.fields[k].kind, v) for k, v in body.items()})
+        frame = cbor2.dumps(wire)
+        if len(frame) > self.max_frame:
+            raise FrameTooLarge(f"{msg.type}: frame of {len(frame)} bytes exceeds the limit of {self.max_frame}")
+        return frame
+
+    def decode(self, frame: bytes) -> Message:
+        if not isinstance(frame, (bytes, bytearray, memoryview)):
+            raise MalformedFrame(f"expected a binary frame, got {type(frame).__name__}")
+        if len(frame) > self.max_frame:
+            raise FrameTooLarge(f"frame of {len(frame)} bytes exceeds the limit of {self.max_frame}")
+        try:
+            wire = cbor2.loads(frame)
+        except Exception as exc:  # cbor2 raises assorted errors on garbage; all mean the same here.
+            raise MalformedFrame(f"not a CBOR frame: {exc}") from None
+        if not isinstance(wire, dict):
+            raise MalformedFrame(f"frame is a {type(wire).__name__}, not a map")
+        v, t, e, r = (wire.get(k) for k in _ENVELOPE)
+        if not _is_int(v):
+            raise MalformedFrame("frame has no integer protocol version 'v'")
+        if v != PROTO_VERSION:
+            raise VersionMismatch(f"peer speaks protocol {v}, this daemon speaks {PROTO_VERSION}")
+        if not isinstance(t, str):
+            raise MalformedFrame("frame has no message type 't'")
+        spec = self.registry.spec(t)
+        if not (_is_int(e) and e >= 0 and _is_int(r) and r >= 0):
+            raise SchemaError(f"{t}: epoch 'e' and request id 'r' must be non-negative ints")
+        body = _check_body(spec, {k: val for k, val in wire.items() if k not in _ENVELOPE}, decoding=True)
+        return Message(t, body, e, r)
+
+
+REGISTRY = Registry()
+_reg = REGISTRY.register
+
+# Handshake (see link.py): challenge -> auth -> welcome; peer_info refreshes the hello later.
+_reg("challenge", control=True, nonce=Kind.BYTES)
+_reg("auth", control=True, nonce=Kind.BYTES, mac=Kind.BYTES, hello=Kind.MAP)
+_reg("welcome", control=True, mac=Kind.BYTES, hello=Kind.MAP)
+_reg("peer_info", control=True, hello=Kind.MAP)
+# Membership and plan negotiation; the plan epoch rides in the envelope.
+_reg("heartbeat", control=True, ts=Kind.FLOAT)
+_reg("plan_propose", control=True, stages=Kind.LIST, members=Kind.STRS, n_layers=Kind.INT)
+_reg("plan_ack", control=True, ok=Kind.BOOL, reason=optional(Kind.STR))
+_reg("plan_commit", control=True)
+# Data plane, for the daemon; request id in the envelope. Indices are into the request's draft tree.
+_reg(
+    "segment",
+    seq=Kind.INT,
+    hidden=Kind.TENSOR,
+    positions=Kind.INTS,
+    parents=Kind.INTS,
+    nodes=optional(Kind.INTS),
+    stage=optional(Kind.INT),
+    meta=optional(Kind.MAP),
+)
+_reg("prune", seq=Kind.INT, accepted=Kind.INT, keep=Kind.INTS)
+_reg("result", seq=Kind.INT, hidden=Kind.TENSOR, nodes=optional(Kind.INTS), meta=optional(Kind.MAP))
+_reg("cancel", reason=optional(Kind.STR))
+_reg("error", code=Kind.STR, message=Kind.STR)

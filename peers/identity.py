@@ -1,0 +1,71 @@
+"""Who this daemon is: a node id that survives restarts, and what to do when two daemons share one.
+
+The node id orders the ring and picks the plan proposer, so it must be stable across restarts
+(kept in the state directory) and unique in the mesh. A copied state directory breaks
+uniqueness silently; the start time and a per-process instance id let both daemons agree which
+one is the newcomer, and only that one steps back.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+NODE_ID_FILE = "node_id"
+_NODE_ID_RE = re.compile(r"^[0-9a-f]{16}$")
+
+
+class DuplicateNodeIdError(RuntimeError):
+    """This daemon shares its node id with an older one and must not join the mesh."""
+
+
+def default_state_dir() -> Path:
+    """``$XDG_STATE_HOME/meshd``, falling back to ``~/.local/state/meshd`` as the XDG spec says."""
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "meshd"
+
+
+def load_or_create_node_id(state_dir: Path) -> str:
+    """Read the node id from the state directory, creating it (atomically) on first start."""
+    path = state_dir / NODE_ID_FILE
+    try:
+        node_id = path.read_text().strip()
+    except FileNotFoundError:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        node_id = secrets.token_hex(8)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(node_id + "\n")
+        os.replace(tmp, path)
+        return node_id
+    if not _NODE_ID_RE.match(node_id):
+        raise ValueError(f"{path} holds {node_id!r}, not a node id (16 hex digits); delete the file to get a new one")
+    return node_id
+
+
+@dataclass(frozen=True)
+class Identity:
+    node_id: str
+    state_dir: Path
+    start_time: float = field(default_factory=time.time)
+    # Distinguishes two processes with the same node id (and a process from its own mDNS echo).
+    instance: str = field(default_factory=lambda: secrets.token_hex(6))
+
+    @classmethod
+    def load(cls, state_dir: Path | None = None) -> Identity:
+        state_dir = state_dir or default_state_dir()
+        return cls(load_or_create_node_id(state_dir), state_dir)
+
+    def is_newer_than(self, start_time: float, instance: str) -> bool:
+        """Total order on processes: later start first, instance id breaks exact ties."""
+        return (self.start_time, self.instance) > (start_time, instance)
+
+    def duplicate_error(self, peer_addr: str) -> DuplicateNodeIdError:
+        return DuplicateNodeIdError(
+            f"node id {self.node_id} is already used by the daemon at {peer_addr}, which started earlier; "
+            f"this daemon will not join. The state directory was probably copied: on one of the two "
+            f"machines, stop meshd, delete {self.state_dir / NODE_ID_FILE} and start it again."
+        )
