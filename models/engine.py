@@ -19,6 +19,7 @@ from models.tree import Tree
 from models.verify import Sampling, sample_token, verify
 
 PREFILL_CHUNK = 256
+GREEDY = Sampling()
 
 
 @dataclass
@@ -78,7 +79,7 @@ def _finish(out: list[int], new: list[int], max_new: int, eos: set[int]) -> str 
 
 
 def generate(target: Stage, prompt: Sequence[int], *, max_new_tokens: int = 128, mode: str = "spec",
-             drafter: Drafter | None = None, sampling: Sampling = Sampling(), seed: int | None = None,
+             drafter: Drafter | None = None, sampling: Sampling = GREEDY, seed: int | None = None,
              eos_ids: Sequence[int] = (), budget: TreeBudget | None = None, top_k: int = 8,
              depth: int = 8, pool: int = 128,
              on_tokens: Callable[[list[int]], None] | None = None) -> Generation:

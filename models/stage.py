@@ -49,7 +49,8 @@ def default_dtype() -> torch.dtype:
     if torch.cuda.is_available():
         return torch.float16
     try:
-        flags = open("/proc/cpuinfo").read()
+        with open("/proc/cpuinfo") as fh:
+            flags = fh.read()
     except OSError:
         flags = ""
     return torch.bfloat16 if ("avx512_bf16" in flags or "amx_bf16" in flags) else torch.float32

@@ -175,11 +175,7 @@ def decode_tensor(obj: Any, where: str = "tensor") -> torch.Tensor:
     dtype, shape, data = obj["dtype"], obj["shape"], obj["bytes"]
     if dtype not in _DTYPE_NAMES:
         raise TensorError(f"{where}: unsupported dtype {dtype!r}; supported: {', '.join(_DTYPE_NAMES)}")
-    if (
-        not isinstance(shape, list)
-        or len(shape) > MAX_TENSOR_DIMS
-        or not all(type(d) is int and d >= 0 for d in shape)
-    ):
+    if not isinstance(shape, list) or len(shape) > MAX_TENSOR_DIMS or not all(type(d) is int and d >= 0 for d in shape):
         raise TensorError(f"{where}: shape must be a list of at most {MAX_TENSOR_DIMS} non-negative ints")
     if not isinstance(data, bytes):
         raise TensorError(f"{where}: bytes must be a byte string")

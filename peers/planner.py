@@ -63,9 +63,7 @@ def layer_capacity(peer: PeerResources, shape: ModelShape) -> int:
     return max(0, usable // max(1, shape.bytes_per_stage_layer))
 
 
-def plan_layers(
-    peers: Iterable[PeerResources], shape: ModelShape, compute_weight: float = 0.25
-) -> tuple[Stage, ...]:
+def plan_layers(peers: Iterable[PeerResources], shape: ModelShape, compute_weight: float = 0.25) -> tuple[Stage, ...]:
     """Split ``shape.n_layers`` into stages in ring order (ascending node id).
 
     Each peer's target share is proportional to its usable memory, scaled by

@@ -36,9 +36,7 @@ def parse_size(text: str) -> int:
     """
     m = _SIZE_RE.match(text)
     if not m or m.group(2).lower() not in _UNITS:
-        raise ValueError(
-            f"cannot read size {text!r}: write a number with an optional unit, e.g. 2GiB, 512MiB, 1.5GB"
-        )
+        raise ValueError(f"cannot read size {text!r}: write a number with an optional unit, e.g. 2GiB, 512MiB, 1.5GB")
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 

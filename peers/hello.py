@@ -1,0 +1,68 @@
+"""What a peer says about itself: advertised in mDNS TXT (the small part) and in the link handshake.
+
+Compatibility is decided here once, so discovery (before dialing) and the handshake (for static
+peers, which mDNS never vetted) reject the same peers for the same reasons.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from peers.codec import PROTO_VERSION, SchemaError
+
+
+@dataclass(frozen=True)
+class Hello:
+    node_id: str
+    instance: str
+    start_time: float
+    mesh: str
+    fingerprint: str
+    memory_budget: int
+    compute_score: float = 1.0
+    api_port: int = 0
+    # Seconds for one forward of T tokens through this peer's slice, measured by the models package.
+    # Opaque here: carried so originators can size their draft trees.
+    cost_curve: dict[int, float] = field(default_factory=dict)
+    proto: int = PROTO_VERSION
+
+    def to_wire(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_wire(cls, d: Any) -> Hello:
+        if not isinstance(d, dict):
+            raise SchemaError("hello: expected a map")
+        types: dict[str, tuple[type, ...]] = {
+            "node_id": (str,),
+            "instance": (str,),
+            "start_time": (int, float),
+            "mesh": (str,),
+            "fingerprint": (str,),
+            "memory_budget": (int,),
+            "compute_score": (int, float),
+            "api_port": (int,),
+            "cost_curve": (dict,),
+            "proto": (int,),
+        }
+        if set(d) != set(types):
+            raise SchemaError(f"hello: fields {sorted(d)} differ from {sorted(types)}")
+        for k, ts in types.items():
+            if type(d[k]) not in ts:
+                raise SchemaError(f"hello.{k}: expected {'/'.join(t.__name__ for t in ts)}")
+        curve = d["cost_curve"]
+        if not all(type(k) is int and type(v) in (int, float) for k, v in curve.items()):
+            raise SchemaError("hello.cost_curve: expected a map of int token counts to seconds")
+        return cls(**{**d, "start_time": float(d["start_time"]), "compute_score": float(d["compute_score"])})
+
+
+def incompatibility(local: Hello, mesh: str, fingerprint: str, proto: int) -> str | None:
+    """Why a peer with these properties cannot join ``local``'s mesh, or None if it can."""
+    if proto != local.proto:
+        return f"protocol version {proto} (this daemon speaks {local.proto})"
+    if mesh != local.mesh:
+        return f"mesh name {mesh!r} (this daemon is in {local.mesh!r})"
+    if fingerprint != local.fingerprint:
+        return f"model fingerprint {fingerprint!r} (this daemon serves {local.fingerprint!r})"
+    return None
