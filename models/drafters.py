@@ -152,3 +152,28 @@ class ModelDrafter:
         finally:
             self.cache.truncate(base)
             self._logp = {}
+
+
+def load_drafter(spec: str, target: Stage, dtype: torch.dtype | str | None = None) -> Drafter:
+    """Build a drafter from a CLI/config spec: ``ngram`` or ``model:PATH[@LAYERS]``.
+
+    ``@LAYERS`` keeps only the first layers of the draft model (an early-exit draft), which is
+    how the embedded model can draft for itself when no smaller sibling is installed.
+    """
+    from models.config import ModelError
+    from models.source import ModelSource
+
+    if spec == "ngram":
+        return NGramDrafter()
+    if spec.startswith("model:"):
+        path, _, layers = spec[len("model:"):].rpartition("@") if "@" in spec else (spec[len("model:"):], "", "")
+        src = ModelSource.resolve(path or "default")
+        if src.config.vocab_size != target.cfg.vocab_size:
+            raise ModelError(
+                f"draft model {src.path} has a vocabulary of {src.config.vocab_size} tokens but the target has "
+                f"{target.cfg.vocab_size}; a draft model must share the target's tokenizer."
+            )
+        n = int(layers) if layers else src.config.n_layers
+        model = Stage.load(src, 0, min(n, src.config.n_layers), head=True, dtype=dtype or target.dtype)
+        return ModelDrafter(model, name=f"model:{src.name}" + (f"@{n}" if layers else ""))
+    raise ValueError(f"unknown drafter {spec!r}; use 'ngram' or 'model:PATH[@LAYERS]'")

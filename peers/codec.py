@@ -16,6 +16,7 @@ only run the mesh layer never pay for it.
 from __future__ import annotations
 
 import enum
+import io
 import math
 import warnings
 from collections.abc import Mapping
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
 PROTO_VERSION = 1
 DEFAULT_MAX_FRAME = 64 * 1024 * 1024
 MAX_TENSOR_DIMS = 8
+MAX_DEPTH = 32  # nesting; real messages need about 4
 _ENVELOPE = ("v", "t", "e", "r")
 _U64 = 2**64
 
@@ -296,10 +298,13 @@ class Codec:
             raise MalformedFrame(f"expected a binary frame, got {type(frame).__name__}")
         if len(frame) > self.max_frame:
             raise FrameTooLarge(f"frame of {len(frame)} bytes exceeds the limit of {self.max_frame}")
+        fp = io.BytesIO(frame)
         try:
-            wire = cbor2.loads(frame)
+            wire = cbor2.CBORDecoder(fp, max_depth=MAX_DEPTH, allow_duplicate_keys=False).decode()
         except Exception as exc:  # cbor2 raises assorted errors on garbage; all mean the same here.
             raise MalformedFrame(f"not a CBOR frame: {exc}") from None
+        if fp.tell() != len(frame):
+            raise MalformedFrame(f"{len(frame) - fp.tell()} stray bytes after the CBOR item")
         if not isinstance(wire, dict):
             raise MalformedFrame(f"frame is a {type(wire).__name__}, not a map")
         v, t, e, r = (wire.get(k) for k in _ENVELOPE)

@@ -222,9 +222,19 @@ class Link:
     async def send(self, msg: Message) -> None:
         """Queue a message; waits while the queue is full. Raises ConnectionError once closed."""
         frame = self.codec.encode(msg)
-        if self.closed:
+        if not self.closed and not self._queue.full():
+            self._queue.put_nowait(frame)
+            return
+        # Slow path: wait for room, but not past the link's end (a closed link is never drained).
+        put, closed = asyncio.ensure_future(self._queue.put(frame)), asyncio.ensure_future(self._closed.wait())
+        try:
+            await asyncio.wait({put, closed}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closed.cancel()
+            if not put.done():
+                put.cancel()
+        if not put.done() or put.cancelled() or self.closed:
             raise ConnectionError(f"link to {self.peer.node_id} is closed ({self.close_reason})")
-        await self._queue.put(frame)
 
     def offer(self, frame: bytes) -> bool:
         """Queue an encoded frame only if there is room: for traffic that is better skipped than late."""

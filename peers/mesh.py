@@ -281,7 +281,8 @@ class MeshNode:
         self._membership_events(self.membership.heard(link.peer, time.monotonic()))
 
     def _on_link_down(self, link: Link) -> None:
-        if link.close_code == CLOSE_GOING_AWAY:  # a clean shutdown: no need to wait for the timeout
+        # A peer that says it is going away has left: no need to wait for the heartbeat timeout.
+        if link.close_code == CLOSE_GOING_AWAY and not self._stopped.is_set():
             self._membership_events(self.membership.lost(link.peer.node_id, "left the mesh"))
 
     async def _on_fatal(self, exc: Exception) -> None:

@@ -89,10 +89,11 @@ class Neighbours:
 
     async def stop(self) -> None:
         self._stopping = True
+        # Close links before cancelling their tasks, so peers see "going away", not a failure.
+        await asyncio.gather(*(link.close(CLOSE_GOING_AWAY, "shutting down") for link in list(self.links.values())))
         tasks = [t.task for t in self.targets.values() if t.task]
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*(link.close(CLOSE_GOING_AWAY, "shutting down") for link in list(self.links.values())))
         await asyncio.gather(*tasks, return_exceptions=True)
         if self._session:
             await self._session.close()

@@ -1,0 +1,121 @@
+"""The layer split and the size strings users type."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from peers.planner import InsufficientMemoryError, ModelShape, PeerResources, PlanError, plan_layers
+from peers.sizes import format_size, parse_size
+
+MiB, GiB = 1024**2, 1024**3
+SHAPE = ModelShape(n_layers=30, bytes_per_layer=10 * MiB, replicated_bytes=100 * MiB)
+
+
+def peer(node_id: str, budget: int, compute: float = 1.0) -> PeerResources:
+    return PeerResources(node_id, budget, compute)
+
+
+def layers(stages) -> dict[str, int]:
+    return {s.node_id: s.n_layers for s in stages}
+
+
+def assert_contiguous(stages, n_layers):
+    assert stages[0].first_layer == 0 and stages[-1].last_layer == n_layers - 1
+    for a, b in itertools.pairwise(stages):
+        assert b.first_layer == a.last_layer + 1
+    assert all(s.n_layers >= 1 for s in stages)
+
+
+def test_equal_peers_split_evenly_in_node_id_order():
+    stages = plan_layers([peer("c", GiB), peer("a", GiB), peer("b", GiB)], SHAPE)
+    assert [s.node_id for s in stages] == ["a", "b", "c"]
+    assert layers(stages) == {"a": 10, "b": 10, "c": 10}
+    assert_contiguous(stages, 30)
+
+
+def test_split_is_proportional_to_usable_memory():
+    # usable: 100, 200, 300 MiB (budget minus the 100 MiB every peer replicates)
+    stages = plan_layers([peer("a", 200 * MiB), peer("b", 300 * MiB), peer("c", 400 * MiB)], SHAPE)
+    assert layers(stages) == {"a": 5, "b": 10, "c": 15}
+    assert_contiguous(stages, 30)
+
+
+def test_compute_is_a_secondary_weight():
+    equal = layers(plan_layers([peer("a", GiB), peer("b", GiB)], SHAPE))
+    skewed = layers(plan_layers([peer("a", GiB, compute=4.0), peer("b", GiB, compute=1.0)], SHAPE))
+    assert equal == {"a": 15, "b": 15}
+    assert skewed["a"] > skewed["b"]
+    assert skewed["a"] < 22  # memory stays the first criterion: compute only tilts the split
+
+
+def test_capacity_is_never_exceeded():
+    # a's speed earns it a target of ~9 layers, but it has room for 3; the rest spills to b
+    stages = plan_layers([peer("a", 130 * MiB, compute=1000.0), peer("b", 500 * MiB)], SHAPE)
+    assert layers(stages) == {"a": 3, "b": 27}
+
+
+def test_every_stage_gets_at_least_one_layer():
+    stages = plan_layers([peer("a", 115 * MiB), peer("b", 8 * GiB)], SHAPE)
+    assert layers(stages) == {"a": 1, "b": 29}
+
+
+def test_too_small_peer_stays_pure_originator():
+    stages = plan_layers([peer("a", 105 * MiB), peer("b", GiB), peer("c", GiB)], SHAPE)
+    assert "a" not in layers(stages)
+    assert layers(stages) == {"b": 15, "c": 15}
+
+
+def test_kv_reserve_counts_against_memory():
+    shape = ModelShape(4, 10 * MiB, 0, kv_bytes_per_token_per_layer=2560, context=4096)  # +10 MiB per layer
+    stages = plan_layers([peer("a", 40 * MiB), peer("b", 40 * MiB)], shape)
+    assert layers(stages) == {"a": 2, "b": 2}
+    with pytest.raises(InsufficientMemoryError):
+        plan_layers([peer("a", 70 * MiB)], shape)
+
+
+def test_more_peers_than_layers():
+    shape = ModelShape(2, MiB, 0)
+    stages = plan_layers([peer("a", 10 * MiB), peer("b", 30 * MiB), peer("c", 20 * MiB)], shape)
+    assert layers(stages) == {"b": 1, "c": 1}
+
+
+def test_insufficient_memory_says_how_much_is_missing():
+    with pytest.raises(InsufficientMemoryError) as err:
+        plan_layers([peer("a", 200 * MiB), peer("b", 150 * MiB)], SHAPE)  # room for 10 + 5 layers
+    assert err.value.missing_bytes == 15 * 10 * MiB
+    text = str(err.value)
+    assert "Missing: 150.0 MiB" in text and "room for 15 layers" in text and "--memory" in text
+
+
+def test_empty_mesh_is_an_error():
+    with pytest.raises(PlanError):
+        plan_layers([], SHAPE)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("2GiB", 2 * GiB),
+        ("512MiB", 512 * MiB),
+        ("1.5 GiB", int(1.5 * GiB)),
+        ("100", 100),
+        ("2GB", 2 * 10**9),
+        ("4k", 4000),
+    ],
+)
+def test_parse_size(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "GiB", "2 parsecs", "-1GiB", "1e9"])
+def test_parse_size_rejects_with_example(text):
+    with pytest.raises(ValueError, match=r"e\.g\. 2GiB"):
+        parse_size(text)
+
+
+def test_format_size():
+    assert format_size(150 * MiB) == "150.0 MiB"
+    assert format_size(int(1.5 * GiB)) == "1.5 GiB"
+    assert format_size(12) == "12 B"

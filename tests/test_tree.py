@@ -1,0 +1,98 @@
+"""The tree type: ordering, segmentation, selection, merging, masks."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import torch
+
+from models.tree import Tree, grow_tree, split_segments
+
+
+def random_tree(n: int, seed: int) -> Tree:
+    rng = random.Random(seed)
+    t = Tree.root(0)
+    for _ in range(n):
+        p = rng.randrange(len(t))
+        t.add(p, rng.randrange(100), t.scores[p] + math.log(rng.uniform(0.05, 1.0)))
+    return t
+
+
+def test_score_order_puts_parents_first_and_segments_are_closed():
+    for seed in range(20):
+        t = random_tree(60, seed)
+        order = t.score_order()
+        pos = {node: i for i, node in enumerate(order)}
+        assert all(pos[t.parents[i]] < pos[i] for i in range(1, len(t)))
+        segs = split_segments(order, 4)
+        assert [len(s) for s in segs] == [16, 15, 15, 15]
+        seen: set[int] = set()
+        for seg in segs:
+            for node in seg:
+                assert node == 0 or t.parents[node] in seen | set(seg)
+            seen |= set(seg)
+        # the earliest segment holds the likeliest nodes
+        assert min(t.scores[i] for i in segs[0]) >= max(t.scores[i] for i in segs[-1])
+
+
+def test_equal_scores_still_parent_first():
+    t = Tree.root(1)
+    a = t.add(0, 2, 0.0)
+    b = t.add(a, 3, 0.0)
+    t.add(b, 4, 0.0)
+    assert t.score_order() == [0, 1, 2, 3]
+
+
+def test_best_select_and_reroot():
+    t = random_tree(40, 3)
+    b = t.best(10)
+    assert len(b) == 11
+    kept = t.score_order()[:11]
+    assert sorted(t.scores[i] for i in kept) == sorted(b.scores)
+    sub, old = t.select([0, *t.subtree(t.children(0)[0])])
+    assert old[0] == 0 and sub.tokens == [t.tokens[o] for o in old]
+    child = t.children(0)[0]
+    r, idx = t.reroot(child)
+    assert r.tokens[0] == t.tokens[child] and len(r) == len(t.subtree(child)) and idx[0] == child
+    assert all(abs(r.scores[i] - (t.scores[o] - t.scores[child])) < 1e-12 for i, o in enumerate(idx))
+
+
+def test_merge_by_token_path():
+    t = Tree.root(5)
+    a = t.add(0, 6, -0.1)
+    t.add(a, 7, -0.5)
+    new = Tree.root(6)           # re-draft from node a (token 6)
+    x = new.add(0, 7, -0.2)      # same path as the existing 6->7: merged, better score kept
+    new.add(x, 8, -0.3)          # new node under it
+    new.add(0, 9, -1.0)
+    where = t.merge(new, at=a)
+    assert where[0] == a and where[1] == 2 and len(t) == 5
+    assert t.path_tokens(3) == [5, 6, 7, 8] and t.path_tokens(4) == [5, 6, 9]
+    assert math.isclose(t.scores[2], -0.3)
+
+
+def test_ancestor_mask_and_positions():
+    t = Tree.root(1)
+    a = t.add(0, 2, -1)
+    t.add(a, 3, -2)
+    t.add(0, 4, -1.5)
+    m = t.ancestor_mask()
+    assert m.tolist() == [[True, False, False, False], [True, True, False, False],
+                          [True, True, True, False], [True, False, False, True]]
+    assert t.positions(10).tolist() == [10, 11, 12, 11]
+    assert t.ancestor_mask(rows=[2], cols=[0, 1]).tolist() == [[True, True]]
+    assert Tree.from_parents(t.tokens, t.parents, t.scores).parents == t.parents
+
+
+def test_grow_tree_is_eagle2_like():
+    # a drafter that always proposes tokens 0..k-1 with decreasing probability
+    def expand(tree, nodes, k):
+        return [[(j, math.log(0.5 ** (j + 1))) for j in range(k)] for _ in nodes]
+
+    t = grow_tree(99, expand, top_k=3, depth=4, max_nodes=1000)
+    assert len(t) == 1 + 3 + 9 * 3  # root, first level 3, then 3 frontier nodes x 3 children per level
+    assert max(t.depth) == 4
+    best = t.best(5)
+    assert best.tokens[:2] == [99, 0] and len(best) == 6
+    assert torch.equal(best.ancestor_mask().diagonal(), torch.ones(6, dtype=torch.bool))
