@@ -73,7 +73,7 @@ def test_tree_mask_equals_separate_paths(tiny_dir):
         ids = torch.cat([prompt, torch.tensor(br)])
         full = stage.logits(stage.forward_one(stage.embed(ids), stage.new_cache(), torch.arange(len(ids))))
         for k in range(len(br)):
-            node = [i for i, t in enumerate(tokens) if t == br[k] and depth[i] == k][0]
+            node = next(i for i, t in enumerate(tokens) if t == br[k] and depth[i] == k)
             assert torch.allclose(got[node], full[4 + k], atol=1e-5)
 
 

@@ -130,7 +130,7 @@ def test_logits_after_prune_equal_fresh_recompute(tiny_stage):
     cache.keep(list(range(base)) + [base + i for i in keep])
     nxt = torch.tensor([21, 22])
     got = stage.logits(stage.forward_one(stage.embed(nxt), cache, torch.arange(cache.length, cache.length + 2)))
-    seq = prompt + [11, 13, 15, 21, 22]
+    seq = [*prompt, 11, 13, 15, 21, 22]
     fresh = stage.logits(stage.forward_one(stage.embed(seq), stage.new_cache(), torch.arange(len(seq))))
     assert torch.allclose(got, fresh[-2:], atol=1e-5), (got - fresh[-2:]).abs().max()
     cache.truncate(base)

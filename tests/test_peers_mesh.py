@@ -1,0 +1,227 @@
+"""MeshNode in-process on loopback: plans, data plane, duplicate ids, and peers that must be refused."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from aiohttp import web
+
+from peers.codec import Message
+from peers.identity import DuplicateNodeIdError, Identity, default_state_dir, load_or_create_node_id
+from peers.mesh import MeshConfig, MeshNode, parse_host_port
+from peers.planner import ModelShape
+
+SHAPE = ModelShape(n_layers=12, bytes_per_layer=1 << 20, replicated_bytes=16 << 20)
+FAST = dict(heartbeat_interval=0.2, peer_timeout=1.5, plan_debounce=0.2, mdns=False, memory_budget=1 << 30)
+
+
+class Running:
+    """A MeshNode served by its own aiohttp app on a free loopback port."""
+
+    def __init__(self, node: MeshNode, runner: web.AppRunner) -> None:
+        self.node, self.runner = node, runner
+
+    async def stop(self) -> None:
+        await self.node.stop()
+        await self.runner.cleanup()
+
+
+def free_socket() -> socket.socket:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+@pytest.fixture
+async def mesh(tmp_path):
+    started: list[Running] = []
+
+    async def start(name: str, sock: socket.socket | None = None, peers=(), state_dir: Path | None = None, **kw):
+        sock = sock or free_socket()
+        config = MeshConfig(
+            api_port=sock.getsockname()[1],
+            state_dir=state_dir or tmp_path / name,
+            mesh_name="unit",
+            fingerprint=kw.pop("fingerprint", "fp1"),
+            static_peers=[f"127.0.0.1:{p}" for p in peers],
+            **{**FAST, **kw},
+        )
+        node = MeshNode(config, SHAPE)
+        app = web.Application()
+        node.attach(app)
+        runner = web.AppRunner(app, shutdown_timeout=1)
+        await runner.setup()
+        await web.SockSite(runner, sock).start()
+        await node.start()
+        started.append(Running(node, runner))
+        return node
+
+    yield start
+    for r in started:
+        await r.stop()
+
+
+async def until(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.05)
+
+
+def agreed(*nodes: MeshNode) -> bool:
+    plans = [n.plan for n in nodes]
+    return all(p and p.committed for p in plans) and len({(p.epoch, p.stages) for p in plans}) == 1
+
+
+def ports(n: int) -> list[socket.socket]:
+    return [free_socket() for _ in range(n)]
+
+
+async def test_two_nodes_plan_and_exchange_data(mesh):
+    sa, sb = ports(2)
+    a = await mesh("a", sa, peers=[sb.getsockname()[1]])
+    b = await mesh("b", sb, peers=[sa.getsockname()[1]])
+    await until(lambda: agreed(a, b) and len(a.plan.stages) == 2)
+    assert a.status()["plan"]["stages"][0]["first_layer"] == 0 and b.status()["plan"]["committed"] is True
+    assert set(a.peers) == {b.node_id} and len(a.neighbours.links) == 1 and len(b.neighbours.links) == 1
+
+    inbox: asyncio.Queue = asyncio.Queue()
+
+    async def on_segment(sender: str, msg: Message) -> None:
+        await inbox.put((sender, msg))
+
+    b.on("segment", on_segment)
+    seg = Message("segment", {"seq": 1, "hidden": torch.randn(16, 576).half(), "positions": [0], "parents": [-1]})
+    await a.send(b.node_id, replace(seg, request_id=42))
+    sender, got = await asyncio.wait_for(inbox.get(), 5)
+    assert sender == a.node_id and got.request_id == 42 and got.epoch == a.committed_plan.epoch
+    assert torch.equal(got["hidden"], seg["hidden"])
+
+    # a message stamped with an older epoch than b's committed plan is dropped, and the sender told
+    errors: asyncio.Queue = asyncio.Queue()
+
+    async def on_error(sender: str, msg: Message) -> None:
+        await errors.put(msg)
+
+    a.on("error", on_error)
+    stale = replace(seg, epoch=a.committed_plan.epoch - 1 or 0, request_id=7)
+    if stale.epoch == 0:  # epoch 0 means "stamp it for me"; force an old one through the link
+        await a.neighbours.link(b.node_id).send(replace(stale, epoch=0))
+    else:
+        await a.send(b.node_id, stale)
+    err = await asyncio.wait_for(errors.get(), 5)
+    assert err["code"] == "stale_epoch" and err.request_id == 7 and inbox.empty()
+
+    a.set_cost_curve({1: 0.05, 32: 0.09})
+    await until(lambda: b.peers[a.node_id].cost_curve == {1: 0.05, 32: 0.09})
+
+    with pytest.raises(ValueError, match="data-plane"):
+        a.on("heartbeat", on_error)
+    with pytest.raises(ConnectionError, match="no link"):
+        await a.send("0000000000000000", seg)
+
+
+async def test_duplicate_node_id_newer_daemon_refuses(mesh, tmp_path):
+    sa, sb = ports(2)
+    original = tmp_path / "original"
+    a = await mesh("a", sa, state_dir=original)
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / "node_id").write_text((original / "node_id").read_text())  # a copied state directory
+    b = await mesh("b", sb, peers=[sa.getsockname()[1]], state_dir=copy)
+    assert a.node_id == b.node_id
+    await asyncio.wait_for(b.wait_stopped(), 10)
+    assert isinstance(b.error, DuplicateNodeIdError)
+    text = str(b.error)
+    assert str(copy / "node_id") in text and "delete" in text and "started earlier" in text
+    assert a.error is None and not a._stopped.is_set()
+
+
+async def test_refused_peers_do_not_disturb_good_ones(mesh, caplog):
+    sa, sb, sc, sd = ports(4)
+    pa, pb = sa.getsockname()[1], sb.getsockname()[1]
+    good = dict(secret="s3cret")
+    a = await mesh("a", sa, peers=[pb], **good)
+    b = await mesh("b", sb, peers=[pa], **good)
+    other_model = await mesh("c", sc, peers=[pa, pb], fingerprint="another-model", **good)
+    wrong_secret = await mesh("d", sd, peers=[pa, pb], secret="guess")
+    await until(lambda: agreed(a, b))
+    await asyncio.sleep(1.0)  # let the refused peers retry a few times
+    assert agreed(a, b) and a.plan.members == tuple(sorted([a.node_id, b.node_id]))
+    assert not other_model.peers and not wrong_secret.peers
+    log = caplog.text
+    assert "model fingerprint" in log and "wrong mesh secret" in log
+
+
+async def test_clean_stop_is_noticed_at_once(mesh):
+    sa, sb = ports(2)
+    a = await mesh("a", sa, peers=[sb.getsockname()[1]], peer_timeout=30.0)
+    b = await mesh("b", sb, peers=[sa.getsockname()[1]], peer_timeout=30.0)
+    await until(lambda: agreed(a, b) and len(a.plan.members) == 2)
+    await b.stop()
+    await until(lambda: a.plan.committed and a.plan.members == (a.node_id,), timeout=5)
+
+
+async def test_round_trip_time_on_loopback(mesh, capsys):
+    sa, sb = ports(2)
+    a = await mesh("a", sa, peers=[sb.getsockname()[1]])
+    b = await mesh("b", sb, peers=[sa.getsockname()[1]])
+    await until(lambda: agreed(a, b))
+    back: asyncio.Queue = asyncio.Queue()
+
+    async def echo(sender: str, msg: Message) -> None:
+        await b.send(sender, Message("result", {"seq": msg["seq"], "hidden": msg["hidden"]}, request_id=msg.request_id))
+
+    async def returned(sender: str, msg: Message) -> None:
+        await back.put(msg)
+
+    b.on("segment", echo)
+    a.on("result", returned)
+    results = {}
+    for rows in (1, 16):
+        seg = Message("segment", {"seq": 0, "hidden": torch.randn(rows, 576).half(), "positions": [0], "parents": [-1]})
+        times = []
+        for i in range(100):
+            t0 = time.perf_counter()
+            await a.send(b.node_id, replace(seg, request_id=i))
+            assert (await asyncio.wait_for(back.get(), 5)).request_id == i
+            times.append(time.perf_counter() - t0)
+        results[rows] = sorted(times)[len(times) // 2]
+    with capsys.disabled():
+        print(f"\n[measure] loopback round trip (median of 100): 1x576 fp16 {results[1] * 1e3:.2f} ms, "
+              f"16x576 fp16 {results[16] * 1e3:.2f} ms")  # fmt: skip
+
+
+def test_node_id_is_created_once_and_kept(tmp_path):
+    first = load_or_create_node_id(tmp_path / "state")
+    assert len(first) == 16 and load_or_create_node_id(tmp_path / "state") == first
+    assert Identity.load(tmp_path / "state").node_id == first
+    (tmp_path / "state" / "node_id").write_text("not an id")
+    with pytest.raises(ValueError, match="delete the file"):
+        load_or_create_node_id(tmp_path / "state")
+
+
+def test_default_state_dir_follows_xdg(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
+    assert default_state_dir() == tmp_path / "meshd"
+    monkeypatch.delenv("XDG_STATE_HOME")
+    assert default_state_dir() == Path.home() / ".local" / "state" / "meshd"
+
+
+def test_newer_is_decided_by_start_time_then_instance(tmp_path):
+    older = Identity("ab" * 8, tmp_path, start_time=100.0, instance="b")
+    assert older.is_newer_than(99.0, "z") and not older.is_newer_than(101.0, "a")
+    assert older.is_newer_than(100.0, "a") and not older.is_newer_than(100.0, "c")
+
+
+def test_parse_host_port():
+    assert parse_host_port("10.0.0.2:8090") == ("10.0.0.2", 8090)
+    assert parse_host_port("[fe80::1]:80") == ("fe80::1", 80)
+    with pytest.raises(ValueError, match="host:port"):
+        parse_host_port("10.0.0.2")
