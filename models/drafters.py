@@ -27,8 +27,11 @@ class Drafter(Protocol):
         """A candidate tree rooted at ``context[-1]`` (the last emitted token)."""
 
     def accept(self, context: list[int], hidden: torch.Tensor | None) -> None:
-        """``context`` is now committed; ``hidden`` holds the target's last hidden states of the
-        newly committed tokens when the caller has them (None otherwise)."""
+        """``context`` is now committed (its last token is the next root).
+
+        ``hidden``, when the caller has it, holds the target's post-norm features (m, hidden) of the
+        m positions whose KV the target just computed: ``context[-1 - m:-1]``. The root has none yet.
+        """
 
 
 class NGramDrafter:

@@ -58,13 +58,14 @@ class Generation:
 
 
 def prefill(target: Stage, cache, ids: Sequence[int], stats: Stats) -> torch.Tensor:
-    """Run the prompt through the target in chunks; return the last position's hidden state."""
-    hidden = None
+    """Run the prompt through the target in chunks; return every position's post-norm feature."""
+    feats = []
     for start in range(0, len(ids), PREFILL_CHUNK):
         chunk = torch.tensor(ids[start:start + PREFILL_CHUNK])
         hidden = target.forward_one(target.embed(chunk), cache, torch.arange(start, start + len(chunk)))
+        feats.append(target.final_norm(hidden))
         stats.target_forwards += 1
-    return hidden[-1:]
+    return torch.cat(feats)
 
 
 def _finish(out: list[int], new: list[int], max_new: int, eos: set[int]) -> str | None:
@@ -95,7 +96,7 @@ def generate(target: Stage, prompt: Sequence[int], *, max_new_tokens: int = 128,
     stats = Stats()
     t0 = time.perf_counter()
     cache = target.new_cache(len(prompt) + max_new_tokens + pool + 8)
-    last = prefill(target, cache, prompt, stats)
+    feats = prefill(target, cache, prompt, stats)
     stats.prefill_seconds = time.perf_counter() - t0
     out: list[int] = []
 
@@ -106,10 +107,11 @@ def generate(target: Stage, prompt: Sequence[int], *, max_new_tokens: int = 128,
             on_tokens(out[before:])
         return reason
 
-    reason = emit([sample_token(target.logits(last)[0], sampling, gen)])
+    reason = emit([sample_token(target.logits(feats[-1:], normed=True)[0], sampling, gen)])
     context = list(prompt) + out
     if mode == "spec":
         drafter.reset(list(prompt))
+        drafter.accept(context, feats)
         budget = budget or TreeBudget(CostCurve({1: 1.0, 64: 2.0}))
     while reason is None:
         if mode == "ar":
@@ -125,27 +127,31 @@ def generate(target: Stage, prompt: Sequence[int], *, max_new_tokens: int = 128,
         draft_s = time.perf_counter() - td
         stats.draft_seconds += draft_s
         tree = pool_tree.best(budget.choose(pool_tree, overhead=draft_s))
-        accepted, emitted = verify_tree(target, cache, tree, len(context) - 1, sampling, gen, stats)
+        accepted, emitted, feats = verify_tree(target, cache, tree, len(context) - 1, sampling, gen, stats)
         budget.observe(budget.expected(tree), len(accepted) - 1)
         stats.rounds += 1
         stats.accepted_drafts += len(accepted) - 1
         stats.per_round.append(len(emitted))
         reason = emit(emitted)
         context = list(prompt) + out
-        drafter.accept(context, None)
+        drafter.accept(context, feats)
     stats.new_tokens = len(out)
     stats.seconds = time.perf_counter() - t0
     return Generation(out, stats, reason)
 
 
 def verify_tree(target: Stage, cache, tree: Tree, base: int, sampling: Sampling,
-                gen: torch.Generator | None, stats: Stats) -> tuple[list[int], list[int]]:
-    """One target forward over the whole tree, acceptance walk, then keep only the accepted KV."""
+                gen: torch.Generator | None, stats: Stats) -> tuple[list[int], list[int], torch.Tensor]:
+    """One target forward over the whole tree, acceptance walk, then keep only the accepted KV.
+
+    Returns the accepted path, the emitted tokens and the post-norm features of the path nodes
+    (what an EAGLE-style drafter regresses on)."""
     n = len(tree)
     mask = torch.cat([torch.ones(n, cache.length, dtype=torch.bool), tree.ancestor_mask()], dim=1)
     hidden = target.forward_one(target.embed(tree.tokens), cache, tree.positions(base), mask)
     stats.target_forwards += 1
     stats.verified_nodes += n
-    path, emitted = verify(tree, target.logits(hidden), sampling, gen)
+    feats = target.final_norm(hidden)
+    path, emitted = verify(tree, target.logits(feats, normed=True), sampling, gen)
     cache.keep(list(range(base)) + [base + i for i in path])
-    return path, emitted
+    return path, emitted, feats[path]
