@@ -7,7 +7,7 @@ import json
 import logging
 import os
 import sys
-import time
+from pathlib import Path
 
 DEMO_QUESTION = "What are three good reasons to learn a second language? Answer briefly."
 
@@ -34,56 +34,53 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from models.budget import CostCurve, TreeBudget
-    from models.drafters import load_drafter
-    from models.engine import generate
-    from models.profile import stage_cost_curve
-    from models.text import decode, encode_prompt, has_chat_template, stop_ids
-    from models.verify import Sampling
+    from meshd.local import LocalEngine
 
     _threads(args.threads)
-    t0 = time.perf_counter()
-    src, target = _load_target(args.model, args.dtype)
-    tok = src.load_tokenizer()
-    chat = has_chat_template(tok) if args.chat is None else args.chat
-    prompt = encode_prompt(tok, args.prompt, chat)
-    drafter = load_drafter(args.drafter, target) if args.mode == "spec" else None
-    curve = stage_cost_curve(src, target, with_head=True) if args.mode == "spec" else None
-    load_s = time.perf_counter() - t0
-    streamed: list[int] = []
-    printed = ""
+    eng = LocalEngine(args.model, args.dtype)
 
-    def on_tokens(new: list[int]) -> None:
-        nonlocal printed
-        if args.json:
-            return
-        streamed.extend(new)
-        text = decode(tok, streamed)
-        sys.stdout.write(text[len(printed):])
+    def show(text: str) -> None:
+        sys.stdout.write(text)
         sys.stdout.flush()
-        printed = text
 
-    res = generate(target, prompt, max_new_tokens=args.max_tokens, mode=args.mode, drafter=drafter,
-                   sampling=Sampling(args.temperature, args.top_p), seed=args.seed, eos_ids=stop_ids(tok, target.cfg),
-                   budget=TreeBudget(CostCurve(curve)) if curve else None, on_tokens=on_tokens)
-    st = res.stats
+    out = eng.run(args.prompt, mode=args.mode, drafter=args.drafter, max_tokens=args.max_tokens,
+                  temperature=args.temperature, top_p=args.top_p, seed=args.seed, chat=args.chat,
+                  on_text=None if args.json else show)
     if args.json:
-        out = {
-            "text": decode(tok, res.token_ids), "token_ids": res.token_ids, "new_tokens": st.new_tokens,
-            "rounds": st.rounds, "mean_accepted": round(st.mean_accepted, 4), "target_forwards": st.target_forwards,
-            "seconds": round(st.seconds, 4), "tokens_per_s": round(st.tokens_per_s, 3),
-            "finish_reason": res.finish_reason, "mode": args.mode, "drafter": drafter.name if drafter else None,
-            "dtype": str(target.dtype).removeprefix("torch."), "prompt_tokens": len(prompt),
-            "prefill_seconds": round(st.prefill_seconds, 4), "draft_seconds": round(st.draft_seconds, 4),
-            "verified_nodes": st.verified_nodes, "load_seconds": round(load_s, 3),
-            "cost_curve_ms": {t: round(s * 1e3, 3) for t, s in curve.items()} if curve else None,
-        }
+        out["load_seconds"] = round(eng.load_seconds, 3)
+        if args.mode == "spec":
+            out["cost_curve_ms"] = {t: round(s * 1e3, 3) for t, s in eng.curve.items()}
         print(json.dumps(out))
     else:
         print()
-        print(f"[{args.mode}{'/' + drafter.name if drafter else ''}] {st.new_tokens} tokens in {st.seconds:.2f}s "
-              f"({st.tokens_per_s:.1f} tok/s), {st.rounds} rounds, {st.mean_accepted:.2f} tokens/round, "
-              f"{st.target_forwards} target forwards", file=sys.stderr)
+        print(f"[{args.mode}{'/' + out['drafter'] if out['drafter'] else ''}] {out['new_tokens']} tokens in "
+              f"{out['seconds']:.2f}s ({out['tokens_per_s']:.1f} tok/s), {out['rounds']} rounds, "
+              f"{out['mean_accepted']:.2f} tokens/round, {out['target_forwards']} target forwards", file=sys.stderr)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from meshd import bench
+    from meshd.local import LocalEngine
+
+    _threads(args.threads)
+    questions = bench.load_questions(Path(args.questions), args.categories or args.n_categories,
+                                     args.per_category, held_out_only=args.held_out)
+    eng = LocalEngine(args.model, args.dtype)
+    modes = {}
+    for m in args.modes.split(","):
+        mode, _, drafter = m.partition(":")
+        modes[m] = (lambda text, mode=mode, drafter=drafter or "ngram": eng.run(
+            text, mode=mode, drafter=drafter, max_tokens=args.max_tokens, temperature=args.temperature,
+            seed=0))
+    print(f"bench: {len(questions)} questions x {len(modes)} modes, {args.max_tokens} new tokens, "
+          f"T={args.temperature}, dtype {eng.target.dtype}", file=sys.stderr)
+    eng.curve  # noqa: B018 - measure (or load) the cost curve before timing anything
+    runs = bench.run_interleaved(questions, modes, bench.progress_printer)
+    table, md = bench.summarize(runs, baseline=args.modes.split(",")[0])
+    path = bench.write_record(Path(args.out), vars(args) | {"func": None}, runs, table, md)
+    print(md)
+    print(f"record: {path}", file=sys.stderr)
     return 0
 
 
@@ -169,6 +166,20 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also time transformers' forward with the same weights")
     pr.add_argument("--json", action="store_true")
     pr.set_defaults(func=cmd_profile)
+
+    b = sub.add_parser("bench", help="compare decoding modes on Spec-Bench questions (interleaved)")
+    _add_model_args(b)
+    b.add_argument("--modes", default="ar,spec:ngram", help="comma-separated: ar, spec:DRAFTER (first = baseline)")
+    b.add_argument("--questions", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"
+                                              / "spec_bench_questions.jsonl"))
+    b.add_argument("--categories", nargs="*", default=None, help="category names (default: the first N)")
+    b.add_argument("--n-categories", type=int, default=8)
+    b.add_argument("--per-category", type=int, default=5)
+    b.add_argument("--held-out", action="store_true", help="only question_id %% 4 == 0 (never trained on)")
+    b.add_argument("--max-tokens", type=int, default=128)
+    b.add_argument("--temperature", type=float, default=0.0)
+    b.add_argument("--out", default="runs", help="directory for the JSON record and markdown table")
+    b.set_defaults(func=cmd_bench)
 
     d = sub.add_parser("demo", help="answer one question with the embedded model")
     d.add_argument("question", nargs="?", default=DEMO_QUESTION)
