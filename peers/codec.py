@@ -284,8 +284,10 @@ class Codec:
     def encode(self, msg: Message) -> bytes:
         spec = self.registry.spec(msg.type)
         body = _check_body(spec, msg.body, decoding=False)
-        if not (_is_int(msg.epoch) and 0 <= msg.epoch < _U64 and _is_int(msg.request_id)):
-            raise SchemaError(f"{msg.type}: epoch and request_id must be ints (got {msg.epoch!r}, {msg.request_id!r})")
+        if not all(_is_int(x) and 0 <= x < _U64 for x in (msg.epoch, msg.request_id)):
+            raise SchemaError(
+                f"{msg.type}: epoch and request_id must be unsigned 64-bit ints (got {msg.epoch!r}, {msg.request_id!r})"
+            )
         wire = {"v": PROTO_VERSION, "t": msg.type, "e": msg.epoch, "r": msg.request_id}
         wire.update({k: _wire(spec.fields[k].kind, v) for k, v in body.items()})
         frame = cbor2.dumps(wire)

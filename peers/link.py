@@ -42,6 +42,7 @@ WS_PATH = "/mesh/ws"
 NONCE_BYTES = 32
 CLOSE_GOING_AWAY = WSCloseCode.GOING_AWAY  # the peer is shutting down on purpose: not a failure
 CLOSE_DUPLICATE = 4000  # another link to the same peer won; the dialer should not hammer it
+CLOSE_SAME_ID = 4002  # the peer presents our own node id (copied state directory)
 CLOSE_BAD_FRAMES = WSCloseCode.POLICY_VIOLATION
 
 WebSocket = web.WebSocketResponse | aiohttp.ClientWebSocketResponse

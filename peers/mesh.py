@@ -3,6 +3,14 @@
 This is the only class the daemon needs. It owns no HTTP server: ``attach()`` adds ``/mesh/ws``
 to the daemon's own aiohttp application, because REST and the mesh share one port.
 All timers run off one tick loop on the daemon's event loop; there are no threads.
+
+    node = MeshNode(MeshConfig(api_port=8090, secret=...), shape, load_slice=load, cost_curve=curve)
+    node.on("segment", handle_segment)          # async (sender_node_id, Message) -> None
+    node.on_plan(lambda plan: ...)               # every committed plan
+    node.attach(app)                             # before the aiohttp app starts
+    await node.start()
+    await node.send(next_stage_id, Message("segment", {...}, request_id=rid))
+    await node.stop()
 """
 
 from __future__ import annotations
@@ -128,6 +136,7 @@ class MeshNode:
         self.discovery: Discovery | None = None
         self.error: Exception | None = None  # set when the node had to stop (duplicate node id)
         self._stopped = asyncio.Event()
+        self._shutdown_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._load_task: asyncio.Task[None] | None = None
         self._tick_task: asyncio.Task[None] | None = None
@@ -185,10 +194,13 @@ class MeshNode:
             msg = replace(msg, epoch=self.negotiator.committed.epoch)
         await self.neighbours.link(node_id).send(msg)
 
-    def set_cost_curve(self, curve: dict[int, float], compute_score: float | None = None) -> None:
-        """Publish a new cost curve (measured after the slice loaded) to every peer."""
-        score = self.hello.compute_score if compute_score is None else compute_score
-        self.hello = replace(self.hello, cost_curve=dict(curve), compute_score=score)
+    def set_cost_curve(self, curve: dict[int, float]) -> None:
+        """Publish a new cost curve (measured once the slice is loaded) to every peer.
+
+        Only the curve changes: the compute score that weighs the split is fixed at start-up, so
+        a measurement taken after loading cannot trigger a re-plan, a reload and a new measurement.
+        """
+        self.hello = replace(self.hello, cost_curve=dict(curve))
         msg = Message("peer_info", {"hello": self.hello.to_wire()})
         for link in list(self.neighbours.links.values()):
             self._spawn(link.send(msg))
@@ -214,11 +226,20 @@ class MeshNode:
             "mesh node %s up (mesh %r, budget %d bytes)", self.node_id, self.config.mesh_name, self.hello.memory_budget
         )
 
+    @property
+    def stopping(self) -> bool:
+        return self._shutdown_task is not None
+
     async def stop(self) -> None:
-        """Leave the mesh cleanly: unadvertise, tell neighbours we are going (not failing), close links."""
-        if self._stopped.is_set():
-            return
-        self._stopped.set()
+        """Leave the mesh cleanly: unadvertise, tell neighbours we are going (not failing), close links.
+
+        Safe to call more than once and from several tasks; every caller returns once it is done.
+        """
+        if self._shutdown_task is None:
+            self._shutdown_task = asyncio.create_task(self._shutdown())
+        await asyncio.shield(self._shutdown_task)
+
+    async def _shutdown(self) -> None:
         if self._tick_task:
             self._tick_task.cancel()
         if self.discovery:
@@ -228,8 +249,11 @@ class MeshNode:
         for task in [*self._tasks, self._load_task]:
             if task:
                 task.cancel()
+        self._stopped.set()
+        log.info("mesh node %s stopped", self.node_id)
 
     async def wait_stopped(self) -> None:
+        """Returns once the node has stopped, by ``stop()`` or on its own (see ``error``)."""
         await self._stopped.wait()
 
     def status(self) -> dict[str, Any]:
@@ -282,7 +306,7 @@ class MeshNode:
 
     def _on_link_down(self, link: Link) -> None:
         # A peer that says it is going away has left: no need to wait for the heartbeat timeout.
-        if link.close_code == CLOSE_GOING_AWAY and not self._stopped.is_set():
+        if link.close_code == CLOSE_GOING_AWAY and not self.stopping:
             self._membership_events(self.membership.lost(link.peer.node_id, "left the mesh"))
 
     async def _on_fatal(self, exc: Exception) -> None:
@@ -342,16 +366,19 @@ class MeshNode:
         next_beat = 0.0
         step = min(0.2, self.config.heartbeat_interval)
         while True:
-            now = time.monotonic()
-            if now >= next_beat:
-                next_beat = now + self.config.heartbeat_interval
-                self._heartbeat()
-            events = self.membership.expire(now)
-            for event in events:
-                if isinstance(event, PeerLost):
-                    await self.neighbours.close_link(event.node_id, CLOSE_TIMED_OUT, "silent too long")
-            self._membership_events(events)
-            self._run(self.negotiator.tick(now))
+            try:
+                now = time.monotonic()
+                if now >= next_beat:
+                    next_beat = now + self.config.heartbeat_interval
+                    self._heartbeat()
+                events = self.membership.expire(now)
+                for event in events:
+                    if isinstance(event, PeerLost):
+                        await self.neighbours.close_link(event.node_id, CLOSE_TIMED_OUT, "silent too long")
+                self._membership_events(events)
+                self._run(self.negotiator.tick(now))
+            except Exception:  # a bug here must not silence the heartbeats for good
+                log.exception("mesh tick failed; continuing")
             await asyncio.sleep(step)
 
     def _heartbeat(self) -> None:

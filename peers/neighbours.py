@@ -26,6 +26,7 @@ from peers.identity import Identity
 from peers.link import (
     CLOSE_DUPLICATE,
     CLOSE_GOING_AWAY,
+    CLOSE_SAME_ID,
     HandshakeError,
     Link,
     LinkSecurity,
@@ -160,7 +161,9 @@ class Neighbours:
                 finally:
                     t.serving = False
                 if link.close_code == CLOSE_DUPLICATE:
-                    continue
+                    continue  # the peer is linked another way; the wait above holds the next dial
+                if link.close_code == CLOSE_SAME_ID:
+                    failures = 8  # a twin with our node id: retry at the slowest pace until it is gone
             low, high = self.backoff
             delay = min(high, low * 2**failures)
             await asyncio.sleep(delay / 2 + random.uniform(0, delay / 2))
@@ -206,16 +209,16 @@ class Neighbours:
         me, peer = self.identity, link.peer
         if peer.node_id == me.node_id:
             if peer.instance == me.instance:
-                await link.close(CLOSE_DUPLICATE, "linked to itself")
+                await link.close(CLOSE_SAME_ID, "linked to itself")
             elif me.is_newer_than(peer.start_time, peer.instance):
-                await link.close(CLOSE_DUPLICATE, "duplicate node id")
+                await link.close(CLOSE_SAME_ID, "duplicate node id")
                 await self.on_fatal(me.duplicate_error(link.remote))
             else:
                 log.error(
                     "the daemon at %s presents this daemon's node id %s and started later; it will refuse "
                     "to join. Its state directory is probably a copy of %s.", link.remote, me.node_id, me.state_dir,
                 )  # fmt: skip
-                await link.close(CLOSE_DUPLICATE, "duplicate node id")
+                await link.close(CLOSE_SAME_ID, "duplicate node id")
             return False
         existing = self.links.get(peer.node_id)
         if existing and not existing.closed and existing.peer.instance == peer.instance:

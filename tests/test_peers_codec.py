@@ -43,6 +43,11 @@ def wire(**body) -> bytes:
     return cbor2.dumps({"v": PROTO_VERSION, "t": "result", "e": 0, "r": 0, **body})
 
 
+DEEP: list = [1]
+for _ in range(40):
+    DEEP = [DEEP]
+
+
 def tensor_wire(dtype="fp16", shape=(2, 3), nbytes=12) -> dict:
     return {"dtype": dtype, "shape": list(shape), "bytes": b"\0" * nbytes}
 
@@ -109,6 +114,9 @@ def test_daemon_can_register_its_own_type():
         (wire(seq=1, hidden={"dtype": "bool", "shape": [2], "bytes": b"\x00\x07"}), TensorError),
         (wire(seq=1, hidden=[1, 2]), TensorError),
         (wire(seq=1, hidden=tensor_wire(), nodes=[1, "2"]), SchemaError),
+        (wire(seq=1, hidden=tensor_wire()) + b"\x00", MalformedFrame),  # trailing bytes
+        (b"\xa2" + cbor2.dumps("v") + cbor2.dumps(1) + cbor2.dumps("v") + cbor2.dumps(1), MalformedFrame),  # dup key
+        (wire(seq=1, hidden=tensor_wire(), meta={"x": DEEP}), MalformedFrame),  # nesting beyond the limit
     ],
 )
 def test_decoder_rejects_with_typed_error(frame, error):

@@ -110,11 +110,8 @@ async def test_two_nodes_plan_and_exchange_data(mesh):
         await errors.put(msg)
 
     a.on("error", on_error)
-    stale = replace(seg, epoch=a.committed_plan.epoch - 1 or 0, request_id=7)
-    if stale.epoch == 0:  # epoch 0 means "stamp it for me"; force an old one through the link
-        await a.neighbours.link(b.node_id).send(replace(stale, epoch=0))
-    else:
-        await a.send(b.node_id, stale)
+    stale = replace(seg, epoch=a.committed_plan.epoch - 1, request_id=7)
+    await a.neighbours.link(b.node_id).send(stale)  # straight onto the link: MeshNode.send would restamp it
     err = await asyncio.wait_for(errors.get(), 5)
     assert err["code"] == "stale_epoch" and err.request_id == 7 and inbox.empty()
 
@@ -140,7 +137,7 @@ async def test_duplicate_node_id_newer_daemon_refuses(mesh, tmp_path):
     assert isinstance(b.error, DuplicateNodeIdError)
     text = str(b.error)
     assert str(copy / "node_id") in text and "delete" in text and "started earlier" in text
-    assert a.error is None and not a._stopped.is_set()
+    assert a.error is None and not a.stopping
 
 
 async def test_refused_peers_do_not_disturb_good_ones(mesh, caplog):
