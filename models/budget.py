@@ -56,14 +56,22 @@ class TreeBudget:
         self._pred = 1.0
         self._seen = alpha
 
-    def choose(self, tree: Tree, overhead: float = 0.0, cost: CostCurve | None = None) -> int:
-        """Number of drafted nodes (besides the root) worth verifying from this candidate tree."""
+    def choose(self, tree: Tree, overhead: float = 0.0, cost: CostCurve | None = None,
+               load_rows: int = 0, load_gain: float = 0.0) -> int:
+        """Number of drafted nodes (besides the root) worth verifying from this candidate tree.
+
+        ``load_rows``/``load_gain``: rows other requests put through the same forwards and the
+        tokens those rows yield. Maximising the shared rate (load_gain + gain) / cost(load_rows + n)
+        is FASER's rule: an idle ring lets a tree grow until its marginal node stops paying for
+        itself; a loaded ring, already busy at a steeper point of the curve, gets smaller trees.
+        """
         cost = cost or self.cost
         order = tree.score_order()[1: self.max_nodes + 1]
-        best_n, best_rate, gain = 0, 1.0 / (overhead + cost(1)), 1.0
+        best_n, gain = 0, load_gain + 1.0
+        best_rate = gain / (overhead + cost(load_rows + 1))
         for n, i in enumerate(order, start=1):
             gain += self.alpha * math.exp(tree.scores[i])
-            rate = gain / (overhead + cost(n + 1))
+            rate = gain / (overhead + cost(load_rows + n + 1))
             if rate > best_rate:
                 best_n, best_rate = n, rate
         return best_n

@@ -27,6 +27,7 @@ class KVCache:
     def capacity(self) -> int:
         return self.k.shape[2]
 
+    @torch.inference_mode()
     def reserve(self, extra: int) -> None:
         """Make room for ``extra`` more entries, doubling so appends stay amortised O(1)."""
         need = self.length + extra
@@ -44,6 +45,7 @@ class KVCache:
         v[:, :, : self.length] = self.v[:, :, : self.length]
         self.k, self.v = k, v
 
+    @torch.inference_mode()
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store ``k, v`` (heads, T, dim) after the live entries; return the live views including them.
 
@@ -58,6 +60,7 @@ class KVCache:
     def commit(self, t: int) -> None:
         self.length += t
 
+    @torch.inference_mode()
     def keep(self, indices: Sequence[int] | torch.Tensor) -> None:
         """Gather the entries at ``indices`` (ascending) to the front and drop the rest."""
         idx = torch.as_tensor(indices, dtype=torch.long)

@@ -1,0 +1,78 @@
+"""What travels around the ring for one request: segments of tree nodes, and prune decisions.
+
+Nodes are named by request-global ids that only grow, never by position in a tensor. That
+makes a prune decision order-independent: a stage applies it to what it already holds, to what
+is queued for it, and to rows that reach it later, and every stage ends up consistent without
+the prune having to travel in-band behind the segments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+PROMPT_PARENT = -1  # parent id of a request's first token
+
+
+@dataclass
+class Segment:
+    """Rows for one request: node ids, their parents (global ids), positions, and the input.
+
+    ``tokens`` is set when the receiving stage embeds (the first stage); ``hidden`` otherwise.
+    ``commit`` marks prompt chunks: rows that are committed context the moment they exist.
+    """
+
+    request_id: str
+    node_ids: list[int]
+    parents: list[int]
+    positions: list[int]
+    tokens: list[int] | None = None
+    hidden: torch.Tensor | None = None
+    commit: bool = False
+    sent_at: float = 0.0  # originator's clock when injected, for latency accounting
+
+    def __len__(self) -> int:
+        return len(self.node_ids)
+
+    def rows(self, keep: list[int]) -> Segment:
+        """The same segment restricted to the row indices ``keep``."""
+        return Segment(
+            self.request_id,
+            [self.node_ids[i] for i in keep],
+            [self.parents[i] for i in keep],
+            [self.positions[i] for i in keep],
+            [self.tokens[i] for i in keep] if self.tokens is not None else None,
+            self.hidden[keep] if self.hidden is not None else None,
+            self.commit,
+            self.sent_at,
+        )
+
+
+@dataclass
+class Prune:
+    """The originator's decision: of all nodes with id <= ``upto``, only ``keep`` survive;
+    ``commit`` (a subset of ``keep``) are now accepted context. Nodes above ``upto`` were issued
+    after the decision and are untouched."""
+
+    request_id: str
+    upto: int
+    keep: list[int]
+    commit: list[int]
+
+    def dead(self, node: int) -> bool:
+        return node <= self.upto and node not in self._keep
+
+    def __post_init__(self) -> None:
+        self._keep = set(self.keep)
+
+
+@dataclass
+class Result:
+    """A segment's output from the last stage, back at the originator."""
+
+    request_id: str
+    node_ids: list[int]
+    hidden: torch.Tensor
+    stage_queue: int = 0  # rows queued at the reporting stage: a load signal for tree sizing
+    extra: dict = field(default_factory=dict)

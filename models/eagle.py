@@ -1,0 +1,492 @@
+"""An EAGLE-style draft head: one decoder layer that predicts the target's next post-norm feature.
+
+Input at position t is the embedding of token t+1 joined with the target's post-norm feature at t
+(``fc``: 2H -> H), then one decoder layer of the target's shape; its output stands for the feature
+at t+1, and tokens come from the target's own (shared, frozen) LM head rows. A reduced draft
+vocabulary (EAGLE-3 style: the most frequent tokens of the training data) keeps that head cheap;
+log-probs are a real distribution over the subset. Deeper tree levels run autoregressively on the
+head's own predicted features, with a small KV cache cropped back to the committed prefix after
+every draft.
+
+The same :class:`EagleHead` forward serves training (batched, with a multi-step "training-time
+test" unroll) and drafting (rows with a KV cache and a tree mask), so the two cannot drift apart.
+
+Files: our own format is ``eagle.json`` (shape, draft vocabulary size, target fingerprint) plus
+``head.safetensors`` (fp16; ``draft_vocab`` holds the subset's token ids). The public EAGLE layout
+(``config.json`` + ``fc.*`` / ``layers.0.*`` weights in ``model.safetensors`` or
+``pytorch_model.bin``) loads too; it has no fingerprint, so only its shape is checked.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.config import ModelConfig, ModelError
+from models.kvcache import KVCache
+from models.stage import Stage, rms_norm, rope_inv_freq, rotate
+from models.tree import Tree, grow_tree
+
+FORMAT = "meshd-eagle-1"
+CONFIG_FILE = "eagle.json"
+WEIGHTS_FILE = "head.safetensors"
+HEADS_DIR = Path(__file__).resolve().parent / "heads"
+
+
+@dataclass
+class HeadConfig:
+    hidden_size: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    rms_eps: float
+    vocab_size: int  # the target's vocabulary
+    draft_vocab_size: int = 0  # 0: the full vocabulary
+    fc_bias: bool = True
+    qkv_bias: bool = False
+    input_norm: bool = True  # EAGLE-1's public heads skip the first layer's input norm
+    target_fingerprint: str | None = None
+    target_name: str | None = None
+    format: str = FORMAT
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def for_target(cls, cfg: ModelConfig, **kw) -> HeadConfig:
+        return cls(hidden_size=cfg.hidden_size, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
+                   head_dim=cfg.head_dim, intermediate_size=cfg.intermediate_size, rms_eps=cfg.rms_eps,
+                   vocab_size=cfg.vocab_size, qkv_bias=cfg.qkv_bias, **kw)
+
+    def check_target(self, cfg: ModelConfig, fingerprint: str | None, where: str) -> None:
+        if fingerprint and self.target_fingerprint and fingerprint != self.target_fingerprint:
+            raise ModelError(
+                f"draft head {where} was trained for target {self.target_name or '?'} (fingerprint "
+                f"{self.target_fingerprint}) but the target here has fingerprint {fingerprint}; train one for "
+                "this model with `meshd train-draft --model ...` or use --drafter ngram."
+            )
+        if (self.hidden_size, self.vocab_size) != (cfg.hidden_size, cfg.vocab_size):
+            raise ModelError(
+                f"draft head {where} expects hidden size {self.hidden_size} and vocabulary {self.vocab_size}, "
+                f"but the target has {cfg.hidden_size} and {cfg.vocab_size}; it was trained for another model."
+            )
+
+
+class EagleHead(nn.Module):
+    """fc + one decoder layer. Embeddings and LM-head rows are the target's, passed in, never owned."""
+
+    def __init__(self, hc: HeadConfig, target_cfg: ModelConfig):
+        super().__init__()
+        self.hc = hc
+        h, q, kv = hc.hidden_size, hc.n_heads * hc.head_dim, hc.n_kv_heads * hc.head_dim
+        self.fc = nn.Linear(2 * h, h, bias=hc.fc_bias)
+        self.wqkv = nn.Parameter(torch.empty(q + 2 * kv, h))
+        self.bqkv = nn.Parameter(torch.zeros(q + 2 * kv)) if hc.qkv_bias else None
+        self.wo = nn.Parameter(torch.empty(h, q))
+        self.w_gate_up = nn.Parameter(torch.empty(2 * hc.intermediate_size, h))
+        self.w_down = nn.Parameter(torch.empty(h, hc.intermediate_size))
+        self.attn_norm = nn.Parameter(torch.ones(h)) if hc.input_norm else None
+        self.ffn_norm = nn.Parameter(torch.ones(h))
+        self.register_buffer("draft_vocab", torch.arange(hc.draft_vocab_size or hc.vocab_size), persistent=False)
+        inv_freq, scale = rope_inv_freq(target_cfg)
+        self.inv_freq, self.rope_scale = inv_freq, scale
+        for w in (self.wqkv, self.wo, self.w_gate_up, self.w_down):
+            nn.init.normal_(w, std=0.02)
+
+    # ---- the one forward ----------------------------------------------------------------
+    def fuse(self, emb: torch.Tensor, feat: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.cat([emb.to(self.fc.weight.dtype), feat.to(self.fc.weight.dtype)], dim=-1))
+
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.float()[..., None] * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        dt = self.fc.weight.dtype
+        return (emb.cos() * self.rope_scale).to(dt), (emb.sin() * self.rope_scale).to(dt)
+
+    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x (..., T, H) -> q (..., nq, T, d), k, v (..., nkv, T, d), rotated."""
+        hc = self.hc
+        h = rms_norm(x, self.attn_norm, hc.rms_eps) if self.attn_norm is not None else x
+        out = F.linear(h, self.wqkv, self.bqkv)
+        nq, nkv, d = hc.n_heads, hc.n_kv_heads, hc.head_dim
+        lead = out.shape[:-1]
+        q = out[..., : nq * d].unflatten(-1, (nq, d)).transpose(-3, -2)
+        k = out[..., nq * d: (nq + nkv) * d].unflatten(-1, (nkv, d)).transpose(-3, -2)
+        v = out[..., (nq + nkv) * d:].unflatten(-1, (nkv, d)).transpose(-3, -2)
+        del lead
+        cos, sin = cos.unsqueeze(-3), sin.unsqueeze(-3)
+        return rotate(q, cos, sin), rotate(k, cos, sin), v
+
+    def finish(self, x: torch.Tensor, q, keys, values, mask: torch.Tensor) -> torch.Tensor:
+        """Attention of q over keys/values with a float mask, then o-proj, MLP, residuals."""
+        hc = self.hc
+        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=hc.n_heads != hc.n_kv_heads)
+        o = o.transpose(-3, -2).flatten(-2)
+        x = x + F.linear(o, self.wo)
+        h = rms_norm(x, self.ffn_norm, hc.rms_eps)
+        gate, up = F.linear(h, self.w_gate_up).chunk(2, dim=-1)
+        return x + F.linear(F.silu(gate) * up, self.w_down)
+
+    def step(self, emb: torch.Tensor, feat: torch.Tensor, cache: KVCache, positions: torch.Tensor,
+             mask: torch.Tensor) -> torch.Tensor:
+        """Drafting: rows (T, H) appended to ``cache``; ``mask`` bool (T, cache.length + T)."""
+        t = emb.shape[0]
+        cache.reserve(t)
+        x = self.fuse(emb, feat)
+        cos, sin = self.rope(positions)
+        q, k, v = self.qkv(x, cos, sin)
+        keys, values = cache.write(0, k.to(cache.dtype), v.to(cache.dtype))
+        fmask = torch.zeros(mask.shape, dtype=x.dtype).masked_fill_(~mask, torch.finfo(x.dtype).min)
+        out = self.finish(x, q[None], keys[None].to(x.dtype), values[None].to(x.dtype), fmask[None, None])[0]
+        cache.commit(t)
+        return out
+
+    def unroll(self, emb: torch.Tensor, feat: torch.Tensor, steps: int) -> list[torch.Tensor]:
+        """Training: (B, T, H) rows t = (embedding of token t+1, feature t); returns one output per step.
+
+        Step 1 sees real features everywhere (causal). Step s at row q feeds on step s-1's output at
+        row q-1 and attends real rows <= q-s+1 plus its own earlier steps' rows q-s+j, exactly the
+        mask the drafter has at tree depth s (EAGLE-3's training-time test).
+        """
+        b, t, _ = emb.shape
+        pos = torch.arange(t)
+        cos, sin = self.rope(pos)
+        outs, keys, values = [], [], []
+        inp = feat
+        neg = torch.finfo(self.fc.weight.dtype).min
+        for s in range(1, steps + 1):
+            x = self.fuse(emb, inp)
+            q, k, v = self.qkv(x, cos, sin)
+            keys.append(k)
+            values.append(v)
+            allowed = [pos[None, :] <= pos[:, None] - (s - 1)]
+            allowed += [pos[None, :] == pos[:, None] - (s - j) for j in range(2, s + 1)]
+            m = torch.cat(allowed, dim=1)
+            m[:, s - 1::t] |= ~m.any(dim=1, keepdim=True)  # rows with nothing to attend see their own step
+            fmask = torch.zeros(m.shape, dtype=x.dtype).masked_fill_(~m, neg)
+            out = self.finish(x, q, torch.cat(keys, dim=-2), torch.cat(values, dim=-2), fmask)
+            outs.append(out)
+            inp = torch.cat([out[:, :1].detach() * 0 + feat[:, :1], out[:, :-1]], dim=1)
+        return outs
+
+    # ---- tokens ---------------------------------------------------------------------------
+    def sub_logits(self, feat: torch.Tensor, lm_rows: torch.Tensor) -> torch.Tensor:
+        return F.linear(feat.to(lm_rows.dtype), lm_rows).float()
+
+    def param_count(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # ---- files --------------------------------------------------------------------------
+    def state_for_file(self) -> dict[str, torch.Tensor]:
+        hc = self.hc
+        q, kv = hc.n_heads * hc.head_dim, hc.n_kv_heads * hc.head_dim
+        wq, wk, wv = self.wqkv.detach().split([q, kv, kv])
+        gate, up = self.w_gate_up.detach().chunk(2)
+        sd = {"fc.weight": self.fc.weight, "layers.0.self_attn.q_proj.weight": wq,
+              "layers.0.self_attn.k_proj.weight": wk, "layers.0.self_attn.v_proj.weight": wv,
+              "layers.0.self_attn.o_proj.weight": self.wo, "layers.0.mlp.gate_proj.weight": gate,
+              "layers.0.mlp.up_proj.weight": up, "layers.0.mlp.down_proj.weight": self.w_down,
+              "layers.0.post_attention_layernorm.weight": self.ffn_norm}
+        if self.fc.bias is not None:
+            sd["fc.bias"] = self.fc.bias
+        if self.bqkv is not None:
+            bq, bk, bv = self.bqkv.detach().split([q, kv, kv])
+            sd.update({"layers.0.self_attn.q_proj.bias": bq, "layers.0.self_attn.k_proj.bias": bk,
+                       "layers.0.self_attn.v_proj.bias": bv})
+        if self.attn_norm is not None:
+            sd["layers.0.input_layernorm.weight"] = self.attn_norm
+        return {k: v.detach().to(torch.float16).contiguous() for k, v in sd.items()}
+
+    def load_file_state(self, sd: dict[str, torch.Tensor], where: str) -> None:
+        hc = self.hc
+        p = "layers.0."
+
+        def get(name: str) -> torch.Tensor:
+            if name not in sd:
+                raise ModelError(f"draft head {where} lacks tensor {name!r}")
+            return sd[name].float()
+
+        try:
+            with torch.no_grad():
+                self.fc.weight.copy_(get("fc.weight"))
+                if self.fc.bias is not None:
+                    self.fc.bias.copy_(get("fc.bias"))
+                self.wqkv.copy_(torch.cat([get(p + f"self_attn.{n}_proj.weight") for n in "qkv"]))
+                if self.bqkv is not None:
+                    self.bqkv.copy_(torch.cat([get(p + f"self_attn.{n}_proj.bias") for n in "qkv"]))
+                self.wo.copy_(get(p + "self_attn.o_proj.weight"))
+                self.w_gate_up.copy_(torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")]))
+                self.w_down.copy_(get(p + "mlp.down_proj.weight"))
+                self.ffn_norm.copy_(get(p + "post_attention_layernorm.weight"))
+                if self.attn_norm is not None:
+                    self.attn_norm.copy_(get(p + "input_layernorm.weight"))
+        except RuntimeError as e:  # a shape mismatch
+            raise ModelError(f"draft head {where} does not fit this target's shape: {e}") from None
+        del hc
+
+
+def save_head(head: EagleHead, out: Path, report: dict | None = None) -> Path:
+    """Write our own format: eagle.json + fp16 head.safetensors (+ report.json)."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    sd = head.state_for_file()
+    if head.hc.draft_vocab_size:
+        sd["draft_vocab"] = head.draft_vocab.to(torch.int32).contiguous()
+    save_file(sd, str(out / WEIGHTS_FILE), metadata={"format": FORMAT})
+    cfg = asdict(head.hc)
+    (out / CONFIG_FILE).write_text(json.dumps(cfg, indent=1) + "\n")
+    if report is not None:
+        (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    return out
+
+
+def _public_config(raw: dict, target: ModelConfig) -> HeadConfig:
+    h = int(raw.get("hidden_size", 0))
+    nh = int(raw.get("num_attention_heads", target.n_heads))
+    return HeadConfig(
+        hidden_size=h, n_heads=nh, n_kv_heads=int(raw.get("num_key_value_heads", nh)),
+        head_dim=int(raw.get("head_dim") or (h // nh if nh else 0)),
+        intermediate_size=int(raw.get("intermediate_size", 0)), rms_eps=float(raw.get("rms_norm_eps", 1e-6)),
+        vocab_size=int(raw.get("vocab_size", 0)), draft_vocab_size=int(raw.get("draft_vocab_size", 0) or 0),
+        fc_bias=bool(raw.get("bias", True)), qkv_bias=bool(raw.get("attention_bias", False)), input_norm=False,
+        target_name=raw.get("_name_or_path"), format="eagle-public")
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files = sorted(path.glob("*.safetensors"))
+    if files:
+        sd: dict[str, torch.Tensor] = {}
+        for f in files:
+            sd.update(load_file(str(f)))
+        return sd
+    for name in ("pytorch_model.bin", "model.bin"):
+        if (path / name).is_file():
+            return torch.load(str(path / name), map_location="cpu", weights_only=True)
+    raise ModelError(f"draft head {path}: no *.safetensors or pytorch_model.bin next to the config")
+
+
+def load_head(path: str | Path, target_cfg: ModelConfig, fingerprint: str | None = None) -> EagleHead:
+    """Load a head in our own format or the public EAGLE layout; refuse one trained for another target."""
+    path = Path(path).expanduser()
+    if path.is_file():
+        path = path.parent
+    if not path.is_dir():
+        raise ModelError(f"draft head {path} not found; train one with `meshd train-draft` or use --drafter ngram")
+    own = path / CONFIG_FILE
+    if own.is_file():
+        raw = json.loads(own.read_text())
+        if raw.get("format") != FORMAT:
+            raise ModelError(f"draft head {path}: unknown format {raw.get('format')!r}")
+        hc = HeadConfig(**raw)
+        hc.check_target(target_cfg, fingerprint, str(path))
+        sd = _read_weights(path)
+    elif (path / "config.json").is_file():
+        hc = _public_config(json.loads((path / "config.json").read_text()), target_cfg)
+        hc.check_target(target_cfg, None, str(path))
+        sd = _read_weights(path)
+        if "fc.weight" not in sd or not any(k.startswith("layers.0.") for k in sd):
+            raise ModelError(f"{path} is not an EAGLE head (no fc.* and layers.0.* weights)")
+        hc.input_norm = "layers.0.input_layernorm.weight" in sd
+        hc.fc_bias = "fc.bias" in sd
+        hc.qkv_bias = "layers.0.self_attn.q_proj.bias" in sd
+        if "d2t" in sd and "draft_vocab" not in sd:  # EAGLE-3 stores offsets: full id = i + d2t[i]
+            sd["draft_vocab"] = torch.arange(sd["d2t"].numel()) + sd["d2t"].long()
+        if "draft_vocab" in sd:
+            hc.draft_vocab_size = int(sd["draft_vocab"].numel())
+    else:
+        raise ModelError(f"{path}: not a draft head (expected {CONFIG_FILE} or an EAGLE config.json)")
+    head = EagleHead(hc, target_cfg)
+    head.load_file_state(sd, str(path))
+    if hc.draft_vocab_size:
+        ids = sd["draft_vocab"].long()
+        if ids.numel() != hc.draft_vocab_size or int(ids.max()) >= hc.vocab_size or int(ids.min()) < 0:
+            raise ModelError(f"draft head {path}: draft vocabulary ids out of range")
+        head.draft_vocab = ids
+    return head.eval()
+
+
+def find_head(fingerprint: str | None, cfg: ModelConfig, root: Path = HEADS_DIR) -> Path:
+    """The shipped head for this target (matched by fingerprint), or a clear error."""
+    found = []
+    if root.is_dir():
+        for conf in sorted(root.glob(f"*/{CONFIG_FILE}")):
+            try:
+                raw = json.loads(conf.read_text())
+            except (OSError, ValueError):
+                continue
+            found.append(raw.get("target_name") or conf.parent.name)
+            if fingerprint and raw.get("target_fingerprint") == fingerprint:
+                if not (conf.parent / WEIGHTS_FILE).is_file():
+                    raise ModelError(f"draft head config {conf} has no {WEIGHTS_FILE} next to it; reinstall meshd")
+                return conf.parent
+    raise ModelError(
+        f"no shipped EAGLE draft head for this target (fingerprint {fingerprint}); shipped heads: "
+        f"{', '.join(found) or 'none'} in {root}. Train one with `meshd train-draft --model ... --out DIR` and pass "
+        "--drafter eagle:DIR, or use --drafter ngram."
+    )
+
+
+class EagleDrafter:
+    """Drafts with an :class:`EagleHead` fed by the target's post-norm features.
+
+    Cache row t holds the head's KV for (token t+1, feature t); rows exist for every committed t
+    whose feature is known, i.e. up to the root's predecessor. The last committed row's output is
+    the root's predicted feature, so level 1 of the tree needs no extra forward. Tree levels are
+    appended to the cache while drafting and cropped away afterwards.
+    """
+
+    def __init__(self, head: EagleHead, target: Stage, name: str = "eagle"):
+        if not target.has_head:
+            raise ValueError("the EAGLE drafter needs the target's embeddings and LM head")
+        self.head, self.target, self.name = head, target, name
+        self.dtype = target.dtype
+        self.head.to(self.dtype)
+        self.lm_rows = target.lm_head_w.index_select(0, head.draft_vocab).to(self.dtype).contiguous()
+        self.vocab = head.draft_vocab.tolist()
+        self.cache = KVCache(1, head.hc.n_kv_heads, head.hc.head_dim, self.dtype, 256,
+                             max_capacity=max(256, target.cfg.max_position))
+        self.reset([])
+
+    def reset(self, prompt: list[int]) -> None:
+        self.cache.truncate(0)
+        self._tokens: list[int] = []
+        self._feats = torch.zeros(0, self.head.hc.hidden_size, dtype=self.dtype)
+        self._last_out: torch.Tensor | None = None
+
+    def accept(self, context: list[int], hidden: torch.Tensor | None) -> None:
+        if hidden is None:
+            return
+        m = hidden.shape[0]
+        start = len(context) - 1 - m  # position of hidden[0]
+        same = 0
+        limit = min(len(self._tokens), len(context))
+        while same < limit and self._tokens[same] == context[same]:
+            same += 1
+        keep = min(start, same, self._feats.shape[0])
+        if keep < start:  # a gap in the features: start over from what we were given
+            self.reset([])
+            if start > 0:
+                return
+        self._feats = torch.cat([self._feats[:keep], hidden.to(self.dtype)])
+        # row t needs tokens up to t+1 and feature t, both unchanged below ``same - 1``
+        valid = min(self.cache.length, same - 1, keep)
+        if valid < self.cache.length:
+            self.cache.truncate(max(valid, 0))
+            self._last_out = None
+        self._tokens = list(context)
+
+    @torch.inference_mode()
+    def _sync(self, context: list[int]) -> torch.Tensor:
+        """Fill cache rows up to the root's predecessor; return the root's predicted feature."""
+        n = len(context) - 1  # the root's position; rows 0..n-1
+        if self._feats.shape[0] < n:
+            raise RuntimeError("the EAGLE drafter needs the target's features of every committed position; "
+                               "call accept(context, hidden) first")
+        done = self.cache.length
+        if done == n and self._last_out is not None:
+            return self._last_out
+        if done == n:  # recompute the last row
+            self.cache.truncate(n - 1)
+            done = n - 1
+        toks = torch.tensor(context[done + 1:n + 1])
+        out = self.head.step(self.target.embed(toks), self._feats[done:n], self.cache, torch.arange(done, n),
+                             _causal(done, n - done))
+        self._last_out = out[-1:]
+        return self._last_out
+
+    def logprobs(self, feats: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(self.head.sub_logits(feats, self.lm_rows), dim=-1)
+
+    @torch.inference_mode()
+    def draft(self, context: list[int], *, top_k: int, depth: int, max_nodes: int) -> Tree:
+        if len(context) < 2:
+            return Tree.root(context[-1])
+        root_out = self._sync(context)
+        base = self.cache.length  # == len(context) - 1: the root's position
+        slot: dict[int, int] = {}
+        outs: dict[int, torch.Tensor] = {0: root_out[0]}
+        logp: dict[int, tuple[list[float], list[int]]] = {}
+        vocab = self.vocab
+
+        def topk(u: int, lp: torch.Tensor, k: int) -> None:
+            vals, idx = lp.topk(min(max(k, top_k), lp.numel()))
+            logp[u] = (vals.tolist(), [vocab[i] for i in idx.tolist()])
+
+        def expand(tree: Tree, nodes: list[int], k: int) -> list[list[tuple[int, float]]]:
+            todo = [u for u in nodes if u not in logp and u != 0]
+            if 0 in nodes and 0 not in logp:
+                topk(0, self.logprobs(root_out)[0], k)
+            if todo:
+                length = self.cache.length
+                mask = torch.zeros(len(todo), length + len(todo), dtype=torch.bool)
+                mask[:, :base] = True
+                for r, u in enumerate(todo):
+                    for a in tree.path(u)[1:-1]:
+                        mask[r, slot[a]] = True
+                    mask[r, length + r] = True
+                feats = torch.stack([outs[tree.parents[u]] for u in todo])
+                toks = torch.tensor([tree.tokens[u] for u in todo])
+                out = self.head.step(self.target.embed(toks), feats, self.cache, tree.positions(base - 1, todo), mask)
+                lps = self.logprobs(out)
+                for r, u in enumerate(todo):
+                    slot[u] = length + r
+                    outs[u] = out[r]
+                    topk(u, lps[r], k)
+            res = []
+            for u in nodes:
+                vals, toks = logp[u]
+                res.append(list(zip(toks[:k], vals[:k])))
+            return res
+
+        try:
+            return grow_tree(context[-1], expand, top_k=top_k, depth=depth, max_nodes=max_nodes)
+        finally:
+            self.cache.truncate(base)
+
+    @torch.inference_mode()
+    def recompute_logprobs(self, context: list[int], path: Sequence[int]) -> torch.Tensor:
+        """Test helper: log-probs after ``context`` + ``path`` computed from scratch (fresh cache)."""
+        fresh = EagleDrafter.__new__(EagleDrafter)
+        fresh.head, fresh.target, fresh.name, fresh.dtype = self.head, self.target, self.name, self.dtype
+        fresh.lm_rows, fresh.vocab = self.lm_rows, self.vocab
+        fresh.cache = KVCache(1, self.head.hc.n_kv_heads, self.head.hc.head_dim, self.dtype, 256)
+        n = len(context) - 1
+        feats = self._feats[:n]
+        toks = torch.tensor(context[1:n + 1])
+        out = self.head.step(self.target.embed(toks), feats, fresh.cache, torch.arange(n), _causal(0, n))[-1]
+        for tok in path:
+            out = self.head.step(self.target.embed(torch.tensor([tok])), out[None], fresh.cache,
+                                 torch.tensor([fresh.cache.length]), _causal(fresh.cache.length, 1))[0]
+        return self.logprobs(out[None])[0]
+
+
+def _causal(past: int, t: int) -> torch.Tensor:
+    m = torch.ones(t, past + t, dtype=torch.bool)
+    m[:, past:] = torch.tril(torch.ones(t, t, dtype=torch.bool))
+    return m
+
+
+def load_eagle_drafter(spec_path: str | None, target: Stage, source=None) -> EagleDrafter:
+    """``eagle`` (the shipped head matching the target) or ``eagle:PATH``."""
+    fp = source.fingerprint if source is not None else None
+    path = Path(spec_path) if spec_path else find_head(fp, target.cfg)
+    head = load_head(path, target.cfg, fp)
+    return EagleDrafter(head, target, name=f"eagle:{path.name}" if spec_path else "eagle")
+
+
+def head_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).glob("*") if f.is_file())
+
+
+def _unused() -> float:  # keep math imported for callers that extend log-prob handling
+    return math.inf
