@@ -336,18 +336,20 @@ _reg("heartbeat", control=True, ts=Kind.FLOAT)
 _reg("plan_propose", control=True, stages=Kind.LIST, members=Kind.STRS, n_layers=Kind.INT)
 _reg("plan_ack", control=True, ok=Kind.BOOL, reason=optional(Kind.STR))
 _reg("plan_commit", control=True)
-# Data plane, for the daemon; request id in the envelope. Indices are into the request's draft tree.
+# Data plane (meshd/segments.py is the in-memory form); request id in the envelope. Node ids are
+# request-global and only grow, so prunes apply the same whatever order they meet the segments in.
 _reg(
     "segment",
     seq=Kind.INT,
-    hidden=Kind.TENSOR,
-    positions=Kind.INTS,
+    origin=Kind.STR,  # node id of the originator: the last stage returns the result there
+    nodes=Kind.INTS,
     parents=Kind.INTS,
-    nodes=optional(Kind.INTS),
-    stage=optional(Kind.INT),
-    meta=optional(Kind.MAP),
+    positions=Kind.INTS,
+    tokens=optional(Kind.INTS),  # the first stage embeds tokens itself ...
+    hidden=optional(Kind.TENSOR),  # ... later stages get the previous stage's hidden states
+    commit=optional(Kind.BOOL),  # prompt chunks: committed context on arrival
 )
-_reg("prune", seq=Kind.INT, accepted=Kind.INT, keep=Kind.INTS)
-_reg("result", seq=Kind.INT, hidden=Kind.TENSOR, nodes=optional(Kind.INTS), meta=optional(Kind.MAP))
+_reg("prune", upto=Kind.INT, keep=Kind.INTS, commit=Kind.INTS)
+_reg("result", seq=Kind.INT, nodes=Kind.INTS, hidden=Kind.TENSOR, queue=optional(Kind.INT))
 _reg("cancel", reason=optional(Kind.STR))
 _reg("error", code=Kind.STR, message=Kind.STR)

@@ -40,7 +40,7 @@ def make_tensor(dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
 
 
 def wire(**body) -> bytes:
-    return cbor2.dumps({"v": PROTO_VERSION, "t": "result", "e": 0, "r": 0, **body})
+    return cbor2.dumps({"v": PROTO_VERSION, "t": "result", "e": 0, "r": 0, "nodes": [], **body})
 
 
 DEEP: list = [1]
@@ -65,7 +65,7 @@ def test_tensor_round_trip_every_dtype(dtype, shape):
 
 def test_non_contiguous_and_bf16_bits_survive():
     t = torch.randn(8, 6).to(torch.bfloat16).t()  # transposed view: not contiguous
-    back = CODEC.decode(CODEC.encode(Message("result", {"seq": 0, "hidden": t})))["hidden"]
+    back = CODEC.decode(CODEC.encode(Message("result", {"seq": 0, "nodes": [], "hidden": t})))["hidden"]
     assert torch.equal(back.view(torch.int16), t.contiguous().view(torch.int16))
 
 
@@ -73,11 +73,11 @@ def test_segment_with_tree_metadata_round_trips():
     msg = Message(
         "segment",
         {"seq": 2, "hidden": torch.randn(4, 8, dtype=torch.float16), "positions": [5, 6, 6, 7],
-         "parents": [-1, 0, 0, 1], "nodes": [0, 1, 2, 3], "meta": {"mode": "flow"}},
+         "parents": [-1, 0, 0, 1], "nodes": [0, 1, 2, 3], "origin": "a1b2", "commit": False},
         epoch=1, request_id=12,
     )  # fmt: skip
     back = CODEC.decode(CODEC.encode(msg))
-    assert back["parents"] == [-1, 0, 0, 1] and back["meta"] == {"mode": "flow"}
+    assert back["parents"] == [-1, 0, 0, 1] and back["origin"] == "a1b2" and back["commit"] is False
 
 
 def test_daemon_can_register_its_own_type():
@@ -126,7 +126,7 @@ def test_decoder_rejects_with_typed_error(frame, error):
 
 def test_oversized_frames_rejected_both_ways():
     codec = Codec(max_frame=4096)
-    big = Message("result", {"seq": 0, "hidden": torch.zeros(4096, dtype=torch.float16)})
+    big = Message("result", {"seq": 0, "nodes": [], "hidden": torch.zeros(4096, dtype=torch.float16)})
     with pytest.raises(FrameTooLarge):
         codec.encode(big)
     with pytest.raises(FrameTooLarge):
@@ -135,9 +135,9 @@ def test_oversized_frames_rejected_both_ways():
 
 def test_encoder_checks_what_the_sender_builds():
     with pytest.raises(SchemaError):
-        CODEC.encode(Message("prune", {"seq": 1, "accepted": 2}))
+        CODEC.encode(Message("prune", {"upto": 1, "commit": [2]}))
     with pytest.raises(TensorError):
-        CODEC.encode(Message("result", {"seq": 1, "hidden": torch.zeros(2, dtype=torch.float64)}))
+        CODEC.encode(Message("result", {"seq": 1, "nodes": [], "hidden": torch.zeros(2, dtype=torch.float64)}))
     with pytest.raises(UnknownMessageType):
         CODEC.encode(Message("nope"))
 
@@ -173,7 +173,8 @@ def test_fuzz_random_bytes(frame):
 @given(st.data())
 def test_fuzz_truncated_valid_frames(data):
     t = make_tensor(data.draw(st.sampled_from(DTYPES)), (data.draw(st.integers(0, 5)), 3))
-    frame = CODEC.encode(Message("segment", {"seq": 1, "hidden": t, "positions": [1], "parents": [-1]}))
+    frame = CODEC.encode(Message("segment", {"seq": 1, "hidden": t, "positions": [1], "parents": [-1], "nodes": [0],
+                                         "origin": "x"}))
     cut = data.draw(st.integers(0, len(frame) - 1))
     with pytest.raises(CodecError):
         CODEC.decode(frame[:cut])
@@ -214,7 +215,7 @@ def test_measure_segment_codec_cost(capsys):
     msg = Message(
         "segment",
         {"seq": 3, "hidden": torch.randn(16, 576).half(), "positions": list(range(40, 56)),
-         "parents": [-1, *range(15)], "nodes": list(range(16))},
+         "parents": [-1, *range(15)], "nodes": list(range(16)), "origin": "0123456789abcdef"},
         epoch=2, request_id=1234,
     )  # fmt: skip
     frame = CODEC.encode(msg)

@@ -107,11 +107,12 @@ async def test_handshake_exchanges_hellos_and_delivers_in_order(session, server)
     task, inbox = await running(link)
     assert link.peer.node_id == "server-node" and link.peer.cost_curve == {1: 0.01, 8: 0.02}
     for i in range(50):
-        await link.send(Message("prune", {"seq": i, "accepted": 1, "keep": [i]}, epoch=1, request_id=i))
+        await link.send(Message("prune", {"upto": i, "keep": [i], "commit": []}, epoch=1, request_id=i))
     got = [(await server.received.get())[1] for _ in range(50)]
-    assert [m["seq"] for m in got] == list(range(50))
+    assert [m["upto"] for m in got] == list(range(50))
     assert server.links[0].peer.cost_curve == {1: 0.5, 16: 0.75}
-    await server.links[0].send(Message("result", {"seq": 3, "hidden": torch.ones(2, 4, dtype=torch.float16)}))
+    ones = torch.ones(2, 4, dtype=torch.float16)
+    await server.links[0].send(Message("result", {"seq": 3, "nodes": [], "hidden": ones}))
     back = await asyncio.wait_for(inbox.get(), 2)
     assert torch.equal(back["hidden"], torch.ones(2, 4, dtype=torch.float16))
     await link.close()
@@ -240,7 +241,7 @@ async def test_emulated_latency_and_bandwidth_delay_delivery(session, server):
     link = await connect(session, server, emulation=emu)
     task, _ = await running(link)
     payload = torch.zeros(50_000, dtype=torch.float16)  # ~100 kB: 50 ms at 16 Mbit/s
-    msgs = [Message("result", {"seq": i, "hidden": payload}) for i in range(3)]
+    msgs = [Message("result", {"seq": i, "nodes": [], "hidden": payload}) for i in range(3)]
     nbytes = len(CODEC.encode(msgs[0]))
     start = time.monotonic()
     for m in msgs:
@@ -257,7 +258,7 @@ async def test_full_send_queue_blocks_the_sender(session, server):
     # 1 kB frames at 1 kbit/s: the first one occupies the emulated wire for 8 s, so nothing drains.
     link = await connect(session, server, queue_size=2, emulation=LinkEmulation(bandwidth_mbps=0.001))
     task, _ = await running(link)
-    msg = Message("result", {"seq": 0, "hidden": torch.zeros(500, dtype=torch.float16)})
+    msg = Message("result", {"seq": 0, "nodes": [], "hidden": torch.zeros(500, dtype=torch.float16)})
     for _ in range(3):  # one on the wire, two queued
         await asyncio.wait_for(link.send(msg), 1)
     await eventually(lambda: link.pending == 2)
