@@ -119,10 +119,10 @@ class Originator:
 
     def __init__(self, head: Stage, drafter_factory: Callable[[], Drafter] | None, stage_curves: Sequence[CostCurve],
                  *, clock: Callable[[], float] = time.perf_counter, top_k: int = 8, depth: int = 8, pool: int = 128,
-                 max_nodes: int = 64):
+                 max_nodes: int = 64, origin: str | None = None):
         if not head.has_head:
             raise ValueError("the originator needs the embeddings, final norm and LM head")
-        self.head, self.drafter_factory, self.clock = head, drafter_factory, clock
+        self.head, self.drafter_factory, self.clock, self.origin = head, drafter_factory, clock, origin
         self.set_ring(stage_curves)
         self.top_k, self.depth, self.pool, self.max_nodes = top_k, depth, pool, max_nodes
         self.live: dict[str, _Live] = {}
@@ -160,7 +160,7 @@ class Originator:
             for i in chunk:
                 lv.pos[i] = i
             seg = Segment(req.request_id, chunk, [i - 1 if i > 0 else PROMPT_PARENT for i in chunk], chunk,
-                          tokens=[req.prompt[i] for i in chunk], commit=True, sent_at=self.clock())
+                          tokens=[req.prompt[i] for i in chunk], commit=True, origin=self.origin, sent_at=self.clock())
             acts.append(SendSegment(seg))
             lv.stats.target_forwards += 1
         lv.prefill_left = set(ids)
@@ -275,7 +275,7 @@ class Originator:
                 parents.append(lv.ids[p] if p >= 0 else root_parent)
             ids = [lv.ids[i] for i in part]
             seg = Segment(lv.req.request_id, ids, parents, [lv.pos[n] for n in ids],
-                          tokens=[tree.tokens[i] for i in part], sent_at=self.clock())
+                          tokens=[tree.tokens[i] for i in part], origin=self.origin, sent_at=self.clock())
             lv.in_flight.update(ids)
             lv.stats.verified_nodes += len(ids)
             acts.append(SendSegment(seg))
@@ -370,7 +370,7 @@ class Originator:
         tree = lv.tree
         ids = [lv.ids[i] for i in nodes]
         seg = Segment(lv.req.request_id, ids, [lv.ids[tree.parents[i]] for i in nodes], [lv.pos[n] for n in ids],
-                      tokens=[tree.tokens[i] for i in nodes], sent_at=self.clock())
+                      tokens=[tree.tokens[i] for i in nodes], origin=self.origin, sent_at=self.clock())
         lv.in_flight.update(ids)
         lv.stats.verified_nodes += len(ids)
         lv.stats.target_forwards += 1

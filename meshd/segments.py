@@ -30,6 +30,7 @@ class Segment:
     tokens: list[int] | None = None
     hidden: torch.Tensor | None = None
     commit: bool = False
+    origin: str | None = None  # originator's node id: where the last stage returns the result
     sent_at: float = 0.0  # originator's clock when injected, for latency accounting
 
     def __len__(self) -> int:
@@ -45,6 +46,7 @@ class Segment:
             [self.tokens[i] for i in keep] if self.tokens is not None else None,
             self.hidden[keep] if self.hidden is not None else None,
             self.commit,
+            self.origin,
             self.sent_at,
         )
 

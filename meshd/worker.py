@@ -173,7 +173,7 @@ class StageWorker:
         for seg in batch:
             n = len(seg)
             results.append(Segment(seg.request_id, seg.node_ids, seg.parents, seg.positions, None,
-                                   out[row:row + n], seg.commit, seg.sent_at))
+                                   out[row:row + n], seg.commit, seg.origin, seg.sent_at))
             row += n
         spent = time.perf_counter() - t0
         if self.compute_scale > 1.0:
