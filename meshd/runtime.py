@@ -31,7 +31,7 @@ from meshd.scheduler import (
     SendPrune,
     SendSegment,
 )
-from meshd.segments import Prune, Segment
+from meshd.segments import Segment
 from meshd.worker import StageWorker
 from models.budget import CostCurve
 from models.drafters import Drafter
@@ -122,7 +122,7 @@ class Runtime:
         self._inbox: deque[tuple[str, Any]] = deque()
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
-        self._seq = 0
+        self._background: set[asyncio.Future] = set()
         self.counters = {"requests_total": 0, "requests_failed": 0, "tokens_total": 0, "rounds_total": 0,
                          "accepted_total": 0}
         self.started = time.time()
@@ -216,7 +216,9 @@ class Runtime:
         else:
             stats = None
         h._finish("error", stats, why)
-        asyncio.ensure_future(self._close_everywhere(rid))
+        task = asyncio.ensure_future(self._close_everywhere(rid))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _close_everywhere(self, rid: str) -> None:
         with contextlib.suppress(Exception):

@@ -180,3 +180,17 @@ def load_drafter(spec: str, target: Stage, dtype: torch.dtype | str | None = Non
         model = Stage.load(src, 0, min(n, src.config.n_layers), head=True, dtype=dtype or target.dtype)
         return ModelDrafter(model, name=f"model:{src.name}" + (f"@{n}" if layers else ""))
     raise ValueError(f"unknown drafter {spec!r}; use 'ngram' or 'model:PATH[@LAYERS]'")
+
+
+def drafter_factory(spec: str, target: Stage, dtype: torch.dtype | str | None = None):
+    """A function that makes a fresh drafter per request (drafters keep per-request state),
+    sharing whatever weights the spec needs, which are loaded once here."""
+    proto = load_drafter(spec, target, dtype)
+    if isinstance(proto, ModelDrafter):
+        return lambda: ModelDrafter(proto.model, name=proto.name)
+    if isinstance(proto, NGramDrafter):
+        return NGramDrafter
+    fresh = getattr(proto, "fresh", None)
+    if fresh is None:
+        raise ValueError(f"drafter {spec!r} cannot be shared across requests (it has no fresh())")
+    return fresh
