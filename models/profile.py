@@ -28,12 +28,17 @@ def _cache_file(source: ModelSource, stage: Stage, with_head: bool) -> Path:
 
 
 def monotone(curve: dict[int, float]) -> dict[int, float]:
-    """Timing noise can make cost(4) < cost(2); a budget search needs a non-decreasing curve."""
-    out, best = {}, 0.0
-    for t in sorted(curve):
-        best = max(best, curve[t])
+    """A non-decreasing curve for the budget search: cost(T) = min over T' >= T of the measured cost.
+
+    Noise (another process, a page fault) only ever makes a run slower, and a forward over more
+    tokens bounds one over fewer from above, so the suffix minimum discards spikes instead of
+    spreading them to every larger T as a running maximum would.
+    """
+    out, best = {}, float("inf")
+    for t in sorted(curve, reverse=True):
+        best = min(best, curve[t])
         out[t] = best
-    return out
+    return dict(sorted(out.items()))
 
 
 def stage_cost_curve(source: ModelSource, stage: Stage, *, with_head: bool = True, refresh: bool = False,
