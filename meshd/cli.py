@@ -138,6 +138,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens, temperature=0.0, top_p=1.0, seed=None, chat=None, json=False))
 
 
+def cmd_train_draft(args: argparse.Namespace) -> int:
+    from models.distill import train_draft
+
+    _threads(args.threads)
+    train_draft(model=args.model, out=args.out, prompts=args.prompts, tokens=args.tokens, epochs=args.epochs,
+                seed=args.seed, work=args.work, dtype=args.dtype, slots=args.slots, max_new=args.max_new,
+                vocab=args.vocab, steps=args.steps, lr=args.lr, eval_per_category=args.eval_per_category,
+                generate_only=args.generate_only, command="meshd " + " ".join(sys.argv[1:]))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from meshd.config import load_config
+    from meshd.daemon import serve
+
+    cfg = load_config(args)
+    logging.getLogger().setLevel(cfg.log_level.upper())
+    return serve(cfg)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="meshd", description="Serve one LLM from a mesh of small devices.")
     p.add_argument("-v", "--verbose", action="count", default=0)
@@ -181,10 +201,38 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default="runs", help="directory for the JSON record and markdown table")
     b.set_defaults(func=cmd_bench)
 
+    t = sub.add_parser("train-draft", help="self-distil an EAGLE draft head for a target model (resumable)")
+    t.add_argument("--model", default="default", help="the target: GGUF file, HF safetensors dir, or 'default'")
+    t.add_argument("--out", required=True, help="directory for the head (eagle.json, head.safetensors, report)")
+    t.add_argument("--prompts", action="append", default=[], help="extra prompt file (JSONL or one per line)")
+    t.add_argument("--tokens", type=int, default=200_000, help="self-distilled answer tokens to generate")
+    t.add_argument("--epochs", type=int, default=3)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--work", default=None, help="data and checkpoints (default ~/.cache/meshd/train-draft/FP)")
+    t.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="target dtype")
+    t.add_argument("--threads", type=int, default=None)
+    t.add_argument("--slots", type=int, default=48, help="sequences generated together")
+    t.add_argument("--max-new", type=int, default=256, help="answer length limit while generating data")
+    t.add_argument("--vocab", type=int, default=8192, help="draft vocabulary size (0: the full vocabulary)")
+    t.add_argument("--steps", type=int, default=3, help="training-time unroll depth")
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--eval-per-category", type=int, default=3, help="held-out questions per category in the report")
+    t.add_argument("--generate-only", action="store_true", help="stop after generating the data")
+    t.set_defaults(func=cmd_train_draft)
+
     d = sub.add_parser("demo", help="answer one question with the embedded model")
     d.add_argument("question", nargs="?", default=DEMO_QUESTION)
     d.add_argument("--max-tokens", type=int, default=96)
     d.set_defaults(func=cmd_demo)
+
+    from meshd import client_cli, config
+
+    s = sub.add_parser("serve", help="run the daemon: join the mesh, serve the REST API",
+                       description="Settings come from flags, then MESHD_* environment variables, then the TOML "
+                                   "file (--config), then defaults.")
+    config.add_arguments(s)
+    s.set_defaults(func=cmd_serve)
+    client_cli.add_commands(sub)
     return p
 
 

@@ -127,6 +127,7 @@ class Runtime:
                          "accepted_total": 0}
         self.started = time.time()
         self.unavailable_reason = "no committed plan yet: waiting for peers"
+        self.mesh_status: Callable[[], dict] | None = None  # the daemon's view of plan and peers
 
     # ---- lifecycle --------------------------------------------------------------------------
     async def start(self) -> None:
@@ -354,11 +355,15 @@ class Runtime:
         return c
 
     def status(self) -> dict:
+        """``GET /mesh``: the mesh's plan and peers (from the daemon) plus this device's load."""
         ring = self.ring
-        return {"node_id": self.node_id, "model": self.model_name, "fingerprint": self.source.fingerprint,
-                "ready": self.ready()[0], "reason": self.ready()[1] or None,
-                "stage": self.stage_stats() or None, "metrics": self.metrics(),
-                "ring": {"epoch": ring.epoch, "stages": len(ring.nodes)} if ring else None}
+        out = {"node_id": self.node_id, "model": self.model_name, "fingerprint": self.source.fingerprint,
+               "ready": self.ready()[0], "reason": self.ready()[1] or None,
+               "stage": self.stage_stats() or None, "metrics": self.metrics(),
+               "plan": {"epoch": ring.epoch, "committed": True, "stages": []} if ring else None, "peers": []}
+        if self.mesh_status is not None:
+            out.update(self.mesh_status())
+        return out
 
 
 def _sampling(params: GenerateParams):

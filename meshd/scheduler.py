@@ -302,6 +302,8 @@ class Originator:
         lv.stats.per_round.append(len(tokens))
         lv.stats.accepted_drafts += len(tokens) - (1 if walk.done else 0)
         acts = self._emit(lv, tokens)
+        if lv.done:  # sessions are closed everywhere; a prune now would only resurrect them
+            return acts
         feats = [lv.feats[n] for n in path_ids if n in lv.feats]
         lv.round_accepted += len(walk.path) - 1
         if walk.done:
@@ -311,8 +313,6 @@ class Originator:
             keep = path_ids[:-1] + [lv.ids[i] for i in tree.subtree(walk.path[-1])]
         acts.append(SendPrune(Prune(lv.req.request_id, lv.next_id - 1, sorted(keep), path_ids)))
         lv.in_flight.intersection_update(keep)
-        if lv.done:
-            return acts
         computed = [n for n in path_ids if n in lv.feats]
         if lv.drafter is not None and computed:
             lv.drafter.accept(lv.context, torch.stack(feats))

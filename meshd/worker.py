@@ -57,10 +57,12 @@ class Session:
         row_of = {n: i for i, n in enumerate(seg.node_ids)}
         for r, (node, par) in enumerate(zip(seg.node_ids, seg.parents)):
             m[r, n_cache + r] = True
-            while par != PROMPT_PARENT and par not in self.committed:
-                if par in row_of:
+            while par != PROMPT_PARENT:
+                if par in row_of:  # an ancestor in this very segment, committed or not: not in the cache yet
                     m[r, n_cache + row_of[par]] = True
                     par = seg.parents[row_of[par]]
+                elif par in self.committed:  # cached committed context: already in every row's columns
+                    break
                 elif par in self.slot_of:
                     m[r, self.slot_of[par]] = True
                     par = self.parent.get(par, PROMPT_PARENT)
@@ -86,11 +88,14 @@ class StageWorker:
         self.compute_scale = compute_scale  # > 1 pads compute to emulate a slower device (benchmarks)
         self.sessions: dict[str, Session] = {}
         self.queue: deque[Segment] = deque()
+        self.closed: deque[str] = deque(maxlen=1024)  # late messages for these must not reopen a session
         self.busy_seconds = 0.0
         self.rows_done = 0
 
     # ---- events ---------------------------------------------------------------------------
     def enqueue(self, seg: Segment) -> None:
+        if seg.request_id in self.closed:
+            return
         sess = self.sessions.get(seg.request_id)
         if sess is not None and sess.prunes:
             live = [i for i, n in enumerate(seg.node_ids) if not sess.dead(n)]
@@ -100,6 +105,8 @@ class StageWorker:
             self.queue.append(seg)
 
     def prune(self, p: Prune) -> None:
+        if p.request_id in self.closed:
+            return
         sess = self._session(p.request_id)
         sess.apply(p)
         kept = deque()
@@ -113,6 +120,8 @@ class StageWorker:
 
     def close(self, request_id: str) -> None:
         self.sessions.pop(request_id, None)
+        if request_id not in self.closed:
+            self.closed.append(request_id)
         self.queue = deque(s for s in self.queue if s.request_id != request_id)
 
     def expire(self, now: float | None = None) -> list[str]:

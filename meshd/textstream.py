@@ -1,0 +1,79 @@
+"""Token ids in, text deltas out: incremental detokenisation with stop strings.
+
+Decoding tokens one by one is wrong for byte-level tokenizers: a multi-byte character (an
+emoji, most CJK text) can span tokens, and decoding half of it yields U+FFFD. So every push
+decodes the whole output and hands out only the new suffix, holding back a trailing U+FFFD
+until the next token completes the character. Stop strings are matched on the decoded text;
+while the output ends with what could be the start of a stop string, that tail is held back
+too, so a client never sees text that is later cut.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+REPLACEMENT = "\ufffd"
+
+
+class TextStream:
+    """One request's output as text. ``push`` per token chunk, ``finish`` once at the end."""
+
+    def __init__(self, decode: Callable[[list[int]], str], stops: Sequence[str] = ()):
+        self.decode = decode
+        self.stops = [s for s in stops if s]
+        self.token_ids: list[int] = []
+        self.text = ""  # everything decoded so far (cut at the stop string once one matched)
+        self.sent = ""  # the part already handed out
+        self.stopped = False  # a stop string matched: the request should end with reason "stop"
+
+    def push(self, ids: Sequence[int]) -> str:
+        """Add accepted tokens; return the text that is now safe to send (may be empty)."""
+        if self.stopped or not ids:
+            return ""
+        before = len(self.token_ids)
+        self.token_ids.extend(int(i) for i in ids)
+        full = self.decode(self.token_ids)
+        cut = self._find_stop(full)
+        if cut is not None:
+            self.stopped = True
+            self._trim_tokens(before)
+            self.text = full[:cut]
+            return self._advance(self.text)
+        self.text = full
+        safe = full.rstrip(REPLACEMENT)
+        return self._advance(safe[: len(safe) - self._held_prefix(safe)])
+
+    def finish(self) -> str:
+        """The generation ended: release whatever was held back (a final U+FFFD is real output)."""
+        return self._advance(self.text)
+
+    # ---- internals --------------------------------------------------------------------------
+    def _advance(self, upto: str) -> str:
+        # Decoding is prefix-stable for byte-level BPE; if a tokenizer ever rewrites earlier text
+        # (space clean-up), send nothing rather than text that contradicts what was sent.
+        if len(upto) <= len(self.sent) or not upto.startswith(self.sent):
+            return ""
+        delta = upto[len(self.sent):]
+        self.sent = upto
+        return delta
+
+    def _find_stop(self, text: str) -> int | None:
+        hits = [i for s in self.stops if (i := text.find(s)) >= 0]
+        return min(hits) if hits else None
+
+    def _held_prefix(self, text: str) -> int:
+        """Length of the longest tail of ``text`` that is a proper prefix of some stop string."""
+        held = 0
+        for s in self.stops:
+            for j in range(min(len(s) - 1, len(text)), held, -1):
+                if text.endswith(s[:j]):
+                    held = j
+                    break
+        return held
+
+    def _trim_tokens(self, before: int) -> None:
+        """Keep only the tokens up to the one that completed the stop string (usage counts them)."""
+        for n in range(before + 1, len(self.token_ids) + 1):
+            if self._find_stop(self.decode(self.token_ids[:n])) is not None:
+                del self.token_ids[n:]
+                return
