@@ -45,7 +45,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     out = eng.run(args.prompt, mode=args.mode, drafter=args.drafter, max_tokens=args.max_tokens,
                   temperature=args.temperature, top_p=args.top_p, seed=args.seed, chat=args.chat,
-                  on_text=None if args.json else show)
+                  on_text=None if args.json else show, stages=args.stages)
     if args.json:
         out["load_seconds"] = round(eng.load_seconds, 3)
         if args.mode == "spec":
@@ -134,7 +134,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
           file=sys.stderr)
     print(f"Q: {args.question}\nA: ", end="", flush=True)
     return cmd_generate(argparse.Namespace(
-        prompt=args.question, model="default", dtype="auto", threads=None, mode="spec", drafter="ngram",
+        prompt=args.question, model="default", dtype="auto", threads=None, mode="spec", drafter="ngram", stages=1,
         max_tokens=args.max_tokens, temperature=0.0, top_p=1.0, seed=None, chat=None, json=False))
 
 
@@ -166,7 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="run one request on this device")
     g.add_argument("prompt")
     _add_model_args(g)
-    g.add_argument("--mode", choices=["ar", "spec"], default="spec")
+    g.add_argument("--mode", choices=["ar", "spec", "chunk", "flow"], default="spec",
+                   help="ar/spec: one device; chunk/flow: the mesh scheduler over --stages in-process stages")
+    g.add_argument("--stages", type=int, default=1, help="in-process pipeline stages (mesh modes)")
     g.add_argument("--drafter", default="ngram", help="ngram | model:PATH[@LAYERS]")
     g.add_argument("--max-tokens", type=int, default=128)
     g.add_argument("--temperature", type=float, default=0.0)

@@ -45,9 +45,16 @@ class LocalEngine:
 
     def run(self, text: str, *, mode: str = "spec", drafter: str = "ngram", max_tokens: int = 128,
             temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, chat: bool | None = None,
-            on_text: Callable[[str], None] | None = None) -> dict:
-        """Generate and return the ``meshd generate --json`` fields."""
+            on_text: Callable[[str], None] | None = None, stages: int = 1) -> dict:
+        """Generate and return the ``meshd generate --json`` fields.
+
+        ``ar``/``spec`` run the single-device engine; ``chunk``/``flow`` (or ``stages > 1``) run the
+        mesh scheduler over ``stages`` in-process stages (correctness and round counts; the stages
+        run one after another here, so wall-clock figures are not a pipelined mesh's).
+        """
         prompt = self.encode(text, chat)
+        if mode in ("chunk", "flow") or stages > 1:
+            return self._run_pipeline(prompt, mode, drafter, max_tokens, temperature, top_p, seed, stages, on_text)
         d = self.drafter(drafter) if mode == "spec" else None
         printed: list[int] = []
         shown = [""]
@@ -62,12 +69,42 @@ class LocalEngine:
             self.target, prompt, max_new_tokens=max_tokens, mode=mode, drafter=d,
             sampling=Sampling(temperature, top_p), seed=seed, eos_ids=self.eos,
             budget=TreeBudget(CostCurve(self.curve)) if d else None, on_tokens=on_tokens if on_text else None)
-        st = res.stats
+        return self._report(res.token_ids, res.stats, res.finish_reason, mode, d.name if d else None, prompt)
+
+    def _run_pipeline(self, prompt: list[int], mode: str, drafter: str, max_tokens: int, temperature: float,
+                      top_p: float, seed: int | None, stages: int, on_text) -> dict:
+        from meshd.pipeline import build_local_pipeline
+        from meshd.scheduler import Request
+        from models.drafters import drafter_factory
+
+        factory = drafter_factory(drafter, self.target) if mode != "ar" else None
+        pipe = build_local_pipeline(self.source, stages, factory, curves=CostCurve(self.curve), full=self.target)
+        if on_text:
+            shown, got = [""], []
+
+            def emit(_rid: str, toks: list[int]) -> None:
+                got.extend(toks)
+                s = decode(self.tokenizer, got)
+                on_text(s[len(shown[0]):])
+                shown[0] = s
+
+            pipe.on_emit = emit
+        mode = "flow" if mode == "spec" else mode
+        pipe.submit(Request("local", prompt, max_tokens, mode, Sampling(temperature, top_p), seed,
+                            frozenset(self.eos)))
+        out = pipe.run()["local"]
+        if out.reason == "error":
+            raise RuntimeError(out.error)
+        return self._report(out.tokens, out.stats, out.reason, mode, drafter if mode != "ar" else None, prompt,
+                            stages=stages)
+
+    def _report(self, token_ids: list[int], st, finish: str, mode: str, drafter: str | None, prompt: list[int],
+                stages: int = 1) -> dict:
         return {
-            "text": decode(self.tokenizer, res.token_ids), "token_ids": res.token_ids, "new_tokens": st.new_tokens,
+            "text": decode(self.tokenizer, token_ids), "token_ids": token_ids, "new_tokens": st.new_tokens,
             "rounds": st.rounds, "mean_accepted": round(st.mean_accepted, 4), "target_forwards": st.target_forwards,
             "seconds": round(st.seconds, 4), "tokens_per_s": round(st.tokens_per_s, 3),
-            "finish_reason": res.finish_reason, "mode": mode, "drafter": d.name if d else None,
+            "finish_reason": finish, "mode": mode, "drafter": drafter, "stages": stages,
             "dtype": str(self.target.dtype).removeprefix("torch."), "prompt_tokens": len(prompt),
             "prefill_seconds": round(st.prefill_seconds, 4), "draft_seconds": round(st.draft_seconds, 4),
             "verified_nodes": st.verified_nodes,

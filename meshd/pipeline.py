@@ -87,18 +87,24 @@ class InProcessPipeline:
 
 
 def build_local_pipeline(source, n_stages: int, drafter_factory, dtype: str = "fp32",
-                         curves=None, **originator_kw) -> InProcessPipeline:
-    """Load a whole model once and cut it into ``n_stages`` in-process stages sharing its weights."""
+                         curves=None, full: Stage | None = None, **originator_kw) -> InProcessPipeline:
+    """Cut one loaded model into ``n_stages`` in-process stages sharing its weights.
+
+    Without measured ``curves`` each stage gets a share of ``full``'s whole-model curve (or a
+    made-up one) proportional to its layer count.
+    """
     from models.budget import CostCurve
 
-    full = Stage.load(source, dtype=dtype)
+    full = full or Stage.load(source, dtype=dtype)
+    ranges = split_layers(full.cfg.n_layers, n_stages)
     workers = []
-    for a, b in split_layers(full.cfg.n_layers, n_stages):
+    for a, b in ranges:
         st = Stage(full.cfg, a, b, full.layers[a:b], dtype=full.dtype, inv_freq=full.inv_freq,
                    rope_scale=full.rope_scale)
         workers.append(StageWorker(st, embed=full.embed if a == 0 else None))
     if curves is None:
-        curves = [CostCurve({1: (b - a) / full.cfg.n_layers, 64: 2 * (b - a) / full.cfg.n_layers})
-                  for a, b in split_layers(full.cfg.n_layers, n_stages)]
+        curves = [CostCurve({1: (b - a) / full.cfg.n_layers, 64: 2 * (b - a) / full.cfg.n_layers}) for a, b in ranges]
+    elif isinstance(curves, CostCurve):
+        curves = [CostCurve({t: curves(t) * (b - a) / full.cfg.n_layers for t in curves.ts}) for a, b in ranges]
     orig = Originator(full, drafter_factory, curves, **originator_kw)
     return InProcessPipeline(orig, workers)
