@@ -172,7 +172,7 @@ class Daemon:
         log.info("plan epoch %d: loading layers [%d, %d)", plan.epoch, first, last)
         notify.status(f"loading layers {first}-{last - 1} for plan epoch {plan.epoch}")
         st = await asyncio.to_thread(Stage.load, rt.source, first, last, head=False, dtype=rt.head.dtype)
-        curve = await asyncio.to_thread(stage_cost_curve, rt.source, st, with_head=False)
+        curve = await asyncio.to_thread(stage_cost_curve, rt.source, st, with_head=False, repeats=2)
         rt.install_worker(st)
         self.node.set_cost_curve(curve)
 

@@ -59,7 +59,8 @@ class MeshConfig:
     heartbeat_interval: float = 1.0
     peer_timeout: float = 3.0
     plan_debounce: float = 1.0
-    ack_timeout: float = 60.0
+    ack_timeout: float = 300.0  # a peer loading a big slice from an SD card can take minutes; losses are
+    # noticed sooner by heartbeats
     max_frame: int = DEFAULT_MAX_FRAME
     send_queue: int = 64
     emulation: LinkEmulation | None = None

@@ -94,7 +94,7 @@ Action = Send | LoadSlice | Committed | PlanFailed | Rejected
 
 
 class Negotiator:
-    def __init__(self, node_id: str, shape: ModelShape, debounce: float = 1.0, ack_timeout: float = 60.0) -> None:
+    def __init__(self, node_id: str, shape: ModelShape, debounce: float = 1.0, ack_timeout: float = 300.0) -> None:
         self.node_id, self.shape, self.debounce, self.ack_timeout = node_id, shape, debounce, ack_timeout
         self.resources: dict[str, PeerResources] = {}
         self.highest_epoch = 0
@@ -129,6 +129,9 @@ class Negotiator:
             self._replan_at = now + self.debounce
         if self._replan_at is not None and now >= self._replan_at:
             return self._propose(now)
+        if mine and now >= self._ack_deadline and not self._self_loaded:
+            self._ack_deadline = now + self.ack_timeout  # our own load is slow (a big slice, an SD card): wait
+            return []
         if mine and now >= self._ack_deadline:
             missing = sorted(set(self.pending.members) - self._acks - {self.node_id}) if self.pending else []
             log.warning(
