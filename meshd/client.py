@@ -41,8 +41,11 @@ class DaemonUnreachable(ClientError):
 
 
 class ApiError(ClientError):
+    """The daemon refused the request (``status`` >= 400) or failed it mid-stream (``status`` 200)."""
+
     def __init__(self, status: int, message: str, code: str | None = None):
-        super().__init__(f"the daemon answered {status}: {message}")
+        prefix = f"the daemon answered {status}" if status >= 400 else "the daemon failed mid-answer"
+        super().__init__(f"{prefix}: {message}")
         self.status, self.message, self.code = status, message, code
 
 
@@ -85,8 +88,16 @@ class Client:
 
     # ---- plumbing ---------------------------------------------------------------------------
     def _unreachable(self, exc: BaseException) -> DaemonUnreachable:
-        return DaemonUnreachable(f"cannot reach the meshd daemon at {self.url} ({exc.__class__.__name__}: "
-                                 f"{exc}); {UNREACHABLE_HINT}")
+        os_error = getattr(exc, "os_error", None)
+        if isinstance(exc, asyncio.TimeoutError):
+            why = "timed out"
+        elif isinstance(os_error, ConnectionRefusedError):
+            why = "connection refused"
+        elif os_error is not None:
+            why = (os_error.strerror or str(os_error)).lower()
+        else:
+            why = str(exc) or exc.__class__.__name__
+        return DaemonUnreachable(f"cannot reach the meshd daemon at {self.url} ({why}); {UNREACHABLE_HINT}")
 
     async def _raise_for(self, resp: aiohttp.ClientResponse) -> None:
         if resp.status < 400:

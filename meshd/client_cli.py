@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -56,6 +57,15 @@ def add_commands(sub: Any) -> None:
     _add_common(s)
     s.add_argument("--json", action="store_true", help="print the daemon's GET /mesh JSON")
     s.set_defaults(func=cmd_status)
+
+
+def build_chat_args(**overrides: Any) -> argparse.Namespace:
+    """``meshd chat``'s arguments with their defaults, for driving ``chat_loop`` from code."""
+    parser = argparse.ArgumentParser()
+    add_commands(parser.add_subparsers())
+    args = parser.parse_args(["chat"])
+    vars(args).update(overrides)
+    return args
 
 
 def _client(args: argparse.Namespace, timeout: float | None = None) -> Client:
@@ -124,6 +134,10 @@ async def _probe(client: Client, url: str) -> str:
             body = await resp.json(content_type=None)
             return "ok" if resp.status == 200 else f"unavailable: {(body or {}).get('reason') or resp.status}"
     except Exception as exc:  # any failure means the same thing here: not reachable from this machine
+        if isinstance(exc, asyncio.TimeoutError):
+            return "unreachable (timed out)"
+        if isinstance(getattr(exc, "os_error", None), ConnectionRefusedError):
+            return "unreachable (connection refused)"
         return f"unreachable ({exc.__class__.__name__})"
 
 
@@ -154,13 +168,27 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return _run(chat_loop(args, sys.stdin, sys.stdout))
 
 
-async def _readline(stream: TextIO) -> str:
-    return await asyncio.get_running_loop().run_in_executor(None, stream.readline)
+async def _readline(stream: TextIO, prompt: str | None = None) -> str:
+    """The next line ("" at EOF), read in a thread so the event loop stays free. With a prompt (a
+    terminal) it goes through ``input()``, which gives line editing and history."""
+
+    def read() -> str:
+        if prompt is None:
+            return stream.readline()
+        try:
+            return input(prompt) + "\n"
+        except EOFError:
+            return ""
+
+    return await asyncio.get_running_loop().run_in_executor(None, read)
 
 
 async def chat_loop(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> int:
     """One conversation. Failed turns are dropped from the history so a retry starts clean."""
     interactive = stdin.isatty()
+    if interactive:
+        with contextlib.suppress(ImportError):
+            import readline  # noqa: F401 - gives input() line editing and history
     mode = args.mode
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict[str, str]] = list(system)
@@ -176,9 +204,7 @@ async def chat_loop(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> 
             say(f"meshd chat with {client.url} ({'ready' if ok else 'not ready: ' + why}); mode {mode}. "
                 "Type /help for commands.")
         while True:
-            if interactive:
-                say("> ", end="")
-            line = await _readline(stdin)
+            line = await _readline(stdin, "> " if interactive else None)
             if not line:  # EOF
                 if interactive:
                     say("")

@@ -5,7 +5,8 @@ emoji, most CJK text) can span tokens, and decoding half of it yields U+FFFD. So
 decodes the whole output and hands out only the new suffix, holding back a trailing U+FFFD
 until the next token completes the character. Stop strings are matched on the decoded text;
 while the output ends with what could be the start of a stop string, that tail is held back
-too, so a client never sees text that is later cut.
+too, so a client never sees text that is later cut. If the output ends mid-character (max_tokens
+cut it), the dangling U+FFFD is dropped rather than sent.
 """
 
 from __future__ import annotations
@@ -44,7 +45,9 @@ class TextStream:
         return self._advance(safe[: len(safe) - self._held_prefix(safe)])
 
     def finish(self) -> str:
-        """The generation ended: release whatever was held back (a final U+FFFD is real output)."""
+        """The generation ended: release what was held back for a stop string. A trailing U+FFFD
+        is half a character cut off by max_tokens, never something worth sending: it is dropped."""
+        self.text = self.text.rstrip(REPLACEMENT)
         return self._advance(self.text)
 
     # ---- internals --------------------------------------------------------------------------
