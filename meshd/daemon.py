@@ -127,7 +127,7 @@ class Daemon:
         node.on_plan(self._on_plan)
         node.on_membership(self._on_membership)
 
-        app = create_app(rt, api_key=cfg.api_key)
+        app = create_app(rt, api_key=cfg.api_key, max_body_bytes=cfg.max_body_bytes)
         node.attach(app)
         rt.mesh_status = self._mesh_status
         self.runner = web.AppRunner(app, handle_signals=False, access_log=None)
@@ -229,7 +229,7 @@ class Daemon:
 
 def serve(cfg: Any) -> int:
     logging.basicConfig(level=getattr(logging, str(cfg.log_level).upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     try:
         import uvloop
 

@@ -20,7 +20,6 @@ PREFIX = "meshd_"
 HELP = {
     "requests_total": "Requests this device originated.",
     "requests_failed_total": "Requests that ended with an error.",
-    "requests_failed": "Requests that ended with an error.",
     "requests_in_flight": "Requests this device is originating now.",
     "tokens_total": "Tokens generated for requests this device originated.",
     "tokens_per_second": "Generated tokens per second since start-up.",

@@ -123,7 +123,7 @@ class Runtime:
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
         self._background: set[asyncio.Future] = set()
-        self.counters = {"requests_total": 0, "requests_failed": 0, "tokens_total": 0, "rounds_total": 0,
+        self.counters = {"requests_total": 0, "requests_failed_total": 0, "tokens_total": 0, "rounds_total": 0,
                          "accepted_total": 0}
         self.started = time.time()
         self.unavailable_reason = "no committed plan yet: waiting for peers"
@@ -131,6 +131,7 @@ class Runtime:
 
     # ---- lifecycle --------------------------------------------------------------------------
     async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
         self._loop_task = asyncio.create_task(self._compute_loop(), name="meshd-compute")
 
     async def stop(self) -> None:
@@ -210,7 +211,7 @@ class Runtime:
         self._ring_of.pop(rid, None)
         if h is None:
             return
-        self.counters["requests_failed"] += 1
+        self.counters["requests_failed_total"] += 1
         if self.originator is not None:
             lv = self.originator.live.pop(rid, None)
             stats = lv.stats if lv else None
@@ -241,7 +242,7 @@ class Runtime:
                     self.counters["rounds_total"] += a.stats.rounds
                     self.counters["accepted_total"] += sum(a.stats.per_round)
                     if a.reason == "error":
-                        self.counters["requests_failed"] += 1
+                        self.counters["requests_failed_total"] += 1
                     h._finish(a.reason, a.stats, a.error)
             elif ring is None:
                 continue
@@ -305,8 +306,15 @@ class Runtime:
         while True:
             results, outputs = await self._torch(self._step)
             for seg, queue in results:
-                if self.originator is not None:
-                    await self._dispatch(await self._torch(self.originator.on_result, seg, queue))
+                if self.originator is None:
+                    continue
+                try:
+                    actions = await self._torch(self.originator.on_result, seg, queue)
+                except Exception as exc:  # one broken request fails alone, with its reason, instead of hanging
+                    log.exception("request %s failed at the originator", seg.request_id)
+                    self._fail(seg.request_id, f"internal error at the originator: {type(exc).__name__}: {exc}")
+                    continue
+                await self._dispatch(actions)
             for seg in outputs:
                 await self._route_output(seg)
             if not results and not outputs and not self._inbox:
@@ -314,8 +322,21 @@ class Runtime:
 
     def _step(self) -> tuple[list[tuple[Segment, int]], list[Segment]]:
         results = self._drain_inbox()
-        outputs = self.worker.step() if self.worker is not None else []
-        return results, outputs
+        if self.worker is None:
+            return results, []
+        batch = self.worker.take_batch()
+        try:
+            return results, self.worker.run(batch)
+        except Exception as exc:
+            # the batch is lost: its requests' sessions are unusable, so close them; local ones fail at once,
+            # remote originators notice through their own error path (their results never come)
+            log.exception("stage forward failed for %s", [s.request_id for s in batch])
+            for seg in batch:
+                self.worker.close(seg.request_id)
+                if seg.request_id in self.handles:
+                    self._loop.call_soon_threadsafe(self._fail, seg.request_id,
+                                                    f"stage forward failed: {type(exc).__name__}: {exc}")
+            return results, []
 
     async def _route_output(self, seg: Segment) -> None:
         ring = self.ring

@@ -193,7 +193,7 @@ class Originator:
         lv.in_flight.difference_update(seg.node_ids)
         if not wanted:
             return []
-        feats = self.head.final_norm(seg.hidden[wanted])
+        feats = self.head.final_norm(seg.hidden[wanted].to(self.head.dtype))
         logits = self.head.logits(feats, normed=True)
         for r, i in enumerate(wanted):
             lv.logits[seg.node_ids[i]] = logits[r]
@@ -206,8 +206,9 @@ class Originator:
 
     # ---- prefill ----------------------------------------------------------------------------
     def _prefill_result(self, lv: _Live, seg: Segment) -> list[Action]:
+        hidden = seg.hidden.to(self.head.dtype)  # the wire may carry fp16 while this device computes in bf16
         for i, n in enumerate(seg.node_ids):
-            lv.feats[n] = seg.hidden[i]
+            lv.feats[n] = hidden[i]
         lv.prefill_left.difference_update(seg.node_ids)
         if lv.prefill_left:
             return []

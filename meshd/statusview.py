@@ -69,7 +69,7 @@ def render(url: str, status: dict[str, Any], health: dict[str, str] | None = Non
     m = status.get("metrics") or {}
     if m:
         lines.append(f"load    {m.get('requests_in_flight', 0)} request(s) in flight, {m.get('requests_total', 0)} "
-                     f"total, {m.get('requests_failed', m.get('requests_failed_total', 0))} failed; "
+                     f"total, {m.get('requests_failed_total', 0)} failed; "
                      f"{_num(m.get('tokens_per_second'), '{:.1f}')} tokens/s, "
                      f"{_num(m.get('accepted_per_round'))} accepted/round")
     return "\n".join(lines)

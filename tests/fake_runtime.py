@@ -112,7 +112,7 @@ class FakeRuntime:
         return {"requests_total": len(self.submitted), "requests_in_flight": self.in_flight(),
                 "tokens_total": 42, "tokens_per_second": 12.5, "accepted_per_round": 2.75,
                 "stage_utilisation": {"stage=0,node=a1b2": 0.25}, "stage_queue_rows": 0,
-                "stage_sessions": self.in_flight(), "requests_failed": 0}
+                "stage_sessions": self.in_flight(), "requests_failed_total": 0}
 
 
 def free_port() -> int:

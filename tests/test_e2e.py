@@ -1,0 +1,183 @@
+"""End to end: real `meshd serve` processes on 127.0.0.1, real mDNS, real websockets, real HTTP.
+
+Every mode through the mesh must give the tokens of plain single-device greedy decoding; a
+stage killed mid-generation must turn into a clear error, a new plan, and service again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+from conftest import spec_bench
+from test_oracle import assert_matches_greedy, chat_ids, greedy_reference
+
+pytestmark = pytest.mark.slow
+MODEL = "SmolLM2-135M-Instruct.Q4_1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http(method: str, url: str, body: dict | None = None, timeout: float = 120) -> tuple[int, dict]:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method, headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+class Mesh:
+    """A handful of daemons sharing a random mesh name, killed whatever happens."""
+
+    def __init__(self, tmp: Path, n: int, *, mdns: bool = True):
+        self.name = f"test-{uuid.uuid4().hex[:8]}"
+        self.ports = [free_port() for _ in range(n)]
+        self.procs: list[subprocess.Popen] = []
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        for i, port in enumerate(self.ports):
+            cmd = [sys.executable, "-m", "meshd.cli", "serve", "--port", str(port), "--host", "127.0.0.1",
+                   "--state-dir", str(tmp / f"node{i}"), "--mesh-name", self.name, "--dtype", "fp32",
+                   "--threads", "1", "--log-level", "info"]
+            if mdns:
+                cmd += ["--interface", "127.0.0.1"]
+            else:
+                cmd += ["--no-mdns"] + [a for p in self.ports if p != port for a in ("--peer", f"127.0.0.1:{p}")]
+            log = open(tmp / f"node{i}.log", "w")  # noqa: SIM115 - closed with the process
+            self.procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                               stdin=subprocess.DEVNULL))
+
+    def url(self, i: int) -> str:
+        return f"http://127.0.0.1:{self.ports[i]}"
+
+    def plan(self, i: int) -> dict | None:
+        try:
+            _, status = http("GET", self.url(i) + "/mesh", timeout=5)
+        except OSError:
+            return None
+        return status.get("plan")
+
+    def wait_plan(self, live: list[int], stages: int, timeout: float) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            plans = [self.plan(i) for i in live]
+            agreed = all(p and p["committed"] and len(p["stages"]) == stages and p == plans[0] for p in plans)
+            if agreed and all(http("GET", self.url(i) + "/health", timeout=5)[0] == 200 for i in live):
+                return plans[0]
+            time.sleep(0.5)
+        raise AssertionError(f"no common committed {stages}-stage plan within {timeout} s: "
+                             f"{[self.plan(i) for i in live]}")
+
+    def kill(self, i: int) -> None:
+        self.procs[i].send_signal(signal.SIGKILL)
+        self.procs[i].wait(10)
+
+    def close(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+@pytest.fixture
+def mesh3(tmp_path):
+    m = Mesh(tmp_path, 3)
+    yield m
+    m.close()
+
+
+def complete(url: str, question: str, mode: str, max_tokens: int) -> tuple[int, dict]:
+    return http("POST", url + "/v1/chat/completions", {
+        "model": MODEL, "messages": [{"role": "user", "content": question}], "max_tokens": max_tokens,
+        "temperature": 0, "mode": mode})
+
+
+def test_three_daemons_every_mode_equals_greedy(mesh3, embedded, embedded_tokenizer):
+    plan = mesh3.wait_plan([0, 1, 2], 3, timeout=120)
+    assert [s["first_layer"] for s in plan["stages"]] == [0, 10, 20]
+    eos = set(embedded.cfg.eos_token_ids) | {embedded_tokenizer.eos_token_id}
+    for k, q in enumerate(spec_bench(1, categories=3)):
+        prompt = chat_ids(embedded_tokenizer, q["turns"][0])
+        want, gaps = greedy_reference(embedded, prompt, 24, eos)
+        for mode in ("ar", "chunk", "flow"):
+            code, body = complete(mesh3.url(k % 3), q["turns"][0], mode, 24)  # any peer can originate
+            assert code == 200, body
+            assert body["usage"]["prompt_tokens"] == len(prompt)
+            assert_matches_greedy(body["meshd"]["token_ids"], want, gaps)
+
+
+def test_openai_client_streams_through_the_mesh(mesh3):
+    from openai import OpenAI
+
+    mesh3.wait_plan([0, 1, 2], 3, timeout=120)
+    client = OpenAI(base_url=mesh3.url(2) + "/v1", api_key="unused", max_retries=0)
+    stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Say hello."}],
+                                            max_tokens=16, temperature=0, stream=True)
+    parts = [c.choices[0].delta.content or "" for c in stream if c.choices]
+    whole = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Say hello."}],
+                                           max_tokens=16, temperature=0)
+    assert "".join(parts) == whole.choices[0].message.content and whole.choices[0].message.content
+
+
+def test_stage_killed_mid_generation_fails_cleanly_then_replans(mesh3, embedded, embedded_tokenizer):
+    import threading
+
+    plan = mesh3.wait_plan([0, 1, 2], 3, timeout=120)
+    last_stage = plan["stages"][2]["node_id"]
+    victim = next(i for i in range(3) if _node_id(mesh3, i) == last_stage)
+    origin = (victim + 1) % 3  # the originator survives; the stage it depends on dies
+    result: dict = {}
+    t = threading.Thread(target=lambda: result.update(
+        zip(("code", "body"), complete(mesh3.url(origin), "Write a long story about a lighthouse keeper.", "flow",
+                                       400))))
+    t.start()
+    time.sleep(3)
+    mesh3.kill(victim)
+    t.join(60)
+    assert not t.is_alive(), "the request hung after a stage died"
+    assert result["code"] >= 500 and "lost" in result["body"]["error"]["message"]
+    live = [i for i in range(3) if i != victim]
+    mesh3.wait_plan(live, 2, timeout=30)
+    q = "What is the capital of France?"
+    prompt = chat_ids(embedded_tokenizer, q)
+    want, gaps = greedy_reference(embedded, prompt, 16, set(embedded.cfg.eos_token_ids))
+    code, body = complete(mesh3.url(live[0]), q, "flow", 16)
+    assert code == 200, body
+    assert_matches_greedy(body["meshd"]["token_ids"], want, gaps)
+
+
+def _node_id(mesh: Mesh, i: int) -> str:
+    return http("GET", mesh.url(i) + "/mesh", timeout=5)[1]["node_id"]
+
+
+def test_static_peers_without_mdns(tmp_path, embedded, embedded_tokenizer):
+    m = Mesh(tmp_path, 2, mdns=False)
+    try:
+        m.wait_plan([0, 1], 2, timeout=120)
+        q = "Name a color."
+        prompt = chat_ids(embedded_tokenizer, q)
+        want, gaps = greedy_reference(embedded, prompt, 12, set(embedded.cfg.eos_token_ids))
+        code, body = complete(m.url(1), q, "flow", 12)
+        assert code == 200, body
+        assert_matches_greedy(body["meshd"]["token_ids"], want, gaps)
+    finally:
+        m.close()
