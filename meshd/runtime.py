@@ -362,6 +362,7 @@ class Runtime:
         up = max(1e-9, time.time() - self.started)
         return {"first_layer": w.stage.first, "last_layer": w.stage.last - 1, "queued_rows": w.queued_rows,
                 "sessions": len(w.sessions), "busy_seconds": round(w.busy_seconds, 3), "rows_done": w.rows_done,
+                "forwards": w.forwards, "shared_forwards": w.shared_forwards,
                 "utilisation": round(w.busy_seconds / up, 4)}
 
     def metrics(self) -> dict:

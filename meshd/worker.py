@@ -91,6 +91,8 @@ class StageWorker:
         self.closed: deque[str] = deque(maxlen=1024)  # late messages for these must not reopen a session
         self.busy_seconds = 0.0
         self.rows_done = 0
+        self.forwards = 0
+        self.shared_forwards = 0  # forwards that carried rows of more than one request (the ring was shared)
 
     # ---- events ---------------------------------------------------------------------------
     def enqueue(self, seg: Segment) -> None:
@@ -190,6 +192,8 @@ class StageWorker:
             spent *= self.compute_scale
         self.busy_seconds += spent
         self.rows_done += sum(len(s) for s in batch)
+        self.forwards += 1
+        self.shared_forwards += len(batch) > 1
         return results
 
     def step(self) -> list[Segment]:
