@@ -8,15 +8,12 @@ from __future__ import annotations
 
 import json
 import platform
-import statistics
 import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
-DEFAULT_QUESTIONS = Path(__file__).resolve().parents[2] / "shared" / "data" / "spec_bench_questions.jsonl"
 
 
 @dataclass
@@ -65,7 +62,7 @@ def run_interleaved(questions: list[dict], modes: dict[str, Callable[[str], dict
     runs = []
     total = len(questions) * len(modes)
     t0 = time.perf_counter()
-    for i, q in enumerate(questions):
+    for q in questions:
         for label, fn in modes.items():
             s = fn(q["turns"][0])
             runs.append(Run(q["question_id"], q["category"], label, s["new_tokens"], s["rounds"],
@@ -75,7 +72,6 @@ def run_interleaved(questions: list[dict], modes: dict[str, Callable[[str], dict
                 eta = (time.perf_counter() - t0) / done * (total - done)
                 progress(f"[{done}/{total}] q{q['question_id']} {q['category']:<16} {label:<12} "
                          f"{s['tokens_per_s']:6.1f} tok/s  {s['mean_accepted']:.2f} tok/round  eta {eta:4.0f}s")
-        del i
     return runs
 
 
@@ -131,9 +127,114 @@ def write_record(out_dir: Path, config: dict, runs: list[Run], table: dict, mark
     return path
 
 
-def median(xs: list[float]) -> float:
-    return statistics.median(xs) if xs else 0.0
-
-
 def progress_printer(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+def parse_link(text: str | None) -> tuple[float, float]:
+    """``5ms/100mbit`` -> (latency_ms, bandwidth_mbps); None -> no emulation."""
+    if not text:
+        return 0.0, 0.0
+    lat, _, bw = text.lower().partition("/")
+    try:
+        latency = float(lat.removesuffix("ms"))
+        bandwidth = float(bw.removesuffix("mbit").removesuffix("mbps")) if bw else 0.0
+    except ValueError:
+        raise ValueError(f"--link {text!r}: expected LATENCYms/BANDWIDTHmbit, e.g. 5ms/100mbit") from None
+    return latency, bandwidth
+
+
+class LocalBackend:
+    """One device: the single-device engine (``ar``, ``spec:DRAFTER``) or in-process stages."""
+
+    def __init__(self, args):
+        import torch
+
+        from meshd.local import LocalEngine
+
+        torch.set_num_threads(args.threads or torch.get_num_threads())
+        self.args = args
+        self.engine = LocalEngine(args.model, args.dtype)
+        self.engine.curve  # noqa: B018 - measure (or load) the cost curve before timing anything
+        self.stages = args.stages if args.backend == "inprocess" else 1
+
+    def describe(self) -> str:
+        import torch
+
+        where = f"{self.stages} in-process stages" if self.stages > 1 else "one device"
+        return f"{where}, {torch.get_num_threads()} threads, dtype {str(self.engine.target.dtype)[6:]}"
+
+    def runner(self, label: str) -> Callable[[str], dict]:
+        mode, _, drafter = label.partition(":")
+        a = self.args
+        return lambda text: self.engine.run(text, mode=mode, drafter=drafter or a.drafter, max_tokens=a.max_tokens,
+                                            temperature=a.temperature, seed=0, stages=self.stages)
+
+    def close(self) -> None:
+        pass
+
+
+class DaemonBackend:
+    """``--stages`` real daemons on loopback; requests go through the REST API of the first one."""
+
+    def __init__(self, args):
+        import tempfile
+
+        from meshd.testbed import LoopbackMesh
+
+        self.args = args
+        latency, bandwidth = parse_link(args.link)
+        extra = ["--drafter", args.drafter, "--device-slowdown", str(args.device_slowdown)]
+        if latency:
+            extra += ["--latency-ms", str(latency)]
+        if bandwidth:
+            extra += ["--bandwidth-mbps", str(bandwidth)]
+        self._tmp = tempfile.TemporaryDirectory(prefix="meshd-bench-")
+        progress_printer(f"starting {args.stages} daemons on 127.0.0.1 ...")
+        self.mesh = LoopbackMesh(Path(self._tmp.name), args.stages, model=args.model,
+                                 dtype=args.dtype if args.dtype != "auto" else "auto", threads=args.threads or 1,
+                                 extra=extra)
+        try:
+            self.plan = self.mesh.wait_plan(list(range(args.stages)), args.stages, timeout=300)
+        except Exception:
+            self.close()
+            raise
+        self.model = self.mesh.status(0)["model"]
+
+    def describe(self) -> str:
+        import os
+
+        a = self.args
+        return (f"{a.stages} daemons on loopback ({a.threads or 1} thread each, sharing {os.cpu_count()} cores), "
+                f"link {a.link or 'unshaped'}, device slowdown x{a.device_slowdown}")
+
+    def runner(self, label: str) -> Callable[[str], dict]:
+        from meshd.testbed import http
+
+        a = self.args
+
+        def run(text: str) -> dict:
+            code, body = http("POST", self.mesh.url(0) + "/v1/chat/completions", {
+                "model": self.model, "messages": [{"role": "user", "content": text}], "max_tokens": a.max_tokens,
+                "temperature": a.temperature, "seed": 0, "mode": label}, timeout=600)
+            if code != 200:
+                raise RuntimeError(f"daemon answered {code}: {body}")
+            return body["meshd"]
+
+        return run
+
+    def close(self) -> None:
+        self.mesh.close() if hasattr(self, "mesh") else None
+        self._tmp.cleanup()
+
+
+class open_backend:
+    def __init__(self, args):
+        self.args = args
+
+    def __enter__(self):
+        self.backend = DaemonBackend(self.args) if self.args.backend == "daemons" else LocalBackend(self.args)
+        return self.backend
+
+    def __exit__(self, *exc) -> None:
+        self.backend.close()

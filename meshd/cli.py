@@ -43,6 +43,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         sys.stdout.write(text)
         sys.stdout.flush()
 
+    if args.drafter == "auto":
+        from models.eagle import default_drafter
+
+        args.drafter = default_drafter(eng.source if hasattr(eng, "source") else args.model)
     out = eng.run(args.prompt, mode=args.mode, drafter=args.drafter, max_tokens=args.max_tokens,
                   temperature=args.temperature, top_p=args.top_p, seed=args.seed, chat=args.chat,
                   on_text=None if args.json else show, stages=args.stages)
@@ -61,24 +65,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from meshd import bench
-    from meshd.local import LocalEngine
 
-    _threads(args.threads)
     questions = bench.load_questions(Path(args.questions), args.categories or args.n_categories,
                                      args.per_category, held_out_only=args.held_out)
-    eng = LocalEngine(args.model, args.dtype)
-    modes = {}
-    for m in args.modes.split(","):
-        mode, _, drafter = m.partition(":")
-        modes[m] = (lambda text, mode=mode, drafter=drafter or "ngram": eng.run(
-            text, mode=mode, drafter=drafter, max_tokens=args.max_tokens, temperature=args.temperature,
-            seed=0))
-    print(f"bench: {len(questions)} questions x {len(modes)} modes, {args.max_tokens} new tokens, "
-          f"T={args.temperature}, dtype {eng.target.dtype}", file=sys.stderr)
-    eng.curve  # noqa: B018 - measure (or load) the cost curve before timing anything
-    runs = bench.run_interleaved(questions, modes, bench.progress_printer)
-    table, md = bench.summarize(runs, baseline=args.modes.split(",")[0])
-    path = bench.write_record(Path(args.out), vars(args) | {"func": None}, runs, table, md)
+    modes_arg = args.modes or ("ar,spec:ngram" if args.backend == "local" else "ar,chunk,flow")
+    labels = modes_arg.split(",")
+    with bench.open_backend(args) as backend:
+        modes = {m: backend.runner(m) for m in labels}
+        print(f"bench: {len(questions)} questions x {len(modes)} modes on {backend.describe()}, "
+              f"{args.max_tokens} new tokens, T={args.temperature}", file=sys.stderr)
+        runs = bench.run_interleaved(questions, modes, bench.progress_printer)
+        config = {k: v for k, v in vars(args).items() if k != "func"} | {"backend_info": backend.describe()}
+    table, md = bench.summarize(runs, baseline=labels[0])
+    path = bench.write_record(Path(args.out), config, runs, table, md)
     print(md)
     print(f"record: {path}", file=sys.stderr)
     return 0
@@ -144,7 +143,8 @@ def cmd_train_draft(args: argparse.Namespace) -> int:
     _threads(args.threads)
     train_draft(model=args.model, out=args.out, prompts=args.prompts, tokens=args.tokens, epochs=args.epochs,
                 seed=args.seed, work=args.work, dtype=args.dtype, slots=args.slots, max_new=args.max_new,
-                vocab=args.vocab, steps=args.steps, lr=args.lr, eval_per_category=args.eval_per_category,
+                vocab=args.vocab, steps=args.steps, lr=args.lr, batch_tokens=args.batch_tokens,
+                eval_per_category=args.eval_per_category,
                 generate_only=args.generate_only, command="meshd " + " ".join(sys.argv[1:]))
     return 0
 
@@ -169,7 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mode", choices=["ar", "spec", "chunk", "flow"], default="spec",
                    help="ar/spec: one device; chunk/flow: the mesh scheduler over --stages in-process stages")
     g.add_argument("--stages", type=int, default=1, help="in-process pipeline stages (mesh modes)")
-    g.add_argument("--drafter", default="ngram", help="ngram | model:PATH[@LAYERS]")
+    g.add_argument("--drafter", default="auto",
+                   help="auto (the shipped EAGLE head for this model, else ngram) | eagle[:DIR] | eagle+ngram | ngram "
+                        "| model:PATH[@LAYERS]")
     g.add_argument("--max-tokens", type=int, default=128)
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-p", type=float, default=1.0)
@@ -191,7 +193,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="compare decoding modes on Spec-Bench questions (interleaved)")
     _add_model_args(b)
-    b.add_argument("--modes", default="ar,spec:ngram", help="comma-separated: ar, spec:DRAFTER (first = baseline)")
+    b.add_argument("--backend", choices=["local", "inprocess", "daemons"], default="local",
+                   help="local: one device (ar, spec:DRAFTER); inprocess: the mesh scheduler over --stages stages in "
+                        "this process; daemons: --stages real daemons on 127.0.0.1 (ar, chunk, flow)")
+    b.add_argument("--stages", type=int, default=2)
+    b.add_argument("--modes", default=None,
+                   help="comma-separated, first is the baseline (default: ar,spec:ngram locally, else ar,chunk,flow)")
+    b.add_argument("--link", default=None, help="emulated link for daemons, LATENCY/BANDWIDTH, e.g. 5ms/100mbit")
+    b.add_argument("--device-slowdown", type=float, default=1.0,
+                   help="daemons pad their compute to behave like a device this many times slower")
+    b.add_argument("--drafter", default="ngram", help="drafter of the mesh modes (daemons and inprocess)")
     b.add_argument("--questions", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"
                                               / "spec_bench_questions.jsonl"))
     b.add_argument("--categories", nargs="*", default=None, help="category names (default: the first N)")
@@ -218,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--vocab", type=int, default=8192, help="draft vocabulary size (0: the full vocabulary)")
     t.add_argument("--steps", type=int, default=3, help="training-time unroll depth")
     t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--batch-tokens", type=int, default=4096, help="padded tokens per training batch")
     t.add_argument("--eval-per-category", type=int, default=3, help="held-out questions per category in the report")
     t.add_argument("--generate-only", action="store_true", help="stop after generating the data")
     t.set_defaults(func=cmd_train_draft)

@@ -7,96 +7,19 @@ stage killed mid-generation must turn into a clear error, a new plan, and servic
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
-import urllib.error
-import urllib.request
-import uuid
-from pathlib import Path
+from http.client import HTTPConnection
 
 import pytest
 from conftest import spec_bench
 from test_oracle import assert_matches_greedy, chat_ids, greedy_reference
 
+from meshd.testbed import LoopbackMesh as Mesh
+from meshd.testbed import http
+
 pytestmark = pytest.mark.slow
 MODEL = "SmolLM2-135M-Instruct.Q4_1"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def http(method: str, url: str, body: dict | None = None, timeout: float = 120) -> tuple[int, dict]:
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method=method, headers={"content-type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
-
-
-class Mesh:
-    """A handful of daemons sharing a random mesh name, killed whatever happens."""
-
-    def __init__(self, tmp: Path, n: int, *, mdns: bool = True):
-        self.name = f"test-{uuid.uuid4().hex[:8]}"
-        self.ports = [free_port() for _ in range(n)]
-        self.procs: list[subprocess.Popen] = []
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        for i, port in enumerate(self.ports):
-            cmd = [sys.executable, "-m", "meshd.cli", "serve", "--port", str(port), "--host", "127.0.0.1",
-                   "--state-dir", str(tmp / f"node{i}"), "--mesh-name", self.name, "--dtype", "fp32",
-                   "--threads", "1", "--log-level", "info"]
-            if mdns:
-                cmd += ["--interface", "127.0.0.1"]
-            else:
-                cmd += ["--no-mdns"] + [a for p in self.ports if p != port for a in ("--peer", f"127.0.0.1:{p}")]
-            log = open(tmp / f"node{i}.log", "w")  # noqa: SIM115 - closed with the process
-            self.procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                               stdin=subprocess.DEVNULL))
-
-    def url(self, i: int) -> str:
-        return f"http://127.0.0.1:{self.ports[i]}"
-
-    def plan(self, i: int) -> dict | None:
-        try:
-            _, status = http("GET", self.url(i) + "/mesh", timeout=5)
-        except OSError:
-            return None
-        return status.get("plan")
-
-    def wait_plan(self, live: list[int], stages: int, timeout: float) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            plans = [self.plan(i) for i in live]
-            agreed = all(p and p["committed"] and len(p["stages"]) == stages and p == plans[0] for p in plans)
-            if agreed and all(http("GET", self.url(i) + "/health", timeout=5)[0] == 200 for i in live):
-                return plans[0]
-            time.sleep(0.5)
-        raise AssertionError(f"no common committed {stages}-stage plan within {timeout} s: "
-                             f"{[self.plan(i) for i in live]}")
-
-    def kill(self, i: int) -> None:
-        self.procs[i].send_signal(signal.SIGKILL)
-        self.procs[i].wait(10)
-
-    def close(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in self.procs:
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                p.kill()
 
 
 @pytest.fixture(scope="module")
@@ -166,9 +89,7 @@ def test_two_originators_share_the_ring(mesh3, embedded, embedded_tokenizer):
 
 
 def test_client_disconnect_frees_every_stage(mesh3):
-    import http.client
-
-    conn = http.client.HTTPConnection("127.0.0.1", mesh3.ports[1], timeout=60)
+    conn = HTTPConnection("127.0.0.1", mesh3.ports[1], timeout=60)
     conn.request("POST", "/v1/chat/completions", json.dumps({
         "model": MODEL, "messages": [{"role": "user", "content": "Tell me a very long story."}],
         "max_tokens": 400, "temperature": 0, "stream": True}), {"content-type": "application/json"})
@@ -208,7 +129,7 @@ def test_stage_killed_mid_generation_fails_cleanly_then_replans(tmp_path, embedd
 def _kill_a_stage_and_recover(mesh3: Mesh, embedded, embedded_tokenizer) -> None:
     plan = mesh3.wait_plan([0, 1, 2], 3, timeout=120)
     last_stage = plan["stages"][2]["node_id"]
-    victim = next(i for i in range(3) if _node_id(mesh3, i) == last_stage)
+    victim = next(i for i in range(3) if mesh3.node_id(i) == last_stage)
     origin = (victim + 1) % 3  # the originator survives; the stage it depends on dies
     result: dict = {}
     t = threading.Thread(target=lambda: result.update(
@@ -228,10 +149,6 @@ def _kill_a_stage_and_recover(mesh3: Mesh, embedded, embedded_tokenizer) -> None
     code, body = complete(mesh3.url(live[0]), q, "flow", 16)
     assert code == 200, body
     assert_matches_greedy(body["meshd"]["token_ids"], want, gaps)
-
-
-def _node_id(mesh: Mesh, i: int) -> str:
-    return http("GET", mesh.url(i) + "/mesh", timeout=5)[1]["node_id"]
 
 
 def test_static_peers_without_mdns(tmp_path, embedded, embedded_tokenizer):
