@@ -198,11 +198,9 @@ class Originator:
         for r, i in enumerate(wanted):
             lv.logits[seg.node_ids[i]] = logits[r]
             lv.feats[seg.node_ids[i]] = feats[r]
-        if lv.req.mode == "flow":
-            return self._flow_step(lv)
-        if lv.in_flight:  # ar / chunk: verify only once the whole tree is back
+        if lv.req.mode != "flow" and lv.in_flight:  # ar / chunk: verify only once the whole tree is back
             return []
-        return self._verify_round(lv)
+        return self._walk(lv)
 
     # ---- prefill ----------------------------------------------------------------------------
     def _prefill_result(self, lv: _Live, seg: Segment) -> list[Action]:
@@ -237,10 +235,10 @@ class Originator:
         gain = sum(max(1.0, o.stats.mean_accepted) for o in others)
         return rows, gain
 
-    def _draft(self, lv: _Live, root_pos: int) -> Tree:
-        """A candidate pool rooted at the last emitted token, cut to the size the cost model pays for."""
+    def _draft(self, lv: _Live) -> tuple[Tree, int]:
+        """A candidate pool rooted at the last emitted token, and how many of its nodes the cost model pays for."""
         if lv.drafter is None or lv.req.mode == "ar":
-            return Tree.root(lv.out[-1])
+            return Tree.root(lv.out[-1]), 0
         left = lv.req.max_new_tokens - len(lv.out)
         t0 = time.perf_counter()
         pool = lv.drafter.draft(lv.context, top_k=self.top_k, depth=max(1, min(self.depth, left)),
@@ -248,15 +246,15 @@ class Originator:
         overhead = time.perf_counter() - t0
         lv.stats.draft_seconds += overhead
         rows, gain = self._load(lv)
-        n = lv.budget.choose(pool, overhead=overhead, load_rows=rows, load_gain=gain)
-        return pool.best(n)
+        return pool, lv.budget.choose(pool, overhead=overhead, load_rows=rows, load_gain=gain)
 
     def _new_round(self, lv: _Live) -> list[Action]:
         """Start a tree at a fresh root (the last emitted token, not yet in any cache)."""
         root_pos = len(lv.context) - 1
         lv.logits.clear()
         lv.feats.clear()
-        tree = self._draft(lv, root_pos)
+        pool, n = self._draft(lv)
+        tree = pool.best(n)
         lv.tree, lv.walk, lv.round_accepted = tree, Walk(), 0
         lv.ids = lv.new_ids(len(tree))
         lv.pos.update({lv.ids[i]: root_pos + tree.depth[i] for i in range(len(tree))})
@@ -283,18 +281,10 @@ class Originator:
         lv.stats.target_forwards += 1 if lv.req.mode != "flow" else len(acts)
         return acts
 
-    def _verify_round(self, lv: _Live) -> list[Action]:
-        """ar / chunk: the whole tree is back; walk it once, prune to the accepted path."""
-        tree = lv.tree
-        tokens = advance(lv.walk, tree, lambda i: lv.logits.get(lv.ids[i]), lv.req.sampling, lv.gen)
-        return self._after_walk(lv, tokens)
-
-    def _flow_step(self, lv: _Live) -> list[Action]:
-        tree = lv.tree
-        tokens = advance(lv.walk, tree, lambda i: lv.logits.get(lv.ids[i]), lv.req.sampling, lv.gen)
-        if not tokens:
-            return []
-        return self._after_walk(lv, tokens)
+    def _walk(self, lv: _Live) -> list[Action]:
+        """Decide as far as the logits at hand allow (ar/chunk: the whole tree; flow: what came back so far)."""
+        tokens = advance(lv.walk, lv.tree, lambda i: lv.logits.get(lv.ids[i]), lv.req.sampling, lv.gen)
+        return self._after_walk(lv, tokens) if tokens else []
 
     def _after_walk(self, lv: _Live, tokens: list[int]) -> list[Action]:
         tree, walk = lv.tree, lv.walk
@@ -337,14 +327,7 @@ class Originator:
             lv.logits.pop(n)
         if lv.drafter is None:
             return []
-        left = lv.req.max_new_tokens - len(lv.out)
-        t0 = time.perf_counter()
-        pool = lv.drafter.draft(lv.context, top_k=self.top_k, depth=max(1, min(self.depth, left)),
-                                max_nodes=self.pool)
-        overhead = time.perf_counter() - t0
-        lv.stats.draft_seconds += overhead
-        rows, gain = self._load(lv)
-        target = lv.budget.choose(pool, overhead=overhead, load_rows=rows, load_gain=gain)
+        pool, target = self._draft(lv)
         before = len(sub)
         room = max(0, target + 1 - before)
         if room == 0:
