@@ -83,6 +83,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from meshd import simulate
+
+    return simulate.main(args)
+
+
 def _parse_layers(spec: str | None, n: int) -> tuple[int, int]:
     if not spec:
         return 0, n
@@ -129,12 +135,43 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    print("meshd demo: single-device tree speculative decoding on the embedded SmolLM2-135M-Instruct",
-          file=sys.stderr)
-    print(f"Q: {args.question}\nA: ", end="", flush=True)
-    return cmd_generate(argparse.Namespace(
-        prompt=args.question, model="default", dtype="auto", threads=None, mode="spec", drafter="ngram", stages=1,
-        max_tokens=args.max_tokens, temperature=0.0, top_p=1.0, seed=None, chat=None, json=False))
+    """Start a small mesh on this machine, ask it one question through its REST API, stop it."""
+    if args.single:
+        print("meshd demo: single-device tree speculative decoding on the embedded model", file=sys.stderr)
+        print(f"Q: {args.question}\nA: ", end="", flush=True)
+        return cmd_generate(argparse.Namespace(
+            prompt=args.question, model="default", dtype="auto", threads=None, mode="spec", drafter="ngram",
+            stages=1, max_tokens=args.max_tokens, temperature=0.0, top_p=1.0, seed=None, chat=None, json=False))
+    import asyncio
+    import tempfile
+
+    from meshd.client import Client, Reply
+    from meshd.testbed import LoopbackMesh
+
+    print(f"meshd demo: starting {args.peers} daemons on 127.0.0.1 with the embedded SmolLM2-135M-Instruct; they "
+          "find each other over mDNS and split its 30 layers ...", file=sys.stderr)
+    with tempfile.TemporaryDirectory(prefix="meshd-demo-") as tmp, \
+            LoopbackMesh(Path(tmp), args.peers, dtype="auto", threads=max(1, (os.cpu_count() or 2) // args.peers)) \
+            as mesh:
+        plan = mesh.wait_plan(list(range(args.peers)), args.peers, timeout=300)
+        for s in plan["stages"]:
+            print(f"  stage {s['node_id'][:8]}: layers {s['first_layer']}-{s['last_layer']}", file=sys.stderr)
+        print(f"asking peer {mesh.url(args.peers - 1)} (it drafts; the ring verifies, mode flow)\n", file=sys.stderr)
+        print(f"Q: {args.question}\nA: ", end="", flush=True)
+
+        async def ask() -> Reply:
+            reply = Reply()
+            async with Client(mesh.url(args.peers - 1), timeout=600) as c:
+                async for text in c.stream_chat([{"role": "user", "content": args.question}], reply,
+                                                max_tokens=args.max_tokens, temperature=0, mode="flow"):
+                    print(text, end="", flush=True)
+            return reply
+
+        st = asyncio.run(ask()).stats
+        print(f"\n\n[flow over {args.peers} daemons] {st.get('new_tokens')} tokens in {st.get('seconds', 0):.2f}s "
+              f"({st.get('tokens_per_s', 0):.1f} tok/s), {st.get('mean_accepted', 0):.2f} tokens per verification",
+              file=sys.stderr)
+    return 0
 
 
 def cmd_train_draft(args: argparse.Namespace) -> int:
@@ -214,6 +251,33 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default="runs", help="directory for the JSON record and markdown table")
     b.set_defaults(func=cmd_bench)
 
+    sm = sub.add_parser("simulate", help="project the mesh onto devices we do not have (discrete-event simulator)",
+                        description="Spec-Bench prompts through the real scheduler and stage workers on a simulated "
+                                    "clock; every figure printed is simulated.")
+    _add_model_args(sm)
+    sm.add_argument("--stages", type=int, default=5)
+    sm.add_argument("--profile", default="jetson-orin-7b",
+                    help="jetson-orin-7b (an assumed projection profile) | this-device (measured, 1 thread) | FILE")
+    sm.add_argument("--link", default="1ms/150mbit", help="per-link LATENCY/BANDWIDTH, e.g. 1ms/150mbit, 0/inf")
+    sm.add_argument("--modes", default="ar,chunk,flow")
+    sm.add_argument("--prompts", type=int, default=10, help="Spec-Bench questions, spread over the categories")
+    sm.add_argument("--max-tokens", type=int, default=256)
+    sm.add_argument("--drafter", default="auto", help="as for generate; acceptance is the real model's")
+    sm.add_argument("--originator", default="0", help="stage whose device originates (meshd) or 'own' (FlowSpec)")
+    sm.add_argument("--originators", type=int, default=1, help="originators, requests spread round robin")
+    sm.add_argument("--rate", type=float, default=0.0, help="Poisson arrivals per second (0: one request at a time)")
+    sm.add_argument("--seed", type=int, default=0)
+    sm.add_argument("--temperature", type=float, default=0.0)
+    sm.add_argument("--compute-scale", type=float, default=1.0, help="device slowdown factor on all compute")
+    sm.add_argument("--cores", type=int, default=None, help="CPU cores shared by all devices (default: one each)")
+    sm.add_argument("--questions", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"
+                                               / "spec_bench_questions.jsonl"))
+    sm.add_argument("--calibrate-with", default=None, metavar="FILE",
+                    help="measured loopback results (JSON): print simulated vs measured tokens/s")
+    sm.add_argument("--json", action="store_true", help="print the JSON record instead of the table")
+    sm.add_argument("--out", default=None, help="also write the JSON record here")
+    sm.set_defaults(func=cmd_simulate)
+
     t = sub.add_parser("train-draft", help="self-distil an EAGLE draft head for a target model (resumable)")
     t.add_argument("--model", default="default", help="the target: GGUF file, HF safetensors dir, or 'default'")
     t.add_argument("--out", required=True, help="directory for the head (eagle.json, head.safetensors, report)")
@@ -237,6 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="answer one question with the embedded model")
     d.add_argument("question", nargs="?", default=DEMO_QUESTION)
     d.add_argument("--max-tokens", type=int, default=96)
+    d.add_argument("--peers", type=int, default=2, help="daemons in the demo mesh")
+    d.add_argument("--single", action="store_true", help="skip the mesh: the single-device engine only")
     d.set_defaults(func=cmd_demo)
 
     from meshd import client_cli, config
