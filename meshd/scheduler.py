@@ -137,6 +137,9 @@ class Originator:
         for c in stage_curves[1:]:
             total = total + c
         self.ring_cost = total
+        # the flat head of the curve: up to this many rows cost about as much as one, so cutting a tree
+        # into segments smaller than this buys no overlap, only extra forwards
+        self.flat_rows = max([t for t in total.ts if total(t) <= 1.25 * total(1)] or [1])
 
     # ---- events -----------------------------------------------------------------------------
     def submit(self, req: Request) -> list[Action]:
@@ -263,9 +266,15 @@ class Originator:
         return self._send(lv, order, root_parent=lv.tail)
 
     def _send(self, lv: _Live, nodes: list[int], root_parent: int) -> list[Action]:
-        """Send tree nodes (indices, parents first) as segments: one per stage in flow, chunks in chunk."""
+        """Send tree nodes (indices, parents first) as segments: one chunk per stage in ``chunk``; in ``flow``
+        as many score-sorted segments as the stages can overlap without falling below the curve's flat rows."""
         tree = lv.tree
-        k = 1 if lv.req.mode == "ar" else self.n_stages
+        if lv.req.mode == "ar":
+            k = 1
+        elif lv.req.mode == "chunk":
+            k = self.n_stages  # FlowSpec's Chunk-PP baseline: always one chunk per stage
+        else:
+            k = max(1, min(self.n_stages, math.ceil(len(nodes) / self.flat_rows)))
         acts: list[Action] = []
         for part in split_segments(nodes, k):
             parents = []
