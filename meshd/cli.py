@@ -253,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sm = sub.add_parser("simulate", help="project the mesh onto devices we do not have (discrete-event simulator)",
                         description="Spec-Bench prompts through the real scheduler and stage workers on a simulated "
-                                    "clock; every figure printed is simulated.")
+                                    "clock; every figure printed is simulated. --threads defaults to 1 here.")
     _add_model_args(sm)
     sm.add_argument("--stages", type=int, default=5)
     sm.add_argument("--profile", default="jetson-orin-7b",
