@@ -305,6 +305,8 @@ class Runtime:
     async def _compute_once(self) -> None:
         while True:
             results, outputs = await self._torch(self._step)
+            for seg in outputs:  # first, so the next stage starts while the originator verifies and drafts
+                await self._route_output(seg)
             for seg, queue in results:
                 if self.originator is None:
                     continue
@@ -315,8 +317,6 @@ class Runtime:
                     self._fail(seg.request_id, f"internal error at the originator: {type(exc).__name__}: {exc}")
                     continue
                 await self._dispatch(actions)
-            for seg in outputs:
-                await self._route_output(seg)
             if not results and not outputs and not self._inbox:
                 return
 

@@ -118,11 +118,12 @@ class Originator:
     """Drafts, verifies and streams for the requests this peer originates."""
 
     def __init__(self, head: Stage, drafter_factory: Callable[[], Drafter] | None, stage_curves: Sequence[CostCurve],
-                 *, clock: Callable[[], float] = time.perf_counter, top_k: int = 8, depth: int = 8, pool: int = 128,
-                 max_nodes: int = 64, origin: str | None = None):
+                 *, clock: Callable[[], float] = time.perf_counter, top_k: int = 8, depth: int = 8, pool: int = 512,
+                 max_nodes: int = 64, origin: str | None = None, timer: Callable[[], float] = time.perf_counter):
         if not head.has_head:
             raise ValueError("the originator needs the embeddings, final norm and LM head")
         self.head, self.drafter_factory, self.clock, self.origin = head, drafter_factory, clock, origin
+        self.timer = timer  # measures drafting cost for the budget; the simulator swaps in its device model
         self.set_ring(stage_curves)
         self.top_k, self.depth, self.pool, self.max_nodes = top_k, depth, pool, max_nodes
         self.live: dict[str, _Live] = {}
@@ -243,10 +244,10 @@ class Originator:
         if lv.drafter is None or lv.req.mode == "ar":
             return Tree.root(lv.out[-1]), 0
         left = lv.req.max_new_tokens - len(lv.out)
-        t0 = time.perf_counter()
+        t0 = self.timer()
         pool = lv.drafter.draft(lv.context, top_k=self.top_k, depth=max(1, min(self.depth, left)),
                                 max_nodes=self.pool)
-        overhead = time.perf_counter() - t0
+        overhead = self.timer() - t0
         lv.stats.draft_seconds += overhead
         rows, gain = self._load(lv)
         return pool, lv.budget.choose(pool, overhead=overhead, load_rows=rows, load_gain=gain)

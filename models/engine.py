@@ -82,7 +82,7 @@ def _finish(out: list[int], new: list[int], max_new: int, eos: set[int]) -> str 
 def generate(target: Stage, prompt: Sequence[int], *, max_new_tokens: int = 128, mode: str = "spec",
              drafter: Drafter | None = None, sampling: Sampling = GREEDY, seed: int | None = None,
              eos_ids: Sequence[int] = (), budget: TreeBudget | None = None, top_k: int = 8,
-             depth: int = 8, pool: int = 128,
+             depth: int = 8, pool: int = 512,
              on_tokens: Callable[[list[int]], None] | None = None) -> Generation:
     """Generate up to ``max_new_tokens`` after ``prompt`` on one device (``mode``: ``ar`` or ``spec``)."""
     if mode not in ("ar", "spec"):
