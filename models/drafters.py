@@ -157,17 +157,55 @@ class ModelDrafter:
             self._logp = {}
 
 
-def load_drafter(spec: str, target: Stage, dtype: torch.dtype | str | None = None) -> Drafter:
-    """Build a drafter from a CLI/config spec: ``ngram`` or ``model:PATH[@LAYERS]``.
+class MergedDrafter:
+    """Several drafters' trees merged into one (matched by token path; a shared node keeps the better score).
 
-    ``@LAYERS`` keeps only the first layers of the draft model (an early-exit draft), which is
-    how the embedded model can draft for itself when no smaller sibling is installed.
+    The default for the embedded model is the EAGLE head plus n-gram lookup: the head guesses
+    what the model would say, the n-gram table what it is about to copy from the prompt.
+    """
+
+    def __init__(self, parts: list, name: str | None = None):
+        self.parts = parts
+        self.name = name or "+".join(p.name for p in parts)
+
+    def fresh(self) -> MergedDrafter:
+        return MergedDrafter([p.fresh() if hasattr(p, "fresh") else type(p)() for p in self.parts], self.name)
+
+    def reset(self, prompt: list[int]) -> None:
+        for p in self.parts:
+            p.reset(prompt)
+
+    def accept(self, context: list[int], hidden: torch.Tensor | None) -> None:
+        for p in self.parts:
+            p.accept(context, hidden)
+
+    def draft(self, context: list[int], *, top_k: int, depth: int, max_nodes: int) -> Tree:
+        tree = self.parts[0].draft(context, top_k=top_k, depth=depth, max_nodes=max_nodes)
+        for p in self.parts[1:]:
+            tree.merge(p.draft(context, top_k=top_k, depth=depth, max_nodes=max_nodes), 0)
+        return tree
+
+
+def load_drafter(spec: str, target: Stage, dtype: torch.dtype | str | None = None, source=None) -> Drafter:
+    """Build a drafter from a CLI/config spec: ``ngram``, ``eagle[:PATH]``, ``eagle+ngram`` or
+    ``model:PATH[@LAYERS]``.
+
+    ``eagle`` is the shipped head trained for this target (matched by ``source``'s fingerprint;
+    ``eagle:PATH`` loads a given head, refusing one trained for another target). ``@LAYERS`` keeps
+    only the first layers of the draft model (an early-exit draft), which is how the embedded model
+    can draft for itself when no smaller sibling is installed.
     """
     from models.config import ModelError
     from models.source import ModelSource
 
     if spec == "ngram":
         return NGramDrafter()
+    if "+" in spec:
+        return MergedDrafter([load_drafter(part, target, dtype, source) for part in spec.split("+")], name=spec)
+    if spec == "eagle" or spec.startswith("eagle:"):
+        from models.eagle import load_eagle_drafter
+
+        return load_eagle_drafter(spec[len("eagle:"):] or None, target, source)
     if spec.startswith("model:"):
         path, _, layers = spec[len("model:"):].rpartition("@") if "@" in spec else (spec[len("model:"):], "", "")
         src = ModelSource.resolve(path or "default")
@@ -179,13 +217,13 @@ def load_drafter(spec: str, target: Stage, dtype: torch.dtype | str | None = Non
         n = int(layers) if layers else src.config.n_layers
         model = Stage.load(src, 0, min(n, src.config.n_layers), head=True, dtype=dtype or target.dtype)
         return ModelDrafter(model, name=f"model:{src.name}" + (f"@{n}" if layers else ""))
-    raise ValueError(f"unknown drafter {spec!r}; use 'ngram' or 'model:PATH[@LAYERS]'")
+    raise ValueError(f"unknown drafter {spec!r}; use 'ngram', 'eagle[:PATH]', 'eagle+ngram' or 'model:PATH[@LAYERS]'")
 
 
-def drafter_factory(spec: str, target: Stage, dtype: torch.dtype | str | None = None):
+def drafter_factory(spec: str, target: Stage, dtype: torch.dtype | str | None = None, source=None):
     """A function that makes a fresh drafter per request (drafters keep per-request state),
     sharing whatever weights the spec needs, which are loaded once here."""
-    proto = load_drafter(spec, target, dtype)
+    proto = load_drafter(spec, target, dtype, source)
     if isinstance(proto, ModelDrafter):
         return lambda: ModelDrafter(proto.model, name=proto.name)
     if isinstance(proto, NGramDrafter):

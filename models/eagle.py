@@ -20,7 +20,6 @@ Files: our own format is ``eagle.json`` (shape, draft vocabulary size, target fi
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -115,11 +114,9 @@ class EagleHead(nn.Module):
         h = rms_norm(x, self.attn_norm, hc.rms_eps) if self.attn_norm is not None else x
         out = F.linear(h, self.wqkv, self.bqkv)
         nq, nkv, d = hc.n_heads, hc.n_kv_heads, hc.head_dim
-        lead = out.shape[:-1]
         q = out[..., : nq * d].unflatten(-1, (nq, d)).transpose(-3, -2)
         k = out[..., nq * d: (nq + nkv) * d].unflatten(-1, (nkv, d)).transpose(-3, -2)
         v = out[..., (nq + nkv) * d:].unflatten(-1, (nkv, d)).transpose(-3, -2)
-        del lead
         cos, sin = cos.unsqueeze(-3), sin.unsqueeze(-3)
         return rotate(q, cos, sin), rotate(k, cos, sin), v
 
@@ -154,7 +151,7 @@ class EagleHead(nn.Module):
         row q-1 and attends real rows <= q-s+1 plus its own earlier steps' rows q-s+j, exactly the
         mask the drafter has at tree depth s (EAGLE-3's training-time test).
         """
-        b, t, _ = emb.shape
+        t = emb.shape[1]
         pos = torch.arange(t)
         cos, sin = self.rope(pos)
         outs, keys, values = [], [], []
@@ -167,12 +164,11 @@ class EagleHead(nn.Module):
             values.append(v)
             allowed = [pos[None, :] <= pos[:, None] - (s - 1)]
             allowed += [pos[None, :] == pos[:, None] - (s - j) for j in range(2, s + 1)]
-            m = torch.cat(allowed, dim=1)
-            m[:, s - 1::t] |= ~m.any(dim=1, keepdim=True)  # rows with nothing to attend see their own step
+            m = torch.cat(allowed, dim=1)  # every row sees at least its own step
             fmask = torch.zeros(m.shape, dtype=x.dtype).masked_fill_(~m, neg)
             out = self.finish(x, q, torch.cat(keys, dim=-2), torch.cat(values, dim=-2), fmask)
             outs.append(out)
-            inp = torch.cat([out[:, :1].detach() * 0 + feat[:, :1], out[:, :-1]], dim=1)
+            inp = torch.cat([feat[:, :1], out[:, :-1]], dim=1)  # row 0 has no predecessor (masked out of the loss)
         return outs
 
     # ---- tokens ---------------------------------------------------------------------------
@@ -183,7 +179,7 @@ class EagleHead(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     # ---- files --------------------------------------------------------------------------
-    def state_for_file(self) -> dict[str, torch.Tensor]:
+    def state_for_file(self, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
         hc = self.hc
         q, kv = hc.n_heads * hc.head_dim, hc.n_kv_heads * hc.head_dim
         wq, wk, wv = self.wqkv.detach().split([q, kv, kv])
@@ -201,10 +197,9 @@ class EagleHead(nn.Module):
                        "layers.0.self_attn.v_proj.bias": bv})
         if self.attn_norm is not None:
             sd["layers.0.input_layernorm.weight"] = self.attn_norm
-        return {k: v.detach().to(torch.float16).contiguous() for k, v in sd.items()}
+        return {k: v.detach().to(dtype).contiguous() for k, v in sd.items()}
 
     def load_file_state(self, sd: dict[str, torch.Tensor], where: str) -> None:
-        hc = self.hc
         p = "layers.0."
 
         def get(name: str) -> torch.Tensor:
@@ -228,7 +223,6 @@ class EagleHead(nn.Module):
                     self.attn_norm.copy_(get(p + "input_layernorm.weight"))
         except RuntimeError as e:  # a shape mismatch
             raise ModelError(f"draft head {where} does not fit this target's shape: {e}") from None
-        del hc
 
 
 def save_head(head: EagleHead, out: Path, report: dict | None = None) -> Path:
@@ -357,6 +351,16 @@ class EagleDrafter:
                              max_capacity=max(256, target.cfg.max_position))
         self.reset([])
 
+    def fresh(self) -> EagleDrafter:
+        """A drafter for another request sharing this one's weights (per-request state is separate)."""
+        other = EagleDrafter.__new__(EagleDrafter)
+        other.head, other.target, other.name, other.dtype = self.head, self.target, self.name, self.dtype
+        other.lm_rows, other.vocab = self.lm_rows, self.vocab
+        other.cache = KVCache(1, self.head.hc.n_kv_heads, self.head.hc.head_dim, self.dtype, 256,
+                              max_capacity=self.cache.max_capacity)
+        other.reset([])
+        return other
+
     def reset(self, prompt: list[int]) -> None:
         self.cache.truncate(0)
         self._tokens: list[int] = []
@@ -456,10 +460,7 @@ class EagleDrafter:
     @torch.inference_mode()
     def recompute_logprobs(self, context: list[int], path: Sequence[int]) -> torch.Tensor:
         """Test helper: log-probs after ``context`` + ``path`` computed from scratch (fresh cache)."""
-        fresh = EagleDrafter.__new__(EagleDrafter)
-        fresh.head, fresh.target, fresh.name, fresh.dtype = self.head, self.target, self.name, self.dtype
-        fresh.lm_rows, fresh.vocab = self.lm_rows, self.vocab
-        fresh.cache = KVCache(1, self.head.hc.n_kv_heads, self.head.hc.head_dim, self.dtype, 256)
+        fresh = self.fresh()
         n = len(context) - 1
         feats = self._feats[:n]
         toks = torch.tensor(context[1:n + 1])
@@ -476,9 +477,36 @@ def _causal(past: int, t: int) -> torch.Tensor:
     return m
 
 
+DEFAULT_SPEC = "eagle+ngram"
+
+
+def default_drafter(model) -> str:
+    """The default drafter spec for a model: the shipped head (with n-gram candidates) if one was
+    trained for exactly this target, else ``ngram``."""
+    from models.source import ModelSource
+
+    src = model if isinstance(model, ModelSource) else ModelSource.resolve(model)
+    try:
+        find_head(src.fingerprint, src.config)
+    except ModelError:
+        return "ngram"
+    return DEFAULT_SPEC
+
+
+def _assumed_fingerprint(target: Stage) -> str | None:
+    """Without a source, assume the embedded default model when the target has its exact shape."""
+    from models.source import ModelSource
+
+    try:
+        src = ModelSource.resolve("default")
+        return src.fingerprint if src.config == target.cfg else None
+    except ModelError:
+        return None
+
+
 def load_eagle_drafter(spec_path: str | None, target: Stage, source=None) -> EagleDrafter:
     """``eagle`` (the shipped head matching the target) or ``eagle:PATH``."""
-    fp = source.fingerprint if source is not None else None
+    fp = source.fingerprint if source is not None else _assumed_fingerprint(target)
     path = Path(spec_path) if spec_path else find_head(fp, target.cfg)
     head = load_head(path, target.cfg, fp)
     return EagleDrafter(head, target, name=f"eagle:{path.name}" if spec_path else "eagle")
@@ -486,7 +514,3 @@ def load_eagle_drafter(spec_path: str | None, target: Stage, source=None) -> Eag
 
 def head_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).glob("*") if f.is_file())
-
-
-def _unused() -> float:  # keep math imported for callers that extend log-prob handling
-    return math.inf

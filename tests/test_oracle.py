@@ -101,6 +101,7 @@ def embedded_references(embedded, embedded_tokenizer):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # 8 prompts x 64 tokens of the real model; ~2 min on a quiet 2-core box
 @pytest.mark.parametrize(("drafter_spec", "depth"), [("ngram", 8), ("model:default@6", 3)])
 def test_embedded_spec_equals_greedy(embedded, embedded_references, drafter_spec, depth):
     drafter = load_drafter(drafter_spec, embedded)
