@@ -304,7 +304,7 @@ def test_embedded_oracle_with_shipped_head(embedded, embedded_source, embedded_t
         prompt = chat_ids(embedded_tokenizer, q["turns"][0])
         want, gaps = greedy_reference(embedded, prompt, 64, set(eos))
         res = generate(embedded, prompt, max_new_tokens=64, drafter=drafter, eos_ids=eos,
-                       budget=TreeBudget(CostCurve({1: 1.0, 8: 1.3, 32: 2.0, 64: 3.0})))
+                       budget=TreeBudget(CostCurve({1: 1.0, 8: 1.75, 64: 5.0})))  # a CPU-like curve: small trees
         assert_matches_greedy(res.token_ids, want, gaps)
         accepted.append(res.stats.mean_accepted)
     assert sum(accepted) / len(accepted) > 1.2, accepted  # the head really drafts
