@@ -246,7 +246,7 @@ class Originator:
         left = lv.req.max_new_tokens - len(lv.out)
         t0 = self.timer()
         pool = lv.drafter.draft(lv.context, top_k=self.top_k, depth=max(1, min(self.depth, left)),
-                                max_nodes=self.pool)
+                                max_nodes=self.pool, keep=lv.budget.keep_hint())
         overhead = self.timer() - t0
         lv.stats.draft_seconds += overhead
         rows, gain = self._load(lv)

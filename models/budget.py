@@ -55,6 +55,7 @@ class TreeBudget:
         self.memory = memory
         self._pred = 1.0
         self._seen = alpha
+        self._last: int | None = None
 
     def choose(self, tree: Tree, overhead: float = 0.0, cost: CostCurve | None = None,
                load_rows: int = 0, load_gain: float = 0.0) -> int:
@@ -74,7 +75,13 @@ class TreeBudget:
             rate = gain / (overhead + cost(load_rows + n + 1))
             if rate > best_rate:
                 best_n, best_rate = n, rate
+        self._last = best_n
         return best_n
+
+    def keep_hint(self) -> int:
+        """How many nodes the next draft should be able to supply: twice the last choice, so the
+        tree can still grow when acceptance rises, and the whole budget before the first round."""
+        return self.max_nodes if self._last is None else min(self.max_nodes, max(8, 2 * self._last))
 
     def expected(self, tree: Tree) -> float:
         return sum(math.exp(s) for s in tree.scores[1:])

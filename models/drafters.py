@@ -23,8 +23,8 @@ class Drafter(Protocol):
     def reset(self, prompt: list[int]) -> None:
         """Start a new request whose context so far is ``prompt``."""
 
-    def draft(self, context: list[int], *, top_k: int, depth: int, max_nodes: int) -> Tree:
-        """A candidate tree rooted at ``context[-1]`` (the last emitted token)."""
+    def draft(self, context: list[int], *, top_k: int, depth: int, max_nodes: int, keep: int | None = None) -> Tree:
+        """A candidate tree rooted at ``context[-1]`` (the last emitted token); ``keep``: see :func:`grow_tree`."""
 
     def accept(self, context: list[int], hidden: torch.Tensor | None) -> None:
         """``context`` is now committed (its last token is the next root).
@@ -75,7 +75,7 @@ class NGramDrafter:
                 return [(tok, math.log(w * c / total)) for tok, c in counts.most_common(k)]
         return []
 
-    def draft(self, context: list[int], *, top_k: int, depth: int, max_nodes: int) -> Tree:
+    def draft(self, context: list[int], *, top_k: int, depth: int, max_nodes: int, keep: int | None = None) -> Tree:
         if context[: self._seen] != self._context[: self._seen] or len(context) < self._seen:
             self.reset(context[:-1])
         self.accept(context, None)
@@ -83,7 +83,7 @@ class NGramDrafter:
         def expand(tree: Tree, nodes: list[int], k: int) -> list[list[tuple[int, float]]]:
             return [self._propose(context[:-1] + tree.path_tokens(u), k) for u in nodes]
 
-        return grow_tree(context[-1], expand, top_k=top_k, depth=depth, max_nodes=max_nodes)
+        return grow_tree(context[-1], expand, top_k=top_k, depth=depth, max_nodes=max_nodes, keep=keep)
 
 
 class ModelDrafter:
@@ -121,7 +121,7 @@ class ModelDrafter:
         self._context = list(committed)
 
     @torch.inference_mode()
-    def draft(self, context: list[int], *, top_k: int, depth: int, max_nodes: int) -> Tree:
+    def draft(self, context: list[int], *, top_k: int, depth: int, max_nodes: int, keep: int | None = None) -> Tree:
         self._sync(context)
         base = self.cache.length
         slot: dict[int, int] = {}  # tree node -> cache slot of its draft KV
@@ -151,7 +151,7 @@ class ModelDrafter:
 
         self._logp: dict[int, torch.Tensor] = {}
         try:
-            return grow_tree(context[-1], expand, top_k=top_k, depth=depth, max_nodes=max_nodes)
+            return grow_tree(context[-1], expand, top_k=top_k, depth=depth, max_nodes=max_nodes, keep=keep)
         finally:
             self.cache.truncate(base)
             self._logp = {}
@@ -179,10 +179,10 @@ class MergedDrafter:
         for p in self.parts:
             p.accept(context, hidden)
 
-    def draft(self, context: list[int], *, top_k: int, depth: int, max_nodes: int) -> Tree:
-        tree = self.parts[0].draft(context, top_k=top_k, depth=depth, max_nodes=max_nodes)
+    def draft(self, context: list[int], *, top_k: int, depth: int, max_nodes: int, keep: int | None = None) -> Tree:
+        tree = self.parts[0].draft(context, top_k=top_k, depth=depth, max_nodes=max_nodes, keep=keep)
         for p in self.parts[1:]:
-            tree.merge(p.draft(context, top_k=top_k, depth=depth, max_nodes=max_nodes), 0)
+            tree.merge(p.draft(context, top_k=top_k, depth=depth, max_nodes=max_nodes, keep=keep), 0)
         return tree
 
 

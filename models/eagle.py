@@ -412,7 +412,7 @@ class EagleDrafter:
         return torch.log_softmax(self.head.sub_logits(feats, self.lm_rows), dim=-1)
 
     @torch.inference_mode()
-    def draft(self, context: list[int], *, top_k: int, depth: int, max_nodes: int) -> Tree:
+    def draft(self, context: list[int], *, top_k: int, depth: int, max_nodes: int, keep: int | None = None) -> Tree:
         if len(context) < 2:
             return Tree.root(context[-1])
         root_out = self._sync(context)
@@ -453,7 +453,7 @@ class EagleDrafter:
             return res
 
         try:
-            return grow_tree(context[-1], expand, top_k=top_k, depth=depth, max_nodes=max_nodes)
+            return grow_tree(context[-1], expand, top_k=top_k, depth=depth, max_nodes=max_nodes, keep=keep)
         finally:
             self.cache.truncate(base)
 

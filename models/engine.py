@@ -123,7 +123,7 @@ def generate(target: Stage, prompt: Sequence[int], *, max_new_tokens: int = 128,
             context.append(out[-1])
             continue
         td = time.perf_counter()
-        pool_tree = drafter.draft(context, top_k=top_k, depth=depth, max_nodes=pool)
+        pool_tree = drafter.draft(context, top_k=top_k, depth=depth, max_nodes=pool, keep=budget.keep_hint())
         draft_s = time.perf_counter() - td
         stats.draft_seconds += draft_s
         tree = pool_tree.best(budget.choose(pool_tree, overhead=draft_s))

@@ -164,11 +164,16 @@ class Tree:
         return torch.tensor([base + self.depth[i] for i in nodes], dtype=torch.long)
 
 
-def grow_tree(root_token: int, expand: Expand, *, top_k: int, depth: int, max_nodes: int) -> Tree:
+def grow_tree(root_token: int, expand: Expand, *, top_k: int, depth: int, max_nodes: int,
+              keep: int | None = None) -> Tree:
     """EAGLE-2 style expansion: at each level expand the ``top_k`` best frontier nodes by cumulative
     log-prob, each into its ``top_k`` best children, until ``depth`` levels or ``max_nodes`` nodes.
 
-    The result is a candidate pool; :meth:`Tree.best` keeps the nodes worth verifying.
+    The result is a candidate pool; :meth:`Tree.best` keeps the nodes worth verifying. ``keep``
+    is how many of them the caller expects to verify at most: a child never outscores its parent,
+    so a frontier node scoring below the ``keep``-th best node so far can only have descendants
+    that :meth:`Tree.best` would drop, and it is not expanded. On a CPU, where every draft level
+    costs a few percent of a target forward, this stops the draft after the levels that matter.
     """
     tree = Tree.root(root_token)
     frontier = [0]
@@ -183,6 +188,11 @@ def grow_tree(root_token: int, expand: Expand, *, top_k: int, depth: int, max_no
         if not new:
             break
         frontier = sorted(new, key=lambda i: (-tree.scores[i], i))[:top_k]
+        if keep is not None and len(tree) - 1 >= keep:
+            cut = sorted(tree.scores[1:], reverse=True)[keep - 1]
+            frontier = [i for i in frontier if tree.scores[i] > cut]
+            if not frontier:
+                break
     return tree
 
 

@@ -185,8 +185,8 @@ class CheckingDrafter:
     def accept(self, context, hidden):
         self.inner.accept(context, hidden)
 
-    def draft(self, context, *, top_k, depth, max_nodes):
-        tree = self.inner.draft(context, top_k=top_k, depth=depth, max_nodes=max_nodes)
+    def draft(self, context, *, top_k, depth, max_nodes, keep=None):
+        tree = self.inner.draft(context, top_k=top_k, depth=depth, max_nodes=max_nodes, keep=keep)
         assert self.inner.cache.length == len(context) - 1  # cropped back to the committed rows
         vocab = self.inner.vocab
         for u in range(1, len(tree)):

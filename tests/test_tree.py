@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import random
 
+import pytest
 import torch
 
 from models.tree import Tree, grow_tree, split_segments
@@ -96,3 +97,24 @@ def test_grow_tree_is_eagle2_like():
     best = t.best(5)
     assert best.tokens[:2] == [99, 0] and len(best) == 6
     assert torch.equal(best.ancestor_mask().diagonal(), torch.ones(6, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_grow_tree_keep_prunes_only_what_best_would_drop(seed):
+    """With ``keep=n`` the draft stops expanding hopeless nodes, and best(n) is unchanged."""
+    import random
+
+    def expand(tree, nodes, k):  # a deterministic pseudo-random distribution per path
+        out = []
+        for u in nodes:
+            rng = random.Random(hash((seed, tuple(tree.path_tokens(u)))))
+            ps = sorted((rng.random() ** 3 for _ in range(k)), reverse=True)
+            out.append([(j, math.log(p / (1.0 + sum(ps)))) for j, p in enumerate(ps)])
+        return out
+
+    full = grow_tree(7, expand, top_k=4, depth=8, max_nodes=10_000)
+    for n in (1, 4, 8, 16):
+        pruned = grow_tree(7, expand, top_k=4, depth=8, max_nodes=10_000, keep=n)
+        assert len(pruned) <= len(full)
+        paths = lambda t: sorted(tuple(t.path_tokens(i)) for i in range(len(t)))  # noqa: E731
+        assert paths(pruned.best(n)) == paths(full.best(n))
