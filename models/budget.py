@@ -81,7 +81,7 @@ class TreeBudget:
     def keep_hint(self) -> int:
         """How many nodes the next draft should be able to supply: twice the last choice, so the
         tree can still grow when acceptance rises, and the whole budget before the first round."""
-        return self.max_nodes if self._last is None else min(self.max_nodes, max(8, 2 * self._last))
+        return self.max_nodes if self._last is None else min(self.max_nodes, self._last + max(4, self._last // 2))
 
     def expected(self, tree: Tree) -> float:
         return sum(math.exp(s) for s in tree.scores[1:])
