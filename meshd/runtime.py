@@ -283,14 +283,8 @@ class Runtime:
             kind, p = self._inbox.popleft()
             if kind == "result":
                 results.append(p)
-            elif self.worker is None:
-                continue
-            elif kind == "segment":
-                self.worker.enqueue(p)
-            elif kind == "prune":
-                self.worker.prune(p)
-            elif kind == "cancel":
-                self.worker.close(p)
+            elif self.worker is not None:
+                self.worker.handle(kind, p)
         return results
 
     async def _compute_loop(self) -> None:

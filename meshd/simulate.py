@@ -544,7 +544,7 @@ class Simulation:
                     self._send(dev.index, d, ("prune", a.prune), nbytes, t)
             elif isinstance(a, CloseSessions):
                 for d in self.stage_devices:
-                    self._send(dev.index, d, ("close", a.request_id), SEGMENT_META_BYTES, t)
+                    self._send(dev.index, d, ("cancel", a.request_id), SEGMENT_META_BYTES, t)
             elif isinstance(a, Emit):
                 tr = self.traces[a.request_id]
                 tr.tokens.extend(a.tokens)
@@ -572,15 +572,11 @@ class Simulation:
 
     def _deliver(self, dev: _Device, msg: tuple) -> None:
         kind, p = msg
-        if kind == "segment":
-            dev.worker.enqueue(p)
-            self._wake(dev)
-        elif kind == "prune":
-            dev.worker.prune(p)
-        elif kind == "close":
-            dev.worker.close(p)
-        elif kind == "result":
+        if kind == "result":
             dev.results.append(p)
+        else:
+            dev.worker.handle(kind, p)
+        if kind in ("segment", "result"):
             self._wake(dev)
 
 

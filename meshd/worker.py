@@ -95,6 +95,21 @@ class StageWorker:
         self.shared_forwards = 0  # forwards that carried rows of more than one request (the ring was shared)
 
     # ---- events ---------------------------------------------------------------------------
+    def handle(self, kind: str, payload) -> None:
+        """Apply one ring message (``segment``, ``prune`` or ``cancel``) in arrival order.
+
+        The daemon's inbox and the simulator's event queue both deliver through here, so the
+        simulated worker sees exactly the message semantics the real one does.
+        """
+        if kind == "segment":
+            self.enqueue(payload)
+        elif kind == "prune":
+            self.prune(payload)
+        elif kind == "cancel":
+            self.close(payload)
+        else:
+            raise ValueError(f"unknown ring message kind {kind!r}")
+
     def enqueue(self, seg: Segment) -> None:
         if seg.request_id in self.closed:
             return

@@ -79,3 +79,22 @@ def spec_bench(n_per_category: int, categories: int | None = None, held_out: boo
             seen[cat] = seen.get(cat, 0) + 1
             out.append(r)
     return out
+
+
+@pytest.fixture
+async def rt(embedded_tokenizer):
+    """The REST API's runtime faked (canned generation, real tokenizer): API and client tests."""
+    from fake_runtime import FakeRuntime
+
+    return FakeRuntime(embedded_tokenizer)
+
+
+@pytest.fixture
+async def url(rt):
+    """Base URL of the real REST app serving ``rt`` on a free loopback port."""
+    from fake_runtime import serve
+
+    from meshd.api import create_app
+
+    async with serve(create_app(rt)) as u:
+        yield u

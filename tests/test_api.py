@@ -18,16 +18,6 @@ from models.text import encode_messages
 pytestmark = pytest.mark.timeout(60)
 
 
-@pytest.fixture
-async def rt(embedded_tokenizer):
-    return FakeRuntime(embedded_tokenizer)
-
-
-@pytest.fixture
-async def url(rt):
-    async with serve(create_app(rt)) as u:
-        yield u
-
 
 def oai(url: str, key: str = "none") -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=20)

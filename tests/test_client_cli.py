@@ -10,7 +10,7 @@ import os
 import sys
 
 import pytest
-from fake_runtime import REPLY, FakeRuntime, serve
+from fake_runtime import REPLY, serve
 
 from meshd.api import create_app
 from meshd.statusview import render
@@ -18,16 +18,6 @@ from models.text import encode_messages
 
 pytestmark = pytest.mark.timeout(60)
 
-
-@pytest.fixture
-async def rt(embedded_tokenizer):
-    return FakeRuntime(embedded_tokenizer)
-
-
-@pytest.fixture
-async def url(rt):
-    async with serve(create_app(rt)) as u:
-        yield u
 
 
 async def meshd(*argv: str, stdin: str | None = None, env: dict | None = None) -> tuple[int, str, str]:
