@@ -272,8 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--cores", type=int, default=None, help="CPU cores shared by all devices (default: one each)")
     sm.add_argument("--questions", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"
                                                / "spec_bench_questions.jsonl"))
-    sm.add_argument("--calibrate-with", default=None, metavar="FILE",
-                    help="measured loopback results (JSON): print simulated vs measured tokens/s")
+    sm.add_argument("--calibrate-with", nargs="+", default=None, metavar="FILE",
+                    help="measured loopback results (JSON, e.g. runs/bench-*.json): simulated vs measured tokens/s")
+    sm.add_argument("--fit-scale", default="ar", metavar="MODE",
+                    help="calibration: fit one compute-cost factor on the first record's MODE ('none': no fit)")
     sm.add_argument("--json", action="store_true", help="print the JSON record instead of the table")
     sm.add_argument("--out", default=None, help="also write the JSON record here")
     sm.set_defaults(func=cmd_simulate)

@@ -772,7 +772,7 @@ def calibration_rows(spec: dict, simulated: dict[str, float]) -> list[dict]:
 def calibration_table(rows: list[dict]) -> str:
     lines = ["| stages | link | mode | measured tok/s | simulated tok/s | error |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['stages']} | {r['link']} | {r['mode']} | {r['measured']:.2f} | {r['simulated']:.2f} | "
-              f"{r['rel_error'] * 100:+.1f}% |" for r in rows]
+              f"{r['rel_error'] * 100:+.1f}%{' (fit)' if r.get('fitted') else ''} |" for r in rows]
     return "\n".join(lines)
 
 
@@ -826,32 +826,64 @@ def _simulate(env: _Env, questions: list[dict], *, stages: int, profile: Profile
     return res, spec
 
 
-def _calibrate(env: _Env, args, path: Path) -> int:
+def _calibrate(env: _Env, args, paths: Sequence[Path]) -> int:
+    """Simulate each measured mesh and print simulated vs measured tokens/s.
+
+    With ``--fit-scale MODE`` (default ``ar``) one number is fitted first: a factor on every
+    compute cost, chosen so the first record's MODE matches its measurement. The profile is a
+    microbenchmark of bare forwards; a daemon also pays its event loop, executor hand-offs, codec
+    and the memory traffic of its neighbours, which scale with the compute it wraps. Every other
+    figure in the table is then a prediction of the simulator, not a fit.
+    """
     from meshd.bench import load_questions
 
     profile = measure_profile(env.full, env.source.fingerprint)
-    all_rows = []
-    for spec in calibration_specs(json.loads(path.read_text())):
-        qs = load_questions(Path(args.questions), None, per_category=1000)
+    specs = [s for p in paths for s in calibration_specs(json.loads(Path(p).read_text()))]
+    qs = load_questions(Path(args.questions), None, per_category=1000)
+
+    def run(spec: dict, modes: list[str], scale: float) -> dict[str, float]:
         ids = spec.get("question_ids")
         questions = [q for q in qs if q["question_id"] in set(ids)] if ids else \
             pick_questions(Path(args.questions), spec.get("prompts", args.prompts))
-        _progress(f"calibrating: {spec['stages']} stages, link {spec.get('link', '0/inf')}, {len(questions)} prompts")
+        _progress(f"calibrating: {spec['stages']} stages, link {spec.get('link', '0/inf')}, {len(questions)} "
+                  f"prompts, modes {','.join(modes)}, compute x{scale:.3f}")
         want = spec.get("dtype")
         if want not in (None, "auto") and parse_dtype(want) != env.full.dtype:
             _progress(f"warning: the record ran {want}, this simulation {env.full.dtype}; pass --dtype {want}")
         res, _ = _simulate(env, questions, stages=spec["stages"], profile=profile,
-                           link=parse_link(spec.get("link") or "0/inf"), modes=list(spec["modes"]),
+                           link=parse_link(spec.get("link") or "0/inf"), modes=modes,
                            drafter=spec.get("drafter") or args.drafter, max_tokens=spec.get("max_tokens", 128),
                            origins=parse_origins(str(spec.get("originator", 0)), 1),
-                           compute_scale=spec.get("compute_scale", 1.0), cores=spec.get("cores", os.cpu_count()),
-                           rate=0.0, seed=args.seed, temperature=0.0)
+                           compute_scale=spec.get("compute_scale", 1.0) * scale,
+                           cores=spec.get("cores", os.cpu_count()), rate=0.0, seed=args.seed, temperature=0.0)
         key = "decode_tokens_per_s" if spec.get("metric") == "decode" else "tokens_per_s"
-        all_rows += calibration_rows(spec, {m: summarize(r)[key] for m, r in res.items()})
+        return {m: summarize(r)[key] for m, r in res.items()}
+
+    scale, fitted = 1.0, None
+    fit_mode = getattr(args, "fit_scale", None)
+    if fit_mode and fit_mode != "none":
+        first = next((s for s in specs if fit_mode in s["modes"]), None)
+        if first is None:
+            raise ValueError(f"--fit-scale {fit_mode}: no calibration record measured that mode")
+        for _ in range(4):  # link time does not scale, so a few fixed-point steps (one suffices on 0/inf links)
+            sim = run(first, [fit_mode], scale)[fit_mode]
+            scale *= sim / first["modes"][fit_mode]
+            if abs(sim / first["modes"][fit_mode] - 1.0) < 0.01:
+                break
+        fitted = (first["stages"], first.get("link", "0/inf"), fit_mode)
+        _progress(f"fitted compute scale {scale:.3f} on {first['stages']} stages / {fit_mode}")
+    all_rows = []
+    for spec in specs:
+        rows = calibration_rows(spec, run(spec, list(spec["modes"]), scale))
+        for r in rows:
+            r["fitted"] = (r["stages"], r["link"], r["mode"]) == fitted
+        all_rows += rows
     if args.json:
-        print(json.dumps({"profile": profile.to_json(), "calibration": all_rows}))
+        print(json.dumps({"profile": profile.to_json(), "compute_scale": scale, "calibration": all_rows}))
     else:
-        print(f"simulator calibration: profile {profile.note}")
+        print(f"simulator calibration: profile {profile.note}; compute scale {scale:.3f}"
+              + (f" (fitted on {fitted[0]} stages / {fitted[2]}, marked 'fit'; every other row is predicted)"
+                 if fitted else ""))
         print(calibration_table(all_rows))
     return 0
 
@@ -862,7 +894,7 @@ def main(args) -> int:
     torch.set_num_threads(1 if measured else (args.threads or 1))  # one: no oversubscription on a shared box
     env = _Env(args.model, args.dtype)
     if args.calibrate_with:
-        return _calibrate(env, args, Path(args.calibrate_with))
+        return _calibrate(env, args, [Path(p) for p in args.calibrate_with])
     profile = load_profile(args.profile, env.full, env.source.fingerprint)
     link = parse_link(args.link)
     origins = parse_origins(args.originator, args.originators)

@@ -257,12 +257,19 @@ def test_cli_calibration_against_a_measured_record(tiny_env, capsys, tmp_path, m
     rec = tmp_path / "measured.json"
     rec.write_text(json.dumps({"stages": 2, "link": "1ms/1000mbit", "threads_per_stage": 1, "max_tokens": 8,
                                "prompts": 1, "drafter": "ngram", "modes": {"ar": 50.0, "flow": 80.0}}))
-    assert cli.main(["simulate", "--calibrate-with", str(rec), "--json"]) == 0
-    out = json.loads(capsys.readouterr().out)
-    assert out["profile"]["name"] == "this-device" and list((tmp_path / "cache").rglob("sim-*.json"))
-    assert [r["mode"] for r in out["calibration"]] == ["ar", "flow"]
-    for r in out["calibration"]:
+    assert cli.main(["simulate", "--calibrate-with", str(rec), "--fit-scale", "none", "--json"]) == 0
+    raw = json.loads(capsys.readouterr().out)
+    assert raw["profile"]["name"] == "this-device" and list((tmp_path / "cache").rglob("sim-*.json"))
+    assert [r["mode"] for r in raw["calibration"]] == ["ar", "flow"] and raw["compute_scale"] == 1.0
+    for r in raw["calibration"]:
         assert r["simulated"] > 0 and r["rel_error"] == pytest.approx((r["simulated"] - r["measured"]) / r["measured"])
+        assert not r["fitted"]
+    # the default fits one compute factor on the first record's ar: that row matches, flow is predicted
+    assert cli.main(["simulate", "--calibrate-with", str(rec), "--json"]) == 0
+    fit = json.loads(capsys.readouterr().out)
+    ar, flow = fit["calibration"]
+    assert ar["fitted"] and abs(ar["rel_error"]) < 0.05 and not flow["fitted"]
+    assert fit["compute_scale"] > raw["calibration"][0]["simulated"] / 50.0  # the 1 ms links do not scale
 
 
 def test_cost_curve_helpers():
