@@ -275,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--calibrate-with", nargs="+", default=None, metavar="FILE",
                     help="measured loopback results (JSON, e.g. runs/bench-*.json): simulated vs measured tokens/s")
     sm.add_argument("--fit-scale", default="ar", metavar="MODE",
-                    help="calibration: fit one compute-cost factor on the first record's MODE ('none': no fit)")
+                    help="calibration: fit one compute-cost factor on MODE of every record ('none': no fit)")
     sm.add_argument("--json", action="store_true", help="print the JSON record instead of the table")
     sm.add_argument("--out", default=None, help="also write the JSON record here")
     sm.set_defaults(func=cmd_simulate)
