@@ -83,6 +83,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plot(args: argparse.Namespace) -> int:
+    from meshd import plots
+
+    return plots.main(args.records, args.out)
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     from meshd import simulate
 
@@ -279,6 +285,11 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--json", action="store_true", help="print the JSON record instead of the table")
     sm.add_argument("--out", default=None, help="also write the JSON record here")
     sm.set_defaults(func=cmd_simulate)
+
+    pl = sub.add_parser("plot", help="PNG plots from bench / simulate / load records (needs matplotlib)")
+    pl.add_argument("records", nargs="+", help="JSON records: runs/bench-*.json, meshd simulate --out files")
+    pl.add_argument("--out", default="docs/results", help="directory for the PNG files")
+    pl.set_defaults(func=cmd_plot)
 
     t = sub.add_parser("train-draft", help="self-distil an EAGLE draft head for a target model (resumable)")
     t.add_argument("--model", default="default", help="the target: GGUF file, HF safetensors dir, or 'default'")
