@@ -342,6 +342,7 @@ class _Generation:
                 "new_tokens": new, "seconds": round(seconds, 4),
                 "tokens_per_s": round(new / seconds, 3) if seconds > 0 else 0.0,
                 "target_forwards": st.target_forwards if st is not None else 0,
+                "verified_nodes": st.verified_nodes if st is not None else 0,
                 "token_ids": list(self.text.token_ids)}
 
 

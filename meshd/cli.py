@@ -70,6 +70,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                      args.per_category, held_out_only=args.held_out)
     modes_arg = args.modes or ("ar,spec:ngram" if args.backend == "local" else "ar,chunk,flow")
     labels = modes_arg.split(",")
+    if args.load:
+        return _bench_load(args, questions, labels)
     with bench.open_backend(args) as backend:
         modes = {m: backend.runner(m) for m in labels}
         print(f"bench: {len(questions)} questions x {len(modes)} modes on {backend.describe()}, "
@@ -87,6 +89,35 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from meshd import plots
 
     return plots.main(args.records, args.out)
+
+
+def _bench_load(args: argparse.Namespace, questions: list[dict], modes: list[str]) -> int:
+    """``meshd bench --load RATES``: Poisson load on real daemons, several originators."""
+    import time
+
+    from meshd import bench, loadtest
+
+    if args.backend != "daemons":
+        raise ValueError("--load needs --backend daemons: it measures real daemons under concurrent requests")
+    rates = [float(r) for r in args.load.split(",")]
+    with bench.open_backend(args) as backend:
+        k = min(args.originators or args.stages, args.stages)
+        urls = [backend.mesh.url(i) for i in range(k)]
+        print(f"load test: rates {rates} req/s x {args.requests} requests, modes {','.join(modes)}, {k} originators, "
+              f"{backend.describe()}, {args.max_tokens} new tokens, T={args.temperature}", file=sys.stderr)
+        rows = loadtest.run(urls, backend.model, [q["turns"][0] for q in questions], rates, modes, n=args.requests,
+                            max_tokens=args.max_tokens, temperature=args.temperature, progress=bench.progress_printer)
+        config = {k: v for k, v in vars(args).items() if k != "func"} | {"backend_info": backend.describe(),
+                                                                          "originators": k}
+    md = loadtest.table(rows)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"load-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps({"config": config, "machine": bench.machine_info(), "load": {"rows": rows}}, indent=1))
+    path.with_suffix(".md").write_text(f"measured: {config['backend_info']}\n\n{md}\n")
+    print(md)
+    print(f"record: {path}", file=sys.stderr)
+    return 0
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -255,6 +286,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-tokens", type=int, default=128)
     b.add_argument("--temperature", type=float, default=0.0)
     b.add_argument("--out", default="runs", help="directory for the JSON record and markdown table")
+    b.add_argument("--load", default=None, metavar="RATES",
+                   help="load test instead: comma-separated Poisson arrival rates (requests/s), daemons only")
+    b.add_argument("--requests", type=int, default=12, help="load test: requests per rate and mode")
+    b.add_argument("--originators", type=int, default=None,
+                   help="load test: spread requests over the first K daemons' APIs (default: all)")
     b.set_defaults(func=cmd_bench)
 
     sm = sub.add_parser("simulate", help="project the mesh onto devices we do not have (discrete-event simulator)",

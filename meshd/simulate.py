@@ -35,7 +35,6 @@ import itertools
 import json
 import math
 import os
-import random
 import re
 import statistics
 import sys
@@ -47,6 +46,7 @@ from pathlib import Path
 
 import torch
 
+from meshd.loadtest import percentile, poisson_arrivals
 from meshd.pipeline import split_layers
 from meshd.scheduler import CloseSessions, Emit, Finish, Originator, Request, SendPrune, SendSegment
 from meshd.segments import Segment
@@ -581,23 +581,6 @@ class Simulation:
 
 
 # ---- runs over many prompts ---------------------------------------------------------------
-def poisson_arrivals(n: int, rate: float, seed: int = 0) -> list[float]:
-    """``n`` arrival times of a Poisson process of ``rate`` requests/s (deterministic per seed)."""
-    rng = random.Random(seed)
-    t, out = 0.0, []
-    for _ in range(n):
-        t += rng.expovariate(rate)
-        out.append(t)
-    return out
-
-
-def percentile(xs: Sequence[float], q: float) -> float:
-    xs = sorted(x for x in xs if not math.isnan(x))
-    if not xs:
-        return math.nan
-    return xs[min(len(xs) - 1, max(0, math.ceil(q / 100 * len(xs)) - 1))]
-
-
 def summarize(results: Iterable[SimResult]) -> dict:
     """Figures for one mode over several runs: totals over totals, like ``bench.summarize``."""
     results = list(results)
