@@ -38,7 +38,7 @@ test: $(STAMP) test-tools
 	$(BIN)/python -m pytest -q -ra
 
 bench: $(STAMP)
-	$(BIN)/meshd bench
+	$(BIN)/meshd bench --backend daemons --stages 2 --n-categories 13 --per-category 1 --temperature 0,1
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -120,7 +120,12 @@ def machine_info() -> dict:
 
 def write_record(out_dir: Path, config: dict, runs: list[Run], table: dict, markdown: str) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    stamp = time.strftime('%Y%m%d-%H%M%S')
+    path = out_dir / f"bench-{stamp}.json"
+    n = 1
+    while path.exists():  # two runs in one second (one per temperature) must not overwrite each other
+        n += 1
+        path = out_dir / f"bench-{stamp}-{n}.json"
     path.write_text(json.dumps({"config": config, "machine": machine_info(), "summary": table,
                                 "runs": [r.__dict__ for r in runs]}, indent=1))
     (path.with_suffix(".md")).write_text(markdown + "\n")
@@ -162,7 +167,8 @@ class LocalBackend:
         import torch
 
         where = f"{self.stages} in-process stages" if self.stages > 1 else "one device"
-        return f"{where}, {torch.get_num_threads()} threads, dtype {str(self.engine.target.dtype)[6:]}"
+        n = torch.get_num_threads()
+        return f"{where}, {n} thread{'s' if n > 1 else ''}, dtype {str(self.engine.target.dtype)[6:]}"
 
     def runner(self, label: str) -> Callable[[str], dict]:
         mode, _, drafter = label.partition(":")
@@ -212,6 +218,8 @@ class DaemonBackend:
         from meshd.testbed import http
 
         a = self.args
+        if label.startswith("local:"):  # the single-device baseline, in this process, while the daemons idle
+            return self._local(label.removeprefix("local:"))
 
         def run(text: str) -> dict:
             code, body = http("POST", self.mesh.url(0) + "/v1/chat/completions", {
@@ -222,6 +230,20 @@ class DaemonBackend:
             return body["meshd"]
 
         return run
+
+    def _local(self, label: str) -> Callable[[str], dict]:
+        import torch
+
+        from meshd.local import LocalEngine
+
+        if not hasattr(self, "engine"):
+            torch.set_num_threads(self.args.threads or 1)  # one device = what one daemon has
+            self.engine = LocalEngine(self.args.model, self.args.dtype)
+            self.engine.curve  # noqa: B018 - measure (or load) the cost curve before timing anything
+        mode, _, drafter = label.partition(":")
+        a = self.args
+        return lambda text: self.engine.run(text, mode=mode, drafter=drafter or a.drafter, max_tokens=a.max_tokens,
+                                            temperature=a.temperature, seed=0)
 
     def close(self) -> None:
         self.mesh.close() if hasattr(self, "mesh") else None

@@ -68,20 +68,28 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     questions = bench.load_questions(Path(args.questions), args.categories or args.n_categories,
                                      args.per_category, held_out_only=args.held_out)
-    modes_arg = args.modes or ("ar,spec:ngram" if args.backend == "local" else "ar,chunk,flow")
-    labels = modes_arg.split(",")
+    default_modes = {"local": "ar,spec:ngram", "daemons": "local:spec,ar,chunk,flow", "inprocess": "ar,chunk,flow"}
+    labels = (args.modes or default_modes[args.backend]).split(",")
+    try:
+        temperatures = [float(t) for t in str(args.temperature).split(",")]
+    except ValueError:
+        raise ValueError(f"--temperature {args.temperature!r}: expected numbers, e.g. 0 or 0,1") from None
     if args.load:
-        return _bench_load(args, questions, labels)
+        args.temperature = temperatures[0]
+        return _bench_load(args, questions, [m for m in labels if not m.startswith("local:")])
     with bench.open_backend(args) as backend:
-        modes = {m: backend.runner(m) for m in labels}
-        print(f"bench: {len(questions)} questions x {len(modes)} modes on {backend.describe()}, "
-              f"{args.max_tokens} new tokens, T={args.temperature}", file=sys.stderr)
-        runs = bench.run_interleaved(questions, modes, bench.progress_printer)
-        config = {k: v for k, v in vars(args).items() if k != "func"} | {"backend_info": backend.describe()}
-    table, md = bench.summarize(runs, baseline=labels[0])
-    path = bench.write_record(Path(args.out), config, runs, table, md)
-    print(md)
-    print(f"record: {path}", file=sys.stderr)
+        for temperature in temperatures:  # one record per temperature; modes interleaved within it
+            args.temperature = temperature
+            modes = {m: backend.runner(m) for m in labels}
+            print(f"bench: {len(questions)} questions x {len(modes)} modes on {backend.describe()}, "
+                  f"{args.max_tokens} new tokens, T={temperature}", file=sys.stderr)
+            runs = bench.run_interleaved(questions, modes, bench.progress_printer)
+            config = {k: v for k, v in vars(args).items() if k != "func"} | {"backend_info": backend.describe()}
+            table, md = bench.summarize(runs, baseline=labels[0])
+            md = f"{backend.describe()}, {args.max_tokens} new tokens, T={temperature}\n\n{md}"
+            path = bench.write_record(Path(args.out), config, runs, table, md)
+            print(md)
+            print(f"record: {path}", file=sys.stderr)
     return 0
 
 
@@ -267,12 +275,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="compare decoding modes on Spec-Bench questions (interleaved)")
     _add_model_args(b)
-    b.add_argument("--backend", choices=["local", "inprocess", "daemons"], default="local",
-                   help="local: one device (ar, spec:DRAFTER); inprocess: the mesh scheduler over --stages stages in "
-                        "this process; daemons: --stages real daemons on 127.0.0.1 (ar, chunk, flow)")
+    b.add_argument("--backend", choices=["local", "inprocess", "daemons"], default="daemons",
+                   help="daemons: --stages real daemons on 127.0.0.1 (ar, chunk, flow, and the single-device "
+                        "baseline local:ar / local:spec in this process); inprocess: the mesh scheduler over --stages "
+                        "stages in this process; local: one device only (ar, spec:DRAFTER)")
+    b.add_argument("--in-process", dest="backend", action="store_const", const="inprocess",
+                   help="same as --backend inprocess")
     b.add_argument("--stages", type=int, default=2)
     b.add_argument("--modes", default=None,
-                   help="comma-separated, first is the baseline (default: ar,spec:ngram locally, else ar,chunk,flow)")
+                   help="comma-separated, first is the baseline (default: ar,spec:ngram locally, "
+                        "local:spec,ar,chunk,flow on daemons, ar,chunk,flow in process)")
     b.add_argument("--link", default=None, help="emulated link for daemons, LATENCY/BANDWIDTH, e.g. 5ms/100mbit")
     b.add_argument("--device-slowdown", type=float, default=1.0,
                    help="daemons pad their compute to behave like a device this many times slower")
@@ -283,8 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--n-categories", type=int, default=8)
     b.add_argument("--per-category", type=int, default=5)
     b.add_argument("--held-out", action="store_true", help="only question_id %% 4 == 0 (never trained on)")
-    b.add_argument("--max-tokens", type=int, default=128)
-    b.add_argument("--temperature", type=float, default=0.0)
+    b.add_argument("--max-tokens", type=int, default=256)
+    b.add_argument("--temperature", default="0",
+                   help="comma-separated temperatures, e.g. 0,1: one run (and record) per temperature")
     b.add_argument("--out", default="runs", help="directory for the JSON record and markdown table")
     b.add_argument("--load", default=None, metavar="RATES",
                    help="load test instead: comma-separated Poisson arrival rates (requests/s), daemons only")

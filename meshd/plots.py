@@ -111,8 +111,10 @@ def plot_stages(records: list[dict], out: Path) -> Path | str:
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.set_xlabel("stages (devices)")
     ax.set_ylabel("speed-up (tokens/s ratio)")
-    cores = f"; {meas[0]['config'].get('backend_info', '')}" if meas else ""
-    ax.set_title(f"speed-up vs number of stages{cores}", fontsize=9)
+    ax.set_xticks(sorted({r["config"]["stages"] for r in meas + sims}))
+    where = f"\nmeasured: loopback daemons, 1 thread each, all sharing {meas[0].get('machine', {}).get('cpus', '?')} " \
+        "cores" if meas else ""
+    ax.set_title(f"speed-up vs number of stages{where}", fontsize=9)
     ax.legend(fontsize=8)
     return _save(fig, out / "speedup_vs_stages.png")
 
