@@ -182,19 +182,20 @@ def plot_load(records: list[dict], out: Path) -> Path | str:
     if len({r["rate"] for r in rows}) < 2:
         return "load: needs load results at 2+ arrival rates (meshd bench --load, or meshd simulate --rate)"
     plt = _plt()
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
-    panels: list[tuple[str, Callable[[dict], float], str]] = [
-        ("throughput", lambda r: r["throughput"], "tokens/s (all requests)"),
-        ("per-token latency p50 / p95", lambda r: r["tpot_p50"] * 1e3, "ms per token"),
-        ("verified nodes per round", lambda r: r.get("nodes_per_round", math.nan), "tree size"),
+    fig, axes = plt.subplots(1, 4, figsize=(17, 4.2))
+    panels: list[tuple[str, Callable[[dict], float], Callable[[dict], float] | None, str]] = [
+        ("throughput", lambda r: r["throughput"], None, "tokens/s (all requests)"),
+        ("time to first token p50 (dotted: p95)", lambda r: r["ttft_p50"], lambda r: r["ttft_p95"], "s"),
+        ("per-token latency p50 (dotted: p95)", lambda r: r["tpot_p50"] * 1e3, lambda r: r["tpot_p95"] * 1e3,
+         "ms per token"),
+        ("verified nodes per round", lambda r: r.get("nodes_per_round", math.nan), None, "tree size"),
     ]
-    for ax, (title, fn, ylabel) in zip(axes, panels):
+    for ax, (title, fn, fn95, ylabel) in zip(axes, panels):
         for mode in dict.fromkeys(r["mode"] for r in rows):
-            pts = sorted((r["rate"], fn(r), r) for r in rows if r["mode"] == mode)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=mode)
-            if "p95" in title:
-                ax.plot([p[0] for p in pts], [p[2]["tpot_p95"] * 1e3 for p in pts], "x:", alpha=0.6,
-                        label=f"{mode} p95")
+            pts = sorted(((r["rate"], r) for r in rows if r["mode"] == mode), key=lambda p: p[0])
+            (line,) = ax.plot([p[0] for p in pts], [fn(p[1]) for p in pts], "o-", label=mode)
+            if fn95:
+                ax.plot([p[0] for p in pts], [fn95(p[1]) for p in pts], "x:", alpha=0.7, color=line.get_color())
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("arrival rate (requests/s, Poisson)")
         ax.set_ylabel(ylabel)
