@@ -212,18 +212,20 @@ def plot_timeline(records: list[dict], out: Path) -> Path | str:
     rec = min(sims, key=lambda r: (r["config"].get("rate") or 0, -r["config"]["stages"]))
     busy = rec["timeline"]
     t0 = min(b["start"] for b in busy)
-    end = min(max(b["end"] for b in busy), t0 + 2.0 * (max(b["end"] for b in busy) - t0) / 3)
+    orig = sorted(b["start"] for b in busy if b["kind"] == "originator")
+    # a few rounds are readable, a whole answer is a barcode: show about eight originator turns
+    end = orig[min(len(orig) - 1, 8)] if len(orig) > 2 else max(b["end"] for b in busy)
     colours = {"stage": "tab:blue", "originator": "tab:orange"}
     plt = _plt()
     fig, ax = plt.subplots(figsize=(11, 0.6 * rec["config"]["stages"] + 1.8))
     for b in busy:
-        if b["start"] - t0 > end - t0:
+        if b["start"] > end:
             continue
         ax.broken_barh([((b["start"] - t0) * 1e3, (b["end"] - b["start"]) * 1e3)], (b["device"] - 0.4, 0.8),
                        color=colours.get(b["kind"], "tab:green"))
     devices = sorted({b["device"] for b in busy})
     ax.set_yticks(devices, [f"device {d}" for d in devices])
-    ax.set_xlabel("simulated time (ms)")
+    ax.set_xlabel("simulated time (ms), the first rounds of the request")
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colours.values()]
     ax.legend(handles, ["stage forward", "originator (draft, verify)"], fontsize=8, loc="upper right")
     cfg = rec["config"]
