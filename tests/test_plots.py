@@ -21,8 +21,8 @@ def bench_record(stages: int, link: str | None, speeds: dict[str, float], qids=(
 
 
 def sim_record(stages: int, rate: float, nodes: float) -> dict:
-    s = {"throughput": 10.0 + rate, "tpot_p50": 0.1, "tpot_p95": 0.2, "ttft_p50": 0.5, "nodes_per_round": nodes,
-         "mean_accepted": 1.5, "utilisation": [0.5] * stages}
+    s = {"throughput": 10.0 + rate, "tpot_p50": 0.1, "tpot_p95": 0.2, "ttft_p50": 0.5, "ttft_p95": 0.9,
+         "nodes_per_round": nodes, "mean_accepted": 1.5, "utilisation": [0.5] * stages}
     return {"label": "simulated", "config": {"stages": stages, "rate": rate, "link": "1ms/150mbit"},
             "profile": {"name": "jetson-orin-7b"}, "summary": {"flow": s, "ar": s | {"nodes_per_round": 1.0}},
             "ratios": {"flow/ar": 2.0, "flow/chunk": 1.3},
