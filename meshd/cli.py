@@ -46,7 +46,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.drafter == "auto":
         from models.eagle import default_drafter
 
-        args.drafter = default_drafter(eng.source if hasattr(eng, "source") else args.model)
+        args.drafter = default_drafter(eng.source)
     out = eng.run(args.prompt, mode=args.mode, drafter=args.drafter, max_tokens=args.max_tokens,
                   temperature=args.temperature, top_p=args.top_p, seed=args.seed, chat=args.chat,
                   on_text=None if args.json else show, stages=args.stages)
@@ -288,7 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--link", default=None, help="emulated link for daemons, LATENCY/BANDWIDTH, e.g. 5ms/100mbit")
     b.add_argument("--device-slowdown", type=float, default=1.0,
                    help="daemons pad their compute to behave like a device this many times slower")
-    b.add_argument("--drafter", default="ngram", help="drafter of the mesh modes (daemons and inprocess)")
+    b.add_argument("--drafter", default="auto", help="drafter of the mesh modes (daemons and inprocess) and of "
+                   "spec without a :DRAFTER suffix (auto: the shipped head with n-gram, else ngram)")
     b.add_argument("--questions", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"
                                               / "spec_bench_questions.jsonl"))
     b.add_argument("--categories", nargs="*", default=None, help="category names (default: the first N)")

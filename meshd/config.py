@@ -83,8 +83,9 @@ class Config:
         "memory this device offers the mesh, e.g. 2GiB (default: a share of MemAvailable)", size=True))
     max_context: int = field(default=4096, metadata=_opt("longest prompt + completion, in tokens", lo=16,
                                                          hi=1 << 20))
-    drafter: str = field(default="ngram", metadata=_opt(
-        "drafter when this device originates a request: ngram | eagle[:DIR] | eagle+ngram | model:PATH[@LAYERS]"))
+    drafter: str = field(default="auto", metadata=_opt(
+        "drafter when this device originates a request: auto (the shipped EAGLE head with n-gram candidates when "
+        "one matches the model, else ngram) | ngram | eagle[:DIR] | eagle+ngram | model:PATH[@LAYERS]"))
     device_slowdown: float = field(default=1.0, metadata=_opt(
         "make this device's stage this many times slower (emulate a weaker device in tests)", lo=1.0, hi=1000.0))
     # link emulation (stands in for a real LAN on loopback)

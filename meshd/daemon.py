@@ -108,7 +108,7 @@ class Daemon:
         source = ModelSource.resolve(cfg.model)
         head = await asyncio.to_thread(Stage.load, source, 0, 0, head=True, dtype=dtype)
         tokenizer = await asyncio.to_thread(source.load_tokenizer)
-        factory = await asyncio.to_thread(drafter_factory, cfg.drafter, head)
+        factory = await asyncio.to_thread(drafter_factory, cfg.drafter, head, source=source)
         emulation = None
         if cfg.latency_ms or cfg.bandwidth_mbps:
             emulation = LinkEmulation(cfg.latency_ms or 0.0, cfg.bandwidth_mbps or None)

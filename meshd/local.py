@@ -37,7 +37,7 @@ class LocalEngine:
 
     def drafter(self, spec: str) -> Drafter:
         if spec not in self._drafters:
-            self._drafters[spec] = load_drafter(spec, self.target)
+            self._drafters[spec] = load_drafter(spec, self.target, source=self.source)
         return self._drafters[spec]
 
     def encode(self, text: str, chat: bool | None = None) -> list[int]:
@@ -77,7 +77,7 @@ class LocalEngine:
         from meshd.scheduler import Request
         from models.drafters import drafter_factory
 
-        factory = drafter_factory(drafter, self.target) if mode != "ar" else None
+        factory = drafter_factory(drafter, self.target, source=self.source) if mode != "ar" else None
         pipe = build_local_pipeline(self.source, stages, factory, curves=CostCurve(self.curve), full=self.target)
         if on_text:
             shown, got = [""], []

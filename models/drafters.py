@@ -187,7 +187,7 @@ class MergedDrafter:
 
 
 def load_drafter(spec: str, target: Stage, dtype: torch.dtype | str | None = None, source=None) -> Drafter:
-    """Build a drafter from a CLI/config spec: ``ngram``, ``eagle[:PATH]``, ``eagle+ngram`` or
+    """Build a drafter from a CLI/config spec: ``auto``, ``ngram``, ``eagle[:PATH]``, ``eagle+ngram`` or
     ``model:PATH[@LAYERS]``.
 
     ``eagle`` is the shipped head trained for this target (matched by ``source``'s fingerprint;
@@ -198,6 +198,10 @@ def load_drafter(spec: str, target: Stage, dtype: torch.dtype | str | None = Non
     from models.config import ModelError
     from models.source import ModelSource
 
+    if spec == "auto":  # the shipped head for this target when there is one, else n-gram lookup
+        from models.eagle import default_drafter
+
+        return load_drafter(default_drafter(source) if source is not None else "ngram", target, dtype, source)
     if spec == "ngram":
         return NGramDrafter()
     if "+" in spec:
@@ -217,7 +221,8 @@ def load_drafter(spec: str, target: Stage, dtype: torch.dtype | str | None = Non
         n = int(layers) if layers else src.config.n_layers
         model = Stage.load(src, 0, min(n, src.config.n_layers), head=True, dtype=dtype or target.dtype)
         return ModelDrafter(model, name=f"model:{src.name}" + (f"@{n}" if layers else ""))
-    raise ValueError(f"unknown drafter {spec!r}; use 'ngram', 'eagle[:PATH]', 'eagle+ngram' or 'model:PATH[@LAYERS]'")
+    raise ValueError(f"unknown drafter {spec!r}; use 'auto', 'ngram', 'eagle[:PATH]', 'eagle+ngram' or "
+                     "'model:PATH[@LAYERS]'")
 
 
 def drafter_factory(spec: str, target: Stage, dtype: torch.dtype | str | None = None, source=None):

@@ -319,6 +319,14 @@ def test_missing_head_is_a_clear_error(tiny):
     with pytest.raises(ModelError, match="not found"):
         load_drafter("eagle:/nonexistent/head", target, source=src)
     assert isinstance(load_drafter("ngram", target), NGramDrafter)
+    assert isinstance(load_drafter("auto", target, source=src), NGramDrafter)  # no head for this target
+
+
+@pytest.mark.slow
+def test_auto_is_the_shipped_head_with_ngram(embedded, embedded_source):
+    drafter = load_drafter("auto", embedded, source=embedded_source)  # the daemon's and generate's default
+    assert isinstance(drafter, MergedDrafter) and drafter.name == "eagle+ngram"
+    assert isinstance(drafter.parts[0], EagleDrafter) and isinstance(drafter.parts[1], NGramDrafter)
 
 
 def test_rollout_dataclass_roundtrip():
