@@ -201,12 +201,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
         plan = mesh.wait_plan(list(range(args.peers)), args.peers, timeout=300)
         for s in plan["stages"]:
             print(f"  stage {s['node_id'][:8]}: layers {s['first_layer']}-{s['last_layer']}", file=sys.stderr)
-        print(f"asking peer {mesh.url(args.peers - 1)} (it drafts; the ring verifies, mode flow)\n", file=sys.stderr)
+        # ask a peer that does not hold the first layers: it originates (drafts, verifies) while its own
+        # slice sits in the middle or at the end of the ring, the case FlowSpec's fixed head device cannot do
+        first = next(s["node_id"] for s in plan["stages"] if s["first_layer"] == 0)
+        asked = next(i for i in reversed(range(args.peers)) if mesh.node_id(i) != first or args.peers == 1)
+        print(f"asking peer {mesh.url(asked)} (node {mesh.node_id(asked)[:8]}, not the first stage: it drafts, "
+              "the ring verifies, mode flow)\n", file=sys.stderr)
         print(f"Q: {args.question}\nA: ", end="", flush=True)
 
         async def ask() -> Reply:
             reply = Reply()
-            async with Client(mesh.url(args.peers - 1), timeout=600) as c:
+            async with Client(mesh.url(asked), timeout=600) as c:
                 async for text in c.stream_chat([{"role": "user", "content": args.question}], reply,
                                                 max_tokens=args.max_tokens, temperature=0, mode="flow"):
                     print(text, end="", flush=True)
@@ -216,7 +221,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"\n\n[flow over {args.peers} daemons] {st.get('new_tokens')} tokens in {st.get('seconds', 0):.2f}s "
               f"({st.get('tokens_per_s', 0):.1f} tok/s), {st.get('mean_accepted', 0):.2f} tokens per verification",
               file=sys.stderr)
-    return 0
+        print("stopping the daemons (SIGTERM) ...", file=sys.stderr)
+    codes = [p.returncode for p in mesh.procs]
+    print(f"stopped: exit codes {codes}", file=sys.stderr)
+    return 0 if all(c == 0 for c in codes) else 1
 
 
 def cmd_train_draft(args: argparse.Namespace) -> int:
@@ -364,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="answer one question with the embedded model")
     d.add_argument("question", nargs="?", default=DEMO_QUESTION)
     d.add_argument("--max-tokens", type=int, default=96)
-    d.add_argument("--peers", type=int, default=2, help="daemons in the demo mesh")
+    d.add_argument("--peers", type=int, default=3, help="daemons in the demo mesh")
     d.add_argument("--single", action="store_true", help="skip the mesh: the single-device engine only")
     d.set_defaults(func=cmd_demo)
 

@@ -83,6 +83,9 @@ class Config:
         "memory this device offers the mesh, e.g. 2GiB (default: a share of MemAvailable)", size=True))
     max_context: int = field(default=4096, metadata=_opt("longest prompt + completion, in tokens", lo=16,
                                                          hi=1 << 20))
+    session_timeout: float = field(default=300.0, metadata=_opt(
+        "seconds a stage keeps a request's KV session without traffic before freeing it (its originator vanished)",
+        lo=1.0, hi=86400.0))
     drafter: str = field(default="auto", metadata=_opt(
         "drafter when this device originates a request: auto (the shipped EAGLE head with n-gram candidates when "
         "one matches the model, else ngram) | ngram | eagle[:DIR] | eagle+ngram | model:PATH[@LAYERS]"))

@@ -113,6 +113,7 @@ class Daemon:
         if cfg.latency_ms or cfg.bandwidth_mbps:
             emulation = LinkEmulation(cfg.latency_ms or 0.0, cfg.bandwidth_mbps or None)
         self.runtime = rt = Runtime(source, head, factory, tokenizer=tokenizer, max_context=cfg.max_context,
+                                    session_timeout=cfg.session_timeout,
                                     compute_scale=getattr(cfg, "device_slowdown", 1.0) or 1.0)
         mesh_cfg = MeshConfig(
             api_port=cfg.port, state_dir=cfg.state_dir, mesh_name=cfg.mesh_name, fingerprint=source.fingerprint,

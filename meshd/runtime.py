@@ -105,8 +105,13 @@ class Runtime:
 
     def __init__(self, source: ModelSource, head: Stage, drafter_factory: Callable[[], Drafter] | None, *,
                  tokenizer: Any = None, node_id: str = "local", max_context: int = 4096,
-                 wire_dtype: torch.dtype | None = None, compute_scale: float = 1.0):
+                 wire_dtype: torch.dtype | None = None, compute_scale: float = 1.0,
+                 session_timeout: float = 300.0):
         self.source, self.head, self.tokenizer = source, head, tokenizer
+        # a stage frees a request's KV session after this long without traffic: its originator vanished
+        # (killed, partitioned) and will never send the close; swept from the compute loop
+        self.session_timeout = session_timeout
+        self._swept = time.monotonic()
         self.node_id, self.max_context = node_id, max_context
         self.model_name = source.name
         self.drafter_factory = drafter_factory
@@ -150,7 +155,8 @@ class Runtime:
     def install_worker(self, stage: Stage | None) -> None:
         """This device's slice for the coming plan (None: a pure originator)."""
         embed = self.head.embed if stage is not None and stage.first == 0 else None
-        self.worker = StageWorker(stage, embed=embed, compute_scale=self.compute_scale) if stage else None
+        self.worker = StageWorker(stage, embed=embed, compute_scale=self.compute_scale,
+                                  idle_timeout=self.session_timeout) if stage else None
 
     def set_ring(self, ring: Ring) -> None:
         """A committed plan: requests started under an older one cannot finish, so they fail now."""
@@ -288,11 +294,19 @@ class Runtime:
         return results
 
     async def _compute_loop(self) -> None:
+        sweep = max(0.05, min(30.0, self.session_timeout / 4))
         while True:
-            await self._wake.wait()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), sweep)
             self._wake.clear()
             try:
                 await self._compute_once()
+                if self.worker is not None and time.monotonic() - self._swept >= sweep:
+                    self._swept = time.monotonic()
+                    gone = await self._torch(self.worker.expire)
+                    if gone:
+                        log.info("freed %d session(s) idle for over %.0f s: %s", len(gone), self.session_timeout,
+                                 ", ".join(gone))
             except Exception:  # a bad request must not kill the loop that serves every other one
                 log.exception("compute step failed")
 
