@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import urllib.request
 from http.client import HTTPConnection
 
 import pytest
@@ -50,6 +51,7 @@ def test_three_daemons_every_peer_every_mode_equals_greedy(mesh3, embedded, embe
     prompt = chat_ids(embedded_tokenizer, q)
     want, gaps = greedy_reference(embedded, prompt, 24, eos)
     msgs = [{"role": "user", "content": q}]
+    accepted = {"chunk": [], "flow": []}
     for peer in range(3):
         client = OpenAI(base_url=mesh3.url(peer) + "/v1", api_key="unused", max_retries=0, timeout=120)
         for mode in ("ar", "chunk", "flow"):
@@ -58,10 +60,15 @@ def test_three_daemons_every_peer_every_mode_equals_greedy(mesh3, embedded, embe
             ext = whole.model_extra["meshd"]
             assert ext["mode"] == mode and whole.usage.prompt_tokens == len(prompt)
             assert_matches_greedy(ext["token_ids"], want, gaps)
+            if mode != "ar":
+                accepted[mode].append(ext["mean_accepted"])
             stream = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=24, temperature=0,
                                                     stream=True, extra_body={"mode": mode})
             text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
             assert text == whole.choices[0].message.content, (peer, mode)
+    # the default drafter really speculates across the sockets: drafted tokens were accepted, so prunes and
+    # (in flow) expansions travelled the ring, and the output still equals plain greedy decoding
+    assert all(min(v) > 1.0 for v in accepted.values()), accepted
 
 
 def _stages(mesh: Mesh, live: list[int]) -> list[dict]:
@@ -88,7 +95,15 @@ def test_two_originators_share_the_ring(mesh3, embedded, embedded_tokenizer):
     assert after > before, "no stage ever ran both requests in one forward"
 
 
+def _metric(url: str, name: str) -> float:
+    """One unlabelled sample from a real daemon's Prometheus scrape."""
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")))
+
+
 def test_client_disconnect_frees_every_stage(mesh3):
+    disconnects = _metric(mesh3.url(1), "meshd_api_client_disconnects_total")
     conn = HTTPConnection("127.0.0.1", mesh3.ports[1], timeout=60)
     conn.request("POST", "/v1/chat/completions", json.dumps({
         "model": MODEL, "messages": [{"role": "user", "content": "Tell me a very long story."}],
@@ -104,6 +119,9 @@ def test_client_disconnect_frees_every_stage(mesh3):
     while time.monotonic() < deadline and any(s["sessions"] for s in _stages(mesh3, [0, 1, 2])):
         time.sleep(0.3)
     assert not any(s["sessions"] for s in _stages(mesh3, [0, 1, 2])), _stages(mesh3, [0, 1, 2])
+    # freed because the request was cancelled, not because the story happened to end
+    assert _metric(mesh3.url(1), "meshd_api_client_disconnects_total") == disconnects + 1
+    assert _metric(mesh3.url(1), "meshd_stage_sessions") == 0
 
 
 @pytest.mark.parametrize(("body", "code"), [
