@@ -340,6 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="measured loopback results (JSON, e.g. runs/bench-*.json): simulated vs measured tokens/s")
     sm.add_argument("--fit-scale", default="ar", metavar="MODE",
                     help="calibration: fit one compute-cost factor on MODE of every record ('none': no fit)")
+    sm.add_argument("--fit-hop", action="store_true",
+                    help="calibration: with --fit-scale, also fit a per-message daemon overhead (needs records of "
+                         "two or more stage counts on unshaped links)")
     sm.add_argument("--json", action="store_true", help="print the JSON record instead of the table")
     sm.add_argument("--out", default=None, help="also write the JSON record here")
     sm.set_defaults(func=cmd_simulate)

@@ -752,6 +752,25 @@ def calibration_rows(spec: dict, simulated: dict[str, float]) -> list[dict]:
     return rows
 
 
+def fit_scale_and_hop(points: Sequence[tuple[int, float, float]]) -> tuple[float, float]:
+    """Least squares over ``(hops per token, simulated s/token, measured s/token)`` of unshaped-link records:
+    measured = scale * simulated + hops * hop. ``hop`` is what a daemon pays per message beyond the wire
+    (decode, wake-ups, executor hand-offs); it shows as the gap between meshes of different sizes, which a
+    compute factor alone cannot close. A negative fit means no such cost: ``hop`` 0, scale alone."""
+    if len({h for h, _, _ in points}) < 2:
+        raise ValueError("fitting a per-message overhead needs records of at least two stage counts")
+    stt = sum(t * t for _, t, _ in points)
+    sth = sum(t * h for h, t, _ in points)
+    shh = sum(h * h for h, _, _ in points)
+    stm = sum(t * m for _, t, m in points)
+    shm = sum(h * m for h, _, m in points)
+    det = stt * shh - sth * sth
+    scale, hop = (stm * shh - shm * sth) / det, (stt * shm - sth * stm) / det
+    if hop < 0:
+        return stm / stt, 0.0
+    return scale, hop
+
+
 def calibration_table(rows: list[dict]) -> str:
     lines = ["| stages | link | mode | measured tok/s | simulated tok/s | error |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['stages']} | {r['link']} | {r['mode']} | {r['measured']:.2f} | {r['simulated']:.2f} | "
@@ -815,8 +834,11 @@ def _calibrate(env: _Env, args, paths: Sequence[Path]) -> int:
     With ``--fit-scale MODE`` (default ``ar``) one number is fitted first: a factor on every
     compute cost, chosen so MODE matches its measurements (geometric mean over the records). The profile is a
     microbenchmark of bare forwards; a daemon also pays its event loop, executor hand-offs, codec
-    and the memory traffic of its neighbours, which scale with the compute it wraps. Every other
-    figure in the table is then a prediction of the simulator, not a fit.
+    and the memory traffic of its neighbours, which scale with the compute it wraps. With ``--fit-hop``
+    a second number is fitted with it, from records of two or more mesh sizes: a fixed cost per message
+    between devices (what a daemon pays beyond the wire), which a compute factor cannot express because
+    a bigger mesh has more hops per token for the same compute. Every other figure in the table is
+    then a prediction of the simulator, not a fit.
     """
     from meshd.bench import load_questions
 
@@ -824,7 +846,7 @@ def _calibrate(env: _Env, args, paths: Sequence[Path]) -> int:
     specs = [s for p in paths for s in calibration_specs(json.loads(Path(p).read_text()))]
     qs = load_questions(Path(args.questions), None, per_category=1000)
 
-    def run(spec: dict, modes: list[str], scale: float) -> dict[str, float]:
+    def run(spec: dict, modes: list[str], scale: float, hop: float = 0.0) -> dict[str, float]:
         ids = spec.get("question_ids")
         questions = [q for q in qs if q["question_id"] in set(ids)] if ids else \
             pick_questions(Path(args.questions), spec.get("prompts", args.prompts))
@@ -833,8 +855,9 @@ def _calibrate(env: _Env, args, paths: Sequence[Path]) -> int:
         want = spec.get("dtype")
         if want not in (None, "auto") and parse_dtype(want) != env.full.dtype:
             _progress(f"warning: the record ran {want}, this simulation {env.full.dtype}; pass --dtype {want}")
+        link = parse_link(spec.get("link") or "0/inf")
         res, _ = _simulate(env, questions, stages=spec["stages"], profile=profile,
-                           link=parse_link(spec.get("link") or "0/inf"), modes=modes,
+                           link=Link(link.latency + hop, link.bandwidth), modes=modes,
                            drafter=spec.get("drafter") or args.drafter, max_tokens=spec.get("max_tokens", 128),
                            origins=parse_origins(str(spec.get("originator", 0)), 1),
                            compute_scale=spec.get("compute_scale", 1.0) * scale,
@@ -842,14 +865,23 @@ def _calibrate(env: _Env, args, paths: Sequence[Path]) -> int:
         key = "decode_tokens_per_s" if spec.get("metric") == "decode" else "tokens_per_s"
         return {m: summarize(r)[key] for m, r in res.items()}
 
-    scale, fitted = 1.0, set()
+    scale, hop, fitted = 1.0, 0.0, set()
     fit_mode = getattr(args, "fit_scale", None)
     if fit_mode and fit_mode != "none":
         basis = [s for s in specs if fit_mode in s["modes"]]
         if not basis:
             raise ValueError(f"--fit-scale {fit_mode}: no calibration record measured that mode")
+        unshaped = all((s.get("link") or "0/inf") == "0/inf" for s in basis)
         # on unshaped links every simulated time is compute, so one step is exact; link time does not scale
-        steps = 1 if all((s.get("link") or "0/inf") == "0/inf" for s in basis) else 4
+        steps = 0 if getattr(args, "fit_hop", False) else 1 if unshaped else 4
+        if not steps:
+            if not unshaped:
+                raise ValueError("--fit-hop needs records measured on unshaped links")
+            points = []
+            for s in basis:
+                hops = s["stages"] + (1 if str(s.get("originator", 0)) == "own" else 0)
+                points.append((hops, 1 / run(s, [fit_mode], 1.0)[fit_mode], 1 / s["modes"][fit_mode]))
+            scale, hop = fit_scale_and_hop(points)
         for _ in range(steps):
             ratios_ = [run(s, [fit_mode], scale)[fit_mode] / s["modes"][fit_mode] for s in basis]
             step = math.exp(sum(math.log(r) for r in ratios_) / len(ratios_))  # geometric mean over records
@@ -857,18 +889,22 @@ def _calibrate(env: _Env, args, paths: Sequence[Path]) -> int:
             if abs(step - 1.0) < 0.01:
                 break
         fitted = {(s["stages"], s.get("link") or "0/inf", fit_mode) for s in basis}
-        _progress(f"fitted compute scale {scale:.3f} on {fit_mode} of {len(basis)} record(s)")
+        _progress(f"fitted compute scale {scale:.3f}" + (f" and per-message overhead {hop * 1e3:.2f} ms" if hop else "")
+                  + f" on {fit_mode} of {len(basis)} record(s)")
     all_rows = []
     for spec in specs:
-        rows = calibration_rows(spec, run(spec, list(spec["modes"]), scale))
+        rows = calibration_rows(spec, run(spec, list(spec["modes"]), scale, hop))
         for r in rows:
             r["fitted"] = (r["stages"], r["link"], r["mode"]) in fitted
         all_rows += rows
     if args.json:
-        print(json.dumps({"profile": profile.to_json(), "compute_scale": scale, "calibration": all_rows}))
+        print(json.dumps({"profile": profile.to_json(), "compute_scale": scale, "hop_overhead_s": hop,
+                          "calibration": all_rows}))
     else:
+        what = "compute scale and a per-message overhead" if getattr(args, "fit_hop", False) else "one factor"
         print(f"simulator calibration: profile {profile.note}; compute scale {scale:.3f}"
-              + (f" (one factor fitted on {fit_mode} of every record, rows marked 'fit'; the others are predicted)"
+              + (f", per-message overhead {hop * 1e3:.2f} ms" if hop else "")
+              + (f" ({what} fitted on {fit_mode} of every record, rows marked 'fit'; the others are predicted)"
                  if fitted else ""))
         print(calibration_table(all_rows))
     return 0

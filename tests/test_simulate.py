@@ -275,3 +275,35 @@ def test_cli_calibration_against_a_measured_record(tiny_env, capsys, tmp_path, m
 def test_cost_curve_helpers():
     assert flat(0.5)(1) == flat(0.5)(300) == 0.5
     assert simulate.scaled(CostCurve({1: 1.0, 8: 2.0}), 3.0)(8) == pytest.approx(6.0)
+
+
+def test_fit_scale_and_hop_recovers_both_and_refuses_one_mesh_size():
+    # measured s/token = 1.3 * simulated + hops * 0.012 for 2- and 3-stage meshes
+    pts = [(2, 0.040, 1.3 * 0.040 + 2 * 0.012), (3, 0.041, 1.3 * 0.041 + 3 * 0.012)]
+    scale, hop = simulate.fit_scale_and_hop(pts)
+    assert scale == pytest.approx(1.3) and hop == pytest.approx(0.012)
+    # a bigger mesh that is relatively faster: no overhead to fit, the factor alone
+    scale, hop = simulate.fit_scale_and_hop([(2, 0.040, 0.052), (3, 0.041, 0.050)])
+    assert hop == 0.0 and scale == pytest.approx((0.040 * 0.052 + 0.041 * 0.050) / (0.040 ** 2 + 0.041 ** 2))
+    with pytest.raises(ValueError, match="two stage counts"):
+        simulate.fit_scale_and_hop([(2, 0.04, 0.05), (2, 0.05, 0.06)])
+
+
+def test_cli_calibration_fits_a_per_message_overhead(tiny_env, capsys, tmp_path, monkeypatch):
+    """``--fit-hop``: two mesh sizes' ar rows fix the compute factor and the per-message overhead; a bigger mesh
+    measured slower than its compute explains gets a positive overhead, and both ar rows then match."""
+    from meshd import cli
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    recs = []
+    for k, rate in ((2, 50.0), (3, 40.0)):
+        p = tmp_path / f"m{k}.json"
+        p.write_text(json.dumps({"stages": k, "link": "0/inf", "threads_per_stage": 1, "max_tokens": 8, "prompts": 1,
+                                 "drafter": "ngram", "modes": {"ar": rate, "flow": rate * 1.2}}))
+        recs.append(str(p))
+    assert cli.main(["simulate", "--calibrate-with", *recs, "--fit-hop", "--json"]) == 0
+    fit = json.loads(capsys.readouterr().out)
+    assert fit["hop_overhead_s"] > 0
+    ars = [r for r in fit["calibration"] if r["mode"] == "ar"]
+    assert all(r["fitted"] and abs(r["rel_error"]) < 0.05 for r in ars), ars
+    assert not any(r["fitted"] for r in fit["calibration"] if r["mode"] == "flow")
