@@ -872,9 +872,7 @@ def _calibrate(env: _Env, args, paths: Sequence[Path]) -> int:
         if not basis:
             raise ValueError(f"--fit-scale {fit_mode}: no calibration record measured that mode")
         unshaped = all((s.get("link") or "0/inf") == "0/inf" for s in basis)
-        # on unshaped links every simulated time is compute, so one step is exact; link time does not scale
-        steps = 0 if getattr(args, "fit_hop", False) else 1 if unshaped else 4
-        if not steps:
+        if getattr(args, "fit_hop", False):
             if not unshaped:
                 raise ValueError("--fit-hop needs records measured on unshaped links")
             points = []
@@ -882,12 +880,14 @@ def _calibrate(env: _Env, args, paths: Sequence[Path]) -> int:
                 hops = s["stages"] + (1 if str(s.get("originator", 0)) == "own" else 0)
                 points.append((hops, 1 / run(s, [fit_mode], 1.0)[fit_mode], 1 / s["modes"][fit_mode]))
             scale, hop = fit_scale_and_hop(points)
-        for _ in range(steps):
-            ratios_ = [run(s, [fit_mode], scale)[fit_mode] / s["modes"][fit_mode] for s in basis]
-            step = math.exp(sum(math.log(r) for r in ratios_) / len(ratios_))  # geometric mean over records
-            scale *= step
-            if abs(step - 1.0) < 0.01:
-                break
+        else:
+            # on unshaped links every simulated time is compute, so one step is exact; link time does not scale
+            for _ in range(1 if unshaped else 4):
+                ratios_ = [run(s, [fit_mode], scale)[fit_mode] / s["modes"][fit_mode] for s in basis]
+                step = math.exp(sum(math.log(r) for r in ratios_) / len(ratios_))  # geometric mean over records
+                scale *= step
+                if abs(step - 1.0) < 0.01:
+                    break
         fitted = {(s["stages"], s.get("link") or "0/inf", fit_mode) for s in basis}
         _progress(f"fitted compute scale {scale:.3f}" + (f" and per-message overhead {hop * 1e3:.2f} ms" if hop else "")
                   + f" on {fit_mode} of {len(basis)} record(s)")
