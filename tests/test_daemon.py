@@ -4,34 +4,27 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from http.client import HTTPConnection
 
 import pytest
 
-from meshd.testbed import free_port, http
+from meshd.testbed import LoopbackMesh, http
 
 pytestmark = pytest.mark.slow
 
 
-def test_notify_ready_then_sigterm_fails_in_flight_request_and_exits_cleanly(tmp_path):
+def test_notify_ready_then_sigterm_fails_in_flight_request_and_exits_cleanly(tmp_path, monkeypatch):
     sock_path = str(tmp_path / "notify.sock")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(sock_path)
     sock.settimeout(0.5)
-    port = free_port()
-    env = {**os.environ, "NOTIFY_SOCKET": sock_path, "PYTHONUNBUFFERED": "1"}
-    log = open(tmp_path / "daemon.log", "w")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([sys.executable, "-m", "meshd.cli", "serve", "--port", str(port), "--host", "127.0.0.1",
-                             "--state-dir", str(tmp_path / "state"), "--mesh-name", f"solo-{port}", "--no-mdns",
-                             "--dtype", "fp32", "--threads", "1"], stdout=log, stderr=subprocess.STDOUT, env=env,
-                            stdin=subprocess.DEVNULL)
+    monkeypatch.setenv("NOTIFY_SOCKET", sock_path)  # the testbed's daemons inherit this environment
+    mesh = LoopbackMesh(tmp_path / "mesh", 1, mdns=False)
+    proc, port = mesh.procs[0], mesh.ports[0]
     seen: list[str] = []
 
     def until(pred, timeout: float) -> bool:
@@ -44,10 +37,10 @@ def test_notify_ready_then_sigterm_fails_in_flight_request_and_exits_cleanly(tmp
         return pred()
 
     try:
-        assert until(lambda: "READY=1" in seen, 180), (seen, (tmp_path / "daemon.log").read_text()[-2000:])
+        assert until(lambda: "READY=1" in seen, 180), (seen, (tmp_path / "mesh" / "node0.log").read_text()[-2000:])
         status = [s for s in seen if s.startswith("STATUS=")]
         assert any("plan epoch" in s for s in status), status  # systemctl status shows the plan
-        assert http("GET", f"http://127.0.0.1:{port}/health")[0] == 200
+        assert http("GET", mesh.url(0) + "/health")[0] == 200
 
         # a long streamed request is in flight when SIGTERM arrives: it must end with an error, not hang
         conn = HTTPConnection("127.0.0.1", port, timeout=60)
@@ -71,7 +64,5 @@ def test_notify_ready_then_sigterm_fails_in_flight_request_and_exits_cleanly(tmp
         assert "shutting down" in err["error"]["message"], err
         assert until(lambda: "STOPPING=1" in seen, 5), seen
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        log.close()
+        mesh.close()
         sock.close()
