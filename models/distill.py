@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from models.stage import Stage, rms_norm, rotate
+from models.stage import Stage, linear, rms_norm, rotate
 
 SPEC_BENCH = Path(__file__).resolve().parents[2] / "shared" / "data" / "spec_bench_questions.jsonl"
 
@@ -144,7 +144,7 @@ class BatchDecoder:
         x = st.embed(tokens).to(st.dtype)
         for li, layer in enumerate(st.layers):
             h = rms_norm(x, layer.attn_norm, cfg.rms_eps)
-            qkv = F.linear(h, layer.wqkv, layer.bqkv)
+            qkv = linear(h, layer.wqkv, layer.bqkv)
             q = rotate(qkv[:, : nq * d].view(n, nq, d), cos, sin)
             k = rotate(qkv[:, nq * d: (nq + nkv) * d].view(n, nkv, d), cos, sin)
             v = qkv[:, (nq + nkv) * d:].view(n, nkv, d)
@@ -154,10 +154,10 @@ class BatchDecoder:
             qg = q.view(n, nkv, nq // nkv, d)
             scores = torch.matmul(qg, self.k[li].transpose(-1, -2)) * scale + mask
             o = torch.matmul(torch.softmax(scores.float(), dim=-1).to(st.dtype), self.v[li])
-            x = x + F.linear(o.reshape(n, nq * d), layer.wo)
+            x = x + linear(o.reshape(n, nq * d), layer.wo)
             h = rms_norm(x, layer.ffn_norm, cfg.rms_eps)
-            gate, up = F.linear(h, layer.w_gate_up).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, layer.w_down)
+            gate, up = linear(h, layer.w_gate_up).chunk(2, dim=-1)
+            x = x + linear(F.silu(gate) * up, layer.w_down)
         self.lens += 1
         return st.final_norm(x)
 

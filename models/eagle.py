@@ -30,7 +30,7 @@ from torch import nn
 
 from models.config import ModelConfig, ModelError
 from models.kvcache import KVCache
-from models.stage import Stage, rms_norm, rope_inv_freq, rotate
+from models.stage import Stage, linear, pack_weight, rms_norm, rope_inv_freq, rotate
 from models.tree import Tree, grow_tree
 
 FORMAT = "meshd-eagle-1"
@@ -97,22 +97,46 @@ class EagleHead(nn.Module):
         self.inv_freq, self.rope_scale = inv_freq, scale
         for w in (self.wqkv, self.wo, self.w_gate_up, self.w_down):
             nn.init.normal_(w, std=0.02)
+        self._packed: dict[str, torch.Tensor] = {}
+
+    def pack(self) -> None:
+        """Pre-pack the weights for drafting (see :func:`models.stage.pack_weight`); training, which
+        needs gradients, keeps using the parameters. Call again after the weights change."""
+        self._packed = {"fc": pack_weight(self.fc.weight.detach()),
+                        **{n: pack_weight(getattr(self, n).detach()) for n in ("wqkv", "wo", "w_gate_up", "w_down")}}
+
+    def _w(self, name: str) -> torch.Tensor:
+        if self._packed and not torch.is_grad_enabled():
+            return self._packed[name]
+        return self.fc.weight if name == "fc" else getattr(self, name)
 
     # ---- the one forward ----------------------------------------------------------------
     def fuse(self, emb: torch.Tensor, feat: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.cat([emb.to(self.fc.weight.dtype), feat.to(self.fc.weight.dtype)], dim=-1))
+        dt = self.fc.weight.dtype
+        return linear(torch.cat([emb.to(dt), feat.to(dt)], dim=-1), self._w("fc"), self.fc.bias)
 
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions.float()[..., None] * self.inv_freq
-        emb = torch.cat((freqs, freqs), dim=-1)
+        """cos/sin rows for ``positions``, gathered from a table that grows by doubling.
+
+        Drafting calls this a few times per round for a handful of rows; recomputing the
+        trigonometry each time cost about as much as the head's attention.
+        """
         dt = self.fc.weight.dtype
-        return (emb.cos() * self.rope_scale).to(dt), (emb.sin() * self.rope_scale).to(dt)
+        need = int(positions.max()) + 1 if positions.numel() else 1
+        table = getattr(self, "_rope_table", None)
+        if table is None or table[0].dtype != dt or table[0].shape[0] < need:
+            n = max(need, 2 * (table[0].shape[0] if table is not None else 256))
+            freqs = torch.arange(n, dtype=torch.float32)[:, None] * self.inv_freq
+            emb = torch.cat((freqs, freqs), dim=-1)
+            table = ((emb.cos() * self.rope_scale).to(dt), (emb.sin() * self.rope_scale).to(dt))
+            self._rope_table = table
+        return table[0][positions], table[1][positions]
 
     def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """x (..., T, H) -> q (..., nq, T, d), k, v (..., nkv, T, d), rotated."""
         hc = self.hc
         h = rms_norm(x, self.attn_norm, hc.rms_eps) if self.attn_norm is not None else x
-        out = F.linear(h, self.wqkv, self.bqkv)
+        out = linear(h, self._w("wqkv"), self.bqkv)
         nq, nkv, d = hc.n_heads, hc.n_kv_heads, hc.head_dim
         q = out[..., : nq * d].unflatten(-1, (nq, d)).transpose(-3, -2)
         k = out[..., nq * d: (nq + nkv) * d].unflatten(-1, (nkv, d)).transpose(-3, -2)
@@ -125,10 +149,10 @@ class EagleHead(nn.Module):
         hc = self.hc
         o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=hc.n_heads != hc.n_kv_heads)
         o = o.transpose(-3, -2).flatten(-2)
-        x = x + F.linear(o, self.wo)
+        x = x + linear(o, self._w("wo"))
         h = rms_norm(x, self.ffn_norm, hc.rms_eps)
-        gate, up = F.linear(h, self.w_gate_up).chunk(2, dim=-1)
-        return x + F.linear(F.silu(gate) * up, self.w_down)
+        gate, up = linear(h, self._w("w_gate_up")).chunk(2, dim=-1)
+        return x + linear(F.silu(gate) * up, self._w("w_down"))
 
     def step(self, emb: torch.Tensor, feat: torch.Tensor, cache: KVCache, positions: torch.Tensor,
              mask: torch.Tensor) -> torch.Tensor:
@@ -173,7 +197,7 @@ class EagleHead(nn.Module):
 
     # ---- tokens ---------------------------------------------------------------------------
     def sub_logits(self, feat: torch.Tensor, lm_rows: torch.Tensor) -> torch.Tensor:
-        return F.linear(feat.to(lm_rows.dtype), lm_rows).float()
+        return linear(feat.to(lm_rows.dtype), lm_rows).float()
 
     def param_count(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -345,7 +369,8 @@ class EagleDrafter:
         self.head, self.target, self.name = head, target, name
         self.dtype = target.dtype
         self.head.to(self.dtype)
-        self.lm_rows = target.lm_head_w.index_select(0, head.draft_vocab).to(self.dtype).contiguous()
+        self.head.pack()
+        self.lm_rows = pack_weight(target.lm_head_w.index_select(0, head.draft_vocab).to(self.dtype))
         self.vocab = head.draft_vocab.tolist()
         self.cache = KVCache(1, head.hc.n_kv_heads, head.hc.head_dim, self.dtype, 256,
                              max_capacity=max(256, target.cfg.max_position))
@@ -422,30 +447,33 @@ class EagleDrafter:
         logp: dict[int, tuple[list[float], list[int]]] = {}
         vocab = self.vocab
 
-        def topk(u: int, lp: torch.Tensor, k: int) -> None:
-            vals, idx = lp.topk(min(max(k, top_k), lp.numel()))
-            logp[u] = (vals.tolist(), [vocab[i] for i in idx.tolist()])
+        def topk(nodes: list[int], lps: torch.Tensor, k: int) -> None:
+            vals, idx = lps.topk(min(max(k, top_k), lps.shape[-1]), dim=-1)
+            for u, v, i in zip(nodes, vals.tolist(), idx.tolist()):
+                logp[u] = (v, [vocab[j] for j in i])
 
         def expand(tree: Tree, nodes: list[int], k: int) -> list[list[tuple[int, float]]]:
             todo = [u for u in nodes if u not in logp and u != 0]
             if 0 in nodes and 0 not in logp:
-                topk(0, self.logprobs(root_out)[0], k)
+                topk([0], self.logprobs(root_out), k)
             if todo:
                 length = self.cache.length
+                # each row sees the committed prefix, its drafted ancestors and itself (one scatter)
+                rs, cs = [], []
+                for r, u in enumerate(todo):
+                    cols = [slot[a] for a in tree.path(u)[1:-1]] + [length + r]
+                    rs += [r] * len(cols)
+                    cs += cols
                 mask = torch.zeros(len(todo), length + len(todo), dtype=torch.bool)
                 mask[:, :base] = True
-                for r, u in enumerate(todo):
-                    for a in tree.path(u)[1:-1]:
-                        mask[r, slot[a]] = True
-                    mask[r, length + r] = True
+                mask[rs, cs] = True
                 feats = torch.stack([outs[tree.parents[u]] for u in todo])
                 toks = torch.tensor([tree.tokens[u] for u in todo])
                 out = self.head.step(self.target.embed(toks), feats, self.cache, tree.positions(base - 1, todo), mask)
-                lps = self.logprobs(out)
                 for r, u in enumerate(todo):
                     slot[u] = length + r
                     outs[u] = out[r]
-                    topk(u, lps[r], k)
+                topk(todo, self.logprobs(out), k)
             res = []
             for u in nodes:
                 vals, toks = logp[u]

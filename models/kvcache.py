@@ -67,10 +67,13 @@ class KVCache:
         n = int(idx.numel())
         if n and int(idx[-1]) >= self.length:
             raise IndexError(f"keep index {int(idx[-1])} beyond cache length {self.length}")
-        if n == self.length and (n == 0 or bool((idx == torch.arange(n)).all())):
-            return
-        self.k[:, :, :n] = self.k[:, :, :self.length].index_select(2, idx)
-        self.v[:, :, :n] = self.v[:, :, :self.length].index_select(2, idx)
+        # Entries already in place (the committed prefix, every round) need no copy: only the
+        # tail from the first moved index is gathered, so a prune costs O(tree), not O(context).
+        same = int((idx == torch.arange(n)).cumprod(0).sum()) if n else 0
+        if same < n:
+            tail = idx[same:]
+            self.k[:, :, same:n] = self.k[:, :, :self.length].index_select(2, tail)
+            self.v[:, :, same:n] = self.v[:, :, :self.length].index_select(2, tail)
         self.length = n
 
     def truncate(self, n: int) -> None:

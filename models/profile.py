@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from models.source import ModelSource
-from models.stage import Stage, causal_mask
+from models.stage import Stage, causal_mask, dense
 
 SIZES = (1, 2, 4, 8, 16, 32, 64)
 
@@ -23,7 +23,9 @@ SIZES = (1, 2, 4, 8, 16, 32, 64)
 def _cache_file(source: ModelSource, stage: Stage, with_head: bool) -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     dt = str(stage.dtype).removeprefix("torch.")
-    name = f"{source.fingerprint}-{stage.first}-{stage.last}-{int(with_head)}-{dt}-t{torch.get_num_threads()}.json"
+    kernels = "packed" if stage.packed else "plain"  # packed weights change the curve by a third
+    name = (f"{source.fingerprint}-{stage.first}-{stage.last}-{int(with_head)}-{dt}-{kernels}"
+            f"-t{torch.get_num_threads()}.json")
     return Path(base) / "meshd" / "profiles" / name
 
 
@@ -78,12 +80,12 @@ def transformers_cost_curve(stage: Stage, sizes: Sequence[int] = SIZES, context:
     q, kv = cfg.q_size, cfg.kv_size
     for i, layer in enumerate(stage.layers):
         p = f"model.layers.{i}."
-        wq, wk, wv = layer.wqkv.split([q, kv, kv])
-        gate, up = layer.w_gate_up.chunk(2)
+        wq, wk, wv = dense(layer.wqkv).split([q, kv, kv])
+        gate, up = dense(layer.w_gate_up).chunk(2)
         sd.update({p + "self_attn.q_proj.weight": wq, p + "self_attn.k_proj.weight": wk,
-                   p + "self_attn.v_proj.weight": wv, p + "self_attn.o_proj.weight": layer.wo,
+                   p + "self_attn.v_proj.weight": wv, p + "self_attn.o_proj.weight": dense(layer.wo),
                    p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up,
-                   p + "mlp.down_proj.weight": layer.w_down, p + "input_layernorm.weight": layer.attn_norm,
+                   p + "mlp.down_proj.weight": dense(layer.w_down), p + "input_layernorm.weight": layer.attn_norm,
                    p + "post_attention_layernorm.weight": layer.ffn_norm})
         if layer.bqkv is not None:
             bq, bk, bv = layer.bqkv.split([q, kv, kv])

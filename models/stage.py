@@ -7,6 +7,8 @@ layers) or a whole single-device model. transformers is the test reference, neve
 
 from __future__ import annotations
 
+import os
+import platform
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -68,6 +70,58 @@ def parse_dtype(name: str | torch.dtype | None) -> torch.dtype:
     return table[name]
 
 
+def _packing_works() -> bool:
+    """Whether this torch build can pre-pack weights for oneDNN here (checked once, on a tiny matrix).
+
+    Only on x86-64 CPUs, where it was measured: the default model's forward goes from ~37 ms to
+    ~24 ms per token on this project's reference machine, because a plain ``F.linear`` re-blocks its
+    weight on every call. Set ``MESHD_PACK=0`` to compare or to rule it out.
+    """
+    if os.environ.get("MESHD_PACK", "1") == "0" or platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        if not torch.backends.mkldnn.is_available():
+            return False
+        w, x = torch.randn(24, 16), torch.randn(3, 16)
+        got = torch.ops.mkldnn._linear_pointwise(x, torch.ops.mkldnn._reorder_linear_weight(w, 1), None,
+                                                 "none", [], "")
+        return bool(torch.allclose(got, F.linear(x, w), atol=1e-4))
+    except (RuntimeError, AttributeError):
+        return False
+
+
+_PACK_DTYPES: dict[torch.dtype, bool] = {}
+
+
+def pack_weight(w: torch.Tensor) -> torch.Tensor:
+    """``w`` (out, in) in oneDNN's blocked layout for :func:`linear`, or ``w`` itself where that
+    does not apply (no oneDNN, a GPU tensor, a dtype the CPU cannot pack). Packed tensors only feed
+    :func:`linear`; :func:`dense` gives the plain matrix back."""
+    if w.is_mkldnn or w.device.type != "cpu" or w.dim() != 2:
+        return w
+    ok = _PACK_DTYPES.get(w.dtype)
+    if ok is None:
+        ok = _PACK_DTYPES.setdefault(w.dtype, _packing_works() and w.dtype in (torch.float32, torch.bfloat16))
+    if not ok:
+        return w
+    try:
+        return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), 1)
+    except RuntimeError:  # e.g. bf16 on a CPU without AVX512-BF16: stay with the plain kernel
+        _PACK_DTYPES[w.dtype] = False
+        return w
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` that also takes a weight from :func:`pack_weight`."""
+    if w.is_mkldnn:
+        return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+    return F.linear(x, w, b)
+
+
+def dense(w: torch.Tensor | None) -> torch.Tensor | None:
+    return w.to_dense() if w is not None and w.is_mkldnn else w
+
+
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
@@ -103,6 +157,8 @@ class Stage:
                  inv_freq: torch.Tensor | None = None, rope_scale: float = 1.0):
         self.cfg, self.first, self.last, self.layers, self.dtype = cfg, first, last, layers, dtype
         self.embed_w, self.norm_w, self.lm_head_w = embed, norm, lm_head
+        # the LM head stays plain too (embedding lookups when tied, draft-vocabulary rows)
+        self.lm_head_packed = pack_weight(lm_head) if lm_head is not None else None
         if inv_freq is None:
             inv_freq, rope_scale = rope_inv_freq(cfg)
         self.inv_freq, self.rope_scale = inv_freq, rope_scale
@@ -131,11 +187,11 @@ class Stage:
             if cfg.qkv_bias:
                 bqkv = torch.cat([get(p + f"self_attn.{n}_proj.bias") for n in "qkv"])
             layers.append(Layer(
-                wqkv=torch.cat([get(p + f"self_attn.{n}_proj.weight") for n in "qkv"]).contiguous(),
+                wqkv=pack_weight(torch.cat([get(p + f"self_attn.{n}_proj.weight") for n in "qkv"])),
                 bqkv=bqkv,
-                wo=get(p + "self_attn.o_proj.weight").contiguous(),
-                w_gate_up=torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")]).contiguous(),
-                w_down=get(p + "mlp.down_proj.weight").contiguous(),
+                wo=pack_weight(get(p + "self_attn.o_proj.weight")),
+                w_gate_up=pack_weight(torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")])),
+                w_down=pack_weight(get(p + "mlp.down_proj.weight")),
                 attn_norm=get(p + "input_layernorm.weight"),
                 ffn_norm=get(p + "post_attention_layernorm.weight"),
             ))
@@ -150,6 +206,12 @@ class Stage:
     @property
     def n_layers(self) -> int:
         return self.last - self.first
+
+    @property
+    def packed(self) -> bool:
+        """Whether this stage's matmuls run on pre-packed (oneDNN) weights."""
+        ws = [layer.wqkv for layer in self.layers] + [self.lm_head_packed]
+        return any(w is not None and w.is_mkldnn for w in ws)
 
     @property
     def has_head(self) -> bool:
@@ -177,7 +239,7 @@ class Stage:
     def logits(self, hidden: torch.Tensor, normed: bool = False) -> torch.Tensor:
         """Final norm + LM head, in fp32 so greedy ties and sampling do not depend on the dtype."""
         h = hidden if normed else self.final_norm(hidden)
-        return F.linear(h, self.lm_head_w).float()
+        return linear(h, self.lm_head_packed).float()
 
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions.float()[:, None] * self.inv_freq[None, :]
@@ -206,7 +268,7 @@ class Stage:
         hd, nq, nkv = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
         for li, layer in enumerate(self.layers):
             h = rms_norm(x, layer.attn_norm, cfg.rms_eps)
-            qkv = F.linear(h, layer.wqkv, layer.bqkv)
+            qkv = linear(h, layer.wqkv, layer.bqkv)
             outs = []
             row = 0
             for it, t, (cos, sin), m in zip(items, sizes, ropes, masks):
@@ -221,10 +283,10 @@ class Stage:
                                                    enable_gqa=nq != nkv)
                 outs.append(o[0].transpose(0, 1).reshape(t, nq * hd))
             attn = outs[0] if len(outs) == 1 else torch.cat(outs)
-            x = x + F.linear(attn, layer.wo)
+            x = x + linear(attn, layer.wo)
             h = rms_norm(x, layer.ffn_norm, cfg.rms_eps)
-            gate, up = F.linear(h, layer.w_gate_up).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, layer.w_down)
+            gate, up = linear(h, layer.w_gate_up).chunk(2, dim=-1)
+            x = x + linear(F.silu(gate) * up, layer.w_down)
         for it, t in zip(items, sizes):
             it.cache.commit(t)
         return x

@@ -159,17 +159,25 @@ def test_unroll_matches_drafting(tiny):
     feats = torch.randn(1, 10, 64, generator=g)
     with torch.no_grad():
         outs = head.unroll(target.embed(toks), feats, 3)
-    d = EagleDrafter(head, target)
+    d = EagleDrafter(head, target)  # packs the head's weights for drafting where the CPU can
     for q in (3, 6, 8):
         cache = d.fresh().cache
-        o = head.step(target.embed(toks[0, :q]), feats[0, :q], cache, torch.arange(q),
-                      torch.ones(q, q, dtype=torch.bool).tril())[-1]
-        torch.testing.assert_close(o, outs[0][0, q - 1], atol=1e-3, rtol=1e-4)
-        for s in (2, 3):  # feed the prediction back, one tree level per step
-            row = q + s - 2
-            o = head.step(target.embed(toks[0, row:row + 1]), o[None], cache, torch.tensor([row]),
-                          torch.ones(1, cache.length + 1, dtype=torch.bool))[0]
-            torch.testing.assert_close(o, outs[s - 1][0, row], atol=1e-3, rtol=1e-4)
+        with torch.inference_mode():  # the drafting path: packed weights, the rope table
+            o = head.step(target.embed(toks[0, :q]), feats[0, :q], cache, torch.arange(q),
+                          torch.ones(q, q, dtype=torch.bool).tril())[-1]
+            torch.testing.assert_close(o, outs[0][0, q - 1], atol=1e-3, rtol=1e-4)
+            for s in (2, 3):  # feed the prediction back, one tree level per step
+                row = q + s - 2
+                o = head.step(target.embed(toks[0, row:row + 1]), o[None], cache, torch.tensor([row]),
+                              torch.ones(1, cache.length + 1, dtype=torch.bool))[0]
+                torch.testing.assert_close(o, outs[s - 1][0, row], atol=1e-3, rtol=1e-4)
+    # the rope table grows past its first size and still equals the direct formula
+    pos = torch.tensor([0, 5, 700, 1500])
+    freqs = pos.float()[:, None] * head.inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = head.rope(pos)
+    torch.testing.assert_close(cos, emb.cos() * head.rope_scale)
+    torch.testing.assert_close(sin, emb.sin() * head.rope_scale)
 
 
 class CheckingDrafter:

@@ -80,3 +80,27 @@ def test_tree_mask_equals_separate_paths(tiny_dir):
 def test_causal_mask_shape():
     m = causal_mask(3, 2)
     assert m.tolist() == [[True, True, True, True, False], [True, True, True, True, True]]
+
+
+def test_packed_weights_match_plain_matmul(tiny_dir, monkeypatch):
+    """Pre-packed (oneDNN) weights are only a layout: the forward must agree with plain F.linear."""
+    from models import stage as st
+
+    packed = Stage.load(ModelSource.resolve(tiny_dir), dtype="fp32")
+    monkeypatch.setattr(st, "_PACK_DTYPES", {})
+    monkeypatch.setenv("MESHD_PACK", "0")
+    plain = Stage.load(ModelSource.resolve(tiny_dir), dtype="fp32")
+    assert not plain.packed
+    if not packed.packed:
+        pytest.skip("this torch build or CPU cannot pre-pack weights (no oneDNN or not x86-64)")
+    for a, b in zip(packed.layers, plain.layers):
+        assert torch.equal(st.dense(a.w_gate_up), b.w_gate_up)  # dense() gives the plain matrix back
+    ids = torch.arange(30)
+    outs = []
+    for s in (packed, plain):
+        cache = s.new_cache(8)
+        outs.append(s.logits(s.forward_one(s.embed(ids), cache, torch.arange(30))))
+    assert torch.allclose(outs[0], outs[1], atol=1e-4, rtol=1e-4), (outs[0] - outs[1]).abs().max()
+    w, x = torch.randn(40, 16, dtype=torch.bfloat16), torch.randn(5, 16, dtype=torch.bfloat16)
+    got = st.linear(x, st.pack_weight(w)).float()
+    assert torch.allclose(got, torch.nn.functional.linear(x, w).float(), atol=0.1, rtol=0.02)

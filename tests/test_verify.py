@@ -135,3 +135,22 @@ def test_logits_after_prune_equal_fresh_recompute(tiny_stage):
     assert torch.allclose(got, fresh[-2:], atol=1e-5), (got - fresh[-2:]).abs().max()
     cache.truncate(base)
     assert cache.length == base
+
+
+@pytest.mark.parametrize("keep", [[0, 1, 2, 3, 4, 5, 6, 7, 8, 9], [0, 1, 2, 3, 5, 8], [0, 2, 3, 9], [4, 7], [],
+                                  list(range(6))])
+def test_cache_keep_equals_a_gather(keep):
+    """keep() copies only the moved tail; the result must still be exactly the gathered entries."""
+    from models.kvcache import KVCache
+
+    cache = KVCache(2, 3, 4, torch.float32, capacity=4)
+    k, v = torch.randn(2, 3, 10, 4), torch.randn(2, 3, 10, 4)
+    cache.reserve(10)
+    for layer in range(2):
+        cache.write(layer, k[layer], v[layer])
+    cache.commit(10)
+    cache.keep(keep)
+    idx = torch.tensor(keep, dtype=torch.long)
+    assert cache.length == len(keep)
+    assert torch.equal(cache.k[:, :, : len(keep)], k.index_select(2, idx))
+    assert torch.equal(cache.v[:, :, : len(keep)], v.index_select(2, idx))
