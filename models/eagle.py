@@ -97,18 +97,26 @@ class EagleHead(nn.Module):
         self.inv_freq, self.rope_scale = inv_freq, scale
         for w in (self.wqkv, self.wo, self.w_gate_up, self.w_down):
             nn.init.normal_(w, std=0.02)
-        self._packed: dict[str, torch.Tensor] = {}
+        self._packed: dict[str, tuple[torch.Tensor, int]] = {}  # name -> (packed weight, param version)
+        self._rope_table: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _param(self, name: str) -> torch.Tensor:
+        return self.fc.weight if name == "fc" else getattr(self, name)
 
     def pack(self) -> None:
-        """Pre-pack the weights for drafting (see :func:`models.stage.pack_weight`); training, which
-        needs gradients, keeps using the parameters. Call again after the weights change."""
-        self._packed = {"fc": pack_weight(self.fc.weight.detach()),
-                        **{n: pack_weight(getattr(self, n).detach()) for n in ("wqkv", "wo", "w_gate_up", "w_down")}}
+        """Pre-pack the weights for drafting (see :func:`models.stage.pack_weight`). Training, which
+        needs gradients, uses the parameters; a parameter changed in place since (an optimizer step,
+        a load) falls back to itself until the next ``pack``."""
+        self._packed = {n: (pack_weight(self._param(n).detach()), self._param(n)._version)
+                        for n in ("fc", "wqkv", "wo", "w_gate_up", "w_down")}
 
     def _w(self, name: str) -> torch.Tensor:
+        param = self._param(name)
         if self._packed and not torch.is_grad_enabled():
-            return self._packed[name]
-        return self.fc.weight if name == "fc" else getattr(self, name)
+            packed, version = self._packed[name]
+            if version == param._version:
+                return packed
+        return param
 
     # ---- the one forward ----------------------------------------------------------------
     def fuse(self, emb: torch.Tensor, feat: torch.Tensor) -> torch.Tensor:
@@ -123,7 +131,7 @@ class EagleHead(nn.Module):
         """
         dt = self.fc.weight.dtype
         need = int(positions.max()) + 1 if positions.numel() else 1
-        table = getattr(self, "_rope_table", None)
+        table = self._rope_table
         if table is None or table[0].dtype != dt or table[0].shape[0] < need:
             n = max(need, 2 * (table[0].shape[0] if table is not None else 256))
             freqs = torch.arange(n, dtype=torch.float32)[:, None] * self.inv_freq

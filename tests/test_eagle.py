@@ -340,3 +340,25 @@ def test_auto_is_the_shipped_head_with_ngram(embedded, embedded_source):
 def test_rollout_dataclass_roundtrip():
     r = Rollout("k", [1, 2, 3], 2, torch.zeros(2, 4), "length")
     assert Rollout(**r.__dict__) == r or Rollout(**r.__dict__).key == "k"
+
+
+def test_packed_head_weights_never_go_stale(tiny):
+    """Drafting uses weights packed at pack(); a parameter changed in place since must be used as is."""
+    _, target = tiny
+    head = random_head(target)
+    head.pack()
+    x = torch.randn(3, target.cfg.hidden_size)
+    with torch.no_grad():
+        before = head.finish(x, *_attn_inputs(head, x))
+        head.w_down.add_(0.5)  # what an optimizer step does
+        after = head.finish(x, *_attn_inputs(head, x))
+        head.pack()
+        repacked = head.finish(x, *_attn_inputs(head, x))
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, repacked, atol=1e-4, rtol=1e-4)
+
+
+def _attn_inputs(head: EagleHead, x: torch.Tensor):
+    cos, sin = head.rope(torch.arange(x.shape[0]))
+    q, k, v = head.qkv(x, cos, sin)
+    return q, k, v, torch.zeros(x.shape[0], x.shape[0])
