@@ -71,11 +71,12 @@ def parse_dtype(name: str | torch.dtype | None) -> torch.dtype:
 
 
 def _packing_works() -> bool:
-    """Whether this torch build can pre-pack weights for oneDNN here (checked once, on a tiny matrix).
+    """Whether this torch build can pre-pack weights for oneDNN here (checked on a tiny fp32 matrix
+    the first time each dtype is packed).
 
     Only on x86-64 CPUs, where it was measured: the default model's forward goes from ~37 ms to
-    ~24 ms per token on this project's reference machine, because a plain ``F.linear`` re-blocks its
-    weight on every call. Set ``MESHD_PACK=0`` to compare or to rule it out.
+    ~24 ms per token on this project's reference machine (a plain ``F.linear`` appears to re-lay out
+    its weight on every call). Set ``MESHD_PACK=0`` to compare or to rule it out.
     """
     if os.environ.get("MESHD_PACK", "1") == "0" or platform.machine().lower() not in ("x86_64", "amd64"):
         return False
