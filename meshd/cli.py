@@ -34,7 +34,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from meshd.local import LocalEngine
+    from meshd.serve.local import LocalEngine
 
     _threads(args.threads)
     eng = LocalEngine(args.model, args.dtype)
@@ -64,7 +64,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from meshd import bench
+    from meshd.lab import bench
 
     questions = bench.load_questions(Path(args.questions), args.categories or args.n_categories,
                                      args.per_category, held_out_only=args.held_out)
@@ -94,7 +94,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from meshd import plots
+    from meshd.lab import plots
 
     return plots.main(args.records, args.out)
 
@@ -103,7 +103,7 @@ def _bench_load(args: argparse.Namespace, questions: list[dict], modes: list[str
     """``meshd bench --load RATES``: Poisson load on real daemons, several originators."""
     import time
 
-    from meshd import bench, loadtest
+    from meshd.lab import bench, loadtest
 
     if args.backend != "daemons":
         raise ValueError("--load needs --backend daemons: it measures real daemons under concurrent requests")
@@ -129,7 +129,7 @@ def _bench_load(args: argparse.Namespace, questions: list[dict], modes: list[str
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from meshd import simulate
+    from meshd.lab import simulate
 
     return simulate.main(args)
 
@@ -190,8 +190,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import asyncio
     import tempfile
 
-    from meshd.client import Client, Reply
-    from meshd.testbed import LoopbackMesh
+    from meshd.client.http import Client, Reply
+    from meshd.lab.testbed import LoopbackMesh
 
     print(f"meshd demo: starting {args.peers} daemons on 127.0.0.1 with the embedded SmolLM2-135M-Instruct; they "
           "find each other over mDNS and split its 30 layers ...", file=sys.stderr)
@@ -228,7 +228,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_train_draft(args: argparse.Namespace) -> int:
-    from models.distill import train_draft
+    from training.distill import train_draft
 
     _threads(args.threads)
     train_draft(model=args.model, out=args.out, prompts=args.prompts, tokens=args.tokens, epochs=args.epochs,
@@ -241,7 +241,7 @@ def cmd_train_draft(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from meshd.config import load_config
-    from meshd.daemon import serve
+    from meshd.serve.daemon import serve
 
     cfg = load_config(args)
     logging.getLogger().setLevel(cfg.log_level.upper())
@@ -379,7 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--single", action="store_true", help="skip the mesh: the single-device engine only")
     d.set_defaults(func=cmd_demo)
 
-    from meshd import client_cli, config
+    from meshd import config
+    from meshd.client import commands as client_cli
 
     s = sub.add_parser("serve", help="run the daemon: join the mesh, serve the REST API",
                        description="Settings come from flags, then MESHD_* environment variables, then the TOML "

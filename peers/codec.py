@@ -336,7 +336,7 @@ _reg("heartbeat", control=True, ts=Kind.FLOAT)
 _reg("plan_propose", control=True, stages=Kind.LIST, members=Kind.STRS, n_layers=Kind.INT)
 _reg("plan_ack", control=True, ok=Kind.BOOL, reason=optional(Kind.STR))
 _reg("plan_commit", control=True)
-# Data plane (meshd/segments.py is the in-memory form); request id in the envelope. Node ids are
+# Data plane (meshd/ring/messages.py is the in-memory form); request id in the envelope. Node ids are
 # request-global and only grow, so prunes apply the same whatever order they meet the segments in.
 _reg(
     "segment",

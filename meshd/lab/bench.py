@@ -1,0 +1,262 @@
+"""Benchmarks on Spec-Bench: decoding modes compared on the same prompts, interleaved.
+
+Modes run one after another on each prompt (not one mode over all prompts, then the next),
+so that drift of this machine (thermal, other load) hits every mode alike.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class Run:
+    question_id: int
+    category: str
+    mode: str
+    new_tokens: int
+    rounds: int
+    mean_accepted: float
+    target_forwards: int
+    seconds: float
+    tokens_per_s: float
+
+
+def load_questions(path: Path, categories: int | Sequence[str] | None, per_category: int,
+                   held_out_only: bool = False) -> list[dict]:
+    """The first ``per_category`` questions of each chosen category, in file order."""
+    if not path.is_file():
+        raise ValueError(f"{path}: Spec-Bench question file not found; pass --questions FILE")
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if held_out_only:
+        rows = [r for r in rows if r["question_id"] % 4 == 0]
+    order = list(dict.fromkeys(r["category"] for r in rows))
+    if isinstance(categories, int):
+        chosen = order[:categories]
+    elif categories:
+        unknown = set(categories) - set(order)
+        if unknown:
+            raise ValueError(f"unknown categories {sorted(unknown)}; known: {order}")
+        chosen = list(categories)
+    else:
+        chosen = order
+    count: dict[str, int] = defaultdict(int)
+    out = []
+    for r in rows:
+        if r["category"] in chosen and count[r["category"]] < per_category:
+            count[r["category"]] += 1
+            out.append(r)
+    return out
+
+
+def run_interleaved(questions: list[dict], modes: dict[str, Callable[[str], dict]],
+                    progress: Callable[[str], None] | None = None) -> list[Run]:
+    """``modes`` maps a label to a function question-text -> stats dict (the ``generate --json`` fields)."""
+    runs = []
+    total = len(questions) * len(modes)
+    t0 = time.perf_counter()
+    for q in questions:
+        for label, fn in modes.items():
+            s = fn(q["turns"][0])
+            runs.append(Run(q["question_id"], q["category"], label, s["new_tokens"], s["rounds"],
+                            s["mean_accepted"], s["target_forwards"], s["seconds"], s["tokens_per_s"]))
+            if progress:
+                done = len(runs)
+                eta = (time.perf_counter() - t0) / done * (total - done)
+                progress(f"[{done}/{total}] q{q['question_id']} {q['category']:<16} {label:<12} "
+                         f"{s['tokens_per_s']:6.1f} tok/s  {s['mean_accepted']:.2f} tok/round  eta {eta:4.0f}s")
+    return runs
+
+
+def summarize(runs: list[Run], baseline: str) -> tuple[dict, str]:
+    """Per-category and overall figures, plus a markdown table. Speed-ups are ratios of total
+    tokens over total seconds, per category, against ``baseline``."""
+    by: dict[tuple[str, str], list[Run]] = defaultdict(list)
+    for r in runs:
+        by[(r.category, r.mode)].append(r)
+        by[("ALL", r.mode)].append(r)
+    cats = [*list(dict.fromkeys(r.category for r in runs)), "ALL"]
+    modes = list(dict.fromkeys(r.mode for r in runs))
+    table: dict = {}
+    for c in cats:
+        for m in modes:
+            rs = by[(c, m)]
+            toks, secs = sum(r.new_tokens for r in rs), sum(r.seconds for r in rs)
+            rounds = sum(r.rounds for r in rs)
+            table[f"{c}/{m}"] = {
+                "n": len(rs), "tokens": toks, "seconds": round(secs, 3),
+                "tokens_per_s": round(toks / secs, 3) if secs else 0.0,
+                "mean_accepted": round(sum(r.mean_accepted * r.rounds for r in rs) / rounds, 3) if rounds else 0.0,
+                "tokens_per_forward": round(toks / max(1, sum(r.target_forwards for r in rs)), 3),
+            }
+    head = "| category | " + " | ".join(f"{m} tok/s | {m} acc" for m in modes)
+    head += "".join(f" | {m}/{baseline}" for m in modes if m != baseline) + " |"
+    lines = [head, "|" + "---|" * (1 + 2 * len(modes) + len(modes) - (baseline in modes))]
+    for c in cats:
+        row = [c]
+        for m in modes:
+            row += [f"{table[f'{c}/{m}']['tokens_per_s']:.2f}", f"{table[f'{c}/{m}']['mean_accepted']:.2f}"]
+        base = table.get(f"{c}/{baseline}", {}).get("tokens_per_s", 0)
+        row += [f"{table[f'{c}/{m}']['tokens_per_s'] / base:.2f}x" if base else "-" for m in modes if m != baseline]
+        lines.append("| " + " | ".join(row) + " |")
+    return table, "\n".join(lines)
+
+
+def machine_info() -> dict:
+    import os
+
+    import torch
+
+    return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "processor": platform.processor()}
+
+
+def write_record(out_dir: Path, config: dict, runs: list[Run], table: dict, markdown: str) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime('%Y%m%d-%H%M%S')
+    path = out_dir / f"bench-{stamp}.json"
+    n = 1
+    while path.exists():  # two runs in one second (one per temperature) must not overwrite each other
+        n += 1
+        path = out_dir / f"bench-{stamp}-{n}.json"
+    path.write_text(json.dumps({"config": config, "machine": machine_info(), "summary": table,
+                                "runs": [r.__dict__ for r in runs]}, indent=1))
+    (path.with_suffix(".md")).write_text(markdown + "\n")
+    return path
+
+
+def progress_printer(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def parse_link(text: str | None) -> tuple[float, float]:
+    """``5ms/100mbit`` -> (latency_ms, bandwidth_mbps); None -> no emulation."""
+    if not text:
+        return 0.0, 0.0
+    lat, _, bw = text.lower().partition("/")
+    try:
+        latency = float(lat.removesuffix("ms"))
+        bandwidth = float(bw.removesuffix("mbit").removesuffix("mbps")) if bw else 0.0
+    except ValueError:
+        raise ValueError(f"--link {text!r}: expected LATENCYms/BANDWIDTHmbit, e.g. 5ms/100mbit") from None
+    return latency, bandwidth
+
+
+class LocalBackend:
+    """One device: the single-device engine (``ar``, ``spec:DRAFTER``) or in-process stages."""
+
+    def __init__(self, args):
+        import torch
+
+        from meshd.serve.local import LocalEngine
+
+        torch.set_num_threads(args.threads or torch.get_num_threads())
+        self.args = args
+        self.engine = LocalEngine(args.model, args.dtype)
+        self.engine.curve  # noqa: B018 - measure (or load) the cost curve before timing anything
+        self.stages = args.stages if args.backend == "inprocess" else 1
+
+    def describe(self) -> str:
+        import torch
+
+        where = f"{self.stages} in-process stages" if self.stages > 1 else "one device"
+        n = torch.get_num_threads()
+        return f"{where}, {n} thread{'s' if n > 1 else ''}, dtype {str(self.engine.target.dtype)[6:]}"
+
+    def runner(self, label: str) -> Callable[[str], dict]:
+        mode, _, drafter = label.partition(":")
+        a = self.args
+        return lambda text: self.engine.run(text, mode=mode, drafter=drafter or a.drafter, max_tokens=a.max_tokens,
+                                            temperature=a.temperature, seed=0, stages=self.stages)
+
+    def close(self) -> None:
+        pass
+
+
+class DaemonBackend:
+    """``--stages`` real daemons on loopback; requests go through the REST API of the first one."""
+
+    def __init__(self, args):
+        import tempfile
+
+        from meshd.lab.testbed import LoopbackMesh
+
+        self.args = args
+        latency, bandwidth = parse_link(args.link)
+        extra = ["--drafter", args.drafter, "--device-slowdown", str(args.device_slowdown)]
+        if latency:
+            extra += ["--latency-ms", str(latency)]
+        if bandwidth:
+            extra += ["--bandwidth-mbps", str(bandwidth)]
+        self._tmp = tempfile.TemporaryDirectory(prefix="meshd-bench-")
+        progress_printer(f"starting {args.stages} daemons on 127.0.0.1 ...")
+        self.mesh = LoopbackMesh(Path(self._tmp.name), args.stages, model=args.model,
+                                 dtype=args.dtype if args.dtype != "auto" else "auto", threads=args.threads or 1,
+                                 extra=extra)
+        try:
+            self.plan = self.mesh.wait_plan(list(range(args.stages)), args.stages, timeout=300)
+        except Exception:
+            self.close()
+            raise
+        self.model = self.mesh.status(0)["model"]
+
+    def describe(self) -> str:
+        import os
+
+        a = self.args
+        return (f"{a.stages} daemons on loopback ({a.threads or 1} thread each, sharing {os.cpu_count()} cores), "
+                f"link {a.link or 'unshaped'}, device slowdown x{a.device_slowdown}")
+
+    def runner(self, label: str) -> Callable[[str], dict]:
+        from meshd.lab.testbed import http
+
+        a = self.args
+        if label.startswith("local:"):  # the single-device baseline, in this process, while the daemons idle
+            return self._local(label.removeprefix("local:"))
+
+        def run(text: str) -> dict:
+            code, body = http("POST", self.mesh.url(0) + "/v1/chat/completions", {
+                "model": self.model, "messages": [{"role": "user", "content": text}], "max_tokens": a.max_tokens,
+                "temperature": a.temperature, "seed": 0, "mode": label}, timeout=600)
+            if code != 200:
+                raise RuntimeError(f"daemon answered {code}: {body}")
+            return body["meshd"]
+
+        return run
+
+    def _local(self, label: str) -> Callable[[str], dict]:
+        import torch
+
+        from meshd.serve.local import LocalEngine
+
+        if not hasattr(self, "engine"):
+            torch.set_num_threads(self.args.threads or 1)  # one device = what one daemon has
+            self.engine = LocalEngine(self.args.model, self.args.dtype)
+            self.engine.curve  # noqa: B018 - measure (or load) the cost curve before timing anything
+        mode, _, drafter = label.partition(":")
+        a = self.args
+        return lambda text: self.engine.run(text, mode=mode, drafter=drafter or a.drafter, max_tokens=a.max_tokens,
+                                            temperature=a.temperature, seed=0)
+
+    def close(self) -> None:
+        self.mesh.close() if hasattr(self, "mesh") else None
+        self._tmp.cleanup()
+
+
+class open_backend:
+    def __init__(self, args):
+        self.args = args
+
+    def __enter__(self):
+        self.backend = DaemonBackend(self.args) if self.args.backend == "daemons" else LocalBackend(self.args)
+        return self.backend
+
+    def __exit__(self, *exc) -> None:
+        self.backend.close()

@@ -1,0 +1,110 @@
+"""The mesh without sockets: stages as local objects, driven by the same scheduler as the daemon.
+
+Tests use it to check every mode against plain greedy decoding; ``meshd generate --stages K``
+uses it to compare modes on one machine. Stages run one after another here (one process), so
+it shows correctness and round counts, not pipelined wall-clock speed; the simulator adds time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from meshd.ring.scheduler import Action, CloseSessions, Emit, Finish, Originator, Request, SendPrune, SendSegment
+from meshd.ring.worker import StageWorker
+from models.engine import Stats
+from models.stage import Stage
+
+
+@dataclass
+class Outcome:
+    tokens: list[int] = field(default_factory=list)
+    reason: str | None = None
+    stats: Stats | None = None
+    error: str | None = None
+
+
+def split_layers(n_layers: int, k: int) -> list[tuple[int, int]]:
+    """Contiguous, near-equal layer ranges for ``k`` stages."""
+    if not 1 <= k <= n_layers:
+        raise ValueError(f"cannot split {n_layers} layers into {k} stages")
+    q, r = divmod(n_layers, k)
+    out, a = [], 0
+    for i in range(k):
+        b = a + q + (1 if i < r else 0)
+        out.append((a, b))
+        a = b
+    return out
+
+
+class InProcessPipeline:
+    """``stages[0]`` receives what the originator sends; the last stage's output goes back to it."""
+
+    def __init__(self, originator: Originator, workers: list[StageWorker],
+                 on_emit: Callable[[str, list[int]], None] | None = None):
+        self.originator, self.workers, self.on_emit = originator, workers, on_emit
+        self.outcomes: dict[str, Outcome] = {}
+
+    def dispatch(self, actions: list[Action]) -> None:
+        for a in actions:
+            if isinstance(a, SendSegment):
+                self.workers[0].enqueue(a.segment)
+            elif isinstance(a, SendPrune):
+                for w in self.workers:
+                    w.prune(a.prune)
+            elif isinstance(a, CloseSessions):
+                for w in self.workers:
+                    w.close(a.request_id)
+            elif isinstance(a, Emit):
+                self.outcomes.setdefault(a.request_id, Outcome()).tokens.extend(a.tokens)
+                if self.on_emit:
+                    self.on_emit(a.request_id, a.tokens)
+            elif isinstance(a, Finish):
+                o = self.outcomes.setdefault(a.request_id, Outcome())
+                o.reason, o.stats, o.error = a.reason, a.stats, a.error
+
+    def submit(self, req: Request) -> None:
+        self.outcomes[req.request_id] = Outcome()
+        self.dispatch(self.originator.submit(req))
+
+    def run(self, max_steps: int = 1_000_000) -> dict[str, Outcome]:
+        """Step every stage in ring order until no work is left."""
+        for _ in range(max_steps):
+            busy = False
+            for k, w in enumerate(self.workers):
+                for out in w.step():
+                    busy = True
+                    if k + 1 < len(self.workers):
+                        self.workers[k + 1].enqueue(out)
+                    else:
+                        self.dispatch(self.originator.on_result(out, w.queued_rows))
+            if not busy:
+                break
+        for rid, o in self.outcomes.items():
+            if o.reason is None:
+                o.reason, o.error = "error", f"request {rid} stalled with no work in the ring"
+        return self.outcomes
+
+
+def build_local_pipeline(source, n_stages: int, drafter_factory, dtype: str = "fp32",
+                         curves=None, full: Stage | None = None, **originator_kw) -> InProcessPipeline:
+    """Cut one loaded model into ``n_stages`` in-process stages sharing its weights.
+
+    Without measured ``curves`` each stage gets a share of ``full``'s whole-model curve (or a
+    made-up one) proportional to its layer count.
+    """
+    from models.budget import CostCurve
+
+    full = full or Stage.load(source, dtype=dtype)
+    ranges = split_layers(full.cfg.n_layers, n_stages)
+    workers = []
+    for a, b in ranges:
+        st = Stage(full.cfg, a, b, full.layers[a:b], dtype=full.dtype, inv_freq=full.inv_freq,
+                   rope_scale=full.rope_scale)
+        workers.append(StageWorker(st, embed=full.embed if a == 0 else None))
+    if curves is None:
+        curves = [CostCurve({1: (b - a) / full.cfg.n_layers, 64: 2 * (b - a) / full.cfg.n_layers}) for a, b in ranges]
+    elif isinstance(curves, CostCurve):
+        curves = [CostCurve({t: curves(t) * (b - a) / full.cfg.n_layers for t in curves.ts}) for a, b in ranges]
+    orig = Originator(full, drafter_factory, curves, **originator_kw)
+    return InProcessPipeline(orig, workers)

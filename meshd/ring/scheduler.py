@@ -1,0 +1,392 @@
+"""The originator's brain, sans-IO: events in (submit, result, cancel, ring lost), actions out.
+
+The daemon, the in-process pipeline and the simulator all drive this same class; none of its
+methods touches a socket or a clock it was not given. Torch work (LM head, drafting) happens
+inside the calls, so the daemon calls them from its torch executor.
+
+Three modes, per request:
+- ``ar``: one token per pass through the ring.
+- ``chunk``: one tree per round, cut into chunks in tree order, verified once every chunk is
+  back (FlowSpec's Chunk-PP baseline).
+- ``flow``: the tree is cut into score-sorted segments that stream through the ring; each
+  returning segment is verified at once (step-wise), a prune decision goes to every stage, and
+  the tree is re-drafted from the new frontier and extended with a new segment, so the ring
+  never drains while a request is alive.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from meshd.ring.messages import PROMPT_PARENT, Prune, Segment
+from models.budget import CostCurve, TreeBudget
+from models.drafters import Drafter
+from models.engine import Stats
+from models.stage import Stage
+from models.tree import Tree, split_segments
+from models.verify import Sampling, Walk, advance
+
+MODES = ("ar", "chunk", "flow")
+PREFILL_CHUNK = 64
+
+
+# ---- actions ------------------------------------------------------------------------------
+@dataclass
+class SendSegment:
+    segment: Segment
+
+
+@dataclass
+class SendPrune:
+    prune: Prune
+
+
+@dataclass
+class Emit:
+    request_id: str
+    tokens: list[int]
+
+
+@dataclass
+class Finish:
+    request_id: str
+    reason: str  # stop | length | cancelled | error
+    stats: Stats
+    error: str | None = None
+
+
+@dataclass
+class CloseSessions:
+    request_id: str
+
+
+Action = SendSegment | SendPrune | Emit | Finish | CloseSessions
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt: list[int]
+    max_new_tokens: int = 128
+    mode: str = "flow"
+    sampling: Sampling = field(default_factory=Sampling)
+    seed: int | None = None
+    eos: frozenset[int] = frozenset()
+
+
+@dataclass
+class _Live:
+    """Per-request state at the originator."""
+
+    req: Request
+    drafter: Drafter | None
+    budget: TreeBudget
+    gen: torch.Generator | None
+    stats: Stats = field(default_factory=Stats)
+    out: list[int] = field(default_factory=list)
+    next_id: int = 0
+    pos: dict[int, int] = field(default_factory=dict)
+    tree: Tree | None = None
+    ids: list[int] = field(default_factory=list)  # tree index -> node id
+    walk: Walk = field(default_factory=Walk)
+    logits: dict[int, torch.Tensor] = field(default_factory=dict)
+    feats: dict[int, torch.Tensor] = field(default_factory=dict)
+    prefill_left: set[int] = field(default_factory=set)
+    in_flight: set[int] = field(default_factory=set)  # node ids sent and not yet returned or pruned
+    tail: int = PROMPT_PARENT  # newest committed node with computed KV: the parent of a fresh root
+    predicted: float = 0.0  # sum of draft probabilities of the nodes sent this round
+    round_accepted: int = 0
+    started: float = 0.0
+    done: bool = False
+
+    @property
+    def context(self) -> list[int]:
+        return self.req.prompt + self.out
+
+    def new_ids(self, n: int) -> list[int]:
+        ids = list(range(self.next_id, self.next_id + n))
+        self.next_id += n
+        return ids
+
+
+class Originator:
+    """Drafts, verifies and streams for the requests this peer originates."""
+
+    def __init__(self, head: Stage, drafter_factory: Callable[[], Drafter] | None, stage_curves: Sequence[CostCurve],
+                 *, clock: Callable[[], float] = time.perf_counter, top_k: int = 8, depth: int = 8, pool: int = 512,
+                 max_nodes: int = 64, origin: str | None = None, timer: Callable[[], float] = time.perf_counter):
+        if not head.has_head:
+            raise ValueError("the originator needs the embeddings, final norm and LM head")
+        self.head, self.drafter_factory, self.clock, self.origin = head, drafter_factory, clock, origin
+        self.timer = timer  # measures drafting cost for the budget; the simulator swaps in its device model
+        self.set_ring(stage_curves)
+        self.top_k, self.depth, self.pool, self.max_nodes = top_k, depth, pool, max_nodes
+        self.live: dict[str, _Live] = {}
+        self.stage_queue = 0  # latest queue depth the ring reported
+
+    def set_ring(self, stage_curves: Sequence[CostCurve]) -> None:
+        """A new plan: the number of stages and the cost of a pass through all of them."""
+        if not stage_curves:
+            raise ValueError("a ring needs at least one stage")
+        self.n_stages = len(stage_curves)
+        total = stage_curves[0]
+        for c in stage_curves[1:]:
+            total = total + c
+        self.ring_cost = total
+        # the flat head of the curve: up to this many rows cost about as much as one, so cutting a tree
+        # into segments smaller than this buys no overlap, only extra forwards
+        self.flat_rows = max([t for t in total.ts if total(t) <= 1.25 * total(1)] or [1])
+
+    # ---- events -----------------------------------------------------------------------------
+    def submit(self, req: Request) -> list[Action]:
+        if req.mode not in MODES:
+            raise ValueError(f"mode {req.mode!r}; choose one of {', '.join(MODES)}")
+        if req.request_id in self.live:
+            raise ValueError(f"request id {req.request_id!r} is already live")
+        if not req.prompt:
+            raise ValueError("the prompt is empty")
+        drafter = self.drafter_factory() if (req.mode != "ar" and self.drafter_factory) else None
+        if drafter is not None:
+            drafter.reset(list(req.prompt))
+        lv = _Live(req, drafter, TreeBudget(self.ring_cost, max_nodes=self.max_nodes),
+                   torch.Generator().manual_seed(req.seed) if req.seed is not None else None,
+                   started=self.clock())
+        self.live[req.request_id] = lv
+        acts: list[Action] = []
+        ids = lv.new_ids(len(req.prompt))
+        for a in range(0, len(ids), PREFILL_CHUNK):
+            chunk = ids[a:a + PREFILL_CHUNK]
+            for i in chunk:
+                lv.pos[i] = i
+            seg = Segment(req.request_id, chunk, [i - 1 if i > 0 else PROMPT_PARENT for i in chunk], chunk,
+                          tokens=[req.prompt[i] for i in chunk], commit=True, origin=self.origin, sent_at=self.clock())
+            acts.append(SendSegment(seg))
+            lv.stats.target_forwards += 1
+        lv.prefill_left = set(ids)
+        return acts
+
+    def cancel(self, request_id: str, reason: str = "cancelled", error: str | None = None) -> list[Action]:
+        lv = self.live.pop(request_id, None)
+        if lv is None:
+            return []
+        lv.done = True
+        lv.stats.seconds = self.clock() - lv.started
+        return [CloseSessions(request_id), Finish(request_id, reason, lv.stats, error)]
+
+    def ring_lost(self, why: str) -> list[Action]:
+        """A stage died: every request in flight fails with an error (no silent hang)."""
+        acts: list[Action] = []
+        for rid in list(self.live):
+            acts += self.cancel(rid, "error", why)
+        return acts
+
+    def on_result(self, seg: Segment, stage_queue: int = 0) -> list[Action]:
+        """Hidden states of ``seg``'s nodes came back from the last stage."""
+        lv = self.live.get(seg.request_id)
+        if lv is None:
+            return []  # finished or cancelled while this segment was in flight
+        self.stage_queue = stage_queue
+        if lv.prefill_left:
+            return self._prefill_result(lv, seg)
+        wanted = [i for i, n in enumerate(seg.node_ids) if n in lv.in_flight]
+        lv.in_flight.difference_update(seg.node_ids)
+        if not wanted:
+            return []
+        feats = self.head.final_norm(seg.hidden[wanted].to(self.head.dtype))
+        logits = self.head.logits(feats, normed=True)
+        for r, i in enumerate(wanted):
+            lv.logits[seg.node_ids[i]] = logits[r]
+            lv.feats[seg.node_ids[i]] = feats[r]
+        if lv.req.mode != "flow" and lv.in_flight:  # ar / chunk: verify only once the whole tree is back
+            return []
+        return self._walk(lv)
+
+    # ---- prefill ----------------------------------------------------------------------------
+    def _prefill_result(self, lv: _Live, seg: Segment) -> list[Action]:
+        hidden = seg.hidden.to(self.head.dtype)  # the wire may carry fp16 while this device computes in bf16
+        for i, n in enumerate(seg.node_ids):
+            lv.feats[n] = hidden[i]
+        lv.prefill_left.difference_update(seg.node_ids)
+        if lv.prefill_left:
+            return []
+        ids = sorted(lv.feats)
+        feats = self.head.final_norm(torch.stack([lv.feats[i] for i in ids]))
+        lv.feats.clear()
+        lv.tail = ids[-1]
+        first = self._sample(lv, self.head.logits(feats[-1:], normed=True)[0])
+        acts = self._emit(lv, [first])
+        if lv.drafter is not None:
+            lv.drafter.accept(lv.context, feats)
+        if not lv.done:
+            acts += self._new_round(lv)
+        return acts
+
+    def _sample(self, lv: _Live, logits: torch.Tensor) -> int:
+        from models.verify import sample_token
+
+        return sample_token(logits, lv.req.sampling, lv.gen)
+
+    # ---- rounds -----------------------------------------------------------------------------
+    def _load(self, lv: _Live) -> tuple[int, float]:
+        """Rows and expected tokens other live requests put through the ring (FASER's load signal)."""
+        others = [o for o in self.live.values() if o is not lv and not o.done]
+        rows = sum(len(o.in_flight) for o in others) + self.stage_queue
+        gain = sum(max(1.0, o.stats.mean_accepted) for o in others)
+        return rows, gain
+
+    def _draft(self, lv: _Live) -> tuple[Tree, int]:
+        """A candidate pool rooted at the last emitted token, and how many of its nodes the cost model pays for."""
+        if lv.drafter is None or lv.req.mode == "ar":
+            return Tree.root(lv.out[-1]), 0
+        left = lv.req.max_new_tokens - len(lv.out)
+        t0 = self.timer()
+        pool = lv.drafter.draft(lv.context, top_k=self.top_k, depth=max(1, min(self.depth, left)),
+                                max_nodes=self.pool, keep=lv.budget.keep_hint())
+        overhead = self.timer() - t0
+        lv.stats.draft_seconds += overhead
+        rows, gain = self._load(lv)
+        return pool, lv.budget.choose(pool, overhead=overhead, load_rows=rows, load_gain=gain)
+
+    def _new_round(self, lv: _Live) -> list[Action]:
+        """Start a tree at a fresh root (the last emitted token, not yet in any cache)."""
+        root_pos = len(lv.context) - 1
+        lv.logits.clear()
+        lv.feats.clear()
+        pool, n = self._draft(lv)
+        tree = pool.best(n)
+        lv.tree, lv.walk, lv.round_accepted = tree, Walk(), 0
+        lv.ids = lv.new_ids(len(tree))
+        lv.pos.update({lv.ids[i]: root_pos + tree.depth[i] for i in range(len(tree))})
+        lv.predicted = sum(math.exp(s) for s in tree.scores[1:])
+        order = tree.score_order() if lv.req.mode == "flow" else list(range(len(tree)))
+        return self._send(lv, order, root_parent=lv.tail)
+
+    def _send(self, lv: _Live, nodes: list[int], root_parent: int) -> list[Action]:
+        """Send tree nodes (indices, parents first) as segments: one chunk per stage in ``chunk``; in ``flow``
+        as many score-sorted segments as the stages can overlap without falling below the curve's flat rows."""
+        tree = lv.tree
+        if lv.req.mode == "ar":
+            k = 1
+        elif lv.req.mode == "chunk":
+            k = self.n_stages  # FlowSpec's Chunk-PP baseline: always one chunk per stage
+        else:
+            k = max(1, min(self.n_stages, math.ceil(len(nodes) / self.flat_rows)))
+        acts: list[Action] = []
+        for part in split_segments(nodes, k):
+            parents = []
+            for i in part:
+                p = tree.parents[i]
+                parents.append(lv.ids[p] if p >= 0 else root_parent)
+            ids = [lv.ids[i] for i in part]
+            seg = Segment(lv.req.request_id, ids, parents, [lv.pos[n] for n in ids],
+                          tokens=[tree.tokens[i] for i in part], origin=self.origin, sent_at=self.clock())
+            lv.in_flight.update(ids)
+            lv.stats.verified_nodes += len(ids)
+            acts.append(SendSegment(seg))
+        lv.stats.target_forwards += 1 if lv.req.mode != "flow" else len(acts)
+        return acts
+
+    def _walk(self, lv: _Live) -> list[Action]:
+        """Decide as far as the logits at hand allow (ar/chunk: the whole tree; flow: what came back so far)."""
+        tokens = advance(lv.walk, lv.tree, lambda i: lv.logits.get(lv.ids[i]), lv.req.sampling, lv.gen)
+        return self._after_walk(lv, tokens) if tokens else []
+
+    def _after_walk(self, lv: _Live, tokens: list[int]) -> list[Action]:
+        tree, walk = lv.tree, lv.walk
+        path_ids = [lv.ids[i] for i in walk.path]
+        lv.stats.rounds += 1
+        lv.stats.per_round.append(len(tokens))
+        lv.stats.accepted_drafts += len(tokens) - (1 if walk.done else 0)
+        acts = self._emit(lv, tokens)
+        if lv.done:  # sessions are closed everywhere; a prune now would only resurrect them
+            return acts
+        feats = [lv.feats[n] for n in path_ids if n in lv.feats]
+        lv.round_accepted += len(walk.path) - 1
+        if walk.done:
+            lv.budget.observe(lv.predicted, lv.round_accepted)
+            keep = path_ids
+        else:  # flow: waiting on the accepted child at the end of the path; its subtree survives
+            keep = path_ids[:-1] + [lv.ids[i] for i in tree.subtree(walk.path[-1])]
+        acts.append(SendPrune(Prune(lv.req.request_id, lv.next_id - 1, sorted(keep), path_ids)))
+        lv.in_flight.intersection_update(keep)
+        computed = [n for n in path_ids if n in lv.feats]
+        if lv.drafter is not None and computed:
+            lv.drafter.accept(lv.context, torch.stack(feats))
+        if walk.done:
+            lv.tail = path_ids[-1]
+        for n in path_ids:
+            lv.logits.pop(n, None)
+            lv.feats.pop(n, None)
+        if walk.done:
+            return acts + self._new_round(lv)
+        return acts + self._expand(lv)
+
+    def _expand(self, lv: _Live) -> list[Action]:
+        """flow: re-root at the accepted-but-pending node, re-draft from it, send the new nodes."""
+        tree, walk = lv.tree, lv.walk
+        frontier = walk.path[-1]
+        sub, old = tree.reroot(frontier)
+        lv.tree, lv.ids, lv.walk = sub, [lv.ids[o] for o in old], Walk()
+        alive = set(lv.ids)
+        for n in [n for n in lv.logits if n not in alive]:
+            lv.logits.pop(n)
+        if lv.drafter is None:
+            return []
+        pool, target = self._draft(lv)
+        before = len(sub)
+        room = max(0, target + 1 - before)
+        if room == 0:
+            return []
+        merged = Tree.from_parents(sub.tokens, sub.parents, sub.scores)
+        where = merged.merge(pool, at=0)
+        fresh = [w for w in dict.fromkeys(where) if w >= before]
+        fresh.sort(key=lambda i: (-merged.scores[i], i))
+        chosen = set(fresh[:room])
+        # keep only chosen new nodes whose ancestors are old or chosen (score order makes this closed)
+        chosen = {i for i in chosen if all(a < before or a in chosen for a in merged.path(i))}
+        keep = list(range(before)) + sorted(chosen)
+        new_tree, old_idx = merged.select(keep)
+        new_ids = lv.new_ids(len(old_idx) - before)
+        lv.ids = lv.ids + new_ids
+        lv.tree = new_tree
+        for j in range(before, len(new_tree)):
+            lv.pos[lv.ids[j]] = lv.pos[lv.ids[new_tree.parents[j]]] + 1
+        lv.predicted += sum(math.exp(new_tree.scores[j]) for j in range(before, len(new_tree)))
+        order = [j for j in new_tree.score_order() if j >= before]
+        return self._send_flow_extension(lv, order)
+
+    def _send_flow_extension(self, lv: _Live, nodes: list[int]) -> list[Action]:
+        tree = lv.tree
+        ids = [lv.ids[i] for i in nodes]
+        seg = Segment(lv.req.request_id, ids, [lv.ids[tree.parents[i]] for i in nodes], [lv.pos[n] for n in ids],
+                      tokens=[tree.tokens[i] for i in nodes], origin=self.origin, sent_at=self.clock())
+        lv.in_flight.update(ids)
+        lv.stats.verified_nodes += len(ids)
+        lv.stats.target_forwards += 1
+        return [SendSegment(seg)]
+
+    def _emit(self, lv: _Live, tokens: list[int]) -> list[Action]:
+        room = lv.req.max_new_tokens - len(lv.out)
+        new: list[int] = []
+        reason = None
+        for t in tokens[:room]:
+            new.append(t)
+            if t in lv.req.eos:
+                reason = "stop"
+                break
+        lv.out.extend(new)
+        if reason is None and len(lv.out) >= lv.req.max_new_tokens:
+            reason = "length"
+        acts: list[Action] = [Emit(lv.req.request_id, new)] if new else []
+        if reason is not None:
+            lv.done = True
+            self.live.pop(lv.req.request_id, None)
+            lv.stats.new_tokens = len(lv.out)
+            lv.stats.seconds = self.clock() - lv.started
+            acts += [CloseSessions(lv.req.request_id), Finish(lv.req.request_id, reason, lv.stats)]
+        return acts

@@ -1,0 +1,215 @@
+"""A stage's worker: per-request KV sessions for its layer slice, a queue, batched forwards.
+
+No networking here. The daemon feeds it segments and prunes from its links and runs
+:meth:`StageWorker.step` in the torch executor; the in-process pipeline and the simulator call
+the same methods directly.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from meshd.ring.messages import PROMPT_PARENT, Prune, Segment
+from models.kvcache import KVCache
+from models.stage import Attend, Stage
+
+
+@dataclass
+class Session:
+    """One request's state at this stage: which node sits in which cache slot, and what is dead."""
+
+    cache: KVCache
+    slot_of: dict[int, int] = field(default_factory=dict)
+    parent: dict[int, int] = field(default_factory=dict)
+    committed: set[int] = field(default_factory=set)
+    prunes: list[Prune] = field(default_factory=list)
+    last_used: float = field(default_factory=time.monotonic)
+
+    def dead(self, node: int) -> bool:
+        """Committed context never dies; anything else dies if a prune issued after it left it out."""
+        return node not in self.committed and any(p.dead(node) for p in self.prunes)
+
+    def apply(self, prune: Prune) -> None:
+        """Drop dead entries and compact the cache in place (accepted KV is never recomputed)."""
+        self.prunes.append(prune)
+        self.committed.update(prune.commit)
+        by_slot = sorted(self.slot_of.items(), key=lambda kv: kv[1])
+        keep = [(n, s) for n, s in by_slot if not self.dead(n)]
+        if len(keep) != len(by_slot):
+            self.cache.keep([s for _, s in keep])
+            self.slot_of = {n: i for i, (n, _) in enumerate(keep)}
+            self.parent = {n: p for n, p in self.parent.items() if n in self.slot_of}
+        # older prunes are subsumed once their range is below the newest one's
+        self.prunes = [p for p in self.prunes if p.upto > prune.upto or p is prune]
+
+    def mask_for(self, seg: Segment) -> torch.Tensor:
+        """Bool (rows, cache.length + rows): committed context plus each row's own ancestors."""
+        n_cache, t = self.cache.length, len(seg)
+        m = torch.zeros(t, n_cache + t, dtype=torch.bool)
+        committed_slots = [self.slot_of[n] for n in self.committed if n in self.slot_of]
+        if committed_slots:
+            m[:, committed_slots] = True
+        row_of = {n: i for i, n in enumerate(seg.node_ids)}
+        for r, (node, par) in enumerate(zip(seg.node_ids, seg.parents)):
+            m[r, n_cache + r] = True
+            while par != PROMPT_PARENT:
+                if par in row_of:  # an ancestor in this very segment, committed or not: not in the cache yet
+                    m[r, n_cache + row_of[par]] = True
+                    par = seg.parents[row_of[par]]
+                elif par in self.committed:  # cached committed context: already in every row's columns
+                    break
+                elif par in self.slot_of:
+                    m[r, self.slot_of[par]] = True
+                    par = self.parent.get(par, PROMPT_PARENT)
+                else:
+                    raise KeyError(f"node {node}'s ancestor {par} is unknown at this stage")
+        return m
+
+    def admit(self, seg: Segment, start: int) -> None:
+        for i, (n, p) in enumerate(zip(seg.node_ids, seg.parents)):
+            self.slot_of[n] = start + i
+            self.parent[n] = p
+        if seg.commit:
+            self.committed.update(seg.node_ids)
+
+
+class StageWorker:
+    """Runs layers ``[stage.first, stage.last)`` for every request that reaches this device."""
+
+    def __init__(self, stage: Stage, *, embed: Callable[[list[int]], torch.Tensor] | None = None,
+                 max_batch_rows: int = 256, idle_timeout: float = 300.0, compute_scale: float = 1.0):
+        self.stage, self.embed = stage, embed
+        self.max_batch_rows, self.idle_timeout = max_batch_rows, idle_timeout
+        self.compute_scale = compute_scale  # > 1 pads compute to emulate a slower device (benchmarks)
+        self.sessions: dict[str, Session] = {}
+        self.queue: deque[Segment] = deque()
+        self.closed: deque[str] = deque(maxlen=1024)  # late messages for these must not reopen a session
+        self.busy_seconds = 0.0
+        self.rows_done = 0
+        self.forwards = 0
+        self.shared_forwards = 0  # forwards that carried rows of more than one request (the ring was shared)
+
+    # ---- events ---------------------------------------------------------------------------
+    def handle(self, kind: str, payload) -> None:
+        """Apply one ring message (``segment``, ``prune`` or ``cancel``) in arrival order.
+
+        The daemon's inbox and the simulator's event queue both deliver through here, so the
+        simulated worker sees exactly the message semantics the real one does.
+        """
+        if kind == "segment":
+            self.enqueue(payload)
+        elif kind == "prune":
+            self.prune(payload)
+        elif kind == "cancel":
+            self.close(payload)
+        else:
+            raise ValueError(f"unknown ring message kind {kind!r}")
+
+    def enqueue(self, seg: Segment) -> None:
+        if seg.request_id in self.closed:
+            return
+        sess = self.sessions.get(seg.request_id)
+        if sess is not None and sess.prunes:
+            live = [i for i, n in enumerate(seg.node_ids) if not sess.dead(n)]
+            if len(live) != len(seg):
+                seg = seg.rows(live)
+        if len(seg):
+            self.queue.append(seg)
+
+    def prune(self, p: Prune) -> None:
+        if p.request_id in self.closed:
+            return
+        sess = self._session(p.request_id)
+        sess.apply(p)
+        kept = deque()
+        for seg in self.queue:
+            if seg.request_id == p.request_id:
+                live = [i for i, n in enumerate(seg.node_ids) if not sess.dead(n)]
+                seg = seg.rows(live) if len(live) != len(seg) else seg
+            if len(seg):
+                kept.append(seg)
+        self.queue = kept
+
+    def close(self, request_id: str) -> None:
+        self.sessions.pop(request_id, None)
+        if request_id not in self.closed:
+            self.closed.append(request_id)
+        self.queue = deque(s for s in self.queue if s.request_id != request_id)
+
+    def expire(self, now: float | None = None) -> list[str]:
+        """Free sessions idle past the timeout (an originator that vanished never sends close)."""
+        now = time.monotonic() if now is None else now
+        gone = [r for r, s in self.sessions.items() if now - s.last_used > self.idle_timeout]
+        for r in gone:
+            self.close(r)
+        return gone
+
+    @property
+    def queued_rows(self) -> int:
+        return sum(len(s) for s in self.queue)
+
+    # ---- compute --------------------------------------------------------------------------
+    def _session(self, request_id: str) -> Session:
+        sess = self.sessions.get(request_id)
+        if sess is None:
+            sess = self.sessions[request_id] = Session(self.stage.new_cache())
+        sess.last_used = time.monotonic()
+        return sess
+
+    def take_batch(self) -> list[Segment]:
+        """The queued segments for the next forward: in arrival order, at most one per request
+        (a request's later segment may depend on its earlier one), up to ``max_batch_rows``."""
+        batch, seen, rows, rest = [], set(), 0, deque()
+        while self.queue:
+            seg = self.queue.popleft()
+            if seg.request_id in seen or (batch and rows + len(seg) > self.max_batch_rows):
+                rest.append(seg)
+                continue
+            batch.append(seg)
+            seen.add(seg.request_id)
+            rows += len(seg)
+        self.queue = rest
+        return batch
+
+    @torch.inference_mode()
+    def run(self, batch: list[Segment]) -> list[Segment]:
+        """One batched forward over ``batch``; returns each segment with its output hidden states."""
+        if not batch:
+            return []
+        t0 = time.perf_counter()
+        xs, items = [], []
+        for seg in batch:
+            sess = self._session(seg.request_id)
+            if seg.hidden is not None:
+                xs.append(seg.hidden.to(self.stage.dtype))
+            elif self.embed is not None and seg.tokens is not None:
+                xs.append(self.embed(seg.tokens).to(self.stage.dtype))
+            else:
+                raise ValueError(f"segment of {seg.request_id} has neither hidden states nor tokens to embed")
+            mask = sess.mask_for(seg)
+            sess.admit(seg, sess.cache.length)
+            items.append(Attend(sess.cache, torch.tensor(seg.positions), mask))
+        out = self.stage.forward(torch.cat(xs), items)
+        results, row = [], 0
+        for seg in batch:
+            n = len(seg)
+            results.append(Segment(seg.request_id, seg.node_ids, seg.parents, seg.positions, None,
+                                   out[row:row + n], seg.commit, seg.origin, seg.sent_at))
+            row += n
+        spent = time.perf_counter() - t0
+        if self.compute_scale > 1.0:
+            time.sleep(spent * (self.compute_scale - 1.0))
+            spent *= self.compute_scale
+        self.busy_seconds += spent
+        self.rows_done += sum(len(s) for s in batch)
+        self.forwards += 1
+        self.shared_forwards += len(batch) > 1
+        return results
+
+    def step(self) -> list[Segment]:
+        return self.run(self.take_batch())

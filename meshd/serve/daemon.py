@@ -1,0 +1,242 @@
+"""``meshd serve``: the composition root. Model, mesh, runtime and REST, wired together once.
+
+Start-up order matters to users: the API port is bound before the model is ready, so
+``/health`` can say *why* the daemon is not serving yet (loading, waiting for peers), and
+systemd hears READY=1 only once requests can actually be answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from typing import Any
+
+import torch
+from aiohttp import web
+
+from meshd.ring.messages import Prune, Segment
+from meshd.serve import notify
+from meshd.serve.runtime import Ring, Runtime
+from models.budget import CostCurve
+from models.drafters import drafter_factory
+from models.profile import stage_cost_curve
+from models.source import ModelSource
+from models.stage import Stage, parse_dtype
+from peers.codec import Message
+from peers.link import LinkEmulation
+from peers.membership import PeerLost
+from peers.mesh import MeshConfig, MeshNode
+from peers.planner import ModelShape
+from peers.sizes import parse_size
+
+log = logging.getLogger("meshd")
+
+
+def model_shape(head: Stage, dtype: torch.dtype, context: int, draft_bytes: int = 0) -> ModelShape:
+    """What the planner must know: bytes per layer, what every peer replicates, KV per token."""
+    cfg = head.cfg
+    b = torch.tensor([], dtype=dtype).element_size()
+    return ModelShape(n_layers=cfg.n_layers, bytes_per_layer=cfg.layer_params() * b,
+                      replicated_bytes=head.nbytes() + draft_bytes,
+                      kv_bytes_per_token_per_layer=2 * cfg.kv_size * b, context=context)
+
+
+def to_message(kind: str, payload: Any, wire_dtype: torch.dtype) -> Message:
+    """The in-memory data-plane objects as codec messages (the codec validates every field)."""
+    if kind == "segment":
+        seg: Segment = payload
+        body: dict[str, Any] = {"seq": 0, "origin": seg.origin or "", "nodes": seg.node_ids, "parents": seg.parents,
+                                "positions": seg.positions, "commit": seg.commit}
+        if seg.hidden is not None:
+            body["hidden"] = seg.hidden.to(wire_dtype)
+        else:
+            body["tokens"] = seg.tokens
+        return Message("segment", body, request_id=int(seg.request_id))
+    if kind == "prune":
+        p: Prune = payload
+        return Message("prune", {"upto": p.upto, "keep": p.keep, "commit": p.commit}, request_id=int(p.request_id))
+    if kind == "result":
+        seg, queue = payload
+        return Message("result", {"seq": 0, "nodes": seg.node_ids, "hidden": seg.hidden.to(wire_dtype),
+                                  "queue": queue}, request_id=int(seg.request_id))
+    if kind == "cancel":
+        return Message("cancel", {}, request_id=int(payload))
+    raise ValueError(f"unknown data-plane kind {kind!r}")
+
+
+def from_message(msg: Message) -> tuple[str, Any]:
+    rid = str(msg.request_id)
+    b = msg.body
+    if msg.type == "segment":
+        hidden = b.get("hidden")
+        return "segment", Segment(rid, list(b["nodes"]), list(b["parents"]), list(b["positions"]),
+                                  tokens=b.get("tokens"), hidden=hidden.clone() if hidden is not None else None,
+                                  commit=bool(b.get("commit", False)), origin=b["origin"] or None)
+    if msg.type == "prune":
+        return "prune", Prune(rid, int(b["upto"]), list(b["keep"]), list(b["commit"]))
+    if msg.type == "result":
+        seg = Segment(rid, list(b["nodes"]), [], [], hidden=b["hidden"].clone())
+        return "result", (seg, int(b.get("queue") or 0))
+    if msg.type == "cancel":
+        return "cancel", rid
+    raise ValueError(f"unexpected data-plane message {msg.type!r}")
+
+
+class Daemon:
+    def __init__(self, cfg: Any):
+        self.cfg = cfg
+        self.stopping = asyncio.Event()
+        self.node: MeshNode | None = None
+        self.runtime: Runtime | None = None
+        self.runner: web.AppRunner | None = None
+        self._curves: dict[str, dict[int, float]] = {}
+
+    # ---- start-up ---------------------------------------------------------------------------
+    async def run(self) -> int:
+        from meshd.serve.api import create_app
+
+        cfg = self.cfg
+        torch.set_num_threads(cfg.threads or torch.get_num_threads())
+        dtype = parse_dtype(cfg.dtype)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+        log.info("loading %s (head parts, %s)", cfg.model, dtype)
+        notify.status("loading the model")
+        source = ModelSource.resolve(cfg.model)
+        head = await asyncio.to_thread(Stage.load, source, 0, 0, head=True, dtype=dtype)
+        tokenizer = await asyncio.to_thread(source.load_tokenizer)
+        factory = await asyncio.to_thread(drafter_factory, cfg.drafter, head, source=source)
+        emulation = None
+        if cfg.latency_ms or cfg.bandwidth_mbps:
+            emulation = LinkEmulation(cfg.latency_ms or 0.0, cfg.bandwidth_mbps or None)
+        self.runtime = rt = Runtime(source, head, factory, tokenizer=tokenizer, max_context=cfg.max_context,
+                                    session_timeout=cfg.session_timeout,
+                                    compute_scale=getattr(cfg, "device_slowdown", 1.0) or 1.0)
+        mesh_cfg = MeshConfig(
+            api_port=cfg.port, state_dir=cfg.state_dir, mesh_name=cfg.mesh_name, fingerprint=source.fingerprint,
+            secret=cfg.mesh_secret, static_peers=list(cfg.peers), mdns=cfg.mdns, interface=cfg.interface,
+            memory_budget=parse_size(cfg.memory) if cfg.memory else None, emulation=emulation,
+        )
+        self.node = node = MeshNode(mesh_cfg, model_shape(head, dtype, cfg.max_context), load_slice=self._load_slice)
+        rt.node_id = node.node_id
+        rt.transport = self._send
+        for kind in ("segment", "prune", "result", "cancel"):
+            node.on(kind, self._receive)
+        node.on_plan(self._on_plan)
+        node.on_membership(self._on_membership)
+
+        app = create_app(rt, api_key=cfg.api_key, max_body_bytes=cfg.max_body_bytes)
+        node.attach(app)
+        rt.mesh_status = self._mesh_status
+        self.runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, cfg.host, cfg.port).start()
+        log.info("API and mesh endpoint listening on http://%s:%d (node %s)", cfg.host, cfg.port, node.node_id)
+        await rt.start()
+        await node.start()
+        stopped = asyncio.ensure_future(node.wait_stopped())
+        stop = asyncio.ensure_future(self.stopping.wait())
+        await asyncio.wait({stopped, stop}, return_when=asyncio.FIRST_COMPLETED)
+        code = 0
+        if node.error is not None:
+            log.error("%s", node.error)
+            code = 3
+        await self.shutdown()
+        for t in (stopped, stop):
+            t.cancel()
+        return code
+
+    async def shutdown(self) -> None:
+        notify.stopping()
+        log.info("shutting down: failing in-flight requests, closing links, unregistering mDNS")
+        if self.runtime:
+            await self.runtime.stop()
+        if self.node:
+            await self.node.stop()
+        if self.runner:
+            await self.runner.cleanup()
+
+    # ---- mesh callbacks ---------------------------------------------------------------------
+    async def _load_slice(self, plan, stage) -> None:
+        """Load this device's layers for a proposed plan, measure them, publish the cost curve."""
+        rt = self.runtime
+        if stage is None:
+            rt.install_worker(None)
+            return
+        first, last = stage.first_layer, stage.last_layer + 1
+        w = rt.worker
+        if w is not None and (w.stage.first, w.stage.last) == (first, last):
+            return
+        log.info("plan epoch %d: loading layers [%d, %d)", plan.epoch, first, last)
+        notify.status(f"loading layers {first}-{last - 1} for plan epoch {plan.epoch}")
+        st = await asyncio.to_thread(Stage.load, rt.source, first, last, head=False, dtype=rt.head.dtype)
+        curve = await asyncio.to_thread(stage_cost_curve, rt.source, st, with_head=False, repeats=2)
+        rt.install_worker(st)
+        self.node.set_cost_curve(curve)
+
+    def _stage_curve(self, node_id: str, n_layers: int) -> CostCurve:
+        if node_id == self.node.node_id and self.runtime.worker is not None:
+            curve = self.node.hello.cost_curve
+        else:
+            peer = self.node.peers.get(node_id)
+            curve = peer.cost_curve if peer else {}
+        if curve:
+            return CostCurve(curve)
+        # not published yet: assume a device like this one, scaled by the layer count
+        own = self.node.hello.cost_curve
+        w = self.runtime.worker
+        if own and w is not None and w.stage.n_layers:
+            return CostCurve({t: s * n_layers / w.stage.n_layers for t, s in own.items()})
+        return CostCurve({1: 0.002 * n_layers, 64: 0.006 * n_layers})
+
+    def _on_plan(self, plan) -> None:
+        me = self.node.node_id
+        nodes = [None if s.node_id == me else s.node_id for s in plan.stages]
+        local = next((i for i, s in enumerate(plan.stages) if s.node_id == me), None)
+        curves = [self._stage_curve(s.node_id, s.n_layers) for s in plan.stages]
+        self.runtime.set_ring(Ring(plan.epoch, nodes, curves, local))
+        layout = ", ".join(f"{s.node_id[:8]}:{s.first_layer}-{s.last_layer}" for s in plan.stages)
+        notify.status(f"serving; plan epoch {plan.epoch}: {layout}; {len(plan.members)} peers")
+        notify.ready()
+
+    def _on_membership(self, event) -> None:
+        rt = self.runtime
+        if isinstance(event, PeerLost) and rt.ring is not None and event.node_id in rt.ring.nodes:
+            rt.clear_ring(f"peer {event.node_id} holding layers was lost ({event.reason}); waiting for a new plan")
+            notify.status(f"re-planning: lost peer {event.node_id}")
+
+    async def _send(self, node_id: str, kind: str, payload: Any) -> None:
+        await self.node.send(node_id, to_message(kind, payload, self.runtime.wire_dtype))
+
+    async def _receive(self, sender: str, msg: Message) -> None:
+        try:
+            kind, payload = from_message(msg)
+        except (KeyError, ValueError, TypeError) as exc:
+            log.warning("dropping %s from %s: %s", msg.type, sender, exc)
+            return
+        self.runtime.deliver(kind, payload)
+
+    def _mesh_status(self) -> dict:
+        """The mesh half of ``GET /mesh``: plan, peers and their published cost curves."""
+        status = self.node.status()
+        for p in status.get("peers", []):
+            hello = self.node.peers.get(p["node_id"])
+            p["cost_curve_ms"] = {t: round(s * 1e3, 3) for t, s in (hello.cost_curve if hello else {}).items()}
+        return status
+
+
+def serve(cfg: Any) -> int:
+    logging.basicConfig(level=getattr(logging, str(cfg.log_level).upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    with contextlib.suppress(KeyboardInterrupt):
+        return asyncio.run(Daemon(cfg).run())
+    return 130

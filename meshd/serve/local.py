@@ -1,0 +1,111 @@
+"""One device, no network: the target, its tokenizer, its cost curve and drafters, loaded once.
+
+``meshd generate``, ``meshd demo`` and the single-device rows of ``meshd bench`` all run here.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from models.budget import CostCurve, TreeBudget
+from models.drafters import Drafter, load_drafter
+from models.engine import Generation, generate
+from models.profile import stage_cost_curve
+from models.source import ModelSource
+from models.stage import Stage
+from models.text import decode, encode_prompt, has_chat_template, stop_ids
+from models.verify import Sampling
+
+
+class LocalEngine:
+    def __init__(self, model: str = "default", dtype: str = "auto"):
+        t0 = time.perf_counter()
+        self.source = ModelSource.resolve(model)
+        self.target = Stage.load(self.source, dtype=dtype)
+        self.tokenizer = self.source.load_tokenizer()
+        self.eos = stop_ids(self.tokenizer, self.target.cfg)
+        self._curve: dict[int, float] | None = None
+        self._drafters: dict[str, Drafter] = {}
+        self.load_seconds = time.perf_counter() - t0
+
+    @property
+    def curve(self) -> dict[int, float]:
+        if self._curve is None:
+            self._curve = stage_cost_curve(self.source, self.target, with_head=True)
+        return self._curve
+
+    def drafter(self, spec: str) -> Drafter:
+        if spec not in self._drafters:
+            self._drafters[spec] = load_drafter(spec, self.target, source=self.source)
+        return self._drafters[spec]
+
+    def encode(self, text: str, chat: bool | None = None) -> list[int]:
+        return encode_prompt(self.tokenizer, text, has_chat_template(self.tokenizer) if chat is None else chat)
+
+    def run(self, text: str, *, mode: str = "spec", drafter: str = "ngram", max_tokens: int = 128,
+            temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, chat: bool | None = None,
+            on_text: Callable[[str], None] | None = None, stages: int = 1) -> dict:
+        """Generate and return the ``meshd generate --json`` fields.
+
+        ``ar``/``spec`` run the single-device engine; ``chunk``/``flow`` (or ``stages > 1``) run the
+        mesh scheduler over ``stages`` in-process stages (correctness and round counts; the stages
+        run one after another here, so wall-clock figures are not a pipelined mesh's).
+        """
+        prompt = self.encode(text, chat)
+        if mode in ("chunk", "flow") or stages > 1:
+            return self._run_pipeline(prompt, mode, drafter, max_tokens, temperature, top_p, seed, stages, on_text)
+        d = self.drafter(drafter) if mode == "spec" else None
+        printed: list[int] = []
+        shown = [""]
+
+        def on_tokens(new: list[int]) -> None:
+            printed.extend(new)
+            s = decode(self.tokenizer, printed)
+            on_text(s[len(shown[0]):])
+            shown[0] = s
+
+        res: Generation = generate(
+            self.target, prompt, max_new_tokens=max_tokens, mode=mode, drafter=d,
+            sampling=Sampling(temperature, top_p), seed=seed, eos_ids=self.eos,
+            budget=TreeBudget(CostCurve(self.curve)) if d else None, on_tokens=on_tokens if on_text else None)
+        return self._report(res.token_ids, res.stats, res.finish_reason, mode, d.name if d else None, prompt)
+
+    def _run_pipeline(self, prompt: list[int], mode: str, drafter: str, max_tokens: int, temperature: float,
+                      top_p: float, seed: int | None, stages: int, on_text) -> dict:
+        from meshd.ring.pipeline import build_local_pipeline
+        from meshd.ring.scheduler import Request
+        from models.drafters import drafter_factory
+
+        factory = drafter_factory(drafter, self.target, source=self.source) if mode != "ar" else None
+        pipe = build_local_pipeline(self.source, stages, factory, curves=CostCurve(self.curve), full=self.target)
+        if on_text:
+            shown, got = [""], []
+
+            def emit(_rid: str, toks: list[int]) -> None:
+                got.extend(toks)
+                s = decode(self.tokenizer, got)
+                on_text(s[len(shown[0]):])
+                shown[0] = s
+
+            pipe.on_emit = emit
+        mode = "flow" if mode == "spec" else mode
+        pipe.submit(Request("local", prompt, max_tokens, mode, Sampling(temperature, top_p), seed,
+                            frozenset(self.eos)))
+        out = pipe.run()["local"]
+        if out.reason == "error":
+            raise RuntimeError(out.error)
+        return self._report(out.tokens, out.stats, out.reason, mode, drafter if mode != "ar" else None, prompt,
+                            stages=stages)
+
+    def _report(self, token_ids: list[int], st, finish: str, mode: str, drafter: str | None, prompt: list[int],
+                stages: int = 1) -> dict:
+        return {
+            "text": decode(self.tokenizer, token_ids), "token_ids": token_ids, "new_tokens": st.new_tokens,
+            "rounds": st.rounds, "mean_accepted": round(st.mean_accepted, 4), "target_forwards": st.target_forwards,
+            "seconds": round(st.seconds, 4), "tokens_per_s": round(st.tokens_per_s, 3),
+            "finish_reason": finish, "mode": mode, "drafter": drafter, "stages": stages,
+            "dtype": str(self.target.dtype).removeprefix("torch."), "prompt_tokens": len(prompt),
+            "prefill_seconds": round(st.prefill_seconds, 4), "draft_seconds": round(st.draft_seconds, 4),
+            "verified_nodes": st.verified_nodes,
+        }

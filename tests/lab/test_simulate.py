@@ -1,0 +1,309 @@
+"""The discrete-event simulator: real decisions (greedy-exact in every mode), hand-checkable timing."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import pytest
+import torch
+from support import make_tiny_checkpoint
+from test_oracle import assert_matches_greedy, greedy_reference
+
+from meshd.lab import simulate
+from meshd.lab.simulate import (
+    DraftCost,
+    Link,
+    Profile,
+    Simulation,
+    calibration_rows,
+    calibration_specs,
+    flat,
+    jetson_orin_7b,
+    parse_link,
+    poisson_arrivals,
+    summarize,
+)
+from meshd.ring.scheduler import Request
+from models.budget import CostCurve
+from models.drafters import ModelDrafter, NGramDrafter
+from models.source import ModelSource
+from models.stage import Stage
+
+N_LAYERS = 6
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls on two threads of a busy 2-core machine spend their time synchronising (15x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> tuple[ModelSource, Stage]:
+    src = ModelSource.resolve(make_tiny_checkpoint(tmp_path_factory.mktemp("sim") / "m", num_hidden_layers=N_LAYERS))
+    return src, Stage.load(src, dtype="fp32")
+
+
+def synthetic(stage_cost: float, head: float = 0.0, n_layers: int = 3, hidden: int = 64, wire_bytes: int = 4,
+              draft: DraftCost | None = None) -> Profile:
+    """One layer per stage at a constant cost (any rows), a constant LM head, free drafting by default."""
+    return Profile("synthetic", n_layers, hidden, flat(stage_cost), flat(head), flat(0.0), draft or DraftCost(),
+                   wire_bytes)
+
+
+def prompt_of(n: int, seed: int) -> list[int]:
+    return torch.randint(0, 64, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def factory(kind: str, full: Stage):
+    return NGramDrafter if kind == "ngram" else (lambda: ModelDrafter(full))  # the target itself: perfect drafts
+
+
+def run_one(full: Stage, mode: str, *, stages: int = 3, profile: Profile | None = None, link: Link | None = None,
+            drafter: str = "self", origins=(None,), n: int = 40, prompt: list[int] | None = None, **kw):
+    sim = Simulation(full, factory(drafter, full), stages=stages, profile=profile or synthetic(1.0),
+                     link=link or Link(), origins=origins, **kw)
+    sim.add(Request("r", prompt or prompt_of(75, 1), n, mode))  # 75 tokens: two prefill chunks
+    res = sim.run()
+    return res, res.requests["r"]
+
+
+@pytest.mark.parametrize("mode", ["ar", "chunk", "flow"])
+@pytest.mark.parametrize(("drafter", "origins", "link", "cores"), [
+    ("ngram", (None,), Link(), None),
+    ("self", (0,), Link(2e-3, 150e6), None),  # meshd's layout: the originator shares stage 0's device
+    ("self", (None,), Link(1e-3, 1e9), 2),  # two cores shared by every device, as on this machine
+])
+def test_decisions_are_greedy_exact(tiny, mode, drafter, origins, link, cores):
+    """The simulator only adds a clock: the tokens are plain greedy decoding's in every mode and layout."""
+    _, full = tiny
+    prompt = prompt_of(75, 3)
+    want, gaps = greedy_reference(full, prompt, 40, set())
+    _, tr = run_one(full, mode, drafter=drafter, origins=origins, link=link, cores=cores, prompt=prompt)
+    assert tr.reason == "length", tr.error
+    assert_matches_greedy(tr.tokens, want, gaps)
+    assert sum(n for _, n in tr.emits) == 40
+    assert all(a[0] <= b[0] for a, b in itertools.pairwise(tr.emits))  # emitted in simulated time order
+    if mode != "ar" and drafter == "self":
+        assert tr.stats.accepted_drafts > 0
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_ar_timing_matches_hand_computation(tiny, shared):
+    """ar: one token per ring pass. Own head device: K forwards, K+1 link hops, one LM head per token.
+    Shared with stage 0: the last hop returns to stage 0's device, so K hops."""
+    _, full = tiny
+    k, c, lat, h = 3, 0.020, 0.003, 0.005
+    res, tr = run_one(full, "ar", stages=k, profile=synthetic(c, head=h), link=Link(lat),
+                      origins=(0,) if shared else (None,))
+    period = k * c + (k if shared else k + 1) * lat + h
+    assert summarize([res])["decode_tokens_per_s"] == pytest.approx(1 / period, rel=0.01)
+    # prefill: two chunks pipelined through K stages (K+1 forwards on the critical path), then the head
+    ttft = (k + 1) * c + (k if shared else k + 1) * lat + h
+    assert tr.ttft == pytest.approx(ttft, rel=0.01)
+
+
+def test_bandwidth_serialises_each_link(tiny):
+    """With a finite bandwidth every hop adds bytes*8/B; the prune travels ahead of the next segment
+    on the originator's link, so it is on the critical path too."""
+    _, full = tiny
+    k, c, bw = 3, 0.010, 1e6
+    prof = synthetic(c, hidden=64, wire_bytes=4)
+    res, _ = run_one(full, "ar", stages=k, profile=prof, link=Link(0.0, bw))
+    meta, row = simulate.SEGMENT_META_BYTES, simulate.ROW_META_BYTES
+    prune = meta + 4 * 2  # keep = commit = [the new token's node]
+    inject = meta + row + simulate.TOKEN_BYTES
+    hop = meta + row + 64 * 4
+    period = k * c + (prune + inject + k * hop) * 8 / bw
+    assert summarize([res])["decode_tokens_per_s"] == pytest.approx(1 / period, rel=0.01)
+
+
+def test_flow_beats_chunk_beats_ar_with_perfect_drafts(tiny):
+    """Perfect drafts, flat stage costs, free links and head. Structural: flat costs make every tree the
+    maximum size in both tree modes; a chunk round accepts at least two tokens (the root's top child is
+    the greedy token) in 2K-1 forwards where ar gets one token per K; flow hears the best segment's
+    verdict after K forwards instead of 2K-1 and keeps the ring full by extending the tree meanwhile."""
+    _, full = tiny
+    rate = {m: summarize([run_one(full, m, stages=3)[0]])["decode_tokens_per_s"] for m in ("ar", "chunk", "flow")}
+    assert rate["flow"] > rate["chunk"] > rate["ar"]
+    assert rate["ar"] == pytest.approx(1 / 3, rel=0.01)  # one token per 3 one-second stages
+
+
+def test_utilisation_timeline_and_load(tiny):
+    """Several requests from two originators, Poisson arrivals: all exact, utilisation in [0, 1],
+    no device does two things at once, and the whole run is deterministic."""
+    _, full = tiny
+    prompts = [prompt_of(20 + 5 * i, 10 + i) for i in range(4)]
+
+    def run():
+        sim = Simulation(full, NGramDrafter, stages=2, profile=synthetic(0.05, head=0.01, n_layers=2),
+                         link=Link(1e-3, 100e6), origins=(0, 1))
+        for i, at in enumerate(poisson_arrivals(len(prompts), rate=20.0, seed=7)):
+            sim.add(Request(f"r{i}", prompts[i], 16, ["ar", "chunk", "flow", "flow"][i]), at, origin=i % 2)
+        return sim.run()
+
+    res = run()
+    for i, p in enumerate(prompts):
+        want, gaps = greedy_reference(full, p, 16, set())
+        assert_matches_greedy(res.requests[f"r{i}"].tokens, want, gaps)
+    util = res.utilisation()
+    assert len(util) == 2 and all(0.0 < u <= 1.0 for u in util)
+    for dev in {b.device for b in res.busy}:
+        spans = sorted((b.start, b.end) for b in res.busy if b.device == dev)
+        assert all(a[1] <= b[0] + 1e-12 for a, b in itertools.pairwise(spans))
+    tl = res.timeline()
+    assert tl and all(s in (0, 1) and 0 <= a < b and rows > 0 for s, a, b, _, rows in tl)
+    assert any("," in reqs for *_, reqs, _ in tl)  # concurrent requests shared a forward
+    s = summarize([res])
+    assert s["failed"] == 0 and s["throughput"] > 0 and s["ttft_p95"] >= s["ttft_p50"] > 0
+    again = run()
+    trace = lambda r: [(t.tokens, t.emits) for t in r.requests.values()]  # noqa: E731
+    assert trace(again) == trace(res)
+
+
+def test_poisson_arrivals_are_seeded():
+    a, b = poisson_arrivals(200, 4.0, seed=1), poisson_arrivals(200, 4.0, seed=1)
+    assert a == b and a != poisson_arrivals(200, 4.0, seed=2)
+    assert all(x < y for x, y in itertools.pairwise(a))
+    assert a[-1] / 200 == pytest.approx(0.25, rel=0.25)  # mean gap 1/rate
+
+
+def test_parse_link():
+    assert parse_link("1ms/150mbit") == Link(1e-3, 150e6)
+    assert parse_link("500us/1gbit") == Link(5e-4, 1e9)
+    assert parse_link("0/inf") == Link(0.0, math.inf)
+    assert Link(0.0, 8e6).wire_seconds(1000) == pytest.approx(1e-3)
+    with pytest.raises(ValueError):
+        parse_link("fast")
+
+
+def test_jetson_profile_is_a_documented_assumption():
+    p = jetson_orin_7b()
+    whole = p.stage_cost(p.n_layers)
+    assert 0.100 <= whole(1) <= 0.150 and whole(1) < whole(64) < 1.3 * whole(1)  # flat-ish GPU curve
+    assert "ASSUMED" in p.note and p.hidden == 4096 and p.n_layers == 32
+    again = Profile.from_json(json.loads(json.dumps(p.to_json())))
+    assert again.stage_cost(8)(16) == pytest.approx(p.stage_cost(8)(16))
+    assert again.head(1) == pytest.approx(p.head(1)) and again.draft == p.draft
+
+
+def test_measured_profile_is_fixed_plus_per_layer(tiny):
+    _, full = tiny
+    p = simulate.measure_profile(full, None, sizes=(1, 8), repeats=2)
+    assert p.originator_measured and p.n_layers == N_LAYERS and p.wire_bytes == 4
+    for t in (1, 8):
+        assert p.layer(t) >= 0 and p.fixed(t) >= 0 and p.head(t) > 0
+        assert p.stage_cost(3)(t) == pytest.approx(p.fixed(t) + 3 * p.layer(t))
+
+
+def test_calibration_inputs_and_errors():
+    spec = {"stages": 2, "link": "1ms/1000mbit", "threads_per_stage": 1, "modes": {"ar": 10.0, "flow": 20.0}}
+    assert calibration_specs(spec) == [spec] == calibration_specs({"calibration": [spec]})
+    rows = calibration_rows(spec, {"ar": 11.0, "flow": 19.0, "chunk": 5.0})
+    assert [(r["mode"], round(r["rel_error"], 3)) for r in rows] == [("ar", 0.1), ("flow", -0.05)]
+    bench_record = {"config": {"stages": 3, "link": "5ms/100mbit", "threads": 1, "max_tokens": 64,
+                               "drafter": "ngram", "device_slowdown": 1.0},
+                    "summary": {"ALL/ar": {"tokens_per_s": 3.0}, "ALL/flow": {"tokens_per_s": 6.0},
+                                "writing/ar": {"tokens_per_s": 9.0}},
+                    "runs": [{"question_id": 81, "mode": "ar"}, {"question_id": 81, "mode": "flow"}]}
+    (s,) = calibration_specs(bench_record)
+    assert s["stages"] == 3 and s["modes"] == {"ar": 3.0, "flow": 6.0} and s["question_ids"] == [81]
+    with pytest.raises(ValueError):
+        calibration_specs({"modes": {}})
+
+
+@pytest.fixture
+def tiny_env(tiny, monkeypatch):
+    """``meshd simulate`` on the tiny model: its tokenizer is stubbed (it has none)."""
+    src, full = tiny
+
+    class TinyEnv(simulate._Env):
+        def __init__(self, model, dtype):
+            self.source, self.full, self.eos, self._factories = src, full, [], {}
+
+        def prompts(self, questions):
+            return [prompt_of(12 + i, i) for i in range(len(questions))]
+
+    monkeypatch.setattr(simulate, "_Env", TinyEnv)
+
+
+def test_cli_prints_simulated_table(tiny_env, capsys, tmp_path):
+    from meshd import cli
+
+    prof = tmp_path / "p.json"
+    prof.write_text(json.dumps(synthetic(0.01, head=0.002).to_json()))
+    out = tmp_path / "rec.json"
+    assert cli.main(["simulate", "--stages", "3", "--profile", str(prof), "--link", "1ms/150mbit", "--prompts", "2",
+                     "--max-tokens", "12", "--drafter", "ngram", "--out", str(out)]) == 0
+    text = capsys.readouterr()
+    assert "SIMULATED" in text.out and "flow/chunk" in text.out and "decode tok/s (simulated)" in text.out
+    assert "[6/6]" in text.err  # progress: 2 prompts x 3 modes
+    rec = json.loads(out.read_text())
+    assert rec["label"] == "simulated" and set(rec["summary"]) == {"ar", "chunk", "flow"}
+    assert rec["timeline"] and all(0 <= u <= 1 for s in rec["summary"].values() for u in s["utilisation"])
+
+
+def test_cli_calibration_against_a_measured_record(tiny_env, capsys, tmp_path, monkeypatch):
+    """``--calibrate-with``: measures this device's profile (cached under XDG_CACHE_HOME), simulates the
+    record's mesh and prints simulated vs measured with the relative error."""
+    from meshd import cli
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    rec = tmp_path / "measured.json"
+    rec.write_text(json.dumps({"stages": 2, "link": "1ms/1000mbit", "threads_per_stage": 1, "max_tokens": 8,
+                               "prompts": 1, "drafter": "ngram", "modes": {"ar": 50.0, "flow": 80.0}}))
+    assert cli.main(["simulate", "--calibrate-with", str(rec), "--fit-scale", "none", "--json"]) == 0
+    raw = json.loads(capsys.readouterr().out)
+    assert raw["profile"]["name"] == "this-device" and list((tmp_path / "cache").rglob("sim-*.json"))
+    assert [r["mode"] for r in raw["calibration"]] == ["ar", "flow"] and raw["compute_scale"] == 1.0
+    for r in raw["calibration"]:
+        assert r["simulated"] > 0 and r["rel_error"] == pytest.approx((r["simulated"] - r["measured"]) / r["measured"])
+        assert not r["fitted"]
+    # the default fits one compute factor on the first record's ar: that row matches, flow is predicted
+    assert cli.main(["simulate", "--calibrate-with", str(rec), "--json"]) == 0
+    fit = json.loads(capsys.readouterr().out)
+    ar, flow = fit["calibration"]
+    assert ar["fitted"] and abs(ar["rel_error"]) < 0.05 and not flow["fitted"]
+    assert fit["compute_scale"] > raw["calibration"][0]["simulated"] / 50.0  # the 1 ms links do not scale
+
+
+def test_cost_curve_helpers():
+    assert flat(0.5)(1) == flat(0.5)(300) == 0.5
+    assert simulate.scaled(CostCurve({1: 1.0, 8: 2.0}), 3.0)(8) == pytest.approx(6.0)
+
+
+def test_fit_scale_and_hop_recovers_both_and_refuses_one_mesh_size():
+    # measured s/token = 1.3 * simulated + hops * 0.012 for 2- and 3-stage meshes
+    pts = [(2, 0.040, 1.3 * 0.040 + 2 * 0.012), (3, 0.041, 1.3 * 0.041 + 3 * 0.012)]
+    scale, hop = simulate.fit_scale_and_hop(pts)
+    assert scale == pytest.approx(1.3) and hop == pytest.approx(0.012)
+    # a bigger mesh that is relatively faster: no overhead to fit, the factor alone
+    scale, hop = simulate.fit_scale_and_hop([(2, 0.040, 0.052), (3, 0.041, 0.050)])
+    assert hop == 0.0 and scale == pytest.approx((0.040 * 0.052 + 0.041 * 0.050) / (0.040 ** 2 + 0.041 ** 2))
+    with pytest.raises(ValueError, match="two stage counts"):
+        simulate.fit_scale_and_hop([(2, 0.04, 0.05), (2, 0.05, 0.06)])
+
+
+def test_cli_calibration_fits_a_per_message_overhead(tiny_env, capsys, tmp_path, monkeypatch):
+    """``--fit-hop``: two mesh sizes' ar rows fix the compute factor and the per-message overhead; a bigger mesh
+    measured slower than its compute explains gets a positive overhead, and both ar rows then match."""
+    from meshd import cli
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    recs = []
+    for k, rate in ((2, 50.0), (3, 40.0)):
+        p = tmp_path / f"m{k}.json"
+        p.write_text(json.dumps({"stages": k, "link": "0/inf", "threads_per_stage": 1, "max_tokens": 8, "prompts": 1,
+                                 "drafter": "ngram", "modes": {"ar": rate, "flow": rate * 1.2}}))
+        recs.append(str(p))
+    assert cli.main(["simulate", "--calibrate-with", *recs, "--fit-hop", "--json"]) == 0
+    fit = json.loads(capsys.readouterr().out)
+    assert fit["hop_overhead_s"] > 0
+    ars = [r for r in fit["calibration"] if r["mode"] == "ar"]
+    assert all(r["fitted"] and abs(r["rel_error"]) < 0.05 for r in ars), ars
+    assert not any(r["fitted"] for r in fit["calibration"] if r["mode"] == "flow")

@@ -1,0 +1,112 @@
+"""Our lean forward against transformers' own implementation of the same weights."""
+
+from __future__ import annotations
+
+import platform
+
+import pytest
+import torch
+from support import hf_model, make_tiny_checkpoint
+
+from models.source import ModelSource
+from models.stage import Stage, causal_mask
+
+CASES = {
+    "llama": ("llama", {}),
+    "llama-tied": ("llama", {"tie_word_embeddings": True}),
+    "llama3-rope": ("llama", {"rope_parameters": {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+                                                  "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                  "original_max_position_embeddings": 64}}),
+    "linear-rope": ("llama", {"rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}}),
+    "qwen2-bias": ("qwen2", {}),
+    "mistral": ("mistral", {"sliding_window": None}),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_forward_matches_transformers(tmp_path, case):
+    arch, over = CASES[case]
+    path = make_tiny_checkpoint(tmp_path / case, arch, **over)
+    ref = hf_model(path)
+    stage = Stage.load(ModelSource.resolve(path), dtype="fp32")
+    ids = torch.randint(0, 64, (90,), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = ref(ids[None]).logits[0]
+    cache = stage.new_cache(16)  # small on purpose: appends must grow it
+    # prefill in two chunks, then single tokens: the cache path must agree with one full pass
+    parts = [(0, 50), (50, 80)] + [(i, i + 1) for i in range(80, 90)]
+    got = torch.cat([stage.logits(stage.forward_one(stage.embed(ids[a:b]), cache, torch.arange(a, b)))
+                     for a, b in parts])
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (got - want).abs().max()
+
+
+def test_bf16_close_to_fp32(tiny_dir):
+    ids = torch.arange(40) % 64
+    f32 = Stage.load(ModelSource.resolve(tiny_dir), dtype="fp32")
+    b16 = Stage.load(ModelSource.resolve(tiny_dir), dtype="bf16")
+    a = f32.logits(f32.forward_one(f32.embed(ids), f32.new_cache(), torch.arange(40)))
+    b = b16.logits(b16.forward_one(b16.embed(ids), b16.new_cache(), torch.arange(40)))
+    assert b.dtype == torch.float32
+    assert (a - b).abs().max() < 0.1 * a.abs().max()
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.9
+
+
+def test_tree_mask_equals_separate_paths(tiny_dir):
+    """Two branches verified in one tree forward give the same logits as each branch alone."""
+    stage = Stage.load(ModelSource.resolve(tiny_dir), dtype="fp32")
+    prompt = torch.tensor([5, 9, 11, 3])
+    branches = [[7, 8, 9], [7, 20], [30]]
+    # tree: root(3 is last prompt token) -> 7 -> 8 -> 9 ; 7 -> 20 ; root -> 30
+    tokens = [7, 8, 9, 20, 30]
+    parents = [-1, 0, 1, 0, -1]
+    depth = [0, 1, 2, 1, 0]
+    cache = stage.new_cache()
+    stage.forward_one(stage.embed(prompt), cache, torch.arange(4))
+    n = len(tokens)
+    anc = torch.zeros(n, n, dtype=torch.bool)
+    for i in range(n):
+        j = i
+        while j >= 0:
+            anc[i, j] = True
+            j = parents[j]
+    mask = torch.cat([torch.ones(n, 4, dtype=torch.bool), anc], 1)
+    got = stage.logits(stage.forward_one(stage.embed(tokens), cache, torch.tensor(depth) + 4, mask))
+    for br in branches:
+        ids = torch.cat([prompt, torch.tensor(br)])
+        full = stage.logits(stage.forward_one(stage.embed(ids), stage.new_cache(), torch.arange(len(ids))))
+        for k in range(len(br)):
+            node = next(i for i, t in enumerate(tokens) if t == br[k] and depth[i] == k)
+            assert torch.allclose(got[node], full[4 + k], atol=1e-5)
+
+
+def test_causal_mask_shape():
+    m = causal_mask(3, 2)
+    assert m.tolist() == [[True, True, True, True, False], [True, True, True, True, True]]
+
+
+def test_packed_weights_match_plain_matmul(tiny_dir, monkeypatch):
+    """Pre-packed (oneDNN) weights are only a layout: the forward must agree with plain F.linear."""
+    from models import stage as st
+
+    # x86-64 builds of torch ship oneDNN (this project's CI does): there, loading must pack
+    expect = platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
+    packed = Stage.load(ModelSource.resolve(tiny_dir), dtype="fp32")
+    assert packed.packed == expect
+    w = torch.randn(40, 16)
+    assert st.pack_weight(w).is_mkldnn == expect
+    for dt, tol in ((torch.float32, 1e-5), (torch.bfloat16, 0.02)):  # bf16 packs where the CPU has it
+        wd, x = w.to(dt), torch.randn(5, 16, dtype=dt)
+        got = st.linear(x, st.pack_weight(wd)).float()
+        assert torch.allclose(got, torch.nn.functional.linear(x, wd).float(), atol=5 * tol, rtol=tol)
+    monkeypatch.setattr(st, "_PACK_DTYPES", {})
+    monkeypatch.setenv("MESHD_PACK", "0")
+    plain = Stage.load(ModelSource.resolve(tiny_dir), dtype="fp32")
+    assert not plain.packed
+    for a, b in zip(packed.layers, plain.layers):
+        assert torch.equal(st.dense(a.w_gate_up), b.w_gate_up)  # dense() gives the plain matrix back
+    ids = torch.arange(30)
+    outs = []
+    for s in (packed, plain):
+        cache = s.new_cache(8)
+        outs.append(s.logits(s.forward_one(s.embed(ids), cache, torch.arange(30))))
+    assert torch.allclose(outs[0], outs[1], atol=1e-4, rtol=1e-4), (outs[0] - outs[1]).abs().max()

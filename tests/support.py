@@ -1,0 +1,188 @@
+"""Helpers the tests import by name: tiny random checkpoints, the project's prompt set, and a stand-in
+for ``meshd.serve.runtime.Runtime`` behind the REST API (deterministic tokens from a real tokenizer,
+chunked like speculative rounds, with cancellation and failures recorded)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import torch
+from aiohttp import web
+
+from meshd.serve.runtime import GenerateParams, RuntimeUnavailable
+from models.engine import Stats
+
+PROMPTS = Path(__file__).resolve().parents[1] / "meshd" / "lab" / "prompts" / "everyday.jsonl"
+
+
+def prompts(n_per_category: int, categories: int | None = None) -> list[dict]:
+    """The first questions of each category of the project's own everyday prompt set, in file order.
+
+    The set is written for this project and never used to train or tune a drafter, so a test that
+    asserts acceptance on it is not grading the head on its own training data.
+    """
+    rows = [json.loads(line) for line in PROMPTS.read_text().splitlines() if line.strip()]
+    seen: dict[str, int] = {}
+    out = []
+    for r in rows:
+        cat = r["category"]
+        if cat not in seen and categories is not None and len(seen) >= categories:
+            continue
+        if seen.get(cat, 0) < n_per_category:
+            seen[cat] = seen.get(cat, 0) + 1
+            out.append(r)
+    return out
+
+
+TINY = dict(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5, initializer_range=0.15)
+
+
+def make_tiny_checkpoint(path: Path, arch: str = "llama", seed: int = 0, **overrides) -> Path:
+    """Write a random HF checkpoint (config.json + model.safetensors) and return its directory."""
+    import transformers
+
+    cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+           "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+           "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM)}[arch]
+    cfg = cls[0](**{**TINY, **overrides})
+    torch.manual_seed(seed)
+    model = cls[1](cfg).eval()
+    with torch.no_grad():  # HF zero-inits biases and norms; random ones exercise more of the forward
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p) if "norm" in name else 0.1 * torch.randn_like(p))
+    model.save_pretrained(str(path))
+    return path
+
+
+def hf_model(path: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+
+
+REPLY = "Hello from the mesh! Emoji: 🎉🦀 and ünïcödé. The end is near. STOP here and then more text follows."
+
+
+class FakeHandle:
+    def __init__(self, rt: FakeRuntime, rid: str, prompt_tokens: int, params: GenerateParams):
+        self.runtime, self.request_id, self.prompt_tokens, self.params = rt, rid, prompt_tokens, params
+        self.finish_reason: str | None = None
+        self.error: str | None = None
+        self.stats: Stats | None = None
+        self._queue: asyncio.Queue[list[int] | None] = asyncio.Queue()
+        self._stats = Stats()
+        self._task = asyncio.ensure_future(self._produce())
+
+    async def _produce(self) -> None:
+        rt = self.runtime
+        tokens = rt.reply_ids[: self.params.max_tokens]
+        i = 0
+        while i < len(tokens):
+            await asyncio.sleep(rt.delay)
+            if rt.fail_after is not None and i >= rt.fail_after:
+                self._finish("error", "lost the link to peer b3: connection reset")
+                return
+            chunk = tokens[i:i + rt.chunk]
+            i += len(chunk)
+            self._stats.rounds += 1
+            self._stats.per_round.append(len(chunk))
+            self._stats.new_tokens += len(chunk)
+            self._stats.target_forwards += 1
+            self._queue.put_nowait(chunk)
+        self._finish("length" if len(tokens) < len(rt.reply_ids) else "stop")
+
+    def _finish(self, reason: str, error: str | None = None) -> None:
+        self._stats.seconds = max(1e-3, self._stats.rounds * self.runtime.delay)
+        self.finish_reason, self.error, self.stats = reason, error, self._stats
+        self.runtime.finished[self.request_id] = reason
+        self._queue.put_nowait(None)
+
+    async def __aiter__(self) -> AsyncIterator[list[int]]:
+        while (chunk := await self._queue.get()) is not None:
+            yield chunk
+
+    async def cancel(self) -> None:
+        if self.finish_reason is None:
+            self._task.cancel()
+            self.runtime.cancelled.append(self.request_id)
+            self._finish("cancelled")
+
+
+class FakeRuntime:
+    """Same surface as ``meshd.serve.runtime.Runtime`` as far as the API is concerned."""
+
+    def __init__(self, tokenizer, *, reply: str = REPLY, chunk: int = 3, delay: float = 0.0,
+                 max_context: int = 2048):
+        self.tokenizer = tokenizer
+        self.model_name = "SmolLM2-135M-Instruct.Q4_1"
+        self.max_context = max_context
+        self.reply_ids = [int(t) for t in tokenizer(reply, add_special_tokens=False)["input_ids"]]
+        self.chunk, self.delay = chunk, delay
+        self.fail_after: int | None = None
+        self.not_ready: str | None = None
+        self.submitted: list[tuple[list[int], GenerateParams]] = []
+        self.handles: dict[str, FakeHandle] = {}
+        self.cancelled: list[str] = []
+        self.finished: dict[str, str] = {}
+        self.started = 1_700_000_000.0
+
+    def ready(self) -> tuple[bool, str]:
+        return (False, self.not_ready) if self.not_ready else (True, "")
+
+    async def submit(self, prompt_ids: list[int], params: GenerateParams) -> FakeHandle:
+        if self.not_ready:
+            raise RuntimeUnavailable(self.not_ready)
+        if len(prompt_ids) + params.max_tokens > self.max_context:
+            raise ValueError("prompt + max_tokens exceeds the context")
+        self.submitted.append((list(prompt_ids), params))
+        rid = str(len(self.submitted))
+        h = FakeHandle(self, rid, len(prompt_ids), params)
+        self.handles[rid] = h
+        return h
+
+    def in_flight(self) -> int:
+        return sum(1 for h in self.handles.values() if h.finish_reason is None)
+
+    def status(self) -> dict:
+        return {"node_id": "a1b2c3d4e5f6a7b8", "mesh": "meshd", "model": self.model_name, "ready": not self.not_ready,
+                "reason": self.not_ready,
+                "plan": {"epoch": 3, "committed": True, "members": ["a1b2c3d4e5f6a7b8", "ffee00112233"],
+                         "stages": [{"node_id": "a1b2c3d4e5f6a7b8", "first_layer": 0, "last_layer": 14},
+                                    {"node_id": "ffee00112233", "first_layer": 15, "last_layer": 29}]},
+                "peers": [{"node_id": "ffee00112233", "address": "127.0.0.1:1", "memory_budget": 1 << 30,
+                           "compute_score": 1.0, "api_port": 1}],
+                "stage": {"first_layer": 0, "last_layer": 14, "queued_rows": 0, "sessions": self.in_flight(),
+                          "busy_seconds": 1.5, "rows_done": 10, "utilisation": 0.25},
+                "metrics": self.metrics()}
+
+    def metrics(self) -> dict:
+        return {"requests_total": len(self.submitted), "requests_in_flight": self.in_flight(),
+                "tokens_total": 42, "tokens_per_second": 12.5, "accepted_per_round": 2.75,
+                "stage_utilisation": {"stage=0,node=a1b2": 0.25}, "stage_queue_rows": 0,
+                "stage_sessions": self.in_flight(), "requests_failed_total": 0}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.asynccontextmanager
+async def serve(app: web.Application):
+    """Run ``app`` the way the daemon does (AppRunner: handlers are *not* cancelled on disconnect)."""
+    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
