@@ -28,8 +28,12 @@ def _load_target(model: str, dtype: str):
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default", help="GGUF file, HF safetensors dir, or 'default' (embedded)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="compute dtype (auto: bf16 on CPUs with AVX512-BF16/AMX, fp16 on CUDA, else fp32)")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        help="compute dtype (auto: bf16 on CPUs with AVX512-BF16/AMX, fp16 on CUDA, else fp32)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
 
 
@@ -47,9 +51,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from models.eagle import default_drafter
 
         args.drafter = default_drafter(eng.source)
-    out = eng.run(args.prompt, mode=args.mode, drafter=args.drafter, max_tokens=args.max_tokens,
-                  temperature=args.temperature, top_p=args.top_p, seed=args.seed, chat=args.chat,
-                  on_text=None if args.json else show, stages=args.stages)
+    out = eng.run(
+        args.prompt,
+        mode=args.mode,
+        drafter=args.drafter,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        chat=args.chat,
+        on_text=None if args.json else show,
+        stages=args.stages,
+    )
     if args.json:
         out["load_seconds"] = round(eng.load_seconds, 3)
         if args.mode == "spec":
@@ -57,17 +70,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(json.dumps(out))
     else:
         print()
-        print(f"[{args.mode}{'/' + out['drafter'] if out['drafter'] else ''}] {out['new_tokens']} tokens in "
-              f"{out['seconds']:.2f}s ({out['tokens_per_s']:.1f} tok/s), {out['rounds']} rounds, "
-              f"{out['mean_accepted']:.2f} tokens/round, {out['target_forwards']} target forwards", file=sys.stderr)
+        print(
+            f"[{args.mode}{'/' + out['drafter'] if out['drafter'] else ''}] {out['new_tokens']} tokens in "
+            f"{out['seconds']:.2f}s ({out['tokens_per_s']:.1f} tok/s), {out['rounds']} rounds, "
+            f"{out['mean_accepted']:.2f} tokens/round, {out['target_forwards']} target forwards",
+            file=sys.stderr,
+        )
     return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from meshd.lab import bench
 
-    questions = bench.load_questions(Path(args.questions), args.categories or args.n_categories,
-                                     args.per_category, held_out_only=args.held_out)
+    questions = bench.load_questions(
+        Path(args.questions), args.categories or args.n_categories, args.per_category, held_out_only=args.held_out
+    )
     default_modes = {"local": "ar,spec:ngram", "daemons": "local:spec,ar,chunk,flow", "inprocess": "ar,chunk,flow"}
     labels = (args.modes or default_modes[args.backend]).split(",")
     try:
@@ -81,8 +98,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         for temperature in temperatures:  # one record per temperature; modes interleaved within it
             args.temperature = temperature
             modes = {m: backend.runner(m) for m in labels}
-            print(f"bench: {len(questions)} questions x {len(modes)} modes on {backend.describe()}, "
-                  f"{args.max_tokens} new tokens, T={temperature}", file=sys.stderr)
+            print(
+                f"bench: {len(questions)} questions x {len(modes)} modes on {backend.describe()}, "
+                f"{args.max_tokens} new tokens, T={temperature}",
+                file=sys.stderr,
+            )
             runs = bench.run_interleaved(questions, modes, bench.progress_printer)
             config = {k: v for k, v in vars(args).items() if k != "func"} | {"backend_info": backend.describe()}
             table, md = bench.summarize(runs, baseline=labels[0])
@@ -111,12 +131,26 @@ def _bench_load(args: argparse.Namespace, questions: list[dict], modes: list[str
     with bench.open_backend(args) as backend:
         k = min(args.originators or args.stages, args.stages)
         urls = [backend.mesh.url(i) for i in range(k)]
-        print(f"load test: rates {rates} req/s x {args.requests} requests, modes {','.join(modes)}, {k} originators, "
-              f"{backend.describe()}, {args.max_tokens} new tokens, T={args.temperature}", file=sys.stderr)
-        rows = loadtest.run(urls, backend.model, [q["turns"][0] for q in questions], rates, modes, n=args.requests,
-                            max_tokens=args.max_tokens, temperature=args.temperature, progress=bench.progress_printer)
-        config = {k: v for k, v in vars(args).items() if k != "func"} | {"backend_info": backend.describe(),
-                                                                          "originators": k}
+        print(
+            f"load test: rates {rates} req/s x {args.requests} requests, modes {','.join(modes)}, {k} originators, "
+            f"{backend.describe()}, {args.max_tokens} new tokens, T={args.temperature}",
+            file=sys.stderr,
+        )
+        rows = loadtest.run(
+            urls,
+            backend.model,
+            [q["turns"][0] for q in questions],
+            rates,
+            modes,
+            n=args.requests,
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            progress=bench.progress_printer,
+        )
+        config = {k: v for k, v in vars(args).items() if k != "func"} | {
+            "backend_info": backend.describe(),
+            "originators": k,
+        }
     md = loadtest.table(rows)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -149,8 +183,12 @@ def cmd_profile(args: argparse.Namespace) -> int:
     _threads(args.threads)
     src = ModelSource.resolve(args.model)
     first, last = _parse_layers(args.layers, src.config.n_layers)
-    report = {"model": str(src.path), "layers": [first, last], "threads": int(os.environ.get("OMP_NUM_THREADS", 0))
-              or None, "curves_ms": {}}
+    report = {
+        "model": str(src.path),
+        "layers": [first, last],
+        "threads": int(os.environ.get("OMP_NUM_THREADS", 0)) or None,
+        "curves_ms": {},
+    }
     import torch
 
     report["threads"] = torch.get_num_threads()
@@ -171,8 +209,10 @@ def cmd_profile(args: argparse.Namespace) -> int:
         print(json.dumps(report))
     else:
         names = list(report["curves_ms"])
-        print(f"forward time (ms) over T new tokens after 128 cached, layers [{first}, {last}), "
-              f"{report['threads']} threads")
+        print(
+            f"forward time (ms) over T new tokens after 128 cached, layers [{first}, {last}), "
+            f"{report['threads']} threads"
+        )
         print("T".rjust(4) + "".join(n.rjust(20) for n in names))
         for t in SIZES:
             print(str(t).rjust(4) + "".join(f"{report['curves_ms'][n][t]:20.1f}" for n in names))
@@ -184,20 +224,38 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.single:
         print("meshd demo: single-device tree speculative decoding on the embedded model", file=sys.stderr)
         print(f"Q: {args.question}\nA: ", end="", flush=True)
-        return cmd_generate(argparse.Namespace(
-            prompt=args.question, model="default", dtype="auto", threads=None, mode="spec", drafter="ngram",
-            stages=1, max_tokens=args.max_tokens, temperature=0.0, top_p=1.0, seed=None, chat=None, json=False))
+        return cmd_generate(
+            argparse.Namespace(
+                prompt=args.question,
+                model="default",
+                dtype="auto",
+                threads=None,
+                mode="spec",
+                drafter="ngram",
+                stages=1,
+                max_tokens=args.max_tokens,
+                temperature=0.0,
+                top_p=1.0,
+                seed=None,
+                chat=None,
+                json=False,
+            )
+        )
     import asyncio
     import tempfile
 
     from meshd.client.http import Client, Reply
     from meshd.lab.testbed import LoopbackMesh
 
-    print(f"meshd demo: starting {args.peers} daemons on 127.0.0.1 with the embedded SmolLM2-135M-Instruct; they "
-          "find each other over mDNS and split its 30 layers ...", file=sys.stderr)
-    with tempfile.TemporaryDirectory(prefix="meshd-demo-") as tmp, \
-            LoopbackMesh(Path(tmp), args.peers, dtype="auto", threads=max(1, (os.cpu_count() or 2) // args.peers)) \
-            as mesh:
+    print(
+        f"meshd demo: starting {args.peers} daemons on 127.0.0.1 with the embedded SmolLM2-135M-Instruct; they "
+        "find each other over mDNS and split its 30 layers ...",
+        file=sys.stderr,
+    )
+    with (
+        tempfile.TemporaryDirectory(prefix="meshd-demo-") as tmp,
+        LoopbackMesh(Path(tmp), args.peers, dtype="auto", threads=max(1, (os.cpu_count() or 2) // args.peers)) as mesh,
+    ):
         plan = mesh.wait_plan(list(range(args.peers)), args.peers, timeout=300)
         for s in plan["stages"]:
             print(f"  stage {s['node_id'][:8]}: layers {s['first_layer']}-{s['last_layer']}", file=sys.stderr)
@@ -205,22 +263,32 @@ def cmd_demo(args: argparse.Namespace) -> int:
         # slice sits in the middle or at the end of the ring, the case FlowSpec's fixed head device cannot do
         first = next(s["node_id"] for s in plan["stages"] if s["first_layer"] == 0)
         asked = next(i for i in reversed(range(args.peers)) if mesh.node_id(i) != first or args.peers == 1)
-        print(f"asking peer {mesh.url(asked)} (node {mesh.node_id(asked)[:8]}, not the first stage: it drafts, "
-              "the ring verifies, mode flow)\n", file=sys.stderr)
+        print(
+            f"asking peer {mesh.url(asked)} (node {mesh.node_id(asked)[:8]}, not the first stage: it drafts, "
+            "the ring verifies, mode flow)\n",
+            file=sys.stderr,
+        )
         print(f"Q: {args.question}\nA: ", end="", flush=True)
 
         async def ask() -> Reply:
             reply = Reply()
             async with Client(mesh.url(asked), timeout=600) as c:
-                async for text in c.stream_chat([{"role": "user", "content": args.question}], reply,
-                                                max_tokens=args.max_tokens, temperature=0, mode="flow"):
+                async for text in c.stream_chat(
+                    [{"role": "user", "content": args.question}],
+                    reply,
+                    max_tokens=args.max_tokens,
+                    temperature=0,
+                    mode="flow",
+                ):
                     print(text, end="", flush=True)
             return reply
 
         st = asyncio.run(ask()).stats
-        print(f"\n\n[flow over {args.peers} daemons] {st.get('new_tokens')} tokens in {st.get('seconds', 0):.2f}s "
-              f"({st.get('tokens_per_s', 0):.1f} tok/s), {st.get('mean_accepted', 0):.2f} tokens per verification",
-              file=sys.stderr)
+        print(
+            f"\n\n[flow over {args.peers} daemons] {st.get('new_tokens')} tokens in {st.get('seconds', 0):.2f}s "
+            f"({st.get('tokens_per_s', 0):.1f} tok/s), {st.get('mean_accepted', 0):.2f} tokens per verification",
+            file=sys.stderr,
+        )
         print("stopping the daemons (SIGTERM) ...", file=sys.stderr)
     codes = [p.returncode for p in mesh.procs]
     print(f"stopped: exit codes {codes}", file=sys.stderr)
@@ -231,11 +299,25 @@ def cmd_train_draft(args: argparse.Namespace) -> int:
     from training.distill import train_draft
 
     _threads(args.threads)
-    train_draft(model=args.model, out=args.out, prompts=args.prompts, tokens=args.tokens, epochs=args.epochs,
-                seed=args.seed, work=args.work, dtype=args.dtype, slots=args.slots, max_new=args.max_new,
-                vocab=args.vocab, steps=args.steps, lr=args.lr, batch_tokens=args.batch_tokens,
-                eval_per_category=args.eval_per_category,
-                generate_only=args.generate_only, command="meshd " + " ".join(sys.argv[1:]))
+    train_draft(
+        model=args.model,
+        out=args.out,
+        prompts=args.prompts,
+        tokens=args.tokens,
+        epochs=args.epochs,
+        seed=args.seed,
+        work=args.work,
+        dtype=args.dtype,
+        slots=args.slots,
+        max_new=args.max_new,
+        vocab=args.vocab,
+        steps=args.steps,
+        lr=args.lr,
+        batch_tokens=args.batch_tokens,
+        eval_per_category=args.eval_per_category,
+        generate_only=args.generate_only,
+        command="meshd " + " ".join(sys.argv[1:]),
+    )
     return 0
 
 
@@ -256,12 +338,19 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="run one request on this device")
     g.add_argument("prompt")
     _add_model_args(g)
-    g.add_argument("--mode", choices=["ar", "spec", "chunk", "flow"], default="spec",
-                   help="ar/spec: one device; chunk/flow: the mesh scheduler over --stages in-process stages")
+    g.add_argument(
+        "--mode",
+        choices=["ar", "spec", "chunk", "flow"],
+        default="spec",
+        help="ar/spec: one device; chunk/flow: the mesh scheduler over --stages in-process stages",
+    )
     g.add_argument("--stages", type=int, default=1, help="in-process pipeline stages (mesh modes)")
-    g.add_argument("--drafter", default="auto",
-                   help="auto (the shipped EAGLE head for this model, else ngram) | eagle[:DIR] | eagle+ngram | ngram "
-                        "| model:PATH[@LAYERS]")
+    g.add_argument(
+        "--drafter",
+        default="auto",
+        help="auto (the shipped EAGLE head for this model, else ngram) | eagle[:DIR] | eagle+ngram | ngram "
+        "| model:PATH[@LAYERS]",
+    )
     g.add_argument("--max-tokens", type=int, default=128)
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-p", type=float, default=1.0)
@@ -276,52 +365,88 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--layers", default=None, help="slice as FIRST:LAST (default: the whole model)")
     pr.add_argument("--dtypes", default="fp32,bf16", help="comma-separated dtypes to measure")
     pr.add_argument("--repeats", type=int, default=5)
-    pr.add_argument("--compare-transformers", action="store_true",
-                    help="also time transformers' forward with the same weights")
+    pr.add_argument(
+        "--compare-transformers", action="store_true", help="also time transformers' forward with the same weights"
+    )
     pr.add_argument("--json", action="store_true")
     pr.set_defaults(func=cmd_profile)
 
     b = sub.add_parser("bench", help="compare decoding modes on Spec-Bench questions (interleaved)")
     _add_model_args(b)
-    b.add_argument("--backend", choices=["local", "inprocess", "daemons"], default="daemons",
-                   help="daemons: --stages real daemons on 127.0.0.1 (ar, chunk, flow, and the single-device "
-                        "baseline local:ar / local:spec in this process); inprocess: the mesh scheduler over --stages "
-                        "stages in this process; local: one device only (ar, spec:DRAFTER)")
-    b.add_argument("--in-process", dest="backend", action="store_const", const="inprocess",
-                   help="same as --backend inprocess")
+    b.add_argument(
+        "--backend",
+        choices=["local", "inprocess", "daemons"],
+        default="daemons",
+        help="daemons: --stages real daemons on 127.0.0.1 (ar, chunk, flow, and the single-device "
+        "baseline local:ar / local:spec in this process); inprocess: the mesh scheduler over --stages "
+        "stages in this process; local: one device only (ar, spec:DRAFTER)",
+    )
+    b.add_argument(
+        "--in-process", dest="backend", action="store_const", const="inprocess", help="same as --backend inprocess"
+    )
     b.add_argument("--stages", type=int, default=2)
-    b.add_argument("--modes", default=None,
-                   help="comma-separated, first is the baseline (default: ar,spec:ngram locally, "
-                        "local:spec,ar,chunk,flow on daemons, ar,chunk,flow in process)")
+    b.add_argument(
+        "--modes",
+        default=None,
+        help="comma-separated, first is the baseline (default: ar,spec:ngram locally, "
+        "local:spec,ar,chunk,flow on daemons, ar,chunk,flow in process)",
+    )
     b.add_argument("--link", default=None, help="emulated link for daemons, LATENCY/BANDWIDTH, e.g. 5ms/100mbit")
-    b.add_argument("--device-slowdown", type=float, default=1.0,
-                   help="daemons pad their compute to behave like a device this many times slower")
-    b.add_argument("--drafter", default="auto", help="drafter of the mesh modes (daemons and inprocess) and of "
-                   "spec without a :DRAFTER suffix (auto: the shipped head with n-gram, else ngram)")
-    b.add_argument("--questions", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"
-                                              / "spec_bench_questions.jsonl"))
+    b.add_argument(
+        "--device-slowdown",
+        type=float,
+        default=1.0,
+        help="daemons pad their compute to behave like a device this many times slower",
+    )
+    b.add_argument(
+        "--drafter",
+        default="auto",
+        help="drafter of the mesh modes (daemons and inprocess) and of "
+        "spec without a :DRAFTER suffix (auto: the shipped head with n-gram, else ngram)",
+    )
+    b.add_argument(
+        "--questions",
+        default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "spec_bench_questions.jsonl"),
+    )
     b.add_argument("--categories", nargs="*", default=None, help="category names (default: the first N)")
     b.add_argument("--n-categories", type=int, default=8)
     b.add_argument("--per-category", type=int, default=5)
     b.add_argument("--held-out", action="store_true", help="only question_id %% 4 == 0 (never trained on)")
     b.add_argument("--max-tokens", type=int, default=256)
-    b.add_argument("--temperature", default="0",
-                   help="comma-separated temperatures, e.g. 0,1: one run (and record) per temperature")
+    b.add_argument(
+        "--temperature",
+        default="0",
+        help="comma-separated temperatures, e.g. 0,1: one run (and record) per temperature",
+    )
     b.add_argument("--out", default="runs", help="directory for the JSON record and markdown table")
-    b.add_argument("--load", default=None, metavar="RATES",
-                   help="load test instead: comma-separated Poisson arrival rates (requests/s), daemons only")
+    b.add_argument(
+        "--load",
+        default=None,
+        metavar="RATES",
+        help="load test instead: comma-separated Poisson arrival rates (requests/s), daemons only",
+    )
     b.add_argument("--requests", type=int, default=12, help="load test: requests per rate and mode")
-    b.add_argument("--originators", type=int, default=None,
-                   help="load test: spread requests over the first K daemons' APIs (default: all)")
+    b.add_argument(
+        "--originators",
+        type=int,
+        default=None,
+        help="load test: spread requests over the first K daemons' APIs (default: all)",
+    )
     b.set_defaults(func=cmd_bench)
 
-    sm = sub.add_parser("simulate", help="project the mesh onto devices we do not have (discrete-event simulator)",
-                        description="Spec-Bench prompts through the real scheduler and stage workers on a simulated "
-                                    "clock; every figure printed is simulated. --threads defaults to 1 here.")
+    sm = sub.add_parser(
+        "simulate",
+        help="project the mesh onto devices we do not have (discrete-event simulator)",
+        description="Spec-Bench prompts through the real scheduler and stage workers on a simulated "
+        "clock; every figure printed is simulated. --threads defaults to 1 here.",
+    )
     _add_model_args(sm)
     sm.add_argument("--stages", type=int, default=5)
-    sm.add_argument("--profile", default="jetson-orin-7b",
-                    help="jetson-orin-7b (an assumed projection profile) | this-device (measured, 1 thread) | FILE")
+    sm.add_argument(
+        "--profile",
+        default="jetson-orin-7b",
+        help="jetson-orin-7b (an assumed projection profile) | this-device (measured, 1 thread) | FILE",
+    )
     sm.add_argument("--link", default="1ms/150mbit", help="per-link LATENCY/BANDWIDTH, e.g. 1ms/150mbit, 0/inf")
     sm.add_argument("--modes", default="ar,chunk,flow")
     sm.add_argument("--prompts", type=int, default=10, help="Spec-Bench questions, spread over the categories")
@@ -334,15 +459,29 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--temperature", type=float, default=0.0)
     sm.add_argument("--compute-scale", type=float, default=1.0, help="device slowdown factor on all compute")
     sm.add_argument("--cores", type=int, default=None, help="CPU cores shared by all devices (default: one each)")
-    sm.add_argument("--questions", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"
-                                               / "spec_bench_questions.jsonl"))
-    sm.add_argument("--calibrate-with", nargs="+", default=None, metavar="FILE",
-                    help="measured loopback results (JSON, e.g. runs/bench-*.json): simulated vs measured tokens/s")
-    sm.add_argument("--fit-scale", default="ar", metavar="MODE",
-                    help="calibration: fit one compute-cost factor on MODE of every record ('none': no fit)")
-    sm.add_argument("--fit-hop", action="store_true",
-                    help="calibration: with --fit-scale, also fit a per-message daemon overhead (needs records of "
-                         "two or more stage counts on unshaped links)")
+    sm.add_argument(
+        "--questions",
+        default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "spec_bench_questions.jsonl"),
+    )
+    sm.add_argument(
+        "--calibrate-with",
+        nargs="+",
+        default=None,
+        metavar="FILE",
+        help="measured loopback results (JSON, e.g. runs/bench-*.json): simulated vs measured tokens/s",
+    )
+    sm.add_argument(
+        "--fit-scale",
+        default="ar",
+        metavar="MODE",
+        help="calibration: fit one compute-cost factor on MODE of every record ('none': no fit)",
+    )
+    sm.add_argument(
+        "--fit-hop",
+        action="store_true",
+        help="calibration: with --fit-scale, also fit a per-message daemon overhead (needs records of "
+        "two or more stage counts on unshaped links)",
+    )
     sm.add_argument("--json", action="store_true", help="print the JSON record instead of the table")
     sm.add_argument("--out", default=None, help="also write the JSON record here")
     sm.set_defaults(func=cmd_simulate)
@@ -382,9 +521,12 @@ def build_parser() -> argparse.ArgumentParser:
     from meshd import config
     from meshd.client import commands as client_cli
 
-    s = sub.add_parser("serve", help="run the daemon: join the mesh, serve the REST API",
-                       description="Settings come from flags, then MESHD_* environment variables, then the TOML "
-                                   "file (--config), then defaults.")
+    s = sub.add_parser(
+        "serve",
+        help="run the daemon: join the mesh, serve the REST API",
+        description="Settings come from flags, then MESHD_* environment variables, then the TOML "
+        "file (--config), then defaults.",
+    )
     config.add_arguments(s)
     s.set_defaults(func=cmd_serve)
     client_cli.add_commands(sub)

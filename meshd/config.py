@@ -56,53 +56,87 @@ class Config:
     """Every ``meshd serve`` setting. Field metadata drives flags, env names, TOML keys and checks."""
 
     # network
-    host: str = field(default="0.0.0.0", metadata=_opt("address the API and mesh endpoint bind to",
-                                                        flag="--host"))
-    port: int = field(default=8090, metadata=_opt("TCP port of the REST API and the mesh websocket", lo=1,
-                                                   hi=65535))
-    peers: list[str] = field(default_factory=list, metadata=_opt(
-        "static peers as HOST:PORT (repeat the flag; in the environment, comma-separated), for networks "
-        "without multicast", flag="--peer"))
+    host: str = field(default="0.0.0.0", metadata=_opt("address the API and mesh endpoint bind to", flag="--host"))
+    port: int = field(default=8090, metadata=_opt("TCP port of the REST API and the mesh websocket", lo=1, hi=65535))
+    peers: list[str] = field(
+        default_factory=list,
+        metadata=_opt(
+            "static peers as HOST:PORT (repeat the flag; in the environment, comma-separated), for networks "
+            "without multicast",
+            flag="--peer",
+        ),
+    )
     mdns: bool = field(default=True, metadata=_opt("find peers with mDNS (--no-mdns: static peers only)"))
-    interface: str | None = field(default=None, metadata=_opt("IPv4 address of the interface mDNS should use "
-                                                              "(default: all)"))
+    interface: str | None = field(
+        default=None, metadata=_opt("IPv4 address of the interface mDNS should use (default: all)")
+    )
     mesh_name: str = field(default="meshd", metadata=_opt("only peers with the same mesh name join each other"))
-    mesh_secret: str | None = field(default=None, metadata=_opt(
-        "shared secret that authenticates peer links (every peer needs the same one)", secret=True))
-    api_key: str | None = field(default=None, metadata=_opt(
-        "require 'Authorization: Bearer KEY' on the REST API (/health stays open)", secret=True))
-    max_body_bytes: int = field(default=1 << 20, metadata=_opt("largest accepted REST request body, in bytes",
-                                                                lo=1024))
+    mesh_secret: str | None = field(
+        default=None,
+        metadata=_opt("shared secret that authenticates peer links (every peer needs the same one)", secret=True),
+    )
+    api_key: str | None = field(
+        default=None,
+        metadata=_opt("require 'Authorization: Bearer KEY' on the REST API (/health stays open)", secret=True),
+    )
+    max_body_bytes: int = field(default=1 << 20, metadata=_opt("largest accepted REST request body, in bytes", lo=1024))
     # model and compute
-    model: str = field(default="default", metadata=_opt("GGUF file, HF safetensors directory, or 'default' "
-                                                        "(the embedded SmolLM2-135M-Instruct)"))
-    dtype: str = field(default="auto", metadata=_opt("compute dtype (auto: bf16 on CPUs with AVX512-BF16/AMX, "
-                                                     "fp16 on CUDA, else fp32)", choices=DTYPES))
+    model: str = field(
+        default="default",
+        metadata=_opt("GGUF file, HF safetensors directory, or 'default' (the embedded SmolLM2-135M-Instruct)"),
+    )
+    dtype: str = field(
+        default="auto",
+        metadata=_opt(
+            "compute dtype (auto: bf16 on CPUs with AVX512-BF16/AMX, fp16 on CUDA, else fp32)", choices=DTYPES
+        ),
+    )
     threads: int | None = field(default=None, metadata=_opt("torch threads (default: all cores)", lo=1, hi=1024))
-    memory: str | None = field(default=None, metadata=_opt(
-        "memory this device offers the mesh, e.g. 2GiB (default: a share of MemAvailable)", size=True))
-    max_context: int = field(default=4096, metadata=_opt("longest prompt + completion, in tokens", lo=16,
-                                                         hi=1 << 20))
-    session_timeout: float = field(default=300.0, metadata=_opt(
-        "seconds a stage keeps a request's KV session without traffic before freeing it (its originator vanished)",
-        lo=1.0, hi=86400.0))
-    drafter: str = field(default="auto", metadata=_opt(
-        "drafter when this device originates a request: auto (the shipped EAGLE head with n-gram candidates when "
-        "one matches the model, else ngram) | ngram | eagle[:DIR] | eagle+ngram | model:PATH[@LAYERS]"))
-    device_slowdown: float = field(default=1.0, metadata=_opt(
-        "make this device's stage this many times slower (emulate a weaker device in tests)", lo=1.0, hi=1000.0))
+    memory: str | None = field(
+        default=None,
+        metadata=_opt("memory this device offers the mesh, e.g. 2GiB (default: a share of MemAvailable)", size=True),
+    )
+    max_context: int = field(default=4096, metadata=_opt("longest prompt + completion, in tokens", lo=16, hi=1 << 20))
+    session_timeout: float = field(
+        default=300.0,
+        metadata=_opt(
+            "seconds a stage keeps a request's KV session without traffic before freeing it (its originator vanished)",
+            lo=1.0,
+            hi=86400.0,
+        ),
+    )
+    drafter: str = field(
+        default="auto",
+        metadata=_opt(
+            "drafter when this device originates a request: auto (the shipped EAGLE head with n-gram candidates when "
+            "one matches the model, else ngram) | ngram | eagle[:DIR] | eagle+ngram | model:PATH[@LAYERS]"
+        ),
+    )
+    device_slowdown: float = field(
+        default=1.0,
+        metadata=_opt(
+            "make this device's stage this many times slower (emulate a weaker device in tests)", lo=1.0, hi=1000.0
+        ),
+    )
     # link emulation (stands in for a real LAN on loopback)
-    latency_ms: float = field(default=0.0, metadata=_opt("added one-way latency per link message, ms", lo=0.0,
-                                                         hi=60_000.0))
-    bandwidth_mbps: float = field(default=0.0, metadata=_opt("link bandwidth cap in Mbit/s (0: unlimited)",
-                                                             lo=0.0, hi=1e6))
+    latency_ms: float = field(
+        default=0.0, metadata=_opt("added one-way latency per link message, ms", lo=0.0, hi=60_000.0)
+    )
+    bandwidth_mbps: float = field(
+        default=0.0, metadata=_opt("link bandwidth cap in Mbit/s (0: unlimited)", lo=0.0, hi=1e6)
+    )
     # housekeeping
-    state_dir: Path = field(default_factory=default_state_dir, metadata=_opt(
-        "where this node keeps its identity and cached cost curves (default: $STATE_DIRECTORY, else "
-        "$XDG_STATE_HOME/meshd)"))
+    state_dir: Path = field(
+        default_factory=default_state_dir,
+        metadata=_opt(
+            "where this node keeps its identity and cached cost curves (default: $STATE_DIRECTORY, else "
+            "$XDG_STATE_HOME/meshd)"
+        ),
+    )
     log_level: str = field(default="info", metadata=_opt("log level", choices=LOG_LEVELS))
-    config: Path | None = field(default=None, metadata=_opt(
-        "TOML file read for settings not given as flags or MESHD_* variables", file=False))
+    config: Path | None = field(
+        default=None, metadata=_opt("TOML file read for settings not given as flags or MESHD_* variables", file=False)
+    )
 
     def redacted(self) -> dict[str, Any]:
         """The settings for a log line, secrets masked."""
@@ -163,14 +197,23 @@ def _check(f: dataclasses.Field, value: Any, where: str) -> Any:
 def _from_toml(f: dataclasses.Field, v: Any, where: str) -> Any:
     """A TOML value must already have the right type (TOML is typed; no string guessing here)."""
     kind = _kind(f)
-    ok = {"bool": isinstance(v, bool),
-          "int": isinstance(v, int) and not isinstance(v, bool),
-          "float": isinstance(v, (int, float)) and not isinstance(v, bool),
-          "list": isinstance(v, list) and all(isinstance(x, str) for x in v),
-          "Path": isinstance(v, str), "str": isinstance(v, str)}[kind]
+    ok = {
+        "bool": isinstance(v, bool),
+        "int": isinstance(v, int) and not isinstance(v, bool),
+        "float": isinstance(v, (int, float)) and not isinstance(v, bool),
+        "list": isinstance(v, list) and all(isinstance(x, str) for x in v),
+        "Path": isinstance(v, str),
+        "str": isinstance(v, str),
+    }[kind]
     if not ok:
-        want = {"list": "an array of strings", "Path": "a string (path)", "int": "an integer", "float": "a number",
-                "bool": "true or false", "str": "a string"}[kind]
+        want = {
+            "list": "an array of strings",
+            "Path": "a string (path)",
+            "int": "an integer",
+            "float": "a number",
+            "bool": "true or false",
+            "str": "a string",
+        }[kind]
         raise ConfigError(f"{where}: {f.name} must be {want}, not {type(v).__name__} {v!r}")
     if kind == "float":
         v = float(v)
@@ -261,8 +304,9 @@ def read_flags(ns: argparse.Namespace | None) -> dict[str, Any]:
     return out
 
 
-def load_config(ns: argparse.Namespace | None = None, env: Mapping[str, str] | None = None,
-                path: str | Path | None = None) -> Config:
+def load_config(
+    ns: argparse.Namespace | None = None, env: Mapping[str, str] | None = None, path: str | Path | None = None
+) -> Config:
     """Merge defaults < TOML file < ``MESHD_*`` environment < flags into a checked ``Config``."""
     env = os.environ if env is None else env
     flags = read_flags(ns)
@@ -296,6 +340,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, dest=name, action="append", default=None, metavar="HOST:PORT", help=help)
         else:
             conv: Callable[[str], Any] = {"int": int, "float": float, "Path": str}.get(kind, str)
-            p.add_argument(flag, dest=name, type=conv, default=None, choices=md.get("choices"),
-                           metavar=name.upper() if "choices" not in md else None, help=help)
+            p.add_argument(
+                flag,
+                dest=name,
+                type=conv,
+                default=None,
+                choices=md.get("choices"),
+                metavar=name.upper() if "choices" not in md else None,
+                help=help,
+            )
     p.add_argument("--bind", dest="host", default=None, help="alias of --host")

@@ -57,8 +57,14 @@ class TreeBudget:
         self._seen = alpha
         self._last: int | None = None
 
-    def choose(self, tree: Tree, overhead: float = 0.0, cost: CostCurve | None = None,
-               load_rows: int = 0, load_gain: float = 0.0) -> int:
+    def choose(
+        self,
+        tree: Tree,
+        overhead: float = 0.0,
+        cost: CostCurve | None = None,
+        load_rows: int = 0,
+        load_gain: float = 0.0,
+    ) -> int:
         """Number of drafted nodes (besides the root) worth verifying from this candidate tree.
 
         ``load_rows``/``load_gain``: rows other requests put through the same forwards and the
@@ -67,7 +73,7 @@ class TreeBudget:
         itself; a loaded ring, already busy at a steeper point of the curve, gets smaller trees.
         """
         cost = cost or self.cost
-        order = tree.score_order()[1: self.max_nodes + 1]
+        order = tree.score_order()[1 : self.max_nodes + 1]
         best_n, gain = 0, load_gain + 1.0
         best_rate = gain / (overhead + cost(load_rows + 1))
         for n, i in enumerate(order, start=1):

@@ -61,7 +61,7 @@ class NGramDrafter:
             nxt = context[end]
             for n in self.orders:
                 if end - n >= 0:
-                    self._table[tuple(context[end - n:end])][nxt] += 1
+                    self._table[tuple(context[end - n : end])][nxt] += 1
         self._seen = max(self._seen, len(context))
 
     def _propose(self, ctx: list[int], k: int) -> list[tuple[int, float]]:
@@ -137,8 +137,9 @@ class ModelDrafter:
                         mask[r, slot[a]] = True
                     mask[r, self.cache.length + r] = True
                 start = self.cache.length
-                hidden = self.model.forward_one(self.model.embed([tree.tokens[u] for u in todo]), self.cache,
-                                                tree.positions(base, todo), mask)
+                hidden = self.model.forward_one(
+                    self.model.embed([tree.tokens[u] for u in todo]), self.cache, tree.positions(base, todo), mask
+                )
                 logp = torch.log_softmax(self.model.logits(hidden), dim=-1)
                 for r, u in enumerate(todo):
                     slot[u] = start + r
@@ -209,9 +210,9 @@ def load_drafter(spec: str, target: Stage, dtype: torch.dtype | str | None = Non
     if spec == "eagle" or spec.startswith("eagle:"):
         from models.eagle import load_eagle_drafter
 
-        return load_eagle_drafter(spec[len("eagle:"):] or None, target, source)
+        return load_eagle_drafter(spec[len("eagle:") :] or None, target, source)
     if spec.startswith("model:"):
-        path, _, layers = spec[len("model:"):].rpartition("@") if "@" in spec else (spec[len("model:"):], "", "")
+        path, _, layers = spec[len("model:") :].rpartition("@") if "@" in spec else (spec[len("model:") :], "", "")
         src = ModelSource.resolve(path or "default")
         if src.config.vocab_size != target.cfg.vocab_size:
             raise ModelError(
@@ -221,8 +222,9 @@ def load_drafter(spec: str, target: Stage, dtype: torch.dtype | str | None = Non
         n = int(layers) if layers else src.config.n_layers
         model = Stage.load(src, 0, min(n, src.config.n_layers), head=True, dtype=dtype or target.dtype)
         return ModelDrafter(model, name=f"model:{src.name}" + (f"@{n}" if layers else ""))
-    raise ValueError(f"unknown drafter {spec!r}; use 'auto', 'ngram', 'eagle[:PATH]', 'eagle+ngram' or "
-                     "'model:PATH[@LAYERS]'")
+    raise ValueError(
+        f"unknown drafter {spec!r}; use 'auto', 'ngram', 'eagle[:PATH]', 'eagle+ngram' or 'model:PATH[@LAYERS]'"
+    )
 
 
 def drafter_factory(spec: str, target: Stage, dtype: torch.dtype | str | None = None, source=None):

@@ -59,9 +59,17 @@ class HeadConfig:
 
     @classmethod
     def for_target(cls, cfg: ModelConfig, **kw) -> HeadConfig:
-        return cls(hidden_size=cfg.hidden_size, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
-                   head_dim=cfg.head_dim, intermediate_size=cfg.intermediate_size, rms_eps=cfg.rms_eps,
-                   vocab_size=cfg.vocab_size, qkv_bias=cfg.qkv_bias, **kw)
+        return cls(
+            hidden_size=cfg.hidden_size,
+            n_heads=cfg.n_heads,
+            n_kv_heads=cfg.n_kv_heads,
+            head_dim=cfg.head_dim,
+            intermediate_size=cfg.intermediate_size,
+            rms_eps=cfg.rms_eps,
+            vocab_size=cfg.vocab_size,
+            qkv_bias=cfg.qkv_bias,
+            **kw,
+        )
 
     def check_target(self, cfg: ModelConfig, fingerprint: str | None, where: str) -> None:
         if fingerprint and self.target_fingerprint and fingerprint != self.target_fingerprint:
@@ -107,8 +115,10 @@ class EagleHead(nn.Module):
         """Pre-pack the weights for drafting (see :func:`models.stage.pack_weight`). Training, which
         needs gradients, uses the parameters; a parameter changed in place since (an optimizer step,
         a load) falls back to itself until the next ``pack``."""
-        self._packed = {n: (pack_weight(self._param(n).detach()), self._param(n)._version)
-                        for n in ("fc", "wqkv", "wo", "w_gate_up", "w_down")}
+        self._packed = {
+            n: (pack_weight(self._param(n).detach()), self._param(n)._version)
+            for n in ("fc", "wqkv", "wo", "w_gate_up", "w_down")
+        }
 
     def _w(self, name: str) -> torch.Tensor:
         param = self._param(name)
@@ -147,8 +157,8 @@ class EagleHead(nn.Module):
         out = linear(h, self._w("wqkv"), self.bqkv)
         nq, nkv, d = hc.n_heads, hc.n_kv_heads, hc.head_dim
         q = out[..., : nq * d].unflatten(-1, (nq, d)).transpose(-3, -2)
-        k = out[..., nq * d: (nq + nkv) * d].unflatten(-1, (nkv, d)).transpose(-3, -2)
-        v = out[..., (nq + nkv) * d:].unflatten(-1, (nkv, d)).transpose(-3, -2)
+        k = out[..., nq * d : (nq + nkv) * d].unflatten(-1, (nkv, d)).transpose(-3, -2)
+        v = out[..., (nq + nkv) * d :].unflatten(-1, (nkv, d)).transpose(-3, -2)
         cos, sin = cos.unsqueeze(-3), sin.unsqueeze(-3)
         return rotate(q, cos, sin), rotate(k, cos, sin), v
 
@@ -162,8 +172,9 @@ class EagleHead(nn.Module):
         gate, up = linear(h, self._w("w_gate_up")).chunk(2, dim=-1)
         return x + linear(F.silu(gate) * up, self._w("w_down"))
 
-    def step(self, emb: torch.Tensor, feat: torch.Tensor, cache: KVCache, positions: torch.Tensor,
-             mask: torch.Tensor) -> torch.Tensor:
+    def step(
+        self, emb: torch.Tensor, feat: torch.Tensor, cache: KVCache, positions: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
         """Drafting: rows (T, H) appended to ``cache``; ``mask`` bool (T, cache.length + T)."""
         t = emb.shape[0]
         cache.reserve(t)
@@ -216,17 +227,28 @@ class EagleHead(nn.Module):
         q, kv = hc.n_heads * hc.head_dim, hc.n_kv_heads * hc.head_dim
         wq, wk, wv = self.wqkv.detach().split([q, kv, kv])
         gate, up = self.w_gate_up.detach().chunk(2)
-        sd = {"fc.weight": self.fc.weight, "layers.0.self_attn.q_proj.weight": wq,
-              "layers.0.self_attn.k_proj.weight": wk, "layers.0.self_attn.v_proj.weight": wv,
-              "layers.0.self_attn.o_proj.weight": self.wo, "layers.0.mlp.gate_proj.weight": gate,
-              "layers.0.mlp.up_proj.weight": up, "layers.0.mlp.down_proj.weight": self.w_down,
-              "layers.0.post_attention_layernorm.weight": self.ffn_norm}
+        sd = {
+            "fc.weight": self.fc.weight,
+            "layers.0.self_attn.q_proj.weight": wq,
+            "layers.0.self_attn.k_proj.weight": wk,
+            "layers.0.self_attn.v_proj.weight": wv,
+            "layers.0.self_attn.o_proj.weight": self.wo,
+            "layers.0.mlp.gate_proj.weight": gate,
+            "layers.0.mlp.up_proj.weight": up,
+            "layers.0.mlp.down_proj.weight": self.w_down,
+            "layers.0.post_attention_layernorm.weight": self.ffn_norm,
+        }
         if self.fc.bias is not None:
             sd["fc.bias"] = self.fc.bias
         if self.bqkv is not None:
             bq, bk, bv = self.bqkv.detach().split([q, kv, kv])
-            sd.update({"layers.0.self_attn.q_proj.bias": bq, "layers.0.self_attn.k_proj.bias": bk,
-                       "layers.0.self_attn.v_proj.bias": bv})
+            sd.update(
+                {
+                    "layers.0.self_attn.q_proj.bias": bq,
+                    "layers.0.self_attn.k_proj.bias": bk,
+                    "layers.0.self_attn.v_proj.bias": bv,
+                }
+            )
         if self.attn_norm is not None:
             sd["layers.0.input_layernorm.weight"] = self.attn_norm
         return {k: v.detach().to(dtype).contiguous() for k, v in sd.items()}
@@ -278,12 +300,20 @@ def _public_config(raw: dict, target: ModelConfig) -> HeadConfig:
     h = int(raw.get("hidden_size", 0))
     nh = int(raw.get("num_attention_heads", target.n_heads))
     return HeadConfig(
-        hidden_size=h, n_heads=nh, n_kv_heads=int(raw.get("num_key_value_heads", nh)),
+        hidden_size=h,
+        n_heads=nh,
+        n_kv_heads=int(raw.get("num_key_value_heads", nh)),
         head_dim=int(raw.get("head_dim") or (h // nh if nh else 0)),
-        intermediate_size=int(raw.get("intermediate_size", 0)), rms_eps=float(raw.get("rms_norm_eps", 1e-6)),
-        vocab_size=int(raw.get("vocab_size", 0)), draft_vocab_size=int(raw.get("draft_vocab_size", 0) or 0),
-        fc_bias=bool(raw.get("bias", True)), qkv_bias=bool(raw.get("attention_bias", False)), input_norm=False,
-        target_name=raw.get("_name_or_path"), format="eagle-public")
+        intermediate_size=int(raw.get("intermediate_size", 0)),
+        rms_eps=float(raw.get("rms_norm_eps", 1e-6)),
+        vocab_size=int(raw.get("vocab_size", 0)),
+        draft_vocab_size=int(raw.get("draft_vocab_size", 0) or 0),
+        fc_bias=bool(raw.get("bias", True)),
+        qkv_bias=bool(raw.get("attention_bias", False)),
+        input_norm=False,
+        target_name=raw.get("_name_or_path"),
+        format="eagle-public",
+    )
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -380,8 +410,9 @@ class EagleDrafter:
         self.head.pack()
         self.lm_rows = pack_weight(target.lm_head_w.index_select(0, head.draft_vocab).to(self.dtype))
         self.vocab = head.draft_vocab.tolist()
-        self.cache = KVCache(1, head.hc.n_kv_heads, head.hc.head_dim, self.dtype, 256,
-                             max_capacity=max(256, target.cfg.max_position))
+        self.cache = KVCache(
+            1, head.hc.n_kv_heads, head.hc.head_dim, self.dtype, 256, max_capacity=max(256, target.cfg.max_position)
+        )
         self.reset([])
 
     def fresh(self) -> EagleDrafter:
@@ -389,8 +420,9 @@ class EagleDrafter:
         other = EagleDrafter.__new__(EagleDrafter)
         other.head, other.target, other.name, other.dtype = self.head, self.target, self.name, self.dtype
         other.lm_rows, other.vocab = self.lm_rows, self.vocab
-        other.cache = KVCache(1, self.head.hc.n_kv_heads, self.head.hc.head_dim, self.dtype, 256,
-                              max_capacity=self.cache.max_capacity)
+        other.cache = KVCache(
+            1, self.head.hc.n_kv_heads, self.head.hc.head_dim, self.dtype, 256, max_capacity=self.cache.max_capacity
+        )
         other.reset([])
         return other
 
@@ -427,17 +459,20 @@ class EagleDrafter:
         """Fill cache rows up to the root's predecessor; return the root's predicted feature."""
         n = len(context) - 1  # the root's position; rows 0..n-1
         if self._feats.shape[0] < n:
-            raise RuntimeError("the EAGLE drafter needs the target's features of every committed position; "
-                               "call accept(context, hidden) first")
+            raise RuntimeError(
+                "the EAGLE drafter needs the target's features of every committed position; "
+                "call accept(context, hidden) first"
+            )
         done = self.cache.length
         if done == n and self._last_out is not None:
             return self._last_out
         if done == n:  # recompute the last row
             self.cache.truncate(n - 1)
             done = n - 1
-        toks = torch.tensor(context[done + 1:n + 1])
-        out = self.head.step(self.target.embed(toks), self._feats[done:n], self.cache, torch.arange(done, n),
-                             _causal(done, n - done))
+        toks = torch.tensor(context[done + 1 : n + 1])
+        out = self.head.step(
+            self.target.embed(toks), self._feats[done:n], self.cache, torch.arange(done, n), _causal(done, n - done)
+        )
         self._last_out = out[-1:]
         return self._last_out
 
@@ -499,11 +534,16 @@ class EagleDrafter:
         fresh = self.fresh()
         n = len(context) - 1
         feats = self._feats[:n]
-        toks = torch.tensor(context[1:n + 1])
+        toks = torch.tensor(context[1 : n + 1])
         out = self.head.step(self.target.embed(toks), feats, fresh.cache, torch.arange(n), _causal(0, n))[-1]
         for tok in path:
-            out = self.head.step(self.target.embed(torch.tensor([tok])), out[None], fresh.cache,
-                                 torch.tensor([fresh.cache.length]), _causal(fresh.cache.length, 1))[0]
+            out = self.head.step(
+                self.target.embed(torch.tensor([tok])),
+                out[None],
+                fresh.cache,
+                torch.tensor([fresh.cache.length]),
+                _causal(fresh.cache.length, 1),
+            )[0]
         return self.logprobs(out[None])[0]
 
 

@@ -61,7 +61,7 @@ def prefill(target: Stage, cache, ids: Sequence[int], stats: Stats) -> torch.Ten
     """Run the prompt through the target in chunks; return every position's post-norm feature."""
     feats = []
     for start in range(0, len(ids), PREFILL_CHUNK):
-        chunk = torch.tensor(ids[start:start + PREFILL_CHUNK])
+        chunk = torch.tensor(ids[start : start + PREFILL_CHUNK])
         hidden = target.forward_one(target.embed(chunk), cache, torch.arange(start, start + len(chunk)))
         feats.append(target.final_norm(hidden))
         stats.target_forwards += 1
@@ -79,11 +79,22 @@ def _finish(out: list[int], new: list[int], max_new: int, eos: set[int]) -> str 
     return None
 
 
-def generate(target: Stage, prompt: Sequence[int], *, max_new_tokens: int = 128, mode: str = "spec",
-             drafter: Drafter | None = None, sampling: Sampling = GREEDY, seed: int | None = None,
-             eos_ids: Sequence[int] = (), budget: TreeBudget | None = None, top_k: int = 8,
-             depth: int = 8, pool: int = 512,
-             on_tokens: Callable[[list[int]], None] | None = None) -> Generation:
+def generate(
+    target: Stage,
+    prompt: Sequence[int],
+    *,
+    max_new_tokens: int = 128,
+    mode: str = "spec",
+    drafter: Drafter | None = None,
+    sampling: Sampling = GREEDY,
+    seed: int | None = None,
+    eos_ids: Sequence[int] = (),
+    budget: TreeBudget | None = None,
+    top_k: int = 8,
+    depth: int = 8,
+    pool: int = 512,
+    on_tokens: Callable[[list[int]], None] | None = None,
+) -> Generation:
     """Generate up to ``max_new_tokens`` after ``prompt`` on one device (``mode``: ``ar`` or ``spec``)."""
     if mode not in ("ar", "spec"):
         raise ValueError(f"mode {mode!r}: single-device modes are 'ar' and 'spec'")
@@ -140,8 +151,9 @@ def generate(target: Stage, prompt: Sequence[int], *, max_new_tokens: int = 128,
     return Generation(out, stats, reason)
 
 
-def verify_tree(target: Stage, cache, tree: Tree, base: int, sampling: Sampling,
-                gen: torch.Generator | None, stats: Stats) -> tuple[list[int], list[int], torch.Tensor]:
+def verify_tree(
+    target: Stage, cache, tree: Tree, base: int, sampling: Sampling, gen: torch.Generator | None, stats: Stats
+) -> tuple[list[int], list[int], torch.Tensor]:
     """One target forward over the whole tree, acceptance walk, then keep only the accepted KV.
 
     Returns the accepted path, the emitted tokens and the post-norm features of the path nodes

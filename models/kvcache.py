@@ -15,8 +15,15 @@ import torch
 class KVCache:
     """Keys/values for ``n_layers`` local layers; entries ``[0, length)`` are live."""
 
-    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 capacity: int = 256, max_capacity: int = 1 << 16):
+    def __init__(
+        self,
+        n_layers: int,
+        n_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        capacity: int = 256,
+        max_capacity: int = 1 << 16,
+    ):
         self.n_layers, self.n_kv_heads, self.head_dim, self.dtype = n_layers, n_kv_heads, head_dim, dtype
         self.max_capacity = max_capacity
         self.length = 0
@@ -53,8 +60,8 @@ class KVCache:
         """
         t = k.shape[1]
         end = self.length + t
-        self.k[layer, :, self.length:end] = k
-        self.v[layer, :, self.length:end] = v
+        self.k[layer, :, self.length : end] = k
+        self.v[layer, :, self.length : end] = v
         return self.k[layer, :, :end], self.v[layer, :, :end]
 
     def commit(self, t: int) -> None:
@@ -72,8 +79,8 @@ class KVCache:
         same = int((idx == torch.arange(n)).cumprod(0).sum()) if n else 0
         if same < n:
             tail = idx[same:]
-            self.k[:, :, same:n] = self.k[:, :, :self.length].index_select(2, tail)
-            self.v[:, :, same:n] = self.v[:, :, :self.length].index_select(2, tail)
+            self.k[:, :, same:n] = self.k[:, :, : self.length].index_select(2, tail)
+            self.v[:, :, same:n] = self.v[:, :, : self.length].index_select(2, tail)
         self.length = n
 
     def truncate(self, n: int) -> None:

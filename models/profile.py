@@ -24,8 +24,10 @@ def _cache_file(source: ModelSource, stage: Stage, with_head: bool) -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     dt = str(stage.dtype).removeprefix("torch.")
     kernels = "packed" if stage.packed else "plain"  # packed weights change the curve by a third
-    name = (f"{source.fingerprint}-{stage.first}-{stage.last}-{int(with_head)}-{dt}-{kernels}"
-            f"-t{torch.get_num_threads()}.json")
+    name = (
+        f"{source.fingerprint}-{stage.first}-{stage.last}-{int(with_head)}-{dt}-{kernels}"
+        f"-t{torch.get_num_threads()}.json"
+    )
     return Path(base) / "meshd" / "profiles" / name
 
 
@@ -43,8 +45,15 @@ def monotone(curve: dict[int, float]) -> dict[int, float]:
     return dict(sorted(out.items()))
 
 
-def stage_cost_curve(source: ModelSource, stage: Stage, *, with_head: bool = True, refresh: bool = False,
-                     sizes: Sequence[int] = SIZES, repeats: int = 5) -> dict[int, float]:
+def stage_cost_curve(
+    source: ModelSource,
+    stage: Stage,
+    *,
+    with_head: bool = True,
+    refresh: bool = False,
+    sizes: Sequence[int] = SIZES,
+    repeats: int = 5,
+) -> dict[int, float]:
     """The stage's cost curve, from the on-disk cache unless ``refresh``."""
     path = _cache_file(source, stage, with_head)
     if not refresh and path.is_file():
@@ -62,8 +71,9 @@ def stage_cost_curve(source: ModelSource, stage: Stage, *, with_head: bool = Tru
 
 
 @torch.inference_mode()
-def transformers_cost_curve(stage: Stage, sizes: Sequence[int] = SIZES, context: int = 128,
-                            repeats: int = 5) -> dict[int, float]:
+def transformers_cost_curve(
+    stage: Stage, sizes: Sequence[int] = SIZES, context: int = 128, repeats: int = 5
+) -> dict[int, float]:
     """The same measurement through transformers' own model with ``stage``'s weights (whole model only).
 
     This is the comparison the engine's own forward has to win; it is never used for serving.
@@ -82,15 +92,24 @@ def transformers_cost_curve(stage: Stage, sizes: Sequence[int] = SIZES, context:
         p = f"model.layers.{i}."
         wq, wk, wv = dense(layer.wqkv).split([q, kv, kv])
         gate, up = dense(layer.w_gate_up).chunk(2)
-        sd.update({p + "self_attn.q_proj.weight": wq, p + "self_attn.k_proj.weight": wk,
-                   p + "self_attn.v_proj.weight": wv, p + "self_attn.o_proj.weight": dense(layer.wo),
-                   p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up,
-                   p + "mlp.down_proj.weight": dense(layer.w_down), p + "input_layernorm.weight": layer.attn_norm,
-                   p + "post_attention_layernorm.weight": layer.ffn_norm})
+        sd.update(
+            {
+                p + "self_attn.q_proj.weight": wq,
+                p + "self_attn.k_proj.weight": wk,
+                p + "self_attn.v_proj.weight": wv,
+                p + "self_attn.o_proj.weight": dense(layer.wo),
+                p + "mlp.gate_proj.weight": gate,
+                p + "mlp.up_proj.weight": up,
+                p + "mlp.down_proj.weight": dense(layer.w_down),
+                p + "input_layernorm.weight": layer.attn_norm,
+                p + "post_attention_layernorm.weight": layer.ffn_norm,
+            }
+        )
         if layer.bqkv is not None:
             bq, bk, bv = layer.bqkv.split([q, kv, kv])
-            sd.update({p + "self_attn.q_proj.bias": bq, p + "self_attn.k_proj.bias": bk,
-                       p + "self_attn.v_proj.bias": bv})
+            sd.update(
+                {p + "self_attn.q_proj.bias": bq, p + "self_attn.k_proj.bias": bk, p + "self_attn.v_proj.bias": bv}
+            )
     model.load_state_dict(sd, strict=False)
     ids = torch.randint(0, cfg.vocab_size, (1, context + max(sizes)))
     out: dict[int, float] = {}
@@ -103,8 +122,13 @@ def transformers_cost_curve(stage: Stage, sizes: Sequence[int] = SIZES, context:
             mask.masked_fill_(~causal_mask(context, t)[None, None], torch.finfo(stage.dtype).min)
             pos = torch.arange(context, context + t)[None]
             t0 = time.perf_counter()
-            model(ids[:, context:context + t], past_key_values=cache, attention_mask=mask, position_ids=pos,
-                  use_cache=True)
+            model(
+                ids[:, context : context + t],
+                past_key_values=cache,
+                attention_mask=mask,
+                position_ids=pos,
+                use_cache=True,
+            )
             times.append(time.perf_counter() - t0)
         out[t] = sorted(times[1:])[len(times[1:]) // 2]
     return out

@@ -107,8 +107,9 @@ class ModelSource:
         """
         h = hashlib.sha256()
         cfg = self.config
-        h.update(json.dumps({k: v for k, v in cfg.__dict__.items() if k != "extra"}, sort_keys=True,
-                            default=str).encode())
+        h.update(
+            json.dumps({k: v for k, v in cfg.__dict__.items() if k != "extra"}, sort_keys=True, default=str).encode()
+        )
         files = [self.path] if self.kind == "gguf" else sorted(self.path.glob("*.safetensors"))
         for f in files:
             size = f.stat().st_size

@@ -63,8 +63,14 @@ def parse_dtype(name: str | torch.dtype | None) -> torch.dtype:
         return name
     if name in (None, "auto"):
         return default_dtype()
-    table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-             "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+    table = {
+        "fp32": torch.float32,
+        "float32": torch.float32,
+        "bf16": torch.bfloat16,
+        "bfloat16": torch.bfloat16,
+        "fp16": torch.float16,
+        "float16": torch.float16,
+    }
     if name not in table:
         raise ValueError(f"unknown dtype {name!r}; use fp32, bf16, fp16 or auto")
     return table[name]
@@ -84,8 +90,7 @@ def _packing_works() -> bool:
         if not torch.backends.mkldnn.is_available():
             return False
         w, x = torch.randn(24, 16), torch.randn(3, 16)
-        got = torch.ops.mkldnn._linear_pointwise(x, torch.ops.mkldnn._reorder_linear_weight(w, 1), None,
-                                                 "none", [], "")
+        got = torch.ops.mkldnn._linear_pointwise(x, torch.ops.mkldnn._reorder_linear_weight(w, 1), None, "none", [], "")
         return bool(torch.allclose(got, F.linear(x, w), atol=1e-4))
     except (RuntimeError, AttributeError):
         return False
@@ -152,10 +157,20 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 class Stage:
     """Decoder layers ``[first, last)`` plus, when ``head`` was loaded, embeddings, final norm, LM head."""
 
-    def __init__(self, cfg: ModelConfig, first: int, last: int, layers: list[Layer], *,
-                 embed: torch.Tensor | None = None, norm: torch.Tensor | None = None,
-                 lm_head: torch.Tensor | None = None, dtype: torch.dtype = torch.float32,
-                 inv_freq: torch.Tensor | None = None, rope_scale: float = 1.0):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        first: int,
+        last: int,
+        layers: list[Layer],
+        *,
+        embed: torch.Tensor | None = None,
+        norm: torch.Tensor | None = None,
+        lm_head: torch.Tensor | None = None,
+        dtype: torch.dtype = torch.float32,
+        inv_freq: torch.Tensor | None = None,
+        rope_scale: float = 1.0,
+    ):
         self.cfg, self.first, self.last, self.layers, self.dtype = cfg, first, last, layers, dtype
         self.embed_w, self.norm_w, self.lm_head_w = embed, norm, lm_head
         # the LM head stays plain too (embedding lookups when tied, draft-vocabulary rows)
@@ -166,9 +181,16 @@ class Stage:
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
-    def load(cls, source: ModelSource | str | None, first: int = 0, last: int | None = None, *,
-             head: bool = True, dtype: torch.dtype | str | None = "fp32",
-             reader: TensorReader | None = None) -> Stage:
+    def load(
+        cls,
+        source: ModelSource | str | None,
+        first: int = 0,
+        last: int | None = None,
+        *,
+        head: bool = True,
+        dtype: torch.dtype | str | None = "fp32",
+        reader: TensorReader | None = None,
+    ) -> Stage:
         """Load layers ``[first, last)`` (and the head parts if asked), reading nothing else."""
         src = source if isinstance(source, ModelSource) else ModelSource.resolve(source)
         cfg = src.config
@@ -187,15 +209,17 @@ class Stage:
             bqkv = None
             if cfg.qkv_bias:
                 bqkv = torch.cat([get(p + f"self_attn.{n}_proj.bias") for n in "qkv"])
-            layers.append(Layer(
-                wqkv=pack_weight(torch.cat([get(p + f"self_attn.{n}_proj.weight") for n in "qkv"])),
-                bqkv=bqkv,
-                wo=pack_weight(get(p + "self_attn.o_proj.weight")),
-                w_gate_up=pack_weight(torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")])),
-                w_down=pack_weight(get(p + "mlp.down_proj.weight")),
-                attn_norm=get(p + "input_layernorm.weight"),
-                ffn_norm=get(p + "post_attention_layernorm.weight"),
-            ))
+            layers.append(
+                Layer(
+                    wqkv=pack_weight(torch.cat([get(p + f"self_attn.{n}_proj.weight") for n in "qkv"])),
+                    bqkv=bqkv,
+                    wo=pack_weight(get(p + "self_attn.o_proj.weight")),
+                    w_gate_up=pack_weight(torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")])),
+                    w_down=pack_weight(get(p + "mlp.down_proj.weight")),
+                    attn_norm=get(p + "input_layernorm.weight"),
+                    ffn_norm=get(p + "post_attention_layernorm.weight"),
+                )
+            )
         embed = norm = lm_head = None
         if head:
             names = head_names(cfg)
@@ -219,8 +243,14 @@ class Stage:
         return self.embed_w is not None
 
     def new_cache(self, capacity: int = 256) -> KVCache:
-        return KVCache(self.n_layers, self.cfg.n_kv_heads, self.cfg.head_dim, self.dtype, capacity,
-                       max_capacity=max(capacity, self.cfg.max_position))
+        return KVCache(
+            self.n_layers,
+            self.cfg.n_kv_heads,
+            self.cfg.head_dim,
+            self.dtype,
+            capacity,
+            max_capacity=max(capacity, self.cfg.max_position),
+        )
 
     def nbytes(self) -> int:
         ts = [t for layer in self.layers for t in vars(layer).values() if t is not None]
@@ -264,8 +294,7 @@ class Stage:
                 raise ValueError(f"mask shape {tuple(it.mask.shape)} != ({t}, {it.cache.length + t})")
         ropes = [self._rope(it.positions) for it in items]
         neg = torch.finfo(self.dtype).min
-        masks = [torch.zeros(it.mask.shape, dtype=self.dtype).masked_fill_(~it.mask, neg)[None, None]
-                 for it in items]
+        masks = [torch.zeros(it.mask.shape, dtype=self.dtype).masked_fill_(~it.mask, neg)[None, None] for it in items]
         hd, nq, nkv = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
         for li, layer in enumerate(self.layers):
             h = rms_norm(x, layer.attn_norm, cfg.rms_eps)
@@ -273,15 +302,14 @@ class Stage:
             outs = []
             row = 0
             for it, t, (cos, sin), m in zip(items, sizes, ropes, masks):
-                part = qkv[row:row + t]
+                part = qkv[row : row + t]
                 row += t
                 q = part[:, : nq * hd].view(t, nq, hd).transpose(0, 1)
-                k = part[:, nq * hd: (nq + nkv) * hd].view(t, nkv, hd).transpose(0, 1)
-                v = part[:, (nq + nkv) * hd:].view(t, nkv, hd).transpose(0, 1)
+                k = part[:, nq * hd : (nq + nkv) * hd].view(t, nkv, hd).transpose(0, 1)
+                v = part[:, (nq + nkv) * hd :].view(t, nkv, hd).transpose(0, 1)
                 q, k = rotate(q, cos, sin), rotate(k, cos, sin)
                 keys, values = it.cache.write(li, k, v)
-                o = F.scaled_dot_product_attention(q[None], keys[None], values[None], attn_mask=m,
-                                                   enable_gqa=nq != nkv)
+                o = F.scaled_dot_product_attention(q[None], keys[None], values[None], attn_mask=m, enable_gqa=nq != nkv)
                 outs.append(o[0].transpose(0, 1).reshape(t, nq * hd))
             attn = outs[0] if len(outs) == 1 else torch.cat(outs)
             x = x + linear(attn, layer.wo)
@@ -292,8 +320,9 @@ class Stage:
             it.cache.commit(t)
         return x
 
-    def forward_one(self, x: torch.Tensor, cache: KVCache, positions: torch.Tensor,
-                    mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward_one(
+        self, x: torch.Tensor, cache: KVCache, positions: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Single-request forward; a missing mask means causal over the new rows."""
         t = x.shape[0]
         if mask is None:
@@ -302,8 +331,13 @@ class Stage:
 
     # ---- measurement --------------------------------------------------------------------
     @torch.inference_mode()
-    def cost_curve(self, sizes: Sequence[int] = (1, 2, 4, 8, 16, 32, 64), context: int = 128,
-                   repeats: int = 3, with_head: bool = False) -> dict[int, float]:
+    def cost_curve(
+        self,
+        sizes: Sequence[int] = (1, 2, 4, 8, 16, 32, 64),
+        context: int = 128,
+        repeats: int = 3,
+        with_head: bool = False,
+    ) -> dict[int, float]:
         """Seconds for one forward over T new tokens after ``context`` cached ones (median of repeats).
 
         The tree budget is chosen from this curve: on a flat (GPU) curve big trees are free, on a

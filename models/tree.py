@@ -31,8 +31,7 @@ class Tree:
         return cls([int(token)], [-1], [0.0], [0], [[]])
 
     @classmethod
-    def from_parents(cls, tokens: Sequence[int], parents: Sequence[int],
-                     scores: Sequence[float] | None = None) -> Tree:
+    def from_parents(cls, tokens: Sequence[int], parents: Sequence[int], scores: Sequence[float] | None = None) -> Tree:
         """Rebuild a tree from the wire form (tokens + parent pointers); parents must precede children."""
         t = cls.root(tokens[0])
         t.scores[0] = float(scores[0]) if scores is not None else 0.0
@@ -164,8 +163,9 @@ class Tree:
         return torch.tensor([base + self.depth[i] for i in nodes], dtype=torch.long)
 
 
-def grow_tree(root_token: int, expand: Expand, *, top_k: int, depth: int, max_nodes: int,
-              keep: int | None = None) -> Tree:
+def grow_tree(
+    root_token: int, expand: Expand, *, top_k: int, depth: int, max_nodes: int, keep: int | None = None
+) -> Tree:
     """EAGLE-2 style expansion: at each level expand the ``top_k`` best frontier nodes by cumulative
     log-prob, each into its ``top_k`` best children, until ``depth`` levels or ``max_nodes`` nodes.
 
@@ -211,6 +211,6 @@ def split_segments(order: Sequence[int], k: int, sizes: Sequence[int] | None = N
         raise ValueError(f"segment sizes {list(sizes)} do not cover {len(order)} nodes")
     out, start = [], 0
     for s in sizes:
-        out.append(order[start:start + s])
+        out.append(order[start : start + s])
         start += s
     return [seg for seg in out if seg]

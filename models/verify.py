@@ -50,8 +50,9 @@ def sample_token(logits: torch.Tensor, sampling: Sampling, gen: torch.Generator 
     return int(torch.multinomial(target_probs(logits, sampling), 1, generator=gen))
 
 
-def decide(tree: Tree, node: int, logits: torch.Tensor, sampling: Sampling,
-           gen: torch.Generator | None) -> tuple[int | None, int]:
+def decide(
+    tree: Tree, node: int, logits: torch.Tensor, sampling: Sampling, gen: torch.Generator | None
+) -> tuple[int | None, int]:
     """The target's choice after ``node``: (accepted child or None, its token)."""
     if sampling.greedy:
         tok = int(logits.argmax())
@@ -86,8 +87,13 @@ class Walk:
         return len(self.path) - 1
 
 
-def advance(walk: Walk, tree: Tree, logits_of: Callable[[int], torch.Tensor | None], sampling: Sampling,
-            gen: torch.Generator | None) -> list[int]:
+def advance(
+    walk: Walk,
+    tree: Tree,
+    logits_of: Callable[[int], torch.Tensor | None],
+    sampling: Sampling,
+    gen: torch.Generator | None,
+) -> list[int]:
     """Decide as far as available logits allow; return the tokens newly accepted (bonus included)."""
     out: list[int] = []
     while not walk.done:
@@ -104,8 +110,9 @@ def advance(walk: Walk, tree: Tree, logits_of: Callable[[int], torch.Tensor | No
     return out
 
 
-def verify(tree: Tree, logits: torch.Tensor, sampling: Sampling,
-           gen: torch.Generator | None = None) -> tuple[list[int], list[int]]:
+def verify(
+    tree: Tree, logits: torch.Tensor, sampling: Sampling, gen: torch.Generator | None = None
+) -> tuple[list[int], list[int]]:
     """One-shot verification when every node's logits are at hand (row i = node i).
 
     Returns the accepted node path (root first) and the emitted tokens (accepted + bonus).

@@ -12,6 +12,7 @@ from support import FakeRuntime, make_tiny_checkpoint, serve
 
 torch.set_num_threads(2)
 
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
     return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny_llama"))

@@ -39,17 +39,28 @@ def prompts(n_per_category: int, categories: int | None = None) -> list[dict]:
     return out
 
 
-TINY = dict(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5, initializer_range=0.15)
+TINY = dict(
+    vocab_size=64,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-5,
+    initializer_range=0.15,
+)
 
 
 def make_tiny_checkpoint(path: Path, arch: str = "llama", seed: int = 0, **overrides) -> Path:
     """Write a random HF checkpoint (config.json + model.safetensors) and return its directory."""
     import transformers
 
-    cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-           "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
-           "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM)}[arch]
+    cls = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+    }[arch]
     cfg = cls[0](**{**TINY, **overrides})
     torch.manual_seed(seed)
     model = cls[1](cfg).eval()
@@ -89,7 +100,7 @@ class FakeHandle:
             if rt.fail_after is not None and i >= rt.fail_after:
                 self._finish("error", "lost the link to peer b3: connection reset")
                 return
-            chunk = tokens[i:i + rt.chunk]
+            chunk = tokens[i : i + rt.chunk]
             i += len(chunk)
             self._stats.rounds += 1
             self._stats.per_round.append(len(chunk))
@@ -118,8 +129,7 @@ class FakeHandle:
 class FakeRuntime:
     """Same surface as ``meshd.serve.runtime.Runtime`` as far as the API is concerned."""
 
-    def __init__(self, tokenizer, *, reply: str = REPLY, chunk: int = 3, delay: float = 0.0,
-                 max_context: int = 2048):
+    def __init__(self, tokenizer, *, reply: str = REPLY, chunk: int = 3, delay: float = 0.0, max_context: int = 2048):
         self.tokenizer = tokenizer
         self.model_name = "SmolLM2-135M-Instruct.Q4_1"
         self.max_context = max_context
@@ -151,22 +161,54 @@ class FakeRuntime:
         return sum(1 for h in self.handles.values() if h.finish_reason is None)
 
     def status(self) -> dict:
-        return {"node_id": "a1b2c3d4e5f6a7b8", "mesh": "meshd", "model": self.model_name, "ready": not self.not_ready,
-                "reason": self.not_ready,
-                "plan": {"epoch": 3, "committed": True, "members": ["a1b2c3d4e5f6a7b8", "ffee00112233"],
-                         "stages": [{"node_id": "a1b2c3d4e5f6a7b8", "first_layer": 0, "last_layer": 14},
-                                    {"node_id": "ffee00112233", "first_layer": 15, "last_layer": 29}]},
-                "peers": [{"node_id": "ffee00112233", "address": "127.0.0.1:1", "memory_budget": 1 << 30,
-                           "compute_score": 1.0, "api_port": 1}],
-                "stage": {"first_layer": 0, "last_layer": 14, "queued_rows": 0, "sessions": self.in_flight(),
-                          "busy_seconds": 1.5, "rows_done": 10, "utilisation": 0.25},
-                "metrics": self.metrics()}
+        return {
+            "node_id": "a1b2c3d4e5f6a7b8",
+            "mesh": "meshd",
+            "model": self.model_name,
+            "ready": not self.not_ready,
+            "reason": self.not_ready,
+            "plan": {
+                "epoch": 3,
+                "committed": True,
+                "members": ["a1b2c3d4e5f6a7b8", "ffee00112233"],
+                "stages": [
+                    {"node_id": "a1b2c3d4e5f6a7b8", "first_layer": 0, "last_layer": 14},
+                    {"node_id": "ffee00112233", "first_layer": 15, "last_layer": 29},
+                ],
+            },
+            "peers": [
+                {
+                    "node_id": "ffee00112233",
+                    "address": "127.0.0.1:1",
+                    "memory_budget": 1 << 30,
+                    "compute_score": 1.0,
+                    "api_port": 1,
+                }
+            ],
+            "stage": {
+                "first_layer": 0,
+                "last_layer": 14,
+                "queued_rows": 0,
+                "sessions": self.in_flight(),
+                "busy_seconds": 1.5,
+                "rows_done": 10,
+                "utilisation": 0.25,
+            },
+            "metrics": self.metrics(),
+        }
 
     def metrics(self) -> dict:
-        return {"requests_total": len(self.submitted), "requests_in_flight": self.in_flight(),
-                "tokens_total": 42, "tokens_per_second": 12.5, "accepted_per_round": 2.75,
-                "stage_utilisation": {"stage=0,node=a1b2": 0.25}, "stage_queue_rows": 0,
-                "stage_sessions": self.in_flight(), "requests_failed_total": 0}
+        return {
+            "requests_total": len(self.submitted),
+            "requests_in_flight": self.in_flight(),
+            "tokens_total": 42,
+            "tokens_per_second": 12.5,
+            "accepted_per_round": 2.75,
+            "stage_utilisation": {"stage=0,node=a1b2": 0.25},
+            "stage_queue_rows": 0,
+            "stage_sessions": self.in_flight(),
+            "requests_failed_total": 0,
+        }
 
 
 def free_port() -> int:

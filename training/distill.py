@@ -117,7 +117,7 @@ class BatchDecoder:
         cache = st.new_cache(p)
         feats = []
         for s in range(0, p, 512):
-            ids = torch.tensor(prompt[s:s + 512])
+            ids = torch.tensor(prompt[s : s + 512])
             feats.append(st.final_norm(st.forward_one(st.embed(ids), cache, torch.arange(s, s + len(ids)))))
         self.k[:, slot, :, :p] = cache.k[:, :, :p]
         self.v[:, slot, :, :p] = cache.v[:, :, :p]
@@ -138,16 +138,17 @@ class BatchDecoder:
         cos, sin = cos[:, None, :], sin[:, None, :]
         # attend over the whole (contiguous) width: slicing to the longest slot costs a copy per layer
         allowed = torch.arange(self.width)[None, :] <= pos[:, None]
-        mask = torch.zeros(n, 1, 1, self.width, dtype=st.dtype).masked_fill_(~allowed[:, None, None, :],
-                                                                             torch.finfo(st.dtype).min)
+        mask = torch.zeros(n, 1, 1, self.width, dtype=st.dtype).masked_fill_(
+            ~allowed[:, None, None, :], torch.finfo(st.dtype).min
+        )
         scale = 1.0 / math.sqrt(d)
         x = st.embed(tokens).to(st.dtype)
         for li, layer in enumerate(st.layers):
             h = rms_norm(x, layer.attn_norm, cfg.rms_eps)
             qkv = linear(h, layer.wqkv, layer.bqkv)
             q = rotate(qkv[:, : nq * d].view(n, nq, d), cos, sin)
-            k = rotate(qkv[:, nq * d: (nq + nkv) * d].view(n, nkv, d), cos, sin)
-            v = qkv[:, (nq + nkv) * d:].view(n, nkv, d)
+            k = rotate(qkv[:, nq * d : (nq + nkv) * d].view(n, nkv, d), cos, sin)
+            v = qkv[:, (nq + nkv) * d :].view(n, nkv, d)
             self.k[li, rows, :, pos] = k
             self.v[li, rows, :, pos] = v
             # one query row per slot: plain batched matmuls beat the CPU flash kernel by far here
@@ -171,9 +172,18 @@ class Rollout:
     finish: str
 
 
-def batch_generate(stage: Stage, prompts: Sequence[tuple[str, list[int]]], *, max_new: int, slots: int = 32,
-                   temperature: float = 0.0, seed: int = 0, eos: Iterable[int] = (),
-                   on_done: Callable[[Rollout], None] | None = None, progress=None) -> list[Rollout]:
+def batch_generate(
+    stage: Stage,
+    prompts: Sequence[tuple[str, list[int]]],
+    *,
+    max_new: int,
+    slots: int = 32,
+    temperature: float = 0.0,
+    seed: int = 0,
+    eos: Iterable[int] = (),
+    on_done: Callable[[Rollout], None] | None = None,
+    progress=None,
+) -> list[Rollout]:
     """Answer every prompt (greedy or sampled), refilling slots as sequences finish."""
     eos = set(eos)
     if not prompts:
@@ -228,7 +238,7 @@ def batch_generate(stage: Stage, prompts: Sequence[tuple[str, list[int]]], *, ma
         for b, s in enumerate(state):
             if s is None:
                 continue
-            s["feats"].append(keep(feats[b:b + 1]))
+            s["feats"].append(keep(feats[b : b + 1]))
             s["tokens"].append(nxt[b])
             s["new"] += 1
             if nxt[b] in eos or s["new"] >= max_new:
@@ -245,8 +255,11 @@ class DataStore:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.meta_path = self.root / "progress.json"
-        self.meta = json.loads(self.meta_path.read_text()) if self.meta_path.is_file() else {
-            "done": [], "shards": [], "answer_tokens": 0, "prompt_tokens": 0, "sequences": 0, "gen_seconds": 0.0}
+        self.meta = (
+            json.loads(self.meta_path.read_text())
+            if self.meta_path.is_file()
+            else {"done": [], "shards": [], "answer_tokens": 0, "prompt_tokens": 0, "sequences": 0, "gen_seconds": 0.0}
+        )
         self._buf: list[Rollout] = []
 
     @property
@@ -288,15 +301,26 @@ class DataStore:
             sd = load_file(str(self.root / name))
             t0 = f0 = 0
             for n, p in zip(sd["lens"].tolist(), sd["prompt_lens"].tolist()):
-                out.append((sd["tokens"][t0:t0 + n].long(), sd["feats"][f0:f0 + n - 1], p))
+                out.append((sd["tokens"][t0 : t0 + n].long(), sd["feats"][f0 : f0 + n - 1], p))
                 t0 += n
                 f0 += n - 1
         return out
 
 
-def generate_data(stage: Stage, tok, store: DataStore, prompts: list[tuple[str, str]], *, target_tokens: int,
-                  max_new: int, slots: int, seed: int, eos: Sequence[int], chunk: int = 144,
-                  max_prompt: int = 1024) -> None:
+def generate_data(
+    stage: Stage,
+    tok,
+    store: DataStore,
+    prompts: list[tuple[str, str]],
+    *,
+    target_tokens: int,
+    max_new: int,
+    slots: int,
+    seed: int,
+    eos: Sequence[int],
+    chunk: int = 144,
+    max_prompt: int = 1024,
+) -> None:
     """Answer prompts until ``target_tokens`` answer tokens are stored (resumable)."""
     from tqdm import tqdm
 
@@ -311,7 +335,7 @@ def generate_data(stage: Stage, tok, store: DataStore, prompts: list[tuple[str, 
                 todo.append((key, ids))
     # chunks of similar prompt length keep the padded width tight; their order is shuffled
     todo.sort(key=lambda p: (len(p[1]), p[0]))
-    chunks = [todo[i:i + chunk] for i in range(0, len(todo), chunk)]
+    chunks = [todo[i : i + chunk] for i in range(0, len(todo), chunk)]
     random.Random(seed).shuffle(chunks)
     have = store.meta["answer_tokens"]
     if have >= target_tokens or not todo:
@@ -333,13 +357,16 @@ def generate_data(stage: Stage, tok, store: DataStore, prompts: list[tuple[str, 
                     store.flush(now - last[0])
                     last[0] = now
 
-            batch_generate(stage, group, max_new=max_new, slots=slots, seed=seed + ci, eos=eos,
-                           on_done=on_done, progress=bar)
+            batch_generate(
+                stage, group, max_new=max_new, slots=slots, seed=seed + ci, eos=eos, on_done=on_done, progress=bar
+            )
             store.flush(time.perf_counter() - last[0])
     finally:
         bar.close()
-    log(f"generation: {store.meta['answer_tokens']} answer + {store.meta['prompt_tokens']} prompt tokens in "
-        f"{store.meta['sequences']} sequences ({store.meta['gen_seconds']:.0f} s)")
+    log(
+        f"generation: {store.meta['answer_tokens']} answer + {store.meta['prompt_tokens']} prompt tokens in "
+        f"{store.meta['sequences']} sequences ({store.meta['gen_seconds']:.0f} s)"
+    )
 
 
 # ---- training --------------------------------------------------------------------------------
@@ -379,7 +406,7 @@ def make_batches(seqs, tc: TrainConfig, epoch: int) -> list[list[int]]:
     rng.shuffle(order)
     batches = []
     for start in range(0, len(order), 256):  # sort within pools so padding stays small
-        pool = sorted(order[start:start + 256], key=lambda i: min(len(seqs[i][0]), tc.max_len))
+        pool = sorted(order[start : start + 256], key=lambda i: min(len(seqs[i][0]), tc.max_len))
         cur: list[int] = []
         longest = 0
         for i in pool:
@@ -412,17 +439,18 @@ def collate(seqs, idx: list[int], tc: TrainConfig):
     w = torch.zeros(b, t)
     for j, (toks, feats, plen) in enumerate(items):
         r = len(toks) - 2
-        nxt[j, :r] = toks[1:r + 1]
+        nxt[j, :r] = toks[1 : r + 1]
         fin[j, :r] = feats[:r].float()
-        ftg[j, :r] = feats[1:r + 1].float()
+        ftg[j, :r] = feats[1 : r + 1].float()
         # a row predicts the token after position t+1; answer positions start at plen - 1
         w[j, :r] = tc.prompt_weight
-        w[j, max(0, plen - 2):r] = 1.0
+        w[j, max(0, plen - 2) : r] = 1.0
     return nxt, fin, ftg, w
 
 
-def train_head(head, target: Stage, seqs, tc: TrainConfig, ckpt: Path, *, lm_rows: torch.Tensor,
-               log_every: int = 20) -> dict:
+def train_head(
+    head, target: Stage, seqs, tc: TrainConfig, ckpt: Path, *, lm_rows: torch.Tensor, log_every: int = 20
+) -> dict:
     """Train ``head`` in place; resumes from ``ckpt``; returns the loss history and timing."""
     from tqdm import tqdm
 
@@ -521,7 +549,7 @@ def simulate(drafter, r: Rollout, *, top_k: int, depth: int, pool: int, nodes: i
     a drafted child is accepted iff it is the token the target emits.
     """
     plen = r.prompt_len
-    ctx = list(r.tokens[:plen + 1])
+    ctx = list(r.tokens[: plen + 1])
     drafter.reset(list(r.tokens[:plen]))
     drafter.accept(ctx, r.feats[:plen])
     per_round = []
@@ -537,22 +565,33 @@ def simulate(drafter, r: Rollout, *, top_k: int, depth: int, pool: int, nodes: i
             node, a = c, a + 1
         emitted = min(a + 1, total - len(ctx))
         base = len(ctx) - 1
-        ctx = list(r.tokens[:len(ctx) + emitted])
+        ctx = list(r.tokens[: len(ctx) + emitted])
         per_round.append(emitted)
-        drafter.accept(ctx, r.feats[base:len(ctx) - 1])
+        drafter.accept(ctx, r.feats[base : len(ctx) - 1])
     return per_round
 
 
-def held_out_rollouts(stage: Stage, tok, questions: list[dict], *, max_new: int, temperature: float, seed: int,
-                      eos: Sequence[int], slots: int, cache: Path | None = None) -> list[Rollout]:
+def held_out_rollouts(
+    stage: Stage,
+    tok,
+    questions: list[dict],
+    *,
+    max_new: int,
+    temperature: float,
+    seed: int,
+    eos: Sequence[int],
+    slots: int,
+    cache: Path | None = None,
+) -> list[Rollout]:
     """Reference continuations of held-out questions (cached on disk: evaluation, never training)."""
     from models.text import encode_messages
 
     if cache is not None and cache.is_file():
         saved = torch.load(str(cache), map_location="cpu", weights_only=False)
         return [Rollout(**d) for d in saved]
-    prompts = [(str(q["question_id"]), encode_messages(tok, [{"role": "user", "content": q["turns"][0]}]))
-               for q in questions]
+    prompts = [
+        (str(q["question_id"]), encode_messages(tok, [{"role": "user", "content": q["turns"][0]}])) for q in questions
+    ]
     rolls = batch_generate(stage, prompts, max_new=max_new, slots=slots, temperature=temperature, seed=seed, eos=eos)
     order = {k: i for i, (k, _) in enumerate(prompts)}
     rolls.sort(key=lambda r: order[r.key])
@@ -562,14 +601,17 @@ def held_out_rollouts(stage: Stage, tok, questions: list[dict], *, max_new: int,
     return rolls
 
 
-DRAFT_SETTINGS = {"chain": dict(top_k=1, depth=8, pool=8, nodes=8),
-                  "tree16": dict(top_k=8, depth=8, pool=128, nodes=16),
-                  "tree32": dict(top_k=8, depth=8, pool=128, nodes=32),
-                  "tree64": dict(top_k=8, depth=10, pool=160, nodes=64)}
+DRAFT_SETTINGS = {
+    "chain": dict(top_k=1, depth=8, pool=8, nodes=8),
+    "tree16": dict(top_k=8, depth=8, pool=128, nodes=16),
+    "tree32": dict(top_k=8, depth=8, pool=128, nodes=32),
+    "tree64": dict(top_k=8, depth=10, pool=160, nodes=64),
+}
 
 
-def evaluate_acceptance(drafters: dict, rolls: list[Rollout], categories: dict[str, str],
-                        settings: Sequence[str] = tuple(DRAFT_SETTINGS)) -> dict:
+def evaluate_acceptance(
+    drafters: dict, rolls: list[Rollout], categories: dict[str, str], settings: Sequence[str] = tuple(DRAFT_SETTINGS)
+) -> dict:
     """Mean tokens per round, overall and per category, for each drafter x tree setting."""
     out: dict = {}
     for dname, drafter in drafters.items():
@@ -581,19 +623,38 @@ def evaluate_acceptance(drafters: dict, rolls: list[Rollout], categories: dict[s
                 per_cat.setdefault(categories[r.key], []).extend(rounds)
             allr = [x for v in per_cat.values() for x in v]
             out[f"{dname}/{sname}"] = {
-                "mean_accepted": round(sum(allr) / max(len(allr), 1), 3), "rounds": len(allr),
+                "mean_accepted": round(sum(allr) / max(len(allr), 1), 3),
+                "rounds": len(allr),
                 "draft_seconds": round(time.perf_counter() - t0, 2),
-                "per_category": {c: round(sum(v) / len(v), 3) for c, v in sorted(per_cat.items())}}
+                "per_category": {c: round(sum(v) / len(v), 3) for c, v in sorted(per_cat.items())},
+            }
             log(f"eval {dname}/{sname}: {out[f'{dname}/{sname}']['mean_accepted']}")
     return out
 
 
 # ---- the command -----------------------------------------------------------------------------
-def train_draft(*, model: str = "default", out: str | Path, prompts: Sequence[str] = (), tokens: int = 200_000,
-                epochs: int = 3, seed: int = 0, work: str | Path | None = None, slots: int = 48, max_new: int = 256,
-                dtype: str = "auto", vocab: int = 8192, steps: int = 3, lr: float = 1e-3,
-                eval_per_category: int = 3, eval_tokens: int = 128, batch_tokens: int = 4096,
-                max_len: int = 1024, generate_only: bool = False, command: str | None = None) -> dict:
+def train_draft(
+    *,
+    model: str = "default",
+    out: str | Path,
+    prompts: Sequence[str] = (),
+    tokens: int = 200_000,
+    epochs: int = 3,
+    seed: int = 0,
+    work: str | Path | None = None,
+    slots: int = 48,
+    max_new: int = 256,
+    dtype: str = "auto",
+    vocab: int = 8192,
+    steps: int = 3,
+    lr: float = 1e-3,
+    eval_per_category: int = 3,
+    eval_tokens: int = 128,
+    batch_tokens: int = 4096,
+    max_len: int = 1024,
+    generate_only: bool = False,
+    command: str | None = None,
+) -> dict:
     """``meshd train-draft``: generate (resumable), train (resumable), evaluate, write the head + report."""
     from models.eagle import EagleDrafter, EagleHead, HeadConfig, save_head
     from models.source import ModelSource
@@ -612,8 +673,9 @@ def train_draft(*, model: str = "default", out: str | Path, prompts: Sequence[st
     store = DataStore(work / "data")
 
     all_prompts = training_prompts(prompts)
-    generate_data(target, tok, store, all_prompts, target_tokens=tokens, max_new=max_new, slots=slots, seed=seed,
-                  eos=eos)
+    generate_data(
+        target, tok, store, all_prompts, target_tokens=tokens, max_new=max_new, slots=slots, seed=seed, eos=eos
+    )
     if generate_only:
         return {"data": store.meta}
     seqs = store.sequences()
@@ -633,14 +695,27 @@ def train_draft(*, model: str = "default", out: str | Path, prompts: Sequence[st
     state = train_head(head, target, seqs, tc, work / "train.ckpt", lm_rows=lm_rows)
 
     report = {
-        "command": command, "target": src.name, "target_fingerprint": fp, "dtype": str(target.dtype),
-        "data": {"sequences": len(seqs), "answer_tokens": store.meta["answer_tokens"],
-                 "prompt_tokens": store.meta["prompt_tokens"], "generation_seconds": store.meta["gen_seconds"],
-                 "max_new_tokens": max_new, "prompt_sources": sorted({k.split(":")[0] for k, _ in all_prompts}),
-                 "held_out_rule": "Spec-Bench question_id % 4 == 0 is never trained on"},
+        "command": command,
+        "target": src.name,
+        "target_fingerprint": fp,
+        "dtype": str(target.dtype),
+        "data": {
+            "sequences": len(seqs),
+            "answer_tokens": store.meta["answer_tokens"],
+            "prompt_tokens": store.meta["prompt_tokens"],
+            "generation_seconds": store.meta["gen_seconds"],
+            "max_new_tokens": max_new,
+            "prompt_sources": sorted({k.split(":")[0] for k, _ in all_prompts}),
+            "held_out_rule": "Spec-Bench question_id % 4 == 0 is never trained on",
+        },
         "head": {"params": head.param_count(), "draft_vocab": len(ids), "vocab_coverage": round(coverage, 4)},
-        "training": {"epochs": epochs, "batches": state["step"], "seconds": round(state["seconds"], 1),
-                     "config": {k: v for k, v in tc.__dict__.items()}, "loss_curve": state["history"]},
+        "training": {
+            "epochs": epochs,
+            "batches": state["step"],
+            "seconds": round(state["seconds"], 1),
+            "config": {k: v for k, v in tc.__dict__.items()},
+            "loss_curve": state["history"],
+        },
     }
     save_head(head, out, report)
 
@@ -650,21 +725,45 @@ def train_draft(*, model: str = "default", out: str | Path, prompts: Sequence[st
 
         questions = held_out_questions(eval_per_category)
         cats = {str(q["question_id"]): q["category"] for q in questions}
-        rolls = held_out_rollouts(target, tok, questions, max_new=eval_tokens, temperature=0.0, seed=seed, eos=eos,
-                                  slots=slots, cache=work / f"heldout-{eval_per_category}-{eval_tokens}-t0-{dtype}.pt")
+        rolls = held_out_rollouts(
+            target,
+            tok,
+            questions,
+            max_new=eval_tokens,
+            temperature=0.0,
+            seed=seed,
+            eos=eos,
+            slots=slots,
+            cache=work / f"heldout-{eval_per_category}-{eval_tokens}-t0-{dtype}.pt",
+        )
         drafter = EagleDrafter(load_head(out, target.cfg, fp), target)
-        res = evaluate_acceptance({"eagle": drafter, "ngram": NGramDrafter()}, rolls, cats,
-                                  settings=("chain", "tree32"))
-        report["held_out"] = {"questions": len(questions), "new_tokens": eval_tokens, "temperature": 0.0,
-                              "method": "replay of the target's greedy rollouts (exact acceptance)", "results": res}
+        res = evaluate_acceptance(
+            {"eagle": drafter, "ngram": NGramDrafter()}, rolls, cats, settings=("chain", "tree32")
+        )
+        report["held_out"] = {
+            "questions": len(questions),
+            "new_tokens": eval_tokens,
+            "temperature": 0.0,
+            "method": "replay of the target's greedy rollouts (exact acceptance)",
+            "results": res,
+        }
     report["total_seconds"] = round(time.perf_counter() - t_start, 1)
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     log(f"wrote {out} ({sum(f.stat().st_size for f in out.iterdir() if f.is_file()) / 1e6:.1f} MB)")
     return report
 
 
-def engine_speed(target: Stage, source, tok, questions: list[dict], drafters: dict, *, max_new: int = 128,
-                 temperature: float = 0.0, seed: int = 0) -> dict:
+def engine_speed(
+    target: Stage,
+    source,
+    tok,
+    questions: list[dict],
+    drafters: dict,
+    *,
+    max_new: int = 128,
+    temperature: float = 0.0,
+    seed: int = 0,
+) -> dict:
     """Tokens/s and tokens/round through the real engine, modes interleaved per prompt (same machine, same run)."""
     from models.budget import CostCurve, TreeBudget
     from models.engine import generate
@@ -680,9 +779,17 @@ def engine_speed(target: Stage, source, tok, questions: list[dict], drafters: di
     for qi, q in enumerate(questions):
         prompt = encode_messages(tok, [{"role": "user", "content": q["turns"][0]}])
         for m, d in modes.items():
-            res = generate(target, prompt, max_new_tokens=max_new, mode="ar" if d is None else "spec", drafter=d,
-                           sampling=Sampling(temperature), seed=seed + qi, eos_ids=eos,
-                           budget=None if d is None else TreeBudget(curve))
+            res = generate(
+                target,
+                prompt,
+                max_new_tokens=max_new,
+                mode="ar" if d is None else "spec",
+                drafter=d,
+                sampling=Sampling(temperature),
+                seed=seed + qi,
+                eos_ids=eos,
+                budget=None if d is None else TreeBudget(curve),
+            )
             a = acc[m]
             a["tokens"] += res.stats.new_tokens
             a["seconds"] += res.stats.seconds
@@ -691,15 +798,24 @@ def engine_speed(target: Stage, source, tok, questions: list[dict], drafters: di
             a["verified"] += res.stats.verified_nodes
     out = {}
     for m, a in acc.items():
-        out[m] = {"tokens_per_s": round(a["tokens"] / a["seconds"], 2),
-                  "mean_accepted": round(a["round_tokens"] / a["rounds"], 3),
-                  "mean_verified_nodes": round(a["verified"] / a["rounds"], 1) if m != "ar" else 1.0,
-                  "tokens": a["tokens"], "seconds": round(a["seconds"], 1)}
+        out[m] = {
+            "tokens_per_s": round(a["tokens"] / a["seconds"], 2),
+            "mean_accepted": round(a["round_tokens"] / a["rounds"], 3),
+            "mean_verified_nodes": round(a["verified"] / a["rounds"], 1) if m != "ar" else 1.0,
+            "tokens": a["tokens"],
+            "seconds": round(a["seconds"], 1),
+        }
     base = out["ar"]["tokens_per_s"]
     for m in out:
         out[m]["speedup_vs_ar"] = round(out[m]["tokens_per_s"] / base, 3)
-    return {"dtype": str(target.dtype), "questions": len(questions), "max_new": max_new, "temperature": temperature,
-            "cost_curve_ms": {t: round(s * 1e3, 2) for t, s in curve.to_dict().items()}, "modes": out}
+    return {
+        "dtype": str(target.dtype),
+        "questions": len(questions),
+        "max_new": max_new,
+        "temperature": temperature,
+        "cost_curve_ms": {t: round(s * 1e3, 2) for t, s in curve.to_dict().items()},
+        "modes": out,
+    }
 
 
 def evaluate_main(argv: Sequence[str] | None = None) -> dict:
@@ -740,8 +856,17 @@ def evaluate_main(argv: Sequence[str] | None = None) -> dict:
             continue
         qs = held_out_questions(per)
         cats = {str(q["question_id"]): q["category"] for q in qs}
-        rolls = held_out_rollouts(target, tok, qs, max_new=a.max_new, temperature=temp, seed=0, eos=eos,
-                                  slots=a.slots, cache=work / f"heldout-{per}-{a.max_new}-t{temp:g}-{a.dtype}.pt")
+        rolls = held_out_rollouts(
+            target,
+            tok,
+            qs,
+            max_new=a.max_new,
+            temperature=temp,
+            seed=0,
+            eos=eos,
+            slots=a.slots,
+            cache=work / f"heldout-{per}-{a.max_new}-t{temp:g}-{a.dtype}.pt",
+        )
         log(f"held-out rollouts T={temp:g}: {len(rolls)} prompts")
         chosen = {k: v for k, v in drafters.items() if k in a.drafters.split(",")}
         res = evaluate_acceptance(chosen, rolls, cats, settings=a.settings.split(","))
@@ -749,10 +874,18 @@ def evaluate_main(argv: Sequence[str] | None = None) -> dict:
         Path(a.out).write_text(json.dumps(report, indent=1) + "\n")
     if a.speed_per_category > 0:
         qs = held_out_questions(a.speed_per_category)
-        report["engine_speed_T0"] = engine_speed(target, src, tok, qs, {"ngram": NGramDrafter(), "eagle": eagle.fresh(),
-                                                                        "eagle+ngram": MergedDrafter(
-                                                                            [eagle.fresh(), NGramDrafter()])},
-                                                 max_new=a.max_new)
+        report["engine_speed_T0"] = engine_speed(
+            target,
+            src,
+            tok,
+            qs,
+            {
+                "ngram": NGramDrafter(),
+                "eagle": eagle.fresh(),
+                "eagle+ngram": MergedDrafter([eagle.fresh(), NGramDrafter()]),
+            },
+            max_new=a.max_new,
+        )
         log(f"engine speed: {json.dumps(report['engine_speed_T0']['modes'])}")
     Path(a.out).write_text(json.dumps(report, indent=1) + "\n")
     return report

@@ -24,8 +24,9 @@ speculative-decoding statistics), /help, /quit (or Ctrl-D)"""
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--peer", default=None, metavar="URL",
-                   help=f"daemon to talk to (default: $MESHD_PEER or {default_peer()})")
+    p.add_argument(
+        "--peer", default=None, metavar="URL", help=f"daemon to talk to (default: $MESHD_PEER or {default_peer()})"
+    )
     p.add_argument("--api-key", default=None, help="bearer token if the daemon has one (default: $MESHD_API_KEY)")
 
 
@@ -48,9 +49,12 @@ def add_commands(sub: Any) -> None:
     q.add_argument("--temperature", type=float, default=0.0)
     q.add_argument("--top-p", type=float, default=None)
     q.add_argument("--seed", type=int, default=None)
-    q.add_argument("--json", action="store_true",
-                   help="print one JSON object: text, token_ids, new_tokens, rounds, mean_accepted, seconds, "
-                        "tokens_per_s (as `meshd generate --json`)")
+    q.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object: text, token_ids, new_tokens, rounds, mean_accepted, seconds, "
+        "tokens_per_s (as `meshd generate --json`)",
+    )
     q.set_defaults(func=cmd_query)
 
     s = sub.add_parser("status", help="show the mesh, its plan and each peer's layers and health")
@@ -84,10 +88,12 @@ def _stats_line(reply: Reply) -> str:
     st = reply.stats
     if not st:
         return "no statistics (the daemon sent none)"
-    return (f"[{st.get('mode')}] {st.get('new_tokens')} tokens in {st.get('seconds', 0):.2f}s "
-            f"({st.get('tokens_per_s', 0):.1f} tok/s), {st.get('rounds')} rounds, "
-            f"{st.get('mean_accepted', 0):.2f} tokens/round, {st.get('target_forwards')} target forwards, "
-            f"finish: {reply.finish_reason}")
+    return (
+        f"[{st.get('mode')}] {st.get('new_tokens')} tokens in {st.get('seconds', 0):.2f}s "
+        f"({st.get('tokens_per_s', 0):.1f} tok/s), {st.get('rounds')} rounds, "
+        f"{st.get('mean_accepted', 0):.2f} tokens/round, {st.get('target_forwards')} target forwards, "
+        f"finish: {reply.finish_reason}"
+    )
 
 
 # ---- query --------------------------------------------------------------------------------
@@ -97,8 +103,13 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 async def _query(args: argparse.Namespace) -> int:
     messages = [{"role": "user", "content": args.prompt}]
-    params = {"mode": args.mode, "max_tokens": args.max_tokens, "temperature": args.temperature,
-              "top_p": args.top_p, "seed": args.seed}
+    params = {
+        "mode": args.mode,
+        "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "seed": args.seed,
+    }
     async with _client(args) as client:
         if args.json:
             reply = await client.chat(messages, **params)
@@ -201,8 +212,10 @@ async def chat_loop(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> 
     async with _client(args) as client:
         if interactive:
             ok, why = await client.health()
-            say(f"meshd chat with {client.url} ({'ready' if ok else 'not ready: ' + why}); mode {mode}. "
-                "Type /help for commands.")
+            say(
+                f"meshd chat with {client.url} ({'ready' if ok else 'not ready: ' + why}); mode {mode}. "
+                "Type /help for commands."
+            )
         while True:
             line = await _readline(stdin, "> " if interactive else None)
             if not line:  # EOF
@@ -238,8 +251,9 @@ async def chat_loop(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> 
             history.append({"role": "user", "content": text})
             reply = Reply()
             try:
-                async for delta in client.stream_chat(history, reply, mode=mode, max_tokens=args.max_tokens,
-                                                      temperature=args.temperature, seed=args.seed):
+                async for delta in client.stream_chat(
+                    history, reply, mode=mode, max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed
+                ):
                     stdout.write(delta)
                     stdout.flush()
             except ClientError as exc:

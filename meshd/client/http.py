@@ -61,11 +61,19 @@ class Reply:
     def as_generate_json(self) -> dict[str, Any]:
         """The fields ``meshd generate --json`` prints, so scripts can use either command."""
         st = self.stats
-        return {"text": self.text, "token_ids": st.get("token_ids", []), "new_tokens": st.get("new_tokens", 0),
-                "rounds": st.get("rounds", 0), "mean_accepted": st.get("mean_accepted", 0.0),
-                "target_forwards": st.get("target_forwards", 0), "seconds": st.get("seconds", 0.0),
-                "tokens_per_s": st.get("tokens_per_s", 0.0), "finish_reason": self.finish_reason,
-                "mode": st.get("mode"), "prompt_tokens": self.usage.get("prompt_tokens")}
+        return {
+            "text": self.text,
+            "token_ids": st.get("token_ids", []),
+            "new_tokens": st.get("new_tokens", 0),
+            "rounds": st.get("rounds", 0),
+            "mean_accepted": st.get("mean_accepted", 0.0),
+            "target_forwards": st.get("target_forwards", 0),
+            "seconds": st.get("seconds", 0.0),
+            "tokens_per_s": st.get("tokens_per_s", 0.0),
+            "finish_reason": self.finish_reason,
+            "mode": st.get("mode"),
+            "prompt_tokens": self.usage.get("prompt_tokens"),
+        }
 
 
 class Client:
@@ -147,8 +155,12 @@ class Client:
         except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
             raise self._unreachable(exc) from None
         choice = data["choices"][0]
-        return Reply(choice["message"]["content"] or "", choice.get("finish_reason"), data.get("usage") or {},
-                     data.get("meshd") or {})
+        return Reply(
+            choice["message"]["content"] or "",
+            choice.get("finish_reason"),
+            data.get("usage") or {},
+            data.get("meshd") or {},
+        )
 
     async def stream_chat(self, messages: list[dict[str, str]], reply: Reply, **params: Any) -> AsyncIterator[str]:
         """Yield text deltas as the daemon accepts tokens; ``reply`` is filled in as the stream ends."""

@@ -49,8 +49,10 @@ def render(url: str, status: dict[str, Any], health: dict[str, str] | None = Non
             who = "this node" if nid == me else (peers.get(nid, {}).get("address") or "address unknown")
             first, last = s.get("first_layer"), s.get("last_layer")
             n = (last - first + 1) if isinstance(first, int) and isinstance(last, int) else "?"
-            lines.append(f"  {i + 1}. {_short(nid):12}  layers {first!s:>3}-{last!s:<3} ({n} layers)  {who}"
-                         + (f"  [{health[nid]}]" if nid in health else ""))
+            lines.append(
+                f"  {i + 1}. {_short(nid):12}  layers {first!s:>3}-{last!s:<3} ({n} layers)  {who}"
+                + (f"  [{health[nid]}]" if nid in health else "")
+            )
     if status.get("plan_error") and plan:
         lines.append(f"plan error: {status['plan_error']}")
 
@@ -58,18 +60,24 @@ def render(url: str, status: dict[str, Any], health: dict[str, str] | None = Non
     if peers:
         lines.append(f"  {'node':12}  {'address':22}  {'memory':>10}  {'compute':>7}  health")
         for nid, p in sorted(peers.items(), key=lambda kv: str(kv[0])):
-            lines.append(f"  {_short(nid):12}  {p.get('address') or '-':22}  {_size(p.get('memory_budget')):>10}  "
-                         f"{_num(p.get('compute_score')):>7}  {health.get(nid, '-')}")
+            lines.append(
+                f"  {_short(nid):12}  {p.get('address') or '-':22}  {_size(p.get('memory_budget')):>10}  "
+                f"{_num(p.get('compute_score')):>7}  {health.get(nid, '-')}"
+            )
 
     st = status.get("stage")
     if st:
-        lines.append(f"stage   this node computes layers {st.get('first_layer')}-{st.get('last_layer')}: "
-                     f"{st.get('sessions', 0)} session(s), {st.get('queued_rows', 0)} queued row(s), "
-                     f"utilisation {_num((st.get('utilisation') or 0) * 100, '{:.1f}')}%")
+        lines.append(
+            f"stage   this node computes layers {st.get('first_layer')}-{st.get('last_layer')}: "
+            f"{st.get('sessions', 0)} session(s), {st.get('queued_rows', 0)} queued row(s), "
+            f"utilisation {_num((st.get('utilisation') or 0) * 100, '{:.1f}')}%"
+        )
     m = status.get("metrics") or {}
     if m:
-        lines.append(f"load    {m.get('requests_in_flight', 0)} request(s) in flight, {m.get('requests_total', 0)} "
-                     f"total, {m.get('requests_failed_total', 0)} failed; "
-                     f"{_num(m.get('tokens_per_second'), '{:.1f}')} tokens/s, "
-                     f"{_num(m.get('accepted_per_round'))} accepted/round")
+        lines.append(
+            f"load    {m.get('requests_in_flight', 0)} request(s) in flight, {m.get('requests_total', 0)} "
+            f"total, {m.get('requests_failed_total', 0)} failed; "
+            f"{_num(m.get('tokens_per_second'), '{:.1f}')} tokens/s, "
+            f"{_num(m.get('accepted_per_round'))} accepted/round"
+        )
     return "\n".join(lines)

@@ -29,8 +29,9 @@ class Run:
     tokens_per_s: float
 
 
-def load_questions(path: Path, categories: int | Sequence[str] | None, per_category: int,
-                   held_out_only: bool = False) -> list[dict]:
+def load_questions(
+    path: Path, categories: int | Sequence[str] | None, per_category: int, held_out_only: bool = False
+) -> list[dict]:
     """The first ``per_category`` questions of each chosen category, in file order."""
     if not path.is_file():
         raise ValueError(f"{path}: Spec-Bench question file not found; pass --questions FILE")
@@ -56,8 +57,9 @@ def load_questions(path: Path, categories: int | Sequence[str] | None, per_categ
     return out
 
 
-def run_interleaved(questions: list[dict], modes: dict[str, Callable[[str], dict]],
-                    progress: Callable[[str], None] | None = None) -> list[Run]:
+def run_interleaved(
+    questions: list[dict], modes: dict[str, Callable[[str], dict]], progress: Callable[[str], None] | None = None
+) -> list[Run]:
     """``modes`` maps a label to a function question-text -> stats dict (the ``generate --json`` fields)."""
     runs = []
     total = len(questions) * len(modes)
@@ -65,13 +67,26 @@ def run_interleaved(questions: list[dict], modes: dict[str, Callable[[str], dict
     for q in questions:
         for label, fn in modes.items():
             s = fn(q["turns"][0])
-            runs.append(Run(q["question_id"], q["category"], label, s["new_tokens"], s["rounds"],
-                            s["mean_accepted"], s["target_forwards"], s["seconds"], s["tokens_per_s"]))
+            runs.append(
+                Run(
+                    q["question_id"],
+                    q["category"],
+                    label,
+                    s["new_tokens"],
+                    s["rounds"],
+                    s["mean_accepted"],
+                    s["target_forwards"],
+                    s["seconds"],
+                    s["tokens_per_s"],
+                )
+            )
             if progress:
                 done = len(runs)
                 eta = (time.perf_counter() - t0) / done * (total - done)
-                progress(f"[{done}/{total}] q{q['question_id']} {q['category']:<16} {label:<12} "
-                         f"{s['tokens_per_s']:6.1f} tok/s  {s['mean_accepted']:.2f} tok/round  eta {eta:4.0f}s")
+                progress(
+                    f"[{done}/{total}] q{q['question_id']} {q['category']:<16} {label:<12} "
+                    f"{s['tokens_per_s']:6.1f} tok/s  {s['mean_accepted']:.2f} tok/round  eta {eta:4.0f}s"
+                )
     return runs
 
 
@@ -91,7 +106,9 @@ def summarize(runs: list[Run], baseline: str) -> tuple[dict, str]:
             toks, secs = sum(r.new_tokens for r in rs), sum(r.seconds for r in rs)
             rounds = sum(r.rounds for r in rs)
             table[f"{c}/{m}"] = {
-                "n": len(rs), "tokens": toks, "seconds": round(secs, 3),
+                "n": len(rs),
+                "tokens": toks,
+                "seconds": round(secs, 3),
                 "tokens_per_s": round(toks / secs, 3) if secs else 0.0,
                 "mean_accepted": round(sum(r.mean_accepted * r.rounds for r in rs) / rounds, 3) if rounds else 0.0,
                 "tokens_per_forward": round(toks / max(1, sum(r.target_forwards for r in rs)), 3),
@@ -114,20 +131,30 @@ def machine_info() -> dict:
 
     import torch
 
-    return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "processor": platform.processor()}
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpus": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "processor": platform.processor(),
+    }
 
 
 def write_record(out_dir: Path, config: dict, runs: list[Run], table: dict, markdown: str) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime('%Y%m%d-%H%M%S')
+    stamp = time.strftime("%Y%m%d-%H%M%S")
     path = out_dir / f"bench-{stamp}.json"
     n = 1
     while path.exists():  # two runs in one second (one per temperature) must not overwrite each other
         n += 1
         path = out_dir / f"bench-{stamp}-{n}.json"
-    path.write_text(json.dumps({"config": config, "machine": machine_info(), "summary": table,
-                                "runs": [r.__dict__ for r in runs]}, indent=1))
+    path.write_text(
+        json.dumps(
+            {"config": config, "machine": machine_info(), "summary": table, "runs": [r.__dict__ for r in runs]},
+            indent=1,
+        )
+    )
     (path.with_suffix(".md")).write_text(markdown + "\n")
     return path
 
@@ -173,8 +200,15 @@ class LocalBackend:
     def runner(self, label: str) -> Callable[[str], dict]:
         mode, _, drafter = label.partition(":")
         a = self.args
-        return lambda text: self.engine.run(text, mode=mode, drafter=drafter or a.drafter, max_tokens=a.max_tokens,
-                                            temperature=a.temperature, seed=0, stages=self.stages)
+        return lambda text: self.engine.run(
+            text,
+            mode=mode,
+            drafter=drafter or a.drafter,
+            max_tokens=a.max_tokens,
+            temperature=a.temperature,
+            seed=0,
+            stages=self.stages,
+        )
 
     def close(self) -> None:
         pass
@@ -197,9 +231,14 @@ class DaemonBackend:
             extra += ["--bandwidth-mbps", str(bandwidth)]
         self._tmp = tempfile.TemporaryDirectory(prefix="meshd-bench-")
         progress_printer(f"starting {args.stages} daemons on 127.0.0.1 ...")
-        self.mesh = LoopbackMesh(Path(self._tmp.name), args.stages, model=args.model,
-                                 dtype=args.dtype if args.dtype != "auto" else "auto", threads=args.threads or 1,
-                                 extra=extra)
+        self.mesh = LoopbackMesh(
+            Path(self._tmp.name),
+            args.stages,
+            model=args.model,
+            dtype=args.dtype if args.dtype != "auto" else "auto",
+            threads=args.threads or 1,
+            extra=extra,
+        )
         try:
             self.plan = self.mesh.wait_plan(list(range(args.stages)), args.stages, timeout=300)
         except Exception:
@@ -211,8 +250,10 @@ class DaemonBackend:
         import os
 
         a = self.args
-        return (f"{a.stages} daemons on loopback ({a.threads or 1} thread each, sharing {os.cpu_count()} cores), "
-                f"link {a.link or 'unshaped'}, device slowdown x{a.device_slowdown}")
+        return (
+            f"{a.stages} daemons on loopback ({a.threads or 1} thread each, sharing {os.cpu_count()} cores), "
+            f"link {a.link or 'unshaped'}, device slowdown x{a.device_slowdown}"
+        )
 
     def runner(self, label: str) -> Callable[[str], dict]:
         from meshd.lab.testbed import http
@@ -222,9 +263,19 @@ class DaemonBackend:
             return self._local(label.removeprefix("local:"))
 
         def run(text: str) -> dict:
-            code, body = http("POST", self.mesh.url(0) + "/v1/chat/completions", {
-                "model": self.model, "messages": [{"role": "user", "content": text}], "max_tokens": a.max_tokens,
-                "temperature": a.temperature, "seed": 0, "mode": label}, timeout=600)
+            code, body = http(
+                "POST",
+                self.mesh.url(0) + "/v1/chat/completions",
+                {
+                    "model": self.model,
+                    "messages": [{"role": "user", "content": text}],
+                    "max_tokens": a.max_tokens,
+                    "temperature": a.temperature,
+                    "seed": 0,
+                    "mode": label,
+                },
+                timeout=600,
+            )
             if code != 200:
                 raise RuntimeError(f"daemon answered {code}: {body}")
             return body["meshd"]
@@ -242,8 +293,9 @@ class DaemonBackend:
             self.engine.curve  # noqa: B018 - measure (or load) the cost curve before timing anything
         mode, _, drafter = label.partition(":")
         a = self.args
-        return lambda text: self.engine.run(text, mode=mode, drafter=drafter or a.drafter, max_tokens=a.max_tokens,
-                                            temperature=a.temperature, seed=0)
+        return lambda text: self.engine.run(
+            text, mode=mode, drafter=drafter or a.drafter, max_tokens=a.max_tokens, temperature=a.temperature, seed=0
+        )
 
     def close(self) -> None:
         self.mesh.close() if hasattr(self, "mesh") else None

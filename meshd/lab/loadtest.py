@@ -67,29 +67,53 @@ async def one_request(session, url: str, body: dict, start_at: float, api_key: s
         return {"ok": False, "error": f"{type(exc).__name__}: {exc}", "start": t0}
     end = loop.time()
     tokens = int(stats.get("new_tokens", 0))
-    return {"ok": True, "start": t0, "end": end, "ttft": (first - t0) if first is not None else math.nan,
-            "tpot": per_token_latency(first, last, tokens), "tokens": tokens, "rounds": int(stats.get("rounds", 0)),
-            "verified_nodes": int(stats.get("verified_nodes", 0))}
+    return {
+        "ok": True,
+        "start": t0,
+        "end": end,
+        "ttft": (first - t0) if first is not None else math.nan,
+        "tpot": per_token_latency(first, last, tokens),
+        "tokens": tokens,
+        "rounds": int(stats.get("rounds", 0)),
+        "verified_nodes": int(stats.get("verified_nodes", 0)),
+    }
 
 
 def summarize(results: list[dict], rate: float, mode: str) -> dict:
     done = [r for r in results if r["ok"]]
     span = (max(r["end"] for r in done) - min(r["start"] for r in results)) if done else math.nan
     toks, rounds = sum(r["tokens"] for r in done), sum(r["rounds"] for r in done)
-    return {"rate": rate, "mode": mode, "requests": len(results), "completed": len(done),
-            "failed": len(results) - len(done), "tokens": toks,
-            "throughput": toks / span if done and span > 0 else 0.0,
-            "ttft_p50": percentile([r["ttft"] for r in done], 50),
-            "ttft_p95": percentile([r["ttft"] for r in done], 95),
-            "tpot_p50": percentile([r["tpot"] for r in done], 50),
-            "tpot_p95": percentile([r["tpot"] for r in done], 95),
-            "mean_accepted": toks / rounds if rounds else 0.0,
-            "nodes_per_round": sum(r["verified_nodes"] for r in done) / rounds if rounds else 0.0,
-            "errors": sorted({r["error"] for r in results if not r["ok"]})[:3]}
+    return {
+        "rate": rate,
+        "mode": mode,
+        "requests": len(results),
+        "completed": len(done),
+        "failed": len(results) - len(done),
+        "tokens": toks,
+        "throughput": toks / span if done and span > 0 else 0.0,
+        "ttft_p50": percentile([r["ttft"] for r in done], 50),
+        "ttft_p95": percentile([r["ttft"] for r in done], 95),
+        "tpot_p50": percentile([r["tpot"] for r in done], 50),
+        "tpot_p95": percentile([r["tpot"] for r in done], 95),
+        "mean_accepted": toks / rounds if rounds else 0.0,
+        "nodes_per_round": sum(r["verified_nodes"] for r in done) / rounds if rounds else 0.0,
+        "errors": sorted({r["error"] for r in results if not r["ok"]})[:3],
+    }
 
 
-async def run_rate(urls: list[str], model: str, prompts: list[str], *, rate: float, n: int, mode: str,
-                   max_tokens: int, temperature: float, seed: int, api_key: str | None = None) -> dict:
+async def run_rate(
+    urls: list[str],
+    model: str,
+    prompts: list[str],
+    *,
+    rate: float,
+    n: int,
+    mode: str,
+    max_tokens: int,
+    temperature: float,
+    seed: int,
+    api_key: str | None = None,
+) -> dict:
     """``n`` requests at Poisson times, round robin over ``urls`` (the originators); one summary row."""
     import aiohttp
 
@@ -97,38 +121,79 @@ async def run_rate(urls: list[str], model: str, prompts: list[str], *, rate: flo
     t0 = loop.time() + 0.05
     timeout = aiohttp.ClientTimeout(total=None, sock_read=600)
     async with aiohttp.ClientSession(timeout=timeout) as session:
-        tasks = [one_request(session, urls[i % len(urls)],
-                             {"model": model, "messages": [{"role": "user", "content": prompts[i % len(prompts)]}],
-                              "max_tokens": max_tokens, "temperature": temperature, "seed": seed + i, "mode": mode},
-                             t0 + at, api_key)
-                 for i, at in enumerate(poisson_arrivals(n, rate, seed))]
+        tasks = [
+            one_request(
+                session,
+                urls[i % len(urls)],
+                {
+                    "model": model,
+                    "messages": [{"role": "user", "content": prompts[i % len(prompts)]}],
+                    "max_tokens": max_tokens,
+                    "temperature": temperature,
+                    "seed": seed + i,
+                    "mode": mode,
+                },
+                t0 + at,
+                api_key,
+            )
+            for i, at in enumerate(poisson_arrivals(n, rate, seed))
+        ]
         results = await asyncio.gather(*tasks)
     return summarize(results, rate, mode)
 
 
-def run(urls: list[str], model: str, prompts: list[str], rates: Sequence[float], modes: Sequence[str], *,
-        n: int, max_tokens: int, temperature: float = 0.0, seed: int = 0,
-        progress: Callable[[str], None] | None = None) -> list[dict]:
+def run(
+    urls: list[str],
+    model: str,
+    prompts: list[str],
+    rates: Sequence[float],
+    modes: Sequence[str],
+    *,
+    n: int,
+    max_tokens: int,
+    temperature: float = 0.0,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> list[dict]:
     """Every rate, and per rate every mode in turn (interleaved, so drift hits the modes alike)."""
     rows = []
     for rate in rates:
         for mode in modes:
             t = time.perf_counter()
-            row = asyncio.run(run_rate(urls, model, prompts, rate=rate, n=n, mode=mode, max_tokens=max_tokens,
-                                       temperature=temperature, seed=seed))
+            row = asyncio.run(
+                run_rate(
+                    urls,
+                    model,
+                    prompts,
+                    rate=rate,
+                    n=n,
+                    mode=mode,
+                    max_tokens=max_tokens,
+                    temperature=temperature,
+                    seed=seed,
+                )
+            )
             rows.append(row)
             if progress:
-                progress(f"load {rate:g} req/s {mode:<5}: {row['completed']}/{row['requests']} done, "
-                         f"{row['throughput']:.1f} tok/s, TTFT p50 {row['ttft_p50']:.2f}s, "
-                         f"per-token p50 {row['tpot_p50'] * 1e3:.0f} ms, {row['nodes_per_round']:.1f} nodes/round "
-                         f"({time.perf_counter() - t:.0f}s)")
+                progress(
+                    f"load {rate:g} req/s {mode:<5}: {row['completed']}/{row['requests']} done, "
+                    f"{row['throughput']:.1f} tok/s, TTFT p50 {row['ttft_p50']:.2f}s, "
+                    f"per-token p50 {row['tpot_p50'] * 1e3:.0f} ms, {row['nodes_per_round']:.1f} nodes/round "
+                    f"({time.perf_counter() - t:.0f}s)"
+                )
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| rate req/s | mode | done | throughput tok/s | TTFT p50 / p95 s | per-token p50 / p95 ms | "
-             "tokens/round | nodes/round |", "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['rate']:g} | {r['mode']} | {r['completed']}/{r['requests']} | {r['throughput']:.2f} | "
-              f"{r['ttft_p50']:.2f} / {r['ttft_p95']:.2f} | {r['tpot_p50'] * 1e3:.0f} / {r['tpot_p95'] * 1e3:.0f} | "
-              f"{r['mean_accepted']:.2f} | {r['nodes_per_round']:.1f} |" for r in rows]
+    lines = [
+        "| rate req/s | mode | done | throughput tok/s | TTFT p50 / p95 s | per-token p50 / p95 ms | "
+        "tokens/round | nodes/round |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['rate']:g} | {r['mode']} | {r['completed']}/{r['requests']} | {r['throughput']:.2f} | "
+        f"{r['ttft_p50']:.2f} / {r['ttft_p95']:.2f} | {r['tpot_p50'] * 1e3:.0f} / {r['tpot_p95'] * 1e3:.0f} | "
+        f"{r['mean_accepted']:.2f} | {r['nodes_per_round']:.1f} |"
+        for r in rows
+    ]
     return "\n".join(lines)

@@ -25,8 +25,15 @@ def load_records(paths: list[Path]) -> list[dict]:
             raise ValueError(f"{p}: not a readable JSON record ({exc})") from None
         if not isinstance(rec, dict):
             continue
-        kind = "simulate" if rec.get("label") == "simulated" else "load" if "load" in rec else \
-            "bench" if "summary" in rec and "config" in rec else None
+        kind = (
+            "simulate"
+            if rec.get("label") == "simulated"
+            else "load"
+            if "load" in rec
+            else "bench"
+            if "summary" in rec and "config" in rec
+            else None
+        )
         if kind:
             out.append(rec | {"_path": str(p), "_kind": kind})
     return out
@@ -50,8 +57,13 @@ def _source(rec: dict) -> str:
 
 
 def _mesh_records(records: list[dict], backend: str = "daemons") -> list[dict]:
-    return [r for r in records if r["_kind"] == "bench" and r["config"].get("backend") == backend
-            and all(f"ALL/{m}" in r["summary"] for m in MODES)]
+    return [
+        r
+        for r in records
+        if r["_kind"] == "bench"
+        and r["config"].get("backend") == backend
+        and all(f"ALL/{m}" in r["summary"] for m in MODES)
+    ]
 
 
 def _speedups(rec: dict, qids: set[int] | None = None) -> dict[str, float]:
@@ -60,8 +72,11 @@ def _speedups(rec: dict, qids: set[int] | None = None) -> dict[str, float]:
         s = {m: rec["summary"][f"ALL/{m}"]["tokens_per_s"] for m in MODES}
     else:
         runs = [r for r in rec["runs"] if r["question_id"] in qids]
-        s = {m: sum(r["new_tokens"] for r in runs if r["mode"] == m)
-             / max(1e-9, sum(r["seconds"] for r in runs if r["mode"] == m)) for m in MODES}
+        s = {
+            m: sum(r["new_tokens"] for r in runs if r["mode"] == m)
+            / max(1e-9, sum(r["seconds"] for r in runs if r["mode"] == m))
+            for m in MODES
+        }
     return {"flow/ar": s["flow"] / s["ar"], "chunk/ar": s["chunk"] / s["ar"], "flow/chunk": s["flow"] / s["chunk"]}
 
 
@@ -79,8 +94,12 @@ def plot_categories(records: list[dict], out: Path) -> Path | str:
     fig, ax = plt.subplots(figsize=(max(8, len(cats) * 0.9), 4.5))
     width = 0.8 / len(modes)
     for j, m in enumerate(modes):
-        ax.bar([i + j * width for i in range(len(cats))],
-               [summary.get(f"{c}/{m}", {}).get("tokens_per_s", 0.0) for c in cats], width, label=m)
+        ax.bar(
+            [i + j * width for i in range(len(cats))],
+            [summary.get(f"{c}/{m}", {}).get("tokens_per_s", 0.0) for c in cats],
+            width,
+            label=m,
+        )
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cats))], cats, rotation=30, ha="right")
     ax.set_ylabel("tokens/s")
     ax.set_title(f"tokens/s per mode and category\n{_source(rec)}", fontsize=9)
@@ -90,30 +109,48 @@ def plot_categories(records: list[dict], out: Path) -> Path | str:
 
 def plot_stages(records: list[dict], out: Path) -> Path | str:
     """Speed-up over ar (and flow over chunk) vs the number of stages, measured and simulated."""
-    meas = sorted((r for r in _mesh_records(records) if not r["config"].get("link")
-                   and float(r["config"].get("device_slowdown") or 1.0) == 1.0),
-                  key=lambda r: r["config"]["stages"])
-    sims = sorted((r for r in records if r["_kind"] == "simulate" and not r["config"].get("rate")),
-                  key=lambda r: r["config"]["stages"])
+    meas = sorted(
+        (
+            r
+            for r in _mesh_records(records)
+            if not r["config"].get("link") and float(r["config"].get("device_slowdown") or 1.0) == 1.0
+        ),
+        key=lambda r: r["config"]["stages"],
+    )
+    sims = sorted(
+        (r for r in records if r["_kind"] == "simulate" and not r["config"].get("rate")),
+        key=lambda r: r["config"]["stages"],
+    )
     if len(meas) + len(sims) < 2:
         return "speed-up vs stages: needs daemon bench records (unshaped link) or simulate records, 2+ stage counts"
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, style in (("flow/ar", "o-"), ("chunk/ar", "s-"), ("flow/chunk", "^-")):
         if meas:
-            ax.plot([r["config"]["stages"] for r in meas], [_speedups(r)[label] for r in meas], style,
-                    label=f"{label} (measured, loopback)")
+            ax.plot(
+                [r["config"]["stages"] for r in meas],
+                [_speedups(r)[label] for r in meas],
+                style,
+                label=f"{label} (measured, loopback)",
+            )
         pts = [(r["config"]["stages"], r.get("ratios", {}).get(label)) for r in sims]
         pts = [(k, v) for k, v in pts if v]
         if pts:
-            ax.plot(*zip(*pts), style.replace("-", "--"), alpha=0.6,
-                    label=f"{label} (simulated, {sims[0]['profile']['name']})")
+            ax.plot(
+                *zip(*pts),
+                style.replace("-", "--"),
+                alpha=0.6,
+                label=f"{label} (simulated, {sims[0]['profile']['name']})",
+            )
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.set_xlabel("stages (devices)")
     ax.set_ylabel("speed-up (tokens/s ratio)")
     ax.set_xticks(sorted({r["config"]["stages"] for r in meas + sims}))
-    where = f"\nmeasured: loopback daemons, 1 thread each, all sharing {meas[0].get('machine', {}).get('cpus', '?')} " \
-        "cores" if meas else ""
+    where = (
+        f"\nmeasured: loopback daemons, 1 thread each, all sharing {meas[0].get('machine', {}).get('cpus', '?')} cores"
+        if meas
+        else ""
+    )
     ax.set_title(f"speed-up vs number of stages{where}", fontsize=9)
     ax.legend(fontsize=8)
     return _save(fig, out / "speedup_vs_stages.png")
@@ -146,8 +183,13 @@ def plot_links(records: list[dict], out: Path) -> Path | str:
         for label, style in (("flow/ar", "o-"), ("flow/chunk", "^--")):
             ax.plot(xs, [_speedups(r, qids)[label] for r in rs], style, label=f"{label}, {k} stages")
         for x, r in zip(xs, rs):
-            ax.annotate(r["config"].get("link") or "unshaped", (x, _speedups(r, qids)["flow/ar"]), fontsize=7,
-                        textcoords="offset points", xytext=(3, 4))
+            ax.annotate(
+                r["config"].get("link") or "unshaped",
+                (x, _speedups(r, qids)["flow/ar"]),
+                fontsize=7,
+                textcoords="offset points",
+                xytext=(3, 4),
+            )
         ax.text(0.01, 0.02, f"{len(qids)} prompts common to every record", transform=ax.transAxes, fontsize=7)
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.set_xlabel("emulated link latency (ms, one way; bandwidth in the labels)")
@@ -186,8 +228,12 @@ def plot_load(records: list[dict], out: Path) -> Path | str:
     panels: list[tuple[str, Callable[[dict], float], Callable[[dict], float] | None, str]] = [
         ("throughput", lambda r: r["throughput"], None, "tokens/s (all requests)"),
         ("time to first token p50 (dotted: p95)", lambda r: r["ttft_p50"], lambda r: r["ttft_p95"], "s"),
-        ("per-token latency p50 (dotted: p95)", lambda r: r["tpot_p50"] * 1e3, lambda r: r["tpot_p95"] * 1e3,
-         "ms per token"),
+        (
+            "per-token latency p50 (dotted: p95)",
+            lambda r: r["tpot_p50"] * 1e3,
+            lambda r: r["tpot_p95"] * 1e3,
+            "ms per token",
+        ),
         ("verified nodes per round", lambda r: r.get("nodes_per_round", math.nan), None, "tree size"),
     ]
     for ax, (title, fn, fn95, ylabel) in zip(axes, panels):
@@ -221,16 +267,22 @@ def plot_timeline(records: list[dict], out: Path) -> Path | str:
     for b in busy:
         if b["start"] > end:
             continue
-        ax.broken_barh([((b["start"] - t0) * 1e3, (b["end"] - b["start"]) * 1e3)], (b["device"] - 0.4, 0.8),
-                       color=colours.get(b["kind"], "tab:green"))
+        ax.broken_barh(
+            [((b["start"] - t0) * 1e3, (b["end"] - b["start"]) * 1e3)],
+            (b["device"] - 0.4, 0.8),
+            color=colours.get(b["kind"], "tab:green"),
+        )
     devices = sorted({b["device"] for b in busy})
     ax.set_yticks(devices, [f"device {d}" for d in devices])
     ax.set_xlabel("simulated time (ms), the first rounds of the request")
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colours.values()]
     ax.legend(handles, ["stage forward", "originator (draft, verify)"], fontsize=8, loc="upper right")
     cfg = rec["config"]
-    ax.set_title(f"per-device utilisation, one flow request (simulated: {cfg['stages']} stages, profile "
-                 f"{rec['profile']['name']}, link {cfg.get('link')})", fontsize=9)
+    ax.set_title(
+        f"per-device utilisation, one flow request (simulated: {cfg['stages']} stages, profile "
+        f"{rec['profile']['name']}, link {cfg.get('link')})",
+        fontsize=9,
+    )
     return _save(fig, out / "timeline_flow.png")
 
 

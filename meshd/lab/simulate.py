@@ -138,23 +138,44 @@ class Profile:
     def to_json(self) -> dict:
         ms = lambda c: {str(t): round(s * 1e3, 6) for t, s in zip(c.ts, c.secs)}  # noqa: E731
         d = self.draft
-        return {"name": self.name, "n_layers": self.n_layers, "hidden": self.hidden, "layer_ms": ms(self.layer),
-                "fixed_ms": ms(self.fixed), "head_ms": ms(self.head), "wire_bytes": self.wire_bytes,
-                "draft": {"measured_scale": d.measured_scale} if d.measured_scale is not None else
-                {"per_call_ms": d.per_call * 1e3, "per_level_ms": d.per_level * 1e3},
-                "originator": "measured" if self.originator_measured else "model", "note": self.note}
+        return {
+            "name": self.name,
+            "n_layers": self.n_layers,
+            "hidden": self.hidden,
+            "layer_ms": ms(self.layer),
+            "fixed_ms": ms(self.fixed),
+            "head_ms": ms(self.head),
+            "wire_bytes": self.wire_bytes,
+            "draft": {"measured_scale": d.measured_scale}
+            if d.measured_scale is not None
+            else {"per_call_ms": d.per_call * 1e3, "per_level_ms": d.per_level * 1e3},
+            "originator": "measured" if self.originator_measured else "model",
+            "note": self.note,
+        }
 
     @classmethod
     def from_json(cls, d: dict) -> Profile:
         """The JSON form of :meth:`to_json` (curves in ms, keyed by T); ``fixed_ms``/``draft`` optional."""
         curve = lambda key: CostCurve({int(t): float(v) / 1e3 for t, v in d[key].items()})  # noqa: E731
         dr = d.get("draft", {})
-        draft = DraftCost(measured_scale=dr["measured_scale"]) if "measured_scale" in dr else \
-            DraftCost(dr.get("per_call_ms", 0.0) / 1e3, dr.get("per_level_ms", 0.0) / 1e3)
+        draft = (
+            DraftCost(measured_scale=dr["measured_scale"])
+            if "measured_scale" in dr
+            else DraftCost(dr.get("per_call_ms", 0.0) / 1e3, dr.get("per_level_ms", 0.0) / 1e3)
+        )
         try:
-            return cls(d.get("name", "custom"), int(d["n_layers"]), int(d["hidden"]), curve("layer_ms"),
-                       curve("head_ms"), curve("fixed_ms") if "fixed_ms" in d else flat(0.0), draft,
-                       int(d.get("wire_bytes", 2)), d.get("originator", "model") == "measured", d.get("note", ""))
+            return cls(
+                d.get("name", "custom"),
+                int(d["n_layers"]),
+                int(d["hidden"]),
+                curve("layer_ms"),
+                curve("head_ms"),
+                curve("fixed_ms") if "fixed_ms" in d else flat(0.0),
+                draft,
+                int(d.get("wire_bytes", 2)),
+                d.get("originator", "model") == "measured",
+                d.get("note", ""),
+            )
         except KeyError as e:
             raise ValueError(f"profile is missing {e}; needs n_layers, hidden, layer_ms and head_ms") from None
 
@@ -173,10 +194,19 @@ def jetson_orin_7b() -> Profile:
     """
     per_layer = {t: 3.6e-3 + 0.012e-3 * (t - 1) for t in (1, 64, 256)}
     head = {t: 2.2e-3 + 0.01e-3 * (t - 1) for t in (1, 64, 256)}
-    return Profile("jetson-orin-7b", 32, 4096, CostCurve(per_layer), CostCurve(head), flat(0.0),
-                   DraftCost(1e-3, 5e-3), 2, False,
-                   "ASSUMED projection profile (not measured): 7B Llama, fp16, Jetson AGX Orin-class memory-bound "
-                   "decoding, 3.6 ms/layer at T=1 + 0.012 ms/row, LM head 2.2 ms, draft 1 ms + 5 ms/level")
+    return Profile(
+        "jetson-orin-7b",
+        32,
+        4096,
+        CostCurve(per_layer),
+        CostCurve(head),
+        flat(0.0),
+        DraftCost(1e-3, 5e-3),
+        2,
+        False,
+        "ASSUMED projection profile (not measured): 7B Llama, fp16, Jetson AGX Orin-class memory-bound "
+        "decoding, 3.6 ms/layer at T=1 + 0.012 ms/row, LM head 2.2 ms, draft 1 ms + 5 ms/level",
+    )
 
 
 BUILTIN = {"jetson-orin-7b": jetson_orin_7b}
@@ -197,8 +227,9 @@ def _cpu_seconds(fn: Callable[[], object], repeats: int) -> float:
 @torch.inference_mode()
 def _forward_curve(stage: Stage, sizes: Sequence[int], context: int, repeats: int) -> dict[int, float]:
     cache = stage.new_cache(context + max(sizes))
-    stage.forward_one(torch.randn(context, stage.cfg.hidden_size, dtype=stage.dtype) * 0.1, cache,
-                      torch.arange(context))
+    stage.forward_one(
+        torch.randn(context, stage.cfg.hidden_size, dtype=stage.dtype) * 0.1, cache, torch.arange(context)
+    )
     out = {}
     for t in sizes:
         x = torch.randn(t, stage.cfg.hidden_size, dtype=stage.dtype) * 0.1
@@ -213,8 +244,15 @@ def _forward_curve(stage: Stage, sizes: Sequence[int], context: int, repeats: in
 
 
 @torch.inference_mode()
-def measure_profile(full: Stage, fingerprint: str | None = None, *, sizes: Sequence[int] = SIZES,
-                    context: int = 128, repeats: int = 3, refresh: bool = False) -> Profile:
+def measure_profile(
+    full: Stage,
+    fingerprint: str | None = None,
+    *,
+    sizes: Sequence[int] = SIZES,
+    context: int = 128,
+    repeats: int = 3,
+    refresh: bool = False,
+) -> Profile:
     """This device's profile for ``full``'s model, measured with ONE torch thread in CPU time.
 
     One thread because loopback daemons run one thread each; CPU time because this machine is
@@ -233,18 +271,41 @@ def measure_profile(full: Stage, fingerprint: str | None = None, *, sizes: Seque
         n = full.cfg.n_layers
         small_n = min(2, n)
         whole = _forward_curve(full, sizes, context, repeats)
-        small = _forward_curve(Stage(full.cfg, 0, small_n, full.layers[:small_n], dtype=full.dtype,
-                                     inv_freq=full.inv_freq, rope_scale=full.rope_scale), sizes, context, repeats)
-        head = {t: _cpu_seconds(lambda t=t: full.logits(torch.randn(t, full.cfg.hidden_size, dtype=full.dtype)),
-                                repeats) for t in sizes}
+        small = _forward_curve(
+            Stage(
+                full.cfg,
+                0,
+                small_n,
+                full.layers[:small_n],
+                dtype=full.dtype,
+                inv_freq=full.inv_freq,
+                rope_scale=full.rope_scale,
+            ),
+            sizes,
+            context,
+            repeats,
+        )
+        head = {
+            t: _cpu_seconds(lambda t=t: full.logits(torch.randn(t, full.cfg.hidden_size, dtype=full.dtype)), repeats)
+            for t in sizes
+        }
     finally:
         torch.set_num_threads(threads)
     per_layer = monotone({t: max(whole[t] - small[t], 0.0) / max(n - small_n, 1) for t in sizes})
     fixed = monotone({t: max(small[t] - small_n * per_layer[t], 0.0) for t in sizes})
     head = monotone(head)
-    prof = Profile("this-device", n, full.cfg.hidden_size, CostCurve(per_layer), CostCurve(head), CostCurve(fixed),
-                   DraftCost(measured_scale=1.0), 4 if full.dtype == torch.float32 else 2, True,
-                   f"measured on this machine: {dt}, 1 torch thread, CPU time (context {context})")
+    prof = Profile(
+        "this-device",
+        n,
+        full.cfg.hidden_size,
+        CostCurve(per_layer),
+        CostCurve(head),
+        CostCurve(fixed),
+        DraftCost(measured_scale=1.0),
+        4 if full.dtype == torch.float32 else 2,
+        True,
+        f"measured on this machine: {dt}, 1 torch thread, CPU time (context {context})",
+    )
     if path:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(prof.to_json()))
@@ -336,8 +397,11 @@ class SimResult:
 
     def timeline(self) -> list[tuple[int, float, float, str, int]]:
         """(stage, start, end, request ids, rows) of every stage forward, for the utilisation plot."""
-        return [(self.stage_devices.index(b.device), b.start, b.end, ",".join(b.requests), b.rows)
-                for b in self.busy if b.kind == "stage"]
+        return [
+            (self.stage_devices.index(b.device), b.start, b.end, ",".join(b.requests), b.rows)
+            for b in self.busy
+            if b.kind == "stage"
+        ]
 
 
 # ---- the simulator ------------------------------------------------------------------------
@@ -388,9 +452,20 @@ class Simulation:
     """One simulated mesh. ``origins``: for each originator, the stage whose device hosts it, or None
     for a device of its own (FlowSpec's head device). Requests go to ``origins[i]`` by ``add(..., origin=i)``."""
 
-    def __init__(self, full: Stage, drafter_factory, *, stages: int, profile: Profile, link: Link,
-                 origins: Sequence[int | None] = (0,), compute_scale: float = 1.0, cores: int | None = None,
-                 max_batch_rows: int = 256, **originator_kw):
+    def __init__(
+        self,
+        full: Stage,
+        drafter_factory,
+        *,
+        stages: int,
+        profile: Profile,
+        link: Link,
+        origins: Sequence[int | None] = (0,),
+        compute_scale: float = 1.0,
+        cores: int | None = None,
+        max_batch_rows: int = 256,
+        **originator_kw,
+    ):
         if not origins:
             raise ValueError("a simulation needs at least one originator")
         self.profile, self.link, self.scale = profile, link, compute_scale
@@ -406,12 +481,16 @@ class Simulation:
         self.devices: list[_Device] = []
         curves = []
         for k, ((a, b), (sa, sb)) in enumerate(zip(real, sim)):
-            st = Stage(full.cfg, a, b, full.layers[a:b], dtype=full.dtype, inv_freq=full.inv_freq,
-                       rope_scale=full.rope_scale)
+            st = Stage(
+                full.cfg, a, b, full.layers[a:b], dtype=full.dtype, inv_freq=full.inv_freq, rope_scale=full.rope_scale
+            )
             cost = profile.stage_cost(sb - sa, compute_scale)
             curves.append(cost)
-            self.devices.append(_Device(k, StageWorker(st, embed=full.embed if a == 0 else None,
-                                                       max_batch_rows=max_batch_rows), k, cost))
+            self.devices.append(
+                _Device(
+                    k, StageWorker(st, embed=full.embed if a == 0 else None, max_batch_rows=max_batch_rows), k, cost
+                )
+            )
         self.stage_devices = list(range(stages))
         factory = (lambda: _TimedDrafter(drafter_factory(), self.meter)) if drafter_factory else None
         self.origin_device: list[int] = []
@@ -419,8 +498,9 @@ class Simulation:
             dev = self.devices[o] if o is not None else self._new_device()
             if dev.originator is not None:
                 raise ValueError(f"stage {o} already hosts an originator")
-            dev.originator = Originator(full, factory, curves, clock=lambda: self._clock, origin=f"dev{dev.index}",
-                                        **originator_kw)
+            dev.originator = Originator(
+                full, factory, curves, clock=lambda: self._clock, origin=f"dev{dev.index}", **originator_kw
+            )
             self.origin_device.append(dev.index)
         self.traces: dict[str, RequestTrace] = {}
         self.busy: list[Busy] = []
@@ -482,8 +562,13 @@ class Simulation:
             queue = dev.worker.queued_rows
             self.busy.append(Busy(dev.index, "stage", start, t, tuple(s.request_id for s in batch), rows))
         for seg, q in results:
-            t = self._originator_call(dev, t, lambda seg=seg, q=q: dev.originator.on_result(seg, q),
-                                      self._head_rows(dev.originator, seg), seg.request_id)
+            t = self._originator_call(
+                dev,
+                t,
+                lambda seg=seg, q=q: dev.originator.on_result(seg, q),
+                self._head_rows(dev.originator, seg),
+                seg.request_id,
+            )
         for out in outputs:
             self._route(dev, out, t, queue)
         if worked:
@@ -522,8 +607,11 @@ class Simulation:
             cost = cpu * self.scale
         else:
             d = p.draft
-            draft = (m.seconds - draft0) * d.measured_scale if d.measured_scale is not None else \
-                d.per_call * (m.calls - calls0) + d.per_level * (m.levels - levels0)
+            draft = (
+                (m.seconds - draft0) * d.measured_scale
+                if d.measured_scale is not None
+                else d.per_call * (m.calls - calls0) + d.per_level * (m.levels - levels0)
+            )
             cost = (p.head(head_rows) if head_rows else 0.0) * self.scale + draft
         start, end = self._compute(t, cost)
         if cost > 0:
@@ -597,15 +685,19 @@ def summarize(results: Iterable[SimResult]) -> dict:
     busy = [sum(x) for x in zip(*(r.stage_busy() for r in results))] if results else []
     tpot = [t.decode_seconds / (t.new_tokens - 1) for t in done if t.new_tokens > 1]
     return {
-        "requests": len(traces), "failed": len(traces) - len(done), "tokens": toks,
+        "requests": len(traces),
+        "failed": len(traces) - len(done),
+        "tokens": toks,
         "decode_tokens_per_s": dec_t / dec_s if dec_s > 0 else 0.0,
         "tokens_per_s": toks / e2e_s if e2e_s > 0 else 0.0,
         "throughput": toks / span if span > 0 else 0.0,
         "mean_accepted": per_round / rounds if rounds else 0.0,
         "nodes_per_round": nodes / rounds if rounds else 0.0,
         "ttft_mean": statistics.fmean(t.ttft for t in done) if done else math.nan,
-        "ttft_p50": percentile([t.ttft for t in done], 50), "ttft_p95": percentile([t.ttft for t in done], 95),
-        "tpot_p50": percentile(tpot, 50), "tpot_p95": percentile(tpot, 95),
+        "ttft_p50": percentile([t.ttft for t in done], 50),
+        "ttft_p95": percentile([t.ttft for t in done], 95),
+        "tpot_p50": percentile(tpot, 50),
+        "tpot_p95": percentile(tpot, 95),
         "utilisation": [b / span if span > 0 else 0.0 for b in busy],
     }
 
@@ -634,10 +726,19 @@ def parse_origins(spec: str, n: int) -> list[int | None]:
     return list(range(first, first + n))
 
 
-def run_modes(make_sim: Callable[[], Simulation], prompts: list[list[int]], modes: Sequence[str], *,
-              max_tokens: int, eos: Iterable[int] = (), temperature: float = 0.0, rate: float = 0.0, seed: int = 0,
-              labels: Sequence[str] | None = None,
-              progress: Callable[[str], None] | None = None) -> dict[str, list[SimResult]]:
+def run_modes(
+    make_sim: Callable[[], Simulation],
+    prompts: list[list[int]],
+    modes: Sequence[str],
+    *,
+    max_tokens: int,
+    eos: Iterable[int] = (),
+    temperature: float = 0.0,
+    rate: float = 0.0,
+    seed: int = 0,
+    labels: Sequence[str] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, list[SimResult]]:
     """Every prompt in every mode. ``rate`` 0: one request at a time (batch 1, FlowSpec's setting),
     modes interleaved per prompt; ``rate`` > 0: each mode's prompts arrive as one Poisson stream."""
     from models.verify import Sampling
@@ -659,10 +760,12 @@ def run_modes(make_sim: Callable[[], Simulation], prompts: list[list[int]], mode
                 if progress:
                     tr = next(iter(res.requests.values()))
                     s = summarize([res])
-                    progress(f"[{i * len(modes) + modes.index(mode) + 1}/{len(prompts) * len(modes)}] "
-                             f"{labels[i]:<20} {mode:<5} {tr.new_tokens:4d} tok  {s['decode_tokens_per_s']:7.2f} "
-                             f"tok/s simulated  {s['mean_accepted']:.2f} tok/round  "
-                             f"(wall {time.perf_counter() - t_wall:.0f}s)")
+                    progress(
+                        f"[{i * len(modes) + modes.index(mode) + 1}/{len(prompts) * len(modes)}] "
+                        f"{labels[i]:<20} {mode:<5} {tr.new_tokens:4d} tok  {s['decode_tokens_per_s']:7.2f} "
+                        f"tok/s simulated  {s['mean_accepted']:.2f} tok/round  "
+                        f"(wall {time.perf_counter() - t_wall:.0f}s)"
+                    )
         return out
     for mode in modes:
         sim = make_sim()
@@ -672,8 +775,10 @@ def run_modes(make_sim: Callable[[], Simulation], prompts: list[list[int]], mode
         out[mode].append(sim.run())
         if progress:
             s = summarize(out[mode])
-            progress(f"{mode:<5} {len(prompts)} requests at {rate:g}/s: {s['throughput']:.2f} tok/s simulated "
-                     f"throughput, TTFT p50 {s['ttft_p50']:.2f}s (wall {time.perf_counter() - t_wall:.0f}s)")
+            progress(
+                f"{mode:<5} {len(prompts)} requests at {rate:g}/s: {s['throughput']:.2f} tok/s simulated "
+                f"throughput, TTFT p50 {s['ttft_p50']:.2f}s (wall {time.perf_counter() - t_wall:.0f}s)"
+            )
     return out
 
 
@@ -689,25 +794,38 @@ def table(summary: dict[str, dict], rate: float) -> str:
     """The markdown table; every figure is simulated, and says so."""
     util = lambda s: "/".join(f"{u:.2f}" for u in s["utilisation"])  # noqa: E731
     if rate > 0:
-        lines = ["| mode | throughput tok/s (simulated) | TTFT p50/p95 s (simulated) | "
-                 "per-token p50/p95 ms (simulated) | tokens/round | nodes/round | stage utilisation (simulated) |",
-                 "|---|---|---|---|---|---|---|"]
-        lines += [f"| {m} | {s['throughput']:.2f} | {s['ttft_p50']:.2f} / {s['ttft_p95']:.2f} | "
-                  f"{s['tpot_p50'] * 1e3:.0f} / {s['tpot_p95'] * 1e3:.0f} | {s['mean_accepted']:.2f} | "
-                  f"{s['nodes_per_round']:.1f} | {util(s)} |" for m, s in summary.items()]
+        lines = [
+            "| mode | throughput tok/s (simulated) | TTFT p50/p95 s (simulated) | "
+            "per-token p50/p95 ms (simulated) | tokens/round | nodes/round | stage utilisation (simulated) |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {m} | {s['throughput']:.2f} | {s['ttft_p50']:.2f} / {s['ttft_p95']:.2f} | "
+            f"{s['tpot_p50'] * 1e3:.0f} / {s['tpot_p95'] * 1e3:.0f} | {s['mean_accepted']:.2f} | "
+            f"{s['nodes_per_round']:.1f} | {util(s)} |"
+            for m, s in summary.items()
+        ]
         key = "throughput"
     else:
-        lines = ["| mode | decode tok/s (simulated) | end-to-end tok/s (simulated) | tokens/round | nodes/round | "
-                 "TTFT s (simulated) | stage utilisation (simulated) |", "|---|---|---|---|---|---|---|"]
-        lines += [f"| {m} | {s['decode_tokens_per_s']:.2f} | {s['tokens_per_s']:.2f} | {s['mean_accepted']:.2f} | "
-                  f"{s['nodes_per_round']:.1f} | {s['ttft_mean']:.3f} | {util(s)} |" for m, s in summary.items()]
+        lines = [
+            "| mode | decode tok/s (simulated) | end-to-end tok/s (simulated) | tokens/round | nodes/round | "
+            "TTFT s (simulated) | stage utilisation (simulated) |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {m} | {s['decode_tokens_per_s']:.2f} | {s['tokens_per_s']:.2f} | {s['mean_accepted']:.2f} | "
+            f"{s['nodes_per_round']:.1f} | {s['ttft_mean']:.3f} | {util(s)} |"
+            for m, s in summary.items()
+        ]
         key = "decode_tokens_per_s"
     rs = ratios(summary, key)
     if rs:
         lines += ["", "ratios (simulated): " + ", ".join(f"{k} {v:.2f}x" for k, v in rs.items())]
         if "flow/chunk" in rs:
-            lines.append(f"reference (measured, published): FlowSpec flow/Chunk-PP {FLOWSPEC_7B_FLOW_OVER_CHUNK}x "
-                         "(LLaMA2-chat 7B, 5 Jetson boards, T=0, 256 tokens)")
+            lines.append(
+                f"reference (measured, published): FlowSpec flow/Chunk-PP {FLOWSPEC_7B_FLOW_OVER_CHUNK}x "
+                "(LLaMA2-chat 7B, 5 Jetson boards, T=0, 256 tokens)"
+            )
     return "\n".join(lines)
 
 
@@ -728,13 +846,26 @@ def calibration_specs(record: dict | list) -> list[dict]:
         return calibration_specs(record["calibration"])
     if "config" in record and "summary" in record:  # a meshd bench record
         cfg = record["config"]
-        modes = {k.split("/", 1)[1]: v["tokens_per_s"] for k, v in record["summary"].items()
-                 if k.startswith("ALL/") and k.split("/", 1)[1] in ("ar", "chunk", "flow")}
+        modes = {
+            k.split("/", 1)[1]: v["tokens_per_s"]
+            for k, v in record["summary"].items()
+            if k.startswith("ALL/") and k.split("/", 1)[1] in ("ar", "chunk", "flow")
+        }
         qids = list(dict.fromkeys(r["question_id"] for r in record.get("runs", [])))
-        return [{"stages": cfg.get("stages", 1), "link": cfg.get("link") or "0/inf",
-                 "threads_per_stage": cfg.get("threads") or 1, "modes": modes, "metric": "e2e",
-                 "max_tokens": cfg.get("max_tokens", 128), "question_ids": qids, "drafter": cfg.get("drafter"),
-                 "dtype": cfg.get("dtype"), "compute_scale": cfg.get("device_slowdown", 1.0)}]
+        return [
+            {
+                "stages": cfg.get("stages", 1),
+                "link": cfg.get("link") or "0/inf",
+                "threads_per_stage": cfg.get("threads") or 1,
+                "modes": modes,
+                "metric": "e2e",
+                "max_tokens": cfg.get("max_tokens", 128),
+                "question_ids": qids,
+                "drafter": cfg.get("drafter"),
+                "dtype": cfg.get("dtype"),
+                "compute_scale": cfg.get("device_slowdown", 1.0),
+            }
+        ]
     if "stages" not in record or "modes" not in record:
         raise ValueError("a calibration record needs 'stages' and 'modes' ({mode: measured tokens/s})")
     return [record]
@@ -746,9 +877,16 @@ def calibration_rows(spec: dict, simulated: dict[str, float]) -> list[dict]:
         sim = simulated.get(mode)
         if sim is None:
             continue
-        rows.append({"stages": spec["stages"], "link": spec.get("link", "0/inf"), "mode": mode,
-                     "measured": measured, "simulated": sim,
-                     "rel_error": (sim - measured) / measured if measured else math.nan})
+        rows.append(
+            {
+                "stages": spec["stages"],
+                "link": spec.get("link", "0/inf"),
+                "mode": mode,
+                "measured": measured,
+                "simulated": sim,
+                "rel_error": (sim - measured) / measured if measured else math.nan,
+            }
+        )
     return rows
 
 
@@ -773,8 +911,11 @@ def fit_scale_and_hop(points: Sequence[tuple[int, float, float]]) -> tuple[float
 
 def calibration_table(rows: list[dict]) -> str:
     lines = ["| stages | link | mode | measured tok/s | simulated tok/s | error |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['stages']} | {r['link']} | {r['mode']} | {r['measured']:.2f} | {r['simulated']:.2f} | "
-              f"{r['rel_error'] * 100:+.1f}%{' (fit)' if r.get('fitted') else ''} |" for r in rows]
+    lines += [
+        f"| {r['stages']} | {r['link']} | {r['mode']} | {r['measured']:.2f} | {r['simulated']:.2f} | "
+        f"{r['rel_error'] * 100:+.1f}%{' (fit)' if r.get('fitted') else ''} |"
+        for r in rows
+    ]
     return "\n".join(lines)
 
 
@@ -813,18 +954,50 @@ class _Env:
         return [encode_messages(self.tokenizer, [{"role": "user", "content": q["turns"][0]}]) for q in questions]
 
 
-def _simulate(env: _Env, questions: list[dict], *, stages: int, profile: Profile, link: Link, modes: list[str],
-              drafter: str, max_tokens: int, origins: list[int | None], compute_scale: float, cores: int | None,
-              rate: float, seed: int, temperature: float) -> tuple[dict[str, list[SimResult]], str]:
+def _simulate(
+    env: _Env,
+    questions: list[dict],
+    *,
+    stages: int,
+    profile: Profile,
+    link: Link,
+    modes: list[str],
+    drafter: str,
+    max_tokens: int,
+    origins: list[int | None],
+    compute_scale: float,
+    cores: int | None,
+    rate: float,
+    seed: int,
+    temperature: float,
+) -> tuple[dict[str, list[SimResult]], str]:
     spec, factory = env.factory(drafter)
 
     def make() -> Simulation:
-        return Simulation(env.full, factory, stages=stages, profile=profile, link=link, origins=origins,
-                          compute_scale=compute_scale, cores=cores)
+        return Simulation(
+            env.full,
+            factory,
+            stages=stages,
+            profile=profile,
+            link=link,
+            origins=origins,
+            compute_scale=compute_scale,
+            cores=cores,
+        )
 
     labels = [f"q{q['question_id']}-{q['category']}" for q in questions]
-    res = run_modes(make, env.prompts(questions), modes, max_tokens=max_tokens, eos=env.eos, temperature=temperature,
-                    rate=rate, seed=seed, labels=labels, progress=_progress)
+    res = run_modes(
+        make,
+        env.prompts(questions),
+        modes,
+        max_tokens=max_tokens,
+        eos=env.eos,
+        temperature=temperature,
+        rate=rate,
+        seed=seed,
+        labels=labels,
+        progress=_progress,
+    )
     return res, spec
 
 
@@ -848,20 +1021,35 @@ def _calibrate(env: _Env, args, paths: Sequence[Path]) -> int:
 
     def run(spec: dict, modes: list[str], scale: float, hop: float = 0.0) -> dict[str, float]:
         ids = spec.get("question_ids")
-        questions = [q for q in qs if q["question_id"] in set(ids)] if ids else \
-            pick_questions(Path(args.questions), spec.get("prompts", args.prompts))
-        _progress(f"calibrating: {spec['stages']} stages, link {spec.get('link', '0/inf')}, {len(questions)} "
-                  f"prompts, modes {','.join(modes)}, compute x{scale:.3f}")
+        questions = (
+            [q for q in qs if q["question_id"] in set(ids)]
+            if ids
+            else pick_questions(Path(args.questions), spec.get("prompts", args.prompts))
+        )
+        _progress(
+            f"calibrating: {spec['stages']} stages, link {spec.get('link', '0/inf')}, {len(questions)} "
+            f"prompts, modes {','.join(modes)}, compute x{scale:.3f}"
+        )
         want = spec.get("dtype")
         if want not in (None, "auto") and parse_dtype(want) != env.full.dtype:
             _progress(f"warning: the record ran {want}, this simulation {env.full.dtype}; pass --dtype {want}")
         link = parse_link(spec.get("link") or "0/inf")
-        res, _ = _simulate(env, questions, stages=spec["stages"], profile=profile,
-                           link=Link(link.latency + hop, link.bandwidth), modes=modes,
-                           drafter=spec.get("drafter") or args.drafter, max_tokens=spec.get("max_tokens", 128),
-                           origins=parse_origins(str(spec.get("originator", 0)), 1),
-                           compute_scale=spec.get("compute_scale", 1.0) * scale,
-                           cores=spec.get("cores", os.cpu_count()), rate=0.0, seed=args.seed, temperature=0.0)
+        res, _ = _simulate(
+            env,
+            questions,
+            stages=spec["stages"],
+            profile=profile,
+            link=Link(link.latency + hop, link.bandwidth),
+            modes=modes,
+            drafter=spec.get("drafter") or args.drafter,
+            max_tokens=spec.get("max_tokens", 128),
+            origins=parse_origins(str(spec.get("originator", 0)), 1),
+            compute_scale=spec.get("compute_scale", 1.0) * scale,
+            cores=spec.get("cores", os.cpu_count()),
+            rate=0.0,
+            seed=args.seed,
+            temperature=0.0,
+        )
         key = "decode_tokens_per_s" if spec.get("metric") == "decode" else "tokens_per_s"
         return {m: summarize(r)[key] for m, r in res.items()}
 
@@ -889,8 +1077,11 @@ def _calibrate(env: _Env, args, paths: Sequence[Path]) -> int:
                 if abs(step - 1.0) < 0.01:
                     break
         fitted = {(s["stages"], s.get("link") or "0/inf", fit_mode) for s in basis}
-        _progress(f"fitted compute scale {scale:.3f}" + (f" and per-message overhead {hop * 1e3:.2f} ms" if hop else "")
-                  + f" on {fit_mode} of {len(basis)} record(s)")
+        _progress(
+            f"fitted compute scale {scale:.3f}"
+            + (f" and per-message overhead {hop * 1e3:.2f} ms" if hop else "")
+            + f" on {fit_mode} of {len(basis)} record(s)"
+        )
     all_rows = []
     for spec in specs:
         rows = calibration_rows(spec, run(spec, list(spec["modes"]), scale, hop))
@@ -898,14 +1089,22 @@ def _calibrate(env: _Env, args, paths: Sequence[Path]) -> int:
             r["fitted"] = (r["stages"], r["link"], r["mode"]) in fitted
         all_rows += rows
     if args.json:
-        print(json.dumps({"profile": profile.to_json(), "compute_scale": scale, "hop_overhead_s": hop,
-                          "calibration": all_rows}))
+        print(
+            json.dumps(
+                {"profile": profile.to_json(), "compute_scale": scale, "hop_overhead_s": hop, "calibration": all_rows}
+            )
+        )
     else:
         what = "compute scale and a per-message overhead" if getattr(args, "fit_hop", False) else "one factor"
-        print(f"simulator calibration: profile {profile.note}; compute scale {scale:.3f}"
-              + (f", per-message overhead {hop * 1e3:.2f} ms" if hop else "")
-              + (f" ({what} fitted on {fit_mode} of every record, rows marked 'fit'; the others are predicted)"
-                 if fitted else ""))
+        print(
+            f"simulator calibration: profile {profile.note}; compute scale {scale:.3f}"
+            + (f", per-message overhead {hop * 1e3:.2f} ms" if hop else "")
+            + (
+                f" ({what} fitted on {fit_mode} of every record, rows marked 'fit'; the others are predicted)"
+                if fitted
+                else ""
+            )
+        )
         print(calibration_table(all_rows))
     return 0
 
@@ -923,26 +1122,64 @@ def main(args) -> int:
     modes = args.modes.split(",")
     questions = pick_questions(Path(args.questions), args.prompts)
     where = "own device" if origins[0] is None else f"stage {origins[0]}'s device"
-    _progress(f"simulate: {args.stages} stages x {profile.name}, link {link}, originator on {where}, "
-              f"{len(questions)} prompts x {args.max_tokens} tokens, modes {','.join(modes)}")
+    _progress(
+        f"simulate: {args.stages} stages x {profile.name}, link {link}, originator on {where}, "
+        f"{len(questions)} prompts x {args.max_tokens} tokens, modes {','.join(modes)}"
+    )
     _progress(f"profile: {profile.note}")
-    res, drafter = _simulate(env, questions, stages=args.stages, profile=profile, link=link, modes=modes,
-                             drafter=args.drafter, max_tokens=args.max_tokens, origins=origins,
-                             compute_scale=args.compute_scale, cores=args.cores, rate=args.rate, seed=args.seed,
-                             temperature=args.temperature)
+    res, drafter = _simulate(
+        env,
+        questions,
+        stages=args.stages,
+        profile=profile,
+        link=link,
+        modes=modes,
+        drafter=args.drafter,
+        max_tokens=args.max_tokens,
+        origins=origins,
+        compute_scale=args.compute_scale,
+        cores=args.cores,
+        rate=args.rate,
+        seed=args.seed,
+        temperature=args.temperature,
+    )
     summary = {m: summarize(r) for m, r in res.items()}
     flow = res.get("flow") or next(iter(res.values()))
     record = {
-        "label": "simulated", "config": {k: v for k, v in vars(args).items() if k != "func"} | {"drafter": drafter},
-        "profile": profile.to_json(), "summary": summary,
+        "label": "simulated",
+        "config": {k: v for k, v in vars(args).items() if k != "func"} | {"drafter": drafter},
+        "profile": profile.to_json(),
+        "summary": summary,
         "ratios": ratios(summary, "throughput" if args.rate > 0 else "decode_tokens_per_s"),
         "flowspec_reference": {"flow/chunk": FLOWSPEC_7B_FLOW_OVER_CHUNK, "label": "measured, published"},
-        "timeline": [{"device": b.device, "kind": b.kind, "start": b.start, "end": b.end,
-                      "requests": list(b.requests), "rows": b.rows} for b in flow[0].busy] if flow else [],
-        "requests": [{"request_id": t.request_id, "mode": t.mode, "new_tokens": t.new_tokens, "ttft": t.ttft,
-                      "decode_seconds": t.decode_seconds, "seconds": t.seconds, "reason": t.reason,
-                      "mean_accepted": t.stats.mean_accepted if t.stats else 0.0}
-                     for rs in res.values() for r in rs for t in r.requests.values()],
+        "timeline": [
+            {
+                "device": b.device,
+                "kind": b.kind,
+                "start": b.start,
+                "end": b.end,
+                "requests": list(b.requests),
+                "rows": b.rows,
+            }
+            for b in flow[0].busy
+        ]
+        if flow
+        else [],
+        "requests": [
+            {
+                "request_id": t.request_id,
+                "mode": t.mode,
+                "new_tokens": t.new_tokens,
+                "ttft": t.ttft,
+                "decode_seconds": t.decode_seconds,
+                "seconds": t.seconds,
+                "reason": t.reason,
+                "mean_accepted": t.stats.mean_accepted if t.stats else 0.0,
+            }
+            for rs in res.values()
+            for r in rs
+            for t in r.requests.values()
+        ],
     }
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -951,9 +1188,11 @@ def main(args) -> int:
     if args.json:
         print(json.dumps(record))
         return 0
-    print(f"SIMULATED (not measured): {args.stages} stages, profile {profile.name}, link {link}, originator on "
-          f"{where}, drafter {drafter}, {len(questions)} Spec-Bench prompts x {args.max_tokens} tokens, "
-          f"T={args.temperature}, acceptance from the real {env.source.name} ({str(env.full.dtype)[6:]})")
+    print(
+        f"SIMULATED (not measured): {args.stages} stages, profile {profile.name}, link {link}, originator on "
+        f"{where}, drafter {drafter}, {len(questions)} Spec-Bench prompts x {args.max_tokens} tokens, "
+        f"T={args.temperature}, acceptance from the real {env.source.name} ({str(env.full.dtype)[6:]})"
+    )
     print(f"profile: {profile.note}")
     print(table(summary, args.rate))
     return 0

@@ -40,25 +40,55 @@ def http(method: str, url: str, body: dict | None = None, timeout: float = 120) 
 class LoopbackMesh:
     """``n`` daemons; ``extra`` flags go to every one (e.g. ``--latency-ms 5``)."""
 
-    def __init__(self, workdir: Path, n: int, *, mdns: bool = True, model: str = "default", dtype: str = "fp32",
-                 threads: int = 1, extra: list[str] | None = None):
+    def __init__(
+        self,
+        workdir: Path,
+        n: int,
+        *,
+        mdns: bool = True,
+        model: str = "default",
+        dtype: str = "fp32",
+        threads: int = 1,
+        extra: list[str] | None = None,
+    ):
         self.workdir = Path(workdir)
         self.name = f"testbed-{uuid.uuid4().hex[:8]}"
         self.ports = [free_port() for _ in range(n)]
         self.procs: list[subprocess.Popen] = []
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         for i, port in enumerate(self.ports):
-            cmd = [sys.executable, "-m", "meshd.cli", "serve", "--port", str(port), "--host", "127.0.0.1",
-                   "--state-dir", str(self.workdir / f"node{i}"), "--mesh-name", self.name, "--model", model,
-                   "--dtype", dtype, "--threads", str(threads), "--log-level", "info", *(extra or [])]
+            cmd = [
+                sys.executable,
+                "-m",
+                "meshd.cli",
+                "serve",
+                "--port",
+                str(port),
+                "--host",
+                "127.0.0.1",
+                "--state-dir",
+                str(self.workdir / f"node{i}"),
+                "--mesh-name",
+                self.name,
+                "--model",
+                model,
+                "--dtype",
+                dtype,
+                "--threads",
+                str(threads),
+                "--log-level",
+                "info",
+                *(extra or []),
+            ]
             if mdns:
                 cmd += ["--interface", "127.0.0.1"]
             else:
                 cmd += ["--no-mdns"] + [a for p in self.ports if p != port for a in ("--peer", f"127.0.0.1:{p}")]
             self.workdir.mkdir(parents=True, exist_ok=True)
             log = open(self.workdir / f"node{i}.log", "w")  # noqa: SIM115 - lives as long as the process
-            self.procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                               stdin=subprocess.DEVNULL))
+            self.procs.append(
+                subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL)
+            )
 
     def url(self, i: int) -> str:
         return f"http://127.0.0.1:{self.ports[i]}"
@@ -82,15 +112,17 @@ class LoopbackMesh:
         while time.monotonic() < deadline:
             for i in live:
                 if self.procs[i].poll() is not None:
-                    raise RuntimeError(f"daemon {i} exited with {self.procs[i].returncode}; see "
-                                       f"{self.workdir / f'node{i}.log'}")
+                    raise RuntimeError(
+                        f"daemon {i} exited with {self.procs[i].returncode}; see {self.workdir / f'node{i}.log'}"
+                    )
             plans = [self.plan(i) for i in live]
             agreed = all(p and p["committed"] and len(p["stages"]) == stages and p == plans[0] for p in plans)
             if agreed and all(http("GET", self.url(i) + "/health", timeout=5)[0] == 200 for i in live):
                 return plans[0]
             time.sleep(0.5)
-        raise TimeoutError(f"no common committed {stages}-stage plan within {timeout} s: "
-                           f"{[self.plan(i) for i in live]}")
+        raise TimeoutError(
+            f"no common committed {stages}-stage plan within {timeout} s: {[self.plan(i) for i in live]}"
+        )
 
     def kill(self, i: int) -> None:
         self.procs[i].send_signal(signal.SIGKILL)

@@ -40,8 +40,12 @@ def split_layers(n_layers: int, k: int) -> list[tuple[int, int]]:
 class InProcessPipeline:
     """``stages[0]`` receives what the originator sends; the last stage's output goes back to it."""
 
-    def __init__(self, originator: Originator, workers: list[StageWorker],
-                 on_emit: Callable[[str, list[int]], None] | None = None):
+    def __init__(
+        self,
+        originator: Originator,
+        workers: list[StageWorker],
+        on_emit: Callable[[str, list[int]], None] | None = None,
+    ):
         self.originator, self.workers, self.on_emit = originator, workers, on_emit
         self.outcomes: dict[str, Outcome] = {}
 
@@ -86,8 +90,9 @@ class InProcessPipeline:
         return self.outcomes
 
 
-def build_local_pipeline(source, n_stages: int, drafter_factory, dtype: str = "fp32",
-                         curves=None, full: Stage | None = None, **originator_kw) -> InProcessPipeline:
+def build_local_pipeline(
+    source, n_stages: int, drafter_factory, dtype: str = "fp32", curves=None, full: Stage | None = None, **originator_kw
+) -> InProcessPipeline:
     """Cut one loaded model into ``n_stages`` in-process stages sharing its weights.
 
     Without measured ``curves`` each stage gets a share of ``full``'s whole-model curve (or a
@@ -99,8 +104,9 @@ def build_local_pipeline(source, n_stages: int, drafter_factory, dtype: str = "f
     ranges = split_layers(full.cfg.n_layers, n_stages)
     workers = []
     for a, b in ranges:
-        st = Stage(full.cfg, a, b, full.layers[a:b], dtype=full.dtype, inv_freq=full.inv_freq,
-                   rope_scale=full.rope_scale)
+        st = Stage(
+            full.cfg, a, b, full.layers[a:b], dtype=full.dtype, inv_freq=full.inv_freq, rope_scale=full.rope_scale
+        )
         workers.append(StageWorker(st, embed=full.embed if a == 0 else None))
     if curves is None:
         curves = [CostCurve({1: (b - a) / full.cfg.n_layers, 64: 2 * (b - a) / full.cfg.n_layers}) for a, b in ranges]

@@ -117,9 +117,20 @@ class _Live:
 class Originator:
     """Drafts, verifies and streams for the requests this peer originates."""
 
-    def __init__(self, head: Stage, drafter_factory: Callable[[], Drafter] | None, stage_curves: Sequence[CostCurve],
-                 *, clock: Callable[[], float] = time.perf_counter, top_k: int = 8, depth: int = 8, pool: int = 512,
-                 max_nodes: int = 64, origin: str | None = None, timer: Callable[[], float] = time.perf_counter):
+    def __init__(
+        self,
+        head: Stage,
+        drafter_factory: Callable[[], Drafter] | None,
+        stage_curves: Sequence[CostCurve],
+        *,
+        clock: Callable[[], float] = time.perf_counter,
+        top_k: int = 8,
+        depth: int = 8,
+        pool: int = 512,
+        max_nodes: int = 64,
+        origin: str | None = None,
+        timer: Callable[[], float] = time.perf_counter,
+    ):
         if not head.has_head:
             raise ValueError("the originator needs the embeddings, final norm and LM head")
         self.head, self.drafter_factory, self.clock, self.origin = head, drafter_factory, clock, origin
@@ -153,18 +164,30 @@ class Originator:
         drafter = self.drafter_factory() if (req.mode != "ar" and self.drafter_factory) else None
         if drafter is not None:
             drafter.reset(list(req.prompt))
-        lv = _Live(req, drafter, TreeBudget(self.ring_cost, max_nodes=self.max_nodes),
-                   torch.Generator().manual_seed(req.seed) if req.seed is not None else None,
-                   started=self.clock())
+        lv = _Live(
+            req,
+            drafter,
+            TreeBudget(self.ring_cost, max_nodes=self.max_nodes),
+            torch.Generator().manual_seed(req.seed) if req.seed is not None else None,
+            started=self.clock(),
+        )
         self.live[req.request_id] = lv
         acts: list[Action] = []
         ids = lv.new_ids(len(req.prompt))
         for a in range(0, len(ids), PREFILL_CHUNK):
-            chunk = ids[a:a + PREFILL_CHUNK]
+            chunk = ids[a : a + PREFILL_CHUNK]
             for i in chunk:
                 lv.pos[i] = i
-            seg = Segment(req.request_id, chunk, [i - 1 if i > 0 else PROMPT_PARENT for i in chunk], chunk,
-                          tokens=[req.prompt[i] for i in chunk], commit=True, origin=self.origin, sent_at=self.clock())
+            seg = Segment(
+                req.request_id,
+                chunk,
+                [i - 1 if i > 0 else PROMPT_PARENT for i in chunk],
+                chunk,
+                tokens=[req.prompt[i] for i in chunk],
+                commit=True,
+                origin=self.origin,
+                sent_at=self.clock(),
+            )
             acts.append(SendSegment(seg))
             lv.stats.target_forwards += 1
         lv.prefill_left = set(ids)
@@ -245,8 +268,13 @@ class Originator:
             return Tree.root(lv.out[-1]), 0
         left = lv.req.max_new_tokens - len(lv.out)
         t0 = self.timer()
-        pool = lv.drafter.draft(lv.context, top_k=self.top_k, depth=max(1, min(self.depth, left)),
-                                max_nodes=self.pool, keep=lv.budget.keep_hint())
+        pool = lv.drafter.draft(
+            lv.context,
+            top_k=self.top_k,
+            depth=max(1, min(self.depth, left)),
+            max_nodes=self.pool,
+            keep=lv.budget.keep_hint(),
+        )
         overhead = self.timer() - t0
         lv.stats.draft_seconds += overhead
         rows, gain = self._load(lv)
@@ -283,8 +311,15 @@ class Originator:
                 p = tree.parents[i]
                 parents.append(lv.ids[p] if p >= 0 else root_parent)
             ids = [lv.ids[i] for i in part]
-            seg = Segment(lv.req.request_id, ids, parents, [lv.pos[n] for n in ids],
-                          tokens=[tree.tokens[i] for i in part], origin=self.origin, sent_at=self.clock())
+            seg = Segment(
+                lv.req.request_id,
+                ids,
+                parents,
+                [lv.pos[n] for n in ids],
+                tokens=[tree.tokens[i] for i in part],
+                origin=self.origin,
+                sent_at=self.clock(),
+            )
             lv.in_flight.update(ids)
             lv.stats.verified_nodes += len(ids)
             acts.append(SendSegment(seg))
@@ -363,8 +398,15 @@ class Originator:
     def _send_flow_extension(self, lv: _Live, nodes: list[int]) -> list[Action]:
         tree = lv.tree
         ids = [lv.ids[i] for i in nodes]
-        seg = Segment(lv.req.request_id, ids, [lv.ids[tree.parents[i]] for i in nodes], [lv.pos[n] for n in ids],
-                      tokens=[tree.tokens[i] for i in nodes], origin=self.origin, sent_at=self.clock())
+        seg = Segment(
+            lv.req.request_id,
+            ids,
+            [lv.ids[tree.parents[i]] for i in nodes],
+            [lv.pos[n] for n in ids],
+            tokens=[tree.tokens[i] for i in nodes],
+            origin=self.origin,
+            sent_at=self.clock(),
+        )
         lv.in_flight.update(ids)
         lv.stats.verified_nodes += len(ids)
         lv.stats.target_forwards += 1

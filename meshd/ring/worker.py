@@ -81,8 +81,15 @@ class Session:
 class StageWorker:
     """Runs layers ``[stage.first, stage.last)`` for every request that reaches this device."""
 
-    def __init__(self, stage: Stage, *, embed: Callable[[list[int]], torch.Tensor] | None = None,
-                 max_batch_rows: int = 256, idle_timeout: float = 300.0, compute_scale: float = 1.0):
+    def __init__(
+        self,
+        stage: Stage,
+        *,
+        embed: Callable[[list[int]], torch.Tensor] | None = None,
+        max_batch_rows: int = 256,
+        idle_timeout: float = 300.0,
+        compute_scale: float = 1.0,
+    ):
         self.stage, self.embed = stage, embed
         self.max_batch_rows, self.idle_timeout = max_batch_rows, idle_timeout
         self.compute_scale = compute_scale  # > 1 pads compute to emulate a slower device (benchmarks)
@@ -198,8 +205,19 @@ class StageWorker:
         results, row = [], 0
         for seg in batch:
             n = len(seg)
-            results.append(Segment(seg.request_id, seg.node_ids, seg.parents, seg.positions, None,
-                                   out[row:row + n], seg.commit, seg.origin, seg.sent_at))
+            results.append(
+                Segment(
+                    seg.request_id,
+                    seg.node_ids,
+                    seg.parents,
+                    seg.positions,
+                    None,
+                    out[row : row + n],
+                    seg.commit,
+                    seg.origin,
+                    seg.sent_at,
+                )
+            )
             row += n
         spent = time.perf_counter() - t0
         if self.compute_scale > 1.0:

@@ -102,8 +102,12 @@ async def _errors_middleware(request: web.Request, handler: Handler) -> web.Stre
         if exc.status == 404:
             err = ApiError(404, f"Invalid URL ({request.method} {request.path})", code="unknown_url")
         elif exc.status == 405:
-            err = ApiError(405, f"{request.method} is not allowed on {request.path}", code="method_not_allowed",
-                           headers={"Allow": exc.headers.get("Allow", "")})
+            err = ApiError(
+                405,
+                f"{request.method} is not allowed on {request.path}",
+                code="method_not_allowed",
+                headers={"Allow": exc.headers.get("Allow", "")},
+            )
         elif exc.status == 413:
             err = _too_large(state.max_body_bytes)
         else:
@@ -129,12 +133,20 @@ async def _auth_middleware(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
-        raise ApiError(401, "You didn't provide an API key. Send it as 'Authorization: Bearer KEY' "
-                       "(the daemon's --api-key / MESHD_API_KEY).", code="missing_api_key",
-                       headers={"WWW-Authenticate": 'Bearer realm="meshd"'})
+        raise ApiError(
+            401,
+            "You didn't provide an API key. Send it as 'Authorization: Bearer KEY' "
+            "(the daemon's --api-key / MESHD_API_KEY).",
+            code="missing_api_key",
+            headers={"WWW-Authenticate": 'Bearer realm="meshd"'},
+        )
     if not hmac.compare_digest(token.strip().encode(), key):
-        raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key",
-                       headers={"WWW-Authenticate": 'Bearer realm="meshd", error="invalid_token"'})
+        raise ApiError(
+            401,
+            "Incorrect API key provided.",
+            code="invalid_api_key",
+            headers={"WWW-Authenticate": 'Bearer realm="meshd", error="invalid_token"'},
+        )
     return await handler(request)
 
 
@@ -160,8 +172,12 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 def _model_card(runtime: Any) -> dict[str, Any]:
-    return {"id": runtime.model_name, "object": "model", "created": int(getattr(runtime, "started", 0) or 0),
-            "owned_by": "meshd"}
+    return {
+        "id": runtime.model_name,
+        "object": "model",
+        "created": int(getattr(runtime, "started", 0) or 0),
+        "owned_by": "meshd",
+    }
 
 
 async def list_models(request: web.Request) -> web.Response:
@@ -176,8 +192,12 @@ async def get_model(request: web.Request) -> web.Response:
 
 def _check_model(runtime: Any, model: str | None) -> None:
     if model is not None and model != runtime.model_name:
-        raise ApiError(404, f"The model `{model}` does not exist: this mesh serves `{runtime.model_name}` "
-                       "(see GET /v1/models).", param="model", code="model_not_found")
+        raise ApiError(
+            404,
+            f"The model `{model}` does not exist: this mesh serves `{runtime.model_name}` (see GET /v1/models).",
+            param="model",
+            code="model_not_found",
+        )
 
 
 # ---- completions --------------------------------------------------------------------------
@@ -194,8 +214,9 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 
 def _too_large(limit: int) -> ApiError:
-    return ApiError(413, f"The request body is larger than this daemon's limit of {limit} bytes.",
-                    code="request_too_large")
+    return ApiError(
+        413, f"The request body is larger than this daemon's limit of {limit} bytes.", code="request_too_large"
+    )
 
 
 async def _read_json(request: web.Request) -> Any:
@@ -212,8 +233,12 @@ async def _read_json(request: web.Request) -> Any:
     try:
         return json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ApiError(400, f"We could not parse the JSON body of your request ({exc}). Send valid JSON "
-                       "with 'Content-Type: application/json'.", code="invalid_json") from None
+        raise ApiError(
+            400,
+            f"We could not parse the JSON body of your request ({exc}). Send valid JSON "
+            "with 'Content-Type: application/json'.",
+            code="invalid_json",
+        ) from None
 
 
 async def _complete(request: web.Request, req: CompletionRequest) -> web.StreamResponse:
@@ -226,8 +251,9 @@ async def _complete(request: web.Request, req: CompletionRequest) -> web.StreamR
         raise _unavailable(why)
     prompt_ids = await asyncio.to_thread(_encode, runtime.tokenizer, req)
     max_tokens = _budget(req, len(prompt_ids), runtime.max_context)
-    params = GenerateParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
-                            mode=req.mode)
+    params = GenerateParams(
+        max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed, mode=req.mode
+    )
     try:
         handle = await runtime.submit(prompt_ids, params)
     except RuntimeUnavailable as exc:
@@ -241,8 +267,13 @@ async def _complete(request: web.Request, req: CompletionRequest) -> web.StreamR
 
 
 def _unavailable(why: str) -> ApiError:
-    return ApiError(503, f"The mesh cannot serve requests right now: {why}", type="service_unavailable",
-                    code="mesh_not_ready", headers={"Retry-After": "2"})
+    return ApiError(
+        503,
+        f"The mesh cannot serve requests right now: {why}",
+        type="service_unavailable",
+        code="mesh_not_ready",
+        headers={"Retry-After": "2"},
+    )
 
 
 def _encode(tokenizer: Any, req: CompletionRequest) -> list[int]:
@@ -267,10 +298,14 @@ def _budget(req: CompletionRequest, prompt_tokens: int, context: int) -> int:
         return req.max_tokens
     asked = req.max_tokens or 1
     param = "messages" if req.kind == "chat" else "prompt"
-    raise ApiError(400, f"This model's maximum context length is {context} tokens. However, you requested "
-                   f"{prompt_tokens + asked} tokens ({prompt_tokens} in the {param}, {asked} in the completion). "
-                   "Please reduce the length of the prompt or max_tokens.", param=param,
-                   code="context_length_exceeded")
+    raise ApiError(
+        400,
+        f"This model's maximum context length is {context} tokens. However, you requested "
+        f"{prompt_tokens + asked} tokens ({prompt_tokens} in the {param}, {asked} in the completion). "
+        "Please reduce the length of the prompt or max_tokens.",
+        param=param,
+        code="context_length_exceeded",
+    )
 
 
 class _Generation:
@@ -336,14 +371,18 @@ class _Generation:
         st = self.handle.stats
         seconds = st.seconds if st is not None and st.seconds else time.perf_counter() - self.started
         new = st.new_tokens if st is not None else len(self.text.token_ids)
-        return {"request_id": str(self.handle.request_id), "mode": self.mode,
-                "rounds": st.rounds if st is not None else 0,
-                "mean_accepted": round(st.mean_accepted, 4) if st is not None else 0.0,
-                "new_tokens": new, "seconds": round(seconds, 4),
-                "tokens_per_s": round(new / seconds, 3) if seconds > 0 else 0.0,
-                "target_forwards": st.target_forwards if st is not None else 0,
-                "verified_nodes": st.verified_nodes if st is not None else 0,
-                "token_ids": list(self.text.token_ids)}
+        return {
+            "request_id": str(self.handle.request_id),
+            "mode": self.mode,
+            "rounds": st.rounds if st is not None else 0,
+            "mean_accepted": round(st.mean_accepted, 4) if st is not None else 0.0,
+            "new_tokens": new,
+            "seconds": round(seconds, 4),
+            "tokens_per_s": round(new / seconds, 3) if seconds > 0 else 0.0,
+            "target_forwards": st.target_forwards if st is not None else 0,
+            "verified_nodes": st.verified_nodes if st is not None else 0,
+            "token_ids": list(self.text.token_ids),
+        }
 
 
 async def _next(it: AsyncIterator[list[int]]) -> list[int] | None:
@@ -375,37 +414,69 @@ async def _whole(req: CompletionRequest, gen: _Generation) -> web.Response:
     if gen.disconnected:
         return web.Response(status=499)  # nobody is listening; the status only reaches the access log
     if gen.error is not None:
-        raise ApiError(503, f"Generation failed: {gen.error}", type="server_error", code="generation_failed",
-                       headers={"Retry-After": "2"})
+        raise ApiError(
+            503,
+            f"Generation failed: {gen.error}",
+            type="server_error",
+            code="generation_failed",
+            headers={"Retry-After": "2"},
+        )
     text = gen.text.text
     if req.kind == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
-                  "logprobs": None, "finish_reason": gen.finish_reason}
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": text, "refusal": None},
+            "logprobs": None,
+            "finish_reason": gen.finish_reason,
+        }
         obj = "chat.completion"
     else:
         choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": gen.finish_reason}
         obj = "text_completion"
-    return web.json_response({"id": gen.id, "object": obj, "created": gen.created, "model": gen.runtime.model_name,
-                              "system_fingerprint": None, "choices": [choice], "usage": gen.usage(),
-                              "meshd": gen.stats()}, dumps=_dumps)
+    return web.json_response(
+        {
+            "id": gen.id,
+            "object": obj,
+            "created": gen.created,
+            "model": gen.runtime.model_name,
+            "system_fingerprint": None,
+            "choices": [choice],
+            "usage": gen.usage(),
+            "meshd": gen.stats(),
+        },
+        dumps=_dumps,
+    )
 
 
 async def _stream(request: web.Request, req: CompletionRequest, gen: _Generation) -> web.StreamResponse:
     state: ApiState = request.app[STATE]
-    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8",
-                                       "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    resp = web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream; charset=utf-8",
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",
+        }
+    )
     chat = req.kind == "chat"
     obj = "chat.completion.chunk" if chat else "text_completion"
 
     def chunk(delta: str | None, finish: str | None = None, *, role: bool = False, **extra: Any) -> dict[str, Any]:
         if chat:
-            d: dict[str, Any] = {"role": "assistant", "content": ""} if role else ({} if delta is None else
-                                                                                  {"content": delta})
+            d: dict[str, Any] = (
+                {"role": "assistant", "content": ""} if role else ({} if delta is None else {"content": delta})
+            )
             choice = {"index": 0, "delta": d, "logprobs": None, "finish_reason": finish}
         else:
             choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}
-        return {"id": gen.id, "object": obj, "created": gen.created, "model": gen.runtime.model_name,
-                "system_fingerprint": None, "choices": [choice], **extra}
+        return {
+            "id": gen.id,
+            "object": obj,
+            "created": gen.created,
+            "model": gen.runtime.model_name,
+            "system_fingerprint": None,
+            "choices": [choice],
+            **extra,
+        }
 
     async def send(payload: dict[str, Any] | str) -> None:
         data = payload if isinstance(payload, str) else _dumps(payload)
@@ -422,8 +493,9 @@ async def _stream(request: web.Request, req: CompletionRequest, gen: _Generation
         if gen.disconnected:
             return resp
         if gen.error is not None:
-            await send(ApiError(503, f"Generation failed: {gen.error}", type="server_error",
-                                code="generation_failed").body())
+            await send(
+                ApiError(503, f"Generation failed: {gen.error}", type="server_error", code="generation_failed").body()
+            )
         else:
             usage = gen.usage()
             await send(chunk(None, gen.finish_reason, usage=usage, meshd=gen.stats()))

@@ -22,8 +22,16 @@ DEFAULT_COMPLETION_MAX_TOKENS = 16  # the legacy completions API's documented de
 class ApiError(Exception):
     """An error the client caused or must know about, rendered as OpenAI's error JSON."""
 
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
         self.headers = headers or {}
@@ -82,8 +90,19 @@ _INERT = {
 }
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "seed", "stop", "n", "stream", "stream_options", "mode"}
 _CHAT_INERT = set(_INERT) - {"echo", "suffix", "best_of"}
-_COMPLETION_INERT = {"frequency_penalty", "presence_penalty", "logprobs", "logit_bias", "user", "echo", "suffix",
-                     "best_of", "metadata", "store", "service_tier"}
+_COMPLETION_INERT = {
+    "frequency_penalty",
+    "presence_penalty",
+    "logprobs",
+    "logit_bias",
+    "user",
+    "echo",
+    "suffix",
+    "best_of",
+    "metadata",
+    "store",
+    "service_tier",
+}
 
 
 def parse_chat(body: Any, max_context: int) -> CompletionRequest:
@@ -123,8 +142,15 @@ def _is_number(v: Any) -> bool:
 
 
 def _type_name(v: Any) -> str:
-    return {dict: "object", list: "array", str: "string", bool: "boolean", int: "integer", float: "number",
-            type(None): "null"}.get(type(v), type(v).__name__)
+    return {
+        dict: "object",
+        list: "array",
+        str: "string",
+        bool: "boolean",
+        int: "integer",
+        float: "number",
+        type(None): "null",
+    }.get(type(v), type(v).__name__)
 
 
 def _object(body: Any) -> dict[str, Any]:
@@ -139,8 +165,11 @@ def _check_keys(obj: dict[str, Any], supported: set[str], inert: set[str]) -> No
             continue
         if key in inert:
             if not _INERT[key](value):
-                raise invalid(key, f"`{key}` is not supported by meshd (only its default value is accepted)",
-                              "unsupported_parameter")
+                raise invalid(
+                    key,
+                    f"`{key}` is not supported by meshd (only its default value is accepted)",
+                    "unsupported_parameter",
+                )
             continue
         raise invalid(key, f"Unrecognized request argument supplied: {key}", "unknown_parameter")
 
@@ -167,8 +196,7 @@ def _common(obj: dict[str, Any], kind: str, max_context: int) -> CompletionReque
         if not _is_int(n):
             raise invalid("n", f"`n` must be an integer, not {_type_name(n)}", "invalid_type")
         if n != 1:
-            raise invalid("n", f"n={n} is not supported: meshd returns exactly one choice (n=1)",
-                          "unsupported_value")
+            raise invalid("n", f"n={n} is not supported: meshd returns exactly one choice (n=1)", "unsupported_value")
     stream = obj.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise invalid("stream", f"`stream` must be a boolean, not {_type_name(stream)}", "invalid_type")
@@ -238,8 +266,11 @@ def _messages(v: Any) -> list[dict[str, str]]:
             raise invalid(where, f"{where} must be an object, not {_type_name(m)}", "invalid_type")
         extra = set(m) - {"role", "content", "name"}
         if extra:
-            raise invalid(f"{where}.{sorted(extra)[0]}", f"{where} has unsupported field(s) {sorted(extra)}: meshd "
-                          "takes role, content and name", "unsupported_parameter")
+            raise invalid(
+                f"{where}.{sorted(extra)[0]}",
+                f"{where} has unsupported field(s) {sorted(extra)}: meshd takes role, content and name",
+                "unsupported_parameter",
+            )
         role = m.get("role")
         if role not in ROLES:
             raise invalid(f"{where}.role", f"{where}.role must be one of {', '.join(ROLES)} (got {role!r})")
@@ -258,8 +289,11 @@ def _content(c: Any, where: str) -> str:
         texts = []
         for j, part in enumerate(c):
             if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
-                raise invalid(f"{where}.content[{j}]", f"{where}.content[{j}] must be a text part "
-                              '({"type": "text", "text": "..."}); this model reads text only')
+                raise invalid(
+                    f"{where}.content[{j}]",
+                    f"{where}.content[{j}] must be a text part "
+                    '({"type": "text", "text": "..."}); this model reads text only',
+                )
             texts.append(part["text"])
         return "\n".join(texts)
     raise invalid(f"{where}.content", f"{where}.content must be a string, not {_type_name(c)}", "invalid_type")
@@ -273,6 +307,9 @@ def _prompt(v: Any) -> str:
     if isinstance(v, list) and len(v) == 1 and isinstance(v[0], str):
         return v[0]
     if isinstance(v, list) and all(isinstance(p, str) for p in v):
-        raise invalid("prompt", f"batched prompts are not supported: send one prompt per request (got {len(v)})",
-                      "unsupported_value")
+        raise invalid(
+            "prompt",
+            f"batched prompts are not supported: send one prompt per request (got {len(v)})",
+            "unsupported_value",
+        )
     raise invalid("prompt", "`prompt` must be a string or an array of one string", "invalid_type")

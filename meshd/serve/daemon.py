@@ -38,17 +38,27 @@ def model_shape(head: Stage, dtype: torch.dtype, context: int, draft_bytes: int 
     """What the planner must know: bytes per layer, what every peer replicates, KV per token."""
     cfg = head.cfg
     b = torch.tensor([], dtype=dtype).element_size()
-    return ModelShape(n_layers=cfg.n_layers, bytes_per_layer=cfg.layer_params() * b,
-                      replicated_bytes=head.nbytes() + draft_bytes,
-                      kv_bytes_per_token_per_layer=2 * cfg.kv_size * b, context=context)
+    return ModelShape(
+        n_layers=cfg.n_layers,
+        bytes_per_layer=cfg.layer_params() * b,
+        replicated_bytes=head.nbytes() + draft_bytes,
+        kv_bytes_per_token_per_layer=2 * cfg.kv_size * b,
+        context=context,
+    )
 
 
 def to_message(kind: str, payload: Any, wire_dtype: torch.dtype) -> Message:
     """The in-memory data-plane objects as codec messages (the codec validates every field)."""
     if kind == "segment":
         seg: Segment = payload
-        body: dict[str, Any] = {"seq": 0, "origin": seg.origin or "", "nodes": seg.node_ids, "parents": seg.parents,
-                                "positions": seg.positions, "commit": seg.commit}
+        body: dict[str, Any] = {
+            "seq": 0,
+            "origin": seg.origin or "",
+            "nodes": seg.node_ids,
+            "parents": seg.parents,
+            "positions": seg.positions,
+            "commit": seg.commit,
+        }
         if seg.hidden is not None:
             body["hidden"] = seg.hidden.to(wire_dtype)
         else:
@@ -59,8 +69,11 @@ def to_message(kind: str, payload: Any, wire_dtype: torch.dtype) -> Message:
         return Message("prune", {"upto": p.upto, "keep": p.keep, "commit": p.commit}, request_id=int(p.request_id))
     if kind == "result":
         seg, queue = payload
-        return Message("result", {"seq": 0, "nodes": seg.node_ids, "hidden": seg.hidden.to(wire_dtype),
-                                  "queue": queue}, request_id=int(seg.request_id))
+        return Message(
+            "result",
+            {"seq": 0, "nodes": seg.node_ids, "hidden": seg.hidden.to(wire_dtype), "queue": queue},
+            request_id=int(seg.request_id),
+        )
     if kind == "cancel":
         return Message("cancel", {}, request_id=int(payload))
     raise ValueError(f"unknown data-plane kind {kind!r}")
@@ -71,9 +84,16 @@ def from_message(msg: Message) -> tuple[str, Any]:
     b = msg.body
     if msg.type == "segment":
         hidden = b.get("hidden")
-        return "segment", Segment(rid, list(b["nodes"]), list(b["parents"]), list(b["positions"]),
-                                  tokens=b.get("tokens"), hidden=hidden.clone() if hidden is not None else None,
-                                  commit=bool(b.get("commit", False)), origin=b["origin"] or None)
+        return "segment", Segment(
+            rid,
+            list(b["nodes"]),
+            list(b["parents"]),
+            list(b["positions"]),
+            tokens=b.get("tokens"),
+            hidden=hidden.clone() if hidden is not None else None,
+            commit=bool(b.get("commit", False)),
+            origin=b["origin"] or None,
+        )
     if msg.type == "prune":
         return "prune", Prune(rid, int(b["upto"]), list(b["keep"]), list(b["commit"]))
     if msg.type == "result":
@@ -112,13 +132,26 @@ class Daemon:
         emulation = None
         if cfg.latency_ms or cfg.bandwidth_mbps:
             emulation = LinkEmulation(cfg.latency_ms or 0.0, cfg.bandwidth_mbps or None)
-        self.runtime = rt = Runtime(source, head, factory, tokenizer=tokenizer, max_context=cfg.max_context,
-                                    session_timeout=cfg.session_timeout,
-                                    compute_scale=getattr(cfg, "device_slowdown", 1.0) or 1.0)
+        self.runtime = rt = Runtime(
+            source,
+            head,
+            factory,
+            tokenizer=tokenizer,
+            max_context=cfg.max_context,
+            session_timeout=cfg.session_timeout,
+            compute_scale=getattr(cfg, "device_slowdown", 1.0) or 1.0,
+        )
         mesh_cfg = MeshConfig(
-            api_port=cfg.port, state_dir=cfg.state_dir, mesh_name=cfg.mesh_name, fingerprint=source.fingerprint,
-            secret=cfg.mesh_secret, static_peers=list(cfg.peers), mdns=cfg.mdns, interface=cfg.interface,
-            memory_budget=parse_size(cfg.memory) if cfg.memory else None, emulation=emulation,
+            api_port=cfg.port,
+            state_dir=cfg.state_dir,
+            mesh_name=cfg.mesh_name,
+            fingerprint=source.fingerprint,
+            secret=cfg.mesh_secret,
+            static_peers=list(cfg.peers),
+            mdns=cfg.mdns,
+            interface=cfg.interface,
+            memory_budget=parse_size(cfg.memory) if cfg.memory else None,
+            emulation=emulation,
         )
         self.node = node = MeshNode(mesh_cfg, model_shape(head, dtype, cfg.max_context), load_slice=self._load_slice)
         rt.node_id = node.node_id
@@ -229,8 +262,11 @@ class Daemon:
 
 
 def serve(cfg: Any) -> int:
-    logging.basicConfig(level=getattr(logging, str(cfg.log_level).upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    logging.basicConfig(
+        level=getattr(logging, str(cfg.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        force=True,
+    )
     try:
         import uvloop
 

@@ -43,9 +43,20 @@ class LocalEngine:
     def encode(self, text: str, chat: bool | None = None) -> list[int]:
         return encode_prompt(self.tokenizer, text, has_chat_template(self.tokenizer) if chat is None else chat)
 
-    def run(self, text: str, *, mode: str = "spec", drafter: str = "ngram", max_tokens: int = 128,
-            temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, chat: bool | None = None,
-            on_text: Callable[[str], None] | None = None, stages: int = 1) -> dict:
+    def run(
+        self,
+        text: str,
+        *,
+        mode: str = "spec",
+        drafter: str = "ngram",
+        max_tokens: int = 128,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        chat: bool | None = None,
+        on_text: Callable[[str], None] | None = None,
+        stages: int = 1,
+    ) -> dict:
         """Generate and return the ``meshd generate --json`` fields.
 
         ``ar``/``spec`` run the single-device engine; ``chunk``/``flow`` (or ``stages > 1``) run the
@@ -62,17 +73,35 @@ class LocalEngine:
         def on_tokens(new: list[int]) -> None:
             printed.extend(new)
             s = decode(self.tokenizer, printed)
-            on_text(s[len(shown[0]):])
+            on_text(s[len(shown[0]) :])
             shown[0] = s
 
         res: Generation = generate(
-            self.target, prompt, max_new_tokens=max_tokens, mode=mode, drafter=d,
-            sampling=Sampling(temperature, top_p), seed=seed, eos_ids=self.eos,
-            budget=TreeBudget(CostCurve(self.curve)) if d else None, on_tokens=on_tokens if on_text else None)
+            self.target,
+            prompt,
+            max_new_tokens=max_tokens,
+            mode=mode,
+            drafter=d,
+            sampling=Sampling(temperature, top_p),
+            seed=seed,
+            eos_ids=self.eos,
+            budget=TreeBudget(CostCurve(self.curve)) if d else None,
+            on_tokens=on_tokens if on_text else None,
+        )
         return self._report(res.token_ids, res.stats, res.finish_reason, mode, d.name if d else None, prompt)
 
-    def _run_pipeline(self, prompt: list[int], mode: str, drafter: str, max_tokens: int, temperature: float,
-                      top_p: float, seed: int | None, stages: int, on_text) -> dict:
+    def _run_pipeline(
+        self,
+        prompt: list[int],
+        mode: str,
+        drafter: str,
+        max_tokens: int,
+        temperature: float,
+        top_p: float,
+        seed: int | None,
+        stages: int,
+        on_text,
+    ) -> dict:
         from meshd.ring.pipeline import build_local_pipeline
         from meshd.ring.scheduler import Request
         from models.drafters import drafter_factory
@@ -85,27 +114,38 @@ class LocalEngine:
             def emit(_rid: str, toks: list[int]) -> None:
                 got.extend(toks)
                 s = decode(self.tokenizer, got)
-                on_text(s[len(shown[0]):])
+                on_text(s[len(shown[0]) :])
                 shown[0] = s
 
             pipe.on_emit = emit
         mode = "flow" if mode == "spec" else mode
-        pipe.submit(Request("local", prompt, max_tokens, mode, Sampling(temperature, top_p), seed,
-                            frozenset(self.eos)))
+        pipe.submit(Request("local", prompt, max_tokens, mode, Sampling(temperature, top_p), seed, frozenset(self.eos)))
         out = pipe.run()["local"]
         if out.reason == "error":
             raise RuntimeError(out.error)
-        return self._report(out.tokens, out.stats, out.reason, mode, drafter if mode != "ar" else None, prompt,
-                            stages=stages)
+        return self._report(
+            out.tokens, out.stats, out.reason, mode, drafter if mode != "ar" else None, prompt, stages=stages
+        )
 
-    def _report(self, token_ids: list[int], st, finish: str, mode: str, drafter: str | None, prompt: list[int],
-                stages: int = 1) -> dict:
+    def _report(
+        self, token_ids: list[int], st, finish: str, mode: str, drafter: str | None, prompt: list[int], stages: int = 1
+    ) -> dict:
         return {
-            "text": decode(self.tokenizer, token_ids), "token_ids": token_ids, "new_tokens": st.new_tokens,
-            "rounds": st.rounds, "mean_accepted": round(st.mean_accepted, 4), "target_forwards": st.target_forwards,
-            "seconds": round(st.seconds, 4), "tokens_per_s": round(st.tokens_per_s, 3),
-            "finish_reason": finish, "mode": mode, "drafter": drafter, "stages": stages,
-            "dtype": str(self.target.dtype).removeprefix("torch."), "prompt_tokens": len(prompt),
-            "prefill_seconds": round(st.prefill_seconds, 4), "draft_seconds": round(st.draft_seconds, 4),
+            "text": decode(self.tokenizer, token_ids),
+            "token_ids": token_ids,
+            "new_tokens": st.new_tokens,
+            "rounds": st.rounds,
+            "mean_accepted": round(st.mean_accepted, 4),
+            "target_forwards": st.target_forwards,
+            "seconds": round(st.seconds, 4),
+            "tokens_per_s": round(st.tokens_per_s, 3),
+            "finish_reason": finish,
+            "mode": mode,
+            "drafter": drafter,
+            "stages": stages,
+            "dtype": str(self.target.dtype).removeprefix("torch."),
+            "prompt_tokens": len(prompt),
+            "prefill_seconds": round(st.prefill_seconds, 4),
+            "draft_seconds": round(st.draft_seconds, 4),
             "verified_nodes": st.verified_nodes,
         }

@@ -90,7 +90,7 @@ def render(metrics: Mapping[str, Any]) -> str:
     for key in sorted(metrics, key=metric_name):
         value = metrics[key]
         name = metric_name(key)
-        bare = name[len(PREFIX):]
+        bare = name[len(PREFIX) :]
         if isinstance(value, Mapping):
             samples = [(_labels(k), _number(v)) for k, v in value.items()]
         else:

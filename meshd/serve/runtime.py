@@ -103,10 +103,19 @@ class Runtime:
     Without a mesh (``solo``) the ring is this device alone.
     """
 
-    def __init__(self, source: ModelSource, head: Stage, drafter_factory: Callable[[], Drafter] | None, *,
-                 tokenizer: Any = None, node_id: str = "local", max_context: int = 4096,
-                 wire_dtype: torch.dtype | None = None, compute_scale: float = 1.0,
-                 session_timeout: float = 300.0):
+    def __init__(
+        self,
+        source: ModelSource,
+        head: Stage,
+        drafter_factory: Callable[[], Drafter] | None,
+        *,
+        tokenizer: Any = None,
+        node_id: str = "local",
+        max_context: int = 4096,
+        wire_dtype: torch.dtype | None = None,
+        compute_scale: float = 1.0,
+        session_timeout: float = 300.0,
+    ):
         self.source, self.head, self.tokenizer = source, head, tokenizer
         # a stage frees a request's KV session after this long without traffic: its originator vanished
         # (killed, partitioned) and will never send the close; swept from the compute loop
@@ -128,8 +137,13 @@ class Runtime:
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
         self._background: set[asyncio.Future] = set()
-        self.counters = {"requests_total": 0, "requests_failed_total": 0, "tokens_total": 0, "rounds_total": 0,
-                         "accepted_total": 0}
+        self.counters = {
+            "requests_total": 0,
+            "requests_failed_total": 0,
+            "tokens_total": 0,
+            "rounds_total": 0,
+            "accepted_total": 0,
+        }
         self.started = time.time()
         self.unavailable_reason = "no committed plan yet: waiting for peers"
         self.mesh_status: Callable[[], dict] | None = None  # the daemon's view of plan and peers
@@ -155,8 +169,11 @@ class Runtime:
     def install_worker(self, stage: Stage | None) -> None:
         """This device's slice for the coming plan (None: a pure originator)."""
         embed = self.head.embed if stage is not None and stage.first == 0 else None
-        self.worker = StageWorker(stage, embed=embed, compute_scale=self.compute_scale,
-                                  idle_timeout=self.session_timeout) if stage else None
+        self.worker = (
+            StageWorker(stage, embed=embed, compute_scale=self.compute_scale, idle_timeout=self.session_timeout)
+            if stage
+            else None
+        )
 
     def set_ring(self, ring: Ring) -> None:
         """A committed plan: requests started under an older one cannot finish, so they fail now."""
@@ -165,8 +182,11 @@ class Runtime:
         if old is not None and old.epoch != ring.epoch:
             for rid, epoch in list(self._ring_of.items()):
                 if epoch != ring.epoch:
-                    self._fail(rid, f"the mesh re-planned (epoch {old.epoch} -> {ring.epoch}) while this request "
-                                    "was in flight; retry it")
+                    self._fail(
+                        rid,
+                        f"the mesh re-planned (epoch {old.epoch} -> {ring.epoch}) while this request "
+                        "was in flight; retry it",
+                    )
         if self.originator is None:
             self.originator = Originator(self.head, self.drafter_factory, ring.curves, origin=self.node_id)
         else:
@@ -189,15 +209,24 @@ class Runtime:
         if not ok:
             raise RuntimeUnavailable(why)
         if len(prompt_ids) + params.max_tokens > self.max_context:
-            raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
-                             f"context limit of {self.max_context}")
+            raise ValueError(
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
+                f"context limit of {self.max_context}"
+            )
         rid = str(random.getrandbits(62))
         handle = RequestHandle(self, rid, len(prompt_ids))
         self.handles[rid] = handle
         self._ring_of[rid] = self.ring.epoch
         self.counters["requests_total"] += 1
-        req = Request(rid, list(prompt_ids), params.max_tokens, params.mode,
-                      _sampling(params), params.seed, frozenset(_stop_ids(self)))
+        req = Request(
+            rid,
+            list(prompt_ids),
+            params.max_tokens,
+            params.mode,
+            _sampling(params),
+            params.seed,
+            frozenset(_stop_ids(self)),
+        )
         try:
             actions = await self._torch(self.originator.submit, req)
         except ValueError:
@@ -305,8 +334,12 @@ class Runtime:
                     self._swept = time.monotonic()
                     gone = await self._torch(self.worker.expire)
                     if gone:
-                        log.info("freed %d session(s) idle for over %.0f s: %s", len(gone), self.session_timeout,
-                                 ", ".join(gone))
+                        log.info(
+                            "freed %d session(s) idle for over %.0f s: %s",
+                            len(gone),
+                            self.session_timeout,
+                            ", ".join(gone),
+                        )
             except Exception:  # a bad request must not kill the loop that serves every other one
                 log.exception("compute step failed")
 
@@ -342,8 +375,9 @@ class Runtime:
             for seg in batch:
                 self.worker.close(seg.request_id)
                 if seg.request_id in self.handles:
-                    self._loop.call_soon_threadsafe(self._fail, seg.request_id,
-                                                    f"stage forward failed: {type(exc).__name__}: {exc}")
+                    self._loop.call_soon_threadsafe(
+                        self._fail, seg.request_id, f"stage forward failed: {type(exc).__name__}: {exc}"
+                    )
             return results, []
 
     async def _route_output(self, seg: Segment) -> None:
@@ -368,10 +402,17 @@ class Runtime:
         if w is None:
             return {}
         up = max(1e-9, time.time() - self.started)
-        return {"first_layer": w.stage.first, "last_layer": w.stage.last - 1, "queued_rows": w.queued_rows,
-                "sessions": len(w.sessions), "busy_seconds": round(w.busy_seconds, 3), "rows_done": w.rows_done,
-                "forwards": w.forwards, "shared_forwards": w.shared_forwards,
-                "utilisation": round(w.busy_seconds / up, 4)}
+        return {
+            "first_layer": w.stage.first,
+            "last_layer": w.stage.last - 1,
+            "queued_rows": w.queued_rows,
+            "sessions": len(w.sessions),
+            "busy_seconds": round(w.busy_seconds, 3),
+            "rows_done": w.rows_done,
+            "forwards": w.forwards,
+            "shared_forwards": w.shared_forwards,
+            "utilisation": round(w.busy_seconds / up, 4),
+        }
 
     def metrics(self) -> dict:
         c = dict(self.counters)
@@ -387,10 +428,17 @@ class Runtime:
     def status(self) -> dict:
         """``GET /mesh``: the mesh's plan and peers (from the daemon) plus this device's load."""
         ring = self.ring
-        out = {"node_id": self.node_id, "model": self.model_name, "fingerprint": self.source.fingerprint,
-               "ready": self.ready()[0], "reason": self.ready()[1] or None,
-               "stage": self.stage_stats() or None, "metrics": self.metrics(),
-               "plan": {"epoch": ring.epoch, "committed": True, "stages": []} if ring else None, "peers": []}
+        out = {
+            "node_id": self.node_id,
+            "model": self.model_name,
+            "fingerprint": self.source.fingerprint,
+            "ready": self.ready()[0],
+            "reason": self.ready()[1] or None,
+            "stage": self.stage_stats() or None,
+            "metrics": self.metrics(),
+            "plan": {"epoch": ring.epoch, "committed": True, "stages": []} if ring else None,
+            "peers": [],
+        }
         if self.mesh_status is not None:
             out.update(self.mesh_status())
         return out
@@ -410,8 +458,7 @@ def _stop_ids(rt: Runtime) -> list[int]:
     return stop_ids(rt.tokenizer, rt.head.cfg)
 
 
-def solo_runtime(source: ModelSource, head: Stage, drafter_factory, tokenizer=None, *, curve=None,
-                 **kw) -> Runtime:
+def solo_runtime(source: ModelSource, head: Stage, drafter_factory, tokenizer=None, *, curve=None, **kw) -> Runtime:
     """A one-device ring: this device holds every layer (no mesh). Tests and ``serve --solo`` use it."""
     rt = Runtime(source, head, drafter_factory, tokenizer=tokenizer, **kw)
     rt.install_worker(head)

@@ -56,7 +56,7 @@ class TextStream:
         # (space clean-up), send nothing rather than text that contradicts what was sent.
         if len(upto) <= len(self.sent) or not upto.startswith(self.sent):
             return ""
-        delta = upto[len(self.sent):]
+        delta = upto[len(self.sent) :]
         self.sent = upto
         return delta
 

@@ -35,9 +35,17 @@ def mesh3(tmp_path_factory):
 
 
 def complete(url: str, question: str, mode: str, max_tokens: int) -> tuple[int, dict]:
-    return http("POST", url + "/v1/chat/completions", {
-        "model": MODEL, "messages": [{"role": "user", "content": question}], "max_tokens": max_tokens,
-        "temperature": 0, "mode": mode})
+    return http(
+        "POST",
+        url + "/v1/chat/completions",
+        {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": question}],
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "mode": mode,
+        },
+    )
 
 
 def test_three_daemons_every_peer_every_mode_equals_greedy(mesh3, embedded, embedded_tokenizer):
@@ -55,15 +63,17 @@ def test_three_daemons_every_peer_every_mode_equals_greedy(mesh3, embedded, embe
     for peer in range(3):
         client = OpenAI(base_url=mesh3.url(peer) + "/v1", api_key="unused", max_retries=0, timeout=120)
         for mode in ("ar", "chunk", "flow"):
-            whole = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=24, temperature=0,
-                                                   extra_body={"mode": mode})
+            whole = client.chat.completions.create(
+                model=MODEL, messages=msgs, max_tokens=24, temperature=0, extra_body={"mode": mode}
+            )
             ext = whole.model_extra["meshd"]
             assert ext["mode"] == mode and whole.usage.prompt_tokens == len(prompt)
             assert_matches_greedy(ext["token_ids"], want, gaps)
             if mode != "ar":
                 accepted[mode].append(ext["mean_accepted"])
-            stream = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=24, temperature=0,
-                                                    stream=True, extra_body={"mode": mode})
+            stream = client.chat.completions.create(
+                model=MODEL, messages=msgs, max_tokens=24, temperature=0, stream=True, extra_body={"mode": mode}
+            )
             text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
             assert text == whole.choices[0].message.content, (peer, mode)
     # the default drafter really speculates across the sockets: drafted tokens were accepted, so prunes and
@@ -79,8 +89,10 @@ def test_two_originators_share_the_ring(mesh3, embedded, embedded_tokenizer):
     before = sum(s["shared_forwards"] for s in _stages(mesh3, [0, 1, 2]))
     qs = [q["turns"][0] for q in prompts(1, categories=3)[1:3]]
     results: dict[int, tuple[int, dict]] = {}
-    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, complete(mesh3.url(i), qs[i], "flow", 32)))
-               for i in range(2)]
+    threads = [
+        threading.Thread(target=lambda i=i: results.__setitem__(i, complete(mesh3.url(i), qs[i], "flow", 32)))
+        for i in range(2)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -105,9 +117,20 @@ def _metric(url: str, name: str) -> float:
 def test_client_disconnect_frees_every_stage(mesh3):
     disconnects = _metric(mesh3.url(1), "meshd_api_client_disconnects_total")
     conn = HTTPConnection("127.0.0.1", mesh3.ports[1], timeout=60)
-    conn.request("POST", "/v1/chat/completions", json.dumps({
-        "model": MODEL, "messages": [{"role": "user", "content": "Tell me a very long story."}],
-        "max_tokens": 400, "temperature": 0, "stream": True}), {"content-type": "application/json"})
+    conn.request(
+        "POST",
+        "/v1/chat/completions",
+        json.dumps(
+            {
+                "model": MODEL,
+                "messages": [{"role": "user", "content": "Tell me a very long story."}],
+                "max_tokens": 400,
+                "temperature": 0,
+                "stream": True,
+            }
+        ),
+        {"content-type": "application/json"},
+    )
     resp = conn.getresponse()
     assert resp.status == 200
     for _ in range(6):  # a few SSE lines: the request is live on every stage now
@@ -124,12 +147,15 @@ def test_client_disconnect_frees_every_stage(mesh3):
     assert _metric(mesh3.url(1), "meshd_stage_sessions") == 0
 
 
-@pytest.mark.parametrize(("body", "code"), [
-    ({"model": MODEL, "messages": "hi"}, 400),
-    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": -5}, 400),
-    ({"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}, 404),
-    ({"model": MODEL, "messages": [{"role": "user", "content": "x" * (10 << 20)}]}, 413),
-])
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        ({"model": MODEL, "messages": "hi"}, 400),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": -5}, 400),
+        ({"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}, 404),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x" * (10 << 20)}]}, 413),
+    ],
+)
 def test_bad_input_gets_openai_errors_and_the_daemon_keeps_serving(mesh3, body, code):
     status, err = http("POST", mesh3.url(0) + "/v1/chat/completions", body)
     assert status == code and set(err["error"]) >= {"message", "type", "code"}
@@ -150,9 +176,14 @@ def _kill_a_stage_and_recover(mesh3: Mesh, embedded, embedded_tokenizer) -> None
     victim = next(i for i in range(3) if mesh3.node_id(i) == last_stage)
     origin = (victim + 1) % 3  # the originator survives; the stage it depends on dies
     result: dict = {}
-    t = threading.Thread(target=lambda: result.update(
-        zip(("code", "body"), complete(mesh3.url(origin), "Write a long story about a lighthouse keeper.", "flow",
-                                       400))))
+    t = threading.Thread(
+        target=lambda: result.update(
+            zip(
+                ("code", "body"),
+                complete(mesh3.url(origin), "Write a long story about a lighthouse keeper.", "flow", 400),
+            )
+        )
+    )
     t.start()
     time.sleep(3)
     mesh3.kill(victim)

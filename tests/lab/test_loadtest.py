@@ -24,23 +24,42 @@ def test_statistics():
     assert loadtest.percentile([1.0, 2.0, 3.0, 4.0], 95) == 4.0 and math.isnan(loadtest.percentile([], 50))
     assert loadtest.per_token_latency(1.0, 2.0, 11) == pytest.approx(0.1)
     assert math.isnan(loadtest.per_token_latency(1.0, 1.0, 1)) and math.isnan(loadtest.per_token_latency(None, 2, 5))
-    ok = {"ok": True, "start": 0.0, "end": 2.0, "ttft": 0.5, "tpot": 0.1, "tokens": 10, "rounds": 4,
-          "verified_nodes": 20}
-    row = loadtest.summarize([ok, ok | {"start": 1.0, "end": 4.0}, {"ok": False, "error": "HTTP 503", "start": 2.0}],
-                             0.5, "flow")
+    ok = {
+        "ok": True,
+        "start": 0.0,
+        "end": 2.0,
+        "ttft": 0.5,
+        "tpot": 0.1,
+        "tokens": 10,
+        "rounds": 4,
+        "verified_nodes": 20,
+    }
+    row = loadtest.summarize(
+        [ok, ok | {"start": 1.0, "end": 4.0}, {"ok": False, "error": "HTTP 503", "start": 2.0}], 0.5, "flow"
+    )
     assert row["completed"] == 2 and row["failed"] == 1 and row["errors"] == ["HTTP 503"]
     assert row["throughput"] == pytest.approx(20 / 4.0) and row["mean_accepted"] == 2.5
     assert row["nodes_per_round"] == 5.0 and row["ttft_p50"] == 0.5
 
 
 async def test_streamed_requests_against_the_rest_api(rt, url):
-    row = await loadtest.run_rate([url], rt.model_name, ["Hi there", "Tell me more"], rate=20.0, n=4, mode="flow",
-                                  max_tokens=8, temperature=0.0, seed=0)
+    row = await loadtest.run_rate(
+        [url],
+        rt.model_name,
+        ["Hi there", "Tell me more"],
+        rate=20.0,
+        n=4,
+        mode="flow",
+        max_tokens=8,
+        temperature=0.0,
+        seed=0,
+    )
     assert row["completed"] == 4 and row["failed"] == 0, row
     assert row["tokens"] > 0 and row["throughput"] > 0 and row["ttft_p50"] > 0
     assert row["mean_accepted"] >= 1.0  # from the daemon's own stats in the final chunk
-    bad = await loadtest.run_rate([url + "/nope"], rt.model_name, ["Hi"], rate=50.0, n=2, mode="flow", max_tokens=4,
-                                  temperature=0.0, seed=0)
+    bad = await loadtest.run_rate(
+        [url + "/nope"], rt.model_name, ["Hi"], rate=50.0, n=2, mode="flow", max_tokens=4, temperature=0.0, seed=0
+    )
     assert bad["completed"] == 0 and bad["failed"] == 2 and bad["errors"][0].startswith("HTTP 404")
 
 

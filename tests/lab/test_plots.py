@@ -12,23 +12,60 @@ from meshd.lab import plots
 
 
 def bench_record(stages: int, link: str | None, speeds: dict[str, float], qids=(1, 2)) -> dict:
-    runs = [{"question_id": q, "category": "math", "mode": m, "new_tokens": 100, "rounds": 50, "mean_accepted": 2.0,
-             "target_forwards": 50, "seconds": 100 / v, "tokens_per_s": v} for q in qids for m, v in speeds.items()]
-    summary = {f"{c}/{m}": {"tokens_per_s": v, "mean_accepted": 1.5}
-               for c in ("math", "ALL") for m, v in speeds.items()}
-    return {"config": {"backend": "daemons", "stages": stages, "link": link, "device_slowdown": 1.0,
-                       "backend_info": f"{stages} daemons on loopback (1 thread each, sharing 2 cores)"},
-            "machine": {}, "summary": summary, "runs": runs}
+    runs = [
+        {
+            "question_id": q,
+            "category": "math",
+            "mode": m,
+            "new_tokens": 100,
+            "rounds": 50,
+            "mean_accepted": 2.0,
+            "target_forwards": 50,
+            "seconds": 100 / v,
+            "tokens_per_s": v,
+        }
+        for q in qids
+        for m, v in speeds.items()
+    ]
+    summary = {
+        f"{c}/{m}": {"tokens_per_s": v, "mean_accepted": 1.5} for c in ("math", "ALL") for m, v in speeds.items()
+    }
+    return {
+        "config": {
+            "backend": "daemons",
+            "stages": stages,
+            "link": link,
+            "device_slowdown": 1.0,
+            "backend_info": f"{stages} daemons on loopback (1 thread each, sharing 2 cores)",
+        },
+        "machine": {},
+        "summary": summary,
+        "runs": runs,
+    }
 
 
 def sim_record(stages: int, rate: float, nodes: float) -> dict:
-    s = {"throughput": 10.0 + rate, "tpot_p50": 0.1, "tpot_p95": 0.2, "ttft_p50": 0.5, "ttft_p95": 0.9,
-         "nodes_per_round": nodes, "mean_accepted": 1.5, "utilisation": [0.5] * stages}
-    return {"label": "simulated", "config": {"stages": stages, "rate": rate, "link": "1ms/150mbit"},
-            "profile": {"name": "jetson-orin-7b"}, "summary": {"flow": s, "ar": s | {"nodes_per_round": 1.0}},
-            "ratios": {"flow/ar": 2.0, "flow/chunk": 1.3},
-            "timeline": [{"device": d, "kind": k, "start": 0.01 * i, "end": 0.01 * i + 0.005, "requests": ["r"],
-                          "rows": 4} for i, (d, k) in enumerate([(0, "originator"), (0, "stage"), (1, "stage")] * 5)]}
+    s = {
+        "throughput": 10.0 + rate,
+        "tpot_p50": 0.1,
+        "tpot_p95": 0.2,
+        "ttft_p50": 0.5,
+        "ttft_p95": 0.9,
+        "nodes_per_round": nodes,
+        "mean_accepted": 1.5,
+        "utilisation": [0.5] * stages,
+    }
+    return {
+        "label": "simulated",
+        "config": {"stages": stages, "rate": rate, "link": "1ms/150mbit"},
+        "profile": {"name": "jetson-orin-7b"},
+        "summary": {"flow": s, "ar": s | {"nodes_per_round": 1.0}},
+        "ratios": {"flow/ar": 2.0, "flow/chunk": 1.3},
+        "timeline": [
+            {"device": d, "kind": k, "start": 0.01 * i, "end": 0.01 * i + 0.005, "requests": ["r"], "rows": 4}
+            for i, (d, k) in enumerate([(0, "originator"), (0, "stage"), (1, "stage")] * 5)
+        ],
+    }
 
 
 def write(tmp_path, name: str, rec: dict):
@@ -38,11 +75,13 @@ def write(tmp_path, name: str, rec: dict):
 
 
 def test_every_plot_from_complete_records(tmp_path, capsys):
-    files = [write(tmp_path, "b2.json", bench_record(2, None, {"ar": 10, "chunk": 12, "flow": 14})),
-             write(tmp_path, "b3.json", bench_record(3, None, {"ar": 9, "chunk": 11, "flow": 14})),
-             write(tmp_path, "b2l.json", bench_record(2, "5ms/100mbit", {"ar": 8, "chunk": 9, "flow": 11})),
-             write(tmp_path, "s1.json", sim_record(5, 0.5, 30.0)),
-             write(tmp_path, "s2.json", sim_record(5, 2.0, 12.0))]
+    files = [
+        write(tmp_path, "b2.json", bench_record(2, None, {"ar": 10, "chunk": 12, "flow": 14})),
+        write(tmp_path, "b3.json", bench_record(3, None, {"ar": 9, "chunk": 11, "flow": 14})),
+        write(tmp_path, "b2l.json", bench_record(2, "5ms/100mbit", {"ar": 8, "chunk": 9, "flow": 11})),
+        write(tmp_path, "s1.json", sim_record(5, 0.5, 30.0)),
+        write(tmp_path, "s2.json", sim_record(5, 2.0, 12.0)),
+    ]
     assert cli.main(["plot", *files, "--out", str(tmp_path / "png")]) == 0
     out = capsys.readouterr().out
     assert "skipped" not in out, out

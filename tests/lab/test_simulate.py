@@ -49,11 +49,18 @@ def tiny(tmp_path_factory) -> tuple[ModelSource, Stage]:
     return src, Stage.load(src, dtype="fp32")
 
 
-def synthetic(stage_cost: float, head: float = 0.0, n_layers: int = 3, hidden: int = 64, wire_bytes: int = 4,
-              draft: DraftCost | None = None) -> Profile:
+def synthetic(
+    stage_cost: float,
+    head: float = 0.0,
+    n_layers: int = 3,
+    hidden: int = 64,
+    wire_bytes: int = 4,
+    draft: DraftCost | None = None,
+) -> Profile:
     """One layer per stage at a constant cost (any rows), a constant LM head, free drafting by default."""
-    return Profile("synthetic", n_layers, hidden, flat(stage_cost), flat(head), flat(0.0), draft or DraftCost(),
-                   wire_bytes)
+    return Profile(
+        "synthetic", n_layers, hidden, flat(stage_cost), flat(head), flat(0.0), draft or DraftCost(), wire_bytes
+    )
 
 
 def prompt_of(n: int, seed: int) -> list[int]:
@@ -64,21 +71,42 @@ def factory(kind: str, full: Stage):
     return NGramDrafter if kind == "ngram" else (lambda: ModelDrafter(full))  # the target itself: perfect drafts
 
 
-def run_one(full: Stage, mode: str, *, stages: int = 3, profile: Profile | None = None, link: Link | None = None,
-            drafter: str = "self", origins=(None,), n: int = 40, prompt: list[int] | None = None, **kw):
-    sim = Simulation(full, factory(drafter, full), stages=stages, profile=profile or synthetic(1.0),
-                     link=link or Link(), origins=origins, **kw)
+def run_one(
+    full: Stage,
+    mode: str,
+    *,
+    stages: int = 3,
+    profile: Profile | None = None,
+    link: Link | None = None,
+    drafter: str = "self",
+    origins=(None,),
+    n: int = 40,
+    prompt: list[int] | None = None,
+    **kw,
+):
+    sim = Simulation(
+        full,
+        factory(drafter, full),
+        stages=stages,
+        profile=profile or synthetic(1.0),
+        link=link or Link(),
+        origins=origins,
+        **kw,
+    )
     sim.add(Request("r", prompt or prompt_of(75, 1), n, mode))  # 75 tokens: two prefill chunks
     res = sim.run()
     return res, res.requests["r"]
 
 
 @pytest.mark.parametrize("mode", ["ar", "chunk", "flow"])
-@pytest.mark.parametrize(("drafter", "origins", "link", "cores"), [
-    ("ngram", (None,), Link(), None),
-    ("self", (0,), Link(2e-3, 150e6), None),  # meshd's layout: the originator shares stage 0's device
-    ("self", (None,), Link(1e-3, 1e9), 2),  # two cores shared by every device, as on this machine
-])
+@pytest.mark.parametrize(
+    ("drafter", "origins", "link", "cores"),
+    [
+        ("ngram", (None,), Link(), None),
+        ("self", (0,), Link(2e-3, 150e6), None),  # meshd's layout: the originator shares stage 0's device
+        ("self", (None,), Link(1e-3, 1e9), 2),  # two cores shared by every device, as on this machine
+    ],
+)
 def test_decisions_are_greedy_exact(tiny, mode, drafter, origins, link, cores):
     """The simulator only adds a clock: the tokens are plain greedy decoding's in every mode and layout."""
     _, full = tiny
@@ -99,8 +127,9 @@ def test_ar_timing_matches_hand_computation(tiny, shared):
     Shared with stage 0: the last hop returns to stage 0's device, so K hops."""
     _, full = tiny
     k, c, lat, h = 3, 0.020, 0.003, 0.005
-    res, tr = run_one(full, "ar", stages=k, profile=synthetic(c, head=h), link=Link(lat),
-                      origins=(0,) if shared else (None,))
+    res, tr = run_one(
+        full, "ar", stages=k, profile=synthetic(c, head=h), link=Link(lat), origins=(0,) if shared else (None,)
+    )
     period = k * c + (k if shared else k + 1) * lat + h
     assert summarize([res])["decode_tokens_per_s"] == pytest.approx(1 / period, rel=0.01)
     # prefill: two chunks pipelined through K stages (K+1 forwards on the critical path), then the head
@@ -141,8 +170,14 @@ def test_utilisation_timeline_and_load(tiny):
     prompts = [prompt_of(20 + 5 * i, 10 + i) for i in range(4)]
 
     def run():
-        sim = Simulation(full, NGramDrafter, stages=2, profile=synthetic(0.05, head=0.01, n_layers=2),
-                         link=Link(1e-3, 100e6), origins=(0, 1))
+        sim = Simulation(
+            full,
+            NGramDrafter,
+            stages=2,
+            profile=synthetic(0.05, head=0.01, n_layers=2),
+            link=Link(1e-3, 100e6),
+            origins=(0, 1),
+        )
         for i, at in enumerate(poisson_arrivals(len(prompts), rate=20.0, seed=7)):
             sim.add(Request(f"r{i}", prompts[i], 16, ["ar", "chunk", "flow", "flow"][i]), at, origin=i % 2)
         return sim.run()
@@ -206,11 +241,22 @@ def test_calibration_inputs_and_errors():
     assert calibration_specs(spec) == [spec] == calibration_specs({"calibration": [spec]})
     rows = calibration_rows(spec, {"ar": 11.0, "flow": 19.0, "chunk": 5.0})
     assert [(r["mode"], round(r["rel_error"], 3)) for r in rows] == [("ar", 0.1), ("flow", -0.05)]
-    bench_record = {"config": {"stages": 3, "link": "5ms/100mbit", "threads": 1, "max_tokens": 64,
-                               "drafter": "ngram", "device_slowdown": 1.0},
-                    "summary": {"ALL/ar": {"tokens_per_s": 3.0}, "ALL/flow": {"tokens_per_s": 6.0},
-                                "writing/ar": {"tokens_per_s": 9.0}},
-                    "runs": [{"question_id": 81, "mode": "ar"}, {"question_id": 81, "mode": "flow"}]}
+    bench_record = {
+        "config": {
+            "stages": 3,
+            "link": "5ms/100mbit",
+            "threads": 1,
+            "max_tokens": 64,
+            "drafter": "ngram",
+            "device_slowdown": 1.0,
+        },
+        "summary": {
+            "ALL/ar": {"tokens_per_s": 3.0},
+            "ALL/flow": {"tokens_per_s": 6.0},
+            "writing/ar": {"tokens_per_s": 9.0},
+        },
+        "runs": [{"question_id": 81, "mode": "ar"}, {"question_id": 81, "mode": "flow"}],
+    }
     (s,) = calibration_specs(bench_record)
     assert s["stages"] == 3 and s["modes"] == {"ar": 3.0, "flow": 6.0} and s["question_ids"] == [81]
     with pytest.raises(ValueError):
@@ -238,8 +284,28 @@ def test_cli_prints_simulated_table(tiny_env, capsys, tmp_path):
     prof = tmp_path / "p.json"
     prof.write_text(json.dumps(synthetic(0.01, head=0.002).to_json()))
     out = tmp_path / "rec.json"
-    assert cli.main(["simulate", "--stages", "3", "--profile", str(prof), "--link", "1ms/150mbit", "--prompts", "2",
-                     "--max-tokens", "12", "--drafter", "ngram", "--out", str(out)]) == 0
+    assert (
+        cli.main(
+            [
+                "simulate",
+                "--stages",
+                "3",
+                "--profile",
+                str(prof),
+                "--link",
+                "1ms/150mbit",
+                "--prompts",
+                "2",
+                "--max-tokens",
+                "12",
+                "--drafter",
+                "ngram",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr()
     assert "SIMULATED" in text.out and "flow/chunk" in text.out and "decode tok/s (simulated)" in text.out
     assert "[6/6]" in text.err  # progress: 2 prompts x 3 modes
@@ -255,8 +321,19 @@ def test_cli_calibration_against_a_measured_record(tiny_env, capsys, tmp_path, m
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     rec = tmp_path / "measured.json"
-    rec.write_text(json.dumps({"stages": 2, "link": "1ms/1000mbit", "threads_per_stage": 1, "max_tokens": 8,
-                               "prompts": 1, "drafter": "ngram", "modes": {"ar": 50.0, "flow": 80.0}}))
+    rec.write_text(
+        json.dumps(
+            {
+                "stages": 2,
+                "link": "1ms/1000mbit",
+                "threads_per_stage": 1,
+                "max_tokens": 8,
+                "prompts": 1,
+                "drafter": "ngram",
+                "modes": {"ar": 50.0, "flow": 80.0},
+            }
+        )
+    )
     assert cli.main(["simulate", "--calibrate-with", str(rec), "--fit-scale", "none", "--json"]) == 0
     raw = json.loads(capsys.readouterr().out)
     assert raw["profile"]["name"] == "this-device" and list((tmp_path / "cache").rglob("sim-*.json"))
@@ -284,7 +361,7 @@ def test_fit_scale_and_hop_recovers_both_and_refuses_one_mesh_size():
     assert scale == pytest.approx(1.3) and hop == pytest.approx(0.012)
     # a bigger mesh that is relatively faster: no overhead to fit, the factor alone
     scale, hop = simulate.fit_scale_and_hop([(2, 0.040, 0.052), (3, 0.041, 0.050)])
-    assert hop == 0.0 and scale == pytest.approx((0.040 * 0.052 + 0.041 * 0.050) / (0.040 ** 2 + 0.041 ** 2))
+    assert hop == 0.0 and scale == pytest.approx((0.040 * 0.052 + 0.041 * 0.050) / (0.040**2 + 0.041**2))
     with pytest.raises(ValueError, match="two stage counts"):
         simulate.fit_scale_and_hop([(2, 0.04, 0.05), (2, 0.05, 0.06)])
 
@@ -298,8 +375,19 @@ def test_cli_calibration_fits_a_per_message_overhead(tiny_env, capsys, tmp_path,
     recs = []
     for k, rate in ((2, 50.0), (3, 40.0)):
         p = tmp_path / f"m{k}.json"
-        p.write_text(json.dumps({"stages": k, "link": "0/inf", "threads_per_stage": 1, "max_tokens": 8, "prompts": 1,
-                                 "drafter": "ngram", "modes": {"ar": rate, "flow": rate * 1.2}}))
+        p.write_text(
+            json.dumps(
+                {
+                    "stages": k,
+                    "link": "0/inf",
+                    "threads_per_stage": 1,
+                    "max_tokens": 8,
+                    "prompts": 1,
+                    "drafter": "ngram",
+                    "modes": {"ar": rate, "flow": rate * 1.2},
+                }
+            )
+        )
         recs.append(str(p))
     assert cli.main(["simulate", "--calibrate-with", *recs, "--fit-hop", "--json"]) == 0
     fit = json.loads(capsys.readouterr().out)

@@ -8,14 +8,31 @@ from peers.codec import PROTO_VERSION
 from peers.discovery import Discovery, txt_record
 from peers.hello import Hello
 
-LOCAL = Hello("aa11", "inst-a", 0.0, "home", "fp-smollm2", 3 << 30, compute_score=2.5, api_port=8090,
-              cost_curve={1: 0.02, 64: 0.05})
+LOCAL = Hello(
+    "aa11",
+    "inst-a",
+    0.0,
+    "home",
+    "fp-smollm2",
+    3 << 30,
+    compute_score=2.5,
+    api_port=8090,
+    cost_curve={1: 0.02, 64: 0.05},
+)
 
 
 def test_txt_record_has_the_small_part_and_no_cost_curve():
     txt = txt_record(LOCAL)
-    assert txt == {"pv": str(PROTO_VERSION), "mesh": "home", "fp": "fp-smollm2", "id": "aa11", "inst": "inst-a",
-                   "mem": str(3 << 30), "cs": "2.5", "port": "8090"}
+    assert txt == {
+        "pv": str(PROTO_VERSION),
+        "mesh": "home",
+        "fp": "fp-smollm2",
+        "id": "aa11",
+        "inst": "inst-a",
+        "mem": str(3 << 30),
+        "cs": "2.5",
+        "port": "8090",
+    }
     assert all(isinstance(v, str) for v in txt.values())  # the curve travels in the handshake, never in TXT
 
 
@@ -57,4 +74,5 @@ async def test_an_ignored_peer_is_logged_once(caplog, monkeypatch):
             await d._resolve("cc33._meshd._tcp.local.")
     assert found == []
     assert [r.getMessage() for r in caplog.records].count(
-        "mDNS: ignoring cc33._meshd._tcp.local.: it has another mesh name 'office' (this daemon is in 'home')") == 1
+        "mDNS: ignoring cc33._meshd._tcp.local.: it has another mesh name 'office' (this daemon is in 'home')"
+    ) == 1

@@ -97,8 +97,17 @@ async def test_two_nodes_plan_and_exchange_data(mesh):
         await inbox.put((sender, msg))
 
     b.on("segment", on_segment)
-    seg = Message("segment", {"seq": 1, "hidden": torch.randn(16, 576).half(), "positions": [0], "parents": [-1],
-                              "nodes": [0], "origin": a.node_id})
+    seg = Message(
+        "segment",
+        {
+            "seq": 1,
+            "hidden": torch.randn(16, 576).half(),
+            "positions": [0],
+            "parents": [-1],
+            "nodes": [0],
+            "origin": a.node_id,
+        },
+    )
     await a.send(b.node_id, replace(seg, request_id=42))
     sender, got = await asyncio.wait_for(inbox.get(), 5)
     assert sender == a.node_id and got.request_id == 42 and got.epoch == a.committed_plan.epoch
@@ -174,8 +183,12 @@ async def test_round_trip_time_on_loopback(mesh, capsys):
     back: asyncio.Queue = asyncio.Queue()
 
     async def echo(sender: str, msg: Message) -> None:
-        await b.send(sender, Message("result", {"seq": msg["seq"], "nodes": msg["nodes"], "hidden": msg["hidden"]},
-                                     request_id=msg.request_id))
+        await b.send(
+            sender,
+            Message(
+                "result", {"seq": msg["seq"], "nodes": msg["nodes"], "hidden": msg["hidden"]}, request_id=msg.request_id
+            ),
+        )
 
     async def returned(sender: str, msg: Message) -> None:
         await back.put(msg)
@@ -184,8 +197,17 @@ async def test_round_trip_time_on_loopback(mesh, capsys):
     a.on("result", returned)
     results = {}
     for rows in (1, 16):
-        seg = Message("segment", {"seq": 0, "hidden": torch.randn(rows, 576).half(), "positions": [0],
-                                  "parents": [-1], "nodes": [0], "origin": a.node_id})
+        seg = Message(
+            "segment",
+            {
+                "seq": 0,
+                "hidden": torch.randn(rows, 576).half(),
+                "positions": [0],
+                "parents": [-1],
+                "nodes": [0],
+                "origin": a.node_id,
+            },
+        )
         times = []
         for i in range(100):
             t0 = time.perf_counter()

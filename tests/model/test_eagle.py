@@ -35,8 +35,9 @@ def tiny(tiny_dir):
     return src, Stage.load(src, dtype="fp32")
 
 
-def random_head(target: Stage, fingerprint: str | None = None, vocab: list[int] | None = None, seed: int = 0,
-                **kw) -> EagleHead:
+def random_head(
+    target: Stage, fingerprint: str | None = None, vocab: list[int] | None = None, seed: int = 0, **kw
+) -> EagleHead:
     torch.manual_seed(seed)
     hc = HeadConfig.for_target(target.cfg, target_fingerprint=fingerprint, draft_vocab_size=len(vocab or []), **kw)
     head = EagleHead(hc, target.cfg)
@@ -55,10 +56,17 @@ def hf_layer_reference(head: EagleHead, target: Stage, tokens: list[int], feats:
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
     hc = head.hc
-    cfg = LlamaConfig(hidden_size=hc.hidden_size, intermediate_size=hc.intermediate_size,
-                      num_attention_heads=hc.n_heads, num_key_value_heads=hc.n_kv_heads, rms_norm_eps=hc.rms_eps,
-                      vocab_size=hc.vocab_size, rope_theta=target.cfg.rope_theta, head_dim=hc.head_dim,
-                      max_position_embeddings=512)
+    cfg = LlamaConfig(
+        hidden_size=hc.hidden_size,
+        intermediate_size=hc.intermediate_size,
+        num_attention_heads=hc.n_heads,
+        num_key_value_heads=hc.n_kv_heads,
+        rms_norm_eps=hc.rms_eps,
+        vocab_size=hc.vocab_size,
+        rope_theta=target.cfg.rope_theta,
+        head_dim=hc.head_dim,
+        max_position_embeddings=512,
+    )
     cfg._attn_implementation = "eager"
     layer = LlamaDecoderLayer(cfg, 0).eval()
     full = head.state_for_file(torch.float32)
@@ -88,8 +96,7 @@ def test_own_format_roundtrip_and_target_check(tiny, tmp_path):
         torch.testing.assert_close(a.half().float(), b)  # the file is fp16
     want = hf_layer_reference(loaded, target, toks, feats)
     d = EagleDrafter(loaded, target)
-    got = loaded.step(target.embed(toks), feats, d.cache, torch.arange(4),
-                      torch.ones(4, 4, dtype=torch.bool).tril())
+    got = loaded.step(target.embed(toks), feats, d.cache, torch.arange(4), torch.ones(4, 4, dtype=torch.bool).tril())
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     # a head trained for another target is refused, with a message that says what to do
     with pytest.raises(ModelError, match=r"trained for target .* train-draft"):
@@ -114,17 +121,37 @@ def write_public_eagle(path, target: Stage, seed: int = 1) -> dict[str, torch.Te
     def r(*shape):
         return 0.2 * torch.randn(*shape, generator=g)
 
-    sd = {"fc.weight": r(h, 2 * h), "fc.bias": r(h), "layers.0.self_attn.q_proj.weight": r(q, h),
-          "layers.0.self_attn.k_proj.weight": r(kv, h), "layers.0.self_attn.v_proj.weight": r(kv, h),
-          "layers.0.self_attn.o_proj.weight": r(h, q), "layers.0.mlp.gate_proj.weight": r(inter, h),
-          "layers.0.mlp.up_proj.weight": r(inter, h), "layers.0.mlp.down_proj.weight": r(h, inter),
-          "layers.0.post_attention_layernorm.weight": 1 + r(h), "embed_tokens.weight": r(cfg.vocab_size, h)}
+    sd = {
+        "fc.weight": r(h, 2 * h),
+        "fc.bias": r(h),
+        "layers.0.self_attn.q_proj.weight": r(q, h),
+        "layers.0.self_attn.k_proj.weight": r(kv, h),
+        "layers.0.self_attn.v_proj.weight": r(kv, h),
+        "layers.0.self_attn.o_proj.weight": r(h, q),
+        "layers.0.mlp.gate_proj.weight": r(inter, h),
+        "layers.0.mlp.up_proj.weight": r(inter, h),
+        "layers.0.mlp.down_proj.weight": r(h, inter),
+        "layers.0.post_attention_layernorm.weight": 1 + r(h),
+        "embed_tokens.weight": r(cfg.vocab_size, h),
+    }
     path.mkdir(parents=True)
     save_file(sd, str(path / "model.safetensors"))
-    (path / "config.json").write_text(json.dumps({
-        "architectures": ["LlamaForCausalLM"], "hidden_size": h, "intermediate_size": inter,
-        "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "rms_norm_eps": cfg.rms_eps,
-        "vocab_size": cfg.vocab_size, "rope_theta": cfg.rope_theta, "bias": True, "num_hidden_layers": 1}))
+    (path / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": ["LlamaForCausalLM"],
+                "hidden_size": h,
+                "intermediate_size": inter,
+                "num_attention_heads": cfg.n_heads,
+                "num_key_value_heads": cfg.n_kv_heads,
+                "rms_norm_eps": cfg.rms_eps,
+                "vocab_size": cfg.vocab_size,
+                "rope_theta": cfg.rope_theta,
+                "bias": True,
+                "num_hidden_layers": 1,
+            }
+        )
+    )
     return sd
 
 
@@ -163,13 +190,23 @@ def test_unroll_matches_drafting(tiny):
     for q in (3, 6, 8):
         cache = d.fresh().cache
         with torch.inference_mode():  # the drafting path: packed weights, the rope table
-            o = head.step(target.embed(toks[0, :q]), feats[0, :q], cache, torch.arange(q),
-                          torch.ones(q, q, dtype=torch.bool).tril())[-1]
+            o = head.step(
+                target.embed(toks[0, :q]),
+                feats[0, :q],
+                cache,
+                torch.arange(q),
+                torch.ones(q, q, dtype=torch.bool).tril(),
+            )[-1]
             torch.testing.assert_close(o, outs[0][0, q - 1], atol=1e-3, rtol=1e-4)
             for s in (2, 3):  # feed the prediction back, one tree level per step
                 row = q + s - 2
-                o = head.step(target.embed(toks[0, row:row + 1]), o[None], cache, torch.tensor([row]),
-                              torch.ones(1, cache.length + 1, dtype=torch.bool))[0]
+                o = head.step(
+                    target.embed(toks[0, row : row + 1]),
+                    o[None],
+                    cache,
+                    torch.tensor([row]),
+                    torch.ones(1, cache.length + 1, dtype=torch.bool),
+                )[0]
                 torch.testing.assert_close(o, outs[s - 1][0, row], atol=1e-3, rtol=1e-4)
     # the rope table grows past its first size and still equals the direct formula
     pos = torch.tensor([0, 5, 700, 1500])
@@ -212,8 +249,9 @@ def test_draft_cache_cropped_across_rounds(tiny):
     _, target = tiny
     drafter = CheckingDrafter(EagleDrafter(random_head(target), target))
     prompt = list(range(5, 25))
-    res = generate(target, prompt, max_new_tokens=40, drafter=drafter, top_k=3, depth=4, pool=24,
-                   budget=TreeBudget(CURVES["flat"]))
+    res = generate(
+        target, prompt, max_new_tokens=40, drafter=drafter, top_k=3, depth=4, pool=24, budget=TreeBudget(CURVES["flat"])
+    )
     assert res.stats.rounds >= 5 and drafter.checked > 30
 
 
@@ -231,8 +269,16 @@ def test_tiny_oracle_with_eagle(tmp_path, seed, kind):
     g = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, 64, (12,), generator=g).tolist()
     want, gaps = greedy_reference(target, prompt, 32, set())
-    res = generate(target, prompt, max_new_tokens=32, drafter=drafter, top_k=4, depth=5, pool=48,
-                   budget=TreeBudget(CURVES[["steep", "flat"][seed]]))  # both kinds of cost curve stay exact
+    res = generate(
+        target,
+        prompt,
+        max_new_tokens=32,
+        drafter=drafter,
+        top_k=4,
+        depth=5,
+        pool=48,
+        budget=TreeBudget(CURVES[["steep", "flat"][seed]]),
+    )  # both kinds of cost curve stay exact
     assert_matches_greedy(res.token_ids, want, gaps)
     assert res.stats.new_tokens == 32
 
@@ -245,8 +291,8 @@ def test_batch_generate_and_store(tiny, tmp_path):
     assert sorted(r.key for r in rolls) == ["a", "b", "c", "d"]
     store = DataStore(tmp_path / "data")
     for r in rolls:
-        want, _ = greedy_reference(target, r.tokens[:r.prompt_len], 16, set())
-        assert r.tokens[r.prompt_len:] == want
+        want, _ = greedy_reference(target, r.tokens[: r.prompt_len], 16, set())
+        assert r.tokens[r.prompt_len :] == want
         assert r.feats.shape == (len(r.tokens) - 1, 64)
         cache = target.new_cache()
         h = target.forward_one(target.embed(r.tokens[:-1]), cache, torch.arange(len(r.tokens) - 1))
@@ -280,16 +326,18 @@ def test_train_resume_and_simulate(tiny, tmp_path):
     state = train_head(head, target, seqs, tc, tmp_path / "ckpt", lm_rows=target.lm_head_w, log_every=2)
     hist = state["history"]
     assert hist[-1]["loss"] < hist[0]["loss"]
-    again = train_head(random_head(target, vocab=ids.tolist()), target, seqs, tc, tmp_path / "ckpt",
-                       lm_rows=target.lm_head_w)
+    again = train_head(
+        random_head(target, vocab=ids.tolist()), target, seqs, tc, tmp_path / "ckpt", lm_rows=target.lm_head_w
+    )
     assert again["step"] == state["step"] and again["history"] == hist  # nothing redone
     # replay vs engine: same per-round accepted lengths on a greedy rollout
     r = rolls[0]
     d = EagleDrafter(head, target)
     sim = simulate(d, r, top_k=4, depth=4, pool=32, nodes=8)
-    res = generate(target, r.tokens[:r.prompt_len], max_new_tokens=40, drafter=d, top_k=4, depth=4, pool=32,
-                   budget=FixedBudget(8))
-    assert res.token_ids == r.tokens[r.prompt_len:]
+    res = generate(
+        target, r.tokens[: r.prompt_len], max_new_tokens=40, drafter=d, top_k=4, depth=4, pool=32, budget=FixedBudget(8)
+    )
+    assert res.token_ids == r.tokens[r.prompt_len :]
     assert res.stats.per_round == sim
 
 
@@ -311,8 +359,14 @@ def test_embedded_oracle_with_shipped_head(embedded, embedded_source, embedded_t
     for q in prompts(1)[:3]:
         prompt = chat_ids(embedded_tokenizer, q["turns"][0])
         want, gaps = greedy_reference(embedded, prompt, 64, set(eos))
-        res = generate(embedded, prompt, max_new_tokens=64, drafter=drafter, eos_ids=eos,
-                       budget=TreeBudget(CostCurve({1: 1.0, 8: 1.75, 64: 5.0})))  # a CPU-like curve: small trees
+        res = generate(
+            embedded,
+            prompt,
+            max_new_tokens=64,
+            drafter=drafter,
+            eos_ids=eos,
+            budget=TreeBudget(CostCurve({1: 1.0, 8: 1.75, 64: 5.0})),
+        )  # a CPU-like curve: small trees
         assert_matches_greedy(res.token_ids, want, gaps)
         accepted.append(res.stats.mean_accepted)
     # An untrained head accepts ~1.0 per round (the bonus token only); the shipped head measures 1.18 on these

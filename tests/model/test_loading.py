@@ -24,10 +24,14 @@ QTYPES = {
     "Q4_1": gguf.GGMLQuantizationType.Q4_1,
 }
 HF_TO_GGUF = {
-    "input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
-    "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
-    "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
-    "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
     "mlp.down_proj.weight": "ffn_down.weight",
 }
 
@@ -128,8 +132,9 @@ def test_embedded_model_matches_transformers_gguf_loader(embedded_source, embedd
     """transformers' own GGUF path (whole-file dequantisation) is the reference for the real file."""
     from transformers import AutoModelForCausalLM
 
-    ref = AutoModelForCausalLM.from_pretrained(str(embedded_source.path.parent), gguf_file=embedded_source.path.name,
-                                               dtype=torch.float32).eval()
+    ref = AutoModelForCausalLM.from_pretrained(
+        str(embedded_source.path.parent), gguf_file=embedded_source.path.name, dtype=torch.float32
+    ).eval()
     ids = torch.tensor([1, 504, 3458, 282, 4649, 314, 253, 1345, 30, 4236, 1098, 28, 7])
     with torch.no_grad():
         want = ref(ids[None]).logits[0]
@@ -149,8 +154,12 @@ print(json.dumps({"maxrss_kib": hwm, "weights": s.nbytes()}))
 
 
 def _peak(first: int, last: int, head: bool) -> dict:
-    out = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(first), str(last), "1" if head else "0"],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", RSS_SCRIPT, str(first), str(last), "1" if head else "0"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -82,8 +82,7 @@ def test_tiny_ar_and_eos(tiny_dir):
 
 
 def chat_ids(tok, question: str) -> list[int]:
-    out = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
-                                  tokenize=True)
+    out = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True, tokenize=True)
     return list(out["input_ids"] if hasattr(out, "keys") else out)
 
 
@@ -108,8 +107,15 @@ def test_embedded_spec_equals_greedy(embedded, embedded_references, drafter_spec
     eos = sorted(embedded.cfg.eos_token_ids)
     accepted = []
     for prompt, want, gaps in embedded_references:
-        res = generate(embedded, prompt, max_new_tokens=64, drafter=drafter, eos_ids=eos, depth=depth,
-                       budget=TreeBudget(CostCurve({1: 1.0, 8: 1.3, 64: 3.0})))
+        res = generate(
+            embedded,
+            prompt,
+            max_new_tokens=64,
+            drafter=drafter,
+            eos_ids=eos,
+            depth=depth,
+            budget=TreeBudget(CostCurve({1: 1.0, 8: 1.3, 64: 3.0})),
+        )
         assert_matches_greedy(res.token_ids, want, gaps)
         accepted.append(res.stats.mean_accepted)
     assert sum(accepted) / len(accepted) > 1.0  # the drafter was actually used, not bypassed

@@ -14,9 +14,19 @@ from models.stage import Stage, causal_mask
 CASES = {
     "llama": ("llama", {}),
     "llama-tied": ("llama", {"tie_word_embeddings": True}),
-    "llama3-rope": ("llama", {"rope_parameters": {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
-                                                  "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                                  "original_max_position_embeddings": 64}}),
+    "llama3-rope": (
+        "llama",
+        {
+            "rope_parameters": {
+                "rope_type": "llama3",
+                "rope_theta": 10000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            }
+        },
+    ),
     "linear-rope": ("llama", {"rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}}),
     "qwen2-bias": ("qwen2", {}),
     "mistral": ("mistral", {"sliding_window": None}),
@@ -35,8 +45,9 @@ def test_forward_matches_transformers(tmp_path, case):
     cache = stage.new_cache(16)  # small on purpose: appends must grow it
     # prefill in two chunks, then single tokens: the cache path must agree with one full pass
     parts = [(0, 50), (50, 80)] + [(i, i + 1) for i in range(80, 90)]
-    got = torch.cat([stage.logits(stage.forward_one(stage.embed(ids[a:b]), cache, torch.arange(a, b)))
-                     for a, b in parts])
+    got = torch.cat(
+        [stage.logits(stage.forward_one(stage.embed(ids[a:b]), cache, torch.arange(a, b))) for a, b in parts]
+    )
     assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (got - want).abs().max()
 
 

@@ -92,11 +92,11 @@ def test_prune_is_order_independent(tiny_src):
     w1.enqueue(prompt)
     w1.step()
     w1.enqueue(tree)
-    w1.prune(prune)           # arrives while the segment is queued: row 5 is dropped before compute
+    w1.prune(prune)  # arrives while the segment is queued: row 5 is dropped before compute
     out1 = w1.step()
     w2.enqueue(prompt)
     w2.step()
-    w2.prune(prune)           # arrives before the segment: row 5 is dropped on arrival
+    w2.prune(prune)  # arrives before the segment: row 5 is dropped on arrival
     w2.enqueue(tree)
     out2 = w2.step()
     assert out1[0].node_ids == out2[0].node_ids == [3, 4]

@@ -18,7 +18,6 @@ from models.text import encode_messages
 pytestmark = pytest.mark.timeout(60)
 
 
-
 def oai(url: str, key: str = "none") -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=20)
 
@@ -37,15 +36,16 @@ async def sse_events(url: str, path: str, body) -> list[str]:
     events = raw.split("\n\n")
     assert events[-1] == ""
     assert all(e.startswith("data: ") and "\n" not in e for e in events[:-1])
-    return [e[len("data: "):] for e in events[:-1]]
+    return [e[len("data: ") :] for e in events[:-1]]
 
 
 # ---- the official client --------------------------------------------------------------------
 async def test_openai_chat_non_streaming(rt, url, embedded_tokenizer):
     client = oai(url)
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hello."}]
-    resp = await client.chat.completions.create(model=rt.model_name, messages=msgs, max_tokens=500,
-                                                temperature=0, seed=7, extra_body={"mode": "chunk"})
+    resp = await client.chat.completions.create(
+        model=rt.model_name, messages=msgs, max_tokens=500, temperature=0, seed=7, extra_body={"mode": "chunk"}
+    )
     assert resp.object == "chat.completion" and resp.id.startswith("chatcmpl-")
     assert resp.choices[0].message.role == "assistant"
     assert resp.choices[0].message.content == REPLY
@@ -67,8 +67,9 @@ async def test_openai_chat_streaming_is_the_same_answer(rt, url):
     client = oai(url)
     msgs = [{"role": "user", "content": "Say hello."}]
     whole = await client.chat.completions.create(model=rt.model_name, messages=msgs)
-    stream = await client.chat.completions.create(model=rt.model_name, messages=msgs, stream=True,
-                                                  stream_options={"include_usage": True})
+    stream = await client.chat.completions.create(
+        model=rt.model_name, messages=msgs, stream=True, stream_options={"include_usage": True}
+    )
     chunks = [c async for c in stream]
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -86,8 +87,9 @@ async def test_openai_completions_both_ways(rt, url):
     assert resp.object == "text_completion" and resp.choices[0].finish_reason == "length"
     assert resp.choices[0].text == rt.tokenizer.decode(rt.reply_ids[:8])
     assert rt.submitted[-1][1].max_tokens == 8
-    stream = await client.completions.create(model=rt.model_name, prompt=["Once upon a time"], max_tokens=8,
-                                             stream=True)
+    stream = await client.completions.create(
+        model=rt.model_name, prompt=["Once upon a time"], max_tokens=8, stream=True
+    )
     parts = [c async for c in stream]
     assert "".join(c.choices[0].text for c in parts) == resp.choices[0].text
     assert parts[-1].choices[0].finish_reason == "length"
@@ -106,8 +108,9 @@ async def test_models_endpoint(rt, url):
 
 # ---- streaming details ----------------------------------------------------------------------
 async def test_sse_framing_and_done(url):
-    events = await sse_events(url, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
-                                                              "stream": True})
+    events = await sse_events(
+        url, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "stream": True}
+    )
     assert events[-1] == "[DONE]"
     objs = [json.loads(e) for e in events[:-1]]
     assert objs[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
@@ -154,7 +157,7 @@ async def test_stop_strings_cut_and_hold_back(rt, stop, embedded_tokenizer):
     assert whole["choices"][0]["finish_reason"] == "stop"
     ids = whole["meshd"]["token_ids"]
     assert whole["usage"]["completion_tokens"] == len(ids) < len(rt.reply_ids)
-    assert REPLY[first:first + 4] in embedded_tokenizer.decode(ids)  # the token completing the stop is counted
+    assert REPLY[first : first + 4] in embedded_tokenizer.decode(ids)  # the token completing the stop is counted
     objs = [json.loads(e) for e in events[:-1]]
     streamed = [o["choices"][0]["delta"].get("content", "") for o in objs]
     assert "".join(streamed) == REPLY[:first]
@@ -179,8 +182,9 @@ async def test_generation_error_mid_stream_and_whole(rt, url):
 async def test_client_disconnect_mid_stream_cancels(rt, url):
     rt.delay, rt.chunk = 0.05, 1
     async with aiohttp.ClientSession() as s:
-        resp = await s.post(url + "/v1/chat/completions",
-                            json={"messages": [{"role": "user", "content": "hi"}], "stream": True})
+        resp = await s.post(
+            url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "stream": True}
+        )
         await resp.content.readline()
         await resp.content.readline()
         resp.close()  # drop the connection mid-stream
@@ -197,8 +201,11 @@ async def test_client_disconnect_while_waiting_for_whole_answer_cancels(rt, url)
     rt.delay = 0.2
     async with aiohttp.ClientSession() as s:
         with pytest.raises(asyncio.TimeoutError):
-            await s.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]},
-                         timeout=aiohttp.ClientTimeout(total=0.3))
+            await s.post(
+                url + "/v1/chat/completions",
+                json={"messages": [{"role": "user", "content": "hi"}]},
+                timeout=aiohttp.ClientTimeout(total=0.3),
+            )
     for _ in range(40):
         if rt.cancelled:
             break
@@ -251,20 +258,38 @@ async def test_bad_chat_bodies_are_400_naming_the_parameter(url, body, param):
     assert err["type"] == "invalid_request_error" and err["param"] == param and err["message"]
 
 
-@pytest.mark.parametrize("body,param", [
-    ({"prompt": ["a", "b"]}, "prompt"), ({"prompt": 5}, "prompt"), ({}, "prompt"), ({"prompt": "a", "echo": True},
-                                                                                       "echo"),
-    ({"prompt": "a", "messages": MSG}, "messages"), ({"prompt": "a", "best_of": 2}, "best_of")])
+@pytest.mark.parametrize(
+    "body,param",
+    [
+        ({"prompt": ["a", "b"]}, "prompt"),
+        ({"prompt": 5}, "prompt"),
+        ({}, "prompt"),
+        ({"prompt": "a", "echo": True}, "echo"),
+        ({"prompt": "a", "messages": MSG}, "messages"),
+        ({"prompt": "a", "best_of": 2}, "best_of"),
+    ],
+)
 async def test_bad_completion_bodies(url, body, param):
     status, resp = await post(url, "/v1/completions", body)
     assert status == 400 and resp["error"]["param"] == param
 
 
 async def test_accepted_variants(rt, url):
-    body = {"messages": [{"role": "developer", "content": [{"type": "text", "text": "Be brief."}]},
-                         {"role": "user", "content": "hi", "name": "ann"}],
-            "max_completion_tokens": 4, "top_p": 0.5, "temperature": 2, "stop": None, "n": 1, "user": "u1",
-            "presence_penalty": 0, "logprobs": False, "mode": "ar"}
+    body = {
+        "messages": [
+            {"role": "developer", "content": [{"type": "text", "text": "Be brief."}]},
+            {"role": "user", "content": "hi", "name": "ann"},
+        ],
+        "max_completion_tokens": 4,
+        "top_p": 0.5,
+        "temperature": 2,
+        "stop": None,
+        "n": 1,
+        "user": "u1",
+        "presence_penalty": 0,
+        "logprobs": False,
+        "mode": "ar",
+    }
     status, resp = await post(url, "/v1/chat/completions", body)
     assert status == 200 and resp["choices"][0]["finish_reason"] == "length"
     p = rt.submitted[-1][1]
@@ -274,8 +299,9 @@ async def test_accepted_variants(rt, url):
 async def test_malformed_json_and_non_objects(url):
     async with aiohttp.ClientSession() as s:
         for data in (b"{not json", b"", b"\xff\xfe", b"[1, 2]", b"null"):
-            async with s.post(url + "/v1/chat/completions", data=data,
-                              headers={"Content-Type": "application/json"}) as r:
+            async with s.post(
+                url + "/v1/chat/completions", data=data, headers={"Content-Type": "application/json"}
+            ) as r:
                 assert r.status == 400, data
                 assert (await r.json())["error"]["type"] == "invalid_request_error"
 
@@ -359,8 +385,10 @@ async def test_mesh_status_json(rt, url):
     assert body["plan"]["committed"] is True and body["plan"]["stages"][1]["first_layer"] == 15
 
 
-SAMPLE = re.compile(r'^[a-zA-Z_:][a-zA-Z0-9_:]*(\{([a-zA-Z_][a-zA-Z0-9_]*="([^"\\\n]|\\[\\"n])*",?)*\})? '
-                    r"(-?[0-9.e+-]+|NaN|[+-]Inf)$")
+SAMPLE = re.compile(
+    r'^[a-zA-Z_:][a-zA-Z0-9_:]*(\{([a-zA-Z_][a-zA-Z0-9_]*="([^"\\\n]|\\[\\"n])*",?)*\})? '
+    r"(-?[0-9.e+-]+|NaN|[+-]Inf)$"
+)
 
 
 async def test_metrics_prometheus_text(rt, url):
@@ -398,28 +426,34 @@ async def test_real_solo_runtime_through_openai_client(embedded_source, embedded
     from models.engine import generate
     from models.text import stop_ids
 
-    rt = solo_runtime(embedded_source, embedded, drafter_factory("ngram", embedded), embedded_tokenizer,
-                      max_context=1024)
+    rt = solo_runtime(
+        embedded_source, embedded, drafter_factory("ngram", embedded), embedded_tokenizer, max_context=1024
+    )
     await rt.start()
     try:
         async with serve(create_app(rt)) as url:
             client = oai(url)
             msgs = [{"role": "user", "content": "Name three primary colours."}]
             prompt = encode_messages(embedded_tokenizer, msgs)
-            want = generate(embedded, prompt, max_new_tokens=12, mode="ar",
-                            eos_ids=stop_ids(embedded_tokenizer, embedded.cfg)).token_ids
+            want = generate(
+                embedded, prompt, max_new_tokens=12, mode="ar", eos_ids=stop_ids(embedded_tokenizer, embedded.cfg)
+            ).token_ids
             for mode in ("flow",):
-                resp = await client.chat.completions.create(model=rt.model_name, messages=msgs, max_tokens=12,
-                                                            temperature=0, extra_body={"mode": mode})
+                resp = await client.chat.completions.create(
+                    model=rt.model_name, messages=msgs, max_tokens=12, temperature=0, extra_body={"mode": mode}
+                )
                 assert resp.model_extra["meshd"]["token_ids"] == want, mode
                 assert resp.choices[0].message.content == embedded_tokenizer.decode(want, skip_special_tokens=True)
-            stream = await client.chat.completions.create(model=rt.model_name, messages=msgs, max_tokens=12,
-                                                          temperature=0, stream=True)
+            stream = await client.chat.completions.create(
+                model=rt.model_name, messages=msgs, max_tokens=12, temperature=0, stream=True
+            )
             text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
             assert text == resp.choices[0].message.content
             async with aiohttp.ClientSession() as s:
-                r = await s.post(url + "/v1/chat/completions", json={"messages": msgs, "stream": True,
-                                                                     "max_tokens": 500, "temperature": 0})
+                r = await s.post(
+                    url + "/v1/chat/completions",
+                    json={"messages": msgs, "stream": True, "max_tokens": 500, "temperature": 0},
+                )
                 while b'"content":"' not in await r.content.readline():
                     pass
                 r.close()

@@ -19,12 +19,18 @@ from models.text import encode_messages
 pytestmark = pytest.mark.timeout(60)
 
 
-
 async def meshd(*argv: str, stdin: str | None = None, env: dict | None = None) -> tuple[int, str, str]:
     environ = {k: v for k, v in os.environ.items() if not k.startswith("MESHD_")} | (env or {})
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "meshd.cli", *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE, env=environ)
+        sys.executable,
+        "-m",
+        "meshd.cli",
+        *argv,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=environ,
+    )
     out, err = await asyncio.wait_for(proc.communicate(stdin.encode() if stdin is not None else b""), 30)
     return proc.returncode, out.decode(), err.decode()
 
@@ -50,8 +56,7 @@ async def test_query_streams_text_and_prints_stats(url):
 
 async def test_chat_piped_multi_turn_with_commands(rt, url):
     script = "first question\n/stats\n/mode ar\nsecond question\n/reset\nthird\n/mode turbo\n/quit\nnot sent\n"
-    code, out, err = await meshd("chat", "--peer", url, "--max-tokens", "500", "--system", "Be brief.",
-                                 stdin=script)
+    code, out, err = await meshd("chat", "--peer", url, "--max-tokens", "500", "--system", "Be brief.", stdin=script)
     assert code == 0, err
     assert out.count(REPLY) == 3
     assert "tokens/round" in out and "(mode ar)" in out and "(conversation reset)" in out
@@ -104,6 +109,7 @@ async def test_api_key_from_flag_or_env(rt):
 
 
 def test_status_view_without_plan():
-    text = render("http://x:8090", {"node_id": "abc", "ready": False, "reason": "waiting for peers", "plan": None,
-                                    "peers": []})
+    text = render(
+        "http://x:8090", {"node_id": "abc", "ready": False, "reason": "waiting for peers", "plan": None, "peers": []}
+    )
     assert "NOT READY: waiting for peers" in text and "plan    none yet" in text and "peers   0" in text

@@ -44,21 +44,33 @@ def test_notify_ready_then_sigterm_fails_in_flight_request_and_exits_cleanly(tmp
 
         # a long streamed request is in flight when SIGTERM arrives: it must end with an error, not hang
         conn = HTTPConnection("127.0.0.1", port, timeout=60)
-        conn.request("POST", "/v1/chat/completions", json.dumps({
-            "model": "SmolLM2-135M-Instruct.Q4_1", "messages": [{"role": "user", "content": "Write a long story."}],
-            "max_tokens": 2000, "temperature": 0, "stream": True}), {"content-type": "application/json"})
+        conn.request(
+            "POST",
+            "/v1/chat/completions",
+            json.dumps(
+                {
+                    "model": "SmolLM2-135M-Instruct.Q4_1",
+                    "messages": [{"role": "user", "content": "Write a long story."}],
+                    "max_tokens": 2000,
+                    "temperature": 0,
+                    "stream": True,
+                }
+            ),
+            {"content-type": "application/json"},
+        )
         resp = conn.getresponse()
         assert resp.status == 200
         events: list[str] = []
-        reader = threading.Thread(target=lambda: events.extend(
-            line.decode().strip() for line in iter(resp.fp.readline, b"")))
+        reader = threading.Thread(
+            target=lambda: events.extend(line.decode().strip() for line in iter(resp.fp.readline, b""))
+        )
         for _ in range(4):
             resp.fp.readline()
         reader.start()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
         reader.join(10)
-        data = [e[len("data: "):] for e in events if e.startswith("data: ")]
+        data = [e[len("data: ") :] for e in events if e.startswith("data: ")]
         assert data and data[-1] == "[DONE]", events[-5:]
         err = json.loads(data[-2])
         assert "shutting down" in err["error"]["message"], err

@@ -23,17 +23,19 @@ def directives(text: str) -> dict[str, list[str]]:
 
 def test_unit_verifies_without_warnings(tmp_path):
     tool = shutil.which("systemd-analyze")
-    assert tool, ("systemd-analyze is missing: install systemd (`apt-get install systemd`); "
-                  "`make test` does it by itself when run as root")
+    assert tool, (
+        "systemd-analyze is missing: install systemd (`apt-get install systemd`); "
+        "`make test` does it by itself when run as root"
+    )
     meshd = Path(sys.executable).with_name("meshd")
     assert meshd.is_file(), f"{meshd} missing: install the package (make venv)"
     unit = (SYSTEMD / "meshd.service").read_text()
     assert f"ExecStart={EXEC} serve --config /etc/meshd/meshd.toml" in unit
     (tmp_path / "meshd.service").write_text(unit.replace(EXEC, str(meshd)))
-    res = subprocess.run([tool, "verify", str(tmp_path / "meshd.service")], capture_output=True, text=True,
-                         timeout=60)
+    res = subprocess.run([tool, "verify", str(tmp_path / "meshd.service")], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and res.stdout.strip() == "" and res.stderr.strip() == "", (
-        f"systemd-analyze verify (rc {res.returncode}):\n{res.stdout}{res.stderr}")
+        f"systemd-analyze verify (rc {res.returncode}):\n{res.stdout}{res.stderr}"
+    )
 
 
 def test_unit_properties():

@@ -173,8 +173,9 @@ def test_fuzz_random_bytes(frame):
 @given(st.data())
 def test_fuzz_truncated_valid_frames(data):
     t = make_tensor(data.draw(st.sampled_from(DTYPES)), (data.draw(st.integers(0, 5)), 3))
-    frame = CODEC.encode(Message("segment", {"seq": 1, "hidden": t, "positions": [1], "parents": [-1], "nodes": [0],
-                                         "origin": "x"}))
+    frame = CODEC.encode(
+        Message("segment", {"seq": 1, "hidden": t, "positions": [1], "parents": [-1], "nodes": [0], "origin": "x"})
+    )
     cut = data.draw(st.integers(0, len(frame) - 1))
     with pytest.raises(CodecError):
         CODEC.decode(frame[:cut])

@@ -23,17 +23,29 @@ def flags(*argv: str) -> argparse.Namespace:
 
 def test_defaults_without_any_source(tmp_path):
     cfg = load_config(flags(), env={"HOME": str(tmp_path)})
-    assert (cfg.port, cfg.host, cfg.model, cfg.mdns, cfg.peers, cfg.api_key) == (8090, "0.0.0.0", "default", True,
-                                                                                   [], None)
+    assert (cfg.port, cfg.host, cfg.model, cfg.mdns, cfg.peers, cfg.api_key) == (
+        8090,
+        "0.0.0.0",
+        "default",
+        True,
+        [],
+        None,
+    )
     assert cfg.state_dir == tmp_path / ".local" / "state" / "meshd" and cfg.config is None
 
 
 def test_precedence_flags_over_env_over_file_over_defaults(tmp_path):
     f = tmp_path / "m.toml"
-    f.write_text('port = 9001\nthreads = 2\nmodel = "/opt/models/a.gguf"\npeers = ["10.0.0.2:8090"]\n'
-                 'mdns = false\nlatency_ms = 5\n')
-    env = {"MESHD_PORT": "9002", "MESHD_THREADS": "3", "MESHD_PEERS": "10.0.0.3:8090, 10.0.0.4:8091",
-           "HOME": str(tmp_path)}
+    f.write_text(
+        'port = 9001\nthreads = 2\nmodel = "/opt/models/a.gguf"\npeers = ["10.0.0.2:8090"]\n'
+        "mdns = false\nlatency_ms = 5\n"
+    )
+    env = {
+        "MESHD_PORT": "9002",
+        "MESHD_THREADS": "3",
+        "MESHD_PEERS": "10.0.0.3:8090, 10.0.0.4:8091",
+        "HOME": str(tmp_path),
+    }
     cfg = load_config(flags("--config", str(f), "--port", "9003"), env=env)
     assert cfg.port == 9003  # flag
     assert cfg.threads == 3  # env beats file
@@ -68,19 +80,22 @@ def test_verbose_flag_means_debug(tmp_path):
     assert load_config(ns, env={"HOME": str(tmp_path)}).log_level == "debug"
 
 
-@pytest.mark.parametrize("toml,needle", [
-    ("port = \"8090\"\n", "port must be an integer"),
-    ("port = 70000\n", "port = 70000 is out of range"),
-    ("mdns = 1\n", "mdns must be true or false"),
-    ("peers = \"a:1\"\n", "peers must be an array of strings"),
-    ("peers = [\"nohostport\"]\n", "peers: peer 'nohostport' is not host:port"),
-    ("dtype = \"fp8\"\n", "dtype = 'fp8' is not one of auto, fp32, bf16, fp16"),
-    ("memory = \"lots\"\n", "memory: cannot read size 'lots'"),
-    ("prot = 8090\n", "unknown setting 'prot' (did you mean 'port'?)"),
-    ("[network]\nport = 1\n", "settings are top-level keys"),
-    ("port = \n", "not valid TOML"),
-    ("config = \"/x\"\n", "unknown setting 'config'"),
-])
+@pytest.mark.parametrize(
+    "toml,needle",
+    [
+        ('port = "8090"\n', "port must be an integer"),
+        ("port = 70000\n", "port = 70000 is out of range"),
+        ("mdns = 1\n", "mdns must be true or false"),
+        ('peers = "a:1"\n', "peers must be an array of strings"),
+        ('peers = ["nohostport"]\n', "peers: peer 'nohostport' is not host:port"),
+        ('dtype = "fp8"\n', "dtype = 'fp8' is not one of auto, fp32, bf16, fp16"),
+        ('memory = "lots"\n', "memory: cannot read size 'lots'"),
+        ("prot = 8090\n", "unknown setting 'prot' (did you mean 'port'?)"),
+        ("[network]\nport = 1\n", "settings are top-level keys"),
+        ("port = \n", "not valid TOML"),
+        ('config = "/x"\n', "unknown setting 'config'"),
+    ],
+)
 def test_file_errors_name_key_and_file(tmp_path, toml, needle):
     f = tmp_path / "bad.toml"
     f.write_text(toml)
@@ -89,12 +104,15 @@ def test_file_errors_name_key_and_file(tmp_path, toml, needle):
     assert needle in str(exc.value) and str(f) in str(exc.value)
 
 
-@pytest.mark.parametrize("env,needle", [
-    ({"MESHD_PORT": "eighty"}, "environment variable MESHD_PORT: cannot read port from 'eighty'"),
-    ({"MESHD_MDNS": "maybe"}, "MESHD_MDNS: cannot read mdns"),
-    ({"MESHD_THREADS": "0"}, "MESHD_THREADS: threads = 0 is out of range"),
-    ({"MESHD_LOG_LEVEL": "loud"}, "MESHD_LOG_LEVEL: log_level = 'loud' is not one of"),
-])
+@pytest.mark.parametrize(
+    "env,needle",
+    [
+        ({"MESHD_PORT": "eighty"}, "environment variable MESHD_PORT: cannot read port from 'eighty'"),
+        ({"MESHD_MDNS": "maybe"}, "MESHD_MDNS: cannot read mdns"),
+        ({"MESHD_THREADS": "0"}, "MESHD_THREADS: threads = 0 is out of range"),
+        ({"MESHD_LOG_LEVEL": "loud"}, "MESHD_LOG_LEVEL: log_level = 'loud' is not one of"),
+    ],
+)
 def test_env_errors_name_the_variable(tmp_path, env, needle):
     with pytest.raises(ConfigError, match=re.escape(needle)):
         load_config(flags(), env={"HOME": str(tmp_path), **env})

@@ -13,7 +13,7 @@ def byte_decoder(ids: list[int]) -> str:
 def feed(text: str, stops=(), chunk: int = 1) -> tuple[list[str], TextStream]:
     ts = TextStream(byte_decoder, stops)
     data = list(text.encode())
-    out = [ts.push(data[i:i + chunk]) for i in range(0, len(data), chunk)]
+    out = [ts.push(data[i : i + chunk]) for i in range(0, len(data), chunk)]
     out.append(ts.finish())
     return out, ts
 

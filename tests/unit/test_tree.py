@@ -63,9 +63,9 @@ def test_merge_by_token_path():
     t = Tree.root(5)
     a = t.add(0, 6, -0.1)
     t.add(a, 7, -0.5)
-    new = Tree.root(6)           # re-draft from node a (token 6)
-    x = new.add(0, 7, -0.2)      # same path as the existing 6->7: merged, better score kept
-    new.add(x, 8, -0.3)          # new node under it
+    new = Tree.root(6)  # re-draft from node a (token 6)
+    x = new.add(0, 7, -0.2)  # same path as the existing 6->7: merged, better score kept
+    new.add(x, 8, -0.3)  # new node under it
     new.add(0, 9, -1.0)
     where = t.merge(new, at=a)
     assert where[0] == a and where[1] == 2 and len(t) == 5
@@ -79,8 +79,12 @@ def test_ancestor_mask_and_positions():
     t.add(a, 3, -2)
     t.add(0, 4, -1.5)
     m = t.ancestor_mask()
-    assert m.tolist() == [[True, False, False, False], [True, True, False, False],
-                          [True, True, True, False], [True, False, False, True]]
+    assert m.tolist() == [
+        [True, False, False, False],
+        [True, True, False, False],
+        [True, True, True, False],
+        [True, False, False, True],
+    ]
     assert t.positions(10).tolist() == [10, 11, 12, 11]
     assert t.ancestor_mask(rows=[2], cols=[0, 1]).tolist() == [[True, True]]
     assert Tree.from_parents(t.tokens, t.parents, t.scores).parents == t.parents

@@ -19,10 +19,10 @@ def test_greedy_walk_accepts_longest_match_and_bonus():
     t.add(0, 6, -0.2)
     b = t.add(a, 7, -0.3)
     logits = torch.full((len(t), 10), -1.0)
-    logits[0, 5] = 1.0   # root -> 5 (node a): accepted
-    logits[a, 7] = 1.0   # a -> 7 (node b): accepted
+    logits[0, 5] = 1.0  # root -> 5 (node a): accepted
+    logits[a, 7] = 1.0  # a -> 7 (node b): accepted
     logits[2, 1] = 1.0
-    logits[b, 3] = 1.0   # b is a leaf: bonus 3
+    logits[b, 3] = 1.0  # b is a leaf: bonus 3
     path, toks = verify(t, logits, Sampling())
     assert path == [0, a, b] and toks == [5, 7, 3]
 
@@ -137,8 +137,9 @@ def test_logits_after_prune_equal_fresh_recompute(tiny_stage):
     assert cache.length == base
 
 
-@pytest.mark.parametrize("keep", [[0, 1, 2, 3, 4, 5, 6, 7, 8, 9], [0, 1, 2, 3, 5, 8], [0, 2, 3, 9], [4, 7], [],
-                                  list(range(6))])
+@pytest.mark.parametrize(
+    "keep", [[0, 1, 2, 3, 4, 5, 6, 7, 8, 9], [0, 1, 2, 3, 5, 8], [0, 2, 3, 9], [4, 7], [], list(range(6))]
+)
 def test_cache_keep_equals_a_gather(keep):
     """keep() copies only the moved tail; the result must still be exactly the gathered entries."""
     from models.kvcache import KVCache
