@@ -6,7 +6,9 @@ so that drift of this machine (thermal, other load) hits every mode alike.
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
 import platform
 import sys
 import time
@@ -29,12 +31,30 @@ class Run:
     tokens_per_s: float
 
 
+EVERYDAY = Path(__file__).resolve().parent / "prompts" / "everyday.jsonl"
+SPEC_BENCH_ENV = "MESHD_SPEC_BENCH"
+
+
+def question_file(arg: str | None) -> Path:
+    """The question file ``--questions`` names: a path, or ``everyday`` for the project's own set;
+    without one, the path in ``$MESHD_SPEC_BENCH``. Spec-Bench is public but not part of this
+    repository, so a run on it names the copy it read (and fails clearly without one)."""
+    spec = arg or os.environ.get(SPEC_BENCH_ENV)
+    if not spec:
+        raise ValueError(
+            "no question file: pass --questions PATH to Spec-Bench's question.jsonl (public, from the Spec-Bench "
+            f"repository, data/spec_bench/question.jsonl) or --questions everyday, or set {SPEC_BENCH_ENV}"
+        )
+    return EVERYDAY if spec == "everyday" else Path(spec).expanduser()
+
+
 def load_questions(
     path: Path, categories: int | Sequence[str] | None, per_category: int, held_out_only: bool = False
 ) -> list[dict]:
-    """The first ``per_category`` questions of each chosen category, in file order."""
+    """The first ``per_category`` questions of each chosen category, in file order (Spec-Bench's
+    JSONL: ``question_id``, ``category``, ``turns``)."""
     if not path.is_file():
-        raise ValueError(f"{path}: Spec-Bench question file not found; pass --questions FILE")
+        raise ValueError(f"question file {path} not found; pass --questions PATH (or --questions everyday)")
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     if held_out_only:
         rows = [r for r in rows if r["question_id"] % 4 == 0]
@@ -55,6 +75,15 @@ def load_questions(
             count[r["category"]] += 1
             out.append(r)
     return out
+
+
+def spread_over_categories(questions: list[dict], n: int) -> list[dict]:
+    """``n`` of ``questions``, round robin over their categories (file order within each)."""
+    by_cat: dict[str, list[dict]] = {}
+    for q in questions:
+        by_cat.setdefault(q["category"], []).append(q)
+    out = [q for group in itertools.zip_longest(*by_cat.values()) for q in group if q is not None]
+    return out[:n]
 
 
 def run_interleaved(

@@ -64,5 +64,5 @@ async def test_streamed_requests_against_the_rest_api(rt, url):
 
 
 def test_load_needs_daemons(capsys):
-    assert cli.main(["bench", "--load", "0.5", "--backend", "local"]) != 0
+    assert cli.main(["bench", "--questions", "everyday", "--load", "0.5", "--backend", "local"]) != 0
     assert "--load needs --backend daemons" in capsys.readouterr().err

@@ -280,6 +280,8 @@ def test_cli_prints_simulated_table(tiny_env, capsys, tmp_path):
         cli.main(
             [
                 "simulate",
+                "--questions",
+                "everyday",
                 "--stages",
                 "3",
                 "--profile",
@@ -326,7 +328,8 @@ def test_cli_calibration_against_a_measured_record(tiny_env, capsys, tmp_path, m
             }
         )
     )
-    assert cli.main(["simulate", "--calibrate-with", str(rec), "--fit-scale", "none", "--json"]) == 0
+    args = ["simulate", "--questions", "everyday", "--calibrate-with", str(rec), "--fit-scale", "none", "--json"]
+    assert cli.main(args) == 0
     raw = json.loads(capsys.readouterr().out)
     assert raw["profile"]["name"] == "this-device" and list((tmp_path / "cache").rglob("sim-*.json"))
     assert [r["mode"] for r in raw["calibration"]] == ["ar", "flow"] and raw["compute_scale"] == 1.0
@@ -334,7 +337,7 @@ def test_cli_calibration_against_a_measured_record(tiny_env, capsys, tmp_path, m
         assert r["simulated"] > 0 and r["rel_error"] == pytest.approx((r["simulated"] - r["measured"]) / r["measured"])
         assert not r["fitted"]
     # the default fits one compute factor on the first record's ar: that row matches, flow is predicted
-    assert cli.main(["simulate", "--calibrate-with", str(rec), "--json"]) == 0
+    assert cli.main(["simulate", "--questions", "everyday", "--calibrate-with", str(rec), "--json"]) == 0
     fit = json.loads(capsys.readouterr().out)
     ar, flow = fit["calibration"]
     assert ar["fitted"] and abs(ar["rel_error"]) < 0.05 and not flow["fitted"]
@@ -381,7 +384,7 @@ def test_cli_calibration_fits_a_per_message_overhead(tiny_env, capsys, tmp_path,
             )
         )
         recs.append(str(p))
-    assert cli.main(["simulate", "--calibrate-with", *recs, "--fit-hop", "--json"]) == 0
+    assert cli.main(["simulate", "--questions", "everyday", "--calibrate-with", *recs, "--fit-hop", "--json"]) == 0
     fit = json.loads(capsys.readouterr().out)
     assert fit["hop_overhead_s"] > 0
     ars = [r for r in fit["calibration"] if r["mode"] == "ar"]

@@ -1,33 +1,22 @@
-"""``meshd simulate``: Spec-Bench prompts through a simulated mesh, or calibration against measured records."""
+"""``meshd simulate``: questions (Spec-Bench, or the everyday set) through a simulated mesh, or calibration
+against measured records."""
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from meshd.lab.bench import load_questions, question_file, spread_over_categories
 from meshd.lab.sim.calibration import calibrate, calibration_specs, calibration_table
 from meshd.lab.sim.engine import FLOWSPEC_7B_FLOW_OVER_CHUNK, SimResult, Simulation, ratios, run_modes, summarize, table
 from meshd.lab.sim.links import Link, parse_link
 from meshd.lab.sim.profiles import Profile, load_profile, measure_profile
 from models.stage import Stage, parse_dtype
-
-
-def pick_questions(path: Path, n: int) -> list[dict]:
-    """``n`` Spec-Bench questions spread over the categories (round robin, file order within each)."""
-    from meshd.lab.bench import load_questions
-
-    rows = load_questions(path, None, per_category=max(1, n))
-    by_cat: dict[str, list[dict]] = {}
-    for r in rows:
-        by_cat.setdefault(r["category"], []).append(r)
-    out = [q for group in itertools.zip_longest(*by_cat.values()) for q in group if q is not None]
-    return out[:n]
 
 
 def parse_origins(spec: str, n: int) -> list[int | None]:
@@ -122,20 +111,25 @@ def _simulate(
     return res, spec
 
 
-def _calibrate(env: _Env, args, paths: Sequence[Path]) -> int:
-    """Simulate each measured mesh and print simulated vs measured tokens/s (the fit: :func:`calibrate`)."""
-    from meshd.lab.bench import load_questions
+def _load_env(args, one_thread: bool) -> _Env:
+    torch.set_num_threads(1 if one_thread else (args.threads or 1))  # one: no oversubscription on a shared box
+    return _Env(args.model, args.dtype)
 
+
+def _calibrate(args, path: Path) -> int:
+    """Simulate each measured mesh of ``--calibrate-with`` and print simulated vs measured tokens/s
+    (the fit: :func:`calibrate`); the profile is this device's, measured on one thread."""
+    specs = [s for p in args.calibrate_with for s in calibration_specs(json.loads(Path(p).read_text()))]
+    qs = load_questions(path, None, per_category=1000)
+    env = _load_env(args, one_thread=True)
     profile = measure_profile(env.full, env.source.fingerprint)
-    specs = [s for p in paths for s in calibration_specs(json.loads(Path(p).read_text()))]
-    qs = load_questions(Path(args.questions), None, per_category=1000)
 
     def run(spec: dict, modes: list[str], scale: float, hop: float) -> dict[str, float]:
         ids = spec.get("question_ids")
         questions = (
             [q for q in qs if q["question_id"] in set(ids)]
             if ids
-            else pick_questions(Path(args.questions), spec.get("prompts", args.prompts))
+            else spread_over_categories(qs, spec.get("prompts", args.prompts))
         )
         _progress(
             f"calibrating: {spec['stages']} stages, link {spec.get('link', '0/inf')}, {len(questions)} "
@@ -190,17 +184,17 @@ def _calibrate(env: _Env, args, paths: Sequence[Path]) -> int:
 
 
 def main(args) -> int:
-    """``meshd simulate``: Spec-Bench prompts through a simulated mesh; every figure is simulated."""
-    measured = args.profile == "this-device" or args.calibrate_with
-    torch.set_num_threads(1 if measured else (args.threads or 1))  # one: no oversubscription on a shared box
-    env = _Env(args.model, args.dtype)
+    """``meshd simulate``: questions through a simulated mesh; every figure is simulated."""
+    path = question_file(args.questions)  # inputs before the model: a bad argument should not wait for it
+    args.questions = str(path)  # the record names the file read
     if args.calibrate_with:
-        return _calibrate(env, args, [Path(p) for p in args.calibrate_with])
-    profile = load_profile(args.profile, env.full, env.source.fingerprint)
+        return _calibrate(args, path)
+    questions = spread_over_categories(load_questions(path, None, per_category=max(1, args.prompts)), args.prompts)
     link = parse_link(args.link)
     origins = parse_origins(args.originator, args.originators)
     modes = args.modes.split(",")
-    questions = pick_questions(Path(args.questions), args.prompts)
+    env = _load_env(args, one_thread=args.profile == "this-device")
+    profile = load_profile(args.profile, env.full, env.source.fingerprint)
     where = "own device" if origins[0] is None else f"stage {origins[0]}'s device"
     _progress(
         f"simulate: {args.stages} stages x {profile.name}, link {link}, originator on {where}, "
@@ -270,7 +264,7 @@ def main(args) -> int:
         return 0
     print(
         f"SIMULATED (not measured): {args.stages} stages, profile {profile.name}, link {link}, originator on "
-        f"{where}, drafter {drafter}, {len(questions)} Spec-Bench prompts x {args.max_tokens} tokens, "
+        f"{where}, drafter {drafter}, {len(questions)} prompts of {path.name} x {args.max_tokens} tokens, "
         f"T={args.temperature}, acceptance from the real {env.source.name} ({str(env.full.dtype)[6:]})"
     )
     print(f"profile: {profile.note}")
