@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 DEMO_QUESTION = "What are three good reasons to learn a second language? Answer briefly."
@@ -84,7 +85,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from meshd.lab import bench
+    from meshd.lab import bench  # lab modules import torch: loaded by their commands only, so `meshd --help` is fast
 
     args.questions = str(bench.question_file(args.questions))  # the record names the file read
     questions = bench.load_questions(
@@ -110,7 +111,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             )
             runs = bench.run_interleaved(questions, modes, bench.progress_printer)
             config = {k: v for k, v in vars(args).items() if k != "func"} | {"backend_info": backend.describe()}
-            table, md = bench.summarize(runs, baseline=labels[0])
+            table, md = bench.summarize_runs(runs, baseline=labels[0])
             md = f"{backend.describe()}, {args.max_tokens} new tokens, T={temperature}\n\n{md}"
             path = bench.write_record(Path(args.out), config, runs, table, md)
             print(md)
@@ -119,16 +120,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from meshd.lab import plots
+    from meshd.lab import plots  # lazy, as in cmd_bench
 
     return plots.main(args.records, args.out)
 
 
 def _bench_load(args: argparse.Namespace, questions: list[dict], modes: list[str]) -> int:
     """``meshd bench --load RATES``: Poisson load on real daemons, several originators."""
-    import time
-
-    from meshd.lab import bench, loadtest
+    from meshd.lab import bench, loadtest  # lazy, as in cmd_bench
 
     if args.backend != "daemons":
         raise ValueError("--load needs --backend daemons: it measures real daemons under concurrent requests")
@@ -156,7 +155,7 @@ def _bench_load(args: argparse.Namespace, questions: list[dict], modes: list[str
             "backend_info": backend.describe(),
             "originators": k,
         }
-    md = loadtest.table(rows)
+    md = loadtest.load_table(rows)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"load-{time.strftime('%Y%m%d-%H%M%S')}.json"
@@ -168,7 +167,7 @@ def _bench_load(args: argparse.Namespace, questions: list[dict], modes: list[str
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from meshd.lab.sim import cli as sim_cli
+    from meshd.lab.sim import cli as sim_cli  # lazy, as in cmd_bench
 
     return sim_cli.main(args)
 

@@ -23,6 +23,9 @@ def test_question_file_from_the_flag_the_environment_or_the_everyday_set(monkeyp
     with pytest.raises(ValueError, match=r"no question file.*--questions everyday.*MESHD_SPEC_BENCH"):
         question_file(None)
     monkeypatch.setenv(SPEC_BENCH_ENV, str(tmp_path / "env.jsonl"))
+    with pytest.raises(ValueError, match=r"env\.jsonl \(from \$MESHD_SPEC_BENCH\) not found"):
+        question_file(None)
+    write_questions(tmp_path / "env.jsonl", [(1, "a")])
     assert question_file(None) == tmp_path / "env.jsonl"
     assert question_file("everyday") == EVERYDAY  # the flag wins over the environment
 

@@ -34,7 +34,7 @@ def test_statistics():
         "rounds": 4,
         "verified_nodes": 20,
     }
-    row = loadtest.summarize(
+    row = loadtest.summarize_load(
         [ok, ok | {"start": 1.0, "end": 4.0}, {"ok": False, "error": "HTTP 503", "start": 2.0}], 0.5, "flow"
     )
     assert row["completed"] == 2 and row["failed"] == 1 and row["errors"] == ["HTTP 503"]

@@ -14,7 +14,7 @@ from test_oracle import assert_matches_greedy, greedy_reference
 from meshd.lab.loadtest import poisson_arrivals
 from meshd.lab.sim import cli as sim_cli
 from meshd.lab.sim.calibration import calibration_rows, calibration_specs, fit_scale_and_hop
-from meshd.lab.sim.engine import Simulation, summarize
+from meshd.lab.sim.engine import Simulation, summarize_traces
 from meshd.lab.sim.links import ROW_META_BYTES, SEGMENT_META_BYTES, TOKEN_BYTES, Link, parse_link
 from meshd.lab.sim.profiles import DraftCost, Profile, flat, jetson_orin_7b, measure_profile, scaled
 from meshd.ring.scheduler import Request
@@ -123,7 +123,7 @@ def test_ar_timing_matches_hand_computation(tiny, shared):
         full, "ar", stages=k, profile=synthetic(c, head=h), link=Link(lat), origins=(0,) if shared else (None,)
     )
     period = k * c + (k if shared else k + 1) * lat + h
-    assert summarize([res])["decode_tokens_per_s"] == pytest.approx(1 / period, rel=0.01)
+    assert summarize_traces([res])["decode_tokens_per_s"] == pytest.approx(1 / period, rel=0.01)
     # prefill: two chunks pipelined through K stages (K+1 forwards on the critical path), then the head
     ttft = (k + 1) * c + (k if shared else k + 1) * lat + h
     assert tr.ttft == pytest.approx(ttft, rel=0.01)
@@ -141,7 +141,7 @@ def test_bandwidth_serialises_each_link(tiny):
     inject = meta + row + TOKEN_BYTES
     hop = meta + row + 64 * 4
     period = k * c + (prune + inject + k * hop) * 8 / bw
-    assert summarize([res])["decode_tokens_per_s"] == pytest.approx(1 / period, rel=0.01)
+    assert summarize_traces([res])["decode_tokens_per_s"] == pytest.approx(1 / period, rel=0.01)
 
 
 def test_flow_beats_chunk_beats_ar_with_perfect_drafts(tiny):
@@ -150,7 +150,9 @@ def test_flow_beats_chunk_beats_ar_with_perfect_drafts(tiny):
     the greedy token) in 2K-1 forwards where ar gets one token per K; flow hears the best segment's
     verdict after K forwards instead of 2K-1 and keeps the ring full by extending the tree meanwhile."""
     _, full = tiny
-    rate = {m: summarize([run_one(full, m, stages=3)[0]])["decode_tokens_per_s"] for m in ("ar", "chunk", "flow")}
+    rate = {
+        m: summarize_traces([run_one(full, m, stages=3)[0]])["decode_tokens_per_s"] for m in ("ar", "chunk", "flow")
+    }
     assert rate["flow"] > rate["chunk"] > rate["ar"]
     assert rate["ar"] == pytest.approx(1 / 3, rel=0.01)  # one token per 3 one-second stages
 
@@ -186,7 +188,7 @@ def test_utilisation_timeline_and_load(tiny):
     tl = res.timeline()
     assert tl and all(s in (0, 1) and 0 <= a < b and rows > 0 for s, a, b, _, rows in tl)
     assert any("," in reqs for *_, reqs, _ in tl)  # concurrent requests shared a forward
-    s = summarize([res])
+    s = summarize_traces([res])
     assert s["failed"] == 0 and s["throughput"] > 0 and s["ttft_p95"] >= s["ttft_p50"] > 0
     again = run()
     trace = lambda r: [(t.tokens, t.emits) for t in r.requests.values()]  # noqa: E731

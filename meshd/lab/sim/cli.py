@@ -5,18 +5,29 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from meshd.lab.bench import load_questions, question_file, spread_over_categories
+from meshd.lab.bench import load_questions, progress_printer, question_file, spread_over_categories
 from meshd.lab.sim.calibration import calibrate, calibration_specs, calibration_table
-from meshd.lab.sim.engine import FLOWSPEC_7B_FLOW_OVER_CHUNK, SimResult, Simulation, ratios, run_modes, summarize, table
+from meshd.lab.sim.engine import (
+    FLOWSPEC_7B_FLOW_OVER_CHUNK,
+    SimResult,
+    Simulation,
+    ratios,
+    run_modes,
+    simulation_table,
+    summarize_traces,
+)
 from meshd.lab.sim.links import Link, parse_link
 from meshd.lab.sim.profiles import Profile, load_profile, measure_profile
+from models.drafters import drafter_factory
+from models.eagle import default_drafter
+from models.source import ModelSource
 from models.stage import Stage, parse_dtype
+from models.text import encode_messages, stop_ids
 
 
 def parse_origins(spec: str, n: int) -> list[int | None]:
@@ -30,17 +41,10 @@ def parse_origins(spec: str, n: int) -> list[int | None]:
     return list(range(first, first + n))
 
 
-def _progress(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 class _Env:
     """The loaded target, tokenizer and drafters: loaded once, shared by every simulated mesh."""
 
     def __init__(self, model: str, dtype: str):
-        from models.source import ModelSource
-        from models.text import stop_ids
-
         self.source = ModelSource.resolve(model)
         self.full = Stage.load(self.source, dtype=dtype)
         self.tokenizer = self.source.load_tokenizer()
@@ -48,19 +52,13 @@ class _Env:
         self._factories: dict[str, Callable] = {}
 
     def factory(self, spec: str):
-        from models.drafters import drafter_factory
-
         if spec == "auto":
-            from models.eagle import default_drafter
-
             spec = default_drafter(self.source)
         if spec not in self._factories:
             self._factories[spec] = drafter_factory(spec, self.full, source=self.source)
         return spec, self._factories[spec]
 
     def prompts(self, questions: list[dict]) -> list[list[int]]:
-        from models.text import encode_messages
-
         return [encode_messages(self.tokenizer, [{"role": "user", "content": q["turns"][0]}]) for q in questions]
 
 
@@ -106,7 +104,7 @@ def _simulate(
         rate=rate,
         seed=seed,
         labels=labels,
-        progress=_progress,
+        progress=progress_printer,
     )
     return res, spec
 
@@ -131,13 +129,13 @@ def _calibrate(args, path: Path) -> int:
             if ids
             else spread_over_categories(qs, spec.get("prompts", args.prompts))
         )
-        _progress(
+        progress_printer(
             f"calibrating: {spec['stages']} stages, link {spec.get('link', '0/inf')}, {len(questions)} "
             f"prompts, modes {','.join(modes)}, compute x{scale:.3f}"
         )
         want = spec.get("dtype")
         if want not in (None, "auto") and parse_dtype(want) != env.full.dtype:
-            _progress(f"warning: the record ran {want}, this simulation {env.full.dtype}; pass --dtype {want}")
+            progress_printer(f"warning: the record ran {want}, this simulation {env.full.dtype}; pass --dtype {want}")
         link = parse_link(spec.get("link") or "0/inf")
         res, _ = _simulate(
             env,
@@ -156,11 +154,11 @@ def _calibrate(args, path: Path) -> int:
             temperature=0.0,
         )
         key = "decode_tokens_per_s" if spec.get("metric") == "decode" else "tokens_per_s"
-        return {m: summarize(r)[key] for m, r in res.items()}
+        return {m: summarize_traces(r)[key] for m, r in res.items()}
 
     fit_mode = getattr(args, "fit_scale", None)
     fit_hop = getattr(args, "fit_hop", False)
-    scale, hop, all_rows = calibrate(specs, run, fit_mode=fit_mode, fit_hop=fit_hop, progress=_progress)
+    scale, hop, all_rows = calibrate(specs, run, fit_mode=fit_mode, fit_hop=fit_hop, progress=progress_printer)
     fitted = any(r["fitted"] for r in all_rows)
     if args.json:
         print(
@@ -196,11 +194,11 @@ def main(args) -> int:
     env = _load_env(args, one_thread=args.profile == "this-device")
     profile = load_profile(args.profile, env.full, env.source.fingerprint)
     where = "own device" if origins[0] is None else f"stage {origins[0]}'s device"
-    _progress(
+    progress_printer(
         f"simulate: {args.stages} stages x {profile.name}, link {link}, originator on {where}, "
         f"{len(questions)} prompts x {args.max_tokens} tokens, modes {','.join(modes)}"
     )
-    _progress(f"profile: {profile.note}")
+    progress_printer(f"profile: {profile.note}")
     res, drafter = _simulate(
         env,
         questions,
@@ -217,7 +215,7 @@ def main(args) -> int:
         seed=args.seed,
         temperature=args.temperature,
     )
-    summary = {m: summarize(r) for m, r in res.items()}
+    summary = {m: summarize_traces(r) for m, r in res.items()}
     flow = res.get("flow") or next(iter(res.values()))
     record = {
         "label": "simulated",
@@ -258,7 +256,7 @@ def main(args) -> int:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(record, indent=1))
-        _progress(f"record: {args.out}")
+        progress_printer(f"record: {args.out}")
     if args.json:
         print(json.dumps(record))
         return 0
@@ -268,5 +266,5 @@ def main(args) -> int:
         f"T={args.temperature}, acceptance from the real {env.source.name} ({str(env.full.dtype)[6:]})"
     )
     print(f"profile: {profile.note}")
-    print(table(summary, args.rate))
+    print(simulation_table(summary, args.rate))
     return 0

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from meshd.lab.loadtest import percentile, poisson_arrivals
+from meshd.lab.loadtest import per_token_latency, percentile, poisson_arrivals
 from meshd.lab.sim.links import ROW_META_BYTES, SEGMENT_META_BYTES, TOKEN_BYTES, Link
 from meshd.lab.sim.profiles import Profile
 from meshd.ring.messages import Segment
@@ -51,6 +51,7 @@ from meshd.ring.worker import StageWorker
 from models.budget import CostCurve
 from models.engine import Stats
 from models.stage import Stage
+from models.verify import Sampling
 
 FLOWSPEC_7B_FLOW_OVER_CHUNK = 1.43  # FlowSpec, LLaMA2-chat 7B, 5 Jetson boards, T=0 (measured, published)
 
@@ -95,6 +96,12 @@ class RequestTrace:
         return self.emits[-1][0] - self.emits[0][0] if self.emits else 0.0
 
     @property
+    def tpot(self) -> float:
+        """Per-token latency, as the load test measures it (NaN under two tokens)."""
+        first, last = (self.emits[0][0], self.emits[-1][0]) if self.emits else (None, None)
+        return per_token_latency(first, last, self.new_tokens)
+
+    @property
     def seconds(self) -> float:
         return (self.finish if self.finish is not None else math.nan) - self.arrival
 
@@ -125,7 +132,7 @@ class SimResult:
         return [b / self.makespan if self.makespan > 0 else 0.0 for b in self.stage_busy()]
 
     def timeline(self) -> list[tuple[int, float, float, str, int]]:
-        """(stage, start, end, request ids, rows) of every stage forward, for the utilisation plot."""
+        """(stage, start, end, request ids, rows) of every stage forward."""
         return [
             (self.stage_devices.index(b.device), b.start, b.end, ",".join(b.requests), b.rows)
             for b in self.busy
@@ -237,10 +244,6 @@ class Simulation:
     def _new_device(self) -> _Device:
         self.devices.append(_Device(len(self.devices)))
         return self.devices[-1]
-
-    @property
-    def now(self) -> float:
-        return self._now
 
     # ---- driving ------------------------------------------------------------------------
     def add(self, req: Request, at: float = 0.0, origin: int = 0) -> None:
@@ -398,8 +401,9 @@ class Simulation:
 
 
 # ---- runs over many prompts ---------------------------------------------------------------
-def summarize(results: Iterable[SimResult]) -> dict:
-    """Figures for one mode over several runs: totals over totals, like ``bench.summarize``."""
+def summarize_traces(results: Iterable[SimResult]) -> dict:
+    """Figures for one mode over the request traces of several runs: totals over totals, like
+    ``bench.summarize_runs``."""
     results = list(results)
     traces = [t for r in results for t in r.requests.values()]
     done = [t for t in traces if t.reason in ("length", "stop")]
@@ -412,7 +416,7 @@ def summarize(results: Iterable[SimResult]) -> dict:
     nodes = sum(t.stats.verified_nodes for t in done if t.stats)
     span = sum(r.makespan for r in results)
     busy = [sum(x) for x in zip(*(r.stage_busy() for r in results))] if results else []
-    tpot = [t.decode_seconds / (t.new_tokens - 1) for t in done if t.new_tokens > 1]
+    tpot = [t.tpot for t in done]  # NaN for one-token answers, which percentile skips
     return {
         "requests": len(traces),
         "failed": len(traces) - len(done),
@@ -446,8 +450,6 @@ def run_modes(
 ) -> dict[str, list[SimResult]]:
     """Every prompt in every mode. ``rate`` 0: one request at a time (batch 1, FlowSpec's setting),
     modes interleaved per prompt; ``rate`` > 0: each mode's prompts arrive as one Poisson stream."""
-    from models.verify import Sampling
-
     eos, out = frozenset(eos), {m: [] for m in modes}
     labels = labels or [f"p{i}" for i in range(len(prompts))]
 
@@ -464,7 +466,7 @@ def run_modes(
                 out[mode].append(res)
                 if progress:
                     tr = next(iter(res.requests.values()))
-                    s = summarize([res])
+                    s = summarize_traces([res])
                     progress(
                         f"[{i * len(modes) + modes.index(mode) + 1}/{len(prompts) * len(modes)}] "
                         f"{labels[i]:<20} {mode:<5} {tr.new_tokens:4d} tok  {s['decode_tokens_per_s']:7.2f} "
@@ -479,7 +481,7 @@ def run_modes(
             sim.add(request(i, mode), at, origin=i % n_orig)
         out[mode].append(sim.run())
         if progress:
-            s = summarize(out[mode])
+            s = summarize_traces(out[mode])
             progress(
                 f"{mode:<5} {len(prompts)} requests at {rate:g}/s: {s['throughput']:.2f} tok/s simulated "
                 f"throughput, TTFT p50 {s['ttft_p50']:.2f}s (wall {time.perf_counter() - t_wall:.0f}s)"
@@ -495,7 +497,7 @@ def ratios(summary: dict[str, dict], key: str = "decode_tokens_per_s") -> dict[s
     return out
 
 
-def table(summary: dict[str, dict], rate: float) -> str:
+def simulation_table(summary: dict[str, dict], rate: float) -> str:
     """The markdown table; every figure is simulated, and says so."""
     util = lambda s: "/".join(f"{u:.2f}" for u in s["utilisation"])  # noqa: E731
     if rate > 0:
