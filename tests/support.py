@@ -15,7 +15,9 @@ import torch
 from aiohttp import web
 
 from meshd.serve.runtime import GenerateParams, RuntimeUnavailable
+from models.budget import CostCurve
 from models.engine import Stats
+from models.stage import Stage
 
 PROMPTS = Path(__file__).resolve().parents[1] / "meshd" / "lab" / "prompts" / "everyday.jsonl"
 
@@ -76,6 +78,44 @@ def hf_model(path: Path):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+
+
+# the oracle: speculative output equals plain greedy decoding, except at a first divergence where greedy's
+# top-2 logits are within this gap (a float near-tie that batched tree verification may break the other way)
+NEAR_TIE = 1e-4
+
+
+def greedy_reference(stage: Stage, prompt: list[int], n: int, eos: set[int]) -> tuple[list[int], list[float]]:
+    """Token-by-token greedy decoding, recording the top-2 logit gap at every step."""
+    cache = stage.new_cache()
+    h = stage.forward_one(stage.embed(prompt), cache, torch.arange(len(prompt)))[-1:]
+    out, gaps = [], []
+    while len(out) < n:
+        logits = stage.logits(h)[0]
+        top2 = logits.topk(2).values
+        gaps.append(float(top2[0] - top2[1]))
+        out.append(int(logits.argmax()))
+        if out[-1] in eos:
+            break
+        h = stage.forward_one(stage.embed([out[-1]]), cache, torch.tensor([len(prompt) + len(out) - 1]))
+    return out, gaps
+
+
+def assert_matches_greedy(got: list[int], want: list[int], gaps: list[float]) -> None:
+    for i, (g, w) in enumerate(zip(got, want)):
+        if g != w:
+            assert gaps[i] < NEAR_TIE, f"diverged at token {i} ({g} != {w}) with top-2 gap {gaps[i]:.2e}"
+            return
+    assert len(got) == len(want), f"lengths differ without a divergence: {len(got)} vs {len(want)}"
+
+
+# steep CPU-like and flat GPU-like cost curves must both stay exact
+CURVES = {"steep": CostCurve({1: 1.0, 8: 1.6, 64: 6.0}), "flat": CostCurve({1: 1.0, 64: 1.05})}
+
+
+def chat_ids(tok, question: str) -> list[int]:
+    out = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True, tokenize=True)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
 
 
 REPLY = "Hello from the mesh! Emoji: 🎉🦀 and ünïcödé. The end is near. STOP here and then more text follows."

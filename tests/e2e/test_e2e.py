@@ -13,8 +13,7 @@ import urllib.request
 from http.client import HTTPConnection
 
 import pytest
-from support import prompts
-from test_oracle import assert_matches_greedy, chat_ids, greedy_reference
+from support import assert_matches_greedy, chat_ids, greedy_reference, prompts
 
 from meshd.lab.testbed import LoopbackMesh as Mesh
 from meshd.lab.testbed import http

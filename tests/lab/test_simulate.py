@@ -8,8 +8,7 @@ import math
 
 import pytest
 import torch
-from support import make_tiny_checkpoint
-from test_oracle import assert_matches_greedy, greedy_reference
+from support import assert_matches_greedy, greedy_reference, make_tiny_checkpoint
 
 from meshd.lab.loadtest import poisson_arrivals
 from meshd.lab.sim import cli as sim_cli

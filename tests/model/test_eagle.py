@@ -7,8 +7,7 @@ import json
 
 import pytest
 import torch
-from support import make_tiny_checkpoint, prompts
-from test_oracle import CURVES, assert_matches_greedy, chat_ids, greedy_reference
+from support import CURVES, assert_matches_greedy, chat_ids, greedy_reference, make_tiny_checkpoint, prompts
 
 from models.budget import CostCurve, TreeBudget
 from models.config import ModelError

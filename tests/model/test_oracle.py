@@ -9,43 +9,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support import make_tiny_checkpoint, prompts
+from support import CURVES, assert_matches_greedy, chat_ids, greedy_reference, make_tiny_checkpoint, prompts
 
 from models.budget import CostCurve, TreeBudget
 from models.drafters import NGramDrafter, load_drafter
 from models.engine import generate
 from models.source import ModelSource
 from models.stage import Stage
-
-NEAR_TIE = 1e-4
-
-
-def greedy_reference(stage: Stage, prompt: list[int], n: int, eos: set[int]) -> tuple[list[int], list[float]]:
-    """Token-by-token greedy decoding, recording the top-2 logit gap at every step."""
-    cache = stage.new_cache()
-    h = stage.forward_one(stage.embed(prompt), cache, torch.arange(len(prompt)))[-1:]
-    out, gaps = [], []
-    while len(out) < n:
-        logits = stage.logits(h)[0]
-        top2 = logits.topk(2).values
-        gaps.append(float(top2[0] - top2[1]))
-        out.append(int(logits.argmax()))
-        if out[-1] in eos:
-            break
-        h = stage.forward_one(stage.embed([out[-1]]), cache, torch.tensor([len(prompt) + len(out) - 1]))
-    return out, gaps
-
-
-def assert_matches_greedy(got: list[int], want: list[int], gaps: list[float]) -> None:
-    for i, (g, w) in enumerate(zip(got, want)):
-        if g != w:
-            assert gaps[i] < NEAR_TIE, f"diverged at token {i} ({g} != {w}) with top-2 gap {gaps[i]:.2e}"
-            return
-    assert len(got) == len(want), f"lengths differ without a divergence: {len(got)} vs {len(want)}"
-
-
-# steep CPU-like and flat GPU-like cost curves must both stay exact
-CURVES = {"steep": CostCurve({1: 1.0, 8: 1.6, 64: 6.0}), "flat": CostCurve({1: 1.0, 64: 1.05})}
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -81,14 +51,9 @@ def test_tiny_ar_and_eos(tiny_dir):
     assert res.token_ids == want[: want.index(eos) + 1] and res.finish_reason == "stop"
 
 
-def chat_ids(tok, question: str) -> list[int]:
-    out = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True, tokenize=True)
-    return list(out["input_ids"] if hasattr(out, "keys") else out)
-
-
 @pytest.fixture(scope="module")
 def embedded_references(embedded, embedded_tokenizer):
-    """Eight Spec-Bench prompts (one per category) with their plain greedy continuations."""
+    """Eight everyday prompts (one per category) with their plain greedy continuations."""
     eos = set(embedded.cfg.eos_token_ids)
     questions = prompts(1, categories=8)
     assert len(questions) == 8

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support import make_tiny_checkpoint
-from test_oracle import assert_matches_greedy, greedy_reference
+from support import assert_matches_greedy, greedy_reference, make_tiny_checkpoint
 
 from meshd.ring.messages import Prune, Segment
 from meshd.ring.pipeline import build_local_pipeline, split_layers

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_oracle import assert_matches_greedy, greedy_reference
+from support import assert_matches_greedy, greedy_reference
 
 from meshd import cli
 from models.text import encode_prompt, stop_ids
