@@ -274,6 +274,12 @@ async def test_bad_completion_bodies(url, body, param):
     assert status == 400 and resp["error"]["param"] == param
 
 
+async def test_spec_mode_is_refused_with_its_mesh_name(url):
+    status, resp = await post(url, "/v1/chat/completions", {"messages": MSG, "mode": "spec"})
+    assert status == 400 and resp["error"]["param"] == "mode"
+    assert "one of flow, chunk, ar (got 'spec')" in resp["error"]["message"] and "as `flow`" in resp["error"]["message"]
+
+
 async def test_accepted_variants(rt, url):
     body = {
         "messages": [
