@@ -1,4 +1,9 @@
-"""The ``meshd`` command line: one entry point, one subcommand per job."""
+"""The ``meshd`` command line: one entry point, one subcommand per job.
+
+Every subcommand's flags are defined here. The modules that do the work pull in torch,
+transformers, aiohttp or asyncio, so each ``cmd_*`` imports them when it runs, not at the top
+of this module: ``meshd --help`` and a mistyped flag answer at once.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +12,23 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
+
+from meshd import config
+from meshd.client import default_peer
+from meshd.modes import LOCAL_MODES, MESH_DEFAULT, MESH_MODES
+from models.config import ModelError
 
 DEMO_QUESTION = "What are three good reasons to learn a second language? Answer briefly."
 QUESTIONS_HELP = (
     "question file: Spec-Bench's question.jsonl (data/spec_bench/question.jsonl in the Spec-Bench repository) "
     "or another JSONL of the same shape, or 'everyday' (the project's own set); default: $MESHD_SPEC_BENCH"
+)
+MESH_MODE_HELP = (
+    "flow: each draft tree streams through the ring and is verified as it returns; chunk: each tree is "
+    "verified once all of it is back; ar: no drafting (default: %(default)s)"
 )
 
 
@@ -21,14 +36,6 @@ def _threads(n: int | None) -> None:
     import torch
 
     torch.set_num_threads(n or os.cpu_count() or 1)
-
-
-def _load_target(model: str, dtype: str):
-    from models.source import ModelSource
-    from models.stage import Stage
-
-    src = ModelSource.resolve(model)
-    return src, Stage.load(src, dtype=dtype)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -44,6 +51,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from meshd.serve.local import LocalEngine
+    from models.eagle import default_drafter
 
     _threads(args.threads)
     eng = LocalEngine(args.model, args.dtype)
@@ -53,8 +61,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
         sys.stdout.flush()
 
     if args.drafter == "auto":
-        from models.eagle import default_drafter
-
         args.drafter = default_drafter(eng.source)
     out = eng.run(
         args.prompt,
@@ -76,7 +82,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         print()
         print(
-            f"[{args.mode}{'/' + out['drafter'] if out['drafter'] else ''}] {out['new_tokens']} tokens in "
+            f"[{out['mode']}{'/' + out['drafter'] if out['drafter'] else ''}] {out['new_tokens']} tokens in "
             f"{out['seconds']:.2f}s ({out['tokens_per_s']:.1f} tok/s), {out['rounds']} rounds, "
             f"{out['mean_accepted']:.2f} tokens/round, {out['target_forwards']} target forwards",
             file=sys.stderr,
@@ -225,31 +231,16 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Start a small mesh on this machine, ask it one question through its REST API, stop it."""
-    if args.single:
-        print("meshd demo: single-device tree speculative decoding on the embedded model", file=sys.stderr)
-        print(f"Q: {args.question}\nA: ", end="", flush=True)
-        return cmd_generate(
-            argparse.Namespace(
-                prompt=args.question,
-                model="default",
-                dtype="auto",
-                threads=None,
-                mode="spec",
-                drafter="ngram",
-                stages=1,
-                max_tokens=args.max_tokens,
-                temperature=0.0,
-                top_p=1.0,
-                seed=None,
-                chat=None,
-                json=False,
-            )
-        )
     import asyncio
-    import tempfile
 
     from meshd.client.http import Client, Reply
     from meshd.lab.testbed import LoopbackMesh
+
+    if args.single:
+        print("meshd demo: single-device tree speculative decoding on the embedded model", file=sys.stderr)
+        print(f"Q: {args.question}\nA: ", end="", flush=True)
+        argv = ["generate", args.question, "--mode", "spec", "--drafter", "ngram", "--max-tokens", str(args.max_tokens)]
+        return cmd_generate(build_parser().parse_args(argv))
 
     print(
         f"meshd demo: starting {args.peers} daemons on 127.0.0.1 with the embedded SmolLM2-135M-Instruct; they "
@@ -326,12 +317,29 @@ def cmd_train_draft(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from meshd.config import load_config
     from meshd.serve.daemon import serve
 
-    cfg = load_config(args)
+    cfg = config.load_config(args)
     logging.getLogger().setLevel(cfg.log_level.upper())
     return serve(cfg)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from meshd.client import commands
+
+    return commands.cmd_chat(args)
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    from meshd.client import commands
+
+    return commands.cmd_query(args)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from meshd.client import commands
+
+    return commands.cmd_status(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -344,11 +352,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(g)
     g.add_argument(
         "--mode",
-        choices=["ar", "spec", "chunk", "flow"],
+        choices=sorted({*LOCAL_MODES, *MESH_MODES}),
         default="spec",
-        help="ar/spec: one device; chunk/flow: the mesh scheduler over --stages in-process stages",
+        help="spec (default): tree speculative decoding, every layer on this device; ar: no drafting; chunk, "
+        "flow: spec as the mesh runs it, through --stages in-process stages (flow streams each tree through "
+        "them, chunk verifies it once whole); spec with --stages > 1 runs as flow",
     )
-    g.add_argument("--stages", type=int, default=1, help="in-process pipeline stages (mesh modes)")
+    g.add_argument(
+        "--stages",
+        type=int,
+        default=1,
+        help="stages of the in-process ring that chunk, flow and, above 1, every mode run through",
+    )
     g.add_argument(
         "--drafter",
         default="auto",
@@ -516,9 +531,6 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--single", action="store_true", help="skip the mesh: the single-device engine only")
     d.set_defaults(func=cmd_demo)
 
-    from meshd import config
-    from meshd.client import commands as client_cli
-
     s = sub.add_parser(
         "serve",
         help="run the daemon: join the mesh, serve the REST API",
@@ -527,15 +539,53 @@ def build_parser() -> argparse.ArgumentParser:
     )
     config.add_arguments(s)
     s.set_defaults(func=cmd_serve)
-    client_cli.add_commands(sub)
+    _add_client_commands(sub)
     return p
+
+
+def _add_client_commands(sub: argparse._SubParsersAction) -> None:
+    """``chat``, ``query`` and ``status``: clients of a running daemon's REST API (``meshd.client``)."""
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--peer", default=None, metavar="URL", help=f"daemon to talk to (default: $MESHD_PEER or {default_peer()})"
+        )
+        p.add_argument("--api-key", default=None, help="bearer token if the daemon has one (default: $MESHD_API_KEY)")
+
+    c = sub.add_parser("chat", help="chat with the mesh in the terminal (streaming, multi-turn)")
+    common(c)
+    c.add_argument("--mode", choices=MESH_MODES, default=MESH_DEFAULT, help=MESH_MODE_HELP)
+    c.add_argument("--system", default=None, help="system prompt")
+    c.add_argument("--max-tokens", type=int, default=None, help="per reply (default: the daemon's)")
+    c.add_argument("--temperature", type=float, default=0.0)
+    c.add_argument("--seed", type=int, default=None)
+    c.set_defaults(func=cmd_chat)
+
+    q = sub.add_parser("query", help="ask the mesh one question and print the answer")
+    q.add_argument("prompt")
+    common(q)
+    q.add_argument("--mode", choices=MESH_MODES, default=MESH_DEFAULT, help=MESH_MODE_HELP)
+    q.add_argument("--max-tokens", type=int, default=128)
+    q.add_argument("--temperature", type=float, default=0.0)
+    q.add_argument("--top-p", type=float, default=None)
+    q.add_argument("--seed", type=int, default=None)
+    q.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object: text, token_ids, new_tokens, rounds, mean_accepted, seconds, "
+        "tokens_per_s (as `meshd generate --json`)",
+    )
+    q.set_defaults(func=cmd_query)
+
+    st = sub.add_parser("status", help="show the mesh, its plan and each peer's layers and health")
+    common(st)
+    st.add_argument("--json", action="store_true", help="print the daemon's GET /mesh JSON")
+    st.set_defaults(func=cmd_status)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING - 10 * args.verbose, format="%(asctime)s %(name)s: %(message)s")
-    from models.config import ModelError
-
     try:
         return args.func(args)
     except (ModelError, ValueError) as e:

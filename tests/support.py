@@ -1,6 +1,7 @@
-"""Helpers the tests import by name: tiny random checkpoints, the project's prompt set, and a stand-in
-for ``meshd.serve.runtime.Runtime`` behind the REST API (deterministic tokens from a real tokenizer,
-chunked like speculative rounds, with cancellation and failures recorded)."""
+"""Helpers the tests import by name: tiny random checkpoints, the project's prompt set, and an
+``Engine`` (``meshd.serve.engine``) standing in for the daemon's runtime behind the REST API
+(deterministic tokens from a real tokenizer, chunked like speculative rounds, with cancellation and
+failures recorded)."""
 
 from __future__ import annotations
 
@@ -122,6 +123,8 @@ REPLY = "Hello from the mesh! Emoji: 🎉🦀 and ünïcödé. The end is near. 
 
 
 class FakeHandle:
+    """A ``RequestHandle``: the canned reply in chunks of ``FakeRuntime.chunk`` tokens."""
+
     def __init__(self, rt: FakeRuntime, rid: str, prompt_tokens: int, params: GenerateParams):
         self.runtime, self.request_id, self.prompt_tokens, self.params = rt, rid, prompt_tokens, params
         self.finish_reason: str | None = None
@@ -167,7 +170,7 @@ class FakeHandle:
 
 
 class FakeRuntime:
-    """Same surface as ``meshd.serve.runtime.Runtime`` as far as the API is concerned."""
+    """An ``Engine``, as the daemon's ``Runtime`` is (``tests/serve/test_engine.py`` checks both)."""
 
     def __init__(self, tokenizer, *, reply: str = REPLY, chunk: int = 3, delay: float = 0.0, max_context: int = 2048):
         self.tokenizer = tokenizer

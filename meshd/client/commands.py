@@ -2,7 +2,8 @@
 
 They share the daemon's REST API with every other client (``meshd.client.http``), default to the
 local daemon (``$MESHD_PEER`` or http://127.0.0.1:8090) and print errors as one actionable line.
-``chat`` reads stdin line by line, so it works in a terminal and with piped input alike.
+``chat`` reads stdin line by line, so it works in a terminal and with piped input alike. Their
+flags are defined with every other command's in ``meshd.cli``.
 """
 
 from __future__ import annotations
@@ -15,65 +16,18 @@ import os
 import sys
 from typing import Any, TextIO
 
-from meshd.client.http import Client, ClientError, Reply, default_peer
-from meshd.client.statusview import render
+import aiohttp
 
-MODES = ("flow", "chunk", "ar")
-CHAT_HELP = """commands: /reset (forget the conversation), /mode ar|chunk|flow, /stats (last reply's
+from meshd.client.http import Client, ClientError, Reply
+from meshd.client.statusview import render
+from meshd.modes import MESH_MODES
+
+CHAT_HELP = f"""commands: /reset (forget the conversation), /mode {"|".join(MESH_MODES)}, /stats (last reply's
 speculative-decoding statistics), /help, /quit (or Ctrl-D)"""
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--peer", default=None, metavar="URL", help=f"daemon to talk to (default: $MESHD_PEER or {default_peer()})"
-    )
-    p.add_argument("--api-key", default=None, help="bearer token if the daemon has one (default: $MESHD_API_KEY)")
-
-
-def add_commands(sub: Any) -> None:
-    """Register the client subcommands on ``meshd``'s subparsers."""
-    c = sub.add_parser("chat", help="chat with the mesh in the terminal (streaming, multi-turn)")
-    _add_common(c)
-    c.add_argument("--mode", choices=MODES, default="flow", help="decoding mode (default: flow)")
-    c.add_argument("--system", default=None, help="system prompt")
-    c.add_argument("--max-tokens", type=int, default=None, help="per reply (default: the daemon's)")
-    c.add_argument("--temperature", type=float, default=0.0)
-    c.add_argument("--seed", type=int, default=None)
-    c.set_defaults(func=cmd_chat)
-
-    q = sub.add_parser("query", help="ask the mesh one question and print the answer")
-    q.add_argument("prompt")
-    _add_common(q)
-    q.add_argument("--mode", choices=MODES, default="flow")
-    q.add_argument("--max-tokens", type=int, default=128)
-    q.add_argument("--temperature", type=float, default=0.0)
-    q.add_argument("--top-p", type=float, default=None)
-    q.add_argument("--seed", type=int, default=None)
-    q.add_argument(
-        "--json",
-        action="store_true",
-        help="print one JSON object: text, token_ids, new_tokens, rounds, mean_accepted, seconds, "
-        "tokens_per_s (as `meshd generate --json`)",
-    )
-    q.set_defaults(func=cmd_query)
-
-    s = sub.add_parser("status", help="show the mesh, its plan and each peer's layers and health")
-    _add_common(s)
-    s.add_argument("--json", action="store_true", help="print the daemon's GET /mesh JSON")
-    s.set_defaults(func=cmd_status)
-
-
-def build_chat_args(**overrides: Any) -> argparse.Namespace:
-    """``meshd chat``'s arguments with their defaults, for driving ``chat_loop`` from code."""
-    parser = argparse.ArgumentParser()
-    add_commands(parser.add_subparsers())
-    args = parser.parse_args(["chat"])
-    vars(args).update(overrides)
-    return args
-
-
 def _client(args: argparse.Namespace, timeout: float | None = None) -> Client:
-    return Client(args.peer or default_peer(), args.api_key or os.environ.get("MESHD_API_KEY"), timeout=timeout)
+    return Client(args.peer, args.api_key or os.environ.get("MESHD_API_KEY"), timeout=timeout)
 
 
 def _run(coro: Any) -> int:
@@ -141,7 +95,7 @@ async def _probe(client: Client, url: str) -> str:
     """A peer's own /health, through the same session (same API key)."""
     assert client.session is not None
     try:
-        async with client.session.get(url + "/health", timeout=_timeout(2.0)) as resp:
+        async with client.session.get(url + "/health", timeout=aiohttp.ClientTimeout(total=2.0)) as resp:
             body = await resp.json(content_type=None)
             return "ok" if resp.status == 200 else f"unavailable: {(body or {}).get('reason') or resp.status}"
     except Exception as exc:  # any failure means the same thing here: not reachable from this machine
@@ -150,12 +104,6 @@ async def _probe(client: Client, url: str) -> str:
         if isinstance(getattr(exc, "os_error", None), ConnectionRefusedError):
             return "unreachable (connection refused)"
         return f"unreachable ({exc.__class__.__name__})"
-
-
-def _timeout(seconds: float) -> Any:
-    import aiohttp
-
-    return aiohttp.ClientTimeout(total=seconds)
 
 
 async def _status(args: argparse.Namespace) -> int:
@@ -198,8 +146,8 @@ async def chat_loop(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> 
     """One conversation. Failed turns are dropped from the history so a retry starts clean."""
     interactive = stdin.isatty()
     if interactive:
-        with contextlib.suppress(ImportError):
-            import readline  # noqa: F401 - gives input() line editing and history
+        with contextlib.suppress(ImportError):  # not on every platform; imported only for a terminal
+            import readline  # noqa: F401 - importing it gives input() line editing and history
     mode = args.mode
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict[str, str]] = list(system)
@@ -236,8 +184,8 @@ async def chat_loop(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> 
                 say("(conversation reset)")
                 continue
             if cmd == "/mode":
-                if arg.strip() not in MODES:
-                    say(f"(mode is {mode}; choose one of {', '.join(MODES)})")
+                if arg.strip() not in MESH_MODES:
+                    say(f"(mode is {mode}; choose one of {', '.join(MESH_MODES)})")
                 else:
                     mode = arg.strip()
                     say(f"(mode {mode})")

@@ -9,19 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 
-DEFAULT_PEER = "http://127.0.0.1:8090"
+from meshd.client import default_peer
+
 UNREACHABLE_HINT = "is `meshd serve` running? try `systemctl status meshd`"
-
-
-def default_peer() -> str:
-    return os.environ.get("MESHD_PEER") or DEFAULT_PEER
 
 
 def normalise_url(url: str) -> str:
@@ -37,11 +33,12 @@ class ClientError(Exception):
 
 
 class DaemonUnreachable(ClientError):
-    pass
+    """No answer at all: the daemon is not running, not reachable from here, or too slow."""
 
 
-class ApiError(ClientError):
-    """The daemon refused the request (``status`` >= 400) or failed it mid-stream (``status`` 200)."""
+class RequestFailed(ClientError):
+    """The daemon answered with an error: it refused the request (``status`` >= 400, the body being
+    the server's ``meshd.serve.apischema.ApiError``) or failed it mid-stream (``status`` 200)."""
 
     def __init__(self, status: int, message: str, code: str | None = None):
         prefix = f"the daemon answered {status}" if status >= 400 else "the daemon failed mid-answer"
@@ -118,7 +115,7 @@ class Client:
             msg, code = text.strip() or resp.reason or "no details", None
         if resp.status == 401:
             msg += " (pass --api-key or set MESHD_API_KEY)"
-        raise ApiError(resp.status, msg, code)
+        raise RequestFailed(resp.status, msg, code)
 
     async def get_json(self, path: str) -> Any:
         assert self.session is not None, "use Client as an async context manager"
@@ -175,7 +172,7 @@ class Client:
                     data = json.loads(event)
                     if "error" in data:
                         err = data["error"] or {}
-                        raise ApiError(resp.status, err.get("message") or "the stream failed", err.get("code"))
+                        raise RequestFailed(resp.status, err.get("message") or "the stream failed", err.get("code"))
                     for choice in data.get("choices") or []:
                         delta = (choice.get("delta") or {}).get("content")
                         if delta:
@@ -187,7 +184,7 @@ class Client:
                         reply.usage = data["usage"]
                     if data.get("meshd"):
                         reply.stats = data["meshd"]
-            raise ApiError(200, "the stream ended without [DONE]: the daemon may have stopped mid-answer")
+            raise RequestFailed(200, "the stream ended without [DONE]: the daemon may have stopped mid-answer")
         except (aiohttp.ClientConnectionError, asyncio.TimeoutError, aiohttp.ClientPayloadError) as exc:
             raise self._unreachable(exc) from None
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from peers.sizes import format_size
+
 
 def _short(node_id: Any) -> str:
     return str(node_id or "?")[:12]
@@ -16,8 +18,6 @@ def _short(node_id: Any) -> str:
 def _size(n: Any) -> str:
     if not isinstance(n, (int, float)):
         return "-"
-    from peers.sizes import format_size
-
     return format_size(n)
 
 

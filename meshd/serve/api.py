@@ -1,13 +1,14 @@
 """The REST API: OpenAI-compatible completions plus the mesh's own status endpoints.
 
-``create_app(runtime)`` builds the aiohttp application; the daemon mounts its mesh websocket on
-the same app and port. Routes:
+``create_app(engine)`` builds the aiohttp application around an ``Engine``
+(``meshd.serve.engine``: the daemon's ``Runtime``, or a stand-in in tests); the daemon mounts its
+mesh websocket on the same app and port. Routes:
 
 - ``POST /v1/chat/completions``, ``POST /v1/completions``: stream or not, as OpenAI clients
   expect (SSE chunks, then ``data: [DONE]``), with a ``meshd`` object carrying the request's
-  speculative-decoding statistics and the extension field ``mode`` (flow | chunk | ar);
+  speculative-decoding statistics and the extension field ``mode`` (``meshd.modes``: flow | chunk | ar);
 - ``GET /v1/models``, ``GET /v1/models/{id}``;
-- ``GET /mesh`` (``runtime.status()``), ``GET /health`` (200 when ready, 503 and why not),
+- ``GET /mesh`` (``engine.status()``), ``GET /health`` (200 when ready, 503 and why not),
   ``GET /metrics`` (Prometheus text).
 
 Every error is OpenAI's error JSON. A client that goes away cancels its request, so no stage
@@ -38,12 +39,14 @@ from meshd.serve.apischema import (
     parse_chat,
     parse_completion,
 )
+from meshd.serve.engine import Engine, RequestHandle
+from meshd.serve.runtime import GenerateParams, RuntimeUnavailable
 from meshd.serve.textstream import TextStream
+from models.engine import Stats
+from models.text import decode, encode_messages, encode_prompt
 
 log = logging.getLogger(__name__)
 
-RUNTIME = web.AppKey("runtime", object)
-STATE = web.AppKey("api_state", object)
 OPEN_PATHS = ("/health",)  # never behind the API key: load balancers and systemd probes need them
 PROTECTED_PREFIXES = ("/v1/",)
 PROTECTED_PATHS = ("/mesh", "/metrics")
@@ -62,10 +65,14 @@ class ApiState:
         self.streams_active = 0
 
 
-def create_app(runtime: Any, *, api_key: str | None = None, max_body_bytes: int = 1 << 20) -> web.Application:
-    """The API as an aiohttp application around ``runtime`` (see ``meshd.serve.runtime.Runtime``)."""
+ENGINE = web.AppKey("engine", Engine)
+STATE = web.AppKey("api_state", ApiState)
+
+
+def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: int = 1 << 20) -> web.Application:
+    """The API as an aiohttp application around ``engine``."""
     app = web.Application(middlewares=[_errors_middleware, _auth_middleware])
-    app[RUNTIME] = runtime
+    app[ENGINE] = engine
     app[STATE] = ApiState(api_key, max_body_bytes)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
@@ -90,7 +97,7 @@ async def _errors_middleware(request: web.Request, handler: Handler) -> web.Stre
     """Every failure leaves as OpenAI's error JSON, including aiohttp's own 404/405."""
     if request.path.startswith(MESH_NAMESPACE):
         return await handler(request)
-    state: ApiState = request.app[STATE]
+    state = request.app[STATE]
     endpoint = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
     try:
         resp = await handler(request)
@@ -152,49 +159,44 @@ async def _auth_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 # ---- status routes ------------------------------------------------------------------------
 async def health(request: web.Request) -> web.Response:
-    ok, why = request.app[RUNTIME].ready()
+    ok, why = request.app[ENGINE].ready()
     if ok:
         return web.json_response({"status": "ok"})
     return web.json_response({"status": "unavailable", "reason": why}, status=503, headers={"Retry-After": "1"})
 
 
 async def mesh(request: web.Request) -> web.Response:
-    return web.json_response(request.app[RUNTIME].status(), dumps=_dumps)
+    return web.json_response(request.app[ENGINE].status(), dumps=_dumps)
 
 
 async def metrics(request: web.Request) -> web.Response:
-    state: ApiState = request.app[STATE]
-    data = dict(request.app[RUNTIME].metrics())
+    state = request.app[STATE]
+    data = dict(request.app[ENGINE].metrics())
     data["api_requests_total"] = {(("endpoint", ep), ("status", str(st))): n for (ep, st), n in state.requests.items()}
     data["api_client_disconnects_total"] = state.disconnects
     data["api_streams_active"] = state.streams_active
     return web.Response(body=prometheus.render(data).encode(), headers={"Content-Type": prometheus.CONTENT_TYPE})
 
 
-def _model_card(runtime: Any) -> dict[str, Any]:
-    return {
-        "id": runtime.model_name,
-        "object": "model",
-        "created": int(getattr(runtime, "started", 0) or 0),
-        "owned_by": "meshd",
-    }
+def _model_card(engine: Engine) -> dict[str, Any]:
+    return {"id": engine.model_name, "object": "model", "created": int(engine.started), "owned_by": "meshd"}
 
 
 async def list_models(request: web.Request) -> web.Response:
-    return web.json_response({"object": "list", "data": [_model_card(request.app[RUNTIME])]})
+    return web.json_response({"object": "list", "data": [_model_card(request.app[ENGINE])]})
 
 
 async def get_model(request: web.Request) -> web.Response:
-    runtime = request.app[RUNTIME]
-    _check_model(runtime, request.match_info["model"])
-    return web.json_response(_model_card(runtime))
+    engine = request.app[ENGINE]
+    _check_model(engine, request.match_info["model"])
+    return web.json_response(_model_card(engine))
 
 
-def _check_model(runtime: Any, model: str | None) -> None:
-    if model is not None and model != runtime.model_name:
+def _check_model(engine: Engine, model: str | None) -> None:
+    if model is not None and model != engine.model_name:
         raise ApiError(
             404,
-            f"The model `{model}` does not exist: this mesh serves `{runtime.model_name}` (see GET /v1/models).",
+            f"The model `{model}` does not exist: this mesh serves `{engine.model_name}` (see GET /v1/models).",
             param="model",
             code="model_not_found",
         )
@@ -202,14 +204,12 @@ def _check_model(runtime: Any, model: str | None) -> None:
 
 # ---- completions --------------------------------------------------------------------------
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    runtime = request.app[RUNTIME]
-    req = parse_chat(await _read_json(request), runtime.max_context)
+    req = parse_chat(await _read_json(request), request.app[ENGINE].max_context)
     return await _complete(request, req)
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
-    runtime = request.app[RUNTIME]
-    req = parse_completion(await _read_json(request), runtime.max_context)
+    req = parse_completion(await _read_json(request), request.app[ENGINE].max_context)
     return await _complete(request, req)
 
 
@@ -242,25 +242,27 @@ async def _read_json(request: web.Request) -> Any:
 
 
 async def _complete(request: web.Request, req: CompletionRequest) -> web.StreamResponse:
-    from meshd.serve.runtime import GenerateParams, RuntimeUnavailable
-
-    runtime = request.app[RUNTIME]
-    _check_model(runtime, req.model)
-    ok, why = runtime.ready()
+    engine = request.app[ENGINE]
+    _check_model(engine, req.model)
+    ok, why = engine.ready()
     if not ok:
         raise _unavailable(why)
-    prompt_ids = await asyncio.to_thread(_encode, runtime.tokenizer, req)
-    max_tokens = _budget(req, len(prompt_ids), runtime.max_context)
+    prompt_ids = await asyncio.to_thread(_encode, engine.tokenizer, req)
+    max_tokens = _budget(req, len(prompt_ids), engine.max_context)
     params = GenerateParams(
-        max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed, mode=req.mode
+        max_tokens=max_tokens,
+        temperature=req.sampling.temperature,
+        top_p=req.sampling.top_p,
+        seed=req.seed,
+        mode=req.mode,
     )
     try:
-        handle = await runtime.submit(prompt_ids, params)
+        handle = await engine.submit(prompt_ids, params)
     except RuntimeUnavailable as exc:
         raise _unavailable(str(exc)) from None
     except ValueError as exc:
         raise ApiError(400, str(exc), code="invalid_value") from None
-    gen = _Generation(request, runtime, req, handle, mode=req.mode)
+    gen = _Generation(request, engine, req, handle)
     if req.stream:
         return await _stream(request, req, gen)
     return await _whole(req, gen)
@@ -277,8 +279,6 @@ def _unavailable(why: str) -> ApiError:
 
 
 def _encode(tokenizer: Any, req: CompletionRequest) -> list[int]:
-    from models.text import encode_messages, encode_prompt
-
     if req.kind == "chat":
         return encode_messages(tokenizer, req.messages or [])
     return encode_prompt(tokenizer, req.prompt or "", chat=False)
@@ -309,12 +309,12 @@ def _budget(req: CompletionRequest, prompt_tokens: int, context: int) -> int:
 
 
 class _Generation:
-    """One running request: token chunks from the runtime become text deltas, stop strings end it,
+    """One running request: token chunks from the engine become text deltas, stop strings end it,
     and a vanished client cancels it everywhere."""
 
-    def __init__(self, request: web.Request, runtime: Any, req: CompletionRequest, handle: Any, mode: str):
-        self.request, self.runtime, self.handle, self.mode = request, runtime, handle, mode
-        self.text = TextStream(lambda ids: _decode(runtime.tokenizer, ids), req.stop)
+    def __init__(self, request: web.Request, engine: Engine, req: CompletionRequest, handle: RequestHandle):
+        self.request, self.engine, self.handle, self.mode = request, engine, handle, req.mode
+        self.text = TextStream(lambda ids: decode(engine.tokenizer, ids), req.stop)
         self.id = ("chatcmpl-" if req.kind == "chat" else "cmpl-") + secrets.token_hex(12)
         self.created = int(time.time())
         self.started = time.perf_counter()
@@ -368,19 +368,20 @@ class _Generation:
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
     def stats(self) -> dict[str, Any]:
-        st = self.handle.stats
-        seconds = st.seconds if st is not None and st.seconds else time.perf_counter() - self.started
-        new = st.new_tokens if st is not None else len(self.text.token_ids)
+        """The response's ``meshd`` object. A request that ended without the engine's statistics
+        (cancelled before its first round) reports what the API itself saw."""
+        st = self.handle.stats or Stats(new_tokens=len(self.text.token_ids))
+        seconds = st.seconds or time.perf_counter() - self.started
         return {
             "request_id": str(self.handle.request_id),
             "mode": self.mode,
-            "rounds": st.rounds if st is not None else 0,
-            "mean_accepted": round(st.mean_accepted, 4) if st is not None else 0.0,
-            "new_tokens": new,
+            "rounds": st.rounds,
+            "mean_accepted": round(st.mean_accepted, 4),
+            "new_tokens": st.new_tokens,
             "seconds": round(seconds, 4),
-            "tokens_per_s": round(new / seconds, 3) if seconds > 0 else 0.0,
-            "target_forwards": st.target_forwards if st is not None else 0,
-            "verified_nodes": st.verified_nodes if st is not None else 0,
+            "tokens_per_s": round(st.new_tokens / seconds, 3) if seconds > 0 else 0.0,
+            "target_forwards": st.target_forwards,
+            "verified_nodes": st.verified_nodes,
             "token_ids": list(self.text.token_ids),
         }
 
@@ -399,12 +400,6 @@ async def _client_gone(request: web.Request) -> None:
         if transport is None or transport.is_closing():
             return
         await asyncio.sleep(DISCONNECT_POLL_S)
-
-
-def _decode(tokenizer: Any, ids: list[int]) -> str:
-    from models.text import decode
-
-    return decode(tokenizer, ids)
 
 
 async def _whole(req: CompletionRequest, gen: _Generation) -> web.Response:
@@ -438,7 +433,7 @@ async def _whole(req: CompletionRequest, gen: _Generation) -> web.Response:
             "id": gen.id,
             "object": obj,
             "created": gen.created,
-            "model": gen.runtime.model_name,
+            "model": gen.engine.model_name,
             "system_fingerprint": None,
             "choices": [choice],
             "usage": gen.usage(),
@@ -449,7 +444,7 @@ async def _whole(req: CompletionRequest, gen: _Generation) -> web.Response:
 
 
 async def _stream(request: web.Request, req: CompletionRequest, gen: _Generation) -> web.StreamResponse:
-    state: ApiState = request.app[STATE]
+    state = request.app[STATE]
     resp = web.StreamResponse(
         headers={
             "Content-Type": "text/event-stream; charset=utf-8",
@@ -472,7 +467,7 @@ async def _stream(request: web.Request, req: CompletionRequest, gen: _Generation
             "id": gen.id,
             "object": obj,
             "created": gen.created,
-            "model": gen.runtime.model_name,
+            "model": gen.engine.model_name,
             "system_fingerprint": None,
             "choices": [choice],
             **extra,

@@ -12,11 +12,14 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-MODES = ("flow", "chunk", "ar")
+from meshd.modes import MESH_DEFAULT, MESH_MODES
+from models.verify import Sampling
+
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 MAX_STOPS = 4
 DEFAULT_CHAT_MAX_TOKENS = 1024  # chat: "until the model stops", bounded so one request cannot hog the ring
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # the legacy completions API's documented default
+OPENAI_SAMPLING = Sampling(temperature=1.0, top_p=1.0)  # OpenAI's defaults when a body names neither
 
 
 class ApiError(Exception):
@@ -53,13 +56,12 @@ class CompletionRequest:
     messages: list[dict[str, str]] | None = None
     prompt: str | None = None
     max_tokens: int | None = None  # None: the endpoint's default, bounded by the context left
-    temperature: float = 1.0
-    top_p: float = 1.0
+    sampling: Sampling = OPENAI_SAMPLING
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     stream: bool = False
     include_usage: bool = False
-    mode: str = "flow"
+    mode: str = MESH_DEFAULT
 
 
 # Parameters OpenAI defines that meshd does not implement: accepted only at their neutral value.
@@ -181,8 +183,10 @@ def _common(obj: dict[str, Any], kind: str, max_context: int) -> CompletionReque
     req = CompletionRequest(kind=kind, model=model)
     if obj.get("max_tokens") is not None:
         req.max_tokens = _max_tokens("max_tokens", obj["max_tokens"], max_context)
-    req.temperature = _number(obj, "temperature", 1.0, lo=0.0, hi=2.0)
-    req.top_p = _number(obj, "top_p", 1.0, lo=0.0, hi=1.0, lo_open=True)
+    req.sampling = Sampling(
+        temperature=_number(obj, "temperature", OPENAI_SAMPLING.temperature, lo=0.0, hi=2.0),
+        top_p=_number(obj, "top_p", OPENAI_SAMPLING.top_p, lo=0.0, hi=1.0, lo_open=True),
+    )
     seed = obj.get("seed")
     if seed is not None:
         if not _is_int(seed):
@@ -213,8 +217,11 @@ def _common(obj: dict[str, Any], kind: str, max_context: int) -> CompletionReque
         req.include_usage = usage
     mode = obj.get("mode")
     if mode is not None:
-        if mode not in MODES:
-            raise invalid("mode", f"`mode` must be one of {', '.join(MODES)} (got {mode!r})")
+        if mode not in MESH_MODES:
+            hint = ": a daemon runs `meshd generate`'s single-device `spec` through its ring as `flow`"
+            raise invalid(
+                "mode", f"`mode` must be one of {', '.join(MESH_MODES)} (got {mode!r}){hint if mode == 'spec' else ''}"
+            )
         req.mode = mode
     return req
 

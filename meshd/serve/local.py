@@ -1,6 +1,9 @@
 """One device, no network: the target, its tokenizer, its cost curve and drafters, loaded once.
 
 ``meshd generate``, ``meshd demo`` and the single-device rows of ``meshd bench`` all run here.
+The modes are those of ``meshd.modes``: ``ar`` and ``spec`` run the single-device engine
+(``models.engine``); ``chunk`` and ``flow`` run the mesh's scheduler and stage workers over a
+ring of in-process stages (``meshd.ring.pipeline``), where ``spec`` becomes ``flow``.
 """
 
 from __future__ import annotations
@@ -8,9 +11,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from meshd.ring.pipeline import build_local_pipeline
+from meshd.ring.scheduler import Request
 from models.budget import CostCurve, TreeBudget
-from models.drafters import Drafter, load_drafter
-from models.engine import Generation, generate
+from models.drafters import Drafter, drafter_factory, load_drafter
+from models.engine import Generation, Stats, generate
 from models.profile import stage_cost_curve
 from models.source import ModelSource
 from models.stage import Stage
@@ -19,6 +24,8 @@ from models.verify import Sampling
 
 
 class LocalEngine:
+    """The model on this device, and ``run`` to generate with it in any mode."""
+
     def __init__(self, model: str = "default", dtype: str = "auto"):
         t0 = time.perf_counter()
         self.source = ModelSource.resolve(model)
@@ -35,10 +42,11 @@ class LocalEngine:
             self._curve = stage_cost_curve(self.source, self.target, with_head=True)
         return self._curve
 
-    def drafter(self, spec: str) -> Drafter:
-        if spec not in self._drafters:
-            self._drafters[spec] = load_drafter(spec, self.target, source=self.source)
-        return self._drafters[spec]
+    def drafter(self, name: str) -> Drafter:
+        """``name`` as ``--drafter`` takes it (``ngram``, ``eagle[:DIR]``, ...), loaded once."""
+        if name not in self._drafters:
+            self._drafters[name] = load_drafter(name, self.target, source=self.source)
+        return self._drafters[name]
 
     def encode(self, text: str, chat: bool | None = None) -> list[int]:
         return encode_prompt(self.tokenizer, text, has_chat_template(self.tokenizer) if chat is None else chat)
@@ -59,9 +67,10 @@ class LocalEngine:
     ) -> dict:
         """Generate and return the ``meshd generate --json`` fields.
 
-        ``ar``/``spec`` run the single-device engine; ``chunk``/``flow`` (or ``stages > 1``) run the
-        mesh scheduler over ``stages`` in-process stages (correctness and round counts; the stages
-        run one after another here, so wall-clock figures are not a pipelined mesh's).
+        ``ar``/``spec`` with one stage run the single-device engine; ``chunk``/``flow``, or any mode
+        with ``stages > 1``, run the mesh scheduler over ``stages`` in-process stages, ``spec``
+        as ``flow`` (correctness and round counts; the stages run one after another here, so
+        wall-clock figures are not a pipelined mesh's).
         """
         prompt = self.encode(text, chat)
         if mode in ("chunk", "flow") or stages > 1:
@@ -100,12 +109,8 @@ class LocalEngine:
         top_p: float,
         seed: int | None,
         stages: int,
-        on_text,
+        on_text: Callable[[str], None] | None,
     ) -> dict:
-        from meshd.ring.pipeline import build_local_pipeline
-        from meshd.ring.scheduler import Request
-        from models.drafters import drafter_factory
-
         factory = drafter_factory(drafter, self.target, source=self.source) if mode != "ar" else None
         pipe = build_local_pipeline(self.source, stages, factory, curves=CostCurve(self.curve), full=self.target)
         if on_text:
@@ -118,7 +123,7 @@ class LocalEngine:
                 shown[0] = s
 
             pipe.on_emit = emit
-        mode = "flow" if mode == "spec" else mode
+        mode = "flow" if mode == "spec" else mode  # the same tree verification, streamed through the stages
         pipe.submit(Request("local", prompt, max_tokens, mode, Sampling(temperature, top_p), seed, frozenset(self.eos)))
         out = pipe.run()["local"]
         if out.reason == "error":
@@ -128,7 +133,14 @@ class LocalEngine:
         )
 
     def _report(
-        self, token_ids: list[int], st, finish: str, mode: str, drafter: str | None, prompt: list[int], stages: int = 1
+        self,
+        token_ids: list[int],
+        st: Stats,
+        finish: str,
+        mode: str,
+        drafter: str | None,
+        prompt: list[int],
+        stages: int = 1,
     ) -> dict:
         return {
             "text": decode(self.tokenizer, token_ids),

@@ -12,15 +12,13 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import time
-from collections.abc import Mapping
 
 log = logging.getLogger(__name__)
 
 
-def _address(env: Mapping[str, str]) -> str | bytes | None:
+def _address() -> str | bytes | None:
     """The socket address: a filesystem path, or an abstract-namespace name written ``@name``."""
-    path = env.get("NOTIFY_SOCKET")
+    path = os.environ.get("NOTIFY_SOCKET")
     if not path:
         return None
     if path.startswith("@"):
@@ -31,9 +29,9 @@ def _address(env: Mapping[str, str]) -> str | bytes | None:
     return None
 
 
-def notify(state: str, env: Mapping[str, str] | None = None) -> bool:
+def notify(state: str) -> bool:
     """Send one notification (newline-separated ``KEY=value`` assignments). True if it was sent."""
-    addr = _address(os.environ if env is None else env)
+    addr = _address()
     if addr is None:
         return False
     try:
@@ -60,47 +58,8 @@ def status(text: str) -> bool:
 
 
 def stopping() -> bool:
+    """The daemon is shutting down: systemd shows the unit as deactivating, not failed."""
     return notify("STOPPING=1")
-
-
-def reloading() -> bool:
-    """Announce a reload; systemd >= 253 wants the monotonic timestamp with it."""
-    return notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
-
-
-def watchdog() -> bool:
-    """Pet the watchdog (only meaningful when the unit sets ``WatchdogSec=``)."""
-    return notify("WATCHDOG=1")
-
-
-def watchdog_interval(env: Mapping[str, str] | None = None) -> float | None:
-    """Seconds between pets (half of ``WatchdogSec=``), or None when no watchdog is asked for us.
-
-    systemd sets ``WATCHDOG_USEC`` and, to say it is meant for this process, ``WATCHDOG_PID``.
-    """
-    env = os.environ if env is None else env
-    usec, pid = env.get("WATCHDOG_USEC"), env.get("WATCHDOG_PID")
-    if not usec or not usec.isdigit() or int(usec) == 0:
-        return None
-    if pid and pid.isdigit() and int(pid) != os.getpid():
-        return None
-    return int(usec) / 2e6
-
-
-async def watchdog_loop(alive=lambda: True) -> None:
-    """Pet the watchdog while ``alive()`` holds; returns at once when no watchdog is configured.
-
-    Run it as a task; when the event loop stalls, the pets stop and systemd restarts the daemon.
-    """
-    import asyncio
-
-    interval = watchdog_interval()
-    if interval is None:
-        return
-    while True:
-        if alive():
-            watchdog()
-        await asyncio.sleep(interval)
 
 
 def _one_line(text: str) -> str:

@@ -12,8 +12,12 @@ import openai
 import pytest
 from support import REPLY, FakeRuntime, serve
 
+from meshd.modes import MESH_MODES
 from meshd.serve.api import create_app
-from models.text import encode_messages
+from meshd.serve.runtime import solo_runtime
+from models.drafters import drafter_factory
+from models.engine import generate
+from models.text import encode_messages, stop_ids
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -274,6 +278,12 @@ async def test_bad_completion_bodies(url, body, param):
     assert status == 400 and resp["error"]["param"] == param
 
 
+async def test_spec_mode_is_refused_with_its_mesh_name(url):
+    status, resp = await post(url, "/v1/chat/completions", {"messages": MSG, "mode": "spec"})
+    assert status == 400 and resp["error"]["param"] == "mode"
+    assert "one of flow, chunk, ar (got 'spec')" in resp["error"]["message"] and "as `flow`" in resp["error"]["message"]
+
+
 async def test_accepted_variants(rt, url):
     body = {
         "messages": [
@@ -421,11 +431,6 @@ async def test_metrics_prometheus_text(rt, url):
 async def test_real_solo_runtime_through_openai_client(embedded_source, embedded, embedded_tokenizer):
     """The API over the real runtime (one-device ring): greedy answers equal plain decoding, streamed
     or not, in every mode; a client that disconnects frees the stage's session."""
-    from meshd.serve.runtime import solo_runtime
-    from models.drafters import drafter_factory
-    from models.engine import generate
-    from models.text import stop_ids
-
     rt = solo_runtime(
         embedded_source, embedded, drafter_factory("ngram", embedded), embedded_tokenizer, max_context=1024
     )
@@ -438,7 +443,7 @@ async def test_real_solo_runtime_through_openai_client(embedded_source, embedded
             want = generate(
                 embedded, prompt, max_new_tokens=12, mode="ar", eos_ids=stop_ids(embedded_tokenizer, embedded.cfg)
             ).token_ids
-            for mode in ("flow",):
+            for mode in MESH_MODES:
                 resp = await client.chat.completions.create(
                     model=rt.model_name, messages=msgs, max_tokens=12, temperature=0, extra_body={"mode": mode}
                 )

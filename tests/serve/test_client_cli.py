@@ -12,6 +12,8 @@ import sys
 import pytest
 from support import REPLY, serve
 
+from meshd.cli import build_parser
+from meshd.client.commands import chat_loop
 from meshd.client.statusview import render
 from meshd.serve.api import create_app
 from models.text import encode_messages
@@ -71,11 +73,9 @@ async def test_chat_piped_multi_turn_with_commands(rt, url):
 
 
 async def test_chat_loop_in_process_drops_failed_turns(rt, url):
-    from meshd.client.commands import build_chat_args, chat_loop
-
     rt.not_ready = "no committed plan: waiting for peers"
     out = io.StringIO()
-    code = await chat_loop(build_chat_args(peer=url), io.StringIO("hello\n"), out)
+    code = await chat_loop(build_parser().parse_args(["chat", "--peer", url]), io.StringIO("hello\n"), out)
     assert code == 1 and "503" in out.getvalue() and "waiting for peers" in out.getvalue()
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from meshd.cli import build_parser
+from meshd.cli import build_parser, main
 from meshd.config import FIELDS, Config, ConfigError, load_config
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "systemd" / "meshd.toml.example"
@@ -126,8 +126,6 @@ def test_flag_errors_and_missing_explicit_file(tmp_path):
 
 
 def test_cli_reports_config_errors_cleanly(tmp_path, capsys):
-    from meshd.cli import main
-
     f = tmp_path / "bad.toml"
     f.write_text("threads = -1\n")
     assert main(["serve", "--config", str(f)]) == 2

@@ -29,8 +29,6 @@ def test_ready_status_stopping_reach_the_socket(listener):
     assert notify.ready("up")
     assert listener.recv(4096) == b"READY=1\nSTATUS=up"
     assert notify.stopping() and listener.recv(4096) == b"STOPPING=1"
-    assert notify.watchdog() and listener.recv(4096) == b"WATCHDOG=1"
-    assert notify.reloading() and listener.recv(4096).startswith(b"RELOADING=1\nMONOTONIC_USEC=")
 
 
 def test_abstract_namespace(monkeypatch):
@@ -51,10 +49,3 @@ def test_no_op_without_systemd_and_survives_a_dead_socket(monkeypatch, tmp_path,
     assert "could not notify systemd" in caplog.text
     monkeypatch.setenv("NOTIFY_SOCKET", "relative/path")
     assert notify.ready() is False
-
-
-def test_watchdog_interval():
-    assert notify.watchdog_interval({}) is None
-    assert notify.watchdog_interval({"WATCHDOG_USEC": "10000000"}) == 5.0
-    assert notify.watchdog_interval({"WATCHDOG_USEC": "10000000", "WATCHDOG_PID": str(os.getpid())}) == 5.0
-    assert notify.watchdog_interval({"WATCHDOG_USEC": "10000000", "WATCHDOG_PID": "1"}) is None

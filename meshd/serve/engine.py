@@ -1,0 +1,63 @@
+"""What the REST API needs from the thing that generates: the ``Engine`` and ``RequestHandle`` protocols.
+
+The API (``meshd.serve.api``) is typed against these, not against a class, so the daemon's
+``meshd.serve.runtime.Runtime`` and the tests' ``FakeRuntime`` (``tests/support.py``) are
+interchangeable behind it. The names are the runtime's own; a member is listed here only if
+the API reads it (``tests/serve/test_engine.py`` checks that both implementations have all).
+
+``submit`` takes ``meshd.serve.runtime.GenerateParams`` and raises
+``meshd.serve.runtime.RuntimeUnavailable`` when the mesh cannot serve, ``ValueError`` when the
+request does not fit (the API answers 503 and 400).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:  # type names only: the runtime imports torch, this seam needs none of it
+    from meshd.serve.runtime import GenerateParams
+    from models.engine import Stats
+
+
+class RequestHandle(Protocol):
+    """One submitted request: its accepted tokens as they come, then how it ended."""
+
+    request_id: str
+    prompt_tokens: int
+    finish_reason: str | None  # None while running; then "stop" | "length" | "error" | "cancelled"
+    error: str | None  # why, when finish_reason is "error" or "cancelled"
+    stats: Stats | None  # set when the request ends
+
+    def __aiter__(self) -> AsyncIterator[list[int]]:
+        """Chunks of accepted token ids (one per verification round) until the request ends."""
+        ...
+
+    async def cancel(self) -> None:
+        """Stop the request everywhere it is computing; a no-op once it has ended."""
+        ...
+
+
+class Engine(Protocol):
+    """A model served behind the API: the ring of one daemon, or a stand-in in tests."""
+
+    model_name: str
+    tokenizer: Any  # a Hugging Face tokenizer (models.text encodes and decodes with it)
+    max_context: int  # prompt + completion tokens one request may use
+    started: float  # Unix time the engine started (the model card's ``created``)
+
+    def ready(self) -> tuple[bool, str]:
+        """Whether requests can be served now, and if not, why (a sentence for the user)."""
+        ...
+
+    async def submit(self, prompt_ids: list[int], params: GenerateParams) -> RequestHandle:
+        """Start generating after ``prompt_ids``."""
+        ...
+
+    def status(self) -> dict[str, Any]:
+        """``GET /mesh``: plan, peers, this device's stage and load (JSON-serialisable)."""
+        ...
+
+    def metrics(self) -> dict[str, Any]:
+        """``GET /metrics``: flat numbers or labelled families (see ``meshd.serve.metrics``)."""
+        ...
