@@ -32,7 +32,7 @@ from peers.hello import Hello
 from peers.identity import Identity
 from peers.link import CLOSE_GOING_AWAY, Link, LinkEmulation, LinkSecurity, add_mesh_route
 from peers.membership import Membership, MembershipEvent, PeerJoined, PeerLost
-from peers.negotiation import Action, Committed, LoadSlice, Negotiator, Plan, PlanFailed, Rejected, Send
+from peers.negotiation import Committed, LoadSlice, Negotiator, Plan, PlanAction, PlanFailed, Rejected, Send
 from peers.neighbours import Neighbours
 from peers.planner import ModelShape, PeerResources, Stage
 from peers.sizes import default_memory_budget
@@ -387,7 +387,7 @@ class MeshNode:
         for link in list(self.neighbours.links.values()):
             link.offer(msg)  # a full queue already proves we are alive to that peer
 
-    def _run(self, actions: list[Action]) -> None:
+    def _run(self, actions: list[PlanAction]) -> None:
         """Carry out the negotiator's actions; sends and loads go to tasks so no event waits on IO."""
         for action in actions:
             if isinstance(action, Send):

@@ -90,7 +90,7 @@ class Rejected:
     reason: str
 
 
-Action = Send | LoadSlice | Committed | PlanFailed | Rejected
+PlanAction = Send | LoadSlice | Committed | PlanFailed | Rejected
 
 
 class Negotiator:
@@ -114,13 +114,13 @@ class Negotiator:
 
     # --- events ----------------------------------------------------------------------------------
 
-    def set_members(self, resources: dict[str, PeerResources], now: float) -> list[Action]:
+    def set_members(self, resources: dict[str, PeerResources], now: float) -> list[PlanAction]:
         """The member set (this node included) changed: re-plan once it has been quiet for a moment."""
         self.resources = dict(resources)
         self._replan_at = now + self.debounce
         return []
 
-    def tick(self, now: float) -> list[Action]:
+    def tick(self, now: float) -> list[PlanAction]:
         if not self.is_proposer:
             return []
         mine = self.pending is not None and self.proposer == self.node_id
@@ -143,7 +143,7 @@ class Negotiator:
             return self._propose(now)
         return []
 
-    def on_message(self, sender: str, msg: Message, now: float) -> list[Action]:
+    def on_message(self, sender: str, msg: Message, now: float) -> list[PlanAction]:
         if msg.type == "plan_propose":
             return self._on_propose(sender, msg)
         if msg.type == "plan_ack":
@@ -152,7 +152,7 @@ class Negotiator:
             return self._on_commit(sender, msg)
         return []
 
-    def loaded(self, epoch: int, ok: bool, now: float, reason: str = "") -> list[Action]:
+    def loaded(self, epoch: int, ok: bool, now: float, reason: str = "") -> list[PlanAction]:
         """This node finished loading its slice for ``epoch`` (or failed to)."""
         if self.pending is None or self.pending.epoch != epoch:
             return []  # superseded while loading
@@ -169,7 +169,7 @@ class Negotiator:
     def _out_of_date(self) -> bool:
         return self.committed is None or set(self.committed.members) != set(self.resources)
 
-    def _propose(self, now: float) -> list[Action]:
+    def _propose(self, now: float) -> list[PlanAction]:
         self._replan_at = None
         try:
             stages = plan_layers(self.resources.values(), self.shape)
@@ -185,7 +185,7 @@ class Negotiator:
         msg = Message("plan_propose", plan.to_body(), plan.epoch)
         return [*(Send(m, msg) for m in plan.members if m != self.node_id), LoadSlice(plan)]
 
-    def _on_propose(self, sender: str, msg: Message) -> list[Action]:
+    def _on_propose(self, sender: str, msg: Message) -> list[PlanAction]:
         if msg.epoch <= self.highest_epoch:
             reason = f"stale epoch {msg.epoch}: already at {self.highest_epoch}"
             nack = Message("plan_ack", {"ok": False, "reason": reason}, self.highest_epoch)
@@ -201,7 +201,7 @@ class Negotiator:
         self.pending, self.proposer, self._ack_deadline = plan, sender, float("inf")
         return [LoadSlice(plan)]
 
-    def _on_ack(self, sender: str, msg: Message, now: float) -> list[Action]:
+    def _on_ack(self, sender: str, msg: Message, now: float) -> list[PlanAction]:
         mine = self.pending is not None and self.proposer == self.node_id
         if not msg["ok"] and msg.epoch > self.highest_epoch:
             # A peer has seen a higher epoch (another proposer's): outbid it right away.
@@ -214,25 +214,25 @@ class Negotiator:
         self._acks.add(sender)
         return self._maybe_commit()
 
-    def _on_commit(self, sender: str, msg: Message) -> list[Action]:
+    def _on_commit(self, sender: str, msg: Message) -> list[PlanAction]:
         if self.pending is None or msg.epoch != self.pending.epoch or sender != self.proposer:
             return [Rejected(sender, f"commit for epoch {msg.epoch}, which is not the proposal this node loaded")]
         return self._commit()
 
-    def _maybe_commit(self) -> list[Action]:
+    def _maybe_commit(self) -> list[PlanAction]:
         assert self.pending is not None
         if not self._self_loaded or not self._acks >= set(self.pending.members) - {self.node_id}:
             return []
         epoch, members = self.pending.epoch, self.pending.members
         return [*(Send(m, Message("plan_commit", {}, epoch)) for m in members if m != self.node_id), *self._commit()]
 
-    def _commit(self) -> list[Action]:
+    def _commit(self) -> list[PlanAction]:
         assert self.pending is not None
         self.committed, self.pending, self.proposer = self.pending, None, None
         self._ack_deadline = float("inf")
         return [Committed(self.committed)]
 
-    def _abandon(self, reason: str, now: float) -> list[Action]:
+    def _abandon(self, reason: str, now: float) -> list[PlanAction]:
         """Give up on the open proposal and try a fresh one a little later, not in a hot loop."""
         self.error = reason
         self.pending, self._ack_deadline = None, float("inf")
