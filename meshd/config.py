@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from peers.sizes import parse_size
+
 try:  # Python 3.11+
     import tomllib
 except ModuleNotFoundError:  # pragma: no cover - Python 3.10
@@ -177,14 +179,12 @@ def _check(f: dataclasses.Field, value: Any, where: str) -> Any:
     if "choices" in md and value not in md["choices"]:
         raise ConfigError(f"{where}: {name} = {value!r} is not one of {', '.join(md['choices'])}")
     if md.get("size"):
-        from peers.sizes import parse_size
-
         try:
             parse_size(value)
         except ValueError as exc:
             raise ConfigError(f"{where}: {name}: {exc}") from None
     if name == "peers":
-        from peers.mesh import parse_host_port
+        from peers.mesh import parse_host_port  # lazy: peers.mesh loads aiohttp, and `meshd --help` reads this module
 
         for p in value:
             try:

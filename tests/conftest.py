@@ -10,6 +10,10 @@ import pytest
 import torch
 from support import FakeRuntime, make_tiny_checkpoint, serve
 
+from meshd.serve.api import create_app
+from models.source import ModelSource
+from models.stage import Stage
+
 torch.set_num_threads(2)
 
 
@@ -20,15 +24,11 @@ def tiny_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def embedded_source():
-    from models.source import ModelSource
-
     return ModelSource.resolve("default")
 
 
 @pytest.fixture(scope="session")
 def embedded(embedded_source):
-    from models.stage import Stage
-
     return Stage.load(embedded_source, dtype="fp32")
 
 
@@ -46,7 +46,5 @@ async def rt(embedded_tokenizer):
 @pytest.fixture
 async def url(rt):
     """Base URL of the real REST app serving ``rt`` on a free loopback port."""
-    from meshd.serve.api import create_app
-
     async with serve(create_app(rt)) as u:
         yield u

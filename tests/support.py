@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import torch
+import transformers
 from aiohttp import web
 
 from meshd.serve.runtime import GenerateParams, RuntimeUnavailable
@@ -57,8 +58,6 @@ TINY = dict(
 
 def make_tiny_checkpoint(path: Path, arch: str = "llama", seed: int = 0, **overrides) -> Path:
     """Write a random HF checkpoint (config.json + model.safetensors) and return its directory."""
-    import transformers
-
     cls = {
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
@@ -76,9 +75,7 @@ def make_tiny_checkpoint(path: Path, arch: str = "llama", seed: int = 0, **overr
 
 
 def hf_model(path: Path):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    return transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
 
 
 # the oracle: speculative output equals plain greedy decoding, except at a first divergence where greedy's

@@ -10,6 +10,7 @@ import pytest
 import torch
 from support import assert_matches_greedy, greedy_reference, make_tiny_checkpoint
 
+from meshd import cli
 from meshd.lab.loadtest import poisson_arrivals
 from meshd.lab.sim import cli as sim_cli
 from meshd.lab.sim.calibration import calibration_rows, calibration_specs, fit_scale_and_hop
@@ -272,8 +273,6 @@ def tiny_env(tiny, monkeypatch):
 
 
 def test_cli_prints_simulated_table(tiny_env, capsys, tmp_path):
-    from meshd import cli
-
     prof = tmp_path / "p.json"
     prof.write_text(json.dumps(synthetic(0.01, head=0.002).to_json()))
     out = tmp_path / "rec.json"
@@ -312,8 +311,6 @@ def test_cli_prints_simulated_table(tiny_env, capsys, tmp_path):
 def test_cli_calibration_against_a_measured_record(tiny_env, capsys, tmp_path, monkeypatch):
     """``--calibrate-with``: measures this device's profile (cached under XDG_CACHE_HOME), simulates the
     record's mesh and prints simulated vs measured with the relative error."""
-    from meshd import cli
-
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     rec = tmp_path / "measured.json"
     rec.write_text(
@@ -365,8 +362,6 @@ def test_fit_scale_and_hop_recovers_both_and_refuses_one_mesh_size():
 def test_cli_calibration_fits_a_per_message_overhead(tiny_env, capsys, tmp_path, monkeypatch):
     """``--fit-hop``: two mesh sizes' ar rows fix the compute factor and the per-message overhead; a bigger mesh
     measured slower than its compute explains gets a positive overhead, and both ar rows then match."""
-    from meshd import cli
-
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     recs = []
     for k, rate in ((2, 50.0), (3, 40.0)):

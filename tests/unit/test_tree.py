@@ -106,7 +106,6 @@ def test_grow_tree_is_eagle2_like():
 @pytest.mark.parametrize("seed", range(20))
 def test_grow_tree_keep_prunes_only_what_best_would_drop(seed):
     """With ``keep=n`` the draft stops expanding hopeless nodes, and best(n) is unchanged."""
-    import random
 
     def expand(tree, nodes, k):  # a deterministic pseudo-random distribution per path
         out = []
