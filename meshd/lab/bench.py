@@ -163,19 +163,6 @@ def progress_printer(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def parse_link(text: str | None) -> tuple[float, float]:
-    """``5ms/100mbit`` -> (latency_ms, bandwidth_mbps); None -> no emulation."""
-    if not text:
-        return 0.0, 0.0
-    lat, _, bw = text.lower().partition("/")
-    try:
-        latency = float(lat.removesuffix("ms"))
-        bandwidth = float(bw.removesuffix("mbit").removesuffix("mbps")) if bw else 0.0
-    except ValueError:
-        raise ValueError(f"--link {text!r}: expected LATENCYms/BANDWIDTHmbit, e.g. 5ms/100mbit") from None
-    return latency, bandwidth
-
-
 class LocalBackend:
     """One device: the single-device engine (``ar``, ``spec:DRAFTER``) or in-process stages."""
 
@@ -220,15 +207,15 @@ class DaemonBackend:
     def __init__(self, args):
         import tempfile
 
+        from meshd.lab.emulate import link_emulation, slowdown
         from meshd.lab.testbed import LoopbackMesh
 
         self.args = args
-        latency, bandwidth = parse_link(args.link)
+        slowdown(args.device_slowdown)  # a bad value fails here, not in every daemon
+        link_emulation(args.link)
         extra = ["--drafter", args.drafter, "--device-slowdown", str(args.device_slowdown)]
-        if latency:
-            extra += ["--latency-ms", str(latency)]
-        if bandwidth:
-            extra += ["--bandwidth-mbps", str(bandwidth)]
+        if args.link:
+            extra += ["--link", args.link]
         self._tmp = tempfile.TemporaryDirectory(prefix="meshd-bench-")
         progress_printer(f"starting {args.stages} daemons on 127.0.0.1 ...")
         self.mesh = LoopbackMesh(

@@ -19,9 +19,7 @@ async def test_idle_sessions_of_a_vanished_originator_are_freed(tiny_dir):
     await rt.start()
     try:
         # a prompt chunk from an originator this device does not know: the stage computes it, keeps the KV
-        rt.deliver(
-            "segment", Segment("ghost", [0, 1, 2], [PROMPT_PARENT, 0, 1], [0, 1, 2], tokens=[5, 6, 7], commit=True)
-        )
+        rt.deliver(Segment("ghost", [0, 1, 2], [PROMPT_PARENT, 0, 1], [0, 1, 2], tokens=[5, 6, 7], commit=True))
         for _ in range(50):
             await asyncio.sleep(0.02)
             if "ghost" in rt.worker.sessions:
