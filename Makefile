@@ -38,7 +38,8 @@ test: $(STAMP) test-tools
 	$(BIN)/python -m pytest -q -ra
 
 bench: $(STAMP)
-	$(BIN)/meshd bench --backend daemons --stages 2 --n-categories 13 --per-category 1 --temperature 0,1
+	$(BIN)/meshd bench --backend daemons --stages 2 --n-categories 13 --per-category 1 --temperature 0,1 \
+		$(if $(MESHD_SPEC_BENCH),,--questions everyday)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -7,9 +7,14 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 DEMO_QUESTION = "What are three good reasons to learn a second language? Answer briefly."
+QUESTIONS_HELP = (
+    "question file: Spec-Bench's question.jsonl (data/spec_bench/question.jsonl in the Spec-Bench repository) "
+    "or another JSONL of the same shape, or 'everyday' (the project's own set); default: $MESHD_SPEC_BENCH"
+)
 
 
 def _threads(n: int | None) -> None:
@@ -80,8 +85,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from meshd.lab import bench
+    from meshd.lab import bench  # lab modules import torch: loaded by their commands only, so `meshd --help` is fast
 
+    args.questions = str(bench.question_file(args.questions))  # the record names the file read
     questions = bench.load_questions(
         Path(args.questions), args.categories or args.n_categories, args.per_category, held_out_only=args.held_out
     )
@@ -105,7 +111,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             )
             runs = bench.run_interleaved(questions, modes, bench.progress_printer)
             config = {k: v for k, v in vars(args).items() if k != "func"} | {"backend_info": backend.describe()}
-            table, md = bench.summarize(runs, baseline=labels[0])
+            table, md = bench.summarize_runs(runs, baseline=labels[0])
             md = f"{backend.describe()}, {args.max_tokens} new tokens, T={temperature}\n\n{md}"
             path = bench.write_record(Path(args.out), config, runs, table, md)
             print(md)
@@ -114,16 +120,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from meshd.lab import plots
+    from meshd.lab import plots  # lazy, as in cmd_bench
 
     return plots.main(args.records, args.out)
 
 
 def _bench_load(args: argparse.Namespace, questions: list[dict], modes: list[str]) -> int:
     """``meshd bench --load RATES``: Poisson load on real daemons, several originators."""
-    import time
-
-    from meshd.lab import bench, loadtest
+    from meshd.lab import bench, loadtest  # lazy, as in cmd_bench
 
     if args.backend != "daemons":
         raise ValueError("--load needs --backend daemons: it measures real daemons under concurrent requests")
@@ -151,7 +155,7 @@ def _bench_load(args: argparse.Namespace, questions: list[dict], modes: list[str
             "backend_info": backend.describe(),
             "originators": k,
         }
-    md = loadtest.table(rows)
+    md = loadtest.load_table(rows)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"load-{time.strftime('%Y%m%d-%H%M%S')}.json"
@@ -163,9 +167,9 @@ def _bench_load(args: argparse.Namespace, questions: list[dict], modes: list[str
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from meshd.lab import simulate
+    from meshd.lab.sim import cli as sim_cli  # lazy, as in cmd_bench
 
-    return simulate.main(args)
+    return sim_cli.main(args)
 
 
 def _parse_layers(spec: str | None, n: int) -> tuple[int, int]:
@@ -371,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--json", action="store_true")
     pr.set_defaults(func=cmd_profile)
 
-    b = sub.add_parser("bench", help="compare decoding modes on Spec-Bench questions (interleaved)")
+    b = sub.add_parser("bench", help="compare decoding modes on a question set, e.g. Spec-Bench (interleaved)")
     _add_model_args(b)
     b.add_argument(
         "--backend",
@@ -404,10 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="drafter of the mesh modes (daemons and inprocess) and of "
         "spec without a :DRAFTER suffix (auto: the shipped head with n-gram, else ngram)",
     )
-    b.add_argument(
-        "--questions",
-        default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "spec_bench_questions.jsonl"),
-    )
+    b.add_argument("--questions", default=None, metavar="PATH", help=QUESTIONS_HELP)
     b.add_argument("--categories", nargs="*", default=None, help="category names (default: the first N)")
     b.add_argument("--n-categories", type=int, default=8)
     b.add_argument("--per-category", type=int, default=5)
@@ -437,8 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
     sm = sub.add_parser(
         "simulate",
         help="project the mesh onto devices we do not have (discrete-event simulator)",
-        description="Spec-Bench prompts through the real scheduler and stage workers on a simulated "
-        "clock; every figure printed is simulated. --threads defaults to 1 here.",
+        description="Questions (Spec-Bench or the everyday set) through the real scheduler and stage workers "
+        "on a simulated clock; every figure printed is simulated. --threads defaults to 1 here.",
     )
     _add_model_args(sm)
     sm.add_argument("--stages", type=int, default=5)
@@ -449,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sm.add_argument("--link", default="1ms/150mbit", help="per-link LATENCY/BANDWIDTH, e.g. 1ms/150mbit, 0/inf")
     sm.add_argument("--modes", default="ar,chunk,flow")
-    sm.add_argument("--prompts", type=int, default=10, help="Spec-Bench questions, spread over the categories")
+    sm.add_argument("--prompts", type=int, default=10, help="questions, spread over the categories")
     sm.add_argument("--max-tokens", type=int, default=256)
     sm.add_argument("--drafter", default="auto", help="as for generate; acceptance is the real model's")
     sm.add_argument("--originator", default="0", help="stage whose device originates (meshd) or 'own' (FlowSpec)")
@@ -459,10 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--temperature", type=float, default=0.0)
     sm.add_argument("--compute-scale", type=float, default=1.0, help="device slowdown factor on all compute")
     sm.add_argument("--cores", type=int, default=None, help="CPU cores shared by all devices (default: one each)")
-    sm.add_argument(
-        "--questions",
-        default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "spec_bench_questions.jsonl"),
-    )
+    sm.add_argument("--questions", default=None, metavar="PATH", help=QUESTIONS_HELP)
     sm.add_argument(
         "--calibrate-with",
         nargs="+",

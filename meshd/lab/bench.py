@@ -6,14 +6,23 @@ so that drift of this machine (thermal, other load) hits every mode alike.
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
 import platform
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
+
+from meshd.lab.emulate import link_emulation, slowdown
+from meshd.lab.testbed import LoopbackMesh, http
+from meshd.serve.local import LocalEngine
 
 
 @dataclass
@@ -29,12 +38,33 @@ class Run:
     tokens_per_s: float
 
 
+EVERYDAY = Path(__file__).resolve().parent / "prompts" / "everyday.jsonl"
+SPEC_BENCH_ENV = "MESHD_SPEC_BENCH"
+
+
+def question_file(arg: str | None) -> Path:
+    """The question file ``--questions`` names: a path, or ``everyday`` for the project's own set;
+    without one, the path in ``$MESHD_SPEC_BENCH``. Spec-Bench is public but not part of this
+    repository, so a run on it names the copy it read (and fails clearly without one)."""
+    spec = arg or os.environ.get(SPEC_BENCH_ENV)
+    if not spec:
+        raise ValueError(
+            "no question file: pass --questions PATH to Spec-Bench's question.jsonl (public, from the Spec-Bench "
+            f"repository, data/spec_bench/question.jsonl) or --questions everyday, or set {SPEC_BENCH_ENV}"
+        )
+    path = EVERYDAY if spec == "everyday" else Path(spec).expanduser()
+    if not arg and not path.is_file():
+        raise ValueError(f"question file {path} (from ${SPEC_BENCH_ENV}) not found")
+    return path
+
+
 def load_questions(
     path: Path, categories: int | Sequence[str] | None, per_category: int, held_out_only: bool = False
 ) -> list[dict]:
-    """The first ``per_category`` questions of each chosen category, in file order."""
+    """The first ``per_category`` questions of each chosen category, in file order (Spec-Bench's
+    JSONL: ``question_id``, ``category``, ``turns``)."""
     if not path.is_file():
-        raise ValueError(f"{path}: Spec-Bench question file not found; pass --questions FILE")
+        raise ValueError(f"question file {path} not found; pass --questions PATH (or --questions everyday)")
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     if held_out_only:
         rows = [r for r in rows if r["question_id"] % 4 == 0]
@@ -55,6 +85,15 @@ def load_questions(
             count[r["category"]] += 1
             out.append(r)
     return out
+
+
+def spread_over_categories(questions: list[dict], n: int) -> list[dict]:
+    """``n`` of ``questions``, round robin over their categories (file order within each)."""
+    by_cat: dict[str, list[dict]] = {}
+    for q in questions:
+        by_cat.setdefault(q["category"], []).append(q)
+    out = [q for group in itertools.zip_longest(*by_cat.values()) for q in group if q is not None]
+    return out[:n]
 
 
 def run_interleaved(
@@ -90,7 +129,7 @@ def run_interleaved(
     return runs
 
 
-def summarize(runs: list[Run], baseline: str) -> tuple[dict, str]:
+def summarize_runs(runs: list[Run], baseline: str) -> tuple[dict, str]:
     """Per-category and overall figures, plus a markdown table. Speed-ups are ratios of total
     tokens over total seconds, per category, against ``baseline``."""
     by: dict[tuple[str, str], list[Run]] = defaultdict(list)
@@ -127,10 +166,6 @@ def summarize(runs: list[Run], baseline: str) -> tuple[dict, str]:
 
 
 def machine_info() -> dict:
-    import os
-
-    import torch
-
     return {
         "platform": platform.platform(),
         "python": platform.python_version(),
@@ -167,10 +202,6 @@ class LocalBackend:
     """One device: the single-device engine (``ar``, ``spec:DRAFTER``) or in-process stages."""
 
     def __init__(self, args):
-        import torch
-
-        from meshd.serve.local import LocalEngine
-
         torch.set_num_threads(args.threads or torch.get_num_threads())
         self.args = args
         self.engine = LocalEngine(args.model, args.dtype)
@@ -178,8 +209,6 @@ class LocalBackend:
         self.stages = args.stages if args.backend == "inprocess" else 1
 
     def describe(self) -> str:
-        import torch
-
         where = f"{self.stages} in-process stages" if self.stages > 1 else "one device"
         n = torch.get_num_threads()
         return f"{where}, {n} thread{'s' if n > 1 else ''}, dtype {str(self.engine.target.dtype)[6:]}"
@@ -205,11 +234,6 @@ class DaemonBackend:
     """``--stages`` real daemons on loopback; requests go through the REST API of the first one."""
 
     def __init__(self, args):
-        import tempfile
-
-        from meshd.lab.emulate import link_emulation, slowdown
-        from meshd.lab.testbed import LoopbackMesh
-
         self.args = args
         slowdown(args.device_slowdown)  # a bad value fails here, not in every daemon
         link_emulation(args.link)
@@ -234,8 +258,6 @@ class DaemonBackend:
         self.model = self.mesh.status(0)["model"]
 
     def describe(self) -> str:
-        import os
-
         a = self.args
         return (
             f"{a.stages} daemons on loopback ({a.threads or 1} thread each, sharing {os.cpu_count()} cores), "
@@ -243,8 +265,6 @@ class DaemonBackend:
         )
 
     def runner(self, label: str) -> Callable[[str], dict]:
-        from meshd.lab.testbed import http
-
         a = self.args
         if label.startswith("local:"):  # the single-device baseline, in this process, while the daemons idle
             return self._local(label.removeprefix("local:"))
@@ -270,10 +290,6 @@ class DaemonBackend:
         return run
 
     def _local(self, label: str) -> Callable[[str], dict]:
-        import torch
-
-        from meshd.serve.local import LocalEngine
-
         if not hasattr(self, "engine"):
             torch.set_num_threads(self.args.threads or 1)  # one device = what one daemon has
             self.engine = LocalEngine(self.args.model, self.args.dtype)

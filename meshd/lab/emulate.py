@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 
 from meshd.config import add_arguments, load_config
-from meshd.lab.simulate import parse_link
+from meshd.lab.sim.links import parse_link
 from meshd.serve.daemon import serve
 from peers.link import LinkEmulation
 
@@ -41,7 +41,8 @@ def slowdown(factor: float) -> Callable[[float], None] | None:
 
 
 def link_emulation(text: str | None) -> LinkEmulation | None:
-    """``5ms/100mbit`` (see the simulator's link syntax) as the links' shaping; None or unshaped: None."""
+    """``5ms/100mbit`` as the links' shaping (the simulator's syntax, see ``meshd.lab.sim.links.parse_link``);
+    None or an unshaped link: None."""
     if not text:
         return None
     link = parse_link(text)

@@ -17,6 +17,8 @@ import random
 import time
 from collections.abc import Callable, Sequence
 
+import aiohttp
+
 
 def poisson_arrivals(n: int, rate: float, seed: int = 0) -> list[float]:
     """``n`` arrival offsets (s) of a Poisson process of ``rate`` requests/s, the same for a seed."""
@@ -37,6 +39,7 @@ def percentile(xs: Sequence[float], q: float) -> float:
 
 
 def per_token_latency(first: float | None, last: float | None, tokens: int) -> float:
+    """(last - first) / (tokens - 1) between the first and last content's arrival (NaN under two tokens)."""
     return (last - first) / (tokens - 1) if first is not None and last is not None and tokens > 1 else math.nan
 
 
@@ -79,7 +82,8 @@ async def one_request(session, url: str, body: dict, start_at: float, api_key: s
     }
 
 
-def summarize(results: list[dict], rate: float, mode: str) -> dict:
+def summarize_load(results: list[dict], rate: float, mode: str) -> dict:
+    """One row of the load table: the requests of one rate and mode (``one_request``'s results)."""
     done = [r for r in results if r["ok"]]
     span = (max(r["end"] for r in done) - min(r["start"] for r in results)) if done else math.nan
     toks, rounds = sum(r["tokens"] for r in done), sum(r["rounds"] for r in done)
@@ -115,8 +119,6 @@ async def run_rate(
     api_key: str | None = None,
 ) -> dict:
     """``n`` requests at Poisson times, round robin over ``urls`` (the originators); one summary row."""
-    import aiohttp
-
     loop = asyncio.get_running_loop()
     t0 = loop.time() + 0.05
     timeout = aiohttp.ClientTimeout(total=None, sock_read=600)
@@ -139,7 +141,7 @@ async def run_rate(
             for i, at in enumerate(poisson_arrivals(n, rate, seed))
         ]
         results = await asyncio.gather(*tasks)
-    return summarize(results, rate, mode)
+    return summarize_load(results, rate, mode)
 
 
 def run(
@@ -184,7 +186,8 @@ def run(
     return rows
 
 
-def table(rows: list[dict]) -> str:
+def load_table(rows: list[dict]) -> str:
+    """The markdown table of ``summarize_load`` rows."""
     lines = [
         "| rate req/s | mode | done | throughput tok/s | TTFT p50 / p95 s | per-token p50 / p95 ms | "
         "tokens/round | nodes/round |",

@@ -40,7 +40,12 @@ def load_records(paths: list[Path]) -> list[dict]:
 
 
 def _plt():
-    import matplotlib
+    """pyplot on the file-only Agg backend. Imported here, not at the top: matplotlib is an optional
+    dependency (the dev extra) that only drawing needs, and slow to import."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise ValueError("meshd plot needs matplotlib: pip install matplotlib (or the dev extra)") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

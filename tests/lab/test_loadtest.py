@@ -34,7 +34,7 @@ def test_statistics():
         "rounds": 4,
         "verified_nodes": 20,
     }
-    row = loadtest.summarize(
+    row = loadtest.summarize_load(
         [ok, ok | {"start": 1.0, "end": 4.0}, {"ok": False, "error": "HTTP 503", "start": 2.0}], 0.5, "flow"
     )
     assert row["completed"] == 2 and row["failed"] == 1 and row["errors"] == ["HTTP 503"]
@@ -64,5 +64,5 @@ async def test_streamed_requests_against_the_rest_api(rt, url):
 
 
 def test_load_needs_daemons(capsys):
-    assert cli.main(["bench", "--load", "0.5", "--backend", "local"]) != 0
+    assert cli.main(["bench", "--questions", "everyday", "--load", "0.5", "--backend", "local"]) != 0
     assert "--load needs --backend daemons" in capsys.readouterr().err

@@ -11,20 +11,12 @@ import torch
 from support import make_tiny_checkpoint
 from test_oracle import assert_matches_greedy, greedy_reference
 
-from meshd.lab import simulate
-from meshd.lab.simulate import (
-    DraftCost,
-    Link,
-    Profile,
-    Simulation,
-    calibration_rows,
-    calibration_specs,
-    flat,
-    jetson_orin_7b,
-    parse_link,
-    poisson_arrivals,
-    summarize,
-)
+from meshd.lab.loadtest import poisson_arrivals
+from meshd.lab.sim import cli as sim_cli
+from meshd.lab.sim.calibration import calibration_rows, calibration_specs, fit_scale_and_hop
+from meshd.lab.sim.engine import Simulation, summarize_traces
+from meshd.lab.sim.links import ROW_META_BYTES, SEGMENT_META_BYTES, TOKEN_BYTES, Link, parse_link
+from meshd.lab.sim.profiles import DraftCost, Profile, flat, jetson_orin_7b, measure_profile, scaled
 from meshd.ring.scheduler import Request
 from models.budget import CostCurve
 from models.drafters import ModelDrafter, NGramDrafter
@@ -131,7 +123,7 @@ def test_ar_timing_matches_hand_computation(tiny, shared):
         full, "ar", stages=k, profile=synthetic(c, head=h), link=Link(lat), origins=(0,) if shared else (None,)
     )
     period = k * c + (k if shared else k + 1) * lat + h
-    assert summarize([res])["decode_tokens_per_s"] == pytest.approx(1 / period, rel=0.01)
+    assert summarize_traces([res])["decode_tokens_per_s"] == pytest.approx(1 / period, rel=0.01)
     # prefill: two chunks pipelined through K stages (K+1 forwards on the critical path), then the head
     ttft = (k + 1) * c + (k if shared else k + 1) * lat + h
     assert tr.ttft == pytest.approx(ttft, rel=0.01)
@@ -144,12 +136,12 @@ def test_bandwidth_serialises_each_link(tiny):
     k, c, bw = 3, 0.010, 1e6
     prof = synthetic(c, hidden=64, wire_bytes=4)
     res, _ = run_one(full, "ar", stages=k, profile=prof, link=Link(0.0, bw))
-    meta, row = simulate.SEGMENT_META_BYTES, simulate.ROW_META_BYTES
+    meta, row = SEGMENT_META_BYTES, ROW_META_BYTES
     prune = meta + 4 * 2  # keep = commit = [the new token's node]
-    inject = meta + row + simulate.TOKEN_BYTES
+    inject = meta + row + TOKEN_BYTES
     hop = meta + row + 64 * 4
     period = k * c + (prune + inject + k * hop) * 8 / bw
-    assert summarize([res])["decode_tokens_per_s"] == pytest.approx(1 / period, rel=0.01)
+    assert summarize_traces([res])["decode_tokens_per_s"] == pytest.approx(1 / period, rel=0.01)
 
 
 def test_flow_beats_chunk_beats_ar_with_perfect_drafts(tiny):
@@ -158,7 +150,9 @@ def test_flow_beats_chunk_beats_ar_with_perfect_drafts(tiny):
     the greedy token) in 2K-1 forwards where ar gets one token per K; flow hears the best segment's
     verdict after K forwards instead of 2K-1 and keeps the ring full by extending the tree meanwhile."""
     _, full = tiny
-    rate = {m: summarize([run_one(full, m, stages=3)[0]])["decode_tokens_per_s"] for m in ("ar", "chunk", "flow")}
+    rate = {
+        m: summarize_traces([run_one(full, m, stages=3)[0]])["decode_tokens_per_s"] for m in ("ar", "chunk", "flow")
+    }
     assert rate["flow"] > rate["chunk"] > rate["ar"]
     assert rate["ar"] == pytest.approx(1 / 3, rel=0.01)  # one token per 3 one-second stages
 
@@ -194,7 +188,7 @@ def test_utilisation_timeline_and_load(tiny):
     tl = res.timeline()
     assert tl and all(s in (0, 1) and 0 <= a < b and rows > 0 for s, a, b, _, rows in tl)
     assert any("," in reqs for *_, reqs, _ in tl)  # concurrent requests shared a forward
-    s = summarize([res])
+    s = summarize_traces([res])
     assert s["failed"] == 0 and s["throughput"] > 0 and s["ttft_p95"] >= s["ttft_p50"] > 0
     again = run()
     trace = lambda r: [(t.tokens, t.emits) for t in r.requests.values()]  # noqa: E731
@@ -229,7 +223,7 @@ def test_jetson_profile_is_a_documented_assumption():
 
 def test_measured_profile_is_fixed_plus_per_layer(tiny):
     _, full = tiny
-    p = simulate.measure_profile(full, None, sizes=(1, 8), repeats=2)
+    p = measure_profile(full, None, sizes=(1, 8), repeats=2)
     assert p.originator_measured and p.n_layers == N_LAYERS and p.wire_bytes == 4
     for t in (1, 8):
         assert p.layer(t) >= 0 and p.fixed(t) >= 0 and p.head(t) > 0
@@ -268,14 +262,14 @@ def tiny_env(tiny, monkeypatch):
     """``meshd simulate`` on the tiny model: its tokenizer is stubbed (it has none)."""
     src, full = tiny
 
-    class TinyEnv(simulate._Env):
+    class TinyEnv(sim_cli._Env):
         def __init__(self, model, dtype):
             self.source, self.full, self.eos, self._factories = src, full, [], {}
 
         def prompts(self, questions):
             return [prompt_of(12 + i, i) for i in range(len(questions))]
 
-    monkeypatch.setattr(simulate, "_Env", TinyEnv)
+    monkeypatch.setattr(sim_cli, "_Env", TinyEnv)
 
 
 def test_cli_prints_simulated_table(tiny_env, capsys, tmp_path):
@@ -288,6 +282,8 @@ def test_cli_prints_simulated_table(tiny_env, capsys, tmp_path):
         cli.main(
             [
                 "simulate",
+                "--questions",
+                "everyday",
                 "--stages",
                 "3",
                 "--profile",
@@ -334,7 +330,8 @@ def test_cli_calibration_against_a_measured_record(tiny_env, capsys, tmp_path, m
             }
         )
     )
-    assert cli.main(["simulate", "--calibrate-with", str(rec), "--fit-scale", "none", "--json"]) == 0
+    args = ["simulate", "--questions", "everyday", "--calibrate-with", str(rec), "--fit-scale", "none", "--json"]
+    assert cli.main(args) == 0
     raw = json.loads(capsys.readouterr().out)
     assert raw["profile"]["name"] == "this-device" and list((tmp_path / "cache").rglob("sim-*.json"))
     assert [r["mode"] for r in raw["calibration"]] == ["ar", "flow"] and raw["compute_scale"] == 1.0
@@ -342,7 +339,7 @@ def test_cli_calibration_against_a_measured_record(tiny_env, capsys, tmp_path, m
         assert r["simulated"] > 0 and r["rel_error"] == pytest.approx((r["simulated"] - r["measured"]) / r["measured"])
         assert not r["fitted"]
     # the default fits one compute factor on the first record's ar: that row matches, flow is predicted
-    assert cli.main(["simulate", "--calibrate-with", str(rec), "--json"]) == 0
+    assert cli.main(["simulate", "--questions", "everyday", "--calibrate-with", str(rec), "--json"]) == 0
     fit = json.loads(capsys.readouterr().out)
     ar, flow = fit["calibration"]
     assert ar["fitted"] and abs(ar["rel_error"]) < 0.05 and not flow["fitted"]
@@ -351,19 +348,19 @@ def test_cli_calibration_against_a_measured_record(tiny_env, capsys, tmp_path, m
 
 def test_cost_curve_helpers():
     assert flat(0.5)(1) == flat(0.5)(300) == 0.5
-    assert simulate.scaled(CostCurve({1: 1.0, 8: 2.0}), 3.0)(8) == pytest.approx(6.0)
+    assert scaled(CostCurve({1: 1.0, 8: 2.0}), 3.0)(8) == pytest.approx(6.0)
 
 
 def test_fit_scale_and_hop_recovers_both_and_refuses_one_mesh_size():
     # measured s/token = 1.3 * simulated + hops * 0.012 for 2- and 3-stage meshes
     pts = [(2, 0.040, 1.3 * 0.040 + 2 * 0.012), (3, 0.041, 1.3 * 0.041 + 3 * 0.012)]
-    scale, hop = simulate.fit_scale_and_hop(pts)
+    scale, hop = fit_scale_and_hop(pts)
     assert scale == pytest.approx(1.3) and hop == pytest.approx(0.012)
     # a bigger mesh that is relatively faster: no overhead to fit, the factor alone
-    scale, hop = simulate.fit_scale_and_hop([(2, 0.040, 0.052), (3, 0.041, 0.050)])
+    scale, hop = fit_scale_and_hop([(2, 0.040, 0.052), (3, 0.041, 0.050)])
     assert hop == 0.0 and scale == pytest.approx((0.040 * 0.052 + 0.041 * 0.050) / (0.040**2 + 0.041**2))
     with pytest.raises(ValueError, match="two stage counts"):
-        simulate.fit_scale_and_hop([(2, 0.04, 0.05), (2, 0.05, 0.06)])
+        fit_scale_and_hop([(2, 0.04, 0.05), (2, 0.05, 0.06)])
 
 
 def test_cli_calibration_fits_a_per_message_overhead(tiny_env, capsys, tmp_path, monkeypatch):
@@ -389,7 +386,7 @@ def test_cli_calibration_fits_a_per_message_overhead(tiny_env, capsys, tmp_path,
             )
         )
         recs.append(str(p))
-    assert cli.main(["simulate", "--calibrate-with", *recs, "--fit-hop", "--json"]) == 0
+    assert cli.main(["simulate", "--questions", "everyday", "--calibrate-with", *recs, "--fit-hop", "--json"]) == 0
     fit = json.loads(capsys.readouterr().out)
     assert fit["hop_overhead_s"] > 0
     ars = [r for r in fit["calibration"] if r["mode"] == "ar"]

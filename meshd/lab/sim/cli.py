@@ -1,0 +1,270 @@
+"""``meshd simulate``: questions (Spec-Bench, or the everyday set) through a simulated mesh, or calibration
+against measured records."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from meshd.lab.bench import load_questions, progress_printer, question_file, spread_over_categories
+from meshd.lab.sim.calibration import calibrate, calibration_specs, calibration_table
+from meshd.lab.sim.engine import (
+    FLOWSPEC_7B_FLOW_OVER_CHUNK,
+    SimResult,
+    Simulation,
+    ratios,
+    run_modes,
+    simulation_table,
+    summarize_traces,
+)
+from meshd.lab.sim.links import Link, parse_link
+from meshd.lab.sim.profiles import Profile, load_profile, measure_profile
+from models.drafters import drafter_factory
+from models.eagle import default_drafter
+from models.source import ModelSource
+from models.stage import Stage, parse_dtype
+from models.text import encode_messages, stop_ids
+
+
+def parse_origins(spec: str, n: int) -> list[int | None]:
+    """``own``: originators on devices of their own; ``K``: on stages K, K+1, ... (meshd: any peer)."""
+    if spec == "own":
+        return [None] * n
+    try:
+        first = int(spec)
+    except ValueError:
+        raise ValueError(f"--originator {spec!r}: 'own' or a stage index") from None
+    return list(range(first, first + n))
+
+
+class _Env:
+    """The loaded target, tokenizer and drafters: loaded once, shared by every simulated mesh."""
+
+    def __init__(self, model: str, dtype: str):
+        self.source = ModelSource.resolve(model)
+        self.full = Stage.load(self.source, dtype=dtype)
+        self.tokenizer = self.source.load_tokenizer()
+        self.eos = stop_ids(self.tokenizer, self.full.cfg)
+        self._factories: dict[str, Callable] = {}
+
+    def factory(self, spec: str):
+        if spec == "auto":
+            spec = default_drafter(self.source)
+        if spec not in self._factories:
+            self._factories[spec] = drafter_factory(spec, self.full, source=self.source)
+        return spec, self._factories[spec]
+
+    def prompts(self, questions: list[dict]) -> list[list[int]]:
+        return [encode_messages(self.tokenizer, [{"role": "user", "content": q["turns"][0]}]) for q in questions]
+
+
+def _simulate(
+    env: _Env,
+    questions: list[dict],
+    *,
+    stages: int,
+    profile: Profile,
+    link: Link,
+    modes: list[str],
+    drafter: str,
+    max_tokens: int,
+    origins: list[int | None],
+    compute_scale: float,
+    cores: int | None,
+    rate: float,
+    seed: int,
+    temperature: float,
+) -> tuple[dict[str, list[SimResult]], str]:
+    spec, factory = env.factory(drafter)
+
+    def make() -> Simulation:
+        return Simulation(
+            env.full,
+            factory,
+            stages=stages,
+            profile=profile,
+            link=link,
+            origins=origins,
+            compute_scale=compute_scale,
+            cores=cores,
+        )
+
+    labels = [f"q{q['question_id']}-{q['category']}" for q in questions]
+    res = run_modes(
+        make,
+        env.prompts(questions),
+        modes,
+        max_tokens=max_tokens,
+        eos=env.eos,
+        temperature=temperature,
+        rate=rate,
+        seed=seed,
+        labels=labels,
+        progress=progress_printer,
+    )
+    return res, spec
+
+
+def _load_env(args, one_thread: bool) -> _Env:
+    torch.set_num_threads(1 if one_thread else (args.threads or 1))  # one: no oversubscription on a shared box
+    return _Env(args.model, args.dtype)
+
+
+def _calibrate(args, path: Path) -> int:
+    """Simulate each measured mesh of ``--calibrate-with`` and print simulated vs measured tokens/s
+    (the fit: :func:`calibrate`); the profile is this device's, measured on one thread."""
+    specs = [s for p in args.calibrate_with for s in calibration_specs(json.loads(Path(p).read_text()))]
+    qs = load_questions(path, None, per_category=1000)
+    env = _load_env(args, one_thread=True)
+    profile = measure_profile(env.full, env.source.fingerprint)
+
+    def run(spec: dict, modes: list[str], scale: float, hop: float) -> dict[str, float]:
+        ids = spec.get("question_ids")
+        questions = (
+            [q for q in qs if q["question_id"] in set(ids)]
+            if ids
+            else spread_over_categories(qs, spec.get("prompts", args.prompts))
+        )
+        progress_printer(
+            f"calibrating: {spec['stages']} stages, link {spec.get('link', '0/inf')}, {len(questions)} "
+            f"prompts, modes {','.join(modes)}, compute x{scale:.3f}"
+        )
+        want = spec.get("dtype")
+        if want not in (None, "auto") and parse_dtype(want) != env.full.dtype:
+            progress_printer(f"warning: the record ran {want}, this simulation {env.full.dtype}; pass --dtype {want}")
+        link = parse_link(spec.get("link") or "0/inf")
+        res, _ = _simulate(
+            env,
+            questions,
+            stages=spec["stages"],
+            profile=profile,
+            link=Link(link.latency + hop, link.bandwidth),
+            modes=modes,
+            drafter=spec.get("drafter") or args.drafter,
+            max_tokens=spec.get("max_tokens", 128),
+            origins=parse_origins(str(spec.get("originator", 0)), 1),
+            compute_scale=spec.get("compute_scale", 1.0) * scale,
+            cores=spec.get("cores", os.cpu_count()),
+            rate=0.0,
+            seed=args.seed,
+            temperature=0.0,
+        )
+        key = "decode_tokens_per_s" if spec.get("metric") == "decode" else "tokens_per_s"
+        return {m: summarize_traces(r)[key] for m, r in res.items()}
+
+    fit_mode = getattr(args, "fit_scale", None)
+    fit_hop = getattr(args, "fit_hop", False)
+    scale, hop, all_rows = calibrate(specs, run, fit_mode=fit_mode, fit_hop=fit_hop, progress=progress_printer)
+    fitted = any(r["fitted"] for r in all_rows)
+    if args.json:
+        print(
+            json.dumps(
+                {"profile": profile.to_json(), "compute_scale": scale, "hop_overhead_s": hop, "calibration": all_rows}
+            )
+        )
+    else:
+        what = "compute scale and a per-message overhead" if fit_hop else "one factor"
+        print(
+            f"simulator calibration: profile {profile.note}; compute scale {scale:.3f}"
+            + (f", per-message overhead {hop * 1e3:.2f} ms" if hop else "")
+            + (
+                f" ({what} fitted on {fit_mode} of every record, rows marked 'fit'; the others are predicted)"
+                if fitted
+                else ""
+            )
+        )
+        print(calibration_table(all_rows))
+    return 0
+
+
+def main(args) -> int:
+    """``meshd simulate``: questions through a simulated mesh; every figure is simulated."""
+    path = question_file(args.questions)  # inputs before the model: a bad argument should not wait for it
+    args.questions = str(path)  # the record names the file read
+    if args.calibrate_with:
+        return _calibrate(args, path)
+    questions = spread_over_categories(load_questions(path, None, per_category=max(1, args.prompts)), args.prompts)
+    link = parse_link(args.link)
+    origins = parse_origins(args.originator, args.originators)
+    modes = args.modes.split(",")
+    env = _load_env(args, one_thread=args.profile == "this-device")
+    profile = load_profile(args.profile, env.full, env.source.fingerprint)
+    where = "own device" if origins[0] is None else f"stage {origins[0]}'s device"
+    progress_printer(
+        f"simulate: {args.stages} stages x {profile.name}, link {link}, originator on {where}, "
+        f"{len(questions)} prompts x {args.max_tokens} tokens, modes {','.join(modes)}"
+    )
+    progress_printer(f"profile: {profile.note}")
+    res, drafter = _simulate(
+        env,
+        questions,
+        stages=args.stages,
+        profile=profile,
+        link=link,
+        modes=modes,
+        drafter=args.drafter,
+        max_tokens=args.max_tokens,
+        origins=origins,
+        compute_scale=args.compute_scale,
+        cores=args.cores,
+        rate=args.rate,
+        seed=args.seed,
+        temperature=args.temperature,
+    )
+    summary = {m: summarize_traces(r) for m, r in res.items()}
+    flow = res.get("flow") or next(iter(res.values()))
+    record = {
+        "label": "simulated",
+        "config": {k: v for k, v in vars(args).items() if k != "func"} | {"drafter": drafter},
+        "profile": profile.to_json(),
+        "summary": summary,
+        "ratios": ratios(summary, "throughput" if args.rate > 0 else "decode_tokens_per_s"),
+        "flowspec_reference": {"flow/chunk": FLOWSPEC_7B_FLOW_OVER_CHUNK, "label": "measured, published"},
+        "timeline": [
+            {
+                "device": b.device,
+                "kind": b.kind,
+                "start": b.start,
+                "end": b.end,
+                "requests": list(b.requests),
+                "rows": b.rows,
+            }
+            for b in flow[0].busy
+        ]
+        if flow
+        else [],
+        "requests": [
+            {
+                "request_id": t.request_id,
+                "mode": t.mode,
+                "new_tokens": t.new_tokens,
+                "ttft": t.ttft,
+                "decode_seconds": t.decode_seconds,
+                "seconds": t.seconds,
+                "reason": t.reason,
+                "mean_accepted": t.stats.mean_accepted if t.stats else 0.0,
+            }
+            for rs in res.values()
+            for r in rs
+            for t in r.requests.values()
+        ],
+    }
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(record, indent=1))
+        progress_printer(f"record: {args.out}")
+    if args.json:
+        print(json.dumps(record))
+        return 0
+    print(
+        f"SIMULATED (not measured): {args.stages} stages, profile {profile.name}, link {link}, originator on "
+        f"{where}, drafter {drafter}, {len(questions)} prompts of {path.name} x {args.max_tokens} tokens, "
+        f"T={args.temperature}, acceptance from the real {env.source.name} ({str(env.full.dtype)[6:]})"
+    )
+    print(f"profile: {profile.note}")
+    print(simulation_table(summary, args.rate))
+    return 0

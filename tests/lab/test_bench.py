@@ -1,0 +1,56 @@
+"""Benchmark inputs: which question file a run reads, and how questions are chosen from it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from meshd import cli
+from meshd.lab.bench import EVERYDAY, SPEC_BENCH_ENV, load_questions, question_file, spread_over_categories
+
+
+def write_questions(path: Path, rows: list[tuple[int, str]]) -> Path:
+    path.write_text("".join(json.dumps({"question_id": i, "category": c, "turns": [f"q{i}"]}) + "\n" for i, c in rows))
+    return path
+
+
+def test_question_file_from_the_flag_the_environment_or_the_everyday_set(monkeypatch, tmp_path):
+    monkeypatch.delenv(SPEC_BENCH_ENV, raising=False)
+    assert question_file("everyday") == EVERYDAY and EVERYDAY.is_file()
+    assert question_file(str(tmp_path / "q.jsonl")) == tmp_path / "q.jsonl"
+    with pytest.raises(ValueError, match=r"no question file.*--questions everyday.*MESHD_SPEC_BENCH"):
+        question_file(None)
+    monkeypatch.setenv(SPEC_BENCH_ENV, str(tmp_path / "env.jsonl"))
+    with pytest.raises(ValueError, match=r"env\.jsonl \(from \$MESHD_SPEC_BENCH\) not found"):
+        question_file(None)
+    write_questions(tmp_path / "env.jsonl", [(1, "a")])
+    assert question_file(None) == tmp_path / "env.jsonl"
+    assert question_file("everyday") == EVERYDAY  # the flag wins over the environment
+
+
+def test_bench_and_simulate_fail_clearly_without_a_question_file(monkeypatch, tmp_path, capsys):
+    monkeypatch.delenv(SPEC_BENCH_ENV, raising=False)
+    assert cli.main(["bench", "--backend", "local"]) == 2
+    assert "no question file: pass --questions PATH" in capsys.readouterr().err
+    missing = tmp_path / "question.jsonl"
+    assert cli.main(["simulate", "--questions", str(missing)]) == 2
+    assert f"question file {missing} not found" in capsys.readouterr().err
+
+
+def test_load_questions_per_category_in_file_order(tmp_path):
+    f = write_questions(tmp_path / "q.jsonl", [(1, "a"), (2, "b"), (3, "a"), (4, "c"), (5, "a"), (8, "b")])
+    assert [q["question_id"] for q in load_questions(f, None, 2)] == [1, 2, 3, 4, 8]
+    assert [q["question_id"] for q in load_questions(f, 2, 1)] == [1, 2]
+    assert [q["question_id"] for q in load_questions(f, ["c", "b"], 5)] == [2, 4, 8]
+    assert [q["question_id"] for q in load_questions(f, None, 5, held_out_only=True)] == [4, 8]
+    with pytest.raises(ValueError, match="unknown categories"):
+        load_questions(f, ["z"], 1)
+
+
+def test_spread_over_categories_is_round_robin(tmp_path):
+    f = write_questions(tmp_path / "q.jsonl", [(1, "a"), (2, "a"), (3, "b"), (4, "c"), (5, "c")])
+    qs = load_questions(f, None, 10)
+    assert [q["question_id"] for q in spread_over_categories(qs, 4)] == [1, 3, 4, 2]
+    assert len(spread_over_categories(load_questions(EVERYDAY, None, 10), 13)) == 13
