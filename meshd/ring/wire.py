@@ -21,6 +21,8 @@ MESSAGE_TYPES = ("segment", "prune", "result", "cancel")
 
 def to_message(msg: RingMessage, wire_dtype: torch.dtype) -> Message:
     """``msg`` as a codec message; hidden states travel as ``wire_dtype``."""
+    if not isinstance(msg, (Segment, Prune, Result, Close)):
+        raise TypeError(f"not a ring message: {type(msg).__name__}")
     rid = int(msg.request_id)
     if isinstance(msg, Segment):
         body: dict[str, Any] = {
@@ -40,9 +42,7 @@ def to_message(msg: RingMessage, wire_dtype: torch.dtype) -> Message:
     if isinstance(msg, Result):
         body = {"nodes": msg.node_ids, "hidden": msg.hidden.to(wire_dtype), "queue": msg.stage_queue}
         return Message("result", body, request_id=rid)
-    if isinstance(msg, Close):
-        return Message("cancel", {}, request_id=rid)
-    raise TypeError(f"not a ring message: {type(msg).__name__}")
+    return Message("cancel", {}, request_id=rid)  # a Close
 
 
 def from_message(msg: Message) -> RingMessage:
