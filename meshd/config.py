@@ -114,19 +114,6 @@ class Config:
             "one matches the model, else ngram) | ngram | eagle[:DIR] | eagle+ngram | model:PATH[@LAYERS]"
         ),
     )
-    device_slowdown: float = field(
-        default=1.0,
-        metadata=_opt(
-            "make this device's stage this many times slower (emulate a weaker device in tests)", lo=1.0, hi=1000.0
-        ),
-    )
-    # link emulation (stands in for a real LAN on loopback)
-    latency_ms: float = field(
-        default=0.0, metadata=_opt("added one-way latency per link message, ms", lo=0.0, hi=60_000.0)
-    )
-    bandwidth_mbps: float = field(
-        default=0.0, metadata=_opt("link bandwidth cap in Mbit/s (0: unlimited)", lo=0.0, hi=1e6)
-    )
     # housekeeping
     state_dir: Path = field(
         default_factory=default_state_dir,

@@ -336,11 +336,13 @@ _reg("heartbeat", control=True, ts=Kind.FLOAT)
 _reg("plan_propose", control=True, stages=Kind.LIST, members=Kind.STRS, n_layers=Kind.INT)
 _reg("plan_ack", control=True, ok=Kind.BOOL, reason=optional(Kind.STR))
 _reg("plan_commit", control=True)
-# Data plane (meshd/ring/messages.py is the in-memory form); request id in the envelope. Node ids are
-# request-global and only grow, so prunes apply the same whatever order they meet the segments in.
+# Data plane: meshd/ring/messages.py is the in-memory form, meshd/ring/wire.py the mapping; request id in the
+# envelope. Node ids are request-global and only grow, so prunes apply the same whatever order they meet the
+# segments in. ``seq`` is no longer sent: it stays an optional, ignored field so that frames from peers that
+# still send it decode.
 _reg(
     "segment",
-    seq=Kind.INT,
+    seq=optional(Kind.INT),  # ignored (older peers send 0)
     origin=Kind.STR,  # node id of the originator: the last stage returns the result there
     nodes=Kind.INTS,
     parents=Kind.INTS,
@@ -350,6 +352,6 @@ _reg(
     commit=optional(Kind.BOOL),  # prompt chunks: committed context on arrival
 )
 _reg("prune", upto=Kind.INT, keep=Kind.INTS, commit=Kind.INTS)
-_reg("result", seq=Kind.INT, nodes=Kind.INTS, hidden=Kind.TENSOR, queue=optional(Kind.INT))
-_reg("cancel", reason=optional(Kind.STR))
+_reg("result", seq=optional(Kind.INT), nodes=Kind.INTS, hidden=Kind.TENSOR, queue=optional(Kind.INT))
+_reg("cancel")  # closes the request's session at a stage
 _reg("error", code=Kind.STR, message=Kind.STR)

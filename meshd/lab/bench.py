@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 import os
 import platform
 import sys
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from meshd.lab.sim.links import Link, parse_link
+from meshd.lab.emulate import link_emulation, slowdown
 from meshd.lab.testbed import LoopbackMesh, http
 from meshd.serve.local import LocalEngine
 
@@ -236,12 +235,11 @@ class DaemonBackend:
 
     def __init__(self, args):
         self.args = args
-        link = parse_link(args.link) if args.link else Link()
+        slowdown(args.device_slowdown)  # a bad value fails here, not in every daemon
+        link_emulation(args.link)
         extra = ["--drafter", args.drafter, "--device-slowdown", str(args.device_slowdown)]
-        if link.latency:
-            extra += ["--latency-ms", f"{link.latency * 1e3:g}"]
-        if math.isfinite(link.bandwidth):
-            extra += ["--bandwidth-mbps", f"{link.bandwidth / 1e6:g}"]
+        if args.link:
+            extra += ["--link", args.link]
         self._tmp = tempfile.TemporaryDirectory(prefix="meshd-bench-")
         progress_printer(f"starting {args.stages} daemons on 127.0.0.1 ...")
         self.mesh = LoopbackMesh(

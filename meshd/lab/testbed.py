@@ -1,7 +1,8 @@
 """A mesh of real daemons on 127.0.0.1, for end-to-end tests and benchmarks.
 
-Each daemon is a separate ``meshd serve`` process with its own state directory; they find
-each other through real mDNS (or a static peer list) under a random mesh name, so several
+Each daemon is a separate ``meshd serve`` process with its own state directory, started through
+``python -m meshd.lab.emulate serve`` so benchmarks can add ``--device-slowdown`` and ``--link``
+to its flags; they find each other through real mDNS (or a static peer list) under a random mesh name, so several
 testbeds on one machine never join each other.
 """
 
@@ -38,7 +39,7 @@ def http(method: str, url: str, body: dict | None = None, timeout: float = 120) 
 
 
 class LoopbackMesh:
-    """``n`` daemons; ``extra`` flags go to every one (e.g. ``--latency-ms 5``)."""
+    """``n`` daemons; ``extra`` flags go to every one (e.g. ``--link 5ms/100mbit``)."""
 
     def __init__(
         self,
@@ -60,7 +61,7 @@ class LoopbackMesh:
             cmd = [
                 sys.executable,
                 "-m",
-                "meshd.cli",
+                "meshd.lab.emulate",
                 "serve",
                 "--port",
                 str(port),

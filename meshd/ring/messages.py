@@ -1,14 +1,17 @@
-"""What travels around the ring for one request: segments of tree nodes, and prune decisions.
+"""What travels around the ring for one request: segments of tree nodes, prune decisions, closes
+and results.
 
 Nodes are named by request-global ids that only grow, never by position in a tensor. That
 makes a prune decision order-independent: a stage applies it to what it already holds, to what
 is queued for it, and to rows that reach it later, and every stage ends up consistent without
 the prune having to travel in-band behind the segments.
+
+These are the in-memory forms; :mod:`meshd.ring.wire` maps them to and from codec messages.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -31,7 +34,6 @@ class Segment:
     hidden: torch.Tensor | None = None
     commit: bool = False
     origin: str | None = None  # originator's node id: where the last stage returns the result
-    sent_at: float = 0.0  # originator's clock when injected, for latency accounting
 
     def __len__(self) -> int:
         return len(self.node_ids)
@@ -47,7 +49,19 @@ class Segment:
             self.hidden[keep] if self.hidden is not None else None,
             self.commit,
             self.origin,
-            self.sent_at,
+        )
+
+    def with_hidden(self, hidden: torch.Tensor) -> Segment:
+        """The same rows carrying a stage's output: the input of the next stage."""
+        return Segment(
+            self.request_id,
+            self.node_ids,
+            self.parents,
+            self.positions,
+            None,
+            hidden,
+            self.commit,
+            self.origin,
         )
 
 
@@ -69,6 +83,14 @@ class Prune:
         self._keep = set(self.keep)
 
 
+@dataclass(frozen=True)
+class Close:
+    """The request is over (finished, cancelled or failed): a stage frees its session and ignores
+    anything that still arrives for it."""
+
+    request_id: str
+
+
 @dataclass
 class Result:
     """A segment's output from the last stage, back at the originator."""
@@ -77,4 +99,12 @@ class Result:
     node_ids: list[int]
     hidden: torch.Tensor
     stage_queue: int = 0  # rows queued at the reporting stage: a load signal for tree sizing
-    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, out: Segment, stage_queue: int) -> Result:
+        """The last stage's output ``out`` as the result its originator reads."""
+        return cls(out.request_id, out.node_ids, out.hidden, stage_queue)
+
+
+StageMessage = Segment | Prune | Close  # what a stage worker handles
+RingMessage = Segment | Prune | Close | Result  # everything that travels between peers for a request

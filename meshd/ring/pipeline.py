@@ -10,8 +10,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from meshd.ring.scheduler import Action, CloseSessions, Emit, Finish, Originator, Request, SendPrune, SendSegment
+from meshd.ring.interpreter import Delivery, ToClient, ToEveryStage, ToOriginator, ToStage, forward, interpret
+from meshd.ring.scheduler import Action, Emit, Originator, Request
 from meshd.ring.worker import StageWorker
+from models.budget import CostCurve
 from models.engine import Stats
 from models.stage import Stage
 
@@ -50,22 +52,28 @@ class InProcessPipeline:
         self.outcomes: dict[str, Outcome] = {}
 
     def dispatch(self, actions: list[Action]) -> None:
-        for a in actions:
-            if isinstance(a, SendSegment):
-                self.workers[0].enqueue(a.segment)
-            elif isinstance(a, SendPrune):
-                for w in self.workers:
-                    w.prune(a.prune)
-            elif isinstance(a, CloseSessions):
-                for w in self.workers:
-                    w.close(a.request_id)
-            elif isinstance(a, Emit):
-                self.outcomes.setdefault(a.request_id, Outcome()).tokens.extend(a.tokens)
-                if self.on_emit:
-                    self.on_emit(a.request_id, a.tokens)
-            elif isinstance(a, Finish):
-                o = self.outcomes.setdefault(a.request_id, Outcome())
-                o.reason, o.stats, o.error = a.reason, a.stats, a.error
+        for d in interpret(actions):
+            self._deliver(d)
+
+    def _deliver(self, d: Delivery) -> None:
+        if isinstance(d, ToStage):
+            self.workers[d.index].handle(d.message)
+        elif isinstance(d, ToEveryStage):
+            for w in self.workers:
+                w.handle(d.message)
+        elif isinstance(d, ToOriginator):
+            self.dispatch(self.originator.on_result(d.message))
+        else:
+            self._to_client(d)
+
+    def _to_client(self, d: ToClient) -> None:
+        a, o = d.event, self.outcomes.setdefault(d.event.request_id, Outcome())
+        if isinstance(a, Emit):
+            o.tokens.extend(a.tokens)
+            if self.on_emit:
+                self.on_emit(a.request_id, a.tokens)
+        else:
+            o.reason, o.stats, o.error = a.reason, a.stats, a.error
 
     def submit(self, req: Request) -> None:
         self.outcomes[req.request_id] = Outcome()
@@ -78,10 +86,7 @@ class InProcessPipeline:
             for k, w in enumerate(self.workers):
                 for out in w.step():
                     busy = True
-                    if k + 1 < len(self.workers):
-                        self.workers[k + 1].enqueue(out)
-                    else:
-                        self.dispatch(self.originator.on_result(out, w.queued_rows))
+                    self._deliver(forward(out, k, len(self.workers), w.queued_rows))
             if not busy:
                 break
         for rid, o in self.outcomes.items():
@@ -98,8 +103,6 @@ def build_local_pipeline(
     Without measured ``curves`` each stage gets a share of ``full``'s whole-model curve (or a
     made-up one) proportional to its layer count.
     """
-    from models.budget import CostCurve
-
     full = full or Stage.load(source, dtype=dtype)
     ranges = split_layers(full.cfg.n_layers, n_stages)
     workers = []

@@ -23,13 +23,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from meshd.ring.messages import PROMPT_PARENT, Prune, Segment
+from meshd.ring.messages import PROMPT_PARENT, Prune, Result, Segment
 from models.budget import CostCurve, TreeBudget
 from models.drafters import Drafter
 from models.engine import Stats
 from models.stage import Stage
 from models.tree import Tree, split_segments
-from models.verify import Sampling, Walk, advance
+from models.verify import Sampling, Walk, advance, sample_token
 
 MODES = ("ar", "chunk", "flow")
 PREFILL_CHUNK = 64
@@ -186,7 +186,6 @@ class Originator:
                 tokens=[req.prompt[i] for i in chunk],
                 commit=True,
                 origin=self.origin,
-                sent_at=self.clock(),
             )
             acts.append(SendSegment(seg))
             lv.stats.target_forwards += 1
@@ -208,33 +207,33 @@ class Originator:
             acts += self.cancel(rid, "error", why)
         return acts
 
-    def on_result(self, seg: Segment, stage_queue: int = 0) -> list[Action]:
-        """Hidden states of ``seg``'s nodes came back from the last stage."""
-        lv = self.live.get(seg.request_id)
+    def on_result(self, res: Result) -> list[Action]:
+        """Hidden states of ``res``'s nodes came back from the last stage."""
+        lv = self.live.get(res.request_id)
         if lv is None:
             return []  # finished or cancelled while this segment was in flight
-        self.stage_queue = stage_queue
+        self.stage_queue = res.stage_queue
         if lv.prefill_left:
-            return self._prefill_result(lv, seg)
-        wanted = [i for i, n in enumerate(seg.node_ids) if n in lv.in_flight]
-        lv.in_flight.difference_update(seg.node_ids)
+            return self._prefill_result(lv, res)
+        wanted = [i for i, n in enumerate(res.node_ids) if n in lv.in_flight]
+        lv.in_flight.difference_update(res.node_ids)
         if not wanted:
             return []
-        feats = self.head.final_norm(seg.hidden[wanted].to(self.head.dtype))
+        feats = self.head.final_norm(res.hidden[wanted].to(self.head.dtype))
         logits = self.head.logits(feats, normed=True)
         for r, i in enumerate(wanted):
-            lv.logits[seg.node_ids[i]] = logits[r]
-            lv.feats[seg.node_ids[i]] = feats[r]
+            lv.logits[res.node_ids[i]] = logits[r]
+            lv.feats[res.node_ids[i]] = feats[r]
         if lv.req.mode != "flow" and lv.in_flight:  # ar / chunk: verify only once the whole tree is back
             return []
         return self._walk(lv)
 
     # ---- prefill ----------------------------------------------------------------------------
-    def _prefill_result(self, lv: _Live, seg: Segment) -> list[Action]:
-        hidden = seg.hidden.to(self.head.dtype)  # the wire may carry fp16 while this device computes in bf16
-        for i, n in enumerate(seg.node_ids):
+    def _prefill_result(self, lv: _Live, res: Result) -> list[Action]:
+        hidden = res.hidden.to(self.head.dtype)  # the wire may carry fp16 while this device computes in bf16
+        for i, n in enumerate(res.node_ids):
             lv.feats[n] = hidden[i]
-        lv.prefill_left.difference_update(seg.node_ids)
+        lv.prefill_left.difference_update(res.node_ids)
         if lv.prefill_left:
             return []
         ids = sorted(lv.feats)
@@ -250,8 +249,6 @@ class Originator:
         return acts
 
     def _sample(self, lv: _Live, logits: torch.Tensor) -> int:
-        from models.verify import sample_token
-
         return sample_token(logits, lv.req.sampling, lv.gen)
 
     # ---- rounds -----------------------------------------------------------------------------
@@ -318,7 +315,6 @@ class Originator:
                 [lv.pos[n] for n in ids],
                 tokens=[tree.tokens[i] for i in part],
                 origin=self.origin,
-                sent_at=self.clock(),
             )
             lv.in_flight.update(ids)
             lv.stats.verified_nodes += len(ids)
@@ -405,7 +401,6 @@ class Originator:
             [lv.pos[n] for n in ids],
             tokens=[tree.tokens[i] for i in nodes],
             origin=self.origin,
-            sent_at=self.clock(),
         )
         lv.in_flight.update(ids)
         lv.stats.verified_nodes += len(ids)

@@ -1,6 +1,6 @@
 """A stage's worker: per-request KV sessions for its layer slice, a queue, batched forwards.
 
-No networking here. The daemon feeds it segments and prunes from its links and runs
+No networking here. The daemon feeds it segments, prunes and closes from its links and runs
 :meth:`StageWorker.step` in the torch executor; the in-process pipeline and the simulator call
 the same methods directly.
 """
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from meshd.ring.messages import PROMPT_PARENT, Prune, Segment
+from meshd.ring.messages import PROMPT_PARENT, Close, Prune, Segment, StageMessage
 from models.kvcache import KVCache
 from models.stage import Attend, Stage
 
@@ -88,11 +88,13 @@ class StageWorker:
         embed: Callable[[list[int]], torch.Tensor] | None = None,
         max_batch_rows: int = 256,
         idle_timeout: float = 300.0,
-        compute_scale: float = 1.0,
+        pad: Callable[[float], None] | None = None,
     ):
         self.stage, self.embed = stage, embed
         self.max_batch_rows, self.idle_timeout = max_batch_rows, idle_timeout
-        self.compute_scale = compute_scale  # > 1 pads compute to emulate a slower device (benchmarks)
+        # called after each forward with the seconds it took; a benchmark waits there to emulate a slower
+        # device (see meshd.lab.emulate), and the wait counts as busy time
+        self.pad = pad
         self.sessions: dict[str, Session] = {}
         self.queue: deque[Segment] = deque()
         self.closed: deque[str] = deque(maxlen=1024)  # late messages for these must not reopen a session
@@ -102,20 +104,20 @@ class StageWorker:
         self.shared_forwards = 0  # forwards that carried rows of more than one request (the ring was shared)
 
     # ---- events ---------------------------------------------------------------------------
-    def handle(self, kind: str, payload) -> None:
-        """Apply one ring message (``segment``, ``prune`` or ``cancel``) in arrival order.
+    def handle(self, msg: StageMessage) -> None:
+        """Apply one ring message in arrival order.
 
-        The daemon's inbox and the simulator's event queue both deliver through here, so the
-        simulated worker sees exactly the message semantics the real one does.
+        The daemon's inbox, the pipeline and the simulator's event queue all deliver through here,
+        so every driver's worker sees exactly the same message semantics.
         """
-        if kind == "segment":
-            self.enqueue(payload)
-        elif kind == "prune":
-            self.prune(payload)
-        elif kind == "cancel":
-            self.close(payload)
+        if isinstance(msg, Segment):
+            self.enqueue(msg)
+        elif isinstance(msg, Prune):
+            self.prune(msg)
+        elif isinstance(msg, Close):
+            self.close(msg.request_id)
         else:
-            raise ValueError(f"unknown ring message kind {kind!r}")
+            raise TypeError(f"a stage cannot handle {type(msg).__name__}")
 
     def enqueue(self, seg: Segment) -> None:
         if seg.request_id in self.closed:
@@ -204,26 +206,11 @@ class StageWorker:
         out = self.stage.forward(torch.cat(xs), items)
         results, row = [], 0
         for seg in batch:
-            n = len(seg)
-            results.append(
-                Segment(
-                    seg.request_id,
-                    seg.node_ids,
-                    seg.parents,
-                    seg.positions,
-                    None,
-                    out[row : row + n],
-                    seg.commit,
-                    seg.origin,
-                    seg.sent_at,
-                )
-            )
-            row += n
-        spent = time.perf_counter() - t0
-        if self.compute_scale > 1.0:
-            time.sleep(spent * (self.compute_scale - 1.0))
-            spent *= self.compute_scale
-        self.busy_seconds += spent
+            results.append(seg.with_hidden(out[row : row + len(seg)]))
+            row += len(seg)
+        if self.pad is not None:
+            self.pad(time.perf_counter() - t0)
+        self.busy_seconds += time.perf_counter() - t0
         self.rows_done += sum(len(s) for s in batch)
         self.forwards += 1
         self.shared_forwards += len(batch) > 1

@@ -11,13 +11,16 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from aiohttp import web
 
-from meshd.ring.messages import Prune, Segment
+from meshd.ring.messages import RingMessage
+from meshd.ring.wire import MESSAGE_TYPES, from_message, to_message
 from meshd.serve import notify
+from meshd.serve.api import create_app
 from meshd.serve.runtime import Ring, Runtime
 from models.budget import CostCurve
 from models.drafters import drafter_factory
@@ -30,6 +33,11 @@ from peers.membership import PeerLost
 from peers.mesh import MeshConfig, MeshNode
 from peers.planner import ModelShape
 from peers.sizes import parse_size
+
+try:  # a dependency only where it builds (Linux, macOS); asyncio's own loop elsewhere
+    import uvloop
+except ImportError:  # pragma: no cover - platform without uvloop
+    uvloop = None
 
 log = logging.getLogger("meshd")
 
@@ -47,66 +55,24 @@ def model_shape(head: Stage, dtype: torch.dtype, context: int, draft_bytes: int 
     )
 
 
-def to_message(kind: str, payload: Any, wire_dtype: torch.dtype) -> Message:
-    """The in-memory data-plane objects as codec messages (the codec validates every field)."""
-    if kind == "segment":
-        seg: Segment = payload
-        body: dict[str, Any] = {
-            "seq": 0,
-            "origin": seg.origin or "",
-            "nodes": seg.node_ids,
-            "parents": seg.parents,
-            "positions": seg.positions,
-            "commit": seg.commit,
-        }
-        if seg.hidden is not None:
-            body["hidden"] = seg.hidden.to(wire_dtype)
-        else:
-            body["tokens"] = seg.tokens
-        return Message("segment", body, request_id=int(seg.request_id))
-    if kind == "prune":
-        p: Prune = payload
-        return Message("prune", {"upto": p.upto, "keep": p.keep, "commit": p.commit}, request_id=int(p.request_id))
-    if kind == "result":
-        seg, queue = payload
-        return Message(
-            "result",
-            {"seq": 0, "nodes": seg.node_ids, "hidden": seg.hidden.to(wire_dtype), "queue": queue},
-            request_id=int(seg.request_id),
-        )
-    if kind == "cancel":
-        return Message("cancel", {}, request_id=int(payload))
-    raise ValueError(f"unknown data-plane kind {kind!r}")
-
-
-def from_message(msg: Message) -> tuple[str, Any]:
-    rid = str(msg.request_id)
-    b = msg.body
-    if msg.type == "segment":
-        hidden = b.get("hidden")
-        return "segment", Segment(
-            rid,
-            list(b["nodes"]),
-            list(b["parents"]),
-            list(b["positions"]),
-            tokens=b.get("tokens"),
-            hidden=hidden.clone() if hidden is not None else None,
-            commit=bool(b.get("commit", False)),
-            origin=b["origin"] or None,
-        )
-    if msg.type == "prune":
-        return "prune", Prune(rid, int(b["upto"]), list(b["keep"]), list(b["commit"]))
-    if msg.type == "result":
-        seg = Segment(rid, list(b["nodes"]), [], [], hidden=b["hidden"].clone())
-        return "result", (seg, int(b.get("queue") or 0))
-    if msg.type == "cancel":
-        return "cancel", rid
-    raise ValueError(f"unexpected data-plane message {msg.type!r}")
-
-
 class Daemon:
-    def __init__(self, cfg: Any):
+    """One peer: model, mesh node, runtime and REST API.
+
+    ``compute_pad`` and ``link_emulation`` are benchmark hooks, never set by ``meshd serve``: a
+    callable the stage worker calls after each forward with its seconds (to emulate a slower
+    device), and a shaping of every link this peer sends on (to emulate a slower network). The
+    lab's launcher (``python -m meshd.lab.emulate serve``) builds them.
+    """
+
+    def __init__(
+        self,
+        cfg: Any,
+        *,
+        compute_pad: Callable[[float], None] | None = None,
+        link_emulation: LinkEmulation | None = None,
+    ):
         self.cfg = cfg
+        self.compute_pad, self.link_emulation = compute_pad, link_emulation
         self.stopping = asyncio.Event()
         self.node: MeshNode | None = None
         self.runtime: Runtime | None = None
@@ -115,8 +81,6 @@ class Daemon:
 
     # ---- start-up ---------------------------------------------------------------------------
     async def run(self) -> int:
-        from meshd.serve.api import create_app
-
         cfg = self.cfg
         torch.set_num_threads(cfg.threads or torch.get_num_threads())
         dtype = parse_dtype(cfg.dtype)
@@ -129,9 +93,6 @@ class Daemon:
         head = await asyncio.to_thread(Stage.load, source, 0, 0, head=True, dtype=dtype)
         tokenizer = await asyncio.to_thread(source.load_tokenizer)
         factory = await asyncio.to_thread(drafter_factory, cfg.drafter, head, source=source)
-        emulation = None
-        if cfg.latency_ms or cfg.bandwidth_mbps:
-            emulation = LinkEmulation(cfg.latency_ms or 0.0, cfg.bandwidth_mbps or None)
         self.runtime = rt = Runtime(
             source,
             head,
@@ -139,7 +100,7 @@ class Daemon:
             tokenizer=tokenizer,
             max_context=cfg.max_context,
             session_timeout=cfg.session_timeout,
-            compute_scale=getattr(cfg, "device_slowdown", 1.0) or 1.0,
+            compute_pad=self.compute_pad,
         )
         mesh_cfg = MeshConfig(
             api_port=cfg.port,
@@ -151,12 +112,12 @@ class Daemon:
             mdns=cfg.mdns,
             interface=cfg.interface,
             memory_budget=parse_size(cfg.memory) if cfg.memory else None,
-            emulation=emulation,
+            emulation=self.link_emulation,
         )
         self.node = node = MeshNode(mesh_cfg, model_shape(head, dtype, cfg.max_context), load_slice=self._load_slice)
         rt.node_id = node.node_id
         rt.transport = self._send
-        for kind in ("segment", "prune", "result", "cancel"):
+        for kind in MESSAGE_TYPES:
             node.on(kind, self._receive)
         node.on_plan(self._on_plan)
         node.on_membership(self._on_membership)
@@ -241,16 +202,16 @@ class Daemon:
             rt.clear_ring(f"peer {event.node_id} holding layers was lost ({event.reason}); waiting for a new plan")
             notify.status(f"re-planning: lost peer {event.node_id}")
 
-    async def _send(self, node_id: str, kind: str, payload: Any) -> None:
-        await self.node.send(node_id, to_message(kind, payload, self.runtime.wire_dtype))
+    async def _send(self, node_id: str, msg: RingMessage) -> None:
+        await self.node.send(node_id, to_message(msg, self.runtime.wire_dtype))
 
     async def _receive(self, sender: str, msg: Message) -> None:
         try:
-            kind, payload = from_message(msg)
+            ring_msg = from_message(msg)
         except (KeyError, ValueError, TypeError) as exc:
             log.warning("dropping %s from %s: %s", msg.type, sender, exc)
             return
-        self.runtime.deliver(kind, payload)
+        self.runtime.deliver(ring_msg)
 
     def _mesh_status(self) -> dict:
         """The mesh half of ``GET /mesh``: plan, peers and their published cost curves."""
@@ -261,18 +222,20 @@ class Daemon:
         return status
 
 
-def serve(cfg: Any) -> int:
+def serve(
+    cfg: Any,
+    *,
+    compute_pad: Callable[[float], None] | None = None,
+    link_emulation: LinkEmulation | None = None,
+) -> int:
+    """Run one daemon until SIGTERM/SIGINT; the hooks are ``Daemon``'s benchmark hooks."""
     logging.basicConfig(
         level=getattr(logging, str(cfg.log_level).upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         force=True,
     )
-    try:
-        import uvloop
-
+    if uvloop is not None:
         uvloop.install()
-    except ImportError:
-        pass
     with contextlib.suppress(KeyboardInterrupt):
-        return asyncio.run(Daemon(cfg).run())
+        return asyncio.run(Daemon(cfg, compute_pad=compute_pad, link_emulation=link_emulation).run())
     return 130

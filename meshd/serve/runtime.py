@@ -14,30 +14,24 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from meshd.ring.messages import Segment
-from meshd.ring.scheduler import (
-    Action,
-    CloseSessions,
-    Emit,
-    Finish,
-    Originator,
-    Request,
-    SendPrune,
-    SendSegment,
-)
+from meshd.ring.interpreter import Delivery, ToClient, ToEveryStage, ToStage, forward, interpret
+from meshd.ring.messages import Result, RingMessage, Segment
+from meshd.ring.scheduler import Action, CloseSessions, Emit, Originator, Request
 from meshd.ring.worker import StageWorker
 from models.budget import CostCurve
 from models.drafters import Drafter
 from models.engine import Stats
 from models.source import ModelSource
 from models.stage import Stage
+from models.text import stop_ids
+from models.verify import Sampling
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +93,9 @@ class Ring:
 class Runtime:
     """Originator + stage worker for one device, with or without a mesh around it.
 
-    ``transport`` sends a data-plane message to a peer: ``await transport(node_id, kind, request_id, body)``.
-    Without a mesh (``solo``) the ring is this device alone.
+    ``transport`` sends a ring message to a peer: ``await transport(node_id, message)``; it raises
+    ``ConnectionError`` when the peer cannot be reached. Without a mesh (``solo``) the ring is this
+    device alone. ``compute_pad`` goes to this device's stage worker (see ``StageWorker``'s ``pad``).
     """
 
     def __init__(
@@ -113,7 +108,7 @@ class Runtime:
         node_id: str = "local",
         max_context: int = 4096,
         wire_dtype: torch.dtype | None = None,
-        compute_scale: float = 1.0,
+        compute_pad: Callable[[float], None] | None = None,
         session_timeout: float = 300.0,
     ):
         self.source, self.head, self.tokenizer = source, head, tokenizer
@@ -124,16 +119,16 @@ class Runtime:
         self.node_id, self.max_context = node_id, max_context
         self.model_name = source.name
         self.drafter_factory = drafter_factory
-        self.compute_scale = compute_scale
+        self.compute_pad = compute_pad
         self.wire_dtype = wire_dtype or (torch.float32 if head.dtype == torch.float32 else torch.float16)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch")
         self.worker: StageWorker | None = None
         self.ring: Ring | None = None
         self.originator: Originator | None = None
-        self.transport: Callable[..., Any] | None = None
+        self.transport: Callable[[str, RingMessage], Awaitable[None]] | None = None
         self.handles: dict[str, RequestHandle] = {}
         self._ring_of: dict[str, int] = {}  # request id -> ring epoch it started under
-        self._inbox: deque[tuple[str, Any]] = deque()
+        self._inbox: deque[RingMessage] = deque()
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
         self._background: set[asyncio.Future] = set()
@@ -170,9 +165,7 @@ class Runtime:
         """This device's slice for the coming plan (None: a pure originator)."""
         embed = self.head.embed if stage is not None and stage.first == 0 else None
         self.worker = (
-            StageWorker(stage, embed=embed, compute_scale=self.compute_scale, idle_timeout=self.session_timeout)
-            if stage
-            else None
+            StageWorker(stage, embed=embed, pad=self.compute_pad, idle_timeout=self.session_timeout) if stage else None
         )
 
     def set_ring(self, ring: Ring) -> None:
@@ -193,9 +186,12 @@ class Runtime:
             self.originator.set_ring(ring.curves)
 
     def clear_ring(self, reason: str) -> None:
+        """A stage is gone: every request in flight fails with ``reason`` (the originator's ``ring_lost``)."""
         self.ring = None
         self.unavailable_reason = reason
-        for rid in list(self.handles):
+        if self.originator is not None:
+            self._apply_now(self.originator.ring_lost(reason))
+        for rid in list(self.handles):  # submitted, but not yet live at the originator
             self._fail(rid, reason)
 
     def ready(self) -> tuple[bool, str]:
@@ -223,9 +219,9 @@ class Runtime:
             list(prompt_ids),
             params.max_tokens,
             params.mode,
-            _sampling(params),
+            Sampling(params.temperature, params.top_p),
             params.seed,
-            frozenset(_stop_ids(self)),
+            frozenset(self._stop_ids()),
         )
         try:
             actions = await self._torch(self.originator.submit, req)
@@ -242,84 +238,101 @@ class Runtime:
         await self._dispatch(await self._torch(self.originator.cancel, rid))
 
     def _fail(self, rid: str, why: str) -> None:
-        h = self.handles.pop(rid, None)
-        self._ring_of.pop(rid, None)
-        if h is None:
+        """Fail one request with the error ``why``: it enters the originator as a cancel with reason
+        "error", so the originator's state and stats stay consistent with what the client hears."""
+        if rid not in self.handles:
             return
-        self.counters["requests_failed_total"] += 1
-        if self.originator is not None:
-            lv = self.originator.live.pop(rid, None)
-            stats = lv.stats if lv else None
-        else:
-            stats = None
-        h._finish("error", stats, why)
-        task = asyncio.ensure_future(self._close_everywhere(rid))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        actions = self.originator.cancel(rid, "error", why) if self.originator is not None else []
+        if not actions:  # submitted but not (yet) live at the originator: the client still gets its answer
+            self._finish_handle(rid, "error", None, why)
+            actions = [CloseSessions(rid)]
+        self._apply_now(actions)
 
-    async def _close_everywhere(self, rid: str) -> None:
-        with contextlib.suppress(Exception):
-            await self._dispatch([CloseSessions(rid)])
+    def _apply_now(self, actions: list[Action]) -> None:
+        """For callers that cannot wait (failures): the client hears now, the stages in the background."""
+        later: list[Delivery] = []
+        for d in interpret(actions):
+            if isinstance(d, ToClient):
+                self._to_client(d)
+            else:
+                later.append(d)
+        if later:
+            task = asyncio.ensure_future(self._deliver_quietly(later))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _deliver_quietly(self, deliveries: list[Delivery]) -> None:
+        ring = self.ring
+        with contextlib.suppress(Exception):  # best effort: stages free idle sessions by themselves
+            for d in deliveries:
+                await self._deliver(d, ring)
 
     # ---- moving messages --------------------------------------------------------------------
     async def _dispatch(self, actions: list[Action]) -> None:
-        ring = self.ring
-        for a in actions:
-            if isinstance(a, Emit):
-                h = self.handles.get(a.request_id)
-                if h:
-                    h._push(a.tokens)
-                    self.counters["tokens_total"] += len(a.tokens)
-            elif isinstance(a, Finish):
-                h = self.handles.pop(a.request_id, None)
-                self._ring_of.pop(a.request_id, None)
-                if h:
-                    self.counters["rounds_total"] += a.stats.rounds
-                    self.counters["accepted_total"] += sum(a.stats.per_round)
-                    if a.reason == "error":
-                        self.counters["requests_failed_total"] += 1
-                    h._finish(a.reason, a.stats, a.error)
-            elif ring is None:
-                continue
-            elif isinstance(a, SendSegment):
-                await self._to_stage(0, a.segment)
-            elif isinstance(a, SendPrune):
-                for k in range(len(ring.nodes)):
-                    await self._to_node(ring.nodes[k], "prune", a.prune)
-            elif isinstance(a, CloseSessions):
-                for k in range(len(ring.nodes)):
-                    await self._to_node(ring.nodes[k], "cancel", a.request_id)
+        ring = self.ring  # one plan for the whole batch, even if a new one is committed while sending
+        for d in interpret(actions):
+            await self._deliver(d, ring)
 
-    async def _to_stage(self, k: int, seg: Segment) -> None:
-        await self._to_node(self.ring.nodes[k], "segment", seg)
+    async def _deliver(self, d: Delivery, ring: Ring | None) -> None:
+        if isinstance(d, ToClient):
+            self._to_client(d)
+            return
+        if ring is None:  # no plan: nowhere to send; the request has already failed
+            return
+        if isinstance(d, ToStage):
+            await self._to_node(ring.nodes[d.index], d.message)
+        elif isinstance(d, ToEveryStage):
+            for node in ring.nodes:
+                await self._to_node(node, d.message)
+        elif d.origin is None or d.origin == self.node_id:
+            self.deliver(d.message)
+        else:
+            await self._to_node(d.origin, d.message)
 
-    async def _to_node(self, node: str | None, kind: str, payload: Any) -> None:
+    def _to_client(self, d: ToClient) -> None:
+        a = d.event
+        if isinstance(a, Emit):
+            h = self.handles.get(a.request_id)
+            if h:
+                h._push(a.tokens)
+                self.counters["tokens_total"] += len(a.tokens)
+        elif a.request_id in self.handles:
+            self.counters["rounds_total"] += a.stats.rounds
+            self.counters["accepted_total"] += sum(a.stats.per_round)
+            self._finish_handle(a.request_id, a.reason, a.stats, a.error)
+
+    def _finish_handle(self, rid: str, reason: str, stats: Stats | None, error: str | None) -> None:
+        h = self.handles.pop(rid)
+        self._ring_of.pop(rid, None)
+        if reason == "error":
+            self.counters["requests_failed_total"] += 1
+        h._finish(reason, stats, error)
+
+    async def _to_node(self, node: str | None, msg: RingMessage) -> None:
         if node is None:
-            self._inbox.append((kind, payload))
-            self._wake.set()
+            self.deliver(msg)
             return
         if self.transport is None:
             raise RuntimeUnavailable("no transport to reach peer " + node)
         try:
-            await self.transport(node, kind, payload)
+            await self.transport(node, msg)
         except ConnectionError as exc:
-            rid = payload.request_id if hasattr(payload, "request_id") else payload
-            self._fail(str(rid), f"lost the link to peer {node}: {exc}")
+            self._fail(msg.request_id, f"lost the link to peer {node}: {exc}")
 
-    def deliver(self, kind: str, payload: Any) -> None:
-        """A data-plane message from a peer for this device's worker (or a result for our originator)."""
-        self._inbox.append((kind, payload))
+    def deliver(self, msg: RingMessage) -> None:
+        """A ring message for this device's worker (or a result for our originator), from a peer or from us."""
+        self._inbox.append(msg)
         self._wake.set()
 
-    def _drain_inbox(self) -> list[tuple[Segment, int]]:
+    def _drain_inbox(self) -> list[Result]:
         """Runs in the torch thread: apply queued messages in arrival order; return results for us."""
         results = []
         while self._inbox:
-            kind, p = self._inbox.popleft()
-            if kind == "result":
-                results.append(p)
+            msg = self._inbox.popleft()
+            if isinstance(msg, Result):
+                results.append(msg)
             elif self.worker is not None:
-                self.worker.handle(kind, p)
+                self.worker.handle(msg)
         return results
 
     async def _compute_loop(self) -> None:
@@ -348,20 +361,20 @@ class Runtime:
             results, outputs = await self._torch(self._step)
             for seg in outputs:  # first, so the next stage starts while the originator verifies and drafts
                 await self._route_output(seg)
-            for seg, queue in results:
+            for res in results:
                 if self.originator is None:
                     continue
                 try:
-                    actions = await self._torch(self.originator.on_result, seg, queue)
+                    actions = await self._torch(self.originator.on_result, res)
                 except Exception as exc:  # one broken request fails alone, with its reason, instead of hanging
-                    log.exception("request %s failed at the originator", seg.request_id)
-                    self._fail(seg.request_id, f"internal error at the originator: {type(exc).__name__}: {exc}")
+                    log.exception("request %s failed at the originator", res.request_id)
+                    self._fail(res.request_id, f"internal error at the originator: {type(exc).__name__}: {exc}")
                     continue
                 await self._dispatch(actions)
             if not results and not outputs and not self._inbox:
                 return
 
-    def _step(self) -> tuple[list[tuple[Segment, int]], list[Segment]]:
+    def _step(self) -> tuple[list[Result], list[Segment]]:
         results = self._drain_inbox()
         if self.worker is None:
             return results, []
@@ -384,17 +397,14 @@ class Runtime:
         ring = self.ring
         if ring is None or ring.local_index is None:
             return
-        k = ring.local_index
-        seg.hidden = seg.hidden.to(self.wire_dtype)
-        if k + 1 < len(ring.nodes):
-            await self._to_stage(k + 1, seg)
-            return
-        origin = seg.origin
+        seg.hidden = seg.hidden.to(self.wire_dtype)  # as a peer would receive it, even when the next hop is us
         queue = self.worker.queued_rows if self.worker else 0
-        if origin is None or origin == self.node_id:
-            self.deliver("result", (seg, queue))
-        else:
-            await self._to_node(origin, "result", (seg, queue))
+        await self._deliver(forward(seg, ring.local_index, len(ring.nodes), queue), ring)
+
+    def _stop_ids(self) -> list[int]:
+        if self.tokenizer is None:
+            return list(self.head.cfg.eos_token_ids)
+        return stop_ids(self.tokenizer, self.head.cfg)
 
     # ---- observability ----------------------------------------------------------------------
     def stage_stats(self) -> dict:
@@ -442,20 +452,6 @@ class Runtime:
         if self.mesh_status is not None:
             out.update(self.mesh_status())
         return out
-
-
-def _sampling(params: GenerateParams):
-    from models.verify import Sampling
-
-    return Sampling(params.temperature, params.top_p)
-
-
-def _stop_ids(rt: Runtime) -> list[int]:
-    from models.text import stop_ids
-
-    if rt.tokenizer is None:
-        return list(rt.head.cfg.eos_token_ids)
-    return stop_ids(rt.tokenizer, rt.head.cfg)
 
 
 def solo_runtime(source: ModelSource, head: Stage, drafter_factory, tokenizer=None, *, curve=None, **kw) -> Runtime:

@@ -13,6 +13,7 @@ import urllib.request
 from http.client import HTTPConnection
 
 import pytest
+from openai import OpenAI
 from support import assert_matches_greedy, chat_ids, greedy_reference, prompts
 
 from meshd.lab.testbed import LoopbackMesh as Mesh
@@ -49,8 +50,6 @@ def complete(url: str, question: str, mode: str, max_tokens: int) -> tuple[int, 
 
 def test_three_daemons_every_peer_every_mode_equals_greedy(mesh3, embedded, embedded_tokenizer):
     """The official client, streaming and not, from each peer, in each mode: single-device greedy tokens."""
-    from openai import OpenAI
-
     plan = mesh3.plan(0)
     assert [s["first_layer"] for s in plan["stages"]] == [0, 10, 20]
     eos = set(embedded.cfg.eos_token_ids) | {embedded_tokenizer.eos_token_id}

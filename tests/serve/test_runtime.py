@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 
 from meshd.ring.messages import PROMPT_PARENT, Segment
-from meshd.serve.runtime import solo_runtime
+from meshd.serve.runtime import GenerateParams, Ring, Runtime, solo_runtime
+from models.budget import CostCurve
 from models.drafters import drafter_factory
 from models.source import ModelSource
 from models.stage import Stage
@@ -19,9 +20,7 @@ async def test_idle_sessions_of_a_vanished_originator_are_freed(tiny_dir):
     await rt.start()
     try:
         # a prompt chunk from an originator this device does not know: the stage computes it, keeps the KV
-        rt.deliver(
-            "segment", Segment("ghost", [0, 1, 2], [PROMPT_PARENT, 0, 1], [0, 1, 2], tokens=[5, 6, 7], commit=True)
-        )
+        rt.deliver(Segment("ghost", [0, 1, 2], [PROMPT_PARENT, 0, 1], [0, 1, 2], tokens=[5, 6, 7], commit=True))
         for _ in range(50):
             await asyncio.sleep(0.02)
             if "ghost" in rt.worker.sessions:
@@ -33,5 +32,75 @@ async def test_idle_sessions_of_a_vanished_originator_are_freed(tiny_dir):
                 break
         assert not rt.worker.sessions
         assert rt.stage_stats()["sessions"] == 0
+    finally:
+        await rt.stop()
+
+
+class Peer:
+    """The transport to the ring's second stage: records what it is sent, or refuses like a dead link."""
+
+    def __init__(self, refuse: bool = False):
+        self.refuse, self.sent = refuse, []
+
+    async def __call__(self, node: str, msg) -> None:
+        if self.refuse:
+            raise ConnectionError("connection refused")
+        self.sent.append((node, msg))
+
+
+async def two_stage_runtime(tiny_dir, peer: Peer) -> Runtime:
+    """This device originates and holds the first half of the layers; ``peer-b`` holds the rest."""
+    src = ModelSource.resolve(str(tiny_dir))
+    head = Stage.load(src, dtype="fp32")
+    rt = Runtime(src, head, None, node_id="me")
+    rt.install_worker(Stage.load(src, 0, 2, head=False, dtype="fp32"))
+    rt.transport = peer
+    cc = CostCurve({1: 1.0, 64: 2.0})
+    rt.set_ring(Ring(epoch=1, nodes=[None, "peer-b"], curves=[cc, cc], local_index=0))
+    await rt.start()
+    return rt
+
+
+async def finished(handle) -> list[list[int]]:
+    return [chunk async for chunk in handle]
+
+
+async def test_a_lost_link_fails_the_request_through_the_originator(tiny_dir):
+    peer = Peer(refuse=True)
+    rt = await two_stage_runtime(tiny_dir, peer)
+    try:
+        h = await rt.submit([1, 2, 3], GenerateParams(max_tokens=4, mode="ar"))
+        assert await asyncio.wait_for(finished(h), 30) == []
+        assert (h.finish_reason, h.error) == ("error", "lost the link to peer peer-b: connection refused")
+        assert h.stats is not None and h.stats.target_forwards == 1  # the originator's own account of it
+        assert rt.originator.live == {} and rt.handles == {}
+        assert rt.counters["requests_failed_total"] == 1
+        for _ in range(100):  # the close reaches this device's stage too
+            await asyncio.sleep(0.02)
+            if not rt.worker.sessions:
+                break
+        assert not rt.worker.sessions
+    finally:
+        await rt.stop()
+
+
+async def test_a_lost_stage_fails_every_request_in_flight(tiny_dir):
+    peer = Peer()
+    rt = await two_stage_runtime(tiny_dir, peer)
+    try:
+        handles = [await rt.submit([1, 2, 3 + i], GenerateParams(max_tokens=4, mode="ar")) for i in range(2)]
+        for _ in range(200):  # both prompts went through this stage to the peer, whose results never come
+            await asyncio.sleep(0.02)
+            if len(peer.sent) == 2:
+                break
+        assert [type(m) for _, m in peer.sent] == [Segment, Segment]
+        rt.clear_ring("peer peer-b holding layers was lost (timeout); waiting for a new plan")
+        for h in handles:
+            assert await asyncio.wait_for(finished(h), 30) == []
+            assert h.finish_reason == "error"
+            assert h.error == "peer peer-b holding layers was lost (timeout); waiting for a new plan"
+        assert rt.originator.live == {} and rt.handles == {}
+        assert rt.counters["requests_failed_total"] == 2
+        assert rt.ready() == (False, "peer peer-b holding layers was lost (timeout); waiting for a new plan")
     finally:
         await rt.stop()

@@ -105,7 +105,7 @@ def test_daemon_can_register_its_own_type():
         (cbor2.dumps({"v": PROTO_VERSION, "t": "cancel", "e": "1", "r": 0}), SchemaError),
         (wire(seq="7", hidden=tensor_wire()), SchemaError),  # wrong field type
         (wire(seq=True, hidden=tensor_wire()), SchemaError),  # bool is not an int here
-        (wire(hidden=tensor_wire()), SchemaError),  # missing field
+        (wire(seq=1), SchemaError),  # missing field (hidden)
         (wire(seq=1, hidden=tensor_wire(), extra=1), SchemaError),  # unknown field
         (wire(seq=1, hidden=tensor_wire(nbytes=11)), TensorError),  # shape/bytes mismatch
         (wire(seq=1, hidden=tensor_wire(shape=(2**40, 2**40))), TensorError),  # huge declared shape

@@ -38,7 +38,7 @@ def test_precedence_flags_over_env_over_file_over_defaults(tmp_path):
     f = tmp_path / "m.toml"
     f.write_text(
         'port = 9001\nthreads = 2\nmodel = "/opt/models/a.gguf"\npeers = ["10.0.0.2:8090"]\n'
-        "mdns = false\nlatency_ms = 5\n"
+        "mdns = false\nsession_timeout = 5\n"
     )
     env = {
         "MESHD_PORT": "9002",
@@ -51,7 +51,7 @@ def test_precedence_flags_over_env_over_file_over_defaults(tmp_path):
     assert cfg.threads == 3  # env beats file
     assert cfg.peers == ["10.0.0.3:8090", "10.0.0.4:8091"]
     assert cfg.model == "/opt/models/a.gguf" and cfg.mdns is False  # file beats defaults
-    assert cfg.latency_ms == 5.0 and isinstance(cfg.latency_ms, float)
+    assert cfg.session_timeout == 5.0 and isinstance(cfg.session_timeout, float)
     assert cfg.config == f
     cfg = load_config(flags("--config", str(f), "--mdns", "--peer", "h:1", "--peer", "h:2"), env=env)
     assert cfg.mdns is True and cfg.peers == ["h:1", "h:2"]

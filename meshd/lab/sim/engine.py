@@ -44,9 +44,10 @@ import torch
 from meshd.lab.loadtest import per_token_latency, percentile, poisson_arrivals
 from meshd.lab.sim.links import ROW_META_BYTES, SEGMENT_META_BYTES, TOKEN_BYTES, Link
 from meshd.lab.sim.profiles import Profile
-from meshd.ring.messages import Segment
+from meshd.ring.interpreter import Delivery, ToClient, ToEveryStage, ToOriginator, ToStage, forward, interpret
+from meshd.ring.messages import Prune, Result, RingMessage, Segment
 from meshd.ring.pipeline import split_layers
-from meshd.ring.scheduler import CloseSessions, Emit, Finish, Originator, Request, SendPrune, SendSegment
+from meshd.ring.scheduler import Action, Emit, Originator, Request
 from meshd.ring.worker import StageWorker
 from models.budget import CostCurve
 from models.engine import Stats
@@ -180,8 +181,8 @@ class _Device:
     cost: CostCurve | None = None
     originator: Originator | None = None
     busy: bool = False
-    submits: deque = field(default_factory=deque)
-    results: deque = field(default_factory=deque)
+    submits: deque[Request] = field(default_factory=deque)
+    results: deque[Result] = field(default_factory=deque)
 
 
 class Simulation:
@@ -293,13 +294,13 @@ class Simulation:
             outputs = dev.worker.run(batch)  # the real forward, charged by the cost model above
             queue = dev.worker.queued_rows
             self.busy.append(Busy(dev.index, "stage", start, t, tuple(s.request_id for s in batch), rows))
-        for seg, q in results:
+        for res in results:
             t = self._originator_call(
                 dev,
                 t,
-                lambda seg=seg, q=q: dev.originator.on_result(seg, q),
-                self._head_rows(dev.originator, seg),
-                seg.request_id,
+                lambda res=res: dev.originator.on_result(res),
+                self._head_rows(dev.originator, res),
+                res.request_id,
             )
         for out in outputs:
             self._route(dev, out, t, queue)
@@ -318,14 +319,14 @@ class Simulation:
         return start, start + cost
 
     @staticmethod
-    def _head_rows(orig: Originator, seg: Segment) -> int:
-        """Rows the originator will put through the LM head for ``seg`` (peeks at its live state)."""
-        lv = orig.live.get(seg.request_id)
+    def _head_rows(orig: Originator, res: Result) -> int:
+        """Rows the originator will put through the LM head for ``res`` (peeks at its live state)."""
+        lv = orig.live.get(res.request_id)
         if lv is None:
             return 0
         if lv.prefill_left:
-            return 1 if lv.prefill_left <= set(seg.node_ids) else 0
-        return sum(1 for n in seg.node_ids if n in lv.in_flight)
+            return 1 if lv.prefill_left <= set(res.node_ids) else 0
+        return sum(1 for n in res.node_ids if n in lv.in_flight)
 
     def _originator_call(self, dev: _Device, t: float, call: Callable[[], list], head_rows: int, rid: str) -> float:
         m = self.meter
@@ -352,36 +353,48 @@ class Simulation:
         return end
 
     # ---- messages -------------------------------------------------------------------------
-    def _dispatch(self, dev: _Device, actions: list, t: float) -> None:
-        for a in actions:
-            if isinstance(a, SendSegment):
-                seg = a.segment
-                nbytes = SEGMENT_META_BYTES + len(seg) * (ROW_META_BYTES + TOKEN_BYTES)
-                self._send(dev.index, self.stage_devices[0], ("segment", seg), nbytes, t)
-            elif isinstance(a, SendPrune):
-                nbytes = SEGMENT_META_BYTES + 4 * (len(a.prune.keep) + len(a.prune.commit))
-                for d in self.stage_devices:
-                    self._send(dev.index, d, ("prune", a.prune), nbytes, t)
-            elif isinstance(a, CloseSessions):
-                for d in self.stage_devices:
-                    self._send(dev.index, d, ("cancel", a.request_id), SEGMENT_META_BYTES, t)
-            elif isinstance(a, Emit):
-                tr = self.traces[a.request_id]
-                tr.tokens.extend(a.tokens)
-                tr.emits.append((t, len(a.tokens)))
-            elif isinstance(a, Finish):
-                tr = self.traces[a.request_id]
-                tr.finish, tr.reason, tr.error, tr.stats = t, a.reason, a.error, a.stats
+    def _dispatch(self, dev: _Device, actions: list[Action], t: float) -> None:
+        for d in interpret(actions):
+            self._carry(dev, d, t)
 
     def _route(self, dev: _Device, out: Segment, t: float, queue: int) -> None:
         out.hidden = out.hidden.to(self.wire)
-        nbytes = SEGMENT_META_BYTES + len(out) * (ROW_META_BYTES + self.profile.hidden * self.profile.wire_bytes)
-        if dev.stage + 1 < len(self.stage_devices):
-            self._send(dev.index, self.stage_devices[dev.stage + 1], ("segment", out), nbytes, t)
-        else:
-            self._send(dev.index, int(out.origin.removeprefix("dev")), ("result", (out, queue)), nbytes, t)
+        self._carry(dev, forward(out, dev.stage, len(self.stage_devices), queue), t)
 
-    def _send(self, src: int, dst: int, msg: tuple, nbytes: int, t: float) -> None:
+    def _carry(self, dev: _Device, d: Delivery, t: float) -> None:
+        """Put delivery ``d`` from ``dev`` on the simulated wires at ``t`` (the client hears at once)."""
+        if isinstance(d, ToStage):
+            self._send(dev.index, self.stage_devices[d.index], d.message, self._nbytes(d.message), t)
+        elif isinstance(d, ToEveryStage):
+            nbytes = self._nbytes(d.message)
+            for s in self.stage_devices:
+                self._send(dev.index, s, d.message, nbytes, t)
+        elif isinstance(d, ToOriginator):
+            self._send(dev.index, int(d.origin.removeprefix("dev")), d.message, self._nbytes(d.message), t)
+        else:
+            self._to_client(d, t)
+
+    def _to_client(self, d: ToClient, t: float) -> None:
+        a, tr = d.event, self.traces[d.event.request_id]
+        if isinstance(a, Emit):
+            tr.tokens.extend(a.tokens)
+            tr.emits.append((t, len(a.tokens)))
+        else:
+            tr.finish, tr.reason, tr.error, tr.stats = t, a.reason, a.error, a.stats
+
+    def _nbytes(self, msg: RingMessage) -> int:
+        """Bytes ``msg`` occupies on a link: token rows, hidden-state rows at the profile's width, or ids only."""
+        if isinstance(msg, Result) or (isinstance(msg, Segment) and msg.hidden is not None):
+            return SEGMENT_META_BYTES + len(msg.node_ids) * (
+                ROW_META_BYTES + self.profile.hidden * self.profile.wire_bytes
+            )
+        if isinstance(msg, Segment):
+            return SEGMENT_META_BYTES + len(msg) * (ROW_META_BYTES + TOKEN_BYTES)
+        if isinstance(msg, Prune):
+            return SEGMENT_META_BYTES + 4 * (len(msg.keep) + len(msg.commit))
+        return SEGMENT_META_BYTES  # a close
+
+    def _send(self, src: int, dst: int, msg: RingMessage, nbytes: int, t: float) -> None:
         if src == dst:
             self._at(t, self._deliver, self.devices[dst], msg)
             return
@@ -390,13 +403,12 @@ class Simulation:
         self._wire_free[(src, dst)] = free
         self._at(free + self.link.latency, self._deliver, self.devices[dst], msg)
 
-    def _deliver(self, dev: _Device, msg: tuple) -> None:
-        kind, p = msg
-        if kind == "result":
-            dev.results.append(p)
+    def _deliver(self, dev: _Device, msg: RingMessage) -> None:
+        if isinstance(msg, Result):
+            dev.results.append(msg)
         else:
-            dev.worker.handle(kind, p)
-        if kind in ("segment", "result"):
+            dev.worker.handle(msg)
+        if isinstance(msg, (Segment, Result)):
             self._wake(dev)
 
 

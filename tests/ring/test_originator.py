@@ -1,0 +1,282 @@
+"""The originator fed hand-made events: no stages, no sockets, no daemon.
+
+The target is a tiny random model; a "stage result" is a hand-picked hidden state whose greedy token
+under that model's head is known (``Target.hidden_for``), so each test decides what the target says
+at every tree node. The drafter is scripted: it always proposes the same tree for a given last token.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from meshd.ring.messages import PROMPT_PARENT, Prune, Result, Segment
+from meshd.ring.scheduler import CloseSessions, Emit, Finish, Originator, Request, SendPrune, SendSegment
+from models.budget import CostCurve
+from models.source import ModelSource
+from models.stage import Stage
+from models.tree import Tree
+
+FLAT = CostCurve({1: 1.0, 2: 1.0})  # flat: every drafted node is worth verifying; flat rows = 2
+
+
+class Target:
+    """The tiny model's head, and for each token a hidden state the head turns into that token."""
+
+    def __init__(self, head: Stage):
+        self.head = head
+        g = torch.Generator().manual_seed(0)
+        bank = torch.randn(4000, head.cfg.hidden_size, generator=g) * 3
+        logits = head.logits(head.final_norm(bank), normed=True)
+        top = logits.topk(2, dim=-1)
+        self.by_token: dict[int, torch.Tensor] = {}
+        for i in range(bank.shape[0]):
+            tok, margin = int(top.indices[i, 0]), float(top.values[i, 0] - top.values[i, 1])
+            if margin > 0.5 and tok not in self.by_token:  # a clear winner, whatever the batch shape
+                self.by_token[tok] = bank[i]
+        self.tokens = sorted(self.by_token)
+
+    def hidden_for(self, tokens: list[int]) -> torch.Tensor:
+        return torch.stack([self.by_token[t] for t in tokens])
+
+
+@pytest.fixture(scope="module")
+def target(tiny_dir) -> Target:
+    t = Target(Stage.load(ModelSource.resolve(str(tiny_dir)), dtype="fp32"))
+    assert len(t.tokens) >= 8, "the bank should reach enough distinct tokens"
+    return t
+
+
+class Scripted:
+    """A drafter that proposes ``trees[last token]`` (as (parent index, token, probability) rows under the
+    root) and records what the originator tells it."""
+
+    name = "scripted"
+
+    def __init__(self, trees: dict[int, list[tuple[int, int, float]]]):
+        self.trees = trees
+        self.resets: list[list[int]] = []
+        self.accepted: list[tuple[list[int], int]] = []  # (context, rows of hidden states)
+
+    def reset(self, prompt: list[int]) -> None:
+        self.resets.append(list(prompt))
+
+    def draft(self, context: list[int], *, top_k: int, depth: int, max_nodes: int, keep: int | None = None) -> Tree:
+        tree = Tree.root(context[-1])
+        for parent, tok, p in self.trees.get(context[-1], []):
+            tree.add(parent, tok, tree.scores[parent] + math.log(p))
+        return tree
+
+    def accept(self, context: list[int], hidden: torch.Tensor | None) -> None:
+        self.accepted.append((list(context), 0 if hidden is None else hidden.shape[0]))
+
+
+def originator(target: Target, drafter: Scripted | None = None, stages: int = 1, **kw) -> Originator:
+    return Originator(
+        target.head,
+        (lambda: drafter) if drafter else None,
+        [FLAT] * stages,
+        clock=lambda: 0.0,
+        timer=lambda: 0.0,  # no drafting overhead: the budget's choice depends on the curve only
+        origin="me",
+        **kw,
+    )
+
+
+def segments(actions) -> list[Segment]:
+    return [a.segment for a in actions if isinstance(a, SendSegment)]
+
+
+def said(target: Target, seg: Segment, tokens: list[int], queue: int = 0) -> Result:
+    """The last stage's output for ``seg``: at each row a hidden state for which the target says ``tokens``."""
+    return Result(seg.request_id, seg.node_ids, target.hidden_for(tokens), queue)
+
+
+def prefill(orig: Originator, target: Target, req: Request, first: int) -> list:
+    """Submit ``req``, return every prompt chunk at once, the last prompt position saying ``first``;
+    the actions of the last result (the first token, the first round)."""
+    acts = []
+    for seg in segments(orig.submit(req)):
+        acts = orig.on_result(said(target, seg, [first] * len(seg)))  # only the last position's token matters
+    return acts
+
+
+# ---- submit and prefill ---------------------------------------------------------------------
+def test_submit_cuts_the_prompt_into_committed_chunks_of_64(target):
+    orig = originator(target)
+    prompt = [target.tokens[i % 4] for i in range(150)]
+    acts = orig.submit(Request("r", prompt, 8, "ar"))
+    assert all(isinstance(a, SendSegment) for a in acts)
+    segs = segments(acts)
+    assert [len(s) for s in segs] == [64, 64, 22]
+    assert [n for s in segs for n in s.node_ids] == list(range(150))
+    assert [p for s in segs for p in s.parents] == [PROMPT_PARENT, *range(149)]
+    assert [p for s in segs for p in s.positions] == list(range(150))
+    assert [t for s in segs for t in s.tokens] == prompt
+    assert all(s.commit and s.origin == "me" and s.hidden is None for s in segs)
+    assert orig.live["r"].stats.target_forwards == 3
+
+
+def test_submit_refuses_bad_requests(target):
+    orig = originator(target)
+    with pytest.raises(ValueError, match="mode 'beam'"):
+        orig.submit(Request("r", [1, 2], 4, "beam"))
+    with pytest.raises(ValueError, match="empty"):
+        orig.submit(Request("r", [], 4, "ar"))
+    orig.submit(Request("r", [1, 2], 4, "ar"))
+    with pytest.raises(ValueError, match="already live"):
+        orig.submit(Request("r", [1, 2], 4, "ar"))
+
+
+def test_prefill_waits_for_every_chunk_then_emits_and_sends_the_root(target):
+    a = target.tokens[0]
+    orig = originator(target)
+    chunks = segments(orig.submit(Request("r", [target.tokens[1]] * 100, 8, "ar")))
+    # the chunks come back in reverse order; only the last prompt position's output decides
+    assert orig.on_result(said(target, chunks[1], [target.tokens[2]] * 35 + [a], queue=7)) == []
+    assert orig.stage_queue == 7  # the reported load is kept for tree sizing
+    acts = orig.on_result(said(target, chunks[0], [target.tokens[3]] * 64))
+    assert acts[0] == Emit("r", [a])
+    (root,) = segments(acts[1:])
+    assert len(acts) == 2
+    assert (root.node_ids, root.parents, root.positions, root.tokens) == ([100], [99], [100], [a])
+    assert not root.commit
+
+
+# ---- rounds ---------------------------------------------------------------------------------
+def test_ar_passes_emit_one_token_each_and_prune_to_the_accepted_node(target):
+    a, b, c = target.tokens[:3]
+    orig = originator(target)
+    acts = prefill(orig, target, Request("r", [a, b], 8, "ar"), first=c)
+    (root,) = segments(acts)
+    acts = orig.on_result(said(target, root, [a]))
+    assert acts[:2] == [Emit("r", [a]), SendPrune(Prune("r", upto=2, keep=[2], commit=[2]))]
+    (nxt,) = segments(acts[2:])
+    assert (nxt.node_ids, nxt.parents, nxt.positions, nxt.tokens) == ([3], [2], [3], [a])
+    st = orig.live["r"].stats
+    assert (st.rounds, st.per_round, st.accepted_drafts, st.target_forwards) == (1, [1], 0, 3)
+
+
+def test_chunk_verifies_once_the_whole_tree_is_back(target):
+    p, a, b, c, z = target.tokens[:5]
+    drafter = Scripted({p: [(0, a, 0.9), (1, b, 0.9), (2, c, 0.9)]})  # a chain under the root
+    orig = originator(target, drafter, stages=2)
+    acts = prefill(orig, target, Request("r", [a, b, c], 16, "chunk"), first=p)
+    assert acts[0] == Emit("r", [p])
+    s1, s2 = segments(acts)  # one chunk per stage, in tree order
+    assert (s1.node_ids, s1.parents, s1.positions, s1.tokens) == ([3, 4], [2, 3], [3, 4], [p, a])
+    assert (s2.node_ids, s2.parents, s2.positions, s2.tokens) == ([5, 6], [4, 5], [5, 6], [b, c])
+    # the target accepts a and b, then says z instead of c
+    # the first half alone would already decide a and b (flow would emit them): chunk waits for the whole tree
+    assert orig.on_result(said(target, s1, [a, b])) == []
+    acts = orig.on_result(said(target, s2, [z, a]))
+    assert acts[0] == Emit("r", [a, b, z])
+    assert acts[1] == SendPrune(Prune("r", upto=6, keep=[3, 4, 5], commit=[3, 4, 5]))
+    new = segments(acts[2:])
+    assert new[0].node_ids[0] == 7 and new[0].parents[0] == 5 and new[0].tokens[0] == z
+    assert new[0].positions[0] == 6  # prompt at 0-2, p, a, b at 3-5
+    st = orig.live["r"].stats
+    assert (st.rounds, st.per_round, st.accepted_drafts, st.verified_nodes) == (1, [3], 2, 4 + 1)
+    # the drafter heard the prompt, then the accepted path with the target's features of p, a, b
+    assert drafter.resets == [[a, b, c]]
+    assert drafter.accepted == [([a, b, c, p], 3), ([a, b, c, p, a, b, z], 3)]
+
+
+def test_flow_and_chunk_cut_the_same_tree_differently(target):
+    p, a, b, c = target.tokens[:4]
+    # scores: a 0.6, b 0.3, c (under a) 0.6 * 0.9 = 0.54: score order root, a, c, b; tree order root, a, b, c
+    tree = {p: [(0, a, 0.6), (0, b, 0.3), (1, c, 0.9)]}
+    cut = {}
+    for mode in ("chunk", "flow"):
+        orig = originator(target, Scripted(tree), stages=2)
+        segs = segments(prefill(orig, target, Request("r", [a, b], 8, mode), first=p))
+        cut[mode] = [s.tokens for s in segs]
+        assert orig.live["r"].stats.target_forwards == 1 + (1 if mode == "chunk" else len(segs))
+    assert cut["chunk"] == [[p, a], [b, c]]
+    assert cut["flow"] == [[p, a], [c, b]]
+
+
+def test_flow_decides_step_wise_prunes_and_extends_the_tree(target):
+    p, a, b, c, d, e = target.tokens[:6]
+    drafter = Scripted({p: [(0, a, 0.6), (0, b, 0.3), (1, c, 0.9)], c: [(0, d, 0.9)]})
+    orig = originator(target, drafter, stages=2)
+    s1, s2 = segments(prefill(orig, target, Request("r", [a, b], 16, "flow"), first=p))
+    assert (s1.node_ids, s1.tokens, s2.node_ids, s2.tokens) == ([2, 3], [p, a], [5, 4], [c, b])
+    # the first segment is back: the target takes a, then says c, whose own output is still in flight
+    acts = orig.on_result(said(target, s1, [a, c]))
+    assert acts[0] == Emit("r", [a, c])
+    # b (node 4) loses; c (node 5) is accepted context already, its subtree survives
+    assert acts[1] == SendPrune(Prune("r", upto=5, keep=[2, 3, 5], commit=[2, 3, 5]))
+    (ext,) = segments(acts[2:])  # the tree re-drafted from c: d hangs under c
+    assert (ext.node_ids, ext.parents, ext.positions, ext.tokens) == ([6], [5], [5], [d])
+    assert orig.live["r"].in_flight == {5, 6}
+    # c's output (with the pruned b's) is back: the target takes d; d's output is in flight
+    acts = orig.on_result(said(target, s2, [d, e]))
+    assert acts[0] == Emit("r", [d])
+    assert acts[1] == SendPrune(Prune("r", upto=6, keep=[5, 6], commit=[5, 6]))
+    assert segments(acts[2:]) == []  # nothing drafted under d
+    acts = orig.on_result(said(target, ext, [e]))  # d's output: e, which the tree does not hold
+    assert acts[0] == Emit("r", [e])
+    assert acts[1] == SendPrune(Prune("r", upto=6, keep=[6], commit=[6]))
+    (root,) = segments(acts[2:])  # a new round at e, on top of d
+    assert (root.node_ids, root.parents, root.positions, root.tokens) == ([7], [6], [6], [e])  # p at 2 ... e at 6
+    st = orig.live["r"].stats
+    assert st.per_round == [2, 1, 1] and st.rounds == 3
+    assert orig.live["r"].out == [p, a, c, d, e]
+
+
+# ---- finishing ------------------------------------------------------------------------------
+def test_eos_stops_closes_and_a_late_result_is_ignored(target):
+    p, a, b, eos = target.tokens[:4]
+    drafter = Scripted({p: [(0, a, 0.9), (1, eos, 0.9), (2, b, 0.9)]})
+    orig = originator(target, drafter)
+    (seg,) = segments(prefill(orig, target, Request("r", [a, b], 16, "chunk", eos=frozenset({eos})), first=p))
+    acts = orig.on_result(said(target, seg, [a, eos, b, a]))
+    assert acts[0] == Emit("r", [a, eos])  # nothing after the stop token
+    assert acts[1] == CloseSessions("r")
+    fin = acts[2]
+    assert isinstance(fin, Finish) and (fin.request_id, fin.reason, fin.error) == ("r", "stop", None)
+    assert fin.stats.new_tokens == 3 and len(acts) == 3  # p, a, eos; no prune, no new round
+    assert "r" not in orig.live
+    assert orig.on_result(said(target, seg, [a, eos, b, a])) == []
+
+
+def test_length_cuts_the_accepted_tokens_at_max_new_tokens(target):
+    p, a, b, c = target.tokens[:4]
+    orig = originator(target, Scripted({p: [(0, a, 0.9), (1, b, 0.9), (2, c, 0.9)]}))
+    (seg,) = segments(prefill(orig, target, Request("r", [a, b], 3, "chunk"), first=p))
+    acts = orig.on_result(said(target, seg, [a, b, c, a]))
+    assert acts[0] == Emit("r", [a, b])
+    assert acts[1] == CloseSessions("r") and acts[2].reason == "length" and acts[2].stats.new_tokens == 3
+
+
+def test_cancel_closes_once_and_results_after_it_are_ignored(target):
+    p, a = target.tokens[:2]
+    orig = originator(target)
+    (root,) = segments(prefill(orig, target, Request("r", [a], 8, "ar"), first=p))
+    acts = orig.cancel("r")
+    assert acts[0] == CloseSessions("r")
+    assert isinstance(acts[1], Finish) and (acts[1].reason, acts[1].error) == ("cancelled", None)
+    assert acts[1].stats.target_forwards == 2  # the stats so far travel with the finish
+    assert orig.cancel("r") == [] and orig.on_result(said(target, root, [a])) == []
+
+
+def test_a_failure_is_a_cancel_with_reason_error(target):
+    orig = originator(target)
+    orig.submit(Request("r", [target.tokens[0]], 8, "ar"))
+    close, fin = orig.cancel("r", "error", "lost the link to peer x")
+    assert close == CloseSessions("r")
+    assert (fin.reason, fin.error) == ("error", "lost the link to peer x")
+
+
+def test_ring_lost_fails_every_live_request(target):
+    orig = originator(target)
+    for rid in ("a", "b"):
+        orig.submit(Request(rid, [target.tokens[0]], 8, "ar"))
+    acts = orig.ring_lost("peer p holding layers was lost")
+    assert [type(a) for a in acts] == [CloseSessions, Finish, CloseSessions, Finish]
+    assert [a.request_id for a in acts] == ["a", "a", "b", "b"]
+    assert all(a.reason == "error" and a.error == "peer p holding layers was lost" for a in acts[1::2])
+    assert orig.live == {} and orig.ring_lost("again") == []

@@ -1,0 +1,185 @@
+"""A stage worker fed hand-made ring messages: no sockets, no daemon, no originator.
+
+Node ids are request-global; the prompt is ids 0..2 (committed), tree nodes come after. Each test
+builds the smallest message sequence that exercises one rule of ``meshd/ring/worker.py``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from meshd.ring.messages import PROMPT_PARENT, Close, Prune, Result, Segment
+from meshd.ring.worker import StageWorker
+from models.source import ModelSource
+from models.stage import Stage
+
+
+@pytest.fixture(scope="module")
+def full(tiny_dir) -> Stage:
+    return Stage.load(ModelSource.resolve(str(tiny_dir)), dtype="fp32")
+
+
+def worker(full: Stage, **kw) -> StageWorker:
+    return StageWorker(full, embed=full.embed, **kw)
+
+
+def prompt(rid: str = "r") -> Segment:
+    return Segment(rid, [0, 1, 2], [PROMPT_PARENT, 0, 1], [0, 1, 2], tokens=[5, 6, 7], commit=True)
+
+
+def tree(rid: str = "r") -> Segment:
+    """Two siblings under the last prompt token (3 and 4) and a child of 3 (5)."""
+    return Segment(rid, [3, 4, 5], [2, 2, 3], [3, 3, 4], tokens=[8, 9, 10])
+
+
+def test_mask_is_committed_context_plus_each_rows_own_ancestors(full):
+    w = worker(full)
+    w.handle(prompt())
+    w.step()
+    sess = w.sessions["r"]
+    m = sess.mask_for(tree())
+    want = torch.tensor(
+        [
+            # cache: 0 1 2 | rows: 3 4 5
+            [1, 1, 1, 1, 0, 0],  # 3: prompt and itself
+            [1, 1, 1, 0, 1, 0],  # 4: its sibling 3 is not its ancestor
+            [1, 1, 1, 1, 0, 1],  # 5: its parent 3, in the same segment
+        ],
+        dtype=torch.bool,
+    )
+    assert torch.equal(m, want)
+    w.handle(tree())
+    w.step()
+    # a later segment whose ancestors are cached but not committed: it sees 3 (its grandparent's slot)
+    # and 5 (its parent), never the dead-end sibling 4
+    m = sess.mask_for(Segment("r", [6], [5], [5], tokens=[11]))
+    assert torch.equal(m, torch.tensor([[1, 1, 1, 1, 0, 1, 1]], dtype=torch.bool))
+
+
+def test_unknown_ancestor_is_an_error_naming_the_node(full):
+    w = worker(full)
+    w.handle(prompt())
+    w.step()
+    w.handle(Segment("r", [9], [7], [4], tokens=[3]))  # parent 7 never reached this stage
+    with pytest.raises(KeyError, match="node 9's ancestor 7 is unknown"):
+        w.step()
+
+
+def test_tree_rows_compute_what_plain_decoding_of_their_path_computes(full):
+    """Siblings share a forward but never see each other: node 5's output is the causal forward of the
+    path prompt -> 3 -> 5, and after a prune keeping that path a child of 5 still is."""
+    w = worker(full)
+    w.handle(prompt())
+    w.step()
+    w.handle(tree())
+    (out,) = w.step()
+    w.handle(Prune("r", upto=5, keep=[3, 5], commit=[3, 5]))
+    w.handle(Segment("r", [6], [5], [5], tokens=[11]))
+    (after,) = w.step()
+    plain = full.forward_one(full.embed([5, 6, 7, 8, 10, 11]), full.new_cache(), torch.arange(6))
+    # fp32; the tree forward attends over extra masked columns, which changes only the reduction order
+    # of the attention sums (relative error ~1e-6 at these magnitudes)
+    assert torch.allclose(out.hidden[2], plain[4], atol=1e-5)
+    assert torch.allclose(after.hidden[0], plain[5], atol=1e-5)
+
+
+def test_prune_drops_queued_rows_later_rows_and_cached_slots(full):
+    w = worker(full)
+    w.handle(prompt())
+    w.step()
+    w.handle(tree())
+    w.step()
+    w.handle(Segment("r", [6, 7], [4, 5], [4, 5], tokens=[1, 2]))  # queued: 6 hangs under 4
+    w.handle(Prune("r", upto=7, keep=[3, 5, 7], commit=[3]))
+    sess = w.sessions["r"]
+    assert [s.node_ids for s in w.queue] == [[7]]  # queued row 6 dropped before any compute
+    assert sorted(sess.slot_of) == [0, 1, 2, 3, 5] and sess.cache.length == 5  # slot of 4 compacted away
+    assert sess.slot_of[5] == 4  # renumbered to the compacted cache
+    w.handle(Segment("r", [4, 8], [2, 7], [3, 6], tokens=[3, 4]))  # arrives after the prune
+    assert [s.node_ids for s in w.queue] == [[7], [8]]  # dead 4 dropped; 8 > upto is untouched
+    w.handle(Segment("r", [6], [4], [4], tokens=[1]))
+    assert len(w.queue) == 2  # every row dead: nothing queued
+
+
+def test_committed_nodes_never_die(full):
+    w = worker(full)
+    w.handle(prompt())
+    w.step()
+    w.handle(Prune("r", upto=2, keep=[], commit=[]))  # a prune range over the committed prompt
+    assert sorted(w.sessions["r"].slot_of) == [0, 1, 2] and w.sessions["r"].cache.length == 3
+
+
+def test_closed_request_never_reopens_a_session(full):
+    w = worker(full)
+    w.handle(prompt())
+    w.step()
+    w.handle(tree())
+    w.handle(Close("r"))
+    assert "r" not in w.sessions and not w.queue
+    w.handle(tree())
+    w.handle(Prune("r", upto=5, keep=[3], commit=[3]))
+    assert "r" not in w.sessions and not w.queue and w.step() == []
+
+
+def test_take_batch_one_segment_per_request_in_arrival_order(full):
+    w = worker(full, max_batch_rows=6)
+    for seg in (prompt("a"), tree("a"), prompt("b"), prompt("c")):
+        w.handle(seg)
+    # a's tree depends on a's prompt: it waits for the next forward; c would exceed 6 rows
+    assert [(s.request_id, s.node_ids[0]) for s in w.take_batch()] == [("a", 0), ("b", 0)]
+    assert [(s.request_id, s.node_ids[0]) for s in w.queue] == [("a", 3), ("c", 0)]  # still in arrival order
+    assert [(s.request_id, s.node_ids[0]) for s in w.take_batch()] == [("a", 3), ("c", 0)]
+    assert w.take_batch() == [] and w.queued_rows == 0
+    w.max_batch_rows = 2
+    w.handle(prompt("d"))
+    assert [s.request_id for s in w.take_batch()] == ["d"]  # one segment over the limit still runs, alone
+
+
+def test_outputs_keep_ids_and_origin_and_carry_hidden_states(full):
+    w = worker(full)
+    seg = prompt()
+    seg.origin = "peer-a"
+    (out,) = w.run([seg])
+    assert (out.request_id, out.node_ids, out.parents, out.positions) == ("r", [0, 1, 2], seg.parents, [0, 1, 2])
+    assert out.origin == "peer-a" and out.commit and out.tokens is None
+    assert out.hidden.shape == (3, full.cfg.hidden_size)
+    assert w.rows_done == 3 and w.forwards == 1 and w.shared_forwards == 0 and w.busy_seconds > 0
+    w.run([tree("r"), prompt("s")])
+    assert w.shared_forwards == 1  # rows of two requests in one forward
+
+
+def test_a_later_stage_needs_hidden_states(full):
+    w = StageWorker(full)  # no embedding: not the first stage
+    w.handle(prompt())
+    with pytest.raises(ValueError, match="neither hidden states nor tokens to embed"):
+        w.step()
+    h = torch.randn(3, full.cfg.hidden_size)
+    (out,) = w.run([Segment("r2", [0, 1, 2], [PROMPT_PARENT, 0, 1], [0, 1, 2], hidden=h, commit=True)])
+    assert out.hidden.shape == h.shape
+
+
+def test_expire_frees_idle_sessions_and_closes_them(full):
+    w = worker(full, idle_timeout=10.0)
+    w.handle(prompt("old"))
+    w.handle(prompt("new"))
+    w.run(w.take_batch())
+    w.sessions["old"].last_used -= 11.0
+    now = w.sessions["new"].last_used
+    assert w.expire(now) == ["old"]
+    assert set(w.sessions) == {"new"}
+    w.handle(tree("old"))  # its originator comes back late: still closed
+    assert not w.queue
+
+
+def test_pad_runs_after_each_forward_and_counts_as_busy(full):
+    seconds: list[float] = []
+    w = worker(full, pad=seconds.append)
+    w.run([prompt()])
+    assert len(seconds) == 1 and 0 < seconds[0] <= w.busy_seconds
+
+
+def test_a_stage_refuses_a_result(full):
+    w = worker(full)
+    with pytest.raises(TypeError, match="cannot handle Result"):
+        w.handle(Result("r", [0], torch.zeros(1, 4)))
