@@ -28,7 +28,7 @@ import cbor2
 if TYPE_CHECKING:
     import torch
 
-PROTO_VERSION = 1
+PROTO_VERSION = 2  # 2: segment and result frames no longer carry the unused seq
 DEFAULT_MAX_FRAME = 64 * 1024 * 1024
 MAX_TENSOR_DIMS = 8
 MAX_DEPTH = 32  # nesting; real messages need about 4
@@ -338,11 +338,9 @@ _reg("plan_ack", control=True, ok=Kind.BOOL, reason=optional(Kind.STR))
 _reg("plan_commit", control=True)
 # Data plane: meshd/ring/messages.py is the in-memory form, meshd/ring/wire.py the mapping; request id in the
 # envelope. Node ids are request-global and only grow, so prunes apply the same whatever order they meet the
-# segments in. ``seq`` is no longer sent: it stays an optional, ignored field so that frames from peers that
-# still send it decode.
+# segments in.
 _reg(
     "segment",
-    seq=optional(Kind.INT),  # ignored (older peers send 0)
     origin=Kind.STR,  # node id of the originator: the last stage returns the result there
     nodes=Kind.INTS,
     parents=Kind.INTS,
@@ -352,6 +350,6 @@ _reg(
     commit=optional(Kind.BOOL),  # prompt chunks: committed context on arrival
 )
 _reg("prune", upto=Kind.INT, keep=Kind.INTS, commit=Kind.INTS)
-_reg("result", seq=optional(Kind.INT), nodes=Kind.INTS, hidden=Kind.TENSOR, queue=optional(Kind.INT))
+_reg("result", nodes=Kind.INTS, hidden=Kind.TENSOR, queue=optional(Kind.INT))
 _reg("cancel")  # closes the request's session at a stage
 _reg("error", code=Kind.STR, message=Kind.STR)

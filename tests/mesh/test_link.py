@@ -112,7 +112,7 @@ async def test_handshake_exchanges_hellos_and_delivers_in_order(session, server)
     assert [m["upto"] for m in got] == list(range(50))
     assert server.links[0].peer.cost_curve == {1: 0.5, 16: 0.75}
     ones = torch.ones(2, 4, dtype=torch.float16)
-    await server.links[0].send(Message("result", {"seq": 3, "nodes": [], "hidden": ones}))
+    await server.links[0].send(Message("result", {"queue": 3, "nodes": [], "hidden": ones}))
     back = await asyncio.wait_for(inbox.get(), 2)
     assert torch.equal(back["hidden"], torch.ones(2, 4, dtype=torch.float16))
     await link.close()
@@ -241,13 +241,13 @@ async def test_emulated_latency_and_bandwidth_delay_delivery(session, server):
     link = await connect(session, server, emulation=emu)
     task, _ = await running(link)
     payload = torch.zeros(50_000, dtype=torch.float16)  # ~100 kB: 50 ms at 16 Mbit/s
-    msgs = [Message("result", {"seq": i, "nodes": [], "hidden": payload}) for i in range(3)]
+    msgs = [Message("result", {"queue": i, "nodes": [], "hidden": payload}) for i in range(3)]
     nbytes = len(CODEC.encode(msgs[0]))
     start = time.monotonic()
     for m in msgs:
         await link.send(m)
     arrivals = [await asyncio.wait_for(server.received.get(), 5) for _ in msgs]
-    assert [m["seq"] for _, m in arrivals] == [0, 1, 2]
+    assert [m["queue"] for _, m in arrivals] == [0, 1, 2]
     for i, (at, _) in enumerate(arrivals):  # frame i waits for the i+1 frames before it on the wire
         assert at - start >= 0.080 + (i + 1) * emu.transmit_time(nbytes) - 0.005
     await link.close()
@@ -258,7 +258,7 @@ async def test_full_send_queue_blocks_the_sender(session, server):
     # 1 kB frames at 1 kbit/s: the first one occupies the emulated wire for 8 s, so nothing drains.
     link = await connect(session, server, queue_size=2, emulation=LinkEmulation(bandwidth_mbps=0.001))
     task, _ = await running(link)
-    msg = Message("result", {"seq": 0, "nodes": [], "hidden": torch.zeros(500, dtype=torch.float16)})
+    msg = Message("result", {"nodes": [], "hidden": torch.zeros(500, dtype=torch.float16)})
     for _ in range(3):  # one on the wire, two queued
         await asyncio.wait_for(link.send(msg), 1)
     await eventually(lambda: link.pending == 2)

@@ -100,7 +100,6 @@ async def test_two_nodes_plan_and_exchange_data(mesh):
     seg = Message(
         "segment",
         {
-            "seq": 1,
             "hidden": torch.randn(16, 576).half(),
             "positions": [0],
             "parents": [-1],
@@ -185,9 +184,7 @@ async def test_round_trip_time_on_loopback(mesh, capsys):
     async def echo(sender: str, msg: Message) -> None:
         await b.send(
             sender,
-            Message(
-                "result", {"seq": msg["seq"], "nodes": msg["nodes"], "hidden": msg["hidden"]}, request_id=msg.request_id
-            ),
+            Message("result", {"nodes": msg["nodes"], "hidden": msg["hidden"]}, request_id=msg.request_id),
         )
 
     async def returned(sender: str, msg: Message) -> None:
@@ -200,7 +197,6 @@ async def test_round_trip_time_on_loopback(mesh, capsys):
         seg = Message(
             "segment",
             {
-                "seq": 0,
                 "hidden": torch.randn(rows, 576).half(),
                 "positions": [0],
                 "parents": [-1],

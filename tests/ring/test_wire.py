@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import cbor2
 import pytest
 import torch
 
 from meshd.ring.messages import PROMPT_PARENT, Close, Prune, Result, Segment
 from meshd.ring.wire import MESSAGE_TYPES, from_message, to_message
-from peers.codec import PROTO_VERSION, Codec, Message
+from peers.codec import Codec, Message
 
 CODEC = Codec()
 
@@ -43,33 +42,8 @@ def test_codec_types_and_bodies():
     ]
     assert tuple(m.type for m in msgs) == MESSAGE_TYPES
     assert all(m.request_id == 1 for m in msgs)
-    assert "seq" not in msgs[0].body and "seq" not in msgs[2].body  # no longer sent
     assert msgs[3].body == {}
     assert "hidden" not in msgs[0].body and msgs[0].body["tokens"] == [5]  # the first stage embeds
-
-
-def test_frames_from_peers_that_still_send_seq_decode():
-    t = torch.ones(1, 2, dtype=torch.float16)
-    frame = cbor2.dumps(
-        {
-            "v": PROTO_VERSION,
-            "t": "result",
-            "e": 1,
-            "r": 42,
-            "seq": 0,
-            "nodes": [7],
-            "hidden": {"dtype": "fp16", "shape": [1, 2], "bytes": t.numpy().tobytes()},
-            "queue": 3,
-        }
-    )
-    res = from_message(CODEC.decode(frame))
-    assert (res.request_id, res.node_ids, res.stage_queue) == ("42", [7], 3) and torch.equal(res.hidden, t)
-    frame = cbor2.dumps(
-        {"v": PROTO_VERSION, "t": "segment", "e": 1, "r": 42, "seq": 0, "origin": "", "nodes": [0], "parents": [-1],
-         "positions": [0], "tokens": [5]}
-    )  # fmt: skip
-    seg = from_message(CODEC.decode(frame))
-    assert seg.origin is None and seg.tokens == [5] and not seg.commit
 
 
 def test_decoded_hidden_states_do_not_share_the_frame():

@@ -56,23 +56,23 @@ def tensor_wire(dtype="fp16", shape=(2, 3), nbytes=12) -> dict:
 @pytest.mark.parametrize("shape", [(16, 576), (3,), (), (0, 4), (2, 3, 4)], ids=str)
 def test_tensor_round_trip_every_dtype(dtype, shape):
     t = make_tensor(dtype, shape)
-    msg = Message("result", {"seq": 7, "hidden": t, "nodes": [1, 2]}, epoch=3, request_id=99)
+    msg = Message("result", {"queue": 7, "hidden": t, "nodes": [1, 2]}, epoch=3, request_id=99)
     back = CODEC.decode(CODEC.encode(msg))
-    assert (back.type, back.epoch, back.request_id, back["seq"], back["nodes"]) == ("result", 3, 99, 7, [1, 2])
+    assert (back.type, back.epoch, back.request_id, back["queue"], back["nodes"]) == ("result", 3, 99, 7, [1, 2])
     assert back["hidden"].dtype == dtype and back["hidden"].shape == t.shape
     assert torch.equal(back["hidden"], t)
 
 
 def test_non_contiguous_and_bf16_bits_survive():
     t = torch.randn(8, 6).to(torch.bfloat16).t()  # transposed view: not contiguous
-    back = CODEC.decode(CODEC.encode(Message("result", {"seq": 0, "nodes": [], "hidden": t})))["hidden"]
+    back = CODEC.decode(CODEC.encode(Message("result", {"nodes": [], "hidden": t})))["hidden"]
     assert torch.equal(back.view(torch.int16), t.contiguous().view(torch.int16))
 
 
 def test_segment_with_tree_metadata_round_trips():
     msg = Message(
         "segment",
-        {"seq": 2, "hidden": torch.randn(4, 8, dtype=torch.float16), "positions": [5, 6, 6, 7],
+        {"hidden": torch.randn(4, 8, dtype=torch.float16), "positions": [5, 6, 6, 7],
          "parents": [-1, 0, 0, 1], "nodes": [0, 1, 2, 3], "origin": "a1b2", "commit": False},
         epoch=1, request_id=12,
     )  # fmt: skip
@@ -103,20 +103,20 @@ def test_daemon_can_register_its_own_type():
         (cbor2.dumps({"v": PROTO_VERSION, "t": "no_such_type", "e": 0, "r": 0}), UnknownMessageType),
         (cbor2.dumps({"v": PROTO_VERSION, "t": "cancel", "e": -1, "r": 0}), SchemaError),
         (cbor2.dumps({"v": PROTO_VERSION, "t": "cancel", "e": "1", "r": 0}), SchemaError),
-        (wire(seq="7", hidden=tensor_wire()), SchemaError),  # wrong field type
-        (wire(seq=True, hidden=tensor_wire()), SchemaError),  # bool is not an int here
-        (wire(seq=1), SchemaError),  # missing field (hidden)
-        (wire(seq=1, hidden=tensor_wire(), extra=1), SchemaError),  # unknown field
-        (wire(seq=1, hidden=tensor_wire(nbytes=11)), TensorError),  # shape/bytes mismatch
-        (wire(seq=1, hidden=tensor_wire(shape=(2**40, 2**40))), TensorError),  # huge declared shape
-        (wire(seq=1, hidden=tensor_wire(shape=(-2, -3))), TensorError),
-        (wire(seq=1, hidden=tensor_wire(dtype="fp64", nbytes=48)), TensorError),
-        (wire(seq=1, hidden={"dtype": "bool", "shape": [2], "bytes": b"\x00\x07"}), TensorError),
-        (wire(seq=1, hidden=[1, 2]), TensorError),
-        (wire(seq=1, hidden=tensor_wire(), nodes=[1, "2"]), SchemaError),
-        (wire(seq=1, hidden=tensor_wire()) + b"\x00", MalformedFrame),  # trailing bytes
+        (wire(queue="7", hidden=tensor_wire()), SchemaError),  # wrong field type
+        (wire(queue=True, hidden=tensor_wire()), SchemaError),  # bool is not an int here
+        (wire(queue=1), SchemaError),  # missing field (hidden)
+        (wire(queue=1, hidden=tensor_wire(), extra=1), SchemaError),  # unknown field
+        (wire(queue=1, hidden=tensor_wire(nbytes=11)), TensorError),  # shape/bytes mismatch
+        (wire(queue=1, hidden=tensor_wire(shape=(2**40, 2**40))), TensorError),  # huge declared shape
+        (wire(queue=1, hidden=tensor_wire(shape=(-2, -3))), TensorError),
+        (wire(queue=1, hidden=tensor_wire(dtype="fp64", nbytes=48)), TensorError),
+        (wire(queue=1, hidden={"dtype": "bool", "shape": [2], "bytes": b"\x00\x07"}), TensorError),
+        (wire(queue=1, hidden=[1, 2]), TensorError),
+        (wire(queue=1, hidden=tensor_wire(), nodes=[1, "2"]), SchemaError),
+        (wire(queue=1, hidden=tensor_wire()) + b"\x00", MalformedFrame),  # trailing bytes
         (b"\xa2" + cbor2.dumps("v") + cbor2.dumps(1) + cbor2.dumps("v") + cbor2.dumps(1), MalformedFrame),  # dup key
-        (wire(seq=1, hidden=tensor_wire(), meta={"x": DEEP}), MalformedFrame),  # nesting beyond the limit
+        (wire(queue=1, hidden=tensor_wire(), meta={"x": DEEP}), MalformedFrame),  # nesting beyond the limit
     ],
 )
 def test_decoder_rejects_with_typed_error(frame, error):
@@ -126,7 +126,7 @@ def test_decoder_rejects_with_typed_error(frame, error):
 
 def test_oversized_frames_rejected_both_ways():
     codec = Codec(max_frame=4096)
-    big = Message("result", {"seq": 0, "nodes": [], "hidden": torch.zeros(4096, dtype=torch.float16)})
+    big = Message("result", {"nodes": [], "hidden": torch.zeros(4096, dtype=torch.float16)})
     with pytest.raises(FrameTooLarge):
         codec.encode(big)
     with pytest.raises(FrameTooLarge):
@@ -137,7 +137,7 @@ def test_encoder_checks_what_the_sender_builds():
     with pytest.raises(SchemaError):
         CODEC.encode(Message("prune", {"upto": 1, "commit": [2]}))
     with pytest.raises(TensorError):
-        CODEC.encode(Message("result", {"seq": 1, "nodes": [], "hidden": torch.zeros(2, dtype=torch.float64)}))
+        CODEC.encode(Message("result", {"nodes": [], "hidden": torch.zeros(2, dtype=torch.float64)}))
     with pytest.raises(UnknownMessageType):
         CODEC.encode(Message("nope"))
 
@@ -174,7 +174,7 @@ def test_fuzz_random_bytes(frame):
 def test_fuzz_truncated_valid_frames(data):
     t = make_tensor(data.draw(st.sampled_from(DTYPES)), (data.draw(st.integers(0, 5)), 3))
     frame = CODEC.encode(
-        Message("segment", {"seq": 1, "hidden": t, "positions": [1], "parents": [-1], "nodes": [0], "origin": "x"})
+        Message("segment", {"hidden": t, "positions": [1], "parents": [-1], "nodes": [0], "origin": "x"})
     )
     cut = data.draw(st.integers(0, len(frame) - 1))
     with pytest.raises(CodecError):
@@ -185,7 +185,7 @@ def test_fuzz_truncated_valid_frames(data):
 @given(
     st.sampled_from(["segment", "prune", "result", "cancel", "error", "heartbeat", "plan_propose", "auth", "zzz"]),
     st.dictionaries(
-        st.sampled_from(["seq", "hidden", "positions", "parents", "keep", "code", "ts", "hello"]), cbor_values
+        st.sampled_from(["queue", "hidden", "positions", "parents", "keep", "code", "ts", "hello"]), cbor_values
     ),
 )
 def test_fuzz_wrong_field_types(mtype, body):
@@ -199,7 +199,7 @@ def test_fuzz_wrong_field_types(mtype, body):
     st.binary(max_size=64),
 )
 def test_fuzz_declared_shapes_never_allocate_beyond_the_frame(dtype, shape, data):
-    frame = wire(seq=0, hidden={"dtype": dtype, "shape": shape, "bytes": data})
+    frame = wire(queue=0, hidden={"dtype": dtype, "shape": shape, "bytes": data})
     try:
         out = CODEC.decode(frame)
     except CodecError:
@@ -215,7 +215,7 @@ def test_measure_segment_codec_cost(capsys):
     """16 x 576 fp16 hidden states with tree metadata: the typical FlowSpec segment."""
     msg = Message(
         "segment",
-        {"seq": 3, "hidden": torch.randn(16, 576).half(), "positions": list(range(40, 56)),
+        {"hidden": torch.randn(16, 576).half(), "positions": list(range(40, 56)),
          "parents": [-1, *range(15)], "nodes": list(range(16)), "origin": "0123456789abcdef"},
         epoch=2, request_id=1234,
     )  # fmt: skip
