@@ -253,7 +253,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     ):
         plan = mesh.wait_plan(list(range(args.peers)), args.peers, timeout=300)
         for s in plan["stages"]:
-            print(f"  stage {s['node_id'][:8]}: layers {s['first_layer']}-{s['last_layer']}", file=sys.stderr)
+            print(f"  stage {s['node_id'][:8]}: layers {s['first_layer']}:{s['stop_layer']}", file=sys.stderr)
         # ask a peer that does not hold the first layers: it originates (drafts, verifies) while its own
         # slice sits in the middle or at the end of the ring, the case FlowSpec's fixed head device cannot do
         first = next(s["node_id"] for s in plan["stages"] if s["first_layer"] == 0)

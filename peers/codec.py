@@ -28,7 +28,7 @@ import cbor2
 if TYPE_CHECKING:
     import torch
 
-PROTO_VERSION = 2  # 2: segment and result frames no longer carry the unused seq
+PROTO_VERSION = 2  # 2: no seq in segment and result; plan stages as half-open [node, first, stop]
 DEFAULT_MAX_FRAME = 64 * 1024 * 1024
 MAX_TENSOR_DIMS = 8
 MAX_DEPTH = 32  # nesting; real messages need about 4

@@ -34,12 +34,12 @@ from peers.link import CLOSE_GOING_AWAY, Link, LinkEmulation, LinkSecurity, add_
 from peers.membership import Membership, MembershipEvent, PeerJoined, PeerLost
 from peers.negotiation import Committed, LoadSlice, Negotiator, Plan, PlanAction, PlanFailed, Rejected, Send
 from peers.neighbours import Neighbours
-from peers.planner import ModelShape, PeerResources, Stage
+from peers.planner import Assignment, ModelShape, PeerResources
 from peers.sizes import default_memory_budget
 
 log = logging.getLogger(__name__)
 
-LoadSliceFn = Callable[[Plan, Stage | None], Awaitable[None]]
+LoadSliceFn = Callable[[Plan, Assignment | None], Awaitable[None]]
 DataHandler = Callable[[str, Message], Awaitable[None]]
 CLOSE_TIMED_OUT = 4001
 
@@ -72,7 +72,7 @@ class PlanView:
 
     epoch: int
     committed: bool
-    stages: tuple[Stage, ...]
+    stages: tuple[Assignment, ...]
     members: tuple[str, ...]
 
     def to_json(self) -> dict[str, Any]:
@@ -80,7 +80,7 @@ class PlanView:
             "epoch": self.epoch,
             "committed": self.committed,
             "stages": [
-                {"node_id": s.node_id, "first_layer": s.first_layer, "last_layer": s.last_layer} for s in self.stages
+                {"node_id": s.node_id, "first_layer": s.layers.first, "stop_layer": s.layers.stop} for s in self.stages
             ],
             "members": list(self.members),
         }
@@ -423,7 +423,7 @@ class MeshNode:
             self._run(self.negotiator.loaded(plan.epoch, True, time.monotonic()))
 
     def _on_committed(self, plan: Plan) -> None:
-        layout = ", ".join(f"{s.node_id}:{s.first_layer}-{s.last_layer}" for s in plan.stages)
+        layout = ", ".join(f"{s.node_id}[{s.layers}]" for s in plan.stages)
         log.info("plan epoch %d committed: %s (members %s)", plan.epoch, layout, ", ".join(plan.members))
         for cb in self._plan_callbacks:
             result = cb(plan)

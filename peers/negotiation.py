@@ -18,8 +18,9 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from models.ranges import LayerRange
 from peers.codec import Message, SchemaError
-from peers.planner import ModelShape, PeerResources, PlanError, Stage, plan_layers
+from peers.planner import Assignment, ModelShape, PeerResources, PlanError, plan_layers
 
 log = logging.getLogger(__name__)
 RETRY_AFTER_FAILURE = 5.0  # seconds before re-proposing after a peer failed to load its slice
@@ -28,16 +29,16 @@ RETRY_AFTER_FAILURE = 5.0  # seconds before re-proposing after a peer failed to 
 @dataclass(frozen=True)
 class Plan:
     epoch: int
-    stages: tuple[Stage, ...]
+    stages: tuple[Assignment, ...]
     members: tuple[str, ...]  # every peer in the mesh, stages or not (pure originators)
     n_layers: int
 
-    def stage_of(self, node_id: str) -> Stage | None:
+    def stage_of(self, node_id: str) -> Assignment | None:
         return next((s for s in self.stages if s.node_id == node_id), None)
 
     def to_body(self) -> dict[str, Any]:
         return {
-            "stages": [[s.node_id, s.first_layer, s.last_layer] for s in self.stages],
+            "stages": [[s.node_id, s.layers.first, s.layers.stop] for s in self.stages],
             "members": list(self.members),
             "n_layers": self.n_layers,
         }
@@ -50,13 +51,13 @@ class Plan:
             if not (
                 isinstance(s, list) and len(s) == 3 and isinstance(s[0], str) and all(type(x) is int for x in s[1:])
             ):
-                raise SchemaError(f"plan stage {s!r} is not [node_id, first_layer, last_layer]")
-            if s[1] != nxt or s[2] < s[1] or s[0] not in members:
+                raise SchemaError(f"plan stage {s!r} is not [node_id, first_layer, stop_layer]")
+            if s[1] != nxt or s[2] <= s[1] or s[0] not in members:
                 raise SchemaError(f"plan stage {s!r} breaks contiguity at layer {nxt} or names a non-member")
-            stages.append(Stage(*s))
-            nxt = s[2] + 1
+            stages.append(Assignment(s[0], LayerRange(s[1], s[2])))
+            nxt = s[2]
         if nxt != n_layers or not stages:
-            raise SchemaError(f"plan covers layers 0..{nxt - 1}, not all {n_layers}")
+            raise SchemaError(f"plan covers layers 0:{nxt}, not all {n_layers}")
         return cls(msg.epoch, tuple(stages), members, n_layers)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from models.ranges import LayerRange
 from peers.sizes import format_size
 
 
@@ -48,14 +49,15 @@ class PeerResources:
 
 
 @dataclass(frozen=True)
-class Stage:
+class Assignment:
+    """One stage of a plan: the peer ``node_id`` runs decoder layers ``layers``."""
+
     node_id: str
-    first_layer: int
-    last_layer: int  # inclusive
+    layers: LayerRange
 
     @property
     def n_layers(self) -> int:
-        return self.last_layer - self.first_layer + 1
+        return self.layers.n_layers
 
 
 def layer_capacity(peer: PeerResources, shape: ModelShape) -> int:
@@ -63,7 +65,9 @@ def layer_capacity(peer: PeerResources, shape: ModelShape) -> int:
     return max(0, usable // max(1, shape.bytes_per_stage_layer))
 
 
-def plan_layers(peers: Iterable[PeerResources], shape: ModelShape, compute_weight: float = 0.25) -> tuple[Stage, ...]:
+def plan_layers(
+    peers: Iterable[PeerResources], shape: ModelShape, compute_weight: float = 0.25
+) -> tuple[Assignment, ...]:
     """Split ``shape.n_layers`` into stages in ring order (ascending node id).
 
     Each peer's target share is proportional to its usable memory, scaled by
@@ -103,7 +107,7 @@ def plan_layers(peers: Iterable[PeerResources], shape: ModelShape, compute_weigh
     stages, first = [], 0
     for p in capable:
         n = alloc[p.node_id]
-        stages.append(Stage(p.node_id, first, first + n - 1))
+        stages.append(Assignment(p.node_id, LayerRange(first, first + n)))
         first += n
     return tuple(stages)
 

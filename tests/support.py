@@ -212,8 +212,8 @@ class FakeRuntime:
                 "committed": True,
                 "members": ["a1b2c3d4e5f6a7b8", "ffee00112233"],
                 "stages": [
-                    {"node_id": "a1b2c3d4e5f6a7b8", "first_layer": 0, "last_layer": 14},
-                    {"node_id": "ffee00112233", "first_layer": 15, "last_layer": 29},
+                    {"node_id": "a1b2c3d4e5f6a7b8", "first_layer": 0, "stop_layer": 15},
+                    {"node_id": "ffee00112233", "first_layer": 15, "stop_layer": 30},
                 ],
             },
             "peers": [
@@ -227,7 +227,7 @@ class FakeRuntime:
             ],
             "stage": {
                 "first_layer": 0,
-                "last_layer": 14,
+                "stop_layer": 15,
                 "queued_rows": 0,
                 "sessions": self.in_flight(),
                 "busy_seconds": 1.5,

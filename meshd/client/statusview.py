@@ -47,10 +47,10 @@ def render(url: str, status: dict[str, Any], health: dict[str, str] | None = Non
         for i, s in enumerate(stages):
             nid = s.get("node_id")
             who = "this node" if nid == me else (peers.get(nid, {}).get("address") or "address unknown")
-            first, last = s.get("first_layer"), s.get("last_layer")
-            n = (last - first + 1) if isinstance(first, int) and isinstance(last, int) else "?"
+            first, stop = s.get("first_layer"), s.get("stop_layer")
+            n = (stop - first) if isinstance(first, int) and isinstance(stop, int) else "?"
             lines.append(
-                f"  {i + 1}. {_short(nid):12}  layers {first!s:>3}-{last!s:<3} ({n} layers)  {who}"
+                f"  {i + 1}. {_short(nid):12}  layers {first!s:>3}:{stop!s:<3} ({n} layers)  {who}"
                 + (f"  [{health[nid]}]" if nid in health else "")
             )
     if status.get("plan_error") and plan:
@@ -68,7 +68,7 @@ def render(url: str, status: dict[str, Any], health: dict[str, str] | None = Non
     st = status.get("stage")
     if st:
         lines.append(
-            f"stage   this node computes layers {st.get('first_layer')}-{st.get('last_layer')}: "
+            f"stage   this node computes layers {st.get('first_layer')}:{st.get('stop_layer')}: "
             f"{st.get('sessions', 0)} session(s), {st.get('queued_rows', 0)} queued row(s), "
             f"utilisation {_num((st.get('utilisation') or 0) * 100, '{:.1f}')}%"
         )

@@ -160,12 +160,12 @@ class Daemon:
         if stage is None:
             rt.install_worker(None)
             return
-        first, last = stage.first_layer, stage.last_layer + 1
+        first, last = stage.layers.first, stage.layers.stop
         w = rt.worker
         if w is not None and (w.stage.first, w.stage.last) == (first, last):
             return
         log.info("plan epoch %d: loading layers [%d, %d)", plan.epoch, first, last)
-        notify.status(f"loading layers {first}-{last - 1} for plan epoch {plan.epoch}")
+        notify.status(f"loading layers {stage.layers} for plan epoch {plan.epoch}")
         st = await asyncio.to_thread(Stage.load, rt.source, first, last, head=False, dtype=rt.head.dtype)
         curve = await asyncio.to_thread(stage_cost_curve, rt.source, st, with_head=False, repeats=2)
         rt.install_worker(st)
@@ -192,7 +192,7 @@ class Daemon:
         local = next((i for i, s in enumerate(plan.stages) if s.node_id == me), None)
         curves = [self._stage_curve(s.node_id, s.n_layers) for s in plan.stages]
         self.runtime.set_ring(Ring(plan.epoch, nodes, curves, local))
-        layout = ", ".join(f"{s.node_id[:8]}:{s.first_layer}-{s.last_layer}" for s in plan.stages)
+        layout = ", ".join(f"{s.node_id[:8]}[{s.layers}]" for s in plan.stages)
         notify.status(f"serving; plan epoch {plan.epoch}: {layout}; {len(plan.members)} peers")
         notify.ready()
 

@@ -414,7 +414,7 @@ class Runtime:
         up = max(1e-9, time.time() - self.started)
         return {
             "first_layer": w.stage.first,
-            "last_layer": w.stage.last - 1,
+            "stop_layer": w.stage.last,
             "queued_rows": w.queued_rows,
             "sessions": len(w.sessions),
             "busy_seconds": round(w.busy_seconds, 3),

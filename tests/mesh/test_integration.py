@@ -105,7 +105,7 @@ def run_scenario(cluster: Cluster, ports: list[int], capsys, label: str) -> None
     cluster.wait("one committed plan", lambda: agreement(ports), 10)
     plan = agreement(ports)
     total = time.monotonic() - t0
-    assert [s["first_layer"] for s in plan["stages"]] == [0, 10, 20] and plan["stages"][-1]["last_layer"] == 29
+    assert [s["first_layer"] for s in plan["stages"]] == [0, 10, 20] and plan["stages"][-1]["stop_layer"] == 30
 
     # Kill the proposer (lowest node id) outright: the survivors must notice, elect, and re-plan.
     victim = min(ports, key=lambda p: status(p)["node_id"])
@@ -116,7 +116,7 @@ def run_scenario(cluster: Cluster, ports: list[int], capsys, label: str) -> None
     cluster.wait("a new plan among the survivors", lambda: agreement(survivors), 15)
     replan = time.monotonic() - t_kill
     new = agreement(survivors)
-    assert new["epoch"] > plan["epoch"] and [s["last_layer"] for s in new["stages"]] == [14, 29]
+    assert new["epoch"] > plan["epoch"] and [s["stop_layer"] for s in new["stages"]] == [15, 30]
 
     for p in survivors:  # SIGTERM is a clean exit
         cluster.procs[p].send_signal(signal.SIGTERM)

@@ -83,8 +83,8 @@ async def test_status_readable_and_json(url):
     code, out, err = await meshd("status", "--peer", url)
     assert code == 0, err
     assert "plan    epoch 3, committed, 2 stage(s)" in out
-    assert "1. a1b2c3d4e5f6  layers   0-14  (15 layers)  this node  [ok]" in out
-    assert "2. ffee00112233  layers  15-29  (15 layers)  127.0.0.1:1  [unreachable" in out
+    assert "1. a1b2c3d4e5f6  layers   0:15  (15 layers)  this node  [ok]" in out
+    assert "2. ffee00112233  layers  15:30  (15 layers)  127.0.0.1:1  [unreachable" in out
     assert "utilisation 25.0%" in out
     code, out, _ = await meshd("status", "--peer", url, "--json")
     assert code == 0 and json.loads(out)["plan"]["epoch"] == 3

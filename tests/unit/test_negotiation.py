@@ -82,7 +82,7 @@ def test_membership_change_replans_after_debounce():
 def test_stale_epoch_messages_are_rejected():
     n = Negotiator("b", SHAPE)
     plan = Plan(5, (), ("a", "b"), 12)
-    body = {"stages": [["a", 0, 5], ["b", 6, 11]], "members": ["a", "b"], "n_layers": 12}
+    body = {"stages": [["a", 0, 6], ["b", 6, 12]], "members": ["a", "b"], "n_layers": 12}
     assert isinstance(n.on_message("a", Message("plan_propose", body, 5), 0)[0], LoadSlice)
     # an older proposal gets a negative ack that carries the epoch already seen
     actions = n.on_message("x", Message("plan_propose", body, 4), 0)
@@ -154,7 +154,15 @@ def test_unplannable_mesh_reports_missing_memory_once():
 
 @pytest.mark.parametrize(
     "stages",
-    [[["a", 0, 5], ["b", 7, 11]], [["a", 0, 5]], [["a", 0, 5], ["z", 6, 11]], [["a", 0, "5"], ["b", 6, 11]], [7]],
+    [
+        [["a", 0, 6], ["b", 7, 12]],  # a gap (layer 6 unassigned)
+        [["a", 0, 6], ["b", 5, 12]],  # an overlap
+        [["a", 0, 6], ["b", 6, 6]],  # an empty stage
+        [["a", 0, 6]],  # not every layer
+        [["a", 0, 6], ["z", 6, 12]],  # a stage for a non-member
+        [["a", 0, "6"], ["b", 6, 12]],  # a layer that is not an int
+        [7],
+    ],
 )
 def test_malformed_plans_are_refused(stages):
     msg = Message("plan_propose", {"stages": stages, "members": ["a", "b"], "n_layers": 12}, 1)

@@ -22,9 +22,9 @@ def layers(stages) -> dict[str, int]:
 
 
 def assert_contiguous(stages, n_layers):
-    assert stages[0].first_layer == 0 and stages[-1].last_layer == n_layers - 1
+    assert stages[0].layers.first == 0 and stages[-1].layers.stop == n_layers
     for a, b in itertools.pairwise(stages):
-        assert b.first_layer == a.last_layer + 1
+        assert b.layers.first == a.layers.stop
     assert all(s.n_layers >= 1 for s in stages)
 
 
