@@ -135,7 +135,8 @@ def layer_names(cfg: ModelConfig, layers: Iterable[int]) -> list[str]:
     return [f"model.layers.{i}.{k}" for i in layers for k in keys]
 
 
-def head_names(cfg: ModelConfig) -> list[str]:
+def vocab_names(cfg: ModelConfig) -> list[str]:
+    """The vocabulary ends' tensors: embeddings, final norm and (unless tied to the embeddings) LM head."""
     names = ["model.embed_tokens.weight", "model.norm.weight"]
     if not cfg.tie_embeddings:
         names.append("lm_head.weight")

@@ -15,18 +15,13 @@ from models.config import ModelError
 from models.drafters import MergedDrafter, NGramDrafter, load_drafter
 from models.eagle import EagleDrafter, EagleHead, HeadConfig, find_head, load_head, save_head
 from models.engine import generate
+from models.kvcache import KVCache
 from models.source import ModelSource
 from models.stage import Stage
-from training.distill import (
-    DataStore,
-    Rollout,
-    TrainConfig,
-    batch_generate,
-    choose_vocab,
-    simulate,
-    train_head,
-    training_prompts,
-)
+from training.evaluate import replay_rounds
+from training.prompts import held_out_questions, spec_bench_path, training_prompts
+from training.rollouts import DataStore, Rollout, batch_generate
+from training.train import TrainConfig, choose_vocab, train_head
 
 
 @pytest.fixture(scope="module")
@@ -208,13 +203,6 @@ def test_unroll_matches_drafting(tiny):
                     torch.ones(1, cache.length + 1, dtype=torch.bool),
                 )[0]
                 torch.testing.assert_close(o, outs[s - 1][0, row], atol=1e-3, rtol=1e-4)
-    # the rope table grows past its first size and still equals the direct formula
-    pos = torch.tensor([0, 5, 700, 1500])
-    freqs = pos.float()[:, None] * head.inv_freq
-    emb = torch.cat((freqs, freqs), dim=-1)
-    cos, sin = head.rope(pos)
-    torch.testing.assert_close(cos, emb.cos() * head.rope_scale)
-    torch.testing.assert_close(sin, emb.sin() * head.rope_scale)
 
 
 class CheckingDrafter:
@@ -307,9 +295,34 @@ def test_batch_generate_and_store(tiny, tmp_path):
     assert 63 in ids.tolist() and len(ids) == 8 and 0 < cov <= 1
 
 
-def test_held_out_split_never_trained():
-    keys = [k for k, _ in training_prompts()]
-    assert len(keys) == 360 and all(int(k.split(":")[1]) % 4 != 0 for k in keys)
+def test_held_out_split_never_trained(tmp_path, monkeypatch):
+    """Spec-Bench questions with question_id % 4 == 0 are never trained on; they are the held-out set."""
+    bench = tmp_path / "question.jsonl"
+    cats = ["writing", "math"]
+    rows = [{"question_id": i, "category": cats[i % 2], "turns": [f"q{i}", "more"]} for i in range(1, 41)]
+    bench.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    keys = [k for k, _ in training_prompts(spec_bench=bench)]
+    trained = [int(k.split(":")[1]) for k in keys if k.startswith("specbench:")]
+    assert trained == [i for i in range(1, 41) if i % 4 != 0]
+    assert [q["question_id"] for q in held_out_questions(bench)] == list(range(4, 41, 4))
+    assert [q["question_id"] for q in held_out_questions(bench, per_category=2)] == [4, 8]  # all even: "writing"
+    # without Spec-Bench: the project's own prompt files only
+    own = [k for k, _ in training_prompts()]
+    assert own and own == [k for k in keys if not k.startswith("specbench:")]
+    monkeypatch.delenv("MESHD_SPEC_BENCH", raising=False)
+    assert spec_bench_path() is None
+    monkeypatch.setenv("MESHD_SPEC_BENCH", str(bench))
+    assert spec_bench_path() == bench and spec_bench_path(tmp_path / "x") == tmp_path / "x"
+    with pytest.raises(ValueError, match=r"Spec-Bench questions not found at .*missing.*MESHD_SPEC_BENCH"):
+        training_prompts(spec_bench=tmp_path / "missing.jsonl")
+
+
+def test_train_draft_refuses_a_missing_spec_bench_at_once(tmp_path, capsys):
+    from meshd.cli import main
+
+    code = main(["train-draft", "--out", str(tmp_path / "h"), "--threads", "2", "--spec-bench", str(tmp_path / "no")])
+    assert code == 2 and "Spec-Bench questions not found" in capsys.readouterr().err
+    assert not (tmp_path / "h").exists()
 
 
 def test_train_resume_and_simulate(tiny, tmp_path):
@@ -333,7 +346,7 @@ def test_train_resume_and_simulate(tiny, tmp_path):
     # replay vs engine: same per-round accepted lengths on a greedy rollout
     r = rolls[0]
     d = EagleDrafter(head, target)
-    sim = simulate(d, r, top_k=4, depth=4, pool=32, nodes=8)
+    sim = replay_rounds(d, r, top_k=4, depth=4, pool=32, nodes=8)
     res = generate(
         target, r.tokens[: r.prompt_len], max_new_tokens=40, drafter=d, top_k=4, depth=4, pool=32, budget=FixedBudget(8)
     )
@@ -401,18 +414,18 @@ def test_packed_head_weights_never_go_stale(tiny):
     _, target = tiny
     head = random_head(target)
     head.pack()
-    x = torch.randn(3, target.cfg.hidden_size)
+    h = target.cfg.hidden_size
+    emb, feat = torch.randn(3, h), torch.randn(3, h)
+
+    def draft_rows() -> torch.Tensor:
+        cache = KVCache(1, head.hc.n_kv_heads, head.hc.head_dim, torch.float32)
+        return head.step(emb, feat, cache, torch.arange(3), torch.ones(3, 3, dtype=torch.bool).tril())
+
     with torch.no_grad():
-        before = head.finish(x, *_attn_inputs(head, x))
+        before = draft_rows()
         head.w_down.add_(0.5)  # what an optimizer step does
-        after = head.finish(x, *_attn_inputs(head, x))
+        after = draft_rows()
         head.pack()
-        repacked = head.finish(x, *_attn_inputs(head, x))
+        repacked = draft_rows()
     assert not torch.allclose(before, after)
     torch.testing.assert_close(after, repacked, atol=1e-4, rtol=1e-4)
-
-
-def _attn_inputs(head: EagleHead, x: torch.Tensor):
-    cos, sin = head.rope(torch.arange(x.shape[0]))
-    q, k, v = head.qkv(x, cos, sin)
-    return q, k, v, torch.zeros(x.shape[0], x.shape[0])

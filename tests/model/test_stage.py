@@ -8,8 +8,10 @@ import pytest
 import torch
 from support import hf_model, make_tiny_checkpoint
 
+from models import layers as st
+from models.layers import Rope, causal_mask
 from models.source import ModelSource
-from models.stage import Stage, causal_mask
+from models.stage import Stage
 
 CASES = {
     "llama": ("llama", {}),
@@ -95,10 +97,25 @@ def test_causal_mask_shape():
     assert m.tolist() == [[True, True, True, True, False], [True, True, True, True, True]]
 
 
+def test_rope_table_grows_and_equals_the_formula(tiny_dir):
+    rope = Rope.for_model(ModelSource.resolve(tiny_dir).config)
+    for dt in (torch.float32, torch.bfloat16):
+        pos = torch.tensor([0, 5, 700, 1500])  # past the first table (512 rows): it must grow
+        freqs = pos.float()[:, None] * rope.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = rope(pos, dt)
+        assert cos.dtype == dt and cos.shape == (4, emb.shape[1])
+        # Same fp32 ops on the same values, but a table row may take another code path through the
+        # vectorised cos/sin than a 4-row tensor (a CPU's vector vs scalar libm: each within ~1 ulp),
+        # and one fp32 ulp can flip the rounding to dt by one ulp of dt. |cos|, |sin| <= 1 here (scale 1),
+        # where an ulp of dt is at most eps(dt): 2 eps bounds both.
+        tol = 2 * torch.finfo(dt).eps
+        torch.testing.assert_close(cos, (emb.cos() * rope.scale).to(dt), atol=tol, rtol=0)
+        torch.testing.assert_close(sin, (emb.sin() * rope.scale).to(dt), atol=tol, rtol=0)
+
+
 def test_packed_weights_match_plain_matmul(tiny_dir, monkeypatch):
     """Pre-packed (oneDNN) weights are only a layout: the forward must agree with plain F.linear."""
-    from models import stage as st
-
     # x86-64 builds of torch ship oneDNN (this project's CI does): there, loading must pack
     expect = platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
     packed = Stage.load(ModelSource.resolve(tiny_dir), dtype="fp32")
