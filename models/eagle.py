@@ -20,7 +20,6 @@ Files: our own format is ``eagle.json`` (shape, draft vocabulary size, target fi
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -502,24 +501,6 @@ class EagleDrafter:
             return grow_tree(context[-1], expand, top_k=top_k, depth=depth, max_nodes=max_nodes, keep=keep)
         finally:
             self.cache.truncate(base)
-
-    @torch.inference_mode()
-    def recompute_logprobs(self, context: list[int], path: Sequence[int]) -> torch.Tensor:
-        """Test helper: log-probs after ``context`` + ``path`` computed from scratch (fresh cache)."""
-        fresh = self.fresh()
-        n = len(context) - 1
-        feats = self._feats[:n]
-        toks = torch.tensor(context[1 : n + 1])
-        out = self.head.step(self.target.embed(toks), feats, fresh.cache, torch.arange(n), causal_mask(0, n))[-1]
-        for tok in path:
-            out = self.head.step(
-                self.target.embed(torch.tensor([tok])),
-                out[None],
-                fresh.cache,
-                torch.tensor([fresh.cache.length]),
-                causal_mask(fresh.cache.length, 1),
-            )[0]
-        return self.logprobs(out[None])[0]
 
 
 DEFAULT_SPEC = "eagle+ngram"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -76,6 +77,38 @@ def hf_model(path: Path):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+
+
+# ---- floating-point tolerances ------------------------------------------------------------
+ROUNDING_LAMBDA = 8.0
+
+
+def rounding_tolerance(dtype: torch.dtype, n: int, scale: float) -> float:
+    """Bound on |a - b| where a and b compute the same values, of magnitude ``scale``, with different
+    rounding: another kernel or summation order (AVX-512 vs NEON, oneDNN vs plain), another batch
+    size or cache layout, or ``dtype`` against an fp32 reference.
+
+    ``n`` counts the rounding errors that can reach one result (the terms accumulated along its
+    longest path, see :func:`forward_terms`); each is at most u = eps/2 of the value (2^-24 in fp32,
+    2^-8 in bf16). Their worst case, n * u, does not happen in practice; as independent zero-mean
+    errors they stay below lam * sqrt(n) * u except with probability under 2n * exp(-lam^2 / 2)
+    (Higham & Mary, probabilistic rounding error analysis, SIAM J. Sci. Comput. 2019). lam = 8 makes
+    that ~1e-13 per value; the largest seen on this project's machines is lam ~ 1.3.
+    """
+    return ROUNDING_LAMBDA * math.sqrt(n) * (torch.finfo(dtype).eps / 2) * float(scale)
+
+
+def layer_terms(hidden: int, head_dim: int, q_size: int, intermediate: int, context: int) -> int:
+    """Terms accumulated along one output's path through a decoder layer attending ``context`` keys:
+    input norm, q/k/v, post-attention norm and gate/up (hidden each), scores (head_dim), softmax and
+    values (context each), output projection (q_size), down projection (intermediate)."""
+    return 4 * hidden + head_dim + 2 * context + q_size + intermediate
+
+
+def forward_terms(cfg, context: int, n_layers: int | None = None, lm_head: bool = True) -> int:
+    """:func:`layer_terms` of every layer of a ``cfg``-shaped forward, then final norm and LM head."""
+    per = layer_terms(cfg.hidden_size, cfg.head_dim, cfg.q_size, cfg.intermediate_size, context)
+    return (cfg.n_layers if n_layers is None else n_layers) * per + (2 * cfg.hidden_size if lm_head else 0)
 
 
 REPLY = "Hello from the mesh! Emoji: 🎉🦀 and ünïcödé. The end is near. STOP here and then more text follows."

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from support import forward_terms, rounding_tolerance
 
 from models.kvcache import KVCache
 from models.source import ModelSource
@@ -32,7 +33,9 @@ def test_logits_after_prune_equal_fresh_recompute(tiny_dir):
     got = stage.logits(stage.forward_one(stage.embed(nxt), cache, torch.arange(cache.length, cache.length + 2)))
     seq = [*prompt, 11, 13, 15, 21, 22]
     fresh = stage.logits(stage.forward_one(stage.embed(seq), stage.new_cache(), torch.arange(len(seq))))
-    assert torch.allclose(got, fresh[-2:], atol=1e-5), (got - fresh[-2:]).abs().max()
+    # the same fp32 rows over a compacted cache vs recomputed: only the summation order may differ
+    tol = rounding_tolerance(torch.float32, forward_terms(stage.cfg, context=len(seq)), fresh.abs().max())
+    assert (got - fresh[-2:]).abs().max() <= tol
     cache.truncate(base)
     assert cache.length == base
 

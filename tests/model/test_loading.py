@@ -10,7 +10,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from support import hf_model, make_tiny_checkpoint
+from support import forward_terms, hf_model, make_tiny_checkpoint, rounding_tolerance
 
 from models.layers import dense
 from models.ranges import LayerRange
@@ -102,7 +102,9 @@ def test_gguf_dequantizes_and_unpermutes(tmp_path, qtype):
     with torch.no_grad():
         want = ref(ids[None]).logits[0]
     got = stage.logits(stage.forward_one(stage.embed(ids), stage.new_cache(), torch.arange(60)))
-    assert torch.allclose(got, want, atol=1e-4)
+    # identical (dequantized) fp32 weights, transformers' kernels vs ours: rounding only
+    tol = rounding_tolerance(torch.float32, forward_terms(src.config, 60), want.abs().max())
+    assert (got - want).abs().max() <= tol
 
 
 @pytest.mark.parametrize("kind", ["safetensors", "gguf"])
@@ -126,7 +128,18 @@ def test_partial_load_equals_full_and_reads_only_its_layers(tmp_path, kind):
     for s in slices:
         x = s.forward_one(x, s.new_cache(), torch.arange(20))
     want = full.forward_one(full.embed(ids), full.new_cache(), torch.arange(20))
-    assert torch.allclose(x, want, atol=1e-5)
+    # the same fp32 ops on the same weights; kernels may still pick another order for other buffers
+    tol = rounding_tolerance(torch.float32, forward_terms(src.config, 20, lm_head=False), want.abs().max())
+    assert (x - want).abs().max() <= tol
+    # and so do slices cut from the loaded model, which share its weights
+    cut = [full.slice(LayerRange(a, b)) for a, b in [(0, 2), (2, 5), (5, 6)]]
+    assert all(c.layers[0] is full.layers[c.layer_range.first] and not c.has_vocab for c in cut)
+    x = full.embed(ids)
+    for s in cut:
+        x = s.forward_one(x, s.new_cache(), torch.arange(20))
+    assert (x - want).abs().max() <= tol
+    with pytest.raises(ValueError, match="not within"):
+        cut[1].slice(LayerRange(0, 3))
 
 
 @pytest.mark.slow
@@ -141,7 +154,9 @@ def test_embedded_model_matches_transformers_gguf_loader(embedded_source, embedd
     with torch.no_grad():
         want = ref(ids[None]).logits[0]
     got = embedded.logits(embedded.forward_one(embedded.embed(ids), embedded.new_cache(), torch.arange(len(ids))))
-    assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+    # the same dequantized fp32 weights, transformers' kernels vs ours: rounding only
+    tol = rounding_tolerance(torch.float32, forward_terms(embedded.cfg, len(ids)), want.abs().max())
+    assert (got - want).abs().max() <= tol, ((got - want).abs().max(), tol)
 
 
 RSS_SCRIPT = """
