@@ -163,9 +163,9 @@ def _bench_load(args: argparse.Namespace, questions: list[dict], modes: list[str
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from meshd.lab import simulate
+    from meshd.lab.sim import cli as sim_cli
 
-    return simulate.main(args)
+    return sim_cli.main(args)
 
 
 def cmd_profile(args: argparse.Namespace) -> int:

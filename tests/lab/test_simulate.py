@@ -11,20 +11,12 @@ import torch
 from support import make_tiny_checkpoint
 from test_oracle import assert_matches_greedy, greedy_reference
 
-from meshd.lab import simulate
-from meshd.lab.simulate import (
-    DraftCost,
-    Link,
-    Profile,
-    Simulation,
-    calibration_rows,
-    calibration_specs,
-    flat,
-    jetson_orin_7b,
-    parse_link,
-    poisson_arrivals,
-    summarize,
-)
+from meshd.lab.loadtest import poisson_arrivals
+from meshd.lab.sim import cli as sim_cli
+from meshd.lab.sim.calibration import calibration_rows, calibration_specs, fit_scale_and_hop
+from meshd.lab.sim.engine import Simulation, summarize
+from meshd.lab.sim.links import ROW_META_BYTES, SEGMENT_META_BYTES, TOKEN_BYTES, Link, parse_link
+from meshd.lab.sim.profiles import DraftCost, Profile, flat, jetson_orin_7b, measure_profile, scaled
 from meshd.ring.scheduler import Request
 from models.budget import CostCurve
 from models.drafters import ModelDrafter, NGramDrafter
@@ -144,9 +136,9 @@ def test_bandwidth_serialises_each_link(tiny):
     k, c, bw = 3, 0.010, 1e6
     prof = synthetic(c, hidden=64, wire_bytes=4)
     res, _ = run_one(full, "ar", stages=k, profile=prof, link=Link(0.0, bw))
-    meta, row = simulate.SEGMENT_META_BYTES, simulate.ROW_META_BYTES
+    meta, row = SEGMENT_META_BYTES, ROW_META_BYTES
     prune = meta + 4 * 2  # keep = commit = [the new token's node]
-    inject = meta + row + simulate.TOKEN_BYTES
+    inject = meta + row + TOKEN_BYTES
     hop = meta + row + 64 * 4
     period = k * c + (prune + inject + k * hop) * 8 / bw
     assert summarize([res])["decode_tokens_per_s"] == pytest.approx(1 / period, rel=0.01)
@@ -229,7 +221,7 @@ def test_jetson_profile_is_a_documented_assumption():
 
 def test_measured_profile_is_fixed_plus_per_layer(tiny):
     _, full = tiny
-    p = simulate.measure_profile(full, None, sizes=(1, 8), repeats=2)
+    p = measure_profile(full, None, sizes=(1, 8), repeats=2)
     assert p.originator_measured and p.n_layers == N_LAYERS and p.wire_bytes == 4
     for t in (1, 8):
         assert p.layer(t) >= 0 and p.fixed(t) >= 0 and p.head(t) > 0
@@ -268,14 +260,14 @@ def tiny_env(tiny, monkeypatch):
     """``meshd simulate`` on the tiny model: its tokenizer is stubbed (it has none)."""
     src, full = tiny
 
-    class TinyEnv(simulate._Env):
+    class TinyEnv(sim_cli._Env):
         def __init__(self, model, dtype):
             self.source, self.full, self.eos, self._factories = src, full, [], {}
 
         def prompts(self, questions):
             return [prompt_of(12 + i, i) for i in range(len(questions))]
 
-    monkeypatch.setattr(simulate, "_Env", TinyEnv)
+    monkeypatch.setattr(sim_cli, "_Env", TinyEnv)
 
 
 def test_cli_prints_simulated_table(tiny_env, capsys, tmp_path):
@@ -351,19 +343,19 @@ def test_cli_calibration_against_a_measured_record(tiny_env, capsys, tmp_path, m
 
 def test_cost_curve_helpers():
     assert flat(0.5)(1) == flat(0.5)(300) == 0.5
-    assert simulate.scaled(CostCurve({1: 1.0, 8: 2.0}), 3.0)(8) == pytest.approx(6.0)
+    assert scaled(CostCurve({1: 1.0, 8: 2.0}), 3.0)(8) == pytest.approx(6.0)
 
 
 def test_fit_scale_and_hop_recovers_both_and_refuses_one_mesh_size():
     # measured s/token = 1.3 * simulated + hops * 0.012 for 2- and 3-stage meshes
     pts = [(2, 0.040, 1.3 * 0.040 + 2 * 0.012), (3, 0.041, 1.3 * 0.041 + 3 * 0.012)]
-    scale, hop = simulate.fit_scale_and_hop(pts)
+    scale, hop = fit_scale_and_hop(pts)
     assert scale == pytest.approx(1.3) and hop == pytest.approx(0.012)
     # a bigger mesh that is relatively faster: no overhead to fit, the factor alone
-    scale, hop = simulate.fit_scale_and_hop([(2, 0.040, 0.052), (3, 0.041, 0.050)])
+    scale, hop = fit_scale_and_hop([(2, 0.040, 0.052), (3, 0.041, 0.050)])
     assert hop == 0.0 and scale == pytest.approx((0.040 * 0.052 + 0.041 * 0.050) / (0.040**2 + 0.041**2))
     with pytest.raises(ValueError, match="two stage counts"):
-        simulate.fit_scale_and_hop([(2, 0.04, 0.05), (2, 0.05, 0.06)])
+        fit_scale_and_hop([(2, 0.04, 0.05), (2, 0.05, 0.06)])
 
 
 def test_cli_calibration_fits_a_per_message_overhead(tiny_env, capsys, tmp_path, monkeypatch):

@@ -1,0 +1,534 @@
+"""A discrete-event simulator of the mesh: the real scheduler and stage workers on a simulated clock.
+
+Why: this 2-core machine cannot show what a ring of five Jetson boards would do, and loopback
+daemons here share two cores. The simulator runs the very objects the daemon runs (the sans-IO
+:class:`~meshd.ring.scheduler.Originator`, one :class:`~meshd.ring.worker.StageWorker` per stage) with real
+tensors, so every draft, accept/reject decision, tree size, prune and batch is the real one; only
+the clock is simulated. Each forward is computed for real but *charged* by a cost model:
+
+- **stages**: one device per stage, serial (one torch executor, as in the daemon). A device loops
+  like ``Runtime._compute_once``: collect the results that have arrived, run one batched forward
+  over its queue (``take_batch``/``run``), then the originator's calls for those results, then
+  route the forward's outputs. A forward over T rows costs ``profile.stage_cost(layers)(T)``.
+- **originator**: its calls (submit, on_result) cost the LM head over the rows it reads plus the
+  draft time; with a ``measured`` profile, the call's own CPU time (``time.thread_time``; run with
+  one torch thread). It lives on a stage's device (meshd: any peer originates, sharing its executor)
+  or on a device of its own (FlowSpec's layout: a head device with no layers).
+- **links**: one per ordered pair of devices, FIFO; a message occupies the wire for
+  ``bytes * 8 / bandwidth`` and arrives ``latency`` later (latency overlaps, bandwidth serialises,
+  as ``peers/link.py``'s emulation does). Segments carry ``rows * hidden * wire_bytes`` plus
+  metadata; prunes and closes are small and go to every stage, so they may overtake segments (the
+  workers prune by node id, so that is fine).
+- **cores** (optional): a pool of CPU cores shared by every device, for calibrating against
+  loopback daemons that share this machine's two cores; non-preemptive, first come first served.
+
+Decisions never depend on the simulated clock, so output tokens equal the in-process pipeline's
+(and plain greedy decoding's); the tree budget sees the *simulated* stage curves, so a flat GPU
+profile gets GPU-sized trees. The one leak: the scheduler times drafting with the wall clock for
+its budget's ``overhead`` term, which is small against the simulated ring cost.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import statistics
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from meshd.lab.loadtest import percentile, poisson_arrivals
+from meshd.lab.sim.links import ROW_META_BYTES, SEGMENT_META_BYTES, TOKEN_BYTES, Link
+from meshd.lab.sim.profiles import Profile
+from meshd.ring.messages import Segment
+from meshd.ring.pipeline import split_layers
+from meshd.ring.scheduler import CloseSessions, Emit, Finish, Originator, Request, SendPrune, SendSegment
+from meshd.ring.worker import StageWorker
+from models.budget import CostCurve
+from models.engine import Stats
+from models.stage import Stage
+
+FLOWSPEC_7B_FLOW_OVER_CHUNK = 1.43  # FlowSpec, LLaMA2-chat 7B, 5 Jetson boards, T=0 (measured, published)
+
+
+# ---- what a run records -------------------------------------------------------------------
+@dataclass
+class Busy:
+    """One stretch of work on a device: a stage forward or an originator call."""
+
+    device: int
+    kind: str  # "stage" | "originator"
+    start: float
+    end: float
+    requests: tuple[str, ...]
+    rows: int
+
+
+@dataclass
+class RequestTrace:
+    request_id: str
+    mode: str
+    arrival: float
+    prompt_tokens: int
+    tokens: list[int] = field(default_factory=list)
+    emits: list[tuple[float, int]] = field(default_factory=list)  # (simulated time, tokens emitted)
+    finish: float | None = None
+    reason: str | None = None
+    error: str | None = None
+    stats: Stats | None = None
+
+    @property
+    def new_tokens(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def ttft(self) -> float:
+        return self.emits[0][0] - self.arrival if self.emits else math.nan
+
+    @property
+    def decode_seconds(self) -> float:
+        """First token to last: FlowSpec's "decode time only" (prefill excluded)."""
+        return self.emits[-1][0] - self.emits[0][0] if self.emits else 0.0
+
+    @property
+    def seconds(self) -> float:
+        return (self.finish if self.finish is not None else math.nan) - self.arrival
+
+
+@dataclass
+class SimResult:
+    requests: dict[str, RequestTrace]
+    busy: list[Busy]
+    stage_devices: list[int]
+    start: float
+    end: float
+
+    @property
+    def makespan(self) -> float:
+        return self.end - self.start
+
+    def stage_busy(self) -> list[float]:
+        """Forward time per stage inside the makespan (forwards of already-finished requests' leftover
+        segments can run past the last finish; they are not counted)."""
+        out = [0.0] * len(self.stage_devices)
+        for b in self.busy:
+            if b.kind == "stage":
+                out[self.stage_devices.index(b.device)] += max(0.0, min(b.end, self.end) - max(b.start, self.start))
+        return out
+
+    def utilisation(self) -> list[float]:
+        """Per stage: forward time / makespan (in [0, 1]: a device runs one thing at a time)."""
+        return [b / self.makespan if self.makespan > 0 else 0.0 for b in self.stage_busy()]
+
+    def timeline(self) -> list[tuple[int, float, float, str, int]]:
+        """(stage, start, end, request ids, rows) of every stage forward, for the utilisation plot."""
+        return [
+            (self.stage_devices.index(b.device), b.start, b.end, ",".join(b.requests), b.rows)
+            for b in self.busy
+            if b.kind == "stage"
+        ]
+
+
+# ---- the simulator ------------------------------------------------------------------------
+class _DraftMeter:
+    def __init__(self) -> None:
+        self.seconds, self.levels, self.calls = 0.0, 0, 0
+
+
+class _TimedDrafter:
+    """Wraps a request's drafter to charge its CPU time and tree depth to the simulator."""
+
+    def __init__(self, inner, meter: _DraftMeter):
+        self.inner, self.meter = inner, meter
+
+    def reset(self, prompt: list[int]) -> None:
+        self.inner.reset(prompt)
+
+    def draft(self, context: list[int], **kw):
+        t0 = time.thread_time()
+        tree = self.inner.draft(context, **kw)
+        self.meter.seconds += time.thread_time() - t0
+        self.meter.calls += 1
+        self.meter.levels += max(tree.depth)
+        return tree
+
+    def accept(self, context: list[int], hidden) -> None:
+        t0 = time.thread_time()
+        self.inner.accept(context, hidden)
+        self.meter.seconds += time.thread_time() - t0
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+
+@dataclass
+class _Device:
+    index: int
+    worker: StageWorker | None = None
+    stage: int | None = None
+    cost: CostCurve | None = None
+    originator: Originator | None = None
+    busy: bool = False
+    submits: deque = field(default_factory=deque)
+    results: deque = field(default_factory=deque)
+
+
+class Simulation:
+    """One simulated mesh. ``origins``: for each originator, the stage whose device hosts it, or None
+    for a device of its own (FlowSpec's head device). Requests go to ``origins[i]`` by ``add(..., origin=i)``."""
+
+    def __init__(
+        self,
+        full: Stage,
+        drafter_factory,
+        *,
+        stages: int,
+        profile: Profile,
+        link: Link,
+        origins: Sequence[int | None] = (0,),
+        compute_scale: float = 1.0,
+        cores: int | None = None,
+        max_batch_rows: int = 256,
+        **originator_kw,
+    ):
+        if not origins:
+            raise ValueError("a simulation needs at least one originator")
+        self.profile, self.link, self.scale = profile, link, compute_scale
+        self.wire = torch.float32 if full.dtype == torch.float32 else torch.float16  # as the runtime sends
+        self._now = self._clock = 0.0
+        self._events: list = []
+        self._seq = itertools.count()
+        self._wire_free: dict[tuple[int, int], float] = {}
+        self._cores = [0.0] * cores if cores else None
+        self.meter = _DraftMeter()
+        real = split_layers(full.cfg.n_layers, stages)
+        sim = split_layers(profile.n_layers, stages)
+        self.devices: list[_Device] = []
+        curves = []
+        for k, ((a, b), (sa, sb)) in enumerate(zip(real, sim)):
+            st = Stage(
+                full.cfg, a, b, full.layers[a:b], dtype=full.dtype, inv_freq=full.inv_freq, rope_scale=full.rope_scale
+            )
+            cost = profile.stage_cost(sb - sa, compute_scale)
+            curves.append(cost)
+            self.devices.append(
+                _Device(
+                    k, StageWorker(st, embed=full.embed if a == 0 else None, max_batch_rows=max_batch_rows), k, cost
+                )
+            )
+        self.stage_devices = list(range(stages))
+        factory = (lambda: _TimedDrafter(drafter_factory(), self.meter)) if drafter_factory else None
+        self.origin_device: list[int] = []
+        for o in origins:
+            dev = self.devices[o] if o is not None else self._new_device()
+            if dev.originator is not None:
+                raise ValueError(f"stage {o} already hosts an originator")
+            dev.originator = Originator(
+                full, factory, curves, clock=lambda: self._clock, origin=f"dev{dev.index}", **originator_kw
+            )
+            self.origin_device.append(dev.index)
+        self.traces: dict[str, RequestTrace] = {}
+        self.busy: list[Busy] = []
+
+    def _new_device(self) -> _Device:
+        self.devices.append(_Device(len(self.devices)))
+        return self.devices[-1]
+
+    @property
+    def now(self) -> float:
+        return self._now
+
+    # ---- driving ------------------------------------------------------------------------
+    def add(self, req: Request, at: float = 0.0, origin: int = 0) -> None:
+        """Submit ``req`` at simulated time ``at`` to originator ``origin``."""
+        self.traces[req.request_id] = RequestTrace(req.request_id, req.mode, at, len(req.prompt))
+        self._at(at, self._arrive, self.devices[self.origin_device[origin]], req)
+
+    def run(self) -> SimResult:
+        while self._events:
+            t, _, fn, args = heapq.heappop(self._events)
+            self._now = t
+            fn(*args)
+        for tr in self.traces.values():
+            if tr.reason is None:
+                tr.reason, tr.error = "error", "stalled: no work left in the simulated ring"
+        start = min((t.arrival for t in self.traces.values()), default=0.0)
+        end = max((t.finish for t in self.traces.values() if t.finish is not None), default=start)
+        return SimResult(self.traces, self.busy, self.stage_devices, start, end)
+
+    def _at(self, t: float, fn: Callable, *args) -> None:
+        heapq.heappush(self._events, (t, next(self._seq), fn, args))
+
+    def _arrive(self, dev: _Device, req: Request) -> None:
+        dev.submits.append(req)
+        self._wake(dev)
+
+    def _wake(self, dev: _Device) -> None:
+        if not dev.busy:
+            dev.busy = True
+            self._at(self._now, self._iterate, dev)
+
+    # ---- one device -----------------------------------------------------------------------
+    def _iterate(self, dev: _Device) -> None:
+        """One pass of the daemon's compute loop on ``dev``, starting now; the next starts when it ends."""
+        t = self._now
+        results, dev.results = list(dev.results), deque()
+        submits, dev.submits = list(dev.submits), deque()
+        worked = bool(results or submits)
+        for req in submits:
+            t = self._originator_call(dev, t, lambda req=req: dev.originator.submit(req), 0, req.request_id)
+        outputs, queue = [], 0
+        batch = dev.worker.take_batch() if dev.worker else []
+        if batch:
+            worked = True
+            rows = sum(len(s) for s in batch)
+            start, t = self._compute(t, dev.cost(rows))
+            outputs = dev.worker.run(batch)  # the real forward, charged by the cost model above
+            queue = dev.worker.queued_rows
+            self.busy.append(Busy(dev.index, "stage", start, t, tuple(s.request_id for s in batch), rows))
+        for seg, q in results:
+            t = self._originator_call(
+                dev,
+                t,
+                lambda seg=seg, q=q: dev.originator.on_result(seg, q),
+                self._head_rows(dev.originator, seg),
+                seg.request_id,
+            )
+        for out in outputs:
+            self._route(dev, out, t, queue)
+        if worked:
+            self._at(t, self._iterate, dev)
+        else:
+            dev.busy = False
+
+    def _compute(self, t: float, cost: float) -> tuple[float, float]:
+        """Start and end of ``cost`` seconds of compute wanted at ``t`` (waiting for a core if shared)."""
+        if self._cores is None:
+            return t, t + cost
+        i = min(range(len(self._cores)), key=self._cores.__getitem__)
+        start = max(t, self._cores[i])
+        self._cores[i] = start + cost
+        return start, start + cost
+
+    @staticmethod
+    def _head_rows(orig: Originator, seg: Segment) -> int:
+        """Rows the originator will put through the LM head for ``seg`` (peeks at its live state)."""
+        lv = orig.live.get(seg.request_id)
+        if lv is None:
+            return 0
+        if lv.prefill_left:
+            return 1 if lv.prefill_left <= set(seg.node_ids) else 0
+        return sum(1 for n in seg.node_ids if n in lv.in_flight)
+
+    def _originator_call(self, dev: _Device, t: float, call: Callable[[], list], head_rows: int, rid: str) -> float:
+        m = self.meter
+        draft0, levels0, calls0 = m.seconds, m.levels, m.calls
+        self._clock = t
+        c0 = time.thread_time()
+        actions = call()
+        cpu = time.thread_time() - c0
+        p = self.profile
+        if p.originator_measured:
+            cost = cpu * self.scale
+        else:
+            d = p.draft
+            draft = (
+                (m.seconds - draft0) * d.measured_scale
+                if d.measured_scale is not None
+                else d.per_call * (m.calls - calls0) + d.per_level * (m.levels - levels0)
+            )
+            cost = (p.head(head_rows) if head_rows else 0.0) * self.scale + draft
+        start, end = self._compute(t, cost)
+        if cost > 0:
+            self.busy.append(Busy(dev.index, "originator", start, end, (rid,), head_rows))
+        self._dispatch(dev, actions, end)
+        return end
+
+    # ---- messages -------------------------------------------------------------------------
+    def _dispatch(self, dev: _Device, actions: list, t: float) -> None:
+        for a in actions:
+            if isinstance(a, SendSegment):
+                seg = a.segment
+                nbytes = SEGMENT_META_BYTES + len(seg) * (ROW_META_BYTES + TOKEN_BYTES)
+                self._send(dev.index, self.stage_devices[0], ("segment", seg), nbytes, t)
+            elif isinstance(a, SendPrune):
+                nbytes = SEGMENT_META_BYTES + 4 * (len(a.prune.keep) + len(a.prune.commit))
+                for d in self.stage_devices:
+                    self._send(dev.index, d, ("prune", a.prune), nbytes, t)
+            elif isinstance(a, CloseSessions):
+                for d in self.stage_devices:
+                    self._send(dev.index, d, ("cancel", a.request_id), SEGMENT_META_BYTES, t)
+            elif isinstance(a, Emit):
+                tr = self.traces[a.request_id]
+                tr.tokens.extend(a.tokens)
+                tr.emits.append((t, len(a.tokens)))
+            elif isinstance(a, Finish):
+                tr = self.traces[a.request_id]
+                tr.finish, tr.reason, tr.error, tr.stats = t, a.reason, a.error, a.stats
+
+    def _route(self, dev: _Device, out: Segment, t: float, queue: int) -> None:
+        out.hidden = out.hidden.to(self.wire)
+        nbytes = SEGMENT_META_BYTES + len(out) * (ROW_META_BYTES + self.profile.hidden * self.profile.wire_bytes)
+        if dev.stage + 1 < len(self.stage_devices):
+            self._send(dev.index, self.stage_devices[dev.stage + 1], ("segment", out), nbytes, t)
+        else:
+            self._send(dev.index, int(out.origin.removeprefix("dev")), ("result", (out, queue)), nbytes, t)
+
+    def _send(self, src: int, dst: int, msg: tuple, nbytes: int, t: float) -> None:
+        if src == dst:
+            self._at(t, self._deliver, self.devices[dst], msg)
+            return
+        start = max(t, self._wire_free.get((src, dst), 0.0))
+        free = start + self.link.wire_seconds(nbytes)
+        self._wire_free[(src, dst)] = free
+        self._at(free + self.link.latency, self._deliver, self.devices[dst], msg)
+
+    def _deliver(self, dev: _Device, msg: tuple) -> None:
+        kind, p = msg
+        if kind == "result":
+            dev.results.append(p)
+        else:
+            dev.worker.handle(kind, p)
+        if kind in ("segment", "result"):
+            self._wake(dev)
+
+
+# ---- runs over many prompts ---------------------------------------------------------------
+def summarize(results: Iterable[SimResult]) -> dict:
+    """Figures for one mode over several runs: totals over totals, like ``bench.summarize``."""
+    results = list(results)
+    traces = [t for r in results for t in r.requests.values()]
+    done = [t for t in traces if t.reason in ("length", "stop")]
+    toks = sum(t.new_tokens for t in done)
+    dec_t = sum(max(t.new_tokens - 1, 0) for t in done)
+    dec_s = sum(t.decode_seconds for t in done)
+    e2e_s = sum(t.seconds for t in done)
+    rounds = sum(t.stats.rounds for t in done if t.stats)
+    per_round = sum(sum(t.stats.per_round) for t in done if t.stats)
+    nodes = sum(t.stats.verified_nodes for t in done if t.stats)
+    span = sum(r.makespan for r in results)
+    busy = [sum(x) for x in zip(*(r.stage_busy() for r in results))] if results else []
+    tpot = [t.decode_seconds / (t.new_tokens - 1) for t in done if t.new_tokens > 1]
+    return {
+        "requests": len(traces),
+        "failed": len(traces) - len(done),
+        "tokens": toks,
+        "decode_tokens_per_s": dec_t / dec_s if dec_s > 0 else 0.0,
+        "tokens_per_s": toks / e2e_s if e2e_s > 0 else 0.0,
+        "throughput": toks / span if span > 0 else 0.0,
+        "mean_accepted": per_round / rounds if rounds else 0.0,
+        "nodes_per_round": nodes / rounds if rounds else 0.0,
+        "ttft_mean": statistics.fmean(t.ttft for t in done) if done else math.nan,
+        "ttft_p50": percentile([t.ttft for t in done], 50),
+        "ttft_p95": percentile([t.ttft for t in done], 95),
+        "tpot_p50": percentile(tpot, 50),
+        "tpot_p95": percentile(tpot, 95),
+        "utilisation": [b / span if span > 0 else 0.0 for b in busy],
+    }
+
+
+def run_modes(
+    make_sim: Callable[[], Simulation],
+    prompts: list[list[int]],
+    modes: Sequence[str],
+    *,
+    max_tokens: int,
+    eos: Iterable[int] = (),
+    temperature: float = 0.0,
+    rate: float = 0.0,
+    seed: int = 0,
+    labels: Sequence[str] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, list[SimResult]]:
+    """Every prompt in every mode. ``rate`` 0: one request at a time (batch 1, FlowSpec's setting),
+    modes interleaved per prompt; ``rate`` > 0: each mode's prompts arrive as one Poisson stream."""
+    from models.verify import Sampling
+
+    eos, out = frozenset(eos), {m: [] for m in modes}
+    labels = labels or [f"p{i}" for i in range(len(prompts))]
+
+    def request(i: int, mode: str) -> Request:
+        return Request(f"{mode}-{labels[i]}", prompts[i], max_tokens, mode, Sampling(temperature), seed, eos)
+
+    t_wall = time.perf_counter()
+    if rate <= 0:
+        for i in range(len(prompts)):
+            for mode in modes:
+                sim = make_sim()
+                sim.add(request(i, mode))
+                res = sim.run()
+                out[mode].append(res)
+                if progress:
+                    tr = next(iter(res.requests.values()))
+                    s = summarize([res])
+                    progress(
+                        f"[{i * len(modes) + modes.index(mode) + 1}/{len(prompts) * len(modes)}] "
+                        f"{labels[i]:<20} {mode:<5} {tr.new_tokens:4d} tok  {s['decode_tokens_per_s']:7.2f} "
+                        f"tok/s simulated  {s['mean_accepted']:.2f} tok/round  "
+                        f"(wall {time.perf_counter() - t_wall:.0f}s)"
+                    )
+        return out
+    for mode in modes:
+        sim = make_sim()
+        n_orig = len(sim.origin_device)
+        for i, at in enumerate(poisson_arrivals(len(prompts), rate, seed)):
+            sim.add(request(i, mode), at, origin=i % n_orig)
+        out[mode].append(sim.run())
+        if progress:
+            s = summarize(out[mode])
+            progress(
+                f"{mode:<5} {len(prompts)} requests at {rate:g}/s: {s['throughput']:.2f} tok/s simulated "
+                f"throughput, TTFT p50 {s['ttft_p50']:.2f}s (wall {time.perf_counter() - t_wall:.0f}s)"
+            )
+    return out
+
+
+def ratios(summary: dict[str, dict], key: str = "decode_tokens_per_s") -> dict[str, float]:
+    out = {}
+    for a, b in (("flow", "chunk"), ("flow", "ar"), ("chunk", "ar")):
+        if a in summary and b in summary and summary[b][key] > 0:
+            out[f"{a}/{b}"] = summary[a][key] / summary[b][key]
+    return out
+
+
+def table(summary: dict[str, dict], rate: float) -> str:
+    """The markdown table; every figure is simulated, and says so."""
+    util = lambda s: "/".join(f"{u:.2f}" for u in s["utilisation"])  # noqa: E731
+    if rate > 0:
+        lines = [
+            "| mode | throughput tok/s (simulated) | TTFT p50/p95 s (simulated) | "
+            "per-token p50/p95 ms (simulated) | tokens/round | nodes/round | stage utilisation (simulated) |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {m} | {s['throughput']:.2f} | {s['ttft_p50']:.2f} / {s['ttft_p95']:.2f} | "
+            f"{s['tpot_p50'] * 1e3:.0f} / {s['tpot_p95'] * 1e3:.0f} | {s['mean_accepted']:.2f} | "
+            f"{s['nodes_per_round']:.1f} | {util(s)} |"
+            for m, s in summary.items()
+        ]
+        key = "throughput"
+    else:
+        lines = [
+            "| mode | decode tok/s (simulated) | end-to-end tok/s (simulated) | tokens/round | nodes/round | "
+            "TTFT s (simulated) | stage utilisation (simulated) |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {m} | {s['decode_tokens_per_s']:.2f} | {s['tokens_per_s']:.2f} | {s['mean_accepted']:.2f} | "
+            f"{s['nodes_per_round']:.1f} | {s['ttft_mean']:.3f} | {util(s)} |"
+            for m, s in summary.items()
+        ]
+        key = "decode_tokens_per_s"
+    rs = ratios(summary, key)
+    if rs:
+        lines += ["", "ratios (simulated): " + ", ".join(f"{k} {v:.2f}x" for k, v in rs.items())]
+        if "flow/chunk" in rs:
+            lines.append(
+                f"reference (measured, published): FlowSpec flow/Chunk-PP {FLOWSPEC_7B_FLOW_OVER_CHUNK}x "
+                "(LLaMA2-chat 7B, 5 Jetson boards, T=0, 256 tokens)"
+            )
+    return "\n".join(lines)
