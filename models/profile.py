@@ -79,7 +79,7 @@ def forward_times(
             if lm_head:
                 stage.logits(y)
 
-        out[t] = _median_seconds(run, repeats, clock, setup=lambda: cache.truncate(context))
+        out[t] = _median_seconds(run, repeats, clock, setup=(lambda: cache.truncate(context)) if layers else None)
     return out
 
 
