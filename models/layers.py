@@ -119,16 +119,17 @@ class Rope:
         return cls(*rope_inv_freq(cfg))
 
     def __call__(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin), each (len(positions), head_dim) in ``dtype``."""
+        """(cos, sin), each (1, len(positions), head_dim) in ``dtype``: the leading axis broadcasts over
+        the heads of q and k in :func:`decoder_layer`."""
         need = int(positions.max()) + 1 if positions.numel() else 1
         table = self._table
-        if table is None or table[0].dtype != dtype or table[0].shape[0] < need:
-            n = max(need, 2 * (table[0].shape[0] if table is not None else 256))
+        if table is None or table[0].dtype != dtype or table[0].shape[1] < need:
+            n = max(need, 2 * (table[0].shape[1] if table is not None else 256))
             freqs = torch.arange(n, dtype=torch.float32)[:, None] * self.inv_freq
             emb = torch.cat((freqs, freqs), dim=-1)
-            table = ((emb.cos() * self.scale).to(dtype), (emb.sin() * self.scale).to(dtype))
+            table = ((emb.cos() * self.scale).to(dtype)[None], (emb.sin() * self.scale).to(dtype)[None])
             self._table = table
-        return table[0][positions], table[1][positions]
+        return table[0][:, positions], table[1][:, positions]
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -197,7 +198,8 @@ def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: t
 def decoder_layer(
     layer: Layer, x: torch.Tensor, shape: LayerShape, cos: torch.Tensor, sin: torch.Tensor, attend: Attention
 ) -> torch.Tensor:
-    """``x`` (..., T, hidden) through one layer; ``cos``/``sin`` (T, head_dim) are the rows' RoPE.
+    """``x`` (..., T, hidden) through one layer; ``cos``/``sin`` (1, T, head_dim) are the rows' RoPE
+    (from :class:`Rope`).
 
     ``attend`` stores the new keys/values wherever its caller keeps them and attends over them.
     """
@@ -207,7 +209,6 @@ def decoder_layer(
     q = qkv[..., : nq * d].unflatten(-1, (nq, d)).transpose(-3, -2)
     k = qkv[..., nq * d : (nq + nkv) * d].unflatten(-1, (nkv, d)).transpose(-3, -2)
     v = qkv[..., (nq + nkv) * d :].unflatten(-1, (nkv, d)).transpose(-3, -2)
-    cos, sin = cos.unsqueeze(-3), sin.unsqueeze(-3)
     o = attend(rotate(q, cos, sin), rotate(k, cos, sin), v)
     x = x + linear(o.transpose(-3, -2).flatten(-2), layer.wo)
     h = rms_norm(x, layer.ffn_norm, shape.rms_eps)

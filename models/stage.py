@@ -208,18 +208,21 @@ class Stage:
             if tuple(it.mask.shape) != (t, it.cache.length + t):
                 raise ValueError(f"mask shape {tuple(it.mask.shape)} != ({t}, {it.cache.length + t})")
         ropes = [self.rope(it.positions, self.dtype) for it in items]
-        cos = ropes[0][0] if len(ropes) == 1 else torch.cat([c for c, _ in ropes])
-        sin = ropes[0][1] if len(ropes) == 1 else torch.cat([s for _, s in ropes])
+        cos = ropes[0][0] if len(ropes) == 1 else torch.cat([c for c, _ in ropes], dim=1)
+        sin = ropes[0][1] if len(ropes) == 1 else torch.cat([s for _, s in ropes], dim=1)
         masks = [float_mask(it.mask, self.dtype)[None, None] for it in items]
 
         def attend(li: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             """Each item's rows attend over its own cache only (block-diagonal)."""
+            if len(items) == 1:
+                keys, values = items[0].cache.write(li, k, v)
+                return attention(q[None], keys[None], values[None], masks[0])[0]
             outs, row = [], 0
             for it, t, m in zip(items, sizes, masks):
                 keys, values = it.cache.write(li, k[:, row : row + t], v[:, row : row + t])
                 outs.append(attention(q[None, :, row : row + t], keys[None], values[None], m)[0])
                 row += t
-            return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-2)
+            return torch.cat(outs, dim=-2)
 
         for li, layer in enumerate(self.layers):
             x = decoder_layer(layer, x, self.cfg, cos, sin, lambda q, k, v, li=li: attend(li, q, k, v))

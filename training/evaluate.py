@@ -220,7 +220,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     questions = spec_bench_path(a.questions)
     if questions is None:
         p.error(f"the held-out questions are Spec-Bench's: pass --questions PATH or set {SPEC_BENCH_ENV}")
-    read_spec_bench(questions)  # a missing file fails here, before the model loads
+    try:
+        read_spec_bench(questions)  # a missing file fails here, before the model loads
+    except ValueError as e:
+        p.error(str(e))
     torch.set_num_threads(os.cpu_count() or 1)
     src = ModelSource.resolve(a.model)
     work = work_dir(src.fingerprint, a.work)

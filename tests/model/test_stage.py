@@ -120,14 +120,14 @@ def test_rope_table_grows_and_equals_the_formula(tiny_dir):
         freqs = pos.float()[:, None] * rope.inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = rope(pos, dt)
-        assert cos.dtype == dt and cos.shape == (4, emb.shape[1])
+        assert cos.dtype == dt and cos.shape == (1, 4, emb.shape[1])
         # Same fp32 ops on the same values, but a table row may take another code path through the
         # vectorised cos/sin than a 4-row tensor (a CPU's vector vs scalar libm: each within ~1 ulp),
         # and one fp32 ulp can flip the rounding to dt by one ulp of dt. |cos|, |sin| <= 1 here (scale 1),
         # where an ulp of dt is at most eps(dt): 2 eps bounds both.
         tol = 2 * torch.finfo(dt).eps
-        torch.testing.assert_close(cos, (emb.cos() * rope.scale).to(dt), atol=tol, rtol=0)
-        torch.testing.assert_close(sin, (emb.sin() * rope.scale).to(dt), atol=tol, rtol=0)
+        torch.testing.assert_close(cos[0], (emb.cos() * rope.scale).to(dt), atol=tol, rtol=0)
+        torch.testing.assert_close(sin[0], (emb.sin() * rope.scale).to(dt), atol=tol, rtol=0)
 
 
 def test_packed_weights_match_plain_matmul(tiny_dir, monkeypatch):
