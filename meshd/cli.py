@@ -178,38 +178,33 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return sim_cli.main(args)
 
 
-def _parse_layers(spec: str | None, n: int) -> tuple[int, int]:
-    if not spec:
-        return 0, n
-    a, _, b = spec.partition(":")
-    return int(a or 0), int(b or n)
-
-
 def cmd_profile(args: argparse.Namespace) -> int:
+    # lazy, as in every command here: torch and the models load only for the command that needs them,
+    # which keeps `meshd --help` fast
+    import torch
+
     from models.profile import SIZES, stage_cost_curve, transformers_cost_curve
+    from models.ranges import LayerRange
     from models.source import ModelSource
     from models.stage import Stage
 
     _threads(args.threads)
     src = ModelSource.resolve(args.model)
-    first, last = _parse_layers(args.layers, src.config.n_layers)
+    span = LayerRange.parse(args.layers, src.config.n_layers)
     report = {
         "model": str(src.path),
-        "layers": [first, last],
-        "threads": int(os.environ.get("OMP_NUM_THREADS", 0)) or None,
+        "layers": [span.first, span.stop],
+        "threads": torch.get_num_threads(),
         "curves_ms": {},
     }
-    import torch
-
-    report["threads"] = torch.get_num_threads()
+    whole = span == LayerRange.whole(src.config.n_layers)  # only the whole model computes logits
     for dt in args.dtypes.split(","):
-        head = first == 0 and last == src.config.n_layers
-        stage = Stage.load(src, first, last, head=head, dtype=dt)
-        print(f"measuring {dt} layers [{first}, {last}) ...", file=sys.stderr)
-        ours = stage_cost_curve(src, stage, with_head=head, refresh=True, repeats=args.repeats)
+        stage = Stage.load(src, span, vocab=whole, dtype=dt)
+        print(f"measuring {dt} layers [{span.first}, {span.stop}) ...", file=sys.stderr)
+        ours = stage_cost_curve(src, stage, with_lm_head=whole, refresh=True, repeats=args.repeats)
         report["curves_ms"][f"meshd-{dt}"] = {t: round(s * 1e3, 2) for t, s in ours.items()}
         if args.compare_transformers:
-            if not head:
+            if not whole:
                 print("--compare-transformers needs the whole model; skipping it for a slice", file=sys.stderr)
             else:
                 ref = transformers_cost_curve(stage, repeats=args.repeats)
@@ -220,7 +215,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     else:
         names = list(report["curves_ms"])
         print(
-            f"forward time (ms) over T new tokens after 128 cached, layers [{first}, {last}), "
+            f"forward time (ms) over T new tokens after 128 cached, layers [{span.first}, {span.stop}), "
             f"{report['threads']} threads"
         )
         print("T".rjust(4) + "".join(n.rjust(20) for n in names))
@@ -291,13 +286,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_train_draft(args: argparse.Namespace) -> int:
-    from training.distill import train_draft
+    from training.train_draft import train_draft  # lazy: keeps `meshd --help` fast
 
     _threads(args.threads)
     train_draft(
         model=args.model,
         out=args.out,
         prompts=args.prompts,
+        spec_bench=args.spec_bench,
         tokens=args.tokens,
         epochs=args.epochs,
         seed=args.seed,
@@ -507,7 +503,20 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train-draft", help="self-distil an EAGLE draft head for a target model (resumable)")
     t.add_argument("--model", default="default", help="the target: GGUF file, HF safetensors dir, or 'default'")
     t.add_argument("--out", required=True, help="directory for the head (eagle.json, head.safetensors, report)")
-    t.add_argument("--prompts", action="append", default=[], help="extra prompt file (JSONL or one per line)")
+    t.add_argument(
+        "--prompts",
+        action="append",
+        default=[],
+        help="extra prompt file (JSONL or one per line); the project's models/heads/prompts/*.jsonl are always used",
+    )
+    t.add_argument(
+        "--spec-bench",
+        default=os.environ.get("MESHD_SPEC_BENCH"),
+        metavar="PATH",
+        help="Spec-Bench question file: its questions with question_id %% 4 != 0 are trained on too, the rest "
+        "give the held-out figures of the report (default: $MESHD_SPEC_BENCH; without it: the project's "
+        "prompts only, no held-out evaluation)",
+    )
     t.add_argument("--tokens", type=int, default=200_000, help="self-distilled answer tokens to generate")
     t.add_argument("--epochs", type=int, default=3)
     t.add_argument("--seed", type=int, default=0)

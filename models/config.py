@@ -55,17 +55,9 @@ class ModelConfig:
         mlp = 3 * h * self.intermediate_size
         return attn + mlp + 2 * h
 
-    def head_params(self) -> int:
-        """Embeddings, final norm and LM head: the part every originator replicates."""
-        emb = self.vocab_size * self.hidden_size
-        return emb + self.hidden_size + (0 if self.tie_embeddings else emb)
-
-    def kv_bytes_per_token(self, n_layers: int, bytes_per_elem: int) -> int:
-        return 2 * n_layers * self.kv_size * bytes_per_elem
-
     def to_hf(self):
         """A transformers config object, for the reference model and RoPE-scaling helpers."""
-        import transformers
+        import transformers  # lazy: ~1 s to import, and only tests and scaled RoPE need this
 
         cls = {
             "llama": transformers.LlamaConfig,

@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import math
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
 
+from models.config import ModelError
+from models.eagle import default_drafter, load_eagle_drafter
+from models.ranges import LayerRange
+from models.source import ModelSource
 from models.stage import Stage
 from models.tree import Tree, grow_tree
 
@@ -94,7 +99,7 @@ class ModelDrafter:
     """
 
     def __init__(self, model: Stage, name: str = "model"):
-        if not model.has_head:
+        if not model.has_vocab:
             raise ValueError("a draft model needs its embeddings and LM head")
         self.model, self.name = model, name
         self.cache = model.new_cache()
@@ -187,7 +192,9 @@ class MergedDrafter:
         return tree
 
 
-def load_drafter(spec: str, target: Stage, dtype: torch.dtype | str | None = None, source=None) -> Drafter:
+def load_drafter(
+    spec: str, target: Stage, dtype: torch.dtype | str | None = None, source: ModelSource | None = None
+) -> Drafter:
     """Build a drafter from a CLI/config spec: ``auto``, ``ngram``, ``eagle[:PATH]``, ``eagle+ngram`` or
     ``model:PATH[@LAYERS]``.
 
@@ -196,20 +203,13 @@ def load_drafter(spec: str, target: Stage, dtype: torch.dtype | str | None = Non
     only the first layers of the draft model (an early-exit draft), which is how the embedded model
     can draft for itself when no smaller sibling is installed.
     """
-    from models.config import ModelError
-    from models.source import ModelSource
-
     if spec == "auto":  # the shipped head for this target when there is one, else n-gram lookup
-        from models.eagle import default_drafter
-
         return load_drafter(default_drafter(source) if source is not None else "ngram", target, dtype, source)
     if spec == "ngram":
         return NGramDrafter()
     if "+" in spec:
         return MergedDrafter([load_drafter(part, target, dtype, source) for part in spec.split("+")], name=spec)
     if spec == "eagle" or spec.startswith("eagle:"):
-        from models.eagle import load_eagle_drafter
-
         return load_eagle_drafter(spec[len("eagle:") :] or None, target, source)
     if spec.startswith("model:"):
         path, _, layers = spec[len("model:") :].rpartition("@") if "@" in spec else (spec[len("model:") :], "", "")
@@ -220,14 +220,16 @@ def load_drafter(spec: str, target: Stage, dtype: torch.dtype | str | None = Non
                 f"{target.cfg.vocab_size}; a draft model must share the target's tokenizer."
             )
         n = int(layers) if layers else src.config.n_layers
-        model = Stage.load(src, 0, min(n, src.config.n_layers), head=True, dtype=dtype or target.dtype)
+        model = Stage.load(src, LayerRange(0, min(n, src.config.n_layers)), dtype=dtype or target.dtype)
         return ModelDrafter(model, name=f"model:{src.name}" + (f"@{n}" if layers else ""))
     raise ValueError(
         f"unknown drafter {spec!r}; use 'auto', 'ngram', 'eagle[:PATH]', 'eagle+ngram' or 'model:PATH[@LAYERS]'"
     )
 
 
-def drafter_factory(spec: str, target: Stage, dtype: torch.dtype | str | None = None, source=None):
+def drafter_factory(
+    spec: str, target: Stage, dtype: torch.dtype | str | None = None, source: ModelSource | None = None
+) -> Callable[[], Drafter]:
     """A function that makes a fresh drafter per request (drafters keep per-request state),
     sharing whatever weights the spec needs, which are loaded once here."""
     proto = load_drafter(spec, target, dtype, source)

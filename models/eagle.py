@@ -20,17 +20,18 @@ Files: our own format is ``eagle.json`` (shape, draft vocabulary size, target fi
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from models.config import ModelConfig, ModelError
 from models.kvcache import KVCache
-from models.stage import Stage, linear, pack_weight, rms_norm, rope_inv_freq, rotate
+from models.layers import Layer, Rope, attention, causal_mask, decoder_layer, float_mask, linear, pack_weight
+from models.source import ModelSource
+from models.stage import Stage
 from models.tree import Tree, grow_tree
 
 FORMAT = "meshd-eagle-1"
@@ -101,18 +102,16 @@ class EagleHead(nn.Module):
         self.attn_norm = nn.Parameter(torch.ones(h)) if hc.input_norm else None
         self.ffn_norm = nn.Parameter(torch.ones(h))
         self.register_buffer("draft_vocab", torch.arange(hc.draft_vocab_size or hc.vocab_size), persistent=False)
-        inv_freq, scale = rope_inv_freq(target_cfg)
-        self.inv_freq, self.rope_scale = inv_freq, scale
+        self.rope = Rope.for_model(target_cfg)
         for w in (self.wqkv, self.wo, self.w_gate_up, self.w_down):
             nn.init.normal_(w, std=0.02)
         self._packed: dict[str, tuple[torch.Tensor, int]] = {}  # name -> (packed weight, param version)
-        self._rope_table: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _param(self, name: str) -> torch.Tensor:
         return self.fc.weight if name == "fc" else getattr(self, name)
 
     def pack(self) -> None:
-        """Pre-pack the weights for drafting (see :func:`models.stage.pack_weight`). Training, which
+        """Pre-pack the weights for drafting (see :func:`models.layers.pack_weight`). Training, which
         needs gradients, uses the parameters; a parameter changed in place since (an optimizer step,
         a load) falls back to itself until the next ``pack``."""
         self._packed = {
@@ -130,47 +129,21 @@ class EagleHead(nn.Module):
 
     # ---- the one forward ----------------------------------------------------------------
     def fuse(self, emb: torch.Tensor, feat: torch.Tensor) -> torch.Tensor:
+        """The layer's input: ``fc`` over (embedding of token t+1, feature t)."""
         dt = self.fc.weight.dtype
         return linear(torch.cat([emb.to(dt), feat.to(dt)], dim=-1), self._w("fc"), self.fc.bias)
 
-    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin rows for ``positions``, gathered from a table that grows by doubling.
-
-        Drafting calls this a few times per round for a handful of rows; recomputing the
-        trigonometry each time cost about as much as the head's attention.
-        """
-        dt = self.fc.weight.dtype
-        need = int(positions.max()) + 1 if positions.numel() else 1
-        table = self._rope_table
-        if table is None or table[0].dtype != dt or table[0].shape[0] < need:
-            n = max(need, 2 * (table[0].shape[0] if table is not None else 256))
-            freqs = torch.arange(n, dtype=torch.float32)[:, None] * self.inv_freq
-            emb = torch.cat((freqs, freqs), dim=-1)
-            table = ((emb.cos() * self.rope_scale).to(dt), (emb.sin() * self.rope_scale).to(dt))
-            self._rope_table = table
-        return table[0][positions], table[1][positions]
-
-    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """x (..., T, H) -> q (..., nq, T, d), k, v (..., nkv, T, d), rotated."""
-        hc = self.hc
-        h = rms_norm(x, self.attn_norm, hc.rms_eps) if self.attn_norm is not None else x
-        out = linear(h, self._w("wqkv"), self.bqkv)
-        nq, nkv, d = hc.n_heads, hc.n_kv_heads, hc.head_dim
-        q = out[..., : nq * d].unflatten(-1, (nq, d)).transpose(-3, -2)
-        k = out[..., nq * d : (nq + nkv) * d].unflatten(-1, (nkv, d)).transpose(-3, -2)
-        v = out[..., (nq + nkv) * d :].unflatten(-1, (nkv, d)).transpose(-3, -2)
-        cos, sin = cos.unsqueeze(-3), sin.unsqueeze(-3)
-        return rotate(q, cos, sin), rotate(k, cos, sin), v
-
-    def finish(self, x: torch.Tensor, q, keys, values, mask: torch.Tensor) -> torch.Tensor:
-        """Attention of q over keys/values with a float mask, then o-proj, MLP, residuals."""
-        hc = self.hc
-        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=hc.n_heads != hc.n_kv_heads)
-        o = o.transpose(-3, -2).flatten(-2)
-        x = x + linear(o, self._w("wo"))
-        h = rms_norm(x, self.ffn_norm, hc.rms_eps)
-        gate, up = linear(h, self._w("w_gate_up")).chunk(2, dim=-1)
-        return x + linear(F.silu(gate) * up, self._w("w_down"))
+    def layer(self) -> Layer:
+        """The decoder layer's weights as :func:`models.layers.decoder_layer` takes them (packed when drafting)."""
+        return Layer(
+            wqkv=self._w("wqkv"),
+            bqkv=self.bqkv,
+            wo=self._w("wo"),
+            w_gate_up=self._w("w_gate_up"),
+            w_down=self._w("w_down"),
+            attn_norm=self.attn_norm,
+            ffn_norm=self.ffn_norm,
+        )
 
     def step(
         self, emb: torch.Tensor, feat: torch.Tensor, cache: KVCache, positions: torch.Tensor, mask: torch.Tensor
@@ -179,11 +152,14 @@ class EagleHead(nn.Module):
         t = emb.shape[0]
         cache.reserve(t)
         x = self.fuse(emb, feat)
-        cos, sin = self.rope(positions)
-        q, k, v = self.qkv(x, cos, sin)
-        keys, values = cache.write(0, k.to(cache.dtype), v.to(cache.dtype))
-        fmask = torch.zeros(mask.shape, dtype=x.dtype).masked_fill_(~mask, torch.finfo(x.dtype).min)
-        out = self.finish(x, q[None], keys[None].to(x.dtype), values[None].to(x.dtype), fmask[None, None])[0]
+        cos, sin = self.rope(positions, x.dtype)
+        fmask = float_mask(mask, x.dtype)[None, None]
+
+        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            keys, values = cache.write(0, k.to(cache.dtype), v.to(cache.dtype))
+            return attention(q[None], keys[None].to(x.dtype), values[None].to(x.dtype), fmask)[0]
+
+        out = decoder_layer(self.layer(), x, self.hc, cos, sin, attend)
         cache.commit(t)
         return out
 
@@ -196,20 +172,22 @@ class EagleHead(nn.Module):
         """
         t = emb.shape[1]
         pos = torch.arange(t)
-        cos, sin = self.rope(pos)
+        cos, sin = self.rope(pos, self.fc.weight.dtype)
+        layer = self.layer()
         outs, keys, values = [], [], []
         inp = feat
-        neg = torch.finfo(self.fc.weight.dtype).min
         for s in range(1, steps + 1):
             x = self.fuse(emb, inp)
-            q, k, v = self.qkv(x, cos, sin)
-            keys.append(k)
-            values.append(v)
             allowed = [pos[None, :] <= pos[:, None] - (s - 1)]
             allowed += [pos[None, :] == pos[:, None] - (s - j) for j in range(2, s + 1)]
-            m = torch.cat(allowed, dim=1)  # every row sees at least its own step
-            fmask = torch.zeros(m.shape, dtype=x.dtype).masked_fill_(~m, neg)
-            out = self.finish(x, q, torch.cat(keys, dim=-2), torch.cat(values, dim=-2), fmask)
+            fmask = float_mask(torch.cat(allowed, dim=1), x.dtype)  # every row sees at least its own step
+
+            def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fmask=fmask) -> torch.Tensor:
+                keys.append(k)
+                values.append(v)
+                return attention(q, torch.cat(keys, dim=-2), torch.cat(values, dim=-2), fmask)
+
+            out = decoder_layer(layer, x, self.hc, cos, sin, attend)
             outs.append(out)
             inp = torch.cat([feat[:, :1], out[:, :-1]], dim=1)  # row 0 has no predecessor (masked out of the loss)
         return outs
@@ -281,8 +259,6 @@ class EagleHead(nn.Module):
 
 def save_head(head: EagleHead, out: Path, report: dict | None = None) -> Path:
     """Write our own format: eagle.json + fp16 head.safetensors (+ report.json)."""
-    from safetensors.torch import save_file
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     sd = head.state_for_file()
@@ -317,8 +293,6 @@ def _public_config(raw: dict, target: ModelConfig) -> HeadConfig:
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     files = sorted(path.glob("*.safetensors"))
     if files:
         sd: dict[str, torch.Tensor] = {}
@@ -402,7 +376,7 @@ class EagleDrafter:
     """
 
     def __init__(self, head: EagleHead, target: Stage, name: str = "eagle"):
-        if not target.has_head:
+        if not target.has_vocab:
             raise ValueError("the EAGLE drafter needs the target's embeddings and LM head")
         self.head, self.target, self.name = head, target, name
         self.dtype = target.dtype
@@ -471,7 +445,7 @@ class EagleDrafter:
             done = n - 1
         toks = torch.tensor(context[done + 1 : n + 1])
         out = self.head.step(
-            self.target.embed(toks), self._feats[done:n], self.cache, torch.arange(done, n), _causal(done, n - done)
+            self.target.embed(toks), self._feats[done:n], self.cache, torch.arange(done, n), causal_mask(done, n - done)
         )
         self._last_out = out[-1:]
         return self._last_out
@@ -528,39 +502,13 @@ class EagleDrafter:
         finally:
             self.cache.truncate(base)
 
-    @torch.inference_mode()
-    def recompute_logprobs(self, context: list[int], path: Sequence[int]) -> torch.Tensor:
-        """Test helper: log-probs after ``context`` + ``path`` computed from scratch (fresh cache)."""
-        fresh = self.fresh()
-        n = len(context) - 1
-        feats = self._feats[:n]
-        toks = torch.tensor(context[1 : n + 1])
-        out = self.head.step(self.target.embed(toks), feats, fresh.cache, torch.arange(n), _causal(0, n))[-1]
-        for tok in path:
-            out = self.head.step(
-                self.target.embed(torch.tensor([tok])),
-                out[None],
-                fresh.cache,
-                torch.tensor([fresh.cache.length]),
-                _causal(fresh.cache.length, 1),
-            )[0]
-        return self.logprobs(out[None])[0]
-
-
-def _causal(past: int, t: int) -> torch.Tensor:
-    m = torch.ones(t, past + t, dtype=torch.bool)
-    m[:, past:] = torch.tril(torch.ones(t, t, dtype=torch.bool))
-    return m
-
 
 DEFAULT_SPEC = "eagle+ngram"
 
 
-def default_drafter(model) -> str:
+def default_drafter(model: ModelSource | str | None) -> str:
     """The default drafter spec for a model: the shipped head (with n-gram candidates) if one was
     trained for exactly this target, else ``ngram``."""
-    from models.source import ModelSource
-
     src = model if isinstance(model, ModelSource) else ModelSource.resolve(model)
     try:
         find_head(src.fingerprint, src.config)
@@ -571,8 +519,6 @@ def default_drafter(model) -> str:
 
 def _assumed_fingerprint(target: Stage) -> str | None:
     """Without a source, assume the embedded default model when the target has its exact shape."""
-    from models.source import ModelSource
-
     try:
         src = ModelSource.resolve("default")
         return src.fingerprint if src.config == target.cfg else None
@@ -580,13 +526,9 @@ def _assumed_fingerprint(target: Stage) -> str | None:
         return None
 
 
-def load_eagle_drafter(spec_path: str | None, target: Stage, source=None) -> EagleDrafter:
+def load_eagle_drafter(spec_path: str | None, target: Stage, source: ModelSource | None = None) -> EagleDrafter:
     """``eagle`` (the shipped head matching the target) or ``eagle:PATH``."""
     fp = source.fingerprint if source is not None else _assumed_fingerprint(target)
     path = Path(spec_path) if spec_path else find_head(fp, target.cfg)
     head = load_head(path, target.cfg, fp)
     return EagleDrafter(head, target, name=f"eagle:{path.name}" if spec_path else "eagle")
-
-
-def head_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in Path(path).glob("*") if f.is_file())

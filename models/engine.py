@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 
@@ -42,12 +42,6 @@ class Stats:
     @property
     def tokens_per_s(self) -> float:
         return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
-
-    def summary(self) -> dict:
-        d = asdict(self)
-        d.pop("per_round")
-        d.update(mean_accepted=round(self.mean_accepted, 4), tokens_per_s=round(self.tokens_per_s, 3))
-        return d
 
 
 @dataclass

@@ -1,31 +1,95 @@
-"""Cost curves: how long a forward over T tokens takes on this device, for a given layer slice.
+"""Cost curves: how long a forward over T tokens takes on this device, for a given layer range.
 
-Measured once per (model, slice, dtype, threads) and cached, because the tree budget needs
-the curve at every start-up and measuring takes a few seconds on a slow board.
+:func:`forward_times` is the one measurement; the tree budget's curve (:func:`stage_cost_curve`,
+wall time, cached on disk because the budget needs it at every start-up and measuring takes a
+few seconds on a slow board) and the simulator's device profiles (CPU time, one thread) both
+come from it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Literal
 
 import torch
 
+from models.layers import causal_mask, dense, float_mask
+from models.ranges import LayerRange
 from models.source import ModelSource
-from models.stage import Stage, causal_mask, dense
+from models.stage import Stage
 
 SIZES = (1, 2, 4, 8, 16, 32, 64)
 
+Clock = Literal["wall", "cpu"]
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.thread_time}
+"""``wall``: what a user waits for. ``cpu``: this thread's CPU time, which other jobs on a shared
+machine only delay without adding to it (meaningful with one torch thread)."""
 
-def _cache_file(source: ModelSource, stage: Stage, with_head: bool) -> Path:
+
+def _median_seconds(
+    run: Callable[[], object], repeats: int, clock: Clock, setup: Callable[[], object] | None = None
+) -> float:
+    """Median time of ``run`` over ``repeats`` calls, after one untimed warm-up; ``setup`` runs untimed before each."""
+    now = CLOCKS[clock]
+    times = []
+    for _ in range(repeats + 1):
+        if setup is not None:
+            setup()
+        t0 = now()
+        run()
+        times.append(now() - t0)
+    return statistics.median(times[1:])
+
+
+@torch.inference_mode()
+def forward_times(
+    stage: Stage,
+    sizes: Sequence[int] = SIZES,
+    *,
+    context: int = 128,
+    repeats: int = 3,
+    clock: Clock = "wall",
+    layers: bool = True,
+    lm_head: bool = False,
+) -> dict[int, float]:
+    """Seconds of one forward over T new rows after ``context`` cached ones, for each T in ``sizes``.
+
+    ``layers``: through the stage's decoder layers; ``lm_head``: then final norm + LM head over the
+    T rows (needs the vocabulary ends; alone, ``layers=False``, it is the originator's share).
+    Inputs are random hidden states at the scale of real ones.
+    """
+    if lm_head and not stage.has_vocab:
+        raise ValueError("measuring the LM head needs a stage loaded with its vocabulary ends")
+    hidden = stage.cfg.hidden_size
+    cache = stage.new_cache(context + max(sizes))
+    if layers:
+        stage.forward_one(torch.randn(context, hidden, dtype=stage.dtype) * 0.1, cache, torch.arange(context))
+    out: dict[int, float] = {}
+    for t in sizes:
+        x = torch.randn(t, hidden, dtype=stage.dtype) * 0.1
+        pos = torch.arange(context, context + t)
+
+        def run(x: torch.Tensor = x, pos: torch.Tensor = pos) -> None:
+            y = stage.forward_one(x, cache, pos) if layers else x
+            if lm_head:
+                stage.logits(y)
+
+        out[t] = _median_seconds(run, repeats, clock, setup=(lambda: cache.truncate(context)) if layers else None)
+    return out
+
+
+def _cache_file(source: ModelSource, stage: Stage, with_lm_head: bool) -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     dt = str(stage.dtype).removeprefix("torch.")
     kernels = "packed" if stage.packed else "plain"  # packed weights change the curve by a third
+    span = stage.layer_range
     name = (
-        f"{source.fingerprint}-{stage.first}-{stage.last}-{int(with_head)}-{dt}-{kernels}"
+        f"{source.fingerprint}-{span.first}-{span.stop}-{int(with_lm_head)}-{dt}-{kernels}"
         f"-t{torch.get_num_threads()}.json"
     )
     return Path(base) / "meshd" / "profiles" / name
@@ -49,19 +113,24 @@ def stage_cost_curve(
     source: ModelSource,
     stage: Stage,
     *,
-    with_head: bool = True,
+    with_lm_head: bool = True,
     refresh: bool = False,
     sizes: Sequence[int] = SIZES,
     repeats: int = 5,
 ) -> dict[int, float]:
-    """The stage's cost curve, from the on-disk cache unless ``refresh``."""
-    path = _cache_file(source, stage, with_head)
+    """The stage's cost curve (wall time; with the LM head where the stage computes logits), from the
+    on-disk cache unless ``refresh``.
+
+    The tree budget is chosen from this curve: on a flat (GPU) curve big trees are free, on a
+    steep (CPU) curve every node must earn its cost.
+    """
+    path = _cache_file(source, stage, with_lm_head)
     if not refresh and path.is_file():
         try:
             return {int(k): float(v) for k, v in json.loads(path.read_text()).items()}
         except (ValueError, OSError):
             pass
-    curve = monotone(stage.cost_curve(sizes, repeats=repeats, with_head=with_head))
+    curve = monotone(forward_times(stage, sizes, repeats=repeats, lm_head=with_lm_head))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(curve))
@@ -78,11 +147,12 @@ def transformers_cost_curve(
 
     This is the comparison the engine's own forward has to win; it is never used for serving.
     """
+    # lazy: transformers' model code is only this comparison's (and takes seconds to import)
     from transformers import AutoModelForCausalLM, DynamicCache
 
-    if stage.first != 0 or stage.last != stage.cfg.n_layers or not stage.has_head:
-        raise ValueError("the transformers comparison needs the whole model with its head")
     cfg = stage.cfg
+    if stage.layer_range != LayerRange.whole(cfg.n_layers) or not stage.has_vocab:
+        raise ValueError("the transformers comparison needs the whole model with its vocabulary ends")
     model = AutoModelForCausalLM.from_config(cfg.to_hf(), dtype=stage.dtype).eval()
     sd = {"model.embed_tokens.weight": stage.embed_w, "model.norm.weight": stage.norm_w}
     if not cfg.tie_embeddings:
@@ -114,21 +184,22 @@ def transformers_cost_curve(
     ids = torch.randint(0, cfg.vocab_size, (1, context + max(sizes)))
     out: dict[int, float] = {}
     for t in sizes:
-        times = []
-        for _ in range(repeats + 1):
-            cache = DynamicCache(config=model.config)
-            model(ids[:, :context], past_key_values=cache, use_cache=True)
-            mask = torch.zeros(1, 1, t, context + t, dtype=stage.dtype)
-            mask.masked_fill_(~causal_mask(context, t)[None, None], torch.finfo(stage.dtype).min)
-            pos = torch.arange(context, context + t)[None]
-            t0 = time.perf_counter()
+        state: dict[str, DynamicCache] = {}
+        mask = float_mask(causal_mask(context, t), stage.dtype)[None, None]
+        pos = torch.arange(context, context + t)[None]
+
+        def setup(state: dict = state) -> None:
+            state["cache"] = DynamicCache(config=model.config)
+            model(ids[:, :context], past_key_values=state["cache"], use_cache=True)
+
+        def run(state: dict = state, mask: torch.Tensor = mask, pos: torch.Tensor = pos, t: int = t) -> None:
             model(
                 ids[:, context : context + t],
-                past_key_values=cache,
+                past_key_values=state["cache"],
                 attention_mask=mask,
                 position_ids=pos,
                 use_cache=True,
             )
-            times.append(time.perf_counter() - t0)
-        out[t] = sorted(times[1:])[len(times[1:]) // 2]
+
+        out[t] = _median_seconds(run, repeats, "wall", setup)
     return out

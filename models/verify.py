@@ -82,10 +82,6 @@ class Walk:
     def done(self) -> bool:
         return self.bonus is not None
 
-    @property
-    def accepted_tokens(self) -> int:
-        return len(self.path) - 1
-
 
 def advance(
     walk: Walk,

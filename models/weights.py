@@ -8,11 +8,12 @@ what they read; tests use that record to prove a partial load touched nothing el
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+import gguf
 import numpy as np
 import torch
+from safetensors import safe_open
 
 from models.config import ModelConfig, ModelError
 from models.source import ModelSource
@@ -36,7 +37,6 @@ _GGUF_GLOBAL = {
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
-_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 def gguf_to_hf_name(name: str) -> str | None:
@@ -69,16 +69,11 @@ class TensorReader:
                 if hf is not None:
                     self._index[hf] = t
         else:
-            from safetensors import safe_open
-
             files = sorted(self.source.path.glob("*.safetensors"))
             self._handles = [safe_open(str(f), framework="pt") for f in files]
             for h in self._handles:
                 for k in h.keys():  # noqa: SIM118 - safe_open handles are not dicts
                     self._index[k] = h
-
-    def names(self) -> list[str]:
-        return list(self._index)
 
     def __contains__(self, name: str) -> bool:
         return name in self._index
@@ -92,8 +87,6 @@ class TensorReader:
         return self._read_gguf(name, self._index[name])
 
     def _read_gguf(self, hf_name: str, t) -> torch.Tensor:
-        import gguf
-
         qtype = t.tensor_type
         if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
             arr = np.asarray(t.data)
@@ -116,32 +109,9 @@ class TensorReader:
         return w
 
 
-LAYER_KEYS = (
-    "input_layernorm.weight",
-    "post_attention_layernorm.weight",
-    "self_attn.q_proj.weight",
-    "self_attn.k_proj.weight",
-    "self_attn.v_proj.weight",
-    "self_attn.o_proj.weight",
-    "mlp.gate_proj.weight",
-    "mlp.up_proj.weight",
-    "mlp.down_proj.weight",
-)
-BIAS_KEYS = ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias")
-
-
-def layer_names(cfg: ModelConfig, layers: Iterable[int]) -> list[str]:
-    keys = LAYER_KEYS + (BIAS_KEYS if cfg.qkv_bias else ())
-    return [f"model.layers.{i}.{k}" for i in layers for k in keys]
-
-
-def head_names(cfg: ModelConfig) -> list[str]:
+def vocab_names(cfg: ModelConfig) -> list[str]:
+    """The vocabulary ends' tensors: embeddings, final norm and (unless tied to the embeddings) LM head."""
     names = ["model.embed_tokens.weight", "model.norm.weight"]
     if not cfg.tie_embeddings:
         names.append("lm_head.weight")
     return names
-
-
-def layer_of(name: str) -> int | None:
-    m = _LAYER_RE.match(name)
-    return int(m.group(1)) if m else None

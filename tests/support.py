@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -78,20 +79,25 @@ def hf_model(path: Path):
     return transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
 
 
-# the oracle: speculative output equals plain greedy decoding, except at a first divergence where greedy's
-# top-2 logits are within this gap (a float near-tie that batched tree verification may break the other way)
-NEAR_TIE = 1e-4
+# ---- the oracle ------------------------------------------------------------------------------
+def near_tie(stage: Stage, context: int, top: float) -> float:
+    """The top-2 logit gap under which another batch shape may pick the other token: speculative
+    decoding computes the same logits in tree-sized batches (and the mesh in slices), so each of
+    the two may move by the rounding bound of a forward over ``context`` keys."""
+    return 2 * rounding_tolerance(stage.dtype, forward_terms(stage.cfg, context, n_layers=stage.n_layers), abs(top))
 
 
 def greedy_reference(stage: Stage, prompt: list[int], n: int, eos: set[int]) -> tuple[list[int], list[float]]:
-    """Token-by-token greedy decoding, recording the top-2 logit gap at every step."""
+    """Token-by-token greedy decoding, recording at every step the top-2 logit gap in units of
+    :func:`near_tie` (below 1: a near-tie)."""
     cache = stage.new_cache()
     h = stage.forward_one(stage.embed(prompt), cache, torch.arange(len(prompt)))[-1:]
     out, gaps = [], []
     while len(out) < n:
         logits = stage.logits(h)[0]
         top2 = logits.topk(2).values
-        gaps.append(float(top2[0] - top2[1]))
+        # counted at the longest context of the run (prompt + n), where the bound is largest
+        gaps.append(float(top2[0] - top2[1]) / near_tie(stage, len(prompt) + n, float(top2[0])))
         out.append(int(logits.argmax()))
         if out[-1] in eos:
             break
@@ -102,7 +108,7 @@ def greedy_reference(stage: Stage, prompt: list[int], n: int, eos: set[int]) -> 
 def assert_matches_greedy(got: list[int], want: list[int], gaps: list[float]) -> None:
     for i, (g, w) in enumerate(zip(got, want)):
         if g != w:
-            assert gaps[i] < NEAR_TIE, f"diverged at token {i} ({g} != {w}) with top-2 gap {gaps[i]:.2e}"
+            assert gaps[i] < 1.0, f"diverged at token {i} ({g} != {w}) with a top-2 gap of {gaps[i]:.3g} near-ties"
             return
     assert len(got) == len(want), f"lengths differ without a divergence: {len(got)} vs {len(want)}"
 
@@ -114,6 +120,38 @@ CURVES = {"steep": CostCurve({1: 1.0, 8: 1.6, 64: 6.0}), "flat": CostCurve({1: 1
 def chat_ids(tok, question: str) -> list[int]:
     out = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True, tokenize=True)
     return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+# ---- floating-point tolerances ------------------------------------------------------------
+ROUNDING_LAMBDA = 8.0
+
+
+def rounding_tolerance(dtype: torch.dtype, n: int, scale: float) -> float:
+    """Bound on |a - b| where a and b compute the same values, of magnitude ``scale``, with different
+    rounding: another kernel or summation order (AVX-512 vs NEON, oneDNN vs plain), another batch
+    size or cache layout, or ``dtype`` against an fp32 reference.
+
+    ``n`` counts the rounding errors that can reach one result (the terms accumulated along its
+    longest path, see :func:`forward_terms`); each is at most u = eps/2 of the value (2^-24 in fp32,
+    2^-8 in bf16). Their worst case, n * u, does not happen in practice; as independent zero-mean
+    errors they stay below lam * sqrt(n) * u except with probability under 2n * exp(-lam^2 / 2)
+    (Higham & Mary, probabilistic rounding error analysis, SIAM J. Sci. Comput. 2019). lam = 8 makes
+    that ~1e-13 per value; the largest seen on this project's machines is lam ~ 1.3.
+    """
+    return ROUNDING_LAMBDA * math.sqrt(n) * (torch.finfo(dtype).eps / 2) * float(scale)
+
+
+def layer_terms(hidden: int, head_dim: int, q_size: int, intermediate: int, context: int) -> int:
+    """Terms accumulated along one output's path through a decoder layer attending ``context`` keys:
+    input norm, q/k/v, post-attention norm and gate/up (hidden each), scores (head_dim), softmax and
+    values (context each), output projection (q_size), down projection (intermediate)."""
+    return 4 * hidden + head_dim + 2 * context + q_size + intermediate
+
+
+def forward_terms(cfg, context: int, n_layers: int | None = None, lm_head: bool = True) -> int:
+    """:func:`layer_terms` of every layer of a ``cfg``-shaped forward, then final norm and LM head."""
+    per = layer_terms(cfg.hidden_size, cfg.head_dim, cfg.q_size, cfg.intermediate_size, context)
+    return (cfg.n_layers if n_layers is None else n_layers) * per + (2 * cfg.hidden_size if lm_head else 0)
 
 
 REPLY = "Hello from the mesh! Emoji: 🎉🦀 and ünïcödé. The end is near. STOP here and then more text follows."

@@ -15,6 +15,7 @@ from meshd.ring.scheduler import Action, Emit, Originator, Request
 from meshd.ring.worker import StageWorker
 from models.budget import CostCurve
 from models.engine import Stats
+from models.ranges import LayerRange
 from models.stage import Stage
 
 
@@ -24,19 +25,6 @@ class Outcome:
     reason: str | None = None
     stats: Stats | None = None
     error: str | None = None
-
-
-def split_layers(n_layers: int, k: int) -> list[tuple[int, int]]:
-    """Contiguous, near-equal layer ranges for ``k`` stages."""
-    if not 1 <= k <= n_layers:
-        raise ValueError(f"cannot split {n_layers} layers into {k} stages")
-    q, r = divmod(n_layers, k)
-    out, a = [], 0
-    for i in range(k):
-        b = a + q + (1 if i < r else 0)
-        out.append((a, b))
-        a = b
-    return out
 
 
 class InProcessPipeline:
@@ -104,16 +92,12 @@ def build_local_pipeline(
     made-up one) proportional to its layer count.
     """
     full = full or Stage.load(source, dtype=dtype)
-    ranges = split_layers(full.cfg.n_layers, n_stages)
-    workers = []
-    for a, b in ranges:
-        st = Stage(
-            full.cfg, a, b, full.layers[a:b], dtype=full.dtype, inv_freq=full.inv_freq, rope_scale=full.rope_scale
-        )
-        workers.append(StageWorker(st, embed=full.embed if a == 0 else None))
+    n = full.cfg.n_layers
+    ranges = LayerRange.split(n, n_stages)
+    workers = [StageWorker(full.slice(r), embed=full.embed if r.first == 0 else None) for r in ranges]
     if curves is None:
-        curves = [CostCurve({1: (b - a) / full.cfg.n_layers, 64: 2 * (b - a) / full.cfg.n_layers}) for a, b in ranges]
+        curves = [CostCurve({1: r.n_layers / n, 64: 2 * r.n_layers / n}) for r in ranges]
     elif isinstance(curves, CostCurve):
-        curves = [CostCurve({t: curves(t) * (b - a) / full.cfg.n_layers for t in curves.ts}) for a, b in ranges]
+        curves = [CostCurve({t: curves(t) * r.n_layers / n for t in curves.ts}) for r in ranges]
     orig = Originator(full, drafter_factory, curves, **originator_kw)
     return InProcessPipeline(orig, workers)

@@ -131,7 +131,7 @@ class Originator:
         origin: str | None = None,
         timer: Callable[[], float] = time.perf_counter,
     ):
-        if not head.has_head:
+        if not head.has_vocab:
             raise ValueError("the originator needs the embeddings, final norm and LM head")
         self.head, self.drafter_factory, self.clock, self.origin = head, drafter_factory, clock, origin
         self.timer = timer  # measures drafting cost for the budget; the simulator swaps in its device model

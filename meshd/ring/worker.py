@@ -79,7 +79,7 @@ class Session:
 
 
 class StageWorker:
-    """Runs layers ``[stage.first, stage.last)`` for every request that reaches this device."""
+    """Runs the layers ``stage.layer_range`` for every request that reaches this device."""
 
     def __init__(
         self,

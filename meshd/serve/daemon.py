@@ -160,14 +160,13 @@ class Daemon:
         if stage is None:
             rt.install_worker(None)
             return
-        first, last = stage.layers.first, stage.layers.stop
         w = rt.worker
-        if w is not None and (w.stage.first, w.stage.last) == (first, last):
+        if w is not None and w.stage.layer_range == stage.layers:
             return
-        log.info("plan epoch %d: loading layers [%d, %d)", plan.epoch, first, last)
+        log.info("plan epoch %d: loading layers %s", plan.epoch, stage.layers)
         notify.status(f"loading layers {stage.layers} for plan epoch {plan.epoch}")
-        st = await asyncio.to_thread(Stage.load, rt.source, first, last, head=False, dtype=rt.head.dtype)
-        curve = await asyncio.to_thread(stage_cost_curve, rt.source, st, with_head=False, repeats=2)
+        st = await asyncio.to_thread(Stage.load, rt.source, stage.layers, vocab=False, dtype=rt.head.dtype)
+        curve = await asyncio.to_thread(stage_cost_curve, rt.source, st, with_lm_head=False, repeats=2)
         rt.install_worker(st)
         self.node.set_cost_curve(curve)
 

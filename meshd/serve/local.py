@@ -39,7 +39,7 @@ class LocalEngine:
     @property
     def curve(self) -> dict[int, float]:
         if self._curve is None:
-            self._curve = stage_cost_curve(self.source, self.target, with_head=True)
+            self._curve = stage_cost_curve(self.source, self.target, with_lm_head=True)
         return self._curve
 
     def drafter(self, name: str) -> Drafter:

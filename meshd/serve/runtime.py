@@ -163,7 +163,7 @@ class Runtime:
     # ---- topology ---------------------------------------------------------------------------
     def install_worker(self, stage: Stage | None) -> None:
         """This device's slice for the coming plan (None: a pure originator)."""
-        embed = self.head.embed if stage is not None and stage.first == 0 else None
+        embed = self.head.embed if stage is not None and stage.layer_range.first == 0 else None
         self.worker = (
             StageWorker(stage, embed=embed, pad=self.compute_pad, idle_timeout=self.session_timeout) if stage else None
         )
@@ -413,8 +413,8 @@ class Runtime:
             return {}
         up = max(1e-9, time.time() - self.started)
         return {
-            "first_layer": w.stage.first,
-            "stop_layer": w.stage.last,
+            "first_layer": w.stage.layer_range.first,
+            "stop_layer": w.stage.layer_range.stop,
             "queued_rows": w.queued_rows,
             "sessions": len(w.sessions),
             "busy_seconds": round(w.busy_seconds, 3),

@@ -1,8 +1,8 @@
 """The decoding oracle: speculative output equals plain greedy decoding of the same model.
 
-The only allowed difference is at a first divergence where plain greedy's top-2 logits are within
-1e-4 (a float near-tie that batched tree verification may break the other way); the check
-asserts exactly that condition and compares nothing after it.
+The only allowed difference is at a first divergence where plain greedy's top-2 logits are a
+near-tie (:func:`near_tie`: within what rounding may move them, so batched tree verification may
+break the tie the other way); the check asserts exactly that condition and compares nothing after it.
 """
 
 from __future__ import annotations

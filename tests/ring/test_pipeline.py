@@ -7,10 +7,11 @@ import torch
 from support import assert_matches_greedy, greedy_reference, make_tiny_checkpoint
 
 from meshd.ring.messages import Prune, Segment
-from meshd.ring.pipeline import build_local_pipeline, split_layers
+from meshd.ring.pipeline import build_local_pipeline
 from meshd.ring.scheduler import Request
 from meshd.ring.worker import StageWorker
 from models.drafters import ModelDrafter, NGramDrafter, load_drafter
+from models.ranges import LayerRange
 from models.source import ModelSource
 from models.stage import Stage
 from models.verify import Sampling
@@ -82,8 +83,7 @@ def test_cancel_frees_every_stage(tiny_src):
 def test_prune_is_order_independent(tiny_src):
     """A prune that overtakes a segment (it is broadcast, segments travel the ring) still applies."""
     full = Stage.load(tiny_src, dtype="fp32")
-    a, b = split_layers(6, 2)[0]
-    st = Stage(full.cfg, a, b, full.layers[a:b], dtype=full.dtype)
+    st = full.slice(LayerRange.split(6, 2)[0])
     w1, w2 = StageWorker(st, embed=full.embed), StageWorker(st, embed=full.embed)
     prompt = Segment("r", [0, 1, 2], [-1, 0, 1], [0, 1, 2], tokens=[5, 6, 7], commit=True)
     tree = Segment("r", [3, 4, 5], [2, 3, 3], [3, 4, 4], tokens=[8, 9, 10])

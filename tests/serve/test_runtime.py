@@ -8,6 +8,7 @@ from meshd.ring.messages import PROMPT_PARENT, Segment
 from meshd.serve.runtime import GenerateParams, Ring, Runtime, solo_runtime
 from models.budget import CostCurve
 from models.drafters import drafter_factory
+from models.ranges import LayerRange
 from models.source import ModelSource
 from models.stage import Stage
 
@@ -53,7 +54,7 @@ async def two_stage_runtime(tiny_dir, peer: Peer) -> Runtime:
     src = ModelSource.resolve(str(tiny_dir))
     head = Stage.load(src, dtype="fp32")
     rt = Runtime(src, head, None, node_id="me")
-    rt.install_worker(Stage.load(src, 0, 2, head=False, dtype="fp32"))
+    rt.install_worker(Stage.load(src, LayerRange(0, 2), vocab=False, dtype="fp32"))
     rt.transport = peer
     cc = CostCurve({1: 1.0, 64: 2.0})
     rt.set_ring(Ring(epoch=1, nodes=[None, "peer-b"], curves=[cc, cc], local_index=0))

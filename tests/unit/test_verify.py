@@ -1,4 +1,4 @@
-"""Acceptance rules: greedy walk, exactness of tree rejection sampling, and KV prune equivalence."""
+"""Acceptance rules: greedy walk, resumable walks, exactness of tree rejection sampling."""
 
 from __future__ import annotations
 
@@ -100,6 +100,11 @@ def test_tree_rejection_sampling_matches_target(tiny_stage, sampling):
         if len(path) > 1 and path[1] == kids[1]:
             second[toks[1]] += 1
         biased[biased_decide(tree, 0, logits[0], sampling, gen)[1]] += 1
+    # Not a rounding bound: for an exact sampler the p-value is uniform on [0, 1], so each check
+    # fails with probability 1e-3 over the draws. The seed fixes them here (p = 0.34 to 0.97); on
+    # another CPU the logits differ by rounding (~1e-6 relative), which shifts a few draws' outcomes
+    # at most, a fresh 1e-3 chance at worst. The biased control scores p = 0.0 at 12,000 draws,
+    # far below its 1e-6.
     assert _chi2(first, p_root) > 1e-3
     assert second.sum() > 1000 and _chi2(second, p_child) > 1e-3
     assert _chi2(biased, p_root) < 1e-6, "the chi-square test failed to catch a biased sampler"
@@ -110,48 +115,3 @@ def test_decide_greedy_is_argmax():
     t.add(0, 4, -0.5)
     logits = torch.tensor([0.0, 3.0, 1.0, 0.0, 2.9])
     assert decide(t, 0, logits, Sampling(), None) == (None, 1)
-
-
-def test_logits_after_prune_equal_fresh_recompute(tiny_stage):
-    stage = tiny_stage
-    prompt = [3, 17, 42, 8, 9, 1]
-    cache = stage.new_cache()
-    stage.forward_one(stage.embed(prompt[:-1]), cache, torch.arange(5))
-    base = cache.length
-    t = Tree.root(prompt[-1])
-    a = t.add(0, 11, -0.1)
-    t.add(0, 12, -0.2)
-    b = t.add(a, 13, -0.3)
-    t.add(a, 14, -0.4)
-    c = t.add(b, 15, -0.5)
-    mask = torch.cat([torch.ones(len(t), base, dtype=torch.bool), t.ancestor_mask()], 1)
-    stage.forward_one(stage.embed(t.tokens), cache, t.positions(base), mask)
-    keep = t.path(c)  # root -> 11 -> 13 -> 15
-    cache.keep(list(range(base)) + [base + i for i in keep])
-    nxt = torch.tensor([21, 22])
-    got = stage.logits(stage.forward_one(stage.embed(nxt), cache, torch.arange(cache.length, cache.length + 2)))
-    seq = [*prompt, 11, 13, 15, 21, 22]
-    fresh = stage.logits(stage.forward_one(stage.embed(seq), stage.new_cache(), torch.arange(len(seq))))
-    assert torch.allclose(got, fresh[-2:], atol=1e-5), (got - fresh[-2:]).abs().max()
-    cache.truncate(base)
-    assert cache.length == base
-
-
-@pytest.mark.parametrize(
-    "keep", [[0, 1, 2, 3, 4, 5, 6, 7, 8, 9], [0, 1, 2, 3, 5, 8], [0, 2, 3, 9], [4, 7], [], list(range(6))]
-)
-def test_cache_keep_equals_a_gather(keep):
-    """keep() copies only the moved tail; the result must still be exactly the gathered entries."""
-    from models.kvcache import KVCache
-
-    cache = KVCache(2, 3, 4, torch.float32, capacity=4)
-    k, v = torch.randn(2, 3, 10, 4), torch.randn(2, 3, 10, 4)
-    cache.reserve(10)
-    for layer in range(2):
-        cache.write(layer, k[layer], v[layer])
-    cache.commit(10)
-    cache.keep(keep)
-    idx = torch.tensor(keep, dtype=torch.long)
-    assert cache.length == len(keep)
-    assert torch.equal(cache.k[:, :, : len(keep)], k.index_select(2, idx))
-    assert torch.equal(cache.v[:, :, : len(keep)], v.index_select(2, idx))

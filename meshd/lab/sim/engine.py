@@ -46,11 +46,11 @@ from meshd.lab.sim.links import ROW_META_BYTES, SEGMENT_META_BYTES, TOKEN_BYTES,
 from meshd.lab.sim.profiles import Profile
 from meshd.ring.interpreter import Delivery, ToClient, ToEveryStage, ToOriginator, ToStage, forward, interpret
 from meshd.ring.messages import Prune, Result, RingMessage, Segment
-from meshd.ring.pipeline import split_layers
 from meshd.ring.scheduler import Action, Emit, Originator, Request
 from meshd.ring.worker import StageWorker
 from models.budget import CostCurve
 from models.engine import Stats
+from models.ranges import LayerRange
 from models.stage import Stage
 from models.verify import Sampling
 
@@ -213,21 +213,17 @@ class Simulation:
         self._wire_free: dict[tuple[int, int], float] = {}
         self._cores = [0.0] * cores if cores else None
         self.meter = _DraftMeter()
-        real = split_layers(full.cfg.n_layers, stages)
-        sim = split_layers(profile.n_layers, stages)
+        real = LayerRange.split(full.cfg.n_layers, stages)
+        sim = LayerRange.split(profile.n_layers, stages)
         self.devices: list[_Device] = []
         curves = []
-        for k, ((a, b), (sa, sb)) in enumerate(zip(real, sim)):
-            st = Stage(
-                full.cfg, a, b, full.layers[a:b], dtype=full.dtype, inv_freq=full.inv_freq, rope_scale=full.rope_scale
-            )
-            cost = profile.stage_cost(sb - sa, compute_scale)
+        for k, (r, s) in enumerate(zip(real, sim)):
+            cost = profile.stage_cost(s.n_layers, compute_scale)
             curves.append(cost)
-            self.devices.append(
-                _Device(
-                    k, StageWorker(st, embed=full.embed if a == 0 else None, max_batch_rows=max_batch_rows), k, cost
-                )
+            worker = StageWorker(
+                full.slice(r), embed=full.embed if r.first == 0 else None, max_batch_rows=max_batch_rows
             )
+            self.devices.append(_Device(k, worker, k, cost))
         self.stage_devices = list(range(stages))
         factory = (lambda: _TimedDrafter(drafter_factory(), self.meter)) if drafter_factory else None
         self.origin_device: list[int] = []

@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from models.budget import CostCurve
-from models.profile import monotone
+from models.profile import forward_times, monotone
+from models.ranges import LayerRange
 from models.stage import Stage
 
 SIZES = (1, 2, 4, 8, 16, 32, 64)
@@ -144,37 +143,6 @@ def jetson_orin_7b() -> Profile:
 BUILTIN = {"jetson-orin-7b": jetson_orin_7b}
 
 
-def _cpu_seconds(fn: Callable[[], object], repeats: int) -> float:
-    """Median CPU time of ``fn`` in this thread: robust to other jobs on the machine, which only
-    delay us (wall time) without adding to our CPU time. Meaningful with one torch thread."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.thread_time()
-        fn()
-        times.append(time.thread_time() - t0)
-    return statistics.median(times)
-
-
-@torch.inference_mode()
-def _forward_curve(stage: Stage, sizes: Sequence[int], context: int, repeats: int) -> dict[int, float]:
-    cache = stage.new_cache(context + max(sizes))
-    stage.forward_one(
-        torch.randn(context, stage.cfg.hidden_size, dtype=stage.dtype) * 0.1, cache, torch.arange(context)
-    )
-    out = {}
-    for t in sizes:
-        x = torch.randn(t, stage.cfg.hidden_size, dtype=stage.dtype) * 0.1
-        pos = torch.arange(context, context + t)
-
-        def once(x=x, pos=pos) -> None:
-            cache.truncate(context)
-            stage.forward_one(x, cache, pos)
-
-        out[t] = _cpu_seconds(once, repeats)
-    return out
-
-
 @torch.inference_mode()
 def measure_profile(
     full: Stage,
@@ -202,25 +170,9 @@ def measure_profile(
     try:
         n = full.cfg.n_layers
         small_n = min(2, n)
-        whole = _forward_curve(full, sizes, context, repeats)
-        small = _forward_curve(
-            Stage(
-                full.cfg,
-                0,
-                small_n,
-                full.layers[:small_n],
-                dtype=full.dtype,
-                inv_freq=full.inv_freq,
-                rope_scale=full.rope_scale,
-            ),
-            sizes,
-            context,
-            repeats,
-        )
-        head = {
-            t: _cpu_seconds(lambda t=t: full.logits(torch.randn(t, full.cfg.hidden_size, dtype=full.dtype)), repeats)
-            for t in sizes
-        }
+        whole = forward_times(full, sizes, context=context, repeats=repeats, clock="cpu")
+        small = forward_times(full.slice(LayerRange(0, small_n)), sizes, context=context, repeats=repeats, clock="cpu")
+        head = forward_times(full, sizes, repeats=repeats, clock="cpu", layers=False, lm_head=True)
     finally:
         torch.set_num_threads(threads)
     per_layer = monotone({t: max(whole[t] - small[t], 0.0) / max(n - small_n, 1) for t in sizes})

@@ -1,0 +1,303 @@
+"""The target's own answers to training prompts, with its post-norm feature at every position.
+
+:func:`batch_generate` decodes many prompts together through a padded batched decoder (one
+attention per layer for all slots, finished slots refilled at once); :class:`DataStore` keeps
+finished sequences in shards with ``progress.json`` listing the prompts done, so a cut-off run
+loses at most the sequences in flight; :func:`generate_data` runs it until enough answer tokens
+are stored.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from models.layers import decoder_layer, float_mask
+from models.stage import Stage
+from models.text import encode_messages
+from training.log import log
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+
+WORK_ROOT = Path(os.path.expanduser("~/.cache/meshd/train-draft"))
+
+
+def work_dir(fingerprint: str, given: str | Path | None = None) -> Path:
+    """Where a target's generated data, checkpoints and held-out rollouts live (``given`` overrides)."""
+    return Path(given) if given else WORK_ROOT / fingerprint
+
+
+class BatchDecoder:
+    """A fixed number of slots decoding in lock-step over a padded KV cache (one attention per layer).
+
+    Uses the stage's own weights and layer; each slot has its own length, positions and mask.
+    """
+
+    def __init__(self, stage: Stage, slots: int, width: int):
+        cfg = stage.cfg
+        self.stage, self.slots, self.width = stage, slots, width
+        shape = (stage.n_layers, slots, cfg.n_kv_heads, width, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=stage.dtype)
+        self.v = torch.zeros(shape, dtype=stage.dtype)
+        self.lens = torch.zeros(slots, dtype=torch.long)
+
+    @torch.inference_mode()
+    def load(self, slot: int, prompt: Sequence[int]) -> torch.Tensor:
+        """Prefill ``prompt`` into ``slot``; return its post-norm features (P, H)."""
+        st = self.stage
+        p = len(prompt)
+        if p >= self.width:
+            raise ValueError(f"prompt of {p} tokens does not fit a decoder of width {self.width}")
+        cache = st.new_cache(p)
+        feats = []
+        for s in range(0, p, 512):
+            ids = torch.tensor(prompt[s : s + 512])
+            feats.append(st.final_norm(st.forward_one(st.embed(ids), cache, torch.arange(s, s + len(ids)))))
+        self.k[:, slot, :, :p] = cache.k[:, :, :p]
+        self.v[:, slot, :, :p] = cache.v[:, :, :p]
+        self.lens[slot] = p
+        return torch.cat(feats)
+
+    @torch.inference_mode()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """One token per slot at position ``lens[slot]``; returns post-norm features (slots, H)."""
+        st, cfg = self.stage, self.stage.cfg
+        nq, nkv, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        pos = self.lens.clone()
+        if int(pos.max()) >= self.width:
+            raise ValueError("a slot ran past the decoder's width")
+        n = self.slots
+        rows = torch.arange(n)
+        cos, sin = st.rope(pos, st.dtype)
+        # attend over the whole (contiguous) width: slicing to the longest slot costs a copy per layer
+        mask = float_mask(torch.arange(self.width)[None, :] <= pos[:, None], st.dtype)[:, None, None, :]
+        scale = 1.0 / math.sqrt(d)
+
+        def attend(li: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            """Slot i's one row (row i of q/k/v) over slot i's cache row; q (nq, slots, d)."""
+            self.k[li, rows, :, pos] = k.transpose(0, 1)
+            self.v[li, rows, :, pos] = v.transpose(0, 1)
+            # one query row per slot: plain batched matmuls beat the CPU flash kernel by far here
+            qg = q.transpose(0, 1).reshape(n, nkv, nq // nkv, d)
+            scores = torch.matmul(qg, self.k[li].transpose(-1, -2)) * scale + mask
+            o = torch.matmul(torch.softmax(scores.float(), dim=-1).to(st.dtype), self.v[li])
+            return o.reshape(n, nq, d).transpose(0, 1)
+
+        x = st.embed(tokens).to(st.dtype)
+        for li, layer in enumerate(st.layers):
+            x = decoder_layer(layer, x, cfg, cos, sin, lambda q, k, v, li=li: attend(li, q, k, v))
+        self.lens += 1
+        return st.final_norm(x)
+
+
+@dataclass
+class Rollout:
+    """One prompt answered by the target, with the features a draft head learns from."""
+
+    key: str
+    tokens: list[int]  # prompt + answer
+    prompt_len: int
+    feats: torch.Tensor  # (len(tokens) - 1, H) post-norm features of every forwarded position
+    finish: str
+
+
+def batch_generate(
+    stage: Stage,
+    prompts: Sequence[tuple[str, list[int]]],
+    *,
+    max_new: int,
+    slots: int = 32,
+    temperature: float = 0.0,
+    seed: int = 0,
+    eos: Iterable[int] = (),
+    on_done: Callable[[Rollout], None] | None = None,
+    progress: tqdm | None = None,
+) -> list[Rollout]:
+    """Answer every prompt (greedy or sampled), refilling slots as sequences finish."""
+    eos = set(eos)
+    if not prompts:
+        return []
+    gen = torch.Generator().manual_seed(seed)
+    width = max(len(p) for _, p in prompts) + max_new + 2
+    dec = BatchDecoder(stage, min(slots, len(prompts)), width)
+    queue = list(prompts)
+    state: list[dict | None] = [None] * dec.slots
+    results: list[Rollout] = []
+
+    def keep(f: torch.Tensor) -> torch.Tensor:
+        return f if stage.dtype == torch.float32 else f.to(torch.float16)
+
+    def pick(logits: torch.Tensor) -> list[int]:
+        if temperature <= 0:
+            return logits.argmax(-1).tolist()
+        probs = torch.softmax(logits / temperature, dim=-1)
+        return torch.multinomial(probs, 1, generator=gen)[:, 0].tolist()
+
+    def finish(b: int, reason: str) -> None:
+        s = state[b]
+        r = Rollout(s["key"], s["tokens"], s["plen"], torch.cat(s["feats"]), reason)
+        results.append(r)
+        if on_done:
+            on_done(r)
+        if progress is not None:
+            progress.update(len(r.tokens) - r.prompt_len)
+        state[b] = None
+
+    def fill(b: int) -> None:
+        while queue:
+            key, ids = queue.pop(0)
+            f = dec.load(b, ids)
+            first = pick(stage.logits(f[-1:], normed=True))[0]
+            state[b] = {"key": key, "tokens": [*ids, first], "plen": len(ids), "feats": [keep(f)], "new": 1}
+            if first in eos or max_new <= 1:
+                finish(b, "stop" if first in eos else "length")
+                continue
+            return
+        dec.lens[b] = 0
+
+    for b in range(dec.slots):
+        fill(b)
+    while any(s is not None for s in state):
+        toks = torch.tensor([s["tokens"][-1] if s else 0 for s in state])
+        for b, s in enumerate(state):
+            if s is None:
+                dec.lens[b] = 0
+        feats = dec.step(toks)
+        nxt = pick(stage.logits(feats, normed=True))
+        for b, s in enumerate(state):
+            if s is None:
+                continue
+            s["feats"].append(keep(feats[b : b + 1]))
+            s["tokens"].append(nxt[b])
+            s["new"] += 1
+            if nxt[b] in eos or s["new"] >= max_new:
+                finish(b, "stop" if nxt[b] in eos else "length")
+                fill(b)
+    return results
+
+
+class DataStore:
+    """Shards of (tokens, features) plus ``progress.json``: what is done survives an interruption."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.meta_path = self.root / "progress.json"
+        self.meta = (
+            json.loads(self.meta_path.read_text())
+            if self.meta_path.is_file()
+            else {"done": [], "shards": [], "answer_tokens": 0, "prompt_tokens": 0, "sequences": 0, "gen_seconds": 0.0}
+        )
+        self._buf: list[Rollout] = []
+
+    @property
+    def done(self) -> set[str]:
+        return set(self.meta["done"])
+
+    def add(self, r: Rollout) -> None:
+        self._buf.append(r)
+
+    def flush(self, seconds: float = 0.0) -> None:
+        if self._buf:
+            name = f"shard-{len(self.meta['shards']):05d}.safetensors"
+            toks = torch.tensor([t for r in self._buf for t in r.tokens], dtype=torch.int32)
+            lens = torch.tensor([len(r.tokens) for r in self._buf], dtype=torch.int64)
+            plens = torch.tensor([r.prompt_len for r in self._buf], dtype=torch.int64)
+            feats = torch.cat([r.feats.to(torch.float16) for r in self._buf]).contiguous()
+            tmp = self.root / (name + ".tmp")
+            save_file({"tokens": toks, "lens": lens, "prompt_lens": plens, "feats": feats}, str(tmp))
+            os.replace(tmp, self.root / name)
+            self.meta["shards"].append(name)
+            self.meta["done"] += [r.key for r in self._buf]
+            self.meta["sequences"] += len(self._buf)
+            self.meta["answer_tokens"] += sum(len(r.tokens) - r.prompt_len for r in self._buf)
+            self.meta["prompt_tokens"] += sum(r.prompt_len for r in self._buf)
+            self._buf = []
+        self.meta["gen_seconds"] = round(self.meta["gen_seconds"] + seconds, 1)
+        tmp = self.meta_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.meta))
+        os.replace(tmp, self.meta_path)
+
+    def sequences(self) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+        """Every stored (tokens, features, prompt_len)."""
+        out = []
+        for name in self.meta["shards"]:
+            sd = load_file(str(self.root / name))
+            t0 = f0 = 0
+            for n, p in zip(sd["lens"].tolist(), sd["prompt_lens"].tolist()):
+                out.append((sd["tokens"][t0 : t0 + n].long(), sd["feats"][f0 : f0 + n - 1], p))
+                t0 += n
+                f0 += n - 1
+        return out
+
+
+def generate_data(
+    stage: Stage,
+    tok: PreTrainedTokenizerBase,
+    store: DataStore,
+    prompts: list[tuple[str, str]],
+    *,
+    target_tokens: int,
+    max_new: int,
+    slots: int,
+    seed: int,
+    eos: Sequence[int],
+    chunk: int = 144,
+    max_prompt: int = 1024,
+) -> None:
+    """Answer prompts until ``target_tokens`` answer tokens are stored (resumable)."""
+    done = store.done
+    todo = []
+    for key, text in prompts:
+        if key not in done:
+            ids = encode_messages(tok, [{"role": "user", "content": text}])
+            if len(ids) <= max_prompt:
+                todo.append((key, ids))
+    # chunks of similar prompt length keep the padded width tight; their order is shuffled
+    todo.sort(key=lambda p: (len(p[1]), p[0]))
+    chunks = [todo[i : i + chunk] for i in range(0, len(todo), chunk)]
+    random.Random(seed).shuffle(chunks)
+    have = store.meta["answer_tokens"]
+    if have >= target_tokens or not todo:
+        log(f"generation: {have} answer tokens stored ({store.meta['sequences']} sequences); nothing to do")
+        return
+    log(f"generation: {have} answer tokens stored, target {target_tokens}; {len(todo)} prompts left")
+    bar = tqdm(total=target_tokens, initial=have, unit="tok", desc="generate", file=sys.stderr, smoothing=0.05)
+    try:
+        for ci, group in enumerate(chunks):
+            if store.meta["answer_tokens"] >= target_tokens:
+                break
+            t0 = time.perf_counter()
+            last = [t0]
+
+            def on_done(r: Rollout, last=last) -> None:
+                store.add(r)
+                if time.perf_counter() - last[0] > 120:  # checkpoint every two minutes
+                    now = time.perf_counter()
+                    store.flush(now - last[0])
+                    last[0] = now
+
+            batch_generate(
+                stage, group, max_new=max_new, slots=slots, seed=seed + ci, eos=eos, on_done=on_done, progress=bar
+            )
+            store.flush(time.perf_counter() - last[0])
+    finally:
+        bar.close()
+    log(
+        f"generation: {store.meta['answer_tokens']} answer + {store.meta['prompt_tokens']} prompt tokens in "
+        f"{store.meta['sequences']} sequences ({store.meta['gen_seconds']:.0f} s)"
+    )
