@@ -119,7 +119,7 @@ class Originator:
 
     def __init__(
         self,
-        head: Stage,
+        vocab: Stage,
         drafter_factory: Callable[[], Drafter] | None,
         stage_curves: Sequence[CostCurve],
         *,
@@ -131,9 +131,9 @@ class Originator:
         origin: str | None = None,
         timer: Callable[[], float] = time.perf_counter,
     ):
-        if not head.has_vocab:
+        if not vocab.has_vocab:
             raise ValueError("the originator needs the embeddings, final norm and LM head")
-        self.head, self.drafter_factory, self.clock, self.origin = head, drafter_factory, clock, origin
+        self.vocab, self.drafter_factory, self.clock, self.origin = vocab, drafter_factory, clock, origin
         self.timer = timer  # measures drafting cost for the budget; the simulator swaps in its device model
         self.set_ring(stage_curves)
         self.top_k, self.depth, self.pool, self.max_nodes = top_k, depth, pool, max_nodes
@@ -219,8 +219,8 @@ class Originator:
         lv.in_flight.difference_update(res.node_ids)
         if not wanted:
             return []
-        feats = self.head.final_norm(res.hidden[wanted].to(self.head.dtype))
-        logits = self.head.logits(feats, normed=True)
+        feats = self.vocab.final_norm(res.hidden[wanted].to(self.vocab.dtype))
+        logits = self.vocab.logits(feats, normed=True)
         for r, i in enumerate(wanted):
             lv.logits[res.node_ids[i]] = logits[r]
             lv.feats[res.node_ids[i]] = feats[r]
@@ -230,17 +230,17 @@ class Originator:
 
     # ---- prefill ----------------------------------------------------------------------------
     def _prefill_result(self, lv: _Live, res: Result) -> list[Action]:
-        hidden = res.hidden.to(self.head.dtype)  # the wire may carry fp16 while this device computes in bf16
+        hidden = res.hidden.to(self.vocab.dtype)  # the wire may carry fp16 while this device computes in bf16
         for i, n in enumerate(res.node_ids):
             lv.feats[n] = hidden[i]
         lv.prefill_left.difference_update(res.node_ids)
         if lv.prefill_left:
             return []
         ids = sorted(lv.feats)
-        feats = self.head.final_norm(torch.stack([lv.feats[i] for i in ids]))
+        feats = self.vocab.final_norm(torch.stack([lv.feats[i] for i in ids]))
         lv.feats.clear()
         lv.tail = ids[-1]
-        first = self._sample(lv, self.head.logits(feats[-1:], normed=True)[0])
+        first = self._sample(lv, self.vocab.logits(feats[-1:], normed=True)[0])
         acts = self._emit(lv, [first])
         if lv.drafter is not None:
             lv.drafter.accept(lv.context, feats)

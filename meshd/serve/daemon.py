@@ -25,6 +25,7 @@ from meshd.serve.runtime import Ring, Runtime
 from models.budget import CostCurve
 from models.drafters import drafter_factory
 from models.profile import stage_cost_curve
+from models.ranges import LayerRange
 from models.source import ModelSource
 from models.stage import Stage, parse_dtype
 from peers.codec import Message
@@ -42,14 +43,14 @@ except ImportError:  # pragma: no cover - platform without uvloop
 log = logging.getLogger("meshd")
 
 
-def model_shape(head: Stage, dtype: torch.dtype, context: int, draft_bytes: int = 0) -> ModelShape:
+def model_shape(vocab: Stage, dtype: torch.dtype, context: int, draft_bytes: int = 0) -> ModelShape:
     """What the planner must know: bytes per layer, what every peer replicates, KV per token."""
-    cfg = head.cfg
+    cfg = vocab.cfg
     b = torch.tensor([], dtype=dtype).element_size()
     return ModelShape(
         n_layers=cfg.n_layers,
         bytes_per_layer=cfg.layer_params() * b,
-        replicated_bytes=head.nbytes() + draft_bytes,
+        replicated_bytes=vocab.nbytes() + draft_bytes,
         kv_bytes_per_token_per_layer=2 * cfg.kv_size * b,
         context=context,
     )
@@ -87,15 +88,15 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
-        log.info("loading %s (head parts, %s)", cfg.model, dtype)
+        log.info("loading %s (embeddings, final norm, LM head; %s)", cfg.model, dtype)
         notify.status("loading the model")
         source = ModelSource.resolve(cfg.model)
-        head = await asyncio.to_thread(Stage.load, source, 0, 0, head=True, dtype=dtype)
+        vocab = await asyncio.to_thread(Stage.load, source, LayerRange(0, 0), vocab=True, dtype=dtype)
         tokenizer = await asyncio.to_thread(source.load_tokenizer)
-        factory = await asyncio.to_thread(drafter_factory, cfg.drafter, head, source=source)
+        factory = await asyncio.to_thread(drafter_factory, cfg.drafter, vocab, source=source)
         self.runtime = rt = Runtime(
             source,
-            head,
+            vocab,
             factory,
             tokenizer=tokenizer,
             max_context=cfg.max_context,
@@ -114,7 +115,7 @@ class Daemon:
             memory_budget=parse_size(cfg.memory) if cfg.memory else None,
             emulation=self.link_emulation,
         )
-        self.node = node = MeshNode(mesh_cfg, model_shape(head, dtype, cfg.max_context), load_slice=self._load_slice)
+        self.node = node = MeshNode(mesh_cfg, model_shape(vocab, dtype, cfg.max_context), load_slice=self._load_slice)
         rt.node_id = node.node_id
         rt.transport = self._send
         for kind in MESSAGE_TYPES:
@@ -165,7 +166,7 @@ class Daemon:
             return
         log.info("plan epoch %d: loading layers %s", plan.epoch, stage.layers)
         notify.status(f"loading layers {stage.layers} for plan epoch {plan.epoch}")
-        st = await asyncio.to_thread(Stage.load, rt.source, stage.layers, vocab=False, dtype=rt.head.dtype)
+        st = await asyncio.to_thread(Stage.load, rt.source, stage.layers, vocab=False, dtype=rt.vocab.dtype)
         curve = await asyncio.to_thread(stage_cost_curve, rt.source, st, with_lm_head=False, repeats=2)
         rt.install_worker(st)
         self.node.set_cost_curve(curve)

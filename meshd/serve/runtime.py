@@ -101,7 +101,7 @@ class Runtime:
     def __init__(
         self,
         source: ModelSource,
-        head: Stage,
+        vocab: Stage,
         drafter_factory: Callable[[], Drafter] | None,
         *,
         tokenizer: Any = None,
@@ -111,7 +111,7 @@ class Runtime:
         compute_pad: Callable[[float], None] | None = None,
         session_timeout: float = 300.0,
     ):
-        self.source, self.head, self.tokenizer = source, head, tokenizer
+        self.source, self.vocab, self.tokenizer = source, vocab, tokenizer
         # a stage frees a request's KV session after this long without traffic: its originator vanished
         # (killed, partitioned) and will never send the close; swept from the compute loop
         self.session_timeout = session_timeout
@@ -120,7 +120,7 @@ class Runtime:
         self.model_name = source.name
         self.drafter_factory = drafter_factory
         self.compute_pad = compute_pad
-        self.wire_dtype = wire_dtype or (torch.float32 if head.dtype == torch.float32 else torch.float16)
+        self.wire_dtype = wire_dtype or (torch.float32 if vocab.dtype == torch.float32 else torch.float16)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch")
         self.worker: StageWorker | None = None
         self.ring: Ring | None = None
@@ -163,7 +163,7 @@ class Runtime:
     # ---- topology ---------------------------------------------------------------------------
     def install_worker(self, stage: Stage | None) -> None:
         """This device's slice for the coming plan (None: a pure originator)."""
-        embed = self.head.embed if stage is not None and stage.layer_range.first == 0 else None
+        embed = self.vocab.embed if stage is not None and stage.layer_range.first == 0 else None
         self.worker = (
             StageWorker(stage, embed=embed, pad=self.compute_pad, idle_timeout=self.session_timeout) if stage else None
         )
@@ -181,7 +181,7 @@ class Runtime:
                         "was in flight; retry it",
                     )
         if self.originator is None:
-            self.originator = Originator(self.head, self.drafter_factory, ring.curves, origin=self.node_id)
+            self.originator = Originator(self.vocab, self.drafter_factory, ring.curves, origin=self.node_id)
         else:
             self.originator.set_ring(ring.curves)
 
@@ -403,8 +403,8 @@ class Runtime:
 
     def _stop_ids(self) -> list[int]:
         if self.tokenizer is None:
-            return list(self.head.cfg.eos_token_ids)
-        return stop_ids(self.tokenizer, self.head.cfg)
+            return list(self.vocab.cfg.eos_token_ids)
+        return stop_ids(self.tokenizer, self.vocab.cfg)
 
     # ---- observability ----------------------------------------------------------------------
     def stage_stats(self) -> dict:
@@ -454,10 +454,10 @@ class Runtime:
         return out
 
 
-def solo_runtime(source: ModelSource, head: Stage, drafter_factory, tokenizer=None, *, curve=None, **kw) -> Runtime:
+def solo_runtime(source: ModelSource, full: Stage, drafter_factory, tokenizer=None, *, curve=None, **kw) -> Runtime:
     """A one-device ring: this device holds every layer (no mesh). Tests and ``serve --solo`` use it."""
-    rt = Runtime(source, head, drafter_factory, tokenizer=tokenizer, **kw)
-    rt.install_worker(head)
+    rt = Runtime(source, full, drafter_factory, tokenizer=tokenizer, **kw)
+    rt.install_worker(full)
     cc = CostCurve(curve or {1: 1.0, 64: 2.0})
     rt.set_ring(Ring(epoch=1, nodes=[None], curves=[cc], local_index=0))
     return rt

@@ -35,10 +35,10 @@ def factory_for(kind: str, src, head):
 @pytest.mark.parametrize("drafter", ["ngram", "self", "early-exit"])
 def test_modes_equal_greedy(tiny_src, mode, stages, drafter):
     pipe = build_local_pipeline(tiny_src, stages, None)
-    pipe.originator.drafter_factory = factory_for(drafter, tiny_src, pipe.originator.head)
+    pipe.originator.drafter_factory = factory_for(drafter, tiny_src, pipe.originator.vocab)
     g = torch.Generator().manual_seed(stages)
     prompt = torch.randint(0, 64, (75,), generator=g).tolist()  # > one prefill chunk
-    want, gaps = greedy_reference(pipe.originator.head, prompt, 40, set())
+    want, gaps = greedy_reference(pipe.originator.vocab, prompt, 40, set())
     pipe.submit(Request("r", prompt, 40, mode))
     out = pipe.run()["r"]
     assert out.reason == "length", out.error
@@ -55,7 +55,7 @@ def test_concurrent_requests_share_forwards(tiny_src):
     rows_before = pipe.workers[0].rows_done
     out = pipe.run()
     for rid, p in prompts.items():
-        want, gaps = greedy_reference(pipe.originator.head, p, 24, set())
+        want, gaps = greedy_reference(pipe.originator.vocab, p, 24, set())
         assert_matches_greedy(out[rid].tokens, want, gaps)
     assert pipe.workers[0].rows_done > rows_before
     assert not pipe.workers[0].sessions and not pipe.workers[1].sessions  # closed on finish
