@@ -17,7 +17,7 @@ import torch
 import transformers
 from aiohttp import web
 
-from meshd.serve.runtime import GenerateParams, RuntimeUnavailable
+from meshd.serve.engine import GenerateParams, RuntimeUnavailable
 from models.budget import CostCurve
 from models.engine import Stats
 from models.stage import Stage

@@ -39,8 +39,7 @@ from meshd.serve.apischema import (
     parse_chat,
     parse_completion,
 )
-from meshd.serve.engine import Engine, RequestHandle
-from meshd.serve.runtime import GenerateParams, RuntimeUnavailable
+from meshd.serve.engine import Engine, GenerateParams, RequestHandle, RuntimeUnavailable
 from meshd.serve.textstream import TextStream
 from models.engine import Stats
 from models.text import decode, encode_messages, encode_prompt
@@ -251,8 +250,7 @@ async def _complete(request: web.Request, req: CompletionRequest) -> web.StreamR
     max_tokens = _budget(req, len(prompt_ids), engine.max_context)
     params = GenerateParams(
         max_tokens=max_tokens,
-        temperature=req.sampling.temperature,
-        top_p=req.sampling.top_p,
+        sampling=req.sampling,
         seed=req.seed,
         mode=req.mode,
     )

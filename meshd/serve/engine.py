@@ -5,19 +5,34 @@ The API (``meshd.serve.api``) is typed against these, not against a class, so th
 interchangeable behind it. The names are the runtime's own; a member is listed here only if
 the API reads it (``tests/serve/test_engine.py`` checks that both implementations have all).
 
-``submit`` takes ``meshd.serve.runtime.GenerateParams`` and raises
-``meshd.serve.runtime.RuntimeUnavailable`` when the mesh cannot serve, ``ValueError`` when the
+``submit`` takes :class:`GenerateParams` and raises :class:`RuntimeUnavailable` when the mesh
+cannot serve, ``ValueError`` when the
 request does not fit (the API answers 503 and 400).
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any, Protocol
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
-if TYPE_CHECKING:  # type names only: the runtime imports torch, this seam needs none of it
-    from meshd.serve.runtime import GenerateParams
-    from models.engine import Stats
+from meshd.modes import MESH_DEFAULT
+from models.engine import Stats
+from models.verify import Sampling
+
+
+class RuntimeUnavailable(RuntimeError):
+    """The mesh cannot take requests right now (no committed plan, a stage is gone)."""
+
+
+@dataclass
+class GenerateParams:
+    """What one request asks for besides its prompt."""
+
+    max_tokens: int = 128
+    sampling: Sampling = field(default_factory=Sampling)  # the target's distribution, as the verifier uses it
+    seed: int | None = None
+    mode: str = MESH_DEFAULT
 
 
 class RequestHandle(Protocol):

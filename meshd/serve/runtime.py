@@ -25,28 +25,15 @@ from meshd.ring.interpreter import Delivery, ToClient, ToEveryStage, ToStage, fo
 from meshd.ring.messages import Result, RingMessage, Segment
 from meshd.ring.scheduler import Action, CloseSessions, Emit, Originator, Request
 from meshd.ring.worker import StageWorker
+from meshd.serve.engine import GenerateParams, RuntimeUnavailable
 from models.budget import CostCurve
 from models.drafters import Drafter
 from models.engine import Stats
 from models.source import ModelSource
 from models.stage import Stage
 from models.text import stop_ids
-from models.verify import Sampling
 
 log = logging.getLogger(__name__)
-
-
-class RuntimeUnavailable(RuntimeError):
-    """The mesh cannot take requests right now (no committed plan, a stage is gone)."""
-
-
-@dataclass
-class GenerateParams:
-    max_tokens: int = 128
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    mode: str = "flow"
 
 
 class RequestHandle:
@@ -219,7 +206,7 @@ class Runtime:
             list(prompt_ids),
             params.max_tokens,
             params.mode,
-            Sampling(params.temperature, params.top_p),
+            params.sampling,
             params.seed,
             frozenset(self._stop_ids()),
         )

@@ -56,7 +56,7 @@ async def test_openai_chat_non_streaming(rt, url, embedded_tokenizer):
     assert resp.choices[0].finish_reason == "stop"
     prompt_ids, params = rt.submitted[-1]
     assert prompt_ids == encode_messages(embedded_tokenizer, msgs)
-    assert (params.max_tokens, params.temperature, params.seed, params.mode) == (500, 0.0, 7, "chunk")
+    assert (params.max_tokens, params.sampling.temperature, params.seed, params.mode) == (500, 0.0, 7, "chunk")
     assert resp.usage.prompt_tokens == len(prompt_ids)
     assert resp.usage.completion_tokens == len(rt.reply_ids)
     assert resp.usage.total_tokens == len(prompt_ids) + len(rt.reply_ids)
@@ -303,7 +303,7 @@ async def test_accepted_variants(rt, url):
     status, resp = await post(url, "/v1/chat/completions", body)
     assert status == 200 and resp["choices"][0]["finish_reason"] == "length"
     p = rt.submitted[-1][1]
-    assert (p.max_tokens, p.top_p, p.temperature, p.mode) == (4, 0.5, 2.0, "ar")
+    assert (p.max_tokens, p.sampling.top_p, p.sampling.temperature, p.mode) == (4, 0.5, 2.0, "ar")
 
 
 async def test_malformed_json_and_non_objects(url):

@@ -46,7 +46,7 @@ async def test_query_json_has_generate_fields(rt, url):
     assert res["new_tokens"] == len(rt.reply_ids) and res["mode"] == "ar"
     prompt, params = rt.submitted[-1]
     assert prompt == encode_messages(rt.tokenizer, [{"role": "user", "content": "Say hello."}])
-    assert (params.mode, params.max_tokens, params.temperature) == ("ar", 500, 0.0)
+    assert (params.mode, params.max_tokens, params.sampling.temperature) == ("ar", 500, 0.0)
 
 
 async def test_query_streams_text_and_prints_stats(url):

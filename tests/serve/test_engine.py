@@ -8,8 +8,8 @@ import inspect
 
 from support import FakeRuntime
 
-from meshd.serve.engine import Engine, RequestHandle
-from meshd.serve.runtime import GenerateParams, solo_runtime
+from meshd.serve.engine import Engine, GenerateParams, RequestHandle
+from meshd.serve.runtime import solo_runtime
 from models.source import ModelSource
 from models.stage import Stage
 
