@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from support import (
     CURVES,
     assert_matches_greedy,
@@ -18,7 +19,10 @@ from support import (
     prompts,
     rounding_tolerance,
 )
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
+from meshd.cli import main
 from models.budget import CostCurve, TreeBudget
 from models.config import ModelError
 from models.drafters import MergedDrafter, NGramDrafter, load_drafter
@@ -66,8 +70,6 @@ def head_terms(hc: HeadConfig, context: int, logits: bool = False) -> int:
 
 def hf_layer_reference(head: EagleHead, target: Stage, tokens: list[int], feats: torch.Tensor) -> torch.Tensor:
     """Independent reference: transformers' LlamaDecoderLayer with the head's weights (causal, no cache)."""
-    from transformers import LlamaConfig
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
     hc = head.hc
     cfg = LlamaConfig(
@@ -126,7 +128,6 @@ def test_own_format_roundtrip_and_target_check(tiny, tmp_path):
 
 def write_public_eagle(path, target: Stage, seed: int = 1) -> dict[str, torch.Tensor]:
     """A synthetic checkpoint in the public EAGLE-1 layout: config.json + fc.* / layers.0.* (no input norm)."""
-    from safetensors.torch import save_file
 
     g = torch.Generator().manual_seed(seed)
     cfg = target.cfg
@@ -366,7 +367,6 @@ def test_held_out_split_never_trained(tmp_path, monkeypatch):
 
 
 def test_train_draft_refuses_a_missing_spec_bench_at_once(tmp_path, capsys):
-    from meshd.cli import main
 
     code = main(["train-draft", "--out", str(tmp_path / "h"), "--threads", "2", "--spec-bench", str(tmp_path / "no")])
     assert code == 2 and "Spec-Bench questions not found" in capsys.readouterr().err

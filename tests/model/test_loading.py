@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from support import forward_terms, hf_model, make_tiny_checkpoint, rounding_tolerance
+from transformers import AutoModelForCausalLM
 
 from models.layers import dense
 from models.ranges import LayerRange
@@ -145,8 +146,6 @@ def test_partial_load_equals_full_and_reads_only_its_layers(tmp_path, kind):
 @pytest.mark.slow
 def test_embedded_model_matches_transformers_gguf_loader(embedded_source, embedded):
     """transformers' own GGUF path (whole-file dequantisation) is the reference for the real file."""
-    from transformers import AutoModelForCausalLM
-
     ref = AutoModelForCausalLM.from_pretrained(
         str(embedded_source.path.parent), gguf_file=embedded_source.path.name, dtype=torch.float32
     ).eval()
