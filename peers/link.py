@@ -285,9 +285,6 @@ class Link:
         with contextlib.suppress(Exception):
             await self.ws.close(code=code, message=reason.encode()[:120])
 
-    async def wait_closed(self) -> None:
-        await self._closed.wait()
-
     def _fail(self, exc: Exception) -> None:
         self.close_reason = f"send failed: {exc!r}"
         self._closer = asyncio.create_task(self.close(WSCloseCode.ABNORMAL_CLOSURE, self.close_reason))

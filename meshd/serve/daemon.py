@@ -78,7 +78,6 @@ class Daemon:
         self.node: MeshNode | None = None
         self.runtime: Runtime | None = None
         self.runner: web.AppRunner | None = None
-        self._curves: dict[str, dict[int, float]] = {}
 
     # ---- start-up ---------------------------------------------------------------------------
     async def run(self) -> int:

@@ -16,9 +16,8 @@ from meshd.lab.sim import cli as sim_cli
 from meshd.lab.sim.calibration import calibration_rows, calibration_specs, fit_scale_and_hop
 from meshd.lab.sim.engine import Simulation, summarize_traces
 from meshd.lab.sim.links import ROW_META_BYTES, SEGMENT_META_BYTES, TOKEN_BYTES, Link, parse_link
-from meshd.lab.sim.profiles import DraftCost, Profile, flat, jetson_orin_7b, measure_profile, scaled
+from meshd.lab.sim.profiles import DraftCost, Profile, flat, jetson_orin_7b, measure_profile
 from meshd.ring.scheduler import Request
-from models.budget import CostCurve
 from models.drafters import ModelDrafter, NGramDrafter
 from models.source import ModelSource
 from models.stage import Stage
@@ -344,7 +343,6 @@ def test_cli_calibration_against_a_measured_record(tiny_env, capsys, tmp_path, m
 
 def test_cost_curve_helpers():
     assert flat(0.5)(1) == flat(0.5)(300) == 0.5
-    assert scaled(CostCurve({1: 1.0, 8: 2.0}), 3.0)(8) == pytest.approx(6.0)
 
 
 def test_fit_scale_and_hop_recovers_both_and_refuses_one_mesh_size():

@@ -27,10 +27,6 @@ def flat(seconds: float) -> CostCurve:
     return CostCurve({1: seconds, 1 << 16: seconds})
 
 
-def scaled(curve: CostCurve, k: float) -> CostCurve:
-    return CostCurve({t: s * k for t, s in zip(curve.ts, curve.secs)})
-
-
 @dataclass
 class DraftCost:
     """What one draft call costs the originator: ``per_call + per_level * depth`` of the drafted tree,
