@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(BIN)/meshd demo
 
-# tests/test_systemd.py runs `systemd-analyze verify` on the unit; fresh Debian/Ubuntu images
+# tests/serve/test_systemd.py runs `systemd-analyze verify` on the unit; fresh Debian/Ubuntu images
 # may lack it, so install it when we can (root + apt) and say how otherwise.
 test-tools:
 	@command -v systemd-analyze >/dev/null 2>&1 || { \
