@@ -92,9 +92,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from meshd.lab import bench  # lab modules import torch: loaded by their commands only, so `meshd --help` is fast
+    from training.prompts import load_questions
 
     args.questions = str(bench.question_file(args.questions))  # the record names the file read
-    questions = bench.load_questions(
+    questions = load_questions(
         Path(args.questions), args.categories or args.n_categories, args.per_category, held_out_only=args.held_out
     )
     default_modes = {"local": "ar,spec:ngram", "daemons": "local:spec,ar,chunk,flow", "inprocess": "ar,chunk,flow"}
@@ -293,7 +294,7 @@ def cmd_train_draft(args: argparse.Namespace) -> int:
         model=args.model,
         out=args.out,
         prompts=args.prompts,
-        spec_bench=args.spec_bench,
+        spec_bench=args.questions,
         tokens=args.tokens,
         epochs=args.epochs,
         seed=args.seed,
@@ -510,8 +511,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="extra prompt file (JSONL or one per line); the project's models/heads/prompts/*.jsonl are always used",
     )
     t.add_argument(
-        "--spec-bench",
-        default=os.environ.get("MESHD_SPEC_BENCH"),
+        "--questions",
+        default=None,
         metavar="PATH",
         help="Spec-Bench question file: its questions with question_id %% 4 != 0 are trained on too, the rest "
         "give the held-out figures of the report (default: $MESHD_SPEC_BENCH; without it: the project's "

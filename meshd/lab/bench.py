@@ -14,7 +14,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +23,7 @@ import torch
 from meshd.lab.emulate import link_emulation, slowdown
 from meshd.lab.testbed import LoopbackMesh, http
 from meshd.serve.local import LocalEngine
+from training.prompts import SPEC_BENCH_ENV, spec_bench_path
 
 
 @dataclass
@@ -39,52 +40,23 @@ class Run:
 
 
 EVERYDAY = Path(__file__).resolve().parent / "prompts" / "everyday.jsonl"
-SPEC_BENCH_ENV = "MESHD_SPEC_BENCH"
 
 
 def question_file(arg: str | None) -> Path:
     """The question file ``--questions`` names: a path, or ``everyday`` for the project's own set;
     without one, the path in ``$MESHD_SPEC_BENCH``. Spec-Bench is public but not part of this
     repository, so a run on it names the copy it read (and fails clearly without one)."""
-    spec = arg or os.environ.get(SPEC_BENCH_ENV)
-    if not spec:
+    path = spec_bench_path(arg)
+    if path is None:
         raise ValueError(
             "no question file: pass --questions PATH to Spec-Bench's question.jsonl (public, from the Spec-Bench "
             f"repository, data/spec_bench/question.jsonl) or --questions everyday, or set {SPEC_BENCH_ENV}"
         )
-    path = EVERYDAY if spec == "everyday" else Path(spec).expanduser()
+    if path == Path("everyday"):
+        return EVERYDAY
     if not arg and not path.is_file():
         raise ValueError(f"question file {path} (from ${SPEC_BENCH_ENV}) not found")
     return path
-
-
-def load_questions(
-    path: Path, categories: int | Sequence[str] | None, per_category: int, held_out_only: bool = False
-) -> list[dict]:
-    """The first ``per_category`` questions of each chosen category, in file order (Spec-Bench's
-    JSONL: ``question_id``, ``category``, ``turns``)."""
-    if not path.is_file():
-        raise ValueError(f"question file {path} not found; pass --questions PATH (or --questions everyday)")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    if held_out_only:
-        rows = [r for r in rows if r["question_id"] % 4 == 0]
-    order = list(dict.fromkeys(r["category"] for r in rows))
-    if isinstance(categories, int):
-        chosen = order[:categories]
-    elif categories:
-        unknown = set(categories) - set(order)
-        if unknown:
-            raise ValueError(f"unknown categories {sorted(unknown)}; known: {order}")
-        chosen = list(categories)
-    else:
-        chosen = order
-    count: dict[str, int] = defaultdict(int)
-    out = []
-    for r in rows:
-        if r["category"] in chosen and count[r["category"]] < per_category:
-            count[r["category"]] += 1
-            out.append(r)
-    return out
 
 
 def spread_over_categories(questions: list[dict], n: int) -> list[dict]:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from meshd.lab.bench import load_questions, progress_printer, question_file, spread_over_categories
+from meshd.lab.bench import progress_printer, question_file, spread_over_categories
 from meshd.lab.sim.calibration import calibrate, calibration_specs, calibration_table
 from meshd.lab.sim.engine import (
     FLOWSPEC_7B_FLOW_OVER_CHUNK,
@@ -28,6 +28,7 @@ from models.eagle import default_drafter
 from models.source import ModelSource
 from models.stage import Stage, parse_dtype
 from models.text import encode_messages, stop_ids
+from training.prompts import load_questions
 
 
 def parse_origins(spec: str, n: int) -> list[int | None]:
