@@ -50,19 +50,19 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from meshd.serve.local import LocalEngine
+    from meshd.serve.local import LocalModel
     from models.eagle import default_drafter
 
     _threads(args.threads)
-    eng = LocalEngine(args.model, args.dtype)
+    local = LocalModel(args.model, args.dtype)
 
     def show(text: str) -> None:
         sys.stdout.write(text)
         sys.stdout.flush()
 
     if args.drafter == "auto":
-        args.drafter = default_drafter(eng.source)
-    out = eng.run(
+        args.drafter = default_drafter(local.source)
+    out = local.run(
         args.prompt,
         mode=args.mode,
         drafter=args.drafter,
@@ -75,9 +75,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         stages=args.stages,
     )
     if args.json:
-        out["load_seconds"] = round(eng.load_seconds, 3)
+        out["load_seconds"] = round(local.load_seconds, 3)
         if args.mode == "spec":
-            out["cost_curve_ms"] = {t: round(s * 1e3, 3) for t, s in eng.curve.items()}
+            out["cost_curve_ms"] = {t: round(s * 1e3, 3) for t, s in local.curve.items()}
         print(json.dumps(out))
     else:
         print()

@@ -22,7 +22,7 @@ import torch
 
 from meshd.lab.emulate import link_emulation, slowdown
 from meshd.lab.testbed import LoopbackMesh, http
-from meshd.serve.local import LocalEngine
+from meshd.serve.local import LocalModel
 from training.prompts import SPEC_BENCH_ENV, spec_bench_path
 
 
@@ -176,19 +176,19 @@ class LocalBackend:
     def __init__(self, args):
         torch.set_num_threads(args.threads or torch.get_num_threads())
         self.args = args
-        self.engine = LocalEngine(args.model, args.dtype)
-        self.engine.curve  # noqa: B018 - measure (or load) the cost curve before timing anything
+        self.local = LocalModel(args.model, args.dtype)
+        self.local.curve  # noqa: B018 - measure (or load) the cost curve before timing anything
         self.stages = args.stages if args.backend == "inprocess" else 1
 
     def describe(self) -> str:
         where = f"{self.stages} in-process stages" if self.stages > 1 else "one device"
         n = torch.get_num_threads()
-        return f"{where}, {n} thread{'s' if n > 1 else ''}, dtype {str(self.engine.target.dtype)[6:]}"
+        return f"{where}, {n} thread{'s' if n > 1 else ''}, dtype {str(self.local.target.dtype)[6:]}"
 
     def runner(self, label: str) -> Callable[[str], dict]:
         mode, _, drafter = label.partition(":")
         a = self.args
-        return lambda text: self.engine.run(
+        return lambda text: self.local.run(
             text,
             mode=mode,
             drafter=drafter or a.drafter,
@@ -262,13 +262,13 @@ class DaemonBackend:
         return run
 
     def _local(self, label: str) -> Callable[[str], dict]:
-        if not hasattr(self, "engine"):
+        if not hasattr(self, "local"):
             torch.set_num_threads(self.args.threads or 1)  # one device = what one daemon has
-            self.engine = LocalEngine(self.args.model, self.args.dtype)
-            self.engine.curve  # noqa: B018 - measure (or load) the cost curve before timing anything
+            self.local = LocalModel(self.args.model, self.args.dtype)
+            self.local.curve  # noqa: B018 - measure (or load) the cost curve before timing anything
         mode, _, drafter = label.partition(":")
         a = self.args
-        return lambda text: self.engine.run(
+        return lambda text: self.local.run(
             text, mode=mode, drafter=drafter or a.drafter, max_tokens=a.max_tokens, temperature=a.temperature, seed=0
         )
 

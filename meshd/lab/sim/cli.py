@@ -12,7 +12,9 @@ import torch
 
 from meshd.lab.bench import progress_printer, question_file, spread_over_categories
 from meshd.lab.sim.calibration import calibrate, calibration_specs, calibration_table
-from meshd.lab.sim.engine import (
+from meshd.lab.sim.links import LinkModel, parse_link
+from meshd.lab.sim.profiles import Profile, load_profile, measure_profile
+from meshd.lab.sim.simulation import (
     FLOWSPEC_7B_FLOW_OVER_CHUNK,
     SimResult,
     Simulation,
@@ -21,8 +23,6 @@ from meshd.lab.sim.engine import (
     simulation_table,
     summarize_traces,
 )
-from meshd.lab.sim.links import Link, parse_link
-from meshd.lab.sim.profiles import Profile, load_profile, measure_profile
 from models.drafters import drafter_factory
 from models.eagle import default_drafter
 from models.source import ModelSource
@@ -69,7 +69,7 @@ def _simulate(
     *,
     stages: int,
     profile: Profile,
-    link: Link,
+    link: LinkModel,
     modes: list[str],
     drafter: str,
     max_tokens: int,
@@ -143,7 +143,7 @@ def _calibrate(args, path: Path) -> int:
             questions,
             stages=spec["stages"],
             profile=profile,
-            link=Link(link.latency + hop, link.bandwidth),
+            link=LinkModel(link.latency + hop, link.bandwidth),
             modes=modes,
             drafter=spec.get("drafter") or args.drafter,
             max_tokens=spec.get("max_tokens", 128),

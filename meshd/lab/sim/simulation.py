@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 import torch
 
 from meshd.lab.loadtest import per_token_latency, percentile, poisson_arrivals
-from meshd.lab.sim.links import ROW_META_BYTES, SEGMENT_META_BYTES, TOKEN_BYTES, Link
+from meshd.lab.sim.links import ROW_META_BYTES, SEGMENT_META_BYTES, TOKEN_BYTES, LinkModel
 from meshd.lab.sim.profiles import Profile
 from meshd.ring.interpreter import Delivery, ToClient, ToEveryStage, ToOriginator, ToStage, forward, interpret
 from meshd.ring.messages import Prune, Result, RingMessage, Segment
@@ -196,7 +196,7 @@ class Simulation:
         *,
         stages: int,
         profile: Profile,
-        link: Link,
+        link: LinkModel,
         origins: Sequence[int | None] = (0,),
         compute_scale: float = 1.0,
         cores: int | None = None,
