@@ -50,19 +50,19 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from meshd.serve.local import LocalEngine
+    from meshd.serve.local import LocalModel
     from models.eagle import default_drafter
 
     _threads(args.threads)
-    eng = LocalEngine(args.model, args.dtype)
+    local = LocalModel(args.model, args.dtype)
 
     def show(text: str) -> None:
         sys.stdout.write(text)
         sys.stdout.flush()
 
     if args.drafter == "auto":
-        args.drafter = default_drafter(eng.source)
-    out = eng.run(
+        args.drafter = default_drafter(local.source)
+    out = local.run(
         args.prompt,
         mode=args.mode,
         drafter=args.drafter,
@@ -75,9 +75,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         stages=args.stages,
     )
     if args.json:
-        out["load_seconds"] = round(eng.load_seconds, 3)
+        out["load_seconds"] = round(local.load_seconds, 3)
         if args.mode == "spec":
-            out["cost_curve_ms"] = {t: round(s * 1e3, 3) for t, s in eng.curve.items()}
+            out["cost_curve_ms"] = {t: round(s * 1e3, 3) for t, s in local.curve.items()}
         print(json.dumps(out))
     else:
         print()
@@ -92,9 +92,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from meshd.lab import bench  # lab modules import torch: loaded by their commands only, so `meshd --help` is fast
+    from training.prompts import load_questions
 
     args.questions = str(bench.question_file(args.questions))  # the record names the file read
-    questions = bench.load_questions(
+    questions = load_questions(
         Path(args.questions), args.categories or args.n_categories, args.per_category, held_out_only=args.held_out
     )
     default_modes = {"local": "ar,spec:ngram", "daemons": "local:spec,ar,chunk,flow", "inprocess": "ar,chunk,flow"}
@@ -293,7 +294,7 @@ def cmd_train_draft(args: argparse.Namespace) -> int:
         model=args.model,
         out=args.out,
         prompts=args.prompts,
-        spec_bench=args.spec_bench,
+        spec_bench=args.questions,
         tokens=args.tokens,
         epochs=args.epochs,
         seed=args.seed,
@@ -510,8 +511,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="extra prompt file (JSONL or one per line); the project's models/heads/prompts/*.jsonl are always used",
     )
     t.add_argument(
-        "--spec-bench",
-        default=os.environ.get("MESHD_SPEC_BENCH"),
+        "--questions",
+        default=None,
         metavar="PATH",
         help="Spec-Bench question file: its questions with question_id %% 4 != 0 are trained on too, the rest "
         "give the held-out figures of the report (default: $MESHD_SPEC_BENCH; without it: the project's "

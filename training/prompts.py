@@ -1,9 +1,10 @@
-"""Prompts to self-distil on, and the held-out questions to evaluate on.
+"""Question and prompt files: the one reader of Spec-Bench-format question files (for training,
+the held-out evaluation and the lab's benchmarks), and the prompts to self-distil on.
 
 Training always uses the project's own prompt files (``models/heads/prompts/*.jsonl``) and any
 extra files given. Spec-Bench (its public ``question.jsonl``) is optional and only ever read from
-a path the user gives (``--spec-bench``/``--questions`` or ``MESHD_SPEC_BENCH``): its questions
-with ``question_id % 4 != 0`` may be trained on, the held-out split ``% 4 == 0`` never is, and is
+a path the user gives (``--questions`` or ``MESHD_SPEC_BENCH``): its questions with
+``question_id % 4 != 0`` may be trained on, the held-out split ``% 4 == 0`` never is, and is
 what the held-out evaluation replays.
 """
 
@@ -30,14 +31,45 @@ def read_spec_bench(path: Path) -> list[dict]:
     """Every question of a Spec-Bench-format JSONL file (``question_id``, ``category``, ``turns``)."""
     if not path.is_file():
         raise ValueError(
-            f"Spec-Bench questions not found at {path}; download {SPEC_BENCH_SOURCE} and pass its path "
-            f"(or set {SPEC_BENCH_ENV})"
+            f"question file {path} not found: pass --questions PATH to Spec-Bench's question.jsonl "
+            f"({SPEC_BENCH_SOURCE}) or set {SPEC_BENCH_ENV}"
         )
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def is_held_out(question_id: int) -> bool:
+    """Spec-Bench's held-out split: never trained on, replayed by the held-out evaluation."""
     return question_id % 4 == 0
+
+
+def load_questions(
+    path: Path,
+    categories: int | Sequence[str] | None = None,
+    per_category: int | None = None,
+    held_out_only: bool = False,
+) -> list[dict]:
+    """The first ``per_category`` questions (all when None) of each chosen category, in file order:
+    ``categories`` is a count (the first categories of the file), a list of names, or None (all)."""
+    rows = read_spec_bench(path)
+    if held_out_only:
+        rows = [r for r in rows if is_held_out(int(r["question_id"]))]
+    order = list(dict.fromkeys(r["category"] for r in rows))
+    if isinstance(categories, int):
+        chosen = order[:categories]
+    elif categories:
+        unknown = set(categories) - set(order)
+        if unknown:
+            raise ValueError(f"unknown categories {sorted(unknown)}; known: {order}")
+        chosen = list(categories)
+    else:
+        chosen = order
+    seen: Counter[str] = Counter()
+    out = []
+    for r in rows:
+        if r["category"] in chosen and (per_category is None or seen[r["category"]] < per_category):
+            seen[r["category"]] += 1
+            out.append(r)
+    return out
 
 
 def project_prompt_files() -> list[Path]:
@@ -79,13 +111,4 @@ def training_prompts(files: Sequence[str | Path] = (), spec_bench: Path | None =
 
 def held_out_questions(path: Path, per_category: int | None = None) -> list[dict]:
     """Spec-Bench's held-out split, the first ``per_category`` of each category (all when None)."""
-    rows = [r for r in read_spec_bench(path) if is_held_out(int(r["question_id"]))]
-    if per_category is None:
-        return rows
-    seen: Counter[str] = Counter()
-    out = []
-    for r in rows:
-        if seen[r["category"]] < per_category:
-            seen[r["category"]] += 1
-            out.append(r)
-    return out
+    return load_questions(path, per_category=per_category, held_out_only=True)

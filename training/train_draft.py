@@ -126,7 +126,7 @@ def train_draft(
     save_head(head, out, report)
 
     if eval_per_category > 0 and bench is None:
-        log(f"held-out evaluation skipped: it runs on Spec-Bench's held-out split (--spec-bench or {SPEC_BENCH_ENV})")
+        log(f"held-out evaluation skipped: it runs on Spec-Bench's held-out split (--questions or {SPEC_BENCH_ENV})")
     elif eval_per_category > 0:
         questions = held_out_questions(bench, eval_per_category)
         cats = {str(q["question_id"]): q["category"] for q in questions}

@@ -14,7 +14,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +22,8 @@ import torch
 
 from meshd.lab.emulate import link_emulation, slowdown
 from meshd.lab.testbed import LoopbackMesh, http
-from meshd.serve.local import LocalEngine
+from meshd.serve.local import LocalModel
+from training.prompts import SPEC_BENCH_ENV, spec_bench_path
 
 
 @dataclass
@@ -39,52 +40,23 @@ class Run:
 
 
 EVERYDAY = Path(__file__).resolve().parent / "prompts" / "everyday.jsonl"
-SPEC_BENCH_ENV = "MESHD_SPEC_BENCH"
 
 
 def question_file(arg: str | None) -> Path:
     """The question file ``--questions`` names: a path, or ``everyday`` for the project's own set;
     without one, the path in ``$MESHD_SPEC_BENCH``. Spec-Bench is public but not part of this
     repository, so a run on it names the copy it read (and fails clearly without one)."""
-    spec = arg or os.environ.get(SPEC_BENCH_ENV)
-    if not spec:
+    path = spec_bench_path(arg)
+    if path is None:
         raise ValueError(
             "no question file: pass --questions PATH to Spec-Bench's question.jsonl (public, from the Spec-Bench "
             f"repository, data/spec_bench/question.jsonl) or --questions everyday, or set {SPEC_BENCH_ENV}"
         )
-    path = EVERYDAY if spec == "everyday" else Path(spec).expanduser()
+    if path == Path("everyday"):
+        return EVERYDAY
     if not arg and not path.is_file():
         raise ValueError(f"question file {path} (from ${SPEC_BENCH_ENV}) not found")
     return path
-
-
-def load_questions(
-    path: Path, categories: int | Sequence[str] | None, per_category: int, held_out_only: bool = False
-) -> list[dict]:
-    """The first ``per_category`` questions of each chosen category, in file order (Spec-Bench's
-    JSONL: ``question_id``, ``category``, ``turns``)."""
-    if not path.is_file():
-        raise ValueError(f"question file {path} not found; pass --questions PATH (or --questions everyday)")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    if held_out_only:
-        rows = [r for r in rows if r["question_id"] % 4 == 0]
-    order = list(dict.fromkeys(r["category"] for r in rows))
-    if isinstance(categories, int):
-        chosen = order[:categories]
-    elif categories:
-        unknown = set(categories) - set(order)
-        if unknown:
-            raise ValueError(f"unknown categories {sorted(unknown)}; known: {order}")
-        chosen = list(categories)
-    else:
-        chosen = order
-    count: dict[str, int] = defaultdict(int)
-    out = []
-    for r in rows:
-        if r["category"] in chosen and count[r["category"]] < per_category:
-            count[r["category"]] += 1
-            out.append(r)
-    return out
 
 
 def spread_over_categories(questions: list[dict], n: int) -> list[dict]:
@@ -204,19 +176,19 @@ class LocalBackend:
     def __init__(self, args):
         torch.set_num_threads(args.threads or torch.get_num_threads())
         self.args = args
-        self.engine = LocalEngine(args.model, args.dtype)
-        self.engine.curve  # noqa: B018 - measure (or load) the cost curve before timing anything
+        self.local = LocalModel(args.model, args.dtype)
+        self.local.curve  # noqa: B018 - measure (or load) the cost curve before timing anything
         self.stages = args.stages if args.backend == "inprocess" else 1
 
     def describe(self) -> str:
         where = f"{self.stages} in-process stages" if self.stages > 1 else "one device"
         n = torch.get_num_threads()
-        return f"{where}, {n} thread{'s' if n > 1 else ''}, dtype {str(self.engine.target.dtype)[6:]}"
+        return f"{where}, {n} thread{'s' if n > 1 else ''}, dtype {str(self.local.target.dtype)[6:]}"
 
     def runner(self, label: str) -> Callable[[str], dict]:
         mode, _, drafter = label.partition(":")
         a = self.args
-        return lambda text: self.engine.run(
+        return lambda text: self.local.run(
             text,
             mode=mode,
             drafter=drafter or a.drafter,
@@ -290,13 +262,13 @@ class DaemonBackend:
         return run
 
     def _local(self, label: str) -> Callable[[str], dict]:
-        if not hasattr(self, "engine"):
+        if not hasattr(self, "local"):
             torch.set_num_threads(self.args.threads or 1)  # one device = what one daemon has
-            self.engine = LocalEngine(self.args.model, self.args.dtype)
-            self.engine.curve  # noqa: B018 - measure (or load) the cost curve before timing anything
+            self.local = LocalModel(self.args.model, self.args.dtype)
+            self.local.curve  # noqa: B018 - measure (or load) the cost curve before timing anything
         mode, _, drafter = label.partition(":")
         a = self.args
-        return lambda text: self.engine.run(
+        return lambda text: self.local.run(
             text, mode=mode, drafter=drafter or a.drafter, max_tokens=a.max_tokens, temperature=a.temperature, seed=0
         )
 

@@ -12,7 +12,7 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
-MODES = ("ar", "chunk", "flow")
+from meshd.modes import MESH_MODES
 
 
 def load_records(paths: list[Path]) -> list[dict]:
@@ -67,20 +67,20 @@ def _mesh_records(records: list[dict], backend: str = "daemons") -> list[dict]:
         for r in records
         if r["_kind"] == "bench"
         and r["config"].get("backend") == backend
-        and all(f"ALL/{m}" in r["summary"] for m in MODES)
+        and all(f"ALL/{m}" in r["summary"] for m in MESH_MODES)
     ]
 
 
 def _speedups(rec: dict, qids: set[int] | None = None) -> dict[str, float]:
     """Mode ratios of total tokens over total seconds, over the questions ``qids`` (default: all)."""
     if qids is None:
-        s = {m: rec["summary"][f"ALL/{m}"]["tokens_per_s"] for m in MODES}
+        s = {m: rec["summary"][f"ALL/{m}"]["tokens_per_s"] for m in MESH_MODES}
     else:
         runs = [r for r in rec["runs"] if r["question_id"] in qids]
         s = {
             m: sum(r["new_tokens"] for r in runs if r["mode"] == m)
             / max(1e-9, sum(r["seconds"] for r in runs if r["mode"] == m))
-            for m in MODES
+            for m in MESH_MODES
         }
     return {"flow/ar": s["flow"] / s["ar"], "chunk/ar": s["chunk"] / s["ar"], "flow/chunk": s["flow"] / s["chunk"]}
 

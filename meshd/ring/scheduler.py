@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from meshd.modes import MESH_MODES
 from meshd.ring.messages import PROMPT_PARENT, Prune, Result, Segment
 from models.budget import CostCurve, TreeBudget
 from models.drafters import Drafter
@@ -31,7 +32,6 @@ from models.stage import Stage
 from models.tree import Tree, split_segments
 from models.verify import Sampling, Walk, advance, sample_token
 
-MODES = ("ar", "chunk", "flow")
 PREFILL_CHUNK = 64
 
 
@@ -155,8 +155,8 @@ class Originator:
 
     # ---- events -----------------------------------------------------------------------------
     def submit(self, req: Request) -> list[Action]:
-        if req.mode not in MODES:
-            raise ValueError(f"mode {req.mode!r}; choose one of {', '.join(MODES)}")
+        if req.mode not in MESH_MODES:
+            raise ValueError(f"mode {req.mode!r}; choose one of {', '.join(MESH_MODES)}")
         if req.request_id in self.live:
             raise ValueError(f"request id {req.request_id!r} is already live")
         if not req.prompt:
@@ -227,6 +227,17 @@ class Originator:
         if lv.req.mode != "flow" and lv.in_flight:  # ar / chunk: verify only once the whole tree is back
             return []
         return self._walk(lv)
+
+    def rows_to_verify(self, res: Result) -> int:
+        """Rows ``on_result(res)`` will put through the LM head: the last prompt row once the prefill
+        is complete, else the returned nodes still in flight (0 for a finished request). The
+        simulator charges head time by it."""
+        lv = self.live.get(res.request_id)
+        if lv is None:
+            return 0
+        if lv.prefill_left:
+            return 1 if lv.prefill_left <= set(res.node_ids) else 0
+        return sum(1 for n in res.node_ids if n in lv.in_flight)
 
     # ---- prefill ----------------------------------------------------------------------------
     def _prefill_result(self, lv: _Live, res: Result) -> list[Action]:

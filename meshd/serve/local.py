@@ -23,7 +23,7 @@ from models.text import decode, encode_prompt, has_chat_template, stop_ids
 from models.verify import Sampling
 
 
-class LocalEngine:
+class LocalModel:
     """The model on this device, and ``run`` to generate with it in any mode."""
 
     def __init__(self, model: str = "default", dtype: str = "auto"):

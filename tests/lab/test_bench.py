@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from meshd import cli
-from meshd.lab.bench import EVERYDAY, SPEC_BENCH_ENV, load_questions, question_file, spread_over_categories
+from meshd.lab.bench import EVERYDAY, question_file, spread_over_categories
+from training.prompts import SPEC_BENCH_ENV, load_questions
 
 
 def write_questions(path: Path, rows: list[tuple[int, str]]) -> Path:

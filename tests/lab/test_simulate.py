@@ -14,9 +14,9 @@ from meshd import cli
 from meshd.lab.loadtest import poisson_arrivals
 from meshd.lab.sim import cli as sim_cli
 from meshd.lab.sim.calibration import calibration_rows, calibration_specs, fit_scale_and_hop
-from meshd.lab.sim.engine import Simulation, summarize_traces
-from meshd.lab.sim.links import ROW_META_BYTES, SEGMENT_META_BYTES, TOKEN_BYTES, Link, parse_link
+from meshd.lab.sim.links import ROW_META_BYTES, SEGMENT_META_BYTES, TOKEN_BYTES, LinkModel, parse_link
 from meshd.lab.sim.profiles import DraftCost, Profile, flat, jetson_orin_7b, measure_profile
+from meshd.lab.sim.simulation import Simulation, summarize_traces
 from meshd.ring.scheduler import Request
 from models.drafters import ModelDrafter, NGramDrafter
 from models.source import ModelSource
@@ -68,7 +68,7 @@ def run_one(
     *,
     stages: int = 3,
     profile: Profile | None = None,
-    link: Link | None = None,
+    link: LinkModel | None = None,
     drafter: str = "self",
     origins=(None,),
     n: int = 40,
@@ -80,7 +80,7 @@ def run_one(
         factory(drafter, full),
         stages=stages,
         profile=profile or synthetic(1.0),
-        link=link or Link(),
+        link=link or LinkModel(),
         origins=origins,
         **kw,
     )
@@ -93,9 +93,9 @@ def run_one(
 @pytest.mark.parametrize(
     ("drafter", "origins", "link", "cores"),
     [
-        ("ngram", (None,), Link(), None),
-        ("self", (0,), Link(2e-3, 150e6), None),  # meshd's layout: the originator shares stage 0's device
-        ("self", (None,), Link(1e-3, 1e9), 2),  # two cores shared by every device, as on this machine
+        ("ngram", (None,), LinkModel(), None),
+        ("self", (0,), LinkModel(2e-3, 150e6), None),  # meshd's layout: the originator shares stage 0's device
+        ("self", (None,), LinkModel(1e-3, 1e9), 2),  # two cores shared by every device, as on this machine
     ],
 )
 def test_decisions_are_greedy_exact(tiny, mode, drafter, origins, link, cores):
@@ -119,7 +119,7 @@ def test_ar_timing_matches_hand_computation(tiny, shared):
     _, full = tiny
     k, c, lat, h = 3, 0.020, 0.003, 0.005
     res, tr = run_one(
-        full, "ar", stages=k, profile=synthetic(c, head=h), link=Link(lat), origins=(0,) if shared else (None,)
+        full, "ar", stages=k, profile=synthetic(c, head=h), link=LinkModel(lat), origins=(0,) if shared else (None,)
     )
     period = k * c + (k if shared else k + 1) * lat + h
     assert summarize_traces([res])["decode_tokens_per_s"] == pytest.approx(1 / period, rel=0.01)
@@ -134,7 +134,7 @@ def test_bandwidth_serialises_each_link(tiny):
     _, full = tiny
     k, c, bw = 3, 0.010, 1e6
     prof = synthetic(c, hidden=64, wire_bytes=4)
-    res, _ = run_one(full, "ar", stages=k, profile=prof, link=Link(0.0, bw))
+    res, _ = run_one(full, "ar", stages=k, profile=prof, link=LinkModel(0.0, bw))
     meta, row = SEGMENT_META_BYTES, ROW_META_BYTES
     prune = meta + 4 * 2  # keep = commit = [the new token's node]
     inject = meta + row + TOKEN_BYTES
@@ -168,7 +168,7 @@ def test_utilisation_timeline_and_load(tiny):
             NGramDrafter,
             stages=2,
             profile=synthetic(0.05, head=0.01, n_layers=2),
-            link=Link(1e-3, 100e6),
+            link=LinkModel(1e-3, 100e6),
             origins=(0, 1),
         )
         for i, at in enumerate(poisson_arrivals(len(prompts), rate=20.0, seed=7)):
@@ -202,10 +202,10 @@ def test_poisson_arrivals_are_seeded():
 
 
 def test_parse_link():
-    assert parse_link("1ms/150mbit") == Link(1e-3, 150e6)
-    assert parse_link("500us/1gbit") == Link(5e-4, 1e9)
-    assert parse_link("0/inf") == Link(0.0, math.inf)
-    assert Link(0.0, 8e6).wire_seconds(1000) == pytest.approx(1e-3)
+    assert parse_link("1ms/150mbit") == LinkModel(1e-3, 150e6)
+    assert parse_link("500us/1gbit") == LinkModel(5e-4, 1e9)
+    assert parse_link("0/inf") == LinkModel(0.0, math.inf)
+    assert LinkModel(0.0, 8e6).wire_seconds(1000) == pytest.approx(1e-3)
     with pytest.raises(ValueError):
         parse_link("fast")
 

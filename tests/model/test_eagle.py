@@ -362,14 +362,14 @@ def test_held_out_split_never_trained(tmp_path, monkeypatch):
     assert spec_bench_path() is None
     monkeypatch.setenv("MESHD_SPEC_BENCH", str(bench))
     assert spec_bench_path() == bench and spec_bench_path(tmp_path / "x") == tmp_path / "x"
-    with pytest.raises(ValueError, match=r"Spec-Bench questions not found at .*missing.*MESHD_SPEC_BENCH"):
+    with pytest.raises(ValueError, match=r"question file .*missing.* not found.*MESHD_SPEC_BENCH"):
         training_prompts(spec_bench=tmp_path / "missing.jsonl")
 
 
 def test_train_draft_refuses_a_missing_spec_bench_at_once(tmp_path, capsys):
 
-    code = main(["train-draft", "--out", str(tmp_path / "h"), "--threads", "2", "--spec-bench", str(tmp_path / "no")])
-    assert code == 2 and "Spec-Bench questions not found" in capsys.readouterr().err
+    code = main(["train-draft", "--out", str(tmp_path / "h"), "--threads", "2", "--questions", str(tmp_path / "no")])
+    assert code == 2 and "not found: pass --questions PATH" in capsys.readouterr().err
     assert not (tmp_path / "h").exists()
 
 

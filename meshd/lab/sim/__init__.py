@@ -1,1 +1,1 @@
-"""The mesh simulator: links, device profiles, the discrete-event engine, calibration and ``meshd simulate``."""
+"""The mesh simulator: links, device profiles, the discrete-event simulation, calibration and ``meshd simulate``."""

@@ -10,9 +10,11 @@ from pathlib import Path
 
 import torch
 
-from meshd.lab.bench import load_questions, progress_printer, question_file, spread_over_categories
+from meshd.lab.bench import progress_printer, question_file, spread_over_categories
 from meshd.lab.sim.calibration import calibrate, calibration_specs, calibration_table
-from meshd.lab.sim.engine import (
+from meshd.lab.sim.links import LinkModel, parse_link
+from meshd.lab.sim.profiles import Profile, load_profile, measure_profile
+from meshd.lab.sim.simulation import (
     FLOWSPEC_7B_FLOW_OVER_CHUNK,
     SimResult,
     Simulation,
@@ -21,13 +23,12 @@ from meshd.lab.sim.engine import (
     simulation_table,
     summarize_traces,
 )
-from meshd.lab.sim.links import Link, parse_link
-from meshd.lab.sim.profiles import Profile, load_profile, measure_profile
 from models.drafters import drafter_factory
 from models.eagle import default_drafter
 from models.source import ModelSource
 from models.stage import Stage, parse_dtype
 from models.text import encode_messages, stop_ids
+from training.prompts import load_questions
 
 
 def parse_origins(spec: str, n: int) -> list[int | None]:
@@ -68,7 +69,7 @@ def _simulate(
     *,
     stages: int,
     profile: Profile,
-    link: Link,
+    link: LinkModel,
     modes: list[str],
     drafter: str,
     max_tokens: int,
@@ -142,7 +143,7 @@ def _calibrate(args, path: Path) -> int:
             questions,
             stages=spec["stages"],
             profile=profile,
-            link=Link(link.latency + hop, link.bandwidth),
+            link=LinkModel(link.latency + hop, link.bandwidth),
             modes=modes,
             drafter=spec.get("drafter") or args.drafter,
             max_tokens=spec.get("max_tokens", 128),

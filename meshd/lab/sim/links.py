@@ -14,7 +14,9 @@ SEGMENT_META_BYTES, ROW_META_BYTES, TOKEN_BYTES = 96, 9, 4  # CBOR frame + ids/p
 
 
 @dataclass(frozen=True)
-class Link:
+class LinkModel:
+    """A simulated link (the mesh's real one is ``peers/link.py: Link``)."""
+
     latency: float = 0.0  # seconds, one way
     bandwidth: float = math.inf  # bits per second
 
@@ -30,7 +32,7 @@ _LAT = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "": 1e-3}
 _BW = {"bit": 1.0, "kbit": 1e3, "mbit": 1e6, "mbps": 1e6, "gbit": 1e9, "": 1e6}
 
 
-def parse_link(spec: str) -> Link:
+def parse_link(spec: str) -> LinkModel:
     """``1ms/150mbit``, ``500us/1gbit``, ``0/inf`` (bare numbers: ms and Mbit/s)."""
     lat, _, bw = spec.strip().lower().partition("/")
     m1 = re.fullmatch(r"([0-9.]+)\s*(us|ms|s|)", lat)
@@ -38,4 +40,4 @@ def parse_link(spec: str) -> Link:
     if m1 is None or (m2 is None and bw not in ("", "inf", "0")):
         raise ValueError(f"link {spec!r}: expected LATENCY/BANDWIDTH, e.g. 1ms/150mbit or 0/inf")
     bandwidth = float(m2.group(1)) * _BW[m2.group(2)] if m2 else math.inf
-    return Link(float(m1.group(1)) * _LAT[m1.group(2)], bandwidth if bandwidth > 0 else math.inf)
+    return LinkModel(float(m1.group(1)) * _LAT[m1.group(2)], bandwidth if bandwidth > 0 else math.inf)

@@ -7,7 +7,6 @@ A profile is either assumed (``jetson_orin_7b``: a projection, written down), me
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import torch
 
 from models.budget import CostCurve
+from models.cache import cache_dir
 from models.profile import forward_times, monotone
 from models.ranges import LayerRange
 from models.stage import Stage
@@ -157,8 +157,7 @@ def measure_profile(
     minimum (noise only ever adds time). Cached per (model, dtype) under ~/.cache/meshd.
     """
     dt = str(full.dtype).removeprefix("torch.")
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "meshd" / "profiles"
-    path = base / f"sim-{fingerprint}-{dt}-t1.json" if fingerprint else None
+    path = cache_dir("profiles", f"sim-{fingerprint}-{dt}-t1.json") if fingerprint else None
     if path and path.is_file() and not refresh:
         return Profile.from_json(json.loads(path.read_text()))
     threads = torch.get_num_threads()

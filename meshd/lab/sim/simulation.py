@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 import torch
 
 from meshd.lab.loadtest import per_token_latency, percentile, poisson_arrivals
-from meshd.lab.sim.links import ROW_META_BYTES, SEGMENT_META_BYTES, TOKEN_BYTES, Link
+from meshd.lab.sim.links import ROW_META_BYTES, SEGMENT_META_BYTES, TOKEN_BYTES, LinkModel
 from meshd.lab.sim.profiles import Profile
 from meshd.ring.interpreter import Delivery, ToClient, ToEveryStage, ToOriginator, ToStage, forward, interpret
 from meshd.ring.messages import Prune, Result, RingMessage, Segment
@@ -196,7 +196,7 @@ class Simulation:
         *,
         stages: int,
         profile: Profile,
-        link: Link,
+        link: LinkModel,
         origins: Sequence[int | None] = (0,),
         compute_scale: float = 1.0,
         cores: int | None = None,
@@ -295,7 +295,7 @@ class Simulation:
                 dev,
                 t,
                 lambda res=res: dev.originator.on_result(res),
-                self._head_rows(dev.originator, res),
+                dev.originator.rows_to_verify(res),
                 res.request_id,
             )
         for out in outputs:
@@ -313,16 +313,6 @@ class Simulation:
         start = max(t, self._cores[i])
         self._cores[i] = start + cost
         return start, start + cost
-
-    @staticmethod
-    def _head_rows(orig: Originator, res: Result) -> int:
-        """Rows the originator will put through the LM head for ``res`` (peeks at its live state)."""
-        lv = orig.live.get(res.request_id)
-        if lv is None:
-            return 0
-        if lv.prefill_left:
-            return 1 if lv.prefill_left <= set(res.node_ids) else 0
-        return sum(1 for n in res.node_ids if n in lv.in_flight)
 
     def _originator_call(self, dev: _Device, t: float, call: Callable[[], list], head_rows: int, rid: str) -> float:
         m = self.meter
