@@ -351,5 +351,5 @@ _reg(
 )
 _reg("prune", upto=Kind.INT, keep=Kind.INTS, commit=Kind.INTS)
 _reg("result", nodes=Kind.INTS, hidden=Kind.TENSOR, queue=optional(Kind.INT))
-_reg("cancel")  # closes the request's session at a stage
+_reg("close")  # closes the request's session at a stage
 _reg("error", code=Kind.STR, message=Kind.STR)

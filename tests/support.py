@@ -1,7 +1,7 @@
-"""Helpers the tests import by name: tiny random checkpoints, the project's prompt set, and an
-``Engine`` (``meshd.serve.engine``) standing in for the daemon's runtime behind the REST API
-(deterministic tokens from a real tokenizer, chunked like speculative rounds, with cancellation and
-failures recorded)."""
+"""Helpers the tests import by name: tiny random checkpoints, the project's prompt set, the daemon's
+runtime on a one-device ring (``solo_runtime``), and an ``Engine`` (``meshd.serve.engine``) standing
+in for that runtime behind the REST API (deterministic tokens from a real tokenizer, chunked like
+speculative rounds, with cancellation and failures recorded)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import asyncio
 import contextlib
 import math
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import transformers
@@ -18,8 +19,11 @@ from aiohttp import web
 
 from meshd.lab.bench import EVERYDAY
 from meshd.serve.engine import GenerateParams, RuntimeUnavailable
+from meshd.serve.runtime import Ring, Runtime
 from models.budget import CostCurve
+from models.drafters import Drafter
 from models.engine import Stats
+from models.source import ModelSource
 from models.stage import Stage
 from training.prompts import load_questions
 
@@ -295,3 +299,18 @@ async def serve(app: web.Application):
         yield f"http://127.0.0.1:{port}"
     finally:
         await runner.cleanup()
+
+
+def solo_runtime(
+    source: ModelSource,
+    full: Stage,
+    drafter_factory: Callable[[], Drafter] | None,
+    tokenizer: Any = None,
+    **runtime_kw: Any,
+) -> Runtime:
+    """The daemon's ``Runtime`` on a one-device ring, no mesh around it: this device holds every layer.
+    With a single stage the cost curve only scales the tree budget; any increasing one will do."""
+    rt = Runtime(source, full, drafter_factory, tokenizer=tokenizer, **runtime_kw)
+    rt.install_worker(full)
+    rt.set_ring(Ring(epoch=1, nodes=[None], curves=[CostCurve({1: 1.0, 64: 2.0})], local_index=0))
+    return rt

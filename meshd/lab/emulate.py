@@ -3,8 +3,9 @@
 ``python -m meshd.lab.emulate serve [--device-slowdown K] [--link 5ms/100mbit] <meshd serve flags>``
 runs the same daemon as ``meshd serve`` with two hooks that ``meshd serve`` itself never sets:
 
-- ``--device-slowdown K``: after every forward of this device's stage, wait (K - 1) times as long
-  as the forward took, so the stage behaves like a device K times slower (the wait counts as busy);
+- ``--device-slowdown K``: this device's layer slice serves as a :class:`SlowerStage`: after every
+  forward it waits (K - 1) times as long as the forward took, so it behaves like a device K times
+  slower (the stage worker times the whole call, so the wait counts as busy);
 - ``--link LATENCY/BANDWIDTH``: every frame this daemon sends waits for the wire at that bandwidth,
   then for that one-way latency (``tc netem`` is not available everywhere).
 
@@ -17,27 +18,43 @@ import argparse
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+
+import torch
 
 from meshd.config import add_arguments, load_config
 from meshd.lab.sim.links import parse_link
 from meshd.serve.daemon import serve
+from models.stage import Attend, Stage
 from peers.link import LinkEmulation
 
 MAX_SLOWDOWN = 1000.0
 
 
-def slowdown(factor: float) -> Callable[[float], None] | None:
-    """The stage worker's pad for a device ``factor`` times slower (None: no padding)."""
+class SlowerStage(Stage):
+    """``stage``'s decoder layers (weights shared, no vocabulary ends: a daemon's layer slice) on a
+    device ``factor`` times slower: each forward, once computed, waits (factor - 1) times as long."""
+
+    def __init__(self, stage: Stage, factor: float):
+        if stage.has_vocab:
+            raise ValueError("a slower stage is a layer slice: load it without the vocabulary ends")
+        super().__init__(stage.cfg, stage.layer_range, stage.layers, dtype=stage.dtype, rope=stage.rope)
+        self.factor = factor
+
+    def forward(self, x: torch.Tensor, items: Sequence[Attend]) -> torch.Tensor:
+        t0 = time.perf_counter()
+        out = super().forward(x, items)
+        time.sleep((time.perf_counter() - t0) * (self.factor - 1.0))
+        return out
+
+
+def slowdown(factor: float) -> Callable[[Stage], Stage] | None:
+    """The daemon's stage wrapper for a device ``factor`` times slower (None: serve stages as loaded)."""
     if not 1.0 <= factor <= MAX_SLOWDOWN:
         raise ValueError(f"--device-slowdown {factor:g}: expected a factor from 1 to {MAX_SLOWDOWN:g}")
     if factor == 1.0:
         return None
-
-    def pad(seconds: float) -> None:
-        time.sleep(seconds * (factor - 1.0))
-
-    return pad
+    return lambda stage: SlowerStage(stage, factor)
 
 
 def link_emulation(text: str | None) -> LinkEmulation | None:
@@ -64,13 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        pad = slowdown(args.device_slowdown)
+        wrapper = slowdown(args.device_slowdown)
         emulation = link_emulation(args.link)
         cfg = load_config(args)
     except ValueError as exc:
         print(f"meshd.lab.emulate: error: {exc}", file=sys.stderr)
         return 2
-    return serve(cfg, compute_pad=pad, link_emulation=emulation)
+    return serve(cfg, stage_wrapper=wrapper, link_emulation=emulation)
 
 
 if __name__ == "__main__":

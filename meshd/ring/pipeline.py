@@ -7,15 +7,18 @@ it shows correctness and round counts, not pipelined wall-clock speed; the simul
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from meshd.ring.interpreter import Delivery, ToClient, ToEveryStage, ToOriginator, ToStage, forward, interpret
 from meshd.ring.scheduler import Action, Emit, Originator, Request
 from meshd.ring.worker import StageWorker
 from models.budget import CostCurve
+from models.drafters import Drafter
 from models.engine import Stats
 from models.ranges import LayerRange
+from models.source import ModelSource
 from models.stage import Stage
 
 
@@ -84,12 +87,19 @@ class InProcessPipeline:
 
 
 def build_local_pipeline(
-    source, n_stages: int, drafter_factory, dtype: str = "fp32", curves=None, full: Stage | None = None, **originator_kw
+    source: ModelSource,
+    n_stages: int,
+    drafter_factory: Callable[[], Drafter] | None,
+    dtype: str = "fp32",
+    curves: CostCurve | Sequence[CostCurve] | None = None,
+    full: Stage | None = None,
+    **originator_kw: Any,
 ) -> InProcessPipeline:
-    """Cut one loaded model into ``n_stages`` in-process stages sharing its weights.
+    """Cut one loaded model (``full``, or loaded from ``source``) into ``n_stages`` in-process
+    stages sharing its weights.
 
-    Without measured ``curves`` each stage gets a share of ``full``'s whole-model curve (or a
-    made-up one) proportional to its layer count.
+    ``curves`` are the stages' cost curves, one per stage; a single whole-model curve gives each
+    stage a share proportional to its layer count, and none a made-up whole-model curve.
     """
     full = full or Stage.load(source, dtype=dtype)
     n = full.cfg.n_layers

@@ -16,7 +16,7 @@ from meshd.ring.messages import Close, Prune, Result, RingMessage, Segment
 from peers.codec import Message
 
 # codec message types that carry ring messages (the daemon subscribes to these on the mesh)
-MESSAGE_TYPES = ("segment", "prune", "result", "cancel")
+MESSAGE_TYPES = ("segment", "prune", "result", "close")
 
 
 def to_message(msg: RingMessage, wire_dtype: torch.dtype) -> Message:
@@ -42,7 +42,7 @@ def to_message(msg: RingMessage, wire_dtype: torch.dtype) -> Message:
     if isinstance(msg, Result):
         body = {"nodes": msg.node_ids, "hidden": msg.hidden.to(wire_dtype), "queue": msg.stage_queue}
         return Message("result", body, request_id=rid)
-    return Message("cancel", {}, request_id=rid)  # a Close
+    return Message("close", {}, request_id=rid)
 
 
 def from_message(msg: Message) -> RingMessage:
@@ -69,6 +69,6 @@ def from_message(msg: Message) -> RingMessage:
         return Prune(rid, int(b["upto"]), list(b["keep"]), list(b["commit"]))
     if msg.type == "result":
         return Result(rid, list(b["nodes"]), b["hidden"].clone(), int(b.get("queue") or 0))
-    if msg.type == "cancel":
+    if msg.type == "close":
         return Close(rid)
     raise ValueError(f"{msg.type!r} is not a ring message")

@@ -24,11 +24,11 @@ class Session:
     """One request's state at this stage: which node sits in which cache slot, and what is dead."""
 
     cache: KVCache
+    last_used: float  # the worker's clock when a message last touched this session
     slot_of: dict[int, int] = field(default_factory=dict)
     parent: dict[int, int] = field(default_factory=dict)
     committed: set[int] = field(default_factory=set)
     prunes: list[Prune] = field(default_factory=list)
-    last_used: float = field(default_factory=time.monotonic)
 
     def dead(self, node: int) -> bool:
         """Committed context never dies; anything else dies if a prune issued after it left it out."""
@@ -79,7 +79,12 @@ class Session:
 
 
 class StageWorker:
-    """Runs the layers ``stage.layer_range`` for every request that reaches this device."""
+    """Runs the layers ``stage.layer_range`` for every request that reaches this device.
+
+    ``clock`` stamps session activity for :meth:`expire`; ``timer`` measures forwards for
+    ``busy_seconds``. Both default to the machine's; a driver with a time of its own (a simulation,
+    a test) passes its own.
+    """
 
     def __init__(
         self,
@@ -88,13 +93,12 @@ class StageWorker:
         embed: Callable[[list[int]], torch.Tensor] | None = None,
         max_batch_rows: int = 256,
         idle_timeout: float = 300.0,
-        pad: Callable[[float], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        timer: Callable[[], float] = time.perf_counter,
     ):
         self.stage, self.embed = stage, embed
         self.max_batch_rows, self.idle_timeout = max_batch_rows, idle_timeout
-        # called after each forward with the seconds it took; a benchmark waits there to emulate a slower
-        # device (see meshd.lab.emulate), and the wait counts as busy time
-        self.pad = pad
+        self.clock, self.timer = clock, timer
         self.sessions: dict[str, Session] = {}
         self.queue: deque[Segment] = deque()
         self.closed: deque[str] = deque(maxlen=1024)  # late messages for these must not reopen a session
@@ -152,7 +156,7 @@ class StageWorker:
 
     def expire(self, now: float | None = None) -> list[str]:
         """Free sessions idle past the timeout (an originator that vanished never sends close)."""
-        now = time.monotonic() if now is None else now
+        now = self.clock() if now is None else now
         gone = [r for r, s in self.sessions.items() if now - s.last_used > self.idle_timeout]
         for r in gone:
             self.close(r)
@@ -165,9 +169,10 @@ class StageWorker:
     # ---- compute --------------------------------------------------------------------------
     def _session(self, request_id: str) -> Session:
         sess = self.sessions.get(request_id)
+        now = self.clock()
         if sess is None:
-            sess = self.sessions[request_id] = Session(self.stage.new_cache())
-        sess.last_used = time.monotonic()
+            sess = self.sessions[request_id] = Session(self.stage.new_cache(), now)
+        sess.last_used = now
         return sess
 
     def take_batch(self) -> list[Segment]:
@@ -190,7 +195,7 @@ class StageWorker:
         """One batched forward over ``batch``; returns each segment with its output hidden states."""
         if not batch:
             return []
-        t0 = time.perf_counter()
+        t0 = self.timer()
         xs, items = [], []
         for seg in batch:
             sess = self._session(seg.request_id)
@@ -208,9 +213,7 @@ class StageWorker:
         for seg in batch:
             results.append(seg.with_hidden(out[row : row + len(seg)]))
             row += len(seg)
-        if self.pad is not None:
-            self.pad(time.perf_counter() - t0)
-        self.busy_seconds += time.perf_counter() - t0
+        self.busy_seconds += self.timer() - t0
         self.rows_done += sum(len(s) for s in batch)
         self.forwards += 1
         self.shared_forwards += len(batch) > 1

@@ -12,11 +12,11 @@ import contextlib
 import logging
 import signal
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from aiohttp import web
 
+from meshd.config import Config
 from meshd.ring.messages import RingMessage
 from meshd.ring.wire import MESSAGE_TYPES, from_message, to_message
 from meshd.serve import notify
@@ -30,9 +30,10 @@ from models.source import ModelSource
 from models.stage import Stage, parse_dtype
 from peers.codec import Message
 from peers.link import LinkEmulation
-from peers.membership import PeerLost
+from peers.membership import MembershipEvent, PeerLost
 from peers.mesh import MeshConfig, MeshNode
-from peers.planner import ModelShape
+from peers.negotiation import Plan
+from peers.planner import Assignment, ModelShape
 from peers.sizes import parse_size
 
 try:  # a dependency only where it builds (Linux, macOS); asyncio's own loop elsewhere
@@ -59,21 +60,21 @@ def model_shape(vocab: Stage, dtype: torch.dtype, context: int, draft_bytes: int
 class Daemon:
     """One peer: model, mesh node, runtime and REST API.
 
-    ``compute_pad`` and ``link_emulation`` are benchmark hooks, never set by ``meshd serve``: a
-    callable the stage worker calls after each forward with its seconds (to emulate a slower
-    device), and a shaping of every link this peer sends on (to emulate a slower network). The
-    lab's launcher (``python -m meshd.lab.emulate serve``) builds them.
+    ``stage_wrapper`` and ``link_emulation`` are benchmark hooks, never set by ``meshd serve``: what
+    each loaded layer slice is wrapped in before it serves (to emulate a slower device), and a
+    shaping of every link this peer sends on (to emulate a slower network). The lab's launcher
+    (``python -m meshd.lab.emulate serve``) builds them.
     """
 
     def __init__(
         self,
-        cfg: Any,
+        cfg: Config,
         *,
-        compute_pad: Callable[[float], None] | None = None,
+        stage_wrapper: Callable[[Stage], Stage] | None = None,
         link_emulation: LinkEmulation | None = None,
     ):
         self.cfg = cfg
-        self.compute_pad, self.link_emulation = compute_pad, link_emulation
+        self.stage_wrapper, self.link_emulation = stage_wrapper, link_emulation
         self.stopping = asyncio.Event()
         self.node: MeshNode | None = None
         self.runtime: Runtime | None = None
@@ -100,7 +101,6 @@ class Daemon:
             tokenizer=tokenizer,
             max_context=cfg.max_context,
             session_timeout=cfg.session_timeout,
-            compute_pad=self.compute_pad,
         )
         mesh_cfg = MeshConfig(
             api_port=cfg.port,
@@ -154,8 +154,11 @@ class Daemon:
             await self.runner.cleanup()
 
     # ---- mesh callbacks ---------------------------------------------------------------------
-    async def _load_slice(self, plan, stage) -> None:
-        """Load this device's layers for a proposed plan, measure them, publish the cost curve."""
+    async def _load_slice(self, plan: Plan, stage: Assignment | None) -> None:
+        """Load this device's layers for a proposed plan, measure them, publish the cost curve.
+
+        The published curve is this machine's own speed, measured before ``stage_wrapper`` applies.
+        """
         rt = self.runtime
         if stage is None:
             rt.install_worker(None)
@@ -167,7 +170,7 @@ class Daemon:
         notify.status(f"loading layers {stage.layers} for plan epoch {plan.epoch}")
         st = await asyncio.to_thread(Stage.load, rt.source, stage.layers, vocab=False, dtype=rt.vocab.dtype)
         curve = await asyncio.to_thread(stage_cost_curve, rt.source, st, with_lm_head=False, repeats=2)
-        rt.install_worker(st)
+        rt.install_worker(self.stage_wrapper(st) if self.stage_wrapper is not None else st)
         self.node.set_cost_curve(curve)
 
     def _stage_curve(self, node_id: str, n_layers: int) -> CostCurve:
@@ -185,7 +188,7 @@ class Daemon:
             return CostCurve({t: s * n_layers / w.stage.n_layers for t, s in own.items()})
         return CostCurve({1: 0.002 * n_layers, 64: 0.006 * n_layers})
 
-    def _on_plan(self, plan) -> None:
+    def _on_plan(self, plan: Plan) -> None:
         me = self.node.node_id
         nodes = [None if s.node_id == me else s.node_id for s in plan.stages]
         local = next((i for i, s in enumerate(plan.stages) if s.node_id == me), None)
@@ -195,7 +198,7 @@ class Daemon:
         notify.status(f"serving; plan epoch {plan.epoch}: {layout}; {len(plan.members)} peers")
         notify.ready()
 
-    def _on_membership(self, event) -> None:
+    def _on_membership(self, event: MembershipEvent) -> None:
         rt = self.runtime
         if isinstance(event, PeerLost) and rt.ring is not None and event.node_id in rt.ring.nodes:
             rt.clear_ring(f"peer {event.node_id} holding layers was lost ({event.reason}); waiting for a new plan")
@@ -222,9 +225,9 @@ class Daemon:
 
 
 def serve(
-    cfg: Any,
+    cfg: Config,
     *,
-    compute_pad: Callable[[float], None] | None = None,
+    stage_wrapper: Callable[[Stage], Stage] | None = None,
     link_emulation: LinkEmulation | None = None,
 ) -> int:
     """Run one daemon until SIGTERM/SIGINT; the hooks are ``Daemon``'s benchmark hooks."""
@@ -236,5 +239,5 @@ def serve(
     if uvloop is not None:
         uvloop.install()
     with contextlib.suppress(KeyboardInterrupt):
-        return asyncio.run(Daemon(cfg, compute_pad=compute_pad, link_emulation=link_emulation).run())
+        return asyncio.run(Daemon(cfg, stage_wrapper=stage_wrapper, link_emulation=link_emulation).run())
     return 130

@@ -81,8 +81,8 @@ class Runtime:
     """Originator + stage worker for one device, with or without a mesh around it.
 
     ``transport`` sends a ring message to a peer: ``await transport(node_id, message)``; it raises
-    ``ConnectionError`` when the peer cannot be reached. Without a mesh (``solo``) the ring is this
-    device alone. ``compute_pad`` goes to this device's stage worker (see ``StageWorker``'s ``pad``).
+    ``ConnectionError`` when the peer cannot be reached. Tests run it without a mesh, on a ring of
+    this device alone (``support.solo_runtime``).
     """
 
     def __init__(
@@ -95,7 +95,6 @@ class Runtime:
         node_id: str = "local",
         max_context: int = 4096,
         wire_dtype: torch.dtype | None = None,
-        compute_pad: Callable[[float], None] | None = None,
         session_timeout: float = 300.0,
     ):
         self.source, self.vocab, self.tokenizer = source, vocab, tokenizer
@@ -106,7 +105,6 @@ class Runtime:
         self.node_id, self.max_context = node_id, max_context
         self.model_name = source.name
         self.drafter_factory = drafter_factory
-        self.compute_pad = compute_pad
         self.wire_dtype = wire_dtype or (torch.float32 if vocab.dtype == torch.float32 else torch.float16)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch")
         self.worker: StageWorker | None = None
@@ -151,9 +149,7 @@ class Runtime:
     def install_worker(self, stage: Stage | None) -> None:
         """This device's slice for the coming plan (None: a pure originator)."""
         embed = self.vocab.embed if stage is not None and stage.layer_range.first == 0 else None
-        self.worker = (
-            StageWorker(stage, embed=embed, pad=self.compute_pad, idle_timeout=self.session_timeout) if stage else None
-        )
+        self.worker = StageWorker(stage, embed=embed, idle_timeout=self.session_timeout) if stage else None
 
     def set_ring(self, ring: Ring) -> None:
         """A committed plan: requests started under an older one cannot finish, so they fail now."""
@@ -439,12 +435,3 @@ class Runtime:
         if self.mesh_status is not None:
             out.update(self.mesh_status())
         return out
-
-
-def solo_runtime(source: ModelSource, full: Stage, drafter_factory, tokenizer=None, *, curve=None, **kw) -> Runtime:
-    """A one-device ring: this device holds every layer (no mesh). Tests and ``serve --solo`` use it."""
-    rt = Runtime(source, full, drafter_factory, tokenizer=tokenizer, **kw)
-    rt.install_worker(full)
-    cc = CostCurve(curve or {1: 1.0, 64: 2.0})
-    rt.set_ring(Ring(epoch=1, nodes=[None], curves=[cc], local_index=0))
-    return rt

@@ -228,9 +228,9 @@ async def test_repeated_bad_frames_close_the_link(session, server):
     for _ in range(2):  # each bad frame is answered, and the link survives
         err = await asyncio.wait_for(inbox.get(), 2)
         assert err.type == "error" and err["code"] == "malformed"
-    await link.send(Message("cancel", {}, request_id=5))
+    await link.send(Message("close", {}, request_id=5))
     assert (await server.received.get())[1].request_id == 5
-    await link.ws.send_bytes(CODEC.encode(Message("cancel")) + b"trailing junk")
+    await link.ws.send_bytes(CODEC.encode(Message("close")) + b"trailing junk")
     await asyncio.wait_for(task, 2)  # the third one closes it
     assert server.links[0].closed and server.links[0].close_code == CLOSE_BAD_FRAMES
     assert "too many bad frames" in server.links[0].close_reason

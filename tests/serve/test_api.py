@@ -10,11 +10,10 @@ import re
 import aiohttp
 import openai
 import pytest
-from support import REPLY, FakeRuntime, serve
+from support import REPLY, FakeRuntime, serve, solo_runtime
 
 from meshd.modes import MESH_MODES
 from meshd.serve.api import create_app
-from meshd.serve.runtime import solo_runtime
 from models.drafters import drafter_factory
 from models.engine import generate
 from models.text import encode_messages, stop_ids

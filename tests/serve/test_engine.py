@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import inspect
 
-from support import FakeRuntime
+from support import FakeRuntime, solo_runtime
 
 from meshd.serve.engine import Engine, GenerateParams, RequestHandle
-from meshd.serve.runtime import solo_runtime
 from models.source import ModelSource
 from models.stage import Stage
 

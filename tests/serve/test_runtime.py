@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 
+from support import solo_runtime
+
 from meshd.ring.messages import PROMPT_PARENT, Segment
 from meshd.serve.engine import GenerateParams
-from meshd.serve.runtime import Ring, Runtime, solo_runtime
+from meshd.serve.runtime import Ring, Runtime
 from models.budget import CostCurve
 from models.drafters import drafter_factory
 from models.ranges import LayerRange

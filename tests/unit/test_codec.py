@@ -99,10 +99,10 @@ def test_daemon_can_register_its_own_type():
         (b"\xff\x00garbage", MalformedFrame),
         (b"", MalformedFrame),
         (cbor2.dumps([1, 2, 3]), MalformedFrame),
-        (cbor2.dumps({"v": PROTO_VERSION + 1, "t": "cancel", "e": 0, "r": 0}), VersionMismatch),
+        (cbor2.dumps({"v": PROTO_VERSION + 1, "t": "close", "e": 0, "r": 0}), VersionMismatch),
         (cbor2.dumps({"v": PROTO_VERSION, "t": "no_such_type", "e": 0, "r": 0}), UnknownMessageType),
-        (cbor2.dumps({"v": PROTO_VERSION, "t": "cancel", "e": -1, "r": 0}), SchemaError),
-        (cbor2.dumps({"v": PROTO_VERSION, "t": "cancel", "e": "1", "r": 0}), SchemaError),
+        (cbor2.dumps({"v": PROTO_VERSION, "t": "close", "e": -1, "r": 0}), SchemaError),
+        (cbor2.dumps({"v": PROTO_VERSION, "t": "close", "e": "1", "r": 0}), SchemaError),
         (wire(queue="7", hidden=tensor_wire()), SchemaError),  # wrong field type
         (wire(queue=True, hidden=tensor_wire()), SchemaError),  # bool is not an int here
         (wire(queue=1), SchemaError),  # missing field (hidden)
@@ -183,7 +183,7 @@ def test_fuzz_truncated_valid_frames(data):
 
 @FUZZ
 @given(
-    st.sampled_from(["segment", "prune", "result", "cancel", "error", "heartbeat", "plan_propose", "auth", "zzz"]),
+    st.sampled_from(["segment", "prune", "result", "close", "error", "heartbeat", "plan_propose", "auth", "zzz"]),
     st.dictionaries(
         st.sampled_from(["queue", "hidden", "positions", "parents", "keep", "code", "ts", "hello"]), cbor_values
     ),

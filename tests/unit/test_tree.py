@@ -56,7 +56,8 @@ def test_best_select_and_reroot():
     child = t.children(0)[0]
     r, idx = t.reroot(child)
     assert r.tokens[0] == t.tokens[child] and len(r) == len(t.subtree(child)) and idx[0] == child
-    assert all(abs(r.scores[i] - (t.scores[o] - t.scores[child])) < 1e-12 for i, o in enumerate(idx))
+    # reroot does this very subtraction (one float64 operation per node), so the scores match exactly
+    assert all(r.scores[i] == t.scores[o] - t.scores[child] for i, o in enumerate(idx))
 
 
 def test_merge_by_token_path():
