@@ -33,7 +33,7 @@ MESH_MODE_HELP = (
 
 
 def _threads(n: int | None) -> None:
-    import torch
+    import torch  # lazy (see the module docstring): only commands that compute need torch
 
     torch.set_num_threads(n or os.cpu_count() or 1)
 
@@ -50,6 +50,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    # lazy (see the module docstring): the model code imports torch and transformers
     from meshd.serve.local import LocalModel
     from models.eagle import default_drafter
 
@@ -227,7 +228,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Start a small mesh on this machine, ask it one question through its REST API, stop it."""
-    import asyncio
+    import asyncio  # lazy (see the module docstring): the client and testbed need asyncio and aiohttp
 
     from meshd.client.http import Client, Reply
     from meshd.lab.testbed import LoopbackMesh
@@ -314,7 +315,7 @@ def cmd_train_draft(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from meshd.serve.daemon import serve
+    from meshd.serve.daemon import serve  # lazy (see the module docstring): the daemon loads torch and aiohttp
 
     cfg = config.load_config(args)
     logging.getLogger().setLevel(cfg.log_level.upper())
@@ -322,19 +323,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from meshd.client import commands
+    from meshd.client import commands  # lazy (see the module docstring): aiohttp
 
     return commands.cmd_chat(args)
 
 
 def cmd_query(args: argparse.Namespace) -> int:
-    from meshd.client import commands
+    from meshd.client import commands  # lazy (see the module docstring): aiohttp
 
     return commands.cmd_query(args)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from meshd.client import commands
+    from meshd.client import commands  # lazy (see the module docstring): aiohttp
 
     return commands.cmd_status(args)
 
