@@ -23,7 +23,7 @@ import torch
 from meshd.lab.emulate import link_emulation, slowdown
 from meshd.lab.testbed import LoopbackMesh, http
 from meshd.serve.local import LocalModel
-from training.prompts import SPEC_BENCH_ENV, spec_bench_path
+from training.prompts import SPEC_BENCH_ENV, SPEC_BENCH_SOURCE, spec_bench_path
 
 
 @dataclass
@@ -49,8 +49,8 @@ def question_file(arg: str | None) -> Path:
     path = spec_bench_path(arg)
     if path is None:
         raise ValueError(
-            "no question file: pass --questions PATH to Spec-Bench's question.jsonl (public, from the Spec-Bench "
-            f"repository, data/spec_bench/question.jsonl) or --questions everyday, or set {SPEC_BENCH_ENV}"
+            f"no question file: pass --questions PATH to Spec-Bench's question.jsonl ({SPEC_BENCH_SOURCE}) "
+            f"or --questions everyday, or set {SPEC_BENCH_ENV}"
         )
     if path == Path("everyday"):
         return EVERYDAY
