@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from models.cache import cache_dir
 from models.layers import decoder_layer, float_mask
 from models.stage import Stage
 from models.text import encode_messages
@@ -33,12 +34,9 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 
-WORK_ROOT = Path(os.path.expanduser("~/.cache/meshd/train-draft"))
-
-
 def work_dir(fingerprint: str, given: str | Path | None = None) -> Path:
     """Where a target's generated data, checkpoints and held-out rollouts live (``given`` overrides)."""
-    return Path(given) if given else WORK_ROOT / fingerprint
+    return Path(given) if given else cache_dir("train-draft", fingerprint)
 
 
 class BatchDecoder:
