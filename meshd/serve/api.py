@@ -9,7 +9,8 @@ mesh websocket on the same app and port. Routes:
   speculative-decoding statistics and the extension field ``mode`` (``meshd.modes``: flow | chunk | ar);
 - ``GET /v1/models``, ``GET /v1/models/{id}``;
 - ``GET /mesh`` (``engine.status()``), ``GET /health`` (200 when ready, 503 and why not),
-  ``GET /metrics`` (Prometheus text).
+  ``GET /metrics`` (Prometheus text);
+- ``GET /`` and ``GET /events``: the live page and its event stream (``meshd.serve.page``).
 
 Every error is OpenAI's error JSON. A client that goes away cancels its request, so no stage
 of the ring keeps computing for nobody.
@@ -40,6 +41,7 @@ from meshd.serve.apischema import (
     parse_completion,
 )
 from meshd.serve.engine import Engine, GenerateParams, RequestHandle, RuntimeUnavailable
+from meshd.serve.page import add_page_routes
 from meshd.serve.textstream import TextStream
 from models.engine import Stats
 from models.text import decode, encode_messages, encode_prompt
@@ -48,7 +50,7 @@ log = logging.getLogger(__name__)
 
 OPEN_PATHS = ("/health",)  # never behind the API key: load balancers and systemd probes need them
 PROTECTED_PREFIXES = ("/v1/",)
-PROTECTED_PATHS = ("/mesh", "/metrics")
+PROTECTED_PATHS = ("/mesh", "/metrics", "/events")  # the page itself (/, /static/) holds no data
 MESH_NAMESPACE = "/mesh/"  # the peers' websocket lives here: it authenticates itself and speaks no JSON errors
 DISCONNECT_POLL_S = 0.1
 
@@ -80,6 +82,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: in
     app.router.add_get("/mesh", mesh)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
+    add_page_routes(app, engine, api_key=api_key)
     return app
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from collections.abc import Callable
 
@@ -55,6 +56,15 @@ def model_shape(vocab: Stage, dtype: torch.dtype, context: int, draft_bytes: int
         kv_bytes_per_token_per_layer=2 * cfg.kv_size * b,
         context=context,
     )
+
+
+def resident_bytes() -> int | None:
+    """This process's resident memory now (Linux), for the live page; None where /proc is absent."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 class Daemon:
@@ -218,6 +228,7 @@ class Daemon:
     def _mesh_status(self) -> dict:
         """The mesh half of ``GET /mesh``: plan, peers and their published cost curves."""
         status = self.node.status()
+        status["memory"] = {"budget": self.node.hello.memory_budget, "rss": resident_bytes()}
         for p in status.get("peers", []):
             hello = self.node.peers.get(p["node_id"])
             p["cost_curve_ms"] = {t: round(s * 1e3, 3) for t, s in (hello.cost_curve if hello else {}).items()}
