@@ -126,7 +126,7 @@ class MeshFeed:
         me = local.get("node_id")
         plan = local.get("plan") or {}
         peers = {p.get("node_id"): p for p in local.get("peers") or [] if isinstance(p, dict)}
-        others = sorted({s.get("node_id") for s in plan.get("stages") or []} | set(peers) - {me, None})
+        others = sorted(({s.get("node_id") for s in plan.get("stages") or []} | set(peers)) - {me, None})
         fetched = await asyncio.gather(*(self._fetch(nid, peers.get(nid)) for nid in others))
         now = time.monotonic()
         nodes = {me: self._node(me, local, now, {"link": "self", "rtt_ms": None, "address": None})}
