@@ -21,7 +21,8 @@ from meshd.config import Config
 from meshd.ring.messages import RingMessage
 from meshd.ring.wire import MESSAGE_TYPES, from_message, to_message
 from meshd.serve import notify
-from meshd.serve.api import create_app
+from meshd.serve.api import METRICS, create_app
+from meshd.serve.metrics import Metrics
 from meshd.serve.runtime import Ring, Runtime
 from models.budget import CostCurve
 from models.drafters import drafter_factory
@@ -67,6 +68,12 @@ def resident_bytes() -> int | None:
         return None
 
 
+def hidden_bytes(msg: Message) -> int:
+    """Bytes of the hidden states a ring message carries (what dominates a link's traffic)."""
+    hidden = msg.get("hidden")
+    return hidden.nbytes if isinstance(hidden, torch.Tensor) else 0
+
+
 class Daemon:
     """One peer: model, mesh node, runtime and REST API.
 
@@ -89,6 +96,7 @@ class Daemon:
         self.node: MeshNode | None = None
         self.runtime: Runtime | None = None
         self.runner: web.AppRunner | None = None
+        self.metrics: Metrics | None = None
 
     # ---- start-up ---------------------------------------------------------------------------
     async def run(self) -> int:
@@ -133,6 +141,7 @@ class Daemon:
         node.on_membership(self._on_membership)
 
         app = create_app(rt, api_key=cfg.api_key, max_body_bytes=cfg.max_body_bytes)
+        self.metrics = app[METRICS]
         node.attach(app)
         rt.mesh_status = self._mesh_status
         self.runner = web.AppRunner(app, handle_signals=False, access_log=None)
@@ -215,7 +224,9 @@ class Daemon:
             notify.status(f"re-planning: lost peer {event.node_id}")
 
     async def _send(self, node_id: str, msg: RingMessage) -> None:
-        await self.node.send(node_id, to_message(msg, self.runtime.wire_dtype))
+        wire = to_message(msg, self.runtime.wire_dtype)
+        self.metrics.count_bytes(node_id, "sent", hidden_bytes(wire))
+        await self.node.send(node_id, wire)
 
     async def _receive(self, sender: str, msg: Message) -> None:
         try:
@@ -223,6 +234,7 @@ class Daemon:
         except (KeyError, ValueError, TypeError) as exc:
             log.warning("dropping %s from %s: %s", msg.type, sender, exc)
             return
+        self.metrics.count_bytes(sender, "received", hidden_bytes(msg))
         self.runtime.deliver(ring_msg)
 
     def _mesh_status(self) -> dict:
