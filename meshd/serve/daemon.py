@@ -12,16 +12,19 @@ import contextlib
 import logging
 import os
 import signal
+import time
 from collections.abc import Callable
 
 import torch
 from aiohttp import web
 
+from meshd import logs
 from meshd.config import Config
 from meshd.ring.messages import RingMessage
 from meshd.ring.wire import MESSAGE_TYPES, from_message, to_message
 from meshd.serve import notify
 from meshd.serve.api import METRICS, create_app
+from meshd.serve.loading import load_layers
 from meshd.serve.metrics import Metrics
 from meshd.serve.runtime import Ring, Runtime
 from models.budget import CostCurve
@@ -44,6 +47,8 @@ except ImportError:  # pragma: no cover - platform without uvloop
     uvloop = None
 
 log = logging.getLogger("meshd")
+# client, request line, status, bytes, seconds, user agent; no time: the log line (or the journal) has it
+ACCESS_FORMAT = '%a "%r" %s %b %Tf "%{User-Agent}i"'
 
 
 def model_shape(vocab: Stage, dtype: torch.dtype, context: int, draft_bytes: int = 0) -> ModelShape:
@@ -109,7 +114,10 @@ class Daemon:
         log.info("loading %s (embeddings, final norm, LM head; %s)", cfg.model, dtype)
         notify.status("loading the model")
         source = ModelSource.resolve(cfg.model)
+        t0 = time.monotonic()
         vocab = await asyncio.to_thread(Stage.load, source, LayerRange(0, 0), vocab=True, dtype=dtype)
+        log.info("loaded the vocabulary ends in %.1f s; loading the tokenizer", time.monotonic() - t0)
+        notify.status("loading the tokenizer")
         tokenizer = await asyncio.to_thread(source.load_tokenizer)
         factory = await asyncio.to_thread(drafter_factory, cfg.drafter, vocab, source=source)
         self.runtime = rt = Runtime(
@@ -144,7 +152,8 @@ class Daemon:
         self.metrics = app[METRICS]
         node.attach(app)
         rt.mesh_status = self._mesh_status
-        self.runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        access = logging.getLogger("meshd.access") if cfg.access_log else None
+        self.runner = web.AppRunner(app, handle_signals=False, access_log=access, access_log_format=ACCESS_FORMAT)
         await self.runner.setup()
         await web.TCPSite(self.runner, cfg.host, cfg.port).start()
         log.info("API and mesh endpoint listening on http://%s:%d (node %s)", cfg.host, cfg.port, node.node_id)
@@ -185,10 +194,19 @@ class Daemon:
         w = rt.worker
         if w is not None and w.stage.layer_range == stage.layers:
             return
-        log.info("plan epoch %d: loading layers %s", plan.epoch, stage.layers)
         notify.status(f"loading layers {stage.layers} for plan epoch {plan.epoch}")
-        st = await asyncio.to_thread(Stage.load, rt.source, stage.layers, vocab=False, dtype=rt.vocab.dtype)
+        what = f"plan epoch {plan.epoch}: loading layers {stage.layers}"
+        st = await asyncio.to_thread(load_layers, rt.source, stage.layers, rt.vocab.dtype, what)
+        log.info("measuring this device's speed on layers %s (the cost curve peers size draft trees by)", stage.layers)
+        notify.status(f"measuring this device's speed on layers {stage.layers}")
+        t0 = time.monotonic()
         curve = await asyncio.to_thread(stage_cost_curve, rt.source, st, with_lm_head=False, repeats=2)
+        log.info(
+            "cost curve of layers %s in %.1f s: %s",
+            stage.layers,
+            time.monotonic() - t0,
+            ", ".join(f"{t} tokens {s * 1e3:.1f} ms" for t, s in sorted(curve.items())),
+        )
         rt.install_worker(self.stage_wrapper(st) if self.stage_wrapper is not None else st)
         self.node.set_cost_curve(curve)
 
@@ -244,6 +262,7 @@ class Daemon:
         for p in status.get("peers", []):
             hello = self.node.peers.get(p["node_id"])
             p["cost_curve_ms"] = {t: round(s * 1e3, 3) for t, s in (hello.cost_curve if hello else {}).items()}
+            p["version"] = hello.version if hello else None
         return status
 
 
@@ -254,11 +273,7 @@ def serve(
     link_emulation: LinkEmulation | None = None,
 ) -> int:
     """Run one daemon until SIGTERM/SIGINT; the hooks are ``Daemon``'s benchmark hooks."""
-    logging.basicConfig(
-        level=getattr(logging, str(cfg.log_level).upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        force=True,
-    )
+    logs.configure(cfg.log_level)
     if uvloop is not None:
         uvloop.install()
     with contextlib.suppress(KeyboardInterrupt):
