@@ -158,7 +158,8 @@ def test_access_log_setting():
 
 
 # ---- client commands read serve's settings --------------------------------------------------
-def test_client_commands_use_serves_config_file(tmp_path):
+def test_client_commands_use_serves_config_file(tmp_path, monkeypatch):
+    monkeypatch.setattr("meshd.client.SYSTEM_CONFIG", tmp_path / "absent.toml")  # whatever this host has
     toml = tmp_path / "meshd.toml"
     toml.write_text('port = 8123\napi_key = "from-file"\n')
     env = {"HOME": str(tmp_path)}
@@ -177,6 +178,18 @@ def test_client_commands_use_serves_config_file(tmp_path):
     toml.write_text('host = "192.168.1.5"\n')
     assert daemon_settings(None, None, toml, env) == ("http://192.168.1.5:8090", None)
     assert daemon_settings(None, None, None, env) == ("http://127.0.0.1:8090", None)  # no file: the default
+
+
+def test_client_commands_fall_back_to_the_services_config(tmp_path, monkeypatch):
+    system = tmp_path / "etc-meshd.toml"
+    system.write_text("port = 8777\n")
+    monkeypatch.setattr("meshd.client.SYSTEM_CONFIG", system)
+    env = {"HOME": str(tmp_path)}
+    assert daemon_settings(None, None, None, env) == ("http://127.0.0.1:8777", None)
+    user = tmp_path / ".config" / "meshd" / "meshd.toml"
+    user.parent.mkdir(parents=True)
+    user.write_text("port = 8666\n")  # the user's own file comes first, as for `meshd serve`
+    assert daemon_settings(None, None, None, env) == ("http://127.0.0.1:8666", None)
 
 
 def test_client_command_reads_the_config_end_to_end(tmp_path):
