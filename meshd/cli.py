@@ -253,7 +253,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         tempfile.TemporaryDirectory(prefix="meshd-demo-") as tmp,
         LoopbackMesh(Path(tmp), args.peers, dtype="auto", threads=max(1, (os.cpu_count() or 2) // args.peers)) as mesh,
     ):
-        plan = mesh.wait_plan(list(range(args.peers)), args.peers, timeout=300)
+        plan = mesh.wait_plan(
+            list(range(args.peers)), args.peers, timeout=300, progress=lambda m: print(m, file=sys.stderr)
+        )
         for s in plan["stages"]:
             print(f"  stage {s['node_id'][:8]}: layers {s['first_layer']}:{s['stop_layer']}", file=sys.stderr)
         # ask a peer that does not hold the first layers: it originates (drafts, verifies) while its own

@@ -94,7 +94,11 @@ async def test_three_daemons_metrics_after_a_load_run(tmp_path):
     """After requests through a real ring: sane latencies, drafting counted, the peers probed and their
     links' bytes counted."""
     with LoopbackMesh(tmp_path, 3) as mesh:
-        await asyncio.to_thread(mesh.wait_plan, [0, 1, 2], 3, 180)
+        said: list[str] = []  # what `meshd bench` and `meshd demo` print while the daemons start
+        await asyncio.to_thread(mesh.wait_plan, [0, 1, 2], 3, 180, said.append)
+        for i in range(3):
+            states = [s.split(": ", 1)[1] for s in said if s.startswith(f"  daemon {i} (")]
+            assert states[-1] == "ready" and len(states) >= 2, said  # never silent until ready
         url = mesh.url(1)
         body = {"messages": [{"role": "user", "content": "Name three rivers."}], "max_tokens": 24, "temperature": 0}
         generated = 0
