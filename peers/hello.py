@@ -6,15 +6,17 @@ peers, which mDNS never vetted) reject the same peers for the same reasons.
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from peers.codec import PROTO_VERSION, SchemaError
 
-OPTIONAL_FIELDS = {"version"}  # a peer that predates a field may leave it out
+OPTIONAL_FIELDS = {"version"}  # a peer that predates a field may leave it out ("" then: unknown)
 
 
+@functools.cache
 def software_version() -> str:
     """The installed meshd release (this package's distribution), shown by ``meshd status``."""
     try:
@@ -67,7 +69,9 @@ class Hello:
         curve = d["cost_curve"]
         if not all(type(k) is int and type(v) in (int, float) for k, v in curve.items()):
             raise SchemaError("hello.cost_curve: expected a map of int token counts to seconds")
-        return cls(**{**d, "start_time": float(d["start_time"]), "compute_score": float(d["compute_score"])})
+        return cls(
+            **{"version": "", **d, "start_time": float(d["start_time"]), "compute_score": float(d["compute_score"])}
+        )
 
 
 def incompatibility(local: Hello, mesh: str, fingerprint: str, proto: int) -> str | None:
