@@ -22,16 +22,20 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(BIN)/meshd demo
 
-# tests/serve/test_systemd.py runs `systemd-analyze verify` on the unit; fresh Debian/Ubuntu images
-# may lack it, so install it when we can (root + apt) and say how otherwise.
+# tests/serve/test_systemd.py runs `systemd-analyze verify` on the unit and tests/serve/test_page.py drives
+# the live page in a headless Chromium; fresh Debian/Ubuntu images may lack both, so install them when we
+# can (root + apt) and say how otherwise (without Chromium the page test is skipped, not failed).
 test-tools:
-	@command -v systemd-analyze >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    echo "installing systemd (for systemd-analyze)"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends systemd; \
-	  else \
-	    echo "systemd-analyze is missing: install systemd (e.g. sudo apt-get install systemd)" >&2; exit 1; \
-	  fi; }
+	@missing=""; \
+	command -v systemd-analyze >/dev/null 2>&1 || missing="$$missing systemd"; \
+	command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || missing="$$missing chromium"; \
+	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing$$missing (systemd-analyze; a headless browser for the live page test)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	elif [ -n "$$missing" ]; then \
+	  echo "missing:$$missing; install them (e.g. sudo apt-get install$$missing)" >&2; \
+	  case "$$missing" in *systemd*) exit 1;; esac; \
+	fi
 
 test: $(STAMP) test-tools
 	$(BIN)/ruff check .

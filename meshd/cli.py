@@ -16,8 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from meshd import config
-from meshd.client import default_peer
+from meshd import __version__, config, logs
+from meshd.client import DEFAULT_PEER
 from meshd.modes import LOCAL_MODES, MESH_DEFAULT, MESH_MODES
 from models.config import ModelError
 
@@ -39,7 +39,12 @@ def _threads(n: int | None) -> None:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="default", help="GGUF file, HF safetensors dir, or 'default' (embedded)")
+    p.add_argument(
+        "--model",
+        default="default",
+        help="GGUF file, HF safetensors dir, Hugging Face repo id already in the local cache (owner/name; never "
+        "downloaded), or 'default' (embedded)",
+    )
     p.add_argument(
         "--dtype",
         default="auto",
@@ -248,7 +253,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         tempfile.TemporaryDirectory(prefix="meshd-demo-") as tmp,
         LoopbackMesh(Path(tmp), args.peers, dtype="auto", threads=max(1, (os.cpu_count() or 2) // args.peers)) as mesh,
     ):
-        plan = mesh.wait_plan(list(range(args.peers)), args.peers, timeout=300)
+        plan = mesh.wait_plan(
+            list(range(args.peers)), args.peers, timeout=300, progress=lambda m: print(m, file=sys.stderr)
+        )
         for s in plan["stages"]:
             print(f"  stage {s['node_id'][:8]}: layers {s['first_layer']}:{s['stop_layer']}", file=sys.stderr)
         # ask a peer that does not hold the first layers: it originates (drafts, verifies) while its own
@@ -343,6 +350,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="meshd", description="Serve one LLM from a mesh of small devices.")
     p.add_argument("-v", "--verbose", action="count", default=0)
+    p.add_argument("--version", action="version", version=f"meshd {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="run one request on this device")
@@ -559,9 +567,25 @@ def _add_client_commands(sub: argparse._SubParsersAction) -> None:
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument(
-            "--peer", default=None, metavar="URL", help=f"daemon to talk to (default: $MESHD_PEER or {default_peer()})"
+            "--peer",
+            default=None,
+            metavar="URL",
+            help="daemon to talk to (default: $MESHD_PEER, else host and port from meshd serve's settings: "
+            f"--config, MESHD_HOST/MESHD_PORT; else {DEFAULT_PEER})",
         )
-        p.add_argument("--api-key", default=None, help="bearer token if the daemon has one (default: $MESHD_API_KEY)")
+        p.add_argument(
+            "--api-key",
+            default=None,
+            help="bearer token if the daemon has one (default: api_key from meshd serve's settings: "
+            "$MESHD_API_KEY, the config file)",
+        )
+        p.add_argument(
+            "--config",
+            default=None,
+            metavar="PATH",
+            help="meshd serve's TOML file (default: $MESHD_CONFIG, else $XDG_CONFIG_HOME/meshd/meshd.toml if it "
+            "exists)",
+        )
 
     c = sub.add_parser("chat", help="chat with the mesh in the terminal (streaming, multi-turn)")
     common(c)
@@ -596,7 +620,7 @@ def _add_client_commands(sub: argparse._SubParsersAction) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING - 10 * args.verbose, format="%(asctime)s %(name)s: %(message)s")
+    logs.configure(max(logging.DEBUG, logging.WARNING - 10 * args.verbose))
     try:
         return args.func(args)
     except (ModelError, ValueError) as e:

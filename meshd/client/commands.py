@@ -12,12 +12,12 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import sys
 from typing import Any, TextIO
 
 import aiohttp
 
+from meshd.client import daemon_settings
 from meshd.client.http import Client, ClientError, Reply
 from meshd.client.statusview import render
 from meshd.modes import MESH_MODES
@@ -27,7 +27,8 @@ speculative-decoding statistics), /help, /quit (or Ctrl-D)"""
 
 
 def _client(args: argparse.Namespace, timeout: float | None = None) -> Client:
-    return Client(args.peer, args.api_key or os.environ.get("MESHD_API_KEY"), timeout=timeout)
+    peer, api_key = daemon_settings(args.peer, args.api_key, args.config)
+    return Client(peer, api_key, timeout=timeout)
 
 
 def _run(coro: Any) -> int:

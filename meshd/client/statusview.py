@@ -31,7 +31,8 @@ def render(url: str, status: dict[str, Any], health: dict[str, str] | None = Non
     me = status.get("node_id")
     ready = status.get("ready")
     state = "ready" if ready else f"NOT READY: {status.get('reason') or 'unknown reason'}"
-    lines = [f"meshd at {url}: node {_short(me)}, mesh {status.get('mesh', '?')!s}, {state}"]
+    version = f", meshd {status['version']}" if status.get("version") else ""
+    lines = [f"meshd at {url}: node {_short(me)}{version}, mesh {status.get('mesh', '?')!s}, {state}"]
     if status.get("model"):
         fp = status.get("fingerprint")
         lines.append(f"model   {status['model']}" + (f" (fingerprint {str(fp)[:16]})" if fp else ""))
@@ -58,11 +59,11 @@ def render(url: str, status: dict[str, Any], health: dict[str, str] | None = Non
 
     lines.append(f"peers   {len(peers)} besides this node")
     if peers:
-        lines.append(f"  {'node':12}  {'address':22}  {'memory':>10}  {'compute':>7}  health")
+        lines.append(f"  {'node':12}  {'address':22}  {'memory':>10}  {'compute':>7}  {'version':10}  health")
         for nid, p in sorted(peers.items(), key=lambda kv: str(kv[0])):
             lines.append(
                 f"  {_short(nid):12}  {p.get('address') or '-':22}  {_size(p.get('memory_budget')):>10}  "
-                f"{_num(p.get('compute_score')):>7}  {health.get(nid, '-')}"
+                f"{_num(p.get('compute_score')):>7}  {p.get('version') or '-':10}  {health.get(nid, '-')}"
             )
 
     st = status.get("stage")

@@ -223,7 +223,9 @@ class DaemonBackend:
             extra=extra,
         )
         try:
-            self.plan = self.mesh.wait_plan(list(range(args.stages)), args.stages, timeout=300)
+            self.plan = self.mesh.wait_plan(
+                list(range(args.stages)), args.stages, timeout=300, progress=progress_printer
+            )
         except Exception:
             self.close()
             raise

@@ -18,6 +18,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -107,10 +108,20 @@ class LoopbackMesh:
     def node_id(self, i: int) -> str:
         return self.status(i)["node_id"]
 
-    def wait_plan(self, live: list[int], stages: int, timeout: float) -> dict:
-        """Until every live daemon reports the same committed plan with ``stages`` stages and is healthy."""
-        deadline = time.monotonic() + timeout
+    def wait_plan(
+        self, live: list[int], stages: int, timeout: float, progress: Callable[[str], None] | None = None
+    ) -> dict:
+        """Until every live daemon reports the same committed plan with ``stages`` stages and is healthy.
+        ``progress`` hears each daemon's state (its ``/health`` reason) whenever it changes."""
+        deadline, t0 = time.monotonic() + timeout, time.monotonic()
+        said: dict[int, str] = {}
         while time.monotonic() < deadline:
+            if progress is not None:
+                for i in live:
+                    state = self._state(i)
+                    if said.get(i) != state:
+                        said[i] = state
+                        progress(f"  daemon {i} ({time.monotonic() - t0:.0f} s): {state}")
             for i in live:
                 if self.procs[i].poll() is not None:
                     raise RuntimeError(
@@ -124,6 +135,13 @@ class LoopbackMesh:
         raise TimeoutError(
             f"no common committed {stages}-stage plan within {timeout} s: {[self.plan(i) for i in live]}"
         )
+
+    def _state(self, i: int) -> str:
+        try:
+            code, body = http("GET", self.url(i) + "/health", timeout=5)
+        except OSError:
+            return "starting (loading the model before its API opens)"
+        return "ready" if code == 200 else str(body.get("reason") or f"/health answered {code}")
 
     def kill(self, i: int) -> None:
         self.procs[i].send_signal(signal.SIGKILL)

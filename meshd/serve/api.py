@@ -9,7 +9,8 @@ mesh websocket on the same app and port. Routes:
   speculative-decoding statistics and the extension field ``mode`` (``meshd.modes``: flow | chunk | ar);
 - ``GET /v1/models``, ``GET /v1/models/{id}``;
 - ``GET /mesh`` (``engine.status()``), ``GET /health`` (200 when ready, 503 and why not),
-  ``GET /metrics`` (Prometheus text).
+  ``GET /metrics`` (Prometheus text);
+- ``GET /`` and ``GET /events``: the live page and its event stream (``meshd.serve.page``).
 
 Every error is OpenAI's error JSON. A client that goes away cancels its request, so no stage
 of the ring keeps computing for nobody.
@@ -30,7 +31,6 @@ from typing import Any
 
 from aiohttp import web
 
-from meshd.serve import metrics as prometheus
 from meshd.serve.apischema import (
     DEFAULT_CHAT_MAX_TOKENS,
     DEFAULT_COMPLETION_MAX_TOKENS,
@@ -40,6 +40,9 @@ from meshd.serve.apischema import (
     parse_completion,
 )
 from meshd.serve.engine import Engine, GenerateParams, RequestHandle, RuntimeUnavailable
+from meshd.serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from meshd.serve.metrics import Metrics, RequestTimer
+from meshd.serve.page import add_page_routes
 from meshd.serve.textstream import TextStream
 from models.engine import Stats
 from models.text import decode, encode_messages, encode_prompt
@@ -48,7 +51,7 @@ log = logging.getLogger(__name__)
 
 OPEN_PATHS = ("/health",)  # never behind the API key: load balancers and systemd probes need them
 PROTECTED_PREFIXES = ("/v1/",)
-PROTECTED_PATHS = ("/mesh", "/metrics")
+PROTECTED_PATHS = ("/mesh", "/metrics", "/events")  # the page itself (/, /static/) holds no data
 MESH_NAMESPACE = "/mesh/"  # the peers' websocket lives here: it authenticates itself and speaks no JSON errors
 DISCONNECT_POLL_S = 0.1
 
@@ -66,6 +69,7 @@ class ApiState:
 
 ENGINE = web.AppKey("engine", Engine)
 STATE = web.AppKey("api_state", ApiState)
+METRICS = web.AppKey("metrics", Metrics)
 
 
 def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: int = 1 << 20) -> web.Application:
@@ -73,6 +77,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: in
     app = web.Application(middlewares=[_errors_middleware, _auth_middleware])
     app[ENGINE] = engine
     app[STATE] = ApiState(api_key, max_body_bytes)
+    app[METRICS] = Metrics()
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
     app.router.add_get("/v1/models", list_models)
@@ -80,6 +85,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: in
     app.router.add_get("/mesh", mesh)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
+    add_page_routes(app, engine, api_key=api_key, on_rtt=app[METRICS].observe_rtt)
     return app
 
 
@@ -174,7 +180,7 @@ async def metrics(request: web.Request) -> web.Response:
     data["api_requests_total"] = {(("endpoint", ep), ("status", str(st))): n for (ep, st), n in state.requests.items()}
     data["api_client_disconnects_total"] = state.disconnects
     data["api_streams_active"] = state.streams_active
-    return web.Response(body=prometheus.render(data).encode(), headers={"Content-Type": prometheus.CONTENT_TYPE})
+    return web.Response(body=request.app[METRICS].render(data), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 
 def _model_card(engine: Engine) -> dict[str, Any]:
@@ -316,6 +322,7 @@ class _Generation:
         self.id = ("chatcmpl-" if req.kind == "chat" else "cmpl-") + secrets.token_hex(12)
         self.created = int(time.time())
         self.started = time.perf_counter()
+        self.timer: RequestTimer = request.app[METRICS].request(handle.prompt_tokens)
         self.finish_reason: str | None = None
         self.error: str | None = None
         self.disconnected = False
@@ -337,6 +344,7 @@ class _Generation:
                 chunk = nxt.result()
                 if chunk is None:
                     break
+                self.timer.chunk(len(chunk))
                 delta = self.text.push(chunk)
                 if delta:
                     yield delta
@@ -355,6 +363,8 @@ class _Generation:
         finally:
             watcher.cancel()
             await self._cancel_if_running()
+            st = self.handle.stats or Stats()
+            self.timer.finish(st.verified_nodes, st.accepted_drafts)
 
     async def _cancel_if_running(self) -> None:
         if self.handle.finish_reason is None:

@@ -10,17 +10,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import time
 from collections.abc import Callable
 
 import torch
 from aiohttp import web
 
+from meshd import logs
 from meshd.config import Config
 from meshd.ring.messages import RingMessage
 from meshd.ring.wire import MESSAGE_TYPES, from_message, to_message
 from meshd.serve import notify
-from meshd.serve.api import create_app
+from meshd.serve.api import METRICS, create_app
+from meshd.serve.loading import load_layers
+from meshd.serve.metrics import Metrics
 from meshd.serve.runtime import Ring, Runtime
 from models.budget import CostCurve
 from models.drafters import drafter_factory
@@ -42,6 +47,8 @@ except ImportError:  # pragma: no cover - platform without uvloop
     uvloop = None
 
 log = logging.getLogger("meshd")
+# client, request line, status, bytes, seconds, user agent; no time: the log line (or the journal) has it
+ACCESS_FORMAT = '%a "%r" %s %b %Tf "%{User-Agent}i"'
 
 
 def model_shape(vocab: Stage, dtype: torch.dtype, context: int, draft_bytes: int = 0) -> ModelShape:
@@ -55,6 +62,21 @@ def model_shape(vocab: Stage, dtype: torch.dtype, context: int, draft_bytes: int
         kv_bytes_per_token_per_layer=2 * cfg.kv_size * b,
         context=context,
     )
+
+
+def resident_bytes() -> int | None:
+    """This process's resident memory now (Linux), for the live page; None where /proc is absent."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def hidden_bytes(msg: Message) -> int:
+    """Bytes of the hidden states a ring message carries (what dominates a link's traffic)."""
+    hidden = msg.get("hidden")
+    return hidden.nbytes if isinstance(hidden, torch.Tensor) else 0
 
 
 class Daemon:
@@ -79,6 +101,7 @@ class Daemon:
         self.node: MeshNode | None = None
         self.runtime: Runtime | None = None
         self.runner: web.AppRunner | None = None
+        self.metrics: Metrics | None = None
 
     # ---- start-up ---------------------------------------------------------------------------
     async def run(self) -> int:
@@ -91,7 +114,10 @@ class Daemon:
         log.info("loading %s (embeddings, final norm, LM head; %s)", cfg.model, dtype)
         notify.status("loading the model")
         source = ModelSource.resolve(cfg.model)
+        t0 = time.monotonic()
         vocab = await asyncio.to_thread(Stage.load, source, LayerRange(0, 0), vocab=True, dtype=dtype)
+        log.info("loaded the vocabulary ends in %.1f s; loading the tokenizer", time.monotonic() - t0)
+        notify.status("loading the tokenizer")
         tokenizer = await asyncio.to_thread(source.load_tokenizer)
         factory = await asyncio.to_thread(drafter_factory, cfg.drafter, vocab, source=source)
         self.runtime = rt = Runtime(
@@ -123,9 +149,11 @@ class Daemon:
         node.on_membership(self._on_membership)
 
         app = create_app(rt, api_key=cfg.api_key, max_body_bytes=cfg.max_body_bytes)
+        self.metrics = app[METRICS]
         node.attach(app)
         rt.mesh_status = self._mesh_status
-        self.runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        access = logging.getLogger("meshd.access") if cfg.access_log else None
+        self.runner = web.AppRunner(app, handle_signals=False, access_log=access, access_log_format=ACCESS_FORMAT)
         await self.runner.setup()
         await web.TCPSite(self.runner, cfg.host, cfg.port).start()
         log.info("API and mesh endpoint listening on http://%s:%d (node %s)", cfg.host, cfg.port, node.node_id)
@@ -166,10 +194,19 @@ class Daemon:
         w = rt.worker
         if w is not None and w.stage.layer_range == stage.layers:
             return
-        log.info("plan epoch %d: loading layers %s", plan.epoch, stage.layers)
         notify.status(f"loading layers {stage.layers} for plan epoch {plan.epoch}")
-        st = await asyncio.to_thread(Stage.load, rt.source, stage.layers, vocab=False, dtype=rt.vocab.dtype)
+        what = f"plan epoch {plan.epoch}: loading layers {stage.layers}"
+        st = await asyncio.to_thread(load_layers, rt.source, stage.layers, rt.vocab.dtype, what)
+        log.info("measuring this device's speed on layers %s (the cost curve peers size draft trees by)", stage.layers)
+        notify.status(f"measuring this device's speed on layers {stage.layers}")
+        t0 = time.monotonic()
         curve = await asyncio.to_thread(stage_cost_curve, rt.source, st, with_lm_head=False, repeats=2)
+        log.info(
+            "cost curve of layers %s in %.1f s: %s",
+            stage.layers,
+            time.monotonic() - t0,
+            ", ".join(f"{t} tokens {s * 1e3:.1f} ms" for t, s in sorted(curve.items())),
+        )
         rt.install_worker(self.stage_wrapper(st) if self.stage_wrapper is not None else st)
         self.node.set_cost_curve(curve)
 
@@ -205,7 +242,9 @@ class Daemon:
             notify.status(f"re-planning: lost peer {event.node_id}")
 
     async def _send(self, node_id: str, msg: RingMessage) -> None:
-        await self.node.send(node_id, to_message(msg, self.runtime.wire_dtype))
+        wire = to_message(msg, self.runtime.wire_dtype)
+        self.metrics.count_bytes(node_id, "sent", hidden_bytes(wire))
+        await self.node.send(node_id, wire)
 
     async def _receive(self, sender: str, msg: Message) -> None:
         try:
@@ -213,14 +252,17 @@ class Daemon:
         except (KeyError, ValueError, TypeError) as exc:
             log.warning("dropping %s from %s: %s", msg.type, sender, exc)
             return
+        self.metrics.count_bytes(sender, "received", hidden_bytes(msg))
         self.runtime.deliver(ring_msg)
 
     def _mesh_status(self) -> dict:
         """The mesh half of ``GET /mesh``: plan, peers and their published cost curves."""
         status = self.node.status()
+        status["memory"] = {"budget": self.node.hello.memory_budget, "rss": resident_bytes()}
         for p in status.get("peers", []):
             hello = self.node.peers.get(p["node_id"])
             p["cost_curve_ms"] = {t: round(s * 1e3, 3) for t, s in (hello.cost_curve if hello else {}).items()}
+            p["version"] = hello.version if hello else None
         return status
 
 
@@ -231,11 +273,7 @@ def serve(
     link_emulation: LinkEmulation | None = None,
 ) -> int:
     """Run one daemon until SIGTERM/SIGINT; the hooks are ``Daemon``'s benchmark hooks."""
-    logging.basicConfig(
-        level=getattr(logging, str(cfg.log_level).upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        force=True,
-    )
+    logs.configure(cfg.log_level)
     if uvloop is not None:
         uvloop.install()
     with contextlib.suppress(KeyboardInterrupt):

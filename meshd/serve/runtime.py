@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from meshd import __version__
 from meshd.ring.interpreter import Delivery, ToClient, ToEveryStage, ToStage, forward, interpret
 from meshd.ring.messages import Result, RingMessage, Segment
 from meshd.ring.scheduler import Action, CloseSessions, Emit, Originator, Request
@@ -34,13 +35,16 @@ from models.stage import Stage
 from models.text import stop_ids
 
 log = logging.getLogger(__name__)
+RECENT_REQUESTS = 8  # finished requests ``status()`` keeps showing, so a short one is seen on the live page
 
 
 class RequestHandle:
     """What the API holds for one request: an async stream of token chunks, then the outcome."""
 
-    def __init__(self, runtime: Runtime, request_id: str, prompt_tokens: int):
-        self.runtime, self.request_id, self.prompt_tokens = runtime, request_id, prompt_tokens
+    def __init__(self, runtime: Runtime, request_id: str, prompt_tokens: int, mode: str = ""):
+        self.runtime, self.request_id, self.prompt_tokens, self.mode = runtime, request_id, prompt_tokens, mode
+        self.submitted = time.monotonic()
+        self.rounds = 0  # token chunks so far: one per verification round
         self.finish_reason: str | None = None
         self.error: str | None = None
         self.stats: Stats | None = None
@@ -58,7 +62,24 @@ class RequestHandle:
         if self.finish_reason is None:
             await self.runtime._cancel(self.request_id)
 
+    def progress(self, now: float) -> dict[str, Any]:
+        """How far the request is, for the live page (``GET /mesh``'s ``requests``)."""
+        n, seconds = len(self.token_ids), max(1e-9, now - self.submitted)
+        return {
+            "request_id": self.request_id,
+            "mode": self.mode,
+            "prompt_tokens": self.prompt_tokens,
+            "new_tokens": n,
+            "rounds": self.rounds,
+            "accepted_per_round": round(n / self.rounds, 3) if self.rounds else 0.0,
+            "seconds": round(seconds, 3),
+            "tokens_per_s": round(n / seconds, 2),
+            "finish_reason": self.finish_reason,
+            **({"finished_at": round(time.time(), 3)} if self.finish_reason else {}),
+        }
+
     def _push(self, tokens: list[int]) -> None:
+        self.rounds += 1
         self.token_ids.extend(tokens)
         self._chunks.put_nowait(tokens)
 
@@ -112,6 +133,7 @@ class Runtime:
         self.originator: Originator | None = None
         self.transport: Callable[[str, RingMessage], Awaitable[None]] | None = None
         self.handles: dict[str, RequestHandle] = {}
+        self.finished: deque[dict[str, Any]] = deque(maxlen=RECENT_REQUESTS)  # last requests' final progress
         self._ring_of: dict[str, int] = {}  # request id -> ring epoch it started under
         self._inbox: deque[RingMessage] = deque()
         self._wake = asyncio.Event()
@@ -193,7 +215,7 @@ class Runtime:
                 f"context limit of {self.max_context}"
             )
         rid = str(random.getrandbits(62))
-        handle = RequestHandle(self, rid, len(prompt_ids))
+        handle = RequestHandle(self, rid, len(prompt_ids), params.mode)
         self.handles[rid] = handle
         self._ring_of[rid] = self.ring.epoch
         self.counters["requests_total"] += 1
@@ -290,6 +312,7 @@ class Runtime:
         if reason == "error":
             self.counters["requests_failed_total"] += 1
         h._finish(reason, stats, error)
+        self.finished.appendleft(h.progress(time.monotonic()))
 
     async def _to_node(self, node: str | None, msg: RingMessage) -> None:
         if node is None:
@@ -423,6 +446,7 @@ class Runtime:
         ring = self.ring
         out = {
             "node_id": self.node_id,
+            "version": __version__,
             "model": self.model_name,
             "fingerprint": self.source.fingerprint,
             "ready": self.ready()[0],
@@ -431,6 +455,8 @@ class Runtime:
             "metrics": self.metrics(),
             "plan": {"epoch": ring.epoch, "committed": True, "stages": []} if ring else None,
             "peers": [],
+            "requests": [h.progress(time.monotonic()) for h in self.handles.values()],
+            "recent_requests": list(self.finished),
         }
         if self.mesh_status is not None:
             out.update(self.mesh_status())
