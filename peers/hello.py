@@ -27,6 +27,10 @@ class Hello:
     cost_curve: dict[int, float] = field(default_factory=dict)
     proto: int = PROTO_VERSION
 
+    def started_before(self, other: Hello) -> bool:
+        """Total order on processes: earlier start first, instance id breaks exact ties."""
+        return (self.start_time, self.instance) < (other.start_time, other.instance)
+
     def to_wire(self) -> dict[str, Any]:
         return asdict(self)
 

@@ -134,14 +134,10 @@ class Daemon:
         stopped = asyncio.ensure_future(node.wait_stopped())
         stop = asyncio.ensure_future(self.stopping.wait())
         await asyncio.wait({stopped, stop}, return_when=asyncio.FIRST_COMPLETED)
-        code = 0
-        if node.error is not None:
-            log.error("%s", node.error)
-            code = 3
         await self.shutdown()
         for t in (stopped, stop):
             t.cancel()
-        return code
+        return 0
 
     async def shutdown(self) -> None:
         notify.stopping()

@@ -82,7 +82,7 @@ def test_membership_change_replans_after_debounce():
 def test_stale_epoch_messages_are_rejected():
     n = Negotiator("b", SHAPE)
     plan = Plan(5, (), ("a", "b"), 12)
-    body = {"stages": [["a", 0, 6], ["b", 6, 12]], "members": ["a", "b"], "n_layers": 12}
+    body = {"stages": [["a", 0, 6], ["b", 6, 12]], "members": ["a", "b"], "n_layers": 12, "fingerprint": ""}
     assert isinstance(n.on_message("a", Message("plan_propose", body, 5), 0)[0], LoadSlice)
     # an older proposal gets a negative ack that carries the epoch already seen
     actions = n.on_message("x", Message("plan_propose", body, 4), 0)
@@ -165,7 +165,7 @@ def test_unplannable_mesh_reports_missing_memory_once():
     ],
 )
 def test_malformed_plans_are_refused(stages):
-    msg = Message("plan_propose", {"stages": stages, "members": ["a", "b"], "n_layers": 12}, 1)
+    msg = Message("plan_propose", {"stages": stages, "members": ["a", "b"], "n_layers": 12, "fingerprint": ""}, 1)
     with pytest.raises(SchemaError):
         Plan.from_message(msg)
 
