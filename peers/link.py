@@ -377,10 +377,15 @@ class Link:
         for task in self._tasks:
             if task is not asyncio.current_task():
                 task.cancel()
-        try:
-            await asyncio.wait_for(self.ws.close(code=code, message=reason.encode()[:120]), CLOSE_GRACE)
-        except Exception:  # the close frame could not be written (peer not reading) or the socket is gone
-            self._shut_down_socket()
+        # In a task of its own: aiohttp's writers share one drain future, and cancelling the writer task
+        # above cancels it, which would otherwise raise CancelledError here, in the caller's task.
+        closing = asyncio.ensure_future(self.ws.close(code=code, message=reason.encode()[:120]))
+        closing.add_done_callback(lambda t: t.cancelled() or t.exception())  # outcome not needed
+        await asyncio.wait({closing}, timeout=CLOSE_GRACE)
+        closing.cancel()
+        # aiohttp can give up on a close (a peer that does not read) without waking the reader, and then
+        # drops the socket from its event loop's readers: shutting it down ends the connection for certain.
+        self._shut_down_socket()
 
     def _shut_down_socket(self) -> None:
         """Tear the TCP connection down under aiohttp, so a reader blocked on it wakes up."""
