@@ -345,7 +345,8 @@ _reg("peer_info", control=True, hello=Kind.MAP)
 # Membership and plan negotiation; the plan epoch rides in the envelope.
 _reg("heartbeat", control=True, ts=Kind.FLOAT)
 _reg("plan_propose", control=True, stages=Kind.LIST, members=Kind.STRS, n_layers=Kind.INT, fingerprint=Kind.STR)
-_reg("plan_ack", control=True, ok=Kind.BOOL, reason=optional(Kind.STR))
+# refused: the epoch of the proposal a negative ack refuses (``e`` is then the refuser's own epoch)
+_reg("plan_ack", control=True, ok=Kind.BOOL, reason=optional(Kind.STR), refused=optional(Kind.INT))
 _reg("plan_commit", control=True)
 # Data plane: meshd/ring/messages.py is the in-memory form, meshd/ring/wire.py the mapping; request id in the
 # envelope. Node ids are request-global and only grow, so prunes apply the same whatever order they meet the

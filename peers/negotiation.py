@@ -235,13 +235,16 @@ class Negotiator:
                 reason = f"stale epoch {msg.epoch}: already at {self.highest_epoch}"
             else:
                 reason = f"epoch {msg.epoch} jumps more than {MAX_EPOCH_STEP} past {self.highest_epoch}"
-            nack = Message("plan_ack", {"ok": False, "reason": reason}, self.highest_epoch)
+            nack = Message("plan_ack", {"ok": False, "reason": reason, "refused": msg.epoch}, self.highest_epoch)
             return [Send(sender, nack), Rejected(sender, reason)]
         try:
             plan = self._check_proposal(sender, msg)
         except SchemaError as exc:
+            # The refusal carries this node's own epoch (it did not adopt the proposal's, so nobody
+            # should outbid it: a forged proposal must not set off a re-plan) and names the one refused.
+            body = {"ok": False, "reason": str(exc), "refused": msg.epoch}
             return [
-                Send(sender, Message("plan_ack", {"ok": False, "reason": str(exc)}, msg.epoch)),
+                Send(sender, Message("plan_ack", body, self.highest_epoch)),
                 Rejected(sender, str(exc)),
             ]
         self.highest_epoch = plan.epoch
@@ -256,6 +259,8 @@ class Negotiator:
             # A peer has seen a higher epoch (another proposer's): outbid it right away.
             self.highest_epoch = msg.epoch
             return [Rejected(sender, msg.get("reason", "")), *(self._propose(now) if self.is_proposer else [])]
+        if mine and self.pending is not None and not msg["ok"] and msg.get("refused") == self.pending.epoch:
+            return self._abandon(f"{sender} refused epoch {self.pending.epoch}: {msg.get('reason', '')}", now)
         if not mine or self.pending is None or msg.epoch != self.pending.epoch:
             return [Rejected(sender, f"ack for epoch {msg.epoch}, which is not the open proposal")]
         if not msg["ok"]:
