@@ -7,8 +7,8 @@ derive two session keys (one per direction) from the secret, both handshake nonc
 and both handshake MACs, and every frame after the handshake travels sealed with
 ChaCha20-Poly1305 under a per-direction sequence number:
 
-    websocket message = seq (8 bytes, big-endian) | ChaCha20-Poly1305(key, nonce = 0^4 | seq,
-                                                    aad = seq, plaintext = flag (1 byte) | data)
+    websocket message = header | ChaCha20-Poly1305(key, nonce = 0^4 | seq, aad = header, plaintext = data)
+    header            = seq (8 bytes, big-endian) | flag (1 byte)
 
 The receiver expects exactly the next sequence number, so a replayed, dropped or reordered
 message is refused before decryption, and a forged one fails the tag. Keys that depend on both
@@ -35,9 +35,10 @@ KEY_LABEL = b"meshd-link-v3 session keys"
 SEQ_BYTES = 8
 TAG_BYTES = 16
 CHUNK_BYTES = 64 * 1024  # plaintext per sealed websocket message
-OVERHEAD = SEQ_BYTES + 1 + TAG_BYTES  # per chunk: sequence number, flag, Poly1305 tag
+HEADER_BYTES = SEQ_BYTES + 1  # sequence number, chunk flag
+OVERHEAD = HEADER_BYTES + TAG_BYTES  # per chunk
 MAX_MESSAGE = CHUNK_BYTES + OVERHEAD  # the websocket message limit for every mesh connection
-_MORE, _LAST = b"\x01", b"\x00"
+_MORE, _LAST = 1, 0
 _SEQ_LIMIT = 2**64 - 1
 
 
@@ -76,8 +77,8 @@ class SessionKeys:
         return Sealer(self.server_to_client), Opener(self.client_to_server)
 
 
-def _nonce(header: bytes) -> bytes:
-    return b"\x00\x00\x00\x00" + header
+def _nonce(seq: bytes) -> bytes:
+    return b"\x00\x00\x00\x00" + seq
 
 
 class Sealer:
@@ -93,20 +94,21 @@ class Sealer:
 
     def seal(self, frame: bytes) -> list[bytes]:
         """The websocket messages that carry ``frame`` (one unless it exceeds the chunk size)."""
-        view = memoryview(frame)
+        view = memoryview(frame)  # chunks are slices of it, not copies
         starts = range(0, max(len(frame), 1), self._chunk)
-        out = []
-        for i, start in enumerate(starts):
-            flag = _LAST if i == len(starts) - 1 else _MORE
-            out.append(self._seal_one(flag + view[start : start + self._chunk]))
-        return out
+        last = len(starts) - 1
+        return [
+            self._seal_one(view[start : start + self._chunk], _LAST if i == last else _MORE)
+            for i, start in enumerate(starts)
+        ]
 
-    def _seal_one(self, plaintext: bytes) -> bytes:
+    def _seal_one(self, plaintext: memoryview, flag: int) -> bytes:
         if self.seq >= _SEQ_LIMIT:
             raise ConnectionError("the link has sent 2^64-1 messages; it must be re-established")
-        header = self.seq.to_bytes(SEQ_BYTES, "big")
+        seq = self.seq.to_bytes(SEQ_BYTES, "big")
         self.seq += 1
-        return header + self._aead.encrypt(_nonce(header), plaintext, header)
+        header = seq + bytes((flag,))
+        return header + self._aead.encrypt(_nonce(seq), plaintext, header)
 
 
 class Opener:
@@ -121,21 +123,22 @@ class Opener:
 
     def open(self, message: bytes) -> bytes | None:
         """The complete frame once its last chunk is in, else None; raises IntegrityError or FrameTooLarge."""
-        if len(message) < SEQ_BYTES + 1 + TAG_BYTES:
+        if len(message) < OVERHEAD:
             raise IntegrityError(f"sealed message of {len(message)} bytes is shorter than its overhead")
-        header = bytes(message[:SEQ_BYTES])
-        seq = int.from_bytes(header, "big")
+        view = memoryview(message)
+        header, seq_bytes = bytes(view[:HEADER_BYTES]), bytes(view[:SEQ_BYTES])
+        seq = int.from_bytes(seq_bytes, "big")
         if seq != self.seq:
             what = "replayed" if seq < self.seq else "out of order (messages missing)"
             raise IntegrityError(f"message {seq} is {what}: expected message {self.seq}")
         try:
-            plain = self._aead.decrypt(_nonce(header), message[SEQ_BYTES:], header)
+            data = self._aead.decrypt(_nonce(seq_bytes), view[HEADER_BYTES:], header)
         except InvalidTag:
             raise IntegrityError(
                 f"message {seq} failed authentication: forged, corrupted or not for this link"
             ) from None
         self.seq += 1
-        flag, data = plain[:1], plain[1:]
+        flag = header[SEQ_BYTES]
         if flag not in (_MORE, _LAST):
             raise IntegrityError(f"message {seq} has chunk flag {flag!r}")
         self._size += len(data)
