@@ -37,6 +37,7 @@ import hashlib
 import hmac
 import ipaddress
 import logging
+import os
 import secrets
 import socket
 from collections.abc import Awaitable, Callable
@@ -388,11 +389,17 @@ class Link:
         self._shut_down_socket()
 
     def _shut_down_socket(self) -> None:
-        """Tear the TCP connection down under aiohttp, so a reader blocked on it wakes up."""
+        """Tear the TCP connection down under aiohttp, so a reader blocked on it wakes up.
+
+        Through a duplicate of the descriptor: the event loop's own socket object may refuse
+        ``shutdown()`` (uvloop's does), and a shutdown acts on the connection, not on one descriptor.
+        """
         sock = self.ws.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+        fd = sock.fileno() if sock is not None else -1
+        if fd < 0:
+            return  # already closed
+        with contextlib.suppress(OSError), socket.socket(fileno=os.dup(fd)) as dup:
+            dup.shutdown(socket.SHUT_RDWR)
 
     def _fail(self, code: int, reason: str) -> None:
         self._closer = asyncio.create_task(self.close(code, reason))
