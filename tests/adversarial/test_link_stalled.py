@@ -54,7 +54,8 @@ async def test_a_peer_that_stops_reading_is_declared_lost_within_the_bound(tmp_p
         await until(lambda: lost, timeout=BOUND + 1, what="b declared lost")
         at, event = lost[0]
         assert event.node_id == b.node_id and "stopped reading" in event.reason
-        assert at - blocked_at <= BOUND + 0.5, f"declared lost {at - blocked_at:.2f} s after sends blocked"
+        # 1 s of slack: event-loop scheduling on a loaded 2-core test machine, not the protocol's bound
+        assert at - blocked_at <= BOUND + 1.0, f"declared lost {at - blocked_at:.2f} s after sends blocked"
         hang.set()
     finally:
         await mesh.stop()

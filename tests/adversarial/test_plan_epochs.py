@@ -6,7 +6,7 @@ own codec checks are not what protects the receiver.
 
 from __future__ import annotations
 
-import asyncio
+import logging
 
 import cbor2
 import pytest
@@ -25,12 +25,20 @@ def roles(a: MeshNode, b: MeshNode) -> tuple[MeshNode, MeshNode]:
     return (a, b) if a.node_id < b.node_id else (b, a)
 
 
+def refusals(caplog: pytest.LogCaptureFixture, text: str) -> int:
+    """How many messages the mesh layer logged as rejected with ``text`` in the reason."""
+    return sum(
+        1 for r in caplog.records if r.name == "peers.mesh" and "rejected" in r.getMessage() and text in r.getMessage()
+    )
+
+
 def unchanged(node: MeshNode, epoch: int) -> bool:
     plan = node.plan
     return plan is not None and plan.committed and plan.epoch == epoch and node.negotiator.pending is None
 
 
-async def test_epoch_poisoning_is_refused_and_the_mesh_still_replans(tmp_path):
+async def test_epoch_poisoning_is_refused_and_the_mesh_still_replans(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="peers.mesh")
     mesh = Mesh(tmp_path)
     try:
         sa, sb = free_socket(), free_socket()
@@ -44,8 +52,13 @@ async def test_epoch_poisoning_is_refused_and_the_mesh_still_replans(tmp_path):
         for poisoned in (2**64 - 1, 2**40, epoch + 1_000_000):
             assert to_member.offer(raw("plan_propose", poisoned, **body))
         # and a refusal that claims a huge epoch, which would make the proposer outbid it
-        member.neighbours.link(proposer.node_id).offer(raw("plan_ack", 2**63, ok=False, reason="outbid this"))
-        await asyncio.sleep(0.5)
+        to_proposer = member.neighbours.link(proposer.node_id)
+        to_proposer.offer(raw("plan_ack", 2**40, ok=False, reason="outbid this"))
+        to_proposer.offer(raw("plan_ack", epoch + 1_000_000, ok=False, reason="outbid this"))
+        # wait until every poisoned frame was handled: refused by the codec (bad frames) or the negotiator
+        from_proposer = member.neighbours.link(proposer.node_id)
+        await until(lambda: from_proposer.bad_frames == 2 and refusals(caplog, "jumps more than"), what="refusals")
+        await until(lambda: refusals(caplog, "too far above"), what="the proposer refusing the huge refusal")
         assert member.negotiator.highest_epoch == epoch and unchanged(member, epoch)
         assert proposer.negotiator.highest_epoch == epoch and unchanged(proposer, epoch)
         assert not to_member.closed  # two bad frames are answered, not fatal
@@ -68,7 +81,8 @@ async def test_epoch_poisoning_is_refused_and_the_mesh_still_replans(tmp_path):
         "stage_for_a_stranger",  # a stage for a node id that is not a member
     ],
 )
-async def test_bad_proposals_are_refused_and_nothing_is_loaded(tmp_path, attack):
+async def test_bad_proposals_are_refused_and_nothing_is_loaded(tmp_path, caplog, attack):
+    caplog.set_level(logging.INFO, logger="peers.mesh")
     loads: list[int] = []
     mesh = Mesh(tmp_path)
     try:
@@ -93,8 +107,9 @@ async def test_bad_proposals_are_refused_and_nothing_is_loaded(tmp_path, attack)
         else:
             body.update(stages=[[lo, 0, split], ["0000000000000000", split, n]], members=[*body["members"], "0"])
         loads.clear()
+        before = refusals(caplog, "")
         assert sender.neighbours.link(target.node_id).offer(raw("plan_propose", epoch + 1, **body))
-        await asyncio.sleep(0.5)
+        await until(lambda: refusals(caplog, "") > before, what=f"{attack}: the proposal being refused")
         assert unchanged(target, epoch), f"{attack}: the target took the proposal up"
         assert loads == [], f"{attack}: the target loaded a slice for it"
         assert target.negotiator.highest_epoch == epoch
