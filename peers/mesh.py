@@ -371,10 +371,12 @@ class MeshNode:
     async def _on_data(self, sender: str, msg: Message) -> None:
         committed = self.negotiator.committed
         if committed and msg.epoch < self._layout_epoch and msg.type != "error":
-            self._log_once(f"dropping {msg.type} of stale epoch {msg.epoch} (committed {committed.epoch})")
-            reply = Message("error", {"code": "stale_epoch", "message": f"epoch {msg.epoch} < {committed.epoch}"})
-            with contextlib.suppress(ConnectionError):
-                await self.send(sender, replace(reply, epoch=committed.epoch, request_id=msg.request_id))
+            why = f"epoch {msg.epoch} is older than the layout in force since epoch {self._layout_epoch}"
+            self._log_once(f"dropping {msg.type} from {sender}: {why}")
+            reply = Message("error", {"code": "stale_epoch", "message": why}, committed.epoch, msg.request_id)
+            link = self.neighbours.links.get(sender)
+            if link:  # best effort: the reader must not wait for room on a full send queue
+                link.offer(self.codec.encode(reply))
             return
         handler = self._handlers.get(msg.type)
         if handler is None:
