@@ -17,7 +17,6 @@ from pathlib import Path
 
 from aiohttp import web
 
-from peers.identity import DuplicateNodeIdError
 from peers.link import LinkEmulation
 from peers.mesh import MeshConfig, MeshNode
 from peers.planner import ModelShape
@@ -106,9 +105,6 @@ async def run(args: argparse.Namespace) -> int:
             w.cancel()
         await node.stop()
         await runner.cleanup()
-    if isinstance(node.error, DuplicateNodeIdError):
-        print(f"meshd: {node.error}", file=sys.stderr)
-        return 3
     return 0
 
 

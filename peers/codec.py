@@ -28,12 +28,17 @@ import cbor2
 if TYPE_CHECKING:
     import torch
 
-PROTO_VERSION = 2  # 2: no seq in segment and result; plan stages as half-open [node, first, stop]
+# 2: no seq in segment and result; plan stages as half-open [node, first, stop]
+# 3: frames sealed after the handshake (peers/channel.py); epochs bounded; plan_propose carries the fingerprint
+PROTO_VERSION = 3
 DEFAULT_MAX_FRAME = 64 * 1024 * 1024
 MAX_TENSOR_DIMS = 8
 MAX_DEPTH = 32  # nesting; real messages need about 4
 _ENVELOPE = ("v", "t", "e", "r")
 _U64 = 2**64
+# Plan epochs grow by one per re-plan; 2^32 is more than a mesh re-planning every second uses in a
+# century, and leaves room above it so ``epoch + 1`` never overflows the envelope's 64 bits.
+MAX_EPOCH = 2**32
 
 
 class CodecError(ValueError):
@@ -284,9 +289,15 @@ class Codec:
     def encode(self, msg: Message) -> bytes:
         spec = self.registry.spec(msg.type)
         body = _check_body(spec, msg.body, decoding=False)
-        if not all(_is_int(x) and 0 <= x < _U64 for x in (msg.epoch, msg.request_id)):
+        if not (
+            _is_int(msg.epoch)
+            and 0 <= msg.epoch <= MAX_EPOCH
+            and _is_int(msg.request_id)
+            and 0 <= msg.request_id < _U64
+        ):
             raise SchemaError(
-                f"{msg.type}: epoch and request_id must be unsigned 64-bit ints (got {msg.epoch!r}, {msg.request_id!r})"
+                f"{msg.type}: epoch must be an int in 0..{MAX_EPOCH} and request_id an unsigned 64-bit int "
+                f"(got {msg.epoch!r}, {msg.request_id!r})"
             )
         wire = {"v": PROTO_VERSION, "t": msg.type, "e": msg.epoch, "r": msg.request_id}
         wire.update({k: _wire(spec.fields[k].kind, v) for k, v in body.items()})
@@ -317,8 +328,8 @@ class Codec:
         if not isinstance(t, str):
             raise MalformedFrame("frame has no message type 't'")
         spec = self.registry.spec(t)
-        if not (_is_int(e) and e >= 0 and _is_int(r) and r >= 0):
-            raise SchemaError(f"{t}: epoch 'e' and request id 'r' must be non-negative ints")
+        if not (_is_int(e) and 0 <= e <= MAX_EPOCH and _is_int(r) and 0 <= r < _U64):
+            raise SchemaError(f"{t}: epoch 'e' must be an int in 0..{MAX_EPOCH} and request id 'r' a non-negative int")
         body = _check_body(spec, {k: val for k, val in wire.items() if k not in _ENVELOPE}, decoding=True)
         return Message(t, body, e, r)
 
@@ -333,8 +344,9 @@ _reg("welcome", control=True, mac=Kind.BYTES, hello=Kind.MAP)
 _reg("peer_info", control=True, hello=Kind.MAP)
 # Membership and plan negotiation; the plan epoch rides in the envelope.
 _reg("heartbeat", control=True, ts=Kind.FLOAT)
-_reg("plan_propose", control=True, stages=Kind.LIST, members=Kind.STRS, n_layers=Kind.INT)
-_reg("plan_ack", control=True, ok=Kind.BOOL, reason=optional(Kind.STR))
+_reg("plan_propose", control=True, stages=Kind.LIST, members=Kind.STRS, n_layers=Kind.INT, fingerprint=Kind.STR)
+# refused: the epoch of the proposal a negative ack refuses (``e`` is then the refuser's own epoch)
+_reg("plan_ack", control=True, ok=Kind.BOOL, reason=optional(Kind.STR), refused=optional(Kind.INT))
 _reg("plan_commit", control=True)
 # Data plane: meshd/ring/messages.py is the in-memory form, meshd/ring/wire.py the mapping; request id in the
 # envelope. Node ids are request-global and only grow, so prunes apply the same whatever order they meet the

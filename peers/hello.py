@@ -41,6 +41,10 @@ class Hello:
     proto: int = PROTO_VERSION
     version: str = field(default_factory=software_version)  # informational: never decides compatibility
 
+    def started_before(self, other: Hello) -> bool:
+        """Total order on processes: earlier start first, instance id breaks exact ties."""
+        return (self.start_time, self.instance) < (other.start_time, other.instance)
+
     def to_wire(self) -> dict[str, Any]:
         return asdict(self)
 

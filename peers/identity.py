@@ -1,9 +1,10 @@
-"""Who this daemon is: a node id that survives restarts, and what to do when two daemons share one.
+"""Who this daemon is: a node id that survives restarts, and a per-process instance id.
 
 The node id orders the ring and picks the plan proposer, so it must be stable across restarts
 (kept in the state directory) and unique in the mesh. A copied state directory breaks
-uniqueness silently; the start time and a per-process instance id let both daemons agree which
-one is the newcomer, and only that one steps back.
+uniqueness: a peer that presents this daemon's own node id is refused at the handshake and
+reported (``peers/neighbours.py``), and neither daemon exits on the other's word, since a peer
+could claim any start time. Other peers keep the process that started first (``Hello.started_before``).
 """
 
 from __future__ import annotations
@@ -17,10 +18,6 @@ from pathlib import Path
 
 NODE_ID_FILE = "node_id"
 _NODE_ID_RE = re.compile(r"^[0-9a-f]{16}$")
-
-
-class DuplicateNodeIdError(RuntimeError):
-    """This daemon shares its node id with an older one and must not join the mesh."""
 
 
 def default_state_dir() -> Path:
@@ -58,14 +55,3 @@ class Identity:
     def load(cls, state_dir: Path | None = None) -> Identity:
         state_dir = state_dir or default_state_dir()
         return cls(load_or_create_node_id(state_dir), state_dir)
-
-    def is_newer_than(self, start_time: float, instance: str) -> bool:
-        """Total order on processes: later start first, instance id breaks exact ties."""
-        return (self.start_time, self.instance) > (start_time, instance)
-
-    def duplicate_error(self, peer_addr: str) -> DuplicateNodeIdError:
-        return DuplicateNodeIdError(
-            f"node id {self.node_id} is already used by the daemon at {peer_addr}, which started earlier; "
-            f"this daemon will not join. The state directory was probably copied: on one of the two "
-            f"machines, stop meshd, delete {self.state_dir / NODE_ID_FILE} and start it again."
-        )

@@ -1,4 +1,4 @@
-"""One authenticated, ordered, bounded websocket link to one neighbour.
+"""One authenticated, encrypted, ordered, bounded websocket link to one neighbour.
 
 Handshake (both sides prove they know the mesh secret, each over a nonce the other just made,
 so a recorded handshake is worthless):
@@ -11,9 +11,22 @@ The role label stops a reflected MAC from passing for the other side's; the hell
 MAC so a man in the middle cannot swap the node id or cost curve. Without a secret the same
 exchange runs with an empty key, and only loopback addresses are accepted on either end.
 
+Both sides then derive per-direction session keys (``peers/channel.py``) and every later frame
+is sealed with ChaCha20-Poly1305 under a sequence number, so a relay that forwarded the handshake
+cannot inject, and nobody can replay, reorder or read frames. Anything that fails to open closes
+the link at once.
+
+Before authentication a connection costs little: the websocket accepts messages of at most
+``channel.MAX_MESSAGE`` bytes (larger frames travel as several sealed chunks once authenticated),
+handshake frames are decoded only up to ``HANDSHAKE_MAX_FRAME``, and the whole handshake must
+finish within its timeout.
+
 After the handshake the link is symmetric: ``send()`` puts an encoded frame on a bounded queue
 (so a slow neighbour pushes back on its producer instead of growing memory) and one writer task
-drains it in order; one reader task decodes frames and hands them to the owner's callback.
+seals and drains it in order; one reader task opens and decodes frames and hands them to the
+owner's callback. A send that cannot get onto the queue within ``send_timeout`` raises
+:class:`SendTimeout`; a websocket write that does not complete within ``send_timeout`` (the peer
+stopped reading) closes the link with ``CLOSE_STALLED``.
 """
 
 from __future__ import annotations
@@ -24,7 +37,9 @@ import hashlib
 import hmac
 import ipaddress
 import logging
+import os
 import secrets
+import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +48,7 @@ import aiohttp
 import cbor2
 from aiohttp import WSCloseCode, WSMsgType, web
 
+from peers.channel import MAX_MESSAGE, IntegrityError, Opener, Sealer, SessionKeys
 from peers.codec import Codec, CodecError, Message
 from peers.hello import Hello, incompatibility
 
@@ -40,10 +56,17 @@ log = logging.getLogger(__name__)
 
 WS_PATH = "/mesh/ws"
 NONCE_BYTES = 32
+HANDSHAKE_MAX_FRAME = 16 * 1024  # a hello with a 64-point cost curve is about 2 kB
+HANDSHAKE_LABEL = b"meshd-link-v3|"
 CLOSE_GOING_AWAY = WSCloseCode.GOING_AWAY  # the peer is shutting down on purpose: not a failure
 CLOSE_DUPLICATE = 4000  # another link to the same peer won; the dialer should not hammer it
 CLOSE_SAME_ID = 4002  # the peer presents our own node id (copied state directory)
+CLOSE_INTEGRITY = 4003  # a sealed message failed to open: forged, replayed, reordered or corrupted
+CLOSE_STALLED = 4004  # a write to the peer did not complete within the send timeout: it stopped reading
 CLOSE_BAD_FRAMES = WSCloseCode.POLICY_VIOLATION
+# aiohttp refuses a message whose size equals its limit, so the limit is one above the largest sealed message.
+WS_MSG_LIMIT = MAX_MESSAGE + 1
+CLOSE_GRACE = 1.0  # seconds a closing handshake may take before the socket is shut down regardless
 
 WebSocket = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
 MessageHandler = Callable[["Link", Message], Awaitable[None]]
@@ -55,6 +78,10 @@ class HandshakeError(ConnectionError):
     def __init__(self, message: str, code: str = "handshake") -> None:
         super().__init__(message)
         self.code = code
+
+
+class SendTimeout(ConnectionError):
+    """The link's send queue stayed full for the whole send timeout."""
 
 
 def is_loopback(host: str) -> bool:
@@ -76,8 +103,13 @@ class LinkSecurity:
         return self.secret is not None or is_loopback(host)
 
     def mac(self, role: bytes, nonce_a: bytes, nonce_b: bytes, hello: dict[str, Any]) -> bytes:
-        data = b"meshd-link-v1|" + role + b"|" + nonce_a + nonce_b + cbor2.dumps(hello, canonical=True)
+        data = HANDSHAKE_LABEL + role + b"|" + nonce_a + nonce_b + cbor2.dumps(hello, canonical=True)
         return hmac.new(self.secret or b"", data, hashlib.sha256).digest()
+
+    def session_keys(
+        self, nonce_s: bytes, nonce_c: bytes, client: Hello, server: Hello, mac_c: bytes, mac_s: bytes
+    ) -> SessionKeys:
+        return SessionKeys.derive(self.secret or b"", nonce_s, nonce_c, client.node_id, server.node_id, mac_c + mac_s)
 
 
 @dataclass(frozen=True)
@@ -95,14 +127,29 @@ class LinkEmulation:
         return self.latency_ms > 0 or self.bandwidth_mbps > 0
 
 
+@dataclass(frozen=True)
+class Authenticated:
+    """What a successful handshake yields: the peer's hello and this end's half of the channel."""
+
+    peer: Hello
+    sealer: Sealer
+    opener: Opener
+
+
 # --- handshake -----------------------------------------------------------------------------------
 
 
-async def _receive(ws: WebSocket, codec: Codec, timeout: float, expect: str) -> Message:
+def handshake_codec(codec: Codec) -> Codec:
+    """The same message types under the small pre-authentication frame limit."""
+    return Codec(codec.registry, max_frame=min(codec.max_frame, HANDSHAKE_MAX_FRAME))
+
+
+async def _receive(ws: WebSocket, codec: Codec, deadline: float, expect: str) -> Message:
+    remaining = deadline - asyncio.get_running_loop().time()
     try:
-        raw = await asyncio.wait_for(ws.receive(), timeout)
+        raw = await asyncio.wait_for(ws.receive(), max(remaining, 0.0))
     except asyncio.TimeoutError:
-        raise HandshakeError(f"no {expect} within {timeout:.0f} s", "timeout") from None
+        raise HandshakeError(f"handshake not finished in time (waiting for {expect})", "timeout") from None
     if raw.type != WSMsgType.BINARY:
         raise HandshakeError(f"connection closed while waiting for {expect} ({raw.type.name})", "closed")
     try:
@@ -118,8 +165,10 @@ async def _receive(ws: WebSocket, codec: Codec, timeout: float, expect: str) -> 
 
 async def _refuse(ws: WebSocket, codec: Codec, exc: HandshakeError) -> None:
     with contextlib.suppress(Exception):
-        await ws.send_bytes(codec.encode(Message("error", {"code": exc.code, "message": str(exc)})))
-        await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=exc.code.encode()[:120])
+        await ws.send_bytes(codec.encode(Message("error", {"code": exc.code, "message": str(exc)[:500]})))
+        await asyncio.wait_for(
+            ws.close(code=WSCloseCode.POLICY_VIOLATION, message=exc.code.encode()[:120]), CLOSE_GRACE
+        )
 
 
 def _check_peer(local: Hello, raw_hello: Any) -> Hello:
@@ -130,51 +179,73 @@ def _check_peer(local: Hello, raw_hello: Any) -> Hello:
     why = incompatibility(local, peer.mesh, peer.fingerprint, peer.proto)
     if why:
         raise HandshakeError(f"peer {peer.node_id} has another {why}", "incompatible")
+    if peer.node_id == local.node_id:
+        if peer.instance == local.instance:
+            raise HandshakeError("this is a link to this daemon itself", "self")
+        raise HandshakeError(
+            f"the peer presents this daemon's node id {local.node_id} (instance {peer.instance}, started at "
+            f"{peer.start_time:.0f}); one of the two state directories is a copy: stop one daemon, delete its "
+            f"node_id file and start it again",
+            "duplicate_id",
+        )
     return peer
 
 
 async def accept_handshake(
     ws: WebSocket, remote: str, local: Hello, security: LinkSecurity, codec: Codec, timeout: float = 5.0
-) -> Hello:
-    """Server side. Returns the authenticated peer's hello; refuses (and closes) on any failure."""
+) -> Authenticated:
+    """Server side. Returns the authenticated peer; refuses (and closes) on any failure.
+
+    ``timeout`` bounds the whole exchange, so a silent or slow client holds the connection no longer.
+    """
+    small = handshake_codec(codec)
+    deadline = asyncio.get_running_loop().time() + timeout
     try:
         if not security.allows(remote):
             raise HandshakeError(
                 f"no mesh secret is configured, so only loopback peers are accepted (got {remote})", "auth"
             )
         nonce_s = secrets.token_bytes(NONCE_BYTES)
-        await ws.send_bytes(codec.encode(Message("challenge", {"nonce": nonce_s})))
-        auth = await _receive(ws, codec, timeout, "auth")
-        nonce_c = auth["nonce"]
+        await ws.send_bytes(small.encode(Message("challenge", {"nonce": nonce_s})))
+        auth = await _receive(ws, small, deadline, "auth")
+        nonce_c, mac_c = auth["nonce"], auth["mac"]
         expected = security.mac(b"client", nonce_s, nonce_c, auth["hello"])
-        if len(nonce_c) != NONCE_BYTES or not hmac.compare_digest(auth["mac"], expected):
+        if len(nonce_c) != NONCE_BYTES or not hmac.compare_digest(mac_c, expected):
             raise HandshakeError(f"authentication failed for {remote}: wrong mesh secret or replayed handshake", "auth")
         peer = _check_peer(local, auth["hello"])
         hello = local.to_wire()
-        mac = security.mac(b"server", nonce_c, nonce_s, hello)
-        await ws.send_bytes(codec.encode(Message("welcome", {"mac": mac, "hello": hello})))
-        return peer
+        mac_s = security.mac(b"server", nonce_c, nonce_s, hello)
+        await ws.send_bytes(small.encode(Message("welcome", {"mac": mac_s, "hello": hello})))
+        sealer, opener = security.session_keys(nonce_s, nonce_c, peer, local, mac_c, mac_s).for_server()
+        return Authenticated(peer, sealer, opener)
     except HandshakeError as exc:
-        await _refuse(ws, codec, exc)
+        await _refuse(ws, small, exc)
         raise
 
 
 async def dial_handshake(
     ws: WebSocket, local: Hello, security: LinkSecurity, codec: Codec, timeout: float = 5.0
-) -> Hello:
-    """Client side, after the websocket is open. Returns the authenticated server's hello."""
+) -> Authenticated:
+    """Client side, after the websocket is open. Returns the authenticated server."""
+    small = handshake_codec(codec)
+    deadline = asyncio.get_running_loop().time() + timeout
     try:
-        challenge = await _receive(ws, codec, timeout, "challenge")
+        challenge = await _receive(ws, small, deadline, "challenge")
         nonce_s, nonce_c = challenge["nonce"], secrets.token_bytes(NONCE_BYTES)
+        if len(nonce_s) != NONCE_BYTES:
+            raise HandshakeError(f"challenge nonce of {len(nonce_s)} bytes, not {NONCE_BYTES}", "schema")
         hello = local.to_wire()
-        mac = security.mac(b"client", nonce_s, nonce_c, hello)
-        await ws.send_bytes(codec.encode(Message("auth", {"nonce": nonce_c, "mac": mac, "hello": hello})))
-        welcome = await _receive(ws, codec, timeout, "welcome")
-        if not hmac.compare_digest(welcome["mac"], security.mac(b"server", nonce_c, nonce_s, welcome["hello"])):
+        mac_c = security.mac(b"client", nonce_s, nonce_c, hello)
+        await ws.send_bytes(small.encode(Message("auth", {"nonce": nonce_c, "mac": mac_c, "hello": hello})))
+        welcome = await _receive(ws, small, deadline, "welcome")
+        mac_s = welcome["mac"]
+        if not hmac.compare_digest(mac_s, security.mac(b"server", nonce_c, nonce_s, welcome["hello"])):
             raise HandshakeError("the server failed authentication: wrong mesh secret or replayed handshake", "auth")
-        return _check_peer(local, welcome["hello"])
+        peer = _check_peer(local, welcome["hello"])
+        sealer, opener = security.session_keys(nonce_s, nonce_c, local, peer, mac_c, mac_s).for_client()
+        return Authenticated(peer, sealer, opener)
     except HandshakeError as exc:
-        await _refuse(ws, codec, exc)
+        await _refuse(ws, small, exc)
         raise
 
 
@@ -182,12 +253,12 @@ async def dial_handshake(
 
 
 class Link:
-    """An authenticated websocket to one peer with an ordered, bounded send path."""
+    """An authenticated, sealed websocket to one peer with an ordered, bounded send path."""
 
     def __init__(
         self,
         ws: WebSocket,
-        peer: Hello,
+        auth: Authenticated,
         *,
         codec: Codec,
         remote: str,
@@ -195,10 +266,14 @@ class Link:
         queue_size: int = 64,
         emulation: LinkEmulation | None = None,
         max_bad_frames: int = 3,
+        send_timeout: float = 10.0,
     ) -> None:
-        self.ws, self.peer, self.codec, self.remote, self.dialer = ws, peer, codec, remote, dialer
+        self.ws, self.peer, self.codec, self.remote, self.dialer = ws, auth.peer, codec, remote, dialer
+        self._sealer, self._opener = auth.sealer, auth.opener
+        self._opener.max_frame = codec.max_frame
         self.emulation = emulation if emulation and emulation.active else None
         self.max_bad_frames = max_bad_frames
+        self.send_timeout = send_timeout
         self.bad_frames = 0
         self.close_code: int | None = None
         self.close_reason = ""
@@ -207,6 +282,7 @@ class Link:
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = asyncio.Event()
         self._closer: asyncio.Task[None] | None = None
+        self._writing_since: float | None = None  # loop time the websocket write under way began
 
     def __repr__(self) -> str:
         return f"<Link {self.peer.node_id}@{self.remote} {'out' if self.dialer else 'in'}>"
@@ -220,22 +296,28 @@ class Link:
         """Frames queued but not yet handed to the socket."""
         return self._queue.qsize() + self._inflight.qsize()
 
-    async def send(self, msg: Message) -> None:
-        """Queue a message; waits while the queue is full. Raises ConnectionError once closed."""
+    async def send(self, msg: Message, timeout: float | None = None) -> None:
+        """Queue a message; waits while the queue is full, at most ``timeout`` (default: the send timeout).
+
+        Raises ConnectionError once closed, SendTimeout (a ConnectionError) if no room came in time.
+        """
         frame = self.codec.encode(msg)
         if not self.closed and not self._queue.full():
             self._queue.put_nowait(frame)
             return
         # Slow path: wait for room, but not past the link's end (a closed link is never drained).
         put, closed = asyncio.ensure_future(self._queue.put(frame)), asyncio.ensure_future(self._closed.wait())
+        limit = self.send_timeout if timeout is None else timeout
         try:
-            await asyncio.wait({put, closed}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({put, closed}, timeout=limit, return_when=asyncio.FIRST_COMPLETED)
         finally:
             closed.cancel()
             if not put.done():
                 put.cancel()
-        if not put.done() or put.cancelled() or self.closed:
+        if self.closed:
             raise ConnectionError(f"link to {self.peer.node_id} is closed ({self.close_reason})")
+        if not put.done() or put.cancelled():
+            raise SendTimeout(f"link to {self.peer.node_id}: send queue still full after {limit:g} s")
 
     def offer(self, frame: bytes) -> bool:
         """Queue an encoded frame only if there is room: for traffic that is better skipped than late."""
@@ -248,8 +330,12 @@ class Link:
         return True
 
     async def run(self, on_message: MessageHandler) -> None:
-        """Read until the link closes. Bad frames are answered and dropped; too many close the link."""
+        """Read until the link closes. Bad frames are answered and dropped; too many close the link.
+
+        A message that fails to open (forged, replayed, reordered) closes the link at once.
+        """
         self._tasks.append(asyncio.create_task(self._write_loop()))
+        self._tasks.append(asyncio.create_task(self._watchdog()))
         if self.emulation:
             self._tasks.append(asyncio.create_task(self._deliver_loop()))
         try:
@@ -259,8 +345,16 @@ class Link:
                     break
                 try:
                     if raw.type != WSMsgType.BINARY:
-                        raise CodecError(f"{raw.type.name} websocket message where a binary frame was due")
-                    msg = self.codec.decode(raw.data)
+                        raise IntegrityError(f"{raw.type.name} websocket message where a sealed frame was due")
+                    frame = self._opener.open(raw.data)
+                except CodecError as exc:  # IntegrityError, or a chunked frame over the limit
+                    log.warning("closing %s: %s", self, exc)
+                    await self.close(CLOSE_INTEGRITY if isinstance(exc, IntegrityError) else CLOSE_BAD_FRAMES, str(exc))
+                    break
+                if frame is None:
+                    continue  # more chunks of this frame follow
+                try:
+                    msg = self.codec.decode(frame)
                 except CodecError as exc:
                     await self._bad_frame(exc)
                     continue
@@ -275,19 +369,40 @@ class Link:
             await self.close()
 
     async def close(self, code: int = WSCloseCode.OK, reason: str = "") -> None:
+        """Close the link; returns within about CLOSE_GRACE even if the peer no longer reads."""
         if self._closed.is_set():
             return
         self._closed.set()
         if self.close_code is None:
             self.close_code, self.close_reason = code, reason or "closed locally"
         for task in self._tasks:
-            task.cancel()
-        with contextlib.suppress(Exception):
-            await self.ws.close(code=code, message=reason.encode()[:120])
+            if task is not asyncio.current_task():
+                task.cancel()
+        # In a task of its own: aiohttp's writers share one drain future, and cancelling the writer task
+        # above cancels it, which would otherwise raise CancelledError here, in the caller's task.
+        closing = asyncio.ensure_future(self.ws.close(code=code, message=reason.encode()[:120]))
+        closing.add_done_callback(lambda t: t.cancelled() or t.exception())  # outcome not needed
+        await asyncio.wait({closing}, timeout=CLOSE_GRACE)
+        closing.cancel()
+        # aiohttp can give up on a close (a peer that does not read) without waking the reader, and then
+        # drops the socket from its event loop's readers: shutting it down ends the connection for certain.
+        self._shut_down_socket()
 
-    def _fail(self, exc: Exception) -> None:
-        self.close_reason = f"send failed: {exc!r}"
-        self._closer = asyncio.create_task(self.close(WSCloseCode.ABNORMAL_CLOSURE, self.close_reason))
+    def _shut_down_socket(self) -> None:
+        """Tear the TCP connection down under aiohttp, so a reader blocked on it wakes up.
+
+        Through a duplicate of the descriptor: the event loop's own socket object may refuse
+        ``shutdown()`` (uvloop's does), and a shutdown acts on the connection, not on one descriptor.
+        """
+        sock = self.ws.get_extra_info("socket")
+        fd = sock.fileno() if sock is not None else -1
+        if fd < 0:
+            return  # already closed
+        with contextlib.suppress(OSError), socket.socket(fileno=os.dup(fd)) as dup:
+            dup.shutdown(socket.SHUT_RDWR)
+
+    def _fail(self, code: int, reason: str) -> None:
+        self._closer = asyncio.create_task(self.close(code, reason))
 
     async def _bad_frame(self, exc: CodecError) -> None:
         self.bad_frames += 1
@@ -298,31 +413,49 @@ class Link:
         with contextlib.suppress(asyncio.QueueFull, CodecError):
             self._queue.put_nowait(self.codec.encode(Message("error", {"code": exc.code, "message": str(exc)})))
 
+    async def _write(self, message: bytes) -> None:
+        self._writing_since = asyncio.get_running_loop().time()
+        await self.ws.send_bytes(message)
+        self._writing_since = None
+
+    async def _watchdog(self) -> None:
+        """Close the link when one websocket write has been blocked for the send timeout."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.send_timeout / 4)
+            since = self._writing_since
+            if since is not None and loop.time() - since >= self.send_timeout:
+                reason = f"a write blocked for more than {self.send_timeout:g} s: the peer stopped reading"
+                log.warning("closing %s: %s", self, reason)
+                self._fail(CLOSE_STALLED, reason)
+                return
+
     async def _write_loop(self) -> None:
         loop = asyncio.get_running_loop()
         wire_free = 0.0
         try:
             while True:
                 frame = await self._queue.get()
-                if self.emulation is None:
-                    await self.ws.send_bytes(frame)
-                    continue
-                # Bandwidth serialises frames on the wire; latency overlaps (the deliver loop applies it).
-                wire_free = max(loop.time(), wire_free) + self.emulation.transmit_time(len(frame))
-                await self._inflight.put((wire_free + self.emulation.latency_ms / 1000, frame))
-                await asyncio.sleep(wire_free - loop.time())
+                for message in self._sealer.seal(frame):
+                    if self.emulation is None:
+                        await self._write(message)
+                        continue
+                    # Bandwidth serialises messages on the wire; latency overlaps (the deliver loop applies it).
+                    wire_free = max(loop.time(), wire_free) + self.emulation.transmit_time(len(message))
+                    await self._inflight.put((wire_free + self.emulation.latency_ms / 1000, message))
+                    await asyncio.sleep(wire_free - loop.time())
         except Exception as exc:  # a dead socket; the reader sees it too, but do not wait for that
-            self._fail(exc)
+            self._fail(WSCloseCode.ABNORMAL_CLOSURE, f"send failed: {exc!r}")
 
     async def _deliver_loop(self) -> None:
         loop = asyncio.get_running_loop()
         try:
             while True:
-                at, frame = await self._inflight.get()
+                at, message = await self._inflight.get()
                 await asyncio.sleep(at - loop.time())
-                await self.ws.send_bytes(frame)
+                await self._write(message)
         except Exception as exc:  # a dead socket; the reader sees it too, but do not wait for that
-            self._fail(exc)
+            self._fail(WSCloseCode.ABNORMAL_CLOSURE, f"send failed: {exc!r}")
 
 
 async def dial(
@@ -340,24 +473,28 @@ async def dial(
         raise HandshakeError(f"no mesh secret is configured, so {host} (not loopback) is not dialed", "auth")
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}{WS_PATH}"
     ws = await asyncio.wait_for(
-        session.ws_connect(url, max_msg_size=2 * codec.max_frame, autoping=True, heartbeat=None), timeout
+        session.ws_connect(url, max_msg_size=WS_MSG_LIMIT, autoping=True, heartbeat=None), timeout
     )
     try:
-        peer = await dial_handshake(ws, local, security, codec, timeout)
+        auth = await dial_handshake(ws, local, security, codec, timeout)
     except BaseException:
         await ws.close()
         raise
-    return Link(ws, peer, codec=codec, remote=f"{host}:{port}", dialer=True, **link_options)
+    return Link(ws, auth, codec=codec, remote=f"{host}:{port}", dialer=True, **link_options)
 
 
 AcceptHandler = Callable[[web.WebSocketResponse, web.Request], Awaitable[None]]
 
 
-def add_mesh_route(app: web.Application, accept: AcceptHandler, max_frame: int) -> None:
-    """Serve ``/mesh/ws`` on the daemon's own application (REST shares the port)."""
+def add_mesh_route(app: web.Application, accept: AcceptHandler) -> None:
+    """Serve ``/mesh/ws`` on the daemon's own application (REST shares the port).
+
+    The websocket message limit is the sealed chunk size for every connection: before the
+    handshake nobody can make this daemon buffer more than that per message.
+    """
 
     async def handler(request: web.Request) -> web.WebSocketResponse:
-        ws = web.WebSocketResponse(max_msg_size=2 * max_frame, autoping=True)
+        ws = web.WebSocketResponse(max_msg_size=WS_MSG_LIMIT, autoping=True)
         await ws.prepare(request)
         await accept(ws, request)
         return ws

@@ -30,7 +30,15 @@ from peers.codec import DEFAULT_MAX_FRAME, Codec, Message, Registry
 from peers.discovery import Discovery
 from peers.hello import Hello
 from peers.identity import Identity
-from peers.link import CLOSE_GOING_AWAY, Link, LinkEmulation, LinkSecurity, add_mesh_route
+from peers.link import (
+    CLOSE_GOING_AWAY,
+    CLOSE_INTEGRITY,
+    CLOSE_STALLED,
+    Link,
+    LinkEmulation,
+    LinkSecurity,
+    add_mesh_route,
+)
 from peers.membership import Membership, MembershipEvent, PeerJoined, PeerLost
 from peers.negotiation import Committed, LoadSlice, Negotiator, Plan, PlanAction, PlanFailed, Rejected, Send
 from peers.neighbours import Neighbours
@@ -42,6 +50,13 @@ log = logging.getLogger(__name__)
 LoadSliceFn = Callable[[Plan, Assignment | None], Awaitable[None]]
 DataHandler = Callable[[str, Message], Awaitable[None]]
 CLOSE_TIMED_OUT = 4001
+# Link ends after which the peer is dropped from membership at once instead of after the peer timeout:
+# it said it is going, it stopped reading what we send, or its frames could not be trusted.
+_LOST_AT_ONCE = {
+    CLOSE_GOING_AWAY: "left the mesh",
+    CLOSE_STALLED: "stopped reading (a send timed out)",
+    CLOSE_INTEGRITY: "sent a frame that failed authentication",
+}
 
 
 @dataclass
@@ -63,6 +78,9 @@ class MeshConfig:
     # noticed sooner by heartbeats
     max_frame: int = DEFAULT_MAX_FRAME
     send_queue: int = 64
+    # A websocket write blocked this long closes the link and drops the peer (it stopped reading);
+    # a send waiting this long for room on a full queue raises SendTimeout.
+    send_timeout: float = 10.0
     emulation: LinkEmulation | None = None
 
 
@@ -125,17 +143,26 @@ class MeshNode:
         self._plan_callbacks: list[Callable[[Plan], Awaitable[None] | None]] = []
         self._event_callbacks: list[Callable[[MembershipEvent], None]] = []
         self.membership = Membership(config.peer_timeout)
-        self.negotiator = Negotiator(self.node_id, shape, config.plan_debounce, config.ack_timeout)
-        link_options = {"queue_size": config.send_queue, "emulation": config.emulation}
+        self.negotiator = Negotiator(
+            self.node_id, shape, config.plan_debounce, config.ack_timeout, fingerprint=config.fingerprint
+        )
+        # Data of an older epoch is refused unless the layout has not changed since it: an epoch change
+        # that keeps every stage where it was (a pure originator joined or left) fails no request.
+        self._layout: tuple[tuple[str, int, int], ...] = ()
+        self._layout_epoch = 0
+        link_options = {
+            "queue_size": config.send_queue,
+            "emulation": config.emulation,
+            "send_timeout": config.send_timeout,
+        }
         self.neighbours = Neighbours(
             self.identity, lambda: self.hello, self.security, self.codec,
             on_message=self._on_message, on_up=self._on_link_up, on_down=self._on_link_down,
-            on_fatal=self._on_fatal, link_options=link_options,
+            link_options=link_options,
         )  # fmt: skip
         for peer in config.static_peers:
             self.neighbours.add_static(*parse_host_port(peer))
         self.discovery: Discovery | None = None
-        self.error: Exception | None = None  # set when the node had to stop (duplicate node id)
         self._stopped = asyncio.Event()
         self._shutdown_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -166,7 +193,7 @@ class MeshNode:
 
     def attach(self, app: web.Application) -> None:
         """Serve ``/mesh/ws`` on the daemon's application; call before the app starts."""
-        add_mesh_route(app, self.neighbours.accept, self.codec.max_frame)
+        add_mesh_route(app, self.neighbours.accept)
 
     def on(self, msg_type: str, handler: DataHandler) -> None:
         """Handle a data-plane message type: ``await handler(sender_node_id, msg)``.
@@ -254,7 +281,7 @@ class MeshNode:
         log.info("mesh node %s stopped", self.node_id)
 
     async def wait_stopped(self) -> None:
-        """Returns once the node has stopped, by ``stop()`` or on its own (see ``error``)."""
+        """Returns once ``stop()`` has finished."""
         await self._stopped.wait()
 
     def status(self) -> dict[str, Any]:
@@ -264,6 +291,7 @@ class MeshNode:
             "mesh": self.config.mesh_name,
             "plan": plan.to_json() if plan else None,
             "plan_error": self.negotiator.error,
+            "duplicate_node_id": self.neighbours.duplicate,
             "peers": [
                 {
                     "node_id": h.node_id,
@@ -306,14 +334,10 @@ class MeshNode:
         self._membership_events(self.membership.heard(link.peer, time.monotonic()))
 
     def _on_link_down(self, link: Link) -> None:
-        # A peer that says it is going away has left: no need to wait for the heartbeat timeout.
-        if link.close_code == CLOSE_GOING_AWAY and not self.stopping:
-            self._membership_events(self.membership.lost(link.peer.node_id, "left the mesh"))
-
-    async def _on_fatal(self, exc: Exception) -> None:
-        log.error("%s", exc)
-        self.error = exc
-        self._spawn(self.stop())
+        # No need to wait for the heartbeat timeout when the way the link ended says the peer is gone.
+        reason = _LOST_AT_ONCE.get(link.close_code or 0)
+        if reason and not self.stopping:
+            self._membership_events(self.membership.lost(link.peer.node_id, reason))
 
     async def _on_message(self, link: Link, msg: Message) -> None:
         sender, now = link.peer.node_id, time.monotonic()
@@ -346,11 +370,13 @@ class MeshNode:
 
     async def _on_data(self, sender: str, msg: Message) -> None:
         committed = self.negotiator.committed
-        if committed and msg.epoch < committed.epoch and msg.type != "error":
-            self._log_once(f"dropping {msg.type} of stale epoch {msg.epoch} (committed {committed.epoch})")
-            reply = Message("error", {"code": "stale_epoch", "message": f"epoch {msg.epoch} < {committed.epoch}"})
-            with contextlib.suppress(ConnectionError):
-                await self.send(sender, replace(reply, epoch=committed.epoch, request_id=msg.request_id))
+        if committed and msg.epoch < self._layout_epoch and msg.type != "error":
+            why = f"epoch {msg.epoch} is older than the layout in force since epoch {self._layout_epoch}"
+            self._log_once(f"dropping {msg.type} from {sender}: {why}")
+            reply = Message("error", {"code": "stale_epoch", "message": why}, committed.epoch, msg.request_id)
+            link = self.neighbours.links.get(sender)
+            if link:  # best effort: the reader must not wait for room on a full send queue
+                link.offer(self.codec.encode(reply))
             return
         handler = self._handlers.get(msg.type)
         if handler is None:
@@ -423,6 +449,8 @@ class MeshNode:
             self._run(self.negotiator.loaded(plan.epoch, True, time.monotonic()))
 
     def _on_committed(self, plan: Plan) -> None:
+        if plan.layout != self._layout:
+            self._layout, self._layout_epoch = plan.layout, plan.epoch
         layout = ", ".join(f"{s.node_id}[{s.layers}]" for s in plan.stages)
         log.info("plan epoch %d committed: %s (members %s)", plan.epoch, layout, ", ".join(plan.members))
         for cb in self._plan_callbacks:

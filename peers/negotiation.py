@@ -19,11 +19,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from models.ranges import LayerRange
-from peers.codec import Message, SchemaError
+from peers.codec import MAX_EPOCH, Message, SchemaError
 from peers.planner import Assignment, ModelShape, PeerResources, PlanError, plan_layers
 
 log = logging.getLogger(__name__)
 RETRY_AFTER_FAILURE = 5.0  # seconds before re-proposing after a peer failed to load its slice
+# The furthest a proposal or a refusal may move a node's epoch that has committed a plan: honest
+# jumps are one, or a few when proposers raced. A node that never committed accepts any epoch the
+# codec lets through (it may join a mesh that has re-planned many times).
+MAX_EPOCH_STEP = 1024
 
 
 @dataclass(frozen=True)
@@ -32,21 +36,30 @@ class Plan:
     stages: tuple[Assignment, ...]
     members: tuple[str, ...]  # every peer in the mesh, stages or not (pure originators)
     n_layers: int
+    fingerprint: str = ""  # the model the plan splits: a proposal for another model is refused
 
     def stage_of(self, node_id: str) -> Assignment | None:
         return next((s for s in self.stages if s.node_id == node_id), None)
 
+    @property
+    def layout(self) -> tuple[tuple[str, int, int], ...]:
+        """Who holds which layers: two plans with the same layout serve requests the same way."""
+        return tuple((s.node_id, s.layers.first, s.layers.stop) for s in self.stages)
+
     def to_body(self) -> dict[str, Any]:
         return {
-            "stages": [[s.node_id, s.layers.first, s.layers.stop] for s in self.stages],
+            "stages": [list(stage) for stage in self.layout],
             "members": list(self.members),
             "n_layers": self.n_layers,
+            "fingerprint": self.fingerprint,
         }
 
     @classmethod
     def from_message(cls, msg: Message) -> Plan:
-        """Validate a proposal beyond the codec's types: contiguous, complete, stages are members."""
+        """Validate a proposal beyond the codec's types: each layer held exactly once, stages are members."""
         members, n_layers, stages, nxt = tuple(msg["members"]), msg["n_layers"], [], 0
+        if not members or len(set(members)) != len(members):
+            raise SchemaError(f"plan members {list(members)} are empty or repeat a node")
         for s in msg["stages"]:
             if not (
                 isinstance(s, list) and len(s) == 3 and isinstance(s[0], str) and all(type(x) is int for x in s[1:])
@@ -58,7 +71,9 @@ class Plan:
             nxt = s[2]
         if nxt != n_layers or not stages:
             raise SchemaError(f"plan covers layers 0:{nxt}, not all {n_layers}")
-        return cls(msg.epoch, tuple(stages), members, n_layers)
+        if len({a.node_id for a in stages}) != len(stages):
+            raise SchemaError("plan gives one node two stages")
+        return cls(msg.epoch, tuple(stages), members, n_layers, msg["fingerprint"])
 
 
 # --- actions ---------------------------------------------------------------------------------------
@@ -95,8 +110,16 @@ PlanAction = Send | LoadSlice | Committed | PlanFailed | Rejected
 
 
 class Negotiator:
-    def __init__(self, node_id: str, shape: ModelShape, debounce: float = 1.0, ack_timeout: float = 300.0) -> None:
+    def __init__(
+        self,
+        node_id: str,
+        shape: ModelShape,
+        debounce: float = 1.0,
+        ack_timeout: float = 300.0,
+        fingerprint: str = "",
+    ) -> None:
         self.node_id, self.shape, self.debounce, self.ack_timeout = node_id, shape, debounce, ack_timeout
+        self.fingerprint = fingerprint
         self.resources: dict[str, PeerResources] = {}
         self.highest_epoch = 0
         self.committed: Plan | None = None
@@ -178,24 +201,50 @@ class Negotiator:
             self.error, self._unplannable = str(exc), frozenset(self.resources)
             self.pending, self._ack_deadline = None, float("inf")
             return [PlanFailed(str(exc))]
+        if self.highest_epoch >= MAX_EPOCH:
+            self.error = f"plan epochs are exhausted ({self.highest_epoch}); restart every peer of the mesh"
+            return [PlanFailed(self.error)]
         self.error, self._unplannable = None, None
         self.highest_epoch += 1
-        plan = Plan(self.highest_epoch, stages, tuple(sorted(self.resources)), self.shape.n_layers)
+        members = tuple(sorted(self.resources))
+        plan = Plan(self.highest_epoch, stages, members, self.shape.n_layers, self.fingerprint)
         self.pending, self.proposer, self._acks, self._self_loaded = plan, self.node_id, set(), False
         self._ack_deadline = now + self.ack_timeout
         msg = Message("plan_propose", plan.to_body(), plan.epoch)
         return [*(Send(m, msg) for m in plan.members if m != self.node_id), LoadSlice(plan)]
 
+    def _jump_too_far(self, epoch: int) -> bool:
+        return self.committed is not None and epoch > self.highest_epoch + MAX_EPOCH_STEP
+
+    def _check_proposal(self, sender: str, msg: Message) -> Plan:
+        """The proposal as a plan, if this node may load it; SchemaError says why not."""
+        plan = Plan.from_message(msg)
+        if plan.n_layers != self.shape.n_layers:
+            raise SchemaError(f"plan splits {plan.n_layers} layers; the model has {self.shape.n_layers}")
+        if plan.fingerprint != self.fingerprint:
+            raise SchemaError(f"plan is for model {plan.fingerprint!r}; this node serves {self.fingerprint!r}")
+        if self.node_id not in plan.members:
+            raise SchemaError("plan does not list this node as a member")
+        if sender != min(plan.members):
+            raise SchemaError(f"{sender} is not the proposer of these members (the lowest node id is)")
+        return plan
+
     def _on_propose(self, sender: str, msg: Message) -> list[PlanAction]:
-        if msg.epoch <= self.highest_epoch:
-            reason = f"stale epoch {msg.epoch}: already at {self.highest_epoch}"
-            nack = Message("plan_ack", {"ok": False, "reason": reason}, self.highest_epoch)
+        if msg.epoch <= self.highest_epoch or self._jump_too_far(msg.epoch):
+            if msg.epoch <= self.highest_epoch:
+                reason = f"stale epoch {msg.epoch}: already at {self.highest_epoch}"
+            else:
+                reason = f"epoch {msg.epoch} jumps more than {MAX_EPOCH_STEP} past {self.highest_epoch}"
+            nack = Message("plan_ack", {"ok": False, "reason": reason, "refused": msg.epoch}, self.highest_epoch)
             return [Send(sender, nack), Rejected(sender, reason)]
         try:
-            plan = Plan.from_message(msg)
+            plan = self._check_proposal(sender, msg)
         except SchemaError as exc:
+            # The refusal carries this node's own epoch (it did not adopt the proposal's, so nobody
+            # should outbid it: a forged proposal must not set off a re-plan) and names the one refused.
+            body = {"ok": False, "reason": str(exc), "refused": msg.epoch}
             return [
-                Send(sender, Message("plan_ack", {"ok": False, "reason": str(exc)}, msg.epoch)),
+                Send(sender, Message("plan_ack", body, self.highest_epoch)),
                 Rejected(sender, str(exc)),
             ]
         self.highest_epoch = plan.epoch
@@ -204,10 +253,14 @@ class Negotiator:
 
     def _on_ack(self, sender: str, msg: Message, now: float) -> list[PlanAction]:
         mine = self.pending is not None and self.proposer == self.node_id
+        if not msg["ok"] and self._jump_too_far(msg.epoch):
+            return [Rejected(sender, f"refusal carries epoch {msg.epoch}, too far above {self.highest_epoch}")]
         if not msg["ok"] and msg.epoch > self.highest_epoch:
             # A peer has seen a higher epoch (another proposer's): outbid it right away.
             self.highest_epoch = msg.epoch
             return [Rejected(sender, msg.get("reason", "")), *(self._propose(now) if self.is_proposer else [])]
+        if mine and self.pending is not None and not msg["ok"] and msg.get("refused") == self.pending.epoch:
+            return self._abandon(f"{sender} refused epoch {self.pending.epoch}: {msg.get('reason', '')}", now)
         if not mine or self.pending is None or msg.epoch != self.pending.epoch:
             return [Rejected(sender, f"ack for epoch {msg.epoch}, which is not the open proposal")]
         if not msg["ok"]:

@@ -5,6 +5,12 @@ each to the other), so two links can come up at once. Both ends then keep the li
 lower node id and close the other with CLOSE_DUPLICATE: the rule needs no extra messages and gives
 the same answer on both sides whatever order the links arrived in. A dialer whose link lost that
 contest waits until the peer is unlinked before dialing again, so nothing flaps.
+
+Everything that arrives unauthenticated is bounded: at most ``MAX_HANDSHAKES`` handshakes in
+progress (``MAX_HANDSHAKES_PER_HOST`` from one address), at most ``MAX_DISCOVERED`` dial targets
+from mDNS, and a discovered target that keeps failing is dropped after ``MAX_DIAL_FAILURES``
+attempts (a restarted peer advertises a new instance and is found again). An mDNS advert, which
+anyone on the LAN can forge, never moves or removes a peer whose link is authenticated and up.
 """
 
 from __future__ import annotations
@@ -13,12 +19,13 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Awaitable, Callable
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
-from aiohttp import web
+from aiohttp import WSCloseCode, web
 
 from peers.codec import Codec
 from peers.hello import Hello
@@ -37,6 +44,11 @@ from peers.link import (
 
 log = logging.getLogger(__name__)
 
+MAX_HANDSHAKES = 32  # in progress at once: bounds what unauthenticated connections can hold
+MAX_HANDSHAKES_PER_HOST = 4
+MAX_DISCOVERED = 64  # dial targets from mDNS; static peers are not counted
+MAX_DIAL_FAILURES = 12  # consecutive failures before a discovered target is dropped (~40 s with backoff)
+
 
 @dataclass
 class Target:
@@ -50,6 +62,9 @@ class Target:
     last_error: str = ""
     serving: bool = False  # a link from this target is up: never cancel the task under it
     removed: bool = False
+    static: bool = False  # from the configuration: redialled forever, never dropped
+    # The last address a handshake succeeded on: tried again when an (unauthenticated) advert's fails.
+    verified: tuple[str, int] | None = None
 
     @property
     def key(self) -> str:
@@ -67,21 +82,23 @@ class Neighbours:
         on_message: MessageHandler,
         on_up: Callable[[Link], None],
         on_down: Callable[[Link], None],
-        on_fatal: Callable[[Exception], Awaitable[None]],
         link_options: dict[str, Any] | None = None,
         backoff: tuple[float, float] = (0.25, 5.0),
         handshake_timeout: float = 5.0,
         dial_grace: float = 2.0,
     ) -> None:
         self.identity, self.local, self.security, self.codec = identity, local, security, codec
-        self.on_message, self.on_up, self.on_down, self.on_fatal = on_message, on_up, on_down, on_fatal
+        self.on_message, self.on_up, self.on_down = on_message, on_up, on_down
         self.link_options = link_options or {}
         self.backoff, self.handshake_timeout, self.dial_grace = backoff, handshake_timeout, dial_grace
         self.links: dict[str, Link] = {}
         self.targets: dict[str, Target] = {}
+        self.duplicate: str | None = None  # the last refusal of a peer presenting our node id, for status
+        self._handshakes: Counter[str] = Counter()  # remote host -> handshakes in progress
         self._changed = asyncio.Condition()
         self._session: aiohttp.ClientSession | None = None
         self._stopping = False
+        self._logged: set[str] = set()
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession()
@@ -102,23 +119,36 @@ class Neighbours:
     # --- targets ---------------------------------------------------------------------------------
 
     def add_static(self, host: str, port: int) -> None:
-        self._add(Target(host, port))
+        self._add(Target(host, port, static=True))
 
     def add_discovered(self, node_id: str, host: str, port: int) -> None:
         known = self.targets.get(node_id)
         if known and not known.removed:
+            if node_id in self.links:
+                if (host, port) != (known.host, known.port):
+                    self._log_once(f"mDNS advert moves linked peer {node_id} to {host}:{port}; ignored")
+                return  # the authenticated link's address stands
             known.host, known.port = host, port  # used from the next dial on
+            return
+        if sum(1 for t in self.targets.values() if not t.static) >= MAX_DISCOVERED:
+            self._log_once(f"{MAX_DISCOVERED} discovered peers already; ignoring more adverts (e.g. {node_id})")
             return
         defer = self.dial_grace if node_id < self.identity.node_id else 0.0
         self._add(Target(host, port, node_id, defer))
 
     def remove_discovered(self, node_id: str) -> None:
-        """The advertisement went away; a link that is up stays up (it has its own liveness checks)."""
-        target = self.targets.pop(node_id, None)
-        if target:
-            target.removed = True
-            if target.task and not target.serving:
-                target.task.cancel()
+        """The advertisement went away. A linked peer is kept (adverts are unauthenticated, and the
+        link has its own liveness checks); otherwise its target is dropped."""
+        target = self.targets.get(node_id)
+        if target is None or target.static:
+            return
+        if node_id in self.links:
+            self._log_once(f"mDNS says linked peer {node_id} is gone; its link stays up")
+            return
+        del self.targets[node_id]
+        target.removed = True
+        if target.task and not target.serving:
+            target.task.cancel()
 
     def _add(self, target: Target) -> None:
         self.targets[target.key] = target
@@ -128,6 +158,12 @@ class Neighbours:
     def _spawn(self, target: Target) -> None:
         target.task = asyncio.create_task(self._supervise(target), name=f"dial {target.key}")
 
+    def _address(self, t: Target, failures: int) -> tuple[str, int]:
+        """Alternate between the advertised and the last verified address while dials fail."""
+        if t.verified and t.verified != (t.host, t.port) and failures % 2 == 1:
+            return t.verified
+        return t.host, t.port
+
     async def _supervise(self, t: Target) -> None:
         """Keep a link to the target up: dial, serve, and after a failure retry with jittered backoff."""
         await asyncio.sleep(t.defer)
@@ -136,46 +172,75 @@ class Neighbours:
             if t.node_id:
                 async with self._changed:
                     await self._changed.wait_for(lambda: t.node_id not in self.links)
+            host, port = self._address(t, failures)
             try:
                 assert self._session is not None
                 link = await dial(
-                    self._session, t.host, t.port, self.local(), self.security, self.codec,
+                    self._session, host, port, self.local(), self.security, self.codec,
                     self.handshake_timeout, **self.link_options,
                 )  # fmt: skip
-            except (HandshakeError, OSError, asyncio.TimeoutError, aiohttp.ClientError) as exc:
-                self._log_failure(t, exc)
+            except HandshakeError as exc:
+                if exc.code == "self":
+                    log.info("peer %s:%d is this daemon itself; not dialing it again", host, port)
+                    return
+                if exc.code == "duplicate_id":
+                    self._duplicate(f"{host}:{port}", exc)
+                    failures = max(failures, 8)  # a twin with our node id: retry at the slowest pace
+                self._log_failure(t, host, port, exc)
+                failures += 1
+            except (OSError, asyncio.TimeoutError, aiohttp.ClientError) as exc:
+                self._log_failure(t, host, port, exc)
                 failures += 1
             except Exception:  # never let one bad target end its supervisor silently
-                log.exception("unexpected error dialing %s:%d", t.host, t.port)
+                log.exception("unexpected error dialing %s:%d", host, port)
                 failures += 1
             else:
-                failures, t.last_error = 0, ""
-                t.node_id = link.peer.node_id
-                if t.node_id == self.identity.node_id and link.peer.instance == self.identity.instance:
-                    log.info("static peer %s:%d is this daemon itself; not dialing it again", t.host, t.port)
-                    await link.close()
-                    return
-                t.serving = True
-                try:
-                    await self.serve(link)
-                finally:
-                    t.serving = False
-                if link.close_code == CLOSE_DUPLICATE:
-                    continue  # the peer is linked another way; the wait above holds the next dial
-                if link.close_code == CLOSE_SAME_ID:
-                    failures = 8  # a twin with our node id: retry at the slowest pace until it is gone
+                if t.node_id and link.peer.node_id != t.node_id:
+                    # An advert named one node and the address answered as another: a stale or forged advert.
+                    self._log_once(f"{host}:{port}, advertised as {t.node_id}, is peer {link.peer.node_id}")
+                    await link.close(CLOSE_DUPLICATE, "not the node this address was advertised for")
+                    failures += 1
+                else:
+                    failures, t.last_error = 0, ""
+                    t.node_id, t.verified = link.peer.node_id, (host, port)
+                    t.serving = True
+                    try:
+                        await self.serve(link)
+                    finally:
+                        t.serving = False
+                    if link.close_code == CLOSE_DUPLICATE:
+                        continue  # the peer is linked another way; the wait above holds the next dial
+                    if link.close_code == CLOSE_SAME_ID:
+                        failures = 8  # the peer keeps an older instance of this node id: retry slowly
+            if not t.static and failures >= MAX_DIAL_FAILURES:
+                log.info("giving up on discovered peer %s at %s:%d after %d failures", t.key, t.host, t.port, failures)
+                if self.targets.get(t.key) is t:
+                    del self.targets[t.key]
+                return
             low, high = self.backoff
             delay = min(high, low * 2**failures)
             await asyncio.sleep(delay / 2 + random.uniform(0, delay / 2))
 
-    def _log_failure(self, t: Target, exc: BaseException) -> None:
+    def _log_failure(self, t: Target, host: str, port: int, exc: BaseException) -> None:
         reason = f"{type(exc).__name__}: {exc}"
         # The first failure of a kind is news; the same failure every few seconds is noise.
         level = logging.WARNING if reason != t.last_error else logging.DEBUG
         if isinstance(exc, (OSError, asyncio.TimeoutError)) and not isinstance(exc, HandshakeError):
             level = logging.DEBUG if t.last_error else logging.INFO
-        log.log(level, "cannot link to %s at %s:%d: %s", t.node_id or "peer", t.host, t.port, reason)
+        log.log(level, "cannot link to %s at %s:%d: %s", t.node_id or "peer", host, port, reason)
         t.last_error = reason
+
+    def _duplicate(self, where: str, exc: HandshakeError) -> None:
+        """A peer presents our node id: refused, and reported, but this daemon keeps serving."""
+        text = f"refused a link with {where}: {exc} (delete {self.identity.state_dir / 'node_id'} there or here)"
+        if text != self.duplicate:
+            log.error("%s", text)
+        self.duplicate = text
+
+    def _log_once(self, text: str) -> None:
+        if text not in self._logged:
+            self._logged.add(text)
+            log.warning("%s", text)
 
     # --- links -----------------------------------------------------------------------------------
 
@@ -185,12 +250,25 @@ class Neighbours:
         if self._stopping:
             await ws.close(code=CLOSE_GOING_AWAY, message=b"shutting down")
             return
-        try:
-            peer = await accept_handshake(ws, remote, self.local(), self.security, self.codec, self.handshake_timeout)
-        except HandshakeError as exc:
-            log.warning("refused a link from %s: %s", remote, exc)
+        if sum(self._handshakes.values()) >= MAX_HANDSHAKES or self._handshakes[remote] >= MAX_HANDSHAKES_PER_HOST:
+            self._log_once(f"too many handshakes in progress (from {remote} or in all); refusing more for now")
+            await ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=b"too many handshakes in progress")
             return
-        link = Link(ws, peer, codec=self.codec, remote=f"{remote}:{peer.api_port}", dialer=False, **self.link_options)
+        self._handshakes[remote] += 1
+        try:
+            auth = await accept_handshake(ws, remote, self.local(), self.security, self.codec, self.handshake_timeout)
+        except HandshakeError as exc:
+            if exc.code == "duplicate_id":
+                self._duplicate(remote, exc)
+            else:
+                log.warning("refused a link from %s: %s", remote, exc)
+            return
+        finally:
+            self._handshakes[remote] -= 1
+            if not self._handshakes[remote]:
+                del self._handshakes[remote]
+        remote_addr = f"{remote}:{auth.peer.api_port}"
+        link = Link(ws, auth, codec=self.codec, remote=remote_addr, dialer=False, **self.link_options)
         await self.serve(link)
 
     async def serve(self, link: Link) -> None:
@@ -207,21 +285,14 @@ class Neighbours:
 
     async def _register(self, link: Link) -> bool:
         me, peer = self.identity, link.peer
-        if peer.node_id == me.node_id:
-            if peer.instance == me.instance:
-                await link.close(CLOSE_SAME_ID, "linked to itself")
-            elif me.is_newer_than(peer.start_time, peer.instance):
-                await link.close(CLOSE_SAME_ID, "duplicate node id")
-                await self.on_fatal(me.duplicate_error(link.remote))
-            else:
-                log.error(
-                    "the daemon at %s presents this daemon's node id %s and started later; it will refuse "
-                    "to join. Its state directory is probably a copy of %s.", link.remote, me.node_id, me.state_dir,
-                )  # fmt: skip
-                await link.close(CLOSE_SAME_ID, "duplicate node id")
-            return False
         existing = self.links.get(peer.node_id)
-        if existing and not existing.closed and existing.peer.instance == peer.instance:
+        if existing and not existing.closed and existing.peer.instance != peer.instance:
+            # Two processes claim one node id (a copied state directory, or a restart whose old link
+            # has not timed out yet): the one that started first keeps the id until its link ends.
+            if existing.peer.started_before(peer):
+                await link.close(CLOSE_SAME_ID, "this node id is linked to an older instance")
+                return False
+        elif existing and not existing.closed:
             preferred_dialer = min(me.node_id, peer.node_id)
 
             def dialer_of(lk: Link) -> str:

@@ -98,6 +98,8 @@ class Daemon:
         self.cfg = cfg
         self.stage_wrapper, self.link_emulation = stage_wrapper, link_emulation
         self.stopping = asyncio.Event()
+        # The slice loaded for a proposed plan, installed only when that plan commits: (epoch, stage).
+        self._staged: tuple[int, Stage | None] | None = None
         self.node: MeshNode | None = None
         self.runtime: Runtime | None = None
         self.runner: web.AppRunner | None = None
@@ -162,14 +164,10 @@ class Daemon:
         stopped = asyncio.ensure_future(node.wait_stopped())
         stop = asyncio.ensure_future(self.stopping.wait())
         await asyncio.wait({stopped, stop}, return_when=asyncio.FIRST_COMPLETED)
-        code = 0
-        if node.error is not None:
-            log.error("%s", node.error)
-            code = 3
         await self.shutdown()
         for t in (stopped, stop):
             t.cancel()
-        return code
+        return 0
 
     async def shutdown(self) -> None:
         notify.stopping()
@@ -186,10 +184,13 @@ class Daemon:
         """Load this device's layers for a proposed plan, measure them, publish the cost curve.
 
         The published curve is this machine's own speed, measured before ``stage_wrapper`` applies.
+        The slice is staged, not served: ``_install_slice`` swaps it in when the plan commits, so a
+        proposal that never commits changes nothing.
         """
         rt = self.runtime
+        self._staged = None
         if stage is None:
-            rt.install_worker(None)
+            self._staged = (plan.epoch, None)
             return
         w = rt.worker
         if w is not None and w.stage.layer_range == stage.layers:
@@ -207,8 +208,14 @@ class Daemon:
             time.monotonic() - t0,
             ", ".join(f"{t} tokens {s * 1e3:.1f} ms" for t, s in sorted(curve.items())),
         )
-        rt.install_worker(self.stage_wrapper(st) if self.stage_wrapper is not None else st)
+        self._staged = (plan.epoch, self.stage_wrapper(st) if self.stage_wrapper is not None else st)
         self.node.set_cost_curve(curve)
+
+    def _install_slice(self, plan: Plan) -> None:
+        """The plan committed: serve the slice staged for it (none staged: keep the current one)."""
+        staged, self._staged = self._staged, None
+        if staged is not None and staged[0] == plan.epoch:
+            self.runtime.install_worker(staged[1])
 
     def _stage_curve(self, node_id: str, n_layers: int) -> CostCurve:
         if node_id == self.node.node_id and self.runtime.worker is not None:
@@ -226,11 +233,12 @@ class Daemon:
         return CostCurve({1: 0.002 * n_layers, 64: 0.006 * n_layers})
 
     def _on_plan(self, plan: Plan) -> None:
+        self._install_slice(plan)
         me = self.node.node_id
         nodes = [None if s.node_id == me else s.node_id for s in plan.stages]
         local = next((i for i, s in enumerate(plan.stages) if s.node_id == me), None)
         curves = [self._stage_curve(s.node_id, s.n_layers) for s in plan.stages]
-        self.runtime.set_ring(Ring(plan.epoch, nodes, curves, local))
+        self.runtime.set_ring(Ring(plan.epoch, nodes, curves, local, plan.layout))
         layout = ", ".join(f"{s.node_id[:8]}[{s.layers}]" for s in plan.stages)
         notify.status(f"serving; plan epoch {plan.epoch}: {layout}; {len(plan.members)} peers")
         notify.ready()

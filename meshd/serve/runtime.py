@@ -96,6 +96,8 @@ class Ring:
     nodes: list[str | None]
     curves: list[CostCurve]
     local_index: int | None  # which stage this device is, if any
+    # (node id, first layer, stop layer) per stage: a new epoch with the same layout keeps its requests
+    layout: tuple[tuple[str, int, int], ...] = ()
 
 
 class Runtime:
@@ -174,12 +176,16 @@ class Runtime:
         self.worker = StageWorker(stage, embed=embed, idle_timeout=self.session_timeout) if stage else None
 
     def set_ring(self, ring: Ring) -> None:
-        """A committed plan: requests started under an older one cannot finish, so they fail now."""
+        """A committed plan: requests started under an older one cannot finish, so they fail now,
+        unless every stage is where it was (the mesh only gained or lost a pure originator)."""
         old = self.ring
         self.ring = ring
         if old is not None and old.epoch != ring.epoch:
+            same_layout = bool(ring.layout) and ring.layout == old.layout
             for rid, epoch in list(self._ring_of.items()):
-                if epoch != ring.epoch:
+                if same_layout:
+                    self._ring_of[rid] = ring.epoch
+                elif epoch != ring.epoch:
                     self._fail(
                         rid,
                         f"the mesh re-planned (epoch {old.epoch} -> {ring.epoch}) while this request "

@@ -64,7 +64,9 @@ async def test_the_daemon_serves_its_loaded_slice_through_the_stage_wrapper(tiny
     curves: list[dict] = []
     daemon.node = SimpleNamespace(set_cost_curve=curves.append)
     mine = Assignment("me", LayerRange(0, 2))
-    await daemon._load_slice(Plan(1, (mine,), ("me",), src.config.n_layers), mine)
+    plan = Plan(1, (mine,), ("me",), src.config.n_layers)
+    await daemon._load_slice(plan, mine)
+    daemon._install_slice(plan)  # served from the plan's commit on
     stage = daemon.runtime.worker.stage
     assert isinstance(stage, SlowerStage) and stage.factor == 2.0 and stage.layer_range == mine.layers
     assert len(curves) == 1

@@ -82,7 +82,7 @@ def test_membership_change_replans_after_debounce():
 def test_stale_epoch_messages_are_rejected():
     n = Negotiator("b", SHAPE)
     plan = Plan(5, (), ("a", "b"), 12)
-    body = {"stages": [["a", 0, 6], ["b", 6, 12]], "members": ["a", "b"], "n_layers": 12}
+    body = {"stages": [["a", 0, 6], ["b", 6, 12]], "members": ["a", "b"], "n_layers": 12, "fingerprint": ""}
     assert isinstance(n.on_message("a", Message("plan_propose", body, 5), 0)[0], LoadSlice)
     # an older proposal gets a negative ack that carries the epoch already seen
     actions = n.on_message("x", Message("plan_propose", body, 4), 0)
@@ -165,7 +165,7 @@ def test_unplannable_mesh_reports_missing_memory_once():
     ],
 )
 def test_malformed_plans_are_refused(stages):
-    msg = Message("plan_propose", {"stages": stages, "members": ["a", "b"], "n_layers": 12}, 1)
+    msg = Message("plan_propose", {"stages": stages, "members": ["a", "b"], "n_layers": 12, "fingerprint": ""}, 1)
     with pytest.raises(SchemaError):
         Plan.from_message(msg)
 
@@ -196,3 +196,25 @@ def test_proposer_outbids_a_higher_epoch_it_had_not_seen():
     proposals = [a.msg.epoch for who, a in net.log if isinstance(a, Send) and a.msg.type == "plan_propose"]
     assert proposals == [1, 6]
     assert net.nodes["a"].committed == net.nodes["b"].committed and net.nodes["a"].committed.epoch == 6
+
+
+def test_a_refusal_naming_the_open_proposal_abandons_it_and_an_absurd_epoch_is_refused():
+    net = Net("ab")
+    net.cut.add(("b", "a"))  # a never hears b's ack: its proposal stays open
+    for n in "ab":
+        net.view(n, "ab")
+    net.advance(2)
+    a = net.nodes["a"]
+    assert a.pending and a.pending.epoch == 1
+    refusal = Message("plan_ack", {"ok": False, "reason": "no", "refused": 1}, 0)
+    assert isinstance(a.on_message("b", refusal, net.now)[0], PlanFailed) and a.pending is None
+
+    b = net.nodes["b"]
+    b.committed, b.pending, b.highest_epoch = Plan(7, (), ("a", "b"), 12), None, 7  # a node with a plan, at 7
+    body = {"stages": [["a", 0, 6], ["b", 6, 12]], "members": ["a", "b"], "n_layers": 12, "fingerprint": ""}
+    for epoch in (7 + 1025, 2**32):
+        actions = b.on_message("a", Message("plan_propose", body, epoch), 0)
+        assert isinstance(actions[-1], Rejected) and b.highest_epoch == 7
+        assert actions[0].msg["refused"] == epoch and actions[0].msg.epoch == 7
+    assert isinstance(b.on_message("b", Message("plan_propose", body, 8), 0)[-1], Rejected)  # not the proposer
+    assert isinstance(b.on_message("a", Message("plan_propose", body, 8), 0)[0], LoadSlice)
