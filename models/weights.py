@@ -3,6 +3,9 @@
 A Raspberry Pi holding 4 of 32 layers cannot afford to dequantize the whole file first
 (which is what transformers' GGUF path does), so readers open tensors lazily and record
 what they read; tests use that record to prove a partial load touched nothing else.
+Matrices can also come out still quantized (:meth:`TensorReader.read_matrix`): Q8_0, Q4_0 and
+Q4_1 blocks are decoded straight into :class:`models.quant.QuantRows`, never through a dense copy
+where the kernel's layout can hold them exactly.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import torch
 from safetensors import safe_open
 
 from models.config import ModelConfig, ModelError
+from models.quant import QuantRows, matrix_kind, quantize
 from models.source import ModelSource
 
 _GGUF_LAYER = {
@@ -49,7 +53,8 @@ def gguf_to_hf_name(name: str) -> str | None:
 
 
 def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Undo llama.cpp's q/k row interleave so rows follow HF's rotate-half RoPE layout."""
+    """Undo llama.cpp's q/k row interleave so rows follow HF's rotate-half RoPE layout (also right for
+    a matrix's per-row or per-group scales: only the row order changes)."""
     out = w.shape[0]
     return w.reshape(n_heads, out // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
@@ -86,10 +91,41 @@ class TensorReader:
             return self._index[name].get_tensor(name)
         return self._read_gguf(name, self._index[name])
 
+    def read_matrix(self, name: str, fmt: str) -> torch.Tensor | QuantRows:
+        """A weight matrix as the resolved weight format ``fmt`` holds it (see
+        :func:`models.quant.matrix_kind`): dense (fp32 or the file's float type) or quantized rows."""
+        if name not in self._index:
+            raise ModelError(f"{self.source.path}: tensor {name!r} is missing; is the checkpoint complete?")
+        entry = self._index[name]
+        qtype = entry.tensor_type.name if self.source.kind == "gguf" else None
+        kind = matrix_kind(fmt, qtype)
+        if kind is None:
+            return self.read(name)
+        if kind == "int4" and qtype in ("Q4_0", "Q4_1"):
+            self.read_names.append(name)
+            return self._unpermute(name, _q4_rows(entry))
+        return quantize(self.read(name), kind)
+
+    def _unpermute(self, hf_name: str, w: torch.Tensor | QuantRows) -> torch.Tensor | QuantRows:
+        """llama.cpp's q/k rows back in HF's order, for a dense matrix or quantized rows."""
+        cfg = self.source.config
+        if cfg.arch not in ("llama", "mistral"):
+            return w
+        if hf_name.endswith(("q_proj.weight", "q_proj.bias")):
+            heads = cfg.n_heads
+        elif hf_name.endswith(("k_proj.weight", "k_proj.bias")):
+            heads = cfg.n_kv_heads
+        else:
+            return w
+        if isinstance(w, QuantRows):
+            zero = unpermute_qk(w.zero, heads) if w.zero is not None else None
+            return QuantRows(w.kind, unpermute_qk(w.q, heads), unpermute_qk(w.scale, heads), zero)
+        return unpermute_qk(w, heads)
+
     def _read_gguf(self, hf_name: str, t) -> torch.Tensor:
         qtype = t.tensor_type
         if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
-            arr = np.asarray(t.data)
+            arr = np.array(t.data)  # a copy: the file is mapped read-only
         else:
             try:
                 arr = gguf.quants.dequantize(t.data, qtype)
@@ -99,14 +135,29 @@ class TensorReader:
                     "re-quantize to Q4_0, Q4_1, Q8_0, F16 or F32."
                 ) from None
         shape = tuple(int(x) for x in reversed(t.shape))  # GGUF lists dims fastest-first
-        w = torch.from_numpy(np.array(arr, copy=True).reshape(shape))
-        cfg = self.source.config
-        if cfg.arch in ("llama", "mistral"):
-            if hf_name.endswith("q_proj.weight") or hf_name.endswith("q_proj.bias"):
-                w = unpermute_qk(w, cfg.n_heads)
-            elif hf_name.endswith("k_proj.weight") or hf_name.endswith("k_proj.bias"):
-                w = unpermute_qk(w, cfg.n_kv_heads)
-        return w
+        return self._unpermute(hf_name, torch.from_numpy(np.ascontiguousarray(arr).reshape(shape)))
+
+
+def _q4_rows(t) -> QuantRows:
+    """A Q4_0 or Q4_1 tensor's blocks as int4 rows, exactly (see models.quant for the mapping).
+
+    Each row is blocks of 32 weights along the input: an fp16 scale ``d`` (Q4_1: then an fp16
+    minimum ``m``) and 16 bytes whose low nibbles are weights 0-15 and high nibbles 16-31;
+    Q4_0 means ``w = d * (q - 8)``, Q4_1 ``w = d * q + m``.
+    """
+    out, k = (int(x) for x in reversed(t.shape))
+    with_min = t.tensor_type == gguf.GGMLQuantizationType.Q4_1
+    head = 4 if with_min else 2
+    raw = np.asarray(t.data).reshape(out, k // 32, head + 16)
+    d = torch.from_numpy(raw[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32))
+    qs = torch.from_numpy(raw[..., head:].copy())
+    q = torch.cat([qs & 0x0F, qs >> 4], dim=-1).reshape(out, k)
+    if with_min:
+        m = torch.from_numpy(raw[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32))
+        zero = m + 8 * d
+    else:
+        zero = torch.zeros_like(d)
+    return QuantRows("int4", q, d, zero)
 
 
 def vocab_names(cfg: ModelConfig) -> list[str]:
