@@ -20,6 +20,7 @@ from meshd import config
 from meshd.client import default_peer
 from meshd.modes import LOCAL_MODES, MESH_DEFAULT, MESH_MODES
 from models.config import ModelError
+from models.formats import WEIGHT_FORMATS, WEIGHTS_HELP
 
 DEMO_QUESTION = "What are three good reasons to learn a second language? Answer briefly."
 QUESTIONS_HELP = (
@@ -49,13 +50,17 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
 
 
+def _add_weights_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights", default="auto", choices=WEIGHT_FORMATS, help=WEIGHTS_HELP)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     # lazy (see the module docstring): the model code imports torch and transformers
     from meshd.serve.local import LocalModel
     from models.eagle import default_drafter
 
     _threads(args.threads)
-    local = LocalModel(args.model, args.dtype)
+    local = LocalModel(args.model, args.dtype, args.weights)
 
     def show(text: str) -> None:
         sys.stdout.write(text)
@@ -348,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="run one request on this device")
     g.add_argument("prompt")
     _add_model_args(g)
+    _add_weights_arg(g)
     g.add_argument(
         "--mode",
         choices=sorted({*LOCAL_MODES, *MESH_MODES}),
@@ -390,6 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="compare decoding modes on a question set, e.g. Spec-Bench (interleaved)")
     _add_model_args(b)
+    _add_weights_arg(b)
     b.add_argument(
         "--backend",
         choices=["local", "inprocess", "daemons"],

@@ -39,8 +39,7 @@ from typing import Literal
 
 import torch
 
-WEIGHT_FORMATS = ("auto", "native", "int8", "int4", "bf16", "fp32")
-"""What ``--weights`` accepts."""
+from models.formats import WEIGHT_FORMATS
 
 Kind = Literal["int8", "int4"]
 GROUP = 32  # GGUF's Q4_0/Q4_1/Q8_0 block, and a group size the int4 kernel takes
@@ -232,19 +231,17 @@ def cpu_flags() -> frozenset[str]:
 def auto_format() -> tuple[str, torch.dtype]:
     """The weight format and activation dtype ``--weights auto`` picks on this device.
 
-    The rule, from one-token and tree-sized forwards of SmolLM2-135M measured per format
+    The rule, from interleaved forwards of SmolLM2-135M (Q4_1) per format, one thread
     (docs/benchmarks.md, "Weights kept quantized"):
 
-    - x86-64 with AVX512-BF16 or AMX: ``native`` with bf16 activations. The int8/int4 kernels read
-      a quarter to an eighth of fp32's bytes and beat oneDNN's packed bf16 at one row; a tree of
-      16+ rows is slower than dense bf16 there, which the tree budget's cost curve accounts for.
-    - x86-64 with AVX512 (no BF16) or AVX2: ``native`` with bf16 activations as well: torch's
-      quantized kernels are vectorized only for bf16 activations (fp32 ones are 3-5x slower), and
-      the bf16 elementwise work is converted in registers.
-    - aarch64 and anything else: ``fp32`` dense. torch 2.13's ``_weight_int4pack_mm_for_cpu`` and
-      ``_weight_int8pack_mm`` have no NEON path, and bf16 arithmetic is emulated (not measured on
-      a board here: pass ``--weights native`` to try; the KleidiAI 4-bit kernels
-      ``_dyn_quant_matmul_4bit`` are not used yet).
+    - x86-64 with AVX512 (with or without BF16/AMX) or AVX2: ``native`` with bf16 activations.
+      One row (``ar``): int4 ~2.2x faster than dense bf16 and ~3x than fp32 on an AMX Xeon, ~3x
+      faster than fp32 with the kernels limited to AVX2. Trees of 8 rows: int4 as fast as dense
+      bf16 on the Xeon; larger trees are slower than dense there, which the tree budget's cost
+      curve (measured per format) accounts for. torch's quantized kernels are vectorized for bf16
+      activations; fp32 ones run 3-20x slower, so quantized formats default to bf16.
+    - anything else (aarch64, x86-64 without AVX2): ``fp32`` dense, the reference. Not measured
+      on such a device here; ``--weights native`` tries the quantized kernels there.
     """
     if platform.machine().lower() in ("x86_64", "amd64") and not torch.cuda.is_available():
         flags = cpu_flags()
@@ -258,18 +255,19 @@ def resolve_format(weights: str | None, dtype: torch.dtype | None) -> tuple[str,
 
     ``dtype`` is an explicit ``--dtype`` (None: not given). Dense formats compute in their own
     dtype, so an explicit different one is an error; quantized formats default to bf16
-    activations (see :func:`auto_format`) unless ``--dtype`` says otherwise. ``None`` weights
-    mean dense in ``dtype``, the library default.
+    activations (see :func:`auto_format`) unless ``--dtype`` says otherwise; ``auto`` with an
+    explicit ``--dtype`` other than the one it would pick keeps the weights dense in that dtype. ``None`` weights
+    mean dense in ``dtype``, the library default (``dense`` too: what a loaded stage's format says).
     """
-    if weights is None:
+    if weights in (None, "dense"):
         return "dense", dtype
     if weights not in WEIGHT_FORMATS:
         raise ValueError(f"unknown weight format {weights!r}; use one of {', '.join(WEIGHT_FORMATS)}")
     if weights == "auto":
         fmt, dt = auto_format()
-        if fmt == "fp32":
+        if fmt == "fp32" or dtype not in (None, dt):  # an explicit other --dtype: dense in it
             return "dense", dtype or dt
-        return fmt, dtype or dt
+        return fmt, dt
     if weights in ("fp32", "bf16"):
         dt = torch.float32 if weights == "fp32" else torch.bfloat16
         if dtype is not None and dtype != dt:
@@ -289,6 +287,18 @@ def matrix_kind(fmt: str, qtype: str | None) -> Kind | None:
     if fmt == "native" and qtype is not None and qtype not in ("F32", "F16", "BF16", "F64"):
         return "int4" if qtype in ("Q4_0", "Q4_1") else "int8"
     return None
+
+
+def matrix_nbytes(out: int, inp: int, kind: Kind | None, dtype: torch.dtype) -> int:
+    """Bytes an (out, in) matrix takes held as ``kind`` (None: dense in ``dtype``), as :meth:`QuantRows.pack`
+    lays it out; what the planner counts before anything is loaded."""
+    el = torch.empty(0, dtype=dtype).element_size()
+    if kind is None:
+        return out * inp * el
+    if kind == "int8" or inp % GROUP:
+        return out * inp + out * el
+    rows = out + (-out % _INT4_ROW_MULTIPLE)
+    return rows * inp // 2 + (inp // GROUP) * rows * 2 * el
 
 
 def weight_nbytes(w: torch.Tensor | QuantWeight | None) -> int:

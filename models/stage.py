@@ -28,7 +28,16 @@ from models.layers import (
     pack_weight,
     rms_norm,
 )
-from models.quant import QuantRows, QuantWeight, cpu_flags, join, resolve_format, weight_nbytes
+from models.quant import (
+    QuantRows,
+    QuantWeight,
+    cpu_flags,
+    join,
+    matrix_kind,
+    matrix_nbytes,
+    resolve_format,
+    weight_nbytes,
+)
 from models.ranges import LayerRange
 from models.source import ModelSource
 from models.weights import TensorReader, vocab_names
@@ -72,6 +81,48 @@ def parse_dtype(name: str | torch.dtype | None) -> torch.dtype:
     if name not in table:
         raise ValueError(f"unknown dtype {name!r}; use fp32, bf16, fp16 or auto")
     return table[name]
+
+
+def resolve_weights(weights: str | None, dtype: torch.dtype | str | None) -> tuple[str, torch.dtype]:
+    """(format held: ``dense``/``native``/``int8``/``int4``, activations' dtype) for ``--weights`` and
+    ``--dtype`` as given (``auto``/None: not given); see :func:`models.quant.resolve_format`."""
+    try:
+        fmt, dt = resolve_format(weights, None if dtype in (None, "auto") else parse_dtype(dtype))
+    except ValueError as e:
+        raise ModelError(str(e)) from None
+    return fmt, dt or parse_dtype(dtype)
+
+
+FUSED = (
+    ("self_attn", ("q_proj", "k_proj", "v_proj")),
+    ("self_attn", ("o_proj",)),
+    ("mlp", ("gate_proj", "up_proj")),
+    ("mlp", ("down_proj",)),
+)
+"""A layer's matrices as :meth:`Stage.load` holds them (wqkv, wo, w_gate_up, w_down): parts joined by rows."""
+
+
+def fused_names(index: int, fused: tuple[str, tuple[str, ...]]) -> list[str]:
+    """HF names of the parts of one of layer ``index``'s :data:`FUSED` matrices."""
+    module, parts = fused
+    return [f"model.layers.{index}.{module}.{part}.weight" for part in parts]
+
+
+def layer_nbytes(source: ModelSource, weights: str, dtype: torch.dtype, index: int = 0) -> int:
+    """Bytes decoder layer ``index`` holds when loaded as ``weights`` (a resolved format, see
+    :func:`resolve_weights`), from the file's header alone: what the planner counts per layer."""
+    rd = TensorReader(source)
+    cfg = source.config
+    el = torch.empty(0, dtype=dtype).element_size()
+    total = 2 * cfg.hidden_size * el  # the two norms
+    for fused in FUSED:
+        names = fused_names(index, fused)
+        kinds = {matrix_kind(weights, rd.qtype(n)) for n in names}
+        kind = kinds.pop() if len(kinds) == 1 else "int8"  # as models.quant.join holds mixed parts
+        total += matrix_nbytes(sum(rd.shape(n)[0] for n in names), rd.shape(names[0])[1], kind, dtype)
+    if cfg.qkv_bias:
+        total += (cfg.q_size + 2 * cfg.kv_size) * el
+    return total
 
 
 class Stage:
@@ -128,11 +179,7 @@ class Stage:
         span = layer_range or LayerRange.whole(cfg.n_layers)
         if span.stop > cfg.n_layers:
             raise ModelError(f"layer range [{span.first}, {span.stop}) is outside the model's {cfg.n_layers} layers")
-        try:
-            fmt, dt = resolve_format(weights, None if dtype in (None, "auto") else parse_dtype(dtype))
-        except ValueError as e:
-            raise ModelError(str(e)) from None
-        dt = dt or parse_dtype(dtype)
+        fmt, dt = resolve_weights(weights, dtype)
         rd = reader or TensorReader(src)
 
         def get(name: str) -> torch.Tensor:
@@ -149,13 +196,14 @@ class Stage:
             bqkv = None
             if cfg.qkv_bias:
                 bqkv = torch.cat([get(p + f"self_attn.{n}_proj.bias") for n in "qkv"])
+            wqkv, wo, w_gate_up, w_down = (matrix(*fused_names(i, f)) for f in FUSED)
             layers.append(
                 Layer(
-                    wqkv=matrix(*(p + f"self_attn.{n}_proj.weight" for n in "qkv")),
+                    wqkv=wqkv,
                     bqkv=bqkv,
-                    wo=matrix(p + "self_attn.o_proj.weight"),
-                    w_gate_up=matrix(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"),
-                    w_down=matrix(p + "mlp.down_proj.weight"),
+                    wo=wo,
+                    w_gate_up=w_gate_up,
+                    w_down=w_down,
                     attn_norm=get(p + "input_layernorm.weight"),
                     ffn_norm=get(p + "post_attention_layernorm.weight"),
                 )

@@ -22,6 +22,8 @@ from models.config import ModelConfig, ModelError
 from models.quant import QuantRows, matrix_kind, quantize
 from models.source import ModelSource
 
+_SLAB_ROWS = 4096
+
 _GGUF_LAYER = {
     "attn_norm.weight": "input_layernorm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
@@ -91,20 +93,36 @@ class TensorReader:
             return self._index[name].get_tensor(name)
         return self._read_gguf(name, self._index[name])
 
+    def qtype(self, name: str) -> str | None:
+        """The tensor's GGUF type name (``Q4_1``, ``F32``...); None for safetensors."""
+        return self._index[name].tensor_type.name if self.source.kind == "gguf" else None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The tensor's shape in HF order (rows first), read from the header only."""
+        entry = self._index[name]
+        if self.source.kind == "gguf":
+            return tuple(int(x) for x in reversed(entry.shape))
+        return tuple(entry.get_slice(name).get_shape())
+
     def read_matrix(self, name: str, fmt: str) -> torch.Tensor | QuantRows:
         """A weight matrix as the resolved weight format ``fmt`` holds it (see
         :func:`models.quant.matrix_kind`): dense (fp32 or the file's float type) or quantized rows."""
         if name not in self._index:
             raise ModelError(f"{self.source.path}: tensor {name!r} is missing; is the checkpoint complete?")
         entry = self._index[name]
-        qtype = entry.tensor_type.name if self.source.kind == "gguf" else None
+        qtype = self.qtype(name)
         kind = matrix_kind(fmt, qtype)
         if kind is None:
             return self.read(name)
+        if self.source.kind != "gguf":
+            return quantize(self.read(name), kind)
+        self.read_names.append(name)
         if kind == "int4" and qtype in ("Q4_0", "Q4_1"):
-            self.read_names.append(name)
             return self._unpermute(name, _q4_rows(entry))
-        return quantize(self.read(name), kind)
+        # re-quantized a slab of rows at a time: a 50k-row vocabulary never exists in fp32 all at once
+        out = int(entry.shape[-1])
+        parts = [quantize(self._dequantized(entry, a, a + _SLAB_ROWS), kind) for a in range(0, out, _SLAB_ROWS)]
+        return self._unpermute(name, QuantRows.cat(parts))
 
     def _unpermute(self, hf_name: str, w: torch.Tensor | QuantRows) -> torch.Tensor | QuantRows:
         """llama.cpp's q/k rows back in HF's order, for a dense matrix or quantized rows."""
@@ -123,19 +141,24 @@ class TensorReader:
         return unpermute_qk(w, heads)
 
     def _read_gguf(self, hf_name: str, t) -> torch.Tensor:
+        return self._unpermute(hf_name, self._dequantized(t, 0, None))
+
+    def _dequantized(self, t, start: int, stop: int | None) -> torch.Tensor:
+        """Rows ``start:stop`` (file order) of a GGUF matrix or vector in fp32 (F16 stays F16)."""
         qtype = t.tensor_type
+        shape = tuple(int(x) for x in reversed(t.shape))  # GGUF lists dims fastest-first
+        data = t.data[start:stop] if len(shape) > 1 else t.data
         if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
-            arr = np.array(t.data)  # a copy: the file is mapped read-only
+            arr = np.array(data)  # a copy: the file is mapped read-only
         else:
             try:
-                arr = gguf.quants.dequantize(t.data, qtype)
+                arr = gguf.quants.dequantize(data, qtype)
             except NotImplementedError:
                 raise ModelError(
                     f"{self.source.path}: tensor {t.name} uses {qtype.name}, which gguf-py cannot dequantize; "
                     "re-quantize to Q4_0, Q4_1, Q8_0, F16 or F32."
                 ) from None
-        shape = tuple(int(x) for x in reversed(t.shape))  # GGUF lists dims fastest-first
-        return self._unpermute(hf_name, torch.from_numpy(np.ascontiguousarray(arr).reshape(shape)))
+        return torch.from_numpy(np.ascontiguousarray(arr).reshape(-1, *shape[1:]) if len(shape) > 1 else arr)
 
 
 def _q4_rows(t) -> QuantRows:

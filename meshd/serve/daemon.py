@@ -27,7 +27,7 @@ from models.drafters import drafter_factory
 from models.profile import stage_cost_curve
 from models.ranges import LayerRange
 from models.source import ModelSource
-from models.stage import Stage, parse_dtype
+from models.stage import Stage, layer_nbytes, resolve_weights
 from peers.codec import Message
 from peers.link import LinkEmulation
 from peers.membership import MembershipEvent, PeerLost
@@ -44,16 +44,26 @@ except ImportError:  # pragma: no cover - platform without uvloop
 log = logging.getLogger("meshd")
 
 
-def model_shape(vocab: Stage, dtype: torch.dtype, context: int, draft_bytes: int = 0) -> ModelShape:
-    """What the planner must know: bytes per layer, what every peer replicates, KV per token."""
+RUNTIME_BYTES = 400 * 2**20
+"""What a daemon process holds before any weight, counted against ``--memory`` on every peer:
+Python, torch and aiohttp (~240 MB resident on x86-64), the tokenizer (~70 MB), the model file's
+parsed header and the KV cache's and forward's working buffers. Measured with ``meshd serve`` on
+this project's reference machine (docs/benchmarks.md, "Weights kept quantized"); a constant, not a
+per-process measurement, so that every peer computes the same plan."""
+
+
+def model_shape(source: ModelSource, vocab: Stage, context: int, draft_bytes: int = 0) -> ModelShape:
+    """What the planner must know: bytes per layer as this format holds them, what every peer
+    replicates, KV per token, the runtime's own share."""
     cfg = vocab.cfg
-    b = torch.tensor([], dtype=dtype).element_size()
+    kv = torch.tensor([], dtype=vocab.dtype).element_size()
     return ModelShape(
         n_layers=cfg.n_layers,
-        bytes_per_layer=cfg.layer_params() * b,
+        bytes_per_layer=layer_nbytes(source, vocab.weights, vocab.dtype),
         replicated_bytes=vocab.nbytes() + draft_bytes,
-        kv_bytes_per_token_per_layer=2 * cfg.kv_size * b,
+        kv_bytes_per_token_per_layer=2 * cfg.kv_size * kv,
         context=context,
+        runtime_bytes=RUNTIME_BYTES,
     )
 
 
@@ -84,14 +94,14 @@ class Daemon:
     async def run(self) -> int:
         cfg = self.cfg
         torch.set_num_threads(cfg.threads or torch.get_num_threads())
-        dtype = parse_dtype(cfg.dtype)
+        weights, dtype = resolve_weights(cfg.weights, cfg.dtype)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
-        log.info("loading %s (embeddings, final norm, LM head; %s)", cfg.model, dtype)
+        log.info("loading %s (embeddings, final norm, LM head; weights %s, %s)", cfg.model, weights, dtype)
         notify.status("loading the model")
         source = ModelSource.resolve(cfg.model)
-        vocab = await asyncio.to_thread(Stage.load, source, LayerRange(0, 0), vocab=True, dtype=dtype)
+        vocab = await asyncio.to_thread(Stage.load, source, LayerRange(0, 0), vocab=True, dtype=dtype, weights=weights)
         tokenizer = await asyncio.to_thread(source.load_tokenizer)
         factory = await asyncio.to_thread(drafter_factory, cfg.drafter, vocab, source=source)
         self.runtime = rt = Runtime(
@@ -114,7 +124,7 @@ class Daemon:
             memory_budget=parse_size(cfg.memory) if cfg.memory else None,
             emulation=self.link_emulation,
         )
-        self.node = node = MeshNode(mesh_cfg, model_shape(vocab, dtype, cfg.max_context), load_slice=self._load_slice)
+        self.node = node = MeshNode(mesh_cfg, model_shape(source, vocab, cfg.max_context), load_slice=self._load_slice)
         rt.node_id = node.node_id
         rt.transport = self._send
         for kind in MESSAGE_TYPES:
@@ -168,7 +178,9 @@ class Daemon:
             return
         log.info("plan epoch %d: loading layers %s", plan.epoch, stage.layers)
         notify.status(f"loading layers {stage.layers} for plan epoch {plan.epoch}")
-        st = await asyncio.to_thread(Stage.load, rt.source, stage.layers, vocab=False, dtype=rt.vocab.dtype)
+        st = await asyncio.to_thread(
+            Stage.load, rt.source, stage.layers, vocab=False, dtype=rt.vocab.dtype, weights=rt.vocab.weights
+        )
         curve = await asyncio.to_thread(stage_cost_curve, rt.source, st, with_lm_head=False, repeats=2)
         rt.install_worker(self.stage_wrapper(st) if self.stage_wrapper is not None else st)
         self.node.set_cost_curve(curve)

@@ -27,10 +27,10 @@ from models.drafters import NGramDrafter, load_drafter
 from models.eagle import EagleDrafter, EagleHead, HeadConfig
 from models.engine import generate
 from models.layers import Layer, dense
-from models.quant import GROUP, QuantWeight, quantize_int4, quantize_int8, resolve_format
+from models.quant import GROUP, QuantWeight, auto_format, quantize_int4, quantize_int8, resolve_format
 from models.ranges import LayerRange
 from models.source import ModelSource
-from models.stage import Stage
+from models.stage import Stage, layer_nbytes, resolve_weights
 from models.weights import TensorReader
 
 MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -165,6 +165,9 @@ def test_format_resolution():
     assert resolve_format("int4", None) == ("int4", torch.bfloat16)
     assert resolve_format("int8", torch.float32) == ("int8", torch.float32)
     assert resolve_format(None, torch.bfloat16) == ("dense", torch.bfloat16)
+    assert resolve_format("auto", torch.float32) == ("dense", torch.float32)  # an explicit --dtype fp32 wins
+    fmt, dt = auto_format()
+    assert resolve_format("auto", None) == ("dense" if fmt == "fp32" else fmt, dt)
     with pytest.raises(ValueError, match="--dtype"):
         resolve_format("bf16", torch.float32)
     with pytest.raises(ValueError, match="unknown weight format"):
@@ -218,3 +221,21 @@ def test_partial_quantized_load_reads_only_its_layers(tiny_gguf, weights):
     for a, b in zip(full.layers[1:3], part.layers):
         for f, t in vars(a).items():
             assert (t is None and getattr(b, f) is None) or torch.equal(dense(t), dense(getattr(b, f))), f
+
+
+@pytest.mark.parametrize(
+    ("model", "weights", "dtype"),
+    [
+        ("Q4_1", "native", "bf16"),
+        ("Q4_1", "int8", "fp32"),
+        ("Q8_0", "native", "bf16"),
+        ("safetensors", "int4", "bf16"),
+        ("safetensors", "fp32", "fp32"),
+    ],
+)
+def test_layer_nbytes_counts_what_a_load_holds(tiny_dir, tiny_gguf, model, weights, dtype):
+    """The planner's bytes per layer, from the header alone, are the bytes a loaded layer holds."""
+    src = ModelSource.resolve(tiny_dir) if model == "safetensors" else tiny_gguf[model]
+    fmt, dt = resolve_weights(weights, dtype)
+    one = Stage.load(src, LayerRange(2, 3), vocab=False, dtype=dt, weights=fmt)
+    assert layer_nbytes(src, fmt, dt, index=2) == one.nbytes()
