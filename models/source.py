@@ -15,6 +15,7 @@ from functools import cached_property
 from pathlib import Path
 
 import gguf
+import numpy as np
 
 from models.cache import cache_dir
 from models.config import ModelConfig, ModelError, config_from_dir, config_from_gguf
@@ -37,6 +38,17 @@ def embedded_model_path() -> Path:
     if not path.is_file():
         raise ModelError(f"{EMBEDDED_DIST} is installed but {path} is missing; reinstall it.")
     return path
+
+
+@dataclass(frozen=True)
+class GGUFTensor:
+    """One tensor of a GGUF file as loading needs it: ``shape`` in GGUF order (fastest dim first),
+    ``data`` the mapped bytes (blocks for quantized types)."""
+
+    name: str
+    tensor_type: gguf.GGMLQuantizationType
+    shape: tuple[int, ...]
+    data: np.ndarray
 
 
 @dataclass
@@ -68,6 +80,19 @@ class ModelSource:
     @cached_property
     def gguf(self) -> gguf.GGUFReader:
         return gguf.GGUFReader(str(self.path))
+
+    @cached_property
+    def gguf_tensors(self) -> list[GGUFTensor]:
+        """The file's tensors (mapped, nothing read) without the parsed header behind them.
+
+        gguf-py parses the tokenizer's token and merge lists into many small arrays (~150 MB for a
+        50k-token vocabulary) that a serving process should not hold for its lifetime: the config
+        is read first, then the header is dropped (it is parsed again if asked for).
+        """
+        self.config  # noqa: B018 - the config needs the header's fields: read them before dropping them
+        out = [GGUFTensor(t.name, t.tensor_type, tuple(int(x) for x in t.shape), t.data) for t in self.gguf.tensors]
+        self.__dict__.pop("gguf", None)
+        return out
 
     def gguf_fields(self) -> dict:
         """Scalar and string metadata as python values (token lists are skipped: they are large)."""

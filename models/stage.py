@@ -183,12 +183,12 @@ class Stage:
         rd = reader or TensorReader(src)
 
         def get(name: str) -> torch.Tensor:
-            return rd.read(name).to(dt)
+            return rd.read(name, dt)
 
         def matrix(*names: str) -> Weight:
             """One matrix, the named parts joined by rows, held as ``fmt`` says and packed."""
-            w = join([rd.read_matrix(n, fmt) for n in names])
-            return w.pack(dt) if isinstance(w, QuantRows) else pack_weight(w.to(dt))
+            w = join([rd.read_matrix(n, fmt, dt) for n in names])
+            return w.pack(dt) if isinstance(w, QuantRows) else pack_weight(w)
 
         layers = []
         for i in span:

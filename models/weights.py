@@ -71,7 +71,7 @@ class TensorReader:
     def __post_init__(self) -> None:
         self._index: dict[str, object] = {}
         if self.source.kind == "gguf":
-            for t in self.source.gguf.tensors:
+            for t in self.source.gguf_tensors:
                 hf = gguf_to_hf_name(t.name)
                 if hf is not None:
                     self._index[hf] = t
@@ -85,13 +85,22 @@ class TensorReader:
     def __contains__(self, name: str) -> bool:
         return name in self._index
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The tensor, dense, in ``dtype`` (None: fp32 for quantized GGUF types, else as stored).
+        A quantized matrix is dequantized a slab of rows at a time, so a vocabulary never exists in
+        fp32 all at once when it is wanted in bf16."""
         if name not in self._index:
             raise ModelError(f"{self.source.path}: tensor {name!r} is missing; is the checkpoint complete?")
         self.read_names.append(name)
         if self.source.kind == "safetensors":
-            return self._index[name].get_tensor(name)
-        return self._read_gguf(name, self._index[name])
+            w = self._index[name].get_tensor(name)
+            return w if dtype is None else w.to(dtype)
+        t = self._index[name]
+        if len(t.shape) == 1:
+            w = self._dequantized(t, 0, None)
+            return self._unpermute(name, w if dtype is None else w.to(dtype))
+        slabs = [self._dequantized(t, a, a + _SLAB_ROWS) for a in range(0, int(t.shape[-1]), _SLAB_ROWS)]
+        return self._unpermute(name, torch.cat([s if dtype is None else s.to(dtype) for s in slabs]))
 
     def qtype(self, name: str) -> str | None:
         """The tensor's GGUF type name (``Q4_1``, ``F32``...); None for safetensors."""
@@ -104,16 +113,16 @@ class TensorReader:
             return tuple(int(x) for x in reversed(entry.shape))
         return tuple(entry.get_slice(name).get_shape())
 
-    def read_matrix(self, name: str, fmt: str) -> torch.Tensor | QuantRows:
+    def read_matrix(self, name: str, fmt: str, dtype: torch.dtype | None = None) -> torch.Tensor | QuantRows:
         """A weight matrix as the resolved weight format ``fmt`` holds it (see
-        :func:`models.quant.matrix_kind`): dense (fp32 or the file's float type) or quantized rows."""
+        :func:`models.quant.matrix_kind`): dense (in ``dtype``, as :meth:`read`) or quantized rows."""
         if name not in self._index:
             raise ModelError(f"{self.source.path}: tensor {name!r} is missing; is the checkpoint complete?")
         entry = self._index[name]
         qtype = self.qtype(name)
         kind = matrix_kind(fmt, qtype)
         if kind is None:
-            return self.read(name)
+            return self.read(name, dtype)
         if self.source.kind != "gguf":
             return quantize(self.read(name), kind)
         self.read_names.append(name)
@@ -139,9 +148,6 @@ class TensorReader:
             zero = unpermute_qk(w.zero, heads) if w.zero is not None else None
             return QuantRows(w.kind, unpermute_qk(w.q, heads), unpermute_qk(w.scale, heads), zero)
         return unpermute_qk(w, heads)
-
-    def _read_gguf(self, hf_name: str, t) -> torch.Tensor:
-        return self._unpermute(hf_name, self._dequantized(t, 0, None))
 
     def _dequantized(self, t, start: int, stop: int | None) -> torch.Tensor:
         """Rows ``start:stop`` (file order) of a GGUF matrix or vector in fp32 (F16 stays F16)."""
