@@ -40,7 +40,7 @@ from models.quant import (
 )
 from models.ranges import LayerRange
 from models.source import ModelSource
-from models.weights import TensorReader, vocab_names
+from models.weights import TensorReader, release_freed_memory, vocab_names
 
 
 @dataclass
@@ -218,6 +218,7 @@ class Stage:
             else:  # int8 rows serve lookups and, when tied, the LM head (see models.quant)
                 embed = rd.read_matrix(names[0], "int8").pack(dt)
                 lm_head = matrix(names[2]) if len(names) > 2 else embed
+        release_freed_memory()
         return cls(cfg, span, layers, embed=embed, norm=norm, lm_head=lm_head, dtype=dt, weights=fmt)
 
     def slice(self, layer_range: LayerRange) -> Stage:

@@ -10,6 +10,8 @@ where the kernel's layout can hold them exactly.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import re
 from dataclasses import dataclass, field
 
@@ -187,6 +189,17 @@ def _q4_rows(t) -> QuantRows:
     else:
         zero = torch.zeros_like(d)
     return QuantRows("int4", q, d, zero)
+
+
+def release_freed_memory() -> None:
+    """Hand the heap that loading freed back to the OS.
+
+    glibc keeps freed memory in its arenas for reuse; after a load's temporaries (gguf-py's parsed
+    header, dequantized slabs, pre-packing copies) that is ~130 MB of a SmolLM2 process's RSS that
+    nothing will reuse. A no-op where the C library has no ``malloc_trim`` (musl, macOS).
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).malloc_trim(0)
 
 
 def vocab_names(cfg: ModelConfig) -> list[str]:
