@@ -205,17 +205,23 @@ def cmd_profile(args: argparse.Namespace) -> int:
         "curves_ms": {},
     }
     whole = span == LayerRange.whole(src.config.n_layers)  # only the whole model computes logits
-    for dt in args.dtypes.split(","):
-        stage = Stage.load(src, span, vocab=whole, dtype=dt)
-        print(f"measuring {dt} layers [{span.first}, {span.stop}) ...", file=sys.stderr)
+    # each weight format with the activations it picks, or (without --weights) dense weights per dtype
+    runs = (
+        [(w, "auto", w) for w in args.weights.split(",")]
+        if args.weights
+        else [(None, dt, dt) for dt in args.dtypes.split(",")]
+    )
+    for weights, dt, label in runs:
+        stage = Stage.load(src, span, vocab=whole, dtype=dt, weights=weights)
+        print(f"measuring {label} layers [{span.first}, {span.stop}) ...", file=sys.stderr)
         ours = stage_cost_curve(src, stage, with_lm_head=whole, refresh=True, repeats=args.repeats)
-        report["curves_ms"][f"meshd-{dt}"] = {t: round(s * 1e3, 2) for t, s in ours.items()}
+        report["curves_ms"][f"meshd-{label}"] = {t: round(s * 1e3, 2) for t, s in ours.items()}
         if args.compare_transformers:
             if not whole:
                 print("--compare-transformers needs the whole model; skipping it for a slice", file=sys.stderr)
             else:
                 ref = transformers_cost_curve(stage, repeats=args.repeats)
-                report["curves_ms"][f"transformers-{dt}"] = {t: round(s * 1e3, 2) for t, s in ref.items()}
+                report["curves_ms"][f"transformers-{label}"] = {t: round(s * 1e3, 2) for t, s in ref.items()}
         del stage
     if args.json:
         print(json.dumps(report))
@@ -387,6 +393,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(pr)
     pr.add_argument("--layers", default=None, help="slice as FIRST:LAST (default: the whole model)")
     pr.add_argument("--dtypes", default="fp32,bf16", help="comma-separated dtypes to measure")
+    pr.add_argument(
+        "--weights",
+        default=None,
+        help="comma-separated weight formats to measure instead, each with its own activations "
+        f"({', '.join(WEIGHT_FORMATS)})",
+    )
     pr.add_argument("--repeats", type=int, default=5)
     pr.add_argument(
         "--compare-transformers", action="store_true", help="also time transformers' forward with the same weights"

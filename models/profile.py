@@ -85,7 +85,7 @@ def forward_times(
 
 def _cache_file(source: ModelSource, stage: Stage, with_lm_head: bool) -> Path:
     dt = str(stage.dtype).removeprefix("torch.")
-    kernels = "packed" if stage.packed else "plain"  # packed weights change the curve by a third
+    kernels = stage.kernels  # packed weights change the curve by a third, quantized ones its slope
     span = stage.layer_range
     name = (
         f"{source.fingerprint}-{span.first}-{span.stop}-{int(with_lm_head)}-{dt}-{kernels}"
@@ -153,9 +153,9 @@ def transformers_cost_curve(
     if stage.layer_range != LayerRange.whole(cfg.n_layers) or not stage.has_vocab:
         raise ValueError("the transformers comparison needs the whole model with its vocabulary ends")
     model = AutoModelForCausalLM.from_config(cfg.to_hf(), dtype=stage.dtype).eval()
-    sd = {"model.embed_tokens.weight": stage.embed_w, "model.norm.weight": stage.norm_w}
+    sd = {"model.embed_tokens.weight": dense(stage.embed_w), "model.norm.weight": stage.norm_w}
     if not cfg.tie_embeddings:
-        sd["lm_head.weight"] = stage.lm_head_w
+        sd["lm_head.weight"] = dense(stage.lm_head_w)
     q, kv = cfg.q_size, cfg.kv_size
     for i, layer in enumerate(stage.layers):
         p = f"model.layers.{i}."
