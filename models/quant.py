@@ -115,14 +115,15 @@ def _dense(p: torch.Tensor | QuantRows) -> torch.Tensor:
     return p.dequantize() if isinstance(p, QuantRows) else p
 
 
-_CHUNK_ROWS = 4096  # rows quantized at a time: bounds the fp32 temporaries of a 50k-row vocabulary
+SLAB_ROWS = 4096
+"""Rows dequantized or quantized at a time: bounds the fp32 temporaries of a 50k-row vocabulary."""
 
 
 def quantize_int8(w: torch.Tensor) -> QuantRows:
     """Symmetric int8 per output row: |error| <= max|row| / 254."""
     qs, scales = [], []
-    for start in range(0, w.shape[0], _CHUNK_ROWS):
-        c = w[start : start + _CHUNK_ROWS].float()
+    for start in range(0, w.shape[0], SLAB_ROWS):
+        c = w[start : start + SLAB_ROWS].float()
         amax = c.abs().amax(dim=1)
         scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
         qs.append(torch.round(c / scale[:, None]).clamp_(-127, 127).to(torch.int8))

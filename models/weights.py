@@ -21,10 +21,8 @@ import torch
 from safetensors import safe_open
 
 from models.config import ModelConfig, ModelError
-from models.quant import QuantRows, matrix_kind, quantize
+from models.quant import SLAB_ROWS, QuantRows, matrix_kind, quantize
 from models.source import ModelSource
-
-_SLAB_ROWS = 4096
 
 _GGUF_LAYER = {
     "attn_norm.weight": "input_layernorm.weight",
@@ -101,7 +99,7 @@ class TensorReader:
         if len(t.shape) == 1:
             w = self._dequantized(t, 0, None)
             return self._unpermute(name, w if dtype is None else w.to(dtype))
-        slabs = [self._dequantized(t, a, a + _SLAB_ROWS) for a in range(0, int(t.shape[-1]), _SLAB_ROWS)]
+        slabs = [self._dequantized(t, a, a + SLAB_ROWS) for a in range(0, int(t.shape[-1]), SLAB_ROWS)]
         return self._unpermute(name, torch.cat([s if dtype is None else s.to(dtype) for s in slabs]))
 
     def qtype(self, name: str) -> str | None:
@@ -132,7 +130,7 @@ class TensorReader:
             return self._unpermute(name, _q4_rows(entry))
         # re-quantized a slab of rows at a time: a 50k-row vocabulary never exists in fp32 all at once
         out = int(entry.shape[-1])
-        parts = [quantize(self._dequantized(entry, a, a + _SLAB_ROWS), kind) for a in range(0, out, _SLAB_ROWS)]
+        parts = [quantize(self._dequantized(entry, a, a + SLAB_ROWS), kind) for a in range(0, out, SLAB_ROWS)]
         return self._unpermute(name, QuantRows.cat(parts))
 
     def _unpermute(self, hf_name: str, w: torch.Tensor | QuantRows) -> torch.Tensor | QuantRows:

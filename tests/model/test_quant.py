@@ -27,7 +27,16 @@ from models.drafters import NGramDrafter, load_drafter
 from models.eagle import EagleDrafter, EagleHead, HeadConfig
 from models.engine import generate
 from models.layers import Layer, dense
-from models.quant import GROUP, QuantWeight, auto_format, quantize_int4, quantize_int8, resolve_format
+from models.quant import (
+    GROUP,
+    QuantRows,
+    QuantWeight,
+    auto_format,
+    join,
+    quantize_int4,
+    quantize_int8,
+    resolve_format,
+)
 from models.ranges import LayerRange
 from models.source import ModelSource
 from models.stage import Stage, layer_nbytes, resolve_weights
@@ -146,6 +155,19 @@ def test_bf16_activations_stay_within_bf16_rounding(tiny_dir, weights):
     a, b = logits_of(ref, ids), logits_of(b16, ids)
     n = ref.cfg.n_layers * (BF16_ROUNDINGS_PER_LAYER + 4 * 2) + BF16_ROUNDINGS_OUTSIDE + 2
     assert (a - b).abs().max() <= rounding_tolerance(torch.bfloat16, n, a.abs().max())
+
+
+def test_parts_held_differently_join_as_int8():
+    """A fused matrix whose parts the file holds at different precisions (4-bit q, dense v) becomes
+    int8 rows: each part within int8's bound of what it stood for."""
+    torch.manual_seed(2)
+    a, b = torch.randn(32, 64), torch.randn(16, 64)
+    joined = join([quantize_int4(a), b])
+    assert isinstance(joined, QuantRows) and joined.kind == "int8" and joined.q.shape == (48, 64)
+    want = torch.cat([quantize_int4(a).dequantize(), b])
+    bound = want.abs().amax(dim=1, keepdim=True) / 254 * (1 + 1e-5)  # + fp32 rounding of q * scale
+    assert ((joined.dequantize() - want).abs() <= bound).all()
+    assert torch.equal(join([a, b]), torch.cat([a, b]))  # all dense: dense
 
 
 def test_int4_pads_rows_to_the_kernels_multiple():
