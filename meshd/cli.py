@@ -190,7 +190,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     # which keeps `meshd --help` fast
     import torch
 
-    from models.profile import SIZES, stage_cost_curve, transformers_cost_curve
+    from models.profile import SIZES, compare_forward_times, stage_cost_curve, transformers_cost_curve
     from models.ranges import LayerRange
     from models.source import ModelSource
     from models.stage import Stage
@@ -205,23 +205,22 @@ def cmd_profile(args: argparse.Namespace) -> int:
         "curves_ms": {},
     }
     whole = span == LayerRange.whole(src.config.n_layers)  # only the whole model computes logits
-    # each weight format with the activations it picks, or (without --weights) dense weights per dtype
-    runs = (
-        [(w, "auto", w) for w in args.weights.split(",")]
-        if args.weights
-        else [(None, dt, dt) for dt in args.dtypes.split(",")]
-    )
-    for weights, dt, label in runs:
-        stage = Stage.load(src, span, vocab=whole, dtype=dt, weights=weights)
-        print(f"measuring {label} layers [{span.first}, {span.stop}) ...", file=sys.stderr)
+    if args.weights:  # weight formats side by side, each with the activations it picks, measured interleaved
+        stages = {w: Stage.load(src, span, vocab=whole, dtype="auto", weights=w) for w in args.weights.split(",")}
+        print(f"measuring {', '.join(stages)} layers [{span.first}, {span.stop}), interleaved ...", file=sys.stderr)
+        for w, curve in compare_forward_times(stages, repeats=args.repeats, lm_head=whole).items():
+            report["curves_ms"][f"meshd-{w}"] = {t: round(s * 1e3, 2) for t, s in curve.items()}
+    for dt in [] if args.weights else args.dtypes.split(","):
+        stage = Stage.load(src, span, vocab=whole, dtype=dt)
+        print(f"measuring {dt} layers [{span.first}, {span.stop}) ...", file=sys.stderr)
         ours = stage_cost_curve(src, stage, with_lm_head=whole, refresh=True, repeats=args.repeats)
-        report["curves_ms"][f"meshd-{label}"] = {t: round(s * 1e3, 2) for t, s in ours.items()}
+        report["curves_ms"][f"meshd-{dt}"] = {t: round(s * 1e3, 2) for t, s in ours.items()}
         if args.compare_transformers:
             if not whole:
                 print("--compare-transformers needs the whole model; skipping it for a slice", file=sys.stderr)
             else:
                 ref = transformers_cost_curve(stage, repeats=args.repeats)
-                report["curves_ms"][f"transformers-{label}"] = {t: round(s * 1e3, 2) for t, s in ref.items()}
+                report["curves_ms"][f"transformers-{dt}"] = {t: round(s * 1e3, 2) for t, s in ref.items()}
         del stage
     if args.json:
         print(json.dumps(report))
@@ -396,8 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument(
         "--weights",
         default=None,
-        help="comma-separated weight formats to measure instead, each with its own activations "
-        f"({', '.join(WEIGHT_FORMATS)})",
+        help="comma-separated weight formats to compare instead of --dtypes, each with the activations it picks, "
+        f"measured interleaved ({', '.join(WEIGHT_FORMATS)})",
     )
     pr.add_argument("--repeats", type=int, default=5)
     pr.add_argument(

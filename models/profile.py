@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -81,6 +81,38 @@ def forward_times(
 
         out[t] = _median_seconds(run, repeats, clock, setup=(lambda: cache.truncate(context)) if layers else None)
     return out
+
+
+@torch.inference_mode()
+def compare_forward_times(
+    stages: Mapping[str, Stage],
+    sizes: Sequence[int] = SIZES,
+    *,
+    context: int = 128,
+    repeats: int = 5,
+    lm_head: bool = True,
+) -> dict[str, dict[int, float]]:
+    """:func:`forward_times` of several stages (one model in several weight formats, say), measured
+    round-robin: every round times each size on each stage in turn, so that the drift of a shared
+    machine hits all of them alike. Median of ``repeats`` rounds after one warm-up round."""
+    caches = {}
+    for name, stage in stages.items():
+        caches[name] = stage.new_cache(context + max(sizes))
+        x = torch.randn(context, stage.cfg.hidden_size, dtype=stage.dtype) * 0.1
+        stage.forward_one(x, caches[name], torch.arange(context))
+    times: dict[str, dict[int, list[float]]] = {n: {t: [] for t in sizes} for n in stages}
+    for _ in range(repeats + 1):
+        for t in sizes:
+            pos = torch.arange(context, context + t)
+            for name, stage in stages.items():
+                x = torch.randn(t, stage.cfg.hidden_size, dtype=stage.dtype) * 0.1
+                t0 = time.perf_counter()
+                y = stage.forward_one(x, caches[name], pos)
+                if lm_head:
+                    stage.logits(y)
+                times[name][t].append(time.perf_counter() - t0)
+                caches[name].truncate(context)
+    return {n: {t: statistics.median(v[1:]) for t, v in per.items()} for n, per in times.items()}
 
 
 def _cache_file(source: ModelSource, stage: Stage, with_lm_head: bool) -> Path:
