@@ -236,7 +236,7 @@ def auto_format() -> tuple[str, torch.dtype]:
     (docs/benchmarks.md, "Weights kept quantized"):
 
     - x86-64 with AVX512 (with or without BF16/AMX) or AVX2: ``native`` with bf16 activations.
-      One row (``ar``): int4 ~2.2x faster than dense bf16 and ~3x than fp32 on an AMX Xeon, ~3x
+      One row (``ar``): int4 ~2.2x faster than dense bf16 and ~3x than fp32 on an AMX Xeon, ~2.6x
       faster than fp32 with the kernels limited to AVX2. Trees of 8 rows: int4 as fast as dense
       bf16 on the Xeon; larger trees are slower than dense there, which the tree budget's cost
       curve (measured per format) accounts for. torch's quantized kernels are vectorized for bf16
