@@ -156,6 +156,7 @@ class LocalModel:
             "drafter": drafter,
             "stages": stages,
             "dtype": str(self.target.dtype).removeprefix("torch."),
+            "weights": self.target.kernels,
             "prompt_tokens": len(prompt),
             "prefill_seconds": round(st.prefill_seconds, 4),
             "draft_seconds": round(st.draft_seconds, 4),
