@@ -14,9 +14,11 @@ import torch
 from support import (
     CURVES,
     assert_matches_greedy,
+    chat_ids,
     forward_terms,
     greedy_reference,
     make_tiny_checkpoint,
+    prompts,
     rounding_tolerance,
 )
 from test_loading import write_gguf
@@ -261,3 +263,22 @@ def test_layer_nbytes_counts_what_a_load_holds(tiny_dir, tiny_gguf, model, weigh
     fmt, dt = resolve_weights(weights, dtype)
     one = Stage.load(src, LayerRange(2, 3), vocab=False, dtype=dt, weights=fmt)
     assert layer_nbytes(src, fmt, dt, index=2) == one.nbytes()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # 3 prompts x 48 tokens of the real model, twice; ~3 min on a loaded 2-core box
+@pytest.mark.parametrize("weights", ["native", "int8"])
+def test_embedded_spec_equals_greedy_per_format(embedded_source, embedded_tokenizer, weights):
+    """The real model held as the file has it (Q4_1 layers as int4, Q8_0 vocabulary as int8 rows) or
+    as int8, bf16 activations, with the shipped EAGLE head and n-gram candidates."""
+    target = Stage.load(embedded_source, dtype="bf16", weights=weights)
+    drafter = load_drafter("auto", target, source=embedded_source)
+    eos = set(target.cfg.eos_token_ids)
+    accepted = []
+    for q in prompts(1, categories=3):
+        prompt = chat_ids(embedded_tokenizer, q["turns"][0])
+        want, gaps = greedy_reference(target, prompt, 48, eos)
+        res = generate(target, prompt, max_new_tokens=48, drafter=drafter, eos_ids=sorted(eos))
+        assert_matches_greedy(res.token_ids, want, gaps)
+        accepted.append(res.stats.mean_accepted)
+    assert sum(accepted) / len(accepted) > 1.0  # the drafter was used
