@@ -20,6 +20,7 @@ from meshd import __version__, config, logs
 from meshd.client import DEFAULT_PEER
 from meshd.modes import LOCAL_MODES, MESH_DEFAULT, MESH_MODES
 from models.config import ModelError
+from models.formats import WEIGHT_FORMATS, WEIGHTS_HELP
 
 DEMO_QUESTION = "What are three good reasons to learn a second language? Answer briefly."
 QUESTIONS_HELP = (
@@ -54,13 +55,17 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
 
 
+def _add_weights_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights", default="auto", choices=WEIGHT_FORMATS, help=WEIGHTS_HELP)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     # lazy (see the module docstring): the model code imports torch and transformers
     from meshd.serve.local import LocalModel
     from models.eagle import default_drafter
 
     _threads(args.threads)
-    local = LocalModel(args.model, args.dtype)
+    local = LocalModel(args.model, args.dtype, args.weights)
 
     def show(text: str) -> None:
         sys.stdout.write(text)
@@ -190,7 +195,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     # which keeps `meshd --help` fast
     import torch
 
-    from models.profile import SIZES, stage_cost_curve, transformers_cost_curve
+    from models.profile import SIZES, compare_forward_times, stage_cost_curve, transformers_cost_curve
     from models.ranges import LayerRange
     from models.source import ModelSource
     from models.stage import Stage
@@ -205,7 +210,12 @@ def cmd_profile(args: argparse.Namespace) -> int:
         "curves_ms": {},
     }
     whole = span == LayerRange.whole(src.config.n_layers)  # only the whole model computes logits
-    for dt in args.dtypes.split(","):
+    if args.weights:  # weight formats side by side, each with the activations it picks, measured interleaved
+        stages = {w: Stage.load(src, span, vocab=whole, dtype="auto", weights=w) for w in args.weights.split(",")}
+        print(f"measuring {', '.join(stages)} layers [{span.first}, {span.stop}), interleaved ...", file=sys.stderr)
+        for w, curve in compare_forward_times(stages, repeats=args.repeats, lm_head=whole).items():
+            report["curves_ms"][f"meshd-{w}"] = {t: round(s * 1e3, 2) for t, s in curve.items()}
+    for dt in [] if args.weights else args.dtypes.split(","):
         stage = Stage.load(src, span, vocab=whole, dtype=dt)
         print(f"measuring {dt} layers [{span.first}, {span.stop}) ...", file=sys.stderr)
         ours = stage_cost_curve(src, stage, with_lm_head=whole, refresh=True, repeats=args.repeats)
@@ -356,6 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="run one request on this device")
     g.add_argument("prompt")
     _add_model_args(g)
+    _add_weights_arg(g)
     g.add_argument(
         "--mode",
         choices=sorted({*LOCAL_MODES, *MESH_MODES}),
@@ -389,6 +400,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(pr)
     pr.add_argument("--layers", default=None, help="slice as FIRST:LAST (default: the whole model)")
     pr.add_argument("--dtypes", default="fp32,bf16", help="comma-separated dtypes to measure")
+    pr.add_argument(
+        "--weights",
+        default=None,
+        help="comma-separated weight formats to compare instead of --dtypes, each with the activations it picks, "
+        f"measured interleaved ({', '.join(WEIGHT_FORMATS)})",
+    )
     pr.add_argument("--repeats", type=int, default=5)
     pr.add_argument(
         "--compare-transformers", action="store_true", help="also time transformers' forward with the same weights"
@@ -398,6 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="compare decoding modes on a question set, e.g. Spec-Bench (interleaved)")
     _add_model_args(b)
+    _add_weights_arg(b)
     b.add_argument(
         "--backend",
         choices=["local", "inprocess", "daemons"],

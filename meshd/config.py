@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from models.formats import WEIGHT_FORMATS, WEIGHTS_HELP
 from peers.sizes import parse_size
 
 try:  # Python 3.11+
@@ -96,10 +97,15 @@ class Config:
             "compute dtype (auto: bf16 on CPUs with AVX512-BF16/AMX, fp16 on CUDA, else fp32)", choices=DTYPES
         ),
     )
+    weights: str = field(default="auto", metadata=_opt(WEIGHTS_HELP, choices=WEIGHT_FORMATS))
     threads: int | None = field(default=None, metadata=_opt("torch threads (default: all cores)", lo=1, hi=1024))
     memory: str | None = field(
         default=None,
-        metadata=_opt("memory this device offers the mesh, e.g. 2GiB (default: a share of MemAvailable)", size=True),
+        metadata=_opt(
+            "memory the whole daemon process may use, e.g. 2GiB: runtime, vocabulary ends, draft head, its layers "
+            "and their KV cache (default: a share of MemAvailable)",
+            size=True,
+        ),
     )
     max_context: int = field(default=4096, metadata=_opt("longest prompt + completion, in tokens", lo=16, hi=1 << 20))
     session_timeout: float = field(

@@ -220,7 +220,9 @@ def load_drafter(
                 f"{target.cfg.vocab_size}; a draft model must share the target's tokenizer."
             )
         n = int(layers) if layers else src.config.n_layers
-        model = Stage.load(src, LayerRange(0, min(n, src.config.n_layers)), dtype=dtype or target.dtype)
+        model = Stage.load(
+            src, LayerRange(0, min(n, src.config.n_layers)), dtype=dtype or target.dtype, weights=target.weights
+        )
         return ModelDrafter(model, name=f"model:{src.name}" + (f"@{n}" if layers else ""))
     raise ValueError(
         f"unknown drafter {spec!r}; use 'auto', 'ngram', 'eagle[:PATH]', 'eagle+ngram' or 'model:PATH[@LAYERS]'"

@@ -29,7 +29,8 @@ from torch import nn
 
 from models.config import ModelConfig, ModelError
 from models.kvcache import KVCache
-from models.layers import Layer, Rope, attention, causal_mask, decoder_layer, float_mask, linear, pack_weight
+from models.layers import Layer, Rope, Weight, attention, causal_mask, decoder_layer, float_mask, linear, pack_weight
+from models.quant import Kind, QuantWeight, matrix_kind, quantize
 from models.source import ModelSource
 from models.stage import Stage
 from models.tree import Tree, grow_tree
@@ -105,21 +106,26 @@ class EagleHead(nn.Module):
         self.rope = Rope.for_model(target_cfg)
         for w in (self.wqkv, self.wo, self.w_gate_up, self.w_down):
             nn.init.normal_(w, std=0.02)
-        self._packed: dict[str, tuple[torch.Tensor, int]] = {}  # name -> (packed weight, param version)
+        self._packed: dict[str, tuple[Weight, int]] = {}  # name -> (packed weight, param version)
 
     def _param(self, name: str) -> torch.Tensor:
         return self.fc.weight if name == "fc" else getattr(self, name)
 
-    def pack(self) -> None:
-        """Pre-pack the weights for drafting (see :func:`models.layers.pack_weight`). Training, which
-        needs gradients, uses the parameters; a parameter changed in place since (an optimizer step,
-        a load) falls back to itself until the next ``pack``."""
+    def pack(self, kind: Kind | None = None) -> None:
+        """Pre-pack the weights for drafting (see :func:`models.layers.pack_weight`), quantized to
+        ``kind`` (int8/int4, the target's kernels; see :mod:`models.quant`) or dense in the
+        parameters' dtype. Training, which needs gradients, uses the parameters; a parameter
+        changed in place since (an optimizer step, a load) falls back to itself until the next ``pack``."""
+
+        def packed(w: torch.Tensor) -> Weight:
+            return quantize(w, kind).pack(w.dtype) if kind is not None else pack_weight(w)
+
         self._packed = {
-            n: (pack_weight(self._param(n).detach()), self._param(n)._version)
+            n: (packed(self._param(n).detach()), self._param(n)._version)
             for n in ("fc", "wqkv", "wo", "w_gate_up", "w_down")
         }
 
-    def _w(self, name: str) -> torch.Tensor:
+    def _w(self, name: str) -> Weight:
         param = self._param(name)
         if self._packed and not torch.is_grad_enabled():
             packed, version = self._packed[name]
@@ -193,7 +199,7 @@ class EagleHead(nn.Module):
         return outs
 
     # ---- tokens ---------------------------------------------------------------------------
-    def sub_logits(self, feat: torch.Tensor, lm_rows: torch.Tensor) -> torch.Tensor:
+    def sub_logits(self, feat: torch.Tensor, lm_rows: Weight) -> torch.Tensor:
         return linear(feat.to(lm_rows.dtype), lm_rows).float()
 
     def param_count(self) -> int:
@@ -381,8 +387,13 @@ class EagleDrafter:
         self.head, self.target, self.name = head, target, name
         self.dtype = target.dtype
         self.head.to(self.dtype)
-        self.head.pack()
-        self.lm_rows = pack_weight(target.lm_head_w.index_select(0, head.draft_vocab).to(self.dtype))
+        # the head's matrices are fp16 in its file: ``native`` keeps them dense, int8/int4 quantize them
+        self.head.pack(matrix_kind(target.weights, None))
+        lm = target.lm_head_w
+        if isinstance(lm, QuantWeight):
+            self.lm_rows = pack_weight(lm.rows(head.draft_vocab))
+        else:
+            self.lm_rows = pack_weight(lm.index_select(0, head.draft_vocab).to(self.dtype))
         self.vocab = head.draft_vocab.tolist()
         self.cache = KVCache(
             1, head.hc.n_kv_heads, head.hc.head_dim, self.dtype, 256, max_capacity=max(256, target.cfg.max_position)

@@ -18,8 +18,13 @@ import torch
 import torch.nn.functional as F
 
 from models.config import ModelConfig, ModelError
+from models.quant import QuantWeight
 
-# ---- linear layers, on plain or pre-packed weights ------------------------------------------
+# ---- linear layers, on plain, pre-packed or quantized weights -------------------------------
+
+Weight = torch.Tensor | QuantWeight
+"""A matrix as :func:`linear` takes it: plain, pre-packed by :func:`pack_weight`, or quantized
+(:class:`models.quant.QuantWeight`)."""
 
 
 def _packing_works() -> bool:
@@ -47,11 +52,11 @@ def _packing_works() -> bool:
 _PACK_DTYPES: dict[torch.dtype, bool] = {}
 
 
-def pack_weight(w: torch.Tensor) -> torch.Tensor:
+def pack_weight(w: Weight) -> Weight:
     """``w`` (out, in) in oneDNN's blocked layout for :func:`linear`, or ``w`` itself where that
-    does not apply (no oneDNN, a GPU tensor, a dtype the CPU cannot pack). Packed tensors only feed
-    :func:`linear`; :func:`dense` gives the plain matrix back."""
-    if w.is_mkldnn or w.device.type != "cpu" or w.dim() != 2:
+    does not apply (no oneDNN, a GPU tensor, a dtype the CPU cannot pack, a quantized weight).
+    Packed tensors only feed :func:`linear`; :func:`dense` gives the plain matrix back."""
+    if isinstance(w, QuantWeight) or w.is_mkldnn or w.device.type != "cpu" or w.dim() != 2:
         return w
     ok = _PACK_DTYPES.get(w.dtype)
     if ok is None:
@@ -65,15 +70,20 @@ def pack_weight(w: torch.Tensor) -> torch.Tensor:
         return w
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear`` that also takes a weight from :func:`pack_weight`."""
+def linear(x: torch.Tensor, w: Weight, b: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` that also takes a weight from :func:`pack_weight` or a quantized one."""
+    if isinstance(w, QuantWeight):
+        y = w.matmul(x)
+        return y if b is None else y + b
     if w.is_mkldnn:
         return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
     return F.linear(x, w, b)
 
 
-def dense(w: torch.Tensor | None) -> torch.Tensor | None:
-    """The plain matrix of a weight that may be packed (for export and comparisons)."""
+def dense(w: Weight | None) -> torch.Tensor | None:
+    """The plain matrix of a weight that may be packed or quantized (for export and comparisons)."""
+    if isinstance(w, QuantWeight):
+        return w.dequantize()
     return w.to_dense() if w is not None and w.is_mkldnn else w
 
 
@@ -163,16 +173,16 @@ def float_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 @dataclass
 class Layer:
-    """One decoder layer's weights (matrices possibly packed by :func:`pack_weight`).
+    """One decoder layer's weights (matrices possibly packed by :func:`pack_weight` or quantized).
 
     ``attn_norm`` is None for the first layer of public EAGLE-1 heads, which skip that norm.
     """
 
-    wqkv: torch.Tensor
+    wqkv: Weight
     bqkv: torch.Tensor | None
-    wo: torch.Tensor
-    w_gate_up: torch.Tensor
-    w_down: torch.Tensor
+    wo: Weight
+    w_gate_up: Weight
+    w_down: Weight
     attn_norm: torch.Tensor | None
     ffn_norm: torch.Tensor
 

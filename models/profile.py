@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -83,9 +83,41 @@ def forward_times(
     return out
 
 
+@torch.inference_mode()
+def compare_forward_times(
+    stages: Mapping[str, Stage],
+    sizes: Sequence[int] = SIZES,
+    *,
+    context: int = 128,
+    repeats: int = 5,
+    lm_head: bool = True,
+) -> dict[str, dict[int, float]]:
+    """:func:`forward_times` of several stages (one model in several weight formats, say), measured
+    round-robin: every round times each size on each stage in turn, so that the drift of a shared
+    machine hits all of them alike. Median of ``repeats`` rounds after one warm-up round."""
+    caches = {}
+    for name, stage in stages.items():
+        caches[name] = stage.new_cache(context + max(sizes))
+        x = torch.randn(context, stage.cfg.hidden_size, dtype=stage.dtype) * 0.1
+        stage.forward_one(x, caches[name], torch.arange(context))
+    times: dict[str, dict[int, list[float]]] = {n: {t: [] for t in sizes} for n in stages}
+    for _ in range(repeats + 1):
+        for t in sizes:
+            pos = torch.arange(context, context + t)
+            for name, stage in stages.items():
+                x = torch.randn(t, stage.cfg.hidden_size, dtype=stage.dtype) * 0.1
+                t0 = time.perf_counter()
+                y = stage.forward_one(x, caches[name], pos)
+                if lm_head:
+                    stage.logits(y)
+                times[name][t].append(time.perf_counter() - t0)
+                caches[name].truncate(context)
+    return {n: {t: statistics.median(v[1:]) for t, v in per.items()} for n, per in times.items()}
+
+
 def _cache_file(source: ModelSource, stage: Stage, with_lm_head: bool) -> Path:
     dt = str(stage.dtype).removeprefix("torch.")
-    kernels = "packed" if stage.packed else "plain"  # packed weights change the curve by a third
+    kernels = stage.kernels  # packed weights change the curve by a third, quantized ones its slope
     span = stage.layer_range
     name = (
         f"{source.fingerprint}-{span.first}-{span.stop}-{int(with_lm_head)}-{dt}-{kernels}"
@@ -153,9 +185,9 @@ def transformers_cost_curve(
     if stage.layer_range != LayerRange.whole(cfg.n_layers) or not stage.has_vocab:
         raise ValueError("the transformers comparison needs the whole model with its vocabulary ends")
     model = AutoModelForCausalLM.from_config(cfg.to_hf(), dtype=stage.dtype).eval()
-    sd = {"model.embed_tokens.weight": stage.embed_w, "model.norm.weight": stage.norm_w}
+    sd = {"model.embed_tokens.weight": dense(stage.embed_w), "model.norm.weight": stage.norm_w}
     if not cfg.tie_embeddings:
-        sd["lm_head.weight"] = stage.lm_head_w
+        sd["lm_head.weight"] = dense(stage.lm_head_w)
     q, kv = cfg.q_size, cfg.kv_size
     for i, layer in enumerate(stage.layers):
         p = f"model.layers.{i}."

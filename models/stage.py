@@ -16,10 +16,31 @@ import torch.nn.functional as F
 
 from models.config import ModelConfig, ModelError
 from models.kvcache import KVCache
-from models.layers import Layer, Rope, attention, causal_mask, decoder_layer, float_mask, linear, pack_weight, rms_norm
+from models.layers import (
+    Layer,
+    Rope,
+    Weight,
+    attention,
+    causal_mask,
+    decoder_layer,
+    float_mask,
+    linear,
+    pack_weight,
+    rms_norm,
+)
+from models.quant import (
+    QuantRows,
+    QuantWeight,
+    cpu_flags,
+    join,
+    matrix_kind,
+    matrix_nbytes,
+    resolve_format,
+    weight_nbytes,
+)
 from models.ranges import LayerRange
 from models.source import ModelSource
-from models.weights import TensorReader, vocab_names
+from models.weights import TensorReader, release_freed_memory, vocab_names
 
 
 @dataclass
@@ -39,11 +60,7 @@ def default_dtype() -> torch.dtype:
     """bf16 where the CPU multiplies it natively (AVX512-BF16/AMX), fp16 on CUDA, else fp32."""
     if torch.cuda.is_available():
         return torch.float16
-    try:
-        with open("/proc/cpuinfo") as fh:
-            flags = fh.read()
-    except OSError:
-        flags = ""
+    flags = cpu_flags()
     return torch.bfloat16 if ("avx512_bf16" in flags or "amx_bf16" in flags) else torch.float32
 
 
@@ -66,9 +83,55 @@ def parse_dtype(name: str | torch.dtype | None) -> torch.dtype:
     return table[name]
 
 
+def resolve_weights(weights: str | None, dtype: torch.dtype | str | None) -> tuple[str, torch.dtype]:
+    """(format held: ``dense``/``native``/``int8``/``int4``, activations' dtype) for ``--weights`` and
+    ``--dtype`` as given (``auto``/None: not given); see :func:`models.quant.resolve_format`."""
+    try:
+        fmt, dt = resolve_format(weights, None if dtype in (None, "auto") else parse_dtype(dtype))
+    except ValueError as e:
+        raise ModelError(str(e)) from None
+    return fmt, dt or parse_dtype(dtype)
+
+
+FUSED = (
+    ("self_attn", ("q_proj", "k_proj", "v_proj")),
+    ("self_attn", ("o_proj",)),
+    ("mlp", ("gate_proj", "up_proj")),
+    ("mlp", ("down_proj",)),
+)
+"""A layer's matrices as :meth:`Stage.load` holds them (wqkv, wo, w_gate_up, w_down): parts joined by rows."""
+
+
+def fused_names(index: int, fused: tuple[str, tuple[str, ...]]) -> list[str]:
+    """HF names of the parts of one of layer ``index``'s :data:`FUSED` matrices."""
+    module, parts = fused
+    return [f"model.layers.{index}.{module}.{part}.weight" for part in parts]
+
+
+def layer_nbytes(source: ModelSource, weights: str, dtype: torch.dtype, index: int = 0) -> int:
+    """Bytes decoder layer ``index`` holds when loaded as ``weights`` (a resolved format, see
+    :func:`resolve_weights`), from the file's header alone: what the planner counts per layer."""
+    rd = TensorReader(source)
+    cfg = source.config
+    el = torch.empty(0, dtype=dtype).element_size()
+    total = 2 * cfg.hidden_size * el  # the two norms
+    for fused in FUSED:
+        names = fused_names(index, fused)
+        kinds = {matrix_kind(weights, rd.qtype(n)) for n in names}
+        kind = kinds.pop() if len(kinds) == 1 else "int8"  # as models.quant.join holds mixed parts
+        total += matrix_nbytes(sum(rd.shape(n)[0] for n in names), rd.shape(names[0])[1], kind, dtype)
+    if cfg.qkv_bias:
+        total += (cfg.q_size + 2 * cfg.kv_size) * el
+    return total
+
+
 class Stage:
     """Decoder layers ``layer_range`` plus, when loaded with ``vocab``, the vocabulary ends:
-    embeddings, final norm and LM head."""
+    embeddings, final norm and LM head.
+
+    ``weights`` is how its matrices are held (:mod:`models.quant`): ``dense`` (in ``dtype``),
+    ``native``, ``int8`` or ``int4``; ``dtype`` is always the activations' dtype.
+    """
 
     def __init__(
         self,
@@ -76,15 +139,17 @@ class Stage:
         layer_range: LayerRange,
         layers: list[Layer],
         *,
-        embed: torch.Tensor | None = None,
+        embed: Weight | None = None,
         norm: torch.Tensor | None = None,
-        lm_head: torch.Tensor | None = None,
+        lm_head: Weight | None = None,
         dtype: torch.dtype = torch.float32,
         rope: Rope | None = None,
+        weights: str = "dense",
     ):
         if len(layers) != layer_range.n_layers:
             raise ValueError(f"{len(layers)} layers given for the range {layer_range}")
         self.cfg, self.layer_range, self.layers, self.dtype = cfg, layer_range, layers, dtype
+        self.weights = weights
         self.embed_w, self.norm_w, self.lm_head_w = embed, norm, lm_head
         # the LM head stays plain too (embedding lookups when tied, draft-vocabulary rows)
         self.lm_head_packed = pack_weight(lm_head) if lm_head is not None else None
@@ -99,20 +164,31 @@ class Stage:
         *,
         vocab: bool = True,
         dtype: torch.dtype | str | None = "fp32",
+        weights: str | None = None,
         reader: TensorReader | None = None,
     ) -> Stage:
         """Load the layers of ``layer_range`` (default: all) and, with ``vocab``, the vocabulary ends,
-        reading nothing else."""
+        reading nothing else.
+
+        ``weights``: a format of :data:`models.quant.WEIGHT_FORMATS` (or ``dense``, as a loaded
+        stage's :attr:`weights` says); None keeps them dense in ``dtype``. With a quantized format
+        ``dtype`` is the activations' (``auto``/None: the format's own choice).
+        """
         src = source if isinstance(source, ModelSource) else ModelSource.resolve(source)
         cfg = src.config
         span = layer_range or LayerRange.whole(cfg.n_layers)
         if span.stop > cfg.n_layers:
             raise ModelError(f"layer range [{span.first}, {span.stop}) is outside the model's {cfg.n_layers} layers")
-        dt = parse_dtype(dtype)
+        fmt, dt = resolve_weights(weights, dtype)
         rd = reader or TensorReader(src)
 
         def get(name: str) -> torch.Tensor:
-            return rd.read(name).to(dt)
+            return rd.read(name, dt)
+
+        def matrix(*names: str) -> Weight:
+            """One matrix, the named parts joined by rows, held as ``fmt`` says and packed."""
+            w = join([rd.read_matrix(n, fmt, dt) for n in names])
+            return w.pack(dt) if isinstance(w, QuantRows) else pack_weight(w)
 
         layers = []
         for i in span:
@@ -120,13 +196,14 @@ class Stage:
             bqkv = None
             if cfg.qkv_bias:
                 bqkv = torch.cat([get(p + f"self_attn.{n}_proj.bias") for n in "qkv"])
+            wqkv, wo, w_gate_up, w_down = (matrix(*fused_names(i, f)) for f in FUSED)
             layers.append(
                 Layer(
-                    wqkv=pack_weight(torch.cat([get(p + f"self_attn.{n}_proj.weight") for n in "qkv"])),
+                    wqkv=wqkv,
                     bqkv=bqkv,
-                    wo=pack_weight(get(p + "self_attn.o_proj.weight")),
-                    w_gate_up=pack_weight(torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")])),
-                    w_down=pack_weight(get(p + "mlp.down_proj.weight")),
+                    wo=wo,
+                    w_gate_up=w_gate_up,
+                    w_down=w_down,
                     attn_norm=get(p + "input_layernorm.weight"),
                     ffn_norm=get(p + "post_attention_layernorm.weight"),
                 )
@@ -134,10 +211,15 @@ class Stage:
         embed = norm = lm_head = None
         if vocab:
             names = vocab_names(cfg)
-            embed = get(names[0]).contiguous()
             norm = get(names[1])
-            lm_head = get(names[2]).contiguous() if len(names) > 2 else embed
-        return cls(cfg, span, layers, embed=embed, norm=norm, lm_head=lm_head, dtype=dt)
+            if fmt == "dense":
+                embed = get(names[0]).contiguous()
+                lm_head = get(names[2]).contiguous() if len(names) > 2 else embed
+            else:  # int8 rows serve lookups and, when tied, the LM head (see models.quant)
+                embed = rd.read_matrix(names[0], "int8").pack(dt)
+                lm_head = matrix(names[2]) if len(names) > 2 else embed
+        release_freed_memory()
+        return cls(cfg, span, layers, embed=embed, norm=norm, lm_head=lm_head, dtype=dt, weights=fmt)
 
     def slice(self, layer_range: LayerRange) -> Stage:
         """The layers ``layer_range`` (model numbering) of this stage as a stage of their own, sharing
@@ -146,7 +228,7 @@ class Stage:
         if not own.first <= layer_range.first <= layer_range.stop <= own.stop:
             raise ValueError(f"layers {layer_range} are not within this stage's {own}")
         layers = self.layers[layer_range.first - own.first : layer_range.stop - own.first]
-        return Stage(self.cfg, layer_range, layers, dtype=self.dtype, rope=self.rope)
+        return Stage(self.cfg, layer_range, layers, dtype=self.dtype, rope=self.rope, weights=self.weights)
 
     @property
     def n_layers(self) -> int:
@@ -154,9 +236,17 @@ class Stage:
 
     @property
     def packed(self) -> bool:
-        """Whether this stage's matmuls run on pre-packed (oneDNN) weights."""
+        """Whether this stage's dense matmuls run on pre-packed (oneDNN) weights."""
         ws = [layer.wqkv for layer in self.layers] + [self.lm_head_packed]
-        return any(w is not None and w.is_mkldnn for w in ws)
+        return any(isinstance(w, torch.Tensor) and w.is_mkldnn for w in ws)
+
+    @property
+    def kernels(self) -> str:
+        """The matmul kernels in a word, for logs and cache keys: the quantized format, or
+        ``packed``/``plain`` for dense weights."""
+        if self.weights != "dense":
+            return self.weights
+        return "packed" if self.packed else "plain"
 
     @property
     def has_vocab(self) -> bool:
@@ -174,15 +264,20 @@ class Stage:
         )
 
     def nbytes(self) -> int:
-        ts = [t for layer in self.layers for t in vars(layer).values() if t is not None]
-        ts += [t for t in (self.embed_w, self.norm_w) if t is not None]
-        if self.lm_head_w is not None and self.lm_head_w is not self.embed_w:
+        """Bytes of weights held, as held (packed, quantized; a tied LM head counted once)."""
+        ts = [t for layer in self.layers for t in vars(layer).values()]
+        ts += [self.embed_w, self.norm_w]
+        if self.lm_head_w is not self.embed_w:
             ts.append(self.lm_head_w)
-        return sum(t.numel() * t.element_size() for t in ts)
+        if self.lm_head_packed is not self.lm_head_w:  # oneDNN's copy of a dense LM head
+            ts.append(self.lm_head_packed)
+        return sum(weight_nbytes(t) for t in ts)
 
     # ---- compute ------------------------------------------------------------------------
     def embed(self, ids: torch.Tensor | Sequence[int]) -> torch.Tensor:
         ids = torch.as_tensor(ids, dtype=torch.long)
+        if isinstance(self.embed_w, QuantWeight):
+            return self.embed_w.embedding(ids)
         return F.embedding(ids, self.embed_w)
 
     def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -3,10 +3,15 @@
 A Raspberry Pi holding 4 of 32 layers cannot afford to dequantize the whole file first
 (which is what transformers' GGUF path does), so readers open tensors lazily and record
 what they read; tests use that record to prove a partial load touched nothing else.
+Matrices can also come out still quantized (:meth:`TensorReader.read_matrix`): Q8_0, Q4_0 and
+Q4_1 blocks are decoded straight into :class:`models.quant.QuantRows`, never through a dense copy
+where the kernel's layout can hold them exactly.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import re
 from dataclasses import dataclass, field
 
@@ -16,6 +21,7 @@ import torch
 from safetensors import safe_open
 
 from models.config import ModelConfig, ModelError
+from models.quant import SLAB_ROWS, QuantRows, matrix_kind, quantize
 from models.source import ModelSource
 
 _GGUF_LAYER = {
@@ -49,7 +55,8 @@ def gguf_to_hf_name(name: str) -> str | None:
 
 
 def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Undo llama.cpp's q/k row interleave so rows follow HF's rotate-half RoPE layout."""
+    """Undo llama.cpp's q/k row interleave so rows follow HF's rotate-half RoPE layout (also right for
+    a matrix's per-row or per-group scales: only the row order changes)."""
     out = w.shape[0]
     return w.reshape(n_heads, out // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
@@ -64,7 +71,7 @@ class TensorReader:
     def __post_init__(self) -> None:
         self._index: dict[str, object] = {}
         if self.source.kind == "gguf":
-            for t in self.source.gguf.tensors:
+            for t in self.source.gguf_tensors:
                 hf = gguf_to_hf_name(t.name)
                 if hf is not None:
                     self._index[hf] = t
@@ -78,35 +85,119 @@ class TensorReader:
     def __contains__(self, name: str) -> bool:
         return name in self._index
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The tensor, dense, in ``dtype`` (None: fp32 for quantized GGUF types, else as stored).
+        A quantized matrix is dequantized a slab of rows at a time, so a vocabulary never exists in
+        fp32 all at once when it is wanted in bf16."""
         if name not in self._index:
             raise ModelError(f"{self.source.path}: tensor {name!r} is missing; is the checkpoint complete?")
         self.read_names.append(name)
         if self.source.kind == "safetensors":
-            return self._index[name].get_tensor(name)
-        return self._read_gguf(name, self._index[name])
+            w = self._index[name].get_tensor(name)
+            return w if dtype is None else w.to(dtype)
+        t = self._index[name]
+        if len(t.shape) == 1:
+            w = self._dequantized(t, 0, None)
+            return self._unpermute(name, w if dtype is None else w.to(dtype))
+        slabs = [self._dequantized(t, a, a + SLAB_ROWS) for a in range(0, int(t.shape[-1]), SLAB_ROWS)]
+        return self._unpermute(name, torch.cat([s if dtype is None else s.to(dtype) for s in slabs]))
 
-    def _read_gguf(self, hf_name: str, t) -> torch.Tensor:
+    def qtype(self, name: str) -> str | None:
+        """The tensor's GGUF type name (``Q4_1``, ``F32``...); None for safetensors."""
+        return self._index[name].tensor_type.name if self.source.kind == "gguf" else None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The tensor's shape in HF order (rows first), read from the header only."""
+        entry = self._index[name]
+        if self.source.kind == "gguf":
+            return tuple(int(x) for x in reversed(entry.shape))
+        return tuple(entry.get_slice(name).get_shape())
+
+    def read_matrix(self, name: str, fmt: str, dtype: torch.dtype | None = None) -> torch.Tensor | QuantRows:
+        """A weight matrix as the resolved weight format ``fmt`` holds it (see
+        :func:`models.quant.matrix_kind`): dense (in ``dtype``, as :meth:`read`) or quantized rows."""
+        if name not in self._index:
+            raise ModelError(f"{self.source.path}: tensor {name!r} is missing; is the checkpoint complete?")
+        entry = self._index[name]
+        qtype = self.qtype(name)
+        kind = matrix_kind(fmt, qtype)
+        if kind is None:
+            return self.read(name, dtype)
+        if self.source.kind != "gguf":
+            return quantize(self.read(name), kind)
+        self.read_names.append(name)
+        if kind == "int4" and qtype in ("Q4_0", "Q4_1"):
+            return self._unpermute(name, _q4_rows(entry))
+        # re-quantized a slab of rows at a time: a 50k-row vocabulary never exists in fp32 all at once
+        out = int(entry.shape[-1])
+        parts = [quantize(self._dequantized(entry, a, a + SLAB_ROWS), kind) for a in range(0, out, SLAB_ROWS)]
+        return self._unpermute(name, QuantRows.cat(parts))
+
+    def _unpermute(self, hf_name: str, w: torch.Tensor | QuantRows) -> torch.Tensor | QuantRows:
+        """llama.cpp's q/k rows back in HF's order, for a dense matrix or quantized rows."""
+        cfg = self.source.config
+        if cfg.arch not in ("llama", "mistral"):
+            return w
+        if hf_name.endswith(("q_proj.weight", "q_proj.bias")):
+            heads = cfg.n_heads
+        elif hf_name.endswith(("k_proj.weight", "k_proj.bias")):
+            heads = cfg.n_kv_heads
+        else:
+            return w
+        if isinstance(w, QuantRows):
+            zero = unpermute_qk(w.zero, heads) if w.zero is not None else None
+            return QuantRows(w.kind, unpermute_qk(w.q, heads), unpermute_qk(w.scale, heads), zero)
+        return unpermute_qk(w, heads)
+
+    def _dequantized(self, t, start: int, stop: int | None) -> torch.Tensor:
+        """Rows ``start:stop`` (file order) of a GGUF matrix or vector in fp32 (F16 stays F16)."""
         qtype = t.tensor_type
+        shape = tuple(int(x) for x in reversed(t.shape))  # GGUF lists dims fastest-first
+        data = t.data[start:stop] if len(shape) > 1 else t.data
         if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
-            arr = np.asarray(t.data)
+            arr = np.array(data)  # a copy: the file is mapped read-only
         else:
             try:
-                arr = gguf.quants.dequantize(t.data, qtype)
+                arr = gguf.quants.dequantize(data, qtype)
             except NotImplementedError:
                 raise ModelError(
                     f"{self.source.path}: tensor {t.name} uses {qtype.name}, which gguf-py cannot dequantize; "
                     "re-quantize to Q4_0, Q4_1, Q8_0, F16 or F32."
                 ) from None
-        shape = tuple(int(x) for x in reversed(t.shape))  # GGUF lists dims fastest-first
-        w = torch.from_numpy(np.array(arr, copy=True).reshape(shape))
-        cfg = self.source.config
-        if cfg.arch in ("llama", "mistral"):
-            if hf_name.endswith("q_proj.weight") or hf_name.endswith("q_proj.bias"):
-                w = unpermute_qk(w, cfg.n_heads)
-            elif hf_name.endswith("k_proj.weight") or hf_name.endswith("k_proj.bias"):
-                w = unpermute_qk(w, cfg.n_kv_heads)
-        return w
+        return torch.from_numpy(np.ascontiguousarray(arr).reshape(-1, *shape[1:]) if len(shape) > 1 else arr)
+
+
+def _q4_rows(t) -> QuantRows:
+    """A Q4_0 or Q4_1 tensor's blocks as int4 rows, exactly (see models.quant for the mapping).
+
+    Each row is blocks of 32 weights along the input: an fp16 scale ``d`` (Q4_1: then an fp16
+    minimum ``m``) and 16 bytes whose low nibbles are weights 0-15 and high nibbles 16-31;
+    Q4_0 means ``w = d * (q - 8)``, Q4_1 ``w = d * q + m``.
+    """
+    out, k = (int(x) for x in reversed(t.shape))
+    with_min = t.tensor_type == gguf.GGMLQuantizationType.Q4_1
+    head = 4 if with_min else 2
+    raw = np.asarray(t.data).reshape(out, k // 32, head + 16)
+    d = torch.from_numpy(raw[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32))
+    qs = torch.from_numpy(raw[..., head:].copy())
+    q = torch.cat([qs & 0x0F, qs >> 4], dim=-1).reshape(out, k)
+    if with_min:
+        m = torch.from_numpy(raw[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32))
+        zero = m + 8 * d
+    else:
+        zero = torch.zeros_like(d)
+    return QuantRows("int4", q, d, zero)
+
+
+def release_freed_memory() -> None:
+    """Hand the heap that loading freed back to the OS.
+
+    glibc keeps freed memory in its arenas for reuse; after a load's temporaries (gguf-py's parsed
+    header, dequantized slabs, pre-packing copies) that is ~130 MB of a SmolLM2 process's RSS that
+    nothing will reuse. A no-op where the C library has no ``malloc_trim`` (musl, macOS).
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).malloc_trim(0)
 
 
 def vocab_names(cfg: ModelConfig) -> list[str]:

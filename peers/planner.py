@@ -1,8 +1,11 @@
 """The layer split: which contiguous range of decoder layers each peer holds. Pure, no IO.
 
 Memory decides first (a layer that does not fit cannot run at all), compute second (a faster peer
-should hold a few more layers so stages finish at similar times). Every peer replicates the parts
-an originator needs, so only what is left after those counts towards layers.
+should hold a few more layers so stages finish at similar times). A peer's budget (``--memory``)
+is what its whole process may use: the runtime every process carries (interpreter, torch,
+tokenizer), the parts an originator needs that every peer replicates (embeddings, final norm,
+LM head, draft head), then per layer its weights as held (quantized or not) plus the KV cache
+it reserves for the configured context. Only what is left after the first two counts towards layers.
 """
 
 from __future__ import annotations
@@ -29,11 +32,18 @@ class ModelShape:
     """What the planner needs to know about the model; ``models`` fills it from the real config."""
 
     n_layers: int
-    bytes_per_layer: int
+    bytes_per_layer: int  # weights as held: quantized bytes and scales, or dense ones
     # Embeddings, final norm + LM head, draft: loaded by every peer, whatever its slice.
     replicated_bytes: int
     kv_bytes_per_token_per_layer: int = 0
     context: int = 0
+    # What a serving process holds before any weight: interpreter, torch, tokenizer, buffers.
+    runtime_bytes: int = 0
+
+    @property
+    def fixed_bytes(self) -> int:
+        """What every peer spends before its first layer."""
+        return self.runtime_bytes + self.replicated_bytes
 
     @property
     def bytes_per_stage_layer(self) -> int:
@@ -61,7 +71,7 @@ class Assignment:
 
 
 def layer_capacity(peer: PeerResources, shape: ModelShape) -> int:
-    usable = peer.memory_budget - shape.replicated_bytes
+    usable = peer.memory_budget - shape.fixed_bytes
     return max(0, usable // max(1, shape.bytes_per_stage_layer))
 
 
@@ -89,7 +99,7 @@ def plan_layers(
     scores = [max(p.compute_score, 1e-9) for p in capable]
     mean_score = sum(scores) / len(scores)
     weight = {
-        p.node_id: (p.memory_budget - shape.replicated_bytes) * (s / mean_score) ** compute_weight
+        p.node_id: (p.memory_budget - shape.fixed_bytes) * (s / mean_score) ** compute_weight
         for p, s in zip(capable, scores)
     }
     if len(capable) > shape.n_layers:  # more peers than layers: the strongest ones get the layers
@@ -117,10 +127,11 @@ def _insufficient(ring: list[PeerResources], shape: ModelShape, total_cap: int) 
     missing = (shape.n_layers - total_cap) * per_layer
     return InsufficientMemoryError(
         f"the mesh cannot hold the model: {shape.n_layers} layers need {format_size(per_layer)} each "
-        f"(weights + KV cache for {shape.context} tokens) on top of {format_size(shape.replicated_bytes)} "
-        f"that every peer replicates, and the {len(ring)} peer(s) have room for {total_cap} layers. "
+        f"(weights + KV cache for {shape.context} tokens) on top of {format_size(shape.fixed_bytes)} "
+        f"that every peer needs first (runtime {format_size(shape.runtime_bytes)}, replicated weights "
+        f"{format_size(shape.replicated_bytes)}), and the {len(ring)} peer(s) have room for {total_cap} layers. "
         f"Missing: {format_size(missing)} of layer memory. Add a peer with at least "
-        f"{format_size(missing + shape.replicated_bytes)} of budget, raise --memory on the existing "
-        f"peers, or lower the context.",
+        f"{format_size(missing + shape.fixed_bytes)} of budget, raise --memory on the existing "
+        f"peers, hold the weights in fewer bits (--weights int4), or lower the context.",
         missing,
     )

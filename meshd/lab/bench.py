@@ -176,14 +176,15 @@ class LocalBackend:
     def __init__(self, args):
         torch.set_num_threads(args.threads or torch.get_num_threads())
         self.args = args
-        self.local = LocalModel(args.model, args.dtype)
+        self.local = LocalModel(args.model, args.dtype, args.weights)
         self.local.curve  # noqa: B018 - measure (or load) the cost curve before timing anything
         self.stages = args.stages if args.backend == "inprocess" else 1
 
     def describe(self) -> str:
         where = f"{self.stages} in-process stages" if self.stages > 1 else "one device"
         n = torch.get_num_threads()
-        return f"{where}, {n} thread{'s' if n > 1 else ''}, dtype {str(self.local.target.dtype)[6:]}"
+        t = self.local.target
+        return f"{where}, {n} thread{'s' if n > 1 else ''}, dtype {str(t.dtype)[6:]}, weights {t.kernels}"
 
     def runner(self, label: str) -> Callable[[str], dict]:
         mode, _, drafter = label.partition(":")
@@ -209,7 +210,7 @@ class DaemonBackend:
         self.args = args
         slowdown(args.device_slowdown)  # a bad value fails here, not in every daemon
         link_emulation(args.link)
-        extra = ["--drafter", args.drafter, "--device-slowdown", str(args.device_slowdown)]
+        extra = ["--drafter", args.drafter, "--device-slowdown", str(args.device_slowdown), "--weights", args.weights]
         if args.link:
             extra += ["--link", args.link]
         self._tmp = tempfile.TemporaryDirectory(prefix="meshd-bench-")
@@ -266,7 +267,7 @@ class DaemonBackend:
     def _local(self, label: str) -> Callable[[str], dict]:
         if not hasattr(self, "local"):
             torch.set_num_threads(self.args.threads or 1)  # one device = what one daemon has
-            self.local = LocalModel(self.args.model, self.args.dtype)
+            self.local = LocalModel(self.args.model, self.args.dtype, self.args.weights)
             self.local.curve  # noqa: B018 - measure (or load) the cost curve before timing anything
         mode, _, drafter = label.partition(":")
         a = self.args

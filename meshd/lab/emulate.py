@@ -38,7 +38,9 @@ class SlowerStage(Stage):
     def __init__(self, stage: Stage, factor: float):
         if stage.has_vocab:
             raise ValueError("a slower stage is a layer slice: load it without the vocabulary ends")
-        super().__init__(stage.cfg, stage.layer_range, stage.layers, dtype=stage.dtype, rope=stage.rope)
+        super().__init__(
+            stage.cfg, stage.layer_range, stage.layers, dtype=stage.dtype, rope=stage.rope, weights=stage.weights
+        )
         self.factor = factor
 
     def forward(self, x: torch.Tensor, items: Sequence[Attend]) -> torch.Tensor:

@@ -32,7 +32,7 @@ from models.drafters import drafter_factory
 from models.profile import stage_cost_curve
 from models.ranges import LayerRange
 from models.source import ModelSource
-from models.stage import Stage, parse_dtype
+from models.stage import Stage, layer_nbytes, resolve_weights
 from peers.codec import Message
 from peers.link import LinkEmulation
 from peers.membership import MembershipEvent, PeerLost
@@ -51,16 +51,26 @@ log = logging.getLogger("meshd")
 ACCESS_FORMAT = '%a "%r" %s %b %Tf "%{User-Agent}i"'
 
 
-def model_shape(vocab: Stage, dtype: torch.dtype, context: int, draft_bytes: int = 0) -> ModelShape:
-    """What the planner must know: bytes per layer, what every peer replicates, KV per token."""
+RUNTIME_BYTES = 400 * 2**20
+"""What a daemon process holds before any weight, counted against ``--memory`` on every peer:
+Python, torch and aiohttp (~240 MB resident on x86-64), the tokenizer (~70 MB), the model file's
+parsed header and the KV cache's and forward's working buffers. Measured with ``meshd serve`` on
+this project's reference machine (docs/benchmarks.md, "Weights kept quantized"); a constant, not a
+per-process measurement, so that every peer computes the same plan."""
+
+
+def model_shape(source: ModelSource, vocab: Stage, context: int, draft_bytes: int = 0) -> ModelShape:
+    """What the planner must know: bytes per layer as this format holds them, what every peer
+    replicates, KV per token, the runtime's own share."""
     cfg = vocab.cfg
-    b = torch.tensor([], dtype=dtype).element_size()
+    kv = torch.tensor([], dtype=vocab.dtype).element_size()
     return ModelShape(
         n_layers=cfg.n_layers,
-        bytes_per_layer=cfg.layer_params() * b,
+        bytes_per_layer=layer_nbytes(source, vocab.weights, vocab.dtype),
         replicated_bytes=vocab.nbytes() + draft_bytes,
-        kv_bytes_per_token_per_layer=2 * cfg.kv_size * b,
+        kv_bytes_per_token_per_layer=2 * cfg.kv_size * kv,
         context=context,
+        runtime_bytes=RUNTIME_BYTES,
     )
 
 
@@ -109,15 +119,15 @@ class Daemon:
     async def run(self) -> int:
         cfg = self.cfg
         torch.set_num_threads(cfg.threads or torch.get_num_threads())
-        dtype = parse_dtype(cfg.dtype)
+        weights, dtype = resolve_weights(cfg.weights, cfg.dtype)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
-        log.info("loading %s (embeddings, final norm, LM head; %s)", cfg.model, dtype)
+        log.info("loading %s (embeddings, final norm, LM head; weights %s, %s)", cfg.model, weights, dtype)
         notify.status("loading the model")
         source = ModelSource.resolve(cfg.model)
         t0 = time.monotonic()
-        vocab = await asyncio.to_thread(Stage.load, source, LayerRange(0, 0), vocab=True, dtype=dtype)
+        vocab = await asyncio.to_thread(Stage.load, source, LayerRange(0, 0), vocab=True, dtype=dtype, weights=weights)
         log.info("loaded the vocabulary ends in %.1f s; loading the tokenizer", time.monotonic() - t0)
         notify.status("loading the tokenizer")
         tokenizer = await asyncio.to_thread(source.load_tokenizer)
@@ -142,7 +152,7 @@ class Daemon:
             memory_budget=parse_size(cfg.memory) if cfg.memory else None,
             emulation=self.link_emulation,
         )
-        self.node = node = MeshNode(mesh_cfg, model_shape(vocab, dtype, cfg.max_context), load_slice=self._load_slice)
+        self.node = node = MeshNode(mesh_cfg, model_shape(source, vocab, cfg.max_context), load_slice=self._load_slice)
         rt.node_id = node.node_id
         rt.transport = self._send
         for kind in MESSAGE_TYPES:
@@ -197,7 +207,7 @@ class Daemon:
             return
         notify.status(f"loading layers {stage.layers} for plan epoch {plan.epoch}")
         what = f"plan epoch {plan.epoch}: loading layers {stage.layers}"
-        st = await asyncio.to_thread(load_layers, rt.source, stage.layers, rt.vocab.dtype, what)
+        st = await asyncio.to_thread(load_layers, rt.source, stage.layers, rt.vocab.dtype, rt.vocab.weights, what)
         log.info("measuring this device's speed on layers %s (the cost curve peers size draft trees by)", stage.layers)
         notify.status(f"measuring this device's speed on layers {stage.layers}")
         t0 = time.monotonic()

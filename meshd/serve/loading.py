@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from meshd.serve import notify
+from models.quant import QuantRows
 from models.ranges import LayerRange
 from models.source import ModelSource
 from models.stage import Stage
@@ -32,16 +33,23 @@ class ProgressReader(TensorReader):
         super().__post_init__()
         self._layer: int | None = None
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        self._note(name)
+        return super().read(name, dtype)
+
+    def read_matrix(self, name: str, fmt: str, dtype: torch.dtype | None = None) -> torch.Tensor | QuantRows:
+        self._note(name)
+        return super().read_matrix(name, fmt, dtype)
+
+    def _note(self, name: str) -> None:
         m = LAYER_TENSOR.match(name)
         if m and int(m.group(1)) != self._layer:
             self._layer = int(m.group(1))
             if self.on_layer is not None:
                 self.on_layer(self._layer)
-        return super().read(name)
 
 
-def load_layers(source: ModelSource, span: LayerRange, dtype: torch.dtype, what: str) -> Stage:
+def load_layers(source: ModelSource, span: LayerRange, dtype: torch.dtype, weights: str, what: str) -> Stage:
     """``Stage.load`` of ``span`` (no vocabulary), logging and telling systemd how far it got."""
     t0 = last = time.monotonic()
 
@@ -54,6 +62,7 @@ def load_layers(source: ModelSource, span: LayerRange, dtype: torch.dtype, what:
             log.info("%s", text)
             notify.status(text)
 
-    stage = Stage.load(source, span, vocab=False, dtype=dtype, reader=ProgressReader(source, on_layer=on_layer))
+    reader = ProgressReader(source, on_layer=on_layer)
+    stage = Stage.load(source, span, vocab=False, dtype=dtype, weights=weights, reader=reader)
     log.info("%s: %d layers in %.1f s", what, span.n_layers, time.monotonic() - t0)
     return stage

@@ -26,10 +26,10 @@ from models.verify import Sampling
 class LocalModel:
     """The model on this device, and ``run`` to generate with it in any mode."""
 
-    def __init__(self, model: str = "default", dtype: str = "auto"):
+    def __init__(self, model: str = "default", dtype: str = "auto", weights: str | None = None):
         t0 = time.perf_counter()
         self.source = ModelSource.resolve(model)
-        self.target = Stage.load(self.source, dtype=dtype)
+        self.target = Stage.load(self.source, dtype=dtype, weights=weights)
         self.tokenizer = self.source.load_tokenizer()
         self.eos = stop_ids(self.tokenizer, self.target.cfg)
         self._curve: dict[int, float] | None = None
@@ -156,6 +156,7 @@ class LocalModel:
             "drafter": drafter,
             "stages": stages,
             "dtype": str(self.target.dtype).removeprefix("torch."),
+            "weights": self.target.kernels,
             "prompt_tokens": len(prompt),
             "prefill_seconds": round(st.prefill_seconds, 4),
             "draft_seconds": round(st.draft_seconds, 4),

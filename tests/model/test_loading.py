@@ -13,9 +13,10 @@ import torch
 from support import forward_terms, hf_model, make_tiny_checkpoint, rounding_tolerance
 from transformers import AutoModelForCausalLM
 
+from models.gguf_header import ARRAY_LIMIT, read_header
 from models.layers import dense
 from models.ranges import LayerRange
-from models.source import ModelSource
+from models.source import ModelSource, embedded_model_path
 from models.stage import Stage
 from models.weights import TensorReader
 
@@ -106,6 +107,29 @@ def test_gguf_dequantizes_and_unpermutes(tmp_path, qtype):
     # identical (dequantized) fp32 weights, transformers' kernels vs ours: rounding only
     tol = rounding_tolerance(torch.float32, forward_terms(src.config, 60), want.abs().max())
     assert (got - want).abs().max() <= tol
+
+
+@pytest.mark.parametrize("qtype", [*QTYPES, pytest.param("embedded", marks=pytest.mark.slow)])
+def test_header_reader_matches_gguf_py(tmp_path, qtype):
+    """Our header reader (which skips the tokenizer's long lists) sees what gguf-py sees."""
+    if qtype == "embedded":
+        path = embedded_model_path()
+    else:
+        path = tmp_path / "m.gguf"
+        write_gguf(make_tiny_checkpoint(tmp_path / "hf"), path, qtype)
+    ours, theirs = read_header(path), gguf.GGUFReader(str(path))
+    for key, f in theirs.fields.items():
+        if key.startswith("GGUF."):  # gguf-py's own pseudo-fields (version, counts)
+            continue
+        assert ours.array_lengths.get(key, len(f.data)) == len(f.data), key
+        if key in ours.fields:
+            assert ours.fields[key] == f.contents(), key
+        else:  # only long arrays are skipped
+            assert ours.array_lengths[key] > ARRAY_LIMIT, key
+    assert len(ours.tensors) == len(theirs.tensors)
+    for a, b in zip(ours.tensors, theirs.tensors):
+        assert (a.name, a.tensor_type, a.shape) == (b.name, b.tensor_type, tuple(int(x) for x in b.shape))
+        assert a.data.dtype == b.data.dtype and np.array_equal(a.data, b.data), a.name
 
 
 @pytest.mark.parametrize("kind", ["safetensors", "gguf"])

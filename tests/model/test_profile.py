@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from models.profile import forward_times, monotone, stage_cost_curve
+from models.profile import compare_forward_times, forward_times, monotone, stage_cost_curve
 from models.ranges import LayerRange
 from models.source import ModelSource
 from models.stage import Stage
@@ -32,3 +32,10 @@ def test_stage_cost_curve_is_cached_and_monotone(tiny_dir, tmp_path, monkeypatch
 
 def test_monotone_is_the_suffix_minimum():
     assert monotone({1: 1.0, 2: 3.0, 4: 2.0, 8: 5.0}) == {1: 1.0, 2: 2.0, 4: 2.0, 8: 5.0}
+
+
+def test_compare_forward_times_measures_every_stage_and_size(tiny_dir):
+    src = ModelSource.resolve(tiny_dir)
+    stages = {w: Stage.load(src, dtype="fp32", weights=w) for w in ("fp32", "int8")}
+    got = compare_forward_times(stages, (1, 4), context=8, repeats=2)
+    assert set(got) == {"fp32", "int8"} and all(set(c) == {1, 4} and min(c.values()) > 0 for c in got.values())

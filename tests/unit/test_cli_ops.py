@@ -241,7 +241,7 @@ def test_layers_report_progress_while_loading(tiny_dir, caplog, monkeypatch):
     assert seen == [1, 2, 3] and stage.n_layers == 3
     monkeypatch.setattr("meshd.serve.loading.PROGRESS_EVERY_S", 0.0)  # report every layer
     with caplog.at_level(logging.INFO, logger="meshd"):
-        load_layers(src, LayerRange(0, 4), stage.dtype, "loading layers 0:4")
+        load_layers(src, LayerRange(0, 4), stage.dtype, stage.weights, "loading layers 0:4")
     msgs = [r.getMessage() for r in caplog.records]
     assert [m.split(" (")[0] for m in msgs[:4]] == [f"loading layers 0:4: layer {i} of 4" for i in range(1, 5)]
     assert re.fullmatch(r"loading layers 0:4: 4 layers in [\d.]+ s", msgs[-1])

@@ -75,6 +75,16 @@ def test_kv_reserve_counts_against_memory():
         plan_layers([peer("a", 70 * MiB)], shape)
 
 
+def test_runtime_bytes_count_against_every_peers_memory():
+    """--memory is the whole process: the runtime comes off every peer's budget before any layer."""
+    shape = ModelShape(4, 10 * MiB, 5 * MiB, runtime_bytes=20 * MiB)
+    stages = plan_layers([peer("a", 45 * MiB), peer("b", 45 * MiB)], shape)  # 20 left each: 2 layers
+    assert layers(stages) == {"a": 2, "b": 2}
+    with pytest.raises(InsufficientMemoryError) as err:
+        plan_layers([peer("a", 44 * MiB), peer("b", 45 * MiB)], shape)
+    assert "runtime 20.0 MiB" in str(err.value)
+
+
 def test_more_peers_than_layers():
     shape = ModelShape(2, MiB, 0)
     stages = plan_layers([peer("a", 10 * MiB), peer("b", 30 * MiB), peer("c", 20 * MiB)], shape)

@@ -1,0 +1,309 @@
+"""Weights kept quantized in memory: int8 per output row and 4-bit groups of 32, on torch's CPU kernels.
+
+A weight format (``--weights``) says how a stage holds its matrices:
+
+- ``fp32`` / ``bf16``: dequantized to a dense matrix (the reference, and the fallback everywhere);
+- ``int8``: int8 with one scale per output row, through ``aten._weight_int8pack_mm``;
+- ``int4``: 4-bit values in groups of 32 along the input with a scale and a zero per group,
+  ``w = (q - 8) * scale + zero``, through ``aten._weight_int4pack_mm_for_cpu``;
+- ``native``: the kernel closest to each tensor's type in the file (Q8_0 -> int8, Q4_0/Q4_1 ->
+  int4, other quantized types -> int8, F32/F16 -> dense);
+- ``auto``: :func:`auto_format`, the fastest format that is exact enough on this CPU.
+
+What each mapping costs in accuracy (per weight, on top of the file's own quantization):
+
+- Q4_0 -> int4: exact in fp32 (scale = d, zero = 0). Q4_1 -> int4: scale = d, zero = m + 8d, exact
+  but for the one fp32 rounding of that sum (<= 2^-24 |zero|). GGUF blocks are 32 weights along
+  the input, the same groups the kernel uses, so nothing is re-quantized.
+- Under bf16 activations the kernel wants bf16 scales and zeros: each weight then moves by at most
+  2^-9 (8 |scale| + |zero|), i.e. about the bf16 rounding of the weight itself, which is what the
+  dequantized bf16 reference also pays.
+- Q8_0 -> int8: the kernel has one scale per row, GGUF one per 32 weights, so the row is
+  re-quantized: |error| <= max|row| / 254 (half a step of 127 levels over the row's range).
+- dense (F32/F16/safetensors, or a Q8_0 asked for as int4) -> int4: |error| <= (max - min of the
+  group) / 30; -> int8: |error| <= max|row| / 254.
+
+The vocabulary matrix (embeddings, and the LM head when tied, as in SmolLM2) is held as int8 rows
+under every quantized format: one copy serves both the embedding lookup (rows are gathered and
+scaled) and the LM head matmul, and the logits that pick greedy tokens keep 8 bits. An untied
+LM head follows the format like any other matrix.
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cache
+from typing import Literal
+
+import torch
+
+from models.formats import WEIGHT_FORMATS
+
+Kind = Literal["int8", "int4"]
+GROUP = 32  # GGUF's Q4_0/Q4_1/Q8_0 block, and a group size the int4 kernel takes
+_INT4_ROW_MULTIPLE = 16  # the int4 packer wants the output rows in multiples of 16 (torch 2.13)
+
+
+# ---- quantized rows, before packing ----------------------------------------------------------
+
+
+@dataclass
+class QuantRows:
+    """A matrix's quantized values and scales in plain tensors, before :meth:`pack`.
+
+    Kept apart from the packed form because the fused projections (q/k/v, gate/up) join their
+    parts by rows first, and the int4 layout cannot be joined once packed.
+
+    ``int8``: ``q`` int8 (out, in) in [-127, 127], ``scale`` fp32 (out,): ``w = q * scale``.
+    ``int4``: ``q`` uint8 (out, in) in [0, 15], ``scale`` and ``zero`` fp32 (out, in / 32):
+    ``w = (q - 8) * scale + zero`` group by group.
+    """
+
+    kind: Kind
+    q: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor | None = None
+
+    @staticmethod
+    def cat(parts: Sequence[QuantRows]) -> QuantRows:
+        kinds = {p.kind for p in parts}
+        if len(kinds) != 1:
+            raise ValueError(f"cannot join rows of different kinds {sorted(kinds)}")
+        zero = torch.cat([p.zero for p in parts]) if parts[0].zero is not None else None
+        return QuantRows(parts[0].kind, torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]), zero)
+
+    def dequantize(self) -> torch.Tensor:
+        """The fp32 matrix these rows stand for."""
+        if self.kind == "int8":
+            return self.q.float() * self.scale[:, None]
+        n, k = self.q.shape
+        g = (self.q.float().reshape(n, k // GROUP, GROUP) - 8) * self.scale[..., None] + self.zero[..., None]
+        return g.reshape(n, k)
+
+    def pack(self, dtype: torch.dtype) -> QuantWeight:
+        """The kernel's layout, with scales in ``dtype`` (the activations' dtype: the kernels want both equal)."""
+        n, k = self.q.shape
+        if self.kind == "int8":
+            return QuantWeight("int8", self.q.contiguous(), self.scale.to(dtype).contiguous(), n, k)
+        pad = -n % _INT4_ROW_MULTIPLE  # zero rows (q = 8, scale = zero = 0) whose outputs are cut off
+        q, scale, zero = self.q, self.scale, self.zero
+        if pad:
+            q = torch.cat([q, torch.full((pad, k), 8, dtype=q.dtype)])
+            scale = torch.cat([scale, scale.new_zeros(pad, scale.shape[1])])
+            zero = torch.cat([zero, zero.new_zeros(pad, zero.shape[1])])
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 2)
+        sz = torch.stack([scale.t(), zero.t()], dim=-1).to(dtype).contiguous()  # (in / 32, out, 2)
+        return QuantWeight("int4", packed, sz, n, k)
+
+
+def join(parts: Sequence[torch.Tensor | QuantRows]) -> torch.Tensor | QuantRows:
+    """Parts of a fused matrix (q/k/v, gate/up) joined by rows. Parts held differently (a file that
+    keeps ``attn_v`` at more bits than ``attn_q``) all become int8 rows, the kind that loses least."""
+    if len(parts) == 1:
+        return parts[0]
+    if all(isinstance(p, torch.Tensor) for p in parts):
+        return torch.cat(parts)  # type: ignore[arg-type]
+    kinds = {p.kind if isinstance(p, QuantRows) else "dense" for p in parts}
+    if len(kinds) > 1:
+        parts = [p if isinstance(p, QuantRows) and p.kind == "int8" else quantize_int8(_dense(p)) for p in parts]
+    return QuantRows.cat(parts)  # type: ignore[arg-type]
+
+
+def _dense(p: torch.Tensor | QuantRows) -> torch.Tensor:
+    return p.dequantize() if isinstance(p, QuantRows) else p
+
+
+SLAB_ROWS = 4096
+"""Rows dequantized or quantized at a time: bounds the fp32 temporaries of a 50k-row vocabulary."""
+
+
+def quantize_int8(w: torch.Tensor) -> QuantRows:
+    """Symmetric int8 per output row: |error| <= max|row| / 254."""
+    qs, scales = [], []
+    for start in range(0, w.shape[0], SLAB_ROWS):
+        c = w[start : start + SLAB_ROWS].float()
+        amax = c.abs().amax(dim=1)
+        scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
+        qs.append(torch.round(c / scale[:, None]).clamp_(-127, 127).to(torch.int8))
+        scales.append(scale)
+    return QuantRows("int8", torch.cat(qs), torch.cat(scales))
+
+
+def quantize_int4(w: torch.Tensor) -> QuantRows:
+    """Asymmetric 4 bits per group of 32 inputs: |error| <= (max - min of the group) / 30."""
+    n, k = w.shape
+    g = w.float().reshape(n, k // GROUP, GROUP)
+    lo, hi = g.amin(dim=-1), g.amax(dim=-1)
+    scale = (hi - lo) / 15
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round((g - lo[..., None]) / scale[..., None]).clamp_(0, 15).to(torch.uint8).reshape(n, k)
+    return QuantRows("int4", q, scale, lo + 8 * scale)
+
+
+def quantize(w: torch.Tensor, kind: Kind) -> QuantRows:
+    """``w`` (out, in) as ``kind``; int4 needs the inputs in whole groups of 32, else int8 is used."""
+    if kind == "int4" and w.shape[1] % GROUP == 0:
+        return quantize_int4(w)
+    return quantize_int8(w)
+
+
+# ---- packed weights, the kernels' side -------------------------------------------------------
+
+
+@dataclass(eq=False)
+class QuantWeight:
+    """A packed quantized (out, in) matrix; :func:`models.layers.linear` multiplies by it.
+
+    ``int8``: ``data`` int8 (out, in), ``scales`` (out,). ``int4``: ``data`` the kernel's opaque
+    layout (out padded to 16), ``scales`` (in / 32, out padded, 2) holding scale and zero.
+    """
+
+    kind: Kind
+    data: torch.Tensor
+    scales: torch.Tensor
+    out_features: int
+    in_features: int
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activations' dtype this weight multiplies (its scales' dtype)."""
+        return self.scales.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size() + self.scales.numel() * self.scales.element_size()
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ w.T`` for ``x`` (..., in) in :attr:`dtype`."""
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features).to(self.dtype).contiguous()
+        if x2.shape[0] == 0:
+            return x2.new_zeros(*lead, self.out_features)
+        if self.kind == "int8":
+            y = torch.ops.aten._weight_int8pack_mm(x2, self.data, self.scales)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.data, GROUP, self.scales)
+            if y.shape[1] != self.out_features:
+                y = y[:, : self.out_features]
+        return y.reshape(*lead, self.out_features)
+
+    def dequantize(self) -> torch.Tensor:
+        """The dense matrix the kernel multiplies by, in :attr:`dtype` (for export and comparisons)."""
+        if self.kind == "int8":
+            return (self.data.to(torch.float32) * self.scales.float()[:, None]).to(self.dtype)
+        # the packed layout is the kernel's own: read it back through the kernel with an identity
+        eye = torch.eye(self.in_features, dtype=self.dtype)
+        return self.matmul(eye).t().contiguous()
+
+    def embedding(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows ``ids``, dequantized: the embedding lookup of a quantized vocabulary matrix."""
+        if self.kind != "int8":
+            raise ValueError("embedding lookups need int8 rows; the vocabulary matrix is kept as int8")
+        return (self.data[ids].to(torch.float32) * self.scales[ids].float()[..., None]).to(self.dtype)
+
+    def rows(self, ids: torch.Tensor) -> QuantWeight | torch.Tensor:
+        """The rows ``ids`` as a weight of their own (the draft head's reduced vocabulary): int8 rows
+        stay int8; int4's packed layout cannot be cut, so those come back dense."""
+        if self.kind == "int8":
+            return QuantWeight(
+                "int8", self.data[ids].contiguous(), self.scales[ids].contiguous(), len(ids), self.in_features
+            )
+        return self.dequantize()[ids].contiguous()
+
+
+# ---- choosing a format -----------------------------------------------------------------------
+
+
+@cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none, e.g. macOS)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith(("flags", "Features")):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def auto_format() -> tuple[str, torch.dtype]:
+    """The weight format and activation dtype ``--weights auto`` picks on this device.
+
+    The rule, from interleaved forwards of SmolLM2-135M (Q4_1) per format, one thread
+    (docs/benchmarks.md, "Weights kept quantized"):
+
+    - x86-64 with AVX512 (with or without BF16/AMX) or AVX2: ``native`` with bf16 activations.
+      One row (``ar``): int4 ~2.2x faster than dense bf16 and ~3x than fp32 on an AMX Xeon, ~2.6x
+      faster than fp32 with the kernels limited to AVX2. Trees of 8 rows: int4 as fast as dense
+      bf16 on the Xeon; larger trees are slower than dense there, which the tree budget's cost
+      curve (measured per format) accounts for. torch's quantized kernels are vectorized for bf16
+      activations; fp32 ones run 3-20x slower, so quantized formats default to bf16.
+    - anything else (aarch64, x86-64 without AVX2): ``fp32`` dense, the reference. Not measured
+      on such a device here; ``--weights native`` tries the quantized kernels there.
+    """
+    if platform.machine().lower() in ("x86_64", "amd64") and not torch.cuda.is_available():
+        flags = cpu_flags()
+        if "avx2" in flags or "avx512f" in flags:
+            return "native", torch.bfloat16
+    return "fp32", torch.float32
+
+
+def resolve_format(weights: str | None, dtype: torch.dtype | None) -> tuple[str, torch.dtype | None]:
+    """(``dense`` | ``native`` | ``int8`` | ``int4``, activation dtype) for a ``--weights`` choice.
+
+    ``dtype`` is an explicit ``--dtype`` (None: not given). Dense formats compute in their own
+    dtype, so an explicit different one is an error; quantized formats default to bf16
+    activations (see :func:`auto_format`) unless ``--dtype`` says otherwise; ``auto`` with an
+    explicit ``--dtype`` other than the one it would pick keeps the weights dense in that dtype. ``None`` weights
+    mean dense in ``dtype``, the library default (``dense`` too: what a loaded stage's format says).
+    """
+    if weights in (None, "dense"):
+        return "dense", dtype
+    if weights not in WEIGHT_FORMATS:
+        raise ValueError(f"unknown weight format {weights!r}; use one of {', '.join(WEIGHT_FORMATS)}")
+    if weights == "auto":
+        fmt, dt = auto_format()
+        if fmt == "fp32" or dtype not in (None, dt):  # an explicit other --dtype: dense in it
+            return "dense", dtype or dt
+        return fmt, dt
+    if weights in ("fp32", "bf16"):
+        dt = torch.float32 if weights == "fp32" else torch.bfloat16
+        if dtype is not None and dtype != dt:
+            raise ValueError(
+                f"--weights {weights} computes in {weights}, but --dtype asks for {str(dtype)[6:]}; "
+                "drop --dtype or make the two agree"
+            )
+        return "dense", dt
+    return weights, dtype or torch.bfloat16
+
+
+def matrix_kind(fmt: str, qtype: str | None) -> Kind | None:
+    """How a matrix stored as ``qtype`` (a GGUF type name; None: not quantized in the file) is held
+    under the resolved format ``fmt``: int8, int4 or None for dense."""
+    if fmt in ("int8", "int4"):
+        return fmt  # type: ignore[return-value]
+    if fmt == "native" and qtype is not None and qtype not in ("F32", "F16", "BF16", "F64"):
+        return "int4" if qtype in ("Q4_0", "Q4_1") else "int8"
+    return None
+
+
+def matrix_nbytes(out: int, inp: int, kind: Kind | None, dtype: torch.dtype) -> int:
+    """Bytes an (out, in) matrix takes held as ``kind`` (None: dense in ``dtype``), as :meth:`QuantRows.pack`
+    lays it out; what the planner counts before anything is loaded."""
+    el = torch.empty(0, dtype=dtype).element_size()
+    if kind is None:
+        return out * inp * el
+    if kind == "int8" or inp % GROUP:
+        return out * inp + out * el
+    rows = out + (-out % _INT4_ROW_MULTIPLE)
+    return rows * inp // 2 + (inp // GROUP) * rows * 2 * el
+
+
+def weight_nbytes(w: torch.Tensor | QuantWeight | None) -> int:
+    """Bytes a weight holds in memory, packed or not."""
+    if w is None:
+        return 0
+    return w.nbytes if isinstance(w, QuantWeight) else w.numel() * w.element_size()
