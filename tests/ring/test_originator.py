@@ -190,7 +190,7 @@ def test_flow_and_chunk_cut_the_same_tree_differently(target):
     tree = {p: [(0, a, 0.6), (0, b, 0.3), (1, c, 0.9)]}
     cut = {}
     for mode in ("chunk", "flow"):
-        orig = originator(target, Scripted(tree), stages=2)
+        orig = originator(target, Scripted(tree), stages=2, flow_slots=1)  # one tree per round, as before slots
         segs = segments(prefill(orig, target, Request("r", [a, b], 8, mode), first=p))
         cut[mode] = [s.tokens for s in segs]
         assert orig.live["r"].stats.target_forwards == 1 + (1 if mode == "chunk" else len(segs))
@@ -201,7 +201,7 @@ def test_flow_and_chunk_cut_the_same_tree_differently(target):
 def test_flow_decides_step_wise_prunes_and_extends_the_tree(target):
     p, a, b, c, d, e = target.tokens[:6]
     drafter = Scripted({p: [(0, a, 0.6), (0, b, 0.3), (1, c, 0.9)], c: [(0, d, 0.9)]})
-    orig = originator(target, drafter, stages=2)
+    orig = originator(target, drafter, stages=2, flow_slots=1)  # one tree per round, as before slots
     s1, s2 = segments(prefill(orig, target, Request("r", [a, b], 16, "flow"), first=p))
     assert (s1.node_ids, s1.tokens, s2.node_ids, s2.tokens) == ([2, 3], [p, a], [5, 4], [c, b])
     # the first segment is back: the target takes a, then says c, whose own output is still in flight
