@@ -462,7 +462,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="jetson-orin-7b (an assumed projection profile) | this-device (measured, 1 thread) | FILE",
     )
     sm.add_argument("--link", default="1ms/150mbit", help="per-link LATENCY/BANDWIDTH, e.g. 1ms/150mbit, 0/inf")
-    sm.add_argument("--modes", default="ar,chunk,flow")
+    sm.add_argument(
+        "--modes",
+        default="ar,chunk,flow@1,flow",
+        help="modes to compare; flow@N keeps N segments per request in flight (flow@1: one tree per round, "
+        "the scheduler before slots; flow: slots from the ring's measured times)",
+    )
     sm.add_argument("--prompts", type=int, default=10, help="questions, spread over the categories")
     sm.add_argument("--max-tokens", type=int, default=256)
     sm.add_argument("--drafter", default="auto", help="as for generate; acceptance is the real model's")
@@ -471,6 +476,11 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--rate", type=float, default=0.0, help="Poisson arrivals per second (0: one request at a time)")
     sm.add_argument("--seed", type=int, default=0)
     sm.add_argument("--temperature", type=float, default=0.0)
+    sm.add_argument(
+        "--coalesce",
+        action="store_true",
+        help="stages merge a request's queued segments into one forward where their cost curve makes it cheap",
+    )
     sm.add_argument("--compute-scale", type=float, default=1.0, help="device slowdown factor on all compute")
     sm.add_argument("--cores", type=int, default=None, help="CPU cores shared by all devices (default: one each)")
     sm.add_argument("--questions", default=None, metavar="PATH", help=QUESTIONS_HELP)

@@ -122,7 +122,6 @@ class _Live:
     segments: dict[int, set[int]] = field(default_factory=dict)
     seg_of: dict[int, int] = field(default_factory=dict)
     next_seg: int = 0
-    peak_segments: int = 0
 
     @property
     def context(self) -> list[int]:
@@ -164,6 +163,7 @@ class Originator:
         self.live: dict[str, _Live] = {}
         self.stage_queue = 0  # latest queue depth the ring reported
         self._rows_hint = 8  # rows of the latest flow segment: the size slots are computed for
+        self.peak_segments = 0  # most segments of one request in flight at once, since start
 
     def set_ring(self, stage_curves: Sequence[CostCurve]) -> None:
         """A new plan: the number of stages and the cost of a pass through all of them."""
@@ -575,7 +575,7 @@ class Originator:
         for n in seg.node_ids:
             lv.seg_of[n] = k
         self.ring.sent((lv.req.request_id, k), len(seg), self.clock(), alone=len(lv.segments) == 1)
-        lv.peak_segments = max(lv.peak_segments, len(lv.segments))
+        self.peak_segments = max(self.peak_segments, len(lv.segments))
 
     def _returned(self, lv: _Live, node_ids: list[int]) -> None:
         """Rows of tracked segments came back: time each segment's first return, retire finished ones."""
