@@ -119,8 +119,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
             )
             runs = bench.run_interleaved(questions, modes, bench.progress_printer)
             config = {k: v for k, v in vars(args).items() if k != "func"} | {"backend_info": backend.describe()}
+            config["devices"] = backend.devices()  # per daemon: busy fraction, emulation overruns
             table, md = bench.summarize_runs(runs, baseline=labels[0])
             md = f"{backend.describe()}, {args.max_tokens} new tokens, T={temperature}\n\n{md}"
+            md += bench.devices_note(config["devices"])
             path = bench.write_record(Path(args.out), config, runs, table, md)
             print(md)
             print(f"record: {path}", file=sys.stderr)
@@ -319,7 +321,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     cfg = config.load_config(args)
     logging.getLogger().setLevel(cfg.log_level.upper())
-    return serve(cfg)
+    device = shaping = None
+    if args.emulate or args.link:
+        from meshd.lab.emulate import DeviceEmulation, link_emulation  # lazy: only a benchmark run pays for it
+
+        try:
+            device = DeviceEmulation.parse(args.emulate) if args.emulate else None
+            shaping = link_emulation(args.link)
+        except ValueError as exc:
+            print(f"meshd serve: error: {exc}", file=sys.stderr)
+            return 2
+    return serve(cfg, link_emulation=shaping, device=device)
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -409,6 +421,12 @@ def build_parser() -> argparse.ArgumentParser:
         "local:spec,ar,chunk,flow on daemons, ar,chunk,flow in process)",
     )
     b.add_argument("--link", default=None, help="emulated link for daemons, LATENCY/BANDWIDTH, e.g. 5ms/100mbit")
+    b.add_argument(
+        "--emulate",
+        default=None,
+        metavar="PROFILE[:xK]",
+        help="daemons pace their work like a device profile (e.g. jetson-orin-7b:x4); records say 'emulated'",
+    )
     b.add_argument(
         "--device-slowdown",
         type=float,
@@ -559,6 +577,16 @@ def build_parser() -> argparse.ArgumentParser:
         "file (--config), then defaults.",
     )
     config.add_arguments(s)
+    s.add_argument(
+        "--emulate",
+        default=None,
+        metavar="PROFILE[:xK]",
+        help="benchmarks: pace forwards, LM head and drafting like a device profile (jetson-orin-7b or a "
+        "profile file), K times slower; overruns are counted in /mesh",
+    )
+    s.add_argument(
+        "--link", default=None, help="benchmarks: shape outgoing links as LATENCY/BANDWIDTH, e.g. 1ms/150mbit"
+    )
     s.set_defaults(func=cmd_serve)
     _add_client_commands(sub)
     return p

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import signal
 from collections.abc import Callable
+from typing import Any, Protocol
 
 import torch
 from aiohttp import web
@@ -57,13 +58,27 @@ def model_shape(vocab: Stage, dtype: torch.dtype, context: int, draft_bytes: int
     )
 
 
+class DeviceHooks(Protocol):
+    """A benchmark hook: this peer paces its work like another device (built by the lab, passed in by
+    ``meshd serve --emulate``; the daemon never builds one itself)."""
+
+    def stage(self, stage: Stage) -> Stage: ...
+
+    def vocab(self, vocab: Stage) -> Stage: ...
+
+    def drafters(self, factory: Callable[[], Any] | None) -> Callable[[], Any] | None: ...
+
+    def report(self) -> dict: ...
+
+
 class Daemon:
     """One peer: model, mesh node, runtime and REST API.
 
     ``stage_wrapper`` and ``link_emulation`` are benchmark hooks, never set by ``meshd serve``: what
     each loaded layer slice is wrapped in before it serves (to emulate a slower device), and a
     shaping of every link this peer sends on (to emulate a slower network). The lab's launcher
-    (``python -m meshd.lab.emulate serve``) builds them.
+    (``python -m meshd.lab.emulate serve``) builds them. ``device`` paces stage forwards, the LM head
+    and drafting like another device and reports how often the real work overran (``/mesh``).
     """
 
     def __init__(
@@ -72,9 +87,10 @@ class Daemon:
         *,
         stage_wrapper: Callable[[Stage], Stage] | None = None,
         link_emulation: LinkEmulation | None = None,
+        device: DeviceHooks | None = None,
     ):
         self.cfg = cfg
-        self.stage_wrapper, self.link_emulation = stage_wrapper, link_emulation
+        self.stage_wrapper, self.link_emulation, self.device = stage_wrapper, link_emulation, device
         self.stopping = asyncio.Event()
         self.node: MeshNode | None = None
         self.runtime: Runtime | None = None
@@ -94,6 +110,8 @@ class Daemon:
         vocab = await asyncio.to_thread(Stage.load, source, LayerRange(0, 0), vocab=True, dtype=dtype)
         tokenizer = await asyncio.to_thread(source.load_tokenizer)
         factory = await asyncio.to_thread(drafter_factory, cfg.drafter, vocab, source=source)
+        if self.device is not None:
+            vocab, factory = self.device.vocab(vocab), self.device.drafters(factory)
         self.runtime = rt = Runtime(
             source,
             vocab,
@@ -170,6 +188,8 @@ class Daemon:
         notify.status(f"loading layers {stage.layers} for plan epoch {plan.epoch}")
         st = await asyncio.to_thread(Stage.load, rt.source, stage.layers, vocab=False, dtype=rt.vocab.dtype)
         curve = await asyncio.to_thread(stage_cost_curve, rt.source, st, with_lm_head=False, repeats=2)
+        if self.device is not None:
+            st = self.device.stage(st)
         rt.install_worker(self.stage_wrapper(st) if self.stage_wrapper is not None else st)
         self.node.set_cost_curve(curve)
 
@@ -221,6 +241,8 @@ class Daemon:
         for p in status.get("peers", []):
             hello = self.node.peers.get(p["node_id"])
             p["cost_curve_ms"] = {t: round(s * 1e3, 3) for t, s in (hello.cost_curve if hello else {}).items()}
+        if self.device is not None:
+            status["emulation"] = self.device.report()
         return status
 
 
@@ -229,6 +251,7 @@ def serve(
     *,
     stage_wrapper: Callable[[Stage], Stage] | None = None,
     link_emulation: LinkEmulation | None = None,
+    device: DeviceHooks | None = None,
 ) -> int:
     """Run one daemon until SIGTERM/SIGINT; the hooks are ``Daemon``'s benchmark hooks."""
     logging.basicConfig(
@@ -239,5 +262,5 @@ def serve(
     if uvloop is not None:
         uvloop.install()
     with contextlib.suppress(KeyboardInterrupt):
-        return asyncio.run(Daemon(cfg, stage_wrapper=stage_wrapper, link_emulation=link_emulation).run())
+        return asyncio.run(Daemon(cfg, stage_wrapper=stage_wrapper, link_emulation=link_emulation, device=device).run())
     return 130
