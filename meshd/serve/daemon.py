@@ -119,6 +119,7 @@ class Daemon:
             tokenizer=tokenizer,
             max_context=cfg.max_context,
             session_timeout=cfg.session_timeout,
+            flow_slots=cfg.flow_slots,
         )
         mesh_cfg = MeshConfig(
             api_port=cfg.port,

@@ -96,8 +96,10 @@ class Runtime:
         max_context: int = 4096,
         wire_dtype: torch.dtype | None = None,
         session_timeout: float = 300.0,
+        flow_slots: int | None = None,
     ):
         self.source, self.vocab, self.tokenizer = source, vocab, tokenizer
+        self.flow_slots = flow_slots  # the originator's segments in flight per flow request (None: from the ring)
         # a stage frees a request's KV session after this long without traffic: its originator vanished
         # (killed, partitioned) and will never send the close; swept from the compute loop
         self.session_timeout = session_timeout
@@ -166,7 +168,9 @@ class Runtime:
                         "was in flight; retry it",
                     )
         if self.originator is None:
-            self.originator = Originator(self.vocab, self.drafter_factory, ring.curves, origin=self.node_id)
+            self.originator = Originator(
+                self.vocab, self.drafter_factory, ring.curves, origin=self.node_id, flow_slots=self.flow_slots
+            )
         else:
             self.originator.set_ring(ring.curves)
 
