@@ -122,6 +122,7 @@ class _Live:
     segments: dict[int, set[int]] = field(default_factory=dict)
     seg_of: dict[int, int] = field(default_factory=dict)
     next_seg: int = 0
+    first_depth: int = 2  # levels below its root the latest first segment reached
 
     @property
     def context(self) -> list[int]:
@@ -324,7 +325,7 @@ class Originator:
         pool = lv.drafter.draft(
             lv.context,
             top_k=self.top_k,
-            depth=max(1, min(self.depth, left)),
+            depth=max(1, min(self._draft_depth(lv), left)),
             max_nodes=self.pool,
             keep=lv.budget.keep_hint(),
         )
@@ -332,6 +333,12 @@ class Originator:
         lv.stats.draft_seconds += overhead
         rows, gain = self._load(lv)
         return pool, lv.budget.choose(pool, overhead=overhead, cost=cost, load_rows=rows, load_gain=gain)
+
+    def _draft_depth(self, lv: _Live) -> int:
+        """Levels worth drafting now. Drafting is the originator's work on the ring's critical path, and
+        with slots a pool is re-drafted at every new frontier anyway, so a continuous request drafts one
+        level deeper than its last first segment reached; one tree per round drafts the full depth."""
+        return min(self.depth, lv.first_depth + 1) if self._continuous(lv) else self.depth
 
     def _new_round(self, lv: _Live) -> list[Action]:
         """Start a tree at a fresh root (the last emitted token, not yet in any cache)."""
@@ -541,6 +548,8 @@ class Originator:
         n = min(n, self.max_nodes)
         if n == 0 and lv.root_sent:
             return None
+        if lv.fresh:
+            lv.first_depth = max((pool.depth[i] for i in cands[:n]), default=0)
         tree = lv.tree
         for i in cands[:n]:
             t = tree.add(lv.placed[pool.parents[i]], pool.tokens[i], pool.scores[i])
