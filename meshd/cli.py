@@ -428,6 +428,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="daemons pace their work like a device profile (e.g. jetson-orin-7b:x4); records say 'emulated'",
     )
     b.add_argument(
+        "--flow-slots",
+        type=int,
+        default=None,
+        help="daemons keep this many segments per flow request in flight (default: from the ring; 1: one tree "
+        "per round, the scheduler before slots)",
+    )
+    b.add_argument(
         "--device-slowdown",
         type=float,
         default=1.0,

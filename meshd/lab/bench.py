@@ -218,6 +218,8 @@ class DaemonBackend:
         if getattr(args, "emulate", None):
             DeviceEmulation.parse(args.emulate)  # a bad profile fails here, not in every daemon
             extra += ["--emulate", args.emulate]
+        if getattr(args, "flow_slots", None):
+            extra += ["--flow-slots", str(args.flow_slots)]
         self._tmp = tempfile.TemporaryDirectory(prefix="meshd-bench-")
         progress_printer(f"starting {args.stages} daemons on 127.0.0.1 ...")
         self.mesh = LoopbackMesh(
@@ -241,6 +243,7 @@ class DaemonBackend:
             f"{a.stages} daemons on loopback ({a.threads or 1} thread each, sharing {os.cpu_count()} cores), "
             f"link {a.link or 'unshaped'}, device slowdown x{a.device_slowdown}"
             + (f", EMULATED device profile {a.emulate}" if getattr(a, "emulate", None) else "")
+            + (f", flow slots {a.flow_slots}" if getattr(a, "flow_slots", None) else "")
         )
 
     def runner(self, label: str) -> Callable[[str], dict]:
