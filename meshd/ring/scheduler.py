@@ -510,9 +510,12 @@ class Originator:
         return []
 
     def _slots(self, lv: _Live) -> int:
+        """Segments ``lv`` may keep in flight: as configured, or its share of the slots that keep the ring's
+        slowest step busy (several requests of this originator split them; one alone gets them all)."""
         if self.flow_slots is not None:
             return self.flow_slots
-        return self.ring.slots(max(1, self._rows_hint), self.max_slots)
+        sharing = sum(1 for o in self.live.values() if self._continuous(o))
+        return max(1, math.ceil(self.ring.slots(max(1, self._rows_hint), self.max_slots) / max(1, sharing)))
 
     def _fill(self, lv: _Live) -> list[Action]:
         """Send segments until ``lv`` has its slots in flight or no candidate is worth a row."""
