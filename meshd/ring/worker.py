@@ -189,12 +189,12 @@ class StageWorker:
         """The queued segments for the next forward, up to ``max_batch_rows``: per request its oldest
         queued segment (a request's later segment may depend on its earlier one), with the ones queued
         behind it coalesced in while that is cheap (see ``cost``); requests waiting on a round's first
-        segment before those with only filler queued, older requests before newer ones."""
+        segment or on their prompt before those with only filler queued, older requests before newer ones."""
         heads: dict[str, int] = {}  # request -> index of its oldest queued segment
         urgent: set[str] = set()
         for i, seg in enumerate(self.queue):
             heads.setdefault(seg.request_id, i)
-            if seg.first:
+            if seg.first or seg.commit:  # the originator waits on it: a round's first segment, or the prompt
                 urgent.add(seg.request_id)
         age = {r: (s.opened if (s := self.sessions.get(r)) else self._opened) for r in heads}
         order = sorted(heads, key=lambda r: (r not in urgent, age[r], heads[r]))

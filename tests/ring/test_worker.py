@@ -132,7 +132,8 @@ def test_take_batch_one_segment_per_request_in_arrival_order(full):
     # a's tree depends on a's prompt: it waits for the next forward; c would exceed 6 rows
     assert [(s.request_id, s.node_ids[0]) for s in w.take_batch()] == [("a", 0), ("b", 0)]
     assert [(s.request_id, s.node_ids[0]) for s in w.queue] == [("a", 3), ("c", 0)]  # still in arrival order
-    assert [(s.request_id, s.node_ids[0]) for s in w.take_batch()] == [("a", 3), ("c", 0)]
+    # both fit now; c's prompt leads (its originator waits on it), a's tree is not a round's first segment
+    assert [(s.request_id, s.node_ids[0]) for s in w.take_batch()] == [("c", 0), ("a", 3)]
     assert w.take_batch() == [] and w.queued_rows == 0
     w.max_batch_rows = 2
     w.handle(prompt("d"))
@@ -225,3 +226,12 @@ def test_queued_segments_of_one_request_coalesce_where_the_curve_is_flat(full):
     sep = torch.cat([o.hidden for o in outs["none"]])
     tol = rounding_tolerance(torch.float32, forward_terms(full.cfg, context=7, lm_head=False), sep.abs().max())
     assert (outs["flat"][0].hidden - sep).abs().max() <= tol
+
+
+def test_a_new_requests_prompt_goes_before_other_requests_filler(full):
+    w = worker(full, max_batch_rows=3)
+    w.handle(prompt("a"))
+    w.step()
+    w.handle(Segment("a", [3, 4, 5], [2, 2, 3], [3, 3, 4], tokens=[8, 9, 10]))  # a's filler, queued first
+    w.handle(prompt("b"))  # b's originator waits on its prompt: it goes first, though b is newer
+    assert [s.request_id for s in w.take_batch()] == ["b"]
