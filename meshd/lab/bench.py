@@ -236,6 +236,7 @@ class DaemonBackend:
             self.close()
             raise
         self.model = self.mesh.status(0)["model"]
+        self._busy0 = self._busy()  # busy fractions count from here, not from the daemons' start-up
 
     def describe(self) -> str:
         a = self.args
@@ -282,12 +283,20 @@ class DaemonBackend:
             text, mode=mode, drafter=drafter or a.drafter, max_tokens=a.max_tokens, temperature=a.temperature, seed=0
         )
 
+    def _busy(self) -> tuple[float, list[float]]:
+        return time.monotonic(), [
+            (self.mesh.status(i).get("stage") or {}).get("busy_seconds", 0.0) for i in range(self.args.stages)
+        ]
+
     def devices(self) -> list[dict]:
-        """Each daemon's stage figures and emulation report from its ``/mesh`` (cumulative since start)."""
+        """Each daemon's stage figures and emulation report from its ``/mesh`` (cumulative since start-up),
+        and its busy fraction since the daemons were ready (``busy_fraction``: the benchmark's share)."""
+        (t0, b0), (t1, b1) = self._busy0, self._busy()
         out = []
         for i in range(self.args.stages):
             st = self.mesh.status(i)
-            out.append({"node": i, "stage": st.get("stage"), "emulation": st.get("emulation")})
+            busy = (b1[i] - b0[i]) / (t1 - t0) if t1 > t0 else 0.0
+            out.append({"node": i, "stage": st.get("stage"), "emulation": st.get("emulation"), "busy_fraction": busy})
         return out
 
     def close(self) -> None:
@@ -315,7 +324,12 @@ def devices_note(devices: list[dict]) -> str:
     lines = []
     for d in devices:
         st, em = d.get("stage") or {}, d.get("emulation")
-        line = f"daemon {d['node']}: busy fraction {st.get('utilisation', 0.0):.2f} since start"
+        busy = d.get("busy_fraction")
+        line = (
+            f"daemon {d['node']}: busy fraction {busy:.2f} during the benchmark"
+            if busy is not None
+            else f"daemon {d['node']}: busy fraction {st.get('utilisation', 0.0):.2f} since start"
+        )
         if em:
             calls = sum(em[k]["calls"] for k in ("stage_forwards", "lm_head", "drafts"))
             over = sum(em[k]["overruns"] for k in ("stage_forwards", "lm_head", "drafts"))
