@@ -129,8 +129,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
             )
             runs = bench.run_interleaved(questions, modes, bench.progress_printer)
             config = {k: v for k, v in vars(args).items() if k != "func"} | {"backend_info": backend.describe()}
+            config["devices"] = backend.devices()  # per daemon: busy fraction, emulation overruns
             table, md = bench.summarize_runs(runs, baseline=labels[0])
             md = f"{backend.describe()}, {args.max_tokens} new tokens, T={temperature}\n\n{md}"
+            md += bench.devices_note(config["devices"])
             path = bench.write_record(Path(args.out), config, runs, table, md)
             print(md)
             print(f"record: {path}", file=sys.stderr)
@@ -336,7 +338,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     cfg = config.load_config(args)
     logging.getLogger().setLevel(cfg.log_level.upper())
-    return serve(cfg)
+    device = shaping = None
+    if args.emulate or args.link:
+        from meshd.lab.emulate import DeviceEmulation, link_emulation  # lazy: only a benchmark run pays for it
+
+        try:
+            device = DeviceEmulation.parse(args.emulate) if args.emulate else None
+            shaping = link_emulation(args.link)
+        except ValueError as exc:
+            print(f"meshd serve: error: {exc}", file=sys.stderr)
+            return 2
+    return serve(cfg, link_emulation=shaping, device=device)
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -436,6 +448,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--link", default=None, help="emulated link for daemons, LATENCY/BANDWIDTH, e.g. 5ms/100mbit")
     b.add_argument(
+        "--emulate",
+        default=None,
+        metavar="PROFILE[:xK]",
+        help="daemons pace their work like a device profile (e.g. jetson-orin-7b:x4); records say 'emulated'",
+    )
+    b.add_argument(
+        "--flow-slots",
+        type=int,
+        default=None,
+        help="daemons keep this many segments per flow request in flight (default: from the ring; 1: one tree "
+        "per round, the scheduler before slots)",
+    )
+    b.add_argument(
         "--device-slowdown",
         type=float,
         default=1.0,
@@ -488,7 +513,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="jetson-orin-7b (an assumed projection profile) | this-device (measured, 1 thread) | FILE",
     )
     sm.add_argument("--link", default="1ms/150mbit", help="per-link LATENCY/BANDWIDTH, e.g. 1ms/150mbit, 0/inf")
-    sm.add_argument("--modes", default="ar,chunk,flow")
+    sm.add_argument(
+        "--modes",
+        default="ar,chunk,flow@1,flow",
+        help="modes to compare; flow@N keeps N segments per request in flight (flow@1: one tree per round, "
+        "the scheduler before slots; flow: slots from the ring's measured times)",
+    )
     sm.add_argument("--prompts", type=int, default=10, help="questions, spread over the categories")
     sm.add_argument("--max-tokens", type=int, default=256)
     sm.add_argument("--drafter", default="auto", help="as for generate; acceptance is the real model's")
@@ -497,6 +527,11 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--rate", type=float, default=0.0, help="Poisson arrivals per second (0: one request at a time)")
     sm.add_argument("--seed", type=int, default=0)
     sm.add_argument("--temperature", type=float, default=0.0)
+    sm.add_argument(
+        "--coalesce",
+        action="store_true",
+        help="stages merge a request's queued segments into one forward where their cost curve makes it cheap",
+    )
     sm.add_argument("--compute-scale", type=float, default=1.0, help="device slowdown factor on all compute")
     sm.add_argument("--cores", type=int, default=None, help="CPU cores shared by all devices (default: one each)")
     sm.add_argument("--questions", default=None, metavar="PATH", help=QUESTIONS_HELP)
@@ -575,6 +610,16 @@ def build_parser() -> argparse.ArgumentParser:
         "file (--config), then defaults.",
     )
     config.add_arguments(s)
+    s.add_argument(
+        "--emulate",
+        default=None,
+        metavar="PROFILE[:xK]",
+        help="benchmarks: pace forwards, LM head and drafting like a device profile (jetson-orin-7b or a "
+        "profile file), K times slower; overruns are counted in /mesh",
+    )
+    s.add_argument(
+        "--link", default=None, help="benchmarks: shape outgoing links as LATENCY/BANDWIDTH, e.g. 1ms/150mbit"
+    )
     s.set_defaults(func=cmd_serve)
     _add_client_commands(sub)
     return p

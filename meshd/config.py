@@ -116,6 +116,15 @@ class Config:
             hi=86400.0,
         ),
     )
+    flow_slots: int | None = field(
+        default=None,
+        metadata=_opt(
+            "segments per flow request kept in flight (default: from the ring's measured latency; "
+            "1: one tree per round, the scheduler before slots)",
+            lo=1,
+            hi=64,
+        ),
+    )
     drafter: str = field(
         default="auto",
         metadata=_opt(

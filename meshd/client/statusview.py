@@ -81,4 +81,17 @@ def render(url: str, status: dict[str, Any], health: dict[str, str] | None = Non
             f"{_num(m.get('tokens_per_second'), '{:.1f}')} tokens/s, "
             f"{_num(m.get('accepted_per_round'))} accepted/round"
         )
+        if m.get("rows_computed_total"):
+            lines.append(
+                f"rows    {m.get('rows_accepted_total', 0)} of {m['rows_computed_total']} drafted rows computed "
+                f"were accepted; {m.get('segments_in_flight', 0)} segment(s) in flight now"
+            )
+    o = status.get("originator")
+    if o:
+        live = o.get("live_segments") or {}
+        lines.append(
+            f"flow    slots {o.get('flow_slots')}, segments in flight per request {live or '-'} "
+            f"(peak {o.get('peak_segments', 0)}); ring latency {_num(o.get('ring_latency_ms'), '{:.1f}')} ms, "
+            f"step {_num(o.get('ring_step_ms'), '{:.1f}')} ms (8 rows)"
+        )
     return "\n".join(lines)

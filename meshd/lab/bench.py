@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from meshd.lab.emulate import link_emulation, slowdown
+from meshd.lab.emulate import DeviceEmulation, link_emulation, slowdown
 from meshd.lab.testbed import LoopbackMesh, http
 from meshd.serve.local import LocalModel
 from training.prompts import SPEC_BENCH_ENV, SPEC_BENCH_SOURCE, spec_bench_path
@@ -199,6 +199,9 @@ class LocalBackend:
             stages=self.stages,
         )
 
+    def devices(self) -> list[dict]:
+        return []  # one process: no daemons to ask
+
     def close(self) -> None:
         pass
 
@@ -213,6 +216,11 @@ class DaemonBackend:
         extra = ["--drafter", args.drafter, "--device-slowdown", str(args.device_slowdown), "--weights", args.weights]
         if args.link:
             extra += ["--link", args.link]
+        if getattr(args, "emulate", None):
+            DeviceEmulation.parse(args.emulate)  # a bad profile fails here, not in every daemon
+            extra += ["--emulate", args.emulate]
+        if getattr(args, "flow_slots", None):
+            extra += ["--flow-slots", str(args.flow_slots)]
         self._tmp = tempfile.TemporaryDirectory(prefix="meshd-bench-")
         progress_printer(f"starting {args.stages} daemons on 127.0.0.1 ...")
         self.mesh = LoopbackMesh(
@@ -231,12 +239,15 @@ class DaemonBackend:
             self.close()
             raise
         self.model = self.mesh.status(0)["model"]
+        self._busy0 = self._busy()  # busy fractions count from here, not from the daemons' start-up
 
     def describe(self) -> str:
         a = self.args
         return (
             f"{a.stages} daemons on loopback ({a.threads or 1} thread each, sharing {os.cpu_count()} cores), "
             f"link {a.link or 'unshaped'}, device slowdown x{a.device_slowdown}"
+            + (f", EMULATED device profile {a.emulate}" if getattr(a, "emulate", None) else "")
+            + (f", flow slots {a.flow_slots}" if getattr(a, "flow_slots", None) else "")
         )
 
     def runner(self, label: str) -> Callable[[str], dict]:
@@ -275,6 +286,22 @@ class DaemonBackend:
             text, mode=mode, drafter=drafter or a.drafter, max_tokens=a.max_tokens, temperature=a.temperature, seed=0
         )
 
+    def _busy(self) -> tuple[float, list[float]]:
+        return time.monotonic(), [
+            (self.mesh.status(i).get("stage") or {}).get("busy_seconds", 0.0) for i in range(self.args.stages)
+        ]
+
+    def devices(self) -> list[dict]:
+        """Each daemon's stage figures and emulation report from its ``/mesh`` (cumulative since start-up),
+        and its busy fraction since the daemons were ready (``busy_fraction``: the benchmark's share)."""
+        (t0, b0), (t1, b1) = self._busy0, self._busy()
+        out = []
+        for i in range(self.args.stages):
+            st = self.mesh.status(i)
+            busy = (b1[i] - b0[i]) / (t1 - t0) if t1 > t0 else 0.0
+            out.append({"node": i, "stage": st.get("stage"), "emulation": st.get("emulation"), "busy_fraction": busy})
+        return out
+
     def close(self) -> None:
         self.mesh.close() if hasattr(self, "mesh") else None
         self._tmp.cleanup()
@@ -290,3 +317,27 @@ class open_backend:
 
     def __exit__(self, *exc) -> None:
         self.backend.close()
+
+
+OVERRUN_WARNING = 0.1  # a share of emulated calls whose real work overran the profile: CPU-bound, not emulated
+
+
+def devices_note(devices: list[dict]) -> str:
+    """Lines under a bench table: per daemon its busy fraction and, when emulated, the profile and overruns."""
+    lines = []
+    for d in devices:
+        st, em = d.get("stage") or {}, d.get("emulation")
+        busy = d.get("busy_fraction")
+        line = (
+            f"daemon {d['node']}: busy fraction {busy:.2f} during the benchmark"
+            if busy is not None
+            else f"daemon {d['node']}: busy fraction {st.get('utilisation', 0.0):.2f} since start"
+        )
+        if em:
+            calls = sum(em[k]["calls"] for k in ("stage_forwards", "lm_head", "drafts"))
+            over = sum(em[k]["overruns"] for k in ("stage_forwards", "lm_head", "drafts"))
+            line += f", EMULATED {em['spec']}: {over}/{calls} calls overran the profile"
+            if calls and over / calls > OVERRUN_WARNING:
+                line += " (CPU-bound: these figures are this machine's, not the profile's)"
+        lines.append(line)
+    return ("\n\n" + "\n".join(lines)) if lines else ""

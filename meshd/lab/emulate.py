@@ -7,7 +7,15 @@ runs the same daemon as ``meshd serve`` with two hooks that ``meshd serve`` itse
   forward it waits (K - 1) times as long as the forward took, so it behaves like a device K times
   slower (the stage worker times the whole call, so the wait counts as busy);
 - ``--link LATENCY/BANDWIDTH``: every frame this daemon sends waits for the wire at that bandwidth,
-  then for that one-way latency (``tc netem`` is not available everywhere).
+  then for that one-way latency (``tc netem`` is not available everywhere);
+- ``--emulate PROFILE[:xK]``: this device behaves like the simulator's device profile (a built-in name
+  such as ``jetson-orin-7b`` or a profile file), slowed K times: each stage forward, LM head and draft
+  call, once really computed, sleeps until the profile's time for its layers and rows has passed
+  (:class:`DeviceEmulation`). Sleeping costs no CPU, so five daemons on two cores behave like five
+  boards as long as the real computation stays under the profile's time; every call where it did not
+  is counted as an overrun and reported in ``/mesh``.
+
+``meshd serve --emulate`` and ``meshd serve --link`` build the same hooks (``meshd/cli.py`` injects them).
 
 The testbed (and so ``meshd bench --backend daemons``) starts its daemons through here.
 """
@@ -19,13 +27,17 @@ import math
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 
 from meshd.config import add_arguments, load_config
 from meshd.lab.sim.links import parse_link
+from meshd.lab.sim.profiles import BUILTIN, Profile, load_profile
 from meshd.serve.daemon import serve
+from models.drafters import Drafter
 from models.stage import Attend, Stage
+from models.tree import Tree
 from peers.link import LinkEmulation
 
 MAX_SLOWDOWN = 1000.0
@@ -48,6 +60,140 @@ class SlowerStage(Stage):
         out = super().forward(x, items)
         time.sleep((time.perf_counter() - t0) * (self.factor - 1.0))
         return out
+
+
+class _Pacer:
+    """Sleeps a call up to its emulated time and counts the calls whose real work overran it."""
+
+    def __init__(self) -> None:
+        self.calls, self.overruns, self.real_seconds, self.emulated_seconds = 0, 0, 0.0, 0.0
+
+    def pace(self, started: float, target: float) -> None:
+        real = time.perf_counter() - started
+        self.calls += 1
+        self.real_seconds += real
+        self.emulated_seconds += max(real, target)
+        if real > target:
+            self.overruns += 1
+        else:
+            time.sleep(target - real)
+
+    def report(self) -> dict:
+        return {
+            "calls": self.calls,
+            "overruns": self.overruns,
+            "real_seconds": round(self.real_seconds, 3),
+            "emulated_seconds": round(self.emulated_seconds, 3),
+        }
+
+
+class _ProfiledStage(Stage):
+    """A layer slice whose forwards take the profile's time for its layers (see :class:`DeviceEmulation`)."""
+
+    def __init__(self, stage: Stage, cost: Callable[[int], float], pacer: _Pacer):
+        if stage.has_vocab:
+            raise ValueError("an emulated stage is a layer slice: load it without the vocabulary ends")
+        super().__init__(stage.cfg, stage.layer_range, stage.layers, dtype=stage.dtype, rope=stage.rope)
+        self.cost, self.pacer = cost, pacer
+
+    def forward(self, x: torch.Tensor, items: Sequence[Attend]) -> torch.Tensor:
+        t0 = time.perf_counter()
+        out = super().forward(x, items)
+        self.pacer.pace(t0, self.cost(x.shape[0]))
+        return out
+
+
+class _ProfiledHead(Stage):
+    """The originator's vocabulary ends, its LM head taking the profile's head time."""
+
+    def __init__(self, vocab: Stage, cost: Callable[[int], float], pacer: _Pacer):
+        self.__dict__.update(vocab.__dict__)  # the same tensors and settings, one method paced
+        self.cost, self.pacer = cost, pacer
+
+    def logits(self, hidden: torch.Tensor, normed: bool = False) -> torch.Tensor:
+        t0 = time.perf_counter()
+        out = super().logits(hidden, normed)
+        self.pacer.pace(t0, self.cost(hidden.shape[0] if hidden.dim() > 1 else 1))
+        return out
+
+
+class _ProfiledDrafter:
+    """A drafter whose draft calls take the profile's draft time for the depth they drafted."""
+
+    def __init__(self, inner: Drafter, cost: Callable[[int], float], pacer: _Pacer):
+        self.inner, self.cost, self.pacer = inner, cost, pacer
+
+    def reset(self, prompt: list[int]) -> None:
+        self.inner.reset(prompt)
+
+    def draft(self, context: list[int], **kw) -> Tree:
+        t0 = time.perf_counter()
+        tree = self.inner.draft(context, **kw)
+        self.pacer.pace(t0, self.cost(max(tree.depth)))
+        return tree
+
+    def accept(self, context: list[int], hidden: torch.Tensor | None) -> None:
+        self.inner.accept(context, hidden)
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+
+class DeviceEmulation:
+    """This daemon as a device of ``profile`` slowed ``factor`` times: the hooks ``serve`` takes.
+
+    A real slice of k of the real model's N layers stands for k / N of the profile's layers, so a ring
+    of any split emulates the profile's whole model. The LM head and each draft call are paced the
+    same way (a profile whose draft cost is measured, not modelled, leaves drafting unpaced).
+    """
+
+    def __init__(self, profile: Profile, factor: float = 1.0, spec: str | None = None):
+        if not 1.0 <= factor <= MAX_SLOWDOWN:
+            raise ValueError(f"--emulate {spec or profile.name}: factor x{factor:g} must be from 1 to {MAX_SLOWDOWN:g}")
+        self.profile, self.factor, self.spec = profile, factor, spec or profile.name
+        self.stages, self.head, self.drafts = _Pacer(), _Pacer(), _Pacer()
+
+    @classmethod
+    def parse(cls, spec: str) -> DeviceEmulation:
+        """``NAME`` or ``NAME:xK`` (a built-in profile or a profile file)."""
+        name, _, k = spec.rpartition(":x") if ":x" in spec else (spec, "", "")
+        try:
+            factor = float(k) if k else 1.0
+        except ValueError:
+            raise ValueError(f"--emulate {spec!r}: expected PROFILE or PROFILE:xK, e.g. jetson-orin-7b:x4") from None
+        if name not in BUILTIN and not Path(name).is_file():
+            raise ValueError(
+                f"--emulate {spec!r}: {name!r} is neither a built-in profile ({', '.join(BUILTIN)}) nor a file"
+            )
+        return cls(load_profile(name), factor, spec)
+
+    def stage(self, stage: Stage) -> Stage:
+        share = stage.n_layers * self.profile.n_layers / stage.cfg.n_layers
+        p, k = self.profile, self.factor
+        return _ProfiledStage(stage, lambda t: k * (p.fixed(t) + share * p.layer(t)), self.stages)
+
+    def vocab(self, vocab: Stage) -> Stage:
+        return _ProfiledHead(vocab, lambda t: self.factor * self.profile.head(t), self.head)
+
+    def drafters(self, factory: Callable[[], Drafter] | None) -> Callable[[], Drafter] | None:
+        d = self.profile.draft
+        if factory is None or d.measured_scale is not None:
+            return factory
+        cost = lambda levels: self.factor * (d.per_call + d.per_level * levels)  # noqa: E731
+        return lambda: _ProfiledDrafter(factory(), cost, self.drafts)
+
+    def report(self) -> dict:
+        """What ``/mesh`` shows: the profile, and per kind of call how many overran it (a run with many
+        overruns was CPU-bound here, not emulated)."""
+        return {
+            "emulated": True,
+            "profile": self.profile.name,
+            "spec": self.spec,
+            "factor": self.factor,
+            "stage_forwards": self.stages.report(),
+            "lm_head": self.head.report(),
+            "drafts": self.drafts.report(),
+        }
 
 
 def slowdown(factor: float) -> Callable[[Stage], Stage] | None:
@@ -76,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="meshd serve, emulating a slower device and network")
     s.add_argument("--device-slowdown", type=float, default=1.0, help="behave like a device this many times slower")
     s.add_argument("--link", default=None, help="shape outgoing links as LATENCY/BANDWIDTH, e.g. 5ms/100mbit")
+    s.add_argument(
+        "--emulate", default=None, metavar="PROFILE[:xK]", help="behave like a device profile, K times slower"
+    )
     add_arguments(s)
     return p
 
@@ -85,11 +234,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         wrapper = slowdown(args.device_slowdown)
         emulation = link_emulation(args.link)
+        device = DeviceEmulation.parse(args.emulate) if args.emulate else None
+        if device is not None and wrapper is not None:
+            raise ValueError("--emulate and --device-slowdown both pace the stage: use one")
         cfg = load_config(args)
     except ValueError as exc:
         print(f"meshd.lab.emulate: error: {exc}", file=sys.stderr)
         return 2
-    return serve(cfg, stage_wrapper=wrapper, link_emulation=emulation)
+    return serve(cfg, stage_wrapper=wrapper, link_emulation=emulation, device=device)
 
 
 if __name__ == "__main__":

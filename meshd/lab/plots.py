@@ -283,9 +283,11 @@ def plot_timeline(records: list[dict], out: Path) -> Path | str:
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colours.values()]
     ax.legend(handles, ["stage forward", "originator (draft, verify)"], fontsize=8, loc="upper right")
     cfg = rec["config"]
+    util = (rec.get("summary", {}).get("flow") or {}).get("utilisation")
+    busy_note = f"\nstage busy fraction over all prompts {'/'.join(f'{u:.2f}' for u in util)}" if util else ""
     ax.set_title(
         f"per-device utilisation, one flow request (simulated: {cfg['stages']} stages, profile "
-        f"{rec['profile']['name']}, link {cfg.get('link')})",
+        f"{rec['profile']['name']}, link {cfg.get('link')}{busy_note})",
         fontsize=9,
     )
     return _save(fig, out / "timeline_flow.png")

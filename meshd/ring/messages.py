@@ -34,6 +34,7 @@ class Segment:
     hidden: torch.Tensor | None = None
     commit: bool = False
     origin: str | None = None  # originator's node id: where the last stage returns the result
+    first: bool = False  # a round's (or a new frontier's) first segment: the walk waits on it, stages run it first
 
     def __len__(self) -> int:
         return len(self.node_ids)
@@ -49,6 +50,7 @@ class Segment:
             self.hidden[keep] if self.hidden is not None else None,
             self.commit,
             self.origin,
+            self.first,
         )
 
     def with_hidden(self, hidden: torch.Tensor) -> Segment:
@@ -62,6 +64,7 @@ class Segment:
             hidden,
             self.commit,
             self.origin,
+            self.first,
         )
 
 

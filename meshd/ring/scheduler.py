@@ -10,8 +10,16 @@ Three modes, per request:
   back (FlowSpec's Chunk-PP baseline).
 - ``flow``: the tree is cut into score-sorted segments that stream through the ring; each
   returning segment is verified at once (step-wise), a prune decision goes to every stage, and
-  the tree is re-drafted from the new frontier and extended with a new segment, so the ring
-  never drains while a request is alive.
+  the tree is re-drafted from the new frontier and extended with new segments.
+
+``flow`` keeps a number of segments per request in flight (its *slots*, ``flow_slots``; by default
+from :class:`~meshd.ring.ringtime.RingTimer`: ring latency over the slowest step) and refills them
+after every event: the prefill's end, every returning segment (also one whose rows were all pruned or
+that did not move the walk) and a finished round, which refills at once from the bonus token. A
+round's first segment (the new root and the frontier's likeliest descendants) is sized to come back
+fast; the following *filler* segments carry the best unsent candidates, sized to keep the slowest
+step busy. ``flow_slots=1`` is the earlier scheduler, kept for comparison: one tree per round, cut
+into segments only where the stages' compute curve makes that free (``flat_rows``).
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import torch
 
 from meshd.modes import MESH_MODES
 from meshd.ring.messages import PROMPT_PARENT, Prune, Result, Segment
+from meshd.ring.ringtime import RingTimer
 from models.budget import CostCurve, TreeBudget
 from models.drafters import Drafter
 from models.engine import Stats
@@ -33,6 +42,7 @@ from models.tree import Tree, split_segments
 from models.verify import Sampling, Walk, advance, sample_token
 
 PREFILL_CHUNK = 64
+FILL_FLOOR = 0.02  # a filler node must be expected to be accepted at least this often to use a row
 
 
 # ---- actions ------------------------------------------------------------------------------
@@ -103,6 +113,16 @@ class _Live:
     round_accepted: int = 0
     started: float = 0.0
     done: bool = False
+    # continuous flow (slots > 1): the candidate pool at the tree's root, which of its nodes are sent
+    # (pool index -> tree index), the live segments (number -> node ids still in flight)
+    pool: Tree | None = None
+    placed: dict[int, int] = field(default_factory=dict)
+    root_sent: bool = True
+    fresh: bool = False  # the next segment is a round's (or a new frontier's) first: small, sent first
+    segments: dict[int, set[int]] = field(default_factory=dict)
+    seg_of: dict[int, int] = field(default_factory=dict)
+    next_seg: int = 0
+    first_depth: int = 2  # levels below its root the latest first segment reached
 
     @property
     def context(self) -> list[int]:
@@ -130,15 +150,21 @@ class Originator:
         max_nodes: int = 64,
         origin: str | None = None,
         timer: Callable[[], float] = time.perf_counter,
+        flow_slots: int | None = None,
     ):
         if not vocab.has_vocab:
             raise ValueError("the originator needs the embeddings, final norm and LM head")
         self.vocab, self.drafter_factory, self.clock, self.origin = vocab, drafter_factory, clock, origin
         self.timer = timer  # measures drafting cost for the budget; the simulator swaps in its device model
+        if flow_slots is not None and flow_slots < 1:
+            raise ValueError(f"flow slots {flow_slots}: at least 1 (or None: from the ring's measured times)")
+        self.flow_slots = flow_slots
         self.set_ring(stage_curves)
         self.top_k, self.depth, self.pool, self.max_nodes = top_k, depth, pool, max_nodes
         self.live: dict[str, _Live] = {}
         self.stage_queue = 0  # latest queue depth the ring reported
+        self._rows_hint = 8  # rows of the latest flow segment: the size slots are computed for
+        self.peak_segments = 0  # most segments of one request in flight at once, since start
 
     def set_ring(self, stage_curves: Sequence[CostCurve]) -> None:
         """A new plan: the number of stages and the cost of a pass through all of them."""
@@ -149,6 +175,8 @@ class Originator:
         for c in stage_curves[1:]:
             total = total + c
         self.ring_cost = total
+        self.ring = RingTimer(stage_curves)
+        self.max_slots = 2 * self.n_stages  # a segment per stage, and as many queued behind them
         # the flat head of the curve: up to this many rows cost about as much as one, so cutting a tree
         # into segments smaller than this buys no overlap, only extra forwards
         self.flat_rows = max([t for t in total.ts if total(t) <= 1.25 * total(1)] or [1])
@@ -213,8 +241,18 @@ class Originator:
         if lv is None:
             return []  # finished or cancelled while this segment was in flight
         self.stage_queue = res.stage_queue
+        t0 = self.timer()
         if lv.prefill_left:
-            return self._prefill_result(lv, res)
+            acts = self._prefill_result(lv, res)
+        else:
+            acts = self._verify(lv, res)
+        if self._continuous(lv) and not lv.done:
+            acts += self._fill(lv)
+            self.ring.originator_work(self.timer() - t0)
+        return acts
+
+    def _verify(self, lv: _Live, res: Result) -> list[Action]:
+        self._returned(lv, res.node_ids)
         wanted = [i for i, n in enumerate(res.node_ids) if n in lv.in_flight]
         lv.in_flight.difference_update(res.node_ids)
         if not wanted:
@@ -227,6 +265,13 @@ class Originator:
         if lv.req.mode != "flow" and lv.in_flight:  # ar / chunk: verify only once the whole tree is back
             return []
         return self._walk(lv)
+
+    def _continuous(self, lv: _Live) -> bool:
+        return lv.req.mode == "flow" and lv.drafter is not None and self.flow_slots != 1
+
+    def live_segments(self) -> dict[str, int]:
+        """Segments in flight per live request (what /mesh and the status view show)."""
+        return {rid: len(lv.segments) for rid, lv in self.live.items()}
 
     def rows_to_verify(self, res: Result) -> int:
         """Rows ``on_result(res)`` will put through the LM head: the last prompt row once the prefill
@@ -270,8 +315,9 @@ class Originator:
         gain = sum(max(1.0, o.stats.mean_accepted) for o in others)
         return rows, gain
 
-    def _draft(self, lv: _Live) -> tuple[Tree, int]:
-        """A candidate pool rooted at the last emitted token, and how many of its nodes the cost model pays for."""
+    def _draft(self, lv: _Live, cost: CostCurve | None = None) -> tuple[Tree, int]:
+        """A candidate pool rooted at the last emitted token, and how many of its nodes the cost model
+        (``cost``, by default the ring's summed compute curve) pays for."""
         if lv.drafter is None or lv.req.mode == "ar":
             return Tree.root(lv.out[-1]), 0
         left = lv.req.max_new_tokens - len(lv.out)
@@ -279,17 +325,25 @@ class Originator:
         pool = lv.drafter.draft(
             lv.context,
             top_k=self.top_k,
-            depth=max(1, min(self.depth, left)),
+            depth=max(1, min(self._draft_depth(lv), left)),
             max_nodes=self.pool,
             keep=lv.budget.keep_hint(),
         )
         overhead = self.timer() - t0
         lv.stats.draft_seconds += overhead
         rows, gain = self._load(lv)
-        return pool, lv.budget.choose(pool, overhead=overhead, load_rows=rows, load_gain=gain)
+        return pool, lv.budget.choose(pool, overhead=overhead, cost=cost, load_rows=rows, load_gain=gain)
+
+    def _draft_depth(self, lv: _Live) -> int:
+        """Levels worth drafting now. Drafting is the originator's work on the ring's critical path, and
+        with slots a pool is re-drafted at every new frontier anyway, so a continuous request drafts one
+        level deeper than its last first segment reached; one tree per round drafts the full depth."""
+        return min(self.depth, lv.first_depth + 1) if self._continuous(lv) else self.depth
 
     def _new_round(self, lv: _Live) -> list[Action]:
         """Start a tree at a fresh root (the last emitted token, not yet in any cache)."""
+        if self._continuous(lv):
+            return self._new_pool(lv)
         root_pos = len(lv.context) - 1
         lv.logits.clear()
         lv.feats.clear()
@@ -329,6 +383,7 @@ class Originator:
             )
             lv.in_flight.update(ids)
             lv.stats.verified_nodes += len(ids)
+            self._track(lv, seg)
             acts.append(SendSegment(seg))
         lv.stats.target_forwards += 1 if lv.req.mode != "flow" else len(acts)
         return acts
@@ -356,6 +411,7 @@ class Originator:
             keep = path_ids[:-1] + [lv.ids[i] for i in tree.subtree(walk.path[-1])]
         acts.append(SendPrune(Prune(lv.req.request_id, lv.next_id - 1, sorted(keep), path_ids)))
         lv.in_flight.intersection_update(keep)
+        self._settle(lv)
         computed = [n for n in path_ids if n in lv.feats]
         if lv.drafter is not None and computed:
             lv.drafter.accept(lv.context, torch.stack(feats))
@@ -370,6 +426,8 @@ class Originator:
 
     def _expand(self, lv: _Live) -> list[Action]:
         """flow: re-root at the accepted-but-pending node, re-draft from it, send the new nodes."""
+        if self._continuous(lv):
+            return self._reroot_pool(lv)
         tree, walk = lv.tree, lv.walk
         frontier = walk.path[-1]
         sub, old = tree.reroot(frontier)
@@ -416,7 +474,142 @@ class Originator:
         lv.in_flight.update(ids)
         lv.stats.verified_nodes += len(ids)
         lv.stats.target_forwards += 1
+        self._track(lv, seg)
         return [SendSegment(seg)]
+
+    # ---- continuous flow: slots ----------------------------------------------------------------
+    def _new_pool(self, lv: _Live) -> list[Action]:
+        """A round at a fresh root: draft the candidate pool; the root and the best candidates go
+        out as the round's first segment at the end of this event (:meth:`_fill`)."""
+        lv.logits.clear()
+        lv.feats.clear()
+        pool, _ = self._draft(lv, cost=self.ring.latency_curve())
+        lv.pool, lv.placed, lv.root_sent, lv.fresh = pool, {0: 0}, False, True
+        lv.tree, lv.walk, lv.round_accepted, lv.predicted = Tree.root(pool.tokens[0]), Walk(), 0, 0.0
+        lv.ids = lv.new_ids(1)
+        lv.pos[lv.ids[0]] = len(lv.context) - 1
+        return []
+
+    def _reroot_pool(self, lv: _Live) -> list[Action]:
+        """The walk accepted a node whose logits are still in flight: re-root the sent tree and the
+        pool there, re-draft from it (the drafter now sees the target's features of the accepted
+        path) and merge the new candidates in; the next segment is this frontier's first."""
+        frontier = lv.walk.path[-1]
+        pool_at = {t: p for p, t in lv.placed.items()}
+        sub, old = lv.tree.reroot(frontier)
+        psub, pold = lv.pool.reroot(pool_at[frontier])
+        tree_new = {o: n for n, o in enumerate(old)}
+        lv.placed = {j: tree_new[lv.placed[p]] for j, p in enumerate(pold) if lv.placed.get(p) in tree_new}
+        lv.tree, lv.ids, lv.walk, lv.pool = sub, [lv.ids[o] for o in old], Walk(), psub
+        alive = set(lv.ids)
+        for n in [n for n in lv.logits if n not in alive]:
+            lv.logits.pop(n)
+        fresh, _ = self._draft(lv, cost=self.ring.latency_curve())
+        lv.pool.merge(fresh, at=0)
+        lv.fresh = True
+        return []
+
+    def _slots(self, lv: _Live) -> int:
+        """Segments ``lv`` may keep in flight: as configured, or its share of the slots that keep the ring's
+        slowest step busy (several requests of this originator split them; one alone gets them all)."""
+        if self.flow_slots is not None:
+            return self.flow_slots
+        sharing = sum(1 for o in self.live.values() if self._continuous(o))
+        return max(1, math.ceil(self.ring.slots(max(1, self._rows_hint), self.max_slots) / max(1, sharing)))
+
+    def _fill(self, lv: _Live) -> list[Action]:
+        """Send segments until ``lv`` has its slots in flight or no candidate is worth a row."""
+        acts: list[Action] = []
+        if lv.pool is None:
+            return acts
+        while len(lv.segments) < self._slots(lv):
+            seg = self._next_segment(lv)
+            if seg is None:
+                break
+            acts.append(SendSegment(seg))
+        return acts
+
+    def _next_segment(self, lv: _Live) -> Segment | None:
+        """The next segment from the pool: the unsent candidates in score order (parents first), as
+        many as maximise expected accepted tokens per second of the time they hold.
+
+        A first segment (a new root or a new frontier) holds the walk up until it is back, so its
+        rows are paid with the ring's latency L(m); a filler only has to keep the slowest step busy,
+        so its rows are paid with step(m), and candidates below ``FILL_FLOOR`` are not worth a row.
+        """
+        pool = lv.pool
+        left = lv.req.max_new_tokens - len(lv.out)
+        cands = [i for i in pool.score_order() if i not in lv.placed and pool.depth[i] <= left]
+        gains = [lv.budget.alpha * math.exp(pool.scores[i]) for i in cands]
+        root = 0 if lv.root_sent else 1
+        n = 0
+        if lv.fresh:
+            n = _best_prefix(gains, lambda m: self.ring.latency(m + root))
+        if n == 0 and lv.root_sent:
+            floor = sum(1 for g in gains if g >= FILL_FLOOR)
+            n = _best_prefix(gains[:floor], self.ring.step)
+        n = min(n, self.max_nodes)
+        if n == 0 and lv.root_sent:
+            return None
+        if lv.fresh:
+            lv.first_depth = max((pool.depth[i] for i in cands[:n]), default=0)
+        tree = lv.tree
+        for i in cands[:n]:
+            t = tree.add(lv.placed[pool.parents[i]], pool.tokens[i], pool.scores[i])
+            lv.placed[i] = t
+            lv.ids += lv.new_ids(1)
+            lv.pos[lv.ids[t]] = lv.pos[lv.ids[tree.parents[t]]] + 1
+            lv.predicted += math.exp(pool.scores[i])
+        rows = ([0] if root else []) + [lv.placed[i] for i in cands[:n]]
+        ids = [lv.ids[t] for t in rows]
+        seg = Segment(
+            lv.req.request_id,
+            ids,
+            [lv.ids[tree.parents[t]] if t > 0 else lv.tail for t in rows],
+            [lv.pos[i] for i in ids],
+            tokens=[tree.tokens[t] for t in rows],
+            origin=self.origin,
+            first=lv.fresh,
+        )
+        lv.root_sent, lv.fresh = True, False
+        lv.in_flight.update(ids)
+        lv.stats.verified_nodes += len(ids)
+        lv.stats.target_forwards += 1
+        self._rows_hint = len(ids)
+        self._track(lv, seg)
+        return seg
+
+    # ---- segment bookkeeping (every flow variant) ------------------------------------------------
+    def _track(self, lv: _Live, seg: Segment) -> None:
+        k = lv.next_seg
+        lv.next_seg += 1
+        lv.segments[k] = set(seg.node_ids)
+        for n in seg.node_ids:
+            lv.seg_of[n] = k
+        self.ring.sent((lv.req.request_id, k), len(seg), self.clock(), alone=len(lv.segments) == 1)
+        self.peak_segments = max(self.peak_segments, len(lv.segments))
+
+    def _returned(self, lv: _Live, node_ids: list[int]) -> None:
+        """Rows of tracked segments came back: time each segment's first return, retire finished ones."""
+        now = self.clock()
+        for n in node_ids:
+            k = lv.seg_of.pop(n, None)
+            if k is None or k not in lv.segments:
+                continue
+            self.ring.returned((lv.req.request_id, k), now)
+            lv.segments[k].discard(n)
+            if not lv.segments[k]:
+                del lv.segments[k]
+
+    def _settle(self, lv: _Live) -> None:
+        """After a prune: a segment with no row left in flight frees its slot at once (its rows vanish
+        from the stages' queues; FlowSpec would carry it on as an empty bubble)."""
+        for k in list(lv.segments):
+            lv.segments[k] &= lv.in_flight
+            if not lv.segments[k]:
+                del lv.segments[k]
+                self.ring.dropped((lv.req.request_id, k))
+        lv.seg_of = {n: k for n, k in lv.seg_of.items() if n in lv.in_flight}
 
     def _emit(self, lv: _Live, tokens: list[int]) -> list[Action]:
         room = lv.req.max_new_tokens - len(lv.out)
@@ -438,3 +631,16 @@ class Originator:
             lv.stats.seconds = self.clock() - lv.started
             acts += [CloseSessions(lv.req.request_id), Finish(lv.req.request_id, reason, lv.stats)]
         return acts
+
+
+def _best_prefix(gains: Sequence[float], cost: Callable[[int], float]) -> int:
+    """How many of ``gains`` (expected accepted tokens per candidate, best first) maximise
+    (1 + their sum) / cost(count): the 1 is the token a returning segment always settles."""
+    best_n, total = 0, 1.0
+    best = total / cost(0)
+    for n, g in enumerate(gains, start=1):
+        total += g
+        rate = total / cost(n)
+        if rate > best:
+            best_n, best = n, rate
+    return best_n

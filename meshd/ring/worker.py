@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from meshd.ring.messages import PROMPT_PARENT, Close, Prune, Segment, StageMessage
+from models.budget import CostCurve
 from models.kvcache import KVCache
 from models.stage import Attend, Stage
 
@@ -25,6 +26,7 @@ class Session:
 
     cache: KVCache
     last_used: float  # the worker's clock when a message last touched this session
+    opened: int = 0  # order in which this worker first saw the request: older requests go first
     slot_of: dict[int, int] = field(default_factory=dict)
     parent: dict[int, int] = field(default_factory=dict)
     committed: set[int] = field(default_factory=set)
@@ -83,8 +85,12 @@ class StageWorker:
 
     ``clock`` stamps session activity for :meth:`expire`; ``timer`` measures forwards for
     ``busy_seconds``. Both default to the machine's; a driver with a time of its own (a simulation,
-    a test) passes its own.
+    a test) passes its own. ``cost``: this stage's cost curve; with it, queued segments of one request
+    are coalesced into one forward while that costs at most ``COALESCE_SLACK`` times the first one
+    alone (on a flat, memory-bound curve a second segment then rides along almost free).
     """
+
+    COALESCE_SLACK = 1.25
 
     def __init__(
         self,
@@ -95,8 +101,9 @@ class StageWorker:
         idle_timeout: float = 300.0,
         clock: Callable[[], float] = time.monotonic,
         timer: Callable[[], float] = time.perf_counter,
+        cost: CostCurve | None = None,
     ):
-        self.stage, self.embed = stage, embed
+        self.stage, self.embed, self.cost = stage, embed, cost
         self.max_batch_rows, self.idle_timeout = max_batch_rows, idle_timeout
         self.clock, self.timer = clock, timer
         self.sessions: dict[str, Session] = {}
@@ -106,6 +113,8 @@ class StageWorker:
         self.rows_done = 0
         self.forwards = 0
         self.shared_forwards = 0  # forwards that carried rows of more than one request (the ring was shared)
+        self.coalesced = 0  # segments that rode along in another segment's forward
+        self._opened = 0
 
     # ---- events ---------------------------------------------------------------------------
     def handle(self, msg: StageMessage) -> None:
@@ -171,24 +180,52 @@ class StageWorker:
         sess = self.sessions.get(request_id)
         now = self.clock()
         if sess is None:
-            sess = self.sessions[request_id] = Session(self.stage.new_cache(), now)
+            sess = self.sessions[request_id] = Session(self.stage.new_cache(), now, self._opened)
+            self._opened += 1
         sess.last_used = now
         return sess
 
     def take_batch(self) -> list[Segment]:
-        """The queued segments for the next forward: in arrival order, at most one per request
-        (a request's later segment may depend on its earlier one), up to ``max_batch_rows``."""
-        batch, seen, rows, rest = [], set(), 0, deque()
-        while self.queue:
-            seg = self.queue.popleft()
-            if seg.request_id in seen or (batch and rows + len(seg) > self.max_batch_rows):
-                rest.append(seg)
+        """The queued segments for the next forward, up to ``max_batch_rows``: per request its oldest
+        queued segment (a request's later segment may depend on its earlier one), with the ones queued
+        behind it coalesced in while that is cheap (see ``cost``); requests waiting on a round's first
+        segment or on their prompt before those with only filler queued, older requests before newer ones."""
+        heads: dict[str, int] = {}  # request -> index of its oldest queued segment
+        urgent: set[str] = set()
+        for i, seg in enumerate(self.queue):
+            heads.setdefault(seg.request_id, i)
+            if seg.first or seg.commit:  # the originator waits on it: a round's first segment, or the prompt
+                urgent.add(seg.request_id)
+        age = {r: (s.opened if (s := self.sessions.get(r)) else self._opened) for r in heads}
+        order = sorted(heads, key=lambda r: (r not in urgent, age[r], heads[r]))
+        taken: set[int] = set()
+        batch, rows = [], 0
+        for rid in order:
+            run = [i for i, seg in enumerate(self.queue) if seg.request_id == rid]
+            merged = self.queue[run[0]]
+            if batch and rows + len(merged) > self.max_batch_rows:
                 continue
-            batch.append(seg)
-            seen.add(seg.request_id)
-            rows += len(seg)
-        self.queue = rest
+            used = [run[0]]
+            for i in run[1:]:
+                nxt = self.queue[i]
+                if not self._coalesce(merged, nxt, self.max_batch_rows - rows):
+                    break
+                merged = _concat(merged, nxt)
+                used.append(i)
+            self.coalesced += len(used) - 1
+            batch.append(merged)
+            taken.update(used)
+            rows += len(merged)
+        self.queue = deque(seg for i, seg in enumerate(self.queue) if i not in taken)
         return batch
+
+    def _coalesce(self, seg: Segment, nxt: Segment, room: int) -> bool:
+        """Whether ``nxt`` (queued behind ``seg``, same request) should share its forward."""
+        if self.cost is None or nxt.commit != seg.commit or len(seg) + len(nxt) > room:
+            return False
+        if (seg.tokens is None) != (nxt.tokens is None):
+            return False
+        return self.cost(len(seg) + len(nxt)) <= self.COALESCE_SLACK * self.cost(len(seg))
 
     @torch.inference_mode()
     def run(self, batch: list[Segment]) -> list[Segment]:
@@ -221,3 +258,19 @@ class StageWorker:
 
     def step(self) -> list[Segment]:
         return self.run(self.take_batch())
+
+
+def _concat(a: Segment, b: Segment) -> Segment:
+    """One segment holding ``a``'s rows then ``b``'s (same request; ``b`` queued after ``a``, so every
+    parent still comes before its children)."""
+    return Segment(
+        a.request_id,
+        a.node_ids + b.node_ids,
+        a.parents + b.parents,
+        a.positions + b.positions,
+        a.tokens + b.tokens if a.tokens is not None else None,
+        torch.cat([a.hidden, b.hidden]) if a.hidden is not None else None,
+        a.commit,
+        a.origin,
+        a.first or b.first,
+    )

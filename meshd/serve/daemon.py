@@ -14,6 +14,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from typing import Any, Protocol
 
 import torch
 from aiohttp import web
@@ -89,13 +90,27 @@ def hidden_bytes(msg: Message) -> int:
     return hidden.nbytes if isinstance(hidden, torch.Tensor) else 0
 
 
+class DeviceHooks(Protocol):
+    """A benchmark hook: this peer paces its work like another device (built by the lab, passed in by
+    ``meshd serve --emulate``; the daemon never builds one itself)."""
+
+    def stage(self, stage: Stage) -> Stage: ...
+
+    def vocab(self, vocab: Stage) -> Stage: ...
+
+    def drafters(self, factory: Callable[[], Any] | None) -> Callable[[], Any] | None: ...
+
+    def report(self) -> dict: ...
+
+
 class Daemon:
     """One peer: model, mesh node, runtime and REST API.
 
     ``stage_wrapper`` and ``link_emulation`` are benchmark hooks, never set by ``meshd serve``: what
     each loaded layer slice is wrapped in before it serves (to emulate a slower device), and a
     shaping of every link this peer sends on (to emulate a slower network). The lab's launcher
-    (``python -m meshd.lab.emulate serve``) builds them.
+    (``python -m meshd.lab.emulate serve``) builds them. ``device`` paces stage forwards, the LM head
+    and drafting like another device and reports how often the real work overran (``/mesh``).
     """
 
     def __init__(
@@ -104,9 +119,10 @@ class Daemon:
         *,
         stage_wrapper: Callable[[Stage], Stage] | None = None,
         link_emulation: LinkEmulation | None = None,
+        device: DeviceHooks | None = None,
     ):
         self.cfg = cfg
-        self.stage_wrapper, self.link_emulation = stage_wrapper, link_emulation
+        self.stage_wrapper, self.link_emulation, self.device = stage_wrapper, link_emulation, device
         self.stopping = asyncio.Event()
         # The slice loaded for a proposed plan, installed only when that plan commits: (epoch, stage).
         self._staged: tuple[int, Stage | None] | None = None
@@ -132,6 +148,8 @@ class Daemon:
         notify.status("loading the tokenizer")
         tokenizer = await asyncio.to_thread(source.load_tokenizer)
         factory = await asyncio.to_thread(drafter_factory, cfg.drafter, vocab, source=source)
+        if self.device is not None:
+            vocab, factory = self.device.vocab(vocab), self.device.drafters(factory)
         self.runtime = rt = Runtime(
             source,
             vocab,
@@ -139,6 +157,7 @@ class Daemon:
             tokenizer=tokenizer,
             max_context=cfg.max_context,
             session_timeout=cfg.session_timeout,
+            flow_slots=cfg.flow_slots,
         )
         mesh_cfg = MeshConfig(
             api_port=cfg.port,
@@ -218,6 +237,8 @@ class Daemon:
             time.monotonic() - t0,
             ", ".join(f"{t} tokens {s * 1e3:.1f} ms" for t, s in sorted(curve.items())),
         )
+        if self.device is not None:
+            st = self.device.stage(st)
         self._staged = (plan.epoch, self.stage_wrapper(st) if self.stage_wrapper is not None else st)
         self.node.set_cost_curve(curve)
 
@@ -281,6 +302,8 @@ class Daemon:
             hello = self.node.peers.get(p["node_id"])
             p["cost_curve_ms"] = {t: round(s * 1e3, 3) for t, s in (hello.cost_curve if hello else {}).items()}
             p["version"] = hello.version if hello else None
+        if self.device is not None:
+            status["emulation"] = self.device.report()
         return status
 
 
@@ -289,11 +312,12 @@ def serve(
     *,
     stage_wrapper: Callable[[Stage], Stage] | None = None,
     link_emulation: LinkEmulation | None = None,
+    device: DeviceHooks | None = None,
 ) -> int:
     """Run one daemon until SIGTERM/SIGINT; the hooks are ``Daemon``'s benchmark hooks."""
     logs.configure(cfg.log_level)
     if uvloop is not None:
         uvloop.install()
     with contextlib.suppress(KeyboardInterrupt):
-        return asyncio.run(Daemon(cfg, stage_wrapper=stage_wrapper, link_emulation=link_emulation).run())
+        return asyncio.run(Daemon(cfg, stage_wrapper=stage_wrapper, link_emulation=link_emulation, device=device).run())
     return 130

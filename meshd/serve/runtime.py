@@ -119,8 +119,10 @@ class Runtime:
         max_context: int = 4096,
         wire_dtype: torch.dtype | None = None,
         session_timeout: float = 300.0,
+        flow_slots: int | None = None,
     ):
         self.source, self.vocab, self.tokenizer = source, vocab, tokenizer
+        self.flow_slots = flow_slots  # the originator's segments in flight per flow request (None: from the ring)
         # a stage frees a request's KV session after this long without traffic: its originator vanished
         # (killed, partitioned) and will never send the close; swept from the compute loop
         self.session_timeout = session_timeout
@@ -147,6 +149,8 @@ class Runtime:
             "tokens_total": 0,
             "rounds_total": 0,
             "accepted_total": 0,
+            "rows_computed_total": 0,  # tree rows sent around the ring (finished requests)
+            "rows_accepted_total": 0,  # of those, drafted rows the target accepted
         }
         self.started = time.time()
         self.unavailable_reason = "no committed plan yet: waiting for peers"
@@ -192,7 +196,9 @@ class Runtime:
                         "was in flight; retry it",
                     )
         if self.originator is None:
-            self.originator = Originator(self.vocab, self.drafter_factory, ring.curves, origin=self.node_id)
+            self.originator = Originator(
+                self.vocab, self.drafter_factory, ring.curves, origin=self.node_id, flow_slots=self.flow_slots
+            )
         else:
             self.originator.set_ring(ring.curves)
 
@@ -310,6 +316,8 @@ class Runtime:
         elif a.request_id in self.handles:
             self.counters["rounds_total"] += a.stats.rounds
             self.counters["accepted_total"] += sum(a.stats.per_round)
+            self.counters["rows_computed_total"] += a.stats.verified_nodes
+            self.counters["rows_accepted_total"] += a.stats.accepted_drafts
             self._finish_handle(a.request_id, a.reason, a.stats, a.error)
 
     def _finish_handle(self, rid: str, reason: str, stats: Stats | None, error: str | None) -> None:
@@ -436,6 +444,19 @@ class Runtime:
             "utilisation": round(w.busy_seconds / up, 4),
         }
 
+    def originator_stats(self) -> dict | None:
+        """Segments in flight per live request this peer originates, and the slots it aims for."""
+        o = self.originator
+        if o is None:
+            return None
+        return {
+            "live_segments": o.live_segments(),
+            "peak_segments": o.peak_segments,
+            "flow_slots": o.flow_slots or "auto",
+            "ring_latency_ms": round(o.ring.latency(8) * 1e3, 2),
+            "ring_step_ms": round(o.ring.step(8) * 1e3, 2),
+        }
+
     def metrics(self) -> dict:
         c = dict(self.counters)
         c["requests_in_flight"] = len(self.handles)
@@ -445,6 +466,8 @@ class Runtime:
         c["stage_utilisation"] = st.get("utilisation", 0.0)
         c["stage_queue_rows"] = st.get("queued_rows", 0)
         c["stage_sessions"] = st.get("sessions", 0)
+        live = self.originator.live_segments() if self.originator is not None else {}
+        c["segments_in_flight"] = sum(live.values())  # this originator's requests, all together
         return c
 
     def status(self) -> dict:
@@ -458,6 +481,7 @@ class Runtime:
             "ready": self.ready()[0],
             "reason": self.ready()[1] or None,
             "stage": self.stage_stats() or None,
+            "originator": self.originator_stats(),
             "metrics": self.metrics(),
             "plan": {"epoch": ring.epoch, "committed": True, "stages": []} if ring else None,
             "peers": [],

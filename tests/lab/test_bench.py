@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from meshd import cli
+from meshd.lab import bench
 from meshd.lab.bench import EVERYDAY, question_file, spread_over_categories
 from training.prompts import SPEC_BENCH_ENV, load_questions
 
@@ -55,3 +56,26 @@ def test_spread_over_categories_is_round_robin(tmp_path):
     qs = load_questions(f, None, 10)
     assert [q["question_id"] for q in spread_over_categories(qs, 4)] == [1, 3, 4, 2]
     assert len(spread_over_categories(load_questions(EVERYDAY, None, 10), 13)) == 13
+
+
+def test_device_notes_give_busy_fractions_and_flag_an_emulation_that_overran():
+    em = {
+        "spec": "jetson-orin-7b:x8",
+        "stage_forwards": {"calls": 90, "overruns": 0},
+        "lm_head": {"calls": 10, "overruns": 0},
+        "drafts": {"calls": 0, "overruns": 0},
+    }
+    slow = {**em, "lm_head": {"calls": 10, "overruns": 10}, "stage_forwards": {"calls": 10, "overruns": 5}}
+    note = bench.devices_note(
+        [
+            {"node": 0, "stage": {}, "emulation": em, "busy_fraction": 0.42},
+            {"node": 1, "stage": {}, "emulation": slow, "busy_fraction": 0.2},
+        ]
+    )
+    lines = note.strip().splitlines()
+    assert (
+        lines[0] == "daemon 0: busy fraction 0.42 during the benchmark, EMULATED jetson-orin-7b:x8: "
+        "0/100 calls overran the profile"
+    )
+    assert "15/20 calls overran" in lines[1] and "CPU-bound" in lines[1]
+    assert bench.devices_note([]) == ""

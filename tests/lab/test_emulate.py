@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from types import SimpleNamespace
 
@@ -10,11 +11,13 @@ import torch
 
 from meshd.cli import build_parser as meshd_parser
 from meshd.config import Config
-from meshd.lab.emulate import SlowerStage, build_parser, link_emulation, slowdown
+from meshd.lab.emulate import DeviceEmulation, SlowerStage, build_parser, link_emulation, slowdown
+from meshd.lab.sim.profiles import Profile
 from meshd.ring.messages import Segment
 from meshd.ring.worker import StageWorker
 from meshd.serve.daemon import Daemon
 from meshd.serve.runtime import Runtime
+from models.drafters import NGramDrafter
 from models.ranges import LayerRange
 from models.source import ModelSource
 from models.stage import Stage
@@ -89,9 +92,83 @@ def test_link_text_becomes_the_links_shaping():
         link_emulation("fast")
 
 
-def test_emulation_flags_belong_to_the_launcher_not_to_meshd_serve():
+def test_emulation_flags_belong_to_the_launcher_and_to_serve_never_to_the_config():
     args = build_parser().parse_args(["serve", "--device-slowdown", "3", "--link", "1ms/10mbit", "--port", "9001"])
     assert (args.device_slowdown, args.link, args.port) == (3.0, "1ms/10mbit", 9001)
-    for flag in ("--device-slowdown", "--link", "--latency-ms", "--bandwidth-mbps"):
+    for flag in ("--device-slowdown", "--latency-ms", "--bandwidth-mbps"):
         with pytest.raises(SystemExit):
             meshd_parser().parse_args(["serve", flag, "1"])
+    # a device profile and a link shape: benchmark hooks meshd serve builds (from the lab) and injects
+    args = meshd_parser().parse_args(["serve", "--emulate", "jetson-orin-7b:x4", "--link", "1ms/150mbit"])
+    assert (args.emulate, args.link) == ("jetson-orin-7b:x4", "1ms/150mbit")
+    assert not hasattr(Config(), "emulate") and not hasattr(Config(), "link")
+
+
+def _profile(layer_ms: float, head_ms: float, per_level_ms: float) -> Profile:
+    return Profile.from_json(
+        {
+            "name": "test-board",
+            "n_layers": 4,
+            "hidden": 64,
+            "layer_ms": {"1": layer_ms, "64": layer_ms},
+            "head_ms": {"1": head_ms, "64": head_ms},
+            "draft": {"per_call_ms": 0.0, "per_level_ms": per_level_ms},
+        }
+    )
+
+
+def test_an_emulated_device_takes_the_profiles_time_and_counts_overruns(tiny_dir):
+    """``--emulate``: a slice of k of the model's N layers takes the profile's time for k/N of its layers;
+    the LM head and each draft call likewise; a call whose real work took longer counts as an overrun."""
+    full = Stage.load(ModelSource.resolve(str(tiny_dir)), dtype="fp32")
+    half = LayerRange(0, full.cfg.n_layers // 2)
+    seg = Segment("r", [0, 1, 2], [-1, 0, 1], [0, 1, 2], tokens=[3, 4, 5], commit=True)
+    emu = DeviceEmulation(_profile(60.0, 40.0, 10.0), factor=2.0)  # a slow board: 60 ms per layer, x2
+    (want,) = StageWorker(full.slice(half), embed=full.embed).run([seg])
+    t0 = time.perf_counter()
+    (got,) = StageWorker(emu.stage(full.slice(half)), embed=full.embed).run([seg])
+    assert time.perf_counter() - t0 >= 2 * 2 * 0.060  # half of the profile's 4 layers, 60 ms each, x2
+    assert torch.equal(got.hidden, want.hidden)
+    t0 = time.perf_counter()
+    head = emu.vocab(full)
+    assert torch.equal(head.logits(want.hidden), full.logits(want.hidden))
+    assert time.perf_counter() - t0 >= 2 * 0.040
+    drafter = emu.drafters(lambda: NGramDrafter())()
+    drafter.reset([1, 2, 1, 2])
+    t0 = time.perf_counter()
+    tree = drafter.draft([1, 2, 1, 2, 1], top_k=2, depth=3, max_nodes=16)
+    assert time.perf_counter() - t0 >= 2 * 0.010 * max(tree.depth)
+    rep = emu.report()
+    assert rep["emulated"] and rep["profile"] == "test-board" and rep["factor"] == 2.0
+    assert [rep[k]["calls"] for k in ("stage_forwards", "lm_head", "drafts")] == [1, 1, 1]
+    assert sum(rep[k]["overruns"] for k in ("stage_forwards", "lm_head", "drafts")) == 0
+    fast = DeviceEmulation(_profile(1e-6, 1e-6, 0.0))  # a board faster than this machine: every call overruns
+    StageWorker(fast.stage(full.slice(half)), embed=full.embed).run([seg])
+    assert fast.report()["stage_forwards"] == {**fast.report()["stage_forwards"], "calls": 1, "overruns": 1}
+
+
+def test_emulate_names_a_builtin_profile_or_a_file_and_a_factor(tmp_path):
+    emu = DeviceEmulation.parse("jetson-orin-7b:x4")
+    assert (emu.profile.name, emu.factor, emu.spec) == ("jetson-orin-7b", 4.0, "jetson-orin-7b:x4")
+    path = tmp_path / "board.json"
+    path.write_text(json.dumps(_profile(1.0, 1.0, 1.0).to_json()))
+    assert DeviceEmulation.parse(str(path)).profile.name == "test-board"
+    for bad, why in (
+        ("pi-5", "neither a built-in"),
+        ("jetson-orin-7b:xfast", "PROFILE:xK"),
+        ("jetson-orin-7b:x0", "from 1"),
+    ):
+        with pytest.raises(ValueError, match=why):
+            DeviceEmulation.parse(bad)
+
+
+async def test_the_daemon_paces_its_slice_and_reports_the_emulation_in_mesh(tiny_dir):
+    src = ModelSource.resolve(str(tiny_dir))
+    emu = DeviceEmulation(_profile(1.0, 1.0, 1.0))
+    daemon = Daemon(Config(), device=emu)
+    daemon.runtime = Runtime(src, Stage.load(src, LayerRange(0, 0), vocab=True, dtype="fp32"), None)
+    daemon.node = SimpleNamespace(set_cost_curve=lambda c: None, status=lambda: {"peers": []}, peers={})
+    mine = Assignment("me", LayerRange(0, 2))
+    await daemon._load_slice(Plan(1, (mine,), ("me",), src.config.n_layers), mine)
+    assert daemon.runtime.worker.stage.pacer is emu.stages  # the slice serves paced by the profile
+    assert daemon._mesh_status()["emulation"] == emu.report()

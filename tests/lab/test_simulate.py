@@ -16,7 +16,7 @@ from meshd.lab.sim import cli as sim_cli
 from meshd.lab.sim.calibration import calibration_rows, calibration_specs, fit_scale_and_hop
 from meshd.lab.sim.links import ROW_META_BYTES, SEGMENT_META_BYTES, TOKEN_BYTES, LinkModel, parse_link
 from meshd.lab.sim.profiles import DraftCost, Profile, flat, jetson_orin_7b, measure_profile
-from meshd.lab.sim.simulation import Simulation, summarize_traces
+from meshd.lab.sim.simulation import Simulation, parse_variant, summarize_traces
 from meshd.ring.scheduler import Request
 from models.drafters import ModelDrafter, NGramDrafter
 from models.source import ModelSource
@@ -301,9 +301,11 @@ def test_cli_prints_simulated_table(tiny_env, capsys, tmp_path):
     )
     text = capsys.readouterr()
     assert "SIMULATED" in text.out and "flow/chunk" in text.out and "decode tok/s (simulated)" in text.out
-    assert "[6/6]" in text.err  # progress: 2 prompts x 3 modes
+    assert "[8/8]" in text.err  # progress: 2 prompts x 4 modes (flow@1: one tree per round, next to flow)
     rec = json.loads(out.read_text())
-    assert rec["label"] == "simulated" and set(rec["summary"]) == {"ar", "chunk", "flow"}
+    assert rec["label"] == "simulated" and set(rec["summary"]) == {"ar", "chunk", "flow@1", "flow"}
+    assert {"flow/chunk", "flow/ar", "flow@1/chunk", "flow@1/ar"} <= set(rec["ratios"])
+    assert all(s["rows_accepted"] <= s["rows_verified"] for s in rec["summary"].values())
     assert rec["timeline"] and all(0 <= u <= 1 for s in rec["summary"].values() for u in s["utilisation"])
 
 
@@ -384,3 +386,11 @@ def test_cli_calibration_fits_a_per_message_overhead(tiny_env, capsys, tmp_path,
     ars = [r for r in fit["calibration"] if r["mode"] == "ar"]
     assert all(r["fitted"] and abs(r["rel_error"]) < 0.05 for r in ars), ars
     assert not any(r["fitted"] for r in fit["calibration"] if r["mode"] == "flow")
+
+
+def test_a_flow_variant_names_its_slots():
+    assert parse_variant("flow") == ("flow", None) and parse_variant("flow@1") == ("flow", 1)
+    assert parse_variant("chunk") == ("chunk", None)
+    for bad in ("flow@0", "ar@2", "flow@x"):
+        with pytest.raises(ValueError, match="flow@N"):
+            parse_variant(bad)

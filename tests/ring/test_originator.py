@@ -190,7 +190,7 @@ def test_flow_and_chunk_cut_the_same_tree_differently(target):
     tree = {p: [(0, a, 0.6), (0, b, 0.3), (1, c, 0.9)]}
     cut = {}
     for mode in ("chunk", "flow"):
-        orig = originator(target, Scripted(tree), stages=2)
+        orig = originator(target, Scripted(tree), stages=2, flow_slots=1)  # one tree per round, as before slots
         segs = segments(prefill(orig, target, Request("r", [a, b], 8, mode), first=p))
         cut[mode] = [s.tokens for s in segs]
         assert orig.live["r"].stats.target_forwards == 1 + (1 if mode == "chunk" else len(segs))
@@ -201,7 +201,7 @@ def test_flow_and_chunk_cut_the_same_tree_differently(target):
 def test_flow_decides_step_wise_prunes_and_extends_the_tree(target):
     p, a, b, c, d, e = target.tokens[:6]
     drafter = Scripted({p: [(0, a, 0.6), (0, b, 0.3), (1, c, 0.9)], c: [(0, d, 0.9)]})
-    orig = originator(target, drafter, stages=2)
+    orig = originator(target, drafter, stages=2, flow_slots=1)  # one tree per round, as before slots
     s1, s2 = segments(prefill(orig, target, Request("r", [a, b], 16, "flow"), first=p))
     assert (s1.node_ids, s1.tokens, s2.node_ids, s2.tokens) == ([2, 3], [p, a], [5, 4], [c, b])
     # the first segment is back: the target takes a, then says c, whose own output is still in flight
@@ -280,3 +280,56 @@ def test_ring_lost_fails_every_live_request(target):
     assert [a.request_id for a in acts] == ["a", "a", "b", "b"]
     assert all(a.reason == "error" and a.error == "peer p holding layers was lost" for a in acts[1::2])
     assert orig.live == {} and orig.ring_lost("again") == []
+
+
+# ---- flow with segments in flight -------------------------------------------------------------
+STEEP = CostCurve({1: 1.0, 64: 64.0})  # a row costs as much as a forward: the first segment stays small
+
+
+def test_flow_slots_send_a_small_first_segment_then_fillers_in_score_order(target):
+    p, a, b, c, d = target.tokens[:5]
+    # score order: a 0.6, c (under a) 0.54, b 0.3, d (under b) 0.15
+    drafter = Scripted({p: [(0, a, 0.6), (0, b, 0.3), (1, c, 0.9), (2, d, 0.5)]})
+    orig = Originator(target.head, lambda: drafter, [STEEP] * 2, clock=lambda: 0.0, timer=lambda: 0.0, flow_slots=3)
+    segs = segments(prefill(orig, target, Request("r", [a, b], 16, "flow"), first=p))
+    assert [s.first for s in segs] == [True] + [False] * (len(segs) - 1)
+    assert len(segs) == 3 and segs[0].tokens[0] == p and segs[0].node_ids[0] == 2  # the root goes first
+    # a row costs a forward here: one node per segment, the best unsent candidates first, until the slots are full
+    assert [s.tokens for s in segs] == [[p], [a], [c]]
+    sent = {n for s in segs for n in s.node_ids}
+    assert all(par in sent | {1} for s in segs for par in s.parents)  # every parent sent before its child
+    assert orig.live_segments() == {"r": 3}
+
+
+def test_flow_refills_a_slot_freed_by_a_prune_and_restarts_at_once_from_the_bonus_token(target):
+    p, a, b, c, d, z = target.tokens[:6]
+    drafter = Scripted({p: [(0, a, 0.6), (0, b, 0.3), (1, c, 0.9), (2, d, 0.5)], z: [(0, a, 0.9)]})
+    orig = Originator(target.head, lambda: drafter, [STEEP] * 2, clock=lambda: 0.0, timer=lambda: 0.0, flow_slots=3)
+    s1, s2, _ = segments(prefill(orig, target, Request("r", [a, b], 16, "flow"), first=p))
+    # the root says z: no child matches, the round ends; every other segment is dead, the ring refills now
+    acts = orig.on_result(said(target, s1, [z] * len(s1)))
+    assert acts[0] == Emit("r", [z])
+    assert isinstance(acts[1], SendPrune) and acts[1].prune.keep == [2]
+    new = segments(acts[2:])
+    assert new[0].first and new[0].tokens[0] == z and new[0].parents[0] == 2
+    assert orig.live_segments() == {"r": len(new)}
+    # a late result for the dead segments moves nothing and sends nothing beyond the slots
+    assert segments(orig.on_result(said(target, s2, [a] * len(s2)))) == []
+    assert orig.live_segments() == {"r": len(new)}
+
+
+def test_ring_timer_learns_the_links_from_lone_segments():
+    from meshd.ring.ringtime import RingTimer
+
+    ring = RingTimer([CostCurve({1: 0.010, 64: 0.010})] * 4)  # flat stages: 40 ms of compute per trip
+    assert ring.latency(8) == pytest.approx(0.040) and ring.slots(8, 16) == 4
+    for k, rows in enumerate([1, 8, 16, 32] * 5):  # a link: 1 ms per segment + 0.5 ms per row per trip
+        ring.sent(k, rows, 0.0, alone=True)
+        ring.returned(k, 0.040 + 0.001 + 0.0005 * rows)
+    a, b = ring.link()
+    assert a == pytest.approx(0.001, abs=1e-4) and b == pytest.approx(0.0005, rel=0.05)
+    # 64 rows: each of 4 hops carries them for 8 ms, under a stage's 10 ms; 128 rows: 16 ms, the new slowest step
+    assert ring.step(64) == pytest.approx(0.010) and ring.step(128) == pytest.approx(0.016, rel=0.05)
+    ring.sent("x", 8, 0.0, alone=False)  # behind others: its trip includes queueing, not a sample
+    ring.returned("x", 10.0)
+    assert ring.link() == (a, b)

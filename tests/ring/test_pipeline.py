@@ -101,3 +101,22 @@ def test_prune_is_order_independent(tiny_src):
     assert out1[0].node_ids == out2[0].node_ids == [3, 4]
     assert torch.equal(out1[0].hidden, out2[0].hidden)  # same rows, cache and mask: the same ops in the same order
     assert w1.sessions["r"].cache.length == w2.sessions["r"].cache.length == 5
+
+
+@pytest.mark.parametrize("stages", [2, 3, 4, 5])
+@pytest.mark.parametrize("slots", [1, 3, None])
+def test_flow_equals_greedy_for_every_slot_setting(tiny_src, stages, slots):
+    """Segments in flight change when rows are computed, never what is decided (None: slots from the ring model)."""
+    pipe = build_local_pipeline(tiny_src, stages, None, flow_slots=slots)
+    pipe.originator.drafter_factory = factory_for(
+        "self" if stages % 2 else "early-exit", tiny_src, pipe.originator.vocab
+    )
+    prompt = torch.randint(0, 64, (20,), generator=torch.Generator().manual_seed(stages)).tolist()
+    want, gaps = greedy_reference(pipe.originator.vocab, prompt, 24, set())
+    pipe.submit(Request("r", prompt, 24, "flow"))
+    out = pipe.run()["r"]
+    assert out.reason == "length", out.error
+    assert_matches_greedy(out.tokens, want, gaps)
+    assert all(not w.sessions and not w.queue for w in pipe.workers)
+    if slots is not None and slots > 1:  # never more in flight than the slots (1: one tree per round, as before)
+        assert 1 <= pipe.originator.peak_segments <= slots

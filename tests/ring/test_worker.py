@@ -12,6 +12,7 @@ from support import forward_terms, rounding_tolerance
 
 from meshd.ring.messages import PROMPT_PARENT, Close, Prune, Result, Segment
 from meshd.ring.worker import StageWorker
+from models.budget import CostCurve
 from models.source import ModelSource
 from models.stage import Stage
 
@@ -131,7 +132,8 @@ def test_take_batch_one_segment_per_request_in_arrival_order(full):
     # a's tree depends on a's prompt: it waits for the next forward; c would exceed 6 rows
     assert [(s.request_id, s.node_ids[0]) for s in w.take_batch()] == [("a", 0), ("b", 0)]
     assert [(s.request_id, s.node_ids[0]) for s in w.queue] == [("a", 3), ("c", 0)]  # still in arrival order
-    assert [(s.request_id, s.node_ids[0]) for s in w.take_batch()] == [("a", 3), ("c", 0)]
+    # both fit now; c's prompt leads (its originator waits on it), a's tree is not a round's first segment
+    assert [(s.request_id, s.node_ids[0]) for s in w.take_batch()] == [("c", 0), ("a", 3)]
     assert w.take_batch() == [] and w.queued_rows == 0
     w.max_batch_rows = 2
     w.handle(prompt("d"))
@@ -187,3 +189,49 @@ def test_a_stage_refuses_a_result(full):
     w = worker(full)
     with pytest.raises(TypeError, match="cannot handle Result"):
         w.handle(Result("r", [0], torch.zeros(1, 4)))
+
+
+def test_a_rounds_first_segment_goes_before_filler_and_older_requests_before_newer(full):
+    w = worker(full, max_batch_rows=3)
+    for rid in ("a", "b"):  # a's session opens first: a is the older request
+        w.handle(prompt(rid))
+        w.step()
+    w.handle(Segment("a", [3, 4, 5], [2, 2, 3], [3, 3, 4], tokens=[8, 9, 10]))  # filler
+    w.handle(Segment("b", [3, 4, 5], [2, 2, 3], [3, 3, 4], tokens=[8, 9, 10], first=True))
+    assert [s.request_id for s in w.take_batch()] == ["b"]  # the walk waits on b's first segment
+    assert [s.request_id for s in w.take_batch()] == ["a"]
+    w.handle(Segment("b", [6], [5], [5], tokens=[1]))  # both fillers now, b's arrived first
+    w.handle(Segment("a", [6, 7, 8], [5, 5, 5], [5, 5, 5], tokens=[1, 2, 3]))
+    assert [s.request_id for s in w.take_batch()] == ["a"]  # equal priority: the older request
+
+
+def test_queued_segments_of_one_request_coalesce_where_the_curve_is_flat(full):
+    flat, steep = CostCurve({1: 1.0, 64: 1.1}), CostCurve({1: 1.0, 64: 64.0})
+    later = Segment("r", [6], [5], [5], tokens=[11])
+    outs = {}
+    for name, cost in (("flat", flat), ("steep", steep), ("none", None)):
+        w = worker(full, cost=cost)
+        w.handle(prompt())
+        w.step()
+        w.handle(tree())
+        w.handle(later)  # depends on 5, queued in the segment ahead of it
+        batch = w.take_batch()
+        outs[name] = w.run(batch)
+        if name == "flat":  # one forward for both: the dependency is inside one segment now
+            assert [s.node_ids for s in batch] == [[3, 4, 5, 6]] and w.coalesced == 1 and not w.queue
+        else:
+            assert [s.node_ids for s in batch] == [[3, 4, 5]] and w.coalesced == 0
+            outs[name] += w.step()
+    # the same rows computed either way (fp32; a different batch shape changes only the rounding)
+    sep = torch.cat([o.hidden for o in outs["none"]])
+    tol = rounding_tolerance(torch.float32, forward_terms(full.cfg, context=7, lm_head=False), sep.abs().max())
+    assert (outs["flat"][0].hidden - sep).abs().max() <= tol
+
+
+def test_a_new_requests_prompt_goes_before_other_requests_filler(full):
+    w = worker(full, max_batch_rows=3)
+    w.handle(prompt("a"))
+    w.step()
+    w.handle(Segment("a", [3, 4, 5], [2, 2, 3], [3, 3, 4], tokens=[8, 9, 10]))  # a's filler, queued first
+    w.handle(prompt("b"))  # b's originator waits on its prompt: it goes first, though b is newer
+    assert [s.request_id for s in w.take_batch()] == ["b"]

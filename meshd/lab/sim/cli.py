@@ -18,6 +18,7 @@ from meshd.lab.sim.simulation import (
     FLOWSPEC_7B_FLOW_OVER_CHUNK,
     SimResult,
     Simulation,
+    parse_variant,
     ratios,
     run_modes,
     simulation_table,
@@ -79,10 +80,13 @@ def _simulate(
     rate: float,
     seed: int,
     temperature: float,
+    coalesce: bool = False,
 ) -> tuple[dict[str, list[SimResult]], str]:
     spec, factory = env.factory(drafter)
+    for m in modes:
+        parse_variant(m)  # a bad label fails before the first simulation, not after some
 
-    def make() -> Simulation:
+    def make(label: str) -> Simulation:
         return Simulation(
             env.full,
             factory,
@@ -92,6 +96,8 @@ def _simulate(
             origins=origins,
             compute_scale=compute_scale,
             cores=cores,
+            flow_slots=parse_variant(label)[1],
+            coalesce=coalesce,
         )
 
     labels = [f"q{q['question_id']}-{q['category']}" for q in questions]
@@ -215,6 +221,7 @@ def main(args) -> int:
         rate=args.rate,
         seed=args.seed,
         temperature=args.temperature,
+        coalesce=args.coalesce,
     )
     summary = {m: summarize_traces(r) for m, r in res.items()}
     flow = res.get("flow") or next(iter(res.values()))

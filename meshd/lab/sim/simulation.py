@@ -57,6 +57,18 @@ from models.verify import Sampling
 FLOWSPEC_7B_FLOW_OVER_CHUNK = 1.43  # FlowSpec, LLaMA2-chat 7B, 5 Jetson boards, T=0 (measured, published)
 
 
+def parse_variant(label: str) -> tuple[str, int | None]:
+    """A mode as the simulator runs it: ``flow@N`` is ``flow`` with N segments in flight per request
+    (``flow@1``: one tree per round, the scheduler before slots); any other label is a plain mode,
+    ``flow`` with its slots from the ring model."""
+    mode, at, slots = label.partition("@")
+    if not at:
+        return mode, None
+    if mode != "flow" or not slots.isdigit() or int(slots) < 1:
+        raise ValueError(f"mode {label!r}: only flow takes a slot count, as flow@N with N >= 1")
+    return mode, int(slots)
+
+
 # ---- what a run records -------------------------------------------------------------------
 @dataclass
 class Busy:
@@ -82,6 +94,7 @@ class RequestTrace:
     reason: str | None = None
     error: str | None = None
     stats: Stats | None = None
+    peak_segments: int = 0  # most segments of this request in flight at once
 
     @property
     def new_tokens(self) -> int:
@@ -143,8 +156,23 @@ class SimResult:
 
 # ---- the simulator ------------------------------------------------------------------------
 class _DraftMeter:
-    def __init__(self) -> None:
+    """What drafting cost so far: measured CPU seconds, tree levels and calls, and the device's
+    modelled time for them (``modelled``), which the originator reads as its timer."""
+
+    def __init__(self, profile: Profile, scale: float) -> None:
+        self.profile, self.scale = profile, scale
         self.seconds, self.levels, self.calls = 0.0, 0, 0
+        self.modelled = 0.0
+
+    def add(self, seconds: float, levels: int = 0, calls: int = 0) -> None:
+        self.seconds, self.levels, self.calls = self.seconds + seconds, self.levels + levels, self.calls + calls
+        d = self.profile.draft
+        if self.profile.originator_measured:
+            self.modelled += seconds * self.scale
+        elif d.measured_scale is not None:
+            self.modelled += seconds * d.measured_scale
+        else:
+            self.modelled += d.per_call * calls + d.per_level * levels
 
 
 class _TimedDrafter:
@@ -159,15 +187,13 @@ class _TimedDrafter:
     def draft(self, context: list[int], **kw):
         t0 = time.thread_time()
         tree = self.inner.draft(context, **kw)
-        self.meter.seconds += time.thread_time() - t0
-        self.meter.calls += 1
-        self.meter.levels += max(tree.depth)
+        self.meter.add(time.thread_time() - t0, max(tree.depth), 1)
         return tree
 
     def accept(self, context: list[int], hidden) -> None:
         t0 = time.thread_time()
         self.inner.accept(context, hidden)
-        self.meter.seconds += time.thread_time() - t0
+        self.meter.add(time.thread_time() - t0)
 
     def __getattr__(self, name: str):
         return getattr(self.inner, name)
@@ -187,7 +213,9 @@ class _Device:
 
 class Simulation:
     """One simulated mesh. ``origins``: for each originator, the stage whose device hosts it, or None
-    for a device of its own (FlowSpec's head device). Requests go to ``origins[i]`` by ``add(..., origin=i)``."""
+    for a device of its own (FlowSpec's head device). Requests go to ``origins[i]`` by ``add(..., origin=i)``.
+    ``coalesce``: stages merge a request's queued segments into one forward where their cost curve
+    makes that cheap (``StageWorker``'s ``cost``)."""
 
     def __init__(
         self,
@@ -201,6 +229,7 @@ class Simulation:
         compute_scale: float = 1.0,
         cores: int | None = None,
         max_batch_rows: int = 256,
+        coalesce: bool = False,
         **originator_kw,
     ):
         if not origins:
@@ -212,7 +241,7 @@ class Simulation:
         self._seq = itertools.count()
         self._wire_free: dict[tuple[int, int], float] = {}
         self._cores = [0.0] * cores if cores else None
-        self.meter = _DraftMeter()
+        self.meter = _DraftMeter(profile, compute_scale)
         real = LayerRange.split(full.cfg.n_layers, stages)
         sim = LayerRange.split(profile.n_layers, stages)
         self.devices: list[_Device] = []
@@ -221,7 +250,10 @@ class Simulation:
             cost = profile.stage_cost(s.n_layers, compute_scale)
             curves.append(cost)
             worker = StageWorker(
-                full.slice(r), embed=full.embed if r.first == 0 else None, max_batch_rows=max_batch_rows
+                full.slice(r),
+                embed=full.embed if r.first == 0 else None,
+                max_batch_rows=max_batch_rows,
+                cost=cost if coalesce else None,
             )
             self.devices.append(_Device(k, worker, k, cost))
         self.stage_devices = list(range(stages))
@@ -232,11 +264,22 @@ class Simulation:
             if dev.originator is not None:
                 raise ValueError(f"stage {o} already hosts an originator")
             dev.originator = Originator(
-                full, factory, curves, clock=lambda: self._clock, origin=f"dev{dev.index}", **originator_kw
+                full,
+                factory,
+                curves,
+                clock=lambda: self._clock,
+                origin=f"dev{dev.index}",
+                timer=self._work_clock,
+                **originator_kw,
             )
             self.origin_device.append(dev.index)
         self.traces: dict[str, RequestTrace] = {}
         self.busy: list[Busy] = []
+
+    def _work_clock(self) -> float:
+        """The originator's timer: the simulated device's drafting time so far (CPU time on a measured
+        profile), so its budget and ring model see the simulated device, not this machine."""
+        return time.thread_time() * self.scale if self.profile.originator_measured else self.meter.modelled
 
     def _new_device(self) -> _Device:
         self.devices.append(_Device(len(self.devices)))
@@ -315,8 +358,7 @@ class Simulation:
         return start, start + cost
 
     def _originator_call(self, dev: _Device, t: float, call: Callable[[], list], head_rows: int, rid: str) -> float:
-        m = self.meter
-        draft0, levels0, calls0 = m.seconds, m.levels, m.calls
+        draft0 = self.meter.modelled
         self._clock = t
         c0 = time.thread_time()
         actions = call()
@@ -325,16 +367,13 @@ class Simulation:
         if p.originator_measured:
             cost = cpu * self.scale
         else:
-            d = p.draft
-            draft = (
-                (m.seconds - draft0) * d.measured_scale
-                if d.measured_scale is not None
-                else d.per_call * (m.calls - calls0) + d.per_level * (m.levels - levels0)
-            )
-            cost = (p.head(head_rows) if head_rows else 0.0) * self.scale + draft
+            cost = (p.head(head_rows) if head_rows else 0.0) * self.scale + self.meter.modelled - draft0
         start, end = self._compute(t, cost)
         if cost > 0:
             self.busy.append(Busy(dev.index, "originator", start, end, (rid,), head_rows))
+        live = dev.originator.live_segments().get(rid)
+        if live is not None and rid in self.traces:
+            self.traces[rid].peak_segments = max(self.traces[rid].peak_segments, live)
         self._dispatch(dev, actions, end)
         return end
 
@@ -412,6 +451,7 @@ def summarize_traces(results: Iterable[SimResult]) -> dict:
     rounds = sum(t.stats.rounds for t in done if t.stats)
     per_round = sum(sum(t.stats.per_round) for t in done if t.stats)
     nodes = sum(t.stats.verified_nodes for t in done if t.stats)
+    accepted = sum(t.stats.accepted_drafts for t in done if t.stats)
     span = sum(r.makespan for r in results)
     busy = [sum(x) for x in zip(*(r.stage_busy() for r in results))] if results else []
     tpot = [t.tpot for t in done]  # NaN for one-token answers, which percentile skips
@@ -430,11 +470,14 @@ def summarize_traces(results: Iterable[SimResult]) -> dict:
         "tpot_p50": percentile(tpot, 50),
         "tpot_p95": percentile(tpot, 95),
         "utilisation": [b / span if span > 0 else 0.0 for b in busy],
+        "rows_verified": nodes,
+        "rows_accepted": accepted,
+        "peak_segments": max((t.peak_segments for t in done), default=0),
     }
 
 
 def run_modes(
-    make_sim: Callable[[], Simulation],
+    make_sim: Callable[[str], Simulation],
     prompts: list[list[int]],
     modes: Sequence[str],
     *,
@@ -446,19 +489,21 @@ def run_modes(
     labels: Sequence[str] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, list[SimResult]]:
-    """Every prompt in every mode. ``rate`` 0: one request at a time (batch 1, FlowSpec's setting),
-    modes interleaved per prompt; ``rate`` > 0: each mode's prompts arrive as one Poisson stream."""
+    """Every prompt in every mode (labels as :func:`parse_variant` reads them; ``make_sim(label)`` builds
+    the mesh for one). ``rate`` 0: one request at a time (batch 1, FlowSpec's setting), modes
+    interleaved per prompt; ``rate`` > 0: each mode's prompts arrive as one Poisson stream."""
     eos, out = frozenset(eos), {m: [] for m in modes}
     labels = labels or [f"p{i}" for i in range(len(prompts))]
 
-    def request(i: int, mode: str) -> Request:
-        return Request(f"{mode}-{labels[i]}", prompts[i], max_tokens, mode, Sampling(temperature), seed, eos)
+    def request(i: int, label: str) -> Request:
+        mode = parse_variant(label)[0]
+        return Request(f"{label}-{labels[i]}", prompts[i], max_tokens, mode, Sampling(temperature), seed, eos)
 
     t_wall = time.perf_counter()
     if rate <= 0:
         for i in range(len(prompts)):
             for mode in modes:
-                sim = make_sim()
+                sim = make_sim(mode)
                 sim.add(request(i, mode))
                 res = sim.run()
                 out[mode].append(res)
@@ -473,7 +518,7 @@ def run_modes(
                     )
         return out
     for mode in modes:
-        sim = make_sim()
+        sim = make_sim(mode)
         n_orig = len(sim.origin_device)
         for i, at in enumerate(poisson_arrivals(len(prompts), rate, seed)):
             sim.add(request(i, mode), at, origin=i % n_orig)
@@ -488,8 +533,10 @@ def run_modes(
 
 
 def ratios(summary: dict[str, dict], key: str = "decode_tokens_per_s") -> dict[str, float]:
+    """flow (and each flow@N) over chunk and ar, and chunk over ar."""
+    flows = [m for m in summary if parse_variant(m)[0] == "flow"]
     out = {}
-    for a, b in (("flow", "chunk"), ("flow", "ar"), ("chunk", "ar")):
+    for a, b in [(f, base) for f in flows for base in ("chunk", "ar")] + [("chunk", "ar")]:
         if a in summary and b in summary and summary[b][key] > 0:
             out[f"{a}/{b}"] = summary[a][key] / summary[b][key]
     return out
@@ -514,12 +561,14 @@ def simulation_table(summary: dict[str, dict], rate: float) -> str:
     else:
         lines = [
             "| mode | decode tok/s (simulated) | end-to-end tok/s (simulated) | tokens/round | nodes/round | "
-            "TTFT s (simulated) | stage utilisation (simulated) |",
-            "|---|---|---|---|---|---|---|",
+            "rows accepted/computed | segments in flight (peak) | TTFT s (simulated) | "
+            "stage busy fraction (simulated) |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         lines += [
             f"| {m} | {s['decode_tokens_per_s']:.2f} | {s['tokens_per_s']:.2f} | {s['mean_accepted']:.2f} | "
-            f"{s['nodes_per_round']:.1f} | {s['ttft_mean']:.3f} | {util(s)} |"
+            f"{s['nodes_per_round']:.1f} | {s['rows_accepted']}/{s['rows_verified']} | {s['peak_segments']} | "
+            f"{s['ttft_mean']:.3f} | {util(s)} |"
             for m, s in summary.items()
         ]
         key = "decode_tokens_per_s"

@@ -1,0 +1,119 @@
+"""How long a segment takes around the ring, learned from the segments themselves (sans-IO).
+
+The continuous pipeline needs two times to decide how many segments of a request to keep in flight
+and how big to make them:
+
+- ``latency(m)``: from sending a segment of m rows to verifying it, with nothing ahead of it: every
+  stage's forward over m rows, plus per hop the link's latency and the wire time of m rows, plus the
+  originator's own work on it (LM head, verification, drafting);
+- ``step(m)``: the slowest single step such a segment passes through, which is how often the ring
+  can take a new one: one stage's forward, one hop's wire time, or the originator's work per segment.
+
+``slots(m) = ceil(latency(m) / step(m))`` segments keep every step busy. The compute part comes from the
+stages' published cost curves; the link part (``hop + wire * m`` summed over the hops) is not
+configured but fitted online from the send and return times of segments that went around alone,
+so a real link's speed is measured. Times come from the clock the caller reads; nothing here reads one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+
+from models.budget import CostCurve
+
+MAX_ROWS = 256  # the widest segment the curves below are tabulated for
+
+
+@dataclass
+class _Sent:
+    at: float
+    rows: int
+    alone: bool  # nothing else of this request was in flight: its round trip is a clean latency sample
+
+
+class RingTimer:
+    """Online model of the ring's latency and throughput for one originator.
+
+    ``memory`` is the weight the past keeps per new sample (the link part is a least-squares fit of
+    ``extra(m) = a + b * m`` with exponential forgetting); ``prior`` is how many samples' worth of
+    weight the prior (a free link) starts with, so one noisy sample cannot swing the model.
+    """
+
+    def __init__(self, stage_curves: Sequence[CostCurve], *, memory: float = 0.9, prior: float = 1.0):
+        if not stage_curves:
+            raise ValueError("a ring needs at least one stage")
+        self.hops = len(stage_curves)  # stage 0 ... last stage, then back to the originator
+        ts = sorted({1, MAX_ROWS, *(t for c in stage_curves for t in c.ts)})
+        self.compute = CostCurve({t: sum(c(t) for c in stage_curves) for t in ts})
+        self.slowest = CostCurve({t: max(c(t) for c in stage_curves) for t in ts})
+        self.memory = memory
+        # decayed sufficient statistics of (rows, extra seconds) samples; the prior is "no link cost"
+        self._w, self._x, self._y, self._xx, self._xy = prior, prior * 1.0, 0.0, prior * 1.0, 0.0
+        self.origin_seconds = 0.0  # the originator's work per segment (head, verification, drafting)
+        self._work_seen = False
+        self.samples = 0
+        self._sent: dict[Hashable, _Sent] = {}
+
+    # ---- observations ---------------------------------------------------------------------
+    def sent(self, key: Hashable, rows: int, at: float, alone: bool) -> None:
+        self._sent[key] = _Sent(at, rows, alone)
+
+    def returned(self, key: Hashable, at: float) -> float | None:
+        """Segment ``key`` came back at ``at``: its round trip (None for an unknown key)."""
+        s = self._sent.pop(key, None)
+        if s is None:
+            return None
+        trip = at - s.at
+        if s.alone:
+            self._fit(s.rows, trip - self.compute(s.rows) - self.origin_seconds)
+        return trip
+
+    def dropped(self, key: Hashable) -> None:
+        """Segment ``key`` will not come back (every row pruned): no sample."""
+        self._sent.pop(key, None)
+
+    def originator_work(self, seconds: float) -> None:
+        """One segment's worth of originator work was measured (exponential average)."""
+        if self._work_seen:
+            self.origin_seconds = self.memory * self.origin_seconds + (1.0 - self.memory) * seconds
+        else:
+            self.origin_seconds, self._work_seen = seconds, True
+
+    def _fit(self, rows: int, extra: float) -> None:
+        d = self.memory
+        self._w, self._x, self._y = d * self._w + 1, d * self._x + rows, d * self._y + extra
+        self._xx, self._xy = d * self._xx + rows * rows, d * self._xy + rows * extra
+        self.samples += 1
+
+    # ---- the model --------------------------------------------------------------------------
+    def link(self) -> tuple[float, float]:
+        """(seconds per segment, seconds per row) the links add to a round trip, summed over the hops;
+        never negative (noise cannot make a link faster than free)."""
+        w, x, y, xx, xy = self._w, self._x, self._y, self._xx, self._xy
+        den = w * xx - x * x
+        b = (w * xy - x * y) / den if den > 1e-9 * w * xx else 0.0
+        b = max(0.0, b)
+        a = max(0.0, (y - b * x) / w)
+        return a, b
+
+    def latency(self, rows: int) -> float:
+        a, b = self.link()
+        return self.compute(rows) + a + b * rows + self.origin_seconds
+
+    def step(self, rows: int) -> float:
+        _, b = self.link()
+        return max(self.slowest(rows), b * rows / self.hops, self.origin_seconds, 1e-9)
+
+    def slots(self, rows: int, most: int) -> int:
+        """Segments in flight that keep the slowest step busy, from 1 to ``most``."""
+        return max(1, min(most, math.ceil(self.latency(rows) / self.step(rows) - 1e-9)))
+
+    def latency_curve(self) -> CostCurve:
+        """``latency`` as a cost curve, for sizing a segment that must come back fast."""
+        return CostCurve({t: self.latency(t) for t in (1, 2, 4, 8, 16, 32, 64, 128, MAX_ROWS)})
+
+    def step_curve(self) -> CostCurve:
+        """``step`` as a cost curve, for sizing a segment that only has to keep the ring busy."""
+        return CostCurve({t: self.step(t) for t in (1, 2, 4, 8, 16, 32, 64, 128, MAX_ROWS)})
