@@ -169,6 +169,8 @@ async def test_the_daemon_paces_its_slice_and_reports_the_emulation_in_mesh(tiny
     daemon.runtime = Runtime(src, Stage.load(src, LayerRange(0, 0), vocab=True, dtype="fp32"), None)
     daemon.node = SimpleNamespace(set_cost_curve=lambda c: None, status=lambda: {"peers": []}, peers={})
     mine = Assignment("me", LayerRange(0, 2))
-    await daemon._load_slice(Plan(1, (mine,), ("me",), src.config.n_layers), mine)
+    plan = Plan(1, (mine,), ("me",), src.config.n_layers)
+    await daemon._load_slice(plan, mine)
+    daemon._install_slice(plan)  # served from the plan's commit on
     assert daemon.runtime.worker.stage.pacer is emu.stages  # the slice serves paced by the profile
     assert daemon._mesh_status()["emulation"] == emu.report()
