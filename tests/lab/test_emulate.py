@@ -167,7 +167,12 @@ async def test_the_daemon_paces_its_slice_and_reports_the_emulation_in_mesh(tiny
     emu = DeviceEmulation(_profile(1.0, 1.0, 1.0))
     daemon = Daemon(Config(), device=emu)
     daemon.runtime = Runtime(src, Stage.load(src, LayerRange(0, 0), vocab=True, dtype="fp32"), None)
-    daemon.node = SimpleNamespace(set_cost_curve=lambda c: None, status=lambda: {"peers": []}, peers={})
+    daemon.node = SimpleNamespace(
+        set_cost_curve=lambda c: None,
+        status=lambda: {"peers": []},
+        peers={},
+        hello=SimpleNamespace(memory_budget=None),
+    )
     mine = Assignment("me", LayerRange(0, 2))
     plan = Plan(1, (mine,), ("me",), src.config.n_layers)
     await daemon._load_slice(plan, mine)
