@@ -213,7 +213,7 @@ class Daemon:
         except (KeyError, ValueError, TypeError) as exc:
             log.warning("dropping %s from %s: %s", msg.type, sender, exc)
             return
-        self.runtime.deliver(ring_msg)
+        self.runtime.deliver(ring_msg, sender)
 
     def _mesh_status(self) -> dict:
         """The mesh half of ``GET /mesh``: plan, peers and their published cost curves."""

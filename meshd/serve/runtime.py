@@ -22,8 +22,9 @@ from typing import Any
 import torch
 
 from meshd.ring.interpreter import Delivery, ToClient, ToEveryStage, ToStage, forward, interpret
-from meshd.ring.messages import Result, RingMessage, Segment
+from meshd.ring.messages import Failure, Result, RingMessage, Segment
 from meshd.ring.scheduler import Action, CloseSessions, Emit, Originator, Request
+from meshd.ring.validate import FrameRejected
 from meshd.ring.worker import StageWorker
 from meshd.serve.engine import GenerateParams, RuntimeUnavailable
 from models.budget import CostCurve
@@ -113,9 +114,10 @@ class Runtime:
         self.transport: Callable[[str, RingMessage], Awaitable[None]] | None = None
         self.handles: dict[str, RequestHandle] = {}
         self._ring_of: dict[str, int] = {}  # request id -> ring epoch it started under
-        self._inbox: deque[RingMessage] = deque()
+        self._inbox: deque[tuple[RingMessage, str | None]] = deque()  # with the peer each came from
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
+        self._stopping = False
         self._background: set[asyncio.Future] = set()
         self.counters = {
             "requests_total": 0,
@@ -137,6 +139,8 @@ class Runtime:
         for rid in list(self.handles):
             self._fail(rid, "the daemon is shutting down")
         if self._loop_task:
+            self._stopping = True  # Python 3.11's wait_for can swallow a cancel: the loop checks this too
+            self._wake.set()
             self._loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._loop_task
@@ -293,7 +297,7 @@ class Runtime:
 
     async def _to_node(self, node: str | None, msg: RingMessage) -> None:
         if node is None:
-            self.deliver(msg)
+            self.deliver(msg, self.node_id)
             return
         if self.transport is None:
             raise RuntimeUnavailable("no transport to reach peer " + node)
@@ -302,25 +306,58 @@ class Runtime:
         except ConnectionError as exc:
             self._fail(msg.request_id, f"lost the link to peer {node}: {exc}")
 
-    def deliver(self, msg: RingMessage) -> None:
-        """A ring message for this device's worker (or a result for our originator), from a peer or from us."""
-        self._inbox.append(msg)
+    def deliver(self, msg: RingMessage, sender: str | None = None) -> None:
+        """A ring message for this device's worker (or a result or failure for our originator), from the
+        peer ``sender`` (our own node id: from us; None: a trusted in-process caller)."""
+        if isinstance(msg, Failure):
+            self._on_failure(msg, sender)
+            return
+        self._inbox.append((msg, sender))
         self._wake.set()
+
+    def _on_failure(self, msg: Failure, sender: str | None) -> None:
+        """A stage (or the mesh) says one of our requests cannot go on: fail it with that reason. Only a
+        peer of the ring may fail a request (any stage could stall it anyway); others are ignored."""
+        ring = self.ring
+        if msg.request_id not in self.handles or ring is None or (sender is not None and sender not in ring.nodes):
+            log.debug("ignoring %s failure of request %s from %s", msg.code, msg.request_id, sender)
+            return
+        self._fail(msg.request_id, f"peer {sender} failed the request ({msg.code}): {msg.reason}")
+
+    def _refused(self, exc: FrameRejected) -> None:
+        """This device's stage refused a message (or failed its forward): whoever must know hears why."""
+        log.warning("stage refused a message (%s) for %s", exc.code, exc)
+        if exc.tell is None or exc.tell == self.node_id:
+            self._fail(exc.request_id, f"{exc.reason} ({exc.code} at this device's stage)")
+        elif self.transport is not None:
+            failure = Failure(exc.request_id, exc.code, exc.reason)
+            task = asyncio.ensure_future(self._tell(exc.tell, failure))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _tell(self, node: str, failure: Failure) -> None:
+        try:
+            await self.transport(node, failure)
+        except Exception as exc:  # best effort: its own deadline fails the request if this never arrives
+            log.info("could not tell %s that request %s failed: %s", node, failure.request_id, exc)
 
     def _drain_inbox(self) -> list[Result]:
         """Runs in the torch thread: apply queued messages in arrival order; return results for us."""
         results = []
         while self._inbox:
-            msg = self._inbox.popleft()
+            msg, sender = self._inbox.popleft()
             if isinstance(msg, Result):
                 results.append(msg)
             elif self.worker is not None:
-                self.worker.handle(msg)
+                try:
+                    self.worker.handle(msg, sender)
+                except FrameRejected as exc:  # that request alone fails; the rest of the inbox goes on
+                    self._loop.call_soon_threadsafe(self._refused, exc)
         return results
 
     async def _compute_loop(self) -> None:
         sweep = max(0.05, min(30.0, self.session_timeout / 4))
-        while True:
+        while not self._stopping:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), sweep)
             self._wake.clear()
@@ -366,14 +403,13 @@ class Runtime:
             return results, self.worker.run(batch)
         except Exception as exc:
             # the batch is lost: its requests' sessions are unusable, so close them; local ones fail at once,
-            # remote originators notice through their own error path (their results never come)
+            # remote originators hear it in an error message
             log.exception("stage forward failed for %s", [s.request_id for s in batch])
             for seg in batch:
                 self.worker.close(seg.request_id)
-                if seg.request_id in self.handles:
-                    self._loop.call_soon_threadsafe(
-                        self._fail, seg.request_id, f"stage forward failed: {type(exc).__name__}: {exc}"
-                    )
+                why = f"stage forward failed: {type(exc).__name__}: {exc}"
+                refusal = FrameRejected(seg.request_id, "forward_failed", why, spoils=True, tell=seg.origin)
+                self._loop.call_soon_threadsafe(self._refused, refusal)
             return results, []
 
     async def _route_output(self, seg: Segment) -> None:
