@@ -107,6 +107,28 @@ class Config:
             hi=86400.0,
         ),
     )
+    contexts: int = field(
+        default=2,
+        metadata=_opt(
+            "requests of max_context tokens whose KV each stage holds at once: the planner reserves memory for "
+            "this many, and a stage refuses sessions beyond it",
+            lo=1,
+            hi=4096,
+        ),
+    )
+    sessions_per_peer: int = field(
+        default=16,
+        metadata=_opt("requests one peer may have open at a stage at once (a flood from one peer stops here)", lo=1),
+    )
+    stall_timeout: float = field(
+        default=60.0,
+        metadata=_opt(
+            "seconds a request may wait for any answer from the ring before it fails with an error (a stage hung "
+            "or dropped it)",
+            lo=1.0,
+            hi=86400.0,
+        ),
+    )
     drafter: str = field(
         default="auto",
         metadata=_opt(

@@ -101,6 +101,9 @@ class Daemon:
             tokenizer=tokenizer,
             max_context=cfg.max_context,
             session_timeout=cfg.session_timeout,
+            contexts=cfg.contexts,
+            sessions_per_peer=cfg.sessions_per_peer,
+            stall_timeout=cfg.stall_timeout,
         )
         mesh_cfg = MeshConfig(
             api_port=cfg.port,

@@ -24,7 +24,7 @@ import torch
 from meshd.ring.interpreter import Delivery, ToClient, ToEveryStage, ToStage, forward, interpret
 from meshd.ring.messages import Failure, Result, RingMessage, Segment
 from meshd.ring.scheduler import Action, CloseSessions, Emit, Originator, Request
-from meshd.ring.validate import FrameRejected
+from meshd.ring.validate import FrameRejected, Limits
 from meshd.ring.worker import StageWorker
 from meshd.serve.engine import GenerateParams, RuntimeUnavailable
 from models.budget import CostCurve
@@ -35,6 +35,8 @@ from models.stage import Stage
 from models.text import stop_ids
 
 log = logging.getLogger(__name__)
+
+INBOX_LIMIT = 4096  # ring messages waiting for the torch thread; a stage this far behind refuses peers' new work
 
 
 class RequestHandle:
@@ -97,11 +99,22 @@ class Runtime:
         max_context: int = 4096,
         wire_dtype: torch.dtype | None = None,
         session_timeout: float = 300.0,
+        contexts: int | None = None,
+        sessions_per_peer: int | None = None,
+        stall_timeout: float | None = None,
     ):
         self.source, self.vocab, self.tokenizer = source, vocab, tokenizer
         # a stage frees a request's KV session after this long without traffic: its originator vanished
         # (killed, partitioned) and will never send the close; swept from the compute loop
         self.session_timeout = session_timeout
+        # this stage's KV for ``contexts`` full contexts and ``sessions_per_peer`` open requests per peer
+        # (None: unlimited); a request with no answer from the ring for ``stall_timeout`` s fails
+        self.limits = Limits(
+            kv_tokens=contexts * max_context if contexts is not None else None, sessions_per_peer=sessions_per_peer
+        )
+        self.stall_timeout = stall_timeout
+        self.refusals: dict[str, int] = {}  # refused ring messages by code, for the log and /metrics
+        self._heard: dict[str, float] = {}  # request id -> when the ring last answered it (or it was submitted)
         self._swept = time.monotonic()
         self.node_id, self.max_context = node_id, max_context
         self.model_name = source.name
@@ -153,7 +166,9 @@ class Runtime:
     def install_worker(self, stage: Stage | None) -> None:
         """This device's slice for the coming plan (None: a pure originator)."""
         embed = self.vocab.embed if stage is not None and stage.layer_range.first == 0 else None
-        self.worker = StageWorker(stage, embed=embed, idle_timeout=self.session_timeout) if stage else None
+        self.worker = (
+            StageWorker(stage, embed=embed, idle_timeout=self.session_timeout, limits=self.limits) if stage else None
+        )
 
     def set_ring(self, ring: Ring) -> None:
         """A committed plan: requests started under an older one cannot finish, so they fail now."""
@@ -200,6 +215,7 @@ class Runtime:
         handle = RequestHandle(self, rid, len(prompt_ids))
         self.handles[rid] = handle
         self._ring_of[rid] = self.ring.epoch
+        self._heard[rid] = time.monotonic()
         self.counters["requests_total"] += 1
         req = Request(
             rid,
@@ -215,6 +231,7 @@ class Runtime:
         except ValueError:
             self.handles.pop(rid, None)
             self._ring_of.pop(rid, None)
+            self._heard.pop(rid, None)
             raise
         await self._dispatch(actions)
         return handle
@@ -291,6 +308,7 @@ class Runtime:
     def _finish_handle(self, rid: str, reason: str, stats: Stats | None, error: str | None) -> None:
         h = self.handles.pop(rid)
         self._ring_of.pop(rid, None)
+        self._heard.pop(rid, None)
         if reason == "error":
             self.counters["requests_failed_total"] += 1
         h._finish(reason, stats, error)
@@ -312,6 +330,12 @@ class Runtime:
         if isinstance(msg, Failure):
             self._on_failure(msg, sender)
             return
+        if len(self._inbox) >= INBOX_LIMIT and sender not in (None, self.node_id):
+            # the torch thread is this far behind: new work from peers is refused, not queued without bound
+            if isinstance(msg, Segment):
+                reason = f"stage overloaded: {INBOX_LIMIT} messages already wait here; retry later"
+                self._refused(FrameRejected(msg.request_id, "overloaded", reason, spoils=False, tell=msg.origin))
+            return
         self._inbox.append((msg, sender))
         self._wake.set()
 
@@ -326,7 +350,9 @@ class Runtime:
 
     def _refused(self, exc: FrameRejected) -> None:
         """This device's stage refused a message (or failed its forward): whoever must know hears why."""
-        log.warning("stage refused a message (%s) for %s", exc.code, exc)
+        n = self.refusals[exc.code] = self.refusals.get(exc.code, 0) + 1
+        if n & (n - 1) == 0:  # the 1st, 2nd, 4th, 8th...: a flood of refusals must not flood the log too
+            log.warning("stage refused a message (%s, %d so far) for %s", exc.code, n, exc)
         if exc.tell is None or exc.tell == self.node_id:
             self._fail(exc.request_id, f"{exc.reason} ({exc.code} at this device's stage)")
         elif self.transport is not None:
@@ -356,12 +382,13 @@ class Runtime:
         return results
 
     async def _compute_loop(self) -> None:
-        sweep = max(0.05, min(30.0, self.session_timeout / 4))
+        sweep = max(0.05, min(30.0, self.session_timeout / 4, (self.stall_timeout or 120.0) / 4))
         while not self._stopping:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), sweep)
             self._wake.clear()
             try:
+                self._fail_stalled()
                 await self._compute_once()
                 if self.worker is not None and time.monotonic() - self._swept >= sweep:
                     self._swept = time.monotonic()
@@ -376,12 +403,28 @@ class Runtime:
             except Exception:  # a bad request must not kill the loop that serves every other one
                 log.exception("compute step failed")
 
+    def _fail_stalled(self) -> None:
+        """The originator's deadline: a request the ring has not answered for ``stall_timeout`` s fails, so a
+        hung stage or a lost message gives its client an error within ``stall_timeout`` plus one sweep."""
+        if self.stall_timeout is None:
+            return
+        now = time.monotonic()
+        for rid, heard in list(self._heard.items()):
+            if now - heard > self.stall_timeout:
+                self._fail(
+                    rid,
+                    f"no answer from the ring for {self.stall_timeout:.0f} s (a stage is hung or dropped the "
+                    "request); retry it",
+                )
+
     async def _compute_once(self) -> None:
         while True:
             results, outputs = await self._torch(self._step)
             for seg in outputs:  # first, so the next stage starts while the originator verifies and drafts
                 await self._route_output(seg)
             for res in results:
+                if res.request_id in self._heard:
+                    self._heard[res.request_id] = time.monotonic()
                 if self.originator is None:
                     continue
                 try:
@@ -452,6 +495,7 @@ class Runtime:
         c["stage_utilisation"] = st.get("utilisation", 0.0)
         c["stage_queue_rows"] = st.get("queued_rows", 0)
         c["stage_sessions"] = st.get("sessions", 0)
+        c["stage_refused_total"] = {(("code", k),): n for k, n in self.refusals.items()}
         return c
 
     def status(self) -> dict:
