@@ -21,6 +21,7 @@ from meshd.ring.messages import RingMessage
 from meshd.ring.wire import MESSAGE_TYPES, from_message, to_message
 from meshd.serve import notify
 from meshd.serve.api import create_app
+from meshd.serve.guard import GuardSettings, RestGuard, exposure_warning, runner_kwargs
 from meshd.serve.runtime import Ring, Runtime
 from models.budget import CostCurve
 from models.drafters import drafter_factory
@@ -79,6 +80,7 @@ class Daemon:
         self.node: MeshNode | None = None
         self.runtime: Runtime | None = None
         self.runner: web.AppRunner | None = None
+        self.guard: RestGuard | None = None
 
     # ---- start-up ---------------------------------------------------------------------------
     async def run(self) -> int:
@@ -125,15 +127,19 @@ class Daemon:
         node.on_plan(self._on_plan)
         node.on_membership(self._on_membership)
 
-        app = create_app(rt, api_key=cfg.api_key, max_body_bytes=cfg.max_body_bytes)
+        self.guard = RestGuard(guard_settings(cfg))
+        app = create_app(rt, api_key=cfg.api_key, max_body_bytes=cfg.max_body_bytes, guard=self.guard)
         node.attach(app)
         rt.mesh_status = self._mesh_status
-        self.runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        self.runner = web.AppRunner(app, handle_signals=False, access_log=None, **runner_kwargs(self.guard.settings))
         await self.runner.setup()
         await web.TCPSite(self.runner, cfg.host, cfg.port).start()
         log.info("API and mesh endpoint listening on http://%s:%d (node %s)", cfg.host, cfg.port, node.node_id)
+        if (warning := exposure_warning(cfg.host, cfg.api_key)) is not None:
+            log.warning("%s", warning)
         await rt.start()
         await node.start()
+        watchdog = asyncio.ensure_future(self._watchdog())
         stopped = asyncio.ensure_future(node.wait_stopped())
         stop = asyncio.ensure_future(self.stopping.wait())
         await asyncio.wait({stopped, stop}, return_when=asyncio.FIRST_COMPLETED)
@@ -141,10 +147,37 @@ class Daemon:
         if node.error is not None:
             log.error("%s", node.error)
             code = 3
+        else:
+            await self.drain()
         await self.shutdown()
-        for t in (stopped, stop):
+        for t in (stopped, stop, watchdog):
             t.cancel()
         return code
+
+    async def drain(self) -> None:
+        """SIGTERM: refuse new generations (503) and give those in flight ``drain_timeout`` s to finish."""
+        rt, timeout = self.runtime, self.cfg.drain_timeout
+        if not rt.handles and not self.guard.running:
+            return
+        notify.status(f"draining {len(rt.handles)} request(s) for up to {timeout:.0f} s")
+        log.info("draining: %d request(s) in flight get up to %.0f s to finish", len(rt.handles), timeout)
+        left = await self.guard.drain(timeout, lambda: len(rt.handles))
+        if left:
+            log.warning("%d request(s) still in flight after %.0f s fail now", left, timeout)
+
+    async def _watchdog(self) -> None:
+        """systemd's WatchdogSec: ping while the event loop runs and the torch thread answers within the interval
+        (a torch thread stuck for good stops the pings, and systemd restarts the daemon)."""
+        interval = notify.watchdog_interval()
+        if interval is None:
+            return
+        while True:
+            try:
+                await asyncio.wait_for(self.runtime.ping_torch(), interval)
+                notify.watchdog()
+            except asyncio.TimeoutError:
+                log.warning("the torch thread has not answered for %.0f s; not pinging the watchdog", interval)
+            await asyncio.sleep(interval)
 
     async def shutdown(self) -> None:
         notify.stopping()
@@ -225,6 +258,17 @@ class Daemon:
             hello = self.node.peers.get(p["node_id"])
             p["cost_curve_ms"] = {t: round(s * 1e3, 3) for t, s in (hello.cost_curve if hello else {}).items()}
         return status
+
+
+def guard_settings(cfg: Config) -> GuardSettings:
+    return GuardSettings(
+        max_concurrent=cfg.max_concurrent,
+        max_queued=cfg.max_queued,
+        header_timeout=cfg.header_timeout,
+        body_timeout=cfg.body_timeout,
+        cors_origins=tuple(cfg.cors_origins),
+        allowed_hosts=tuple(cfg.allowed_hosts),
+    )
 
 
 def serve(

@@ -159,6 +159,10 @@ class Runtime:
                 await self._loop_task
         self.executor.shutdown(wait=True, cancel_futures=True)
 
+    async def ping_torch(self) -> None:
+        """Returns once the torch thread has run a no-op: it is not stuck (the daemon's watchdog asks)."""
+        await self._torch(lambda: None)
+
     async def _torch(self, fn: Callable, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
