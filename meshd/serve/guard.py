@@ -9,7 +9,8 @@ browsers open. So, in front of the handlers of :mod:`meshd.serve.api`:
   rebinding: a hostile name resolving to 127.0.0.1), and so is a browser's cross-origin request
   (``Origin`` or ``Sec-Fetch-Site``) unless its origin is in the ``cors_origins`` allow-list; the
   daemon's own page (same origin) and non-browser clients (no ``Origin``) pass.
-- **Slow clients**: the body must arrive within ``body_timeout`` (408), and a connection that has
+- **Slow clients**: the body must arrive within ``body_timeout`` (408; the socket closes ``LINGER_S``
+  later), and a connection that has
   not sent a complete request head within ``header_timeout`` is closed (aiohttp's keep-alive timer,
   which :func:`runner_kwargs` sets, also covers the time before a connection's first request);
   aiohttp's default keeps idle connections for an hour.
@@ -37,6 +38,7 @@ from meshd.serve.apischema import ApiError
 
 log = logging.getLogger(__name__)
 
+LINGER_S = 1.0  # long enough for a client to read an early error response, too short to hold sockets
 MAX_JSON_DEPTH = 32  # real bodies nest about 4 deep (messages -> content part -> object)
 MESH_NAMESPACE = "/mesh/"  # the peers' websocket: it authenticates itself, and peers send no Origin
 LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost")
@@ -89,15 +91,18 @@ class RestGuard:
                 headers={"Retry-After": "5"},
             )
         s = self.settings
-        if self._slots.locked() and self.waiting >= s.max_queued:
+        if not self._slots.locked():
+            await self._slots.acquire()  # a free slot is taken at once, before the next request is looked at
+        elif self.waiting >= s.max_queued:
             raise self._busy(f"{self.running} requests are running and {self.waiting} are queued (the limit)")
-        self.waiting += 1
-        try:
-            await asyncio.wait_for(self._slots.acquire(), s.queue_timeout)
-        except asyncio.TimeoutError:
-            raise self._busy(f"no slot freed within {s.queue_timeout:.0f} s") from None
-        finally:
-            self.waiting -= 1
+        else:
+            self.waiting += 1
+            try:
+                await asyncio.wait_for(self._slots.acquire(), s.queue_timeout)
+            except asyncio.TimeoutError:
+                raise self._busy(f"no slot freed within {s.queue_timeout:.0f} s") from None
+            finally:
+                self.waiting -= 1
         self.running += 1
         try:
             return await handler(request)
@@ -238,8 +243,9 @@ def _depth_ok(obj: Any) -> bool:
 
 # ---- start-up -------------------------------------------------------------------------------
 def runner_kwargs(settings: GuardSettings) -> dict[str, Any]:
-    """``web.AppRunner`` arguments: the keep-alive timer doubles as the request-head timeout."""
-    return {"keepalive_timeout": settings.header_timeout}
+    """``web.AppRunner`` arguments: the keep-alive timer doubles as the request-head timeout, and a body left
+    unread after an error (408, 413) is drained for ``LINGER_S``, not aiohttp's 10 s, before the socket closes."""
+    return {"keepalive_timeout": settings.header_timeout, "lingering_time": LINGER_S}
 
 
 def exposure_warning(host: str, api_key: str | None) -> str | None:
