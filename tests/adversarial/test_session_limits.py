@@ -13,10 +13,11 @@ import time
 import pytest
 from support import solo_runtime, two_stage_mesh
 
-from meshd.ring.messages import PROMPT_PARENT, Prune, Segment
+from meshd.ring.messages import PROMPT_PARENT, Close, Failure, Prune, Segment
 from meshd.ring.validate import SESSION_FLOOR, FrameRejected, Limits
 from meshd.ring.worker import StageWorker
 from meshd.serve.engine import GenerateParams
+from meshd.serve.runtime import INBOX_LIMIT
 from models.source import ModelSource
 from models.stage import Stage
 
@@ -98,18 +99,24 @@ async def test_a_session_flood_through_the_runtime_keeps_memory_bounded(tiny_dir
                 await asyncio.sleep(0)
         for _ in range(3000):
             await asyncio.sleep(0.01)
-            if not rt._inbox and not rt.worker.queue and len(told) == 1998:
+            computed = [s for s in rt.worker.sessions.values() if s.cache.length == 2]
+            if not rt._inbox and len(refusals(told)) == 1998 and len(computed) == 2:
                 break
         assert len(rt.worker.gate.books) == 2  # 512 KV entries: two sessions' floor, under mallory's own cap of 3
         assert len(rt.worker.sessions) == 2
         assert kv_bytes(rt.worker) <= 512 * entry_bytes(full)
-        assert {m.code for _, m in told} == {"kv_full"} and {n for n, _ in told} == {"mallory"}
+        assert len(refusals(told)) == 1998  # the accepted two computed and returned results to mallory
+        assert {(n, m.code) for n, m in refusals(told)} == {("mallory", "kv_full")}
         h = await rt.submit([1, 2, 3], GenerateParams(max_tokens=4, mode="ar"))
         async for _ in h:
             pass
         assert h.finish_reason == "error" and "KV cache is full" in h.error  # refused with a reason, not hung
     finally:
         await rt.stop()
+
+
+def refusals(told: list) -> list:
+    return [(n, m) for n, m in told if isinstance(m, Failure)]
 
 
 async def test_a_hung_stage_gives_the_client_an_error_within_the_stall_bound(tiny_dir):
@@ -136,3 +143,23 @@ async def test_a_hung_stage_gives_the_client_an_error_within_the_stall_bound(tin
 
 async def _drain(h) -> list:
     return [c async for c in h]
+
+
+async def test_a_stage_far_behind_refuses_new_work_instead_of_queueing_it(tiny_dir):
+    """Frames arriving faster than the torch thread drains them: the inbox stops at INBOX_LIMIT."""
+    src = ModelSource.resolve(str(tiny_dir))
+    rt = solo_runtime(src, Stage.load(src, dtype="fp32"), None)
+    told: list = []
+
+    async def transport(node, msg):
+        told.append((node, msg))
+
+    rt.transport = transport  # not started: nothing drains the inbox
+    for i in range(INBOX_LIMIT + 100):
+        rt.deliver(Segment(f"{i}", [0], [PROMPT_PARENT], [0], tokens=[3], origin="mallory"), "mallory")
+    rt.deliver(Close("x"), "mallory")  # dropped too; a close or prune is small, but the queue is full
+    assert len(rt._inbox) == INBOX_LIMIT
+    await asyncio.sleep(0.05)
+    assert len(told) == 100 and {(n, m.code) for n, m in refusals(told)} == {("mallory", "overloaded")}
+    rt.deliver(Segment("own", [0], [PROMPT_PARENT], [0], tokens=[3], origin=rt.node_id), rt.node_id)
+    assert len(rt._inbox) == INBOX_LIMIT + 1  # this device's own originator is never refused by its own stage
