@@ -336,7 +336,7 @@ def cmd_train_draft(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from meshd.serve.daemon import serve  # lazy (see the module docstring): the daemon loads torch and aiohttp
 
-    cfg = config.load_config(args)
+    cfg = config.with_secret_files(config.load_config(args))
     logging.getLogger().setLevel(cfg.log_level.upper())
     device = shaping = None
     if args.emulate or args.link:

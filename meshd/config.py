@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import difflib
 import os
+import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
 ENV_PREFIX = "MESHD_"
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+MIN_SECRET_BYTES = 16
 
 
 class ConfigError(ValueError):
@@ -82,7 +84,51 @@ class Config:
         default=None,
         metadata=_opt("require 'Authorization: Bearer KEY' on the REST API (/health stays open)", secret=True),
     )
+    mesh_secret_file: Path | None = field(
+        default=None,
+        metadata=_opt("file holding the mesh secret (mode 600, at least 16 bytes): keeps it off the command line"),
+    )
+    api_key_file: Path | None = field(
+        default=None, metadata=_opt("file holding the API key (mode 600, at least 16 bytes)")
+    )
     max_body_bytes: int = field(default=1 << 20, metadata=_opt("largest accepted REST request body, in bytes", lo=1024))
+    max_concurrent: int = field(
+        default=8, metadata=_opt("generations the REST API runs at once; more wait in a queue", lo=1, hi=4096)
+    )
+    max_queued: int = field(
+        default=32, metadata=_opt("generations that may wait for a slot; beyond, 429 + Retry-After", lo=0, hi=65536)
+    )
+    header_timeout: float = field(
+        default=15.0,
+        metadata=_opt("seconds a connection may take to send a request head, and may idle between requests", lo=1.0),
+    )
+    body_timeout: float = field(default=30.0, metadata=_opt("seconds a request body may take to arrive", lo=1.0))
+    cors_origins: list[str] = field(
+        default_factory=list,
+        metadata=_opt(
+            "web origins (scheme://host:port, or *) whose pages may call the API from a browser; others are refused",
+            flag="--cors-origin",
+            metavar="ORIGIN",
+        ),
+    )
+    allowed_hosts: list[str] = field(
+        default_factory=list,
+        metadata=_opt(
+            "host names the API answers to besides IP addresses, localhost and this machine's name (DNS rebinding "
+            "guard)",
+            flag="--allowed-host",
+            metavar="NAME",
+        ),
+    )
+    drain_timeout: float = field(
+        default=20.0,
+        metadata=_opt(
+            "on SIGTERM, seconds in-flight requests get to finish before they fail (keep it under "
+            "the unit's TimeoutStopSec)",
+            lo=0.0,
+            hi=3600.0,
+        ),
+    )
     # model and compute
     model: str = field(
         default="default",
@@ -123,6 +169,28 @@ class Config:
             "1: one tree per round, the scheduler before slots)",
             lo=1,
             hi=64,
+        ),
+    )
+    contexts: int = field(
+        default=2,
+        metadata=_opt(
+            "requests of max_context tokens whose KV each stage holds at once: the planner reserves memory for "
+            "this many, and a stage refuses sessions beyond it",
+            lo=1,
+            hi=4096,
+        ),
+    )
+    sessions_per_peer: int = field(
+        default=16,
+        metadata=_opt("requests one peer may have open at a stage at once (a flood from one peer stops here)", lo=1),
+    )
+    stall_timeout: float = field(
+        default=60.0,
+        metadata=_opt(
+            "seconds a request may wait for any answer from the ring before it fails with an error (a stage hung "
+            "or dropped it)",
+            lo=1.0,
+            hi=86400.0,
         ),
     )
     drafter: str = field(
@@ -303,7 +371,7 @@ def read_flags(ns: argparse.Namespace | None) -> dict[str, Any]:
     out = {}
     for name, f in FIELDS.items():
         v = getattr(ns, name, None)
-        if v is None or (name == "peers" and v == []):
+        if v is None or (_kind(f) == "list" and v == []):
             continue
         if isinstance(v, str) and _kind(f) not in ("str", "Path"):
             v = _from_string(f, v, f"flag --{name.replace('_', '-')}")
@@ -329,6 +397,38 @@ def load_config(
     return Config(**values)
 
 
+def with_secret_files(cfg: Config) -> Config:
+    """``cfg`` with ``mesh_secret`` and ``api_key`` read from their ``*_file`` settings (``meshd serve`` calls
+    this once at start-up; reading secrets is not part of merging settings)."""
+    out = dataclasses.replace(cfg)
+    for key in ("mesh_secret", "api_key"):
+        path = getattr(cfg, key + "_file")
+        if path is not None:
+            if getattr(cfg, key):
+                raise ConfigError(f"give {key} or {key}_file, not both")
+            setattr(out, key, read_secret(path, key.replace("_", " ")))
+    return out
+
+
+def read_secret(path: Path, what: str) -> str:
+    """A secret from a file readable by its owner only, at least ``MIN_SECRET_BYTES`` long once stripped."""
+    try:
+        mode = path.stat().st_mode
+        text = path.read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the {what} file {path}: {exc.strerror}") from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigError(
+            f"the {what} file {path} is readable by others (mode {stat.S_IMODE(mode):o}); run: chmod 600 {path}"
+        )
+    if len(text.encode()) < MIN_SECRET_BYTES:
+        raise ConfigError(
+            f"the {what} in {path} is shorter than {MIN_SECRET_BYTES} bytes; make one with: "
+            "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
+        )
+    return text
+
+
 # ---- argparse -------------------------------------------------------------------------------
 def _flag(name: str, f: dataclasses.Field) -> str:
     return f.metadata.get("flag") or "--" + name.replace("_", "-")
@@ -346,7 +446,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         if kind == "bool":
             p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help)
         elif kind == "list":
-            p.add_argument(flag, dest=name, action="append", default=None, metavar="HOST:PORT", help=help)
+            metavar = md.get("metavar", "HOST:PORT")
+            p.add_argument(flag, dest=name, action="append", default=None, metavar=metavar, help=help)
         else:
             conv: Callable[[str], Any] = {"int": int, "float": float, "Path": str}.get(kind, str)
             p.add_argument(

@@ -132,6 +132,6 @@ def _insufficient(ring: list[PeerResources], shape: ModelShape, total_cap: int) 
         f"{format_size(shape.replicated_bytes)}), and the {len(ring)} peer(s) have room for {total_cap} layers. "
         f"Missing: {format_size(missing)} of layer memory. Add a peer with at least "
         f"{format_size(missing + shape.fixed_bytes)} of budget, raise --memory on the existing "
-        f"peers, hold the weights in fewer bits (--weights int4), or lower the context.",
+        f"peers, hold the weights in fewer bits (--weights int4), or lower the context or the number of contexts.",
         missing,
     )

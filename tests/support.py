@@ -18,13 +18,16 @@ import transformers
 from aiohttp import web
 
 from meshd.lab.bench import EVERYDAY
+from meshd.ring.wire import from_message, to_message
 from meshd.serve.engine import GenerateParams, RuntimeUnavailable
 from meshd.serve.runtime import Ring, Runtime
 from models.budget import CostCurve
 from models.drafters import Drafter
 from models.engine import Stats
+from models.ranges import LayerRange
 from models.source import ModelSource
 from models.stage import Stage
+from peers.codec import Codec, Message
 from training.prompts import load_questions
 
 
@@ -314,3 +317,49 @@ def solo_runtime(
     rt.install_worker(full)
     rt.set_ring(Ring(epoch=1, nodes=[None], curves=[CostCurve({1: 1.0, 64: 2.0})], local_index=0))
     return rt
+
+
+class LoopbackMesh:
+    """In-process runtimes joined as a mesh would join them: every ring message crosses the real codec
+    and arrives tagged with the node it came from. ``tamper(sender, to, message)`` may rewrite a codec
+    message in flight or drop it (return None), as a broken or hostile peer would."""
+
+    def __init__(self) -> None:
+        self.runtimes: dict[str, Runtime] = {}
+        self.codec = Codec()
+        self.tamper: Callable[[str, str, Message], Message | None] | None = None
+        self.sent: list[tuple[str, str, Message]] = []
+
+    def join(self, rt: Runtime) -> None:
+        self.runtimes[rt.node_id] = rt
+
+        async def transport(node: str, msg) -> None:
+            dest = self.runtimes.get(node)
+            if dest is None:
+                raise ConnectionError(f"no link to {node}")
+            wire = to_message(msg, rt.wire_dtype)
+            if self.tamper is not None:
+                wire = self.tamper(rt.node_id, node, wire)
+            if wire is None:
+                return
+            self.sent.append((rt.node_id, node, wire))
+            dest.deliver(from_message(self.codec.decode(self.codec.encode(wire))), rt.node_id)
+
+        rt.transport = transport
+
+
+def two_stage_mesh(src: ModelSource, **runtime_kw: Any) -> tuple[LoopbackMesh, Runtime, Runtime]:
+    """Originator "A" holding the first half of the layers, "B" the second half, joined by a loopback mesh."""
+    mesh = LoopbackMesh()
+    full = Stage.load(src, dtype="fp32")
+    half = full.cfg.n_layers // 2
+    cc = CostCurve({1: 1.0, 64: 2.0})
+    a = Runtime(src, full, None, node_id="A", **runtime_kw)
+    a.install_worker(Stage.load(src, LayerRange(0, half), vocab=False, dtype="fp32"))
+    a.set_ring(Ring(epoch=1, nodes=[None, "B"], curves=[cc, cc], local_index=0))
+    b = Runtime(src, full, None, node_id="B", **runtime_kw)
+    b.install_worker(Stage.load(src, LayerRange(half, full.cfg.n_layers), vocab=False, dtype="fp32"))
+    b.set_ring(Ring(epoch=1, nodes=["A", None], curves=[cc, cc], local_index=1))
+    mesh.join(a)
+    mesh.join(b)
+    return mesh, a, b

@@ -57,7 +57,8 @@ class LoopbackMesh:
         self.name = f"testbed-{uuid.uuid4().hex[:8]}"
         self.ports = [free_port() for _ in range(n)]
         self.procs: list[subprocess.Popen] = []
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.cmds: list[list[str]] = []
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         for i, port in enumerate(self.ports):
             cmd = [
                 sys.executable,
@@ -87,10 +88,18 @@ class LoopbackMesh:
             else:
                 cmd += ["--no-mdns"] + [a for p in self.ports if p != port for a in ("--peer", f"127.0.0.1:{p}")]
             self.workdir.mkdir(parents=True, exist_ok=True)
-            log = open(self.workdir / f"node{i}.log", "w")  # noqa: SIM115 - lives as long as the process
-            self.procs.append(
-                subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL)
-            )
+            self.cmds.append(cmd)
+            self.procs.append(self._start(i, "w"))
+
+    def _start(self, i: int, mode: str) -> subprocess.Popen:
+        log = open(self.workdir / f"node{i}.log", mode)  # noqa: SIM115 - lives as long as the process
+        return subprocess.Popen(
+            self.cmds[i], stdout=log, stderr=subprocess.STDOUT, env=self.env, stdin=subprocess.DEVNULL
+        )
+
+    def restart(self, i: int) -> None:
+        """Start daemon ``i`` again after :meth:`kill`: same flags, state directory and port; its log is appended."""
+        self.procs[i] = self._start(i, "a")
 
     def url(self, i: int) -> str:
         return f"http://127.0.0.1:{self.ports[i]}"

@@ -109,5 +109,15 @@ class Result:
         return cls(out.request_id, out.node_ids, out.hidden, stage_queue)
 
 
+@dataclass(frozen=True)
+class Failure:
+    """A stage refused one of the request's messages or failed computing it: its originator fails
+    the request with ``reason`` instead of waiting for a result that will never come."""
+
+    request_id: str
+    code: str  # short and machine-readable: bad_segment, not_owner, kv_full, forward_failed, ...
+    reason: str
+
+
 StageMessage = Segment | Prune | Close  # what a stage worker handles
-RingMessage = Segment | Prune | Close | Result  # everything that travels between peers for a request
+RingMessage = Segment | Prune | Close | Result | Failure  # everything that travels between peers for a request

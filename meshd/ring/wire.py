@@ -12,16 +12,17 @@ from typing import Any
 
 import torch
 
-from meshd.ring.messages import Close, Prune, Result, RingMessage, Segment
+from meshd.ring.messages import Close, Failure, Prune, Result, RingMessage, Segment
 from peers.codec import Message
 
 # codec message types that carry ring messages (the daemon subscribes to these on the mesh)
-MESSAGE_TYPES = ("segment", "prune", "result", "close")
+MESSAGE_TYPES = ("segment", "prune", "result", "close", "error")
+MAX_REASON = 500  # characters of a failure's reason that travel: enough to act on, too few to flood
 
 
 def to_message(msg: RingMessage, wire_dtype: torch.dtype) -> Message:
     """``msg`` as a codec message; hidden states travel as ``wire_dtype``."""
-    if not isinstance(msg, (Segment, Prune, Result, Close)):
+    if not isinstance(msg, (Segment, Prune, Result, Close, Failure)):
         raise TypeError(f"not a ring message: {type(msg).__name__}")
     rid = int(msg.request_id)
     if isinstance(msg, Segment):
@@ -42,6 +43,8 @@ def to_message(msg: RingMessage, wire_dtype: torch.dtype) -> Message:
     if isinstance(msg, Result):
         body = {"nodes": msg.node_ids, "hidden": msg.hidden.to(wire_dtype), "queue": msg.stage_queue}
         return Message("result", body, request_id=rid)
+    if isinstance(msg, Failure):
+        return Message("error", {"code": msg.code, "message": msg.reason[:MAX_REASON]}, request_id=rid)
     return Message("close", {}, request_id=rid)
 
 
@@ -71,4 +74,6 @@ def from_message(msg: Message) -> RingMessage:
         return Result(rid, list(b["nodes"]), b["hidden"].clone(), int(b.get("queue") or 0))
     if msg.type == "close":
         return Close(rid)
+    if msg.type == "error":  # a stage's refusal, or the mesh's (a stale epoch); request id 0: about no request
+        return Failure(rid, b["code"], b["message"][:MAX_REASON])
     raise ValueError(f"{msg.type!r} is not a ring message")

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from meshd.ring.messages import PROMPT_PARENT, Close, Prune, Segment, StageMessage
+from meshd.ring.validate import UNLIMITED, FrameGate, FrameRejected, Limits
 from models.budget import CostCurve
 from models.kvcache import KVCache
 from models.stage import Attend, Stage
@@ -102,8 +103,10 @@ class StageWorker:
         clock: Callable[[], float] = time.monotonic,
         timer: Callable[[], float] = time.perf_counter,
         cost: CostCurve | None = None,
+        limits: Limits = UNLIMITED,
     ):
         self.stage, self.embed, self.cost = stage, embed, cost
+        self.gate = FrameGate(stage.cfg, embeds=embed is not None, max_rows=max_batch_rows, limits=limits)
         self.max_batch_rows, self.idle_timeout = max_batch_rows, idle_timeout
         self.clock, self.timer = clock, timer
         self.sessions: dict[str, Session] = {}
@@ -117,12 +120,21 @@ class StageWorker:
         self._opened = 0
 
     # ---- events ---------------------------------------------------------------------------
-    def handle(self, msg: StageMessage) -> None:
-        """Apply one ring message in arrival order.
+    def handle(self, msg: StageMessage, sender: str | None = None) -> None:
+        """Apply one ring message in arrival order, once the gate has passed it (``sender``: see
+        :meth:`FrameGate.check`); a refused message raises ``FrameRejected``.
 
         The daemon's inbox, the pipeline and the simulator's event queue all deliver through here,
         so every driver's worker sees exactly the same message semantics.
         """
+        if isinstance(msg, (Segment, Prune, Close)) and msg.request_id in self.closed:
+            return
+        try:
+            self.gate.check(msg, sender)
+        except FrameRejected as exc:
+            if exc.spoils:
+                self.close(msg.request_id)
+            raise
         if isinstance(msg, Segment):
             self.enqueue(msg)
         elif isinstance(msg, Prune):
@@ -159,6 +171,7 @@ class StageWorker:
 
     def close(self, request_id: str) -> None:
         self.sessions.pop(request_id, None)
+        self.gate.forget(request_id)
         if request_id not in self.closed:
             self.closed.append(request_id)
         self.queue = deque(s for s in self.queue if s.request_id != request_id)

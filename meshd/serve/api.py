@@ -40,6 +40,7 @@ from meshd.serve.apischema import (
     parse_completion,
 )
 from meshd.serve.engine import Engine, GenerateParams, RequestHandle, RuntimeUnavailable
+from meshd.serve.guard import GUARD, RestGuard, parse_json, read_body
 from meshd.serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from meshd.serve.metrics import Metrics, RequestTimer
 from meshd.serve.page import add_page_routes
@@ -72,9 +73,13 @@ STATE = web.AppKey("api_state", ApiState)
 METRICS = web.AppKey("metrics", Metrics)
 
 
-def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: int = 1 << 20) -> web.Application:
-    """The API as an aiohttp application around ``engine``."""
-    app = web.Application(middlewares=[_errors_middleware, _auth_middleware])
+def create_app(
+    engine: Engine, *, api_key: str | None = None, max_body_bytes: int = 1 << 20, guard: RestGuard | None = None
+) -> web.Application:
+    """The API as an aiohttp application around ``engine``, behind ``guard`` (a default one if None)."""
+    guard = guard or RestGuard()
+    app = web.Application(middlewares=[_errors_middleware, *guard.middlewares, _auth_middleware])
+    app[GUARD] = guard
     app[ENGINE] = engine
     app[STATE] = ApiState(api_key, max_body_bytes)
     app[METRICS] = Metrics()
@@ -228,15 +233,11 @@ async def _read_json(request: web.Request) -> Any:
     limit = request.app[STATE].max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise _too_large(limit)
-    body = bytearray()
-    async for chunk in request.content.iter_chunked(64 << 10):
-        body += chunk
-        if len(body) > limit:
-            raise _too_large(limit)
+    body = await read_body(request, limit, lambda: _too_large(limit))
     if not body:
         raise ApiError(400, "The request body is empty: send a JSON object.", code="invalid_json")
     try:
-        return json.loads(body)
+        return parse_json(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ApiError(
             400,

@@ -17,6 +17,7 @@ from models.verify import Sampling
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 MAX_STOPS = 4
+MAX_STOP_BYTES = 1024
 DEFAULT_CHAT_MAX_TOKENS = 1024  # chat: "until the model stops", bounded so one request cannot hog the ring
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # the legacy completions API's documented default
 OPENAI_SAMPLING = Sampling(temperature=1.0, top_p=1.0)  # OpenAI's defaults when a body names neither
@@ -256,6 +257,9 @@ def _stop(v: Any) -> list[str]:
         raise invalid("stop", f"at most {MAX_STOPS} stop sequences are allowed (got {len(stops)})")
     if any(s == "" for s in stops):
         raise invalid("stop", "stop sequences must not be empty")
+    size = sum(len(s.encode()) for s in stops)
+    if size > MAX_STOP_BYTES:  # every new token is matched against them on the event loop
+        raise invalid("stop", f"stop sequences may total {MAX_STOP_BYTES} bytes of UTF-8 (got {size})")
     return list(stops)
 
 

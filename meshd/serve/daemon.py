@@ -25,6 +25,7 @@ from meshd.ring.messages import RingMessage
 from meshd.ring.wire import MESSAGE_TYPES, from_message, to_message
 from meshd.serve import notify
 from meshd.serve.api import METRICS, create_app
+from meshd.serve.guard import GuardSettings, RestGuard, exposure_warning, runner_kwargs
 from meshd.serve.loading import load_layers
 from meshd.serve.metrics import Metrics
 from meshd.serve.runtime import Ring, Runtime
@@ -130,6 +131,7 @@ class Daemon:
         self.runtime: Runtime | None = None
         self.runner: web.AppRunner | None = None
         self.metrics: Metrics | None = None
+        self.guard: RestGuard | None = None
 
     # ---- start-up ---------------------------------------------------------------------------
     async def run(self) -> int:
@@ -158,6 +160,9 @@ class Daemon:
             max_context=cfg.max_context,
             session_timeout=cfg.session_timeout,
             flow_slots=cfg.flow_slots,
+            contexts=cfg.contexts,
+            sessions_per_peer=cfg.sessions_per_peer,
+            stall_timeout=cfg.stall_timeout,
         )
         mesh_cfg = MeshConfig(
             api_port=cfg.port,
@@ -171,7 +176,9 @@ class Daemon:
             memory_budget=parse_size(cfg.memory) if cfg.memory else None,
             emulation=self.link_emulation,
         )
-        self.node = node = MeshNode(mesh_cfg, model_shape(source, vocab, cfg.max_context), load_slice=self._load_slice)
+        # KV is reserved for ``contexts`` whole contexts: what each stage's session cap then admits
+        shape = model_shape(source, vocab, cfg.contexts * cfg.max_context)
+        self.node = node = MeshNode(mesh_cfg, shape, load_slice=self._load_slice)
         rt.node_id = node.node_id
         rt.transport = self._send
         for kind in MESSAGE_TYPES:
@@ -179,24 +186,60 @@ class Daemon:
         node.on_plan(self._on_plan)
         node.on_membership(self._on_membership)
 
-        app = create_app(rt, api_key=cfg.api_key, max_body_bytes=cfg.max_body_bytes)
+        self.guard = RestGuard(guard_settings(cfg))
+        app = create_app(rt, api_key=cfg.api_key, max_body_bytes=cfg.max_body_bytes, guard=self.guard)
         self.metrics = app[METRICS]
         node.attach(app)
         rt.mesh_status = self._mesh_status
         access = logging.getLogger("meshd.access") if cfg.access_log else None
-        self.runner = web.AppRunner(app, handle_signals=False, access_log=access, access_log_format=ACCESS_FORMAT)
+        self.runner = web.AppRunner(
+            app,
+            handle_signals=False,
+            access_log=access,
+            access_log_format=ACCESS_FORMAT,
+            **runner_kwargs(self.guard.settings),
+        )
         await self.runner.setup()
         await web.TCPSite(self.runner, cfg.host, cfg.port).start()
         log.info("API and mesh endpoint listening on http://%s:%d (node %s)", cfg.host, cfg.port, node.node_id)
+        if (warning := exposure_warning(cfg.host, cfg.api_key)) is not None:
+            log.warning("%s", warning)
         await rt.start()
         await node.start()
+        watchdog = asyncio.ensure_future(self._watchdog())
         stopped = asyncio.ensure_future(node.wait_stopped())
         stop = asyncio.ensure_future(self.stopping.wait())
         await asyncio.wait({stopped, stop}, return_when=asyncio.FIRST_COMPLETED)
+        await self.drain()
         await self.shutdown()
-        for t in (stopped, stop):
+        for t in (stopped, stop, watchdog):
             t.cancel()
         return 0
+
+    async def drain(self) -> None:
+        """SIGTERM: refuse new generations (503) and give those in flight ``drain_timeout`` s to finish."""
+        rt, timeout = self.runtime, self.cfg.drain_timeout
+        if not rt.handles and not self.guard.running:
+            return
+        notify.status(f"draining {len(rt.handles)} request(s) for up to {timeout:.0f} s")
+        log.info("draining: %d request(s) in flight get up to %.0f s to finish", len(rt.handles), timeout)
+        left = await self.guard.drain(timeout, lambda: len(rt.handles))
+        if left:
+            log.warning("%d request(s) still in flight after %.0f s fail now", left, timeout)
+
+    async def _watchdog(self) -> None:
+        """systemd's WatchdogSec: ping while the event loop runs and the torch thread answers within the interval
+        (a torch thread stuck for good stops the pings, and systemd restarts the daemon)."""
+        interval = notify.watchdog_interval()
+        if interval is None:
+            return
+        while True:
+            try:
+                await asyncio.wait_for(self.runtime.ping_torch(), interval)
+                notify.watchdog()
+            except asyncio.TimeoutError:
+                log.warning("the torch thread has not answered for %.0f s; not pinging the watchdog", interval)
+            await asyncio.sleep(interval)
 
     async def shutdown(self) -> None:
         notify.stopping()
@@ -292,7 +335,7 @@ class Daemon:
             log.warning("dropping %s from %s: %s", msg.type, sender, exc)
             return
         self.metrics.count_bytes(sender, "received", hidden_bytes(msg))
-        self.runtime.deliver(ring_msg)
+        self.runtime.deliver(ring_msg, sender)
 
     def _mesh_status(self) -> dict:
         """The mesh half of ``GET /mesh``: plan, peers and their published cost curves."""
@@ -305,6 +348,17 @@ class Daemon:
         if self.device is not None:
             status["emulation"] = self.device.report()
         return status
+
+
+def guard_settings(cfg: Config) -> GuardSettings:
+    return GuardSettings(
+        max_concurrent=cfg.max_concurrent,
+        max_queued=cfg.max_queued,
+        header_timeout=cfg.header_timeout,
+        body_timeout=cfg.body_timeout,
+        cors_origins=tuple(cfg.cors_origins),
+        allowed_hosts=tuple(cfg.allowed_hosts),
+    )
 
 
 def serve(

@@ -64,3 +64,23 @@ def stopping() -> bool:
 
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
+
+
+def watchdog_interval() -> float | None:
+    """Seconds between keep-alive pings when the unit sets ``WatchdogSec=`` (half systemd's timeout), else None.
+
+    systemd exports ``WATCHDOG_USEC`` (and ``WATCHDOG_PID``, which must be this process) to the service."""
+    usec, pid = os.environ.get("WATCHDOG_USEC"), os.environ.get("WATCHDOG_PID")
+    if not usec or (pid and pid != str(os.getpid())):
+        return None
+    try:
+        return max(0.5, int(usec) / 2e6)
+    except ValueError:
+        log.warning("ignoring WATCHDOG_USEC=%r: not an integer", usec)
+        return None
+
+
+def watchdog() -> bool:
+    """This daemon is alive: its event loop runs and its torch thread answers. Without these pings systemd
+    restarts the unit after ``WatchdogSec``."""
+    return notify("WATCHDOG=1")

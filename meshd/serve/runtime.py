@@ -23,8 +23,9 @@ import torch
 
 from meshd import __version__
 from meshd.ring.interpreter import Delivery, ToClient, ToEveryStage, ToStage, forward, interpret
-from meshd.ring.messages import Result, RingMessage, Segment
+from meshd.ring.messages import Failure, Result, RingMessage, Segment
 from meshd.ring.scheduler import Action, CloseSessions, Emit, Originator, Request
+from meshd.ring.validate import FrameRejected, Limits
 from meshd.ring.worker import StageWorker
 from meshd.serve.engine import GenerateParams, RuntimeUnavailable
 from models.budget import CostCurve
@@ -36,6 +37,8 @@ from models.text import stop_ids
 
 log = logging.getLogger(__name__)
 RECENT_REQUESTS = 8  # finished requests ``status()`` keeps showing, so a short one is seen on the live page
+
+INBOX_LIMIT = 4096  # ring messages waiting for the torch thread; a stage this far behind refuses peers' new work
 
 
 class RequestHandle:
@@ -120,12 +123,23 @@ class Runtime:
         wire_dtype: torch.dtype | None = None,
         session_timeout: float = 300.0,
         flow_slots: int | None = None,
+        contexts: int | None = None,
+        sessions_per_peer: int | None = None,
+        stall_timeout: float | None = None,
     ):
         self.source, self.vocab, self.tokenizer = source, vocab, tokenizer
         self.flow_slots = flow_slots  # the originator's segments in flight per flow request (None: from the ring)
         # a stage frees a request's KV session after this long without traffic: its originator vanished
         # (killed, partitioned) and will never send the close; swept from the compute loop
         self.session_timeout = session_timeout
+        # this stage's KV for ``contexts`` full contexts and ``sessions_per_peer`` open requests per peer
+        # (None: unlimited); a request with no answer from the ring for ``stall_timeout`` s fails
+        self.limits = Limits(
+            kv_tokens=contexts * max_context if contexts is not None else None, sessions_per_peer=sessions_per_peer
+        )
+        self.stall_timeout = stall_timeout
+        self.refusals: dict[str, int] = {}  # refused ring messages by code, for the log and /metrics
+        self._heard: dict[str, float] = {}  # request id -> when the ring last answered it (or it was submitted)
         self._swept = time.monotonic()
         self.node_id, self.max_context = node_id, max_context
         self.model_name = source.name
@@ -139,9 +153,10 @@ class Runtime:
         self.handles: dict[str, RequestHandle] = {}
         self.finished: deque[dict[str, Any]] = deque(maxlen=RECENT_REQUESTS)  # last requests' final progress
         self._ring_of: dict[str, int] = {}  # request id -> ring epoch it started under
-        self._inbox: deque[RingMessage] = deque()
+        self._inbox: deque[tuple[RingMessage, str | None]] = deque()  # with the peer each came from
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
+        self._stopping = False
         self._background: set[asyncio.Future] = set()
         self.counters = {
             "requests_total": 0,
@@ -165,10 +180,16 @@ class Runtime:
         for rid in list(self.handles):
             self._fail(rid, "the daemon is shutting down")
         if self._loop_task:
+            self._stopping = True  # Python 3.11's wait_for can swallow a cancel: the loop checks this too
+            self._wake.set()
             self._loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._loop_task
         self.executor.shutdown(wait=True, cancel_futures=True)
+
+    async def ping_torch(self) -> None:
+        """Returns once the torch thread has run a no-op: it is not stuck (the daemon's watchdog asks)."""
+        await self._torch(lambda: None)
 
     async def _torch(self, fn: Callable, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -177,7 +198,9 @@ class Runtime:
     def install_worker(self, stage: Stage | None) -> None:
         """This device's slice for the coming plan (None: a pure originator)."""
         embed = self.vocab.embed if stage is not None and stage.layer_range.first == 0 else None
-        self.worker = StageWorker(stage, embed=embed, idle_timeout=self.session_timeout) if stage else None
+        self.worker = (
+            StageWorker(stage, embed=embed, idle_timeout=self.session_timeout, limits=self.limits) if stage else None
+        )
 
     def set_ring(self, ring: Ring) -> None:
         """A committed plan: requests started under an older one cannot finish, so they fail now,
@@ -230,6 +253,7 @@ class Runtime:
         handle = RequestHandle(self, rid, len(prompt_ids), params.mode)
         self.handles[rid] = handle
         self._ring_of[rid] = self.ring.epoch
+        self._heard[rid] = time.monotonic()
         self.counters["requests_total"] += 1
         req = Request(
             rid,
@@ -245,6 +269,7 @@ class Runtime:
         except ValueError:
             self.handles.pop(rid, None)
             self._ring_of.pop(rid, None)
+            self._heard.pop(rid, None)
             raise
         await self._dispatch(actions)
         return handle
@@ -323,6 +348,7 @@ class Runtime:
     def _finish_handle(self, rid: str, reason: str, stats: Stats | None, error: str | None) -> None:
         h = self.handles.pop(rid)
         self._ring_of.pop(rid, None)
+        self._heard.pop(rid, None)
         if reason == "error":
             self.counters["requests_failed_total"] += 1
         h._finish(reason, stats, error)
@@ -330,7 +356,7 @@ class Runtime:
 
     async def _to_node(self, node: str | None, msg: RingMessage) -> None:
         if node is None:
-            self.deliver(msg)
+            self.deliver(msg, self.node_id)
             return
         if self.transport is None:
             raise RuntimeUnavailable("no transport to reach peer " + node)
@@ -339,29 +365,71 @@ class Runtime:
         except ConnectionError as exc:
             self._fail(msg.request_id, f"lost the link to peer {node}: {exc}")
 
-    def deliver(self, msg: RingMessage) -> None:
-        """A ring message for this device's worker (or a result for our originator), from a peer or from us."""
-        self._inbox.append(msg)
+    def deliver(self, msg: RingMessage, sender: str | None = None) -> None:
+        """A ring message for this device's worker (or a result or failure for our originator), from the
+        peer ``sender`` (our own node id: from us; None: a trusted in-process caller)."""
+        if isinstance(msg, Failure):
+            self._on_failure(msg, sender)
+            return
+        if len(self._inbox) >= INBOX_LIMIT and sender not in (None, self.node_id):
+            # the torch thread is this far behind: new work from peers is refused, not queued without bound
+            if isinstance(msg, Segment):
+                reason = f"stage overloaded: {INBOX_LIMIT} messages already wait here; retry later"
+                self._refused(FrameRejected(msg.request_id, "overloaded", reason, spoils=False, tell=msg.origin))
+            return
+        self._inbox.append((msg, sender))
         self._wake.set()
+
+    def _on_failure(self, msg: Failure, sender: str | None) -> None:
+        """A stage (or the mesh) says one of our requests cannot go on: fail it with that reason. Only a
+        peer of the ring may fail a request (any stage could stall it anyway); others are ignored."""
+        ring = self.ring
+        if msg.request_id not in self.handles or ring is None or (sender is not None and sender not in ring.nodes):
+            log.debug("ignoring %s failure of request %s from %s", msg.code, msg.request_id, sender)
+            return
+        self._fail(msg.request_id, f"peer {sender} failed the request ({msg.code}): {msg.reason}")
+
+    def _refused(self, exc: FrameRejected) -> None:
+        """This device's stage refused a message (or failed its forward): whoever must know hears why."""
+        n = self.refusals[exc.code] = self.refusals.get(exc.code, 0) + 1
+        if n & (n - 1) == 0:  # the 1st, 2nd, 4th, 8th...: a flood of refusals must not flood the log too
+            log.warning("stage refused a message (%s, %d so far) for %s", exc.code, n, exc)
+        if exc.tell is None or exc.tell == self.node_id:
+            self._fail(exc.request_id, f"{exc.reason} ({exc.code} at this device's stage)")
+        elif self.transport is not None:
+            failure = Failure(exc.request_id, exc.code, exc.reason)
+            task = asyncio.ensure_future(self._tell(exc.tell, failure))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _tell(self, node: str, failure: Failure) -> None:
+        try:
+            await self.transport(node, failure)
+        except Exception as exc:  # best effort: its own deadline fails the request if this never arrives
+            log.info("could not tell %s that request %s failed: %s", node, failure.request_id, exc)
 
     def _drain_inbox(self) -> list[Result]:
         """Runs in the torch thread: apply queued messages in arrival order; return results for us."""
         results = []
         while self._inbox:
-            msg = self._inbox.popleft()
+            msg, sender = self._inbox.popleft()
             if isinstance(msg, Result):
                 results.append(msg)
             elif self.worker is not None:
-                self.worker.handle(msg)
+                try:
+                    self.worker.handle(msg, sender)
+                except FrameRejected as exc:  # that request alone fails; the rest of the inbox goes on
+                    self._loop.call_soon_threadsafe(self._refused, exc)
         return results
 
     async def _compute_loop(self) -> None:
-        sweep = max(0.05, min(30.0, self.session_timeout / 4))
-        while True:
+        sweep = max(0.05, min(30.0, self.session_timeout / 4, (self.stall_timeout or 120.0) / 4))
+        while not self._stopping:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), sweep)
             self._wake.clear()
             try:
+                self._fail_stalled()
                 await self._compute_once()
                 if self.worker is not None and time.monotonic() - self._swept >= sweep:
                     self._swept = time.monotonic()
@@ -376,12 +444,28 @@ class Runtime:
             except Exception:  # a bad request must not kill the loop that serves every other one
                 log.exception("compute step failed")
 
+    def _fail_stalled(self) -> None:
+        """The originator's deadline: a request the ring has not answered for ``stall_timeout`` s fails, so a
+        hung stage or a lost message gives its client an error within ``stall_timeout`` plus one sweep."""
+        if self.stall_timeout is None:
+            return
+        now = time.monotonic()
+        for rid, heard in list(self._heard.items()):
+            if now - heard > self.stall_timeout:
+                self._fail(
+                    rid,
+                    f"no answer from the ring for {self.stall_timeout:.0f} s (a stage is hung or dropped the "
+                    "request); retry it",
+                )
+
     async def _compute_once(self) -> None:
         while True:
             results, outputs = await self._torch(self._step)
             for seg in outputs:  # first, so the next stage starts while the originator verifies and drafts
                 await self._route_output(seg)
             for res in results:
+                if res.request_id in self._heard:
+                    self._heard[res.request_id] = time.monotonic()
                 if self.originator is None:
                     continue
                 try:
@@ -403,14 +487,13 @@ class Runtime:
             return results, self.worker.run(batch)
         except Exception as exc:
             # the batch is lost: its requests' sessions are unusable, so close them; local ones fail at once,
-            # remote originators notice through their own error path (their results never come)
+            # remote originators hear it in an error message
             log.exception("stage forward failed for %s", [s.request_id for s in batch])
             for seg in batch:
                 self.worker.close(seg.request_id)
-                if seg.request_id in self.handles:
-                    self._loop.call_soon_threadsafe(
-                        self._fail, seg.request_id, f"stage forward failed: {type(exc).__name__}: {exc}"
-                    )
+                why = f"stage forward failed: {type(exc).__name__}: {exc}"
+                refusal = FrameRejected(seg.request_id, "forward_failed", why, spoils=True, tell=seg.origin)
+                self._loop.call_soon_threadsafe(self._refused, refusal)
             return results, []
 
     async def _route_output(self, seg: Segment) -> None:
@@ -468,6 +551,7 @@ class Runtime:
         c["stage_sessions"] = st.get("sessions", 0)
         live = self.originator.live_segments() if self.originator is not None else {}
         c["segments_in_flight"] = sum(live.values())  # this originator's requests, all together
+        c["stage_refused_total"] = {(("code", k),): n for k, n in self.refusals.items()}
         return c
 
     def status(self) -> dict:

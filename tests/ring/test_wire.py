@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from meshd.ring.messages import PROMPT_PARENT, Close, Prune, Result, Segment
-from meshd.ring.wire import MESSAGE_TYPES, from_message, to_message
+from meshd.ring.messages import PROMPT_PARENT, Close, Failure, Prune, Result, Segment
+from meshd.ring.wire import MAX_REASON, MESSAGE_TYPES, from_message, to_message
 from peers.codec import Codec, Message
 
 CODEC = Codec()
@@ -39,11 +39,14 @@ def test_codec_types_and_bodies():
         to_message(Prune("1", 0, [], []), torch.float32),
         to_message(Result("1", [0], torch.zeros(1, 4)), torch.float32),
         to_message(Close("1"), torch.float32),
+        to_message(Failure("1", "bad_segment", "x" * 600), torch.float32),
     ]
     assert tuple(m.type for m in msgs) == MESSAGE_TYPES
     assert all(m.request_id == 1 for m in msgs)
     assert msgs[3].body == {}
     assert "hidden" not in msgs[0].body and msgs[0].body["tokens"] == [5]  # the first stage embeds
+    back = from_message(CODEC.decode(CODEC.encode(msgs[4])))
+    assert back == Failure("1", "bad_segment", "x" * MAX_REASON)  # a stage's refusal, its reason bounded
 
 
 def test_decoded_hidden_states_do_not_share_the_frame():

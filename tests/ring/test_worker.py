@@ -11,6 +11,7 @@ import torch
 from support import forward_terms, rounding_tolerance
 
 from meshd.ring.messages import PROMPT_PARENT, Close, Prune, Result, Segment
+from meshd.ring.validate import FrameRejected
 from meshd.ring.worker import StageWorker
 from models.budget import CostCurve
 from models.source import ModelSource
@@ -63,9 +64,13 @@ def test_unknown_ancestor_is_an_error_naming_the_node(full):
     w = worker(full)
     w.handle(prompt())
     w.step()
-    w.handle(Segment("r", [9], [7], [4], tokens=[3]))  # parent 7 never reached this stage
+    sess = w.sessions["r"]
+    orphan = Segment("r", [9], [7], [4], tokens=[3])  # parent 7 never reached this stage
+    with pytest.raises(FrameRejected, match="node 9's parent 7 is neither"):
+        w.handle(orphan)  # refused at the door, before any compute; the request's session is closed
+    assert "r" not in w.sessions and not w.queue
     with pytest.raises(KeyError, match="node 9's ancestor 7 is unknown"):
-        w.step()
+        sess.mask_for(orphan)  # the mask walk itself still names it
 
 
 def test_tree_rows_compute_what_plain_decoding_of_their_path_computes(full):
@@ -135,9 +140,10 @@ def test_take_batch_one_segment_per_request_in_arrival_order(full):
     # both fit now; c's prompt leads (its originator waits on it), a's tree is not a round's first segment
     assert [(s.request_id, s.node_ids[0]) for s in w.take_batch()] == [("c", 0), ("a", 3)]
     assert w.take_batch() == [] and w.queued_rows == 0
-    w.max_batch_rows = 2
-    w.handle(prompt("d"))
-    assert [s.request_id for s in w.take_batch()] == ["d"]  # one segment over the limit still runs, alone
+    small = worker(full, max_batch_rows=2)
+    with pytest.raises(FrameRejected, match="1 to 2 rows"):
+        small.handle(prompt("d"))  # one segment over the limit is refused, not run alone
+    assert not small.queue
 
 
 def test_outputs_keep_ids_and_origin_and_carry_hidden_states(full):
@@ -155,9 +161,10 @@ def test_outputs_keep_ids_and_origin_and_carry_hidden_states(full):
 
 def test_a_later_stage_needs_hidden_states(full):
     w = StageWorker(full)  # no embedding: not the first stage
-    w.handle(prompt())
+    with pytest.raises(FrameRejected, match="a later stage takes hidden states"):
+        w.handle(prompt())  # refused at the door
     with pytest.raises(ValueError, match="neither hidden states nor tokens to embed"):
-        w.step()
+        w.run([prompt()])  # and run() itself still refuses what no gate passed
     h = torch.randn(3, full.cfg.hidden_size)
     (out,) = w.run([Segment("r2", [0, 1, 2], [PROMPT_PARENT, 0, 1], [0, 1, 2], hidden=h, commit=True)])
     assert out.hidden.shape == h.shape
