@@ -87,6 +87,20 @@ class Config:
         default="default",
         metadata=_opt("GGUF file, HF safetensors directory, or 'default' (the embedded SmolLM2-135M-Instruct)"),
     )
+    served_name: str | None = field(
+        default=None,
+        metadata=_opt("the name the API serves the model under (default: the model file's stem)", name=True),
+    )
+    aliases: list[str] = field(
+        default_factory=list,
+        metadata=_opt(
+            "other names requests may use for the model (repeat the flag; in the environment, comma-separated); "
+            "the embedded default also answers to 'default'",
+            flag="--alias",
+            metavar="NAME",
+            name=True,
+        ),
+    )
     dtype: str = field(
         default="auto",
         metadata=_opt(
@@ -170,6 +184,10 @@ def _check(f: dataclasses.Field, value: Any, where: str) -> Any:
             parse_size(value)
         except ValueError as exc:
             raise ConfigError(f"{where}: {name}: {exc}") from None
+    if md.get("name"):
+        for n in value if isinstance(value, list) else [value]:
+            if not n.strip() or n != n.strip():
+                raise ConfigError(f"{where}: {name}: model name {n!r} must be non-empty, without surrounding spaces")
     if name == "peers":
         from peers.mesh import parse_host_port  # lazy: peers.mesh loads aiohttp, and `meshd --help` reads this module
 
@@ -281,7 +299,7 @@ def read_flags(ns: argparse.Namespace | None) -> dict[str, Any]:
     out = {}
     for name, f in FIELDS.items():
         v = getattr(ns, name, None)
-        if v is None or (name == "peers" and v == []):
+        if v is None or (_kind(f) == "list" and v == []):
             continue
         if isinstance(v, str) and _kind(f) not in ("str", "Path"):
             v = _from_string(f, v, f"flag --{name.replace('_', '-')}")
@@ -324,7 +342,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         if kind == "bool":
             p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help)
         elif kind == "list":
-            p.add_argument(flag, dest=name, action="append", default=None, metavar="HOST:PORT", help=help)
+            p.add_argument(
+                flag, dest=name, action="append", default=None, metavar=md.get("metavar", "HOST:PORT"), help=help
+            )
         else:
             conv: Callable[[str], Any] = {"int": int, "float": float, "Path": str}.get(kind, str)
             p.add_argument(

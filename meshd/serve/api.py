@@ -40,6 +40,7 @@ from meshd.serve.apischema import (
     parse_completion,
 )
 from meshd.serve.engine import Engine, GenerateParams, RequestHandle, RuntimeUnavailable
+from meshd.serve.modelcard import ModelCard
 from meshd.serve.textstream import TextStream
 from models.engine import Stats
 from models.text import decode, encode_messages, encode_prompt
@@ -66,13 +67,18 @@ class ApiState:
 
 ENGINE = web.AppKey("engine", Engine)
 STATE = web.AppKey("api_state", ApiState)
+CARD = web.AppKey("model_card", ModelCard)
 
 
-def create_app(engine: Engine, *, api_key: str | None = None, max_body_bytes: int = 1 << 20) -> web.Application:
-    """The API as an aiohttp application around ``engine``."""
+def create_app(
+    engine: Engine, *, api_key: str | None = None, max_body_bytes: int = 1 << 20, card: ModelCard | None = None
+) -> web.Application:
+    """The API as an aiohttp application around ``engine``; ``card`` names the model (default: the
+    engine's model name and context, nothing else known)."""
     app = web.Application(middlewares=[_errors_middleware, _auth_middleware])
     app[ENGINE] = engine
     app[STATE] = ApiState(api_key, max_body_bytes)
+    app[CARD] = card or ModelCard(engine.model_name, context_length=engine.max_context)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
     app.router.add_get("/v1/models", list_models)
@@ -177,28 +183,53 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=prometheus.render(data).encode(), headers={"Content-Type": prometheus.CONTENT_TYPE})
 
 
-def _model_card(engine: Engine) -> dict[str, Any]:
-    return {"id": engine.model_name, "object": "model", "created": int(engine.started), "owned_by": "meshd"}
+def _model_card(request: web.Request) -> dict[str, Any]:
+    """OpenAI's model object, plus what local-model clients show: names, context, layers, storage,
+    and the committed plan (which peer computes which layers)."""
+    card, engine = request.app[CARD], request.app[ENGINE]
+    plan = engine.status().get("plan")
+    return {
+        "id": card.name,
+        "object": "model",
+        "created": int(engine.started),
+        "owned_by": "meshd",
+        "aliases": list(card.names[1:]),
+        "context_length": card.context_length,
+        "n_layers": card.n_layers,
+        "architecture": card.architecture,
+        "parameters": card.parameters,
+        "quantization": card.quantization,
+        "dtype": card.dtype,
+        "fingerprint": card.fingerprint,
+        "plan": _plan(plan) if plan else None,
+    }
+
+
+def _plan(plan: dict[str, Any]) -> dict[str, Any]:
+    stages = [
+        {
+            "node_id": s["node_id"],
+            "first_layer": s["first_layer"],
+            "stop_layer": s["stop_layer"],
+            "n_layers": s["stop_layer"] - s["first_layer"],
+        }
+        for s in plan.get("stages", [])
+    ]
+    return {"epoch": plan.get("epoch"), "committed": bool(plan.get("committed")), "stages": stages}
 
 
 async def list_models(request: web.Request) -> web.Response:
-    return web.json_response({"object": "list", "data": [_model_card(request.app[ENGINE])]})
+    return web.json_response({"object": "list", "data": [_model_card(request)]}, dumps=_dumps)
 
 
 async def get_model(request: web.Request) -> web.Response:
-    engine = request.app[ENGINE]
-    _check_model(engine, request.match_info["model"])
-    return web.json_response(_model_card(engine))
+    _check_model(request.app[CARD], request.match_info["model"])
+    return web.json_response(_model_card(request), dumps=_dumps)
 
 
-def _check_model(engine: Engine, model: str | None) -> None:
-    if model is not None and model != engine.model_name:
-        raise ApiError(
-            404,
-            f"The model `{model}` does not exist: this mesh serves `{engine.model_name}` (see GET /v1/models).",
-            param="model",
-            code="model_not_found",
-        )
+def _check_model(card: ModelCard, model: str | None) -> None:
+    if not card.accepts(model):
+        raise ApiError(404, card.not_found(model), param="model", code="model_not_found")
 
 
 # ---- completions --------------------------------------------------------------------------
@@ -242,7 +273,7 @@ async def _read_json(request: web.Request) -> Any:
 
 async def _complete(request: web.Request, req: CompletionRequest) -> web.StreamResponse:
     engine = request.app[ENGINE]
-    _check_model(engine, req.model)
+    _check_model(request.app[CARD], req.model)
     ok, why = engine.ready()
     if not ok:
         raise _unavailable(why)
@@ -312,6 +343,7 @@ class _Generation:
 
     def __init__(self, request: web.Request, engine: Engine, req: CompletionRequest, handle: RequestHandle):
         self.request, self.engine, self.handle, self.mode = request, engine, handle, req.mode
+        self.model = request.app[CARD].name
         self.text = TextStream(lambda ids: decode(engine.tokenizer, ids), req.stop)
         self.id = ("chatcmpl-" if req.kind == "chat" else "cmpl-") + secrets.token_hex(12)
         self.created = int(time.time())
@@ -431,7 +463,7 @@ async def _whole(req: CompletionRequest, gen: _Generation) -> web.Response:
             "id": gen.id,
             "object": obj,
             "created": gen.created,
-            "model": gen.engine.model_name,
+            "model": gen.model,
             "system_fingerprint": None,
             "choices": [choice],
             "usage": gen.usage(),
@@ -465,7 +497,7 @@ async def _stream(request: web.Request, req: CompletionRequest, gen: _Generation
             "id": gen.id,
             "object": obj,
             "created": gen.created,
-            "model": gen.engine.model_name,
+            "model": gen.model,
             "system_fingerprint": None,
             "choices": [choice],
             **extra,

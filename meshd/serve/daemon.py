@@ -21,6 +21,7 @@ from meshd.ring.messages import RingMessage
 from meshd.ring.wire import MESSAGE_TYPES, from_message, to_message
 from meshd.serve import notify
 from meshd.serve.api import create_app
+from meshd.serve.modelcard import build_card
 from meshd.serve.runtime import Ring, Runtime
 from models.budget import CostCurve
 from models.drafters import drafter_factory
@@ -122,7 +123,16 @@ class Daemon:
         node.on_plan(self._on_plan)
         node.on_membership(self._on_membership)
 
-        app = create_app(rt, api_key=cfg.api_key, max_body_bytes=cfg.max_body_bytes)
+        card = await asyncio.to_thread(
+            build_card,
+            source,
+            dtype=str(vocab.dtype).removeprefix("torch."),
+            context_length=cfg.max_context,
+            served_name=cfg.served_name,
+            aliases=cfg.aliases,
+        )
+        rt.model_name = card.name
+        app = create_app(rt, api_key=cfg.api_key, max_body_bytes=cfg.max_body_bytes, card=card)
         node.attach(app)
         rt.mesh_status = self._mesh_status
         self.runner = web.AppRunner(app, handle_signals=False, access_log=None)
