@@ -25,6 +25,7 @@ from models.drafters import Drafter
 from models.engine import Stats
 from models.source import ModelSource
 from models.stage import Stage
+from models.verify import TokenLogprobs
 from training.prompts import load_questions
 
 
@@ -150,6 +151,13 @@ def forward_terms(cfg, context: int, n_layers: int | None = None, lm_head: bool 
 REPLY = "Hello from the mesh! Emoji: 🎉🦀 and ünïcödé. The end is near. STOP here and then more text follows."
 
 
+def fake_logprobs(token: int, index: int, top: int) -> TokenLogprobs:
+    """Made-up but well-formed numbers for the canned reply's ``index``-th token: the token is the
+    likeliest, each alternative one nat less likely than the one before."""
+    lp = -0.125 * (index % 4)
+    return TokenLogprobs(token, lp, tuple((token + j, lp - j) for j in range(top)))
+
+
 class FakeHandle:
     """A ``RequestHandle``: the canned reply in chunks of ``FakeRuntime.chunk`` tokens."""
 
@@ -158,6 +166,7 @@ class FakeHandle:
         self.finish_reason: str | None = None
         self.error: str | None = None
         self.stats: Stats | None = None
+        self.logprobs: list[TokenLogprobs] = []
         self._queue: asyncio.Queue[list[int] | None] = asyncio.Queue()
         self._stats = Stats()
         self._task = asyncio.ensure_future(self._produce())
@@ -172,6 +181,8 @@ class FakeHandle:
                 self._finish("error", "lost the link to peer b3: connection reset")
                 return
             chunk = tokens[i : i + rt.chunk]
+            if self.params.logprobs is not None:
+                self.logprobs += [fake_logprobs(t, i + j, self.params.logprobs) for j, t in enumerate(chunk)]
             i += len(chunk)
             self._stats.rounds += 1
             self._stats.per_round.append(len(chunk))

@@ -40,8 +40,9 @@ from meshd.serve.apischema import (
     parse_completion,
 )
 from meshd.serve.engine import Engine, GenerateParams, RequestHandle, RuntimeUnavailable
+from meshd.serve.logprobs import chat_logprobs, completion_logprobs
 from meshd.serve.modelcard import ModelCard
-from meshd.serve.textstream import TextStream
+from meshd.serve.textstream import TextStream, TokenBytes
 from models.engine import Stats
 from models.text import decode, encode_messages, encode_prompt
 
@@ -68,6 +69,7 @@ class ApiState:
 ENGINE = web.AppKey("engine", Engine)
 STATE = web.AppKey("api_state", ApiState)
 CARD = web.AppKey("model_card", ModelCard)
+TOKEN_BYTES = web.AppKey("token_bytes", TokenBytes)
 
 
 def create_app(
@@ -79,6 +81,7 @@ def create_app(
     app[ENGINE] = engine
     app[STATE] = ApiState(api_key, max_body_bytes)
     app[CARD] = card or ModelCard(engine.model_name, context_length=engine.max_context)
+    app[TOKEN_BYTES] = TokenBytes(engine.tokenizer)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
     app.router.add_get("/v1/models", list_models)
@@ -284,6 +287,7 @@ async def _complete(request: web.Request, req: CompletionRequest) -> web.StreamR
         sampling=req.sampling,
         seed=req.seed,
         mode=req.mode,
+        logprobs=req.logprobs,
     )
     try:
         handle = await engine.submit(prompt_ids, params)
@@ -344,6 +348,8 @@ class _Generation:
     def __init__(self, request: web.Request, engine: Engine, req: CompletionRequest, handle: RequestHandle):
         self.request, self.engine, self.handle, self.mode = request, engine, handle, req.mode
         self.model = request.app[CARD].name
+        self.kind, self.want_logprobs = req.kind, req.logprobs is not None
+        self.logprobs_sent = 0  # records already handed out (streams send each token's once)
         self.text = TextStream(lambda ids: decode(engine.tokenizer, ids), req.stop)
         self.id = ("chatcmpl-" if req.kind == "chat" else "cmpl-") + secrets.token_hex(12)
         self.created = int(time.time())
@@ -392,6 +398,22 @@ class _Generation:
         if self.handle.finish_reason is None:
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await asyncio.shield(self.handle.cancel())
+
+    def logprobs(self) -> dict[str, Any] | None:
+        """The choice's ``logprobs`` for the tokens not reported yet (None when not asked for, or none
+        new). Only kept tokens count: a stop string's cut drops the tokens after it, as usage does."""
+        if not self.want_logprobs:
+            return None
+        n = min(len(self.text.token_ids), len(self.handle.logprobs))
+        start, self.logprobs_sent = self.logprobs_sent, max(self.logprobs_sent, n)
+        if n <= start:
+            return None
+        records, tb = self.handle.logprobs[start:n], self.request.app[TOKEN_BYTES]
+        if self.kind == "chat":
+            return chat_logprobs(records, tb)
+        ids, limit = self.text.token_ids, len(self.text.text)
+        offsets = [min(limit, len(self.text.decode(ids[:i]))) for i in range(start, n)]
+        return completion_logprobs(records, tb, offsets)
 
     def usage(self) -> dict[str, int]:
         p, c = self.handle.prompt_tokens, len(self.text.token_ids)
@@ -451,12 +473,12 @@ async def _whole(req: CompletionRequest, gen: _Generation) -> web.Response:
         choice = {
             "index": 0,
             "message": {"role": "assistant", "content": text, "refusal": None},
-            "logprobs": None,
+            "logprobs": gen.logprobs(),
             "finish_reason": gen.finish_reason,
         }
         obj = "chat.completion"
     else:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": gen.finish_reason}
+        choice = {"index": 0, "text": text, "logprobs": gen.logprobs(), "finish_reason": gen.finish_reason}
         obj = "text_completion"
     return web.json_response(
         {
@@ -485,14 +507,21 @@ async def _stream(request: web.Request, req: CompletionRequest, gen: _Generation
     chat = req.kind == "chat"
     obj = "chat.completion.chunk" if chat else "text_completion"
 
-    def chunk(delta: str | None, finish: str | None = None, *, role: bool = False, **extra: Any) -> dict[str, Any]:
+    def chunk(
+        delta: str | None,
+        finish: str | None = None,
+        *,
+        role: bool = False,
+        logprobs: dict[str, Any] | None = None,
+        **extra: Any,
+    ) -> dict[str, Any]:
         if chat:
             d: dict[str, Any] = (
                 {"role": "assistant", "content": ""} if role else ({} if delta is None else {"content": delta})
             )
-            choice = {"index": 0, "delta": d, "logprobs": None, "finish_reason": finish}
+            choice = {"index": 0, "delta": d, "logprobs": logprobs, "finish_reason": finish}
         else:
-            choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}
+            choice = {"index": 0, "text": delta or "", "logprobs": logprobs, "finish_reason": finish}
         return {
             "id": gen.id,
             "object": obj,
@@ -514,7 +543,7 @@ async def _stream(request: web.Request, req: CompletionRequest, gen: _Generation
             await send(chunk(None, role=True))
         async with contextlib.aclosing(gen.deltas()) as deltas:
             async for delta in deltas:
-                await send(chunk(delta))
+                await send(chunk(delta, logprobs=gen.logprobs()))
         if gen.disconnected:
             return resp
         if gen.error is not None:
@@ -523,7 +552,7 @@ async def _stream(request: web.Request, req: CompletionRequest, gen: _Generation
             )
         else:
             usage = gen.usage()
-            await send(chunk(None, gen.finish_reason, usage=usage, meshd=gen.stats()))
+            await send(chunk(None, gen.finish_reason, logprobs=gen.logprobs(), usage=usage, meshd=gen.stats()))
             if req.include_usage:
                 last = chunk(None, usage=usage)
                 last["choices"] = []

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 import gguf
 
@@ -31,6 +32,8 @@ class ModelCard:
     quantization: str | None = None  # GGUF file type (Q4_1, Q8_0, F16...) or the safetensors dtype
     dtype: str | None = None  # what the mesh computes in
     fingerprint: str | None = None
+    format: str | None = None  # gguf | safetensors
+    size: int | None = None  # bytes of the weight files
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -41,11 +44,15 @@ class ModelCard:
         """Whether a request naming ``model`` is for this model (no name at all is)."""
         return model is None or model in self.names
 
-    def not_found(self, model: str) -> str:
-        """The sentence for a request that named another model: what it asked and what would work."""
+    def served(self) -> str:
+        """The names that work, for error messages: "`smol` (also accepted: `default`)"."""
         others = self.names[1:]
         also = f" (also accepted: {', '.join(f'`{n}`' for n in others)})" if others else ""
-        return f"The model `{model}` does not exist: this mesh serves `{self.name}`{also}; see GET /v1/models."
+        return f"`{self.name}`{also}"
+
+    def not_found(self, model: str) -> str:
+        """The sentence for a request that named another model: what it asked and what would work."""
+        return f"The model `{model}` does not exist: this mesh serves {self.served()}; see GET /v1/models."
 
 
 def parameter_size(n: int | None) -> str:
@@ -80,7 +87,7 @@ def quantization(source: ModelSource) -> str:
     from safetensors import safe_open  # lazy: only safetensors models need it
 
     seen: Counter[str] = Counter()
-    for f in sorted(source.path.glob("*.safetensors")):
+    for f in _weight_files(source):
         with safe_open(str(f), framework="pt") as fh:
             for key in fh.keys():  # noqa: SIM118 - safe_open is not a mapping
                 seen[str(fh.get_slice(key).get_dtype())] += 1
@@ -98,7 +105,7 @@ def parameter_count(source: ModelSource) -> int:
     from safetensors import safe_open  # lazy: only safetensors models need it
 
     total = 0
-    for f in sorted(source.path.glob("*.safetensors")):
+    for f in _weight_files(source):
         with safe_open(str(f), framework="pt") as fh:
             for key in fh.keys():  # noqa: SIM118 - safe_open is not a mapping
                 n = 1
@@ -131,4 +138,10 @@ def build_card(
         quantization=quantization(source),
         dtype=dtype,
         fingerprint=source.fingerprint,
+        format=source.kind,
+        size=sum(f.stat().st_size for f in _weight_files(source)),
     )
+
+
+def _weight_files(source: ModelSource) -> list[Path]:
+    return [source.path] if source.kind == "gguf" else sorted(source.path.glob("*.safetensors"))
