@@ -8,6 +8,8 @@ mesh websocket on the same app and port. Routes:
   expect (SSE chunks, then ``data: [DONE]``), with a ``meshd`` object carrying the request's
   speculative-decoding statistics and the extension field ``mode`` (``meshd.modes``: flow | chunk | ar);
 - ``GET /v1/models``, ``GET /v1/models/{id}``;
+- Ollama's ``/api/tags``, ``/api/ps``, ``/api/show``, ``/api/version``, ``/api/chat``, ``/api/generate``
+  (``meshd.serve.ollama``);
 - ``GET /mesh`` (``engine.status()``), ``GET /health`` (200 when ready, 503 and why not),
   ``GET /metrics`` (Prometheus text).
 
@@ -49,7 +51,7 @@ from models.text import decode, encode_messages, encode_prompt
 log = logging.getLogger(__name__)
 
 OPEN_PATHS = ("/health",)  # never behind the API key: load balancers and systemd probes need them
-PROTECTED_PREFIXES = ("/v1/",)
+PROTECTED_PREFIXES = ("/v1/", "/api/")
 PROTECTED_PATHS = ("/mesh", "/metrics")
 MESH_NAMESPACE = "/mesh/"  # the peers' websocket lives here: it authenticates itself and speaks no JSON errors
 DISCONNECT_POLL_S = 0.1
@@ -89,6 +91,9 @@ def create_app(
     app.router.add_get("/mesh", mesh)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
+    from meshd.serve import ollama  # here, not at the top: ollama.py speaks through this module (a cycle)
+
+    ollama.add_routes(app)
     return app
 
 
