@@ -10,6 +10,7 @@ import contextlib
 import math
 import socket
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import transformers
 from aiohttp import web
 
 from meshd.lab.bench import EVERYDAY
+from meshd.lab.testbed import LoopbackMesh
 from meshd.serve.engine import GenerateParams, RuntimeUnavailable
 from meshd.serve.runtime import Ring, Runtime
 from models.budget import CostCurve
@@ -325,3 +327,20 @@ def solo_runtime(
     rt.install_worker(full)
     rt.set_ring(Ring(epoch=1, nodes=[None], curves=[CostCurve({1: 1.0, 64: 2.0})], local_index=0))
     return rt
+
+
+# ---- the real-client tests' shared mesh (fixture ``client_mesh`` in tests/serve/conftest.py) ----
+SERVED, ALIAS = "smol", "smol:135m"
+QUESTION = "What is the capital of France? Answer in one sentence."
+TOKENS = 20
+
+
+@dataclass
+class ClientMesh:
+    mesh: LoopbackMesh
+    prompt: list[int]  # QUESTION as a chat, token ids
+    want: list[int]  # plain greedy decoding of it, TOKENS long at most
+    text: str  # ... as text
+
+    def url(self, i: int) -> str:
+        return self.mesh.url(i)
