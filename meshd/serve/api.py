@@ -404,9 +404,10 @@ class _Generation:
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await asyncio.shield(self.handle.cancel())
 
-    def logprobs(self) -> dict[str, Any] | None:
+    def logprobs(self, shape: str | None = None) -> dict[str, Any] | None:
         """The choice's ``logprobs`` for the tokens not reported yet (None when not asked for, or none
-        new). Only kept tokens count: a stop string's cut drops the tokens after it, as usage does."""
+        new), in the request's shape or ``shape`` ("chat" | "completion"). Only kept tokens count: a
+        stop string's cut drops the tokens after it, as usage does."""
         if not self.want_logprobs:
             return None
         n = min(len(self.text.token_ids), len(self.handle.logprobs))
@@ -414,7 +415,7 @@ class _Generation:
         if n <= start:
             return None
         records, tb = self.handle.logprobs[start:n], self.request.app[TOKEN_BYTES]
-        if self.kind == "chat":
+        if (shape or self.kind) == "chat":
             return chat_logprobs(records, tb)
         ids, limit = self.text.token_ids, len(self.text.text)
         offsets = [min(limit, len(self.text.decode(ids[:i]))) for i in range(start, n)]

@@ -126,7 +126,7 @@ def parse_chat(body: Any, max_context: int) -> CompletionRequest:
     _check_keys(obj, _COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"}, _CHAT_INERT)
     req = _common(obj, "chat", max_context)
     req.messages = _messages(obj.get("messages"))
-    req.logprobs = _chat_logprobs(obj.get("logprobs"), obj.get("top_logprobs"))
+    req.logprobs = logprobs_switch(obj.get("logprobs"), obj.get("top_logprobs"))
     mct = obj.get("max_completion_tokens")
     if mct is not None:
         mct = _max_tokens("max_completion_tokens", mct, max_context)
@@ -257,8 +257,9 @@ def _int(v: Any, name: str, lo: int, hi: int) -> int:
     return v
 
 
-def _chat_logprobs(logprobs: Any, top: Any) -> int | None:
-    """Chat's pair: ``logprobs`` (boolean) switches them on, ``top_logprobs`` asks for alternatives."""
+def logprobs_switch(logprobs: Any, top: Any) -> int | None:
+    """Chat's pair (Ollama's too): ``logprobs`` (boolean) switches them on, ``top_logprobs`` asks for
+    alternatives; returns ``CompletionRequest.logprobs``."""
     if logprobs is not None and not isinstance(logprobs, bool):
         raise invalid("logprobs", f"`logprobs` must be a boolean, not {_type_name(logprobs)}", "invalid_type")
     if top is None:

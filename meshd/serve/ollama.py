@@ -7,7 +7,8 @@ into the same checked ``CompletionRequest`` and runs through the same ring, stop
 disconnect handling. Ollama's shapes: generation streams by default, as newline-delimited JSON
 objects (``application/x-ndjson``) each carrying a text piece with ``"done": false``, then one
 ``"done": true`` object with the reason and the counts and durations (nanoseconds); errors are
-``{"error": "..."}``. Where meshd differs, it says so rather than ignore a setting: options that
+``{"error": "..."}``; ``logprobs``/``top_logprobs`` add each piece's tokens' log-probabilities in
+OpenAI chat's entry shape, as Ollama does. Where meshd differs, it says so rather than ignore a setting: options that
 would change the output but are not implemented (mirostat, typical_p, a repeat_last_n window)
 are refused by name; the defaults are Ollama's (temperature 0.8, top_k 40, top_p 0.9), except
 that no repetition penalty applies unless asked for.
@@ -15,6 +16,7 @@ that no repetition penalty applies unless asked for.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib.metadata
 import json
@@ -40,6 +42,7 @@ from meshd.serve.apischema import (
     ApiError,
     CompletionRequest,
     invalid,
+    logprobs_switch,
     parse_chat,
     parse_completion,
 )
@@ -261,8 +264,13 @@ def _renamed(err: ApiError) -> ApiError:
     return err
 
 
+LOGPROBS = {"logprobs", "top_logprobs"}
+
+
 def _chat_request(body: dict[str, Any], context: int) -> CompletionRequest:
-    fields = _common(body, {"model", "messages", "stream", "options", "format", "keep_alive", "tools", "think"})
+    fields = _common(
+        body, {"model", "messages", "stream", "options", "format", "keep_alive", "tools", "think"} | LOGPROBS
+    )
     messages = body.get("messages")
     if not isinstance(messages, list):
         raise invalid("messages", "messages must be an array")
@@ -271,9 +279,11 @@ def _chat_request(body: dict[str, Any], context: int) -> CompletionRequest:
             raise invalid(f"messages[{i}].images", "this model reads text only (images)")
     clean = [{k: v for k, v in m.items() if k in ("role", "content")} if isinstance(m, dict) else m for m in messages]
     try:
-        return parse_chat({**fields, "messages": clean}, context)
+        req = parse_chat({**fields, "messages": clean}, context)
+        req.logprobs = logprobs_switch(body.get("logprobs"), body.get("top_logprobs"))
     except ApiError as err:
         raise _renamed(err) from None
+    return req
 
 
 GENERATE_FIELDS = {"model", "prompt", "suffix", "system", "template", "context", "raw", "stream", "options"}
@@ -281,7 +291,7 @@ GENERATE_FIELDS = {"model", "prompt", "suffix", "system", "template", "context",
 
 def _generate_request(body: dict[str, Any], context: int, chat_template: bool) -> tuple[CompletionRequest, list[int]]:
     """The request, and the token ids of an earlier exchange it continues (Ollama's ``context``)."""
-    fields = _common(body, GENERATE_FIELDS | {"format", "keep_alive", "images", "think", "tools"})
+    fields = _common(body, GENERATE_FIELDS | {"format", "keep_alive", "images", "think", "tools"} | LOGPROBS)
     if body.get("images"):
         raise invalid("images", "this model reads text only (images)")
     if body.get("suffix") not in (None, ""):
@@ -301,6 +311,7 @@ def _generate_request(body: dict[str, Any], context: int, chat_template: bool) -
         else:  # Ollama applies the model's template to the prompt (and the system message)
             msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
             req = parse_chat({**fields, "messages": msgs}, context)
+        req.logprobs = logprobs_switch(body.get("logprobs"), body.get("top_logprobs"))
     except ApiError as err:
         raise _renamed(err) from None
     return req, before
@@ -333,12 +344,17 @@ async def _run(
     if not ok:
         raise _unavailable(why)
     started = time.perf_counter()
-    prompt_ids = before + _encode(engine.tokenizer, req)
+    prompt_ids = before + await asyncio.to_thread(_encode, engine.tokenizer, req)
     if req.max_tokens is None:  # Ollama generates until the model stops; meshd bounds it as its chat API does
         req.max_tokens = max(1, min(DEFAULT_CHAT_MAX_TOKENS, engine.max_context - len(prompt_ids)))
     max_tokens = _budget(req, len(prompt_ids), engine.max_context)
     try:
-        handle = await engine.submit(prompt_ids, GenerateParams(max_tokens, req.sampling, req.seed, req.mode))
+        handle = await engine.submit(
+            prompt_ids,
+            GenerateParams(
+                max_tokens=max_tokens, sampling=req.sampling, seed=req.seed, mode=req.mode, logprobs=req.logprobs
+            ),
+        )
     except RuntimeUnavailable as exc:
         raise _unavailable(str(exc)) from None
     except ValueError as exc:
@@ -349,6 +365,9 @@ async def _run(
     def piece(text: str) -> dict[str, Any]:
         out: dict[str, Any] = {"model": name, "created_at": _stamp()}
         out.update({"message": {"role": "assistant", "content": text}} if chat else {"response": text})
+        lp = gen.logprobs("chat")  # Ollama's entries are chat's: token, logprob, bytes, top_logprobs
+        if lp is not None:
+            out["logprobs"] = lp["content"]
         return out
 
     def final(text: str) -> dict[str, Any]:

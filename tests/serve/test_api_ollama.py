@@ -8,7 +8,7 @@ import json
 import aiohttp
 import ollama
 import pytest
-from support import REPLY, serve
+from support import REPLY, fake_logprobs, serve
 
 from meshd.serve.api import create_app
 from meshd.serve.modelcard import ModelCard, build_card
@@ -111,6 +111,20 @@ async def test_stream_is_ndjson(ourl):
     assert lines[-1] == "" and all(lines[:-1])
     objs = [json.loads(x) for x in lines[:-1]]
     assert all(not o["done"] for o in objs[:-1]) and objs[-1]["done"] and objs[-1]["eval_count"] == 6
+
+
+async def test_logprobs_whole_and_streamed(rt, ourl):
+    client = ollama.AsyncClient(host=ourl)
+    whole = await client.chat(model="smol", messages=HI, logprobs=True, top_logprobs=2)
+    assert rt.submitted[-1][1].logprobs == 2
+    assert [(e.logprob, len(e.top_logprobs)) for e in whole.logprobs] == [
+        (fake_logprobs(t, i, 2).logprob, 2) for i, t in enumerate(rt.reply_ids)
+    ]
+    parts = [p async for p in await client.generate(model="smol", prompt="hi", logprobs=True, stream=True)]
+    streamed = [e for p in parts for e in (p.logprobs or [])]
+    assert [e.logprob for e in streamed] == [fake_logprobs(t, i, 0).logprob for i, t in enumerate(rt.reply_ids)]
+    plain = await client.chat(model="smol", messages=HI)
+    assert plain.logprobs is None
 
 
 @pytest.mark.parametrize(
