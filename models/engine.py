@@ -113,7 +113,7 @@ def generate(
         return reason
 
     def history() -> History | None:  # what the penalties look at before the next token
-        return History(prompt, out) if sampling.penalised else None
+        return History(prompt, tuple(out)) if sampling.penalised else None
 
     reason = emit([sample_token(target.logits(feats[-1:], normed=True)[0], sampling, gen, history())])
     context = list(prompt) + out

@@ -266,7 +266,7 @@ class Originator:
     @staticmethod
     def _history(lv: _Live) -> History | None:
         """What the penalties look at before the next token (None when the sampling has none)."""
-        return History(lv.req.prompt, lv.out) if lv.req.sampling.penalised else None
+        return History(lv.req.prompt, tuple(lv.out)) if lv.req.sampling.penalised else None
 
     # ---- rounds -----------------------------------------------------------------------------
     def _load(self, lv: _Live) -> tuple[int, float]:

@@ -120,7 +120,9 @@ async def test_real_logprobs_are_the_models_and_penalties_are_applied(embedded_s
     """Over the real runtime (one-device ring, speculative flow mode): greedy with penalties equals plain
     penalised decoding, and every reported logprob is the model's log-softmax at that position."""
     eos = stop_ids(embedded_tokenizer, embedded.cfg)
-    rt = solo_runtime(embedded_source, embedded, drafter_factory("ngram", embedded), embedded_tokenizer)
+    rt = solo_runtime(
+        embedded_source, embedded, drafter_factory("ngram", embedded), embedded_tokenizer, max_context=1024
+    )
     await rt.start()
     try:
         async with serve(create_app(rt)) as url:
