@@ -137,6 +137,20 @@ class Config:
             "never downloaded), or 'default' (the embedded SmolLM2-135M-Instruct)"
         ),
     )
+    served_name: str | None = field(
+        default=None,
+        metadata=_opt("the name the API serves the model under (default: the model file's stem)", name=True),
+    )
+    aliases: list[str] = field(
+        default_factory=list,
+        metadata=_opt(
+            "other names requests may use for the model (repeat the flag; in the environment, comma-separated); "
+            "the embedded default also answers to 'default'",
+            flag="--alias",
+            metavar="NAME",
+            name=True,
+        ),
+    )
     dtype: str = field(
         default="auto",
         metadata=_opt(
@@ -260,6 +274,10 @@ def _check(f: dataclasses.Field, value: Any, where: str) -> Any:
             parse_size(value)
         except ValueError as exc:
             raise ConfigError(f"{where}: {name}: {exc}") from None
+    if md.get("name"):
+        for n in value if isinstance(value, list) else [value]:
+            if not n.strip() or n != n.strip():
+                raise ConfigError(f"{where}: {name}: model name {n!r} must be non-empty, without surrounding spaces")
     if name == "peers":
         from peers.mesh import parse_host_port  # lazy: peers.mesh loads aiohttp, and `meshd --help` reads this module
 

@@ -16,7 +16,7 @@ from models.budget import CostCurve, TreeBudget
 from models.drafters import Drafter
 from models.stage import Stage
 from models.tree import Tree
-from models.verify import Sampling, sample_token, verify
+from models.verify import History, Sampling, sample_token, verify
 
 PREFILL_CHUNK = 256
 GREEDY = Sampling()
@@ -112,7 +112,10 @@ def generate(
             on_tokens(out[before:])
         return reason
 
-    reason = emit([sample_token(target.logits(feats[-1:], normed=True)[0], sampling, gen)])
+    def history() -> History | None:  # what the penalties look at before the next token
+        return History(prompt, tuple(out)) if sampling.penalised else None
+
+    reason = emit([sample_token(target.logits(feats[-1:], normed=True)[0], sampling, gen, history())])
     context = list(prompt) + out
     if mode == "spec":
         drafter.reset(list(prompt))
@@ -124,7 +127,7 @@ def generate(
             stats.target_forwards += 1
             stats.rounds += 1
             stats.per_round.append(1)
-            reason = emit([sample_token(target.logits(h)[0], sampling, gen)])
+            reason = emit([sample_token(target.logits(h)[0], sampling, gen, history())])
             context.append(out[-1])
             continue
         td = time.perf_counter()
@@ -132,7 +135,7 @@ def generate(
         draft_s = time.perf_counter() - td
         stats.draft_seconds += draft_s
         tree = pool_tree.best(budget.choose(pool_tree, overhead=draft_s))
-        accepted, emitted, feats = verify_tree(target, cache, tree, len(context) - 1, sampling, gen, stats)
+        accepted, emitted, feats = verify_tree(target, cache, tree, len(context) - 1, sampling, gen, stats, history())
         budget.observe(budget.expected(tree), len(accepted) - 1)
         stats.rounds += 1
         stats.accepted_drafts += len(accepted) - 1
@@ -146,7 +149,14 @@ def generate(
 
 
 def verify_tree(
-    target: Stage, cache, tree: Tree, base: int, sampling: Sampling, gen: torch.Generator | None, stats: Stats
+    target: Stage,
+    cache,
+    tree: Tree,
+    base: int,
+    sampling: Sampling,
+    gen: torch.Generator | None,
+    stats: Stats,
+    history: History | None = None,
 ) -> tuple[list[int], list[int], torch.Tensor]:
     """One target forward over the whole tree, acceptance walk, then keep only the accepted KV.
 
@@ -158,6 +168,6 @@ def verify_tree(
     stats.target_forwards += 1
     stats.verified_nodes += n
     feats = target.final_norm(hidden)
-    path, emitted = verify(tree, target.logits(feats, normed=True), sampling, gen)
+    path, emitted = verify(tree, target.logits(feats, normed=True), sampling, gen, history)
     cache.keep(list(range(base)) + [base + i for i in path])
     return path, emitted, feats[path]

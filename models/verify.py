@@ -7,11 +7,14 @@ segment): a walk stops where the next logits are not available yet and resumes l
 Sampling keeps the target distribution exactly. Drafts are deterministic (top-k), so child
 ``x`` is accepted with probability p(x); on rejection p(x) is zeroed and p renormalised before
 the next sibling is tried; if every child is rejected the token comes from the residual.
+That holds for any target distribution, so it holds for the one ``Sampling`` shapes (penalties,
+top-k, min-p) as long as each node is judged with its own history: the tokens before it along
+its path (``History``), as plain decoding would have had them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -21,19 +24,84 @@ from models.tree import Tree
 
 @dataclass(frozen=True)
 class Sampling:
-    """How the target picks a token. ``temperature == 0`` is greedy."""
+    """How the target picks a token. ``temperature == 0`` is greedy (the argmax of the penalised logits).
+
+    The target's distribution is formed in this order, the order llama.cpp and vLLM use:
+    penalties on the logits (``repetition_penalty`` over the prompt and the generated tokens, as
+    transformers defines it; ``presence_penalty`` and ``frequency_penalty`` over the generated
+    tokens only, as OpenAI defines them), then temperature, then the filters ``top_k`` (0: off),
+    ``top_p`` and ``min_p`` (drop tokens below ``min_p`` times the most likely one's probability),
+    each renormalising. Verification walks this distribution, so speculative decoding stays exact
+    for it.
+    """
 
     temperature: float = 0.0
     top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     @property
     def greedy(self) -> bool:
         return self.temperature <= 0.0
 
+    @property
+    def penalised(self) -> bool:
+        """Whether the distribution depends on the tokens before the position (then a ``History`` is needed)."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
-def target_probs(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
-    """The distribution the target alone would sample from (temperature, then nucleus filter)."""
-    probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
+
+@dataclass(frozen=True)
+class History:
+    """The tokens before the position being decided, which the penalties look at.
+
+    For a node of a draft tree that is the request's prompt, what it generated so far (the tree's
+    root token included, it was emitted last round) and the draft tokens on the path from the root
+    down to the node: exactly the tokens that precede the node's successor if the walk accepts the
+    path. So each node is judged by the distribution plain decoding would have used there.
+    """
+
+    prompt: Sequence[int] = ()
+    generated: Sequence[int] = ()
+
+    def then(self, tokens: Sequence[int]) -> History:
+        """This history followed by ``tokens`` (generated ones)."""
+        return History(self.prompt, [*self.generated, *tokens]) if tokens else self
+
+
+def penalised_logits(logits: torch.Tensor, sampling: Sampling, history: History | None) -> torch.Tensor:
+    """``logits`` (float32) with the repetition, presence and frequency penalties of ``history`` applied."""
+    logits = logits.float()
+    if not sampling.penalised:
+        return logits
+    if history is None:
+        raise ValueError("penalties depend on the tokens so far: pass the request's History")
+    out = logits.clone()
+    if sampling.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted({*history.prompt, *history.generated}), dtype=torch.long)
+        if len(seen):
+            v = out[seen]
+            out[seen] = torch.where(v > 0, v / sampling.repetition_penalty, v * sampling.repetition_penalty)
+    if (sampling.presence_penalty or sampling.frequency_penalty) and len(history.generated):
+        ids, counts = torch.tensor(list(history.generated), dtype=torch.long).unique(return_counts=True)
+        out[ids] -= sampling.frequency_penalty * counts.float() + sampling.presence_penalty
+    return out
+
+
+def _renormalised(probs: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
+    probs = probs.masked_fill(drop, 0.0)
+    return probs / probs.sum(-1, keepdim=True)
+
+
+def target_probs(logits: torch.Tensor, sampling: Sampling, history: History | None = None) -> torch.Tensor:
+    """The distribution the target alone would sample from (``Sampling``'s order: penalties,
+    temperature, top-k, nucleus, min-p)."""
+    probs = torch.softmax(penalised_logits(logits, sampling, history) / sampling.temperature, dim=-1)
+    if 0 < sampling.top_k < probs.shape[-1]:
+        kth = probs.topk(sampling.top_k).values[..., -1:]
+        probs = _renormalised(probs, probs < kth)  # ties with the k-th token stay: no arbitrary cut among equals
     if sampling.top_p < 1.0:
         sorted_p, idx = probs.sort(descending=True)
         cum = sorted_p.cumsum(-1)
@@ -41,23 +109,33 @@ def target_probs(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, idx, sorted_p)
         probs = probs / probs.sum(-1, keepdim=True)
+    if sampling.min_p > 0.0:
+        probs = _renormalised(probs, probs < sampling.min_p * probs.max(-1, keepdim=True).values)
     return probs
 
 
-def sample_token(logits: torch.Tensor, sampling: Sampling, gen: torch.Generator | None) -> int:
+def sample_token(
+    logits: torch.Tensor, sampling: Sampling, gen: torch.Generator | None, history: History | None = None
+) -> int:
     if sampling.greedy:
-        return int(logits.argmax())
-    return int(torch.multinomial(target_probs(logits, sampling), 1, generator=gen))
+        return int(penalised_logits(logits, sampling, history).argmax())
+    return int(torch.multinomial(target_probs(logits, sampling, history), 1, generator=gen))
 
 
 def decide(
-    tree: Tree, node: int, logits: torch.Tensor, sampling: Sampling, gen: torch.Generator | None
+    tree: Tree,
+    node: int,
+    logits: torch.Tensor,
+    sampling: Sampling,
+    gen: torch.Generator | None,
+    history: History | None = None,
 ) -> tuple[int | None, int]:
-    """The target's choice after ``node``: (accepted child or None, its token)."""
+    """The target's choice after ``node`` (``history``: the tokens up to and including ``node``'s):
+    (accepted child or None, its token)."""
     if sampling.greedy:
-        tok = int(logits.argmax())
+        tok = int(penalised_logits(logits, sampling, history).argmax())
         return tree.child_with_token(node, tok), tok
-    p = target_probs(logits, sampling).double()
+    p = target_probs(logits, sampling, history).double()
     kids = sorted(tree.children(node), key=lambda c: (-tree.scores[c], c))
     for c in kids:
         x = tree.tokens[c]
@@ -67,8 +145,29 @@ def decide(
             return c, x
         p[x] = 0.0
     if float(p.sum()) <= 0.0:  # every token with mass was a rejected child: impossible unless p is degenerate
-        p = target_probs(logits, sampling).double()
+        p = target_probs(logits, sampling, history).double()
     return None, int(torch.multinomial(p, 1, generator=gen))
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """A decided token's log-probability and the most likely alternatives, most likely first.
+
+    These are the model's own log-probabilities (log-softmax of the target's logits, before
+    penalties, temperature and filters), as OpenAI-compatible servers report them by default:
+    they describe the model, not the sampler, so greedy requests get useful numbers too.
+    """
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def token_logprobs(logits: torch.Tensor, token: int, top: int) -> TokenLogprobs:
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    best = lp.topk(top) if top > 0 else None
+    alts = tuple(zip(best.indices.tolist(), best.values.tolist())) if best is not None else ()
+    return TokenLogprobs(token, float(lp[token]), alts)
 
 
 @dataclass
@@ -89,15 +188,24 @@ def advance(
     logits_of: Callable[[int], torch.Tensor | None],
     sampling: Sampling,
     gen: torch.Generator | None,
+    history: History | None = None,
+    on_token: Callable[[int, torch.Tensor], None] | None = None,
 ) -> list[int]:
-    """Decide as far as available logits allow; return the tokens newly accepted (bonus included)."""
+    """Decide as far as available logits allow; return the tokens newly accepted (bonus included).
+
+    ``history`` is what precedes the tree's root token, that token included (needed when
+    ``sampling`` penalises); ``on_token(token, logits)`` sees each decided token with the logits it
+    was decided from (for log-probabilities)."""
     out: list[int] = []
     while not walk.done:
         node = walk.path[-1]
         logits = logits_of(node)
         if logits is None:
             break
-        child, tok = decide(tree, node, logits, sampling, gen)
+        here = history.then([tree.tokens[i] for i in walk.path[1:]]) if history is not None else None
+        child, tok = decide(tree, node, logits, sampling, gen, here)
+        if on_token is not None:
+            on_token(tok, logits)
         out.append(tok)
         if child is None:
             walk.bonus = tok
@@ -107,12 +215,17 @@ def advance(
 
 
 def verify(
-    tree: Tree, logits: torch.Tensor, sampling: Sampling, gen: torch.Generator | None = None
+    tree: Tree,
+    logits: torch.Tensor,
+    sampling: Sampling,
+    gen: torch.Generator | None = None,
+    history: History | None = None,
+    on_token: Callable[[int, torch.Tensor], None] | None = None,
 ) -> tuple[list[int], list[int]]:
     """One-shot verification when every node's logits are at hand (row i = node i).
 
     Returns the accepted node path (root first) and the emitted tokens (accepted + bonus).
     """
     walk = Walk()
-    tokens = advance(walk, tree, lambda i: logits[i], sampling, gen)
+    tokens = advance(walk, tree, lambda i: logits[i], sampling, gen, history, on_token)
     return walk.path, tokens

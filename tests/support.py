@@ -10,6 +10,7 @@ import contextlib
 import math
 import socket
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import transformers
 from aiohttp import web
 
 from meshd.lab.bench import EVERYDAY
+from meshd.lab.testbed import LoopbackMesh
 from meshd.ring.wire import from_message, to_message
 from meshd.serve.engine import GenerateParams, RuntimeUnavailable
 from meshd.serve.runtime import Ring, Runtime
@@ -27,6 +29,7 @@ from models.engine import Stats
 from models.ranges import LayerRange
 from models.source import ModelSource
 from models.stage import Stage
+from models.verify import TokenLogprobs
 from peers.codec import Codec, Message
 from training.prompts import load_questions
 
@@ -153,6 +156,13 @@ def forward_terms(cfg, context: int, n_layers: int | None = None, lm_head: bool 
 REPLY = "Hello from the mesh! Emoji: 🎉🦀 and ünïcödé. The end is near. STOP here and then more text follows."
 
 
+def fake_logprobs(token: int, index: int, top: int) -> TokenLogprobs:
+    """Made-up but well-formed numbers for the canned reply's ``index``-th token: the token is the
+    likeliest, each alternative one nat less likely than the one before."""
+    lp = -0.125 * (index % 4)
+    return TokenLogprobs(token, lp, tuple((token + j, lp - j) for j in range(top)))
+
+
 class FakeHandle:
     """A ``RequestHandle``: the canned reply in chunks of ``FakeRuntime.chunk`` tokens."""
 
@@ -161,6 +171,7 @@ class FakeHandle:
         self.finish_reason: str | None = None
         self.error: str | None = None
         self.stats: Stats | None = None
+        self.logprobs: list[TokenLogprobs] = []
         self._queue: asyncio.Queue[list[int] | None] = asyncio.Queue()
         self._stats = Stats()
         self._task = asyncio.ensure_future(self._produce())
@@ -175,6 +186,8 @@ class FakeHandle:
                 self._finish("error", "lost the link to peer b3: connection reset")
                 return
             chunk = tokens[i : i + rt.chunk]
+            if self.params.logprobs is not None:
+                self.logprobs += [fake_logprobs(t, i + j, self.params.logprobs) for j, t in enumerate(chunk)]
             i += len(chunk)
             self._stats.rounds += 1
             self._stats.per_round.append(len(chunk))
@@ -319,7 +332,7 @@ def solo_runtime(
     return rt
 
 
-class LoopbackMesh:
+class CodecMesh:
     """In-process runtimes joined as a mesh would join them: every ring message crosses the real codec
     and arrives tagged with the node it came from. ``tamper(sender, to, message)`` may rewrite a codec
     message in flight or drop it (return None), as a broken or hostile peer would."""
@@ -348,9 +361,9 @@ class LoopbackMesh:
         rt.transport = transport
 
 
-def two_stage_mesh(src: ModelSource, **runtime_kw: Any) -> tuple[LoopbackMesh, Runtime, Runtime]:
+def two_stage_mesh(src: ModelSource, **runtime_kw: Any) -> tuple[CodecMesh, Runtime, Runtime]:
     """Originator "A" holding the first half of the layers, "B" the second half, joined by a loopback mesh."""
-    mesh = LoopbackMesh()
+    mesh = CodecMesh()
     full = Stage.load(src, dtype="fp32")
     half = full.cfg.n_layers // 2
     cc = CostCurve({1: 1.0, 64: 2.0})
@@ -363,3 +376,20 @@ def two_stage_mesh(src: ModelSource, **runtime_kw: Any) -> tuple[LoopbackMesh, R
     mesh.join(a)
     mesh.join(b)
     return mesh, a, b
+
+
+# ---- the real-client tests' shared mesh (fixture ``client_mesh`` in tests/serve/conftest.py) ----
+SERVED, ALIAS = "smol", "smol:135m"
+QUESTION = "What is the capital of France? Answer in one sentence."
+TOKENS = 20
+
+
+@dataclass
+class ClientMesh:
+    mesh: LoopbackMesh
+    prompt: list[int]  # QUESTION as a chat, token ids
+    want: list[int]  # plain greedy decoding of it, TOKENS long at most
+    text: str  # ... as text
+
+    def url(self, i: int) -> str:
+        return self.mesh.url(i)

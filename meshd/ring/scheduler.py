@@ -39,7 +39,7 @@ from models.drafters import Drafter
 from models.engine import Stats
 from models.stage import Stage
 from models.tree import Tree, split_segments
-from models.verify import Sampling, Walk, advance, sample_token
+from models.verify import History, Sampling, TokenLogprobs, Walk, advance, sample_token, token_logprobs
 
 PREFILL_CHUNK = 64
 FILL_FLOOR = 0.02  # a filler node must be expected to be accepted at least this often to use a row
@@ -60,6 +60,7 @@ class SendPrune:
 class Emit:
     request_id: str
     tokens: list[int]
+    logprobs: list[TokenLogprobs] | None = None  # one per token, when the request asked for them
 
 
 @dataclass
@@ -87,6 +88,7 @@ class Request:
     sampling: Sampling = field(default_factory=Sampling)
     seed: int | None = None
     eos: frozenset[int] = frozenset()
+    logprobs: int | None = None  # report each token's log-probability and this many alternatives (None: none)
 
 
 @dataclass
@@ -296,16 +298,20 @@ class Originator:
         feats = self.vocab.final_norm(torch.stack([lv.feats[i] for i in ids]))
         lv.feats.clear()
         lv.tail = ids[-1]
-        first = self._sample(lv, self.vocab.logits(feats[-1:], normed=True)[0])
-        acts = self._emit(lv, [first])
+        logits = self.vocab.logits(feats[-1:], normed=True)[0]
+        first = sample_token(logits, lv.req.sampling, lv.gen, self._history(lv))
+        lps = [token_logprobs(logits, first, lv.req.logprobs)] if lv.req.logprobs is not None else None
+        acts = self._emit(lv, [first], lps)
         if lv.drafter is not None:
             lv.drafter.accept(lv.context, feats)
         if not lv.done:
             acts += self._new_round(lv)
         return acts
 
-    def _sample(self, lv: _Live, logits: torch.Tensor) -> int:
-        return sample_token(logits, lv.req.sampling, lv.gen)
+    @staticmethod
+    def _history(lv: _Live) -> History | None:
+        """What the penalties look at before the next token (None when the sampling has none)."""
+        return History(lv.req.prompt, tuple(lv.out)) if lv.req.sampling.penalised else None
 
     # ---- rounds -----------------------------------------------------------------------------
     def _load(self, lv: _Live) -> tuple[int, float]:
@@ -390,16 +396,26 @@ class Originator:
 
     def _walk(self, lv: _Live) -> list[Action]:
         """Decide as far as the logits at hand allow (ar/chunk: the whole tree; flow: what came back so far)."""
-        tokens = advance(lv.walk, lv.tree, lambda i: lv.logits.get(lv.ids[i]), lv.req.sampling, lv.gen)
-        return self._after_walk(lv, tokens) if tokens else []
+        lps: list[TokenLogprobs] = []
+        top = lv.req.logprobs
+        tokens = advance(
+            lv.walk,
+            lv.tree,
+            lambda i: lv.logits.get(lv.ids[i]),
+            lv.req.sampling,
+            lv.gen,
+            self._history(lv),
+            (lambda tok, logits: lps.append(token_logprobs(logits, tok, top))) if top is not None else None,
+        )
+        return self._after_walk(lv, tokens, lps if top is not None else None) if tokens else []
 
-    def _after_walk(self, lv: _Live, tokens: list[int]) -> list[Action]:
+    def _after_walk(self, lv: _Live, tokens: list[int], lps: list[TokenLogprobs] | None) -> list[Action]:
         tree, walk = lv.tree, lv.walk
         path_ids = [lv.ids[i] for i in walk.path]
         lv.stats.rounds += 1
         lv.stats.per_round.append(len(tokens))
         lv.stats.accepted_drafts += len(tokens) - (1 if walk.done else 0)
-        acts = self._emit(lv, tokens)
+        acts = self._emit(lv, tokens, lps)
         if lv.done:  # sessions are closed everywhere; a prune now would only resurrect them
             return acts
         feats = [lv.feats[n] for n in path_ids if n in lv.feats]
@@ -611,7 +627,7 @@ class Originator:
                 self.ring.dropped((lv.req.request_id, k))
         lv.seg_of = {n: k for n, k in lv.seg_of.items() if n in lv.in_flight}
 
-    def _emit(self, lv: _Live, tokens: list[int]) -> list[Action]:
+    def _emit(self, lv: _Live, tokens: list[int], lps: list[TokenLogprobs] | None = None) -> list[Action]:
         room = lv.req.max_new_tokens - len(lv.out)
         new: list[int] = []
         reason = None
@@ -623,7 +639,7 @@ class Originator:
         lv.out.extend(new)
         if reason is None and len(lv.out) >= lv.req.max_new_tokens:
             reason = "length"
-        acts: list[Action] = [Emit(lv.req.request_id, new)] if new else []
+        acts: list[Action] = [Emit(lv.req.request_id, new, lps[: len(new)] if lps is not None else None)] if new else []
         if reason is not None:
             lv.done = True
             self.live.pop(lv.req.request_id, None)

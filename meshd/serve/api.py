@@ -8,6 +8,8 @@ mesh websocket on the same app and port. Routes:
   expect (SSE chunks, then ``data: [DONE]``), with a ``meshd`` object carrying the request's
   speculative-decoding statistics and the extension field ``mode`` (``meshd.modes``: flow | chunk | ar);
 - ``GET /v1/models``, ``GET /v1/models/{id}``;
+- Ollama's ``/api/tags``, ``/api/ps``, ``/api/show``, ``/api/version``, ``/api/chat``, ``/api/generate``
+  (``meshd.serve.ollama``);
 - ``GET /mesh`` (``engine.status()``), ``GET /health`` (200 when ready, 503 and why not),
   ``GET /metrics`` (Prometheus text);
 - ``GET /`` and ``GET /events``: the live page and its event stream (``meshd.serve.page``).
@@ -41,17 +43,19 @@ from meshd.serve.apischema import (
 )
 from meshd.serve.engine import Engine, GenerateParams, RequestHandle, RuntimeUnavailable
 from meshd.serve.guard import GUARD, RestGuard, parse_json, read_body
+from meshd.serve.logprobs import chat_logprobs, completion_logprobs
 from meshd.serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from meshd.serve.metrics import Metrics, RequestTimer
+from meshd.serve.modelcard import ModelCard
 from meshd.serve.page import add_page_routes
-from meshd.serve.textstream import TextStream
+from meshd.serve.textstream import TextStream, TokenBytes
 from models.engine import Stats
 from models.text import decode, encode_messages, encode_prompt
 
 log = logging.getLogger(__name__)
 
 OPEN_PATHS = ("/health",)  # never behind the API key: load balancers and systemd probes need them
-PROTECTED_PREFIXES = ("/v1/",)
+PROTECTED_PREFIXES = ("/v1/", "/api/")
 PROTECTED_PATHS = ("/mesh", "/metrics", "/events")  # the page itself (/, /static/) holds no data
 MESH_NAMESPACE = "/mesh/"  # the peers' websocket lives here: it authenticates itself and speaks no JSON errors
 DISCONNECT_POLL_S = 0.1
@@ -71,18 +75,28 @@ class ApiState:
 ENGINE = web.AppKey("engine", Engine)
 STATE = web.AppKey("api_state", ApiState)
 METRICS = web.AppKey("metrics", Metrics)
+CARD = web.AppKey("model_card", ModelCard)
+TOKEN_BYTES = web.AppKey("token_bytes", TokenBytes)
 
 
 def create_app(
-    engine: Engine, *, api_key: str | None = None, max_body_bytes: int = 1 << 20, guard: RestGuard | None = None
+    engine: Engine,
+    *,
+    api_key: str | None = None,
+    max_body_bytes: int = 1 << 20,
+    guard: RestGuard | None = None,
+    card: ModelCard | None = None,
 ) -> web.Application:
-    """The API as an aiohttp application around ``engine``, behind ``guard`` (a default one if None)."""
+    """The API as an aiohttp application around ``engine``, behind ``guard`` (a default one if None);
+    ``card`` names the model (default: the engine's model name and context, nothing else known)."""
     guard = guard or RestGuard()
     app = web.Application(middlewares=[_errors_middleware, *guard.middlewares, _auth_middleware])
     app[GUARD] = guard
     app[ENGINE] = engine
     app[STATE] = ApiState(api_key, max_body_bytes)
     app[METRICS] = Metrics()
+    app[CARD] = card or ModelCard(engine.model_name, context_length=engine.max_context)
+    app[TOKEN_BYTES] = TokenBytes(engine.tokenizer)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
     app.router.add_get("/v1/models", list_models)
@@ -91,6 +105,10 @@ def create_app(
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     add_page_routes(app, engine, api_key=api_key, on_rtt=app[METRICS].observe_rtt)
+
+    from meshd.serve import ollama  # here, not at the top: ollama.py speaks through this module (a cycle)
+
+    ollama.add_routes(app)
     return app
 
 
@@ -188,28 +206,53 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=request.app[METRICS].render(data), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 
-def _model_card(engine: Engine) -> dict[str, Any]:
-    return {"id": engine.model_name, "object": "model", "created": int(engine.started), "owned_by": "meshd"}
+def _model_card(request: web.Request) -> dict[str, Any]:
+    """OpenAI's model object, plus what local-model clients show: names, context, layers, storage,
+    and the committed plan (which peer computes which layers)."""
+    card, engine = request.app[CARD], request.app[ENGINE]
+    plan = engine.status().get("plan")
+    return {
+        "id": card.name,
+        "object": "model",
+        "created": int(engine.started),
+        "owned_by": "meshd",
+        "aliases": list(card.names[1:]),
+        "context_length": card.context_length,
+        "n_layers": card.n_layers,
+        "architecture": card.architecture,
+        "parameters": card.parameters,
+        "quantization": card.quantization,
+        "dtype": card.dtype,
+        "fingerprint": card.fingerprint,
+        "plan": _plan(plan) if plan else None,
+    }
+
+
+def _plan(plan: dict[str, Any]) -> dict[str, Any]:
+    stages = [
+        {
+            "node_id": s["node_id"],
+            "first_layer": s["first_layer"],
+            "stop_layer": s["stop_layer"],
+            "n_layers": s["stop_layer"] - s["first_layer"],
+        }
+        for s in plan.get("stages", [])
+    ]
+    return {"epoch": plan.get("epoch"), "committed": bool(plan.get("committed")), "stages": stages}
 
 
 async def list_models(request: web.Request) -> web.Response:
-    return web.json_response({"object": "list", "data": [_model_card(request.app[ENGINE])]})
+    return web.json_response({"object": "list", "data": [_model_card(request)]}, dumps=_dumps)
 
 
 async def get_model(request: web.Request) -> web.Response:
-    engine = request.app[ENGINE]
-    _check_model(engine, request.match_info["model"])
-    return web.json_response(_model_card(engine))
+    _check_model(request.app[CARD], request.match_info["model"])
+    return web.json_response(_model_card(request), dumps=_dumps)
 
 
-def _check_model(engine: Engine, model: str | None) -> None:
-    if model is not None and model != engine.model_name:
-        raise ApiError(
-            404,
-            f"The model `{model}` does not exist: this mesh serves `{engine.model_name}` (see GET /v1/models).",
-            param="model",
-            code="model_not_found",
-        )
+def _check_model(card: ModelCard, model: str | None) -> None:
+    if not card.accepts(model):
+        raise ApiError(404, card.not_found(model), param="model", code="model_not_found")
 
 
 # ---- completions --------------------------------------------------------------------------
@@ -249,7 +292,7 @@ async def _read_json(request: web.Request) -> Any:
 
 async def _complete(request: web.Request, req: CompletionRequest) -> web.StreamResponse:
     engine = request.app[ENGINE]
-    _check_model(engine, req.model)
+    _check_model(request.app[CARD], req.model)
     ok, why = engine.ready()
     if not ok:
         raise _unavailable(why)
@@ -260,6 +303,7 @@ async def _complete(request: web.Request, req: CompletionRequest) -> web.StreamR
         sampling=req.sampling,
         seed=req.seed,
         mode=req.mode,
+        logprobs=req.logprobs,
     )
     try:
         handle = await engine.submit(prompt_ids, params)
@@ -319,6 +363,9 @@ class _Generation:
 
     def __init__(self, request: web.Request, engine: Engine, req: CompletionRequest, handle: RequestHandle):
         self.request, self.engine, self.handle, self.mode = request, engine, handle, req.mode
+        self.model = request.app[CARD].name
+        self.kind, self.want_logprobs = req.kind, req.logprobs is not None
+        self.logprobs_sent = 0  # records already handed out (streams send each token's once)
         self.text = TextStream(lambda ids: decode(engine.tokenizer, ids), req.stop)
         self.id = ("chatcmpl-" if req.kind == "chat" else "cmpl-") + secrets.token_hex(12)
         self.created = int(time.time())
@@ -371,6 +418,23 @@ class _Generation:
         if self.handle.finish_reason is None:
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await asyncio.shield(self.handle.cancel())
+
+    def logprobs(self, shape: str | None = None) -> dict[str, Any] | None:
+        """The choice's ``logprobs`` for the tokens not reported yet (None when not asked for, or none
+        new), in the request's shape or ``shape`` ("chat" | "completion"). Only kept tokens count: a
+        stop string's cut drops the tokens after it, as usage does."""
+        if not self.want_logprobs:
+            return None
+        n = min(len(self.text.token_ids), len(self.handle.logprobs))
+        start, self.logprobs_sent = self.logprobs_sent, max(self.logprobs_sent, n)
+        if n <= start:
+            return None
+        records, tb = self.handle.logprobs[start:n], self.request.app[TOKEN_BYTES]
+        if (shape or self.kind) == "chat":
+            return chat_logprobs(records, tb)
+        ids, limit = self.text.token_ids, len(self.text.text)
+        offsets = [min(limit, len(self.text.decode(ids[:i]))) for i in range(start, n)]
+        return completion_logprobs(records, tb, offsets)
 
     def usage(self) -> dict[str, int]:
         p, c = self.handle.prompt_tokens, len(self.text.token_ids)
@@ -430,19 +494,19 @@ async def _whole(req: CompletionRequest, gen: _Generation) -> web.Response:
         choice = {
             "index": 0,
             "message": {"role": "assistant", "content": text, "refusal": None},
-            "logprobs": None,
+            "logprobs": gen.logprobs(),
             "finish_reason": gen.finish_reason,
         }
         obj = "chat.completion"
     else:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": gen.finish_reason}
+        choice = {"index": 0, "text": text, "logprobs": gen.logprobs(), "finish_reason": gen.finish_reason}
         obj = "text_completion"
     return web.json_response(
         {
             "id": gen.id,
             "object": obj,
             "created": gen.created,
-            "model": gen.engine.model_name,
+            "model": gen.model,
             "system_fingerprint": None,
             "choices": [choice],
             "usage": gen.usage(),
@@ -464,19 +528,26 @@ async def _stream(request: web.Request, req: CompletionRequest, gen: _Generation
     chat = req.kind == "chat"
     obj = "chat.completion.chunk" if chat else "text_completion"
 
-    def chunk(delta: str | None, finish: str | None = None, *, role: bool = False, **extra: Any) -> dict[str, Any]:
+    def chunk(
+        delta: str | None,
+        finish: str | None = None,
+        *,
+        role: bool = False,
+        logprobs: dict[str, Any] | None = None,
+        **extra: Any,
+    ) -> dict[str, Any]:
         if chat:
             d: dict[str, Any] = (
                 {"role": "assistant", "content": ""} if role else ({} if delta is None else {"content": delta})
             )
-            choice = {"index": 0, "delta": d, "logprobs": None, "finish_reason": finish}
+            choice = {"index": 0, "delta": d, "logprobs": logprobs, "finish_reason": finish}
         else:
-            choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}
+            choice = {"index": 0, "text": delta or "", "logprobs": logprobs, "finish_reason": finish}
         return {
             "id": gen.id,
             "object": obj,
             "created": gen.created,
-            "model": gen.engine.model_name,
+            "model": gen.model,
             "system_fingerprint": None,
             "choices": [choice],
             **extra,
@@ -493,7 +564,7 @@ async def _stream(request: web.Request, req: CompletionRequest, gen: _Generation
             await send(chunk(None, role=True))
         async with contextlib.aclosing(gen.deltas()) as deltas:
             async for delta in deltas:
-                await send(chunk(delta))
+                await send(chunk(delta, logprobs=gen.logprobs()))
         if gen.disconnected:
             return resp
         if gen.error is not None:
@@ -502,7 +573,7 @@ async def _stream(request: web.Request, req: CompletionRequest, gen: _Generation
             )
         else:
             usage = gen.usage()
-            await send(chunk(None, gen.finish_reason, usage=usage, meshd=gen.stats()))
+            await send(chunk(None, gen.finish_reason, logprobs=gen.logprobs(), usage=usage, meshd=gen.stats()))
             if req.include_usage:
                 last = chunk(None, usage=usage)
                 last["choices"] = []

@@ -1,7 +1,7 @@
 """Request bodies of the OpenAI-compatible API, validated strictly into one typed object.
 
 Why strict: a silently ignored parameter is a wrong answer the user cannot see (asking for
-``n=3`` or ``logprobs`` and getting something else). So every field is type- and
+``n=3`` or ``logit_bias`` and getting something else). So every field is type- and
 range-checked, fields meshd does not implement are accepted only at their neutral value, and
 unknown fields are refused, each with an OpenAI-style error naming the parameter.
 """
@@ -18,6 +18,8 @@ from models.verify import Sampling
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 MAX_STOPS = 4
 MAX_STOP_BYTES = 1024
+MAX_TOP_LOGPROBS = 20  # chat's top_logprobs, as OpenAI bounds it
+MAX_COMPLETION_LOGPROBS = 5  # the legacy completions API's bound on logprobs
 DEFAULT_CHAT_MAX_TOKENS = 1024  # chat: "until the model stops", bounded so one request cannot hog the ring
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # the legacy completions API's documented default
 OPENAI_SAMPLING = Sampling(temperature=1.0, top_p=1.0)  # OpenAI's defaults when a body names neither
@@ -63,6 +65,7 @@ class CompletionRequest:
     stream: bool = False
     include_usage: bool = False
     mode: str = MESH_DEFAULT
+    logprobs: int | None = None  # None: none; else each token's log-probability and this many alternatives
 
 
 # Parameters OpenAI defines that meshd does not implement: accepted only at their neutral value.
@@ -71,10 +74,6 @@ def _none_or(*values: Any):
 
 
 _INERT = {
-    "frequency_penalty": lambda v: v is None or (_is_number(v) and v == 0),
-    "presence_penalty": lambda v: v is None or (_is_number(v) and v == 0),
-    "logprobs": lambda v: v is None or v is False,
-    "top_logprobs": lambda v: v is None or (_is_int(v) and v == 0),
     "logit_bias": lambda v: v is None or v == {},
     "response_format": lambda v: v is None or v == {"type": "text"},
     "tools": lambda v: v is None or v == [],
@@ -91,12 +90,26 @@ _INERT = {
     "suffix": lambda v: v is None,
     "best_of": lambda v: v is None or (_is_int(v) and v == 1),
 }
-_COMMON = {"model", "max_tokens", "temperature", "top_p", "seed", "stop", "n", "stream", "stream_options", "mode"}
+_COMMON = {
+    "model",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "seed",
+    "stop",
+    "n",
+    "stream",
+    "stream_options",
+    "mode",
+    # sampling parameters local-model servers (llama.cpp, vLLM, Ollama) take beside OpenAI's
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+}
 _CHAT_INERT = set(_INERT) - {"echo", "suffix", "best_of"}
 _COMPLETION_INERT = {
-    "frequency_penalty",
-    "presence_penalty",
-    "logprobs",
     "logit_bias",
     "user",
     "echo",
@@ -111,9 +124,10 @@ _COMPLETION_INERT = {
 def parse_chat(body: Any, max_context: int) -> CompletionRequest:
     """A ``POST /v1/chat/completions`` body."""
     obj = _object(body)
-    _check_keys(obj, _COMMON | {"messages", "max_completion_tokens"}, _CHAT_INERT)
+    _check_keys(obj, _COMMON | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"}, _CHAT_INERT)
     req = _common(obj, "chat", max_context)
     req.messages = _messages(obj.get("messages"))
+    req.logprobs = logprobs_switch(obj.get("logprobs"), obj.get("top_logprobs"))
     mct = obj.get("max_completion_tokens")
     if mct is not None:
         mct = _max_tokens("max_completion_tokens", mct, max_context)
@@ -126,9 +140,12 @@ def parse_chat(body: Any, max_context: int) -> CompletionRequest:
 def parse_completion(body: Any, max_context: int) -> CompletionRequest:
     """A ``POST /v1/completions`` body."""
     obj = _object(body)
-    _check_keys(obj, _COMMON | {"prompt"}, _COMPLETION_INERT)
+    _check_keys(obj, _COMMON | {"prompt", "logprobs"}, _COMPLETION_INERT)
     req = _common(obj, "completion", max_context)
     req.prompt = _prompt(obj.get("prompt", _MISSING))
+    lp = obj.get("logprobs")
+    if lp is not None:
+        req.logprobs = _int(lp, "logprobs", 0, MAX_COMPLETION_LOGPROBS)
     return req
 
 
@@ -184,9 +201,15 @@ def _common(obj: dict[str, Any], kind: str, max_context: int) -> CompletionReque
     req = CompletionRequest(kind=kind, model=model)
     if obj.get("max_tokens") is not None:
         req.max_tokens = _max_tokens("max_tokens", obj["max_tokens"], max_context)
+    top_k = obj.get("top_k")
     req.sampling = Sampling(
         temperature=_number(obj, "temperature", OPENAI_SAMPLING.temperature, lo=0.0, hi=2.0),
         top_p=_number(obj, "top_p", OPENAI_SAMPLING.top_p, lo=0.0, hi=1.0, lo_open=True),
+        top_k=max(0, _int(top_k, "top_k", -1, 1 << 20)) if top_k is not None else 0,  # -1 and 0: off (vLLM, llama.cpp)
+        min_p=_number(obj, "min_p", 0.0, lo=0.0, hi=1.0),
+        repetition_penalty=_number(obj, "repetition_penalty", 1.0, lo=0.0, hi=2.0, lo_open=True),
+        presence_penalty=_number(obj, "presence_penalty", 0.0, lo=-2.0, hi=2.0),
+        frequency_penalty=_number(obj, "frequency_penalty", 0.0, lo=-2.0, hi=2.0),
     )
     seed = obj.get("seed")
     if seed is not None:
@@ -225,6 +248,29 @@ def _common(obj: dict[str, Any], kind: str, max_context: int) -> CompletionReque
             )
         req.mode = mode
     return req
+
+
+def _int(v: Any, name: str, lo: int, hi: int) -> int:
+    if not _is_int(v):
+        raise invalid(name, f"`{name}` must be an integer, not {_type_name(v)}", "invalid_type")
+    if not lo <= v <= hi:
+        raise invalid(name, f"`{name}` must be between {lo} and {hi} (got {v})")
+    return v
+
+
+def logprobs_switch(logprobs: Any, top: Any) -> int | None:
+    """Chat's pair (Ollama's too): ``logprobs`` (boolean) switches them on, ``top_logprobs`` asks for
+    alternatives; returns ``CompletionRequest.logprobs``."""
+    if logprobs is not None and not isinstance(logprobs, bool):
+        raise invalid("logprobs", f"`logprobs` must be a boolean, not {_type_name(logprobs)}", "invalid_type")
+    if top is None:
+        return 0 if logprobs else None
+    top = _int(top, "top_logprobs", 0, MAX_TOP_LOGPROBS)
+    if not logprobs:
+        if top == 0:  # the neutral value some clients always send
+            return None
+        raise invalid("top_logprobs", "`top_logprobs` needs `logprobs` set to true")
+    return top
 
 
 def _max_tokens(name: str, v: Any, max_context: int) -> int:

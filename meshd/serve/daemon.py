@@ -28,6 +28,7 @@ from meshd.serve.api import METRICS, create_app
 from meshd.serve.guard import GuardSettings, RestGuard, exposure_warning, runner_kwargs
 from meshd.serve.loading import load_layers
 from meshd.serve.metrics import Metrics
+from meshd.serve.modelcard import build_card
 from meshd.serve.runtime import Ring, Runtime
 from models.budget import CostCurve
 from models.drafters import drafter_factory
@@ -186,8 +187,17 @@ class Daemon:
         node.on_plan(self._on_plan)
         node.on_membership(self._on_membership)
 
+        card = await asyncio.to_thread(
+            build_card,
+            source,
+            dtype=str(vocab.dtype).removeprefix("torch."),
+            context_length=cfg.max_context,
+            served_name=cfg.served_name,
+            aliases=cfg.aliases,
+        )
+        rt.model_name = card.name
         self.guard = RestGuard(guard_settings(cfg))
-        app = create_app(rt, api_key=cfg.api_key, max_body_bytes=cfg.max_body_bytes, guard=self.guard)
+        app = create_app(rt, api_key=cfg.api_key, max_body_bytes=cfg.max_body_bytes, guard=self.guard, card=card)
         self.metrics = app[METRICS]
         node.attach(app)
         rt.mesh_status = self._mesh_status

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from meshd.modes import MESH_DEFAULT
 from models.engine import Stats
-from models.verify import Sampling
+from models.verify import Sampling, TokenLogprobs
 
 
 class RuntimeUnavailable(RuntimeError):
@@ -33,6 +33,7 @@ class GenerateParams:
     sampling: Sampling = field(default_factory=Sampling)  # the target's distribution, as the verifier uses it
     seed: int | None = None
     mode: str = MESH_DEFAULT
+    logprobs: int | None = None  # None: none; else each token's log-probability and this many alternatives
 
 
 class RequestHandle(Protocol):
@@ -43,9 +44,11 @@ class RequestHandle(Protocol):
     finish_reason: str | None  # None while running; then "stop" | "length" | "error" | "cancelled"
     error: str | None  # why, when finish_reason is "error" or "cancelled"
     stats: Stats | None  # set when the request ends
+    logprobs: list[TokenLogprobs]  # one per accepted token so far, when the request asked for them
 
     def __aiter__(self) -> AsyncIterator[list[int]]:
-        """Chunks of accepted token ids (one per verification round) until the request ends."""
+        """Chunks of accepted token ids (one per verification round) until the request ends; a chunk's
+        ``logprobs`` are in place by the time it is yielded."""
         ...
 
     async def cancel(self) -> None:

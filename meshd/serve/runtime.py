@@ -34,6 +34,7 @@ from models.engine import Stats
 from models.source import ModelSource
 from models.stage import Stage
 from models.text import stop_ids
+from models.verify import TokenLogprobs
 
 log = logging.getLogger(__name__)
 RECENT_REQUESTS = 8  # finished requests ``status()`` keeps showing, so a short one is seen on the live page
@@ -52,6 +53,7 @@ class RequestHandle:
         self.error: str | None = None
         self.stats: Stats | None = None
         self.token_ids: list[int] = []
+        self.logprobs: list[TokenLogprobs] = []
         self._chunks: asyncio.Queue[list[int] | None] = asyncio.Queue()
 
     async def __aiter__(self) -> AsyncIterator[list[int]]:
@@ -81,9 +83,10 @@ class RequestHandle:
             **({"finished_at": round(time.time(), 3)} if self.finish_reason else {}),
         }
 
-    def _push(self, tokens: list[int]) -> None:
+    def _push(self, tokens: list[int], logprobs: list[TokenLogprobs] | None = None) -> None:
         self.rounds += 1
         self.token_ids.extend(tokens)
+        self.logprobs.extend(logprobs or ())
         self._chunks.put_nowait(tokens)
 
     def _finish(self, reason: str, stats: Stats | None, error: str | None) -> None:
@@ -263,6 +266,7 @@ class Runtime:
             params.sampling,
             params.seed,
             frozenset(self._stop_ids()),
+            params.logprobs,
         )
         try:
             actions = await self._torch(self.originator.submit, req)
@@ -336,7 +340,7 @@ class Runtime:
         if isinstance(a, Emit):
             h = self.handles.get(a.request_id)
             if h:
-                h._push(a.tokens)
+                h._push(a.tokens, a.logprobs)
                 self.counters["tokens_total"] += len(a.tokens)
         elif a.request_id in self.handles:
             self.counters["rounds_total"] += a.stats.rounds

@@ -80,3 +80,45 @@ class TextStream:
             if self._find_stop(self.decode(self.token_ids[:n])) is not None:
                 del self.token_ids[n:]
                 return
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE's printable stand-ins, back to the bytes they stand for (GPT-2's scheme:
+    printable Latin-1 bytes stand for themselves, the others for code points from 256 up, in order)."""
+    own = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
+    table = {chr(b): b for b in own}
+    for n, b in enumerate(b for b in range(256) if b not in own):
+        table[chr(256 + n)] = b
+    return table
+
+
+class TokenBytes:
+    """One token's own bytes and text, as log-probabilities report them.
+
+    Decoding a lone token is not enough: half an emoji decodes to U+FFFD and its bytes are lost.
+    A byte-level BPE token's string spells its bytes exactly, so those are read back; other
+    tokenizers' tokens are decoded alone (exact for everything but byte-fallback pieces).
+    """
+
+    ALPHABET = _byte_level_alphabet()
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self.byte_level = type(getattr(backend, "decoder", None)).__name__ == "ByteLevel"
+        self._cache: dict[int, bytes] = {}
+
+    def bytes(self, token: int) -> bytes:
+        got = self._cache.get(token)
+        if got is None:
+            piece = self.tokenizer.convert_ids_to_tokens(token) if self.byte_level else None
+            if piece is not None and all(c in self.ALPHABET for c in piece):
+                got = bytes(self.ALPHABET[c] for c in piece)
+            else:
+                got = self.tokenizer.decode([token]).encode()
+            self._cache[token] = got
+        return got
+
+    def text(self, token: int) -> str:
+        """The token's text; bytes that are only part of a character show as U+FFFD."""
+        return self.bytes(token).decode("utf-8", errors="replace")

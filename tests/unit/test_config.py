@@ -152,3 +152,15 @@ def test_every_setting_has_a_flag_and_help():
     for f in dataclasses.fields(Config):
         flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
         assert flag in helptext and f.metadata["help"]
+
+
+def test_served_name_and_aliases_from_flags_env_and_file(tmp_path):
+    f = tmp_path / "m.toml"
+    f.write_text('served_name = "smol"\naliases = ["a", "b:1"]\n')
+    cfg = load_config(flags("--config", str(f)), env={})
+    assert (cfg.served_name, cfg.aliases) == ("smol", ["a", "b:1"])
+    cfg = load_config(flags("--served-name", "x", "--alias", "y", "--alias", "z"), env={"MESHD_ALIASES": "p,q"})
+    assert (cfg.served_name, cfg.aliases) == ("x", ["y", "z"])
+    assert load_config(flags(), env={"MESHD_ALIASES": "p, q", "HOME": str(tmp_path)}).aliases == ["p", "q"]
+    with pytest.raises(ConfigError, match="served_name: model name ' ' must be non-empty"):
+        load_config(flags("--served-name", " "), env={})
