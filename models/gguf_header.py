@@ -9,6 +9,7 @@ length kept. Tensor data is laid out as gguf-py lays it out (``gguf.quants`` rea
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,11 @@ class GGUFTensor:
     tensor_type: gguf.GGMLQuantizationType
     shape: tuple[int, ...]
     data: np.ndarray
+
+    @property
+    def n_elements(self) -> int:
+        """How many weights the tensor holds (the model's parameter count sums these)."""
+        return math.prod(self.shape)
 
 
 @dataclass
