@@ -37,11 +37,13 @@ MiB = 2**20
 
 
 def proc_memory(pid: int | str = "self") -> dict[str, int]:
-    """Peak and current resident bytes of process ``pid`` (``VmHWM``, ``VmRSS`` of /proc/PID/status)."""
+    """Peak and current resident bytes of process ``pid`` (``VmHWM``, ``VmRSS`` of /proc/PID/status), and
+    the current split of the latter: ``RssAnon`` (heap: weights, buffers) and ``RssFile`` (clean mapped pages:
+    libraries and the model file, which the kernel drops under pressure)."""
     out = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         key, _, value = line.partition(":")
-        if key in ("VmHWM", "VmRSS"):
+        if key in ("VmHWM", "VmRSS", "RssAnon", "RssFile"):
             out[key] = int(value.split()[0]) * 1024  # the kernel reports kB
     return out
 
@@ -146,12 +148,20 @@ def main(argv: list[str] | None = None) -> int:
     size = Path(args.model).stat().st_size
     report: dict = {"model": args.model, "file_bytes": size, "loads": []}
     print(f"{args.model}: {size / MiB:.1f} MiB", flush=True)
-    print("| format | whole model: peak / RSS / weights (MiB) | slice " + args.slice + ": peak / RSS / weights |")
+    print(
+        "| format | whole model: peak / RSS (anon) / weights, MiB | slice "
+        + args.slice
+        + ": peak / RSS (anon) / weights |"
+    )
     print("|---|---|---|")
     for w in filter(None, args.formats.split(",")):
         rows = [in_child(args.model, w, None, True), in_child(args.model, w, args.slice, False)]
         report["loads"] += rows
-        cells = [f"{r['VmHWM'] / MiB:.0f} / {r['VmRSS'] / MiB:.0f} / {r['weight_bytes'] / MiB:.0f}" for r in rows]
+        cells = [
+            f"{r['VmHWM'] / MiB:.0f} / {r['VmRSS'] / MiB:.0f} ({r['RssAnon'] / MiB:.0f})"
+            f" / {r['weight_bytes'] / MiB:.0f}"
+            for r in rows
+        ]
         print(f"| {w} ({rows[0]['held']}) | {cells[0]} | {cells[1]} |", flush=True)
 
     if args.mesh_weights:
@@ -176,13 +186,13 @@ def main(argv: list[str] | None = None) -> int:
         got = run["reply"]["meshd"]["token_ids"]
         same = got == ref["token_ids"]
         print(f"mesh ({args.mode}): {got} -> {'the same tokens' if same else 'DIFFERENT tokens'}", flush=True)
-        print("| daemon | layers | --memory | peak RSS | RSS after |")
+        print("| daemon | layers | --memory | peak RSS | RSS after (anon + file) |")
         print("|---|---|---|---|---|")
         for i, layers in run["plan"]:
             d = run["daemons"][i]
             print(
                 f"| {i} | {layers[0]}:{layers[1]} | {memory / MiB:.0f} MiB | {d['VmHWM'] / MiB:.0f} MiB "
-                f"| {d['VmRSS'] / MiB:.0f} MiB |"
+                f"| {d['VmRSS'] / MiB:.0f} MiB ({d['RssAnon'] / MiB:.0f} + {d['RssFile'] / MiB:.0f}) |"
             )
         report["mesh"] = {
             **run,

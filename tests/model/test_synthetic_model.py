@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import json
 
 import gguf
 import pytest
 import torch
 
 from meshd.cli import build_parser, main
-from models.quant import WEIGHT_FORMATS
+from meshd.lab import memory
+from models.quant import SLAB_ROWS, WEIGHT_FORMATS, QuantRows
 from models.ranges import LayerRange
 from models.source import ModelSource
 from models.stage import Stage, layer_nbytes
@@ -89,3 +91,32 @@ def test_whole_model_runs_in_every_format(tiny_files, weights):
     logits = whole.logits(whole.forward_one(whole.embed(ids), cache, torch.arange(len(ids))))
     assert logits.shape == (len(ids), 49152) and torch.isfinite(logits).all()
     assert float(logits.std()) > 0.1  # random weights give spread logits, not a constant
+
+
+@pytest.mark.slow
+def test_memory_check_runs_a_mesh_of_the_synthetic_model(tiny_files, tmp_path):
+    """`python -m meshd.lab.memory` end to end on the tiny file: loads measured in child processes, a
+    3-daemon mesh planned and answering with the single process's greedy tokens."""
+    out = tmp_path / "memory.json"
+    model = str(tiny_files["Q4_1"].path)
+    assert (
+        memory.main(["--model", model, "--formats", "int8", "--slice", "0:2", "--tokens", "4", "--json", str(out)]) == 0
+    )
+    report = json.loads(out.read_text())
+    whole, part = report["loads"]
+    assert whole["vocab"] and not part["vocab"] and part["layers"] == [0, 2]
+    assert whole["VmHWM"] >= whole["VmRSS"] > whole["weight_bytes"] > part["weight_bytes"] > 0
+    mesh = report["mesh"]
+    assert mesh["same_tokens"] and len(mesh["reference"]["token_ids"]) == 4
+    assert sorted(layers for _, layers in mesh["plan"]) == [[0, 1], [1, 2], [2, 3]]
+    assert all(d["VmHWM"] >= d["VmRSS"] > 0 for d in mesh["daemons"])
+
+
+def test_int4_packing_by_slabs_is_packing_at_once():
+    """QuantRows.pack packs a tall matrix (a vocabulary) a slab of rows at a time to bound its int32
+    temporary; the bytes must be those of one call over the whole matrix."""
+    n, k = SLAB_ROWS + 48, 64
+    q = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    rows = QuantRows("int4", q, torch.rand(n, k // 32), torch.rand(n, k // 32))
+    at_once = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 2)
+    assert torch.equal(rows.pack(torch.float32).data, at_once)
