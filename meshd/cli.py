@@ -243,6 +243,27 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_make_model(args: argparse.Namespace) -> int:
+    from models.synthetic import SHAPES, write_synthetic_gguf  # lazy, as in every command here
+
+    shape = SHAPES[args.shape]
+    said = [-1]
+
+    def progress(done: int, total: int) -> None:
+        pct = 100 * done // total
+        if pct // 5 != said[0] // 5 or done == total:  # a line every 5 %
+            said[0] = pct
+            print(f"  {done / 2**20:8.1f} / {total / 2**20:.1f} MiB ({pct} %)", file=sys.stderr, flush=True)
+
+    print(f"writing {args.out}: {args.shape} {shape}, {args.quant}, seed {args.seed}", file=sys.stderr)
+    t0 = time.perf_counter()
+    out = write_synthetic_gguf(
+        Path(args.out), shape, args.quant, seed=args.seed, name=f"synthetic-{args.shape}", progress=progress
+    )
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB) in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Start a small mesh on this machine, ask it one question through its REST API, stop it."""
     import asyncio  # lazy (see the module docstring): the client and testbed need asyncio and aiohttp
@@ -595,6 +616,24 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--eval-per-category", type=int, default=3, help="held-out questions per category in the report")
     t.add_argument("--generate-only", action="store_true", help="stop after generating the data")
     t.set_defaults(func=cmd_train_draft)
+
+    mm = sub.add_parser(
+        "make-model",
+        help="write a synthetic Llama-shaped GGUF with random quantized weights (memory checks at real scale)",
+        description="Random weights of a real model's shape, quantized with gguf-py, with the embedded model's "
+        "tokenizer: meshd serves it like any GGUF, and its text is noise. Deterministic for a seed.",
+    )
+    mm.add_argument(
+        "--shape",
+        default="llama-1b",
+        choices=["llama-1b", "tiny"],
+        help="llama-1b: TinyLlama-1.1B's layers (22 x 2048, 32 heads, 4 KV heads, FFN 5632, untied LM head) with "
+        "the 49,152-token SmolLM2 vocabulary, 1.17B parameters; tiny: the same in miniature (tests)",
+    )
+    mm.add_argument("--quant", default="Q4_1", choices=["Q4_0", "Q4_1", "Q8_0"], help="GGUF type of every matrix")
+    mm.add_argument("--seed", type=int, default=0)
+    mm.add_argument("--out", required=True, metavar="PATH", help="the .gguf file to write")
+    mm.set_defaults(func=cmd_make_model)
 
     d = sub.add_parser("demo", help="answer one question with the embedded model")
     d.add_argument("question", nargs="?", default=DEMO_QUESTION)

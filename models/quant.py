@@ -93,7 +93,14 @@ class QuantRows:
             q = torch.cat([q, torch.full((pad, k), 8, dtype=q.dtype)])
             scale = torch.cat([scale, scale.new_zeros(pad, scale.shape[1])])
             zero = torch.cat([zero, zero.new_zeros(pad, zero.shape[1])])
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 2)
+        # packed a slab of rows at a time (the layout is per block of rows, so the slabs join as one): the
+        # kernel takes int32 values, and a whole 49k-row LM head in int32 was a 400 MB peak at load
+        packed = torch.cat(
+            [
+                torch.ops.aten._convert_weight_to_int4pack_for_cpu(q[a : a + SLAB_ROWS].to(torch.int32).contiguous(), 2)
+                for a in range(0, n + pad, SLAB_ROWS)
+            ]
+        )
         sz = torch.stack([scale.t(), zero.t()], dim=-1).to(dtype).contiguous()  # (in / 32, out, 2)
         return QuantWeight("int4", packed, sz, n, k)
 
