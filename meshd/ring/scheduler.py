@@ -19,7 +19,9 @@ that did not move the walk) and a finished round, which refills at once from the
 round's first segment (the new root and the frontier's likeliest descendants) is sized to come back
 fast; the following *filler* segments carry the best unsent candidates, sized to keep the slowest
 step busy. ``flow_slots=1`` is the earlier scheduler, kept for comparison: one tree per round, cut
-into segments only where the stages' compute curve makes that free (``flat_rows``).
+into segments only where the stages' compute curve makes that free (``flat_rows``). With
+``draft_when_idle`` a first segment leaves after a shallow draft and :meth:`Originator.idle` deepens
+the pool while it is in flight, for drivers that call it when the originator's device is idle.
 """
 
 from __future__ import annotations
