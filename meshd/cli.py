@@ -553,6 +553,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="stages merge a request's queued segments into one forward where their cost curve makes it cheap",
     )
+    sm.add_argument(
+        "--no-idle-drafting",
+        action="store_true",
+        help="draft every level before a flow round's first segment leaves (the scheduler before idle drafting)",
+    )
     sm.add_argument("--compute-scale", type=float, default=1.0, help="device slowdown factor on all compute")
     sm.add_argument("--cores", type=int, default=None, help="CPU cores shared by all devices (default: one each)")
     sm.add_argument("--questions", default=None, metavar="PATH", help=QUESTIONS_HELP)

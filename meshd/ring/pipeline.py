@@ -78,6 +78,9 @@ class InProcessPipeline:
                 for out in w.step():
                     busy = True
                     self._deliver(forward(out, k, len(self.workers), w.queued_rows))
+            if self.originator.idle_work():  # after the stages' steps, with their segments in flight
+                busy = True
+                self.dispatch(self.originator.idle())
             if not busy:
                 break
         for rid, o in self.outcomes.items():

@@ -19,7 +19,9 @@ that did not move the walk) and a finished round, which refills at once from the
 round's first segment (the new root and the frontier's likeliest descendants) is sized to come back
 fast; the following *filler* segments carry the best unsent candidates, sized to keep the slowest
 step busy. ``flow_slots=1`` is the earlier scheduler, kept for comparison: one tree per round, cut
-into segments only where the stages' compute curve makes that free (``flat_rows``).
+into segments only where the stages' compute curve makes that free (``flat_rows``). With
+``draft_when_idle`` a first segment leaves after a shallow draft and :meth:`Originator.idle` deepens
+the pool while it is in flight, for drivers that call it when the originator's device is idle.
 """
 
 from __future__ import annotations
@@ -43,6 +45,10 @@ from models.verify import History, Sampling, TokenLogprobs, Walk, advance, sampl
 
 PREFILL_CHUNK = 64
 FILL_FLOOR = 0.02  # a filler node must be expected to be accepted at least this often to use a row
+# drafting when idle (simulated, docs/benchmarks.md): levels drafted before a first segment goes out
+# (1 was slower: the grandchildren then trail the first segment), and levels the idle draft reaches (3 and 8: slower)
+IDLE_FIRST_DEPTH = 2
+IDLE_DEPTH = 5
 
 
 # ---- actions ------------------------------------------------------------------------------
@@ -125,6 +131,7 @@ class _Live:
     seg_of: dict[int, int] = field(default_factory=dict)
     next_seg: int = 0
     first_depth: int = 2  # levels below its root the latest first segment reached
+    deepen: bool = False  # the pool was drafted shallow for a first segment; deepen it when idle
 
     @property
     def context(self) -> list[int]:
@@ -153,6 +160,7 @@ class Originator:
         origin: str | None = None,
         timer: Callable[[], float] = time.perf_counter,
         flow_slots: int | None = None,
+        draft_when_idle: bool = False,
     ):
         if not vocab.has_vocab:
             raise ValueError("the originator needs the embeddings, final norm and LM head")
@@ -161,6 +169,9 @@ class Originator:
         if flow_slots is not None and flow_slots < 1:
             raise ValueError(f"flow slots {flow_slots}: at least 1 (or None: from the ring's measured times)")
         self.flow_slots = flow_slots
+        # a driver that calls idle() when the originator's device has nothing else to do may set this:
+        # a continuous request's first segment then goes out after a shallow draft
+        self.draft_when_idle = draft_when_idle
         self.set_ring(stage_curves)
         self.top_k, self.depth, self.pool, self.max_nodes = top_k, depth, pool, max_nodes
         self.live: dict[str, _Live] = {}
@@ -321,9 +332,10 @@ class Originator:
         gain = sum(max(1.0, o.stats.mean_accepted) for o in others)
         return rows, gain
 
-    def _draft(self, lv: _Live, cost: CostCurve | None = None) -> tuple[Tree, int]:
-        """A candidate pool rooted at the last emitted token, and how many of its nodes the cost model
-        (``cost``, by default the ring's summed compute curve) pays for."""
+    def _draft(self, lv: _Live, cost: CostCurve | None = None, depth: int | None = None) -> tuple[Tree, int]:
+        """A candidate pool rooted at the last emitted token (``depth`` levels, by default
+        :meth:`_draft_depth`'s), and how many of its nodes the cost model (``cost``, by default the
+        ring's summed compute curve) pays for."""
         if lv.drafter is None or lv.req.mode == "ar":
             return Tree.root(lv.out[-1]), 0
         left = lv.req.max_new_tokens - len(lv.out)
@@ -331,7 +343,7 @@ class Originator:
         pool = lv.drafter.draft(
             lv.context,
             top_k=self.top_k,
-            depth=max(1, min(self._draft_depth(lv), left)),
+            depth=max(1, min(self._draft_depth(lv) if depth is None else depth, left)),
             max_nodes=self.pool,
             keep=lv.budget.keep_hint(),
         )
@@ -499,7 +511,7 @@ class Originator:
         out as the round's first segment at the end of this event (:meth:`_fill`)."""
         lv.logits.clear()
         lv.feats.clear()
-        pool, _ = self._draft(lv, cost=self.ring.latency_curve())
+        pool, _ = self._draft(lv, cost=self.ring.latency_curve(), depth=self._first_depth(lv))
         lv.pool, lv.placed, lv.root_sent, lv.fresh = pool, {0: 0}, False, True
         lv.tree, lv.walk, lv.round_accepted, lv.predicted = Tree.root(pool.tokens[0]), Walk(), 0, 0.0
         lv.ids = lv.new_ids(1)
@@ -520,10 +532,37 @@ class Originator:
         alive = set(lv.ids)
         for n in [n for n in lv.logits if n not in alive]:
             lv.logits.pop(n)
-        fresh, _ = self._draft(lv, cost=self.ring.latency_curve())
+        fresh, _ = self._draft(lv, cost=self.ring.latency_curve(), depth=self._first_depth(lv))
         lv.pool.merge(fresh, at=0)
         lv.fresh = True
         return []
+
+    def _first_depth(self, lv: _Live) -> int | None:
+        """Levels to draft before a first segment: all of them (None: :meth:`_draft_depth`), or with
+        drafting when idle only the few the first segment takes; the rest waits for :meth:`idle`."""
+        if not self.draft_when_idle:
+            return None
+        lv.deepen = True
+        return min(IDLE_FIRST_DEPTH, self._draft_depth(lv))
+
+    def idle_work(self) -> bool:
+        """Whether :meth:`idle` has anything to do."""
+        return any(lv.deepen for lv in self.live.values())
+
+    def idle(self) -> list[Action]:
+        """Work that waits until the originator's device has nothing else to do: draft the pools that
+        a first segment was sent from (shallow, so it left at once) to the full depth while that
+        segment is in flight, and send the fillers this finds. The pool's root is the frontier the walk
+        waits on, the newest context token, so the deeper draft merges in at the root."""
+        acts: list[Action] = []
+        for lv in list(self.live.values()):
+            if not lv.deepen or lv.done or lv.pool is None:
+                continue
+            lv.deepen = False
+            deeper, _ = self._draft(lv, cost=self.ring.latency_curve(), depth=min(self.depth, IDLE_DEPTH))
+            lv.pool.merge(deeper, at=0)
+            acts += self._fill(lv)
+        return acts
 
     def _slots(self, lv: _Live) -> int:
         """Segments ``lv`` may keep in flight: as configured, or its share of the slots that keep the ring's

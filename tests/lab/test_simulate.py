@@ -394,3 +394,20 @@ def test_a_flow_variant_names_its_slots():
     for bad in ("flow@0", "ar@2", "flow@x"):
         with pytest.raises(ValueError, match="flow@N"):
             parse_variant(bad)
+
+
+def test_idle_drafting_deepens_pools_on_the_originators_idle_device(tiny):
+    """With drafting when idle the originator's device spends idle time drafting (charged as its own
+    originator span) and the tokens stay greedy decoding's; without it there is no such span."""
+    _, full = tiny
+    prompt = prompt_of(75, 5)
+    prof = synthetic(1.0, draft=DraftCost(per_call=0.01, per_level=0.01))
+    runs = {}
+    for idle in (True, False):
+        res, tr = run_one(full, "flow", origins=(0,), profile=prof, prompt=prompt, idle_drafting=idle)
+        assert tr.reason == "length", tr.error
+        runs[idle] = (tr.tokens, [b for b in res.busy if b.kind == "originator" and b.requests == ("idle",)])
+    want, gaps = greedy_reference(full, prompt, 40, set())
+    for tokens, _ in runs.values():
+        assert_matches_greedy(tokens, want, gaps)  # both lossless (near-ties as greedy's own, see support)
+    assert runs[True][1] and not runs[False][1]

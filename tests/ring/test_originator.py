@@ -333,3 +333,76 @@ def test_ring_timer_learns_the_links_from_lone_segments():
     ring.sent("x", 8, 0.0, alone=False)  # behind others: its trip includes queueing, not a sample
     ring.returned("x", 10.0)
     assert ring.link() == (a, b)
+
+
+def _chain(target: Target):
+    """Slots 3 on a steep curve: the root p, then a (under p), then c (under a) each go as a segment of
+    their own, so c is in flight below a node (a) whose own logits are still in flight."""
+    p, a, b, c, d = target.tokens[:5]
+    drafter = Scripted({p: [(0, a, 0.6), (0, b, 0.3), (1, c, 0.9), (2, d, 0.5)]})
+    orig = Originator(target.head, lambda: drafter, [STEEP] * 2, clock=lambda: 0.0, timer=lambda: 0.0, flow_slots=3)
+    segs = segments(prefill(orig, target, Request("r", [a, b], 16, "flow"), first=p))
+    assert [s.tokens for s in segs] == [[p], [a], [c]] and segs[2].parents == segs[1].node_ids
+    return orig, segs, (p, a, b, c, d)
+
+
+def test_flow_uses_the_results_of_nodes_sent_below_an_in_flight_node(target):
+    orig, (s_root, s_a, s_c), (_, a, _, c, d) = _chain(target)
+    acts = orig.on_result(said(target, s_root, [a]))  # the root accepts a, whose logits are on the way
+    assert acts[0] == Emit("r", [a])
+    assert set(s_c.node_ids) <= set(next(x for x in acts if isinstance(x, SendPrune)).prune.keep)
+    acts = orig.on_result(said(target, s_a, [c]))  # a accepts c: c was sent before a was verified
+    assert acts[0] == Emit("r", [c])
+    assert all(c not in s.tokens for s in segments(acts))  # c is not sent again: its result is on the way
+    acts = orig.on_result(said(target, s_c, [d]))  # c's own result decides the next token
+    assert acts[0] == Emit("r", [d])
+    prune = next(x for x in acts if isinstance(x, SendPrune)).prune
+    assert prune.commit == s_c.node_ids  # committed from the third segment (the root and a were before)
+    assert segments(acts)[0].first and segments(acts)[0].tokens[0] == d  # the next round starts from the bonus
+
+
+def test_flow_prunes_a_segment_below_an_in_flight_node_when_its_ancestor_is_rejected(target):
+    orig, (s_root, s_a, s_c), (_, a, _, c, d) = _chain(target)
+    orig.on_result(said(target, s_root, [a]))
+    acts = orig.on_result(said(target, s_a, [d]))  # a's logits reject c: c is dead while still in flight
+    assert acts[0] == Emit("r", [d])
+    prune = next(x for x in acts if isinstance(x, SendPrune)).prune
+    assert prune.keep == s_a.node_ids and s_c.node_ids[0] not in prune.keep  # a ends the path; the root was kept before
+    assert orig.live_segments() == {"r": len(segments(acts))}  # c's slot was freed by the prune
+    assert orig.on_result(said(target, s_c, [c])) == []  # its late result moves nothing
+
+
+class Shallow(Scripted):
+    """A scripted drafter that honours ``depth``: nodes deeper than it are not drafted."""
+
+    def draft(self, context: list[int], *, top_k: int, depth: int, max_nodes: int, keep: int | None = None) -> Tree:
+        full = super().draft(context, top_k=top_k, depth=depth, max_nodes=max_nodes, keep=keep)
+        tree, where = Tree.root(full.tokens[0]), {0: 0}
+        for i in range(1, len(full)):
+            if full.depth[i] <= depth:
+                where[i] = tree.add(where[full.parents[i]], full.tokens[i], full.scores[i])
+        return tree
+
+
+def test_idle_drafting_sends_a_shallow_first_segment_then_deepens_the_pool_while_it_is_in_flight(target):
+    p, a, b, c, e, f = target.tokens[:6]
+    drafter = Shallow({p: [(0, a, 0.9), (1, c, 0.9), (2, e, 0.9), (3, f, 0.9)]})  # one likely chain, 4 deep
+    orig = Originator(
+        target.head, lambda: drafter, [FLAT] * 2, clock=lambda: 0.0, timer=lambda: 0.0, draft_when_idle=True
+    )
+    segs = segments(prefill(orig, target, Request("r", [a, b], 16, "flow"), first=p))
+    sent = [t for s in segs for t in s.tokens]
+    assert sent[0] == p and e not in sent and f not in sent  # only 2 levels drafted before the first segment
+    assert orig.idle_work()
+    more = segments(orig.idle())
+    assert not orig.idle_work()
+    deeper = [t for s in more for t in s.tokens]
+    assert e in deeper and not any(s.first for s in more)  # the deeper levels go out as fillers
+    ids = {t: n for s in segs + more for t, n in zip(s.tokens, s.node_ids)}
+    parent_of = {n: par for s in segs + more for n, par in zip(s.node_ids, s.parents)}
+    assert parent_of[ids[e]] == ids[c]  # below c, whose own result is still in flight
+    # the walk runs down the chain through results of both kinds of segment
+    acts = orig.on_result(said(target, segs[0], [a if t == p else c if t == a else e for t in segs[0].tokens]))
+    assert acts[0] == Emit("r", [a, c, e])  # e accepted from the first segment's last logits; its own are on the way
+    prune = next(x for x in acts if isinstance(x, SendPrune)).prune
+    assert ids[e] in prune.keep and ids[e] in prune.commit[-1:]

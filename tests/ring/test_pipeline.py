@@ -120,3 +120,19 @@ def test_flow_equals_greedy_for_every_slot_setting(tiny_src, stages, slots):
     assert all(not w.sessions and not w.queue for w in pipe.workers)
     if slots is not None and slots > 1:  # never more in flight than the slots (1: one tree per round, as before)
         assert 1 <= pipe.originator.peak_segments <= slots
+
+
+@pytest.mark.parametrize("stages", [2, 5])
+def test_flow_with_idle_drafting_equals_greedy(tiny_src, stages):
+    """A first segment drafted shallow and the pool deepened while it is in flight (``Originator.idle``)
+    change which rows are computed when, never what is decided."""
+    pipe = build_local_pipeline(tiny_src, stages, None, draft_when_idle=True)
+    pipe.originator.drafter_factory = factory_for("self", tiny_src, pipe.originator.vocab)
+    prompt = torch.randint(0, 64, (20,), generator=torch.Generator().manual_seed(stages)).tolist()
+    want, gaps = greedy_reference(pipe.originator.vocab, prompt, 24, set())
+    pipe.submit(Request("r", prompt, 24, "flow"))
+    out = pipe.run()["r"]
+    assert out.reason == "length", out.error
+    assert_matches_greedy(out.tokens, want, gaps)
+    assert out.stats.accepted_drafts > 0
+    assert all(not w.sessions and not w.queue for w in pipe.workers)

@@ -81,6 +81,7 @@ def _simulate(
     seed: int,
     temperature: float,
     coalesce: bool = False,
+    idle_drafting: bool = True,
 ) -> tuple[dict[str, list[SimResult]], str]:
     spec, factory = env.factory(drafter)
     for m in modes:
@@ -98,6 +99,7 @@ def _simulate(
             cores=cores,
             flow_slots=parse_variant(label)[1],
             coalesce=coalesce,
+            idle_drafting=idle_drafting,
         )
 
     labels = [f"q{q['question_id']}-{q['category']}" for q in questions]
@@ -222,6 +224,7 @@ def main(args) -> int:
         seed=args.seed,
         temperature=args.temperature,
         coalesce=args.coalesce,
+        idle_drafting=not args.no_idle_drafting,
     )
     summary = {m: summarize_traces(r) for m, r in res.items()}
     flow = res.get("flow") or next(iter(res.values()))

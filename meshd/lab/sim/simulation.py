@@ -215,7 +215,9 @@ class Simulation:
     """One simulated mesh. ``origins``: for each originator, the stage whose device hosts it, or None
     for a device of its own (FlowSpec's head device). Requests go to ``origins[i]`` by ``add(..., origin=i)``.
     ``coalesce``: stages merge a request's queued segments into one forward where their cost curve
-    makes that cheap (``StageWorker``'s ``cost``)."""
+    makes that cheap (``StageWorker``'s ``cost``). ``idle_drafting``: an originator drafts a first segment
+    shallow and deepens its pool when its device would otherwise idle (``Originator.idle``), as the
+    simulated devices give it the time; off, it drafts every level before the first segment leaves."""
 
     def __init__(
         self,
@@ -230,6 +232,7 @@ class Simulation:
         cores: int | None = None,
         max_batch_rows: int = 256,
         coalesce: bool = False,
+        idle_drafting: bool = True,
         **originator_kw,
     ):
         if not origins:
@@ -270,6 +273,7 @@ class Simulation:
                 clock=lambda: self._clock,
                 origin=f"dev{dev.index}",
                 timer=self._work_clock,
+                draft_when_idle=idle_drafting,
                 **originator_kw,
             )
             self.origin_device.append(dev.index)
@@ -343,6 +347,8 @@ class Simulation:
             )
         for out in outputs:
             self._route(dev, out, t, queue)
+        if not worked and dev.originator is not None and dev.originator.idle_work():
+            t, worked = self._originator_call(dev, t, dev.originator.idle, 0, "idle"), True
         if worked:
             self._at(t, self._iterate, dev)
         else:
