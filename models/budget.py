@@ -77,6 +77,10 @@ class TreeBudget:
         self.drafting = True  # optimistic start: the first round drafts and measures
         self._interval = probe_min  # plain rounds before the next probe while drafting is off
         self._plain = 0  # plain rounds since drafting was last tried
+        # measured verification seconds over the curve's prediction: a curve measured on a busier (or
+        # idler) machine, or in other units, still compares right with the draft's measured seconds
+        self._measured = 0.0
+        self._predicted = 0.0
 
     def choose(
         self,
@@ -134,8 +138,10 @@ class TreeBudget:
         """Whether this round should draft (True) or decode plainly with the target alone (False).
 
         The rule: a drafting round that verified ``rows`` rows (the root included) after drafting
-        for ``overhead`` seconds cost ``overhead + cost(rows)`` and yielded ``accepted + 1`` tokens;
-        a plain round costs ``cost(1)`` and yields one. The request keeps exponentially weighted
+        for ``overhead`` seconds cost ``overhead / scale + cost(rows)`` in the curve's units (``scale``:
+        measured verification seconds per unit the curve predicts, so a curve measured on a busier
+        machine still weighs the draft right) and yielded ``accepted + 1`` tokens; a plain round
+        costs ``cost(1)`` and yields one. The request keeps exponentially weighted
         sums of its drafting rounds' tokens and costs, every round (plain ones too) multiplying the
         old sums by ``memory``, so the newest drafting round counts most. Drafting stays on while
         those sums' rate beats ``(1 + margin) / cost(1)``. When it is off, the request decodes
@@ -149,18 +155,34 @@ class TreeBudget:
             return True
         return self._plain >= self._interval
 
-    def record_plain(self) -> None:
-        """One round decoded without drafting."""
+    def scale(self) -> float:
+        """Measured verification time per unit of the cost curve's prediction (1.0 until measured)."""
+        return self._measured / self._predicted if self._predicted > 0 else 1.0
+
+    def curve_units(self, seconds: float) -> float:
+        """Wall-clock ``seconds`` (a draft's) in the cost curve's units, at the scale measured so far."""
+        return seconds / self.scale()
+
+    def _verified(self, rows: int, seconds: float | None) -> None:
+        if seconds is not None and seconds > 0:
+            self._measured = 0.9 * self._measured + seconds
+            self._predicted = 0.9 * self._predicted + self.cost(rows)
+
+    def record_plain(self, seconds: float | None = None) -> None:
+        """One round decoded without drafting (``seconds``: its verification's wall time, if measured)."""
+        self._verified(1, seconds)
         self._tokens *= self.memory
         self._time *= self.memory
         self._plain += 1
 
-    def record_draft(self, *, rows: int, tokens: int, overhead: float) -> None:
+    def record_draft(self, *, rows: int, tokens: int, overhead: float, seconds: float | None = None) -> None:
         """One drafting round: ``rows`` verified rows (root included), ``tokens`` emitted (accepted
-        drafts + 1), ``overhead`` the seconds spent drafting (in the cost curve's unit)."""
+        drafts + 1), ``overhead`` the wall-clock seconds spent drafting, ``seconds`` the verification's
+        (when measured: they calibrate the curve's scale, see :meth:`curve_units`)."""
+        self._verified(rows, seconds)
         probing = not self.drafting
         self._tokens = self.memory * self._tokens + tokens
-        self._time = self.memory * self._time + overhead + self.cost(rows)
+        self._time = self.memory * self._time + self.curve_units(overhead) + self.cost(rows)
         self._plain = 0
         self.drafting = self._tokens / self._time > (1.0 + self.margin) * self.plain_rate()
         if self.drafting:

@@ -134,16 +134,18 @@ def generate(
             pool_tree = drafter.draft(context, top_k=top_k, depth=depth, max_nodes=pool, keep=budget.keep_hint())
             draft_s = time.perf_counter() - td
             stats.draft_seconds += draft_s
-            tree = pool_tree.best(budget.choose(pool_tree, overhead=draft_s))
+            tree = pool_tree.best(budget.choose(pool_tree, overhead=budget.curve_units(draft_s)))
         else:
             tree = Tree.root(out[-1])
+        tv = time.perf_counter()
         accepted, emitted, feats = verify_tree(target, cache, tree, len(context) - 1, sampling, gen, stats)
+        verify_s = time.perf_counter() - tv
         if drafting:
             budget.observe(budget.expected(tree), len(accepted) - 1)
-            budget.record_draft(rows=len(tree), tokens=len(accepted), overhead=draft_s)
+            budget.record_draft(rows=len(tree), tokens=len(accepted), overhead=draft_s, seconds=verify_s)
             stats.drafted_rounds += 1
         else:
-            budget.record_plain()
+            budget.record_plain(verify_s)
         stats.rounds += 1
         stats.accepted_drafts += len(accepted) - 1
         stats.per_round.append(len(emitted))

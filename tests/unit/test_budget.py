@@ -145,3 +145,21 @@ def test_a_draft_that_costs_more_than_it_yields_is_turned_off():
     for _ in range(3):  # the same acceptance with a cheap draft pays
         b.record_draft(rows=4, tokens=2, overhead=1.0)
     assert b.drafting and b.draft_now()
+
+
+def test_measured_verification_time_rescales_a_curve_in_other_units():
+    """A curve measured on a machine three times busier (or in other units) weighs a draft's wall-clock
+    seconds by the verification times actually measured: the same draft is judged the same way."""
+    right, stale = TreeBudget(CPU), TreeBudget(CostCurve({t: 3 * s for t, s in CPU.to_dict().items()}))
+    for b, unit in ((right, 1.0), (stale, 3.0)):
+        for _ in range(5):
+            b.record_plain(seconds=CPU(1))  # what verifying one row really takes, in the curve's units / unit
+            assert b.curve_units(CPU(1)) == pytest.approx(unit * CPU(1))
+    for _ in range(3):  # a draft costing 1.2 forwards, for one extra token a round in 8 rows
+        for b in (right, stale):
+            b.record_draft(rows=8, tokens=2, overhead=1.2 * CPU(1), seconds=CPU(8))
+    assert right.drafting == stale.drafting is False
+    uncalibrated = TreeBudget(CostCurve({t: 3 * s for t, s in CPU.to_dict().items()}))
+    for _ in range(3):  # without measured seconds the stale curve makes the draft look three times cheaper
+        uncalibrated.record_draft(rows=8, tokens=2, overhead=1.2 * CPU(1))
+    assert uncalibrated.drafting
