@@ -66,3 +66,100 @@ def test_draft_overhead_counts_against_the_tree():
     tree = chain_tree([0.6] * 12)
     b = TreeBudget(STEEP, alpha=1.0)
     assert b.choose(tree, overhead=5.0) > b.choose(tree, overhead=0.0)  # a fixed cost per round favours bigger rounds
+
+
+# ---- the drafting gate: never much slower than plain decoding ---------------------------------------
+# The CPU curve measured for the embedded model (ms; docs/draft-head.md), and a draft that costs a third of a row.
+CPU = CostCurve({1: 21.7, 4: 21.7, 8: 25.5, 16: 35.2, 32: 47.5, 64: 81.6})
+DRAFT_MS = 7.0
+
+
+def simulate(b: TreeBudget, accepted_of, n_tokens: int, probs: list[float]) -> tuple[float, list[bool]]:
+    """Drive the budget as the engine does for ``n_tokens`` tokens; return the model time spent
+    (ms: draft overhead + verification forwards) and whether each round drafted.
+    ``accepted_of(tree)``: how many of the verified tree's drafted tokens the target accepts."""
+    spent, drafted, done = 0.0, [], 0
+    while done < n_tokens:
+        if b.draft_now():
+            tree = chain_tree(probs).best(b.choose(chain_tree(probs), overhead=DRAFT_MS))
+            acc = accepted_of(tree)
+            b.observe(b.expected(tree), acc)
+            b.record_draft(rows=len(tree), tokens=acc + 1, overhead=DRAFT_MS)
+            spent += DRAFT_MS + CPU(len(tree))
+            done += acc + 1
+            drafted.append(True)
+        else:
+            b.record_plain()
+            spent += CPU(1)
+            done += 1
+            drafted.append(False)
+    return spent, drafted
+
+
+def on_chain(tree: Tree) -> int:
+    """Accepted tokens when the target always follows the likely child (tokens 1, 2, 3, ...)."""
+    node, n = 0, 0
+    while True:
+        kids = [c for c in range(len(tree)) if tree.parents[c] == node and tree.tokens[c] == n + 1]
+        if not kids:
+            return n
+        node, n = kids[0], n + 1
+
+
+def test_a_drafter_that_is_always_wrong_converges_to_plain_decoding_and_keeps_probing():
+    b = TreeBudget(CPU)
+    spent, drafted = simulate(b, lambda tree: 0, 2000, [0.8] * 8)  # confident, and never right
+    plain = 2000 * CPU(1)
+    assert spent <= 1.02 * plain, spent / plain  # within 2 % of plain decoding over a long answer
+    short, _ = simulate(TreeBudget(CPU), lambda tree: 0, 64, [0.8] * 8)
+    assert short <= 1.06 * 64 * CPU(1), short / (64 * CPU(1))  # and within 6 % over 64 tokens
+    late = drafted[len(drafted) // 2 :]
+    assert 2 <= sum(late) <= len(late) // 20, sum(late)  # it still probes, ever more rarely
+    gaps = [i for i, d in enumerate(drafted) if d]
+    assert all(b2 - a2 >= a1 - a0 for a0, a1, a2, b2 in zip(gaps, gaps[1:], gaps[1:], gaps[2:])), gaps[:10]
+
+
+def test_a_perfect_drafter_keeps_drafting():
+    b = TreeBudget(CPU)
+    spent, drafted = simulate(b, on_chain, 500, [0.9] * 8)
+    assert all(drafted)
+    assert spent < 0.5 * 500 * CPU(1), spent / (500 * CPU(1))
+
+
+def test_probing_turns_drafting_back_on_when_drafts_start_paying():
+    b = TreeBudget(CPU)
+    _, wrong = simulate(b, lambda tree: 0, 300, [0.8] * 8)
+    assert not b.drafting and sum(wrong[-64:]) <= 2
+    _, then = simulate(b, on_chain, 300, [0.8] * 8)  # the text turns predictable (say, copying)
+    first = then.index(True)
+    assert first <= b.probe_max and all(then[first:]), then[:80]
+
+
+def test_a_draft_that_costs_more_than_it_yields_is_turned_off():
+    """Drafts accepted at a steady one token a round, but drafting costs as much as a forward: off."""
+    b = TreeBudget(CPU)
+    for _ in range(3):
+        b.record_draft(rows=4, tokens=2, overhead=CPU(1) * 1.2)
+    assert not b.drafting and not b.draft_now()
+    b = TreeBudget(CPU)
+    for _ in range(3):  # the same acceptance with a cheap draft pays
+        b.record_draft(rows=4, tokens=2, overhead=1.0)
+    assert b.drafting and b.draft_now()
+
+
+def test_measured_verification_time_rescales_a_curve_in_other_units():
+    """A curve measured on a machine three times busier (or in other units) weighs a draft's wall-clock
+    seconds by the verification times actually measured: the same draft is judged the same way."""
+    right, stale = TreeBudget(CPU), TreeBudget(CostCurve({t: 3 * s for t, s in CPU.to_dict().items()}))
+    for b, unit in ((right, 1.0), (stale, 3.0)):
+        for _ in range(5):
+            b.record_plain(seconds=CPU(1))  # what verifying one row really takes, in the curve's units / unit
+            assert b.curve_units(CPU(1)) == pytest.approx(unit * CPU(1))
+    for _ in range(3):  # a draft costing 1.2 forwards, for one extra token a round in 8 rows
+        for b in (right, stale):
+            b.record_draft(rows=8, tokens=2, overhead=1.2 * CPU(1), seconds=CPU(8))
+    assert right.drafting == stale.drafting is False
+    uncalibrated = TreeBudget(CostCurve({t: 3 * s for t, s in CPU.to_dict().items()}))
+    for _ in range(3):  # without measured seconds the stale curve makes the draft look three times cheaper
+        uncalibrated.record_draft(rows=8, tokens=2, overhead=1.2 * CPU(1))
+    assert uncalibrated.drafting
