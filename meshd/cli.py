@@ -21,6 +21,7 @@ from meshd.client import DEFAULT_PEER
 from meshd.modes import LOCAL_MODES, MESH_DEFAULT, MESH_MODES
 from models.config import ModelError
 from models.formats import WEIGHT_FORMATS, WEIGHTS_HELP
+from peers.codec import WIRE_ACTIVATIONS, WIRE_ACTIVATIONS_HELP
 
 DEMO_QUESTION = "What are three good reasons to learn a second language? Answer briefly."
 QUESTIONS_HELP = (
@@ -481,6 +482,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="daemons keep this many segments per flow request in flight (default: from the ring; 1: one tree "
         "per round, the scheduler before slots)",
+    )
+    b.add_argument(
+        "--wire-activations",
+        default=None,
+        choices=WIRE_ACTIVATIONS,
+        help="daemons send hidden states so (default: the daemons' default, auto); " + WIRE_ACTIVATIONS_HELP,
     )
     b.add_argument(
         "--device-slowdown",

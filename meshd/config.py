@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from models.formats import WEIGHT_FORMATS, WEIGHTS_HELP
+from peers.codec import WIRE_ACTIVATIONS, WIRE_ACTIVATIONS_HELP
 from peers.sizes import parse_size
 
 try:  # Python 3.11+
@@ -207,6 +208,7 @@ class Config:
             hi=86400.0,
         ),
     )
+    wire_activations: str = field(default="auto", metadata=_opt(WIRE_ACTIVATIONS_HELP, choices=WIRE_ACTIVATIONS))
     drafter: str = field(
         default="auto",
         metadata=_opt(

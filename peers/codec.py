@@ -9,8 +9,11 @@ declared shape must match its byte count exactly.
 
 Tensors travel as ``{dtype, shape, bytes}`` in little-endian (every supported device is). Decoded
 tensors share memory with the decoded byte string (no second copy); treat them as read-only and
-``.clone()`` before writing in place. torch is imported on first tensor use so processes that
-only run the mesh layer never pay for it.
+``.clone()`` before writing in place. Hidden states may instead travel row-quantized
+(:class:`QuantizedRows`: int8 values plus one fp32 scale per row, about half of fp16's bytes); those
+decode to a :class:`QuantizedRows` and become floats only through its ``dequantize``, the one
+definition of what a receiver computes with. torch is imported on first tensor use so processes
+that only run the mesh layer never pay for it.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ if TYPE_CHECKING:
 
 # 2: no seq in segment and result; plan stages as half-open [node, first, stop]
 # 3: frames sealed after the handshake (peers/channel.py); epochs bounded; plan_propose carries the fingerprint
-PROTO_VERSION = 3
+# 4: tensors may travel as dtype "q8row" (int8 with per-row fp32 scales), which a version-3 peer rejects
+PROTO_VERSION = 4
 DEFAULT_MAX_FRAME = 64 * 1024 * 1024
 MAX_TENSOR_DIMS = 8
 MAX_DEPTH = 32  # nesting; real messages need about 4
@@ -165,23 +169,124 @@ def _torch_dtypes() -> dict[str, torch.dtype]:
     }
 
 
-def encode_tensor(t: torch.Tensor) -> dict[str, Any]:
-    names = {v: k for k, v in _torch_dtypes().items()}
-    if t.dtype not in names:
-        raise TensorError(f"cannot send a {t.dtype} tensor; supported: {', '.join(_DTYPE_NAMES)}")
+# The per-link choice of hidden-state precision (meshd/ring/wire.py decides, the codec encodes).
+WIRE_ACTIVATIONS = ("auto", "fp16", "int8")
+WIRE_ACTIVATIONS_HELP = (
+    "how hidden states cross links: fp16 (fp32 when the model computes in fp32); int8 (one fp32 scale per row, "
+    "about half the bytes, slightly different numbers); auto (int8 on a link whose known bandwidth makes a "
+    "typical segment's fp16 wire time more than a tenth of this stage's forward over it, else fp16)"
+)
+Q8ROW = "q8row"  # int8 values, one fp32 scale per row (the last dimension is the row)
+
+
+@dataclass(frozen=True, eq=False)
+class QuantizedRows:
+    """A float tensor as int8 values with one symmetric scale per row: ``x ~ q * scale``.
+
+    ``scale = max|row| / 127`` in fp32 and ``q = round(x / scale)``, so every element is off by at
+    most ``scale / 2`` (plus fp32 rounding of the division); an all-zero row has scale 0 and
+    decodes to zeros. Per row, not per tensor: a row's bytes depend on that row alone, so the same
+    hidden state quantizes the same way whatever segment it travels in (the speculation oracle
+    relies on it, see docs/design.md).
+    """
+
+    values: torch.Tensor  # int8, shape (..., cols)
+    scales: torch.Tensor  # fp32, shape (...): one per row
+
+    @classmethod
+    def quantize(cls, x: torch.Tensor) -> QuantizedRows:
+        import torch
+
+        if x.dim() == 0 or not x.is_floating_point():
+            raise TensorError(f"row quantization needs a float tensor with at least one dimension, got {x.dtype}")
+        xf = x.detach().to(torch.float32)
+        scales = xf.abs().amax(dim=-1) / 127.0 if xf.shape[-1] else xf.new_zeros(xf.shape[:-1])
+        if not bool(torch.isfinite(scales).all()):
+            raise TensorError("cannot row-quantize a tensor holding inf or nan")
+        divisor = torch.where(scales > 0, scales, torch.ones_like(scales)).unsqueeze(-1)
+        values = torch.round(xf / divisor).clamp_(-127, 127).to(torch.int8)
+        return cls(values, scales)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A new float tensor: ``q * scale`` in fp32 (always, so every receiver computes the same
+        values), then cast to ``dtype`` (the receiver's compute dtype) if given."""
+        import torch
+
+        out = self.values.to(torch.float32) * self.scales.unsqueeze(-1)
+        return out if dtype is None or dtype == torch.float32 else out.to(dtype)
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.values.shape
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes on the wire (values and scales)."""
+        return self.values.nbytes + self.scales.nbytes
+
+
+def _raw(t: torch.Tensor) -> bytes:
+    """A tensor's elements, little-endian, in row-major order."""
     import torch
 
     flat = t.detach().cpu().contiguous().reshape(-1)
-    data = flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
-    return {"dtype": names[t.dtype], "shape": list(t.shape), "bytes": data}
+    return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
 
 
-def decode_tensor(obj: Any, where: str = "tensor") -> torch.Tensor:
+def encode_tensor(t: torch.Tensor | QuantizedRows) -> dict[str, Any]:
+    if isinstance(t, QuantizedRows):
+        return {"dtype": Q8ROW, "shape": list(t.shape), "bytes": _raw(t.values), "scales": _raw(t.scales)}
+    names = {v: k for k, v in _torch_dtypes().items()}
+    if t.dtype not in names:
+        raise TensorError(f"cannot send a {t.dtype} tensor; supported: {', '.join(_DTYPE_NAMES)}")
+    return {"dtype": names[t.dtype], "shape": list(t.shape), "bytes": _raw(t)}
+
+
+def _frombuffer(data: bytes, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
+    import torch
+
+    if not data:
+        return torch.empty(shape, dtype=dtype)
+    with warnings.catch_warnings():
+        # The buffer is immutable bytes; sharing it is the point (see module docstring).
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(data, dtype=dtype).reshape(shape)
+
+
+def _decode_quantized(obj: dict[str, Any], where: str) -> QuantizedRows:
+    shape, data, scales = obj["shape"], obj["bytes"], obj["scales"]
+    if not isinstance(shape, list) or not 1 <= len(shape) <= MAX_TENSOR_DIMS:
+        raise TensorError(f"{where}: a {Q8ROW} tensor needs a shape of 1 to {MAX_TENSOR_DIMS} dimensions")
+    if not all(type(d) is int and d >= 0 for d in shape):
+        raise TensorError(f"{where}: shape must be a list of non-negative ints")
+    if not isinstance(data, bytes) or not isinstance(scales, bytes):
+        raise TensorError(f"{where}: bytes and scales must be byte strings")
+    if math.prod(shape) != len(data):
+        raise TensorError(f"{where}: shape {shape} of {Q8ROW} needs {math.prod(shape)} bytes, frame has {len(data)}")
+    rows = math.prod(shape[:-1])
+    if rows * 4 != len(scales):
+        raise TensorError(f"{where}: {rows} rows need {rows * 4} bytes of fp32 scales, frame has {len(scales)}")
+    import torch
+
+    values = _frombuffer(data, torch.int8, shape)
+    scale_t = _frombuffer(scales, torch.float32, shape[:-1])
+    if rows and not bool((torch.isfinite(scale_t) & (scale_t >= 0)).all()):
+        raise TensorError(f"{where}: row scales must be finite and non-negative")
+    if values.numel() and int(values.min()) < -127:
+        raise TensorError(f"{where}: {Q8ROW} values must lie in -127..127")
+    return QuantizedRows(values, scale_t)
+
+
+def decode_tensor(obj: Any, where: str = "tensor") -> torch.Tensor | QuantizedRows:
+    if isinstance(obj, dict) and obj.get("dtype") == Q8ROW:
+        if set(obj) != {"dtype", "shape", "bytes", "scales"}:
+            raise TensorError(f"{where}: a {Q8ROW} tensor is a map with exactly dtype, shape, bytes and scales")
+        return _decode_quantized(obj, where)
     if not isinstance(obj, dict) or set(obj) != {"dtype", "shape", "bytes"}:
-        raise TensorError(f"{where}: expected a map with exactly dtype, shape and bytes")
+        raise TensorError(f"{where}: expected a map with exactly dtype, shape and bytes (and scales for {Q8ROW})")
     dtype, shape, data = obj["dtype"], obj["shape"], obj["bytes"]
     if dtype not in _DTYPE_NAMES:
-        raise TensorError(f"{where}: unsupported dtype {dtype!r}; supported: {', '.join(_DTYPE_NAMES)}")
+        raise TensorError(f"{where}: unsupported dtype {dtype!r}; supported: {', '.join(_DTYPE_NAMES)}, {Q8ROW}")
     if not isinstance(shape, list) or len(shape) > MAX_TENSOR_DIMS or not all(type(d) is int and d >= 0 for d in shape):
         raise TensorError(f"{where}: shape must be a list of at most {MAX_TENSOR_DIMS} non-negative ints")
     if not isinstance(data, bytes):
@@ -194,14 +299,9 @@ def decode_tensor(obj: Any, where: str = "tensor") -> torch.Tensor:
     expected = math.prod(shape) * itemsize
     if expected != len(data):
         raise TensorError(f"{where}: shape {shape} of {dtype} needs {expected} bytes, frame has {len(data)}")
-    if not data:
-        return torch.empty(shape, dtype=tdtype)
-    if dtype == "bool" and max(data) > 1:
+    if dtype == "bool" and data and max(data) > 1:
         raise TensorError(f"{where}: bool tensor holds bytes other than 0 and 1")
-    with warnings.catch_warnings():
-        # The buffer is immutable bytes; sharing it is the point (see module docstring).
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.frombuffer(data, dtype=tdtype).reshape(shape)
+    return _frombuffer(data, tdtype, shape)
 
 
 # --- validation ----------------------------------------------------------------------------------
@@ -236,7 +336,7 @@ def _check(kind: Kind, value: Any, where: str, decoding: bool) -> Any:
     elif kind is Kind.TENSOR:
         if decoding:
             return decode_tensor(value, where)
-        ok = _is_tensor(value)
+        ok = _is_tensor(value) or isinstance(value, QuantizedRows)
     elif kind is Kind.TENSORS:
         ok = isinstance(value, dict) and all(isinstance(k, str) for k in value)
         if ok:
@@ -358,7 +458,7 @@ _reg(
     parents=Kind.INTS,
     positions=Kind.INTS,
     tokens=optional(Kind.INTS),  # the first stage embeds tokens itself ...
-    hidden=optional(Kind.TENSOR),  # ... later stages get the previous stage's hidden states
+    hidden=optional(Kind.TENSOR),  # ... later stages get the previous stage's hidden states (float or q8row)
     commit=optional(Kind.BOOL),  # prompt chunks: committed context on arrival
 )
 _reg("prune", upto=Kind.INT, keep=Kind.INTS, commit=Kind.INTS)

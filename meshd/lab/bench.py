@@ -221,6 +221,8 @@ class DaemonBackend:
             extra += ["--emulate", args.emulate]
         if getattr(args, "flow_slots", None):
             extra += ["--flow-slots", str(args.flow_slots)]
+        if getattr(args, "wire_activations", None):
+            extra += ["--wire-activations", args.wire_activations]
         self._tmp = tempfile.TemporaryDirectory(prefix="meshd-bench-")
         progress_printer(f"starting {args.stages} daemons on 127.0.0.1 ...")
         self.mesh = LoopbackMesh(
@@ -248,6 +250,7 @@ class DaemonBackend:
             f"link {a.link or 'unshaped'}, device slowdown x{a.device_slowdown}"
             + (f", EMULATED device profile {a.emulate}" if getattr(a, "emulate", None) else "")
             + (f", flow slots {a.flow_slots}" if getattr(a, "flow_slots", None) else "")
+            + (f", wire activations {a.wire_activations}" if getattr(a, "wire_activations", None) else "")
         )
 
     def runner(self, label: str) -> Callable[[str], dict]:

@@ -36,7 +36,7 @@ from models.profile import stage_cost_curve
 from models.ranges import LayerRange
 from models.source import ModelSource
 from models.stage import Stage, layer_nbytes, resolve_weights
-from peers.codec import Message
+from peers.codec import Message, QuantizedRows
 from peers.link import LinkEmulation
 from peers.membership import MembershipEvent, PeerLost
 from peers.mesh import MeshConfig, MeshNode
@@ -89,7 +89,16 @@ def resident_bytes() -> int | None:
 def hidden_bytes(msg: Message) -> int:
     """Bytes of the hidden states a ring message carries (what dominates a link's traffic)."""
     hidden = msg.get("hidden")
-    return hidden.nbytes if isinstance(hidden, torch.Tensor) else 0
+    return hidden.nbytes if isinstance(hidden, (torch.Tensor, QuantizedRows)) else 0
+
+
+def link_seconds_per_byte(emulation: LinkEmulation | None) -> float | None:
+    """What a byte costs on this peer's links, where known: today only an emulated bandwidth is (the
+    ring timer learns the links' time per row, but summed over hops and at the precision already
+    chosen, so it cannot tell one link's bandwidth)."""
+    if emulation is None or emulation.bandwidth_mbps <= 0:
+        return None
+    return emulation.transmit_time(1)
 
 
 class DeviceHooks(Protocol):
@@ -164,6 +173,8 @@ class Daemon:
             contexts=cfg.contexts,
             sessions_per_peer=cfg.sessions_per_peer,
             stall_timeout=cfg.stall_timeout,
+            wire_activations=cfg.wire_activations,
+            link_seconds_per_byte=link_seconds_per_byte(self.link_emulation),
         )
         mesh_cfg = MeshConfig(
             api_port=cfg.port,
@@ -334,7 +345,7 @@ class Daemon:
             notify.status(f"re-planning: lost peer {event.node_id}")
 
     async def _send(self, node_id: str, msg: RingMessage) -> None:
-        wire = to_message(msg, self.runtime.wire_dtype)
+        wire = to_message(msg, self.runtime.link_dtype(node_id))
         self.metrics.count_bytes(node_id, "sent", hidden_bytes(wire))
         await self.node.send(node_id, wire)
 

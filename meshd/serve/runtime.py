@@ -26,6 +26,7 @@ from meshd.ring.interpreter import Delivery, ToClient, ToEveryStage, ToStage, fo
 from meshd.ring.messages import Failure, Result, RingMessage, Segment
 from meshd.ring.scheduler import Action, CloseSessions, Emit, Originator, Request
 from meshd.ring.validate import FrameRejected, Limits
+from meshd.ring.wire import as_received, link_dtype
 from meshd.ring.worker import StageWorker
 from meshd.serve.engine import GenerateParams, RuntimeUnavailable
 from models.budget import CostCurve
@@ -129,6 +130,8 @@ class Runtime:
         contexts: int | None = None,
         sessions_per_peer: int | None = None,
         stall_timeout: float | None = None,
+        wire_activations: str = "fp16",
+        link_seconds_per_byte: float | None = None,
     ):
         self.source, self.vocab, self.tokenizer = source, vocab, tokenizer
         self.flow_slots = flow_slots  # the originator's segments in flight per flow request (None: from the ring)
@@ -148,6 +151,8 @@ class Runtime:
         self.model_name = source.name
         self.drafter_factory = drafter_factory
         self.wire_dtype = wire_dtype or (torch.float32 if vocab.dtype == torch.float32 else torch.float16)
+        # hidden-state precision per link (meshd.ring.wire.link_dtype); the links' bandwidth when known
+        self.wire_activations, self.link_seconds_per_byte = wire_activations, link_seconds_per_byte
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch")
         self.worker: StageWorker | None = None
         self.ring: Ring | None = None
@@ -504,9 +509,29 @@ class Runtime:
         ring = self.ring
         if ring is None or ring.local_index is None:
             return
-        seg.hidden = seg.hidden.to(self.wire_dtype)  # as a peer would receive it, even when the next hop is us
+        nxt = ring.local_index + 1
+        node = ring.nodes[nxt] if nxt < len(ring.nodes) else seg.origin
+        node = None if node == self.node_id else node
+        wire = self.link_dtype(node)
+        # as a peer would receive it, even when the next hop is us; int8 to a peer is applied once, by the
+        # codec (quantizing a dequantized row again may move its scale by an ulp)
+        if node is None or wire != torch.int8:
+            seg.hidden = as_received(seg.hidden, wire)
         queue = self.worker.queued_rows if self.worker else 0
         await self._deliver(forward(seg, ring.local_index, len(ring.nodes), queue), ring)
+
+    def link_dtype(self, node: str | None) -> torch.dtype:
+        """The dtype hidden states cross to ``node`` as (None: this device; ``torch.int8``: int8 with
+        per-row scales). A hop within this device has no link, so ``auto`` keeps floats there."""
+        ring = self.ring
+        curve = ring.curves[ring.local_index] if ring is not None and ring.local_index is not None else None
+        return link_dtype(
+            self.wire_activations,
+            self.wire_dtype,
+            hidden_size=self.vocab.cfg.hidden_size,
+            seconds_per_byte=self.link_seconds_per_byte if node is not None else None,
+            stage_curve=curve,
+        )
 
     def _stop_ids(self) -> list[int]:
         if self.tokenizer is None:

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from meshd.ring.messages import PROMPT_PARENT, Close, Failure, Prune, Result, Segment
-from meshd.ring.wire import MAX_REASON, MESSAGE_TYPES, from_message, to_message
-from peers.codec import Codec, Message
+from meshd.ring.wire import MAX_REASON, MESSAGE_TYPES, as_received, from_message, link_dtype, to_message
+from models.budget import CostCurve
+from peers.codec import Codec, Message, QuantizedRows
 
 CODEC = Codec()
 
@@ -61,3 +62,61 @@ def test_not_ring_messages_are_refused():
         from_message(Message("heartbeat", {"ts": 1.0}))
     with pytest.raises(TypeError, match="not a ring message"):
         to_message("7", torch.float32)
+
+
+def test_int8_hidden_states_cross_as_the_receiver_would_compute_them():
+    """int8 on a link: the frame carries q8row, the receiver gets fp32 ``q * scale``, and a hop that
+    stays on the device (``as_received``) yields exactly those values."""
+    torch.manual_seed(0)
+    h = torch.randn(3, 64) * 4
+    for msg in (Segment("5", [3, 4, 5], [2, 3, 3], [3, 4, 4], hidden=h, origin="a"), Result("5", [3, 4, 5], h)):
+        wire = to_message(msg, torch.int8)
+        assert isinstance(wire["hidden"], QuantizedRows)
+        frame = CODEC.encode(wire)
+        back = from_message(CODEC.decode(frame))
+        assert back.hidden.dtype == torch.float32
+        assert torch.equal(back.hidden, as_received(h, torch.int8))
+        assert not torch.equal(back.hidden, h)  # really quantized
+        assert (back.hidden - h).abs().max() <= (h.abs().amax(-1) / 127 / 2 * 1.0001).max()  # half a step
+        back.hidden += 1  # a fresh tensor, not a view of the frame
+    assert torch.equal(as_received(h, torch.float16), h.half())
+
+
+def test_int8_frames_are_about_half_of_fp16():
+    h = torch.randn(8, 576)
+    seg = Segment("5", list(range(8)), [PROMPT_PARENT, *range(7)], list(range(8)), hidden=h, origin="a")
+    fp16, int8 = (len(CODEC.encode(to_message(seg, dt))) for dt in (torch.float16, torch.int8))
+    assert fp16 > 8 * 576 * 2 and int8 < 8 * (576 + 4) + 200 and int8 < 0.53 * fp16
+
+
+CURVE = CostCurve({1: 0.010, 8: 0.020, 64: 0.100})  # 20 ms for a typical 8-row segment
+
+
+@pytest.mark.parametrize(
+    "setting, mbit, want",
+    [
+        ("fp16", 1.0, torch.float16),  # never quantizes
+        ("int8", None, torch.int8),  # always does
+        ("auto", None, torch.float16),  # bandwidth unknown
+        ("auto", 1000.0, torch.float16),  # 8 x 576 x 2 B at 1 Gbit/s = 0.07 ms < 2 ms (a tenth of the forward)
+        ("auto", 40.0, torch.float16),  # 1.84 ms < 2 ms
+        ("auto", 30.0, torch.int8),  # 2.46 ms > 2 ms
+        ("auto", 20.0, torch.int8),  # 3.69 ms: the benchmark's 20 Mbit/s link
+        ("auto", 1.0, torch.int8),
+    ],
+)
+def test_link_dtype_rule(setting, mbit, want):
+    spb = 8 / (mbit * 1e6) if mbit else None
+    got = link_dtype(setting, torch.float16, hidden_size=576, seconds_per_byte=spb, stage_curve=CURVE)
+    assert got == want
+
+
+def test_link_dtype_auto_counts_the_float_width_and_needs_a_curve():
+    spb = 8 / 80e6  # 8 x 576 rows at 80 Mbit/s: fp32 1.84 ms < 2 ms
+    assert link_dtype("auto", torch.float32, hidden_size=576, seconds_per_byte=spb, stage_curve=CURVE) == torch.float32
+    spb = 8 / 40e6  # fp32: 3.7 ms > 2 ms; fp16: 1.8 ms < 2 ms
+    assert link_dtype("auto", torch.float32, hidden_size=576, seconds_per_byte=spb, stage_curve=CURVE) == torch.int8
+    assert link_dtype("auto", torch.float16, hidden_size=576, seconds_per_byte=spb, stage_curve=CURVE) == torch.float16
+    assert link_dtype("auto", torch.float16, hidden_size=576, seconds_per_byte=1.0, stage_curve=None) == torch.float16
+    with pytest.raises(ValueError, match="expected one of auto, fp16, int8"):
+        link_dtype("int4", torch.float16, hidden_size=576, seconds_per_byte=None, stage_curve=None)

@@ -1,0 +1,143 @@
+"""The speculation oracle with int8 activations on the wire: greedy ``flow`` equals greedy ``ar`` over
+the same mesh, and both equal token-by-token greedy decoding through the same layer split with the
+same per-row quantization at the same hops (docs/design.md, "Numerics on the wire").
+Each test runs its peers in a fresh ``asyncio.run`` loop (under the plugin's loop the test task
+was left cancelled after the runtimes stopped and its teardown hung; not understood yet).
+
+Two daemon runtimes, joined by the daemon's own send path without sockets: ring message ->
+``to_message`` at the link's dtype -> encoded frame -> decoded -> ``from_message`` at the peer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from support import assert_matches_greedy, near_tie
+
+from meshd.ring.wire import as_received, from_message, to_message
+from meshd.serve.engine import GenerateParams
+from meshd.serve.runtime import Ring, Runtime
+from models.budget import CostCurve
+from models.drafters import drafter_factory
+from models.ranges import LayerRange
+from models.source import ModelSource
+from models.stage import Stage
+from peers.codec import Codec, QuantizedRows
+
+CODEC = Codec()
+
+
+class CodecLinks:
+    """Every runtime's transport: what it sends crosses the real codec at the link's dtype."""
+
+    def __init__(self) -> None:
+        self.runtimes: dict[str, Runtime] = {}
+        self.frames = {"q8row": 0, "float": 0}
+
+    def join(self, rt: Runtime) -> None:
+        self.runtimes[rt.node_id] = rt
+
+        async def send(node: str, msg) -> None:
+            decoded = CODEC.decode(CODEC.encode(to_message(msg, rt.link_dtype(node))))
+            hidden = decoded.get("hidden")
+            if hidden is not None:
+                self.frames["q8row" if isinstance(hidden, QuantizedRows) else "float"] += 1
+            self.runtimes[node].deliver(from_message(decoded))
+
+        rt.transport = send
+
+
+async def two_peers(src: ModelSource, full: Stage, split: int, wire: str) -> tuple[Runtime, Runtime, CodecLinks]:
+    """Peer ``a`` originates and holds layers [0, split); peer ``b`` holds the rest."""
+    links = CodecLinks()
+    cc = CostCurve({1: 1.0, 64: 2.0})
+    n = full.cfg.n_layers
+    peers = []
+    for i, (name, layers) in enumerate([("a", LayerRange(0, split)), ("b", LayerRange(split, n))]):
+        rt = Runtime(src, full, drafter_factory("ngram", full), node_id=name, wire_activations=wire)
+        rt.install_worker(Stage.load(src, layers, vocab=False, dtype=full.dtype))
+        nodes: list[str | None] = ["a", "b"]
+        nodes[i] = None
+        rt.set_ring(Ring(epoch=1, nodes=nodes, curves=[cc, cc], local_index=i))
+        links.join(rt)
+        await rt.start()
+        peers.append(rt)
+    return peers[0], peers[1], links
+
+
+def split_greedy(
+    src: ModelSource, full: Stage, split: int, wire: torch.dtype, prompt: list[int], n: int
+) -> tuple[list[int], list[float]]:
+    """Token-by-token greedy decoding through the two slices, each hop changing the hidden states as
+    the link does: the mesh's own numerics, one row at a time. Gaps as ``support.greedy_reference``."""
+    n_layers = full.cfg.n_layers
+    slices = [
+        Stage.load(src, r, vocab=False, dtype=full.dtype) for r in (LayerRange(0, split), LayerRange(split, n_layers))
+    ]
+    caches = [s.new_cache() for s in slices]
+
+    def ring(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        for s, c in zip(slices, caches):
+            x = as_received(s.forward_one(x, c, pos), wire).to(full.dtype)
+        return x
+
+    h = ring(full.embed(prompt), torch.arange(len(prompt)))[-1:]
+    out, gaps = [], []
+    while len(out) < n:
+        logits = full.logits(h)[0]
+        top2 = logits.topk(2).values
+        gaps.append(float(top2[0] - top2[1]) / near_tie(full, len(prompt) + n, float(top2[0])))
+        out.append(int(logits.argmax()))
+        h = ring(full.embed([out[-1]]), torch.tensor([len(prompt) + len(out) - 1]))
+    return out, gaps
+
+
+async def generate(rt: Runtime, prompt: list[int], mode: str, n: int) -> tuple[list[int], float]:
+    h = await rt.submit(prompt, GenerateParams(max_tokens=n, mode=mode))
+    chunks = await asyncio.wait_for(_drain(h), 120)
+    tokens = [t for chunk in chunks for t in chunk]
+    assert h.finish_reason == "length", (h.finish_reason, h.error)
+    return tokens, sum(h.stats.per_round) / max(1, h.stats.rounds)
+
+
+async def _drain(h) -> list[list[int]]:
+    return [chunk async for chunk in h]
+
+
+async def oracle(src: ModelSource, full: Stage, split: int, prompt: list[int], n: int) -> dict:
+    want, gaps = split_greedy(src, full, split, torch.int8, prompt, n)
+    fp16_want, _ = split_greedy(src, full, split, torch.float32, prompt, n)
+    a, b, links = await two_peers(src, full, split, "int8")
+    try:
+        got = {mode: await generate(a, prompt, mode, n) for mode in ("ar", "flow")}
+    finally:
+        for rt in (a, b):
+            await rt.stop()
+    assert links.frames["q8row"] > 0 and links.frames["float"] == 0, links.frames  # int8 on both hops
+    for tokens, _ in got.values():
+        assert_matches_greedy(tokens, want, gaps)
+    assert_matches_greedy(got["flow"][0], got["ar"][0], gaps)
+    return {"accepted": {m: acc for m, (_, acc) in got.items()}, "same_as_float": want == fp16_want}
+
+
+def test_flow_equals_ar_with_int8_on_the_wire_tiny(tiny_dir):
+    src = ModelSource.resolve(str(tiny_dir))
+    full = Stage.load(src, dtype="fp32")
+    # a repetitive prompt: the random model falls into loops the n-gram drafter then predicts
+    prompt = [5, 6, 7, 8] * 4
+    res = asyncio.run(oracle(src, full, full.cfg.n_layers // 2, prompt, 24))
+    assert res["accepted"]["ar"] == 1.0
+
+
+@pytest.mark.slow
+def test_flow_equals_ar_with_int8_on_the_wire_embedded(embedded_source, embedded, embedded_tokenizer):
+    """The shipped model over two peers, int8 on both hops: flow speculates (accepts more than one
+    token a round) and still gives greedy ar's tokens on the same numerics."""
+    from support import chat_ids, prompts
+
+    prompt = chat_ids(embedded_tokenizer, prompts(1, categories=1)[0]["turns"][0])
+    res = asyncio.run(oracle(embedded_source, embedded, embedded.cfg.n_layers // 2, prompt, 32))
+    assert res["accepted"]["flow"] > 1.0, res
+    print(f"\n[int8 wire] accepted per round {res['accepted']}, same tokens as the float wire: {res['same_as_float']}")
