@@ -336,7 +336,6 @@ def cmd_train_draft(args: argparse.Namespace) -> int:
         model=args.model,
         out=args.out,
         prompts=args.prompts,
-        generated=args.generated_prompts,
         spec_bench=args.questions,
         tokens=args.tokens,
         epochs=args.epochs,
@@ -605,14 +604,6 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         help="extra prompt file (JSONL or one per line); the project's models/heads/prompts/*.jsonl are always used",
-    )
-    t.add_argument(
-        "--generated-prompts",
-        type=int,
-        default=0,
-        metavar="N",
-        help="add N prompts made from the project's task templates (explanations, how-tos, stories, lists, "
-        "arithmetic, code, rewriting, translation, two-turn follow-ups; deduplicated, never an evaluation prompt)",
     )
     t.add_argument(
         "--questions",

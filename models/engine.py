@@ -29,7 +29,6 @@ class Stats:
     accepted_drafts: int = 0  # drafted tokens the target accepted (bonus tokens not included)
     target_forwards: int = 0  # every forward of the target, prefill chunks included
     verified_nodes: int = 0
-    drafted_rounds: int = 0  # spec rounds that drafted (the rest decoded plainly: the budget's gate was off)
     seconds: float = 0.0
     prefill_seconds: float = 0.0
     draft_seconds: float = 0.0
@@ -131,24 +130,13 @@ def generate(
             reason = emit([sample_token(target.logits(h)[0], sampling, gen, history())])
             context.append(out[-1])
             continue
-        drafting = budget.draft_now()  # False while drafts have not been paying: a plain round
-        if drafting:
-            td = time.perf_counter()
-            pool_tree = drafter.draft(context, top_k=top_k, depth=depth, max_nodes=pool, keep=budget.keep_hint())
-            draft_s = time.perf_counter() - td
-            stats.draft_seconds += draft_s
-            tree = pool_tree.best(budget.choose(pool_tree, overhead=budget.curve_units(draft_s)))
-        else:
-            tree = Tree.root(out[-1])
-        tv = time.perf_counter()
+        td = time.perf_counter()
+        pool_tree = drafter.draft(context, top_k=top_k, depth=depth, max_nodes=pool, keep=budget.keep_hint())
+        draft_s = time.perf_counter() - td
+        stats.draft_seconds += draft_s
+        tree = pool_tree.best(budget.choose(pool_tree, overhead=draft_s))
         accepted, emitted, feats = verify_tree(target, cache, tree, len(context) - 1, sampling, gen, stats, history())
-        verify_s = time.perf_counter() - tv
-        if drafting:
-            budget.observe(budget.expected(tree), len(accepted) - 1)
-            budget.record_draft(rows=len(tree), tokens=len(accepted), overhead=draft_s, seconds=verify_s)
-            stats.drafted_rounds += 1
-        else:
-            budget.record_plain(verify_s)
+        budget.observe(budget.expected(tree), len(accepted) - 1)
         stats.rounds += 1
         stats.accepted_drafts += len(accepted) - 1
         stats.per_round.append(len(emitted))

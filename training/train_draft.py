@@ -25,7 +25,6 @@ from models.stage import Stage
 from models.text import stop_ids
 from training.evaluate import evaluate_acceptance, held_out_cache, held_out_rollouts
 from training.log import log
-from training.prompt_gen import assert_disjoint, evaluation_texts, generate_prompts
 from training.prompts import SPEC_BENCH_ENV, held_out_questions, read_spec_bench, spec_bench_path, training_prompts
 from training.rollouts import DataStore, generate_data, work_dir
 from training.train import TrainConfig, choose_vocab, train_head
@@ -36,7 +35,6 @@ def train_draft(
     model: str = "default",
     out: str | Path,
     prompts: Sequence[str] = (),
-    generated: int = 0,
     spec_bench: str | Path | None = None,
     tokens: int = 200_000,
     epochs: int = 3,
@@ -59,16 +57,12 @@ def train_draft(
 
     ``spec_bench``: Spec-Bench's question file (default ``$MESHD_SPEC_BENCH``); without one, training
     uses only the project's own prompt files and ``prompts``, and the held-out evaluation is skipped.
-    ``generated``: that many more prompts from :func:`training.prompt_gen.generate_prompts` (seeded by
-    ``seed``, so a resumed run asks for the same ones). No training prompt may be an evaluation prompt
-    (the everyday set, Spec-Bench's held-out split): checked before anything is generated.
     """
     t_start = time.perf_counter()
     bench = spec_bench_path(spec_bench)
     if bench is not None:
         read_spec_bench(bench)  # a wrong path fails now, not after hours of generation
-    all_prompts = training_prompts(prompts, bench) + (generate_prompts(generated, seed) if generated else [])
-    assert_disjoint(all_prompts, evaluation_texts(bench))
+    all_prompts = training_prompts(prompts, bench)
     src = ModelSource.resolve(model)
     fp = src.fingerprint
     work = work_dir(fp, work)
