@@ -177,12 +177,13 @@ class Config:
             hi=86400.0,
         ),
     )
-    flow_slots: int | None = field(
-        default=None,
+    flow_slots: int = field(
+        default=1,
         metadata=_opt(
-            "segments per flow request kept in flight (default: from the ring's measured latency; "
-            "1: one tree per round, the scheduler before slots)",
-            lo=1,
+            "segments per flow request kept in flight (1, the default: one tree per round; 0: as many as the "
+            "ring's measured latency over its slowest step asks for, still experimental: on real daemons it "
+            "accepts fewer tokens per round than one tree does)",
+            lo=0,
             hi=64,
         ),
     )

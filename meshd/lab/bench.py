@@ -219,7 +219,7 @@ class DaemonBackend:
         if getattr(args, "emulate", None):
             DeviceEmulation.parse(args.emulate)  # a bad profile fails here, not in every daemon
             extra += ["--emulate", args.emulate]
-        if getattr(args, "flow_slots", None):
+        if getattr(args, "flow_slots", None) is not None:
             extra += ["--flow-slots", str(args.flow_slots)]
         if getattr(args, "wire_activations", None):
             extra += ["--wire-activations", args.wire_activations]
@@ -249,7 +249,7 @@ class DaemonBackend:
             f"{a.stages} daemons on loopback ({a.threads or 1} thread each, sharing {os.cpu_count()} cores), "
             f"link {a.link or 'unshaped'}, device slowdown x{a.device_slowdown}"
             + (f", EMULATED device profile {a.emulate}" if getattr(a, "emulate", None) else "")
-            + (f", flow slots {a.flow_slots}" if getattr(a, "flow_slots", None) else "")
+            + (f", flow slots {a.flow_slots}" if getattr(a, "flow_slots", None) is not None else "")
             + (f", wire activations {a.wire_activations}" if getattr(a, "wire_activations", None) else "")
         )
 

@@ -169,7 +169,7 @@ class Daemon:
             tokenizer=tokenizer,
             max_context=cfg.max_context,
             session_timeout=cfg.session_timeout,
-            flow_slots=cfg.flow_slots,
+            flow_slots=cfg.flow_slots or None,  # 0: sized from the ring's measured latency
             contexts=cfg.contexts,
             sessions_per_peer=cfg.sessions_per_peer,
             stall_timeout=cfg.stall_timeout,
