@@ -62,11 +62,12 @@ def _add_weights_arg(p: argparse.ArgumentParser) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     # lazy (see the module docstring): the model code imports torch and transformers
+    from meshd.serve.loading import stderr_say
     from meshd.serve.local import LocalModel
     from models.eagle import default_drafter
 
     _threads(args.threads)
-    local = LocalModel(args.model, args.dtype, args.weights)
+    local = LocalModel(args.model, args.dtype, args.weights, say=stderr_say)
 
     def show(text: str) -> None:
         sys.stdout.write(text)
@@ -74,6 +75,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     if args.drafter == "auto":
         args.drafter = default_drafter(local.source)
+    if args.mode == "spec" or args.stages > 1 or args.mode in ("chunk", "flow"):
+        local.curve  # noqa: B018 - measured (with progress lines) before the answer starts, not inside it
     out = local.run(
         args.prompt,
         mode=args.mode,
@@ -198,6 +201,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     # which keeps `meshd --help` fast
     import torch
 
+    from meshd.serve.loading import Ticker, load_layers, stderr_say
     from models.profile import SIZES, compare_forward_times, stage_cost_curve, transformers_cost_curve
     from models.ranges import LayerRange
     from models.source import ModelSource
@@ -206,6 +210,12 @@ def cmd_profile(args: argparse.Namespace) -> int:
     _threads(args.threads)
     src = ModelSource.resolve(args.model)
     span = LayerRange.parse(args.layers, src.config.n_layers)
+
+    def load(weights: str | None, dtype: str) -> Stage:
+        what = f"loading layers [{span.first}, {span.stop}) of {src.path.name} ({weights or dtype})"
+        stderr_say(f"{what} ...")
+        return load_layers(src, span, dtype, weights, what, vocab=whole, say=stderr_say)
+
     report = {
         "model": str(src.path),
         "layers": [span.first, span.stop],
@@ -214,20 +224,27 @@ def cmd_profile(args: argparse.Namespace) -> int:
     }
     whole = span == LayerRange.whole(src.config.n_layers)  # only the whole model computes logits
     if args.weights:  # weight formats side by side, each with the activations it picks, measured interleaved
-        stages = {w: Stage.load(src, span, vocab=whole, dtype="auto", weights=w) for w in args.weights.split(",")}
-        print(f"measuring {', '.join(stages)} layers [{span.first}, {span.stop}), interleaved ...", file=sys.stderr)
-        for w, curve in compare_forward_times(stages, repeats=args.repeats, lm_head=whole).items():
+        stages = {w: load(w, "auto") for w in args.weights.split(",")}
+        what = f"measuring {', '.join(stages)} layers [{span.first}, {span.stop}), interleaved"
+        stderr_say(f"{what} ...")
+        with Ticker(stderr_say, what):
+            curves = compare_forward_times(stages, repeats=args.repeats, lm_head=whole)
+        for w, curve in curves.items():
             report["curves_ms"][f"meshd-{w}"] = {t: round(s * 1e3, 2) for t, s in curve.items()}
     for dt in [] if args.weights else args.dtypes.split(","):
-        stage = Stage.load(src, span, vocab=whole, dtype=dt)
-        print(f"measuring {dt} layers [{span.first}, {span.stop}) ...", file=sys.stderr)
-        ours = stage_cost_curve(src, stage, with_lm_head=whole, refresh=True, repeats=args.repeats)
+        stage = load(None, dt)
+        what = f"measuring {dt} layers [{span.first}, {span.stop})"
+        stderr_say(f"{what} ...")
+        with Ticker(stderr_say, what):
+            ours = stage_cost_curve(src, stage, with_lm_head=whole, refresh=True, repeats=args.repeats)
         report["curves_ms"][f"meshd-{dt}"] = {t: round(s * 1e3, 2) for t, s in ours.items()}
         if args.compare_transformers:
             if not whole:
                 print("--compare-transformers needs the whole model; skipping it for a slice", file=sys.stderr)
             else:
-                ref = transformers_cost_curve(stage, repeats=args.repeats)
+                stderr_say(f"measuring transformers' forward, {dt} ...")
+                with Ticker(stderr_say, f"measuring transformers' forward, {dt}"):
+                    ref = transformers_cost_curve(stage, repeats=args.repeats)
                 report["curves_ms"][f"transformers-{dt}"] = {t: round(s * 1e3, 2) for t, s in ref.items()}
         del stage
     if args.json:

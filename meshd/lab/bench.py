@@ -10,7 +10,6 @@ import itertools
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -22,6 +21,7 @@ import torch
 
 from meshd.lab.emulate import DeviceEmulation, link_emulation, slowdown
 from meshd.lab.testbed import LoopbackMesh, http
+from meshd.serve.loading import Ticker, quiet, stderr_say
 from meshd.serve.local import LocalModel
 from training.prompts import SPEC_BENCH_ENV, SPEC_BENCH_SOURCE, spec_bench_path
 
@@ -71,13 +71,17 @@ def spread_over_categories(questions: list[dict], n: int) -> list[dict]:
 def run_interleaved(
     questions: list[dict], modes: dict[str, Callable[[str], dict]], progress: Callable[[str], None] | None = None
 ) -> list[Run]:
-    """``modes`` maps a label to a function question-text -> stats dict (the ``generate --json`` fields)."""
+    """``modes`` maps a label to a function question-text -> stats dict (the ``generate --json`` fields).
+
+    ``progress`` hears a line after each run and, while one runs, every ``TICK_EVERY_S`` seconds."""
     runs = []
     total = len(questions) * len(modes)
     t0 = time.perf_counter()
     for q in questions:
         for label, fn in modes.items():
-            s = fn(q["turns"][0])
+            running = f"[{len(runs) + 1}/{total}] q{q['question_id']} {q['category']} {label}: running"
+            with Ticker(progress or quiet, running):
+                s = fn(q["turns"][0])
             runs.append(
                 Run(
                     q["question_id"],
@@ -166,8 +170,7 @@ def write_record(out_dir: Path, config: dict, runs: list[Run], table: dict, mark
     return path
 
 
-def progress_printer(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+progress_printer = stderr_say  # the benchmarks' progress lines: stderr, so stdout stays the table
 
 
 class LocalBackend:
@@ -176,7 +179,7 @@ class LocalBackend:
     def __init__(self, args):
         torch.set_num_threads(args.threads or torch.get_num_threads())
         self.args = args
-        self.local = LocalModel(args.model, args.dtype, args.weights)
+        self.local = LocalModel(args.model, args.dtype, args.weights, say=progress_printer)
         self.local.curve  # noqa: B018 - measure (or load) the cost curve before timing anything
         self.stages = args.stages if args.backend == "inprocess" else 1
 
@@ -233,10 +236,11 @@ class DaemonBackend:
             threads=args.threads or 1,
             extra=extra,
         )
-        try:
-            self.plan = self.mesh.wait_plan(
-                list(range(args.stages)), args.stages, timeout=300, progress=progress_printer
-            )
+        try:  # each daemon's state is said when it changes, and the wait itself regularly
+            with Ticker(progress_printer, f"waiting for {args.stages} daemons to load and agree on a plan"):
+                self.plan = self.mesh.wait_plan(
+                    list(range(args.stages)), args.stages, timeout=300, progress=progress_printer
+                )
         except Exception:
             self.close()
             raise
@@ -281,7 +285,7 @@ class DaemonBackend:
     def _local(self, label: str) -> Callable[[str], dict]:
         if not hasattr(self, "local"):
             torch.set_num_threads(self.args.threads or 1)  # one device = what one daemon has
-            self.local = LocalModel(self.args.model, self.args.dtype, self.args.weights)
+            self.local = LocalModel(self.args.model, self.args.dtype, self.args.weights, say=progress_printer)
             self.local.curve  # noqa: B018 - measure (or load) the cost curve before timing anything
         mode, _, drafter = label.partition(":")
         a = self.args

@@ -1,13 +1,23 @@
-"""Progress while a daemon loads its layers: a model on an SD card can take minutes, and a daemon
-that says nothing for minutes looks hung (to a user, and to systemd's status line)."""
+"""Progress while a model loads and while a long step runs: a model on an SD card can take
+minutes, and a daemon or command that says nothing for minutes looks hung (to a user, and to
+systemd's status line).
+
+The one place for it: the daemon's slices (``meshd serve``), the whole model of ``meshd generate``,
+``meshd profile`` and ``meshd bench``, and the heartbeat lines of a long measurement all come from
+here. Where the lines go is the caller's ``say``: the daemon's log and systemd status
+(:func:`daemon_say`), or stderr for a command (:func:`stderr_say`).
+"""
 
 from __future__ import annotations
 
 import logging
 import re
+import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import TracebackType
 
 import torch
 
@@ -20,18 +30,39 @@ from models.weights import TensorReader
 
 log = logging.getLogger("meshd")
 LAYER_TENSOR = re.compile(r"model\.layers\.(\d+)\.")
-PROGRESS_EVERY_S = 2.0  # at most one progress line this often
+PROGRESS_EVERY_S = 2.0  # at most one line per loaded layer this often
+TICK_EVERY_S = 5.0  # a step without steps of its own (a measurement, one benchmark run) says it still runs this often
+
+Say = Callable[[str], None]
+
+
+def daemon_say(text: str) -> None:
+    """A progress line of the daemon: its log, and systemd's status line."""
+    log.info("%s", text)
+    notify.status(text)
+
+
+def stderr_say(text: str) -> None:
+    """A progress line of a command: stderr, so stdout stays the answer (``--json`` included)."""
+    print(text, file=sys.stderr, flush=True)
+
+
+def quiet(_text: str) -> None:
+    """No progress lines (library use, tests)."""
 
 
 @dataclass
 class ProgressReader(TensorReader):
-    """A tensor reader that calls ``on_layer(i)`` whenever it starts reading layer ``i``'s tensors."""
+    """A tensor reader that calls ``on_layer(i)`` whenever it starts reading layer ``i``'s tensors,
+    and ``on_other()`` once, when it first reads a tensor of no layer (the vocabulary ends)."""
 
     on_layer: Callable[[int], None] | None = None
+    on_other: Callable[[], None] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self._layer: int | None = None
+        self._other = False
 
     def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         self._note(name)
@@ -47,10 +78,24 @@ class ProgressReader(TensorReader):
             self._layer = int(m.group(1))
             if self.on_layer is not None:
                 self.on_layer(self._layer)
+        elif not m and not self._other:
+            self._other = True
+            if self.on_other is not None:
+                self.on_other()
 
 
-def load_layers(source: ModelSource, span: LayerRange, dtype: torch.dtype, weights: str, what: str) -> Stage:
-    """``Stage.load`` of ``span`` (no vocabulary), logging and telling systemd how far it got."""
+def load_layers(
+    source: ModelSource,
+    span: LayerRange,
+    dtype: torch.dtype | str | None,
+    weights: str | None,
+    what: str,
+    *,
+    vocab: bool = False,
+    say: Say = daemon_say,
+) -> Stage:
+    """``Stage.load`` of ``span`` (with the vocabulary ends if ``vocab``), saying how far it got:
+    a line per layer at most every ``PROGRESS_EVERY_S`` seconds, and one when done."""
     t0 = last = time.monotonic()
 
     def on_layer(i: int) -> None:
@@ -58,11 +103,46 @@ def load_layers(source: ModelSource, span: LayerRange, dtype: torch.dtype, weigh
         now = time.monotonic()
         if now - last >= PROGRESS_EVERY_S:
             last = now
-            text = f"{what}: layer {i - span.first + 1} of {span.n_layers} ({now - t0:.0f} s)"
-            log.info("%s", text)
-            notify.status(text)
+            say(f"{what}: layer {i - span.first + 1} of {span.n_layers} ({now - t0:.0f} s)")
 
-    reader = ProgressReader(source, on_layer=on_layer)
-    stage = Stage.load(source, span, vocab=False, dtype=dtype, weights=weights, reader=reader)
-    log.info("%s: %d layers in %.1f s", what, span.n_layers, time.monotonic() - t0)
+    # The vocabulary ends are read after the layers; a big vocabulary takes a while of its own.
+    with Ticker(say, f"{what}: the vocabulary ends", max(PROGRESS_EVERY_S, 0.05), start=False) as vocab_tick:
+        reader = ProgressReader(source, on_layer=on_layer, on_other=vocab_tick.start)
+        stage = Stage.load(source, span, vocab=vocab, dtype=dtype, weights=weights, reader=reader)
+    ends = " and the vocabulary ends" if vocab else ""
+    say(f"{what}: {span.n_layers} layers{ends} in {time.monotonic() - t0:.1f} s")
     return stage
+
+
+class Ticker:
+    """While a blocking step runs, say ``what (N s)`` every ``every`` seconds from a helper thread, so
+    a step that reports nothing itself (a measurement, one benchmark request) is never silent.
+    Says nothing if the step ends within ``every`` seconds."""
+
+    def __init__(self, say: Say, what: str, every: float | None = None, *, start: bool = True):
+        self.say, self.what, self.autostart = say, what, start
+        self.every = TICK_EVERY_S if every is None else every
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        t0 = time.monotonic()
+
+        def tick() -> None:
+            while not self._stop.wait(self.every):
+                self.say(f"{self.what} ({time.monotonic() - t0:.0f} s)")
+
+        self._thread = threading.Thread(target=tick, name="meshd-progress", daemon=True)
+        self._thread.start()
+
+    def __enter__(self) -> Ticker:
+        if self.autostart:
+            self.start()
+        return self
+
+    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()

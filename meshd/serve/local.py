@@ -13,12 +13,13 @@ from collections.abc import Callable
 
 from meshd.ring.pipeline import build_local_pipeline
 from meshd.ring.scheduler import Request
+from meshd.serve.loading import Say, Ticker, load_layers, quiet
 from models.budget import CostCurve, TreeBudget
 from models.drafters import Drafter, drafter_factory, load_drafter
 from models.engine import Generation, Stats, generate
 from models.profile import stage_cost_curve
+from models.ranges import LayerRange
 from models.source import ModelSource
-from models.stage import Stage
 from models.text import decode, encode_prompt, has_chat_template, stop_ids
 from models.verify import Sampling
 
@@ -26,10 +27,17 @@ from models.verify import Sampling
 class LocalModel:
     """The model on this device, and ``run`` to generate with it in any mode."""
 
-    def __init__(self, model: str = "default", dtype: str = "auto", weights: str | None = None):
+    def __init__(self, model: str = "default", dtype: str = "auto", weights: str | None = None, say: Say = quiet):
+        """``say`` hears progress lines while the model loads and its cost curve is measured
+        (``meshd.serve.loading.stderr_say`` for a command)."""
         t0 = time.perf_counter()
+        self.say = say
         self.source = ModelSource.resolve(model)
-        self.target = Stage.load(self.source, dtype=dtype, weights=weights)
+        n = self.source.config.n_layers
+        what = f"loading {self.source.path.name}"
+        say(f"{what}: {n} layers and the vocabulary ends (weights {weights or 'dense'}, dtype {dtype}) ...")
+        self.target = load_layers(self.source, LayerRange.whole(n), dtype, weights, what, vocab=True, say=say)
+        say("loading the tokenizer ...")
         self.tokenizer = self.source.load_tokenizer()
         self.eos = stop_ids(self.tokenizer, self.target.cfg)
         self._curve: dict[int, float] | None = None
@@ -38,8 +46,9 @@ class LocalModel:
 
     @property
     def curve(self) -> dict[int, float]:
-        if self._curve is None:
-            self._curve = stage_cost_curve(self.source, self.target, with_lm_head=True)
+        if self._curve is None:  # measured once per model, dtype and thread count, then read from a cache
+            with Ticker(self.say, "measuring this device's cost curve (once; cached for later runs)"):
+                self._curve = stage_cost_curve(self.source, self.target, with_lm_head=True)
         return self._curve
 
     def drafter(self, name: str) -> Drafter:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -79,3 +80,38 @@ def test_device_notes_give_busy_fractions_and_flag_an_emulation_that_overran():
     )
     assert "15/20 calls overran" in lines[1] and "CPU-bound" in lines[1]
     assert bench.devices_note([]) == ""
+
+
+def test_a_benchmark_says_how_far_it_got_during_and_after_each_run(monkeypatch):
+    monkeypatch.setattr("meshd.serve.loading.TICK_EVERY_S", 0.05)  # "still running" lines this often
+
+    def slow(_text: str) -> dict:
+        time.sleep(0.3)
+        return {
+            "new_tokens": 4,
+            "rounds": 2,
+            "mean_accepted": 2.0,
+            "target_forwards": 2,
+            "seconds": 0.3,
+            "tokens_per_s": 13.3,
+        }
+
+    def fast(_text: str) -> dict:
+        return {
+            "new_tokens": 4,
+            "rounds": 4,
+            "mean_accepted": 1.0,
+            "target_forwards": 4,
+            "seconds": 0.1,
+            "tokens_per_s": 40.0,
+        }
+
+    said: list[str] = []
+    questions = [{"question_id": 7, "category": "math", "turns": ["q"]}]
+    runs = bench.run_interleaved(questions, {"flow": slow, "ar": fast}, said.append)
+    assert [r.mode for r in runs] == ["flow", "ar"]
+    running = [s for s in said if s.startswith("[1/2] q7 math flow: running (")]
+    assert len(running) >= 2, said  # a slow run is never silent
+    done = [i for i, s in enumerate(said) if "tok/s" in s]
+    assert len(done) == 2 and said.index(running[-1]) < done[0], said  # then one line per run, when it ends
+    assert not any("ar: running" in s for s in said)  # a quick run says only that it ended

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
+import time
 
 import pytest
 from support import assert_matches_greedy, greedy_reference
 
 from meshd import cli
+from meshd.serve.loading import Ticker
 from models.text import encode_prompt, stop_ids
 
 SIZES = ["1", "2", "4", "8", "16", "32", "64"]
@@ -42,8 +45,35 @@ def test_profile_json_has_a_curve_per_dtype_and_slice(tiny_dir, capsys):
         assert all(v > 0 for v in ms) and ms == sorted(ms)  # a cost curve never falls with more tokens
 
 
+def test_profile_says_what_it_loads_and_measures_on_stderr(tiny_dir, capsys, monkeypatch):
+    monkeypatch.setattr("meshd.serve.loading.PROGRESS_EVERY_S", 0.0)  # a line per layer, however fast
+    argv = ["profile", "--model", str(tiny_dir), "--dtypes", "fp32", "--layers", "1:3", "--repeats", "1", "--json"]
+    assert cli.main(argv) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["layers"] == [1, 3]  # stdout stays the answer
+    lines = err.splitlines()
+    what = f"loading layers [1, 3) of {tiny_dir.name} (fp32)"
+    assert lines[0] == f"{what} ..."  # said before the first tensor is read
+    assert [re.sub(r" \(\d+ s\)$", "", x) for x in lines[1:3]] == [f"{what}: layer {i} of 2" for i in (1, 2)]
+    assert re.fullmatch(re.escape(what) + r": 2 layers in [\d.]+ s", lines[3])
+    assert lines[4] == "measuring fp32 layers [1, 3) ..."
+
+
+def test_a_ticker_speaks_while_a_step_runs_and_stops_with_it():
+    said: list[str] = []
+    with Ticker(said.append, "measuring", every=0.05):
+        time.sleep(0.4)
+    n = len(said)
+    assert n >= 2 and all(re.fullmatch(r"measuring \(\d+ s\)", s) for s in said), said
+    time.sleep(0.2)
+    with Ticker(said.append, "a quick step", every=5.0):
+        pass
+    assert len(said) == n  # nothing after its step ended, nothing from a step shorter than the interval
+
+
 @pytest.mark.slow
-def test_generate_json_fields_and_spec_equals_ar(embedded, embedded_tokenizer, capsys):
+def test_generate_json_fields_and_spec_equals_ar(embedded, embedded_tokenizer, capsys, monkeypatch):
+    monkeypatch.setattr("meshd.serve.loading.PROGRESS_EVERY_S", 0.0)  # a line per layer, however fast
     prompt = "Name three primary colours."
     runs = {}
     for mode in ("ar", "spec"):
@@ -67,7 +97,14 @@ def test_generate_json_fields_and_spec_equals_ar(embedded, embedded_tokenizer, c
             )
             == 0
         )
-        runs[mode] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        out, err = capsys.readouterr()
+        runs[mode] = json.loads(out.strip().splitlines()[-1])
+        said = err.splitlines()  # while the model loads: what, how far, done; then the tokenizer
+        assert said[0].startswith("loading SmolLM2-135M-Instruct") and said[0].endswith(" ...")
+        layers = [x for x in said if re.search(r": layer \d+ of 30 \(", x)]
+        assert len(layers) == 30 and "layer 30 of 30" in layers[-1]
+        assert any(re.search(r": 30 layers and the vocabulary ends in [\d.]+ s$", x) for x in said)
+        assert "loading the tokenizer ..." in said
     for out in runs.values():
         for key in (
             "text",
