@@ -2,8 +2,8 @@
 ``/api/version``, ``/api/chat`` and ``/api/generate``.
 
 Many tools speak only Ollama's dialect, so the daemon answers it too, on the same port and with
-the same generation underneath as the OpenAI routes (``meshd.serve.api``): the request is turned
-into the same checked ``CompletionRequest`` and runs through the same ring, stop strings and
+the same generation underneath as the OpenAI routes (``meshd.serve.generation``): the request is
+turned into the same checked ``CompletionRequest`` and runs through the same ring, stop strings and
 disconnect handling. Ollama's shapes: generation streams by default, as newline-delimited JSON
 objects (``application/x-ndjson``) each carrying a text piece with ``"done": false``, then one
 ``"done": true`` object with the reason and the counts and durations (nanoseconds); errors are
@@ -16,7 +16,6 @@ that no repetition penalty applies unless asked for.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import importlib.metadata
 import json
@@ -27,16 +26,6 @@ from typing import Any
 
 from aiohttp import web
 
-from meshd.serve.api import (
-    CARD,
-    ENGINE,
-    STATE,
-    _budget,
-    _encode,
-    _Generation,
-    _read_json,
-    _unavailable,
-)
 from meshd.serve.apischema import (
     DEFAULT_CHAT_MAX_TOKENS,
     ApiError,
@@ -46,7 +35,7 @@ from meshd.serve.apischema import (
     parse_chat,
     parse_completion,
 )
-from meshd.serve.engine import GenerateParams, RuntimeUnavailable
+from meshd.serve.generation import CARD, ENGINE, STATE, Generation, read_json, start_generation
 from meshd.serve.modelcard import ModelCard, parameter_size
 from models.text import has_chat_template
 
@@ -172,7 +161,7 @@ async def ps(request: web.Request) -> web.Response:
 
 
 async def show(request: web.Request) -> web.Response:
-    body = _object(await _read_json(request))
+    body = _object(await read_json(request))
     name = body.get("model", body.get("name"))  # "name" is the older spelling
     card = request.app[CARD]
     _check_model(card, name)
@@ -318,7 +307,7 @@ def _generate_request(body: dict[str, Any], context: int, chat_template: bool) -
 
 
 async def chat(request: web.Request) -> web.StreamResponse:
-    body = _object(await _read_json(request))
+    body = _object(await read_json(request))
     name = _check_model(request.app[CARD], body.get("model"))
     req = _chat_request(body, request.app[ENGINE].max_context)
     return await _run(request, req, name, [], chat=True)
@@ -326,7 +315,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
 
 async def generate(request: web.Request) -> web.StreamResponse:
     engine = request.app[ENGINE]
-    body = _object(await _read_json(request))
+    body = _object(await read_json(request))
     name = _check_model(request.app[CARD], body.get("model"))
     req, before = _generate_request(body, engine.max_context, has_chat_template(engine.tokenizer))
     if not body.get("prompt") and not before:  # Ollama's way to ask that a model be loaded: it is
@@ -339,27 +328,10 @@ async def generate(request: web.Request) -> web.StreamResponse:
 async def _run(
     request: web.Request, req: CompletionRequest, name: str, before: list[int], *, chat: bool
 ) -> web.StreamResponse:
-    engine = request.app[ENGINE]
-    ok, why = engine.ready()
-    if not ok:
-        raise _unavailable(why)
     started = time.perf_counter()
-    prompt_ids = before + await asyncio.to_thread(_encode, engine.tokenizer, req)
-    if req.max_tokens is None:  # Ollama generates until the model stops; meshd bounds it as its chat API does
-        req.max_tokens = max(1, min(DEFAULT_CHAT_MAX_TOKENS, engine.max_context - len(prompt_ids)))
-    max_tokens = _budget(req, len(prompt_ids), engine.max_context)
-    try:
-        handle = await engine.submit(
-            prompt_ids,
-            GenerateParams(
-                max_tokens=max_tokens, sampling=req.sampling, seed=req.seed, mode=req.mode, logprobs=req.logprobs
-            ),
-        )
-    except RuntimeUnavailable as exc:
-        raise _unavailable(str(exc)) from None
-    except ValueError as exc:
-        raise invalid(None, str(exc)) from None
-    gen = _Generation(request, engine, req, handle)
+    # Ollama generates until the model stops; meshd bounds it as its chat API does
+    gen = await start_generation(request, req, before=before, default_max_tokens=DEFAULT_CHAT_MAX_TOKENS)
+    handle, prompt_ids = gen.handle, gen.prompt_ids
     timing = _Timing(started)
 
     def piece(text: str) -> dict[str, Any]:
@@ -405,7 +377,7 @@ async def _run(
         state.disconnects += 1
     finally:
         state.streams_active -= 1
-        await gen._cancel_if_running()
+        await gen.cancel_if_running()
     return resp
 
 
@@ -419,7 +391,7 @@ class _Timing:
         if self.first is None:
             self.first = time.perf_counter()
 
-    def counts(self, prompt_tokens: int, gen: _Generation) -> dict[str, int]:
+    def counts(self, prompt_tokens: int, gen: Generation) -> dict[str, int]:
         now = time.perf_counter()
         first = self.first or now
         return {
