@@ -27,6 +27,9 @@ seals and drains it in order; one reader task opens and decodes frames and hands
 owner's callback. A send that cannot get onto the queue within ``send_timeout`` raises
 :class:`SendTimeout`; a websocket write that does not complete within ``send_timeout`` (the peer
 stopped reading) closes the link with ``CLOSE_STALLED``.
+
+Every link counts the bytes it carries and, with a ping interval, measures its round trip with
+websocket pings, under the peer's node id in a :class:`LinkMeter` the owner keeps and reads.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ import logging
 import os
 import secrets
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -125,6 +129,44 @@ class LinkEmulation:
     @property
     def active(self) -> bool:
         return self.latency_ms > 0 or self.bandwidth_mbps > 0
+
+
+@dataclass
+class LinkStats:
+    """What the links to one peer carried and how quickly that peer answers on them.
+
+    Bytes are the websocket messages as they cross the socket (sealed chunks: every frame,
+    hidden states and control alike, with its encryption overhead; websocket headers and the
+    handshake not counted). ``rtt`` is the last round trip of a websocket ping on the link: the
+    peer's link reader answers it, so it is the network's latency plus however long that reader
+    was busy, which is what a frame on the link waits too.
+    """
+
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    rtt: float | None = None  # seconds, the last answered ping
+    pings_answered: int = 0
+
+
+RttListener = Callable[[str, float], None]
+
+
+class LinkMeter:
+    """Every peer's :class:`LinkStats`, kept across that peer's links (a reconnect must not set a
+    byte counter back), and listeners that hear each round trip as it is measured."""
+
+    def __init__(self) -> None:
+        self.peers: dict[str, LinkStats] = {}
+        self.listeners: list[RttListener] = []
+
+    def of(self, node_id: str) -> LinkStats:
+        return self.peers.setdefault(node_id, LinkStats())
+
+    def round_trip(self, node_id: str, seconds: float) -> None:
+        stats = self.of(node_id)
+        stats.rtt, stats.pings_answered = seconds, stats.pings_answered + 1
+        for listener in self.listeners:
+            listener(node_id, seconds)
 
 
 @dataclass(frozen=True)
@@ -267,8 +309,16 @@ class Link:
         emulation: LinkEmulation | None = None,
         max_bad_frames: int = 3,
         send_timeout: float = 10.0,
+        meter: LinkMeter | None = None,
+        ping_interval: float = 0.0,
     ) -> None:
+        """``meter`` counts this link's bytes and round trips under the peer's node id; with
+        ``ping_interval`` > 0 the link pings the peer that often to measure its round trip."""
         self.ws, self.peer, self.codec, self.remote, self.dialer = ws, auth.peer, codec, remote, dialer
+        self.meter = meter if meter is not None else LinkMeter()
+        self.stats = self.meter.of(auth.peer.node_id)
+        self.ping_interval = ping_interval
+        self._ping: tuple[bytes, float] | None = None  # the ping awaiting its pong: (payload, perf_counter sent)
         self._sealer, self._opener = auth.sealer, auth.opener
         self._opener.max_frame = codec.max_frame
         self.emulation = emulation if emulation and emulation.active else None
@@ -338,11 +388,18 @@ class Link:
         self._tasks.append(asyncio.create_task(self._watchdog()))
         if self.emulation:
             self._tasks.append(asyncio.create_task(self._deliver_loop()))
+        if self.ping_interval > 0:
+            self._tasks.append(asyncio.create_task(self._ping_loop()))
         try:
             while not self.closed:
                 raw = await self.ws.receive()
                 if raw.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
                     break
+                if raw.type in (WSMsgType.PING, WSMsgType.PONG):  # answered here, not by aiohttp: see _ping_loop
+                    await self._on_ping_or_pong(raw.type, raw.data)
+                    continue
+                if raw.type == WSMsgType.BINARY:
+                    self.stats.bytes_received += len(raw.data)
                 try:
                     if raw.type != WSMsgType.BINARY:
                         raise IntegrityError(f"{raw.type.name} websocket message where a sealed frame was due")
@@ -417,6 +474,30 @@ class Link:
         self._writing_since = asyncio.get_running_loop().time()
         await self.ws.send_bytes(message)
         self._writing_since = None
+        self.stats.bytes_sent += len(message)
+
+    async def _ping_loop(self) -> None:
+        """Ping the peer every ``ping_interval`` s; its pong gives the link's round trip.
+
+        Both ends read pings and pongs themselves (``autoping=False``), so a pong leaves the peer
+        only when its link reader gets to it, in order with the frames before it. A ping not
+        answered by the next one is superseded: a late pong is then ignored, never mistimed.
+        """
+        n = 0
+        while True:
+            await asyncio.sleep(self.ping_interval)
+            n += 1
+            payload = n.to_bytes(8, "big")
+            self._ping = (payload, time.perf_counter())  # not loop.time(): uvloop's ticks in whole milliseconds
+            await self.ws.ping(payload)
+
+    async def _on_ping_or_pong(self, kind: WSMsgType, data: bytes) -> None:
+        if kind == WSMsgType.PING:
+            await self.ws.pong(data)
+        elif self._ping is not None and data == self._ping[0]:
+            rtt = time.perf_counter() - self._ping[1]
+            self._ping = None
+            self.meter.round_trip(self.peer.node_id, rtt)
 
     async def _watchdog(self) -> None:
         """Close the link when one websocket write has been blocked for the send timeout."""
@@ -473,7 +554,7 @@ async def dial(
         raise HandshakeError(f"no mesh secret is configured, so {host} (not loopback) is not dialed", "auth")
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}{WS_PATH}"
     ws = await asyncio.wait_for(
-        session.ws_connect(url, max_msg_size=WS_MSG_LIMIT, autoping=True, heartbeat=None), timeout
+        session.ws_connect(url, max_msg_size=WS_MSG_LIMIT, autoping=False, heartbeat=None), timeout
     )
     try:
         auth = await dial_handshake(ws, local, security, codec, timeout)
@@ -494,7 +575,7 @@ def add_mesh_route(app: web.Application, accept: AcceptHandler) -> None:
     """
 
     async def handler(request: web.Request) -> web.WebSocketResponse:
-        ws = web.WebSocketResponse(max_msg_size=WS_MSG_LIMIT, autoping=True)
+        ws = web.WebSocketResponse(max_msg_size=WS_MSG_LIMIT, autoping=False)  # Link answers pings (round trips)
         await ws.prepare(request)
         await accept(ws, request)
         return ws

@@ -36,7 +36,10 @@ from peers.link import (
     CLOSE_STALLED,
     Link,
     LinkEmulation,
+    LinkMeter,
     LinkSecurity,
+    LinkStats,
+    RttListener,
     add_mesh_route,
 )
 from peers.membership import Membership, MembershipEvent, PeerJoined, PeerLost
@@ -150,10 +153,13 @@ class MeshNode:
         # that keeps every stage where it was (a pure originator joined or left) fails no request.
         self._layout: tuple[tuple[str, int, int], ...] = ()
         self._layout_epoch = 0
+        self.link_meter = LinkMeter()  # bytes and round trips per peer, across reconnects
         link_options = {
             "queue_size": config.send_queue,
             "emulation": config.emulation,
             "send_timeout": config.send_timeout,
+            "meter": self.link_meter,
+            "ping_interval": config.heartbeat_interval,
         }
         self.neighbours = Neighbours(
             self.identity, lambda: self.hello, self.security, self.codec,
@@ -211,6 +217,15 @@ class MeshNode:
 
     def on_membership(self, callback: Callable[[MembershipEvent], None]) -> None:
         self._event_callbacks.append(callback)
+
+    def on_link_rtt(self, listener: RttListener) -> None:
+        """``listener(node_id, seconds)`` hears every round trip measured on a link (a websocket
+        ping every heartbeat interval, answered by the peer's link reader)."""
+        self.link_meter.listeners.append(listener)
+
+    def link_stats(self) -> dict[str, LinkStats]:
+        """Per peer ever linked: bytes sent and received on its links, the last round trip."""
+        return {n: replace(st) for n, st in self.link_meter.peers.items()}
 
     async def send(self, node_id: str, msg: Message) -> None:
         """Send to one peer, in order with earlier sends to it; waits while its queue is full.
@@ -299,12 +314,20 @@ class MeshNode:
                     "memory_budget": h.memory_budget,
                     "compute_score": h.compute_score,
                     "api_port": h.api_port,
+                    **self._link_json(h.node_id),
                 }
                 for h in sorted(self.membership.members.values(), key=lambda h: h.node_id)
             ],
         }
 
     # --- internals -------------------------------------------------------------------------------
+
+    def _link_json(self, node_id: str) -> dict[str, Any]:
+        st = self.link_meter.peers.get(node_id) or LinkStats()
+        return {
+            "rtt_ms": round(st.rtt * 1e3, 3) if st.rtt is not None else None,
+            "link_bytes": {"sent": st.bytes_sent, "received": st.bytes_received},
+        }
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)

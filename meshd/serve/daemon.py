@@ -210,6 +210,10 @@ class Daemon:
         self.guard = RestGuard(guard_settings(cfg))
         app = create_app(rt, api_key=cfg.api_key, max_body_bytes=cfg.max_body_bytes, guard=self.guard, card=card)
         self.metrics = app[METRICS]
+        node.on_link_rtt(self.metrics.observe_rtt)  # round trips and bytes measured on the mesh links themselves
+        self.metrics.link_bytes = lambda: {
+            peer: {"sent": st.bytes_sent, "received": st.bytes_received} for peer, st in node.link_stats().items()
+        }
         node.attach(app)
         rt.mesh_status = self._mesh_status
         access = logging.getLogger("meshd.access") if cfg.access_log else None

@@ -7,8 +7,10 @@ as in tests, never share counts). What it measures itself:
   (each later chunk's gap from the previous one, divided by the tokens it carries, observed once per
   token: speculative decoding delivers several tokens at once), end-to-end latency; prompt and
   generated tokens; draft rows sent through the target for verification and draft rows accepted;
-- per peer: the round trip of this daemon's probe of the peer's API port (the port its mesh link
-  uses; ``meshd.serve.page`` probes), and the hidden-state bytes carried to and from it;
+- per peer, measured on the authenticated mesh link itself (``peers.link``): its round trip (a
+  websocket ping every heartbeat interval, answered by the peer's link reader), every byte the link
+  carried each way (``meshd_peer_link_bytes``, read from the mesh node at scrape time), and of
+  those the hidden-state payloads (``meshd_peer_activation_bytes``);
 - build info and the process (CPU, memory, open files; Linux) and Python platform collectors.
 
 What the runtime and the API count already (``Engine.metrics()``, a flat dict of plain numbers or
@@ -38,7 +40,7 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
-from prometheus_client.metrics_core import Metric
+from prometheus_client.metrics_core import CounterMetricFamily, Metric
 
 from meshd import __version__
 
@@ -106,7 +108,8 @@ class Metrics:
         self.accepted_rows = Counter("meshd_accepted_rows", "Draft rows the target accepted.", registry=r)
         self.peer_rtt = Histogram(
             "meshd_peer_rtt_seconds",
-            "Round trip of an HTTP probe to a peer's API port, the port its mesh link uses.",
+            "Round trip of a websocket ping on the authenticated mesh link to a peer, answered by the peer's "
+            "link reader (network latency plus how long that reader was busy).",
             ["peer"],
             buckets=RTT_BUCKETS,
             registry=r,
@@ -122,6 +125,9 @@ class Metrics:
         PlatformCollector(registry=r)
         self._scrape: Mapping[str, Any] = {}
         r.register(_FlatCollector(lambda: self._scrape))
+        # peer -> {"sent": bytes, "received": bytes} on its mesh links; the daemon sets it to read its mesh node
+        self.link_bytes: Callable[[], Mapping[str, Mapping[str, int]]] = dict
+        r.register(_LinkBytesCollector(lambda: self.link_bytes()))
 
     def observe_rtt(self, peer: str, seconds: float) -> None:
         self.peer_rtt.labels(peer=peer).observe(seconds)
@@ -221,6 +227,27 @@ def _number(v: Any) -> float | None:
     if isinstance(v, (bool, int, float)):
         return float(v)
     return None
+
+
+class _LinkBytesCollector:
+    """``meshd_peer_link_bytes_total{peer, direction}``: counters kept by the mesh links, read at each scrape."""
+
+    def __init__(self, source: Callable[[], Mapping[str, Mapping[str, int]]]):
+        self.source = source
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "meshd_peer_link_bytes",
+            "Bytes of every frame on the mesh link with a peer (sealed websocket messages: hidden states, "
+            "token ids and control), by direction.",
+            labels=["peer", "direction"],
+        )
+        for peer, counts in sorted(self.source().items()):
+            for direction in ("sent", "received"):
+                value = _number(counts.get(direction))
+                if value is not None:
+                    family.add_metric([str(peer), direction], value)
+        yield family
 
 
 class _FlatCollector:

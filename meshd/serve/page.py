@@ -7,9 +7,9 @@ this daemon and from every other peer of the ring (their own ``/mesh``, fetched 
 port, which the mesh links share), plus the figures only differences between two snapshots give:
 each stage's busy fraction over the last interval and the mesh's tokens per second.
 
-Fetching a peer's ``/mesh`` is also this daemon's probe of that peer: its round trip is reported
-to ``on_rtt`` (the ``meshd_peer_rtt_seconds`` histogram), every ``idle_interval`` seconds when
-nobody watches the page. The page's chat box speaks the daemon's own ``/v1/chat/completions``.
+Each peer's link health (round trip, bytes each way) is what this daemon's mesh link to it
+measured (``peers.link``), as its own ``/mesh`` lists it; nothing is probed for the page. The
+page's chat box speaks the daemon's own ``/v1/chat/completions``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,27 +44,16 @@ CSP = (
 PEER_TIMEOUT_S = 2.0
 RECENT = 8  # finished requests the page lists
 
-RttObserver = Callable[[str, float], None]
-
 
 class MeshFeed:
     """Snapshots of the whole ring for ``/events``, refreshed in the background.
 
     One refresh loop per daemon, however many pages are open: every ``interval`` seconds while
-    at least one page watches, every ``idle_interval`` seconds otherwise (then only to probe
-    the peers' round trip).
+    at least one page watches; while none does, it waits for the first one (and fetches nothing).
     """
 
-    def __init__(
-        self,
-        engine: Engine,
-        *,
-        api_key: str | None = None,
-        interval: float = 1.0,
-        idle_interval: float = 10.0,
-        on_rtt: RttObserver | None = None,
-    ):
-        self.engine, self.interval, self.idle_interval, self.on_rtt = engine, interval, idle_interval, on_rtt
+    def __init__(self, engine: Engine, *, api_key: str | None = None, interval: float = 1.0):
+        self.engine, self.interval = engine, interval
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.viewers = 0
         self.latest: dict[str, Any] | None = None
@@ -111,9 +99,8 @@ class MeshFeed:
                 await self.refresh()
             except Exception:  # the page must not take the daemon down; say why and try again
                 log.exception("live page: building a mesh snapshot failed")
-            pace = self.interval if self.viewers else self.idle_interval
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), pace)
+                await asyncio.wait_for(self._wake.wait(), self.interval if self.viewers else None)
             self._wake.clear()
 
     def _publish(self, snap: dict[str, Any]) -> None:
@@ -129,7 +116,7 @@ class MeshFeed:
         others = sorted(({s.get("node_id") for s in plan.get("stages") or []} | set(peers)) - {me, None})
         fetched = await asyncio.gather(*(self._fetch(nid, peers.get(nid)) for nid in others))
         now = time.monotonic()
-        nodes = {me: self._node(me, local, now, {"link": "self", "rtt_ms": None, "address": None})}
+        nodes = {me: self._node(me, local, now, {"link": "self", "rtt_ms": None, "link_bytes": None, "address": None})}
         for nid, (status, link) in zip(others, fetched):
             nodes[nid] = self._node(nid, status, now, link, peers.get(nid))
         requests = [r for n in nodes.values() for r in n.pop("requests")]
@@ -154,19 +141,21 @@ class MeshFeed:
         return snap
 
     async def _fetch(self, node_id: str, peer: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
-        """A peer's ``/mesh`` and the health of the way to it (``link``: up / no link / unreachable)."""
-        address = (peer or {}).get("address")
-        link: dict[str, Any] = {"address": address, "rtt_ms": None, "link": "up" if address else "no link"}
+        """A peer's ``/mesh`` and the health of the mesh link to it (``link``: up / no link / unreachable;
+        its round trip and bytes as this daemon's link measured them)."""
+        peer = peer or {}
+        address = peer.get("address")
+        link: dict[str, Any] = {
+            "address": address,
+            "rtt_ms": peer.get("rtt_ms"),
+            "link_bytes": peer.get("link_bytes"),
+            "link": "up" if address else "no link",
+        }
         if not address or self._session is None:
             return {}, link
-        t0 = time.perf_counter()
         try:
             async with self._session.get(f"http://{address}/mesh", headers=self.headers) as resp:
                 body = await resp.json(content_type=None) if resp.status == 200 else {}
-                rtt = time.perf_counter() - t0
-                link["rtt_ms"] = round(rtt * 1e3, 2)
-                if self.on_rtt is not None:
-                    self.on_rtt(node_id, rtt)
                 if resp.status != 200:
                     link["error"] = f"its /mesh answered {resp.status}" + (
                         " (it has another API key)" if resp.status == 401 else ""
@@ -218,7 +207,8 @@ class MeshFeed:
 
     def watch(self) -> None:
         self.viewers += 1
-        if self.viewers == 1:
+        if self.viewers == 1:  # nothing was refreshed while nobody watched: the first page waits for a fresh one
+            self.latest = None
             self._wake.set()
 
     def unwatch(self) -> None:
@@ -234,10 +224,9 @@ def add_page_routes(
     *,
     api_key: str | None = None,
     interval: float = 1.0,
-    on_rtt: RttObserver | None = None,
 ) -> None:
     """``GET /`` (the page), ``GET /static/{name}`` (its script and style) and ``GET /events``."""
-    feed = MeshFeed(engine, api_key=api_key, interval=interval, on_rtt=on_rtt)
+    feed = MeshFeed(engine, api_key=api_key, interval=interval)
     app[FEED] = feed
     app.on_startup.append(feed.start)
     app.on_shutdown.append(feed.shutdown)

@@ -91,8 +91,8 @@ def test_flat_engine_numbers_survive_odd_input():
 
 @pytest.mark.slow
 async def test_three_daemons_metrics_after_a_load_run(tmp_path):
-    """After requests through a real ring: sane latencies, drafting counted, the peers probed and their
-    links' bytes counted."""
+    """After requests through a real ring: sane latencies, drafting counted, each peer's link round trip
+    and bytes measured on the mesh link itself."""
     with LoopbackMesh(tmp_path, 3) as mesh:
         said: list[str] = []  # what `meshd bench` and `meshd demo` print while the daemons start
         await asyncio.to_thread(mesh.wait_plan, [0, 1, 2], 3, 180, said.append)
@@ -106,9 +106,10 @@ async def test_three_daemons_metrics_after_a_load_run(tmp_path):
             code, reply = await asyncio.to_thread(http, "POST", url + "/v1/chat/completions", body | {"mode": mode})
             assert code == 200, reply
             generated += reply["usage"]["completion_tokens"]
-        await asyncio.sleep(11)  # the page feed probes peers every 10 s when nobody watches
         m = await _scrape(url)
         every = [await _scrape(mesh.url(i)) for i in range(3)]
+        views = [(await asyncio.to_thread(http, "GET", mesh.url(i) + "/mesh"))[1] for i in range(3)]
+    ids = [v["node_id"] for v in views]
     for name in ("time_to_first_token_seconds", "inter_token_latency_seconds", "request_duration_seconds"):
         fam = f"meshd_{name}"
         count = _value(m, fam, fam + "_count")
@@ -118,11 +119,30 @@ async def test_three_daemons_metrics_after_a_load_run(tmp_path):
     drafts = _value(m, "meshd_draft_rows", "meshd_draft_rows_total")
     accepted = _value(m, "meshd_accepted_rows", "meshd_accepted_rows_total")
     assert 0 < accepted < drafts, (accepted, drafts)
-    peers = {s.labels["peer"] for s in m["meshd_peer_rtt_seconds"].samples}
-    assert len(peers) == 2
-    for s in m["meshd_peer_rtt_seconds"].samples:
-        if s.name.endswith("_count"):
-            assert s.value >= 1
+    # Round trips measured on the mesh links (a websocket ping every heartbeat), per peer, in /metrics and /mesh.
+    for i, fams in enumerate(every):
+        others = set(ids) - {ids[i]}
+        rtt = fams["meshd_peer_rtt_seconds"].samples
+        counts = {s.labels["peer"]: s.value for s in rtt if s.name.endswith("_count")}
+        sums = {s.labels["peer"]: s.value for s in rtt if s.name.endswith("_sum")}
+        assert set(counts) == others and all(n >= 2 for n in counts.values()), counts
+        assert all(0 < sums[p] / counts[p] < 1.0 for p in others), (sums, counts)  # loopback: well under a second
+        listed = {p["node_id"]: p for p in views[i]["peers"]}
+        assert set(listed) == others, listed
+        assert all(0 < listed[p]["rtt_ms"] < 1000 for p in others), {p: listed[p]["rtt_ms"] for p in others}
+        # Every frame's bytes on each link, both ways; the hidden states are part of them.
+        link = {
+            (s.labels["peer"], s.labels["direction"]): s.value
+            for s in fams["meshd_peer_link_bytes"].samples
+            if s.name.endswith("_total")
+        }
+        assert {p for p, _ in link} == others and all(v > 0 for v in link.values()), link
+        hidden = fams.get("meshd_peer_activation_bytes")
+        for s in hidden.samples if hidden else []:
+            if s.name.endswith("_total"):
+                assert s.value <= link[(s.labels["peer"], s.labels["direction"])], (s, link)
+        for p in others:
+            assert listed[p]["link_bytes"]["sent"] >= link[(p, "sent")] > 0  # /mesh was read after the scrape
 
     # Which stage daemon 1 holds depends on the plan (the last stage sends only token ids onward), so
     # the hidden-state bytes are checked over the whole mesh: every byte one daemon counts as sent,

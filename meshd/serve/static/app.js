@@ -123,7 +123,11 @@ function renderRing(snap) {
     const st = s.stage || {};
     const busy = typeof st.busy === "number" ? st.busy : st.utilisation;
     const me = s.node_id === snap.node_id;
-    const link = me ? "this daemon" : s.link === "up" ? "link up" + (s.rtt_ms != null ? ", " + num(s.rtt_ms, 1) + " ms" : "") : s.link || "?";
+    // round trip and bytes as this daemon's mesh link to the peer measured them
+    const lb = s.link_bytes;
+    const link = me ? "this daemon" : s.link === "up"
+      ? "link up" + (s.rtt_ms != null ? ", rtt " + num(s.rtt_ms, 2) + " ms" : "") + (lb ? ", " + bytes(lb.sent) + " out / " + bytes(lb.received) + " in" : "")
+      : s.link || "?";
     const linkClass = me || s.link === "up" ? (s.error ? "warn" : "ok") : "bad";
     const colour = COLOURS[i % COLOURS.length];
     const card = el("div", { class: "stage" + (me ? " me" : ""), "data-node": s.node_id, style: "border-top-color:" + colour },
