@@ -24,10 +24,12 @@ from meshd.lab.sim.simulation import (
     simulation_table,
     summarize_traces,
 )
+from meshd.serve.loading import load_layers
 from models.drafters import drafter_factory
 from models.eagle import default_drafter
+from models.ranges import LayerRange
 from models.source import ModelSource
-from models.stage import Stage, parse_dtype
+from models.stage import parse_dtype
 from models.text import encode_messages, stop_ids
 from training.prompts import load_questions
 
@@ -48,7 +50,10 @@ class _Env:
 
     def __init__(self, model: str, dtype: str):
         self.source = ModelSource.resolve(model)
-        self.full = Stage.load(self.source, dtype=dtype)
+        n, what = self.source.config.n_layers, f"loading {self.source.path.name}"
+        progress_printer(f"{what}: {n} layers and the vocabulary ends (dtype {dtype}) ...")
+        self.full = load_layers(self.source, LayerRange.whole(n), dtype, None, what, vocab=True, say=progress_printer)
+        progress_printer("loading the tokenizer ...")
         self.tokenizer = self.source.load_tokenizer()
         self.eos = stop_ids(self.tokenizer, self.full.cfg)
         self._factories: dict[str, Callable] = {}
