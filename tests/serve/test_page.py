@@ -215,6 +215,17 @@ async def test_page_in_headless_chromium_against_three_daemons(mesh3_page, tmp_p
             layers = await b.js("[...document.querySelectorAll('#ring .stage .layers')].map(e => e.textContent)")
             assert layers == ["layers 0–9 (10)", "layers 10–19 (10)", "layers 20–29 (10)"]
             assert await b.js("document.getElementById('state').textContent") == "serving"
+            # each other stage's mesh link, as this daemon's link measured it: round trip and bytes each way
+            links = await b.until(
+                "(() => { const t = [...document.querySelectorAll('#ring .stage .link')].map(e => e.textContent);"
+                " return t.filter(x => /rtt [0-9.]+ ms/.test(x)).length === 2 && t; })()",
+                30,
+                "two links' round trips",
+            )
+            size = r"[\d.]+ (B|KiB|MiB)"
+            shape = rf"link up, rtt [\d.]+ ms, {size} out / {size} in"
+            assert sorted(bool(re.fullmatch(shape, x)) for x in links) == [False, True, True], links
+            assert "this daemon" in links
 
             # a live figure: a long request from another peer moves the throughput line and the table
             assert float(await b.js("document.getElementById('throughput').dataset.peak") or 0) == 0
