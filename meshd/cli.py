@@ -749,9 +749,16 @@ def _add_client_commands(sub: argparse._SubParsersAction) -> None:
     st.set_defaults(func=cmd_status)
 
 
+# Commands that load a model in this process: they say so before their imports (torch, the model code),
+# which take seconds of their own on a small or busy device; their own progress lines follow.
+LOADS_A_MODEL = ("generate", "profile", "bench", "simulate")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logs.configure(max(logging.DEBUG, logging.WARNING - 10 * args.verbose))
+    if args.command in LOADS_A_MODEL:
+        print(f"meshd {args.command}: starting (model {args.model}) ...", file=sys.stderr, flush=True)
     try:
         return args.func(args)
     except (ModelError, ValueError) as e:

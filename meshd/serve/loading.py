@@ -31,7 +31,8 @@ from models.weights import TensorReader
 log = logging.getLogger("meshd")
 LAYER_TENSOR = re.compile(r"model\.layers\.(\d+)\.")
 PROGRESS_EVERY_S = 2.0  # at most one line per loaded layer this often
-TICK_EVERY_S = 5.0  # a step without steps of its own (a measurement, one benchmark run) says it still runs this often
+TICK_EVERY_S = 5.0  # a step without steps of its own (a measurement, one benchmark run) says it still runs this often,
+TICK_MAX_S = 60.0  # then, as it goes on, less often, but at least this often
 
 Say = Callable[[str], None]
 
@@ -115,9 +116,11 @@ def load_layers(
 
 
 class Ticker:
-    """While a blocking step runs, say ``what (N s)`` every ``every`` seconds from a helper thread, so
-    a step that reports nothing itself (a measurement, one benchmark request) is never silent.
-    Says nothing if the step ends within ``every`` seconds."""
+    """While a blocking step runs, say ``what (N s)`` from a helper thread, so a step that reports
+    nothing itself (a measurement, one benchmark request) is never silent: after ``every`` seconds,
+    then every ``every`` seconds or a quarter of the time so far, whichever is longer (a step of
+    minutes says so without a line every few seconds), at most every ``TICK_MAX_S``. Says nothing
+    if the step ends within ``every`` seconds."""
 
     def __init__(self, say: Say, what: str, every: float | None = None, *, start: bool = True):
         self.say, self.what, self.autostart = say, what, start
@@ -131,8 +134,11 @@ class Ticker:
         t0 = time.monotonic()
 
         def tick() -> None:
-            while not self._stop.wait(self.every):
-                self.say(f"{self.what} ({time.monotonic() - t0:.0f} s)")
+            wait = self.every
+            while not self._stop.wait(wait):
+                elapsed = time.monotonic() - t0
+                self.say(f"{self.what} ({elapsed:.0f} s)")
+                wait = min(max(self.every, elapsed / 4), max(self.every, TICK_MAX_S))
 
         self._thread = threading.Thread(target=tick, name="meshd-progress", daemon=True)
         self._thread.start()

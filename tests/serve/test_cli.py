@@ -52,6 +52,7 @@ def test_profile_says_what_it_loads_and_measures_on_stderr(tiny_dir, capsys, mon
     out, err = capsys.readouterr()
     assert json.loads(out)["layers"] == [1, 3]  # stdout stays the answer
     lines = err.splitlines()
+    assert lines.pop(0) == f"meshd profile: starting (model {tiny_dir}) ..."  # said before torch is imported
     what = f"loading layers [1, 3) of {tiny_dir.name} (fp32)"
     assert lines[0] == f"{what} ..."  # said before the first tensor is read
     assert [re.sub(r" \(\d+ s\)$", "", x) for x in lines[1:3]] == [f"{what}: layer {i} of 2" for i in (1, 2)]
@@ -61,10 +62,11 @@ def test_profile_says_what_it_loads_and_measures_on_stderr(tiny_dir, capsys, mon
 
 def test_a_ticker_speaks_while_a_step_runs_and_stops_with_it():
     said: list[str] = []
-    with Ticker(said.append, "measuring", every=0.05):
-        time.sleep(0.4)
+    with Ticker(said.append, "measuring", every=0.02):
+        time.sleep(1.0)
     n = len(said)
     assert n >= 2 and all(re.fullmatch(r"measuring \(\d+ s\)", s) for s in said), said
+    assert n < 30, n  # at a fixed 0.02 s, 50 lines: the gaps grow with the time so far
     time.sleep(0.2)
     with Ticker(said.append, "a quick step", every=5.0):
         pass
@@ -100,6 +102,7 @@ def test_generate_json_fields_and_spec_equals_ar(embedded, embedded_tokenizer, c
         out, err = capsys.readouterr()
         runs[mode] = json.loads(out.strip().splitlines()[-1])
         said = err.splitlines()  # while the model loads: what, how far, done; then the tokenizer
+        assert said.pop(0) == "meshd generate: starting (model default) ..."  # before torch is imported
         assert said[0].startswith("loading SmolLM2-135M-Instruct") and said[0].endswith(" ...")
         layers = [x for x in said if re.search(r": layer \d+ of 30 \(", x)]
         assert len(layers) == 30 and "layer 30 of 30" in layers[-1]
