@@ -489,11 +489,15 @@ class Link:
             n += 1
             payload = n.to_bytes(8, "big")
             self._ping = (payload, time.perf_counter())  # not loop.time(): uvloop's ticks in whole milliseconds
-            await self.ws.ping(payload)
+            try:
+                await self.ws.ping(payload)
+            except ConnectionError:
+                return  # the link is going; its reader sees the end and closes it
 
     async def _on_ping_or_pong(self, kind: WSMsgType, data: bytes) -> None:
         if kind == WSMsgType.PING:
-            await self.ws.pong(data)
+            with contextlib.suppress(ConnectionError):  # a link that is going: its reader sees the end next
+                await self.ws.pong(data)
         elif self._ping is not None and data == self._ping[0]:
             rtt = time.perf_counter() - self._ping[1]
             self._ping = None
