@@ -154,9 +154,10 @@ class Daemon:
         log.info("loading %s (embeddings, final norm, LM head; weights %s, %s)", cfg.model, weights, dtype)
         notify.status("loading the model")
         source = ModelSource.resolve(cfg.model)
-        t0 = time.monotonic()
-        vocab = await asyncio.to_thread(Stage.load, source, LayerRange(0, 0), vocab=True, dtype=dtype, weights=weights)
-        log.info("loaded the vocabulary ends in %.1f s; loading the tokenizer", time.monotonic() - t0)
+        vocab = await asyncio.to_thread(
+            load_layers, source, LayerRange(0, 0), dtype, weights, "loading the model", vocab=True
+        )  # says every 2 s that it still reads them (a big vocabulary on an SD card takes a while)
+        log.info("loading the tokenizer")
         notify.status("loading the tokenizer")
         tokenizer = await asyncio.to_thread(source.load_tokenizer)
         factory = await asyncio.to_thread(drafter_factory, cfg.drafter, vocab, source=source)

@@ -110,8 +110,8 @@ def load_layers(
     with Ticker(say, f"{what}: the vocabulary ends", max(PROGRESS_EVERY_S, 0.05), start=False) as vocab_tick:
         reader = ProgressReader(source, on_layer=on_layer, on_other=vocab_tick.start)
         stage = Stage.load(source, span, vocab=vocab, dtype=dtype, weights=weights, reader=reader)
-    ends = " and the vocabulary ends" if vocab else ""
-    say(f"{what}: {span.n_layers} layers{ends} in {time.monotonic() - t0:.1f} s")
+    parts = ([f"{span.n_layers} layers"] if span.n_layers else []) + (["the vocabulary ends"] if vocab else [])
+    say(f"{what}: {' and '.join(parts) or 'nothing'} in {time.monotonic() - t0:.1f} s")
     return stage
 
 

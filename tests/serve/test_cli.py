@@ -10,7 +10,9 @@ import pytest
 from support import assert_matches_greedy, greedy_reference
 
 from meshd import cli
-from meshd.serve.loading import Ticker
+from meshd.serve.loading import Ticker, load_layers
+from models.ranges import LayerRange
+from models.source import ModelSource
 from models.text import encode_prompt, stop_ids
 
 SIZES = ["1", "2", "4", "8", "16", "32", "64"]
@@ -58,6 +60,14 @@ def test_profile_says_what_it_loads_and_measures_on_stderr(tiny_dir, capsys, mon
     assert [re.sub(r" \(\d+ s\)$", "", x) for x in lines[1:3]] == [f"{what}: layer {i} of 2" for i in (1, 2)]
     assert re.fullmatch(re.escape(what) + r": 2 layers in [\d.]+ s", lines[3])
     assert lines[4] == "measuring fp32 layers [1, 3) ..."
+
+
+def test_the_daemon_loads_its_vocabulary_ends_through_the_same_progress(tiny_dir):
+    said: list[str] = []
+    src = ModelSource.resolve(tiny_dir)
+    stage = load_layers(src, LayerRange(0, 0), "fp32", None, "loading the model", vocab=True, say=said.append)
+    assert stage.has_vocab and stage.n_layers == 0
+    assert len(said) == 1 and re.fullmatch(r"loading the model: the vocabulary ends in [\d.]+ s", said[0]), said
 
 
 def test_a_ticker_speaks_while_a_step_runs_and_stops_with_it():
