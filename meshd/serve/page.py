@@ -207,8 +207,9 @@ class MeshFeed:
 
     def watch(self) -> None:
         self.viewers += 1
-        if self.viewers == 1:  # nothing was refreshed while nobody watched: the first page waits for a fresh one
-            self.latest = None
+        if self.viewers == 1:  # nothing was refreshed while nobody watched: the first page waits for a fresh one,
+            self.latest = None  # and rates start from it, not from the last reading of long ago
+            self._busy, self._tokens = {}, None
             self._wake.set()
 
     def unwatch(self) -> None:

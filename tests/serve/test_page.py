@@ -28,7 +28,7 @@ from support import serve
 
 from meshd.lab.testbed import LoopbackMesh, http
 from meshd.serve.api import create_app
-from meshd.serve.page import STATIC_DIR
+from meshd.serve.page import STATIC_DIR, MeshFeed
 
 CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser")) if p), None)
 
@@ -292,3 +292,28 @@ async def test_page_in_headless_chromium_against_three_daemons(mesh3_page, tmp_p
             assert any(u == origin + "/events" for u in b.requests)
             errors = [c for c in b.console if c.startswith("exception")]
             assert not errors, errors
+
+
+async def test_the_feed_fetches_nothing_while_nobody_watches_and_a_first_page_gets_a_fresh_snapshot():
+    class Engine:
+        calls = 0
+
+        def status(self) -> dict:
+            Engine.calls += 1
+            return {"node_id": "me", "metrics": {"tokens_total": 10 * Engine.calls}}
+
+    feed = MeshFeed(Engine(), interval=0.02)
+    await feed.start()
+    try:
+        await asyncio.sleep(0.3)  # fifteen intervals: with nobody watching, only the start-up snapshot
+        assert Engine.calls == 1
+        stale = feed.latest
+        feed.watch()
+        first = await asyncio.wait_for(feed.next(None), 5)
+        assert first is not stale and Engine.calls == 2
+        assert first["tokens_per_s"] is None  # a rate needs two readings of this watch, not one from long ago
+        second = await asyncio.wait_for(feed.next(first), 5)
+        assert second["tokens_per_s"] is not None and second["tokens_per_s"] > 0
+        feed.unwatch()
+    finally:
+        await feed.close()
