@@ -6,16 +6,17 @@ why, and a hello cannot claim a third kind. Two daemons that both have it still 
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from hostile_peers import CODEC, SECRET, hello, until
+from hostile_peers import CODEC, SECRET, Mesh, hello, until
 
 from peers.codec import Message
 from peers.hello import INSECURE_PLAINTEXT, SEALED, Hello
-from peers.link import HandshakeError, Link, LinkSecurity, accept_handshake, add_mesh_route, dial
+from peers.link import HandshakeError, Link, LinkEmulation, LinkSecurity, accept_handshake, add_mesh_route, dial
 
 PLAINTEXT = LinkSecurity(SECRET.secret, insecure_plaintext=True)
 
@@ -90,3 +91,20 @@ def test_a_hello_without_the_field_is_sealed_and_no_third_kind_is_accepted():
     assert Hello.from_wire(wire).links == SEALED  # a peer that predates the switch seals
     with pytest.raises(Exception, match=r"hello\.links"):
         Hello.from_wire({**wire, "links": "none"})
+
+
+async def test_mesh_nodes_link_only_with_nodes_that_run_the_same_links(tmp_path, caplog):
+    """Through MeshNode, as the lab's daemons set it (``LinkEmulation(insecure_plaintext=True)``)."""
+    mesh = Mesh(tmp_path)
+    plain = LinkEmulation(insecure_plaintext=True)
+    try:
+        with caplog.at_level(logging.WARNING, logger="peers.mesh"):
+            a = await mesh.start("a", emulation=plain)
+        assert "INSECURE PLAINTEXT LINKS" in caplog.text and a.hello.links == INSECURE_PLAINTEXT
+        sealed = await mesh.start("sealed", peers=[a.config.api_port])
+        b = await mesh.start("b", peers=[a.config.api_port], emulation=plain)
+        await until(lambda: b.node_id in a.peers, what="two plaintext nodes linking")
+        await asyncio.sleep(1.0)  # the sealed node keeps redialling meanwhile
+        assert sealed.node_id not in a.peers and not sealed.peers
+    finally:
+        await mesh.stop()
