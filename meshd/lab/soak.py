@@ -123,11 +123,15 @@ async def one_request(
     cancel_after = rng.randint(1, 20) if rng.random() < 0.2 else None
     async with await _within(session.post(url + "/v1/chat/completions", json=body), hang_after, "headers") as r:
         if r.status != 200:
-            payload = await _within(r.json(content_type=None), hang_after, "the error body")
-            if isinstance(payload, dict) and "error" in payload:
+            text = await _within(r.text(), hang_after, "the error body")
+            try:
+                payload = json.loads(text)
+            except ValueError:
+                payload = None
+            if isinstance(payload, dict) and isinstance(payload.get("error"), dict):
                 tally.errors[f"HTTP {r.status}: {str(payload['error'].get('message'))[:120]}"] += 1
                 return "failed_clear"
-            tally.unclear.append(f"HTTP {r.status} without error JSON: {str(payload)[:200]}")
+            tally.unclear.append(f"HTTP {r.status} without OpenAI's error JSON: {text[:200]}")
             return "failed_unclear"
         events = 0
         while True:
