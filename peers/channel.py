@@ -17,6 +17,14 @@ fresh nonces make a relay's own frames (and frames recorded on another connectio
 Frames larger than ``CHUNK_BYTES`` are split into several sealed chunks (``flag`` 1 = more follow,
 0 = last), so the websocket's own message limit stays small for every connection, authenticated or
 not, and a peer is never made to buffer more than one chunk before its tag is checked.
+
+**Insecure plaintext links, for one benchmark only.** ``insecure_plaintext=True`` keeps the same
+messages (header, sequence numbers, chunks, the same checks on receipt) but leaves out the cipher and
+its tag, so a benchmark can measure what the AEAD costs a running ring (``python -m meshd.lab.linkcost
+flow``). Such a link is readable and forgeable by anyone on the path; only the lab's daemons can turn it
+on (``python -m meshd.lab.emulate serve --insecure-plaintext-links``, never ``meshd serve``), both ends
+must have it (the hello says which, and a mismatch is refused at the handshake), and the daemon logs a
+warning at start.
 """
 
 from __future__ import annotations
@@ -42,6 +50,21 @@ _MORE, _LAST = 1, 0
 _SEQ_LIMIT = 2**64 - 1
 
 
+class _NoCipher:
+    """INSECURE, benchmarks only: the AEAD's interface with neither encryption nor authentication."""
+
+    def encrypt(self, nonce: bytes, data: memoryview, aad: bytes) -> bytes:
+        return bytes(data)
+
+    def decrypt(self, nonce: bytes, data: memoryview, aad: bytes) -> bytes:
+        return bytes(data)
+
+
+def _cipher(key: bytes, insecure_plaintext: bool) -> tuple[ChaCha20Poly1305 | _NoCipher, int]:
+    """The cipher for one direction and the length of its tag."""
+    return (_NoCipher(), 0) if insecure_plaintext else (ChaCha20Poly1305(key), TAG_BYTES)
+
+
 class IntegrityError(CodecError):
     """A sealed message that is forged, corrupted, replayed or out of order: the link must close."""
 
@@ -54,6 +77,7 @@ class SessionKeys:
 
     client_to_server: bytes
     server_to_client: bytes
+    insecure_plaintext: bool = False  # benchmarks only: same framing and sequence checks, no cipher (see above)
 
     @classmethod
     def derive(
@@ -64,17 +88,25 @@ class SessionKeys:
         client_id: str,
         server_id: str,
         transcript: bytes,
+        *,
+        insecure_plaintext: bool = False,
     ) -> SessionKeys:
         """HKDF-SHA256 over the secret; salt = both nonces; info binds both node ids and the handshake MACs."""
         info = b"|".join((KEY_LABEL, client_id.encode(), server_id.encode(), hashlib.sha256(transcript).digest()))
         okm = HKDF(algorithm=SHA256(), length=64, salt=nonce_server + nonce_client, info=info).derive(secret)
-        return cls(okm[:32], okm[32:])
+        return cls(okm[:32], okm[32:], insecure_plaintext)
 
     def for_client(self) -> tuple[Sealer, Opener]:
-        return Sealer(self.client_to_server), Opener(self.server_to_client)
+        plain = self.insecure_plaintext
+        return Sealer(self.client_to_server, insecure_plaintext=plain), Opener(
+            self.server_to_client, insecure_plaintext=plain
+        )
 
     def for_server(self) -> tuple[Sealer, Opener]:
-        return Sealer(self.server_to_client), Opener(self.client_to_server)
+        plain = self.insecure_plaintext
+        return Sealer(self.server_to_client, insecure_plaintext=plain), Opener(
+            self.client_to_server, insecure_plaintext=plain
+        )
 
 
 def _nonce(seq: bytes) -> bytes:
@@ -87,8 +119,8 @@ class Sealer:
     Sealing order is sending order: the link seals in its single writer task.
     """
 
-    def __init__(self, key: bytes, chunk_bytes: int = CHUNK_BYTES) -> None:
-        self._aead = ChaCha20Poly1305(key)
+    def __init__(self, key: bytes, chunk_bytes: int = CHUNK_BYTES, *, insecure_plaintext: bool = False) -> None:
+        self._aead, _ = _cipher(key, insecure_plaintext)
         self._chunk = chunk_bytes
         self.seq = 0
 
@@ -114,8 +146,9 @@ class Sealer:
 class Opener:
     """Opens the other direction's messages, in order, and reassembles chunked frames."""
 
-    def __init__(self, key: bytes, max_frame: int | None = None) -> None:
-        self._aead = ChaCha20Poly1305(key)
+    def __init__(self, key: bytes, max_frame: int | None = None, *, insecure_plaintext: bool = False) -> None:
+        self._aead, tag = _cipher(key, insecure_plaintext)
+        self._overhead = HEADER_BYTES + tag
         self.max_frame = max_frame
         self.seq = 0
         self._parts: list[bytes] = []
@@ -123,7 +156,7 @@ class Opener:
 
     def open(self, message: bytes) -> bytes | None:
         """The complete frame once its last chunk is in, else None; raises IntegrityError or FrameTooLarge."""
-        if len(message) < OVERHEAD:
+        if len(message) < self._overhead:
             raise IntegrityError(f"sealed message of {len(message)} bytes is shorter than its overhead")
         view = memoryview(message)
         header, seq_bytes = bytes(view[:HEADER_BYTES]), bytes(view[:SEQ_BYTES])

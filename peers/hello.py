@@ -13,7 +13,8 @@ from typing import Any
 
 from peers.codec import PROTO_VERSION, SchemaError
 
-OPTIONAL_FIELDS = {"version"}  # a peer that predates a field may leave it out ("" then: unknown)
+OPTIONAL_FIELDS = {"version", "links"}  # a peer that predates a field may leave it out (the default then)
+SEALED, INSECURE_PLAINTEXT = "sealed", "insecure-plaintext"  # how a peer runs its links (peers/channel.py)
 
 
 @functools.cache
@@ -40,6 +41,8 @@ class Hello:
     cost_curve: dict[int, float] = field(default_factory=dict)
     proto: int = PROTO_VERSION
     version: str = field(default_factory=software_version)  # informational: never decides compatibility
+    # SEALED, or INSECURE_PLAINTEXT on a benchmark's daemons; both ends of a link must agree (peers/link.py).
+    links: str = SEALED
 
     def started_before(self, other: Hello) -> bool:
         """Total order on processes: earlier start first, instance id breaks exact ties."""
@@ -64,17 +67,26 @@ class Hello:
             "cost_curve": (dict,),
             "proto": (int,),
             "version": (str,),
+            "links": (str,),
         }
         if not set(types) - OPTIONAL_FIELDS <= set(d) <= set(types):
             raise SchemaError(f"hello: fields {sorted(d)} differ from {sorted(types)}")
         for k, ts in types.items():
             if k in d and type(d[k]) not in ts:
                 raise SchemaError(f"hello.{k}: expected {'/'.join(t.__name__ for t in ts)}")
+        if d.get("links", SEALED) not in (SEALED, INSECURE_PLAINTEXT):
+            raise SchemaError(f"hello.links: expected {SEALED!r} or {INSECURE_PLAINTEXT!r}")
         curve = d["cost_curve"]
         if not all(type(k) is int and type(v) in (int, float) for k, v in curve.items()):
             raise SchemaError("hello.cost_curve: expected a map of int token counts to seconds")
         return cls(
-            **{"version": "", **d, "start_time": float(d["start_time"]), "compute_score": float(d["compute_score"])}
+            **{
+                "version": "",
+                "links": SEALED,
+                **d,
+                "start_time": float(d["start_time"]),
+                "compute_score": float(d["compute_score"]),
+            }
         )
 
 

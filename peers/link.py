@@ -54,7 +54,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from peers.channel import MAX_MESSAGE, IntegrityError, Opener, Sealer, SessionKeys
 from peers.codec import Codec, CodecError, Message
-from peers.hello import Hello, incompatibility
+from peers.hello import INSECURE_PLAINTEXT, SEALED, Hello, incompatibility
 
 log = logging.getLogger(__name__)
 
@@ -99,9 +99,20 @@ def is_loopback(host: str) -> bool:
 
 @dataclass(frozen=True)
 class LinkSecurity:
-    """The mesh secret, or None for a loopback-only mesh (tests, a single machine)."""
+    """The mesh secret, or None for a loopback-only mesh (tests, a single machine).
+
+    ``insecure_plaintext`` is for one benchmark (the AEAD's cost in a running ring): frames keep their
+    sequence numbers but are neither encrypted nor authenticated. Both ends must agree (``links`` in
+    the hello); ``meshd serve`` never sets it.
+    """
 
     secret: bytes | None = None
+    insecure_plaintext: bool = False
+
+    @property
+    def links(self) -> str:
+        """What this end's hello must say about its links."""
+        return INSECURE_PLAINTEXT if self.insecure_plaintext else SEALED
 
     def allows(self, host: str) -> bool:
         return self.secret is not None or is_loopback(host)
@@ -113,7 +124,15 @@ class LinkSecurity:
     def session_keys(
         self, nonce_s: bytes, nonce_c: bytes, client: Hello, server: Hello, mac_c: bytes, mac_s: bytes
     ) -> SessionKeys:
-        return SessionKeys.derive(self.secret or b"", nonce_s, nonce_c, client.node_id, server.node_id, mac_c + mac_s)
+        return SessionKeys.derive(
+            self.secret or b"",
+            nonce_s,
+            nonce_c,
+            client.node_id,
+            server.node_id,
+            mac_c + mac_s,
+            insecure_plaintext=self.insecure_plaintext,
+        )
 
 
 @dataclass(frozen=True)
@@ -122,6 +141,9 @@ class LinkEmulation:
 
     latency_ms: float = 0.0
     bandwidth_mbps: float = 0.0  # 0 = unlimited
+    # Links without the AEAD (sequence numbers kept), to measure what sealing costs a running ring:
+    # see LinkSecurity. INSECURE; only the lab's daemons set it.
+    insecure_plaintext: bool = False
 
     def transmit_time(self, nbytes: int) -> float:
         return nbytes * 8 / (self.bandwidth_mbps * 1e6) if self.bandwidth_mbps > 0 else 0.0
@@ -213,7 +235,7 @@ async def _refuse(ws: WebSocket, codec: Codec, exc: HandshakeError) -> None:
         )
 
 
-def _check_peer(local: Hello, raw_hello: Any) -> Hello:
+def _check_peer(local: Hello, raw_hello: Any, security: LinkSecurity) -> Hello:
     try:
         peer = Hello.from_wire(raw_hello)
     except CodecError as exc:
@@ -221,6 +243,13 @@ def _check_peer(local: Hello, raw_hello: Any) -> Hello:
     why = incompatibility(local, peer.mesh, peer.fingerprint, peer.proto)
     if why:
         raise HandshakeError(f"peer {peer.node_id} has another {why}", "incompatible")
+    if peer.links != security.links:
+        raise HandshakeError(
+            f"peer {peer.node_id} runs {peer.links} links and this daemon runs {security.links} links; "
+            f"insecure plaintext links are a benchmark switch (--insecure-plaintext-links) that every daemon "
+            f"of the mesh must have, or none",
+            "links_mismatch",
+        )
     if peer.node_id == local.node_id:
         if peer.instance == local.instance:
             raise HandshakeError("this is a link to this daemon itself", "self")
@@ -254,7 +283,7 @@ async def accept_handshake(
         expected = security.mac(b"client", nonce_s, nonce_c, auth["hello"])
         if len(nonce_c) != NONCE_BYTES or not hmac.compare_digest(mac_c, expected):
             raise HandshakeError(f"authentication failed for {remote}: wrong mesh secret or replayed handshake", "auth")
-        peer = _check_peer(local, auth["hello"])
+        peer = _check_peer(local, auth["hello"], security)
         hello = local.to_wire()
         mac_s = security.mac(b"server", nonce_c, nonce_s, hello)
         await ws.send_bytes(small.encode(Message("welcome", {"mac": mac_s, "hello": hello})))
@@ -283,7 +312,7 @@ async def dial_handshake(
         mac_s = welcome["mac"]
         if not hmac.compare_digest(mac_s, security.mac(b"server", nonce_c, nonce_s, welcome["hello"])):
             raise HandshakeError("the server failed authentication: wrong mesh secret or replayed handshake", "auth")
-        peer = _check_peer(local, welcome["hello"])
+        peer = _check_peer(local, welcome["hello"], security)
         sealer, opener = security.session_keys(nonce_s, nonce_c, local, peer, mac_c, mac_s).for_client()
         return Authenticated(peer, sealer, opener)
     except HandshakeError as exc:

@@ -128,7 +128,8 @@ class MeshNode:
         self.config, self.shape = config, shape
         self.identity = identity or Identity.load(config.state_dir)
         self.codec = Codec(registry, config.max_frame)
-        self.security = LinkSecurity(config.secret.encode() if config.secret else None)
+        plaintext = config.emulation is not None and config.emulation.insecure_plaintext
+        self.security = LinkSecurity(config.secret.encode() if config.secret else None, insecure_plaintext=plaintext)
         budget = config.memory_budget if config.memory_budget is not None else default_memory_budget()
         self.hello = Hello(
             node_id=self.identity.node_id,
@@ -140,6 +141,7 @@ class MeshNode:
             compute_score=config.compute_score,
             api_port=config.api_port,
             cost_curve=dict(cost_curve or {}),
+            links=self.security.links,
         )
         self._load_slice = load_slice
         self._handlers: dict[str, DataHandler] = {}
@@ -253,6 +255,12 @@ class MeshNode:
             log.warning(
                 "NO MESH SECRET CONFIGURED: links are unauthenticated, so only loopback peers are "
                 "accepted. Set a mesh secret (--mesh-secret) on every peer to mesh across machines."
+            )
+        if self.security.insecure_plaintext:
+            log.warning(
+                "INSECURE PLAINTEXT LINKS (a benchmark switch): frames to and from peers are neither encrypted "
+                "nor authenticated, so anyone on the network can read prompts and inject frames. Only daemons "
+                "with the same switch are accepted as peers. Never run a mesh like this outside a benchmark."
             )
         await self.neighbours.start()
         if self.config.mdns:

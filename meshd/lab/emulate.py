@@ -8,6 +8,9 @@ runs the same daemon as ``meshd serve`` with two hooks that ``meshd serve`` itse
   slower (the stage worker times the whole call, so the wait counts as busy);
 - ``--link LATENCY/BANDWIDTH``: every frame this daemon sends waits for the wire at that bandwidth,
   then for that one-way latency (``tc netem`` is not available everywhere);
+- ``--insecure-plaintext-links``: links keep their sequence numbers but drop the AEAD, to measure what
+  sealing costs a running ring (``python -m meshd.lab.linkcost flow``); INSECURE, every daemon of the
+  mesh must have it (the handshake refuses a mismatch), and the daemon logs a warning at start;
 - ``--emulate PROFILE[:xK]``: this device behaves like the simulator's device profile (a built-in name
   such as ``jetson-orin-7b`` or a profile file), slowed K times: each stage forward, LM head and draft
   call, once really computed, sleeps until the profile's time for its layers and rows has passed
@@ -27,6 +30,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -225,6 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--emulate", default=None, metavar="PROFILE[:xK]", help="behave like a device profile, K times slower"
     )
+    s.add_argument(
+        "--insecure-plaintext-links",
+        action="store_true",
+        help="BENCHMARKS ONLY, INSECURE: links without encryption or authentication (sequence numbers kept), "
+        "to measure what sealing costs; every daemon of the mesh needs it (a mismatch is refused)",
+    )
     add_arguments(s)
     return p
 
@@ -234,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         wrapper = slowdown(args.device_slowdown)
         emulation = link_emulation(args.link)
+        if args.insecure_plaintext_links:
+            emulation = replace(emulation or LinkEmulation(), insecure_plaintext=True)
         device = DeviceEmulation.parse(args.emulate) if args.emulate else None
         if device is not None and wrapper is not None:
             raise ValueError("--emulate and --device-slowdown both pace the stage: use one")

@@ -18,12 +18,17 @@ exactly what the worker will compute:
   so parents are acyclic by construction;
 - a prune never leaves a live node hanging under a dead one, and prunes only move forward;
 - a session belongs to the node that opened it: other peers cannot extend, prune or close it;
+- a segment comes the way the committed plan says: to the first stage from its originator itself, to
+  stage i from the node at stage i - 1 (:meth:`FrameGate.follow`), so a member of the mesh that is not
+  the previous stage cannot inject rows into anyone's request; and a ``Result`` reaches an originator
+  only from the last stage (:func:`check_result`);
 - a segment has at most ``max_rows`` rows (the worker's ``max_batch_rows``), and every session's
   KV together stays under :class:`Limits`.
 
 A refusal is a :class:`FrameRejected` naming the request and whom to tell. When the message came
 from the request's owner (or its relay) the request cannot go on, so ``spoils`` asks the worker to
-close the session; a message from anyone else is refused without touching the owner's session.
+close the session; a message from anyone else (another owner, a peer off the request's path) is
+refused without touching the owner's session, so no peer can fail someone else's request by naming it.
 
 No I/O and no clock here; the daemon's runtime turns a refusal into an ``error`` message to the
 originator (or fails its own client at once).
@@ -97,6 +102,13 @@ class FrameGate:
         self.cfg, self.embeds, self.max_rows, self.limits = cfg, embeds, max_rows, limits
         self.books: dict[str, _Book] = {}
         self.kv_tokens = 0  # sum of the books' costs
+        self.upstream: str | None = None  # the previous stage's node (see follow); None: not said
+
+    def follow(self, upstream: str | None) -> None:
+        """The committed plan puts node ``upstream`` right before this stage: from now on a later stage
+        takes segments from peers only when that node relays them. None: this is the first stage (its
+        segments come from their originators, checked anyway) or the driver keeps no plan (in process)."""
+        self.upstream = upstream
 
     def forget(self, request_id: str) -> None:
         """The worker closed the session (close, expiry, failure): its book goes with it."""
@@ -165,6 +177,14 @@ class FrameGate:
             # the first stage embeds tokens sent by the originator itself, never relayed
             raise FrameRejected(
                 rid, "not_owner", f"tokens from {sender} on behalf of {seg.origin}", spoils=False, tell=sender
+            )
+        if sender is not None and not self.embeds and self.upstream is not None and sender != self.upstream:
+            raise FrameRejected(
+                rid,
+                "not_upstream",
+                f"a segment relayed by {sender}, but the committed plan puts {self.upstream} before this stage",
+                spoils=False,
+                tell=sender,
             )
         if book is not None and book.owner != seg.origin:
             raise self._foreign(rid, sender, book, f"segment on behalf of {seg.origin}")
@@ -270,3 +290,20 @@ class FrameGate:
         book.committed, book.upto, book.keep = committed, p.upto, keep
         book.nodes = {x: v for x, v in book.nodes.items() if not book.dead(x)}
         self.kv_tokens += book.cost - before
+
+
+def check_result(request_id: str, sender: str | None, last_stage: str | None) -> None:
+    """An originator takes a request's ``Result`` only from the node the committed plan makes its last
+    stage: any other peer could otherwise hand it hidden states of its choosing, and the originator
+    would decode them into tokens. ``last_stage`` None: no plan (nothing is in flight; refused);
+    ``sender`` None: this device's own last stage, handing it over in process (a peer's is its
+    authenticated node id, never this device's own: the handshake refuses a duplicate id).
+
+    A refusal never spoils the request (the sender is not on its path); the sender is told.
+    """
+    if sender is None or sender == last_stage:
+        return
+    expected = "no plan is committed" if last_stage is None else f"the last stage is {last_stage}"
+    raise FrameRejected(
+        request_id, "not_last_stage", f"a result from {sender}, but {expected}", spoils=False, tell=sender
+    )

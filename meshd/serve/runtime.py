@@ -25,7 +25,7 @@ from meshd import __version__
 from meshd.ring.interpreter import Delivery, ToClient, ToEveryStage, ToStage, forward, interpret
 from meshd.ring.messages import Failure, Result, RingMessage, Segment
 from meshd.ring.scheduler import Action, CloseSessions, Emit, Originator, Request
-from meshd.ring.validate import FrameRejected, Limits
+from meshd.ring.validate import FrameRejected, Limits, check_result
 from meshd.ring.wire import as_received, link_dtype
 from meshd.ring.worker import StageWorker
 from meshd.serve.engine import GenerateParams, RuntimeUnavailable
@@ -209,12 +209,20 @@ class Runtime:
         self.worker = (
             StageWorker(stage, embed=embed, idle_timeout=self.session_timeout, limits=self.limits) if stage else None
         )
+        self._follow_ring()
+
+    def _follow_ring(self) -> None:
+        """Tell this device's stage which node the plan puts before it: only that one relays segments here."""
+        ring = self.ring
+        if self.worker is not None and ring is not None and ring.local_index is not None:
+            self.worker.gate.follow(ring.nodes[ring.local_index - 1] if ring.local_index > 0 else None)
 
     def set_ring(self, ring: Ring) -> None:
         """A committed plan: requests started under an older one cannot finish, so they fail now,
         unless every stage is where it was (the mesh only gained or lost a pure originator)."""
         old = self.ring
         self.ring = ring
+        self._follow_ring()
         if old is not None and old.epoch != ring.epoch:
             same_layout = bool(ring.layout) and ring.layout == old.layout
             for rid, epoch in list(self._ring_of.items()):
@@ -380,6 +388,13 @@ class Runtime:
         if isinstance(msg, Failure):
             self._on_failure(msg, sender)
             return
+        if isinstance(msg, Result) and sender is not None:
+            ring = self.ring
+            try:  # only the plan's last stage may hand us a request's output
+                check_result(msg.request_id, sender, (ring.nodes[-1] or self.node_id) if ring else None)
+            except FrameRejected as exc:
+                self._refused(exc)
+                return
         if len(self._inbox) >= INBOX_LIMIT and sender not in (None, self.node_id):
             # the torch thread is this far behind: new work from peers is refused, not queued without bound
             if isinstance(msg, Segment):

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import secrets
+from dataclasses import replace
 
 import pytest
 
-from peers.channel import CHUNK_BYTES, MAX_MESSAGE, OVERHEAD, IntegrityError, SessionKeys
+from peers.channel import CHUNK_BYTES, HEADER_BYTES, MAX_MESSAGE, OVERHEAD, IntegrityError, SessionKeys
 from peers.codec import FrameTooLarge
 
 
@@ -77,3 +78,40 @@ def test_a_chunked_frame_over_the_limit_is_refused_before_it_is_complete():
     assert opener.open(messages[0]) is None and opener.open(messages[1]) is None
     with pytest.raises(FrameTooLarge):
         opener.open(messages[2])
+
+
+def plain_keys() -> SessionKeys:
+    return replace(keys(), insecure_plaintext=True)
+
+
+def test_insecure_plaintext_keeps_framing_and_sequence_rules_but_drops_the_cipher():
+    sealer, _ = plain_keys().for_client()
+    _, opener = plain_keys().for_server()
+    frame = secrets.token_bytes(2 * CHUNK_BYTES + 3)
+    messages = sealer.seal(frame)
+    assert len(messages) == 3 and all(len(m) <= MAX_MESSAGE for m in messages)
+    assert sum(len(m) for m in messages) == len(frame) + HEADER_BYTES * 3  # header only, no tag
+    assert frame[:CHUNK_BYTES] in messages[0]  # readable on the wire: this is what the switch measures
+    assert [opener.open(m) for m in messages][-1] == frame
+    first, second = sealer.seal(b"one")[0], sealer.seal(b"two")[0]
+    with pytest.raises(IntegrityError, match="out of order"):
+        opener.open(second)
+    assert opener.open(first) == b"one"
+    with pytest.raises(IntegrityError, match="replayed"):
+        opener.open(first)
+    with pytest.raises(IntegrityError, match="shorter"):
+        opener.open(first[:5])
+    bad_flag = bytearray(second)
+    bad_flag[8] = 7
+    with pytest.raises(IntegrityError, match="chunk flag"):
+        opener.open(bytes(bad_flag))
+
+
+def test_a_sealed_end_refuses_plaintext_messages_and_vice_versa():
+    plain, _ = plain_keys().for_client()
+    _, sealed_opener = keys().for_server()
+    with pytest.raises(IntegrityError, match="authentication"):
+        sealed_opener.open(plain.seal(b"x" * 40)[0])
+    sealed, _ = keys().for_client()
+    _, plain_opener = plain_keys().for_server()
+    assert plain_opener.open(sealed.seal(b"secret")[0]) != b"secret"  # ciphertext and tag, not the frame
