@@ -23,6 +23,7 @@ from typing import Any
 
 from models.formats import WEIGHT_FORMATS, WEIGHTS_HELP
 from peers.codec import WIRE_ACTIVATIONS, WIRE_ACTIVATIONS_HELP
+from peers.planner import ROLES
 from peers.sizes import parse_size
 
 try:  # Python 3.11+
@@ -185,6 +186,15 @@ class Config:
             "accepts fewer tokens per round than one tree does)",
             lo=0,
             hi=64,
+        ),
+    )
+    role: str = field(
+        default="both",
+        metadata=_opt(
+            "what this device does in the mesh: both (holds layers and answers requests), stage (holds layers; "
+            "the planner counts no originator work for it) or originator (holds no layers, answers requests "
+            "through the others' stages, like FlowSpec's head device)",
+            choices=ROLES,
         ),
     )
     contexts: int = field(

@@ -12,8 +12,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from peers.codec import PROTO_VERSION, SchemaError
+from peers.planner import ROLES
 
-OPTIONAL_FIELDS = {"version"}  # a peer that predates a field may leave it out ("" then: unknown)
+# a peer that predates a field may leave it out (version "": unknown; role "both"; no originator work)
+OPTIONAL_FIELDS = {"version", "role", "origin_layers"}
 
 
 @functools.cache
@@ -40,6 +42,10 @@ class Hello:
     cost_curve: dict[int, float] = field(default_factory=dict)
     proto: int = PROTO_VERSION
     version: str = field(default_factory=software_version)  # informational: never decides compatibility
+    # both | stage | originator (peers.planner.ROLES): an originator-only peer holds no layers
+    role: str = "both"
+    # the originator's own work per round in layers of this peer's forward (the planner's discount)
+    origin_layers: float = 0.0
 
     def started_before(self, other: Hello) -> bool:
         """Total order on processes: earlier start first, instance id breaks exact ties."""
@@ -64,6 +70,8 @@ class Hello:
             "cost_curve": (dict,),
             "proto": (int,),
             "version": (str,),
+            "role": (str,),
+            "origin_layers": (int, float),
         }
         if not set(types) - OPTIONAL_FIELDS <= set(d) <= set(types):
             raise SchemaError(f"hello: fields {sorted(d)} differ from {sorted(types)}")
@@ -73,8 +81,18 @@ class Hello:
         curve = d["cost_curve"]
         if not all(type(k) is int and type(v) in (int, float) for k, v in curve.items()):
             raise SchemaError("hello.cost_curve: expected a map of int token counts to seconds")
+        if d.get("role", "both") not in ROLES:
+            raise SchemaError(f"hello.role: {d['role']!r} is not one of {', '.join(ROLES)}")
+        if not float(d.get("origin_layers", 0.0)) >= 0.0:
+            raise SchemaError("hello.origin_layers: expected a number >= 0")
         return cls(
-            **{"version": "", **d, "start_time": float(d["start_time"]), "compute_score": float(d["compute_score"])}
+            **{
+                "version": "",
+                **d,
+                "start_time": float(d["start_time"]),
+                "compute_score": float(d["compute_score"]),
+                "origin_layers": float(d.get("origin_layers", 0.0)),
+            }
         )
 
 

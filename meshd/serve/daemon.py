@@ -107,6 +107,8 @@ class DeviceHooks(Protocol):
 
     def stage(self, stage: Stage) -> Stage: ...
 
+    def curve(self, stage: Stage, measured: dict[int, float]) -> dict[int, float]: ...
+
     def vocab(self, vocab: Stage) -> Stage: ...
 
     def drafters(self, factory: Callable[[], Any] | None) -> Callable[[], Any] | None: ...
@@ -186,6 +188,7 @@ class Daemon:
             mdns=cfg.mdns,
             interface=cfg.interface,
             memory_budget=parse_size(cfg.memory) if cfg.memory else None,
+            role=cfg.role,
             emulation=self.link_emulation,
         )
         # KV is reserved for ``contexts`` whole contexts: what each stage's session cap then admits
@@ -276,7 +279,9 @@ class Daemon:
     async def _load_slice(self, plan: Plan, stage: Assignment | None) -> None:
         """Load this device's layers for a proposed plan, measure them, publish the cost curve.
 
-        The published curve is this machine's own speed, measured before ``stage_wrapper`` applies.
+        The published curve is this machine's own speed, measured before ``stage_wrapper`` applies; an
+        emulated device (``device``) publishes the profile's time instead where that is longer, since its
+        forwards take that long and originators size their segments by it.
         The slice is staged, not served: ``_install_slice`` swaps it in when the plan commits, so a
         proposal that never commits changes nothing.
         """
@@ -301,7 +306,8 @@ class Daemon:
             time.monotonic() - t0,
             ", ".join(f"{t} tokens {s * 1e3:.1f} ms" for t, s in sorted(curve.items())),
         )
-        if self.device is not None:
+        if self.device is not None:  # peers size segments by what this stage will take: the profile's time
+            curve = self.device.curve(st, curve)
             st = self.device.stage(st)
         self._staged = (plan.epoch, self.stage_wrapper(st) if self.stage_wrapper is not None else st)
         self.node.set_cost_curve(curve)
