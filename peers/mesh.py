@@ -72,6 +72,7 @@ class MeshConfig:
     memory_budget: int | None = None  # bytes; None = a share of MemAvailable
     compute_score: float = 1.0
     role: str = "both"  # peers.planner.ROLES: "originator" holds no layers
+    origin_layers: float = 0.0  # measured originator work per round, in this peer's layers (the planner's discount)
     heartbeat_interval: float = 1.0
     peer_timeout: float = 3.0
     plan_debounce: float = 1.0
@@ -137,6 +138,7 @@ class MeshNode:
             memory_budget=budget,
             compute_score=config.compute_score,
             role=config.role,
+            origin_layers=config.origin_layers,
             api_port=config.api_port,
             cost_curve=dict(cost_curve or {}),
         )

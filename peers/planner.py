@@ -118,6 +118,8 @@ def plan_layers(
     same time as the others, so its layers plus that work are what its share counts: the shares are
     cut from ``n_layers`` plus every peer's originator work, and each peer's own work is taken off its
     share. A peer left with less than half a layer holds none, if the others have room for the model.
+    This counts only in a ring where some peers serve stages alone (role ``stage``): when every peer may
+    originate, each carries the work in turn, it cancels out, and a measured figure would only add noise.
     """
     ring = sorted(peers, key=lambda p: p.node_id)
     if not ring:
@@ -139,9 +141,11 @@ def plan_layers(
     if len(capable) > shape.n_layers:  # more peers than layers: the strongest ones get the layers
         keep = sorted(capable, key=lambda p: (-weight[p.node_id], p.node_id))[: shape.n_layers]
         capable = [p for p in capable if p in keep]
-    target = _targets(capable, weight, shape.n_layers)
+    mixed = any(p.role == "stage" for p in capable)
+    load = {p.node_id: p.origin_load if mixed else 0.0 for p in capable}
+    target = _targets(capable, weight, shape.n_layers, load)
     while len(capable) > 1:  # a peer busy enough originating that its share is under half a layer holds none
-        busy = [p for p in capable if p.origin_load > 0 and target[p.node_id] < 0.5]
+        busy = [p for p in capable if load[p.node_id] > 0 and target[p.node_id] < 0.5]
         if not busy:
             break
         idle = min(busy, key=lambda p: (target[p.node_id], p.node_id))
@@ -149,7 +153,7 @@ def plan_layers(
         if sum(cap[p.node_id] for p in rest) < shape.n_layers:
             break
         capable = rest
-        target = _targets(capable, weight, shape.n_layers)
+        target = _targets(capable, weight, shape.n_layers, load)
     alloc = dict.fromkeys(target, 1)
     for _ in range(shape.n_layers - len(alloc)):
         room = [n for n in alloc if alloc[n] < cap[n]]
@@ -165,11 +169,13 @@ def plan_layers(
     return tuple(stages)
 
 
-def _targets(capable: list[PeerResources], weight: dict[str, float], n_layers: int) -> dict[str, float]:
-    """Each peer's layer share: ``n_layers`` plus all originator work, split by weight, less its own work."""
+def _targets(
+    capable: list[PeerResources], weight: dict[str, float], n_layers: int, load: dict[str, float]
+) -> dict[str, float]:
+    """Each peer's layer share: ``n_layers`` plus all originator work (``load``), split by weight, less its own."""
     total_w = sum(weight[p.node_id] for p in capable)
-    work = n_layers + sum(p.origin_load for p in capable)
-    return {p.node_id: work * weight[p.node_id] / total_w - p.origin_load for p in capable}
+    work = n_layers + sum(load[p.node_id] for p in capable)
+    return {p.node_id: work * weight[p.node_id] / total_w - load[p.node_id] for p in capable}
 
 
 def _insufficient(ring: list[PeerResources], shape: ModelShape, total_cap: int) -> InsufficientMemoryError:
