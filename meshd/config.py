@@ -179,11 +179,10 @@ class Config:
         ),
     )
     flow_slots: int = field(
-        default=1,
+        default=0,
         metadata=_opt(
-            "segments per flow request kept in flight (1, the default: one tree per round; 0: as many as the "
-            "ring's measured latency over its slowest step asks for, still experimental: on real daemons it "
-            "accepts fewer tokens per round than one tree does)",
+            "segments per flow request kept in flight (0, the default: as many as the ring's measured latency "
+            "over its slowest step asks for; 1: one tree per round, the scheduler before slots, for comparison)",
             lo=0,
             hi=64,
         ),
