@@ -496,8 +496,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--flow-slots",
         type=int,
         default=None,
-        help="daemons keep this many segments per flow request in flight (default: the daemons' own, 1: one "
-        "tree per round; 0: sized from the ring's measured latency, experimental)",
+        help="daemons keep this many segments per flow request in flight (default: the daemons' own, 0: sized "
+        "from the ring's measured latency; 1: one tree per round, the scheduler before slots)",
     )
     b.add_argument(
         "--wire-activations",

@@ -23,6 +23,7 @@ from typing import Any
 
 from models.formats import WEIGHT_FORMATS, WEIGHTS_HELP
 from peers.codec import WIRE_ACTIVATIONS, WIRE_ACTIVATIONS_HELP
+from peers.planner import ROLES
 from peers.sizes import parse_size
 
 try:  # Python 3.11+
@@ -178,13 +179,21 @@ class Config:
         ),
     )
     flow_slots: int = field(
-        default=1,
+        default=0,
         metadata=_opt(
-            "segments per flow request kept in flight (1, the default: one tree per round; 0: as many as the "
-            "ring's measured latency over its slowest step asks for, still experimental: on real daemons it "
-            "accepts fewer tokens per round than one tree does)",
+            "segments per flow request kept in flight (0, the default: as many as the ring's measured latency "
+            "over its slowest step asks for; 1: one tree per round, the scheduler before slots, for comparison)",
             lo=0,
             hi=64,
+        ),
+    )
+    role: str = field(
+        default="both",
+        metadata=_opt(
+            "what this device does in the mesh: both (holds layers and answers requests), stage (holds layers; "
+            "the planner counts no originator work for it) or originator (holds no layers, answers requests "
+            "through the others' stages, like FlowSpec's head device)",
+            choices=ROLES,
         ),
     )
     contexts: int = field(

@@ -25,7 +25,8 @@ GREEDY = Sampling()
 @dataclass
 class Stats:
     new_tokens: int = 0
-    rounds: int = 0
+    rounds: int = 0  # verification steps that emitted tokens (in flow with slots: every walk advance)
+    trees: int = 0  # verified trees: rounds from a fresh root until the walk could go no further
     accepted_drafts: int = 0  # drafted tokens the target accepted (bonus tokens not included)
     target_forwards: int = 0  # every forward of the target, prefill chunks included
     verified_nodes: int = 0
@@ -38,6 +39,12 @@ class Stats:
     def mean_accepted(self) -> float:
         """Tokens emitted per verification round, bonus included (1.0 for plain decoding)."""
         return (sum(self.per_round) / self.rounds) if self.rounds else 0.0
+
+    @property
+    def mean_per_tree(self) -> float:
+        """Tokens emitted per verified tree, bonus included: the acceptance figure that does not fall when
+        a tree's segments return (and advance the walk) one by one, as flow's slots make them."""
+        return (sum(self.per_round) / self.trees) if self.trees else 0.0
 
     @property
     def tokens_per_s(self) -> float:
@@ -126,6 +133,7 @@ def generate(
             h = target.forward_one(target.embed([out[-1]]), cache, torch.tensor([len(context) - 1]))
             stats.target_forwards += 1
             stats.rounds += 1
+            stats.trees += 1
             stats.per_round.append(1)
             reason = emit([sample_token(target.logits(h)[0], sampling, gen, history())])
             context.append(out[-1])
@@ -138,6 +146,7 @@ def generate(
         accepted, emitted, feats = verify_tree(target, cache, tree, len(context) - 1, sampling, gen, stats, history())
         budget.observe(budget.expected(tree), len(accepted) - 1)
         stats.rounds += 1
+        stats.trees += 1
         stats.accepted_drafts += len(accepted) - 1
         stats.per_round.append(len(emitted))
         reason = emit(emitted)

@@ -12,8 +12,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from peers.codec import PROTO_VERSION, SchemaError
+from peers.planner import ROLES
 
-OPTIONAL_FIELDS = {"version", "links"}  # a peer that predates a field may leave it out (the default then)
+# a peer that predates a field may leave it out (version "": unknown; links: sealed; role "both";
+# no originator work)
+OPTIONAL_FIELDS = {"version", "links", "role", "origin_layers"}
 SEALED, INSECURE_PLAINTEXT = "sealed", "insecure-plaintext"  # how a peer runs its links (peers/channel.py)
 
 
@@ -43,6 +46,10 @@ class Hello:
     version: str = field(default_factory=software_version)  # informational: never decides compatibility
     # SEALED, or INSECURE_PLAINTEXT on a benchmark's daemons; both ends of a link must agree (peers/link.py).
     links: str = SEALED
+    # both | stage | originator (peers.planner.ROLES): an originator-only peer holds no layers
+    role: str = "both"
+    # the originator's own work per round in layers of this peer's forward (the planner's discount)
+    origin_layers: float = 0.0
 
     def started_before(self, other: Hello) -> bool:
         """Total order on processes: earlier start first, instance id breaks exact ties."""
@@ -68,6 +75,8 @@ class Hello:
             "proto": (int,),
             "version": (str,),
             "links": (str,),
+            "role": (str,),
+            "origin_layers": (int, float),
         }
         if not set(types) - OPTIONAL_FIELDS <= set(d) <= set(types):
             raise SchemaError(f"hello: fields {sorted(d)} differ from {sorted(types)}")
@@ -79,6 +88,10 @@ class Hello:
         curve = d["cost_curve"]
         if not all(type(k) is int and type(v) in (int, float) for k, v in curve.items()):
             raise SchemaError("hello.cost_curve: expected a map of int token counts to seconds")
+        if d.get("role", "both") not in ROLES:
+            raise SchemaError(f"hello.role: {d['role']!r} is not one of {', '.join(ROLES)}")
+        if not float(d.get("origin_layers", 0.0)) >= 0.0:
+            raise SchemaError("hello.origin_layers: expected a number >= 0")
         return cls(
             **{
                 "version": "",
@@ -86,6 +99,7 @@ class Hello:
                 **d,
                 "start_time": float(d["start_time"]),
                 "compute_score": float(d["compute_score"]),
+                "origin_layers": float(d.get("origin_layers", 0.0)),
             }
         )
 

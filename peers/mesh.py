@@ -74,6 +74,8 @@ class MeshConfig:
     interface: str | None = None  # address of the interface mDNS may use
     memory_budget: int | None = None  # bytes; None = a share of MemAvailable
     compute_score: float = 1.0
+    role: str = "both"  # peers.planner.ROLES: "originator" holds no layers
+    origin_layers: float = 0.0  # measured originator work per round, in this peer's layers (the planner's discount)
     heartbeat_interval: float = 1.0
     peer_timeout: float = 3.0
     plan_debounce: float = 1.0
@@ -139,6 +141,8 @@ class MeshNode:
             fingerprint=config.fingerprint,
             memory_budget=budget,
             compute_score=config.compute_score,
+            role=config.role,
+            origin_layers=config.origin_layers,
             api_port=config.api_port,
             cost_curve=dict(cost_curve or {}),
             links=self.security.links,
@@ -321,6 +325,7 @@ class MeshNode:
                     "address": link.remote if (link := self.neighbours.links.get(h.node_id)) else None,
                     "memory_budget": h.memory_budget,
                     "compute_score": h.compute_score,
+                    "role": h.role,
                     "api_port": h.api_port,
                     **self._link_json(h.node_id),
                 }
@@ -344,7 +349,10 @@ class MeshNode:
 
     def _resources(self) -> dict[str, PeerResources]:
         hellos = [self.hello, *self.membership.members.values()]
-        return {h.node_id: PeerResources(h.node_id, h.memory_budget, h.compute_score) for h in hellos}
+        return {
+            h.node_id: PeerResources(h.node_id, h.memory_budget, h.compute_score, h.role, h.origin_layers)
+            for h in hellos
+        }
 
     def _members_changed(self, now: float) -> None:
         self._run(self.negotiator.set_members(self._resources(), now))
@@ -396,7 +404,7 @@ class MeshNode:
             return
         old, link.peer = link.peer, hello
         self.membership.heard(hello, time.monotonic())
-        if (old.memory_budget, old.compute_score) != (hello.memory_budget, hello.compute_score):
+        if _plan_inputs(old) != _plan_inputs(hello):
             self._members_changed(time.monotonic())
 
     async def _on_data(self, sender: str, msg: Message) -> None:
@@ -488,3 +496,8 @@ class MeshNode:
             result = cb(plan)
             if asyncio.iscoroutine(result):
                 self._spawn(result)
+
+
+def _plan_inputs(h: Hello) -> tuple:
+    """What of a peer's hello the layer split depends on: a change re-plans."""
+    return h.memory_budget, h.compute_score, h.role, h.origin_layers

@@ -51,11 +51,37 @@ class ModelShape:
         return self.bytes_per_layer + self.kv_bytes_per_token_per_layer * self.context
 
 
+ROLES = ("both", "stage", "originator")
+
+
 @dataclass(frozen=True)
 class PeerResources:
+    """What the planner knows of one peer.
+
+    ``role``: ``both`` (holds layers and originates requests), ``stage`` (holds layers, originates
+    nothing, so carries no originator work) or ``originator`` (holds no layers at all, FlowSpec's
+    head device). ``origin_layers``: the originator's own work per round (LM head, verification,
+    drafting), measured on this peer and expressed in decoder layers of its own forward time; in a
+    continuous ring that work sits on the same device as its stage, so the planner gives it that many
+    fewer layers (a peer whose whole share it exceeds keeps no layers when the others can hold them).
+    """
+
     node_id: str
     memory_budget: int
     compute_score: float = 1.0
+    role: str = "both"
+    origin_layers: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"peer {self.node_id}: role {self.role!r}; choose one of {', '.join(ROLES)}")
+        if not self.origin_layers >= 0.0:
+            raise ValueError(f"peer {self.node_id}: originator work {self.origin_layers} layers; expected >= 0")
+
+    @property
+    def origin_load(self) -> float:
+        """Layers' worth of originator work this peer's stage must make room for."""
+        return self.origin_layers if self.role == "both" else 0.0
 
 
 @dataclass(frozen=True)
@@ -71,6 +97,8 @@ class Assignment:
 
 
 def layer_capacity(peer: PeerResources, shape: ModelShape) -> int:
+    if peer.role == "originator":
+        return 0
     usable = peer.memory_budget - shape.fixed_bytes
     return max(0, usable // max(1, shape.bytes_per_stage_layer))
 
@@ -83,7 +111,15 @@ def plan_layers(
     Each peer's target share is proportional to its usable memory, scaled by
     ``(compute / mean compute) ** compute_weight``; layers are then dealt one at a time to the
     peer furthest below its target that still has room, after every capable peer got one.
-    Peers without room for a single layer get no stage and stay pure originators.
+    Peers without room for a single layer, and peers of role ``originator``, get no stage and stay
+    pure originators.
+
+    A peer that originates (``origin_load``, in layers of its own forward) should finish a round at the
+    same time as the others, so its layers plus that work are what its share counts: the shares are
+    cut from ``n_layers`` plus every peer's originator work, and each peer's own work is taken off its
+    share. A peer left with less than half a layer holds none, if the others have room for the model.
+    This counts only in a ring where some peers serve stages alone (role ``stage``): when every peer may
+    originate, each carries the work in turn, it cancels out, and a measured figure would only add noise.
     """
     ring = sorted(peers, key=lambda p: p.node_id)
     if not ring:
@@ -105,8 +141,19 @@ def plan_layers(
     if len(capable) > shape.n_layers:  # more peers than layers: the strongest ones get the layers
         keep = sorted(capable, key=lambda p: (-weight[p.node_id], p.node_id))[: shape.n_layers]
         capable = [p for p in capable if p in keep]
-    total_w = sum(weight[p.node_id] for p in capable)
-    target = {p.node_id: shape.n_layers * weight[p.node_id] / total_w for p in capable}
+    mixed = any(p.role == "stage" for p in capable)
+    load = {p.node_id: p.origin_load if mixed else 0.0 for p in capable}
+    target = _targets(capable, weight, shape.n_layers, load)
+    while len(capable) > 1:  # a peer busy enough originating that its share is under half a layer holds none
+        busy = [p for p in capable if load[p.node_id] > 0 and target[p.node_id] < 0.5]
+        if not busy:
+            break
+        idle = min(busy, key=lambda p: (target[p.node_id], p.node_id))
+        rest = [p for p in capable if p is not idle]
+        if sum(cap[p.node_id] for p in rest) < shape.n_layers:
+            break
+        capable = rest
+        target = _targets(capable, weight, shape.n_layers, load)
     alloc = dict.fromkeys(target, 1)
     for _ in range(shape.n_layers - len(alloc)):
         room = [n for n in alloc if alloc[n] < cap[n]]
@@ -120,6 +167,15 @@ def plan_layers(
         stages.append(Assignment(p.node_id, LayerRange(first, first + n)))
         first += n
     return tuple(stages)
+
+
+def _targets(
+    capable: list[PeerResources], weight: dict[str, float], n_layers: int, load: dict[str, float]
+) -> dict[str, float]:
+    """Each peer's layer share: ``n_layers`` plus all originator work (``load``), split by weight, less its own."""
+    total_w = sum(weight[p.node_id] for p in capable)
+    work = n_layers + sum(load[p.node_id] for p in capable)
+    return {p.node_id: work * weight[p.node_id] / total_w - load[p.node_id] for p in capable}
 
 
 def _insufficient(ring: list[PeerResources], shape: ModelShape, total_cap: int) -> InsufficientMemoryError:

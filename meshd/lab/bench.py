@@ -37,6 +37,7 @@ class Run:
     target_forwards: int
     seconds: float
     tokens_per_s: float
+    trees: int = 0  # verified trees (flow's rounds count every walk advance; this counts whole trees)
 
 
 EVERYDAY = Path(__file__).resolve().parent / "prompts" / "everyday.jsonl"
@@ -93,6 +94,7 @@ def run_interleaved(
                     s["target_forwards"],
                     s["seconds"],
                     s["tokens_per_s"],
+                    s.get("trees", 0),
                 )
             )
             if progress:
@@ -127,6 +129,10 @@ def summarize_runs(runs: list[Run], baseline: str) -> tuple[dict, str]:
                 "tokens_per_s": round(toks / secs, 3) if secs else 0.0,
                 "mean_accepted": round(sum(r.mean_accepted * r.rounds for r in rs) / rounds, 3) if rounds else 0.0,
                 "tokens_per_forward": round(toks / max(1, sum(r.target_forwards for r in rs)), 3),
+                # tokens per verified tree (the acceptance figure slots do not dilute; prefill's token aside)
+                "accepted_per_tree": round(sum(r.mean_accepted * r.rounds for r in rs) / trees, 3)
+                if (trees := sum(r.trees for r in rs))
+                else 0.0,
             }
     head = "| category | " + " | ".join(f"{m} tok/s | {m} acc" for m in modes)
     head += "".join(f" | {m}/{baseline}" for m in modes if m != baseline) + " |"

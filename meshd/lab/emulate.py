@@ -171,10 +171,20 @@ class DeviceEmulation:
             )
         return cls(load_profile(name), factor, spec)
 
-    def stage(self, stage: Stage) -> Stage:
+    def _stage_cost(self, stage: Stage) -> Callable[[int], float]:
         share = stage.n_layers * self.profile.n_layers / stage.cfg.n_layers
         p, k = self.profile, self.factor
-        return _ProfiledStage(stage, lambda t: k * (p.fixed(t) + share * p.layer(t)), self.stages)
+        return lambda t: k * (p.fixed(t) + share * p.layer(t))
+
+    def stage(self, stage: Stage) -> Stage:
+        return _ProfiledStage(stage, self._stage_cost(stage), self.stages)
+
+    def curve(self, stage: Stage, measured: dict[int, float]) -> dict[int, float]:
+        """The cost curve the emulated slice publishes: per size the profile's time, or the measured one
+        where the real computation is slower (an overrun). Publishing the machine's own curve instead made
+        originators size segments for a steep CPU ring whose whole emulated time looked like link latency."""
+        cost = self._stage_cost(stage)
+        return {t: max(s, cost(t)) for t, s in measured.items()}
 
     def vocab(self, vocab: Stage) -> Stage:
         return _ProfiledHead(vocab, lambda t: self.factor * self.profile.head(t), self.head)

@@ -40,7 +40,8 @@ def http(method: str, url: str, body: dict | None = None, timeout: float = 120) 
 
 
 class LoopbackMesh:
-    """``n`` daemons; ``extra`` flags go to every one (e.g. ``--link 5ms/100mbit``)."""
+    """``n`` daemons; ``extra`` flags go to every one (e.g. ``--link 5ms/100mbit``), ``extra_for[i]`` to
+    daemon ``i`` alone (e.g. ``--role originator``)."""
 
     def __init__(
         self,
@@ -52,6 +53,7 @@ class LoopbackMesh:
         dtype: str = "fp32",
         threads: int = 1,
         extra: list[str] | None = None,
+        extra_for: dict[int, list[str]] | None = None,
     ):
         self.workdir = Path(workdir)
         self.name = f"testbed-{uuid.uuid4().hex[:8]}"
@@ -82,6 +84,7 @@ class LoopbackMesh:
                 "--log-level",
                 "info",
                 *(extra or []),
+                *(extra_for or {}).get(i, []),
             ]
             if mdns:
                 cmd += ["--interface", "127.0.0.1"]

@@ -428,6 +428,8 @@ class Originator:
         lv.stats.per_round.append(len(tokens))
         lv.stats.accepted_drafts += len(tokens) - (1 if walk.done else 0)
         acts = self._emit(lv, tokens, lps)
+        if walk.done or lv.done:
+            lv.stats.trees += 1
         if lv.done:  # sessions are closed everywhere; a prune now would only resurrect them
             return acts
         feats = [lv.feats[n] for n in path_ids if n in lv.feats]

@@ -32,7 +32,7 @@ from meshd.serve.modelcard import build_card
 from meshd.serve.runtime import Ring, Runtime
 from models.budget import CostCurve
 from models.drafters import drafter_factory
-from models.profile import stage_cost_curve
+from models.profile import forward_times, stage_cost_curve
 from models.ranges import LayerRange
 from models.source import ModelSource
 from models.stage import Stage, layer_nbytes, resolve_weights
@@ -101,11 +101,17 @@ def link_seconds_per_byte(emulation: LinkEmulation | None) -> float | None:
     return emulation.transmit_time(1)
 
 
+ORIGIN_ROWS = 8  # a typical segment: the rows the originator's work is measured over
+ORIGIN_LEVELS = 3  # draft levels of a typical first segment with slots
+
+
 class DeviceHooks(Protocol):
     """A benchmark hook: this peer paces its work like another device (built by the lab, passed in by
     ``meshd serve --emulate``; the daemon never builds one itself)."""
 
     def stage(self, stage: Stage) -> Stage: ...
+
+    def curve(self, stage: Stage, measured: dict[int, float]) -> dict[int, float]: ...
 
     def vocab(self, vocab: Stage) -> Stage: ...
 
@@ -187,6 +193,10 @@ class Daemon:
             mdns=cfg.mdns,
             interface=cfg.interface,
             memory_budget=parse_size(cfg.memory) if cfg.memory else None,
+            role=cfg.role,
+            origin_layers=await asyncio.to_thread(self._origin_layers, source, vocab, factory, dtype, weights)
+            if cfg.role == "both"
+            else 0.0,
             emulation=self.link_emulation,
         )
         # KV is reserved for ``contexts`` whole contexts: what each stage's session cap then admits
@@ -277,11 +287,49 @@ class Daemon:
         if self.runner:
             await self.runner.cleanup()
 
+    def _origin_layers(
+        self, source: ModelSource, vocab: Stage, factory: Callable[[], Any] | None, dtype: str, weights: str
+    ) -> float:
+        """This device's originator work per round in decoder layers of its own forward: one LM head over
+        ``ORIGIN_ROWS`` rows plus one draft ``ORIGIN_LEVELS`` deep, over one layer's forward of as many rows,
+        all timed here as this device runs them (paced, when emulated). The planner takes it off this
+        peer's share where other peers only serve stages (peers.planner); 0.0 when it cannot be measured."""
+        try:
+            t0 = time.perf_counter()
+            h = vocab.final_norm(torch.randn(ORIGIN_ROWS, vocab.cfg.hidden_size, dtype=vocab.dtype))
+            vocab.logits(h, normed=True)
+            head = time.perf_counter() - t0
+            draft = 0.0
+            if factory is not None:
+                ids = [int(t) for t in torch.randint(0, vocab.cfg.vocab_size, (32,))]
+                d = factory()
+                d.reset(ids)
+                d.accept(ids, vocab.final_norm(torch.randn(len(ids), vocab.cfg.hidden_size, dtype=vocab.dtype)))
+                t0 = time.perf_counter()
+                d.draft(ids, top_k=8, depth=ORIGIN_LEVELS, max_nodes=64)
+                draft = time.perf_counter() - t0
+            layer = Stage.load(source, LayerRange(0, 1), dtype=dtype, weights=weights)
+            per_layer = {ORIGIN_ROWS: forward_times(layer, (ORIGIN_ROWS,), repeats=2, lm_head=False)[ORIGIN_ROWS]}
+            if self.device is not None:
+                per_layer = self.device.curve(layer, per_layer)
+            layers = (head + draft) / max(1e-9, per_layer[ORIGIN_ROWS])
+        except Exception as exc:  # a drafter that cannot draft from nothing: the split just ignores this peer's work
+            log.warning(
+                "could not measure the originator's work (%s: %s); the planner counts none", type(exc).__name__, exc
+            )
+            return 0.0
+        log.info(
+            "originator work per round: %.1f ms head + %.1f ms draft = %.1f layers", head * 1e3, draft * 1e3, layers
+        )
+        return round(layers, 1)
+
     # ---- mesh callbacks ---------------------------------------------------------------------
     async def _load_slice(self, plan: Plan, stage: Assignment | None) -> None:
         """Load this device's layers for a proposed plan, measure them, publish the cost curve.
 
-        The published curve is this machine's own speed, measured before ``stage_wrapper`` applies.
+        The published curve is this machine's own speed, measured before ``stage_wrapper`` applies; an
+        emulated device (``device``) publishes the profile's time instead where that is longer, since its
+        forwards take that long and originators size their segments by it.
         The slice is staged, not served: ``_install_slice`` swaps it in when the plan commits, so a
         proposal that never commits changes nothing.
         """
@@ -306,7 +354,8 @@ class Daemon:
             time.monotonic() - t0,
             ", ".join(f"{t} tokens {s * 1e3:.1f} ms" for t, s in sorted(curve.items())),
         )
-        if self.device is not None:
+        if self.device is not None:  # peers size segments by what this stage will take: the profile's time
+            curve = self.device.curve(st, curve)
             st = self.device.stage(st)
         self._staged = (plan.epoch, self.stage_wrapper(st) if self.stage_wrapper is not None else st)
         self.node.set_cost_curve(curve)

@@ -260,6 +260,8 @@ class Generation:
             "mode": self.mode,
             "rounds": st.rounds,
             "mean_accepted": round(st.mean_accepted, 4),
+            "trees": st.trees,
+            "accepted_per_tree": round(st.mean_per_tree, 4),
             "new_tokens": st.new_tokens,
             "seconds": round(seconds, 4),
             "tokens_per_s": round(st.new_tokens / seconds, 3) if seconds > 0 else 0.0,

@@ -157,6 +157,8 @@ class LocalModel:
             "new_tokens": st.new_tokens,
             "rounds": st.rounds,
             "mean_accepted": round(st.mean_accepted, 4),
+            "trees": st.trees,
+            "accepted_per_tree": round(st.mean_per_tree, 4),
             "target_forwards": st.target_forwards,
             "seconds": round(st.seconds, 4),
             "tokens_per_s": round(st.tokens_per_s, 3),

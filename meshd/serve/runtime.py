@@ -236,7 +236,12 @@ class Runtime:
                     )
         if self.originator is None:
             self.originator = Originator(
-                self.vocab, self.drafter_factory, ring.curves, origin=self.node_id, flow_slots=self.flow_slots
+                self.vocab,
+                self.drafter_factory,
+                ring.curves,
+                origin=self.node_id,
+                flow_slots=self.flow_slots,
+                draft_when_idle=True,  # _compute_once calls idle() whenever the torch thread has nothing queued
             )
         else:
             self.originator.set_ring(ring.curves)
@@ -500,7 +505,10 @@ class Runtime:
                     continue
                 await self._dispatch(actions)
             if not results and not outputs and not self._inbox:
-                return
+                if self.originator is None or not self.originator.idle_work():
+                    return
+                # nothing queued: deepen the pools that first segments left from (slots' fillers come from them)
+                await self._dispatch(await self._torch(self.originator.idle))
 
     def _step(self) -> tuple[list[Result], list[Segment]]:
         results = self._drain_inbox()

@@ -67,8 +67,8 @@ def test_three_daemons_every_peer_every_mode_equals_greedy(mesh3, embedded, embe
             ext = whole.model_extra["meshd"]
             assert ext["mode"] == mode and whole.usage.prompt_tokens == len(prompt)
             assert_matches_greedy(ext["token_ids"], want, gaps)
-            if mode != "ar":
-                accepted[mode].append(ext["mean_accepted"])
+            if mode != "ar":  # per verified tree: flow's slots return a tree in several steps of the walk
+                accepted[mode].append(ext["accepted_per_tree"])
             stream = client.chat.completions.create(
                 model=MODEL, messages=msgs, max_tokens=24, temperature=0, stream=True, extra_body={"mode": mode}
             )
@@ -208,5 +208,31 @@ def test_static_peers_without_mdns(tmp_path, embedded, embedded_tokenizer):
         code, body = complete(m.url(1), q, "flow", 12)
         assert code == 200, body
         assert_matches_greedy(body["meshd"]["token_ids"], want, gaps)
+    finally:
+        m.close()
+
+
+def test_originator_only_daemon_serves_through_two_stage_daemons(tmp_path, embedded, embedded_tokenizer):
+    """``--role originator`` holds no layers: the plan has the other two daemons as its stages, and a request
+    it answers runs through them, in every mode with the tokens of ``ar`` and of single-device greedy (fp32)."""
+    m = Mesh(tmp_path, 3, mdns=False, extra_for={0: ["--role", "originator"]})
+    try:
+        plan = m.wait_plan([0, 1, 2], 2, timeout=120)
+        head = m.node_id(0)
+        assert head not in [s["node_id"] for s in plan["stages"]]
+        assert [s["first_layer"] for s in plan["stages"]] == [0, 15]
+        assert m.status(0)["stage"] is None  # no layer slice loaded
+        q = prompts(1, categories=2)[1]["turns"][0]
+        prompt = chat_ids(embedded_tokenizer, q)
+        want, gaps = greedy_reference(embedded, prompt, 20, set(embedded.cfg.eos_token_ids))
+        got = {}
+        for mode in ("ar", "chunk", "flow"):
+            code, body = complete(m.url(0), q, mode, 20)
+            assert code == 200, (mode, body)
+            got[mode] = body["meshd"]["token_ids"]
+            assert_matches_greedy(got[mode], want, gaps)
+        assert got["flow"] == got["ar"] == got["chunk"]
+        stages = [m.status(i)["stage"] for i in (1, 2)]
+        assert all(s["forwards"] > 0 for s in stages), stages
     finally:
         m.close()

@@ -361,6 +361,16 @@ def test_flow_uses_the_results_of_nodes_sent_below_an_in_flight_node(target):
     assert segments(acts)[0].first and segments(acts)[0].tokens[0] == d  # the next round starts from the bonus
 
 
+def test_a_tree_returned_in_three_segments_is_three_steps_of_the_walk_but_one_verified_tree(target):
+    orig, (s_root, s_a, s_c), (_, a, _, c, d) = _chain(target)
+    stats = orig.live["r"].stats
+    for seg, says in ((s_root, a), (s_a, c), (s_c, d)):
+        orig.on_result(said(target, seg, [says]))
+    # tokens per round falls to 1.0 with slots by construction; per tree the three tokens count together
+    assert (stats.rounds, stats.trees) == (3, 1)
+    assert stats.mean_accepted == 1.0 and stats.mean_per_tree == 3.0
+
+
 def test_flow_prunes_a_segment_below_an_in_flight_node_when_its_ancestor_is_rejected(target):
     orig, (s_root, s_a, s_c), (_, a, _, c, d) = _chain(target)
     orig.on_result(said(target, s_root, [a]))

@@ -129,3 +129,48 @@ def test_format_size():
     assert format_size(150 * MiB) == "150.0 MiB"
     assert format_size(int(1.5 * GiB)) == "1.5 GiB"
     assert format_size(12) == "12 B"
+
+
+def stage_peer(node_id: str, budget: int) -> PeerResources:
+    return PeerResources(node_id, budget, role="stage")
+
+
+def test_originator_work_takes_layers_off_the_originating_peer():
+    # "a" originates, "b" and "c" only serve stages; a's head, verification and drafting cost 3 layers' time
+    # a round: 30 + 3 layers' worth of work split evenly is 11 each, so "a" keeps 11 - 3 = 8 and the others 11
+    a = PeerResources("a", GiB, origin_layers=3.0)
+    stages = plan_layers([a, stage_peer("b", GiB), stage_peer("c", GiB)], SHAPE)
+    assert layers(stages) == {"a": 8, "b": 11, "c": 11}
+    assert_contiguous(stages, 30)
+    # a stage peer's figure never counts: it does not originate
+    b = PeerResources("b", GiB, role="stage", origin_layers=3.0)
+    assert layers(plan_layers([peer("a", GiB), b, stage_peer("c", GiB)], SHAPE)) == {"a": 10, "b": 10, "c": 10}
+    # where every peer may originate the work cancels out: measured noise must not skew an even split
+    c = PeerResources("c", GiB, origin_layers=2.0)
+    assert layers(plan_layers([a, peer("b", GiB), c], SHAPE)) == {"a": 10, "b": 10, "c": 10}
+
+
+def test_originator_work_beyond_its_share_leaves_the_peer_without_layers():
+    busy = PeerResources("a", GiB, origin_layers=20.0)
+    stages = plan_layers([busy, stage_peer("b", GiB), stage_peer("c", GiB)], SHAPE)
+    assert layers(stages) == {"b": 15, "c": 15}
+    # unless the others cannot hold the model without it: then it still takes the layers they cannot
+    small = 100 * MiB + 12 * 10 * MiB  # room for 12 layers each
+    stages = plan_layers([busy, stage_peer("b", small), stage_peer("c", small)], SHAPE)
+    assert layers(stages)["a"] >= 6 and sum(layers(stages).values()) == 30
+
+
+def test_originator_role_holds_no_layers():
+    head = PeerResources("a", 8 * GiB, compute_score=4.0, role="originator")
+    stages = plan_layers([head, peer("b", GiB), peer("c", GiB)], SHAPE)
+    assert [s.node_id for s in stages] == ["b", "c"]
+    assert layers(stages) == {"b": 15, "c": 15}
+    with pytest.raises(InsufficientMemoryError):
+        plan_layers([head], SHAPE)
+
+
+def test_bad_role_or_work_is_refused_with_the_peer_named():
+    with pytest.raises(ValueError, match="peer x: role 'head'"):
+        PeerResources("x", GiB, role="head")
+    with pytest.raises(ValueError, match="peer x: originator work"):
+        PeerResources("x", GiB, origin_layers=-1.0)
