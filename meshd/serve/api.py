@@ -455,6 +455,7 @@ class _Generation:
             "tokens_per_s": round(st.new_tokens / seconds, 3) if seconds > 0 else 0.0,
             "target_forwards": st.target_forwards,
             "verified_nodes": st.verified_nodes,
+            "prefix_hit": st.prefix_hit,
             "token_ids": list(self.text.token_ids),
         }
 
