@@ -102,6 +102,7 @@ class Request:
     seed: int | None = None
     eos: frozenset[int] = frozenset()
     logprobs: int | None = None  # report each token's log-probability and this many alternatives (None: none)
+    prefix_cache: bool = True  # start after a prefix the stages kept, and ask them to keep this one's context
 
 
 @dataclass
@@ -235,7 +236,7 @@ class Originator:
         )
         self.live[req.request_id] = lv
         lv.new_ids(len(req.prompt))  # the prompt's nodes are 0..n-1, at their positions
-        if self.prefix_book is not None:
+        if self.prefix_book is not None and req.prefix_cache:
             lv.prefix = self.prefix_book.match(req.prompt, need_feats=drafter is not None)
         return self._send_prompt(lv)
 
@@ -747,7 +748,7 @@ class Originator:
         starts with it (a chat's next turn): every position whose KV they computed, ``context[:-1]``
         (the last token was sampled, never sent), in whole blocks; recorded here with its features."""
         book = self.prefix_book
-        if book is None:
+        if book is None or not lv.req.prefix_cache:
             return CloseSessions(lv.req.request_id)
         kept = lv.context[:-1]
         feats = torch.cat(lv.ctx_feats) if lv.ctx_feats else None

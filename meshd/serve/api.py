@@ -304,6 +304,7 @@ async def _complete(request: web.Request, req: CompletionRequest) -> web.StreamR
         seed=req.seed,
         mode=req.mode,
         logprobs=req.logprobs,
+        prefix_cache=req.prefix_cache,
     )
     try:
         handle = await engine.submit(prompt_ids, params)

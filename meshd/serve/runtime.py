@@ -297,6 +297,7 @@ class Runtime:
             params.seed,
             frozenset(self._stop_ids()),
             params.logprobs,
+            params.prefix_cache,
         )
         try:
             actions = await self._torch(self.originator.submit, req)
