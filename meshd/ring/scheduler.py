@@ -752,8 +752,9 @@ class Originator:
             return CloseSessions(lv.req.request_id)
         kept = lv.context[:-1]
         feats = torch.cat(lv.ctx_feats) if lv.ctx_feats else None
-        if feats is not None and feats.shape[0] != len(kept):
-            feats = None  # a gap in what came back (cannot happen on a whole run): keep the hashes only
+        # the last round may have verified nodes past an end token or the length limit: not context
+        if feats is not None and feats.shape[0] < len(kept):
+            feats = None  # a gap in what came back (not seen on a whole run): keep the hashes only
         hashes = book.record(kept, feats)
         if not hashes:
             return CloseSessions(lv.req.request_id)

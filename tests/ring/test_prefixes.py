@@ -12,7 +12,7 @@ from meshd.ring.pipeline import build_local_pipeline
 from meshd.ring.scheduler import Request
 from meshd.ring.validate import FrameRejected, Limits
 from meshd.ring.worker import StageWorker
-from models.drafters import MergedDrafter, NGramDrafter
+from models.drafters import MergedDrafter, ModelDrafter, NGramDrafter, load_drafter
 from models.eagle import EagleDrafter, EagleHead, HeadConfig
 from models.prefixcache import PREFIX_BLOCK, chain_hashes
 from models.source import ModelSource
@@ -159,3 +159,27 @@ def test_prefix_reference_checked_at_the_gate(full):
         with pytest.raises(FrameRejected) as exc:
             w.handle(seg)
         assert exc.value.code == "bad_segment"
+
+
+def test_a_turn_ending_inside_an_accepted_path_keeps_its_features(tiny_src, full):
+    """Perfect drafts accept whole paths; an end token inside one stops the answer there, and the kept
+    context (with the features a drafter needs) ends there too, so the next turn still reuses it."""
+    d = load_drafter(f"model:{tiny_src.path}", full)
+    prompt = [(5 * i) % 60 + 1 for i in range(40)]
+    probe = build_local_pipeline(tiny_src, 2, lambda: ModelDrafter(d.model), full=full)
+    probe.submit(Request("p", prompt, 20, "flow"))
+    free = probe.run()["p"].tokens
+    end = free[6]
+    pipe = build_local_pipeline(tiny_src, 2, lambda: ModelDrafter(d.model), full=full, prefix_bytes=64 * MB)
+    pipe.submit(Request("a", prompt, 20, "flow", eos=frozenset({end})))
+    a = pipe.run()["a"]
+    assert a.reason == "stop" and a.tokens == free[: free.index(end) + 1]
+    assert a.stats.accepted_drafts > 0
+    nxt = prompt + a.tokens + [2, 3]
+    m = pipe.originator.prefix_book.match(nxt, need_feats=True)
+    assert m is not None and m.length == (len(prompt) + len(a.tokens) - 1) // PREFIX_BLOCK * PREFIX_BLOCK
+    pipe.submit(Request("b", nxt, 8, "flow"))
+    b = pipe.run()["b"]
+    assert b.stats.prefix_hit == m.length
+    want, gaps = greedy_reference(full, nxt, 8, set())
+    assert_matches_greedy(b.tokens, want, gaps)
