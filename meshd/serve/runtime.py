@@ -44,6 +44,9 @@ RECENT_REQUESTS = 8  # finished requests ``status()`` keeps showing, so a short 
 INBOX_LIMIT = 4096  # ring messages waiting for the torch thread; a stage this far behind refuses peers' new work
 
 
+BOOK_SHARE = 4  # the originator's record of kept prefixes may hold a quarter of a stage's prefix bytes
+
+
 class RequestHandle:
     """What the API holds for one request: an async stream of token chunks, then the outcome."""
 
@@ -147,7 +150,9 @@ class Runtime:
         )
         self.stall_timeout = stall_timeout
         # kept prefixes: at most this many bytes at this device's stage (inside its KV reservation, which
-        # the gate's kv_tokens enforces), and the same for this originator's record of them; 0: off
+        # the gate's kv_tokens enforces), and a BOOK_SHARE-th of it for this originator's record of them
+        # (the drafter's features of those positions: a hidden-size row per token, far less than a stage's
+        # KV per token); 0: off
         self.prefix_cache_bytes = prefix_cache_bytes
         self.refusals: dict[str, int] = {}  # refused ring messages by code, for the log and /metrics
         self._heard: dict[str, float] = {}  # request id -> when the ring last answered it (or it was submitted)
@@ -250,7 +255,7 @@ class Runtime:
                 ring.curves,
                 origin=self.node_id,
                 flow_slots=self.flow_slots,
-                prefix_book=PrefixBook(self.prefix_cache_bytes) if self.prefix_cache_bytes else None,
+                prefix_book=PrefixBook(self.prefix_cache_bytes // BOOK_SHARE) if self.prefix_cache_bytes else None,
             )
         else:
             self.originator.set_ring(ring.curves)
@@ -609,6 +614,18 @@ class Runtime:
             "forwards": w.forwards,
             "shared_forwards": w.shared_forwards,
             "utilisation": round(w.busy_seconds / up, 4),
+            "prefix_cache": (
+                {
+                    "entries": len(w.prefixes),
+                    "tokens": w.prefixes.tokens,
+                    "bytes": w.prefixes.nbytes,
+                    "hits": w.prefixes.hits,
+                    "misses": w.prefixes.misses,
+                    "evictions": w.prefixes.evictions,
+                }
+                if w.prefixes is not None
+                else None
+            ),
         }
 
     def originator_stats(self) -> dict | None:
