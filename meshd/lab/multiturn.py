@@ -131,8 +131,10 @@ def run(args: argparse.Namespace) -> dict:
                 "speedup": round(ttft_off / ttft_on, 2),
             }
         )
-    later = [r[t]["on"]["stats"] for r in runs for t in range(1, args.turns)]
-    hit_requests = sum(1 for s in later if s["prefix_hit"] > 0)
+    later = [r[t]["on"] for r in runs for t in range(1, args.turns)]
+    hit_requests = sum(1 for x in later if x["stats"]["prefix_hit"] > 0)
+    reused = sum(x["stats"]["prefix_hit"] for x in later)
+    prompted = sum(x["prompt_tokens"] or 0 for x in later)
     return {
         "command": " ".join(["python -m meshd.lab.multiturn", *sys.argv[1:]]),
         "daemons": args.daemons,
@@ -143,6 +145,7 @@ def run(args: argparse.Namespace) -> dict:
         "repeats": args.repeats,
         "turns": turns,
         "hit_rate_requests": round(hit_requests / max(1, len(later)), 3),
+        "hit_rate_tokens": round(reused / max(1, prompted), 3),
         "answers_equal": not mismatches,
         "mismatches": mismatches,
         "workdir": str(work),
@@ -172,8 +175,11 @@ def main(argv: list[str] | None = None) -> int:
             f"{t['turn']:>4} {t['prompt_tokens'] or '?':>6} {t['prefix_hit']:>6} {t['ttft_off_ms']:>11} "
             f"{t['ttft_on_ms']:>10} {t['speedup']:>7}"
         )
-    rate, equal = report["hit_rate_requests"], report["answers_equal"]
-    print(f"hit rate (turns 2+): {rate:.0%} of requests; answers equal with caching on and off: {equal}")
+    rate, tokens, equal = report["hit_rate_requests"], report["hit_rate_tokens"], report["answers_equal"]
+    print(
+        f"hit rate (turns 2+): {rate:.0%} of requests, {tokens:.0%} of prompt tokens reused; "
+        f"answers equal with caching on and off: {equal}"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     return 0 if report["answers_equal"] else 1
