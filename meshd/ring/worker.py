@@ -224,8 +224,15 @@ class StageWorker:
         if len(close.keep) > limit // PREFIX_BLOCK or len(close.commit) > limit:
             return  # more than any context holds: not a request of this model; keep nothing
         committed = sess.committed.union(close.commit)
-        # committed nodes form one chain from the first prompt token; slots keep their order under prunes
-        slots = sorted(sess.slot_of[n] for n in committed if n in sess.slot_of)
+        # committed nodes form one chain from the first prompt token, and slots keep their order under
+        # prunes; the chain is checked all the same, and only its unbroken start is kept
+        chain = sorted((sess.slot_of[n], n) for n in committed if n in sess.slot_of)
+        slots, prev = [], PROMPT_PARENT
+        for slot, node in chain:
+            if sess.parent.get(node) != prev:
+                break
+            slots.append(slot)
+            prev = node
         blocks = min(len(slots), len(close.keep) * PREFIX_BLOCK) // PREFIX_BLOCK
         if blocks == 0:
             return
