@@ -86,9 +86,11 @@ def stream_turn(url: str, messages: list[dict], max_tokens: int, mode: str, cach
     return {"ttft": first, "text": "".join(text), "stats": stats, "prompt_tokens": usage.get("prompt_tokens")}
 
 
-def conversation(url: str, turns: int, max_tokens: int, mode: str) -> list[dict]:
-    """One conversation in both copies, turn by turn; per turn both copies' results."""
-    chats = {True: [{"role": "system", "content": SYSTEM}], False: [{"role": "system", "content": SYSTEM}]}
+def conversation(url: str, turns: int, max_tokens: int, mode: str, number: int = 1) -> list[dict]:
+    """One conversation in both copies, turn by turn; per turn both copies' results. Conversations of
+    another ``number`` start with another first token, so no repeat reuses an earlier one's prefixes."""
+    system = f"Conversation {number}. {SYSTEM}"
+    chats = {True: [{"role": "system", "content": system}], False: [{"role": "system", "content": system}]}
     out = []
     for t in range(turns):
         q = QUESTIONS[t % len(QUESTIONS)]
@@ -109,7 +111,7 @@ def run(args: argparse.Namespace) -> dict:
         m.wait_plan(list(range(args.daemons)), args.daemons, timeout=300, progress=print)
         url = m.url(0)
         stream_turn(url, [{"role": "user", "content": "Hello."}], 4, args.mode, False)  # warm-up
-        runs = [conversation(url, args.turns, args.max_tokens, args.mode) for _ in range(args.repeats)]
+        runs = [conversation(url, args.turns, args.max_tokens, args.mode, i + 1) for i in range(args.repeats)]
     turns = []
     mismatches = []
     for t in range(args.turns):

@@ -19,7 +19,7 @@ def test_chat_turns_reuse_prefixes_and_answer_as_without(tmp_path, embedded, emb
     with LoopbackMesh(tmp_path, 3) as m:
         m.wait_plan([0, 1, 2], 3, timeout=180)
         rows = conversation(m.url(1), 3, TOKENS, "flow")
-    msgs = [{"role": "system", "content": SYSTEM}]
+    msgs = [{"role": "system", "content": f"Conversation 1. {SYSTEM}"}]
     eos = set(embedded.cfg.eos_token_ids) | {embedded_tokenizer.eos_token_id}
     for t, row in enumerate(rows):
         on, off = row["on"], row["off"]
