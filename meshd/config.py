@@ -205,6 +205,21 @@ class Config:
             hi=4096,
         ),
     )
+    prefix_cache: bool = field(
+        default=True,
+        metadata=_opt(
+            "keep finished requests' context KV at each stage, so a request that starts with it (a chat's next "
+            "turn, a repeated system prompt) computes only the rest (--no-prefix-cache: off)"
+        ),
+    )
+    prefix_cache_size: str = field(
+        default="256MiB",
+        metadata=_opt(
+            "most memory each stage's kept prefixes may hold; they live inside the KV reserved for contexts x "
+            "max_context and give way to live requests, so they never add to it",
+            size=True,
+        ),
+    )
     sessions_per_peer: int = field(
         default=16,
         metadata=_opt("requests one peer may have open at a stage at once (a flood from one peer stops here)", lo=1),

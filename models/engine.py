@@ -34,6 +34,8 @@ class Stats:
     prefill_seconds: float = 0.0
     draft_seconds: float = 0.0
     per_round: list[int] = field(default_factory=list)
+    prefix_hit: int = 0  # prompt tokens whose KV the stages reused from a cached prefix (not computed)
+    prefix_misses: int = 0  # a stage had evicted the prefix offered: the prompt was sent again in full
 
     @property
     def mean_accepted(self) -> float:

@@ -90,3 +90,33 @@ class KVCache:
 
     def nbytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()
+
+    def bytes_per_entry(self) -> int:
+        """Keys and values of one position over all of this cache's layers."""
+        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * self.k.element_size()
+
+    @torch.inference_mode()
+    def load(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Start from a stored prefix: copy ``k, v`` (layers, heads, n, dim) into entries ``[0, n)``.
+
+        A copy, not a view: this cache then writes after them and compacts in place, while the
+        stored prefix must stay as it was for the next request that reuses it."""
+        if tuple(k.shape[:2]) != (self.n_layers, self.n_kv_heads) or k.shape[3] != self.head_dim:
+            raise ValueError(
+                f"a stored prefix of shape {tuple(k.shape)} does not fit a cache of {self.n_layers} layers, "
+                f"{self.n_kv_heads} KV heads and head dim {self.head_dim}"
+            )
+        n = k.shape[2]
+        self.length = 0
+        self.reserve(n)
+        self.k[:, :, :n] = k
+        self.v[:, :, :n] = v
+        self.length = n
+
+    @torch.inference_mode()
+    def gather(self, slots: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """New tensors holding the entries at ``slots``, in that order (what a stored prefix keeps)."""
+        idx = torch.as_tensor(slots, dtype=torch.long)
+        if idx.numel() and int(idx.max()) >= self.length:
+            raise IndexError(f"gather slot {int(idx.max())} beyond cache length {self.length}")
+        return self.k[:, :, : self.length].index_select(2, idx), self.v[:, :, : self.length].index_select(2, idx)

@@ -34,7 +34,8 @@ if TYPE_CHECKING:
 # 2: no seq in segment and result; plan stages as half-open [node, first, stop]
 # 3: frames sealed after the handshake (peers/channel.py); epochs bounded; plan_propose carries the fingerprint
 # 4: tensors may travel as dtype "q8row" (int8 with per-row fp32 scales), which a version-3 peer rejects
-PROTO_VERSION = 4
+# 5: segments may carry a prefix reference and a restart flag, closes the prefixes to keep (prefix caches)
+PROTO_VERSION = 5
 DEFAULT_MAX_FRAME = 64 * 1024 * 1024
 MAX_TENSOR_DIMS = 8
 MAX_DEPTH = 32  # nesting; real messages need about 4
@@ -460,8 +461,12 @@ _reg(
     tokens=optional(Kind.INTS),  # the first stage embeds tokens itself ...
     hidden=optional(Kind.TENSOR),  # ... later stages get the previous stage's hidden states (float or q8row)
     commit=optional(Kind.BOOL),  # prompt chunks: committed context on arrival
+    prefix=optional(Kind.INTS),  # [epoch, length, hash]: starts after a prefix the stages keep
+    restart=optional(Kind.BOOL),  # the prompt again from its start after a prefix miss
 )
 _reg("prune", upto=Kind.INT, keep=Kind.INTS, commit=Kind.INTS)
 _reg("result", nodes=Kind.INTS, hidden=Kind.TENSOR, queue=optional(Kind.INT))
-_reg("close")  # closes the request's session at a stage
+# closes the request's session at a stage; a finished one may ask it to keep its context's KV first:
+# chain hashes of the context's blocks (plan epoch keep_epoch) and the last round's accepted nodes
+_reg("close", keep=optional(Kind.INTS), commit=optional(Kind.INTS), keep_epoch=optional(Kind.INT))
 _reg("error", code=Kind.STR, message=Kind.STR)

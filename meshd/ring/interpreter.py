@@ -65,7 +65,7 @@ def interpret(actions: Iterable[Action]) -> list[Delivery]:
         elif isinstance(a, SendPrune):
             out.append(ToEveryStage(a.prune))
         elif isinstance(a, CloseSessions):
-            out.append(ToEveryStage(Close(a.request_id)))
+            out.append(ToEveryStage(Close(a.request_id, a.keep, a.commit, a.epoch)))
         elif isinstance(a, (Emit, Finish)):
             out.append(ToClient(a))
         else:

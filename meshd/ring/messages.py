@@ -16,6 +16,19 @@ from dataclasses import dataclass
 import torch
 
 PROMPT_PARENT = -1  # parent id of a request's first token
+PREFIX_MISS = "prefix_miss"  # a stage's answer to a prefix it no longer holds: the originator sends the prompt again
+
+
+@dataclass(frozen=True)
+class PrefixRef:
+    """A request's first segment may start after a prefix the stages keep (models/prefixcache.py):
+    its first ``length`` tokens (nodes ``0..length-1``, committed, at positions ``0..length-1``),
+    named by the chain hash ``hash`` under plan ``epoch``. A stage that no longer holds it answers
+    ``prefix_miss`` and drops the request's segments until one with ``restart`` arrives."""
+
+    epoch: int
+    length: int
+    hash: int
 
 
 @dataclass
@@ -35,6 +48,8 @@ class Segment:
     commit: bool = False
     origin: str | None = None  # originator's node id: where the last stage returns the result
     first: bool = False  # a round's (or a new frontier's) first segment: the walk waits on it, stages run it first
+    prefix: PrefixRef | None = None  # the request starts after this cached prefix (its first segment only)
+    restart: bool = False  # the prompt again from its start, after a prefix miss: stages drop what they hold of it
 
     def __len__(self) -> int:
         return len(self.node_ids)
@@ -51,6 +66,8 @@ class Segment:
             self.commit,
             self.origin,
             self.first,
+            self.prefix,
+            self.restart,
         )
 
     def with_hidden(self, hidden: torch.Tensor) -> Segment:
@@ -65,6 +82,8 @@ class Segment:
             self.commit,
             self.origin,
             self.first,
+            self.prefix,
+            self.restart,
         )
 
 
@@ -89,9 +108,17 @@ class Prune:
 @dataclass(frozen=True)
 class Close:
     """The request is over (finished, cancelled or failed): a stage frees its session and ignores
-    anything that still arrives for it."""
+    anything that still arrives for it.
+
+    A finished request may ask the stage to keep its context's KV first: ``commit`` are the last
+    round's accepted nodes whose KV the stages computed (no prune follows a finish), and ``keep`` the
+    chain hashes (plan ``epoch``) of the context's full blocks, of which a stage stores as many as
+    its committed KV covers."""
 
     request_id: str
+    keep: tuple[int, ...] = ()
+    commit: tuple[int, ...] = ()
+    epoch: int = 0
 
 
 @dataclass

@@ -12,11 +12,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from meshd.ring.interpreter import Delivery, ToClient, ToEveryStage, ToOriginator, ToStage, forward, interpret
+from meshd.ring.messages import PREFIX_MISS
 from meshd.ring.scheduler import Action, Emit, Originator, Request
+from meshd.ring.validate import FrameRejected
 from meshd.ring.worker import StageWorker
 from models.budget import CostCurve
 from models.drafters import Drafter
 from models.engine import Stats
+from models.prefixcache import PrefixBook
 from models.ranges import LayerRange
 from models.source import ModelSource
 from models.stage import Stage
@@ -48,7 +51,12 @@ class InProcessPipeline:
 
     def _deliver(self, d: Delivery) -> None:
         if isinstance(d, ToStage):
-            self.workers[d.index].handle(d.message)
+            try:
+                self.workers[d.index].handle(d.message)
+            except FrameRejected as exc:
+                if exc.code != PREFIX_MISS:
+                    raise
+                self.dispatch(self.originator.prefix_miss(exc.request_id))
         elif isinstance(d, ToEveryStage):
             for w in self.workers:
                 w.handle(d.message)
@@ -96,6 +104,7 @@ def build_local_pipeline(
     dtype: str = "fp32",
     curves: CostCurve | Sequence[CostCurve] | None = None,
     full: Stage | None = None,
+    prefix_bytes: int = 0,
     **originator_kw: Any,
 ) -> InProcessPipeline:
     """Cut one loaded model (``full``, or loaded from ``source``) into ``n_stages`` in-process
@@ -103,11 +112,17 @@ def build_local_pipeline(
 
     ``curves`` are the stages' cost curves, one per stage; a single whole-model curve gives each
     stage a share proportional to its layer count, and none a made-up whole-model curve.
+    ``prefix_bytes``: each stage keeps this many bytes of finished requests' KV for reuse (0: off).
     """
     full = full or Stage.load(source, dtype=dtype)
     n = full.cfg.n_layers
     ranges = LayerRange.split(n, n_stages)
-    workers = [StageWorker(full.slice(r), embed=full.embed if r.first == 0 else None) for r in ranges]
+    workers = [
+        StageWorker(full.slice(r), embed=full.embed if r.first == 0 else None, prefix_bytes=prefix_bytes)
+        for r in ranges
+    ]
+    if prefix_bytes:
+        originator_kw.setdefault("prefix_book", PrefixBook(prefix_bytes))
     if curves is None:
         curves = [CostCurve({1: r.n_layers / n, 64: 2 * r.n_layers / n}) for r in ranges]
     elif isinstance(curves, CostCurve):

@@ -34,11 +34,12 @@ from dataclasses import dataclass, field
 import torch
 
 from meshd.modes import MESH_MODES
-from meshd.ring.messages import PROMPT_PARENT, Prune, Result, Segment
+from meshd.ring.messages import PROMPT_PARENT, PrefixRef, Prune, Result, Segment
 from meshd.ring.ringtime import RingTimer
 from models.budget import CostCurve, TreeBudget
 from models.drafters import Drafter
 from models.engine import Stats
+from models.prefixcache import PrefixBook, PrefixMatch
 from models.stage import Stage
 from models.tree import Tree, split_segments
 from models.verify import History, Sampling, TokenLogprobs, Walk, advance, sample_token, token_logprobs
@@ -79,7 +80,13 @@ class Finish:
 
 @dataclass
 class CloseSessions:
+    """Every stage frees the request's session; a finished one may first keep its context's KV for
+    reuse (see :class:`~meshd.ring.messages.Close`: ``keep``, ``commit``, ``epoch``)."""
+
     request_id: str
+    keep: tuple[int, ...] = ()
+    commit: tuple[int, ...] = ()
+    epoch: int = 0
 
 
 Action = SendSegment | SendPrune | Emit | Finish | CloseSessions
@@ -95,6 +102,7 @@ class Request:
     seed: int | None = None
     eos: frozenset[int] = frozenset()
     logprobs: int | None = None  # report each token's log-probability and this many alternatives (None: none)
+    prefix_cache: bool = True  # start after a prefix the stages kept, and ask them to keep this one's context
 
 
 @dataclass
@@ -132,6 +140,12 @@ class _Live:
     next_seg: int = 0
     first_depth: int = 2  # levels below its root the latest first segment reached
     deepen: bool = False  # the pool was drafted shallow for a first segment; deepen it when idle
+    # prefix caching: the cached prefix the prompt starts after (None: computed from its start), the
+    # target's post-norm features of every context position whose KV the stages hold (a record for the
+    # next request that reuses them), and the last round's accepted nodes with computed KV
+    prefix: PrefixMatch | None = None
+    ctx_feats: list[torch.Tensor] = field(default_factory=list)
+    final_commit: list[int] = field(default_factory=list)
 
     @property
     def context(self) -> list[int]:
@@ -161,6 +175,7 @@ class Originator:
         timer: Callable[[], float] = time.perf_counter,
         flow_slots: int | None = None,
         draft_when_idle: bool = False,
+        prefix_book: PrefixBook | None = None,
     ):
         if not vocab.has_vocab:
             raise ValueError("the originator needs the embeddings, final norm and LM head")
@@ -172,6 +187,8 @@ class Originator:
         # a driver that calls idle() when the originator's device has nothing else to do may set this:
         # a continuous request's first segment then goes out after a shallow draft
         self.draft_when_idle = draft_when_idle
+        # prefix caching (models/prefixcache.py): what this originator asked the stages to keep; None: off
+        self.prefix_book = prefix_book
         self.set_ring(stage_curves)
         self.top_k, self.depth, self.pool, self.max_nodes = top_k, depth, pool, max_nodes
         self.live: dict[str, _Live] = {}
@@ -194,6 +211,11 @@ class Originator:
         # into segments smaller than this buys no overlap, only extra forwards
         self.flat_rows = max([t for t in total.ts if total(t) <= 1.25 * total(1)] or [1])
 
+    def set_epoch(self, epoch: int) -> None:
+        """The plan the stages serve: prefixes are named under it, and those of another plan are gone."""
+        if self.prefix_book is not None:
+            self.prefix_book.set_epoch(epoch)
+
     # ---- events -----------------------------------------------------------------------------
     def submit(self, req: Request) -> list[Action]:
         if req.mode not in MESH_MODES:
@@ -213,8 +235,20 @@ class Originator:
             started=self.clock(),
         )
         self.live[req.request_id] = lv
+        lv.new_ids(len(req.prompt))  # the prompt's nodes are 0..n-1, at their positions
+        if self.prefix_book is not None and req.prefix_cache:
+            lv.prefix = self.prefix_book.match(req.prompt, need_feats=drafter is not None)
+        return self._send_prompt(lv)
+
+    def _send_prompt(self, lv: _Live, restart: bool = False) -> list[Action]:
+        """The prompt's prefill chunks, after the cached prefix ``lv.prefix`` when there is one (its
+        first chunk names the prefix; stages fork the request's KV from their cache), else from the
+        start (``restart``: the stages drop whatever they hold of it, after a prefix miss)."""
+        req = lv.req
+        skip = lv.prefix.length if lv.prefix is not None else 0
+        lv.stats.prefix_hit = skip
+        ids = list(range(skip, len(req.prompt)))
         acts: list[Action] = []
-        ids = lv.new_ids(len(req.prompt))
         for a in range(0, len(ids), PREFILL_CHUNK):
             chunk = ids[a : a + PREFILL_CHUNK]
             for i in chunk:
@@ -227,11 +261,26 @@ class Originator:
                 tokens=[req.prompt[i] for i in chunk],
                 commit=True,
                 origin=self.origin,
+                prefix=PrefixRef(lv.prefix.epoch, skip, lv.prefix.hash) if skip and a == 0 else None,
+                restart=restart and a == 0,
             )
             acts.append(SendSegment(seg))
             lv.stats.target_forwards += 1
         lv.prefill_left = set(ids)
         return acts
+
+    def prefix_miss(self, request_id: str) -> list[Action]:
+        """A stage no longer holds the prefix the request's prompt started after: send the whole
+        prompt again (the request goes on; only its first token comes later). Once per request:
+        other stages' misses of the same prefix are answered by the same restart."""
+        lv = self.live.get(request_id)
+        if lv is None or lv.prefix is None or not lv.prefill_left:
+            return []
+        self.prefix_book.forget(lv.prefix.hash)
+        lv.prefix = None
+        lv.feats.clear()
+        lv.stats.prefix_misses += 1
+        return self._send_prompt(lv, restart=True)
 
     def cancel(self, request_id: str, reason: str = "cancelled", error: str | None = None) -> list[Action]:
         lv = self.live.pop(request_id, None)
@@ -310,6 +359,10 @@ class Originator:
         lv.feats.clear()
         lv.tail = ids[-1]
         logits = self.vocab.logits(feats[-1:], normed=True)[0]
+        if lv.prefix is not None and lv.prefix.feats is not None:  # the reused positions' features, recorded
+            feats = torch.cat([lv.prefix.feats.to(feats.dtype), feats])
+        if self.prefix_book is not None and (lv.prefix is None or lv.prefix.feats is not None):
+            lv.ctx_feats = [feats]
         first = sample_token(logits, lv.req.sampling, lv.gen, self._history(lv))
         lps = [token_logprobs(logits, first, lv.req.logprobs)] if lv.req.logprobs is not None else None
         acts = self._emit(lv, [first], lps)
@@ -427,12 +480,15 @@ class Originator:
         lv.stats.rounds += 1
         lv.stats.per_round.append(len(tokens))
         lv.stats.accepted_drafts += len(tokens) - (1 if walk.done else 0)
+        feats = [lv.feats[n] for n in path_ids if n in lv.feats]
+        lv.final_commit = [n for n in path_ids if n in lv.feats]  # accepted, and computed at every stage
+        if lv.ctx_feats and feats:
+            lv.ctx_feats.append(torch.stack(feats))
         acts = self._emit(lv, tokens, lps)
         if walk.done or lv.done:
             lv.stats.trees += 1
         if lv.done:  # sessions are closed everywhere; a prune now would only resurrect them
             return acts
-        feats = [lv.feats[n] for n in path_ids if n in lv.feats]
         lv.round_accepted += len(walk.path) - 1
         if walk.done:
             lv.budget.observe(lv.predicted, lv.round_accepted)
@@ -686,8 +742,25 @@ class Originator:
             self.live.pop(lv.req.request_id, None)
             lv.stats.new_tokens = len(lv.out)
             lv.stats.seconds = self.clock() - lv.started
-            acts += [CloseSessions(lv.req.request_id), Finish(lv.req.request_id, reason, lv.stats)]
+            acts += [self._close_keeping(lv), Finish(lv.req.request_id, reason, lv.stats)]
         return acts
+
+    def _close_keeping(self, lv: _Live) -> CloseSessions:
+        """A finished request's close, asking the stages to keep its context for the next request that
+        starts with it (a chat's next turn): every position whose KV they computed, ``context[:-1]``
+        (the last token was sampled, never sent), in whole blocks; recorded here with its features."""
+        book = self.prefix_book
+        if book is None or not lv.req.prefix_cache:
+            return CloseSessions(lv.req.request_id)
+        kept = lv.context[:-1]
+        feats = torch.cat(lv.ctx_feats) if lv.ctx_feats else None
+        # the last round may have verified nodes past an end token or the length limit: not context
+        if feats is not None and feats.shape[0] < len(kept):
+            feats = None  # a gap in what came back (not seen on a whole run): keep the hashes only
+        hashes = book.record(kept, feats)
+        if not hashes:
+            return CloseSessions(lv.req.request_id)
+        return CloseSessions(lv.req.request_id, tuple(hashes), tuple(lv.final_commit), book.epoch)
 
 
 def _best_prefix(gains: Sequence[float], cost: Callable[[int], float]) -> int:

@@ -36,12 +36,14 @@ originator (or fails its own client at once).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from meshd.ring.messages import PROMPT_PARENT, Close, Prune, Segment, StageMessage
 from models.config import ModelConfig
+from models.prefixcache import PREFIX_BLOCK
 
 WIRE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what a peer may send hidden states as
 MAX_NODE_ID = (1 << 63) - 1  # node ids are int64-safe: the codec's ints are unbounded, torch's are not
@@ -101,8 +103,10 @@ class FrameGate:
     def __init__(self, cfg: ModelConfig, *, embeds: bool, max_rows: int, limits: Limits = UNLIMITED):
         self.cfg, self.embeds, self.max_rows, self.limits = cfg, embeds, max_rows, limits
         self.books: dict[str, _Book] = {}
-        self.kv_tokens = 0  # sum of the books' costs
+        self.kv_tokens = 0  # sum of the books' costs, and the worker's cached prefixes (models/prefixcache.py)
         self.upstream: str | None = None  # the previous stage's node (see follow); None: not said
+        # frees KV entries held for reuse only (cached prefixes) when a live session needs room: -> entries freed
+        self.reclaim: Callable[[int], int] | None = None
 
     def follow(self, upstream: str | None) -> None:
         """The committed plan puts node ``upstream`` right before this stage: from now on a later stage
@@ -157,6 +161,8 @@ class FrameGate:
 
     def _need(self, rid: str, extra: int, owner: str | None) -> None:
         cap = self.limits.kv_tokens
+        if cap is not None and self.kv_tokens + extra > cap and self.reclaim is not None:
+            self.reclaim(self.kv_tokens + extra - cap)
         if cap is not None and self.kv_tokens + extra > cap:
             raise FrameRejected(
                 rid,
@@ -198,6 +204,7 @@ class FrameGate:
         if len(seg.parents) != n or len(seg.positions) != n:
             raise bad(f"{n} nodes but {len(seg.parents)} parents and {len(seg.positions)} positions")
         self._input(seg, bad)
+        prefix = self._prefix(seg, book, bad)
         # rows a prune already killed are dropped by the worker unseen, so they are not checked further
         live = [i for i in range(n) if book is None or not book.dead(seg.node_ids[i])]
         pos_of: dict[int, int] = {}  # this segment's live rows so far
@@ -213,6 +220,8 @@ class FrameGate:
                 want = pos_of[par] + 1
             elif book is not None and par in book.nodes:
                 want = book.nodes[par][1] + 1
+            elif par in prefix:
+                want = par + 1
             else:
                 raise bad(f"node {node}'s parent {par} is neither an earlier row of its segment nor a live node here")
             if pos != want:
@@ -222,6 +231,9 @@ class FrameGate:
             pos_of[node] = pos
         if book is None:
             book = self._open(rid, seg.origin)
+        if prefix:
+            book.nodes.update((i, (i - 1, i)) for i in prefix)
+            book.committed.update(prefix)
         if len(book.nodes) + len(live) > self.cfg.max_position:
             raise bad(f"the session would hold {len(book.nodes) + len(live)} nodes, over the model's context")
         before = book.cost
@@ -231,6 +243,25 @@ class FrameGate:
         if seg.commit:
             book.committed.update(seg.node_ids[i] for i in live)
         self.kv_tokens += book.cost - before
+
+    def _prefix(self, seg: Segment, book: _Book | None, bad) -> range:
+        """The nodes a prefix reference stands for (``0..length-1``, committed); a reference only
+        opens a session, and covers whole blocks of the model's context with a prompt row after it."""
+        ref = seg.prefix
+        if ref is None:
+            return range(0)
+        if book is not None:
+            raise bad("a prefix reference opens a session, but this request's session is already open")
+        if not 0 <= ref.epoch <= MAX_NODE_ID or not 0 <= ref.hash <= MAX_NODE_ID:
+            raise bad("a prefix reference's epoch or hash is out of range")
+        if not 0 < ref.length < self.cfg.max_position or ref.length % PREFIX_BLOCK:
+            raise bad(
+                f"a prefix of {ref.length} tokens: a positive multiple of {PREFIX_BLOCK} below the model's "
+                f"{self.cfg.max_position} positions"
+            )
+        if not seg.commit:
+            raise bad("a prefix reference comes with the prompt's remaining rows (a commit segment)")
+        return range(ref.length)
 
     def _input(self, seg: Segment, bad) -> None:
         """Tokens at the first stage, hidden states of the model's width and a float dtype elsewhere."""

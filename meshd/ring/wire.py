@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from meshd.ring.messages import Close, Failure, Prune, Result, RingMessage, Segment
+from meshd.ring.messages import Close, Failure, PrefixRef, Prune, Result, RingMessage, Segment
 from models.budget import CostCurve
 from peers.codec import WIRE_ACTIVATIONS, Message, QuantizedRows
 
@@ -87,6 +87,10 @@ def to_message(msg: RingMessage, wire_dtype: torch.dtype) -> Message:
             body["hidden"] = on_the_wire(msg.hidden, wire_dtype)
         else:
             body["tokens"] = msg.tokens
+        if msg.prefix is not None:
+            body["prefix"] = [msg.prefix.epoch, msg.prefix.length, msg.prefix.hash]
+        if msg.restart:
+            body["restart"] = True
         return Message("segment", body, request_id=rid)
     if isinstance(msg, Prune):
         return Message("prune", {"upto": msg.upto, "keep": msg.keep, "commit": msg.commit}, request_id=rid)
@@ -95,7 +99,8 @@ def to_message(msg: RingMessage, wire_dtype: torch.dtype) -> Message:
         return Message("result", body, request_id=rid)
     if isinstance(msg, Failure):
         return Message("error", {"code": msg.code, "message": msg.reason[:MAX_REASON]}, request_id=rid)
-    return Message("close", {}, request_id=rid)
+    body = {"keep": list(msg.keep), "commit": list(msg.commit), "keep_epoch": msg.epoch} if msg.keep else {}
+    return Message("close", body, request_id=rid)
 
 
 def from_message(msg: Message) -> RingMessage:
@@ -109,6 +114,9 @@ def from_message(msg: Message) -> RingMessage:
     b = msg.body
     if msg.type == "segment":
         hidden = b.get("hidden")
+        prefix = b.get("prefix")
+        if prefix is not None and len(prefix) != 3:
+            raise ValueError(f"a segment's prefix is [epoch, length, hash], not {len(prefix)} numbers")
         return Segment(
             rid,
             list(b["nodes"]),
@@ -118,13 +126,15 @@ def from_message(msg: Message) -> RingMessage:
             hidden=received(hidden) if hidden is not None else None,
             commit=bool(b.get("commit", False)),
             origin=b["origin"] or None,
+            prefix=PrefixRef(*prefix) if prefix is not None else None,
+            restart=bool(b.get("restart", False)),
         )
     if msg.type == "prune":
         return Prune(rid, int(b["upto"]), list(b["keep"]), list(b["commit"]))
     if msg.type == "result":
         return Result(rid, list(b["nodes"]), received(b["hidden"]), int(b.get("queue") or 0))
     if msg.type == "close":
-        return Close(rid)
+        return Close(rid, tuple(b.get("keep") or ()), tuple(b.get("commit") or ()), int(b.get("keep_epoch") or 0))
     if msg.type == "error":  # a stage's refusal, or the mesh's (a stale epoch); request id 0: about no request
         return Failure(rid, b["code"], b["message"][:MAX_REASON])
     raise ValueError(f"{msg.type!r} is not a ring message")

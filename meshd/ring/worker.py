@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from meshd.ring.messages import PROMPT_PARENT, Close, Prune, Segment, StageMessage
+from meshd.ring.messages import PREFIX_MISS, PROMPT_PARENT, Close, Prune, Segment, StageMessage
 from meshd.ring.validate import UNLIMITED, FrameGate, FrameRejected, Limits
 from models.budget import CostCurve
 from models.kvcache import KVCache
+from models.prefixcache import PREFIX_BLOCK, PrefixCache
 from models.stage import Attend, Stage
 
 
@@ -89,6 +90,13 @@ class StageWorker:
     a test) passes its own. ``cost``: this stage's cost curve; with it, queued segments of one request
     are coalesced into one forward while that costs at most ``COALESCE_SLACK`` times the first one
     alone (on a flat, memory-bound curve a second segment then rides along almost free).
+
+    ``prefix_bytes``: at most this many bytes of finished requests' context KV kept for reuse
+    (:class:`~models.prefixcache.PrefixCache`; 0: none). The kept entries count against the same
+    KV reservation as the sessions (``limits.kv_tokens``, the planner's ``contexts x max_context``):
+    the cache lives in whatever the live requests leave free and gives it back (least recently used
+    first) the moment a live request needs it, so it never makes the stage refuse work or exceed
+    what the plan reserved.
     """
 
     COALESCE_SLACK = 1.25
@@ -104,9 +112,17 @@ class StageWorker:
         timer: Callable[[], float] = time.perf_counter,
         cost: CostCurve | None = None,
         limits: Limits = UNLIMITED,
+        prefix_bytes: int = 0,
+        epoch: int = 0,
     ):
         self.stage, self.embed, self.cost = stage, embed, cost
         self.gate = FrameGate(stage.cfg, embeds=embed is not None, max_rows=max_batch_rows, limits=limits)
+        self.prefixes = PrefixCache(prefix_bytes, on_tokens=self._cached_tokens) if prefix_bytes > 0 else None
+        if self.prefixes is not None:
+            self.gate.reclaim = self.prefixes.reclaim
+        self.epoch = epoch  # the plan this stage serves: prefixes are kept and found under it
+        self.missed: deque[str] = deque(maxlen=1024)  # requests whose prefix missed: dropped until a restart
+        self.prefix_tokens_reused = 0  # prompt positions whose KV a session got from the cache
         self.max_batch_rows, self.idle_timeout = max_batch_rows, idle_timeout
         self.clock, self.timer = clock, timer
         self.sessions: dict[str, Session] = {}
@@ -119,6 +135,15 @@ class StageWorker:
         self.coalesced = 0  # segments that rode along in another segment's forward
         self._opened = 0
 
+    def set_epoch(self, epoch: int) -> None:
+        """A newly committed plan: prefixes kept under another epoch are dropped."""
+        self.epoch = epoch
+        if self.prefixes is not None:
+            self.prefixes.set_epoch(epoch)
+
+    def _cached_tokens(self, delta: int) -> None:
+        self.gate.kv_tokens += delta  # cached prefixes draw on the sessions' KV reservation
+
     # ---- events ---------------------------------------------------------------------------
     def handle(self, msg: StageMessage, sender: str | None = None) -> None:
         """Apply one ring message in arrival order, once the gate has passed it (``sender``: see
@@ -129,6 +154,8 @@ class StageWorker:
         """
         if isinstance(msg, (Segment, Prune, Close)) and msg.request_id in self.closed:
             return
+        if isinstance(msg, Segment) and self._prefix_gate(msg, sender):
+            return
         try:
             self.gate.check(msg, sender)
         except FrameRejected as exc:
@@ -136,13 +163,90 @@ class StageWorker:
                 self.close(msg.request_id)
             raise
         if isinstance(msg, Segment):
+            if msg.prefix is not None:
+                self._fork(msg)
             self.enqueue(msg)
         elif isinstance(msg, Prune):
             self.prune(msg)
         elif isinstance(msg, Close):
+            self._keep(msg)
             self.close(msg.request_id)
         else:
             raise TypeError(f"a stage cannot handle {type(msg).__name__}")
+
+    # ---- prefix caching ---------------------------------------------------------------------
+    def _prefix_gate(self, seg: Segment, sender: str | None) -> bool:
+        """Before the gate: a restart drops what this stage holds of the request (its owner's only);
+        a request whose prefix missed here is dropped until then. True: ``seg`` is dropped."""
+        rid = seg.request_id
+        if seg.restart:
+            book = self.gate.books.get(rid)
+            if book is None or sender is None or book.owner == seg.origin:
+                self.sessions.pop(rid, None)
+                self.gate.forget(rid)
+                self.queue = deque(s for s in self.queue if s.request_id != rid)
+                if rid in self.missed:
+                    self.missed.remove(rid)
+            return False
+        return rid in self.missed
+
+    def _fork(self, seg: Segment) -> None:
+        """The request's session starts from the cached prefix ``seg.prefix`` names (nodes ``0..n-1``,
+        committed); on a miss the originator hears ``prefix_miss`` and sends the whole prompt again."""
+        ref, rid = seg.prefix, seg.request_id
+        kv = self.prefixes.lookup(ref.epoch, ref.hash, ref.length) if self.prefixes is not None else None
+        if kv is None or ref.epoch != self.epoch:
+            self.gate.forget(rid)
+            self.missed.append(rid)
+            raise FrameRejected(
+                rid,
+                PREFIX_MISS,
+                f"this stage no longer holds the {ref.length}-token prefix the request starts after; "
+                "send the prompt again from its start",
+                spoils=False,
+                tell=seg.origin,
+            )
+        sess = self._session(rid)
+        sess.cache.load(kv.k, kv.v)
+        n = ref.length
+        sess.slot_of = {i: i for i in range(n)}
+        sess.parent = {i: i - 1 for i in range(n)}
+        sess.committed = set(range(n))
+        self.prefix_tokens_reused += n
+
+    def _keep(self, close: Close) -> None:
+        """A finished request asks this stage to keep its context: its committed KV, in whole blocks,
+        as far as ``close.keep`` names them."""
+        sess = self.sessions.get(close.request_id)
+        if self.prefixes is None or sess is None or not close.keep or close.epoch != self.epoch:
+            return
+        limit = self.stage.cfg.max_position
+        if len(close.keep) > limit // PREFIX_BLOCK or len(close.commit) > limit:
+            return  # more than any context holds: not a request of this model; keep nothing
+        committed = sess.committed.union(close.commit)
+        # committed nodes form one chain from the first prompt token, and slots keep their order under
+        # prunes; the chain is checked all the same, and only its unbroken start is kept
+        chain = sorted((sess.slot_of[n], n) for n in committed if n in sess.slot_of)
+        slots, prev = [], PROMPT_PARENT
+        for slot, node in chain:
+            if sess.parent.get(node) != prev:
+                break
+            slots.append(slot)
+            prev = node
+        blocks = min(len(slots), len(close.keep) * PREFIX_BLOCK) // PREFIX_BLOCK
+        if blocks == 0:
+            return
+        k, v = sess.cache.gather(slots[: blocks * PREFIX_BLOCK])
+        # the session's own entries are freed first (the caller closes it): the prefix takes their place
+        self.sessions.pop(close.request_id, None)
+        self.gate.forget(close.request_id)
+        cap = self.gate.limits.kv_tokens
+        need = blocks * PREFIX_BLOCK
+        if cap is not None and self.gate.kv_tokens + need > cap:
+            self.prefixes.reclaim(self.gate.kv_tokens + need - cap)
+            if self.gate.kv_tokens + need > cap:
+                return  # live requests hold the reservation: nothing is kept
+        self.prefixes.store(self.epoch, list(close.keep[:blocks]), k, v)
 
     def enqueue(self, seg: Segment) -> None:
         if seg.request_id in self.closed:
@@ -170,6 +274,8 @@ class StageWorker:
         self.queue = kept
 
     def close(self, request_id: str) -> None:
+        if request_id in self.missed:
+            self.missed.remove(request_id)
         self.sessions.pop(request_id, None)
         self.gate.forget(request_id)
         if request_id not in self.closed:
@@ -286,4 +392,6 @@ def _concat(a: Segment, b: Segment) -> Segment:
         a.commit,
         a.origin,
         a.first or b.first,
+        a.prefix,
+        a.restart,
     )

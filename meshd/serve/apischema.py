@@ -66,6 +66,7 @@ class CompletionRequest:
     include_usage: bool = False
     mode: str = MESH_DEFAULT
     logprobs: int | None = None  # None: none; else each token's log-probability and this many alternatives
+    prefix_cache: bool = True  # meshd's extension: false neither reuses nor keeps this request's prefix at the stages
 
 
 # Parameters OpenAI defines that meshd does not implement: accepted only at their neutral value.
@@ -101,6 +102,7 @@ _COMMON = {
     "stream",
     "stream_options",
     "mode",
+    "prefix_cache",
     # sampling parameters local-model servers (llama.cpp, vLLM, Ollama) take beside OpenAI's
     "top_k",
     "min_p",
@@ -247,6 +249,11 @@ def _common(obj: dict[str, Any], kind: str, max_context: int) -> CompletionReque
                 "mode", f"`mode` must be one of {', '.join(MESH_MODES)} (got {mode!r}){hint if mode == 'spec' else ''}"
             )
         req.mode = mode
+    cache = obj.get("prefix_cache")
+    if cache is not None:
+        if not isinstance(cache, bool):
+            raise invalid("prefix_cache", "`prefix_cache` must be a boolean", "invalid_type")
+        req.prefix_cache = cache
     return req
 
 

@@ -182,6 +182,7 @@ class Daemon:
             stall_timeout=cfg.stall_timeout,
             wire_activations=cfg.wire_activations,
             link_seconds_per_byte=link_seconds_per_byte(self.link_emulation),
+            prefix_cache_bytes=parse_size(cfg.prefix_cache_size) if cfg.prefix_cache else 0,
         )
         mesh_cfg = MeshConfig(
             api_port=cfg.port,

@@ -34,6 +34,7 @@ class GenerateParams:
     seed: int | None = None
     mode: str = MESH_DEFAULT
     logprobs: int | None = None  # None: none; else each token's log-probability and this many alternatives
+    prefix_cache: bool = True  # reuse a prefix the stages kept, and keep this request's context when it finishes
 
 
 class RequestHandle(Protocol):

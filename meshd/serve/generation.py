@@ -151,7 +151,12 @@ async def start_generation(
     prompt_ids = list(before) + await asyncio.to_thread(encode, engine.tokenizer, req)
     max_tokens = token_budget(req, len(prompt_ids), engine.max_context, default_max_tokens)
     params = GenerateParams(
-        max_tokens=max_tokens, sampling=req.sampling, seed=req.seed, mode=req.mode, logprobs=req.logprobs
+        max_tokens=max_tokens,
+        sampling=req.sampling,
+        seed=req.seed,
+        mode=req.mode,
+        logprobs=req.logprobs,
+        prefix_cache=req.prefix_cache,
     )
     try:
         handle = await engine.submit(prompt_ids, params)
@@ -267,6 +272,7 @@ class Generation:
             "tokens_per_s": round(st.new_tokens / seconds, 3) if seconds > 0 else 0.0,
             "target_forwards": st.target_forwards,
             "verified_nodes": st.verified_nodes,
+            "prefix_hit": st.prefix_hit,
             "token_ids": list(self.text.token_ids),
         }
 

@@ -23,7 +23,7 @@ import torch
 
 from meshd import __version__
 from meshd.ring.interpreter import Delivery, ToClient, ToEveryStage, ToStage, forward, interpret
-from meshd.ring.messages import Failure, Result, RingMessage, Segment
+from meshd.ring.messages import PREFIX_MISS, Failure, Result, RingMessage, Segment
 from meshd.ring.scheduler import Action, CloseSessions, Emit, Originator, Request
 from meshd.ring.validate import FrameRejected, Limits, check_result
 from meshd.ring.wire import as_received, link_dtype
@@ -32,6 +32,7 @@ from meshd.serve.engine import GenerateParams, RuntimeUnavailable
 from models.budget import CostCurve
 from models.drafters import Drafter
 from models.engine import Stats
+from models.prefixcache import PrefixBook
 from models.source import ModelSource
 from models.stage import Stage
 from models.text import stop_ids
@@ -41,6 +42,9 @@ log = logging.getLogger(__name__)
 RECENT_REQUESTS = 8  # finished requests ``status()`` keeps showing, so a short one is seen on the live page
 
 INBOX_LIMIT = 4096  # ring messages waiting for the torch thread; a stage this far behind refuses peers' new work
+
+
+BOOK_SHARE = 4  # the originator's record of kept prefixes may hold a quarter of a stage's prefix bytes
 
 
 class RequestHandle:
@@ -132,6 +136,7 @@ class Runtime:
         stall_timeout: float | None = None,
         wire_activations: str = "fp16",
         link_seconds_per_byte: float | None = None,
+        prefix_cache_bytes: int = 0,
     ):
         self.source, self.vocab, self.tokenizer = source, vocab, tokenizer
         self.flow_slots = flow_slots  # the originator's segments in flight per flow request (None: from the ring)
@@ -144,6 +149,11 @@ class Runtime:
             kv_tokens=contexts * max_context if contexts is not None else None, sessions_per_peer=sessions_per_peer
         )
         self.stall_timeout = stall_timeout
+        # kept prefixes: at most this many bytes at this device's stage (inside its KV reservation, which
+        # the gate's kv_tokens enforces), and a BOOK_SHARE-th of it for this originator's record of them
+        # (the drafter's features of those positions: a hidden-size row per token, far less than a stage's
+        # KV per token); 0: off
+        self.prefix_cache_bytes = prefix_cache_bytes
         self.refusals: dict[str, int] = {}  # refused ring messages by code, for the log and /metrics
         self._heard: dict[str, float] = {}  # request id -> when the ring last answered it (or it was submitted)
         self._swept = time.monotonic()
@@ -174,6 +184,9 @@ class Runtime:
             "accepted_total": 0,
             "rows_computed_total": 0,  # tree rows sent around the ring (finished requests)
             "rows_accepted_total": 0,  # of those, drafted rows the target accepted
+            "prefix_hit_tokens_total": 0,  # prompt tokens the stages did not compute: kept prefixes
+            "prefix_hit_requests_total": 0,
+            "prefix_misses_total": 0,
         }
         self.started = time.time()
         self.unavailable_reason = "no committed plan yet: waiting for peers"
@@ -207,7 +220,16 @@ class Runtime:
         """This device's slice for the coming plan (None: a pure originator)."""
         embed = self.vocab.embed if stage is not None and stage.layer_range.first == 0 else None
         self.worker = (
-            StageWorker(stage, embed=embed, idle_timeout=self.session_timeout, limits=self.limits) if stage else None
+            StageWorker(
+                stage,
+                embed=embed,
+                idle_timeout=self.session_timeout,
+                limits=self.limits,
+                prefix_bytes=self.prefix_cache_bytes,
+                epoch=self.ring.epoch if self.ring is not None else 0,
+            )
+            if stage
+            else None
         )
         self._follow_ring()
 
@@ -242,9 +264,13 @@ class Runtime:
                 origin=self.node_id,
                 flow_slots=self.flow_slots,
                 draft_when_idle=True,  # _compute_once calls idle() whenever the torch thread has nothing queued
+                prefix_book=PrefixBook(self.prefix_cache_bytes // BOOK_SHARE) if self.prefix_cache_bytes else None,
             )
         else:
             self.originator.set_ring(ring.curves)
+        self.originator.set_epoch(ring.epoch)  # prefixes are named under the plan that holds them
+        if self.worker is not None:
+            self.worker.set_epoch(ring.epoch)
 
     def clear_ring(self, reason: str) -> None:
         """A stage is gone: every request in flight fails with ``reason`` (the originator's ``ring_lost``)."""
@@ -285,6 +311,7 @@ class Runtime:
             params.seed,
             frozenset(self._stop_ids()),
             params.logprobs,
+            params.prefix_cache,
         )
         try:
             actions = await self._torch(self.originator.submit, req)
@@ -365,6 +392,17 @@ class Runtime:
             self.counters["accepted_total"] += sum(a.stats.per_round)
             self.counters["rows_computed_total"] += a.stats.verified_nodes
             self.counters["rows_accepted_total"] += a.stats.accepted_drafts
+            self.counters["prefix_hit_tokens_total"] += a.stats.prefix_hit
+            self.counters["prefix_hit_requests_total"] += a.stats.prefix_hit > 0
+            self.counters["prefix_misses_total"] += a.stats.prefix_misses
+            if a.stats.prefix_hit or a.stats.prefix_misses:
+                log.info(
+                    "request %s: prefix_hit %d of %d prompt tokens reused from kept prefixes, %d miss(es)",
+                    a.request_id,
+                    a.stats.prefix_hit,
+                    self.handles[a.request_id].prompt_tokens,
+                    a.stats.prefix_misses,
+                )
             self._finish_handle(a.request_id, a.reason, a.stats, a.error)
 
     def _finish_handle(self, rid: str, reason: str, stats: Stats | None, error: str | None) -> None:
@@ -391,7 +429,10 @@ class Runtime:
         """A ring message for this device's worker (or a result or failure for our originator), from the
         peer ``sender`` (our own node id: from us; None: a trusted in-process caller)."""
         if isinstance(msg, Failure):
-            self._on_failure(msg, sender)
+            if msg.code == PREFIX_MISS:
+                self._prefix_miss(msg.request_id, sender)
+            else:
+                self._on_failure(msg, sender)
             return
         if isinstance(msg, Result) and sender is not None:
             ring = self.ring
@@ -418,12 +459,27 @@ class Runtime:
             return
         self._fail(msg.request_id, f"peer {sender} failed the request ({msg.code}): {msg.reason}")
 
+    def _prefix_miss(self, rid: str, sender: str | None) -> None:
+        """A stage no longer holds the prefix a request of ours started after: the originator sends
+        the prompt again (only a stage of the ring may ask; the request goes on either way)."""
+        ring = self.ring
+        if self.originator is None or ring is None or (sender is not None and sender not in ring.nodes):
+            return
+        task = asyncio.ensure_future(self._resend_prompt(rid))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _resend_prompt(self, rid: str) -> None:
+        await self._dispatch(await self._torch(self.originator.prefix_miss, rid))
+
     def _refused(self, exc: FrameRejected) -> None:
         """This device's stage refused a message (or failed its forward): whoever must know hears why."""
         n = self.refusals[exc.code] = self.refusals.get(exc.code, 0) + 1
         if n & (n - 1) == 0:  # the 1st, 2nd, 4th, 8th...: a flood of refusals must not flood the log too
             log.warning("stage refused a message (%s, %d so far) for %s", exc.code, n, exc)
-        if exc.tell is None or exc.tell == self.node_id:
+        if exc.code == PREFIX_MISS and (exc.tell is None or exc.tell == self.node_id):
+            self._prefix_miss(exc.request_id, None)
+        elif exc.tell is None or exc.tell == self.node_id:
             self._fail(exc.request_id, f"{exc.reason} ({exc.code} at this device's stage)")
         elif self.transport is not None:
             failure = Failure(exc.request_id, exc.code, exc.reason)
@@ -577,6 +633,18 @@ class Runtime:
             "forwards": w.forwards,
             "shared_forwards": w.shared_forwards,
             "utilisation": round(w.busy_seconds / up, 4),
+            "prefix_cache": (
+                {
+                    "entries": len(w.prefixes),
+                    "tokens": w.prefixes.tokens,
+                    "bytes": w.prefixes.nbytes,
+                    "hits": w.prefixes.hits,
+                    "misses": w.prefixes.misses,
+                    "evictions": w.prefixes.evictions,
+                }
+                if w.prefixes is not None
+                else None
+            ),
         }
 
     def originator_stats(self) -> dict | None:
@@ -601,6 +669,9 @@ class Runtime:
         c["stage_utilisation"] = st.get("utilisation", 0.0)
         c["stage_queue_rows"] = st.get("queued_rows", 0)
         c["stage_sessions"] = st.get("sessions", 0)
+        kept = self.worker.prefixes if self.worker is not None else None
+        c["stage_prefix_cache_bytes"] = kept.nbytes if kept is not None else 0
+        c["stage_prefix_cache_entries"] = len(kept) if kept is not None else 0
         live = self.originator.live_segments() if self.originator is not None else {}
         c["segments_in_flight"] = sum(live.values())  # this originator's requests, all together
         c["stage_refused_total"] = {(("code", k),): n for k, n in self.refusals.items()}

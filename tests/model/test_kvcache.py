@@ -56,3 +56,19 @@ def test_cache_keep_equals_a_gather(keep):
     assert cache.length == len(keep)
     assert torch.equal(cache.k[:, :, : len(keep)], k.index_select(2, idx))
     assert torch.equal(cache.v[:, :, : len(keep)], v.index_select(2, idx))
+
+
+def test_load_copies_a_stored_prefix_and_gather_takes_slots_in_order():
+    c = KVCache(2, 1, 4, torch.float32, capacity=4)
+    k = torch.arange(2 * 1 * 6 * 4, dtype=torch.float32).reshape(2, 1, 6, 4)
+    c.load(k, k + 1)
+    assert c.length == 6 and c.capacity >= 6
+    with torch.inference_mode():
+        c.k[0, 0, 0, 0] = -1.0
+    assert k[0, 0, 0, 0] == 0.0  # a copy: the stored prefix is untouched by what the session writes
+    gk, gv = c.gather([1, 3, 4])
+    assert torch.equal(gk, c.k[:, :, [1, 3, 4]]) and torch.equal(gv, c.v[:, :, [1, 3, 4]])
+    with pytest.raises(IndexError):
+        c.gather([6])
+    with pytest.raises(ValueError, match="does not fit"):
+        c.load(torch.zeros(3, 1, 2, 4), torch.zeros(3, 1, 2, 4))

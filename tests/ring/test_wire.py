@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from meshd.ring.messages import PROMPT_PARENT, Close, Failure, Prune, Result, Segment
+from meshd.ring.messages import PROMPT_PARENT, Close, Failure, PrefixRef, Prune, Result, Segment
 from meshd.ring.wire import MAX_REASON, MESSAGE_TYPES, as_received, from_message, link_dtype, to_message
 from models.budget import CostCurve
 from peers.codec import Codec, Message, QuantizedRows
@@ -120,3 +120,16 @@ def test_link_dtype_auto_counts_the_float_width_and_needs_a_curve():
     assert link_dtype("auto", torch.float16, hidden_size=576, seconds_per_byte=1.0, stage_curve=None) == torch.float16
     with pytest.raises(ValueError, match="expected one of auto, fp16, int8"):
         link_dtype("int4", torch.float16, hidden_size=576, seconds_per_byte=None, stage_curve=None)
+
+
+def test_prefix_references_and_kept_contexts_survive_the_codec():
+    ref = PrefixRef(epoch=3, length=32, hash=(1 << 63) - 5)
+    seg = Segment("12", [32], [31], [32], tokens=[5], commit=True, origin="peer-a", prefix=ref)
+    assert over_the_wire(seg) == seg
+    again = Segment("12", [0], [PROMPT_PARENT], [0], tokens=[5], commit=True, origin="peer-a", restart=True)
+    assert over_the_wire(again) == again
+    close = Close("7", keep=(11, 12, 13), commit=(40, 41), epoch=3)
+    assert over_the_wire(close) == close
+    assert to_message(Close("7"), torch.float32).body == {}  # a plain close stays empty on the wire
+    with pytest.raises(ValueError, match="epoch, length, hash"):
+        from_message(Message("segment", {**to_message(seg, torch.float32).body, "prefix": [1, 2]}, request_id=12))

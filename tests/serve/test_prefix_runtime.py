@@ -1,0 +1,55 @@
+"""Prefix caches in the daemon's runtime, two stages joined through the real codec: a chat's next turn
+reuses the kept prefix and answers exactly as without it; an evicted prefix costs a resend, not the request."""
+
+from __future__ import annotations
+
+import asyncio
+
+from support import two_stage_mesh
+
+from meshd.serve.engine import GenerateParams
+from models.source import ModelSource
+
+MB = 1 << 20
+
+
+async def ask(rt, prompt: list[int], cache: bool = True) -> tuple[list[int], object]:
+    h = await rt.submit(prompt, GenerateParams(max_tokens=10, mode="flow", prefix_cache=cache))
+    tokens = [t async for chunk in h for t in chunk]
+    assert h.finish_reason in ("length", "stop"), h.error
+    return tokens, h.stats
+
+
+async def test_next_turn_reuses_the_kept_prefix_and_a_miss_resends(tiny_dir):
+    src = ModelSource.resolve(str(tiny_dir))
+    mesh, a, b = two_stage_mesh(src, prefix_cache_bytes=64 * MB)
+    await a.start()
+    await b.start()
+    try:
+        turn1 = [(7 * i) % 60 + 1 for i in range(50)]
+        out1, s1 = await asyncio.wait_for(ask(a, turn1), 120)
+        assert s1.prefix_hit == 0
+        turn2 = turn1 + out1 + [3, 4, 5]
+        out2, s2 = await asyncio.wait_for(ask(a, turn2), 120)
+        assert s2.prefix_hit == (len(turn1) + len(out1) - 1) // 16 * 16
+        refs = [m for _, to, m in mesh.sent if m.type == "segment" and "prefix" in m.body]
+        assert refs and refs[0].body["prefix"][1] == s2.prefix_hit  # B forked from its own cache
+        assert b.worker.prefix_tokens_reused == s2.prefix_hit
+        plain, s_off = await asyncio.wait_for(ask(a, turn2, cache=False), 120)
+        assert plain == out2 and s_off.prefix_hit == 0  # the oracle: the same answer without the cache
+        b.worker.prefixes.reclaim(1 << 30)  # B evicted everything: the next turn misses there
+        turn3 = turn2 + out2 + [9, 9]
+        out3, s3 = await asyncio.wait_for(ask(a, turn3), 120)
+        plain3, _ = await asyncio.wait_for(ask(a, turn3, cache=False), 120)
+        assert s3.prefix_misses == 1 and s3.prefix_hit == 0 and out3 == plain3
+        m = a.metrics()
+        assert m["prefix_hit_tokens_total"] == s2.prefix_hit and m["prefix_misses_total"] == 1
+        assert m["stage_prefix_cache_entries"] >= 1
+        for _ in range(200):  # the client hears the finish before the stages have applied the close
+            if not a.worker.sessions and not b.worker.sessions:
+                break
+            await asyncio.sleep(0.01)
+        assert not a.worker.sessions and not b.worker.sessions and not b.worker.missed
+    finally:
+        await a.stop()
+        await b.stop()
