@@ -14,6 +14,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from hostile_peers import CODEC, SECRET, Mesh, hello, until
 
+from meshd.cli import build_parser
+from meshd.lab.emulate import build_parser as lab_parser
 from peers.codec import Message
 from peers.hello import INSECURE_PLAINTEXT, SEALED, Hello
 from peers.link import HandshakeError, Link, LinkEmulation, LinkSecurity, accept_handshake, add_mesh_route, dial
@@ -108,3 +110,11 @@ async def test_mesh_nodes_link_only_with_nodes_that_run_the_same_links(tmp_path,
         assert sealed.node_id not in a.peers and not sealed.peers
     finally:
         await mesh.stop()
+
+
+def test_only_the_lab_daemon_has_the_switch():
+    """``meshd serve`` (what users run) cannot turn it on; ``python -m meshd.lab.emulate serve`` can."""
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--insecure-plaintext-links"])
+    assert lab_parser().parse_args(["serve", "--insecure-plaintext-links"]).insecure_plaintext_links
+    assert not lab_parser().parse_args(["serve"]).insecure_plaintext_links  # never the default
