@@ -33,6 +33,10 @@ class Stats:
     prefill_seconds: float = 0.0
     draft_seconds: float = 0.0
     per_round: list[int] = field(default_factory=list)
+    # the mesh's resume (meshd.ring.scheduler): times the request was replayed on a new ring after its ring
+    # was lost or re-planned, and the seconds its client waited for tokens across those pauses
+    resumed: int = 0
+    paused_seconds: float = 0.0
 
     @property
     def mean_accepted(self) -> float:

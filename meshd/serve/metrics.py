@@ -65,6 +65,8 @@ HELP = {
     "stage_utilisation": "Fraction of wall time this device's stage spent computing since start-up.",
     "stage_queue_rows": "Tree nodes queued at this device's stage.",
     "stage_sessions": "Per-request KV sessions open at this device's stage.",
+    "requests_resumed_total": "Resumes of requests this device originated after their ring was lost or re-planned.",
+    "resume_pause_seconds_total": "Seconds clients of this device's requests waited across resume pauses.",
     "api_requests_total": "HTTP API requests by endpoint and status code.",
     "api_client_disconnects_total": "Generations cancelled because the client went away.",
     "api_streams_active": "Server-sent-event streams open now.",
@@ -115,6 +117,12 @@ class Metrics:
             "meshd_peer_activation_bytes",
             "Hidden-state bytes carried on the link with a peer (the tensor payloads, framing not counted).",
             ["peer", "direction"],
+            registry=r,
+        )
+        self.resume_pause = Histogram(
+            "meshd_resume_pause_seconds",
+            "How long a resumed request's client waited: from its ring's loss to its next token.",
+            buckets=FIRST_TOKEN_BUCKETS,
             registry=r,
         )
         Info("meshd_build", "The running meshd and what it runs on.", registry=r).info(_build_info())
