@@ -455,6 +455,8 @@ class _Generation:
             "tokens_per_s": round(st.new_tokens / seconds, 3) if seconds > 0 else 0.0,
             "target_forwards": st.target_forwards,
             "verified_nodes": st.verified_nodes,
+            "resumed": st.resumed,  # replays on a new ring after the mesh lost or re-planned this request's ring
+            "paused_seconds": round(st.paused_seconds, 3),
             "token_ids": list(self.text.token_ids),
         }
 

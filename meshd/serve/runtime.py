@@ -47,6 +47,14 @@ INBOX_LIMIT = 4096  # ring messages waiting for the torch thread; a stage this f
 RETRY_SAME_RING = 5.0
 
 
+def _json_family(value: Any) -> Any:
+    """A metric for JSON: a labelled family (label sets as tuples of (name, value), as /metrics takes
+    them) becomes an object keyed ``name=value,...``; a plain number stays as it is."""
+    if not isinstance(value, dict):
+        return value
+    return {",".join(f"{k}={v}" for k, v in labels): n for labels, n in value.items()}
+
+
 class RequestHandle:
     """What the API holds for one request: an async stream of token chunks, then the outcome."""
 
@@ -735,7 +743,8 @@ class Runtime:
             "reason": self.ready()[1] or None,
             "stage": self.stage_stats() or None,
             "originator": self.originator_stats(),
-            "metrics": self.metrics(),
+            # labelled families (tuple label sets, for /metrics) as plain JSON objects
+            "metrics": {name: _json_family(value) for name, value in self.metrics().items()},
             "plan": {"epoch": ring.epoch, "committed": True, "stages": []} if ring else None,
             "peers": [],
             "requests": [h.progress(time.monotonic()) for h in self.handles.values()],
