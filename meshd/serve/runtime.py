@@ -55,6 +55,11 @@ def _json_family(value: Any) -> Any:
     return {",".join(f"{k}={v}" for k, v in labels): n for labels, n in value.items()}
 
 
+def _same_path(a: Ring | None, b: Ring | None) -> bool:
+    """Whether a stage output computed under ring ``a`` still goes where it should under ring ``b``."""
+    return a is not None and b is not None and (a.nodes, a.local_index, a.layout) == (b.nodes, b.local_index, b.layout)
+
+
 class RequestHandle:
     """What the API holds for one request: an async stream of token chunks, then the outcome."""
 
@@ -339,6 +344,17 @@ class Runtime:
         return ring_id if ring_id in self.handles else None
 
     def _fail_ring(self, ring_id: str, why: str) -> None:
+        """Fail the request the stages know as ``ring_id``. With resume, decided in the torch thread's
+        order: a resume queued before (a plan just committed) has given the request a new ring id by then,
+        so a refusal of what the old ring still held no longer matches it and is dropped."""
+        if self.resume_timeout > 0 and self.originator is not None:
+
+            def decided(fut: asyncio.Future) -> None:
+                if not fut.cancelled() and fut.exception() is None and fut.result() is not None:
+                    self._fail(fut.result(), why)
+
+            self._in_torch_now(self.originator.request_of, ring_id).add_done_callback(decided)
+            return
         rid = self._request_of(ring_id)
         if rid is not None:
             self._fail(rid, why)
@@ -534,7 +550,7 @@ class Runtime:
         if msg.code == "stale_epoch" and self.resume_timeout > 0:  # the stage is on a newer plan than we are
             self._path_broken(msg.request_id, f"peer {sender} moved on to a newer plan")
             return
-        self._fail(rid, f"peer {sender} failed the request ({msg.code}): {msg.reason}")
+        self._fail_ring(msg.request_id, f"peer {sender} failed the request ({msg.code}): {msg.reason}")
 
     def _refused(self, exc: FrameRejected) -> None:
         """This device's stage refused a message (or failed its forward): whoever must know hears why."""
@@ -616,7 +632,10 @@ class Runtime:
 
     async def _compute_once(self) -> None:
         while True:
+            ring, worker = self.ring, self.worker
             results, outputs = await self._torch(self._step)
+            if outputs and (self.worker is not worker or not _same_path(ring, self.ring)):
+                outputs = []  # computed for a plan replaced meanwhile: its requests replay on the new one
             for seg in outputs:  # first, so the next stage starts while the originator verifies and drafts
                 await self._route_output(seg)
             for res in results:
