@@ -233,6 +233,15 @@ class Config:
             hi=86400.0,
         ),
     )
+    resume_timeout: float = field(
+        default=120.0,
+        metadata=_opt(
+            "seconds a request whose ring was lost (a stage died or was cut off) waits for a new plan; on the "
+            "new plan it resumes where it stopped, after that it fails naming what the mesh lacks (0: fail at once)",
+            lo=0.0,
+            hi=86400.0,
+        ),
+    )
     wire_activations: str = field(default="auto", metadata=_opt(WIRE_ACTIVATIONS_HELP, choices=WIRE_ACTIVATIONS))
     drafter: str = field(
         default="auto",

@@ -36,6 +36,10 @@ class Stats:
     per_round: list[int] = field(default_factory=list)
     prefix_hit: int = 0  # prompt tokens whose KV the stages reused from a cached prefix (not computed)
     prefix_misses: int = 0  # a stage had evicted the prefix offered: the prompt was sent again in full
+    # the mesh's resume (meshd.ring.scheduler): times the request was replayed on a new ring after its ring
+    # was lost or re-planned, and the seconds its client waited for tokens across those pauses
+    resumed: int = 0
+    paused_seconds: float = 0.0
 
     @property
     def mean_accepted(self) -> float:

@@ -11,6 +11,8 @@ runs the same daemon as ``meshd serve`` with two hooks that ``meshd serve`` itse
 - ``--insecure-plaintext-links``: links keep their sequence numbers but drop the AEAD, to measure what
   sealing costs a running ring (``python -m meshd.lab.linkcost flow``); INSECURE, every daemon of the
   mesh must have it (the handshake refuses a mismatch), and the daemon logs a warning at start;
+- ``--partitionable``: the daemon's links can be cut while its process lives on (a network partition):
+  SIGUSR1 cuts it off the mesh, SIGUSR2 heals it (:class:`Partition`);
 - ``--emulate PROFILE[:xK]``: this device behaves like the simulator's device profile (a built-in name
   such as ``jetson-orin-7b`` or a profile file), slowed K times: each stage forward, LM head and draft
   call, once really computed, sleeps until the profile's time for its layers and rows has passed
@@ -26,7 +28,9 @@ The testbed (and so ``meshd bench --backend daemons``) starts its daemons throug
 from __future__ import annotations
 
 import argparse
+import logging
 import math
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -35,6 +39,9 @@ from pathlib import Path
 
 import torch
 
+import peers.link
+import peers.mesh
+import peers.neighbours
 from meshd.config import add_arguments, load_config
 from meshd.lab.sim.links import parse_link
 from meshd.lab.sim.profiles import BUILTIN, Profile, load_profile
@@ -42,7 +49,7 @@ from meshd.serve.daemon import serve
 from models.drafters import Drafter
 from models.stage import Attend, Stage
 from models.tree import Tree
-from peers.link import LinkEmulation
+from peers.link import HandshakeError, LinkEmulation
 
 MAX_SLOWDOWN = 1000.0
 
@@ -210,6 +217,55 @@ class DeviceEmulation:
         }
 
 
+class Partition:
+    """A network partition around this daemon, emulated in its transport: while cut, nothing it sends on
+    a link reaches the wire, nothing it receives is acted on, and no new link gets through its handshake,
+    while the process, its sockets and its state live on. Its peers stop hearing its heartbeats and drop
+    it after their peer timeout, as they would a board whose Wi-Fi went; it drops them in turn.
+
+    The cut is applied at the three places every link passes (peers.link and peers.neighbours take no
+    such hook, and a benchmark knob does not belong in them), so :meth:`install` must run before the
+    daemon builds its mesh node. SIGUSR1 cuts, SIGUSR2 heals.
+    """
+
+    def __init__(self) -> None:
+        self.cut = False
+        self.log = logging.getLogger("meshd.lab.partition")
+
+    def install(self) -> None:
+        part = self
+        write, on_message = peers.link.Link._write, peers.mesh.MeshNode._on_message
+        dial, accept = peers.neighbours.dial, peers.neighbours.accept_handshake
+
+        async def _write(link: peers.link.Link, message: bytes) -> None:
+            if not part.cut:
+                await write(link, message)
+
+        async def _on_message(node: peers.mesh.MeshNode, link: peers.link.Link, msg) -> None:
+            if not part.cut:
+                await on_message(node, link, msg)
+
+        async def _dial(*args, **kw):
+            if part.cut:
+                raise HandshakeError("partitioned (emulated): no route to the peer", "closed")
+            return await dial(*args, **kw)
+
+        async def _accept(*args, **kw):
+            if part.cut:
+                raise HandshakeError("partitioned (emulated): the peer is unreachable", "closed")
+            return await accept(*args, **kw)
+
+        peers.link.Link._write = _write
+        peers.mesh.MeshNode._on_message = _on_message
+        peers.neighbours.dial, peers.neighbours.accept_handshake = _dial, _accept
+        signal.signal(signal.SIGUSR1, lambda *_: self.set(True))
+        signal.signal(signal.SIGUSR2, lambda *_: self.set(False))
+
+    def set(self, cut: bool) -> None:
+        self.cut = cut
+        self.log.warning("emulated partition: this daemon's links are %s", "CUT" if cut else "healed")
+
+
 def slowdown(factor: float) -> Callable[[Stage], Stage] | None:
     """The daemon's stage wrapper for a device ``factor`` times slower (None: serve stages as loaded)."""
     if not 1.0 <= factor <= MAX_SLOWDOWN:
@@ -245,6 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="BENCHMARKS ONLY, INSECURE: links without encryption or authentication (sequence numbers kept), "
         "to measure what sealing costs; every daemon of the mesh needs it (a mismatch is refused)",
     )
+    s.add_argument(
+        "--partitionable", action="store_true", help="SIGUSR1 cuts this daemon's links (a partition), SIGUSR2 heals"
+    )
     add_arguments(s)
     return p
 
@@ -263,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"meshd.lab.emulate: error: {exc}", file=sys.stderr)
         return 2
+    if args.partitionable:
+        Partition().install()
     return serve(cfg, stage_wrapper=wrapper, link_emulation=emulation, device=device)
 
 

@@ -159,6 +159,25 @@ class LoopbackMesh:
         self.procs[i].send_signal(signal.SIGKILL)
         self.procs[i].wait(10)
 
+    def terminate(self, i: int) -> None:
+        """SIGTERM: daemon ``i`` drains (``drain_timeout``) and leaves; returns at once, see :meth:`wait_exit`."""
+        self.procs[i].send_signal(signal.SIGTERM)
+
+    def wait_exit(self, i: int, timeout: float) -> int:
+        return self.procs[i].wait(timeout)
+
+    def cut(self, i: int) -> None:
+        """Cut daemon ``i``'s links while it lives on (needs ``--partitionable`` in ``extra``)."""
+        self.procs[i].send_signal(signal.SIGUSR1)
+
+    def heal(self, i: int) -> None:
+        self.procs[i].send_signal(signal.SIGUSR2)
+
+    def stage_index(self, i: int, plan: dict) -> int | None:
+        """Daemon ``i``'s stage in ``plan`` (None: it holds no layers)."""
+        node = self.node_id(i)
+        return next((k for k, s in enumerate(plan["stages"]) if s["node_id"] == node), None)
+
     def close(self) -> None:
         for p in self.procs:
             if p.poll() is None:

@@ -78,18 +78,32 @@ class InProcessPipeline:
         self.outcomes[req.request_id] = Outcome()
         self.dispatch(self.originator.submit(req))
 
+    def step(self) -> bool:
+        """Every stage once, in ring order, then the originator's idle work; whether anything ran."""
+        busy = False
+        for k, w in enumerate(self.workers):
+            for out in w.step():
+                busy = True
+                self._deliver(forward(out, k, len(self.workers), w.queued_rows))
+        if self.originator.idle_work():  # after the stages' steps, with their segments in flight
+            busy = True
+            self.dispatch(self.originator.idle())
+        return busy
+
+    def lose_ring(self) -> None:
+        """Every stage is gone with what it held (the mesh lost a peer): live requests pause."""
+        self.workers = []
+        self.dispatch(self.originator.on_ring_lost())
+
+    def new_ring(self, workers: list[StageWorker], curves: Sequence[CostCurve]) -> None:
+        """A new ring of ``workers`` (fresh, possibly split otherwise): paused requests resume on it."""
+        self.workers = workers
+        self.dispatch(self.originator.on_ring(curves))
+
     def run(self, max_steps: int = 1_000_000) -> dict[str, Outcome]:
         """Step every stage in ring order until no work is left."""
         for _ in range(max_steps):
-            busy = False
-            for k, w in enumerate(self.workers):
-                for out in w.step():
-                    busy = True
-                    self._deliver(forward(out, k, len(self.workers), w.queued_rows))
-            if self.originator.idle_work():  # after the stages' steps, with their segments in flight
-                busy = True
-                self.dispatch(self.originator.idle())
-            if not busy:
+            if not self.step():
                 break
         for rid, o in self.outcomes.items():
             if o.reason is None:
@@ -115,17 +129,26 @@ def build_local_pipeline(
     ``prefix_bytes``: each stage keeps this many bytes of finished requests' KV for reuse (0: off).
     """
     full = full or Stage.load(source, dtype=dtype)
+    workers, curves = local_stages(full, n_stages, curves, prefix_bytes)
+    if prefix_bytes:
+        originator_kw.setdefault("prefix_book", PrefixBook(prefix_bytes))
+    orig = Originator(full, drafter_factory, curves, **originator_kw)
+    return InProcessPipeline(orig, workers)
+
+
+def local_stages(
+    full: Stage, n_stages: int, curves: CostCurve | Sequence[CostCurve] | None = None, prefix_bytes: int = 0
+) -> tuple[list[StageWorker], list[CostCurve]]:
+    """``full`` cut into ``n_stages`` fresh workers sharing its weights, and their cost curves (see
+    :func:`build_local_pipeline`)."""
     n = full.cfg.n_layers
     ranges = LayerRange.split(n, n_stages)
     workers = [
         StageWorker(full.slice(r), embed=full.embed if r.first == 0 else None, prefix_bytes=prefix_bytes)
         for r in ranges
     ]
-    if prefix_bytes:
-        originator_kw.setdefault("prefix_book", PrefixBook(prefix_bytes))
     if curves is None:
         curves = [CostCurve({1: r.n_layers / n, 64: 2 * r.n_layers / n}) for r in ranges]
     elif isinstance(curves, CostCurve):
         curves = [CostCurve({t: curves(t) * r.n_layers / n for t in curves.ts}) for r in ranges]
-    orig = Originator(full, drafter_factory, curves, **originator_kw)
-    return InProcessPipeline(orig, workers)
+    return workers, list(curves)

@@ -26,6 +26,7 @@ the pool while it is in flight, for drivers that call it when the originator's d
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -68,6 +69,8 @@ class Emit:
     request_id: str
     tokens: list[int]
     logprobs: list[TokenLogprobs] | None = None  # one per token, when the request asked for them
+    # on the first tokens after a resume: how long the client waited for them (the pause), in seconds
+    resumed_after: float | None = None
 
 
 @dataclass
@@ -83,7 +86,7 @@ class CloseSessions:
     """Every stage frees the request's session; a finished one may first keep its context's KV for
     reuse (see :class:`~meshd.ring.messages.Close`: ``keep``, ``commit``, ``epoch``)."""
 
-    request_id: str
+    request_id: str  # the id the stages know the request by (its ring id, see ``_Live.ring_id``)
     keep: tuple[int, ...] = ()
     commit: tuple[int, ...] = ()
     epoch: int = 0
@@ -146,6 +149,12 @@ class _Live:
     prefix: PrefixMatch | None = None
     ctx_feats: list[torch.Tensor] = field(default_factory=list)
     final_commit: list[int] = field(default_factory=list)
+    # resume: the id the stages know this request by (the client's id, a fresh one after each resume, so
+    # that nothing of an earlier ring can reach the new one), and the pause the client is in
+    ring_id: str = ""
+    paused_at: float | None = None  # when the ring was lost; cleared by the first tokens after the resume
+    waiting: bool = False  # paused and not yet replayed on a ring
+    replaying: bool = False  # the replay prefill of the committed history is in flight
 
     @property
     def context(self) -> list[int]:
@@ -192,6 +201,7 @@ class Originator:
         self.set_ring(stage_curves)
         self.top_k, self.depth, self.pool, self.max_nodes = top_k, depth, pool, max_nodes
         self.live: dict[str, _Live] = {}
+        self._by_ring: dict[str, str] = {}  # ring id -> request id, for what comes back from the stages
         self.stage_queue = 0  # latest queue depth the ring reported
         self._rows_hint = 8  # rows of the latest flow segment: the size slots are computed for
         self.peak_segments = 0  # most segments of one request in flight at once, since start
@@ -233,32 +243,35 @@ class Originator:
             TreeBudget(self.ring_cost, max_nodes=self.max_nodes),
             torch.Generator().manual_seed(req.seed) if req.seed is not None else None,
             started=self.clock(),
+            ring_id=req.request_id,
         )
         self.live[req.request_id] = lv
+        self._by_ring[lv.ring_id] = req.request_id
         lv.new_ids(len(req.prompt))  # the prompt's nodes are 0..n-1, at their positions
         if self.prefix_book is not None and req.prefix_cache:
             lv.prefix = self.prefix_book.match(req.prompt, need_feats=drafter is not None)
-        return self._send_prompt(lv)
+        return self._prefill_segments(lv, req.prompt)
 
-    def _send_prompt(self, lv: _Live, restart: bool = False) -> list[Action]:
-        """The prompt's prefill chunks, after the cached prefix ``lv.prefix`` when there is one (its
-        first chunk names the prefix; stages fork the request's KV from their cache), else from the
-        start (``restart``: the stages drop whatever they hold of it, after a prefix miss)."""
-        req = lv.req
+    def _prefill_segments(self, lv: _Live, tokens: list[int], restart: bool = False) -> list[Action]:
+        """``tokens`` as committed context from position 0 (a new request's prompt, or a resumed
+        request's history; their nodes 0..n-1 already allocated), cut into prefill chunks. With a cached
+        prefix ``lv.prefix`` the chunks start after it (the first names the prefix; stages fork the
+        request's KV from their cache); ``restart``: the stages drop whatever they hold of the request
+        first (after a prefix miss)."""
         skip = lv.prefix.length if lv.prefix is not None else 0
         lv.stats.prefix_hit = skip
-        ids = list(range(skip, len(req.prompt)))
+        ids = list(range(skip, len(tokens)))
         acts: list[Action] = []
         for a in range(0, len(ids), PREFILL_CHUNK):
             chunk = ids[a : a + PREFILL_CHUNK]
             for i in chunk:
                 lv.pos[i] = i
             seg = Segment(
-                req.request_id,
+                lv.ring_id,
                 chunk,
                 [i - 1 if i > 0 else PROMPT_PARENT for i in chunk],
                 chunk,
-                tokens=[req.prompt[i] for i in chunk],
+                tokens=[tokens[i] for i in chunk],
                 commit=True,
                 origin=self.origin,
                 prefix=PrefixRef(lv.prefix.epoch, skip, lv.prefix.hash) if skip and a == 0 else None,
@@ -269,26 +282,28 @@ class Originator:
         lv.prefill_left = set(ids)
         return acts
 
-    def prefix_miss(self, request_id: str) -> list[Action]:
-        """A stage no longer holds the prefix the request's prompt started after: send the whole
-        prompt again (the request goes on; only its first token comes later). Once per request:
-        other stages' misses of the same prefix are answered by the same restart."""
-        lv = self.live.get(request_id)
+    def prefix_miss(self, ring_id: str) -> list[Action]:
+        """A stage no longer holds the prefix the prompt of the request it knows as ``ring_id`` started
+        after: send the whole prompt again (the request goes on; only its first token comes later).
+        Once per request: other stages' misses of the same prefix are answered by the same restart."""
+        rid = self._by_ring.get(ring_id)
+        lv = self.live.get(rid) if rid is not None else None
         if lv is None or lv.prefix is None or not lv.prefill_left:
             return []
         self.prefix_book.forget(lv.prefix.hash)
         lv.prefix = None
         lv.feats.clear()
         lv.stats.prefix_misses += 1
-        return self._send_prompt(lv, restart=True)
+        return self._prefill_segments(lv, lv.req.prompt, restart=True)
 
     def cancel(self, request_id: str, reason: str = "cancelled", error: str | None = None) -> list[Action]:
         lv = self.live.pop(request_id, None)
         if lv is None:
             return []
+        self._by_ring.pop(lv.ring_id, None)
         lv.done = True
         lv.stats.seconds = self.clock() - lv.started
-        return [CloseSessions(request_id), Finish(request_id, reason, lv.stats, error)]
+        return [CloseSessions(lv.ring_id), Finish(request_id, reason, lv.stats, error)]
 
     def ring_lost(self, why: str) -> list[Action]:
         """A stage died: every request in flight fails with an error (no silent hang)."""
@@ -297,11 +312,120 @@ class Originator:
             acts += self.cancel(rid, "error", why)
         return acts
 
+    # ---- resume: the ring lost or re-planned under live requests ---------------------------------
+    def request_of(self, ring_id: str) -> str | None:
+        """The live request the stages know as ``ring_id`` (None: none, or an earlier ring's id)."""
+        return self._by_ring.get(ring_id)
+
+    def paused(self) -> list[str]:
+        """Live requests in a pause: waiting for a ring, or replaying their history on one."""
+        return [rid for rid, lv in self.live.items() if lv.paused_at is not None]
+
+    def waiting(self) -> list[str]:
+        """Live requests waiting for a ring to be replayed on."""
+        return [rid for rid, lv in self.live.items() if lv.waiting]
+
+    def on_ring_lost(self) -> list[Action]:
+        """The ring is gone (a stage died or was cut off) or is about to be replaced (a new plan moved
+        the layers): every live request pauses. What it has emitted stays; what was in flight is
+        forgotten, and anything still coming back from the old ring is ignored. :meth:`on_ring`
+        resumes them; no action goes out now (the stages that would receive them may be gone)."""
+        for lv in self.live.values():
+            self._pause(lv)
+        return []
+
+    def pause(self, ring_id: str) -> list[Action]:
+        """One request's path through the ring broke (a send to a stage failed, a stage moved on to a
+        newer plan): it pauses like :meth:`on_ring_lost`, alone."""
+        rid = self._by_ring.get(ring_id)
+        if rid is not None:
+            self._pause(self.live[rid])
+        return []
+
+    def on_ring(self, stage_curves: Sequence[CostCurve]) -> list[Action]:
+        """A ring to serve on (a newly committed plan, or the current one again): every paused request
+        resumes on it. See :meth:`_resume`."""
+        self.set_ring(stage_curves)
+        return self.resume_waiting()
+
+    def resume_waiting(self, older_than: float = 0.0) -> list[Action]:
+        """Resume on the current ring every request that has waited for one at least ``older_than`` s."""
+        now, acts = self.clock(), []
+        for lv in list(self.live.values()):
+            if lv.waiting and lv.paused_at is not None and now - lv.paused_at >= older_than:
+                acts += self._resume(lv)
+        return acts
+
+    def give_up(self, timeout: float, why: str) -> list[Action]:
+        """Requests that waited for a ring longer than ``timeout`` s fail with ``why`` (what is missing)."""
+        now, acts = self.clock(), []
+        for rid, lv in list(self.live.items()):
+            if lv.waiting and lv.paused_at is not None and now - lv.paused_at > timeout:
+                acts += self.cancel(rid, "error", f"no ring to resume on within {timeout:g} s: {why}")
+        return acts
+
+    def _pause(self, lv: _Live) -> None:
+        if lv.paused_at is None:  # a second loss during the replay extends the same pause
+            lv.paused_at = self.clock()
+        lv.waiting, lv.replaying = True, False
+        for k in list(lv.segments):
+            self.ring.dropped((lv.req.request_id, k))
+        lv.segments.clear()
+        lv.seg_of.clear()
+        lv.in_flight.clear()
+        lv.prefill_left.clear()
+        lv.logits.clear()
+        lv.feats.clear()
+        lv.tree, lv.pool, lv.placed, lv.ids, lv.walk, lv.deepen = None, None, {}, [], Walk(), False
+        lv.ctx_feats, lv.final_commit = [], []  # node ids and features of the old ring's context
+
+    def _resume(self, lv: _Live) -> list[Action]:
+        """Rebuild ``lv``'s KV on the current ring and carry on from its last emitted token.
+
+        The stages learn the request under a fresh ring id (the old one's sessions are closed and its
+        late messages cannot mix in) and get its committed history as one prefill from position 0: the
+        prompt and every emitted token but the last, which is the next round's root as it would have
+        been. The drafter restarts from that history, as for a new prompt. What is decided is decided:
+        no token is sampled again, and the request's random generator (``seed``) continues where it
+        stopped, so with temperature > 0 the tokens after a resume are the next draws of the same
+        stream: a sample from the target distribution, though not the one an uninterrupted run would
+        have drawn (the trees it verifies differ). With nothing emitted yet it is a plain new prefill.
+        """
+        old = lv.ring_id
+        self._by_ring.pop(old, None)
+        lv.stats.resumed += 1
+        lv.ring_id = resumed_ring_id(lv.req.request_id, lv.stats.resumed)
+        self._by_ring[lv.ring_id] = lv.req.request_id
+        lv.waiting, lv.replaying = False, bool(lv.out)
+        lv.next_id, lv.pos, lv.tail = 0, {}, PROMPT_PARENT
+        lv.budget.cost = self.ring_cost
+        history = lv.context[:-1] if lv.out else list(lv.req.prompt)
+        if lv.drafter is not None:
+            lv.drafter.reset(list(history))
+        lv.prefix = None  # a cached prefix is named under the old plan's epoch: the replay computes it all
+        lv.new_ids(len(history))
+        return [CloseSessions(old), *self._prefill_segments(lv, history)]
+
+    def _replayed(self, lv: _Live, feats: torch.Tensor) -> list[Action]:
+        """The replay prefill is back: the history's KV is on every stage again; the next round starts
+        at the last emitted token, exactly as after a prompt's prefill (nothing is sampled here)."""
+        lv.replaying = False
+        if self.prefix_book is not None:  # the history's features: the record a later turn may reuse
+            lv.ctx_feats = [feats]
+        if lv.drafter is not None:
+            lv.drafter.accept(lv.context, feats)
+        return self._new_round(lv)
+
+    def _by_result(self, res: Result) -> _Live | None:
+        rid = self._by_ring.get(res.request_id)
+        lv = self.live.get(rid) if rid is not None else None
+        return None if lv is None or lv.waiting else lv
+
     def on_result(self, res: Result) -> list[Action]:
         """Hidden states of ``res``'s nodes came back from the last stage."""
-        lv = self.live.get(res.request_id)
+        lv = self._by_result(res)
         if lv is None:
-            return []  # finished or cancelled while this segment was in flight
+            return []  # finished, cancelled, or sent on a ring since lost, while this segment was in flight
         self.stage_queue = res.stage_queue
         t0 = self.timer()
         if lv.prefill_left:
@@ -339,7 +463,7 @@ class Originator:
         """Rows ``on_result(res)`` will put through the LM head: the last prompt row once the prefill
         is complete, else the returned nodes still in flight (0 for a finished request). The
         simulator charges head time by it."""
-        lv = self.live.get(res.request_id)
+        lv = self._by_result(res)
         if lv is None:
             return 0
         if lv.prefill_left:
@@ -358,6 +482,8 @@ class Originator:
         feats = self.vocab.final_norm(torch.stack([lv.feats[i] for i in ids]))
         lv.feats.clear()
         lv.tail = ids[-1]
+        if lv.replaying:
+            return self._replayed(lv, feats)
         logits = self.vocab.logits(feats[-1:], normed=True)[0]
         if lv.prefix is not None and lv.prefix.feats is not None:  # the reused positions' features, recorded
             feats = torch.cat([lv.prefix.feats.to(feats.dtype), feats])
@@ -445,7 +571,7 @@ class Originator:
                 parents.append(lv.ids[p] if p >= 0 else root_parent)
             ids = [lv.ids[i] for i in part]
             seg = Segment(
-                lv.req.request_id,
+                lv.ring_id,
                 ids,
                 parents,
                 [lv.pos[n] for n in ids],
@@ -495,7 +621,7 @@ class Originator:
             keep = path_ids
         else:  # flow: waiting on the accepted child at the end of the path; its subtree survives
             keep = path_ids[:-1] + [lv.ids[i] for i in tree.subtree(walk.path[-1])]
-        acts.append(SendPrune(Prune(lv.req.request_id, lv.next_id - 1, sorted(keep), path_ids)))
+        acts.append(SendPrune(Prune(lv.ring_id, lv.next_id - 1, sorted(keep), path_ids)))
         lv.in_flight.intersection_update(keep)
         self._settle(lv)
         computed = [n for n in path_ids if n in lv.feats]
@@ -550,7 +676,7 @@ class Originator:
         tree = lv.tree
         ids = [lv.ids[i] for i in nodes]
         seg = Segment(
-            lv.req.request_id,
+            lv.ring_id,
             ids,
             [lv.ids[tree.parents[i]] for i in nodes],
             [lv.pos[n] for n in ids],
@@ -676,7 +802,7 @@ class Originator:
         rows = ([0] if root else []) + [lv.placed[i] for i in cands[:n]]
         ids = [lv.ids[t] for t in rows]
         seg = Segment(
-            lv.req.request_id,
+            lv.ring_id,
             ids,
             [lv.ids[tree.parents[t]] if t > 0 else lv.tail for t in rows],
             [lv.pos[i] for i in ids],
@@ -736,10 +862,18 @@ class Originator:
         lv.out.extend(new)
         if reason is None and len(lv.out) >= lv.req.max_new_tokens:
             reason = "length"
-        acts: list[Action] = [Emit(lv.req.request_id, new, lps[: len(new)] if lps is not None else None)] if new else []
+        acts: list[Action] = []
+        if new:
+            pause = None
+            if lv.paused_at is not None:  # the first tokens after a resume end the client's pause
+                pause = self.clock() - lv.paused_at
+                lv.paused_at = None
+                lv.stats.paused_seconds += pause
+            acts.append(Emit(lv.req.request_id, new, lps[: len(new)] if lps is not None else None, pause))
         if reason is not None:
             lv.done = True
             self.live.pop(lv.req.request_id, None)
+            self._by_ring.pop(lv.ring_id, None)
             lv.stats.new_tokens = len(lv.out)
             lv.stats.seconds = self.clock() - lv.started
             acts += [self._close_keeping(lv), Finish(lv.req.request_id, reason, lv.stats)]
@@ -751,7 +885,7 @@ class Originator:
         (the last token was sampled, never sent), in whole blocks; recorded here with its features."""
         book = self.prefix_book
         if book is None or not lv.req.prefix_cache:
-            return CloseSessions(lv.req.request_id)
+            return CloseSessions(lv.ring_id)
         kept = lv.context[:-1]
         feats = torch.cat(lv.ctx_feats) if lv.ctx_feats else None
         # the last round may have verified nodes past an end token or the length limit: not context
@@ -759,8 +893,16 @@ class Originator:
             feats = None  # a gap in what came back (not seen on a whole run): keep the hashes only
         hashes = book.record(kept, feats)
         if not hashes:
-            return CloseSessions(lv.req.request_id)
-        return CloseSessions(lv.req.request_id, tuple(hashes), tuple(lv.final_commit), book.epoch)
+            return CloseSessions(lv.ring_id)
+        return CloseSessions(lv.ring_id, tuple(hashes), tuple(lv.final_commit), book.epoch)
+
+
+def resumed_ring_id(request_id: str, resumes: int) -> str:
+    """The id the stages know ``request_id`` by after its ``resumes``-th resume: a 62-bit number (the wire
+    carries request ids as unsigned 64-bit integers), derived so that every originator and test sees the
+    same ids for the same request."""
+    digest = hashlib.blake2b(f"{request_id}/{resumes}".encode(), digest_size=8).digest()
+    return str(int.from_bytes(digest, "big") >> 2)
 
 
 def _best_prefix(gains: Sequence[float], cost: Callable[[int], float]) -> int:

@@ -54,6 +54,8 @@ log = logging.getLogger("meshd")
 ACCESS_FORMAT = '%a "%r" %s %b %Tf "%{User-Agent}i"'
 
 
+EARLY_LIMIT = 4096  # ring messages held for a plan this peer has not committed yet (beyond: dropped)
+
 RUNTIME_BYTES = 400 * 2**20
 """What a daemon process holds before any weight, counted against ``--memory`` on every peer:
 Python, torch and aiohttp (~240 MB resident on x86-64), the tokenizer (~70 MB), the model file's
@@ -143,6 +145,9 @@ class Daemon:
         self.stopping = asyncio.Event()
         # The slice loaded for a proposed plan, installed only when that plan commits: (epoch, stage).
         self._staged: tuple[int, Stage | None] | None = None
+        # Ring messages stamped with a plan newer than ours (a peer committed it first): held until ours commits,
+        # so this device's stage never runs them with the slice of the plan before.
+        self._early: list[tuple[int, str, RingMessage]] = []
         self.node: MeshNode | None = None
         self.runtime: Runtime | None = None
         self.runner: web.AppRunner | None = None
@@ -183,6 +188,7 @@ class Daemon:
             wire_activations=cfg.wire_activations,
             link_seconds_per_byte=link_seconds_per_byte(self.link_emulation),
             prefix_cache_bytes=parse_size(cfg.prefix_cache_size) if cfg.prefix_cache else 0,
+            resume_timeout=cfg.resume_timeout,
         )
         mesh_cfg = MeshConfig(
             api_port=cfg.port,
@@ -204,6 +210,7 @@ class Daemon:
         shape = model_shape(source, vocab, cfg.contexts * cfg.max_context)
         self.node = node = MeshNode(mesh_cfg, shape, load_slice=self._load_slice)
         rt.node_id = node.node_id
+        rt.plan_problem = lambda: node.negotiator.error  # what the planner says the mesh lacks
         rt.transport = self._send
         for kind in MESSAGE_TYPES:
             node.on(kind, self._receive)
@@ -226,6 +233,7 @@ class Daemon:
         self.metrics.link_bytes = lambda: {
             peer: {"sent": st.bytes_sent, "received": st.bytes_received} for peer, st in node.link_stats().items()
         }
+        rt.on_resumed = self.metrics.resume_pause.observe
         node.attach(app)
         rt.mesh_status = self._mesh_status
         access = logging.getLogger("meshd.access") if cfg.access_log else None
@@ -256,11 +264,15 @@ class Daemon:
     async def drain(self) -> None:
         """SIGTERM: refuse new generations (503) and give those in flight ``drain_timeout`` s to finish."""
         rt, timeout = self.runtime, self.cfg.drain_timeout
-        if not rt.handles and not self.guard.running:
+
+        def in_flight() -> int:  # ours, and other originators' passing through our stage (they resume if cut)
+            return len(rt.handles) + (len(rt.worker.sessions) if rt.worker is not None else 0)
+
+        if not in_flight() and not self.guard.running:
             return
-        notify.status(f"draining {len(rt.handles)} request(s) for up to {timeout:.0f} s")
-        log.info("draining: %d request(s) in flight get up to %.0f s to finish", len(rt.handles), timeout)
-        left = await self.guard.drain(timeout, lambda: len(rt.handles))
+        notify.status(f"draining {in_flight()} request(s) for up to {timeout:.0f} s")
+        log.info("draining: %d request(s) in flight get up to %.0f s to finish", in_flight(), timeout)
+        left = await self.guard.drain(timeout, in_flight)
         if left:
             log.warning("%d request(s) still in flight after %.0f s fail now", left, timeout)
 
@@ -389,12 +401,20 @@ class Daemon:
         local = next((i for i, s in enumerate(plan.stages) if s.node_id == me), None)
         curves = [self._stage_curve(s.node_id, s.n_layers) for s in plan.stages]
         self.runtime.set_ring(Ring(plan.epoch, nodes, curves, local, plan.layout))
+        early, self._early = self._early, []
+        for epoch, sender, msg in early:
+            if epoch <= plan.epoch:
+                self.runtime.deliver(msg, sender)
+            else:
+                self._early.append((epoch, sender, msg))
         layout = ", ".join(f"{s.node_id[:8]}[{s.layers}]" for s in plan.stages)
         notify.status(f"serving; plan epoch {plan.epoch}: {layout}; {len(plan.members)} peers")
         notify.ready()
 
     def _on_membership(self, event: MembershipEvent) -> None:
         rt = self.runtime
+        if isinstance(event, PeerLost):
+            rt.originator_lost(event.node_id)
         if isinstance(event, PeerLost) and rt.ring is not None and event.node_id in rt.ring.nodes:
             rt.clear_ring(f"peer {event.node_id} holding layers was lost ({event.reason}); waiting for a new plan")
             notify.status(f"re-planning: lost peer {event.node_id}")
@@ -411,6 +431,11 @@ class Daemon:
             log.warning("dropping %s from %s: %s", msg.type, sender, exc)
             return
         self.metrics.count_bytes(sender, "received", hidden_bytes(msg))
+        committed = self.node.committed_plan
+        if committed is not None and msg.epoch > committed.epoch:
+            if len(self._early) < EARLY_LIMIT:
+                self._early.append((msg.epoch, sender, ring_msg))
+            return  # beyond the limit, dropped: its request pauses on its stall, never runs on the wrong slice
         self.runtime.deliver(ring_msg, sender)
 
     def _mesh_status(self) -> dict:

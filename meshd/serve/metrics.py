@@ -72,6 +72,8 @@ HELP = {
     "prefix_misses_total": "Kept prefixes a stage no longer held: the prompt was sent again in full.",
     "stage_prefix_cache_bytes": "Bytes of kept prefixes' KV at this device's stage (inside its KV reservation).",
     "stage_prefix_cache_entries": "Kept prefixes at this device's stage.",
+    "requests_resumed_total": "Resumes of requests this device originated after their ring was lost or re-planned.",
+    "resume_pause_seconds_total": "Seconds clients of this device's requests waited across resume pauses.",
     "api_requests_total": "HTTP API requests by endpoint and status code.",
     "api_client_disconnects_total": "Generations cancelled because the client went away.",
     "api_streams_active": "Server-sent-event streams open now.",
@@ -123,6 +125,12 @@ class Metrics:
             "meshd_peer_activation_bytes",
             "Hidden-state bytes carried on the link with a peer (the tensor payloads, framing not counted).",
             ["peer", "direction"],
+            registry=r,
+        )
+        self.resume_pause = Histogram(
+            "meshd_resume_pause_seconds",
+            "How long a resumed request's client waited: from its ring's loss to its next token.",
+            buckets=FIRST_TOKEN_BUCKETS,
             registry=r,
         )
         Info("meshd_build", "The running meshd and what it runs on.", registry=r).info(_build_info())

@@ -23,7 +23,7 @@ import torch
 
 from meshd import __version__
 from meshd.ring.interpreter import Delivery, ToClient, ToEveryStage, ToStage, forward, interpret
-from meshd.ring.messages import PREFIX_MISS, Failure, Result, RingMessage, Segment
+from meshd.ring.messages import PREFIX_MISS, Close, Failure, Result, RingMessage, Segment
 from meshd.ring.scheduler import Action, CloseSessions, Emit, Originator, Request
 from meshd.ring.validate import FrameRejected, Limits, check_result
 from meshd.ring.wire import as_received, link_dtype
@@ -42,6 +42,23 @@ log = logging.getLogger(__name__)
 RECENT_REQUESTS = 8  # finished requests ``status()`` keeps showing, so a short one is seen on the live page
 
 INBOX_LIMIT = 4096  # ring messages waiting for the torch thread; a stage this far behind refuses peers' new work
+# A request whose send to a stage failed while the plan stayed (a link dropped and came back) is replayed on the
+# same ring after this long: longer than the mesh takes to declare a silent peer lost (3 s), so a dead stage
+# gets a new plan first instead of a replay that fails again.
+RETRY_SAME_RING = 5.0
+
+
+def _json_family(value: Any) -> Any:
+    """A metric for JSON: a labelled family (label sets as tuples of (name, value), as /metrics takes
+    them) becomes an object keyed ``name=value,...``; a plain number stays as it is."""
+    if not isinstance(value, dict):
+        return value
+    return {",".join(f"{k}={v}" for k, v in labels): n for labels, n in value.items()}
+
+
+def _same_path(a: Ring | None, b: Ring | None) -> bool:
+    """Whether a stage output computed under ring ``a`` still goes where it should under ring ``b``."""
+    return a is not None and b is not None and (a.nodes, a.local_index, a.layout) == (b.nodes, b.local_index, b.layout)
 
 
 BOOK_SHARE = 4  # the originator's record of kept prefixes may hold a quarter of a stage's prefix bytes
@@ -137,6 +154,7 @@ class Runtime:
         wire_activations: str = "fp16",
         link_seconds_per_byte: float | None = None,
         prefix_cache_bytes: int = 0,
+        resume_timeout: float = 0.0,
     ):
         self.source, self.vocab, self.tokenizer = source, vocab, tokenizer
         self.flow_slots = flow_slots  # the originator's segments in flight per flow request (None: from the ring)
@@ -154,6 +172,12 @@ class Runtime:
         # (the drafter's features of those positions: a hidden-size row per token, far less than a stage's
         # KV per token); 0: off
         self.prefix_cache_bytes = prefix_cache_bytes
+        # a request whose ring is lost waits this long for a new one and resumes on it (0: it fails at once);
+        # ``plan_problem`` says why there is no plan (the planner's error), for the error after the wait
+        self.resume_timeout = resume_timeout
+        self.plan_problem: Callable[[], str | None] | None = None
+        self.on_resumed: Callable[[float], None] | None = None  # each resumed request's pause, in seconds
+        self._origin_of: dict[str, str] = {}  # ring id -> the peer originating it, for sessions at our stage
         self.refusals: dict[str, int] = {}  # refused ring messages by code, for the log and /metrics
         self._heard: dict[str, float] = {}  # request id -> when the ring last answered it (or it was submitted)
         self._swept = time.monotonic()
@@ -187,6 +211,8 @@ class Runtime:
             "prefix_hit_tokens_total": 0,  # prompt tokens the stages did not compute: kept prefixes
             "prefix_hit_requests_total": 0,
             "prefix_misses_total": 0,
+            "requests_resumed_total": 0,  # resumes of requests this device originated (a request may resume twice)
+            "resume_pause_seconds_total": 0.0,  # what their clients waited across those pauses
         }
         self.started = time.time()
         self.unavailable_reason = "no committed plan yet: waiting for peers"
@@ -240,11 +266,19 @@ class Runtime:
             self.worker.gate.follow(ring.nodes[ring.local_index - 1] if ring.local_index > 0 else None)
 
     def set_ring(self, ring: Ring) -> None:
-        """A committed plan: requests started under an older one cannot finish, so they fail now,
-        unless every stage is where it was (the mesh only gained or lost a pure originator)."""
+        """A committed plan. Requests started under an older one cannot go on there: with resume they
+        pause and replay their history on the new ring (also after :meth:`clear_ring`, and for a plan that
+        only grew the mesh back); without, they fail now. Either way a plan that keeps every stage where it
+        was (the mesh only gained or lost a pure originator) keeps its requests as they are."""
         old = self.ring
         self.ring = ring
         self._follow_ring()
+        if self.worker is not None:
+            self.worker.set_epoch(ring.epoch)
+        if self.resume_timeout > 0 and self.originator is not None:
+            moved = old is not None and old.epoch != ring.epoch and not (ring.layout and ring.layout == old.layout)
+            self._resume_on(ring, pause_first=moved)
+            return
         if old is not None and old.epoch != ring.epoch:
             same_layout = bool(ring.layout) and ring.layout == old.layout
             for rid, epoch in list(self._ring_of.items()):
@@ -269,13 +303,22 @@ class Runtime:
         else:
             self.originator.set_ring(ring.curves)
         self.originator.set_epoch(ring.epoch)  # prefixes are named under the plan that holds them
-        if self.worker is not None:
-            self.worker.set_epoch(ring.epoch)
 
     def clear_ring(self, reason: str) -> None:
-        """A stage is gone: every request in flight fails with ``reason`` (the originator's ``ring_lost``)."""
+        """A stage is gone: every request in flight pauses until the next plan (resume), or fails with
+        ``reason`` (the originator's ``ring_lost``) when resume is off."""
         self.ring = None
         self.unavailable_reason = reason
+        if self.resume_timeout > 0 and self.originator is not None:
+            if self.handles:
+                log.info(
+                    "ring lost (%s): %d request(s) pause and wait up to %.0f s for a new plan",
+                    reason,
+                    len(self.handles),
+                    self.resume_timeout,
+                )
+            self._in_torch_now(self.originator.on_ring_lost)
+            return
         if self.originator is not None:
             self._apply_now(self.originator.ring_lost(reason))
         for rid in list(self.handles):  # submitted, but not yet live at the originator
@@ -285,6 +328,98 @@ class Runtime:
         if self.ring is None:
             return False, self.unavailable_reason
         return True, ""
+
+    # ---- resume -----------------------------------------------------------------------------
+    def _in_torch_now(self, fn: Callable, *args: Any) -> asyncio.Future:
+        """Queue ``fn`` on the torch thread at once, ahead of anything queued later (the executor is one
+        FIFO thread): a pause queued when the ring goes runs before any result that arrives after it."""
+        fut = self._loop.run_in_executor(self.executor, fn, *args)
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # a failure is logged where awaited
+        return fut
+
+    def _resume_on(self, ring: Ring, pause_first: bool) -> None:
+        """Pause every live request (``pause_first``: the plan moved layers under them), then replay every
+        paused one on ``ring``; queued now, so nothing computed for the old ring slips in between."""
+        now = time.monotonic()
+        for rid in self.handles:
+            self._heard[rid] = now
+
+        def work() -> list[Action]:
+            self.originator.set_epoch(ring.epoch)  # prefixes are named under the plan that holds them
+            if pause_first:
+                self.originator.on_ring_lost()
+            return self.originator.on_ring(ring.curves)
+
+        self._spawn(self._dispatch_later(self._in_torch_now(work), ring, f"plan epoch {ring.epoch}"))
+
+    async def _dispatch_later(self, fut: asyncio.Future, ring: Ring, what: str) -> None:
+        try:
+            actions = await fut
+        except Exception:
+            log.exception("resuming requests on %s failed", what)
+            return
+        n = sum(isinstance(a, CloseSessions) for a in actions)
+        if n:
+            log.info("resuming %d request(s) on %s: replaying their history", n, what)
+        await self._dispatch(actions, ring)
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _path_broken(self, ring_id: str, why: str) -> None:
+        """A message of request ``ring_id`` could not reach its stage: with resume it pauses (the next plan,
+        or the same ring after ``RETRY_SAME_RING`` s, replays it); without, it fails."""
+        if self.resume_timeout > 0 and self.originator is not None:
+            log.info("request %s paused: %s", self._request_of(ring_id) or ring_id, why)
+            self._in_torch_now(self.originator.pause, ring_id)
+        else:
+            self._fail_ring(ring_id, why)
+
+    def _request_of(self, ring_id: str) -> str | None:
+        """The request (of ours) the stages know as ``ring_id``; None for another originator's or a stale id."""
+        if self.originator is not None and (rid := self.originator.request_of(ring_id)) is not None:
+            return rid
+        return ring_id if ring_id in self.handles else None
+
+    def _fail_ring(self, ring_id: str, why: str) -> None:
+        """Fail the request the stages know as ``ring_id``. With resume, decided in the torch thread's
+        order: a resume queued before (a plan just committed) has given the request a new ring id by then,
+        so a refusal of what the old ring still held no longer matches it and is dropped."""
+        if self.resume_timeout > 0 and self.originator is not None:
+
+            def decided(fut: asyncio.Future) -> None:
+                if not fut.cancelled() and fut.exception() is None and fut.result() is not None:
+                    self._fail(fut.result(), why)
+
+            self._in_torch_now(self.originator.request_of, ring_id).add_done_callback(decided)
+            return
+        rid = self._request_of(ring_id)
+        if rid is not None:
+            self._fail(rid, why)
+
+    def _sweep_paused(self) -> tuple[list[Action], list[str]]:
+        """Torch thread: give up on requests that waited for a ring past ``resume_timeout``; replay those that
+        waited ``RETRY_SAME_RING`` s on a ring still in place. Returns the actions and who is still paused."""
+        o = self.originator
+        acts: list[Action] = []
+        if self.ring is not None:
+            acts += o.resume_waiting(older_than=RETRY_SAME_RING)
+        why = (self.plan_problem() if self.plan_problem else None) or self.unavailable_reason
+        acts += o.give_up(self.resume_timeout, why)
+        return acts, o.paused()
+
+    def originator_lost(self, node: str) -> None:
+        """Peer ``node`` is gone: the sessions its requests hold at our stage are freed now, not after the
+        idle timeout (the originator's death is the one loss nothing resumes)."""
+        gone = [r for r, o in self._origin_of.items() if o == node]
+        for r in gone:
+            del self._origin_of[r]
+            self._inbox.append((Close(r), None))
+        if gone:
+            log.info("freeing %d session(s) of requests originated by lost peer %s", len(gone), node)
+            self._wake.set()
 
     # ---- requests ---------------------------------------------------------------------------
     async def submit(self, prompt_ids: list[int], params: GenerateParams) -> RequestHandle:
@@ -359,8 +494,8 @@ class Runtime:
                 await self._deliver(d, ring)
 
     # ---- moving messages --------------------------------------------------------------------
-    async def _dispatch(self, actions: list[Action]) -> None:
-        ring = self.ring  # one plan for the whole batch, even if a new one is committed while sending
+    async def _dispatch(self, actions: list[Action], ring: Ring | None = None) -> None:
+        ring = ring or self.ring  # one plan for the whole batch, even if a new one is committed while sending
         for d in interpret(actions):
             await self._deliver(d, ring)
 
@@ -368,7 +503,9 @@ class Runtime:
         if isinstance(d, ToClient):
             self._to_client(d)
             return
-        if ring is None:  # no plan: nowhere to send; the request has already failed
+        if ring is None:  # no plan: nowhere to send; the request has already failed, or pauses (resume)
+            if isinstance(d, ToStage) and self.resume_timeout > 0:
+                self._path_broken(d.message.request_id, "no committed plan to send it on")
             return
         if isinstance(d, ToStage):
             await self._to_node(ring.nodes[d.index], d.message)
@@ -387,6 +524,17 @@ class Runtime:
             if h:
                 h._push(a.tokens, a.logprobs)
                 self.counters["tokens_total"] += len(a.tokens)
+                if a.resumed_after is not None:
+                    self.counters["requests_resumed_total"] += 1
+                    self.counters["resume_pause_seconds_total"] += a.resumed_after
+                    log.info(
+                        "request %s resumed after a pause of %.2f s (%d tokens before it)",
+                        a.request_id,
+                        a.resumed_after,
+                        len(h.token_ids) - len(a.tokens),
+                    )
+                    if self.on_resumed is not None:
+                        self.on_resumed(a.resumed_after)
         elif a.request_id in self.handles:
             self.counters["rounds_total"] += a.stats.rounds
             self.counters["accepted_total"] += sum(a.stats.per_round)
@@ -423,7 +571,7 @@ class Runtime:
         try:
             await self.transport(node, msg)
         except ConnectionError as exc:
-            self._fail(msg.request_id, f"lost the link to peer {node}: {exc}")
+            self._path_broken(msg.request_id, f"lost the link to peer {node}: {exc}")
 
     def deliver(self, msg: RingMessage, sender: str | None = None) -> None:
         """A ring message for this device's worker (or a result or failure for our originator), from the
@@ -441,6 +589,10 @@ class Runtime:
             except FrameRejected as exc:
                 self._refused(exc)
                 return
+        if isinstance(msg, Segment) and sender not in (None, self.node_id):
+            self._origin_of[msg.request_id] = msg.origin or sender
+        elif isinstance(msg, Close):
+            self._origin_of.pop(msg.request_id, None)
         if len(self._inbox) >= INBOX_LIMIT and sender not in (None, self.node_id):
             # the torch thread is this far behind: new work from peers is refused, not queued without bound
             if isinstance(msg, Segment):
@@ -453,11 +605,14 @@ class Runtime:
     def _on_failure(self, msg: Failure, sender: str | None) -> None:
         """A stage (or the mesh) says one of our requests cannot go on: fail it with that reason. Only a
         peer of the ring may fail a request (any stage could stall it anyway); others are ignored."""
-        ring = self.ring
-        if msg.request_id not in self.handles or ring is None or (sender is not None and sender not in ring.nodes):
+        ring, rid = self.ring, self._request_of(msg.request_id)
+        if rid is None or ring is None or (sender is not None and sender not in ring.nodes):
             log.debug("ignoring %s failure of request %s from %s", msg.code, msg.request_id, sender)
             return
-        self._fail(msg.request_id, f"peer {sender} failed the request ({msg.code}): {msg.reason}")
+        if msg.code == "stale_epoch" and self.resume_timeout > 0:  # the stage is on a newer plan than we are
+            self._path_broken(msg.request_id, f"peer {sender} moved on to a newer plan")
+            return
+        self._fail_ring(msg.request_id, f"peer {sender} failed the request ({msg.code}): {msg.reason}")
 
     def _prefix_miss(self, rid: str, sender: str | None) -> None:
         """A stage no longer holds the prefix a request of ours started after: the originator sends
@@ -480,7 +635,7 @@ class Runtime:
         if exc.code == PREFIX_MISS and (exc.tell is None or exc.tell == self.node_id):
             self._prefix_miss(exc.request_id, None)
         elif exc.tell is None or exc.tell == self.node_id:
-            self._fail(exc.request_id, f"{exc.reason} ({exc.code} at this device's stage)")
+            self._fail_ring(exc.request_id, f"{exc.reason} ({exc.code} at this device's stage)")
         elif self.transport is not None:
             failure = Failure(exc.request_id, exc.code, exc.reason)
             task = asyncio.ensure_future(self._tell(exc.tell, failure))
@@ -509,11 +664,20 @@ class Runtime:
 
     async def _compute_loop(self) -> None:
         sweep = max(0.05, min(30.0, self.session_timeout / 4, (self.stall_timeout or 120.0) / 4))
+        if self.resume_timeout > 0:
+            sweep = min(sweep, 1.0)  # paused requests' deadlines
         while not self._stopping:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), sweep)
             self._wake.clear()
             try:
+                if self.resume_timeout > 0 and self.originator is not None and self.handles:
+                    actions, paused = await self._torch(self._sweep_paused)
+                    now = time.monotonic()
+                    for rid in paused:  # a pause is not a stall: its own deadline is resume_timeout
+                        if rid in self._heard:
+                            self._heard[rid] = now
+                    await self._dispatch(actions)
                 self._fail_stalled()
                 await self._compute_once()
                 if self.worker is not None and time.monotonic() - self._swept >= sweep:
@@ -545,19 +709,23 @@ class Runtime:
 
     async def _compute_once(self) -> None:
         while True:
+            ring, worker = self.ring, self.worker
             results, outputs = await self._torch(self._step)
+            if outputs and (self.worker is not worker or not _same_path(ring, self.ring)):
+                outputs = []  # computed for a plan replaced meanwhile: its requests replay on the new one
             for seg in outputs:  # first, so the next stage starts while the originator verifies and drafts
                 await self._route_output(seg)
             for res in results:
-                if res.request_id in self._heard:
-                    self._heard[res.request_id] = time.monotonic()
+                rid = self._request_of(res.request_id)
+                if rid in self._heard:
+                    self._heard[rid] = time.monotonic()
                 if self.originator is None:
                     continue
                 try:
                     actions = await self._torch(self.originator.on_result, res)
                 except Exception as exc:  # one broken request fails alone, with its reason, instead of hanging
                     log.exception("request %s failed at the originator", res.request_id)
-                    self._fail(res.request_id, f"internal error at the originator: {type(exc).__name__}: {exc}")
+                    self._fail_ring(res.request_id, f"internal error at the originator: {type(exc).__name__}: {exc}")
                     continue
                 await self._dispatch(actions)
             if not results and not outputs and not self._inbox:
@@ -689,7 +857,8 @@ class Runtime:
             "reason": self.ready()[1] or None,
             "stage": self.stage_stats() or None,
             "originator": self.originator_stats(),
-            "metrics": self.metrics(),
+            # labelled families (tuple label sets, for /metrics) as plain JSON objects
+            "metrics": {name: _json_family(value) for name, value in self.metrics().items()},
             "plan": {"epoch": ring.epoch, "committed": True, "stages": []} if ring else None,
             "peers": [],
             "requests": [h.progress(time.monotonic()) for h in self.handles.values()],
