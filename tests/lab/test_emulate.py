@@ -147,6 +147,17 @@ def test_an_emulated_device_takes_the_profiles_time_and_counts_overruns(tiny_dir
     assert fast.report()["stage_forwards"] == {**fast.report()["stage_forwards"], "calls": 1, "overruns": 1}
 
 
+def test_an_emulated_slice_publishes_the_profiles_curve_unless_the_real_one_is_slower(tiny_dir):
+    """Originators size segments by the published curve: an emulated slice must publish what its forwards
+    take (the profile's time), not this machine's, except where the real computation overruns it."""
+    full = Stage.load(ModelSource.resolve(str(tiny_dir)), dtype="fp32")
+    half = full.slice(LayerRange(0, full.cfg.n_layers // 2))
+    emu = DeviceEmulation(_profile(60.0, 40.0, 10.0), factor=2.0)
+    curve = emu.curve(half, {1: 0.001, 8: 0.002, 64: 0.5})
+    assert curve[1] == pytest.approx(2 * 2 * 0.060) and curve[8] == pytest.approx(2 * 2 * 0.060)
+    assert curve[64] == 0.5  # the real forward over 64 rows is slower than the profile: that is what it takes
+
+
 def test_emulate_names_a_builtin_profile_or_a_file_and_a_factor(tmp_path):
     emu = DeviceEmulation.parse("jetson-orin-7b:x4")
     assert (emu.profile.name, emu.factor, emu.spec) == ("jetson-orin-7b", 4.0, "jetson-orin-7b:x4")

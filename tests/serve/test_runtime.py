@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from support import solo_runtime
+from support import CodecMesh, solo_runtime
 
 from meshd.ring.messages import PROMPT_PARENT, Segment
 from meshd.serve.engine import GenerateParams
@@ -108,3 +108,39 @@ async def test_a_lost_stage_fails_every_request_in_flight(tiny_dir):
         assert rt.ready() == (False, "peer peer-b holding layers was lost (timeout); waiting for a new plan")
     finally:
         await rt.stop()
+
+
+async def test_the_runtime_deepens_flow_pools_when_its_torch_thread_is_idle(tiny_dir):
+    """With slots a first segment leaves after a shallow draft; the runtime must call ``Originator.idle``
+    when nothing is queued (here: while the other runtime computes the second stage), or no filler is ever
+    drafted and slots degenerate to one shallow tree per round. The output stays ``ar``'s."""
+    src = ModelSource.resolve(str(tiny_dir))
+    full = Stage.load(src, dtype="fp32")
+    half = full.cfg.n_layers // 2
+    cc = CostCurve({1: 1.0, 64: 1.1})
+    mesh = CodecMesh()
+    a = Runtime(src, full, drafter_factory("ngram", full), node_id="A")
+    a.install_worker(Stage.load(src, LayerRange(0, half), vocab=False, dtype="fp32"))
+    a.set_ring(Ring(epoch=1, nodes=[None, "B"], curves=[cc, cc], local_index=0))
+    b = Runtime(src, full, None, node_id="B")
+    b.install_worker(Stage.load(src, LayerRange(half, full.cfg.n_layers), vocab=False, dtype="fp32"))
+    b.set_ring(Ring(epoch=1, nodes=["A", None], curves=[cc, cc], local_index=1))
+    mesh.join(a)
+    mesh.join(b)
+    idle, calls = a.originator.idle, []
+    a.originator.idle = lambda: calls.append(1) or idle()
+    await a.start()
+    await b.start()
+    try:
+        prompt = [5, 6, 7, 8] * 6  # repetitive: the n-gram drafter has something to draft
+        got = {}
+        for mode in ("flow", "ar"):
+            handle = await a.submit(prompt, GenerateParams(max_tokens=12, mode=mode))
+            got[mode] = [t for chunk in await finished(handle) for t in chunk]
+            assert handle.finish_reason in ("length", "stop"), handle.error
+        assert got["flow"] == got["ar"]
+        assert calls, "the runtime never let the originator draft while idle"
+        assert not a.originator.idle_work()
+    finally:
+        await a.stop()
+        await b.stop()

@@ -174,3 +174,18 @@ def test_bad_role_or_work_is_refused_with_the_peer_named():
         PeerResources("x", GiB, role="head")
     with pytest.raises(ValueError, match="peer x: originator work"):
         PeerResources("x", GiB, origin_layers=-1.0)
+
+
+def test_role_and_originator_work_travel_in_the_hello_and_old_hellos_still_parse():
+    from peers.codec import SchemaError
+    from peers.hello import Hello
+
+    h = Hello("a", "i", 0.0, "m", "fp", GiB, role="originator", origin_layers=4.5)
+    back = Hello.from_wire(h.to_wire())
+    assert (back.role, back.origin_layers) == ("originator", 4.5)
+    old = {k: v for k, v in h.to_wire().items() if k not in ("role", "origin_layers")}  # a peer before roles
+    assert (Hello.from_wire(old).role, Hello.from_wire(old).origin_layers) == ("both", 0.0)
+    with pytest.raises(SchemaError, match=r"hello\.role"):
+        Hello.from_wire({**h.to_wire(), "role": "boss"})
+    with pytest.raises(SchemaError, match=r"hello\.origin_layers"):
+        Hello.from_wire({**h.to_wire(), "origin_layers": -2.0})
