@@ -110,7 +110,9 @@ def run(args: argparse.Namespace) -> dict:
     with LoopbackMesh(work, args.daemons, model=args.model, dtype=args.dtype, threads=args.threads, extra=extra) as m:
         m.wait_plan(list(range(args.daemons)), args.daemons, timeout=300, progress=print)
         url = m.url(0)
-        stream_turn(url, [{"role": "user", "content": "Hello."}], 4, args.mode, False)  # warm-up
+        # warm-up with a first turn's shape (not kept): the first long prefill of a fresh daemon is slower
+        warm = [{"role": "system", "content": f"Warm-up. {SYSTEM}"}, {"role": "user", "content": QUESTIONS[0]}]
+        stream_turn(url, warm, args.max_tokens, args.mode, False)
         runs = [conversation(url, args.turns, args.max_tokens, args.mode, i + 1) for i in range(args.repeats)]
     turns = []
     mismatches = []

@@ -183,3 +183,17 @@ def test_a_turn_ending_inside_an_accepted_path_keeps_its_features(tiny_src, full
     assert b.stats.prefix_hit == m.length
     want, gaps = greedy_reference(full, nxt, 8, set())
     assert_matches_greedy(b.tokens, want, gaps)
+
+
+def test_only_the_unbroken_start_of_the_committed_chain_is_kept(full):
+    """A close that commits nodes off the context's chain (a buggy or hostile originator) cannot make a
+    stage keep KV of the wrong positions under a prefix's name: keeping stops where the chain breaks."""
+    w = StageWorker(full, embed=full.embed, prefix_bytes=MB)
+    n = 30
+    w.handle(Segment("a", list(range(n)), [i - 1 for i in range(n)], list(range(n)), [3] * n, commit=True))
+    w.step()
+    side = list(range(n, n + 11))  # a branch off position 10, not a continuation of the prompt
+    w.handle(Segment("a", side, [10, *side[:-1]], list(range(11, 22)), [4] * 11))
+    w.step()
+    w.handle(Close("a", tuple(range(100, 103)), tuple(side), 0))
+    assert w.prefixes.tokens == PREFIX_BLOCK  # the prompt's one whole block, not 2 blocks of a mixed chain

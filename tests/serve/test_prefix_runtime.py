@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from support import two_stage_mesh
 
+from meshd.serve.apischema import ApiError, parse_chat
 from meshd.serve.engine import GenerateParams
 from models.source import ModelSource
 
@@ -53,3 +55,11 @@ async def test_next_turn_reuses_the_kept_prefix_and_a_miss_resends(tiny_dir):
     finally:
         await a.stop()
         await b.stop()
+
+
+def test_a_request_may_opt_out_of_prefix_caching():
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    assert parse_chat(chat, 4096).prefix_cache is True
+    assert parse_chat({**chat, "prefix_cache": False}, 4096).prefix_cache is False
+    with pytest.raises(ApiError, match="prefix_cache"):
+        parse_chat({**chat, "prefix_cache": "no"}, 4096)
