@@ -162,7 +162,7 @@ def test_bad_input_gets_openai_errors_and_the_daemon_keeps_serving(mesh3, body, 
 
 def test_stage_killed_mid_generation_fails_cleanly_then_replans(tmp_path, embedded, embedded_tokenizer):
     """With resume off (``--resume-timeout 0``) a lost stage fails the request at once with a clear error;
-    tests/e2e/test_resume.py has the default, where it resumes on the new plan."""
+    tests/e2e/test_resume_e2e.py has the default, where it resumes on the new plan."""
     mesh3 = Mesh(tmp_path, 3, extra=["--resume-timeout", "0"])
     try:
         _kill_a_stage_and_recover(mesh3, embedded, embedded_tokenizer)
