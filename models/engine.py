@@ -16,7 +16,7 @@ from models.budget import CostCurve, TreeBudget
 from models.drafters import Drafter
 from models.stage import Stage
 from models.tree import Tree
-from models.verify import History, Sampling, sample_token, verify
+from models.verify import History, Sampling, Walk, advance, sample_token
 
 PREFILL_CHUNK = 256
 GREEDY = Sampling()
@@ -183,6 +183,8 @@ def verify_tree(
     stats.target_forwards += 1
     stats.verified_nodes += n
     feats = target.final_norm(hidden)
-    path, emitted = verify(tree, target.logits(feats, normed=True), sampling, gen, history)
+    walk = Walk()
+    emitted = advance(walk, tree, target.logits_by_row(feats), sampling, gen, history)
+    path = walk.path
     cache.keep(list(range(base)) + [base + i for i in path])
     return path, emitted, feats[path]

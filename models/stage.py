@@ -8,7 +8,7 @@ transformers is the test reference, never the hot path.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -288,6 +288,29 @@ class Stage:
         h = hidden if normed else self.final_norm(hidden)
         return linear(h, self.lm_head_packed).float()
 
+    def logits_by_row(self, normed: torch.Tensor) -> Callable[[int], torch.Tensor]:
+        """Row ``i``'s logits (fp32, as :meth:`logits`) for post-norm rows ``normed``, computed when
+        first asked for: what a verification walk (:func:`models.verify.advance`) takes.
+
+        A quantized LM head costs about the same per row however many rows it gets (torch's int8 and
+        int4 kernels run row by row; 49,152 x 576 int8 is ~3.5 ms a row on the reference machine), and
+        a walk reads only the rows on its accepted path, ~1.5 of a tree's 8: those rows alone, one at a
+        time. The kernels compute each row the same way in any batch (checked in
+        tests/model/test_quant.py), so the logits are the batched ones exactly. A dense LM head
+        (oneDNN) costs nearly the same for 1 or 64 rows: all rows at once.
+        """
+        if not isinstance(self.lm_head_packed, QuantWeight):
+            every = self.logits(normed, normed=True)
+            return every.__getitem__
+        rows: dict[int, torch.Tensor] = {}
+
+        def row(i: int) -> torch.Tensor:
+            if i not in rows:
+                rows[i] = self.logits(normed[i : i + 1], normed=True)[0]
+            return rows[i]
+
+        return row
+
     @torch.inference_mode()
     def forward(self, x: torch.Tensor, items: Sequence[Attend]) -> torch.Tensor:
         """Run this stage's layers over ``x`` (T, hidden), rows split among ``items`` in order.
@@ -305,13 +328,18 @@ class Stage:
         ropes = [self.rope(it.positions, self.dtype) for it in items]
         cos = ropes[0][0] if len(ropes) == 1 else torch.cat([c for c, _ in ropes], dim=1)
         sin = ropes[0][1] if len(ropes) == 1 else torch.cat([s for _, s in ropes], dim=1)
-        masks = [float_mask(it.mask, self.dtype)[None, None] for it in items]
+        # a row that sees every cached entry and every new one (decoding one token) needs no mask:
+        # SDPA without one skips adding zeros, and the sums are the same
+        masks = [
+            None if t == 1 and bool(it.mask.all()) else float_mask(it.mask, self.dtype)[None, None]
+            for it, t in zip(items, sizes)
+        ]
 
         def attend(li: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             """Each item's rows attend over its own cache only (block-diagonal)."""
             if len(items) == 1:
                 keys, values = items[0].cache.write(li, k, v)
-                return attention(q[None], keys[None], values[None], masks[0])[0]
+                return attention(q[None], keys[None], values[None], masks[0])[0]  # 4-D: SDPA's flash kernel
             outs, row = [], 0
             for it, t, m in zip(items, sizes, masks):
                 keys, values = it.cache.write(li, k[:, row : row + t], v[:, row : row + t])

@@ -184,6 +184,27 @@ def test_int4_pads_rows_to_the_kernels_multiple():
     assert torch.allclose(qw.dequantize(), quantize_int4(w).dequantize(), atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_kernels_compute_each_row_alike_in_any_batch(kind, dtype):
+    """What Stage.logits_by_row relies on: a row's product does not depend on the rows beside it, so
+    logits computed for the rows a walk reads, one at a time, are the batched logits exactly."""
+    torch.manual_seed(2)
+    qw = (quantize_int8 if kind == "int8" else quantize_int4)(torch.randn(96, 128)).pack(dtype)
+    x = torch.randn(9, 128).to(dtype)
+    assert torch.equal(qw.matmul(x), torch.cat([qw.matmul(x[i : i + 1]) for i in range(9)]))
+
+
+@pytest.mark.parametrize("weights", ["dense", "int8", "native"])
+def test_logits_by_row_equal_the_batched_logits(tiny_gguf, weights):
+    stage = Stage.load(tiny_gguf["Q4_1"], dtype="bf16", weights=None if weights == "dense" else weights)
+    normed = stage.final_norm(torch.randn(7, stage.cfg.hidden_size).to(stage.dtype))
+    every = stage.logits(normed, normed=True)
+    row = stage.logits_by_row(normed)
+    for i in (3, 0, 6, 3):
+        assert torch.equal(row(i), every[i])
+
+
 def test_format_resolution():
     assert resolve_format("fp32", None) == ("dense", torch.float32)
     assert resolve_format("int4", None) == ("int4", torch.bfloat16)

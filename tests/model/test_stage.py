@@ -127,7 +127,11 @@ def test_rope_table_grows_and_equals_the_formula(tiny_dir):
         # where an ulp of dt is at most eps(dt): 2 eps bounds both.
         tol = 2 * torch.finfo(dt).eps
         torch.testing.assert_close(cos[0], (emb.cos() * rope.scale).to(dt), atol=tol, rtol=0)
-        torch.testing.assert_close(sin[0], (emb.sin() * rope.scale).to(dt), atol=tol, rtol=0)
+        # the sine comes signed for rotate-half: its first half negated (models.layers.rotate)
+        sign = torch.cat((-torch.ones(emb.shape[1] // 2), torch.ones(emb.shape[1] // 2)))
+        torch.testing.assert_close(sin[0], (emb.sin() * rope.scale * sign).to(dt), atol=tol, rtol=0)
+        one_cos, one_sin = rope(torch.tensor([700]), dt)  # one row: a view of the table, the same values
+        assert torch.equal(one_cos[0, 0], cos[0, 2]) and torch.equal(one_sin[0, 0], sin[0, 2])
 
 
 def test_packed_weights_match_plain_matmul(tiny_dir, monkeypatch):

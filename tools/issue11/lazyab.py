@@ -1,0 +1,67 @@
+# ruff: noqa: E402, B018  (one-off measurement scripts for issue 11: loop-bound lambdas are called at once)
+"""Same process, same model: spec with per-row verification (new) against all rows batched (old), alternated."""
+
+import time
+
+import torch
+
+from meshd.serve.local import LocalModel
+from models.stage import Stage
+
+torch.set_num_threads(1)
+import models.engine as eng
+
+_vt = eng.verify_tree
+NODES = [0]
+
+
+def _count(target, cache, tree, *a, **k):
+    NODES[0] += len(tree)
+    return _vt(target, cache, tree, *a, **k)
+
+
+eng.verify_tree = _count
+lm = LocalModel("default", None, "native")
+lm.curve
+lazy = Stage.logits_by_row
+
+
+def batched(self, normed):
+    every = self.logits(normed, normed=True)
+    return every.__getitem__
+
+
+prompts = [
+    "Explain how a bicycle stays upright.",
+    "Write a short story about a lighthouse keeper.",
+    "What is 17 times 23? Show the steps.",
+]
+res = {"lazy": [], "batched": []}
+for r in range(3):
+    for name, fn in (("batched", batched), ("lazy", lazy)):
+        Stage.logits_by_row = fn
+        tok, cpu, wall, nodes, rounds = 0, 0.0, 0.0, 0, 0
+        outs = []
+        NODES[0] = 0
+        for p in prompts:
+            c0, w0 = time.thread_time(), time.perf_counter()
+            s = lm.run(p, mode="spec", drafter="auto", max_tokens=64, temperature=0.0, seed=0, stages=1)
+            cpu += time.thread_time() - c0
+            wall += time.perf_counter() - w0
+            tok += s["new_tokens"]
+            rounds += s["rounds"]
+        res[name].append(round(tok / cpu, 2))
+        print(
+            r,
+            name,
+            "tok/cpu-s",
+            round(tok / cpu, 2),
+            "tok/wall-s",
+            round(tok / wall, 2),
+            "tokens/round",
+            round(tok / rounds, 2),
+            "nodes/round",
+            round(NODES[0] / rounds, 2),
+            flush=True,
+        )
+print(res)
