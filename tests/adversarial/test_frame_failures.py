@@ -55,6 +55,10 @@ async def run_pair(tiny_dir, change, *, prompt_too: bool = False):
         good = await a.submit([5, 6, 7], params)
         bad_out, good_out = await asyncio.wait_for(asyncio.gather(outcome(bad), outcome(good)), CLIENT_BOUND_S)
         heard = time.monotonic() - victim["done"]
+        for _ in range(200):  # the originator's closes are still on their way to B when the clients hear
+            if not b.worker.sessions:
+                break
+            await asyncio.sleep(0.025)
         return bad_out, good_out, heard, a, b
     finally:
         await a.stop()

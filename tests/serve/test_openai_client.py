@@ -113,9 +113,17 @@ def test_top_k_and_min_p_shape_what_is_sampled(client_mesh):
         model=SERVED, messages=MSGS, max_tokens=TOKENS, temperature=1.5, seed=2, extra_body={"min_p": 1.0}
     )
     assert top.model_extra["meshd"]["token_ids"] == client_mesh.want
+    # a seed reproduces the text where no tree depends on timing (ar); flow's slots and idle drafting
+    # shape its trees by the ring's timing, so a seeded flow request reproduces the distribution, not
+    # the text (docs/design.md, "Seeds")
     seeded = [
         c.chat.completions.create(
-            model=SERVED, messages=MSGS, max_tokens=TOKENS, temperature=1.0, seed=5, extra_body={"top_k": 20}
+            model=SERVED,
+            messages=MSGS,
+            max_tokens=TOKENS,
+            temperature=1.0,
+            seed=5,
+            extra_body={"top_k": 20, "mode": "ar"},
         )
         .choices[0]
         .message.content
