@@ -360,6 +360,7 @@ class Link:
         self._inflight: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue(queue_size)
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = asyncio.Event()
+        self._close_done = asyncio.Event()  # set once close() has finished (see close)
         self._closer: asyncio.Task[None] | None = None
         self._writing_since: float | None = None  # loop time the websocket write under way began
 
@@ -455,8 +456,15 @@ class Link:
             await self.close()
 
     async def close(self, code: int = WSCloseCode.OK, reason: str = "") -> None:
-        """Close the link; returns within about CLOSE_GRACE even if the peer no longer reads."""
+        """Close the link; returns within about CLOSE_GRACE even if the peer no longer reads.
+
+        A second caller waits for the first one's close to finish: the link's reader ends as soon as a
+        local close starts, and whoever owns the websocket (a dialer's ``async with``) would otherwise
+        close it first with a plain 1000, and the peer would miss why the link ended (going away).
+        """
         if self._closed.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._close_done.wait(), CLOSE_GRACE + 1.0)
             return
         self._closed.set()
         if self.close_code is None:
@@ -473,6 +481,7 @@ class Link:
         # aiohttp can give up on a close (a peer that does not read) without waking the reader, and then
         # drops the socket from its event loop's readers: shutting it down ends the connection for certain.
         self._shut_down_socket()
+        self._close_done.set()
 
     def _shut_down_socket(self) -> None:
         """Tear the TCP connection down under aiohttp, so a reader blocked on it wakes up.
