@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 
 from support import CodecMesh, solo_runtime
 
@@ -144,3 +146,22 @@ async def test_the_runtime_deepens_flow_pools_when_its_torch_thread_is_idle(tiny
     finally:
         await a.stop()
         await b.stop()
+
+
+def test_a_replaced_slice_is_freed_when_the_next_one_is_installed(tiny_dir):
+    """A re-plan swaps this device's slice; the old one must go at once, not at some later full
+    collection (the soak saw resident memory grow by a slice at every re-plan)."""
+    src = ModelSource.resolve(str(tiny_dir))
+    rt = Runtime(src, Stage.load(src, dtype="fp32"), None, node_id="me", prefix_cache_bytes=1 << 20)
+    first = Stage.load(src, LayerRange(0, 2), vocab=False, dtype="fp32")
+    rt.install_worker(first)
+    old_stage, old_worker = weakref.ref(first), weakref.ref(rt.worker)
+    del first
+    enabled = gc.isenabled()
+    gc.disable()  # only what install_worker itself does may free it
+    try:
+        rt.install_worker(Stage.load(src, LayerRange(1, 3), vocab=False, dtype="fp32"))
+        assert old_worker() is None and old_stage() is None
+    finally:
+        if enabled:
+            gc.enable()
