@@ -151,6 +151,7 @@ class MeshNode:
         self._handlers: dict[str, DataHandler] = {}
         self._plan_callbacks: list[Callable[[Plan], Awaitable[None] | None]] = []
         self._event_callbacks: list[Callable[[MembershipEvent], None]] = []
+        self._link_down_callbacks: list[Callable[[str], None]] = []
         self.membership = Membership(config.peer_timeout)
         self.negotiator = Negotiator(
             self.node_id, shape, config.plan_debounce, config.ack_timeout, fingerprint=config.fingerprint
@@ -223,6 +224,34 @@ class MeshNode:
 
     def on_membership(self, callback: Callable[[MembershipEvent], None]) -> None:
         self._event_callbacks.append(callback)
+
+    def on_link_down(self, callback: Callable[[str], None]) -> None:
+        """``callback(node_id)`` as soon as the link to a peer closes, however it ended.
+
+        Membership may wait the peer timeout before calling the peer lost (an abrupt close can be a
+        blip), but a closed link already proves that nothing more comes from that peer over it: what
+        only that peer could have continued (its requests' sessions at our stage) can go at once.
+        """
+        self._link_down_callbacks.append(callback)
+
+    def hand_over(self) -> bool:
+        """Give this node's layers to the other peers while it still serves (a graceful stop's first step).
+
+        The node announces itself as a pure originator, so the next plan puts no layers here: the others
+        load their wider slices while the current ring keeps serving, and at the commit live requests
+        move over by replaying their history (their only pause), before this node leaves. Returns False
+        when there is nothing to hand over (no committed plan gives this node layers, or it is alone);
+        if the others cannot hold the model without it, no plan commits and the current one stays.
+        """
+        committed = self.negotiator.committed
+        if committed is None or committed.stage_of(self.node_id) is None or not self.membership.members:
+            return False
+        self.hello = replace(self.hello, role="originator", origin_layers=0.0)
+        msg = Message("peer_info", {"hello": self.hello.to_wire()})
+        for link in list(self.neighbours.links.values()):
+            self._spawn(link.send(msg))
+        self._members_changed(time.monotonic())
+        return True
 
     def on_link_rtt(self, listener: RttListener) -> None:
         """``listener(node_id, seconds)`` hears every round trip measured on a link (a websocket
@@ -373,6 +402,8 @@ class MeshNode:
         self._membership_events(self.membership.heard(link.peer, time.monotonic()))
 
     def _on_link_down(self, link: Link) -> None:
+        for cb in self._link_down_callbacks:
+            cb(link.peer.node_id)
         # No need to wait for the heartbeat timeout when the way the link ended says the peer is gone.
         reason = _LOST_AT_ONCE.get(link.close_code or 0)
         if reason and not self.stopping:

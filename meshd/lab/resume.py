@@ -3,10 +3,11 @@
 ``python -m meshd.lab.resume --how kill|term|cut [--requests 5] [--tokens 48]`` starts three daemons
 (fp32), asks each question once on the intact mesh (the uninterrupted run), then streams the same
 questions at once through the two daemons that do not hold the middle stage, takes that stage away
-(SIGKILL, SIGTERM with a 1 s drain, or its links cut while it lives) and reports, per client, whether
-its text equals the uninterrupted one, how often it was resumed and the longest gap between two
-chunks it received (its pause). With ``--grow-back`` (kill only) the stage is restarted while a
-second round of streams runs, and the time until the plan has 3 stages again is reported.
+(SIGKILL; SIGTERM, which hands its layers over and then leaves; or its links cut while it lives) and
+reports, per client, whether its text equals the uninterrupted one, how often it was resumed and
+the longest gap between two chunks it received (its pause). With ``--grow-back`` (kill only) the
+stage is restarted while a second round of streams runs, and the time until the plan has 3 stages
+again is reported.
 """
 
 from __future__ import annotations
@@ -106,7 +107,7 @@ def disrupt(mesh: LoopbackMesh, victim: int, how: str) -> None:
 
 
 def extra_flags(how: str) -> list[str]:
-    return {"kill": [], "term": ["--drain-timeout", "1"], "cut": ["--partitionable"]}[how]
+    return {"kill": [], "term": ["--drain-timeout", "60"], "cut": ["--partitionable"]}[how]
 
 
 def uninterrupted(

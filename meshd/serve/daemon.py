@@ -216,6 +216,7 @@ class Daemon:
             node.on(kind, self._receive)
         node.on_plan(self._on_plan)
         node.on_membership(self._on_membership)
+        node.on_link_down(rt.originator_lost)  # its requests' sessions here: nothing can continue them now
 
         card = await asyncio.to_thread(
             build_card,
@@ -272,6 +273,10 @@ class Daemon:
             return
         notify.status(f"draining {in_flight()} request(s) for up to {timeout:.0f} s")
         log.info("draining: %d request(s) in flight get up to %.0f s to finish", in_flight(), timeout)
+        if self.node is not None and self.node.hand_over():
+            # Requests through our stage then pause only for their replay at the commit, not for the
+            # peers' re-plan after we are gone (which also loads and measures their new slices).
+            log.info("handing this device's layers over to the other peers; live requests move at the commit")
         left = await self.guard.drain(timeout, in_flight)
         if left:
             log.warning("%d request(s) still in flight after %.0f s fail now", left, timeout)
@@ -413,7 +418,7 @@ class Daemon:
 
     def _on_membership(self, event: MembershipEvent) -> None:
         rt = self.runtime
-        if isinstance(event, PeerLost):
+        if isinstance(event, PeerLost):  # usually freed already when its link closed (``on_link_down``)
             rt.originator_lost(event.node_id)
         if isinstance(event, PeerLost) and rt.ring is not None and event.node_id in rt.ring.nodes:
             rt.clear_ring(f"peer {event.node_id} holding layers was lost ({event.reason}); waiting for a new plan")

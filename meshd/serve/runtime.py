@@ -419,14 +419,15 @@ class Runtime:
         return acts, o.paused()
 
     def originator_lost(self, node: str) -> None:
-        """Peer ``node`` is gone: the sessions its requests hold at our stage are freed now, not after the
-        idle timeout (the originator's death is the one loss nothing resumes)."""
+        """Our link to peer ``node`` closed, or the mesh lost it: the sessions its requests hold at our stage
+        are freed now, not after the idle timeout (the originator's death is the one loss nothing resumes;
+        a live originator whose link only blipped resumes those requests under fresh ring ids anyway)."""
         gone = [r for r, o in self._origin_of.items() if o == node]
         for r in gone:
             del self._origin_of[r]
             self._inbox.append((Close(r), None))
         if gone:
-            log.info("freeing %d session(s) of requests originated by lost peer %s", len(gone), node)
+            log.info("freeing %d session(s) of requests originated by peer %s (its link closed)", len(gone), node)
             self._wake.set()
 
     # ---- requests ---------------------------------------------------------------------------

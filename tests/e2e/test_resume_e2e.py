@@ -2,7 +2,7 @@
 requests run through 3 stages, and every request still completes with the text of an uninterrupted
 run (fp32, temperature 0: the oracle's greedy tokens, near-ties allowed), its client seeing a pause.
 
-The stage goes three ways: SIGKILL, SIGTERM (it drains, then leaves), and a partition (its links
+The stage goes three ways: SIGKILL, SIGTERM (it hands its layers over, then leaves), and a partition (its links
 cut in the transport while the process lives). A killed stage that comes back is taken into the plan
 again with live requests unharmed. Each test prints the pause every client saw.
 """
@@ -75,6 +75,7 @@ def test_sigkill_a_stage_every_request_resumes_then_the_stage_grows_back(tmp_pat
 
         # the originator's own death: its client's connection breaks, the stages free its sessions at once
         origin = origins[0]
+        dead = mesh.node_id(origin)
         lone = Stream("Tell me a very long story about the sea.", mesh.ports[origin], 400)
         t = threading.Thread(target=lone.run, daemon=True)
         t.start()
@@ -91,19 +92,32 @@ def test_sigkill_a_stage_every_request_resumes_then_the_stage_grows_back(tmp_pat
             time.sleep(0.2)
         sessions = [http("GET", mesh.url(i) + "/mesh", timeout=5)[1]["stage"] for i in others]
         assert not any(s and s["sessions"] for s in sessions), sessions
+        # freed when its links closed (at once), before the mesh called it lost (the 3 s peer timeout)
+        freed = f"originated by peer {dead} (its link closed)"
+        logs = [(mesh.workdir / f"node{i}.log").read_text() for i in others]
+        assert any(freed in text for text in logs), "no stage freed the dead originator's sessions"
+        for text in logs:
+            if freed in text and f"peer {dead} lost" in text:
+                assert text.index(freed) < text.index(f"peer {dead} lost"), "freed only after the peer timeout"
 
 
-def test_sigterm_a_stage_every_request_resumes(tmp_path, request, embedded_tokenizer):
-    """Graceful: the stage drains for drain_timeout (1 s here, shorter than the requests) and leaves with a
-    going-away close, so its peers re-plan at once instead of after the peer timeout."""
+def test_sigterm_a_stage_hands_its_layers_over_and_every_request_completes(tmp_path, request, embedded_tokenizer):
+    """Graceful: the stage first hands its layers over (the others load wider slices while it still
+    serves), so its requests pause only for their replay at the commit; then it leaves, and the
+    plan that follows keeps every stage where it was (nobody waits for a peer timeout or a reload)."""
     with Mesh(tmp_path, 3, extra=extra_flags("term")) as mesh:
         plan = mesh.wait_plan([0, 1, 2], 3, timeout=120)
         victim, origins = middle_stage(mesh, plan)
         runs = uninterrupted(mesh, origins[0], QUESTIONS, TOKENS)
+        gone = mesh.node_id(victim)
         streams, threads = start_streams(mesh, origins, QUESTIONS, TOKENS)
         mesh.terminate(victim)
         check_streams(streams, threads, runs, request, embedded_tokenizer, "SIGTERM")
-        assert mesh.wait_exit(victim, 30) == 0
+        assert mesh.wait_exit(victim, 60) == 0
+        log = (mesh.workdir / f"node{victim}.log").read_text()
+        assert "handing this device's layers over" in log, "the stage left without handing over"
+        after = mesh.wait_plan(origins, 2, timeout=30)
+        assert gone not in [s["node_id"] for s in after["stages"]]
 
 
 def test_partitioned_stage_every_request_resumes(tmp_path, request, embedded_tokenizer):

@@ -176,6 +176,53 @@ async def test_clean_stop_is_noticed_at_once(mesh):
     await until(lambda: a.plan.committed and a.plan.members == (a.node_id,), timeout=5)
 
 
+async def test_a_closed_link_is_reported_at_once_while_membership_waits(mesh):
+    """An abrupt close (not going-away) may be a blip, so membership waits the peer timeout; but the
+    link-down callback fires at once, which is what frees a dead originator's sessions promptly."""
+    sa, sb = ports(2)
+    a = await mesh("a", sa, peers=[sb.getsockname()[1]], peer_timeout=30.0)
+    b = await mesh("b", sb, peers=[sa.getsockname()[1]], peer_timeout=30.0)
+    await until(lambda: agreed(a, b) and len(a.plan.members) == 2)
+    down: list[str] = []
+    a.on_link_down(down.append)
+    await b.neighbours.close_link(a.node_id, 1011, "a test's abrupt close")
+    await until(lambda: down == [b.node_id], timeout=5)
+    assert b.node_id in a.membership.members  # not lost: the peer timeout (30 s) decides that
+
+
+async def test_hand_over_moves_the_layers_off_a_node_that_still_serves(mesh):
+    socks = ports(3)
+    nodes = [
+        await mesh(name, sock, peers=[s.getsockname()[1] for s in socks if s is not sock])
+        for name, sock in zip("abc", socks, strict=True)
+    ]
+    await until(lambda: agreed(*nodes) and len(nodes[0].plan.members) == 3 and len(nodes[0].plan.stages) == 3)
+    leaving = nodes[1]
+    epoch = leaving.plan.epoch
+    assert leaving.hand_over()
+    staying = [n for n in nodes if n is not leaving]
+
+    def handed_over() -> bool:
+        plan = leaving.committed_plan
+        return (
+            agreed(*nodes)
+            and plan.epoch > epoch
+            and plan.stage_of(leaving.node_id) is None
+            and leaving.node_id in plan.members  # still a member: it serves until the commit, then leaves
+            and {s.node_id for s in plan.stages} == {n.node_id for n in staying}
+        )
+
+    await until(handed_over)
+    assert not leaving.hand_over()  # nothing left to hand over
+
+
+async def test_a_lone_node_has_nothing_to_hand_over(mesh):
+    a = await mesh("a")
+    await until(lambda: a.plan is not None and a.plan.committed)
+    assert not a.hand_over()
+    assert a.committed_plan.stage_of(a.node_id) is not None
+
+
 async def test_round_trip_time_on_loopback(mesh, capsys):
     sa, sb = ports(2)
     a = await mesh("a", sa, peers=[sb.getsockname()[1]])
