@@ -396,12 +396,13 @@ class Originator:
         Like a prompt, the replay starts after the longest prefix of the history the prefix book holds
         (``Segment.prefix``; a stage that evicted it answers ``prefix_miss`` and the whole history is
         sent again). The book is emptied of every other plan's prefixes at :meth:`set_epoch`, so only
-        prefixes kept under the ring's current epoch can match: a resume on the same plan (a transient
-        path break, a ``stale_epoch`` bounce before the commit) finds what the request's own prompt
-        started after, and a new plan finds what requests that finished on it since its commit kept
-        (a shared system prompt, say). Nothing kept before a re-plan can serve after it: a stage keeps
-        KV for its own layer slice only, so the KV of a slice that moved exists on no stage of the new
-        ring (its old holder dropped it with the old epoch, and the new holder never computed it).
+        prefixes kept under the ring's current epoch can match: a resume on the same plan (a path that
+        broke and is retried on the ring still in place) finds what the request's own prompt started
+        after, and a new plan (a lost stage, a re-plan, a ``stale_epoch`` bounce, which resumes at this
+        originator's own commit of the newer plan) finds only what requests that finished on it since
+        its commit kept (a shared system prompt, say). Nothing kept before a re-plan can serve after it:
+        a stage keeps KV for its own layer slice only, so the KV of a slice that moved exists on no stage
+        of the new ring (its old holder dropped it with the old epoch, the new holder never computed it).
         """
         old = lv.ring_id
         self._by_ring.pop(old, None)
