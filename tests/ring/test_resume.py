@@ -1,5 +1,6 @@
 """Resume without sockets: the ring is lost mid-generation, the requests pause, and a new ring (split
-otherwise) rebuilds their KV by replaying the history; the tokens are those of an uninterrupted run."""
+otherwise) rebuilds their KV by replaying the history; the tokens are those of an uninterrupted run.
+With prefix caches the replay starts after the longest prefix kept under the ring's plan."""
 
 from __future__ import annotations
 
