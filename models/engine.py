@@ -34,8 +34,11 @@ class Stats:
     prefill_seconds: float = 0.0
     draft_seconds: float = 0.0
     per_round: list[int] = field(default_factory=list)
-    prefix_hit: int = 0  # prompt tokens whose KV the stages reused from a cached prefix (not computed)
-    prefix_misses: int = 0  # a stage had evicted the prefix offered: the prompt was sent again in full
+    # positions whose KV the stages reused from a cached prefix (not computed), summed over the request's
+    # prefills: its prompt's and, after a resume, each replay's of its history (a prefix a stage turned
+    # out to lack does not count); a miss: a stage had evicted the prefix offered, that prefill was sent in full
+    prefix_hit: int = 0
+    prefix_misses: int = 0
     # the mesh's resume (meshd.ring.scheduler): times the request was replayed on a new ring after its ring
     # was lost or re-planned, and the seconds its client waited for tokens across those pauses
     resumed: int = 0

@@ -259,7 +259,7 @@ class Originator:
         request's KV from their cache); ``restart``: the stages drop whatever they hold of the request
         first (after a prefix miss)."""
         skip = lv.prefix.length if lv.prefix is not None else 0
-        lv.stats.prefix_hit = skip
+        lv.stats.prefix_hit += skip  # summed over the request's prefills: its prompt's and each replay's
         ids = list(range(skip, len(tokens)))
         acts: list[Action] = []
         for a in range(0, len(ids), PREFILL_CHUNK):
@@ -283,18 +283,20 @@ class Originator:
         return acts
 
     def prefix_miss(self, ring_id: str) -> list[Action]:
-        """A stage no longer holds the prefix the prompt of the request it knows as ``ring_id`` started
-        after: send the whole prompt again (the request goes on; only its first token comes later).
-        Once per request: other stages' misses of the same prefix are answered by the same restart."""
+        """A stage no longer holds the prefix the prefill of the request it knows as ``ring_id`` started
+        after: send the whole prefill again from position 0, the prompt or, for a resumed request, its
+        history (the request goes on; only its next token comes later). Once per prefill: other stages'
+        misses of the same prefix are answered by the same restart."""
         rid = self._by_ring.get(ring_id)
         lv = self.live.get(rid) if rid is not None else None
         if lv is None or lv.prefix is None or not lv.prefill_left:
             return []
         self.prefix_book.forget(lv.prefix.hash)
+        lv.stats.prefix_hit -= lv.prefix.length  # offered, not reused: the restart computes it
         lv.prefix = None
         lv.feats.clear()
         lv.stats.prefix_misses += 1
-        return self._prefill_segments(lv, lv.req.prompt, restart=True)
+        return self._prefill_segments(lv, self._committed(lv), restart=True)
 
     def cancel(self, request_id: str, reason: str = "cancelled", error: str | None = None) -> list[Action]:
         lv = self.live.pop(request_id, None)
@@ -390,6 +392,17 @@ class Originator:
         stopped, so with temperature > 0 the tokens after a resume are the next draws of the same
         stream: a sample from the target distribution, though not the one an uninterrupted run would
         have drawn (the trees it verifies differ). With nothing emitted yet it is a plain new prefill.
+
+        Like a prompt, the replay starts after the longest prefix of the history the prefix book holds
+        (``Segment.prefix``; a stage that evicted it answers ``prefix_miss`` and the whole history is
+        sent again). The book is emptied of every other plan's prefixes at :meth:`set_epoch`, so only
+        prefixes kept under the ring's current epoch can match: a resume on the same plan (a path that
+        broke and is retried on the ring still in place) finds what the request's own prompt started
+        after, and a new plan (a lost stage, a re-plan, a ``stale_epoch`` bounce, which resumes at this
+        originator's own commit of the newer plan) finds only what requests that finished on it since
+        its commit kept (a shared system prompt, say). Nothing kept before a re-plan can serve after it:
+        a stage keeps KV for its own layer slice only, so the KV of a slice that moved exists on no stage
+        of the new ring (its old holder dropped it with the old epoch, the new holder never computed it).
         """
         old = lv.ring_id
         self._by_ring.pop(old, None)
@@ -399,22 +412,43 @@ class Originator:
         lv.waiting, lv.replaying = False, bool(lv.out)
         lv.next_id, lv.pos, lv.tail = 0, {}, PROMPT_PARENT
         lv.budget.cost = self.ring_cost
-        history = lv.context[:-1] if lv.out else list(lv.req.prompt)
+        history = self._committed(lv)
         if lv.drafter is not None:
             lv.drafter.reset(list(history))
-        lv.prefix = None  # a cached prefix is named under the old plan's epoch: the replay computes it all
+        lv.prefix = None
+        if self.prefix_book is not None and lv.req.prefix_cache:
+            lv.prefix = self.prefix_book.match(history, need_feats=lv.drafter is not None)
         lv.new_ids(len(history))
         return [CloseSessions(old), *self._prefill_segments(lv, history)]
 
+    @staticmethod
+    def _committed(lv: _Live) -> list[int]:
+        """The tokens whose KV a prefill puts on the stages: the prompt and every emitted token but the
+        last (the next round's root, never computed before its round); just the prompt before any."""
+        return lv.context[:-1] if lv.out else list(lv.req.prompt)
+
     def _replayed(self, lv: _Live, feats: torch.Tensor) -> list[Action]:
         """The replay prefill is back: the history's KV is on every stage again; the next round starts
-        at the last emitted token, exactly as after a prompt's prefill (nothing is sampled here)."""
+        at the last emitted token, exactly as after a prompt's prefill (nothing is sampled here).
+        ``feats``: the replayed positions' features, after the cached prefix when there was one."""
         lv.replaying = False
-        if self.prefix_book is not None:  # the history's features: the record a later turn may reuse
-            lv.ctx_feats = [feats]
+        full = self._context_feats(lv, feats)
+        if self.prefix_book is not None and full is not None:  # the record a later turn may reuse
+            lv.ctx_feats = [full]
         if lv.drafter is not None:
-            lv.drafter.accept(lv.context, feats)
+            lv.drafter.accept(lv.context, full if full is not None else feats)
         return self._new_round(lv)
+
+    @staticmethod
+    def _context_feats(lv: _Live, feats: torch.Tensor) -> torch.Tensor | None:
+        """The features of every committed position from 0: a prefill's ``feats`` (the positions it
+        computed) after those the cached prefix recorded. None when the prefix was matched without
+        them, which only a request without a drafter allows (``match(need_feats=...)``)."""
+        if lv.prefix is None:
+            return feats
+        if lv.prefix.feats is None:
+            return None
+        return torch.cat([lv.prefix.feats.to(feats.dtype), feats])
 
     def _by_result(self, res: Result) -> _Live | None:
         rid = self._by_ring.get(res.request_id)
@@ -485,10 +519,11 @@ class Originator:
         if lv.replaying:
             return self._replayed(lv, feats)
         logits = self.vocab.logits(feats[-1:], normed=True)[0]
-        if lv.prefix is not None and lv.prefix.feats is not None:  # the reused positions' features, recorded
-            feats = torch.cat([lv.prefix.feats.to(feats.dtype), feats])
-        if self.prefix_book is not None and (lv.prefix is None or lv.prefix.feats is not None):
-            lv.ctx_feats = [feats]
+        full = self._context_feats(lv, feats)
+        if full is not None:
+            feats = full
+            if self.prefix_book is not None:  # the record a later turn may reuse
+                lv.ctx_feats = [feats]
         first = sample_token(logits, lv.req.sampling, lv.gen, self._history(lv))
         lps = [token_logprobs(logits, first, lv.req.logprobs)] if lv.req.logprobs is not None else None
         acts = self._emit(lv, [first], lps)

@@ -273,7 +273,7 @@ class Generation:
             "target_forwards": st.target_forwards,
             "verified_nodes": st.verified_nodes,
             "prefix_hit": st.prefix_hit,
-            "resumed": st.resumed,  # replays on a new ring after the mesh lost or re-planned this request's ring
+            "resumed": st.resumed,  # replays of its history after its ring was lost or re-planned, or its path broke
             "paused_seconds": round(st.paused_seconds, 3),
             "token_ids": list(self.text.token_ids),
         }

@@ -67,9 +67,12 @@ HELP = {
     "stage_utilisation": "Fraction of wall time this device's stage spent computing since start-up.",
     "stage_queue_rows": "Tree nodes queued at this device's stage.",
     "stage_sessions": "Per-request KV sessions open at this device's stage.",
-    "prefix_hit_tokens_total": "Prompt tokens of this device's requests whose KV the stages reused from kept prefixes.",
-    "prefix_hit_requests_total": "Requests of this device that started after a kept prefix.",
-    "prefix_misses_total": "Kept prefixes a stage no longer held: the prompt was sent again in full.",
+    "prefix_hit_tokens_total": (
+        "Positions of this device's requests whose KV the stages reused from kept prefixes "
+        "(prompts, and histories replayed by resumes)."
+    ),
+    "prefix_hit_requests_total": "Requests of this device that started or resumed after a kept prefix.",
+    "prefix_misses_total": "Kept prefixes a stage no longer held: that prefill was sent again in full.",
     "stage_prefix_cache_bytes": "Bytes of kept prefixes' KV at this device's stage (inside its KV reservation).",
     "stage_prefix_cache_entries": "Kept prefixes at this device's stage.",
     "requests_resumed_total": "Resumes of requests this device originated after their ring was lost or re-planned.",

@@ -210,7 +210,7 @@ class Runtime:
             "accepted_total": 0,
             "rows_computed_total": 0,  # tree rows sent around the ring (finished requests)
             "rows_accepted_total": 0,  # of those, drafted rows the target accepted
-            "prefix_hit_tokens_total": 0,  # prompt tokens the stages did not compute: kept prefixes
+            "prefix_hit_tokens_total": 0,  # positions the stages did not compute (kept prefixes), resumes' replays too
             "prefix_hit_requests_total": 0,
             "prefix_misses_total": 0,
             "requests_resumed_total": 0,  # resumes of requests this device originated (a request may resume twice)
@@ -554,10 +554,12 @@ class Runtime:
             self.counters["prefix_misses_total"] += a.stats.prefix_misses
             if a.stats.prefix_hit or a.stats.prefix_misses:
                 log.info(
-                    "request %s: prefix_hit %d of %d prompt tokens reused from kept prefixes, %d miss(es)",
+                    "request %s: prefix_hit %d positions reused from kept prefixes (prompt %d tokens, "
+                    "%d resume(s) replayed), %d miss(es)",
                     a.request_id,
                     a.stats.prefix_hit,
                     self.handles[a.request_id].prompt_tokens,
+                    a.stats.resumed,
                     a.stats.prefix_misses,
                 )
             self._finish_handle(a.request_id, a.reason, a.stats, a.error)

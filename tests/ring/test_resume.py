@@ -1,5 +1,6 @@
 """Resume without sockets: the ring is lost mid-generation, the requests pause, and a new ring (split
-otherwise) rebuilds their KV by replaying the history; the tokens are those of an uninterrupted run."""
+otherwise) rebuilds their KV by replaying the history; the tokens are those of an uninterrupted run.
+With prefix caches the replay starts after the longest prefix kept under the ring's plan."""
 
 from __future__ import annotations
 
@@ -7,12 +8,15 @@ import pytest
 import torch
 from support import assert_matches_greedy, greedy_reference, make_tiny_checkpoint
 from test_pipeline import factory_for
+from test_prefixes import eagle_factory
 
-from meshd.ring.messages import Result
+from meshd.ring.messages import Result, Segment
 from meshd.ring.pipeline import InProcessPipeline, build_local_pipeline, local_stages
 from meshd.ring.scheduler import CloseSessions, Emit, Request, SendSegment, resumed_ring_id
 from models.drafters import NGramDrafter
+from models.prefixcache import PREFIX_BLOCK
 from models.source import ModelSource
+from models.stage import Stage
 from models.verify import Sampling
 
 
@@ -140,3 +144,151 @@ def test_sampling_after_a_resume_follows_the_target(tiny_src):
     pits = sorted(pits[:n])
     ks = max(max((i + 1) / n - p, p - i / n) for i, p in enumerate(pits))
     assert ks < 1.63 / n**0.5, f"KS statistic {ks:.3f}: the resumed draws do not follow the target (p < 0.01)"
+
+
+# ---- resume after a cached prefix (models/prefixcache.py) ------------------------------------------
+MB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def full(tiny_src):
+    return Stage.load(tiny_src, dtype="fp32")
+
+
+NEW = 30  # tokens of the second turn
+
+
+@pytest.fixture(scope="module")
+def turns(full):
+    """A first turn's prompt and a second's that starts with the first turn's context (prompt, answer, a
+    new message), with the second's greedy reference: (p1, p2, want, gaps)."""
+    g = torch.Generator().manual_seed(11)
+    p1 = torch.randint(0, 64, (70,), generator=g).tolist()
+    out1, _ = greedy_reference(full, p1, 12, set())
+    p2 = p1 + out1 + torch.randint(0, 64, (9,), generator=g).tolist()
+    return p1, p2, *greedy_reference(full, p2, NEW, set())
+
+
+def first_turn_kept(tiny_src, full, turns, now: list[float]) -> tuple[InProcessPipeline, int]:
+    """A 3-stage pipeline with prefix caches on and an EAGLE drafter (it needs every position's features),
+    after the first turn finished and was kept; returns it and the kept length (whole blocks)."""
+    p1, p2 = turns[:2]
+    pipe = build_local_pipeline(tiny_src, 3, eagle_factory(full), full=full, prefix_bytes=64 * MB, clock=lambda: now[0])
+    pipe.submit(Request("t1", p1, 12, "flow"))
+    out1 = pipe.run()["t1"]
+    assert out1.reason == "length", out1.error
+    assert p1 + out1.tokens == p2[: len(p1) + 12], (
+        "the first turn's answer is not the greedy one the second's prompt holds"
+    )
+    return pipe, (len(p1) + len(out1.tokens) - 1) // PREFIX_BLOCK * PREFIX_BLOCK
+
+
+def run_until_emitted(pipe: InProcessPipeline, rid: str, n: int) -> list[int]:
+    step_until(pipe, lambda: len(pipe.outcomes[rid].tokens) >= n)
+    assert pipe.outcomes[rid].reason is None, "finished before the pause: give it more tokens to write"
+    return list(pipe.outcomes[rid].tokens)
+
+
+def replayed(acts) -> tuple[list[Segment], list[int]]:
+    """The segments of a resume's replay, and the positions they compute."""
+    segs = [a.segment for a in acts if isinstance(a, SendSegment)]
+    return segs, [n for s in segs for n in s.positions]
+
+
+def test_a_resume_on_the_same_ring_starts_after_the_kept_prefix(tiny_src, full, turns):
+    _, p2, want, gaps = turns
+    now = [0.0]
+    pipe, kept = first_turn_kept(tiny_src, full, turns, now)
+    orig = pipe.originator
+    pipe.submit(Request("t2", p2, NEW, "flow"))
+    emitted = run_until_emitted(pipe, "t2", 5)
+    orig.pause("t2")  # a send to a stage failed; the ring is still there
+    now[0] += 5.0
+    acts = orig.resume_waiting(older_than=5.0)
+    history = p2 + emitted[:-1]
+    segs, positions = replayed(acts)
+    assert segs[0].prefix is not None and segs[0].prefix.length == kept
+    assert positions == list(range(kept, len(history)))  # the kept prefix is not computed again
+    assert [t for s in segs for t in s.tokens] == history[kept:]
+    pipe.dispatch(acts)
+    out = pipe.run()["t2"]
+    assert out.reason == "length", out.error
+    assert out.tokens[: len(emitted)] == emitted
+    assert_matches_greedy(out.tokens, want, gaps)
+    assert out.stats.resumed == 1 and out.stats.prefix_misses == 0
+    assert out.stats.prefix_hit == 2 * kept  # the prompt's prefill and the replay each started after it
+    # the replay's features covered every position: the finished turn is kept with them for the next
+    nxt = p2 + out.tokens + [1, 2]
+    m = orig.prefix_book.match(nxt, need_feats=True)
+    assert m is not None and m.length == (len(p2) + len(out.tokens) - 1) // PREFIX_BLOCK * PREFIX_BLOCK
+    assert all(not w.sessions and not w.missed for w in pipe.workers)
+
+
+def test_an_evicted_prefix_during_a_replay_restarts_the_whole_history(tiny_src, full, turns, monkeypatch):
+    _, p2, want, gaps = turns
+    now = [0.0]
+    pipe, kept = first_turn_kept(tiny_src, full, turns, now)
+    orig = pipe.originator
+    pipe.submit(Request("t2", p2, NEW, "flow"))
+    emitted = run_until_emitted(pipe, "t2", 5)
+    pipe.workers[1].prefixes.reclaim(10**9)  # the middle stage dropped what it kept; the book still believes
+    restarts = []
+    miss = orig.prefix_miss
+
+    def heard_miss(ring_id: str):
+        restarts.append(miss(ring_id))
+        return restarts[-1]
+
+    monkeypatch.setattr(orig, "prefix_miss", heard_miss)
+    orig.pause("t2")
+    acts = orig.resume_waiting()
+    assert replayed(acts)[0][0].prefix.length == kept
+    pipe.dispatch(acts)
+    out = pipe.run()["t2"]
+    assert out.reason == "length", out.error
+    history = p2 + emitted[:-1]
+    segs, positions = replayed(restarts[0])
+    assert segs[0].restart and segs[0].prefix is None
+    assert positions == list(range(len(history))) and [t for s in segs for t in s.tokens] == history
+    assert all(r == [] for r in restarts[1:])  # one restart per prefill, however many stages miss
+    assert_matches_greedy(out.tokens, want, gaps)
+    assert out.stats.prefix_misses == 1 and out.stats.prefix_hit == kept  # the prompt's hit; the replay's missed
+    assert all(not w.sessions and not w.missed for w in pipe.workers)
+
+
+def test_after_a_new_plan_only_prefixes_kept_under_it_match(tiny_src, full, turns):
+    p1, p2, want, gaps = turns
+    now = [0.0]
+    pipe, kept = first_turn_kept(tiny_src, full, turns, now)
+    orig = pipe.originator
+    pipe.submit(Request("t2", p2, NEW, "flow"))
+    emitted = run_until_emitted(pipe, "t2", 5)
+    # a re-plan that moves layers: 3 stages become 2, under epoch 1
+    pipe.lose_ring()
+    orig.set_epoch(1)
+    workers, curves = local_stages(full, 2, prefix_bytes=64 * MB)
+    for w in workers:
+        w.set_epoch(1)
+    pipe.workers = workers
+    acts = orig.on_ring(curves)
+    segs, positions = replayed(acts)
+    assert segs[0].prefix is None and positions == list(range(len(p2) + len(emitted) - 1))  # nothing stale
+    pipe.dispatch(acts)
+    # another request with the first turn's prompt finishes on the new ring and is kept under epoch 1
+    pipe.submit(Request("x", [*p1, 3, 3, 3], 2, "flow"))
+    step_until(pipe, lambda: pipe.outcomes["x"].reason is not None)
+    assert pipe.outcomes["x"].reason == "length" and pipe.outcomes["x"].stats.prefix_hit == 0
+    emitted = run_until_emitted(pipe, "t2", len(emitted) + 2)
+    # a transient path break on the new ring: the replay starts after the prefix x kept there
+    orig.pause(resumed_ring_id("t2", 1))
+    acts = orig.resume_waiting()
+    segs, positions = replayed(acts)
+    shared = len(p1) // PREFIX_BLOCK * PREFIX_BLOCK
+    assert segs[0].prefix is not None and segs[0].prefix.epoch == 1 and segs[0].prefix.length == shared
+    assert positions == list(range(shared, len(p2) + len(emitted) - 1))
+    pipe.dispatch(acts)
+    out = pipe.run()["t2"]
+    assert out.reason == "length", out.error
+    assert_matches_greedy(out.tokens, want, gaps)
+    assert out.stats.resumed == 2 and out.stats.prefix_misses == 0
+    assert out.stats.prefix_hit == kept + 0 + shared  # the prompt's, the new plan's replay's, the last replay's

@@ -8,6 +8,7 @@ import asyncio
 import pytest
 from support import two_stage_mesh
 
+from meshd.serve import runtime as runtime_mod
 from meshd.serve.apischema import ApiError, parse_chat
 from meshd.serve.engine import GenerateParams
 from models.source import ModelSource
@@ -15,8 +16,8 @@ from models.source import ModelSource
 MB = 1 << 20
 
 
-async def ask(rt, prompt: list[int], cache: bool = True) -> tuple[list[int], object]:
-    h = await rt.submit(prompt, GenerateParams(max_tokens=10, mode="flow", prefix_cache=cache))
+async def ask(rt, prompt: list[int], cache: bool = True, max_tokens: int = 10) -> tuple[list[int], object]:
+    h = await rt.submit(prompt, GenerateParams(max_tokens=max_tokens, mode="flow", prefix_cache=cache))
     tokens = [t async for chunk in h for t in chunk]
     assert h.finish_reason in ("length", "stop"), h.error
     return tokens, h.stats
@@ -63,3 +64,46 @@ def test_a_request_may_opt_out_of_prefix_caching():
     assert parse_chat({**chat, "prefix_cache": False}, 4096).prefix_cache is False
     with pytest.raises(ApiError, match="prefix_cache"):
         parse_chat({**chat, "prefix_cache": "no"}, 4096)
+
+
+async def test_a_request_resumed_on_the_same_ring_starts_after_its_kept_prefix(tiny_dir, monkeypatch):
+    """A's link to B breaks under a running second turn: it pauses, is replayed on the same ring once the
+    link is back, and the replay starts after the first turn's kept prefix; both counters count it."""
+    monkeypatch.setattr(runtime_mod, "RETRY_SAME_RING", 1.0)  # long enough to put the link back first
+    src = ModelSource.resolve(str(tiny_dir))
+    mesh, a, b = two_stage_mesh(src, prefix_cache_bytes=64 * MB, resume_timeout=60.0)
+    await a.start()
+    await b.start()
+    try:
+        turn1 = [(7 * i) % 60 + 1 for i in range(50)]
+        out1, _ = await asyncio.wait_for(ask(a, turn1), 120)
+        kept = (len(turn1) + len(out1) - 1) // 16 * 16
+        turn2 = turn1 + out1 + [3, 4, 5]
+        plain, _ = await asyncio.wait_for(ask(a, turn2, cache=False, max_tokens=24), 120)
+        h = await a.submit(turn2, GenerateParams(max_tokens=24, mode="flow"))
+        it = h.__aiter__()
+        assert len(plain) > 6, "the answer ends too soon to be paused in the middle"
+        while len(h.token_ids) < 3:
+            await asyncio.wait_for(it.__anext__(), 60)
+        del mesh.runtimes["B"]  # the link to B is down: A's next send to it fails
+        for _ in range(2000):
+            if a.originator.paused():
+                break
+            await asyncio.sleep(0.005)
+        assert a.originator.paused() == [h.request_id]
+        mesh.join(b)  # back: the sweep replays the request on the same ring
+        mesh.sent.clear()
+        async for _ in it:
+            pass
+        assert h.finish_reason in ("length", "stop"), h.error
+        assert h.token_ids == plain  # the oracle: the same answer, uninterrupted and without the cache
+        refs = [m.body["prefix"] for _, to, m in mesh.sent if m.type == "segment" and "prefix" in m.body]
+        assert [r[1] for r in refs] == [kept]  # the replay named the kept prefix, once
+        s = h.stats
+        assert s.resumed == 1 and s.prefix_misses == 0 and s.prefix_hit == 2 * kept  # prompt's and replay's
+        m = a.metrics()
+        assert m["requests_resumed_total"] == 1 and m["prefix_hit_requests_total"] == 1  # turn 2, once
+        assert m["prefix_hit_tokens_total"] == 2 * kept
+    finally:
+        await a.stop()
+        await b.stop()
