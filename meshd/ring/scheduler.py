@@ -363,7 +363,9 @@ class Originator:
         now, acts = self.clock(), []
         for rid, lv in list(self.live.items()):
             if lv.waiting and lv.paused_at is not None and now - lv.paused_at > timeout:
-                acts += self.cancel(rid, "error", f"no ring to resume on within {timeout:g} s: {why}")
+                acts += self.cancel(
+                    rid, "error", f"its ring was lost and no new plan could take it within {timeout:g} s: {why}"
+                )
         return acts
 
     def _pause(self, lv: _Live) -> None:

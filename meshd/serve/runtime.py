@@ -337,6 +337,9 @@ class Runtime:
 
     def ready(self) -> tuple[bool, str]:
         if self.ring is None:
+            problem = self.plan_problem() if self.plan_problem else None
+            if problem:  # why there is no plan (what the mesh lacks, what to do), not only that there is none
+                return False, f"{self.unavailable_reason}. The last plan attempt failed: {problem}"
             return False, self.unavailable_reason
         return True, ""
 
