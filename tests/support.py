@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import math
 import socket
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,6 +173,7 @@ class FakeHandle:
         self.error: str | None = None
         self.stats: Stats | None = None
         self.logprobs: list[TokenLogprobs] = []
+        self.paused_since: float | None = None
         self._queue: asyncio.Queue[list[int] | None] = asyncio.Queue()
         self._stats = Stats()
         self._task = asyncio.ensure_future(self._produce())
@@ -185,6 +187,11 @@ class FakeHandle:
             if rt.fail_after is not None and i >= rt.fail_after:
                 self._finish("error", "lost the link to peer b3: connection reset")
                 return
+            if rt.pause_at is not None and i >= rt.pause_at[0] and not self._stats.resumed:
+                self.paused_since = time.monotonic()
+                await asyncio.sleep(rt.pause_at[1])
+                self._stats.resumed, self._stats.paused_seconds = 1, time.monotonic() - self.paused_since
+                self.paused_since = None
             chunk = tokens[i : i + rt.chunk]
             if self.params.logprobs is not None:
                 self.logprobs += [fake_logprobs(t, i + j, self.params.logprobs) for j, t in enumerate(chunk)]
@@ -223,6 +230,7 @@ class FakeRuntime:
         self.reply_ids = [int(t) for t in tokenizer(reply, add_special_tokens=False)["input_ids"]]
         self.chunk, self.delay = chunk, delay
         self.fail_after: int | None = None
+        self.pause_at: tuple[int, float] | None = None  # (tokens, seconds): pause there, as a lost ring does
         self.not_ready: str | None = None
         self.submitted: list[tuple[list[int], GenerateParams]] = []
         self.handles: dict[str, FakeHandle] = {}

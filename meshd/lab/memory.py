@@ -85,11 +85,11 @@ def in_child(model: str, weights: str, layers: str | None, vocab: bool, tokens: 
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
-def whole_model_need(model: str, weights: str, context: int) -> tuple[int, int, int]:
+def whole_model_need(model: str, weights: str, context: int, dtype: str = "auto") -> tuple[int, int, int]:
     """(bytes the whole model needs on one peer by the planner's count, fixed bytes every peer
-    spends first, bytes per layer with its KV reservation) for ``weights`` at ``context`` tokens."""
+    spends first, bytes per layer with its KV reservation) for ``weights`` in ``dtype`` at ``context`` tokens."""
     src = ModelSource.resolve(model)
-    vocab = Stage.load(src, LayerRange(0, 0), vocab=True, weights=weights, dtype="auto")
+    vocab = Stage.load(src, LayerRange(0, 0), vocab=True, weights=weights, dtype=dtype)
     shape = model_shape(src, vocab, context)
     return (
         shape.fixed_bytes + shape.n_layers * shape.bytes_per_stage_layer,

@@ -39,7 +39,8 @@ class Stream:
     times: list[float] = field(default_factory=list)
     text: str = ""
     meshd: dict | None = None
-    error: str | None = None
+    error: str | None = None  # the error event's message, or what broke the stream
+    comments: list[str] = field(default_factory=list)  # SSE comment lines (the daemon's "paused ..." notes)
 
     def run(self) -> None:
         body = {
@@ -58,11 +59,14 @@ class Stream:
                 return
             for raw in resp:
                 line = raw.decode().strip()
+                if line.startswith(":"):
+                    self.comments.append(line[1:].strip())
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 chunk = json.loads(line[6:])
                 if "error" in chunk:
-                    self.error = str(chunk["error"])
+                    err = chunk["error"]
+                    self.error = str(err.get("message") or err) if isinstance(err, dict) else str(err)
                     return
                 for c in chunk.get("choices", []):
                     if c["delta"].get("content"):

@@ -319,9 +319,11 @@ class Originator:
         """The live request the stages know as ``ring_id`` (None: none, or an earlier ring's id)."""
         return self._by_ring.get(ring_id)
 
-    def paused(self) -> list[str]:
-        """Live requests in a pause: waiting for a ring, or replaying their history on one."""
-        return [rid for rid, lv in self.live.items() if lv.paused_at is not None]
+    def paused(self) -> dict[str, float]:
+        """Live requests in a pause (waiting for a ring, or replaying their history on one) and how long
+        each has been paused, in seconds: the daemon tells their clients why no token comes."""
+        now = self.clock()
+        return {rid: now - lv.paused_at for rid, lv in self.live.items() if lv.paused_at is not None}
 
     def waiting(self) -> list[str]:
         """Live requests waiting for a ring to be replayed on."""
@@ -363,7 +365,9 @@ class Originator:
         now, acts = self.clock(), []
         for rid, lv in list(self.live.items()):
             if lv.waiting and lv.paused_at is not None and now - lv.paused_at > timeout:
-                acts += self.cancel(rid, "error", f"no ring to resume on within {timeout:g} s: {why}")
+                acts += self.cancel(
+                    rid, "error", f"its ring was lost and no new plan could take it within {timeout:g} s: {why}"
+                )
         return acts
 
     def _pause(self, lv: _Live) -> None:

@@ -6,7 +6,9 @@ mesh websocket on the same app and port. Routes:
 
 - ``POST /v1/chat/completions``, ``POST /v1/completions``: stream or not, as OpenAI clients
   expect (SSE chunks, then ``data: [DONE]``), with a ``meshd`` object carrying the request's
-  speculative-decoding statistics and the extension field ``mode`` (``meshd.modes``: flow | chunk | ar);
+  speculative-decoding statistics and the extension field ``mode`` (``meshd.modes``: flow | chunk | ar).
+  A stream that has sent no text for ``idle_comment_s`` sends an SSE comment line (which clients
+  ignore) saying why: the request is paused while the mesh re-plans, or is still computing;
 - ``GET /v1/models``, ``GET /v1/models/{id}``;
 - Ollama's ``/api/tags``, ``/api/ps``, ``/api/show``, ``/api/version``, ``/api/chat``, ``/api/generate``
   (``meshd.serve.ollama``);
@@ -41,6 +43,7 @@ from meshd.serve.generation import (
     TOKEN_BYTES,
     ApiState,
     Generation,
+    Idle,
     read_json,
     start_generation,
     too_large,
@@ -57,6 +60,7 @@ log = logging.getLogger(__name__)
 OPEN_PATHS = ("/health",)  # never behind the API key: load balancers and systemd probes need them
 PROTECTED_PREFIXES = ("/v1/", "/api/")
 PROTECTED_PATHS = ("/mesh", "/metrics", "/events")  # the page itself (/, /static/) holds no data
+IDLE_COMMENT_S = 2.0  # a stream silent this long gets a comment line (proxies' idle timeouts are far longer)
 MESH_NAMESPACE = "/mesh/"  # the peers' websocket lives here: it authenticates itself and speaks no JSON errors
 
 
@@ -67,14 +71,16 @@ def create_app(
     max_body_bytes: int = 1 << 20,
     guard: RestGuard | None = None,
     card: ModelCard | None = None,
+    idle_comment_s: float = IDLE_COMMENT_S,
 ) -> web.Application:
     """The API as an aiohttp application around ``engine``, behind ``guard`` (a default one if None);
-    ``card`` names the model (default: the engine's model name and context, nothing else known)."""
+    ``card`` names the model (default: the engine's model name and context, nothing else known);
+    ``idle_comment_s``: how long a stream may go without text before a comment line says why."""
     guard = guard or RestGuard()
     app = web.Application(middlewares=[_errors_middleware, *guard.middlewares, _auth_middleware])
     app[GUARD] = guard
     app[ENGINE] = engine
-    app[STATE] = ApiState(api_key, max_body_bytes)
+    app[STATE] = ApiState(api_key, max_body_bytes, idle_comment_s)
     app[METRICS] = Metrics()
     app[CARD] = card or ModelCard(engine.model_name, context_length=engine.max_context)
     app[TOKEN_BYTES] = TokenBytes(engine.tokenizer)
@@ -339,9 +345,12 @@ async def _stream(request: web.Request, req: CompletionRequest, gen: Generation)
         await resp.prepare(request)
         if chat:
             await send(chunk(None, role=True))
-        async with contextlib.aclosing(gen.deltas()) as deltas:
+        async with contextlib.aclosing(gen.deltas(state.idle_comment_s)) as deltas:
             async for delta in deltas:
-                await send(chunk(delta, logprobs=gen.logprobs()))
+                if isinstance(delta, Idle):
+                    await resp.write(idle_comment(delta).encode())
+                else:
+                    await send(chunk(delta, logprobs=gen.logprobs()))
         if gen.disconnected:
             return resp
         if gen.error is not None:
@@ -364,6 +373,19 @@ async def _stream(request: web.Request, req: CompletionRequest, gen: Generation)
         state.streams_active -= 1
         await gen.cancel_if_running()
     return resp
+
+
+def idle_comment(idle: Idle) -> str:
+    """The SSE comment a silent stream sends (a line starting with ``:``; OpenAI's clients, the SSE spec and
+    ``meshd chat`` skip it): keeps proxies from closing the connection and tells a user reading it why."""
+    if idle.paused is not None:
+        what = (
+            f"paused for {idle.paused:.0f} s: the mesh is re-planning (a stage went away or joined); "
+            "the request resumes where it stopped when a new plan commits"
+        )
+    else:
+        what = f"still computing: no new text for {idle.seconds:.0f} s"
+    return f": {what}\n\n"
 
 
 def _dumps(obj: Any) -> str:

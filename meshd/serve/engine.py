@@ -46,6 +46,9 @@ class RequestHandle(Protocol):
     error: str | None  # why, when finish_reason is "error" or "cancelled"
     stats: Stats | None  # set when the request ends
     logprobs: list[TokenLogprobs]  # one per accepted token so far, when the request asked for them
+    # time.monotonic() when the request's current pause began (its ring was lost: it waits for a new plan or
+    # replays on one), None while it runs: a stream tells its client why no token comes
+    paused_since: float | None
 
     def __aiter__(self) -> AsyncIterator[list[int]]:
         """Chunks of accepted token ids (one per verification round) until the request ends; a chunk's

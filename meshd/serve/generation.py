@@ -19,6 +19,7 @@ import secrets
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -46,9 +47,10 @@ DISCONNECT_POLL_S = 0.1
 class ApiState:
     """What the API itself counts, merged into ``/metrics``."""
 
-    def __init__(self, api_key: str | None, max_body_bytes: int):
+    def __init__(self, api_key: str | None, max_body_bytes: int, idle_comment_s: float | None = None):
         self.api_key = api_key.encode() if api_key else None
         self.max_body_bytes = max_body_bytes
+        self.idle_comment_s = idle_comment_s  # a silent stream's comment line every this many s (None: never)
         self.requests: Counter[tuple[str, int]] = Counter()
         self.disconnects = 0
         self.streams_active = 0
@@ -168,6 +170,16 @@ async def start_generation(
 
 
 # ---- a running generation -----------------------------------------------------------------
+@dataclass(frozen=True)
+class Idle:
+    """No text for ``seconds``: a stream's moment to tell its client it is still there (proxies and clients
+    with idle timeouts drop a silent connection). ``paused``: how long the request has been paused (a stage
+    was lost and it waits for the mesh to re-plan, or replays on the new plan), None when it is not."""
+
+    seconds: float
+    paused: float | None
+
+
 class Generation:
     """One running request: token chunks from the engine become text deltas, stop strings end it,
     and a vanished client cancels it everywhere."""
@@ -189,26 +201,36 @@ class Generation:
         self.error: str | None = None
         self.disconnected = False
 
-    async def deltas(self) -> AsyncIterator[str]:
-        """Text deltas until the request ends; then ``finish_reason`` / ``error`` are set."""
+    async def deltas(self, idle_every: float | None = None) -> AsyncIterator[str | Idle]:
+        """Text deltas until the request ends; then ``finish_reason`` / ``error`` are set. With ``idle_every``,
+        also an :class:`Idle` each time that many seconds pass without a delta (never without it)."""
         watcher = asyncio.ensure_future(_client_gone(self.request))
         chunks = self.handle.__aiter__()
+        nxt: asyncio.Future | None = None
+        last_text = notice = time.monotonic()  # the last delta, the last delta or idle notice
         try:
             while True:
-                nxt = asyncio.ensure_future(_next(chunks))
-                done, _ = await asyncio.wait({nxt, watcher}, return_when=asyncio.FIRST_COMPLETED)
+                if nxt is None:
+                    nxt = asyncio.ensure_future(_next(chunks))
+                wait = None if idle_every is None else max(0.0, notice + idle_every - time.monotonic())
+                done, _ = await asyncio.wait({nxt, watcher}, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+                if not done:  # only with idle_every: the chunk is still awaited, across the notice
+                    notice = time.monotonic()
+                    since = self.handle.paused_since
+                    yield Idle(notice - last_text, None if since is None else notice - since)
+                    continue
                 if nxt not in done:
-                    nxt.cancel()
                     self.disconnected = True
                     self.request.app[STATE].disconnects += 1
                     log.info("client went away: cancelling request %s", self.handle.request_id)
                     return
-                chunk = nxt.result()
+                chunk, nxt = nxt.result(), None
                 if chunk is None:
                     break
                 self.timer.chunk(len(chunk))
                 delta = self.text.push(chunk)
                 if delta:
+                    last_text = notice = time.monotonic()
                     yield delta
                 if self.text.stopped:
                     self.finish_reason = "stop"
@@ -224,6 +246,8 @@ class Generation:
             self.finish_reason = "length" if reason == "length" else "stop"
         finally:
             watcher.cancel()
+            if nxt is not None:
+                nxt.cancel()
             await self.cancel_if_running()
             st = self.handle.stats or Stats()
             self.timer.finish(st.verified_nodes, st.accepted_drafts)

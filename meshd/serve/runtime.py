@@ -78,6 +78,9 @@ class RequestHandle:
         self.stats: Stats | None = None
         self.token_ids: list[int] = []
         self.logprobs: list[TokenLogprobs] = []
+        # time.monotonic() when this request's pause began (its ring was lost: it waits for a plan or replays
+        # on one); None while it runs. Set by the compute loop's sweep, cleared by the first tokens after it.
+        self.paused_since: float | None = None
         self._chunks: asyncio.Queue[list[int] | None] = asyncio.Queue()
 
     async def __aiter__(self) -> AsyncIterator[list[int]]:
@@ -334,6 +337,9 @@ class Runtime:
 
     def ready(self) -> tuple[bool, str]:
         if self.ring is None:
+            problem = self.plan_problem() if self.plan_problem else None
+            if problem:  # why there is no plan (what the mesh lacks, what to do), not only that there is none
+                return False, f"{self.unavailable_reason}. The last plan attempt failed: {problem}"
             return False, self.unavailable_reason
         return True, ""
 
@@ -407,9 +413,10 @@ class Runtime:
         if rid is not None:
             self._fail(rid, why)
 
-    def _sweep_paused(self) -> tuple[list[Action], list[str]]:
+    def _sweep_paused(self) -> tuple[list[Action], dict[str, float]]:
         """Torch thread: give up on requests that waited for a ring past ``resume_timeout``; replay those that
-        waited ``RETRY_SAME_RING`` s on a ring still in place. Returns the actions and who is still paused."""
+        waited ``RETRY_SAME_RING`` s on a ring still in place. Returns the actions and who is still paused
+        (request id -> seconds so far)."""
         o = self.originator
         acts: list[Action] = []
         if self.ring is not None:
@@ -531,6 +538,8 @@ class Runtime:
         if isinstance(a, Emit):
             h = self.handles.get(a.request_id)
             if h:
+                if a.resumed_after is not None:
+                    h.paused_since = None
                 h._push(a.tokens, a.logprobs)
                 self.counters["tokens_total"] += len(a.tokens)
                 if a.resumed_after is not None:
@@ -688,6 +697,11 @@ class Runtime:
                     for rid in paused:  # a pause is not a stall: its own deadline is resume_timeout
                         if rid in self._heard:
                             self._heard[rid] = now
+                    for rid, h in self.handles.items():  # the API tells a waiting client why no token comes
+                        if rid not in paused:
+                            h.paused_since = None
+                        elif h.paused_since is None:
+                            h.paused_since = now - paused[rid]
                     await self._dispatch(actions)
                 self._fail_stalled()
                 await self._compute_once()

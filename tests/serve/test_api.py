@@ -482,3 +482,44 @@ async def test_real_solo_runtime_through_openai_client(embedded_source, embedded
             assert rt.handles == {} and rt.metrics()["stage_sessions"] == 0
     finally:
         await rt.stop()
+
+
+# ---- a silent stream's comment lines ----------------------------------------------------------
+async def raw_stream(url: str, path: str, body: dict) -> list[str]:
+    """Every SSE block of a stream as sent (data events and comment lines alike)."""
+    async with aiohttp.ClientSession() as s, s.post(url + path, json={**body, "stream": True}) as r:
+        assert r.status == 200
+        return (await r.read()).decode().split("\n\n")[:-1]
+
+
+async def test_a_paused_stream_says_so_and_the_openai_client_reads_all_its_text(rt):
+    rt.pause_at = (6, 0.6)  # after two chunks the request pauses as on a lost ring, then goes on
+    msgs = [{"role": "user", "content": "hi"}]
+    async with serve(create_app(rt, idle_comment_s=0.15)) as url:
+        blocks = await raw_stream(url, "/v1/chat/completions", {"messages": msgs})
+        stream = await oai(url).chat.completions.create(model=rt.model_name, messages=msgs, stream=True)
+        text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+    comments = [i for i, b in enumerate(blocks) if b.startswith(":")]
+    paused = [i for i in comments if blocks[i].startswith(": paused for") and "re-planning" in blocks[i]]
+    assert len(paused) >= 2, blocks  # 0.6 s of pause, a comment every 0.15 s
+    # a busy machine may also be slow to send the first chunk: then that wait is said as what it is
+    assert all(i in paused or blocks[i].startswith(": still computing") for i in comments), blocks
+    assert not any("\n" in blocks[i] for i in comments)
+    assert all(b.startswith(("data: ", ": ")) for b in blocks) and blocks[-1] == "data: [DONE]"
+    data = {i: json.loads(b[6:]) for i, b in enumerate(blocks[:-1]) if b.startswith("data: ")}
+    texts = [i for i, d in data.items() if d["choices"][0]["delta"].get("content")]
+    assert texts[0] < paused[0] and paused[-1] < texts[-1]  # the pause came between tokens
+    data = list(data.values())
+    assert "".join(d["choices"][0]["delta"].get("content", "") for d in data) == REPLY
+    assert data[-1]["meshd"]["resumed"] == 1
+    assert text == REPLY  # the official client skips the comment lines
+
+
+async def test_a_slow_stream_says_it_is_still_computing(rt):
+    rt.delay, rt.chunk = 0.35, 40  # a slow round, not a pause
+    async with serve(create_app(rt, idle_comment_s=0.1)) as url:
+        blocks = await raw_stream(url, "/v1/completions", {"prompt": "x", "max_tokens": 80})
+    comments = [b for b in blocks if b.startswith(":")]
+    assert comments and all("still computing: no new text for" in b for b in comments), blocks
+    data = [json.loads(b[6:]) for b in blocks[:-1] if b.startswith("data: ")]
+    assert "".join(d["choices"][0]["text"] for d in data) == rt.tokenizer.decode(rt.reply_ids[:80])

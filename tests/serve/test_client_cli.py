@@ -113,3 +113,11 @@ def test_status_view_without_plan():
         "http://x:8090", {"node_id": "abc", "ready": False, "reason": "waiting for peers", "plan": None, "peers": []}
     )
     assert "NOT READY: waiting for peers" in text and "plan    none yet" in text and "peers   0" in text
+
+
+async def test_chat_skips_the_comment_lines_of_a_paused_stream(rt):
+    rt.pause_at = (6, 0.5)
+    async with serve(create_app(rt, idle_comment_s=0.1)) as url:
+        out = io.StringIO()
+        code = await chat_loop(build_parser().parse_args(["chat", "--peer", url]), io.StringIO("hello\n"), out)
+    assert code == 0 and REPLY in out.getvalue() and "paused" not in out.getvalue()

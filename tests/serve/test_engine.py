@@ -41,7 +41,7 @@ def missing(obj: object, proto: type) -> list[str]:
 def test_protocols_name_what_the_api_uses():
     attrs, methods = {"model_name", "tokenizer", "max_context", "started"}, {"ready", "submit", "status", "metrics"}
     assert set(members(Engine)) == attrs | methods
-    attrs = {"request_id", "prompt_tokens", "finish_reason", "error", "stats", "logprobs"}
+    attrs = {"request_id", "prompt_tokens", "finish_reason", "error", "stats", "logprobs", "paused_since"}
     methods = {"__aiter__", "cancel"}
     assert set(members(RequestHandle)) == attrs | methods
 

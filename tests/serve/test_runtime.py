@@ -108,6 +108,9 @@ async def test_a_lost_stage_fails_every_request_in_flight(tiny_dir):
         assert rt.originator.live == {} and rt.handles == {}
         assert rt.counters["requests_failed_total"] == 2
         assert rt.ready() == (False, "peer peer-b holding layers was lost (timeout); waiting for a new plan")
+        rt.plan_problem = lambda: "the mesh cannot hold the model: [...] Missing: 4.0 MiB of layer memory."
+        ok, why = rt.ready()  # once a plan attempt failed, a new request hears why there is no plan
+        assert not ok and why.startswith("peer peer-b holding layers was lost") and why.endswith("layer memory.")
     finally:
         await rt.stop()
 
