@@ -90,7 +90,7 @@ async def test_a_request_resumed_on_the_same_ring_starts_after_its_kept_prefix(t
             if a.originator.paused():
                 break
             await asyncio.sleep(0.005)
-        assert a.originator.paused() == [h.request_id]
+        assert list(a.originator.paused()) == [h.request_id]
         mesh.join(b)  # back: the sweep replays the request on the same ring
         mesh.sent.clear()
         async for _ in it:
