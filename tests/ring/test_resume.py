@@ -195,13 +195,19 @@ def replayed(acts) -> tuple[list[Segment], list[int]]:
     return segs, [n for s in segs for n in s.positions]
 
 
+def second_turn_running(tiny_src, full, turns, now: list[float]) -> tuple[InProcessPipeline, int, list[int]]:
+    """Turn 1 finished and kept; turn 2 ("t2") has emitted 5 tokens. Returns the pipeline, the kept prefix
+    length and what t2 emitted."""
+    pipe, kept = first_turn_kept(tiny_src, full, turns, now)
+    pipe.submit(Request("t2", turns[1], NEW, "flow"))
+    return pipe, kept, run_until_emitted(pipe, "t2", 5)
+
+
 def test_a_resume_on_the_same_ring_starts_after_the_kept_prefix(tiny_src, full, turns):
     _, p2, want, gaps = turns
     now = [0.0]
-    pipe, kept = first_turn_kept(tiny_src, full, turns, now)
+    pipe, kept, emitted = second_turn_running(tiny_src, full, turns, now)
     orig = pipe.originator
-    pipe.submit(Request("t2", p2, NEW, "flow"))
-    emitted = run_until_emitted(pipe, "t2", 5)
     orig.pause("t2")  # a send to a stage failed; the ring is still there
     now[0] += 5.0
     acts = orig.resume_waiting(older_than=5.0)
@@ -226,11 +232,8 @@ def test_a_resume_on_the_same_ring_starts_after_the_kept_prefix(tiny_src, full, 
 
 def test_an_evicted_prefix_during_a_replay_restarts_the_whole_history(tiny_src, full, turns, monkeypatch):
     _, p2, want, gaps = turns
-    now = [0.0]
-    pipe, kept = first_turn_kept(tiny_src, full, turns, now)
+    pipe, kept, emitted = second_turn_running(tiny_src, full, turns, [0.0])
     orig = pipe.originator
-    pipe.submit(Request("t2", p2, NEW, "flow"))
-    emitted = run_until_emitted(pipe, "t2", 5)
     pipe.workers[1].prefixes.reclaim(10**9)  # the middle stage dropped what it kept; the book still believes
     restarts = []
     miss = orig.prefix_miss
@@ -258,11 +261,8 @@ def test_an_evicted_prefix_during_a_replay_restarts_the_whole_history(tiny_src, 
 
 def test_after_a_new_plan_only_prefixes_kept_under_it_match(tiny_src, full, turns):
     p1, p2, want, gaps = turns
-    now = [0.0]
-    pipe, kept = first_turn_kept(tiny_src, full, turns, now)
+    pipe, kept, emitted = second_turn_running(tiny_src, full, turns, [0.0])
     orig = pipe.originator
-    pipe.submit(Request("t2", p2, NEW, "flow"))
-    emitted = run_until_emitted(pipe, "t2", 5)
     # a re-plan that moves layers: 3 stages become 2, under epoch 1
     pipe.lose_ring()
     orig.set_epoch(1)
