@@ -5,6 +5,12 @@ about 1 + alpha * sum(p_i) tokens, where p_i = exp(cumulative draft log-prob) an
 calibrates the drafter's confidence against what the target actually accepted. Picking n to
 maximise tokens per second makes trees big on flat (GPU) curves and small on steep (CPU)
 ones, and falls back to plain decoding (n = 0) when drafts stop paying for themselves.
+
+Drafting itself is paid every round whatever is then verified, so a round that drafts is worth it
+only when its best rate, the draft's cost included, beats a plain round's 1 / cost(1). When it does
+not (a weak head, an unfamiliar prompt), the budget stops drafting for a few rounds (plain decoding,
+no drafter call) and probes again, doubling the wait while probes keep failing (FASER's adaptive
+length, down to zero): ``spec`` then costs at most the occasional probe more than ``ar``.
 """
 
 from __future__ import annotations
@@ -46,16 +52,51 @@ class CostCurve:
         return CostCurve({t: self(t) + other(t) for t in ts})
 
 
-class TreeBudget:
-    """Per-request choice of the verified tree size, learning the drafter's calibration as it goes."""
+PROBE_AFTER = 2  # plain rounds after the first draft that did not pay, before drafting again
+MAX_BACKOFF = 32  # the longest wait between probes (doubling from PROBE_AFTER while probes fail)
 
-    def __init__(self, cost: CostCurve, max_nodes: int = 64, alpha: float = 0.5, memory: float = 0.8):
+
+class TreeBudget:
+    """Per-request choice of the verified tree size, learning the drafter's calibration as it goes,
+    and of whether to draft at all this round (:meth:`drafting`)."""
+
+    def __init__(
+        self,
+        cost: CostCurve,
+        max_nodes: int = 64,
+        alpha: float = 0.5,
+        memory: float = 0.8,
+        probe_after: int = PROBE_AFTER,
+        max_backoff: int = MAX_BACKOFF,
+    ):
+        if probe_after < 1 or max_backoff < probe_after:
+            raise ValueError(f"backoff {probe_after}..{max_backoff} rounds: need 1 <= probe_after <= max_backoff")
         self.cost, self.max_nodes = cost, max_nodes
         self.alpha = alpha  # prior: drafts are half as good as they claim until shown otherwise
         self.memory = memory
         self._pred = 1.0
         self._seen = alpha
         self._last: int | None = None
+        self.probe_after, self.max_backoff = probe_after, max_backoff
+        self._backoff = probe_after  # plain rounds the next failed draft buys
+        self._skip = 0  # plain rounds left before the next probe
+        self.plain_rounds = 0  # rounds this request decoded without drafting (for stats and tests)
+        # measured rounds (:meth:`observe_round`), where the caller times them: seconds of a plain round,
+        # and decayed sums of drafting rounds' tokens and seconds (draft, verification and bookkeeping)
+        self._plain_s: float | None = None
+        self._draft_tokens = 0.0
+        self._draft_s = 0.0
+        self._timed = False
+
+    def drafting(self) -> bool:
+        """Whether this round should call the drafter. False while backing off after drafts that did
+        not pay: the caller then runs a plain one-row round (and still feeds the drafter the target's
+        features, so the next probe drafts from the whole context). Each call counts one round."""
+        if self._skip > 0:
+            self._skip -= 1
+            self.plain_rounds += 1
+            return False
+        return True
 
     def choose(
         self,
@@ -71,18 +112,57 @@ class TreeBudget:
         tokens those rows yield. Maximising the shared rate (load_gain + gain) / cost(load_rows + n)
         is FASER's rule: an idle ring lets a tree grow until its marginal node stops paying for
         itself; a loaded ring, already busy at a steeper point of the curve, gets smaller trees.
+
+        ``overhead``: what drafting this tree cost. Once paid it is sunk, so it shifts every choice
+        alike; but it also decides whether drafting pays at all: when even the best choice, overhead
+        included, yields fewer tokens per second than a plain round (no draft, one row), the budget
+        backs off (:meth:`drafting` is False for the next rounds), doubling the wait each time a probe
+        fails, back to ``probe_after`` rounds when one pays.
         """
         cost = cost or self.cost
         order = tree.score_order()[1 : self.max_nodes + 1]
         best_n, gain = 0, load_gain + 1.0
         best_rate = gain / (overhead + cost(load_rows + 1))
+        plain_rate = gain / cost(load_rows + 1)
         for n, i in enumerate(order, start=1):
             gain += self.alpha * math.exp(tree.scores[i])
             rate = gain / (overhead + cost(load_rows + n + 1))
             if rate > best_rate:
                 best_n, best_rate = n, rate
         self._last = best_n
+        if best_rate < plain_rate:
+            self._back_off()
+        elif not self._timed:  # without measured rounds the prediction is all there is to go by
+            self._backoff = self.probe_after
         return best_n
+
+    def _back_off(self) -> None:
+        self._skip = self._backoff
+        self._backoff = min(self.max_backoff, 2 * self._backoff)
+
+    def observe_round(self, tokens: int, seconds: float, drafted: bool) -> None:
+        """Fold in one round's measured wall time, for callers that can time whole rounds (one device).
+
+        :meth:`choose` predicts from the cost curve, but a drafting round also pays what the curve does
+        not hold (the tree's mask, the walk, the cache's pruning, the drafter catching up after plain
+        rounds) and the curve was measured once, on a machine that may now be busier. So the rounds'
+        measured rates decide too: drafting rounds (decayed like ``alpha``) against the latest plain
+        rounds (decayed; before any, the curve's one-row cost). Slower: back off as for a draft not worth verifying;
+        not slower: a probe paid, and the wait returns to ``probe_after``."""
+        self._timed = True
+        if not drafted:
+            per_token = seconds / max(1, tokens)
+            m = self.memory
+            self._plain_s = per_token if self._plain_s is None else m * self._plain_s + (1 - m) * per_token
+            return
+        self._draft_tokens = self.memory * self._draft_tokens + tokens
+        self._draft_s = self.memory * self._draft_s + seconds
+        plain_s = self._plain_s if self._plain_s is not None else self.cost(1)
+        if self._draft_tokens * plain_s < self._draft_s:
+            if self._skip == 0:  # not already backing off after this round's choice
+                self._back_off()
+        else:
+            self._backoff = self.probe_after
 
     def keep_hint(self) -> int:
         """How many nodes the next draft should be able to supply: twice the last choice, so the

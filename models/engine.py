@@ -138,14 +138,20 @@ def generate(
         drafter.accept(context, feats)
         budget = budget or TreeBudget(CostCurve({1: 1.0, 64: 2.0}))
     while reason is None:
-        if mode == "ar":
+        tr = time.perf_counter()  # spec: the budget weighs measured rounds, plain against drafting ones
+        # ar, and spec while drafts have not paid lately (the budget backs off): one row, no drafter call
+        if mode == "ar" or not budget.drafting():
             h = target.forward_one(target.embed([out[-1]]), cache, torch.tensor([len(context) - 1]))
+            feats = target.final_norm(h)
             stats.target_forwards += 1
             stats.rounds += 1
             stats.trees += 1
             stats.per_round.append(1)
-            reason = emit([sample_token(target.logits(h)[0], sampling, gen, history())])
+            reason = emit([sample_token(target.logits(feats, normed=True)[0], sampling, gen, history())])
             context.append(out[-1])
+            if mode == "spec":
+                drafter.accept(context, feats)  # the next probe drafts from the whole context
+                budget.observe_round(1, time.perf_counter() - tr, drafted=False)
             continue
         td = time.perf_counter()
         pool_tree = drafter.draft(context, top_k=top_k, depth=depth, max_nodes=pool, keep=budget.keep_hint())
@@ -161,6 +167,7 @@ def generate(
         reason = emit(emitted)
         context = list(prompt) + out
         drafter.accept(context, feats)
+        budget.observe_round(len(emitted), time.perf_counter() - tr, drafted=True)
     stats.new_tokens = len(out)
     stats.seconds = time.perf_counter() - t0
     return Generation(out, stats, reason)

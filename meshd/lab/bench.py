@@ -38,6 +38,8 @@ class Run:
     seconds: float
     tokens_per_s: float
     trees: int = 0  # verified trees (flow's rounds count every walk advance; this counts whole trees)
+    draft_seconds: float = 0.0  # of ``seconds``, what the drafter took (the head's forwards included)
+    verified_nodes: int = 0  # rows the target verified, roots included
 
 
 EVERYDAY = Path(__file__).resolve().parent / "prompts" / "everyday.jsonl"
@@ -95,6 +97,8 @@ def run_interleaved(
                     s["seconds"],
                     s["tokens_per_s"],
                     s.get("trees", 0),
+                    s.get("draft_seconds", 0.0),
+                    s.get("verified_nodes", 0),
                 )
             )
             if progress:

@@ -16,6 +16,7 @@ from models.drafters import NGramDrafter, load_drafter
 from models.engine import generate
 from models.source import ModelSource
 from models.stage import Stage
+from models.tree import Tree
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -49,6 +50,48 @@ def test_tiny_ar_and_eos(tiny_dir):
     assert res.token_ids == want[: want.index(eos) + 1] and res.finish_reason == "stop"
     res = generate(target, prompt, max_new_tokens=20, drafter=NGramDrafter(), eos_ids=[eos])
     assert res.token_ids == want[: want.index(eos) + 1] and res.finish_reason == "stop"
+
+
+class _LateDrafter:
+    """Drafts nothing until ``start`` tokens are out, then the greedy continuation itself (p = 1): a
+    drafter that does not pay for its own cost, then one that does."""
+
+    def __init__(self, want: list[int], prompt_len: int, start: int):
+        self.want, self.prompt_len, self.start = want, prompt_len, start
+        self.calls, self.rows = 0, 0
+
+    def reset(self, prompt: list[int]) -> None:
+        self.calls, self.rows = 0, 0
+
+    def accept(self, context: list[int], hidden: torch.Tensor | None) -> None:
+        self.rows += 0 if hidden is None else hidden.shape[0]
+
+    def draft(self, context: list[int], *, top_k: int, depth: int, max_nodes: int, keep: int | None = None) -> Tree:
+        self.calls += 1
+        # plain rounds too hand the drafter the target's features: one per position before the root
+        assert self.rows == len(context) - 1, (self.rows, len(context))
+        tree, node = Tree.root(context[-1]), 0
+        done = len(context) - self.prompt_len
+        if done >= self.start:
+            for tok in self.want[done : done + depth]:
+                node = tree.add(node, tok, 0.0)
+        return tree
+
+
+def test_spec_stops_drafting_while_drafts_do_not_pay_and_resumes_when_a_probe_does(tiny_dir):
+    """The budget backs off a drafter whose drafts cost time and yield nothing (plain rounds, no drafter
+    call), probes it again with doubling waits, and drafts every round again once a probe pays;
+    the output is plain greedy decoding's throughout."""
+    target = Stage.load(ModelSource.resolve(tiny_dir), dtype="fp32")
+    prompt = [5, 9, 2, 7, 1, 3]
+    want, gaps = greedy_reference(target, prompt, 48, set())
+    drafter = _LateDrafter(want, len(prompt), start=20)
+    budget = TreeBudget(CURVES["steep"])
+    res = generate(target, prompt, max_new_tokens=48, drafter=drafter, budget=budget, depth=6)
+    assert_matches_greedy(res.token_ids, want, gaps)
+    assert budget.plain_rounds >= 14  # of the first 20 tokens' rounds, at most 6 drafted (2, 4, 8, 16 waits)
+    assert drafter.calls == res.stats.rounds - budget.plain_rounds  # no drafter call in a plain round
+    assert max(res.stats.per_round) > 1  # a probe paid: drafting resumed and its drafts were accepted
 
 
 @pytest.fixture(scope="module")

@@ -66,3 +66,96 @@ def test_draft_overhead_counts_against_the_tree():
     tree = chain_tree([0.6] * 12)
     b = TreeBudget(STEEP, alpha=1.0)
     assert b.choose(tree, overhead=5.0) > b.choose(tree, overhead=0.0)  # a fixed cost per round favours bigger rounds
+
+
+# ---- backing off when drafting does not pay for itself ---------------------------------------------
+POOR = chain_tree([0.05] * 6, width=1)  # on STEEP nothing of it is worth a row (see above)
+GOOD = chain_tree([0.9] * 8)
+
+
+def plain_run(b: TreeBudget) -> int:
+    """Rounds :meth:`TreeBudget.drafting` says to decode plainly before it lets the next draft happen."""
+    n = 0
+    while not b.drafting():
+        n += 1
+        assert n <= b.max_backoff, "the budget never probes again"
+    return n
+
+
+def test_a_draft_that_does_not_pay_stops_drafting_then_probes_with_a_doubling_wait():
+    b = TreeBudget(STEEP, alpha=1.0, probe_after=2, max_backoff=16)
+    assert b.drafting()  # the first round drafts: nothing is known yet
+    waits = []
+    for _ in range(6):
+        assert b.choose(POOR, overhead=0.1) == 0  # the drafting cost was paid for nothing
+        waits.append(plain_run(b))
+    assert waits == [2, 4, 8, 16, 16, 16]
+    assert b.plain_rounds == sum(waits)
+
+
+def test_a_probe_that_pays_resets_the_wait():
+    b = TreeBudget(STEEP, alpha=1.0, probe_after=2, max_backoff=32)
+    for _ in range(3):
+        b.choose(POOR, overhead=0.1)
+        plain_run(b)
+    assert b.choose(GOOD, overhead=0.1) > 0
+    assert plain_run(b) == 0  # it paid: keep drafting every round
+    b.choose(POOR, overhead=0.1)
+    assert plain_run(b) == 2  # the next failure waits the shortest time again
+
+
+def test_verified_nodes_that_do_not_cover_the_drafting_cost_still_back_off():
+    """Once paid, the draft's cost shifts every choice alike, so the budget may verify a few nodes; if
+    even that best choice is slower than a plain round (no draft, one row), drafting does not pay."""
+    tree = chain_tree([0.3] * 4, width=1)
+    b = TreeBudget(STEEP, alpha=1.0)
+    assert b.choose(tree, overhead=2.0) > 0
+    assert plain_run(b) == b.probe_after
+    cheap = TreeBudget(STEEP, alpha=1.0)
+    assert cheap.choose(tree, overhead=0.01) > 0 and plain_run(cheap) == 0
+
+
+def test_free_drafting_never_backs_off():
+    """Without a drafting cost verifying nothing is a plain round: nothing is lost by drafting."""
+    b = TreeBudget(STEEP, alpha=1.0)
+    for _ in range(5):
+        assert b.choose(POOR) == 0 and b.drafting()
+    assert b.plain_rounds == 0
+
+
+def test_backoff_bounds_are_checked():
+    with pytest.raises(ValueError, match="probe_after"):
+        TreeBudget(STEEP, probe_after=0)
+    with pytest.raises(ValueError, match="max_backoff"):
+        TreeBudget(STEEP, probe_after=8, max_backoff=4)
+
+
+def test_measured_rounds_slower_than_plain_ones_back_off_though_the_curve_says_they_pay():
+    """The curve predicts a paying tree, but the rounds as timed (what the curve does not hold, a busier
+    machine) yield fewer tokens per second than plain rounds: the measurement wins."""
+    b = TreeBudget(STEEP, alpha=1.0)
+    for _ in range(3):
+        b.observe_round(1, 1.0, drafted=False)  # plain rounds: 1 token a second
+    assert b.choose(GOOD, overhead=0.1) > 0 and b.drafting()
+    b.observe_round(2, 3.0, drafted=True)  # 2 tokens in 3 s
+    assert plain_run(b) == b.probe_after
+    b.choose(GOOD, overhead=0.1)
+    b.observe_round(1, 2.0, drafted=True)  # the probe fails too: the wait doubles
+    assert plain_run(b) == 2 * b.probe_after
+
+
+def test_a_measured_probe_that_pays_resets_the_wait_and_a_choice_alone_does_not():
+    b = TreeBudget(STEEP, alpha=1.0)
+    b.observe_round(1, 1.0, drafted=False)
+    for _ in range(3):  # waits of 2, 4, 8
+        b.choose(POOR, overhead=0.1)
+        plain_run(b)
+    assert b.choose(GOOD, overhead=0.1) > 0  # predicted to pay; with timed rounds, those decide whether it did
+    b.choose(POOR, overhead=0.1)
+    assert plain_run(b) == 16
+    for _ in range(4):
+        b.choose(GOOD, overhead=0.1)
+        b.observe_round(5, 1.0, drafted=True)  # 5 tokens a second against plain rounds' 1: drafting pays
+        assert plain_run(b) == 0
+    b.choose(POOR, overhead=0.1)
+    assert plain_run(b) == b.probe_after
