@@ -68,7 +68,10 @@ class TreeBudget:
         memory: float = 0.8,
         probe_after: int = PROBE_AFTER,
         max_backoff: int = MAX_BACKOFF,
+        back_off: bool = True,
     ):
+        """``back_off=False``: draft every round whatever it costs (what the budget did before the
+        backoff; for measuring a drafter's acceptance, which plain rounds would dilute)."""
         if probe_after < 1 or max_backoff < probe_after:
             raise ValueError(f"backoff {probe_after}..{max_backoff} rounds: need 1 <= probe_after <= max_backoff")
         self.cost, self.max_nodes = cost, max_nodes
@@ -77,7 +80,7 @@ class TreeBudget:
         self._pred = 1.0
         self._seen = alpha
         self._last: int | None = None
-        self.probe_after, self.max_backoff = probe_after, max_backoff
+        self.probe_after, self.max_backoff, self.back_off = probe_after, max_backoff, back_off
         self._backoff = probe_after  # plain rounds the next failed draft buys
         self._skip = 0  # plain rounds left before the next probe
         self.plain_rounds = 0  # rounds this request decoded without drafting (for stats and tests)
@@ -137,6 +140,8 @@ class TreeBudget:
         return best_n
 
     def _back_off(self) -> None:
+        if not self.back_off:
+            return
         self._skip = self._backoff
         self._backoff = min(self.max_backoff, 2 * self._backoff)
 

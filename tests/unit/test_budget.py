@@ -159,3 +159,12 @@ def test_a_measured_probe_that_pays_resets_the_wait_and_a_choice_alone_does_not(
         assert plain_run(b) == 0
     b.choose(POOR, overhead=0.1)
     assert plain_run(b) == b.probe_after
+
+
+def test_a_budget_told_not_to_back_off_drafts_every_round():
+    """What measuring a drafter's acceptance needs: drafts that never pay still draft."""
+    budget = TreeBudget(CostCurve({1: 1.0, 64: 2.0}), back_off=False)
+    for _ in range(6):
+        assert budget.drafting()
+        budget.observe_round(1, 10.0, drafted=True)  # far slower than a plain round
+    assert budget.plain_rounds == 0

@@ -23,13 +23,6 @@ from models.budget import CostCurve, TreeBudget
 from models.engine import generate
 
 
-class AlwaysDraft(TreeBudget):
-    """The budget before the backoff: it sizes trees alike but never skips drafting."""
-
-    def drafting(self) -> bool:
-        return True
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--prompts", type=int, default=24)
@@ -49,7 +42,7 @@ def main() -> None:
     modes = {
         "ar": lambda: None,
         "spec": lambda: TreeBudget(curve),
-        "spec-always": lambda: AlwaysDraft(curve),
+        "spec-always": lambda: TreeBudget(curve, back_off=False),
     }
     rows = []
     t0 = time.perf_counter()
