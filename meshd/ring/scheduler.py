@@ -553,10 +553,11 @@ class Originator:
     def _draft(self, lv: _Live, cost: CostCurve | None = None, depth: int | None = None) -> tuple[Tree, int]:
         """A candidate pool rooted at the last emitted token (``depth`` levels, by default
         :meth:`_draft_depth`'s), and how many of its nodes the cost model (``cost``, by default the
-        ring's summed compute curve) pays for. While the budget backs off (drafts did not pay for
-        their own cost lately) the pool is the root alone and the drafter is not called: a plain
-        round; the drafter still gets the target's features of what is accepted, for the next probe."""
-        if lv.drafter is None or lv.req.mode == "ar" or not lv.budget.drafting():
+        ring's summed compute curve) pays for. The ring always drafts: unlike one device
+        (``models/engine.py``), whose budget stops drafting while drafts do not pay for their own cost,
+        a ring drafts while its stages compute (flow, idle drafting), so the draft's cost is mostly hidden
+        and the one-device rule would stop speculation that pays (it did, in tests of chunk and flow)."""
+        if lv.drafter is None or lv.req.mode == "ar":
             return Tree.root(lv.out[-1]), 0
         left = lv.req.max_new_tokens - len(lv.out)
         t0 = self.timer()
