@@ -1,4 +1,3 @@
-# ruff: noqa: E402  (one-off measurement scripts for issue 11: loop-bound lambdas are called at once)
 """spec: batched LM head with the default curve (old) against per-row verification with a curve whose
 LM-head share is one row (what per-row verification costs), alternated in one process, CPU clock."""
 
@@ -30,31 +29,19 @@ prompts = [
     "Write a short story about a lighthouse keeper.",
     "What is 17 times 23? Show the steps.",
 ]
-import models.engine as eng
-
-_vt = eng.verify_tree
-NODES = [0]
-
-
-def _count(target, cache, tree, *a, **k):
-    NODES[0] += len(tree)
-    return _vt(target, cache, tree, *a, **k)
-
-
-eng.verify_tree = _count
 for r in range(2):
     for name, fn, curve in (("batched+old curve", batched, old_curve), ("per-row+per-row curve", lazy, new_curve)):
         Stage.logits_by_row = fn
         lm._curve = curve
-        tok = rounds = 0
+        tok = rounds = nodes = 0
         cpu = 0.0
-        NODES[0] = 0
         for p in prompts:
             c0 = time.thread_time()
             s = lm.run(p, mode="spec", drafter="auto", max_tokens=64, temperature=0.0, seed=0, stages=1)
             cpu += time.thread_time() - c0
             tok += s["new_tokens"]
             rounds += s["rounds"]
+            nodes += s["verified_nodes"]
         print(
             r,
             name,
@@ -63,7 +50,7 @@ for r in range(2):
             "tokens/round",
             round(tok / rounds, 2),
             "nodes/round",
-            round(NODES[0] / rounds, 2),
+            round(nodes / rounds, 2),
             flush=True,
         )
     Stage.logits_by_row = lazy
