@@ -823,10 +823,17 @@ class Originator:
         cands = [i for i in pool.score_order() if i not in lv.placed and pool.depth[i] <= left]
         gains = [lv.budget.alpha * math.exp(pool.scores[i]) for i in cands]
         root = 0 if lv.root_sent else 1
+        # FASER's rule, as TreeBudget.choose applies it to whole trees: rows that other requests put
+        # through the same forwards share them, so a segment's rows must pay at that steeper point of
+        # the curve against the tokens all those rows yield; and fillers only fill an idle ring (under
+        # load the ring is busy with the others' rows, and a filler's rows delay them)
+        load_rows, load_gain = self._load(lv)
+        # the stage's queue holds this request's own queued segments too: count only what exceeds them
+        load_rows = max(0, load_rows - min(self.stage_queue, len(lv.in_flight)))
         n = 0
         if lv.fresh:
-            n = _best_prefix(gains, lambda m: self.ring.latency(m + root))
-        if n == 0 and lv.root_sent:
+            n = _best_prefix(gains, lambda m: self.ring.latency(load_rows + m + root), base=1.0 + load_gain)
+        if n == 0 and lv.root_sent and load_rows == 0:
             floor = sum(1 for g in gains if g >= FILL_FLOOR)
             n = _best_prefix(gains[:floor], self.ring.step)
         n = min(n, self.max_nodes)
@@ -947,10 +954,11 @@ def resumed_ring_id(request_id: str, resumes: int) -> str:
     return str(int.from_bytes(digest, "big") >> 2)
 
 
-def _best_prefix(gains: Sequence[float], cost: Callable[[int], float]) -> int:
+def _best_prefix(gains: Sequence[float], cost: Callable[[int], float], base: float = 1.0) -> int:
     """How many of ``gains`` (expected accepted tokens per candidate, best first) maximise
-    (1 + their sum) / cost(count): the 1 is the token a returning segment always settles."""
-    best_n, total = 0, 1.0
+    (base + their sum) / cost(count): ``base`` is the token a returning segment always settles (1),
+    plus what other requests' rows in the same forwards yield."""
+    best_n, total = 0, base
     best = total / cost(0)
     for n, g in enumerate(gains, start=1):
         total += g

@@ -301,6 +301,19 @@ def test_flow_slots_send_a_small_first_segment_then_fillers_in_score_order(targe
     assert orig.live_segments() == {"r": 3}
 
 
+def test_flow_under_load_sends_no_fillers_and_sizes_first_segments_with_the_others_rows(target):
+    """FASER's rule for segments: a request alone fills its slots; one that shares the ring with another
+    request's rows in flight sends its first segment only (the ring is busy with those rows already)."""
+    p, a, b, c, d = target.tokens[:5]
+    drafter = Scripted({p: [(0, a, 0.6), (0, b, 0.3), (1, c, 0.9), (2, d, 0.5)]})
+    orig = Originator(target.head, lambda: drafter, [STEEP] * 2, clock=lambda: 0.0, timer=lambda: 0.0, flow_slots=3)
+    alone = segments(prefill(orig, target, Request("r1", [a, b], 16, "flow"), first=p))
+    assert len(alone) == 3  # a first segment and two fillers, as in the test above
+    shared = segments(prefill(orig, target, Request("r2", [a, b], 16, "flow"), first=p))
+    assert len(shared) == 1 and shared[0].first and shared[0].tokens == [p]
+    assert orig.live_segments() == {"r1": 3, "r2": 1}
+
+
 def test_flow_refills_a_slot_freed_by_a_prune_and_restarts_at_once_from_the_bonus_token(target):
     p, a, b, c, d, z = target.tokens[:6]
     drafter = Scripted({p: [(0, a, 0.6), (0, b, 0.3), (1, c, 0.9), (2, d, 0.5)], z: [(0, a, 0.9)]})
