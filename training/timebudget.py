@@ -112,8 +112,8 @@ class TimeBudget:
         text = (
             f"time budget {format_duration(self.seconds)}: generation up to {format_duration(gen)} "
             f"({GENERATION_SHARE:.0%}), training until {format_duration(self.seconds - self.report_reserve)} "
-            "(with what generation leaves unused)"
+            "plus what generation leaves unused"
         )
         if self.report:
-            return text + f", held-out report the last {format_duration(self.report_reserve)} ({REPORT_SHARE:.0%})"
-        return text + " (no held-out report: no Spec-Bench file)"
+            return text + f"; held-out report the last {format_duration(self.report_reserve)} ({REPORT_SHARE:.0%})"
+        return text + "; no held-out report (no Spec-Bench file)"

@@ -131,7 +131,7 @@ def train_head(
     whichever is further along, the batches done or the time spent of this run's share (warm-up
     included: it ends after 5 % of the time at the latest): the rate reaches its floor by the
     deadline however many batches fit. ``state["cut"]`` says whether the
-    deadline stopped it before the planned batches."""
+    deadline stopped it before the ``state["planned"]`` batches."""
     torch.manual_seed(tc.seed)
     opt = torch.optim.AdamW(head.parameters(), lr=tc.lr, weight_decay=0.0, betas=(0.9, 0.95))
     per_epoch = [make_batches(seqs, tc, e) for e in range(tc.epochs)]
@@ -163,6 +163,7 @@ def train_head(
         else:
             log("training: checkpoint is for a different data set or schedule; starting over")
     state["cut"] = False
+    state["planned"] = total
 
     def save() -> None:
         tmp = ckpt.with_suffix(".tmp")

@@ -226,7 +226,9 @@ def train_draft(
         deadline=budget.training_deadline if budget is not None else None,
     )
     if state.get("cut"):
-        cuts["training"] = f"stopped at batch {state['step']} of {epochs} epochs' worth (the schedule annealed by time)"
+        cuts["training"] = (
+            f"stopped at batch {state['step']} of {state['planned']} ({epochs} epochs; the schedule annealed by time)"
+        )
 
     report = {
         "command": command,
