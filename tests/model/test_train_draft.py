@@ -24,6 +24,7 @@ from models.source import ModelSource
 from models.stage import Stage
 from training.evaluate import evaluate_acceptance
 from training.rollouts import DataStore, batch_generate, generate_data
+from training.timebudget import TimeBudget
 from training.train import TrainConfig, train_head
 
 
@@ -108,10 +109,18 @@ def test_publish_head_replaces_whole_or_not_at_all(tiny, tmp_path, monkeypatch):
         td.check_out_dir(tmp_path / "docs")
 
 
-def test_default_head_dir_is_named_for_the_model(tiny, tmp_path, monkeypatch):
+def test_default_head_dir_and_the_closing_line(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    src, _ = tiny
-    assert td.default_head_dir(src) == tmp_path / "meshd" / "heads" / f"{src.name}-{src.fingerprint[:12]}"
+    src, target = tiny
+    mine = td.default_head_dir(src)
+    assert mine == tmp_path / "meshd" / "heads" / f"{src.name}-{src.fingerprint[:12]}"
+    elsewhere = tmp_path / "elsewhere" / "h"
+    td.publish_head(random_head(target, src.fingerprint), elsewhere, {})
+    assert f"does not look in {elsewhere.parent}" in td.where_auto_looks(elsewhere, src)
+    assert f"--drafter eagle:{elsewhere}" in td.where_auto_looks(elsewhere, src)
+    td.publish_head(random_head(target, src.fingerprint), mine, {})
+    assert "`--drafter auto`" in td.where_auto_looks(mine, src) and "now use it for" in td.where_auto_looks(mine, src)
+    assert f"auto uses {mine}" in td.where_auto_looks(elsewhere, src)
 
 
 class Steps:
@@ -184,6 +193,43 @@ def test_report_replay_is_cut_per_pair(tiny):
     cut = evaluate_acceptance(drafters, rolls, cats, settings=("chain", "tree16"), deadline=time.perf_counter())
     assert sorted(cut) == ["eagle/chain", "eagle/tree16", "ngram/chain", "ngram/tree16"]
     assert all(v["rollouts"] == 1 and v["rounds"] > 0 for v in cut.values())  # every pair still has a figure
+
+
+@pytest.mark.parametrize("budgeted", [False, True])
+def test_held_out_report_fits_what_is_left(tiny, tmp_path, budgeted):
+    """Without a budget every held-out question is answered and replayed; with the budget spent, the
+    report says what it cut (and caches no partial rollouts)."""
+    src, target = tiny
+    bench = tmp_path / "question.jsonl"
+    bench.write_text(
+        "".join(json.dumps({"question_id": i, "category": "c", "turns": [f"q {i}"]}) + "\n" for i in range(1, 13))
+    )
+    out = td.publish_head(random_head(target, src.fingerprint), tmp_path / "h", {})
+    budget = TimeBudget(30.0, report=True, start=time.perf_counter() - 31) if budgeted else None
+    held = td.held_out_report(
+        target,
+        FakeChatTokenizer(),
+        out,
+        src.fingerprint,
+        bench,
+        work=tmp_path / "work",
+        per_category=3,
+        eval_tokens=8,
+        seed=0,
+        eos=[],
+        slots=4,
+        dtype="fp32",
+        budget=budget,
+    )
+    assert held["questions"] == 3 and sorted(held["results"]) == [
+        f"{d}/{s}" for d in ("eagle", "ngram") for s in ("chain", "tree32")
+    ]
+    cached = list((tmp_path / "work").glob("heldout-*.pt"))
+    if budgeted:
+        assert held["cut"].startswith("cut to fit the time budget: 0 of 3 questions") and cached == []
+    else:
+        assert "cut" not in held and len(cached) == 1
+        assert all(r["rollouts"] == 3 and r["rounds"] >= 3 for r in held["results"].values())
 
 
 def chat_target(kind: str, root, source: ModelSource, tokenizer) -> str:
