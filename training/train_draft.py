@@ -166,8 +166,14 @@ def train_draft(
     out = Path(out) if out is not None else default_head_dir(src)
     check_out_dir(out)
     log(f"target {src.name} ({fp}); work dir {work}; head -> {out}")
+    gen_stop = None
     if budget is not None:
-        log(budget.describe())
+        gen_stop = budget.over(budget.end if generate_only else budget.generation_deadline)
+        log(
+            f"time budget {format_duration(budget.seconds)}: all of it for generation (--generate-only)"
+            if generate_only
+            else budget.describe()
+        )
     target = Stage.load(src, dtype=dtype)
     tok = src.load_tokenizer()
     eos = stop_ids(tok, target.cfg)
@@ -183,18 +189,23 @@ def train_draft(
         slots=slots,
         seed=seed,
         eos=eos,
-        stop=budget.over(budget.generation_deadline) if budget is not None else None,
+        stop=gen_stop,
     )
     if gen_cut:
         cuts["generation"] = f"stopped at {store.meta['answer_tokens']} of {tokens} answer tokens"
     if generate_only:
         return {"data": store.meta}
     seqs = store.sequences()
-    if not seqs:
+    if not seqs and gen_cut:
         raise ValueError(
             f"no training data for {src.name} in {work / 'data'}: the time budget ran out before the target "
             "finished its first answers; give a larger --time-budget (or a smaller --max-new), or run again: "
             "generation resumes where it stopped"
+        )
+    if not seqs:
+        raise ValueError(
+            f"no training data for {src.name} in {work / 'data'}: no prompt could be answered (every prompt "
+            "file empty, or every prompt longer than 1024 tokens); pass --prompts FILE with shorter prompts"
         )
     if vocab > 0:
         ids, coverage = choose_vocab(seqs, vocab, always=eos)
