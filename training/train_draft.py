@@ -63,7 +63,10 @@ def default_head_dir(src: ModelSource) -> Path:
 
 
 def check_out_dir(out: Path) -> None:
-    """Refuse, before hours of work, an ``out`` that exists and is not a head: publishing replaces it whole."""
+    """Refuse, before hours of work, an ``out`` that exists and is not a head (publishing replaces it whole),
+    or one named with a leading dot (lookup skips those: they are how unfinished heads are kept out of it)."""
+    if out.name.startswith("."):
+        raise ValueError(f"--out {out}: a head directory's name must not start with a dot (lookup skips those)")
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / CONFIG_FILE).is_file())):
         raise ValueError(
             f"--out {out} exists and is not a draft head (no {CONFIG_FILE}); a finished head replaces the whole "

@@ -107,6 +107,8 @@ def test_publish_head_replaces_whole_or_not_at_all(tiny, tmp_path, monkeypatch):
     (tmp_path / "docs" / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match=r"docs exists and is not a draft head"):
         td.check_out_dir(tmp_path / "docs")
+    with pytest.raises(ValueError, match=r"must not start with a dot"):
+        td.check_out_dir(tmp_path / ".hidden")
 
 
 def test_default_head_dir_and_the_closing_line(tiny, tmp_path, monkeypatch):
