@@ -128,8 +128,8 @@ def batch_generate(
 ) -> list[Rollout]:
     """Answer every prompt (greedy or sampled), refilling slots as sequences finish.
 
-    ``stop`` (a time budget's test) is asked before every decoding step: once it answers true, the
-    finished rollouts are returned and those still in flight are dropped (unfinished answers would
+    ``stop`` (a time budget's test) is asked before every decoding step and every prefill: once it
+    answers true, the finished rollouts are returned and those still in flight are dropped (unfinished answers would
     teach the head truncated text; a resumed run answers those prompts again)."""
     eos = set(eos)
     if not prompts:
@@ -161,7 +161,7 @@ def batch_generate(
         state[b] = None
 
     def fill(b: int) -> None:
-        while queue:
+        while queue and not (stop is not None and stop()):  # a prefill after the budget ran out is wasted
             key, ids = queue.pop(0)
             f = dec.load(b, ids)
             first = pick(stage.logits(f[-1:], normed=True))[0]

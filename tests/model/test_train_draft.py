@@ -141,7 +141,8 @@ def test_generation_stops_keeping_what_finished(tiny):
     g = torch.Generator().manual_seed(5)
     prompts = [(str(i), torch.randint(0, 64, (6,), generator=g).tolist()) for i in range(6)]
     full = {r.key: r.tokens for r in batch_generate(target, prompts, max_new=20, slots=3)}
-    # 19 decoding steps finish the first three; at step 25 the next three are in flight and are dropped
+    # asked before each prefill and step: 3 prefills + 19 steps finish the first three, the next three are
+    # prefilled (asks 23-25) and dropped at the next step
     cut = batch_generate(target, prompts, max_new=20, slots=3, stop=Steps(25))
     assert len(cut) == 3 and all(full[r.key] == r.tokens and len(r.tokens) == 26 for r in cut)
     assert batch_generate(target, prompts, max_new=20, slots=3, stop=Steps(0)) == []
@@ -157,7 +158,7 @@ def test_generate_data_cut_then_resumed(tiny, tmp_path):
     prompts = [(f"p{i}", f"prompt {i}") for i in range(12)]
     store = DataStore(tmp_path / "data")
     kw = dict(target_tokens=10_000, max_new=10, slots=4, seed=0, eos=[], chunk=4)
-    assert generate_data(target, FakeChatTokenizer(), store, prompts, stop=Steps(12), **kw) is True
+    assert generate_data(target, FakeChatTokenizer(), store, prompts, stop=Steps(20), **kw) is True
     kept = store.meta["sequences"]
     assert 0 < kept < 12 and DataStore(tmp_path / "data").meta["sequences"] == kept  # flushed to disk
     again = DataStore(tmp_path / "data")
