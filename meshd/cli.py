@@ -40,6 +40,16 @@ def _threads(n: int | None) -> None:
     torch.set_num_threads(n or os.cpu_count() or 1)
 
 
+def _duration(text: str) -> float:
+    """``--time-budget``'s type: seconds, with the parser's own message on a bad value."""
+    from training.timebudget import parse_duration  # imports no torch: parsing flags stays fast
+
+    try:
+        return parse_duration(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
@@ -367,6 +377,7 @@ def cmd_train_draft(args: argparse.Namespace) -> int:
         batch_tokens=args.batch_tokens,
         eval_per_category=args.eval_per_category,
         generate_only=args.generate_only,
+        time_budget=args.time_budget,
         command="meshd " + " ".join(sys.argv[1:]),
     )
     return 0
@@ -435,8 +446,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--drafter",
         default="auto",
-        help="auto (the shipped EAGLE head for this model, else ngram) | eagle[:DIR] | eagle+ngram | ngram "
-        "| model:PATH[@LAYERS]",
+        help="auto (the EAGLE head for this model, yours from train-draft or the shipped one, with n-gram; else "
+        "ngram) | eagle[:DIR] | eagle+ngram | ngram | model:PATH[@LAYERS]",
     )
     g.add_argument("--max-tokens", type=int, default=128)
     g.add_argument("--temperature", type=float, default=0.0)
@@ -515,7 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--drafter",
         default="auto",
         help="drafter of the mesh modes (daemons and inprocess) and of "
-        "spec without a :DRAFTER suffix (auto: the shipped head with n-gram, else ngram)",
+        "spec without a :DRAFTER suffix (auto: this model's head, yours or the shipped one, with n-gram, else ngram)",
     )
     b.add_argument("--questions", default=None, metavar="PATH", help=QUESTIONS_HELP)
     b.add_argument("--categories", nargs="*", default=None, help="category names (default: the first N)")
@@ -615,7 +626,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train-draft", help="self-distil an EAGLE draft head for a target model (resumable)")
     t.add_argument("--model", default="default", help="the target: GGUF file, HF safetensors dir, or 'default'")
-    t.add_argument("--out", required=True, help="directory for the head (eagle.json, head.safetensors, report)")
+    t.add_argument(
+        "--out",
+        default=None,
+        help="directory for the head (eagle.json, head.safetensors, report); default: your heads directory "
+        "($XDG_CACHE_HOME/meshd/heads/MODEL-FINGERPRINT), where --drafter auto finds it for this model",
+    )
+    t.add_argument(
+        "--time-budget",
+        type=_duration,
+        default=None,
+        metavar="DURATION",
+        help="wall-clock limit for the whole run, e.g. 90s, 30m, 2h: generation stops at 60%% (keeping what it "
+        "made), training runs until the last 10%% (annealed to fit), the held-out report gets the rest or is "
+        "skipped; default: no limit",
+    )
     t.add_argument(
         "--prompts",
         action="append",

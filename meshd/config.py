@@ -246,8 +246,9 @@ class Config:
     drafter: str = field(
         default="auto",
         metadata=_opt(
-            "drafter when this device originates a request: auto (the shipped EAGLE head with n-gram candidates when "
-            "one matches the model, else ngram) | ngram | eagle[:DIR] | eagle+ngram | model:PATH[@LAYERS]"
+            "drafter when this device originates a request: auto (the EAGLE head trained for the model, yours from "
+            "`meshd train-draft` or the shipped one, with n-gram candidates; else ngram) | ngram | eagle[:DIR] | "
+            "eagle+ngram | model:PATH[@LAYERS]"
         ),
     )
     # housekeeping

@@ -198,12 +198,13 @@ def load_drafter(
     """Build a drafter from a CLI/config spec: ``auto``, ``ngram``, ``eagle[:PATH]``, ``eagle+ngram`` or
     ``model:PATH[@LAYERS]``.
 
-    ``eagle`` is the shipped head trained for this target (matched by ``source``'s fingerprint;
+    ``eagle`` is the head trained for this target, the user's (``meshd train-draft``) or the shipped one
+    (matched by ``source``'s fingerprint, see :func:`models.eagle.find_head`;
     ``eagle:PATH`` loads a given head, refusing one trained for another target). ``@LAYERS`` keeps
     only the first layers of the draft model (an early-exit draft), which is how the embedded model
     can draft for itself when no smaller sibling is installed.
     """
-    if spec == "auto":  # the shipped head for this target when there is one, else n-gram lookup
+    if spec == "auto":  # the head for this target (the user's, else shipped) when there is one, else n-gram lookup
         return load_drafter(default_drafter(source) if source is not None else "ngram", target, dtype, source)
     if spec == "ngram":
         return NGramDrafter()

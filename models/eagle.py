@@ -20,6 +20,7 @@ Files: our own format is ``eagle.json`` (shape, draft vocabulary size, target fi
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -27,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from models.cache import cache_dir
 from models.config import ModelConfig, ModelError
 from models.kvcache import KVCache
 from models.layers import Layer, Rope, Weight, attention, causal_mask, decoder_layer, float_mask, linear, pack_weight
@@ -351,24 +353,52 @@ def load_head(path: str | Path, target_cfg: ModelConfig, fingerprint: str | None
     return head.eval()
 
 
-def find_head(fingerprint: str | None, cfg: ModelConfig, root: Path = HEADS_DIR) -> Path:
-    """The shipped head for this target (matched by fingerprint), or a clear error."""
-    found = []
-    if root.is_dir():
-        for conf in sorted(root.glob(f"*/{CONFIG_FILE}")):
-            try:
-                raw = json.loads(conf.read_text())
-            except (OSError, ValueError):
-                continue
-            found.append(raw.get("target_name") or conf.parent.name)
-            if fingerprint and raw.get("target_fingerprint") == fingerprint:
-                if not (conf.parent / WEIGHTS_FILE).is_file():
-                    raise ModelError(f"draft head config {conf} has no {WEIGHTS_FILE} next to it; reinstall meshd")
-                return conf.parent
+def user_heads_dir() -> Path:
+    """Heads this user trained (``meshd train-draft`` writes here by default): ``$XDG_CACHE_HOME/meshd/heads``.
+
+    A per-user cache, not the package: a pip-installed meshd's ``models/heads`` is read-only, and a
+    head trained for one user's model is no business of the package's."""
+    return cache_dir("heads")
+
+
+def head_dirs() -> list[Path]:
+    """Where ``eagle`` and ``auto`` look for a target's head, first match wins: the user's heads, then
+    the shipped ones. A head the user trained for a target that also has a shipped head was trained on
+    purpose (on their own prompts, or longer), so it wins; deleting it brings the shipped one back."""
+    return [user_heads_dir(), HEADS_DIR]
+
+
+def find_head(fingerprint: str | None, cfg: ModelConfig, roots: Sequence[Path] | None = None) -> Path:
+    """The head trained for this target, matched by fingerprint in ``roots`` (default :func:`head_dirs`,
+    in order), or an error naming every place searched and how to make one.
+
+    Directories starting with a dot are skipped: ``meshd train-draft`` writes a head into one and renames
+    it into place only once complete, so a crashed run never leaves a half head to be found."""
+    roots = head_dirs() if roots is None else list(roots)
+    searched = []
+    for root in roots:
+        found = []
+        if root.is_dir():
+            for conf in sorted(root.glob(f"*/{CONFIG_FILE}")):
+                if conf.parent.name.startswith("."):
+                    continue
+                try:
+                    raw = json.loads(conf.read_text())
+                except (OSError, ValueError):
+                    continue
+                found.append(raw.get("target_name") or conf.parent.name)
+                if fingerprint and raw.get("target_fingerprint") == fingerprint:
+                    if not (conf.parent / WEIGHTS_FILE).is_file():
+                        raise ModelError(
+                            f"draft head {conf.parent} has no {WEIGHTS_FILE} next to its {CONFIG_FILE}; delete the "
+                            "directory and run `meshd train-draft` again (or reinstall meshd for a shipped head)"
+                        )
+                    return conf.parent
+        searched.append(f"{root} ({', '.join(found) or 'none'})")
     raise ModelError(
-        f"no shipped EAGLE draft head for this target (fingerprint {fingerprint}); shipped heads: "
-        f"{', '.join(found) or 'none'} in {root}. Train one with `meshd train-draft --model ... --out DIR` and pass "
-        "--drafter eagle:DIR, or use --drafter ngram."
+        f"no EAGLE draft head for this target (fingerprint {fingerprint}) in {' or '.join(searched)}. "
+        f"Train one with `meshd train-draft --model MODEL` (it is written to {user_heads_dir()}, where "
+        "--drafter auto and eagle find it), or use --drafter ngram."
     )
 
 
@@ -518,8 +548,8 @@ DEFAULT_SPEC = "eagle+ngram"
 
 
 def default_drafter(model: ModelSource | str | None) -> str:
-    """The default drafter spec for a model: the shipped head (with n-gram candidates) if one was
-    trained for exactly this target, else ``ngram``."""
+    """The default drafter spec for a model: its head (the user's, else the shipped one; see
+    :func:`head_dirs`) with n-gram candidates if one was trained for exactly this target, else ``ngram``."""
     src = model if isinstance(model, ModelSource) else ModelSource.resolve(model)
     try:
         find_head(src.fingerprint, src.config)
@@ -538,7 +568,8 @@ def _assumed_fingerprint(target: Stage) -> str | None:
 
 
 def load_eagle_drafter(spec_path: str | None, target: Stage, source: ModelSource | None = None) -> EagleDrafter:
-    """``eagle`` (the shipped head matching the target) or ``eagle:PATH``."""
+    """``eagle`` (the head trained for this target, the user's or the shipped one: :func:`find_head`) or
+    ``eagle:PATH``."""
     fp = source.fingerprint if source is not None else _assumed_fingerprint(target)
     path = Path(spec_path) if spec_path else find_head(fp, target.cfg)
     head = load_head(path, target.cfg, fp)

@@ -16,7 +16,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -79,18 +79,24 @@ def held_out_rollouts(
     eos: Sequence[int],
     slots: int,
     cache: Path | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> list[Rollout]:
-    """Reference continuations of held-out questions (cached on disk: evaluation, never training)."""
+    """Reference continuations of held-out questions (cached on disk: evaluation, never training).
+
+    ``stop`` (a time budget's test) cuts generation short: the rollouts finished by then are
+    returned, and nothing is cached (the cache stands for all of ``questions``)."""
     if cache is not None and cache.is_file():
         saved = torch.load(str(cache), map_location="cpu", weights_only=False)
         return [Rollout(**d) for d in saved]
     prompts = [
         (str(q["question_id"]), encode_messages(tok, [{"role": "user", "content": q["turns"][0]}])) for q in questions
     ]
-    rolls = batch_generate(stage, prompts, max_new=max_new, slots=slots, temperature=temperature, seed=seed, eos=eos)
+    rolls = batch_generate(
+        stage, prompts, max_new=max_new, slots=slots, temperature=temperature, seed=seed, eos=eos, stop=stop
+    )
     order = {k: i for i, (k, _) in enumerate(prompts)}
     rolls.sort(key=lambda r: order[r.key])
-    if cache is not None:
+    if cache is not None and len(rolls) == len(prompts):
         cache.parent.mkdir(parents=True, exist_ok=True)
         torch.save([r.__dict__ for r in rolls], str(cache))
     return rolls
@@ -115,24 +121,37 @@ def evaluate_acceptance(
     rolls: list[Rollout],
     categories: dict[str, str],
     settings: Sequence[str] = tuple(DRAFT_SETTINGS),
+    deadline: float | None = None,
 ) -> dict:
-    """Mean tokens per round, overall and per category, for each drafter x tree setting."""
+    """Mean tokens per round, overall and per category, for each drafter x tree setting.
+
+    ``deadline`` (on ``time.perf_counter``, from a time budget) splits the time left evenly between
+    the drafter x setting pairs still to run, each replaying rollouts until its share is spent (at
+    least one) in the same order, so a cut report still has a figure for every pair, over the first
+    rollouts (``rollouts`` says how many)."""
     out: dict = {}
-    for dname, drafter in drafters.items():
-        for sname in settings:
-            per_cat: dict[str, list[int]] = {}
-            t0 = time.perf_counter()
-            for r in rolls:
-                rounds = replay_rounds(drafter, r, **DRAFT_SETTINGS[sname])
-                per_cat.setdefault(categories[r.key], []).extend(rounds)
-            allr = [x for v in per_cat.values() for x in v]
-            out[f"{dname}/{sname}"] = {
-                "mean_accepted": round(sum(allr) / max(len(allr), 1), 3),
-                "rounds": len(allr),
-                "draft_seconds": round(time.perf_counter() - t0, 2),
-                "per_category": {c: round(sum(v) / len(v), 3) for c, v in sorted(per_cat.items())},
-            }
-            log(f"eval {dname}/{sname}: {out[f'{dname}/{sname}']['mean_accepted']}")
+    pairs = [(d, s) for d in drafters for s in settings]
+    for i, (dname, sname) in enumerate(pairs):
+        drafter = drafters[dname]
+        per_cat: dict[str, list[int]] = {}
+        t0 = time.perf_counter()
+        until = None if deadline is None else t0 + max(0.0, deadline - t0) / (len(pairs) - i)
+        replayed = 0
+        for r in rolls:
+            if replayed and until is not None and time.perf_counter() >= until:
+                break
+            rounds = replay_rounds(drafter, r, **DRAFT_SETTINGS[sname])
+            per_cat.setdefault(categories[r.key], []).extend(rounds)
+            replayed += 1
+        allr = [x for v in per_cat.values() for x in v]
+        out[f"{dname}/{sname}"] = {
+            "mean_accepted": round(sum(allr) / max(len(allr), 1), 3),
+            "rounds": len(allr),
+            "rollouts": replayed,
+            "draft_seconds": round(time.perf_counter() - t0, 2),
+            "per_category": {c: round(sum(v) / len(v), 3) for c, v in sorted(per_cat.items())},
+        }
+        log(f"eval {dname}/{sname}: {out[f'{dname}/{sname}']['mean_accepted']}")
     return out
 
 

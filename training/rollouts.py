@@ -124,8 +124,13 @@ def batch_generate(
     eos: Iterable[int] = (),
     on_done: Callable[[Rollout], None] | None = None,
     progress: tqdm | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> list[Rollout]:
-    """Answer every prompt (greedy or sampled), refilling slots as sequences finish."""
+    """Answer every prompt (greedy or sampled), refilling slots as sequences finish.
+
+    ``stop`` (a time budget's test) is asked before every decoding step and every prefill: once it
+    answers true, the finished rollouts are returned and those still in flight are dropped (unfinished answers would
+    teach the head truncated text; a resumed run answers those prompts again)."""
     eos = set(eos)
     if not prompts:
         return []
@@ -156,7 +161,7 @@ def batch_generate(
         state[b] = None
 
     def fill(b: int) -> None:
-        while queue:
+        while queue and not (stop is not None and stop()):  # a prefill after the budget ran out is wasted
             key, ids = queue.pop(0)
             f = dec.load(b, ids)
             first = pick(stage.logits(f[-1:], normed=True))[0]
@@ -170,6 +175,8 @@ def batch_generate(
     for b in range(dec.slots):
         fill(b)
     while any(s is not None for s in state):
+        if stop is not None and stop():
+            break
         toks = torch.tensor([s["tokens"][-1] if s else 0 for s in state])
         for b, s in enumerate(state):
             if s is None:
@@ -256,8 +263,10 @@ def generate_data(
     eos: Sequence[int],
     chunk: int = 144,
     max_prompt: int = 1024,
-) -> None:
-    """Answer prompts until ``target_tokens`` answer tokens are stored (resumable)."""
+    stop: Callable[[], bool] | None = None,
+) -> bool:
+    """Answer prompts until ``target_tokens`` answer tokens are stored (resumable); ``stop`` (a time
+    budget's test) ends it early, keeping every finished answer. Returns whether ``stop`` cut it short."""
     done = store.done
     todo = []
     for key, text in prompts:
@@ -272,12 +281,16 @@ def generate_data(
     have = store.meta["answer_tokens"]
     if have >= target_tokens or not todo:
         log(f"generation: {have} answer tokens stored ({store.meta['sequences']} sequences); nothing to do")
-        return
+        return False
     log(f"generation: {have} answer tokens stored, target {target_tokens}; {len(todo)} prompts left")
     bar = tqdm(total=target_tokens, initial=have, unit="tok", desc="generate", file=sys.stderr, smoothing=0.05)
+    cut = False
     try:
         for ci, group in enumerate(chunks):
             if store.meta["answer_tokens"] >= target_tokens:
+                break
+            if stop is not None and stop():
+                cut = True
                 break
             t0 = time.perf_counter()
             last = [t0]
@@ -290,12 +303,25 @@ def generate_data(
                     last[0] = now
 
             batch_generate(
-                stage, group, max_new=max_new, slots=slots, seed=seed + ci, eos=eos, on_done=on_done, progress=bar
+                stage,
+                group,
+                max_new=max_new,
+                slots=slots,
+                seed=seed + ci,
+                eos=eos,
+                on_done=on_done,
+                progress=bar,
+                stop=stop,
             )
             store.flush(time.perf_counter() - last[0])
+            if stop is not None and stop():
+                cut = store.meta["answer_tokens"] < target_tokens
+                break
     finally:
         bar.close()
     log(
         f"generation: {store.meta['answer_tokens']} answer + {store.meta['prompt_tokens']} prompt tokens in "
         f"{store.meta['sequences']} sequences ({store.meta['gen_seconds']:.0f} s)"
+        + (f"; stopped by the time budget short of {target_tokens} (a rerun continues)" if cut else "")
     )
+    return cut

@@ -121,20 +121,38 @@ def train_head(
     *,
     lm_rows: torch.Tensor,
     log_every: int = 20,
+    deadline: float | None = None,
 ) -> dict:
-    """Train ``head`` in place; resumes from ``ckpt``; returns the loss history and timing."""
+    """Train ``head`` in place; resumes from ``ckpt``; returns the loss history and timing.
+
+    ``deadline`` (on ``time.perf_counter``, from a time budget) ends training early, after at least
+    one batch, with the checkpoint saved so a rerun resumes. Cutting a cosine schedule off midway
+    would leave the head at a high learning rate, so with a deadline the schedule's progress is
+    whichever is further along, the batches done or the time spent of this run's share (warm-up
+    included: it ends after 5 % of the time at the latest): the rate reaches its floor by the
+    deadline however many batches fit. ``state["cut"]`` says whether the
+    deadline stopped it before the ``state["planned"]`` batches."""
     torch.manual_seed(tc.seed)
     opt = torch.optim.AdamW(head.parameters(), lr=tc.lr, weight_decay=0.0, betas=(0.9, 0.95))
     per_epoch = [make_batches(seqs, tc, e) for e in range(tc.epochs)]
     total = sum(len(b) for b in per_epoch)
     warm = max(1, min(100, total // 20))
 
-    def lr_at(step: int) -> float:
-        if step < warm:
-            return tc.lr * (step + 1) / warm
-        return tc.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm))))
+    t_begin = time.perf_counter()
+    warm_time = 0.05  # under a deadline, warm-up also ends after this fraction of the time: few batches may fit
 
-    state = {"step": 0, "history": [], "seconds": 0.0}
+    def lr_at(step: int) -> float:
+        spent = 0.0
+        if deadline is not None:
+            spent = min(1.0, (time.perf_counter() - t_begin) / max(deadline - t_begin, 1e-9))
+        if step < warm and spent < warm_time:
+            return tc.lr * max((step + 1) / warm, spent / warm_time)
+        progress = max(0.0, (step - warm) / max(1, total - warm))
+        if deadline is not None:
+            progress = max(progress, (spent - warm_time) / (1 - warm_time))
+        return tc.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    state: dict = {"step": 0, "history": [], "seconds": 0.0}
     if ckpt.is_file():
         saved = torch.load(str(ckpt), map_location="cpu", weights_only=False)
         if saved.get("total") == total:
@@ -144,6 +162,8 @@ def train_head(
             log(f"training: resumed at step {state['step']}/{total}")
         else:
             log("training: checkpoint is for a different data set or schedule; starting over")
+    state["cut"] = False
+    state["planned"] = total
 
     def save() -> None:
         tmp = ckpt.with_suffix(".tmp")
@@ -194,7 +214,8 @@ def train_head(
             now = time.perf_counter()
             state["seconds"] += now - t_last
             t_last = now
-            if acc["n"] >= log_every or step + 1 == total:
+            cut = deadline is not None and now >= deadline and step + 1 < total
+            if acc["n"] >= log_every or step + 1 == total or cut:  # the curve ends where training did
                 row = {k: round(v / acc["n"], 4) for k, v in acc.items() if k != "n"}
                 row.update(step=step + 1, epoch=epoch, lr=round(lr_at(step), 6), seconds=round(state["seconds"], 1))
                 state["history"].append(row)
@@ -203,6 +224,10 @@ def train_head(
             if now - last_ckpt > tc.checkpoint_seconds:
                 save()
                 last_ckpt = now
+            if cut:
+                state["cut"] = True
+                log(f"training: stopped by the time budget at batch {step + 1}/{total} (a rerun resumes here)")
+                break
     finally:
         bar.close()
         save()

@@ -6,20 +6,38 @@
 3. evaluate: held-out acceptance by exact replay (:mod:`training.evaluate`), when a Spec-Bench
    question file is given (its held-out split is the only evaluation set that is never trained on).
 
-The head, its ``eagle.json`` and a ``report.json`` (data, loss curve, held-out figures) go to ``out``.
+The head, its ``eagle.json`` and a ``report.json`` (data, loss curve, held-out figures) go to ``out``,
+by default the user's heads directory (:func:`models.eagle.user_heads_dir`) under a name from the model,
+where ``--drafter auto`` finds it for that model. ``time_budget`` bounds the whole run
+(:mod:`training.timebudget` says how it is split).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
+from models.config import ModelError
 from models.drafters import NGramDrafter
-from models.eagle import EagleDrafter, EagleHead, HeadConfig, load_head, save_head
+from models.eagle import (
+    CONFIG_FILE,
+    EagleDrafter,
+    EagleHead,
+    HeadConfig,
+    find_head,
+    head_dirs,
+    load_head,
+    save_head,
+    user_heads_dir,
+)
 from models.source import ModelSource
 from models.stage import Stage
 from models.text import stop_ids
@@ -27,13 +45,84 @@ from training.evaluate import evaluate_acceptance, held_out_cache, held_out_roll
 from training.log import log
 from training.prompts import SPEC_BENCH_ENV, held_out_questions, read_spec_bench, spec_bench_path, training_prompts
 from training.rollouts import DataStore, generate_data, work_dir
+from training.timebudget import TimeBudget, format_duration
 from training.train import TrainConfig, choose_vocab, train_head
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+
+def default_head_dir(src: ModelSource) -> Path:
+    """Where a head for ``src`` goes without ``--out``: ``<user heads>/<model name>-<fingerprint[:12]>``.
+
+    The name is for people listing the directory; the fingerprint part keeps two models of the same
+    file name (another quantization, another fine-tune) from overwriting each other's head. Lookup
+    never relies on the name: :func:`models.eagle.find_head` matches the fingerprint in ``eagle.json``."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", src.name).strip(".-") or "model"
+    return user_heads_dir() / f"{name}-{src.fingerprint[:12]}"
+
+
+def check_out_dir(out: Path) -> None:
+    """Refuse, before hours of work, an ``out`` that exists and is not a head (publishing replaces it whole),
+    or one named with a leading dot (lookup skips those: they are how unfinished heads are kept out of it)."""
+    if out.name.startswith("."):
+        raise ValueError(f"--out {out}: a head directory's name must not start with a dot (lookup skips those)")
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / CONFIG_FILE).is_file())):
+        raise ValueError(
+            f"--out {out} exists and is not a draft head (no {CONFIG_FILE}); a finished head replaces the whole "
+            "directory, so pass a new or empty one (or leave --out out: the head goes to the user's heads)"
+        )
+
+
+def publish_head(head: EagleHead, out: Path, report: dict) -> Path:
+    """Write the head into a hidden directory next to ``out``, then rename it into place.
+
+    A crash mid-write leaves only the hidden directory, which :func:`models.eagle.find_head` skips, so
+    ``auto`` never picks up half a head; a head already at ``out`` (an earlier run's) is swapped out the
+    same way and deleted only once the new one is in place."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_head(head, tmp, report)
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+def write_report(out: Path, report: dict) -> None:
+    """Replace ``out/report.json`` whole (a reader never sees half a file)."""
+    tmp = out / f".report.json.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(report, indent=1) + "\n")
+    os.replace(tmp, out / "report.json")
+
+
+def where_auto_looks(out: Path, src: ModelSource) -> str:
+    """The closing line: which drafter specs now use the head at ``out`` for this model."""
+    try:
+        found: Path | None = find_head(src.fingerprint, src.config)
+    except ModelError:
+        found = None
+    if found is not None and found.resolve() == out.resolve():
+        return (
+            f"`--drafter auto` (the default of serve and generate) and `--drafter eagle` now use it for "
+            f"{src.name} (fingerprint {src.fingerprint})"
+        )
+    if out.parent.resolve() in {d.resolve() for d in head_dirs()}:
+        return f"`--drafter auto` uses {found} for this model, found first; remove it to use this head"
+    other = f"; for this model auto uses {found}" if found is not None else ""
+    return (
+        f"`--drafter auto` does not look in {out.parent} (it looks in {user_heads_dir()}): "
+        f"use --drafter eagle:{out}{other}"
+    )
 
 
 def train_draft(
     *,
     model: str = "default",
-    out: str | Path,
+    out: str | Path | None = None,
     prompts: Sequence[str] = (),
     spec_bench: str | Path | None = None,
     tokens: int = 200_000,
@@ -51,35 +140,76 @@ def train_draft(
     batch_tokens: int = 4096,
     max_len: int = 1024,
     generate_only: bool = False,
+    time_budget: float | None = None,
     command: str | None = None,
 ) -> dict:
-    """Generate (resumable), train (resumable), evaluate, write the head + report.
+    """Generate (resumable), train (resumable), write the head, evaluate, write the report.
 
+    ``out``: the head's directory (default :func:`default_head_dir`, where ``auto`` finds it).
     ``spec_bench``: Spec-Bench's question file (default ``$MESHD_SPEC_BENCH``); without one, training
     uses only the project's own prompt files and ``prompts``, and the held-out evaluation is skipped.
+    ``time_budget``: seconds for the whole run, split as :mod:`training.timebudget` says; what it cut
+    is logged and recorded under ``report["time_budget"]``.
     """
     t_start = time.perf_counter()
     bench = spec_bench_path(spec_bench)
     if bench is not None:
         read_spec_bench(bench)  # a wrong path fails now, not after hours of generation
+    budget = (
+        TimeBudget(time_budget, report=bench is not None and eval_per_category > 0, start=t_start)
+        if time_budget
+        else None
+    )
+    cuts: dict[str, str] = {}
     all_prompts = training_prompts(prompts, bench)
     src = ModelSource.resolve(model)
     fp = src.fingerprint
     work = work_dir(fp, work)
     work.mkdir(parents=True, exist_ok=True)
-    out = Path(out)
+    out = Path(out) if out is not None else default_head_dir(src)
+    check_out_dir(out)
     log(f"target {src.name} ({fp}); work dir {work}; head -> {out}")
+    gen_stop = None
+    if budget is not None:
+        gen_stop = budget.over(budget.end if generate_only else budget.generation_deadline)
+        log(
+            f"time budget {format_duration(budget.seconds)}: all of it for generation (--generate-only)"
+            if generate_only
+            else budget.describe()
+        )
     target = Stage.load(src, dtype=dtype)
     tok = src.load_tokenizer()
     eos = stop_ids(tok, target.cfg)
     store = DataStore(work / "data")
 
-    generate_data(
-        target, tok, store, all_prompts, target_tokens=tokens, max_new=max_new, slots=slots, seed=seed, eos=eos
+    gen_cut = generate_data(
+        target,
+        tok,
+        store,
+        all_prompts,
+        target_tokens=tokens,
+        max_new=max_new,
+        slots=slots,
+        seed=seed,
+        eos=eos,
+        stop=gen_stop,
     )
+    if gen_cut:
+        cuts["generation"] = f"stopped at {store.meta['answer_tokens']} of {tokens} answer tokens"
     if generate_only:
         return {"data": store.meta}
     seqs = store.sequences()
+    if not seqs and gen_cut:
+        raise ValueError(
+            f"no training data for {src.name} in {work / 'data'}: the time budget ran out before the target "
+            "finished its first answers; give a larger --time-budget (or a smaller --max-new), or run again: "
+            "generation resumes where it stopped"
+        )
+    if not seqs:
+        raise ValueError(
+            f"no training data for {src.name} in {work / 'data'}: no prompt could be answered (every prompt "
+            "file empty, or every prompt longer than 1024 tokens); pass --prompts FILE with shorter prompts"
+        )
     if vocab > 0:
         ids, coverage = choose_vocab(seqs, vocab, always=eos)
     else:  # the full vocabulary
@@ -98,7 +228,21 @@ def train_draft(
     if vocab_file.is_file() and not torch.equal(torch.load(str(vocab_file)), ids):
         (work / "train.ckpt").unlink(missing_ok=True)  # the data changed: old checkpoints do not apply
     torch.save(ids, str(vocab_file))
-    state = train_head(head, target, seqs, tc, work / "train.ckpt", lm_rows=lm_rows)
+    if budget is not None:
+        log(f"training: {format_duration(budget.left(budget.training_deadline))} of the budget left for it")
+    state = train_head(
+        head,
+        target,
+        seqs,
+        tc,
+        work / "train.ckpt",
+        lm_rows=lm_rows,
+        deadline=budget.training_deadline if budget is not None else None,
+    )
+    if state.get("cut"):
+        cuts["training"] = (
+            f"stopped at batch {state['step']} of {state['planned']} ({epochs} epochs; the schedule annealed by time)"
+        )
 
     report = {
         "command": command,
@@ -123,36 +267,101 @@ def train_draft(
             "loss_curve": state["history"],
         },
     }
-    save_head(head, out, report)
+    publish_head(head, out, report)  # usable from here on, whatever happens to the report
 
     if eval_per_category > 0 and bench is None:
         log(f"held-out evaluation skipped: it runs on Spec-Bench's held-out split (--questions or {SPEC_BENCH_ENV})")
+    elif eval_per_category > 0 and budget is not None and not budget.report_fits():
+        cuts["report"] = f"skipped: {budget.left():.0f} s of the budget left"
+        log(f"held-out evaluation {cuts['report']}")
     elif eval_per_category > 0:
-        questions = held_out_questions(bench, eval_per_category)
-        cats = {str(q["question_id"]): q["category"] for q in questions}
-        rolls = held_out_rollouts(
+        report["held_out"] = held_out_report(
             target,
             tok,
-            questions,
-            max_new=eval_tokens,
-            temperature=0.0,
+            out,
+            fp,
+            bench,
+            work=work,
+            per_category=eval_per_category,
+            eval_tokens=eval_tokens,
             seed=seed,
             eos=eos,
             slots=slots,
-            cache=held_out_cache(work, questions, eval_tokens, 0.0, dtype),
+            dtype=dtype,
+            budget=budget,
         )
-        drafter = EagleDrafter(load_head(out, target.cfg, fp), target)
-        res = evaluate_acceptance(
-            {"eagle": drafter, "ngram": NGramDrafter()}, rolls, cats, settings=("chain", "tree32")
+        if report["held_out"].get("cut"):
+            cuts["report"] = report["held_out"]["cut"]
+    if budget is not None:
+        report["time_budget"] = {"seconds": budget.seconds, "spent": round(budget.spent(), 1), "cut": cuts}
+        log(
+            f"time budget: {format_duration(budget.spent())} of {format_duration(budget.seconds)} spent; "
+            + ("cut: " + "; ".join(f"{k} {v}" for k, v in cuts.items()) if cuts else "nothing cut")
         )
-        report["held_out"] = {
-            "questions": len(questions),
-            "new_tokens": eval_tokens,
-            "temperature": 0.0,
-            "method": "replay of the target's greedy rollouts (exact acceptance)",
-            "results": res,
-        }
     report["total_seconds"] = round(time.perf_counter() - t_start, 1)
-    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    write_report(out, report)
     log(f"wrote {out} ({sum(f.stat().st_size for f in out.iterdir() if f.is_file()) / 1e6:.1f} MB)")
+    log(where_auto_looks(out, src))
     return report
+
+
+def held_out_report(
+    target: Stage,
+    tok: PreTrainedTokenizerBase,
+    out: Path,
+    fingerprint: str,
+    bench: Path,
+    *,
+    work: Path,
+    per_category: int,
+    eval_tokens: int,
+    seed: int,
+    eos: Sequence[int],
+    slots: int,
+    dtype: str,
+    budget: TimeBudget | None,
+) -> dict:
+    """Held-out acceptance of the head at ``out`` against n-gram lookup, by exact replay.
+
+    Under a time budget the reference rollouts get half of what is left and the replay the rest;
+    whatever did not fit is left out and said so under ``cut`` (rollouts cut short are not cached)."""
+    questions = held_out_questions(bench, per_category)
+    cats = {str(q["question_id"]): q["category"] for q in questions}
+    roll_stop = None
+    if budget is not None:
+        roll_stop = budget.over(budget.clock() + budget.left() / 2)
+    rolls = held_out_rollouts(
+        target,
+        tok,
+        questions,
+        max_new=eval_tokens,
+        temperature=0.0,
+        seed=seed,
+        eos=eos,
+        slots=slots,
+        cache=held_out_cache(work, questions, eval_tokens, 0.0, dtype),
+        stop=roll_stop,
+    )
+    drafter = EagleDrafter(load_head(out, target.cfg, fingerprint), target)
+    res = evaluate_acceptance(
+        {"eagle": drafter, "ngram": NGramDrafter()},
+        rolls,
+        cats,
+        settings=("chain", "tree32"),
+        deadline=budget.end if budget is not None else None,
+    )
+    held: dict = {
+        "questions": len(questions),
+        "new_tokens": eval_tokens,
+        "temperature": 0.0,
+        "method": "replay of the target's greedy rollouts (exact acceptance)",
+        "results": res,
+    }
+    replayed = min((r["rollouts"] for r in res.values()), default=0)
+    if len(rolls) < len(questions) or replayed < len(rolls):
+        held["cut"] = (
+            f"cut to fit the time budget: {len(rolls)} of {len(questions)} questions answered, "
+            f"at least {replayed} replayed per drafter and setting"
+        )
+        log(f"held-out evaluation {held['cut']}")
+    return held

@@ -120,10 +120,10 @@ def test_own_format_roundtrip_and_target_check(tiny, tmp_path):
     other = ModelSource.resolve(make_tiny_checkpoint(tmp_path / "other", hidden_size=32, intermediate_size=64))
     with pytest.raises(ModelError, match="trained for"):
         load_head(tmp_path / "h", other.config, other.fingerprint)
-    # the shipped-head lookup matches by fingerprint and says clearly when nothing matches
-    assert find_head(src.fingerprint, target.cfg, root=tmp_path) == tmp_path / "h"
-    with pytest.raises(ModelError, match=r"no shipped EAGLE draft head.*--drafter ngram"):
-        find_head("0123456789abcdef", target.cfg, root=tmp_path)
+    # the head lookup matches by fingerprint and says clearly when nothing matches
+    assert find_head(src.fingerprint, target.cfg, roots=[tmp_path]) == tmp_path / "h"
+    with pytest.raises(ModelError, match=r"no EAGLE draft head.*--drafter ngram"):
+        find_head("0123456789abcdef", target.cfg, roots=[tmp_path])
 
 
 def write_public_eagle(path, target: Stage, seed: int = 1) -> dict[str, torch.Tensor]:
@@ -435,9 +435,10 @@ def test_embedded_oracle_with_shipped_head(embedded, embedded_source, embedded_t
     assert sum(accepted) / len(accepted) > 1.1, accepted  # the head really drafts
 
 
-def test_missing_head_is_a_clear_error(tiny):
+def test_missing_head_is_a_clear_error(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # no head of this user's either
     src, target = tiny
-    with pytest.raises(ModelError, match="no shipped EAGLE draft head"):
+    with pytest.raises(ModelError, match=r"no EAGLE draft head .* in .*heads.* or .*meshd train-draft"):
         load_drafter("eagle", target, source=src)
     with pytest.raises(ModelError, match="not found"):
         load_drafter("eagle:/nonexistent/head", target, source=src)
