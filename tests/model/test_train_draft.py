@@ -261,7 +261,7 @@ def test_train_draft_end_to_end_under_a_budget(
     bench.write_text(
         "".join(json.dumps({"question_id": i, "category": "c", "turns": [f"Say {i}."]}) + "\n" for i in range(1, 9))
     )
-    argv = ["train-draft", "--model", model, "--time-budget", "40s", "--tokens", "300", "--max-new", "16"]
+    argv = ["train-draft", "--model", model, "--time-budget", "20s", "--tokens", "300", "--max-new", "16"]
     argv += ["--slots", "8", "--vocab", "512", "--epochs", "1000", "--batch-tokens", "512", "--threads", "2"]
     argv += ["--dtype", "fp32", "--questions", str(bench)]
     assert main(argv) == 0
@@ -270,12 +270,12 @@ def test_train_draft_end_to_end_under_a_budget(
     heads = sorted((tmp_path / "cache" / "meshd" / "heads").iterdir())
     assert [h.name for h in heads] == [f"{src.name}-{src.fingerprint[:12]}"]  # nothing half-written beside it
     head_dir = heads[0]
-    assert "time budget 40s: generation up to 24s (60%)" in err and "held-out report the last 4s" in err
+    assert "time budget 20s: generation up to 12s (60%)" in err and "held-out report the last 2s" in err
     assert (
         f"`--drafter auto` (the default of serve and generate) and `--drafter eagle` now use it for {src.name}" in err
     )
     report = json.loads((head_dir / "report.json").read_text())
-    assert report["target_fingerprint"] == src.fingerprint and report["time_budget"]["seconds"] == 40
+    assert report["target_fingerprint"] == src.fingerprint and report["time_budget"]["seconds"] == 20
     cut = report["time_budget"]["cut"]
     assert "training" in cut and cut["report"].startswith("skipped") and "held_out" not in report
     assert report["training"]["batches"] < 1000  # the epochs asked for did not fit: time capped them
