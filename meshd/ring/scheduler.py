@@ -21,7 +21,10 @@ fast; the following *filler* segments carry the best unsent candidates, sized to
 step busy. ``flow_slots=1`` is the earlier scheduler, kept for comparison: one tree per round, cut
 into segments only where the stages' compute curve makes that free (``flat_rows``). With
 ``draft_when_idle`` a first segment leaves after a shallow draft and :meth:`Originator.idle` deepens
-the pool while it is in flight, for drivers that call it when the originator's device is idle.
+the pool while it is in flight, for drivers that call it when the originator's device is idle. With
+``resumable_drafting`` (the default) a pool is drafted once per round and then grown by the drafter one
+level at a time (``Drafter.extend``), in :meth:`Originator.idle` and after a re-root, instead of being
+re-drafted from the root and merged.
 """
 
 from __future__ import annotations
