@@ -573,7 +573,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--modes",
         default="ar,chunk,flow@1,flow",
         help="modes to compare; flow@N keeps N segments per request in flight (flow@1: one tree per round, "
-        "the scheduler before slots; flow: slots from the ring's measured times)",
+        "the scheduler before slots; flow: slots from the ring's measured times); a ':redraft' suffix "
+        "(flow:redraft) re-drafts flow's pools from the root instead of growing them level by level",
     )
     sm.add_argument("--prompts", type=int, default=10, help="questions, spread over the categories")
     sm.add_argument("--max-tokens", type=int, default=256)

@@ -19,7 +19,7 @@ from models.eagle import default_drafter, load_eagle_drafter
 from models.ranges import LayerRange
 from models.source import ModelSource
 from models.stage import Stage
-from models.tree import Tree, grow_tree
+from models.tree import DraftRows, NodePath, Tree, add_level, grow_tree
 
 
 class Drafter(Protocol):
@@ -37,6 +37,24 @@ class Drafter(Protocol):
         ``hidden``, when the caller has it, holds the target's post-norm features (m, hidden) of the
         m positions whose KV the target just computed: ``context[-1 - m:-1]``. The root has none yet.
         """
+
+
+class Resumable(Drafter, Protocol):
+    """A drafter that can grow a pool instead of drafting it again (every drafter here is one; a drafter
+    without ``extend`` still works: the originator re-drafts from the root and merges, see
+    :func:`can_extend`)."""
+
+    def extend(self, context: list[int], pool: Tree, leaves: list[int], *, top_k: int, max_nodes: int) -> list[int]:
+        """Add up to ``top_k`` children below each of ``leaves`` (by :func:`models.tree.add_level`, so
+        ``pool`` stays under ``max_nodes`` nodes) and return the nodes added. ``pool`` is rooted at
+        ``context[-1]``: a pool this drafter drafted at that context or at an earlier one the context
+        extends (re-rooted at an accepted node since), possibly merged with other drafters' nodes.
+        Whatever the drafter computed for the pool's nodes is reused; nothing of it may be needed."""
+
+
+def can_extend(drafter: Drafter | None) -> bool:
+    """Whether ``drafter`` grows pools (:class:`Resumable`); a merge of drafters only if all its parts do."""
+    return drafter is not None and callable(getattr(drafter, "extend", None))
 
 
 class NGramDrafter:
@@ -81,21 +99,32 @@ class NGramDrafter:
         return []
 
     def draft(self, context: list[int], *, top_k: int, depth: int, max_nodes: int, keep: int | None = None) -> Tree:
-        if context[: self._seen] != self._context[: self._seen] or len(context) < self._seen:
-            self.reset(context[:-1])
-        self.accept(context, None)
+        self._catch_up(context)
 
         def expand(tree: Tree, nodes: list[int], k: int) -> list[list[tuple[int, float]]]:
             return [self._propose(context[:-1] + tree.path_tokens(u), k) for u in nodes]
 
         return grow_tree(context[-1], expand, top_k=top_k, depth=depth, max_nodes=max_nodes, keep=keep)
 
+    def extend(self, context: list[int], pool: Tree, leaves: list[int], *, top_k: int, max_nodes: int) -> list[int]:
+        """One level below ``leaves``: each leaf's path looked up like a draft's node (the table is the
+        context's, so nothing is kept between calls but the table itself)."""
+        self._catch_up(context)
+        props = [self._propose(context[:-1] + pool.path_tokens(u), top_k) for u in leaves]
+        return add_level(pool, leaves, props, top_k, max_nodes)
+
+    def _catch_up(self, context: list[int]) -> None:
+        if context[: self._seen] != self._context[: self._seen] or len(context) < self._seen:
+            self.reset(context[:-1])
+        self.accept(context, None)
+
 
 class ModelDrafter:
     """A separate small causal LM with the target's tokenizer, run level by level over the tree.
 
-    Its KV cache holds the committed context; tree nodes are appended while drafting and
-    truncated away afterwards, so nothing speculative survives into the next round.
+    Its KV cache holds the committed context; tree nodes are appended while drafting and stay until
+    the next draft (:class:`~models.tree.DraftRows`), so :meth:`extend` can grow the pool; the next
+    draft truncates them away, so nothing speculative survives into a fresh draft.
     """
 
     def __init__(self, model: Stage, name: str = "model"):
@@ -104,10 +133,12 @@ class ModelDrafter:
         self.model, self.name = model, name
         self.cache = model.new_cache()
         self._context: list[int] = []
+        self._session: DraftRows | None = None
 
     def reset(self, prompt: list[int]) -> None:
         self.cache.truncate(0)
         self._context = []
+        self._session = None
 
     def accept(self, context: list[int], hidden: torch.Tensor | None) -> None:
         pass  # catching up happens lazily in draft(), where the forward can be batched
@@ -115,6 +146,8 @@ class ModelDrafter:
     def _sync(self, context: list[int]) -> None:
         """Make the cache hold exactly ``context[:-1]`` (the root is fed as part of the tree)."""
         committed = context[:-1]
+        self._session = None
+        self.cache.truncate(min(self.cache.length, len(self._context)))  # the latest draft's rows go
         same = 0
         limit = min(self.cache.length, len(self._context), len(committed))
         while same < limit and self._context[same] == committed[same]:
@@ -125,42 +158,55 @@ class ModelDrafter:
             self.model.forward_one(self.model.embed(new), self.cache, torch.arange(same, len(committed)))
         self._context = list(committed)
 
+    def _open(self, context: list[int]) -> DraftRows:
+        self._sync(context)
+        self._session = DraftRows(context, self.cache.length)
+        return self._session
+
+    def _children(self, s: DraftRows, paths: list[NodePath], k: int) -> list[list[tuple[int, float]]]:
+        """The ``k`` best next tokens below each path, computing the missing rows one tree level per batch
+        (the root is a row too: its KV is not in the committed cache)."""
+        base = s.base
+        for level in s.missing(paths, root_row=True):
+            length = self.cache.length
+            mask = torch.zeros(len(level), length + len(level), dtype=torch.bool)
+            mask[:, :base] = True
+            for r, key in enumerate(level):
+                for j in range(len(key)):
+                    mask[r, s.slot[key[:j]]] = True
+                mask[r, length + r] = True
+            toks = [key[-1] if key else s.anchor[-1] for key in level]
+            pos = torch.tensor([base + len(key) for key in level])
+            hidden = self.model.forward_one(self.model.embed(toks), self.cache, pos, mask)
+            logp = torch.log_softmax(self.model.logits(hidden), dim=-1)
+            for r, key in enumerate(level):
+                s.slot[key], s.out[key] = length + r, logp[r]
+        out = []
+        for key in paths:
+            lp, tok = s.out[key].topk(k)
+            out.append(list(zip(tok.tolist(), lp.tolist())))
+        return out
+
     @torch.inference_mode()
     def draft(self, context: list[int], *, top_k: int, depth: int, max_nodes: int, keep: int | None = None) -> Tree:
-        self._sync(context)
-        base = self.cache.length
-        slot: dict[int, int] = {}  # tree node -> cache slot of its draft KV
+        s = self._open(context)
 
         def expand(tree: Tree, nodes: list[int], k: int) -> list[list[tuple[int, float]]]:
-            todo = [u for u in nodes if u not in slot]
-            if todo:
-                mask = torch.zeros(len(todo), self.cache.length + len(todo), dtype=torch.bool)
-                mask[:, :base] = True
-                for r, u in enumerate(todo):
-                    anc = tree.path(u)
-                    for a in anc[:-1]:
-                        mask[r, slot[a]] = True
-                    mask[r, self.cache.length + r] = True
-                start = self.cache.length
-                hidden = self.model.forward_one(
-                    self.model.embed([tree.tokens[u] for u in todo]), self.cache, tree.positions(base, todo), mask
-                )
-                logp = torch.log_softmax(self.model.logits(hidden), dim=-1)
-                for r, u in enumerate(todo):
-                    slot[u] = start + r
-                    self._logp[u] = logp[r]
-            out = []
-            for u in nodes:
-                lp, tok = self._logp[u].topk(k)
-                out.append(list(zip(tok.tolist(), lp.tolist())))
-            return out
+            return self._children(s, [tuple(tree.path_tokens(u)[1:]) for u in nodes], k)
 
-        self._logp: dict[int, torch.Tensor] = {}
-        try:
-            return grow_tree(context[-1], expand, top_k=top_k, depth=depth, max_nodes=max_nodes, keep=keep)
-        finally:
-            self.cache.truncate(base)
-            self._logp = {}
+        return grow_tree(context[-1], expand, top_k=top_k, depth=depth, max_nodes=max_nodes, keep=keep)
+
+    @torch.inference_mode()
+    def extend(self, context: list[int], pool: Tree, leaves: list[int], *, top_k: int, max_nodes: int) -> list[int]:
+        """Grow ``pool`` (rooted at ``context[-1]``) by one level below ``leaves``, reusing the latest draft's
+        rows (see :meth:`models.eagle.EagleDrafter.extend`); a context that does not extend that draft's
+        starts a new one here."""
+        s = self._session
+        paths = s.paths(context, pool, leaves) if s is not None else None
+        if paths is None:
+            s = self._open(context)
+            paths = s.paths(context, pool, leaves)
+        return add_level(pool, leaves, self._children(s, paths, top_k), top_k, max_nodes)
 
 
 class MergedDrafter:
@@ -190,6 +236,20 @@ class MergedDrafter:
         for p in self.parts[1:]:
             tree.merge(p.draft(context, top_k=top_k, depth=depth, max_nodes=max_nodes, keep=keep), 0)
         return tree
+
+    def __getattr__(self, name: str):
+        # ``extend`` exists only when every part has it (:func:`can_extend`); anything else is missing
+        if name == "extend" and all(can_extend(p) for p in self.__dict__.get("parts", [None])):
+            return self._extend
+        raise AttributeError(name)
+
+    def _extend(self, context: list[int], pool: Tree, leaves: list[int], *, top_k: int, max_nodes: int) -> list[int]:
+        """Each part's children below ``leaves``, one part after the other (a child two parts propose keeps
+        the better score, as in :meth:`draft`'s merge)."""
+        added: list[int] = []
+        for p in self.parts:
+            added += p.extend(context, pool, leaves, top_k=top_k, max_nodes=max_nodes)
+        return added
 
 
 def load_drafter(

@@ -35,7 +35,7 @@ from models.layers import Layer, Rope, Weight, attention, causal_mask, decoder_l
 from models.quant import Kind, QuantWeight, matrix_kind, quantize
 from models.source import ModelSource
 from models.stage import Stage
-from models.tree import Tree, grow_tree
+from models.tree import DraftRows, NodePath, Tree, add_level, grow_tree
 
 FORMAT = "meshd-eagle-1"
 CONFIG_FILE = "eagle.json"
@@ -408,7 +408,8 @@ class EagleDrafter:
     Cache row t holds the head's KV for (token t+1, feature t); rows exist for every committed t
     whose feature is known, i.e. up to the root's predecessor. The last committed row's output is
     the root's predicted feature, so level 1 of the tree needs no extra forward. Tree levels are
-    appended to the cache while drafting and cropped away afterwards.
+    appended to the cache while drafting and stay there (:class:`~models.tree.DraftRows`) until the
+    next draft, so :meth:`extend` can grow the pool; the next draft crops them away.
     """
 
     def __init__(self, head: EagleHead, target: Stage, name: str = "eagle"):
@@ -446,6 +447,8 @@ class EagleDrafter:
         self._tokens: list[int] = []
         self._feats = torch.zeros(0, self.head.hc.hidden_size, dtype=self.dtype)
         self._last_out: torch.Tensor | None = None
+        self._rows = 0  # committed rows in the cache; the latest draft's rows follow them
+        self._session: DraftRows | None = None
 
     def accept(self, context: list[int], hidden: torch.Tensor | None) -> None:
         if hidden is None:
@@ -462,23 +465,30 @@ class EagleDrafter:
             if start > 0:
                 return
         self._feats = torch.cat([self._feats[:keep], hidden.to(self.dtype)])
-        # row t needs tokens up to t+1 and feature t, both unchanged below ``same - 1``
-        valid = min(self.cache.length, same - 1, keep)
-        if valid < self.cache.length:
-            self.cache.truncate(max(valid, 0))
-            self._last_out = None
+        # row t needs tokens up to t+1 and feature t, both unchanged below ``same - 1``. The latest draft's
+        # rows stand on the committed rows: they stay (extend() grows that draft) while those do
+        valid = min(self._rows, same - 1, keep)
+        if valid < self._rows:
+            self._rows = max(valid, 0)
+            self.cache.truncate(self._rows)
+            self._last_out, self._session = None, None
         self._tokens = list(context)
 
     @torch.inference_mode()
     def _sync(self, context: list[int]) -> torch.Tensor:
-        """Fill cache rows up to the root's predecessor; return the root's predicted feature."""
+        """Fill cache rows up to the root's predecessor (dropping the latest draft's rows); return the
+        root's predicted feature."""
         n = len(context) - 1  # the root's position; rows 0..n-1
         if self._feats.shape[0] < n:
             raise RuntimeError(
                 "the EAGLE drafter needs the target's features of every committed position; "
                 "call accept(context, hidden) first"
             )
-        done = self.cache.length
+        self._session = None
+        if self._rows > n:
+            self._rows, self._last_out = n, None
+        self.cache.truncate(self._rows)
+        done = self._rows
         if done == n and self._last_out is not None:
             return self._last_out
         if done == n:  # recompute the last row
@@ -488,60 +498,83 @@ class EagleDrafter:
         out = self.head.step(
             self.target.embed(toks), self._feats[done:n], self.cache, torch.arange(done, n), causal_mask(done, n - done)
         )
+        self._rows = n
         self._last_out = out[-1:]
         return self._last_out
 
     def logprobs(self, feats: torch.Tensor) -> torch.Tensor:
         return torch.log_softmax(self.head.sub_logits(feats, self.lm_rows), dim=-1)
 
+    def _open(self, context: list[int]) -> DraftRows:
+        """A new draft at ``context``: the committed rows brought up to date, the root's feature predicted."""
+        root_out = self._sync(context)
+        s = DraftRows(context, self.cache.length)
+        s.out[()] = root_out[0]
+        self._session = s
+        return s
+
+    def _children(self, s: DraftRows, paths: list[NodePath], k: int) -> list[list[tuple[int, float]]]:
+        """The ``k`` best next tokens below each path (below ``s``'s root), computing the head's rows that
+        are missing: one batch per tree level, each row fed its parent's predicted feature and attending
+        the committed prefix, its drafted ancestors and itself."""
+        vocab, base = self.vocab, s.base
+
+        def topk(keys: list[NodePath], lps: torch.Tensor) -> None:
+            vals, idx = lps.topk(min(k, lps.shape[-1]), dim=-1)
+            for key, v, i in zip(keys, vals.tolist(), idx.tolist()):
+                s.logp[key] = (v, [vocab[j] for j in i])
+
+        if () in paths and len(s.logp.get((), ((), ()))[0]) < k:
+            topk([()], self.logprobs(s.out[()][None]))
+        for level in s.missing(paths, root_row=False):
+            length = self.cache.length
+            rs, cs = [], []
+            for r, key in enumerate(level):
+                cols = [s.slot[key[:j]] for j in range(1, len(key))] + [length + r]
+                rs += [r] * len(cols)
+                cs += cols
+            mask = torch.zeros(len(level), length + len(level), dtype=torch.bool)
+            mask[:, :base] = True
+            mask[rs, cs] = True
+            feats = torch.stack([s.out[key[:-1]] for key in level])
+            toks = torch.tensor([key[-1] for key in level])
+            pos = torch.tensor([base - 1 + len(key) for key in level])
+            out = self.head.step(self.target.embed(toks), feats, self.cache, pos, mask)
+            for r, key in enumerate(level):
+                s.slot[key], s.out[key] = length + r, out[r]
+            topk(level, self.logprobs(out))
+        for key in paths:  # computed by an earlier call with a smaller k
+            if len(s.logp[key][0]) < k:
+                topk([key], self.logprobs(s.out[key][None]))
+        return s.proposals(paths, k)
+
     @torch.inference_mode()
     def draft(self, context: list[int], *, top_k: int, depth: int, max_nodes: int, keep: int | None = None) -> Tree:
         if len(context) < 2:
             return Tree.root(context[-1])
-        root_out = self._sync(context)
-        base = self.cache.length  # == len(context) - 1: the root's position
-        slot: dict[int, int] = {}
-        outs: dict[int, torch.Tensor] = {0: root_out[0]}
-        logp: dict[int, tuple[list[float], list[int]]] = {}
-        vocab = self.vocab
-
-        def topk(nodes: list[int], lps: torch.Tensor, k: int) -> None:
-            vals, idx = lps.topk(min(max(k, top_k), lps.shape[-1]), dim=-1)
-            for u, v, i in zip(nodes, vals.tolist(), idx.tolist()):
-                logp[u] = (v, [vocab[j] for j in i])
+        s = self._open(context)
 
         def expand(tree: Tree, nodes: list[int], k: int) -> list[list[tuple[int, float]]]:
-            todo = [u for u in nodes if u not in logp and u != 0]
-            if 0 in nodes and 0 not in logp:
-                topk([0], self.logprobs(root_out), k)
-            if todo:
-                length = self.cache.length
-                # each row sees the committed prefix, its drafted ancestors and itself (one scatter)
-                rs, cs = [], []
-                for r, u in enumerate(todo):
-                    cols = [slot[a] for a in tree.path(u)[1:-1]] + [length + r]
-                    rs += [r] * len(cols)
-                    cs += cols
-                mask = torch.zeros(len(todo), length + len(todo), dtype=torch.bool)
-                mask[:, :base] = True
-                mask[rs, cs] = True
-                feats = torch.stack([outs[tree.parents[u]] for u in todo])
-                toks = torch.tensor([tree.tokens[u] for u in todo])
-                out = self.head.step(self.target.embed(toks), feats, self.cache, tree.positions(base - 1, todo), mask)
-                for r, u in enumerate(todo):
-                    slot[u] = length + r
-                    outs[u] = out[r]
-                topk(todo, self.logprobs(out), k)
-            res = []
-            for u in nodes:
-                vals, toks = logp[u]
-                res.append(list(zip(toks[:k], vals[:k])))
-            return res
+            return self._children(s, [tuple(tree.path_tokens(u)[1:]) for u in nodes], max(k, top_k))
 
-        try:
-            return grow_tree(context[-1], expand, top_k=top_k, depth=depth, max_nodes=max_nodes, keep=keep)
-        finally:
-            self.cache.truncate(base)
+        return grow_tree(context[-1], expand, top_k=top_k, depth=depth, max_nodes=max_nodes, keep=keep)
+
+    @torch.inference_mode()
+    def extend(self, context: list[int], pool: Tree, leaves: list[int], *, top_k: int, max_nodes: int) -> list[int]:
+        """Grow ``pool`` (rooted at ``context[-1]``) by one level below ``leaves``, reusing the rows of the
+        latest draft: its nodes' predicted features and KV stay in the cache, also after the context grew
+        by accepted nodes of that draft (the pool re-rooted at one of them), so only the new level is
+        computed (and rows of nodes another drafter added). The result is what a deeper draft at the
+        latest draft's context would have given below those nodes: the accepted nodes' real features,
+        which a draft from scratch at ``context`` would feed on, wait for the next :meth:`draft`."""
+        if len(context) < 2:
+            return []
+        s = self._session
+        paths = s.paths(context, pool, leaves) if s is not None else None
+        if paths is None:  # no draft this context extends: start one here (its rows computed as needed)
+            s = self._open(context)
+            paths = s.paths(context, pool, leaves)
+        return add_level(pool, leaves, self._children(s, paths, top_k), top_k, max_nodes)
 
 
 DEFAULT_SPEC = "eagle+ngram"

@@ -174,26 +174,120 @@ def grow_tree(
     so a frontier node scoring below the ``keep``-th best node so far can only have descendants
     that :meth:`Tree.best` would drop, and it is not expanded. On a CPU, where every draft level
     costs a few percent of a target forward, this stops the draft after the levels that matter.
+
+    One level of it is :func:`add_level` below :func:`frontier`'s nodes, which is also how a drafter that
+    keeps its state grows an earlier pool (``Drafter.extend``): the same rule, so growing a ``d``-level
+    draft by one level gives what a ``d + 1``-level draft would have.
     """
     tree = Tree.root(root_token)
-    frontier = [0]
+    nodes = [0]
     for _ in range(depth):
-        proposals = expand(tree, frontier, top_k)
-        new = []
-        for node, props in zip(frontier, proposals):
-            for tok, lp in props[:top_k]:
-                if lp == -math.inf or len(tree) >= max_nodes:
-                    continue
-                new.append(tree.add(node, tok, tree.scores[node] + lp))
+        new = add_level(tree, nodes, expand(tree, nodes, top_k), top_k, max_nodes)
         if not new:
             break
-        frontier = sorted(new, key=lambda i: (-tree.scores[i], i))[:top_k]
-        if keep is not None and len(tree) - 1 >= keep:
-            cut = sorted(tree.scores[1:], reverse=True)[keep - 1]
-            frontier = [i for i in frontier if tree.scores[i] > cut]
-            if not frontier:
-                break
+        nodes = next_frontier(tree, new, top_k, keep)
+        if not nodes:
+            break
     return tree
+
+
+def add_level(
+    tree: Tree, nodes: Sequence[int], proposals: Sequence[Sequence[tuple[int, float]]], top_k: int, max_nodes: int
+) -> list[int]:
+    """Add each node's ``top_k`` best proposed children (``proposals[i]`` for ``nodes[i]``: (token, log-prob)
+    pairs) with cumulative scores, while the tree has fewer than ``max_nodes`` nodes. A child the tree
+    already has (another drafter proposed it) keeps the better score, as in :meth:`Tree.merge`.
+    Returns the nodes added."""
+    new = []
+    for node, props in zip(nodes, proposals):
+        for tok, lp in props[:top_k]:
+            if lp == -math.inf or len(tree) >= max_nodes:
+                continue
+            score = tree.scores[node] + lp
+            have = tree.child_with_token(node, tok)
+            if have is None:
+                new.append(tree.add(node, tok, score))
+            else:
+                tree.scores[have] = max(tree.scores[have], score)
+    return new
+
+
+def next_frontier(tree: Tree, level: Sequence[int], top_k: int, keep: int | None = None) -> list[int]:
+    """Which of a level's nodes grow the next level: the ``top_k`` best, less those that score at or below
+    the ``keep``-th best node of the tree (see :func:`grow_tree`); best first."""
+    out = sorted(level, key=lambda i: (-tree.scores[i], i))[:top_k]
+    if keep is not None and len(tree) - 1 >= keep:
+        cut = sorted(tree.scores[1:], reverse=True)[keep - 1]
+        out = [i for i in out if tree.scores[i] > cut]
+    return out
+
+
+def frontier(tree: Tree, top_k: int, keep: int | None = None) -> list[int]:
+    """The nodes a pool's next level grows from: :func:`next_frontier` of its deepest level (the root
+    alone for a bare root). For a pool :func:`grow_tree` drafted, exactly the nodes its next level would
+    have expanded; for a re-rooted pool, the deepest level that survived."""
+    deepest = max(tree.depth)
+    if deepest == 0:
+        return [0]
+    return next_frontier(tree, [i for i in range(len(tree)) if tree.depth[i] == deepest], top_k, keep)
+
+
+NodePath = tuple[int, ...]  # a node's tokens below a draft's root
+
+
+class DraftRows:
+    """What a model drafter computed for the nodes of its latest draft, by token path below that draft's
+    root, so that a later call can grow the pool (``Drafter.extend``) instead of drafting it again.
+
+    ``anchor`` is the context the draft was made at (its root is ``anchor[-1]``); the drafter's cache
+    holds the committed rows below ``base`` and one row per computed node after it (``slot``), with the
+    node's output (``out``) and its best next tokens (``logp``: log-probs and tokens, best first). The
+    pool it grows may since have been re-rooted at a descendant (the walk accepted nodes: the context
+    grew by their tokens) and merged with other drafters' nodes; paths name nodes across both.
+    """
+
+    def __init__(self, anchor: Sequence[int], base: int):
+        self.anchor, self.base = list(anchor), base
+        self.slot: dict[NodePath, int] = {}
+        self.out: dict[NodePath, torch.Tensor] = {}
+        self.logp: dict[NodePath, tuple[list[float], list[int]]] = {}
+        self._under: NodePath = ()
+
+    def paths(self, context: Sequence[int], pool: Tree, nodes: Sequence[int]) -> list[NodePath] | None:
+        """Each of ``nodes``' paths below the anchor's root, for ``pool`` rooted at ``context[-1]``; None when
+        ``context`` does not extend the anchor (these rows cannot serve it). Nodes outside the current
+        root's subtree and off the path to it are forgotten (pruned: the walk went elsewhere); their cache
+        rows are never attended again."""
+        n = len(self.anchor)
+        if len(context) < n or list(context[:n]) != self.anchor:
+            return None
+        under = tuple(context[n:])
+        if under != self._under:
+            self._under = under
+            k = len(under)
+            for table in (self.slot, self.out, self.logp):
+                for key in [key for key in table if key[:k] != under and under[: len(key)] != key]:
+                    del table[key]
+        return [under + tuple(pool.path_tokens(u)[1:]) for u in nodes]
+
+    def missing(self, paths: Sequence[NodePath], root_row: bool) -> list[list[NodePath]]:
+        """The paths among ``paths`` and their ancestors without a row, grouped by length, shortest first,
+        each group in order of first need (a drafted level's batch is its frontier, in order). The root
+        ``()`` needs a row only where the drafter feeds the root as a tree row (``root_row``)."""
+        levels: dict[int, dict[NodePath, None]] = {}
+        for p in paths:
+            for j in range(0 if root_row else 1, len(p) + 1):
+                if p[:j] not in self.out:
+                    levels.setdefault(j, {})[p[:j]] = None
+        return [list(levels[j]) for j in sorted(levels)]
+
+    def proposals(self, paths: Sequence[NodePath], k: int) -> list[list[tuple[int, float]]]:
+        """Up to ``k`` (token, log-prob) children for each path, from ``logp``."""
+        out = []
+        for p in paths:
+            vals, toks = self.logp[p]
+            out.append(list(zip(toks[:k], vals[:k])))
+        return out
 
 
 def split_segments(order: Sequence[int], k: int, sizes: Sequence[int] | None = None) -> list[list[int]]:

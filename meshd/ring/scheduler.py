@@ -21,7 +21,10 @@ fast; the following *filler* segments carry the best unsent candidates, sized to
 step busy. ``flow_slots=1`` is the earlier scheduler, kept for comparison: one tree per round, cut
 into segments only where the stages' compute curve makes that free (``flat_rows``). With
 ``draft_when_idle`` a first segment leaves after a shallow draft and :meth:`Originator.idle` deepens
-the pool while it is in flight, for drivers that call it when the originator's device is idle.
+the pool while it is in flight, for drivers that call it when the originator's device is idle. With
+``resumable_drafting`` (the default) a pool is drafted once per round and then grown by the drafter one
+level at a time (``Drafter.extend``), in :meth:`Originator.idle` and after a re-root, instead of being
+re-drafted from the root and merged.
 """
 
 from __future__ import annotations
@@ -38,11 +41,11 @@ from meshd.modes import MESH_MODES
 from meshd.ring.messages import PROMPT_PARENT, PrefixRef, Prune, Result, Segment
 from meshd.ring.ringtime import RingTimer
 from models.budget import CostCurve, TreeBudget
-from models.drafters import Drafter
+from models.drafters import Drafter, can_extend
 from models.engine import Stats
 from models.prefixcache import PrefixBook, PrefixMatch
 from models.stage import Stage
-from models.tree import Tree, split_segments
+from models.tree import Tree, frontier, split_segments
 from models.verify import History, Sampling, TokenLogprobs, Walk, advance, sample_token, token_logprobs
 
 PREFILL_CHUNK = 64
@@ -185,6 +188,7 @@ class Originator:
         flow_slots: int | None = None,
         draft_when_idle: bool = False,
         prefix_book: PrefixBook | None = None,
+        resumable_drafting: bool = True,
     ):
         if not vocab.has_vocab:
             raise ValueError("the originator needs the embeddings, final norm and LM head")
@@ -196,6 +200,9 @@ class Originator:
         # a driver that calls idle() when the originator's device has nothing else to do may set this:
         # a continuous request's first segment then goes out after a shallow draft
         self.draft_when_idle = draft_when_idle
+        # grow a round's pool level by level with a drafter that keeps its state (models/drafters.py: extend),
+        # also across a re-root, instead of drafting it again from the root and merging (False: the latter)
+        self.resumable_drafting = resumable_drafting
         # prefix caching (models/prefixcache.py): what this originator asked the stages to keep; None: off
         self.prefix_book = prefix_book
         self.set_ring(stage_curves)
@@ -746,8 +753,11 @@ class Originator:
 
     def _reroot_pool(self, lv: _Live) -> list[Action]:
         """The walk accepted a node whose logits are still in flight: re-root the sent tree and the
-        pool there, re-draft from it (the drafter now sees the target's features of the accepted
-        path) and merge the new candidates in; the next segment is this frontier's first."""
+        pool there (the rest of the pool is pruned); the next segment is this frontier's first. With
+        resumable drafting the surviving sub-pool is kept as it is and grown by the drafter from what it
+        computed for it (only where it is shallower than the first segment's levels; :meth:`idle` grows
+        the rest); otherwise the pool is re-drafted from the new root (the drafter then sees the
+        target's features of the accepted path) and the new candidates merged in."""
         frontier = lv.walk.path[-1]
         pool_at = {t: p for p, t in lv.placed.items()}
         sub, old = lv.tree.reroot(frontier)
@@ -758,9 +768,15 @@ class Originator:
         alive = set(lv.ids)
         for n in [n for n in lv.logits if n not in alive]:
             lv.logits.pop(n)
-        fresh, _ = self._draft(lv, cost=self.ring.latency_curve(), depth=self._first_depth(lv))
-        lv.pool.merge(fresh, at=0)
         lv.fresh = True
+        depth = self._first_depth(lv)
+        if self._resumes(lv):  # the surviving sub-pool, grown where it is shallower than a first segment needs
+            target = self._draft_depth(lv) if depth is None else depth
+            while max(lv.pool.depth) < target and self._grow(lv):
+                pass
+            return []
+        fresh, _ = self._draft(lv, cost=self.ring.latency_curve(), depth=depth)
+        lv.pool.merge(fresh, at=0)
         return []
 
     def _first_depth(self, lv: _Live) -> int | None:
@@ -776,19 +792,44 @@ class Originator:
         return any(lv.deepen for lv in self.live.values())
 
     def idle(self) -> list[Action]:
-        """Work that waits until the originator's device has nothing else to do: draft the pools that
-        a first segment was sent from (shallow, so it left at once) to the full depth while that
-        segment is in flight, and send the fillers this finds. The pool's root is the frontier the walk
-        waits on, the newest context token, so the deeper draft merges in at the root."""
+        """Work that waits until the originator's device has nothing else to do: deepen the pools that
+        a first segment was sent from (shallow, so it left at once) while that segment is in flight,
+        and send the fillers this finds. The pool's root is the frontier the walk waits on, the newest
+        context token. With resumable drafting each call grows one pool by one level (the oldest
+        request's first), so a result that arrives meanwhile waits for one level at most; otherwise one
+        call re-drafts every such pool from its root to the full depth and merges it in."""
         acts: list[Action] = []
         for lv in list(self.live.values()):
             if not lv.deepen or lv.done or lv.pool is None:
                 continue
+            if self._resumes(lv):
+                grown = self._grow(lv)
+                depth = min(self.depth, IDLE_DEPTH, lv.req.max_new_tokens - len(lv.out))
+                lv.deepen = grown and max(lv.pool.depth) < depth
+                return acts + self._fill(lv)
             lv.deepen = False
             deeper, _ = self._draft(lv, cost=self.ring.latency_curve(), depth=min(self.depth, IDLE_DEPTH))
             lv.pool.merge(deeper, at=0)
             acts += self._fill(lv)
         return acts
+
+    def _resumes(self, lv: _Live) -> bool:
+        """Whether ``lv``'s pool grows by :meth:`_grow` (resumable drafting, with a drafter that can)."""
+        return self.resumable_drafting and can_extend(lv.drafter) and lv.req.mode != "ar"
+
+    def _grow(self, lv: _Live) -> bool:
+        """Grow ``lv``'s pool by one level below its frontier (:func:`models.tree.frontier`: the best
+        nodes of its deepest level, as a draft's next level would); whether any node was added."""
+        pool = lv.pool
+        if max(pool.depth) >= lv.req.max_new_tokens - len(lv.out):
+            return False  # deeper nodes could never be sent
+        leaves = frontier(pool, self.top_k, lv.budget.keep_hint())
+        if not leaves:
+            return False
+        t0 = self.timer()
+        added = lv.drafter.extend(lv.context, pool, leaves, top_k=self.top_k, max_nodes=self.pool)
+        lv.stats.draft_seconds += self.timer() - t0
+        return bool(added)
 
     def _slots(self, lv: _Live) -> int:
         """Segments ``lv`` may keep in flight: as configured, or its share of the slots that keep the ring's

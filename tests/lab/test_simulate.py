@@ -389,10 +389,14 @@ def test_cli_calibration_fits_a_per_message_overhead(tiny_env, capsys, tmp_path,
 
 
 def test_a_flow_variant_names_its_slots():
-    assert parse_variant("flow") == ("flow", None) and parse_variant("flow@1") == ("flow", 1)
-    assert parse_variant("chunk") == ("chunk", None)
+    assert parse_variant("flow") == ("flow", None, True) and parse_variant("flow@1") == ("flow", 1, True)
+    assert parse_variant("chunk") == ("chunk", None, True)
+    assert parse_variant("flow:redraft") == ("flow", None, False) and parse_variant("flow@3:redraft").slots == 3
     for bad in ("flow@0", "ar@2", "flow@x"):
         with pytest.raises(ValueError, match="flow@N"):
+            parse_variant(bad)
+    for bad in ("flow:other", "ar:redraft"):
+        with pytest.raises(ValueError, match="redraft"):
             parse_variant(bad)
 
 

@@ -25,13 +25,14 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRot
 from meshd.cli import main
 from models.budget import CostCurve, TreeBudget
 from models.config import ModelError
-from models.drafters import MergedDrafter, NGramDrafter, load_drafter
+from models.drafters import MergedDrafter, ModelDrafter, NGramDrafter, can_extend, load_drafter
 from models.eagle import EagleDrafter, EagleHead, HeadConfig, find_head, load_head, save_head
 from models.engine import generate
 from models.kvcache import KVCache
 from models.layers import causal_mask
 from models.source import ModelSource
 from models.stage import Stage
+from models.tree import frontier
 from training.evaluate import replay_rounds
 from training.prompts import held_out_questions, spec_bench_path, training_prompts
 from training.rollouts import DataStore, Rollout, batch_generate
@@ -245,8 +246,8 @@ def recompute_logits(drafter: EagleDrafter, context: list[int], path: list[int])
 
 
 class CheckingDrafter:
-    """Wraps an EagleDrafter; after every draft checks the cache was cropped and the tree's
-    log-probs equal a from-scratch recompute."""
+    """Wraps an EagleDrafter; after every draft checks the cache holds the committed rows and the draft's
+    own after them, and the tree's log-probs equal a from-scratch recompute."""
 
     def __init__(self, inner: EagleDrafter):
         self.inner, self.name, self.checked = inner, "checking", 0
@@ -259,7 +260,9 @@ class CheckingDrafter:
 
     def draft(self, context, *, top_k, depth, max_nodes, keep=None):
         tree = self.inner.draft(context, top_k=top_k, depth=depth, max_nodes=max_nodes, keep=keep)
-        assert self.inner.cache.length == len(context) - 1  # cropped back to the committed rows
+        # the committed rows, then the draft's own rows, kept for extend() and cropped by the next draft
+        assert self.inner._rows == self.inner._session.base == len(context) - 1
+        assert self.inner.cache.length > self.inner._rows or len(tree) == 1
         vocab = self.inner.vocab
         for u in range(1, len(tree)):
             if tree.depth[u] > 3 or u > 6:
@@ -479,3 +482,78 @@ def test_packed_head_weights_never_go_stale(tiny):
     tol = rounding_tolerance(torch.float32, head_terms(head.hc, 3), after.abs().max())  # plain vs packed kernels
     assert (before - after).abs().max() > 100 * tol  # w_down moved by 0.5: far beyond rounding
     assert (after - repacked).abs().max() <= tol
+
+
+def resumable(kind: str, target: Stage):
+    """A drafter of each kind that can grow a pool (``extend``), fed a context and its features."""
+    if kind == "ngram":
+        return NGramDrafter()
+    if kind == "model":
+        return ModelDrafter(target)
+    eagle = EagleDrafter(random_head(target), target)
+    return MergedDrafter([eagle, NGramDrafter()]) if kind == "eagle+ngram" else eagle
+
+
+def fed(drafter, target: Stage, context: list[int], seed: int = 0) -> None:
+    drafter.reset(context[:-1])
+    g = torch.Generator().manual_seed(seed)
+    drafter.accept(context, torch.randn(len(context) - 1, target.cfg.hidden_size, generator=g))
+
+
+@pytest.mark.parametrize("kind", ["eagle", "ngram", "model"])
+def test_extend_grows_a_draft_into_the_deeper_draft(tiny, kind):
+    """A deterministic drafter that resumes gives exactly the deeper draft: ``extend`` below the pool's
+    frontier is the next level ``draft`` would have added, computed from the rows it kept."""
+    _, target = tiny
+    drafter = resumable(kind, target)
+    assert can_extend(drafter)
+    context = torch.randint(0, 8, (60,), generator=torch.Generator().manual_seed(1)).tolist()  # n-grams recur
+    fed(drafter, target, context)
+    for depth in (1, 2, 3):
+        pool = drafter.draft(context, top_k=3, depth=depth, max_nodes=64)
+        rows = getattr(drafter, "cache", None) and drafter.cache.length
+        leaves = frontier(pool, 3)
+        added = drafter.extend(context, pool, leaves, top_k=3, max_nodes=64)
+        if kind != "ngram":  # one new row per leaf: nothing the draft computed is computed again
+            assert drafter.cache.length - rows == len(leaves)
+        want = drafter.draft(context, top_k=3, depth=depth + 1, max_nodes=64)
+        assert added and (pool.tokens, pool.parents) == (want.tokens, want.parents)
+        assert pool.scores == pytest.approx(want.scores, abs=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["eagle", "model", "eagle+ngram"])
+def test_extend_after_a_reroot_reuses_the_surviving_rows(tiny, kind):
+    """The walk accepted a node: the pool re-rooted there grows from the rows its nodes already have, and
+    where the deeper draft at the old context expanded the same node, the children are the same."""
+    _, target = tiny
+    drafter = resumable(kind, target)
+    context = torch.randint(0, 8, (40,), generator=torch.Generator().manual_seed(2)).tolist()
+    fed(drafter, target, context)
+    deeper = drafter.draft(context, top_k=3, depth=4, max_nodes=200)
+    pool = drafter.draft(context, top_k=3, depth=3, max_nodes=200)
+    best = max((i for i in range(len(pool)) if pool.depth[i] == 3), key=lambda i: pool.scores[i])
+    node = pool.path(best)[1]  # accepted: the first level on the way to the best deepest node
+    accepted = [*context, pool.tokens[node]]
+    g = torch.Generator().manual_seed(3)
+    drafter.accept(accepted, torch.randn(1, target.cfg.hidden_size, generator=g))  # the old root's feature
+    sub, _ = pool.reroot(node)
+    eagle = drafter.parts[0] if kind == "eagle+ngram" else drafter
+    rows = eagle.cache.length
+    leaves = frontier(sub, 3)
+    drafter.extend(accepted, sub, leaves, top_k=3, max_nodes=200)
+    if kind != "eagle+ngram":  # n-gram's nodes need the head's rows for their own paths
+        assert eagle.cache.length - rows == len(leaves)
+    where = {tuple(deeper.path_tokens(i)): i for i in range(len(deeper))}
+    same = 0
+    for leaf in leaves:
+        mine = {sub.tokens[c]: sub.scores[c] - sub.scores[leaf] for c in sub.children(leaf)}
+        ref = where[(context[-1], *sub.path_tokens(leaf))]
+        theirs = {deeper.tokens[c]: deeper.scores[c] - deeper.scores[ref] for c in deeper.children(ref)}
+        if theirs and kind != "eagle+ngram":
+            assert mine.keys() == theirs.keys()
+            assert [mine[t] for t in theirs] == pytest.approx(list(theirs.values()), abs=1e-5)
+            same += 1
+        assert theirs.keys() <= mine.keys() or kind == "eagle+ngram"
+    assert same or kind == "eagle+ngram"
+    drafter.draft(accepted, top_k=3, depth=2, max_nodes=64)  # a new draft: committed rows brought up to date
+    assert eagle._session.anchor == accepted and eagle._session.base == len(accepted) - 1

@@ -429,3 +429,67 @@ def test_idle_drafting_sends_a_shallow_first_segment_then_deepens_the_pool_while
     assert acts[0] == Emit("r", [a, c, e])  # e accepted from the first segment's last logits; its own are on the way
     prune = next(x for x in acts if isinstance(x, SendPrune)).prune
     assert ids[e] in prune.keep and ids[e] in prune.commit[-1:]
+
+
+class Growing(Shallow):
+    """A scripted drafter that can also grow a pool (``extend``): below a node it proposes the script's
+    children of the same token path under the root of its latest draft, and it counts its calls."""
+
+    def __init__(self, trees: dict[int, list[tuple[int, int, float]]]):
+        super().__init__(trees)
+        self.drafts, self.extends = 0, 0
+        self.anchor: list[int] = []
+
+    def draft(self, context: list[int], *, top_k: int, depth: int, max_nodes: int, keep: int | None = None) -> Tree:
+        self.drafts += 1
+        self.anchor = list(context)
+        return super().draft(context, top_k=top_k, depth=depth, max_nodes=max_nodes, keep=keep)
+
+    def extend(self, context: list[int], pool: Tree, leaves: list[int], *, top_k: int, max_nodes: int) -> list[int]:
+        self.extends += 1
+        assert context[: len(self.anchor)] == self.anchor, "grows only what it drafted"
+        full = Scripted.draft(self, self.anchor, top_k=top_k, depth=99, max_nodes=max_nodes)
+        where = {tuple(full.path_tokens(i)): i for i in range(len(full))}
+        added = []
+        for leaf in leaves:
+            at = where.get(tuple(self.anchor[-1:] + context[len(self.anchor) :] + pool.path_tokens(leaf)[1:]))
+            for c in full.children(at) if at is not None else []:
+                added.append(pool.add(leaf, full.tokens[c], pool.scores[leaf] + full.scores[c] - full.scores[at]))
+        return added
+
+
+@pytest.mark.parametrize("resumable", [True, False])
+def test_idle_grows_the_pool_one_level_per_call_and_a_reroot_keeps_the_surviving_pool(target, resumable):
+    """With resumable drafting the pool is drafted once per round: each idle call grows it by one level
+    (a result arriving meanwhile waits for one level at most), and after a re-root the surviving sub-pool
+    goes on without a new draft. Without it, idle re-drafts from the root and a re-root drafts again."""
+    p, a, b, c, e, f, g = target.tokens[:7]
+    drafter = Growing({p: [(0, a, 0.9), (1, c, 0.9), (2, e, 0.9), (3, f, 0.9), (4, g, 0.9)]})  # a chain, 5 deep
+    orig = Originator(
+        target.head,
+        lambda: drafter,
+        [FLAT] * 2,
+        clock=lambda: 0.0,
+        timer=lambda: 0.0,
+        draft_when_idle=True,
+        resumable_drafting=resumable,
+    )
+    segs = segments(prefill(orig, target, Request("r", [a, b], 16, "flow"), first=p))
+    assert drafter.drafts == 1 and [t for s in segs for t in s.tokens] == [p, a, c]  # 2 levels before the first
+    calls, more = 0, []
+    while orig.idle_work():
+        calls += 1
+        more += segments(orig.idle())
+    assert orig.live["r"].pool.tokens == [p, a, c, e, f, g]  # drafted to the end of the script
+    assert [t for s in more for t in s.tokens][:1] == [e]  # the deeper levels go out as fillers, as slots allow
+    if resumable:
+        assert (calls, drafter.extends, drafter.drafts) == (3, 3, 1)  # e, f, g: one level per call
+    else:
+        assert (calls, drafter.extends, drafter.drafts) == (1, 0, 2)  # one re-draft from the root
+    # the walk accepts a and c from the first segment and waits on e, whose result is in flight
+    acts = orig.on_result(said(target, segs[0], [a, c, e]))
+    assert acts[0] == Emit("r", [a, c, e])
+    assert drafter.drafts == (1 if resumable else 3)
+    assert orig.live["r"].pool.tokens == [e, f, g]  # the surviving sub-pool (the pruned part is gone)
+    later = [t for s in more + segments(acts) for t in s.tokens]
+    assert sorted(later) == sorted([e, f, g])  # each drafted node sent once, as fillers or the frontier's first

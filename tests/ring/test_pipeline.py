@@ -10,7 +10,8 @@ from meshd.ring.messages import Prune, Segment
 from meshd.ring.pipeline import build_local_pipeline
 from meshd.ring.scheduler import Request
 from meshd.ring.worker import StageWorker
-from models.drafters import ModelDrafter, NGramDrafter, load_drafter
+from models.drafters import MergedDrafter, ModelDrafter, NGramDrafter, can_extend, load_drafter
+from models.eagle import EagleDrafter, EagleHead, HeadConfig
 from models.ranges import LayerRange
 from models.source import ModelSource
 from models.stage import Stage
@@ -135,4 +136,58 @@ def test_flow_with_idle_drafting_equals_greedy(tiny_src, stages):
     assert out.reason == "length", out.error
     assert_matches_greedy(out.tokens, want, gaps)
     assert out.stats.accepted_drafts > 0
+    assert all(not w.sessions and not w.queue for w in pipe.workers)
+
+
+class Opaque:
+    """A drafter that cannot grow a pool (no ``extend``): the originator re-drafts from the root."""
+
+    def __init__(self, inner):
+        self.inner, self.name = inner, "opaque"
+
+    def reset(self, prompt):
+        self.inner.reset(prompt)
+
+    def draft(self, context, **kw):
+        return self.inner.draft(context, **kw)
+
+    def accept(self, context, hidden):
+        self.inner.accept(context, hidden)
+
+
+def resumable_factory(kind: str, src, head):
+    if kind == "eagle+ngram":  # a random head: poor guesses, but every row of the head's path runs
+        torch.manual_seed(0)
+        eagle = EagleDrafter(EagleHead(HeadConfig.for_target(head.cfg), head.cfg).eval(), head)
+        return MergedDrafter([eagle, NGramDrafter()]).fresh
+    inner = factory_for("self", src, head)
+    return (lambda: Opaque(inner())) if kind == "opaque" else inner
+
+
+@pytest.mark.parametrize(
+    ("stages", "drafter", "resumable"),
+    [
+        (2, "self", True),
+        (5, "self", True),
+        (2, "eagle+ngram", True),
+        (5, "eagle+ngram", True),
+        (3, "opaque", True),
+        (3, "self", False),
+        (4, "eagle+ngram", False),
+    ],
+)
+def test_flow_with_resumable_drafting_equals_greedy(tiny_src, stages, drafter, resumable):
+    """Pools grown level by level by a drafter that keeps its state (idle steps, re-roots) change what is
+    sent when, never what is decided; a drafter that cannot resume takes the re-drafting path."""
+    pipe = build_local_pipeline(tiny_src, stages, None, draft_when_idle=True, resumable_drafting=resumable)
+    pipe.originator.drafter_factory = resumable_factory(drafter, tiny_src, pipe.originator.vocab)
+    assert can_extend(pipe.originator.drafter_factory()) == (drafter != "opaque")
+    prompt = torch.randint(0, 64, (20,), generator=torch.Generator().manual_seed(stages)).tolist()
+    want, gaps = greedy_reference(pipe.originator.vocab, prompt, 24, set())
+    pipe.submit(Request("r", prompt, 24, "flow"))
+    out = pipe.run()["r"]
+    assert out.reason == "length", out.error
+    assert_matches_greedy(out.tokens, want, gaps)
+    if drafter == "self":
+        assert out.stats.accepted_drafts > 0
     assert all(not w.sessions and not w.queue for w in pipe.workers)

@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from models.tree import Tree, grow_tree, split_segments
+from models.tree import Tree, add_level, frontier, grow_tree, split_segments
 
 
 def random_tree(n: int, seed: int) -> Tree:
@@ -122,3 +122,34 @@ def test_grow_tree_keep_prunes_only_what_best_would_drop(seed):
         assert len(pruned) <= len(full)
         paths = lambda t: sorted(tuple(t.path_tokens(i)) for i in range(len(t)))  # noqa: E731
         assert paths(pruned.best(n)) == paths(full.best(n))
+
+
+@pytest.mark.parametrize("seed", range(10))
+@pytest.mark.parametrize("keep", [None, 6])
+def test_growing_a_pool_one_level_is_drafting_it_one_level_deeper(seed, keep):
+    """add_level below frontier() is grow_tree's own next level: a drafter that resumes gives the deeper draft."""
+
+    def expand(tree, nodes, k):  # a deterministic pseudo-random distribution per path
+        out = []
+        for u in nodes:
+            rng = random.Random(hash((seed, tuple(tree.path_tokens(u)))))
+            ps = sorted((rng.random() ** 2 for _ in range(k + 1)), reverse=True)
+            out.append([(j, math.log(p / (1.0 + sum(ps)))) for j, p in enumerate(ps)])
+        return out
+
+    for depth in range(1, 6):
+        pool = grow_tree(7, expand, top_k=3, depth=depth, max_nodes=10_000, keep=keep)
+        leaves = frontier(pool, 3, keep)
+        add_level(pool, leaves, expand(pool, leaves, 3), 3, 10_000)
+        want = grow_tree(7, expand, top_k=3, depth=depth + 1, max_nodes=10_000, keep=keep)
+        assert (pool.tokens, pool.parents, pool.scores) == (want.tokens, want.parents, want.scores)
+    assert frontier(Tree.root(7), 3) == [0]
+
+
+def test_add_level_keeps_the_better_score_of_a_child_it_already_has():
+    t = Tree.root(1)
+    a = t.add(0, 5, math.log(0.5))
+    new = add_level(t, [0], [[(5, math.log(0.8)), (6, math.log(0.1)), (7, -math.inf)]], top_k=3, max_nodes=10)
+    assert len(new) == 1 and t.tokens[new[0]] == 6  # 5 was there already; -inf is never a candidate
+    assert t.scores[a] == pytest.approx(math.log(0.8))
+    assert add_level(t, [a], [[(8, 0.0), (9, 0.0)]], top_k=3, max_nodes=4) == [3]  # the node limit holds

@@ -102,9 +102,10 @@ def _simulate(
             origins=origins,
             compute_scale=compute_scale,
             cores=cores,
-            flow_slots=parse_variant(label)[1],
+            flow_slots=parse_variant(label).slots,
             coalesce=coalesce,
             idle_drafting=idle_drafting,
+            resumable_drafting=parse_variant(label).resumable,
         )
 
     labels = [f"q{q['question_id']}-{q['category']}" for q in questions]

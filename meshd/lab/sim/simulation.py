@@ -38,6 +38,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -57,16 +58,26 @@ from models.verify import Sampling
 FLOWSPEC_7B_FLOW_OVER_CHUNK = 1.43  # FlowSpec, LLaMA2-chat 7B, 5 Jetson boards, T=0 (measured, published)
 
 
-def parse_variant(label: str) -> tuple[str, int | None]:
+class Variant(NamedTuple):
+    mode: str
+    slots: int | None  # flow's segments in flight per request (None: from the ring model)
+    resumable: bool = True  # flow grows its pools with a drafter that keeps its state (Originator.resumable_drafting)
+
+
+def parse_variant(label: str) -> Variant:
     """A mode as the simulator runs it: ``flow@N`` is ``flow`` with N segments in flight per request
-    (``flow@1``: one tree per round, the scheduler before slots); any other label is a plain mode,
-    ``flow`` with its slots from the ring model."""
+    (``flow@1``: one tree per round, the scheduler before slots); a ``:redraft`` suffix (``flow:redraft``,
+    ``flow@3:redraft``) re-drafts pools from the root instead of growing them (the scheduler before
+    resumable drafting); any other label is a plain mode, ``flow`` with its slots from the ring model."""
+    label, colon, option = label.partition(":")
+    if colon and (option != "redraft" or not label.startswith("flow")):
+        raise ValueError(f"mode {label + colon + option!r}: the only option is flow's ':redraft'")
     mode, at, slots = label.partition("@")
     if not at:
-        return mode, None
+        return Variant(mode, None, not colon)
     if mode != "flow" or not slots.isdigit() or int(slots) < 1:
         raise ValueError(f"mode {label!r}: only flow takes a slot count, as flow@N with N >= 1")
-    return mode, int(slots)
+    return Variant(mode, int(slots), not colon)
 
 
 # ---- what a run records -------------------------------------------------------------------
@@ -196,6 +207,17 @@ class _TimedDrafter:
         self.meter.add(time.thread_time() - t0)
 
     def __getattr__(self, name: str):
+        # one tree level, charged like a draft of depth 1 (only where the inner drafter grows pools)
+        if name == "extend":
+            extend = self.inner.extend
+
+            def timed(*args, **kw):
+                t0 = time.thread_time()
+                added = extend(*args, **kw)
+                self.meter.add(time.thread_time() - t0, 1, 1)
+                return added
+
+            return timed
         return getattr(self.inner, name)
 
 
@@ -479,6 +501,8 @@ def summarize_traces(results: Iterable[SimResult]) -> dict:
         "rows_verified": nodes,
         "rows_accepted": accepted,
         "peak_segments": max((t.peak_segments for t in done), default=0),
+        # the originator's drafting (on the simulated device's clock), per token
+        "draft_s_per_token": sum(t.stats.draft_seconds for t in done if t.stats) / toks if toks else 0.0,
     }
 
 
@@ -568,13 +592,13 @@ def simulation_table(summary: dict[str, dict], rate: float) -> str:
         lines = [
             "| mode | decode tok/s (simulated) | end-to-end tok/s (simulated) | tokens/round | nodes/round | "
             "rows accepted/computed | segments in flight (peak) | TTFT s (simulated) | "
-            "stage busy fraction (simulated) |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "stage busy fraction (simulated) | draft ms/token (simulated) |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         lines += [
             f"| {m} | {s['decode_tokens_per_s']:.2f} | {s['tokens_per_s']:.2f} | {s['mean_accepted']:.2f} | "
             f"{s['nodes_per_round']:.1f} | {s['rows_accepted']}/{s['rows_verified']} | {s['peak_segments']} | "
-            f"{s['ttft_mean']:.3f} | {util(s)} |"
+            f"{s['ttft_mean']:.3f} | {util(s)} | {s['draft_s_per_token'] * 1e3:.2f} |"
             for m, s in summary.items()
         ]
         key = "decode_tokens_per_s"
