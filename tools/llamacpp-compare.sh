@@ -9,7 +9,8 @@
 #
 # The RPC run: two ggml-rpc-server processes on 127.0.0.1 (one thread each) are two devices, and
 # llama-bench (one thread: it only looks up token embeddings) offloads every layer to them with -ngl 99
-# (with no -ngl nothing is sent to the servers). llama.cpp splits the layers by the servers' free memory;
+# (-ngl 0 keeps them all on the client and the backend column still says "RPC"; this build's default,
+# -1, offloads all, older builds' default was 0). llama.cpp splits the layers by the servers' free memory;
 # on SmolLM2-135M: 16 layers on the first, 14 and the output matrix on the second, the token embeddings
 # on the client. The servers' own output says only "Accepted client connection", so the split is
 # printed from a short verbose run ("layer N assigned to device RPCk", "model buffer size") before
