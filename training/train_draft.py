@@ -262,6 +262,7 @@ def train_draft(
         "training": {
             "epochs": epochs,
             "batches": state["step"],
+            "planned_batches": state.get("planned"),
             "seconds": round(state["seconds"], 1),
             "config": dict(tc.__dict__),
             "loss_curve": state["history"],
