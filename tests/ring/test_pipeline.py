@@ -31,19 +31,25 @@ def factory_for(kind: str, src, head):
     return lambda: ModelDrafter(d.model)
 
 
+def run_matches_greedy(pipe, mode: str, prompt_len: int, n: int, seed: int):
+    """One request of a random prompt through ``pipe``, checked against token-by-token greedy decoding
+    of the same model; returns its output (for the callers' own checks)."""
+    prompt = torch.randint(0, 64, (prompt_len,), generator=torch.Generator().manual_seed(seed)).tolist()
+    want, gaps = greedy_reference(pipe.originator.vocab, prompt, n, set())
+    pipe.submit(Request("r", prompt, n, mode))
+    out = pipe.run()["r"]
+    assert out.reason == "length", out.error
+    assert_matches_greedy(out.tokens, want, gaps)
+    return out
+
+
 @pytest.mark.parametrize("mode", ["ar", "chunk", "flow"])
 @pytest.mark.parametrize("stages", [1, 3])
 @pytest.mark.parametrize("drafter", ["ngram", "self", "early-exit"])
 def test_modes_equal_greedy(tiny_src, mode, stages, drafter):
     pipe = build_local_pipeline(tiny_src, stages, None)
     pipe.originator.drafter_factory = factory_for(drafter, tiny_src, pipe.originator.vocab)
-    g = torch.Generator().manual_seed(stages)
-    prompt = torch.randint(0, 64, (75,), generator=g).tolist()  # > one prefill chunk
-    want, gaps = greedy_reference(pipe.originator.vocab, prompt, 40, set())
-    pipe.submit(Request("r", prompt, 40, mode))
-    out = pipe.run()["r"]
-    assert out.reason == "length", out.error
-    assert_matches_greedy(out.tokens, want, gaps)
+    out = run_matches_greedy(pipe, mode, 75, 40, seed=stages)  # 75 rows: more than one prefill chunk
     if mode != "ar" and drafter == "self":
         assert out.stats.accepted_drafts > 0
 
@@ -112,12 +118,7 @@ def test_flow_equals_greedy_for_every_slot_setting(tiny_src, stages, slots):
     pipe.originator.drafter_factory = factory_for(
         "self" if stages % 2 else "early-exit", tiny_src, pipe.originator.vocab
     )
-    prompt = torch.randint(0, 64, (20,), generator=torch.Generator().manual_seed(stages)).tolist()
-    want, gaps = greedy_reference(pipe.originator.vocab, prompt, 24, set())
-    pipe.submit(Request("r", prompt, 24, "flow"))
-    out = pipe.run()["r"]
-    assert out.reason == "length", out.error
-    assert_matches_greedy(out.tokens, want, gaps)
+    run_matches_greedy(pipe, "flow", 20, 24, seed=stages)
     assert all(not w.sessions and not w.queue for w in pipe.workers)
     if slots is not None and slots > 1:  # never more in flight than the slots (1: one tree per round, as before)
         assert 1 <= pipe.originator.peak_segments <= slots
@@ -129,12 +130,7 @@ def test_flow_with_idle_drafting_equals_greedy(tiny_src, stages):
     change which rows are computed when, never what is decided."""
     pipe = build_local_pipeline(tiny_src, stages, None, draft_when_idle=True)
     pipe.originator.drafter_factory = factory_for("self", tiny_src, pipe.originator.vocab)
-    prompt = torch.randint(0, 64, (20,), generator=torch.Generator().manual_seed(stages)).tolist()
-    want, gaps = greedy_reference(pipe.originator.vocab, prompt, 24, set())
-    pipe.submit(Request("r", prompt, 24, "flow"))
-    out = pipe.run()["r"]
-    assert out.reason == "length", out.error
-    assert_matches_greedy(out.tokens, want, gaps)
+    out = run_matches_greedy(pipe, "flow", 20, 24, seed=stages)
     assert out.stats.accepted_drafts > 0
     assert all(not w.sessions and not w.queue for w in pipe.workers)
 
@@ -182,12 +178,7 @@ def test_flow_with_resumable_drafting_equals_greedy(tiny_src, stages, drafter, r
     pipe = build_local_pipeline(tiny_src, stages, None, draft_when_idle=True, resumable_drafting=resumable)
     pipe.originator.drafter_factory = resumable_factory(drafter, tiny_src, pipe.originator.vocab)
     assert can_extend(pipe.originator.drafter_factory()) == (drafter != "opaque")
-    prompt = torch.randint(0, 64, (20,), generator=torch.Generator().manual_seed(stages)).tolist()
-    want, gaps = greedy_reference(pipe.originator.vocab, prompt, 24, set())
-    pipe.submit(Request("r", prompt, 24, "flow"))
-    out = pipe.run()["r"]
-    assert out.reason == "length", out.error
-    assert_matches_greedy(out.tokens, want, gaps)
+    out = run_matches_greedy(pipe, "flow", 20, 24, seed=stages)
     if drafter == "self":
         assert out.stats.accepted_drafts > 0
     assert all(not w.sessions and not w.queue for w in pipe.workers)
