@@ -13,7 +13,7 @@ import platform
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +40,13 @@ class Run:
     trees: int = 0  # verified trees (flow's rounds count every walk advance; this counts whole trees)
     draft_seconds: float = 0.0  # of ``seconds``, what the drafter took (the head's forwards included)
     verified_nodes: int = 0  # rows the target verified, roots included
+    # of ``seconds``, the prompt's prefill up to its last row's hidden state (0: the backend did not say)
+    prefill_seconds: float = 0.0
+
+    @property
+    def decode_seconds(self) -> float:
+        """Seconds after the prefill: what llama-bench's text-generation figure (tg) times."""
+        return self.seconds - self.prefill_seconds if self.prefill_seconds else 0.0
 
 
 EVERYDAY = Path(__file__).resolve().parent / "prompts" / "everyday.jsonl"
@@ -99,6 +106,7 @@ def run_interleaved(
                     s.get("trees", 0),
                     s.get("draft_seconds", 0.0),
                     s.get("verified_nodes", 0),
+                    s.get("prefill_seconds", 0.0),
                 )
             )
             if progress:
@@ -109,6 +117,15 @@ def run_interleaved(
                     f"{s['tokens_per_s']:6.1f} tok/s  {s['mean_accepted']:.2f} tok/round  eta {eta:4.0f}s"
                 )
     return runs
+
+
+def decode_rate(runs: Sequence[Run]) -> float:
+    """Tokens per second after the prefill (the prefill's own token left out), over the runs whose
+    backend timed their prefill: the figure to set beside llama-bench's ``tg`` (which times generation
+    without the prompt), where ``tokens_per_s`` includes the prompt's prefill. 0.0 where none did."""
+    timed = [r for r in runs if r.prefill_seconds and r.new_tokens > 1]
+    secs = sum(r.decode_seconds for r in timed)
+    return round(sum(r.new_tokens - 1 for r in timed) / secs, 3) if secs > 0 else 0.0
 
 
 def summarize_runs(runs: list[Run], baseline: str) -> tuple[dict, str]:
@@ -131,6 +148,7 @@ def summarize_runs(runs: list[Run], baseline: str) -> tuple[dict, str]:
                 "tokens": toks,
                 "seconds": round(secs, 3),
                 "tokens_per_s": round(toks / secs, 3) if secs else 0.0,
+                "decode_tokens_per_s": decode_rate(rs),
                 "mean_accepted": round(sum(r.mean_accepted * r.rounds for r in rs) / rounds, 3) if rounds else 0.0,
                 "tokens_per_forward": round(toks / max(1, sum(r.target_forwards for r in rs)), 3),
                 # tokens per verified tree (the acceptance figure slots do not dilute; prefill's token aside)
@@ -138,13 +156,15 @@ def summarize_runs(runs: list[Run], baseline: str) -> tuple[dict, str]:
                 if (trees := sum(r.trees for r in rs))
                 else 0.0,
             }
-    head = "| category | " + " | ".join(f"{m} tok/s | {m} acc" for m in modes)
+    head = "| category | " + " | ".join(f"{m} tok/s | {m} decode | {m} acc" for m in modes)
     head += "".join(f" | {m}/{baseline}" for m in modes if m != baseline) + " |"
-    lines = [head, "|" + "---|" * (1 + 2 * len(modes) + len(modes) - (baseline in modes))]
+    lines = [head, "|" + "---|" * (1 + 3 * len(modes) + len(modes) - (baseline in modes))]
     for c in cats:
         row = [c]
         for m in modes:
-            row += [f"{table[f'{c}/{m}']['tokens_per_s']:.2f}", f"{table[f'{c}/{m}']['mean_accepted']:.2f}"]
+            t = table[f"{c}/{m}"]
+            decode = f"{t['decode_tokens_per_s']:.2f}" if t["decode_tokens_per_s"] else "-"
+            row += [f"{t['tokens_per_s']:.2f}", decode, f"{t['mean_accepted']:.2f}"]
         base = table.get(f"{c}/{baseline}", {}).get("tokens_per_s", 0)
         row += [f"{table[f'{c}/{m}']['tokens_per_s'] / base:.2f}x" if base else "-" for m in modes if m != baseline]
         lines.append("| " + " | ".join(row) + " |")

@@ -529,6 +529,7 @@ class Originator:
         lv.tail = ids[-1]
         if lv.replaying:
             return self._replayed(lv, feats)
+        lv.stats.prefill_seconds = self.clock() - lv.started  # the decode rate starts here (bench's "decode")
         logits = self.vocab.logits(feats[-1:], normed=True)[0]
         full = self._context_feats(lv, feats)
         if full is not None:

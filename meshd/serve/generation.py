@@ -294,6 +294,7 @@ class Generation:
             "new_tokens": st.new_tokens,
             "seconds": round(seconds, 4),
             "tokens_per_s": round(st.new_tokens / seconds, 3) if seconds > 0 else 0.0,
+            "prefill_seconds": round(st.prefill_seconds, 4),
             "target_forwards": st.target_forwards,
             "verified_nodes": st.verified_nodes,
             "prefix_hit": st.prefix_hit,

@@ -115,3 +115,16 @@ def test_a_benchmark_says_how_far_it_got_during_and_after_each_run(monkeypatch):
     done = [i for i, s in enumerate(said) if "tok/s" in s]
     assert len(done) == 2 and said.index(running[-1]) < done[0], said  # then one line per run, when it ends
     assert not any("ar: running" in s for s in said)  # a quick run says only that it ended
+
+
+def test_the_decode_rate_leaves_out_each_runs_prefill_and_its_token():
+    def run(mode: str, tokens: int, seconds: float, prefill: float) -> bench.Run:
+        return bench.Run(1, "math", mode, tokens, tokens, 1.0, tokens, seconds, tokens / seconds, 0, 0.0, 0, prefill)
+
+    runs = [run("ar", 11, 1.5, 0.5), run("ar", 21, 2.5, 0.5), run("flow", 9, 1.0, 0.0)]
+    assert bench.decode_rate(runs[:2]) == pytest.approx(30 / 3.0)  # (10 + 20) tokens after the first, in 1 + 2 s
+    assert bench.decode_rate(runs[2:]) == 0.0  # a backend that did not time its prefill has no decode rate
+    table, md = bench.summarize_runs(runs, baseline="ar")
+    assert table["ALL/ar"]["decode_tokens_per_s"] == pytest.approx(10.0)
+    assert table["ALL/ar"]["tokens_per_s"] == pytest.approx(32 / 4.0)
+    assert "| ar tok/s | ar decode | ar acc |" in md and "| 8.00 | 10.00 | 1.00 |" in md

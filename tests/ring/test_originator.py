@@ -145,6 +145,17 @@ def test_prefill_waits_for_every_chunk_then_emits_and_sends_the_root(target):
     assert not root.commit
 
 
+def test_the_prefill_time_is_the_clock_from_submit_to_the_prompts_last_row(target):
+    now = [10.0]
+    orig = Originator(target.head, None, [FLAT], clock=lambda: now[0], timer=lambda: 0.0, origin="me")
+    (chunk,) = segments(orig.submit(Request("r", [target.tokens[1]] * 10, 4, "ar")))
+    now[0] = 10.25
+    (root,) = segments(orig.on_result(said(target, chunk, [target.tokens[0]] * 10))[1:])
+    now[0] = 10.5
+    orig.on_result(said(target, root, [target.tokens[2]]))
+    assert orig.live["r"].stats.prefill_seconds == pytest.approx(0.25)  # the decode rate starts there
+
+
 # ---- rounds ---------------------------------------------------------------------------------
 def test_ar_passes_emit_one_token_each_and_prune_to_the_accepted_node(target):
     a, b, c = target.tokens[:3]
