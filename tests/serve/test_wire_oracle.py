@@ -1,6 +1,7 @@
-"""The speculation oracle with int8 activations on the wire: greedy ``flow`` equals greedy ``ar`` over
-the same mesh, and both equal token-by-token greedy decoding through the same layer split with the
-same per-row quantization at the same hops (docs/design.md, "Numerics on the wire").
+"""The speculation oracle with int8 activations on the wire: greedy ``flow`` and greedy ``ar`` over the
+same mesh both follow token-by-token greedy decoding through the same layer split with the same
+per-row quantization at the same hops, every token checked given the ones before it, up to near-ties
+(docs/design.md, "Numerics on the wire").
 Each test runs its peers in a fresh ``asyncio.run`` loop (under the plugin's loop the test task
 was left cancelled after the runtimes stopped and its teardown hung; not understood yet).
 
@@ -14,7 +15,7 @@ import asyncio
 
 import pytest
 import torch
-from support import assert_matches_greedy, near_tie
+from support import near_tie
 
 from meshd.ring.wire import as_received, from_message, to_message
 from meshd.serve.engine import GenerateParams
@@ -67,31 +68,48 @@ async def two_peers(src: ModelSource, full: Stage, split: int, wire: str) -> tup
     return peers[0], peers[1], links
 
 
-def split_greedy(
-    src: ModelSource, full: Stage, split: int, wire: torch.dtype, prompt: list[int], n: int
-) -> tuple[list[int], list[float]]:
-    """Token-by-token greedy decoding through the two slices, each hop changing the hidden states as
-    the link does: the mesh's own numerics, one row at a time. Gaps as ``support.greedy_reference``."""
+def forced_gaps(
+    src: ModelSource, full: Stage, split: int, wire: torch.dtype, prompt: list[int], tokens: list[int]
+) -> list[float]:
+    """For each of ``tokens``: how far it is from greedy's choice on the mesh's own numerics, given
+    the tokens before it (teacher-forced, so every token is checked, not only those up to a first
+    divergence). The reference runs the two slices one row at a time, each hop changing the hidden
+    states as the link does. 0 where the token is the reference's top one; else the reference's gap
+    between its top token and this one, in near-tie units (below 1: a choice another batch shape may
+    make).
+
+    Near-ties under int8: a row computed in another batch shape (a tree's, a coalesced segment's)
+    differs from the one-row reference by fp32 rounding, and an element near the middle of two int8
+    steps then rounds the other way: a change of a whole step. So besides ``support.near_tie``, a
+    gap within twice what the wire's quantization moves it (the same slices on a float wire, fed the
+    same tokens) counts as a near-tie: every element flipping is at most twice its quantization error."""
     n_layers = full.cfg.n_layers
-    slices = [
-        Stage.load(src, r, vocab=False, dtype=full.dtype) for r in (LayerRange(0, split), LayerRange(split, n_layers))
-    ]
-    caches = [s.new_cache() for s in slices]
+    ranges = (LayerRange(0, split), LayerRange(split, n_layers))
+    slices = [Stage.load(src, r, vocab=False, dtype=full.dtype) for r in ranges]
+    wires = [wire] if wire == torch.float32 else [wire, torch.float32]
+    caches = {w: [s.new_cache() for s in slices] for w in wires}
 
-    def ring(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        for s, c in zip(slices, caches):
-            x = as_received(s.forward_one(x, c, pos), wire).to(full.dtype)
-        return x
+    def logits(ids: list[int], start: int) -> dict[torch.dtype, torch.Tensor]:
+        out = {}
+        for w in wires:
+            x = full.embed(ids)
+            for s, c in zip(slices, caches[w]):
+                x = as_received(s.forward_one(x, c, torch.arange(start, start + len(ids))), w).to(full.dtype)
+            out[w] = full.logits(x[-1:])[0]
+        return out
 
-    h = ring(full.embed(prompt), torch.arange(len(prompt)))[-1:]
-    out, gaps = [], []
-    while len(out) < n:
-        logits = full.logits(h)[0]
-        top2 = logits.topk(2).values
-        gaps.append(float(top2[0] - top2[1]) / near_tie(full, len(prompt) + n, float(top2[0])))
-        out.append(int(logits.argmax()))
-        h = ring(full.embed([out[-1]]), torch.tensor([len(prompt) + len(out) - 1]))
-    return out, gaps
+    lg = logits(prompt, 0)
+    gaps = []
+    for i, tok in enumerate(tokens):
+        top = int(lg[wire].argmax())
+        gap = float(lg[wire][top] - lg[wire][tok])
+        tie = near_tie(full, len(prompt) + len(tokens), float(lg[wire][top]))
+        if len(wires) > 1:
+            moved = abs(gap - float(lg[torch.float32][top] - lg[torch.float32][tok]))
+            tie = max(tie, 2 * moved)
+        gaps.append(gap / tie)
+        lg = logits([tok], len(prompt) + i)
+    return gaps
 
 
 async def generate(rt: Runtime, prompt: list[int], mode: str, n: int) -> tuple[list[int], float]:
@@ -107,8 +125,6 @@ async def _drain(h) -> list[list[int]]:
 
 
 async def oracle(src: ModelSource, full: Stage, split: int, prompt: list[int], n: int) -> dict:
-    want, gaps = split_greedy(src, full, split, torch.int8, prompt, n)
-    fp16_want, _ = split_greedy(src, full, split, torch.float32, prompt, n)
     a, b, links = await two_peers(src, full, split, "int8")
     try:
         got = {mode: await generate(a, prompt, mode, n) for mode in ("ar", "flow")}
@@ -116,10 +132,17 @@ async def oracle(src: ModelSource, full: Stage, split: int, prompt: list[int], n
         for rt in (a, b):
             await rt.stop()
     assert links.frames["q8row"] > 0 and links.frames["float"] == 0, links.frames  # int8 on both hops
-    for tokens, _ in got.values():
-        assert_matches_greedy(tokens, want, gaps)
-    assert_matches_greedy(got["flow"][0], got["ar"][0], gaps)
-    return {"accepted": {m: acc for m, (_, acc) in got.items()}, "same_as_float": want == fp16_want}
+    checked: dict[tuple[int, ...], list[float]] = {}  # flow's tokens are usually ar's: check them once
+    for mode, (tokens, _) in got.items():
+        if tuple(tokens) not in checked:
+            checked[tuple(tokens)] = forced_gaps(src, full, split, torch.int8, prompt, tokens)
+        gaps = checked[tuple(tokens)]
+        off = [(i, round(g, 2)) for i, g in enumerate(gaps) if g >= 1.0]
+        assert not off, f"{mode}: tokens greedy would not pick on the mesh's numerics (step, gap in near-ties): {off}"
+    return {
+        "accepted": {m: acc for m, (_, acc) in got.items()},
+        "same_tokens": got["flow"][0] == got["ar"][0],
+    }
 
 
 def test_flow_equals_ar_with_int8_on_the_wire_tiny(tiny_dir):
@@ -134,10 +157,10 @@ def test_flow_equals_ar_with_int8_on_the_wire_tiny(tiny_dir):
 @pytest.mark.slow
 def test_flow_equals_ar_with_int8_on_the_wire_embedded(embedded_source, embedded, embedded_tokenizer):
     """The shipped model over two peers, int8 on both hops: flow speculates (accepts more than one
-    token a round) and still gives greedy ar's tokens on the same numerics."""
+    token a round) and, like ar, emits greedy's tokens on the mesh's numerics."""
     from support import chat_ids, prompts
 
     prompt = chat_ids(embedded_tokenizer, prompts(1, categories=1)[0]["turns"][0])
     res = asyncio.run(oracle(embedded_source, embedded, embedded.cfg.n_layers // 2, prompt, 32))
     assert res["accepted"]["flow"] > 1.0, res
-    print(f"\n[int8 wire] accepted per round {res['accepted']}, same tokens as the float wire: {res['same_as_float']}")
+    print(f"\n[int8 wire] accepted per round {res['accepted']}, flow's tokens the same as ar's: {res['same_tokens']}")
