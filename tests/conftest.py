@@ -4,6 +4,10 @@ Helpers that tests import by name live in ``support.py``."""
 
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,6 +19,28 @@ from models.source import ModelSource
 from models.stage import Stage
 
 torch.set_num_threads(2)
+
+
+def _cache_without_user_heads() -> None:
+    """Point ``$XDG_CACHE_HOME`` (for this process and the daemons it starts) at a fresh directory that
+    links every entry of the real cache but ``meshd/heads``: measured profiles, tokenizers and built
+    kernels only save time, while a head the user trained (``meshd train-draft``) would change what
+    ``auto`` drafts with, and so the figures tests check. Tests that need a cache of their own still
+    set the variable themselves."""
+    real = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    fresh = Path(tempfile.mkdtemp(prefix="meshd-test-cache-"))
+    atexit.register(shutil.rmtree, fresh, True)  # the links only: rmtree does not follow them
+    (fresh / "meshd").mkdir()
+    for entry in real.iterdir() if real.is_dir() else ():
+        if entry.name != "meshd":
+            (fresh / entry.name).symlink_to(entry)
+    for entry in (real / "meshd").iterdir() if (real / "meshd").is_dir() else ():
+        if entry.name != "heads":
+            (fresh / "meshd" / entry.name).symlink_to(entry)
+    os.environ["XDG_CACHE_HOME"] = str(fresh)
+
+
+_cache_without_user_heads()
 
 
 @pytest.fixture(scope="session")
