@@ -15,8 +15,8 @@ from peers.codec import PROTO_VERSION, SchemaError
 from peers.planner import ROLES
 
 # a peer that predates a field may leave it out (version "": unknown; links: sealed; role "both";
-# no originator work)
-OPTIONAL_FIELDS = {"version", "links", "role", "origin_layers"}
+# no originator work; held bytes 0: the proposer's own figures)
+OPTIONAL_FIELDS = {"version", "links", "role", "origin_layers", "layer_bytes", "replicated_bytes"}
 SEALED, INSECURE_PLAINTEXT = "sealed", "insecure-plaintext"  # how a peer runs its links (peers/channel.py)
 
 
@@ -50,6 +50,10 @@ class Hello:
     role: str = "both"
     # the originator's own work per round in layers of this peer's forward (the planner's discount)
     origin_layers: float = 0.0
+    # bytes one decoder layer's weights and the replicated parts take in this peer's own weight format
+    # (peers.planner.PeerResources); 0: not said
+    layer_bytes: int = 0
+    replicated_bytes: int = 0
 
     def started_before(self, other: Hello) -> bool:
         """Total order on processes: earlier start first, instance id breaks exact ties."""
@@ -77,6 +81,8 @@ class Hello:
             "links": (str,),
             "role": (str,),
             "origin_layers": (int, float),
+            "layer_bytes": (int,),
+            "replicated_bytes": (int,),
         }
         if not set(types) - OPTIONAL_FIELDS <= set(d) <= set(types):
             raise SchemaError(f"hello: fields {sorted(d)} differ from {sorted(types)}")
@@ -92,6 +98,9 @@ class Hello:
             raise SchemaError(f"hello.role: {d['role']!r} is not one of {', '.join(ROLES)}")
         if not float(d.get("origin_layers", 0.0)) >= 0.0:
             raise SchemaError("hello.origin_layers: expected a number >= 0")
+        for k in ("layer_bytes", "replicated_bytes"):
+            if d.get(k, 0) < 0:
+                raise SchemaError(f"hello.{k}: expected an integer >= 0")
         return cls(
             **{
                 "version": "",

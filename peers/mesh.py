@@ -143,6 +143,8 @@ class MeshNode:
             compute_score=config.compute_score,
             role=config.role,
             origin_layers=config.origin_layers,
+            layer_bytes=shape.bytes_per_layer,  # this peer's own format: the planner counts each peer's
+            replicated_bytes=shape.replicated_bytes,
             api_port=config.api_port,
             cost_curve=dict(cost_curve or {}),
             links=self.security.links,
@@ -379,7 +381,9 @@ class MeshNode:
     def _resources(self) -> dict[str, PeerResources]:
         hellos = [self.hello, *self.membership.members.values()]
         return {
-            h.node_id: PeerResources(h.node_id, h.memory_budget, h.compute_score, h.role, h.origin_layers)
+            h.node_id: PeerResources(
+                h.node_id, h.memory_budget, h.compute_score, h.role, h.origin_layers, h.layer_bytes, h.replicated_bytes
+            )
             for h in hellos
         }
 
@@ -531,4 +535,4 @@ class MeshNode:
 
 def _plan_inputs(h: Hello) -> tuple:
     """What of a peer's hello the layer split depends on: a change re-plans."""
-    return h.memory_budget, h.compute_score, h.role, h.origin_layers
+    return h.memory_budget, h.compute_score, h.role, h.origin_layers, h.layer_bytes, h.replicated_bytes

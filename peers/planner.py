@@ -71,12 +71,19 @@ class PeerResources:
     compute_score: float = 1.0
     role: str = "both"
     origin_layers: float = 0.0
+    # What this peer's own weight format holds (``--weights`` is chosen per device: a board may keep
+    # int4 where a laptop keeps bf16): one layer's weights, and the replicated parts (embeddings, LM
+    # head, draft head). 0: not said (an older peer), the proposer's own figures in ``ModelShape`` apply.
+    layer_bytes: int = 0
+    replicated_bytes: int = 0
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
             raise ValueError(f"peer {self.node_id}: role {self.role!r}; choose one of {', '.join(ROLES)}")
         if not self.origin_layers >= 0.0:
             raise ValueError(f"peer {self.node_id}: originator work {self.origin_layers} layers; expected >= 0")
+        if self.layer_bytes < 0 or self.replicated_bytes < 0:
+            raise ValueError(f"peer {self.node_id}: negative held bytes ({self.layer_bytes}, {self.replicated_bytes})")
 
     @property
     def origin_load(self) -> float:
@@ -96,11 +103,21 @@ class Assignment:
         return self.layers.n_layers
 
 
+def fixed_bytes(peer: PeerResources, shape: ModelShape) -> int:
+    """What ``peer`` spends before its first layer: the runtime, and the replicated parts as it holds them."""
+    return shape.runtime_bytes + (peer.replicated_bytes or shape.replicated_bytes)
+
+
+def stage_layer_bytes(peer: PeerResources, shape: ModelShape) -> int:
+    """One layer on ``peer``: its weights in the peer's own format, plus the KV reserve at the context."""
+    return (peer.layer_bytes or shape.bytes_per_layer) + shape.kv_bytes_per_token_per_layer * shape.context
+
+
 def layer_capacity(peer: PeerResources, shape: ModelShape) -> int:
     if peer.role == "originator":
         return 0
-    usable = peer.memory_budget - shape.fixed_bytes
-    return max(0, usable // max(1, shape.bytes_per_stage_layer))
+    usable = peer.memory_budget - fixed_bytes(peer, shape)
+    return max(0, usable // max(1, stage_layer_bytes(peer, shape)))
 
 
 def plan_layers(
@@ -108,7 +125,8 @@ def plan_layers(
 ) -> tuple[Assignment, ...]:
     """Split ``shape.n_layers`` into stages in ring order (ascending node id).
 
-    Each peer's target share is proportional to its usable memory, scaled by
+    Each peer's target share is proportional to the layers its usable memory holds (in its own weight
+    format, :func:`stage_layer_bytes`), scaled by
     ``(compute / mean compute) ** compute_weight``; layers are then dealt one at a time to the
     peer furthest below its target that still has room, after every capable peer got one.
     Peers without room for a single layer, and peers of role ``originator``, get no stage and stay
@@ -134,8 +152,11 @@ def plan_layers(
     capable = [p for p in ring if cap[p.node_id] > 0]
     scores = [max(p.compute_score, 1e-9) for p in capable]
     mean_score = sum(scores) / len(scores)
+    # a peer's share follows how many layers its memory holds (in its own format), not raw bytes
     weight = {
-        p.node_id: (p.memory_budget - shape.fixed_bytes) * (s / mean_score) ** compute_weight
+        p.node_id: (p.memory_budget - fixed_bytes(p, shape))
+        / stage_layer_bytes(p, shape)
+        * (s / mean_score) ** compute_weight
         for p, s in zip(capable, scores)
     }
     if len(capable) > shape.n_layers:  # more peers than layers: the strongest ones get the layers

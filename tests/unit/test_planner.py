@@ -189,3 +189,34 @@ def test_role_and_originator_work_travel_in_the_hello_and_old_hellos_still_parse
         Hello.from_wire({**h.to_wire(), "role": "boss"})
     with pytest.raises(SchemaError, match=r"hello\.origin_layers"):
         Hello.from_wire({**h.to_wire(), "origin_layers": -2.0})
+
+
+def test_each_peer_is_planned_in_its_own_weight_format():
+    """Formats are chosen per device: a peer holding bf16 layers (here 4x the int4 bytes) fits fewer of
+    them in the same budget, and its replicated parts take more of it."""
+    int4 = PeerResources("a", 400 * MiB, layer_bytes=10 * MiB, replicated_bytes=100 * MiB)
+    bf16 = PeerResources("b", 400 * MiB, layer_bytes=40 * MiB, replicated_bytes=160 * MiB)
+    stages = plan_layers([int4, bf16], SHAPE)
+    # capacity: a (400 - 100) / 10 = 30 layers, b (400 - 160) / 40 = 6; shares 30 : 6 of 30 layers
+    assert layers(stages) == {"a": 25, "b": 5}
+    assert_contiguous(stages, 30)
+    # a peer that does not say (an older one) is counted in the proposer's format, as before
+    same = [PeerResources("a", 400 * MiB), PeerResources("b", 400 * MiB, layer_bytes=10 * MiB)]
+    assert layers(plan_layers(same, SHAPE)) == {"a": 15, "b": 15}
+    with pytest.raises(InsufficientMemoryError):  # 6 + 6 bf16 layers cannot hold 30
+        plan_layers([bf16, PeerResources("c", 400 * MiB, layer_bytes=40 * MiB, replicated_bytes=160 * MiB)], SHAPE)
+    with pytest.raises(ValueError, match="negative held bytes"):
+        PeerResources("x", GiB, layer_bytes=-1)
+
+
+def test_held_bytes_travel_in_the_hello_and_old_hellos_still_parse():
+    from peers.codec import SchemaError
+    from peers.hello import Hello
+
+    h = Hello("a", "i", 0.0, "m", "fp", GiB, layer_bytes=3 * MiB, replicated_bytes=50 * MiB)
+    back = Hello.from_wire(h.to_wire())
+    assert (back.layer_bytes, back.replicated_bytes) == (3 * MiB, 50 * MiB)
+    old = {k: v for k, v in h.to_wire().items() if k not in ("layer_bytes", "replicated_bytes")}
+    assert (Hello.from_wire(old).layer_bytes, Hello.from_wire(old).replicated_bytes) == (0, 0)
+    with pytest.raises(SchemaError, match=r"hello\.layer_bytes"):
+        Hello.from_wire({**h.to_wire(), "layer_bytes": -5})
