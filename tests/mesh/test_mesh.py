@@ -43,7 +43,9 @@ def free_socket() -> socket.socket:
 async def mesh(tmp_path):
     started: list[Running] = []
 
-    async def start(name: str, sock: socket.socket | None = None, peers=(), state_dir: Path | None = None, **kw):
+    async def start(
+        name: str, sock: socket.socket | None = None, peers=(), state_dir: Path | None = None, shape=SHAPE, **kw
+    ):
         sock = sock or free_socket()
         config = MeshConfig(
             api_port=sock.getsockname()[1],
@@ -53,7 +55,7 @@ async def mesh(tmp_path):
             static_peers=[f"127.0.0.1:{p}" for p in peers],
             **{**FAST, **kw},
         )
-        node = MeshNode(config, SHAPE)
+        node = MeshNode(config, shape)
         app = web.Application()
         node.attach(app)
         runner = web.AppRunner(app, shutdown_timeout=1)
@@ -132,6 +134,18 @@ async def test_two_nodes_plan_and_exchange_data(mesh):
         a.on("heartbeat", on_error)
     with pytest.raises(ConnectionError, match="no link"):
         await a.send("0000000000000000", seg)
+
+
+async def test_each_node_is_planned_in_the_bytes_its_own_weight_format_holds(mesh):
+    """Same budgets, but b holds its layers in 4x the bytes (bf16 against a's int4): b gets fewer."""
+    sa, sb = ports(2)
+    a = await mesh("a", sa, peers=[sb.getsockname()[1]], memory_budget=64 << 20)
+    big = ModelShape(n_layers=12, bytes_per_layer=4 << 20, replicated_bytes=16 << 20)
+    b = await mesh("b", sb, peers=[sa.getsockname()[1]], memory_budget=64 << 20, shape=big)
+    await until(lambda: agreed(a, b) and len(a.plan.stages) == 2)
+    held = {s.node_id: s.layers.n_layers for s in a.plan.stages}
+    # room for (64 - 16) / 1 = 48 layers on a and 48 / 4 = 12 on b: shares 9.6 and 2.4 of 12
+    assert (held[a.node_id], held[b.node_id]) == (10, 2)
 
 
 async def test_duplicate_node_id_is_refused_and_reported_on_both_sides(mesh, tmp_path):
