@@ -11,6 +11,13 @@ only when its best rate, the draft's cost included, beats a plain round's 1 / co
 not (a weak head, an unfamiliar prompt), the budget stops drafting for a few rounds (plain decoding,
 no drafter call) and probes again, doubling the wait while probes keep failing (FASER's adaptive
 length, down to zero): ``spec`` then costs at most the occasional probe more than ``ar``.
+
+Two things make those probes rarer and cheaper. A :class:`DraftPrior`, kept per model and drafter
+across requests, starts a request already backed off when the drafts of the requests before it did
+not pay (the first round of a short answer then drafts nothing). And while the budget backs off, the
+drafter's cheap part (n-gram lookup: microseconds, no forward) still drafts every round
+(:attr:`TreeBudget.cheap`); its tree is verified only when the curve says its nodes pay, so a
+stretch the model copies from the context still speculates while the head waits for its next probe.
 """
 
 from __future__ import annotations
@@ -56,6 +63,44 @@ PROBE_AFTER = 2  # plain rounds after the first draft that did not pay, before d
 MAX_BACKOFF = 32  # the longest wait between probes (doubling from PROBE_AFTER while probes fail)
 
 
+class DraftPrior:
+    """What earlier requests' drafts were worth, carried to the next request of the same model and drafter
+    (one object per model and drafter, kept by whoever keeps the drafter: ``LocalModel``, a benchmark).
+
+    A request whose last probe did not pay (its budget ended backing off) makes the next request start
+    backed off: plain rounds (the drafter's cheap part still drafting, see :attr:`TreeBudget.cheap`)
+    for ``probe_after`` rounds, doubled with every further such request up to ``max_wait``; a request
+    whose drafts paid, or whose last probe did, lets the next one draft from its first round again.
+    A request that never drafted (it ended within its wait) says nothing and leaves the prior as it was.
+    Deterministic: only the budgets' verdicts count, in the order the requests finish.
+    """
+
+    def __init__(self, probe_after: int = PROBE_AFTER, max_wait: int = MAX_BACKOFF // 2):
+        if probe_after < 1 or max_wait < probe_after:
+            raise ValueError(f"prior wait {probe_after}..{max_wait} rounds: need 1 <= probe_after <= max_wait")
+        self.probe_after, self.max_wait = probe_after, max_wait
+        self.failed = 0  # requests in a row whose last probe did not pay
+
+    @property
+    def wait(self) -> int:
+        """Plain rounds the next request starts with before its first full draft (0: draft at once)."""
+        if self.failed == 0:
+            return 0
+        return min(self.max_wait, self.probe_after << (self.failed - 1))
+
+    def record(self, verdict: bool | None) -> None:
+        """Fold in one finished request: ``verdict`` is its budget's :attr:`TreeBudget.verdict`."""
+        if verdict is True:
+            self.failed = 0
+        elif verdict is False:
+            self.failed = min(self.failed + 1, 16)
+
+    def copy(self) -> DraftPrior:
+        other = DraftPrior(self.probe_after, self.max_wait)
+        other.failed = self.failed
+        return other
+
+
 class TreeBudget:
     """Per-request choice of the verified tree size, learning the drafter's calibration as it goes,
     and of whether to draft at all this round (:meth:`drafting`)."""
@@ -69,9 +114,13 @@ class TreeBudget:
         probe_after: int = PROBE_AFTER,
         max_backoff: int = MAX_BACKOFF,
         back_off: bool = True,
+        prior: DraftPrior | None = None,
+        cheap: bool = True,
     ):
         """``back_off=False``: draft every round whatever it costs (what the budget did before the
-        backoff; for measuring a drafter's acceptance, which plain rounds would dilute)."""
+        backoff; for measuring a drafter's acceptance, which plain rounds would dilute).
+        ``prior``: earlier requests' verdict, which may start this one backed off; :meth:`finish`
+        hands this request's verdict back to it. ``cheap``: see the attribute."""
         if probe_after < 1 or max_backoff < probe_after:
             raise ValueError(f"backoff {probe_after}..{max_backoff} rounds: need 1 <= probe_after <= max_backoff")
         self.cost, self.max_nodes = cost, max_nodes
@@ -90,6 +139,15 @@ class TreeBudget:
         self._draft_tokens = 0.0
         self._draft_s = 0.0
         self._timed = False
+        # while backing off, the drafter's cheap part (n-gram lookup) may still draft and have its tree
+        # verified when the curve says it pays (the caller checks this; False: plain rounds only)
+        self.cheap = cheap and back_off
+        # whether this request's latest full draft paid (None: none was judged yet), for the prior
+        self.verdict: bool | None = None
+        self.prior = prior if back_off else None
+        if self.prior is not None and self.prior.wait > 0:
+            self._skip = self.prior.wait
+            self._backoff = min(self.max_backoff, 2 * self.prior.wait)
 
     def drafting(self) -> bool:
         """Whether this round should call the drafter. False while backing off after drafts that did
@@ -122,7 +180,27 @@ class TreeBudget:
         backs off (:meth:`drafting` is False for the next rounds), doubling the wait each time a probe
         fails, back to ``probe_after`` rounds when one pays.
         """
-        cost = cost or self.cost
+        best_n, best_rate, plain_rate = self._best(tree, overhead, cost or self.cost, load_rows, load_gain)
+        self._last = best_n
+        if best_rate < plain_rate:
+            self._back_off()
+        elif not self._timed:  # without measured rounds the prediction is all there is to go by
+            self._paid()
+        return best_n
+
+    def choose_cheap(self, tree: Tree, overhead: float = 0.0) -> int:
+        """Nodes worth verifying from the cheap part's tree in a round the budget backs off (see
+        :attr:`cheap`): the rate rule of :meth:`choose`, but the tree is judged alone, without moving the
+        wait before the next full draft or the verdict (a copy the n-gram table finds says little about
+        the head), and a tree that does not beat a plain round is not verified (0: a plain round)."""
+        best_n, best_rate, plain_rate = self._best(tree, overhead, self.cost, 0, 0.0)
+        return best_n if best_rate > plain_rate else 0
+
+    def _best(
+        self, tree: Tree, overhead: float, cost: CostCurve, load_rows: int, load_gain: float
+    ) -> tuple[int, float, float]:
+        """(nodes, rate) of the best choice from ``tree`` (tokens per second, ``overhead`` included), and a
+        plain round's rate (one row, no overhead)."""
         order = tree.score_order()[1 : self.max_nodes + 1]
         best_n, gain = 0, load_gain + 1.0
         best_rate = gain / (overhead + cost(load_rows + 1))
@@ -132,18 +210,23 @@ class TreeBudget:
             rate = gain / (overhead + cost(load_rows + n + 1))
             if rate > best_rate:
                 best_n, best_rate = n, rate
-        self._last = best_n
-        if best_rate < plain_rate:
-            self._back_off()
-        elif not self._timed:  # without measured rounds the prediction is all there is to go by
-            self._backoff = self.probe_after
-        return best_n
+        return best_n, best_rate, plain_rate
 
     def _back_off(self) -> None:
         if not self.back_off:
             return
+        self.verdict = False
         self._skip = self._backoff
         self._backoff = min(self.max_backoff, 2 * self._backoff)
+
+    def _paid(self) -> None:
+        self.verdict = True
+        self._backoff = self.probe_after
+
+    def finish(self) -> None:
+        """The request is over: hand its verdict to the prior (if any) for the next request."""
+        if self.prior is not None:
+            self.prior.record(self.verdict)
 
     def observe_round(self, tokens: int, seconds: float, drafted: bool) -> None:
         """Fold in one round's measured wall time, for callers that can time whole rounds (one device).
@@ -167,7 +250,7 @@ class TreeBudget:
             if self._skip == 0:  # not already backing off after this round's choice
                 self._back_off()
         else:
-            self._backoff = self.probe_after
+            self._paid()
 
     def keep_hint(self) -> int:
         """How many nodes the next draft should be able to supply: twice the last choice, so the

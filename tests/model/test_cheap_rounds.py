@@ -1,0 +1,96 @@
+"""While the budget backs off the drafter, its cheap part (n-gram lookup) still drafts every round, and a
+prior carried across requests can start a request backed off; the output stays plain greedy decoding's."""
+
+from __future__ import annotations
+
+import torch
+from support import CURVES, assert_matches_greedy, greedy_reference
+
+from models.budget import DraftPrior, TreeBudget
+from models.drafters import MergedDrafter, NGramDrafter, cheap_part
+from models.engine import generate
+from models.source import ModelSource
+from models.stage import Stage
+from models.tree import Tree
+
+
+class _Part:
+    """A drafter part that proposes the greedy continuation (p = 1, ``depth`` deep) once ``start`` tokens
+    are out, and nothing before; ``start=None``: never. Records the context length of every call."""
+
+    def __init__(self, name: str, want: list[int], prompt_len: int, start: int | None, cheap: bool):
+        self.name, self.cheap = name, cheap
+        self.want, self.prompt_len, self.start = want, prompt_len, start
+        self.contexts: list[int] = []
+
+    def reset(self, prompt: list[int]) -> None:
+        self.contexts = []
+
+    def accept(self, context: list[int], hidden: torch.Tensor | None) -> None:
+        pass
+
+    def draft(self, context: list[int], *, top_k: int, depth: int, max_nodes: int, keep: int | None = None) -> Tree:
+        self.contexts.append(len(context))
+        tree, node = Tree.root(context[-1]), 0
+        done = len(context) - self.prompt_len
+        if self.start is not None and done >= self.start:
+            for tok in self.want[done : done + depth]:
+                node = tree.add(node, tok, 0.0)
+        return tree
+
+
+def test_cheap_part_is_the_lookup_of_a_merged_drafter_only():
+    head = _Part("head", [], 0, None, cheap=False)
+    ngram = NGramDrafter()
+    assert cheap_part(MergedDrafter([head, ngram])) is ngram
+    assert cheap_part(ngram) is None  # alone, backing it off means not drafting
+    assert cheap_part(MergedDrafter([NGramDrafter(), NGramDrafter()])) is None
+    assert cheap_part(head) is None and cheap_part(None) is None
+
+
+def _setup(tiny_dir, start_cheap: int | None, start_head: int | None):
+    target = Stage.load(ModelSource.resolve(tiny_dir), dtype="fp32")
+    prompt = [5, 9, 2, 7, 1, 3]
+    want, gaps = greedy_reference(target, prompt, 40, set())
+    head = _Part("head", want, len(prompt), start_head, cheap=False)
+    lookup = _Part("lookup", want, len(prompt), start_cheap, cheap=True)
+    return target, prompt, want, gaps, head, lookup, MergedDrafter([head, lookup])
+
+
+def test_the_cheap_part_speculates_while_the_rest_is_backed_off(tiny_dir):
+    """The head never drafts anything (backed off after round 1, probed with doubling waits); the lookup
+    finds the continuation from token 8 on and is verified in the rounds between the head's probes."""
+    target, prompt, want, gaps, head, lookup, drafter = _setup(tiny_dir, start_cheap=8, start_head=None)
+    budget = TreeBudget(CURVES["steep"])
+    res = generate(target, prompt, max_new_tokens=40, drafter=drafter, budget=budget, depth=4)
+    assert_matches_greedy(res.token_ids, want, gaps)
+    assert len(lookup.contexts) == res.stats.rounds  # every round: merged into full drafts, alone otherwise
+    assert len(head.contexts) == res.stats.rounds - budget.plain_rounds  # not called while backed off
+    spec_in_backoff = [c for c in lookup.contexts if c not in head.contexts]
+    assert res.stats.accepted_drafts > 0 and len(spec_in_backoff) > len(head.contexts)
+
+    off = TreeBudget(CURVES["steep"], cheap=False)  # the same without the cheap rounds: the lookup waits too
+    target, prompt, want, gaps, head, lookup, drafter = _setup(tiny_dir, start_cheap=8, start_head=None)
+    res_off = generate(target, prompt, max_new_tokens=40, drafter=drafter, budget=off, depth=4)
+    assert_matches_greedy(res_off.token_ids, want, gaps)
+    assert lookup.contexts == head.contexts and res_off.stats.rounds > res.stats.rounds
+
+
+def test_a_prior_of_failed_requests_starts_the_next_backed_off_and_learns_from_it(tiny_dir):
+    prior = DraftPrior(probe_after=2)
+    prior.record(False)
+    prior.record(False)  # wait 4
+    target, prompt, want, gaps, head, _lookup, drafter = _setup(tiny_dir, start_cheap=None, start_head=None)
+    budget = TreeBudget(CURVES["steep"], prior=prior)
+    res = generate(target, prompt, max_new_tokens=40, drafter=drafter, budget=budget, depth=4)
+    assert_matches_greedy(res.token_ids, want, gaps)
+    # the first token comes from the prefill; rounds 1-4 are plain, round 5 the first full draft
+    assert head.contexts[0] == len(prompt) + 1 + 4
+    assert prior.wait == 8  # its drafts did not pay either: the next request waits longer
+
+    # drafts that pay (the head proposes the continuation at once): the prior lets the next request draft at once
+    target, prompt, want, gaps, head, _lookup, drafter = _setup(tiny_dir, start_cheap=None, start_head=0)
+    res = generate(target, prompt, max_new_tokens=40, drafter=drafter, budget=TreeBudget(CURVES["flat"], prior=prior))
+    assert_matches_greedy(res.token_ids, want, gaps)
+    assert head.contexts[0] == len(prompt) + 1 + 8 and max(res.stats.per_round) > 1
+    assert prior.wait == 0
