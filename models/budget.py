@@ -148,6 +148,7 @@ class TreeBudget:
         if self.prior is not None and self.prior.wait > 0:
             self._skip = self.prior.wait
             self._backoff = min(self.max_backoff, 2 * self.prior.wait)
+            self._last = 0  # its first draft is a probe: a small tree (see keep_hint), not the whole budget
 
     def drafting(self) -> bool:
         """Whether this round should call the drafter. False while backing off after drafts that did

@@ -3,11 +3,12 @@ prior carried across requests can start a request backed off; the output stays p
 
 from __future__ import annotations
 
+import pytest
 import torch
-from support import CURVES, assert_matches_greedy, greedy_reference
+from support import CURVES, assert_matches_greedy, chat_ids, greedy_reference, prompts
 
-from models.budget import DraftPrior, TreeBudget
-from models.drafters import MergedDrafter, NGramDrafter, cheap_part
+from models.budget import CostCurve, DraftPrior, TreeBudget
+from models.drafters import MergedDrafter, NGramDrafter, cheap_part, load_drafter
 from models.engine import generate
 from models.source import ModelSource
 from models.stage import Stage
@@ -94,3 +95,25 @@ def test_a_prior_of_failed_requests_starts_the_next_backed_off_and_learns_from_i
     assert_matches_greedy(res.token_ids, want, gaps)
     assert head.contexts[0] == len(prompt) + 1 + 8 and max(res.stats.per_round) > 1
     assert prior.wait == 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_embedded_default_drafter_with_prior_and_cheap_rounds_equals_greedy(
+    embedded, embedded_source, embedded_tokenizer
+):
+    """The real model with its default drafter (head + n-gram) and the one-device budget as `meshd generate`
+    builds it (a CPU-like curve, backing off, cheap rounds, one prior across the requests): every text is
+    plain greedy decoding's, and a prompt that asks for a copy still speculates whatever the prior says."""
+    drafter = load_drafter("auto", embedded, source=embedded_source)
+    eos = sorted(embedded.cfg.eos_token_ids)
+    prior = DraftPrior()
+    copy = "Repeat this sentence exactly, twice: the quick brown fox jumps over the lazy dog near the river bank."
+    texts = [q["turns"][0] for q in prompts(1, categories=2)] + [copy]
+    for text in texts:
+        prompt = chat_ids(embedded_tokenizer, text)
+        want, gaps = greedy_reference(embedded, prompt, 48, set(eos))
+        budget = TreeBudget(CostCurve({1: 1.0, 2: 1.4, 8: 3.0, 64: 19.0}), prior=prior)
+        res = generate(embedded, prompt, max_new_tokens=48, drafter=drafter, eos_ids=eos, budget=budget)
+        assert_matches_greedy(res.token_ids, want, gaps)
+    assert res.stats.accepted_drafts > 0 and res.stats.mean_accepted > 1.2, res.stats

@@ -192,6 +192,7 @@ def test_a_budget_starts_backed_off_by_its_prior_and_a_failed_probe_doubles_that
     prior.record(False)  # wait 4
     b = TreeBudget(STEEP, alpha=1.0, prior=prior)
     assert plain_run(b) == 4  # the first rounds draft nothing: no full draft for a short answer
+    assert b.keep_hint() < TreeBudget(STEEP).keep_hint() == b.max_nodes  # and its first draft is a small probe
     b.choose(POOR, overhead=0.1)
     assert plain_run(b) == 8
     b.finish()
