@@ -237,7 +237,7 @@ class TreeBudget:
         rounds) and the curve was measured once, on a machine that may now be busier. So the rounds'
         measured rates decide too: drafting rounds (decayed like ``alpha``) against the latest plain
         rounds (decayed; before any, the curve's one-row cost). Slower: back off as for a draft not worth verifying;
-        not slower: a probe paid, and the wait returns to ``probe_after``."""
+        not slower, and the round accepted a drafted token: a probe paid, and the wait returns to ``probe_after``."""
         self._timed = True
         if not drafted:
             per_token = seconds / max(1, tokens)
@@ -250,7 +250,7 @@ class TreeBudget:
         if self._draft_tokens * plain_s < self._draft_s:
             if self._skip == 0:  # not already backing off after this round's choice
                 self._back_off()
-        else:
+        elif tokens > 1:  # a round that accepted no drafted token paid for nothing, whatever its time said
             self._paid()
 
     def keep_hint(self) -> int:

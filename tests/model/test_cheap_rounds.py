@@ -67,8 +67,9 @@ def test_the_cheap_part_speculates_while_the_rest_is_backed_off(tiny_dir):
     assert_matches_greedy(res.token_ids, want, gaps)
     assert len(lookup.contexts) == res.stats.rounds  # every round: merged into full drafts, alone otherwise
     assert len(head.contexts) == res.stats.rounds - budget.plain_rounds  # not called while backed off
-    spec_in_backoff = [c for c in lookup.contexts if c not in head.contexts]
-    assert res.stats.accepted_drafts > 0 and len(spec_in_backoff) > len(head.contexts)
+    first = next(i for i, n in enumerate(res.stats.per_round) if n > 1)  # the first round that accepted drafts
+    at = len(prompt) + 1 + sum(res.stats.per_round[:first])  # its context length
+    assert at in lookup.contexts and at not in head.contexts  # the lookup alone, the head backed off
 
     off = TreeBudget(CURVES["steep"], cheap=False)  # the same without the cheap rounds: the lookup waits too
     target, prompt, want, gaps, head, lookup, drafter = _setup(tiny_dir, start_cheap=8, start_head=None)

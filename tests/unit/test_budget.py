@@ -246,3 +246,17 @@ def test_cheap_trees_are_verified_only_when_they_pay_and_never_move_the_wait_or_
     b.choose(POOR, overhead=0.1)
     assert plain_run(b) == 4
     assert TreeBudget(STEEP, cheap=False).cheap is False
+
+
+def test_a_drafting_round_that_accepted_nothing_never_counts_as_a_probe_that_paid():
+    """Timed on a noisy machine, a probe that only got the bonus token can look as fast as a plain round;
+    it still did not pay: the wait and the verdict the prior learns from stay those of a failure."""
+    b = TreeBudget(STEEP, alpha=1.0)
+    b.observe_round(1, 1.0, drafted=False)
+    b.choose(POOR, overhead=0.1)  # fails: wait 2, next 4
+    plain_run(b)
+    b.choose(GOOD, overhead=0.1)
+    b.observe_round(1, 0.5, drafted=True)  # one token, faster than a plain round: noise, not a paying probe
+    assert b.verdict is False
+    b.choose(POOR, overhead=0.1)
+    assert plain_run(b) == 4
