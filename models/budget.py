@@ -67,10 +67,10 @@ class DraftPrior:
     """What earlier requests' drafts were worth, carried to the next request of the same model and drafter
     (one object per model and drafter, kept by whoever keeps the drafter: ``LocalModel``, a benchmark).
 
-    A request whose last probe did not pay (its budget ended backing off) makes the next request start
+    A request whose latest full draft did not pay (its budget's :attr:`TreeBudget.verdict`) makes the next start
     backed off: plain rounds (the drafter's cheap part still drafting, see :attr:`TreeBudget.cheap`)
     for ``probe_after`` rounds, doubled with every further such request up to ``max_wait``; a request
-    whose drafts paid, or whose last probe did, lets the next one draft from its first round again.
+    whose latest full draft paid lets the next one draft from its first round again.
     A request that never drafted (it ended within its wait) says nothing and leaves the prior as it was.
     Deterministic: only the budgets' verdicts count, in the order the requests finish.
     """
@@ -132,7 +132,7 @@ class TreeBudget:
         self.probe_after, self.max_backoff, self.back_off = probe_after, max_backoff, back_off
         self._backoff = probe_after  # plain rounds the next failed draft buys
         self._skip = 0  # plain rounds left before the next probe
-        self.plain_rounds = 0  # rounds this request decoded without drafting (for stats and tests)
+        self.plain_rounds = 0  # rounds without the whole drafter (its cheap part may have drafted): stats, tests
         # measured rounds (:meth:`observe_round`), where the caller times them: seconds of a plain round,
         # and decayed sums of drafting rounds' tokens and seconds (draft, verification and bookkeeping)
         self._plain_s: float | None = None

@@ -156,7 +156,8 @@ def generate(
             elif n := budget.choose_cheap(pool_tree, overhead=draft_s):
                 tree = pool_tree.best(n)
         if tree is None:
-            # ar, and spec while drafts have not paid lately (the budget backs off): one row, no drafter call
+            # ar, and spec while drafts have not paid lately (the budget backs off) and the cheap part found
+            # nothing worth a row: one row, as ar's
             h = target.forward_one(target.embed([out[-1]]), cache, torch.tensor([len(context) - 1]))
             feats = target.final_norm(h)
             stats.target_forwards += 1
