@@ -67,37 +67,32 @@ class DraftPrior:
     """What earlier requests' drafts were worth, carried to the next request of the same model and drafter
     (one object per model and drafter, kept by whoever keeps the drafter: ``LocalModel``, a benchmark).
 
-    A request whose latest full draft did not pay (its budget's :attr:`TreeBudget.verdict`) makes the next start
-    backed off: plain rounds (the drafter's cheap part still drafting, see :attr:`TreeBudget.cheap`)
-    for ``probe_after`` rounds, doubled with every further such request up to ``max_wait``; a request
-    whose latest full draft paid lets the next one draft from its first round again.
-    A request that never drafted (it ended within its wait) says nothing and leaves the prior as it was.
-    Deterministic: only the budgets' verdicts count, in the order the requests finish.
+    A request whose latest full draft did not pay (its budget's :attr:`TreeBudget.verdict`) makes the next
+    start backed off: plain rounds (the drafter's cheap part still drafting, see :attr:`TreeBudget.cheap`)
+    for twice the wait before (``probe_after`` at first), or half the wait its own failed probes had
+    reached if that is longer (a request that failed five probes in a row is stronger evidence than one
+    that failed once), up to ``max_wait``; a request whose latest full draft paid lets the next one draft
+    from its first round again. A request that never drafted (it ended within its wait) says nothing and
+    leaves the prior as it was. Deterministic: only the budgets' verdicts count, in the order they finish.
     """
 
     def __init__(self, probe_after: int = PROBE_AFTER, max_wait: int = MAX_BACKOFF // 2):
         if probe_after < 1 or max_wait < probe_after:
             raise ValueError(f"prior wait {probe_after}..{max_wait} rounds: need 1 <= probe_after <= max_wait")
         self.probe_after, self.max_wait = probe_after, max_wait
-        self.failed = 0  # requests in a row whose last probe did not pay
+        self.wait = 0  # plain rounds the next request starts with before its first full draft (0: draft at once)
 
-    @property
-    def wait(self) -> int:
-        """Plain rounds the next request starts with before its first full draft (0: draft at once)."""
-        if self.failed == 0:
-            return 0
-        return min(self.max_wait, self.probe_after << (self.failed - 1))
-
-    def record(self, verdict: bool | None) -> None:
-        """Fold in one finished request: ``verdict`` is its budget's :attr:`TreeBudget.verdict`."""
+    def record(self, verdict: bool | None, backoff: int = 0) -> None:
+        """Fold in one finished request: ``verdict`` is its budget's :attr:`TreeBudget.verdict`, ``backoff``
+        the wait its next failed probe would have bought (0: not known)."""
         if verdict is True:
-            self.failed = 0
+            self.wait = 0
         elif verdict is False:
-            self.failed = min(self.failed + 1, 16)
+            self.wait = min(self.max_wait, max(self.probe_after, 2 * self.wait, backoff // 2))
 
     def copy(self) -> DraftPrior:
         other = DraftPrior(self.probe_after, self.max_wait)
-        other.failed = self.failed
+        other.wait = self.wait
         return other
 
 
@@ -227,7 +222,7 @@ class TreeBudget:
     def finish(self) -> None:
         """The request is over: hand its verdict to the prior (if any) for the next request."""
         if self.prior is not None:
-            self.prior.record(self.verdict)
+            self.prior.record(self.verdict, self._backoff)
 
     def observe_round(self, tokens: int, seconds: float, drafted: bool) -> None:
         """Fold in one round's measured wall time, for callers that can time whole rounds (one device).

@@ -88,13 +88,14 @@ def test_a_prior_of_failed_requests_starts_the_next_backed_off_and_learns_from_i
     assert_matches_greedy(res.token_ids, want, gaps)
     # the first token comes from the prefill; rounds 1-4 are plain, round 5 the first full draft
     assert head.contexts[0] == len(prompt) + 1 + 4
-    assert prior.wait == 8  # its drafts did not pay either: the next request waits longer
+    # its probes (rounds 5, 14, 31) failed too: the wait it reached (32) halved is the next request's
+    assert prior.wait == 16
 
     # drafts that pay (the head proposes the continuation at once): the prior lets the next request draft at once
     target, prompt, want, gaps, head, _lookup, drafter = _setup(tiny_dir, start_cheap=None, start_head=0)
     res = generate(target, prompt, max_new_tokens=40, drafter=drafter, budget=TreeBudget(CURVES["flat"], prior=prior))
     assert_matches_greedy(res.token_ids, want, gaps)
-    assert head.contexts[0] == len(prompt) + 1 + 8 and max(res.stats.per_round) > 1
+    assert head.contexts[0] == len(prompt) + 1 + 16 and max(res.stats.per_round) > 1
     assert prior.wait == 0
 
 

@@ -182,6 +182,8 @@ def test_prior_waits_double_with_every_request_whose_last_probe_failed_and_reset
     assert prior.wait == 16
     prior.record(True)
     assert prior.wait == 0
+    prior.record(False, backoff=32)  # a request whose failed probes had reached a wait of 32 rounds
+    assert prior.wait == 16
     with pytest.raises(ValueError, match="max_wait"):
         DraftPrior(probe_after=4, max_wait=2)
 

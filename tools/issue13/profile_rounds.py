@@ -51,7 +51,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--drafter", default="auto")
-    ap.add_argument("--prior-failed", type=int, default=0, help="start spec with a prior of this many failed requests")
+    ap.add_argument("--prior-wait", type=int, default=0, help="start spec with a prior of this wait (rounds)")
     ap.add_argument("--no-cheap", action="store_true", help="no n-gram rounds while the budget backs off")
     a = ap.parse_args()
     torch.set_num_threads(1)
@@ -79,7 +79,7 @@ def main() -> None:
                 CLOCK.clear()
                 COUNT.clear()
                 prior = DraftPrior()
-                prior.failed = a.prior_failed
+                prior.wait = a.prior_wait
                 budget = TreeBudget(curve, prior=prior, cheap=not a.no_cheap) if m == "spec" else None
                 t0 = time.thread_time()
                 res = engine.generate(
