@@ -11,6 +11,13 @@ only when its best rate, the draft's cost included, beats a plain round's 1 / co
 not (a weak head, an unfamiliar prompt), the budget stops drafting for a few rounds (plain decoding,
 no drafter call) and probes again, doubling the wait while probes keep failing (FASER's adaptive
 length, down to zero): ``spec`` then costs at most the occasional probe more than ``ar``.
+
+Two things make those probes rarer and cheaper. A :class:`DraftPrior`, kept per model and drafter
+across requests, starts a request already backed off when the drafts of the requests before it did
+not pay (the first round of a short answer then drafts nothing). And while the budget backs off, the
+drafter's cheap part (n-gram lookup: microseconds, no forward) still drafts every round
+(:attr:`TreeBudget.cheap`); its tree is verified only when the curve says its nodes pay, so a
+stretch the model copies from the context still speculates while the head waits for its next probe.
 """
 
 from __future__ import annotations
@@ -56,6 +63,39 @@ PROBE_AFTER = 2  # plain rounds after the first draft that did not pay, before d
 MAX_BACKOFF = 32  # the longest wait between probes (doubling from PROBE_AFTER while probes fail)
 
 
+class DraftPrior:
+    """What earlier requests' drafts were worth, carried to the next request of the same model and drafter
+    (one object per model and drafter, kept by whoever keeps the drafter: ``LocalModel``, a benchmark).
+
+    A request whose latest full draft did not pay (its budget's :attr:`TreeBudget.verdict`) makes the next
+    start backed off: plain rounds (the drafter's cheap part still drafting, see :attr:`TreeBudget.cheap`)
+    for twice the wait before (``probe_after`` at first), or half the wait its own failed probes had
+    reached if that is longer (a request that failed five probes in a row is stronger evidence than one
+    that failed once), up to ``max_wait``; a request whose latest full draft paid lets the next one draft
+    from its first round again. A request that never drafted (it ended within its wait) says nothing and
+    leaves the prior as it was. Deterministic: only the budgets' verdicts count, in the order they finish.
+    """
+
+    def __init__(self, probe_after: int = PROBE_AFTER, max_wait: int = MAX_BACKOFF // 2):
+        if probe_after < 1 or max_wait < probe_after:
+            raise ValueError(f"prior wait {probe_after}..{max_wait} rounds: need 1 <= probe_after <= max_wait")
+        self.probe_after, self.max_wait = probe_after, max_wait
+        self.wait = 0  # plain rounds the next request starts with before its first full draft (0: draft at once)
+
+    def record(self, verdict: bool | None, backoff: int = 0) -> None:
+        """Fold in one finished request: ``verdict`` is its budget's :attr:`TreeBudget.verdict`, ``backoff``
+        the wait its next failed probe would have bought (0: not known)."""
+        if verdict is True:
+            self.wait = 0
+        elif verdict is False:
+            self.wait = min(self.max_wait, max(self.probe_after, 2 * self.wait, backoff // 2))
+
+    def copy(self) -> DraftPrior:
+        other = DraftPrior(self.probe_after, self.max_wait)
+        other.wait = self.wait
+        return other
+
+
 class TreeBudget:
     """Per-request choice of the verified tree size, learning the drafter's calibration as it goes,
     and of whether to draft at all this round (:meth:`drafting`)."""
@@ -69,9 +109,13 @@ class TreeBudget:
         probe_after: int = PROBE_AFTER,
         max_backoff: int = MAX_BACKOFF,
         back_off: bool = True,
+        prior: DraftPrior | None = None,
+        cheap: bool = True,
     ):
         """``back_off=False``: draft every round whatever it costs (what the budget did before the
-        backoff; for measuring a drafter's acceptance, which plain rounds would dilute)."""
+        backoff; for measuring a drafter's acceptance, which plain rounds would dilute).
+        ``prior``: earlier requests' verdict, which may start this one backed off; :meth:`finish`
+        hands this request's verdict back to it. ``cheap``: see the attribute."""
         if probe_after < 1 or max_backoff < probe_after:
             raise ValueError(f"backoff {probe_after}..{max_backoff} rounds: need 1 <= probe_after <= max_backoff")
         self.cost, self.max_nodes = cost, max_nodes
@@ -83,13 +127,23 @@ class TreeBudget:
         self.probe_after, self.max_backoff, self.back_off = probe_after, max_backoff, back_off
         self._backoff = probe_after  # plain rounds the next failed draft buys
         self._skip = 0  # plain rounds left before the next probe
-        self.plain_rounds = 0  # rounds this request decoded without drafting (for stats and tests)
+        self.plain_rounds = 0  # rounds without the whole drafter (its cheap part may have drafted): stats, tests
         # measured rounds (:meth:`observe_round`), where the caller times them: seconds of a plain round,
         # and decayed sums of drafting rounds' tokens and seconds (draft, verification and bookkeeping)
         self._plain_s: float | None = None
         self._draft_tokens = 0.0
         self._draft_s = 0.0
         self._timed = False
+        # while backing off, the drafter's cheap part (n-gram lookup) may still draft and have its tree
+        # verified when the curve says it pays (the caller checks this; False: plain rounds only)
+        self.cheap = cheap and back_off
+        # whether this request's latest full draft paid (None: none was judged yet), for the prior
+        self.verdict: bool | None = None
+        self.prior = prior if back_off else None
+        if self.prior is not None and self.prior.wait > 0:
+            self._skip = self.prior.wait
+            self._backoff = min(self.max_backoff, 2 * self.prior.wait)
+            self._last = 0  # its first draft is a probe: a small tree (see keep_hint), not the whole budget
 
     def drafting(self) -> bool:
         """Whether this round should call the drafter. False while backing off after drafts that did
@@ -122,7 +176,27 @@ class TreeBudget:
         backs off (:meth:`drafting` is False for the next rounds), doubling the wait each time a probe
         fails, back to ``probe_after`` rounds when one pays.
         """
-        cost = cost or self.cost
+        best_n, best_rate, plain_rate = self._best(tree, overhead, cost or self.cost, load_rows, load_gain)
+        self._last = best_n
+        if best_rate < plain_rate:
+            self._back_off()
+        elif not self._timed:  # without measured rounds the prediction is all there is to go by
+            self._paid()
+        return best_n
+
+    def choose_cheap(self, tree: Tree, overhead: float = 0.0) -> int:
+        """Nodes worth verifying from the cheap part's tree in a round the budget backs off (see
+        :attr:`cheap`): the rate rule of :meth:`choose`, but the tree is judged alone, without moving the
+        wait before the next full draft or the verdict (a copy the n-gram table finds says little about
+        the head), and a tree that does not beat a plain round is not verified (0: a plain round)."""
+        best_n, best_rate, plain_rate = self._best(tree, overhead, self.cost, 0, 0.0)
+        return best_n if best_rate > plain_rate else 0
+
+    def _best(
+        self, tree: Tree, overhead: float, cost: CostCurve, load_rows: int, load_gain: float
+    ) -> tuple[int, float, float]:
+        """(nodes, rate) of the best choice from ``tree`` (tokens per second, ``overhead`` included), and a
+        plain round's rate (one row, no overhead)."""
         order = tree.score_order()[1 : self.max_nodes + 1]
         best_n, gain = 0, load_gain + 1.0
         best_rate = gain / (overhead + cost(load_rows + 1))
@@ -132,18 +206,23 @@ class TreeBudget:
             rate = gain / (overhead + cost(load_rows + n + 1))
             if rate > best_rate:
                 best_n, best_rate = n, rate
-        self._last = best_n
-        if best_rate < plain_rate:
-            self._back_off()
-        elif not self._timed:  # without measured rounds the prediction is all there is to go by
-            self._backoff = self.probe_after
-        return best_n
+        return best_n, best_rate, plain_rate
 
     def _back_off(self) -> None:
         if not self.back_off:
             return
+        self.verdict = False
         self._skip = self._backoff
         self._backoff = min(self.max_backoff, 2 * self._backoff)
+
+    def _paid(self) -> None:
+        self.verdict = True
+        self._backoff = self.probe_after
+
+    def finish(self) -> None:
+        """The request is over: hand its verdict to the prior (if any) for the next request."""
+        if self.prior is not None:
+            self.prior.record(self.verdict, self._backoff)
 
     def observe_round(self, tokens: int, seconds: float, drafted: bool) -> None:
         """Fold in one round's measured wall time, for callers that can time whole rounds (one device).
@@ -153,7 +232,7 @@ class TreeBudget:
         rounds) and the curve was measured once, on a machine that may now be busier. So the rounds'
         measured rates decide too: drafting rounds (decayed like ``alpha``) against the latest plain
         rounds (decayed; before any, the curve's one-row cost). Slower: back off as for a draft not worth verifying;
-        not slower: a probe paid, and the wait returns to ``probe_after``."""
+        not slower, and the round accepted a drafted token: a probe paid, and the wait returns to ``probe_after``."""
         self._timed = True
         if not drafted:
             per_token = seconds / max(1, tokens)
@@ -166,8 +245,8 @@ class TreeBudget:
         if self._draft_tokens * plain_s < self._draft_s:
             if self._skip == 0:  # not already backing off after this round's choice
                 self._back_off()
-        else:
-            self._backoff = self.probe_after
+        elif tokens > 1:  # a round that accepted no drafted token paid for nothing, whatever its time said
+            self._paid()
 
     def keep_hint(self) -> int:
         """How many nodes the next draft should be able to supply: twice the last choice, so the

@@ -52,6 +52,19 @@ class Resumable(Drafter, Protocol):
         Whatever the drafter computed for the pool's nodes is reused; nothing of it may be needed."""
 
 
+def cheap_part(drafter: Drafter | None) -> Drafter | None:
+    """The part of a merged drafter that costs next to nothing to run (n-gram lookup: a table, no forward),
+    which a budget backing off the rest still lets draft (:attr:`models.budget.TreeBudget.cheap`). None
+    when there is no such part, or when it is the whole drafter (backing off then means not drafting)."""
+    parts = getattr(drafter, "parts", None)
+    if not parts:
+        return None
+    cheap = [p for p in parts if getattr(p, "cheap", False)]
+    if not cheap or len(cheap) == len(parts):
+        return None
+    return cheap[0] if len(cheap) == 1 else MergedDrafter(cheap)
+
+
 def can_extend(drafter: Drafter | None) -> bool:
     """Whether ``drafter`` grows pools (:class:`Resumable`); a merge of drafters only if all its parts do."""
     return drafter is not None and callable(getattr(drafter, "extend", None))
@@ -66,6 +79,7 @@ class NGramDrafter:
     """
 
     name = "ngram"
+    cheap = True  # a table lookup per node: see :func:`cheap_part`
 
     def __init__(self, orders: tuple[int, ...] = (3, 2, 1), discounts: dict[int, float] | None = None):
         self.orders = orders

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from models.budget import CostCurve, TreeBudget
-from models.drafters import Drafter
+from models.drafters import Drafter, cheap_part
 from models.stage import Stage
 from models.tree import Tree
 from models.verify import History, Sampling, Walk, advance, sample_token
@@ -133,14 +133,31 @@ def generate(
 
     reason = emit([sample_token(target.logits(feats[-1:], normed=True)[0], sampling, gen, history())])
     context = list(prompt) + out
+    cheap = None
     if mode == "spec":
         drafter.reset(list(prompt))
         drafter.accept(context, feats)
         budget = budget or TreeBudget(CostCurve({1: 1.0, 64: 2.0}))
+        cheap = cheap_part(drafter) if budget.cheap else None
     while reason is None:
         tr = time.perf_counter()  # spec: the budget weighs measured rounds, plain against drafting ones
-        # ar, and spec while drafts have not paid lately (the budget backs off): one row, no drafter call
-        if mode == "ar" or not budget.drafting():
+        full = mode == "spec" and budget.drafting()
+        tree = None
+        if full or cheap is not None:
+            # the whole drafter, or while the budget backs off it, its cheap part (n-gram lookup), whose
+            # tree is verified only when its nodes pay for their rows
+            td = time.perf_counter()
+            d = drafter if full else cheap
+            pool_tree = d.draft(context, top_k=top_k, depth=depth, max_nodes=pool, keep=budget.keep_hint())
+            draft_s = time.perf_counter() - td
+            stats.draft_seconds += draft_s
+            if full:
+                tree = pool_tree.best(budget.choose(pool_tree, overhead=draft_s))
+            elif n := budget.choose_cheap(pool_tree, overhead=draft_s):
+                tree = pool_tree.best(n)
+        if tree is None:
+            # ar, and spec while drafts have not paid lately (the budget backs off) and the cheap part found
+            # nothing worth a row: one row, as ar's
             h = target.forward_one(target.embed([out[-1]]), cache, torch.tensor([len(context) - 1]))
             feats = target.final_norm(h)
             stats.target_forwards += 1
@@ -153,11 +170,6 @@ def generate(
                 drafter.accept(context, feats)  # the next probe drafts from the whole context
                 budget.observe_round(1, time.perf_counter() - tr, drafted=False)
             continue
-        td = time.perf_counter()
-        pool_tree = drafter.draft(context, top_k=top_k, depth=depth, max_nodes=pool, keep=budget.keep_hint())
-        draft_s = time.perf_counter() - td
-        stats.draft_seconds += draft_s
-        tree = pool_tree.best(budget.choose(pool_tree, overhead=draft_s))
         accepted, emitted, feats = verify_tree(target, cache, tree, len(context) - 1, sampling, gen, stats, history())
         budget.observe(budget.expected(tree), len(accepted) - 1)
         stats.rounds += 1
@@ -167,7 +179,10 @@ def generate(
         reason = emit(emitted)
         context = list(prompt) + out
         drafter.accept(context, feats)
-        budget.observe_round(len(emitted), time.perf_counter() - tr, drafted=True)
+        if full:  # a cheap round's time says nothing of what the whole drafter's rounds cost
+            budget.observe_round(len(emitted), time.perf_counter() - tr, drafted=True)
+    if mode == "spec":
+        budget.finish()
     stats.new_tokens = len(out)
     stats.seconds = time.perf_counter() - t0
     return Generation(out, stats, reason)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from meshd.ring.pipeline import build_local_pipeline
 from meshd.ring.scheduler import Request
 from meshd.serve.loading import Say, Ticker, load_layers, quiet
-from models.budget import CostCurve, TreeBudget
+from models.budget import CostCurve, DraftPrior, TreeBudget
 from models.drafters import Drafter, drafter_factory, load_drafter
 from models.engine import Generation, Stats, generate
 from models.profile import stage_cost_curve
@@ -42,6 +42,9 @@ class LocalModel:
         self.eos = stop_ids(self.tokenizer, self.target.cfg)
         self._curve: dict[int, float] | None = None
         self._drafters: dict[str, Drafter] = {}
+        # per drafter, what its drafts were worth on the requests before (a request after ones whose drafts
+        # did not pay starts backed off: see models.budget.DraftPrior)
+        self._priors: dict[str, DraftPrior] = {}
         self.load_seconds = time.perf_counter() - t0
 
     @property
@@ -103,7 +106,9 @@ class LocalModel:
             sampling=Sampling(temperature, top_p),
             seed=seed,
             eos_ids=self.eos,
-            budget=TreeBudget(CostCurve(self.curve)) if d else None,
+            budget=TreeBudget(CostCurve(self.curve), prior=self._priors.setdefault(drafter, DraftPrior()))
+            if d
+            else None,
             on_tokens=on_tokens if on_text else None,
         )
         return self._report(res.token_ids, res.stats, res.finish_reason, mode, d.name if d else None, prompt)

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from models.budget import CostCurve, TreeBudget
+from models.budget import CostCurve, DraftPrior, TreeBudget
 from models.tree import Tree
 
 FLAT = CostCurve({1: 1.0, 64: 1.1})  # a GPU-like stage: 64 rows cost about what one does
@@ -168,3 +168,97 @@ def test_a_budget_told_not_to_back_off_drafts_every_round():
         assert budget.drafting()
         budget.observe_round(1, 10.0, drafted=True)  # far slower than a plain round
     assert budget.plain_rounds == 0
+
+
+# ---- a prior across requests, and the cheap part's rounds while backing off ------------------------
+def test_prior_waits_double_with_every_request_whose_last_probe_failed_and_reset_when_one_paid():
+    prior = DraftPrior(probe_after=2, max_wait=16)
+    waits = [prior.wait]
+    for _ in range(6):
+        prior.record(False)
+        waits.append(prior.wait)
+    assert waits == [0, 2, 4, 8, 16, 16, 16]
+    prior.record(None)  # a request that never drafted says nothing
+    assert prior.wait == 16
+    prior.record(True)
+    assert prior.wait == 0
+    prior.record(False, backoff=32)  # a request whose failed probes had reached a wait of 32 rounds
+    assert prior.wait == 16
+    with pytest.raises(ValueError, match="max_wait"):
+        DraftPrior(probe_after=4, max_wait=2)
+
+
+def test_a_budget_starts_backed_off_by_its_prior_and_a_failed_probe_doubles_that_wait():
+    prior = DraftPrior(probe_after=2)
+    prior.record(False)
+    prior.record(False)  # wait 4
+    b = TreeBudget(STEEP, alpha=1.0, prior=prior)
+    assert plain_run(b) == 4  # the first rounds draft nothing: no full draft for a short answer
+    assert b.keep_hint() < TreeBudget(STEEP).keep_hint() == b.max_nodes  # and its first draft is a small probe
+    b.choose(POOR, overhead=0.1)
+    assert plain_run(b) == 8
+    b.finish()
+    assert prior.wait == 8  # its last probe failed too
+
+
+def test_a_request_whose_probe_paid_resets_the_prior_and_one_never_judged_leaves_it():
+    prior = DraftPrior(probe_after=2)
+    prior.record(False)
+    b = TreeBudget(STEEP, alpha=1.0, prior=prior)
+    assert plain_run(b) == 2 and b.verdict is None
+    b.finish()  # ended within its wait (a short answer): nothing learnt
+    assert prior.wait == 2
+    b = TreeBudget(STEEP, alpha=1.0, prior=prior)
+    plain_run(b)
+    b.choose(POOR, overhead=0.1)
+    plain_run(b)
+    assert b.choose(GOOD, overhead=0.1) > 0 and b.verdict is True  # the latest probe paid
+    b.finish()
+    assert prior.wait == 0  # the next request drafts from its first round
+
+
+def test_measured_rounds_give_the_verdict_the_prior_learns_from():
+    prior = DraftPrior()
+    b = TreeBudget(STEEP, alpha=1.0, prior=prior)
+    b.observe_round(1, 1.0, drafted=False)
+    b.choose(GOOD, overhead=0.1)
+    b.observe_round(2, 3.0, drafted=True)  # predicted to pay, measured slower than plain rounds
+    assert b.verdict is False
+    b.finish()
+    assert prior.wait == prior.probe_after
+
+
+def test_a_budget_that_never_backs_off_ignores_its_prior():
+    prior = DraftPrior()
+    prior.record(False)
+    b = TreeBudget(STEEP, prior=prior, back_off=False)
+    assert plain_run(b) == 0 and not b.cheap
+    b.choose(POOR, overhead=0.1)
+    b.finish()
+    assert prior.wait == prior.probe_after  # neither used nor moved
+
+
+def test_cheap_trees_are_verified_only_when_they_pay_and_never_move_the_wait_or_the_verdict():
+    b = TreeBudget(STEEP, alpha=1.0)
+    b.choose(POOR, overhead=0.1)  # backing off: 2 rounds, then 4 after the next failure
+    assert b.verdict is False and b.cheap
+    assert b.choose_cheap(POOR, overhead=0.001) == 0  # not worth a row: the round stays plain
+    assert b.choose_cheap(GOOD, overhead=0.001) > 0
+    assert b.verdict is False and plain_run(b) == 2  # the head's schedule is its own
+    b.choose(POOR, overhead=0.1)
+    assert plain_run(b) == 4
+    assert TreeBudget(STEEP, cheap=False).cheap is False
+
+
+def test_a_drafting_round_that_accepted_nothing_never_counts_as_a_probe_that_paid():
+    """Timed on a noisy machine, a probe that only got the bonus token can look as fast as a plain round;
+    it still did not pay: the wait and the verdict the prior learns from stay those of a failure."""
+    b = TreeBudget(STEEP, alpha=1.0)
+    b.observe_round(1, 1.0, drafted=False)
+    b.choose(POOR, overhead=0.1)  # fails: wait 2, next 4
+    plain_run(b)
+    b.choose(GOOD, overhead=0.1)
+    b.observe_round(1, 0.5, drafted=True)  # one token, faster than a plain round: noise, not a paying probe
+    assert b.verdict is False
+    b.choose(POOR, overhead=0.1)
+    assert plain_run(b) == 4
