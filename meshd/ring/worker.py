@@ -308,7 +308,9 @@ class StageWorker:
         """The queued segments for the next forward, up to ``max_batch_rows``: per request its oldest
         queued segment (a request's later segment may depend on its earlier one), with the ones queued
         behind it coalesced in while that is cheap (see ``cost``); requests waiting on a round's first
-        segment or on their prompt before those with only filler queued, older requests before newer ones."""
+        segment or on their prompt before those with only filler queued, older requests before newer ones;
+        within a request, a first segment that needs none of the rows queued ahead of it goes before them
+        (:meth:`_first_ready`)."""
         heads: dict[str, int] = {}  # request -> index of its oldest queued segment
         urgent: set[str] = set()
         for i, seg in enumerate(self.queue):
@@ -321,6 +323,9 @@ class StageWorker:
         batch, rows = [], 0
         for rid in order:
             run = [i for i, seg in enumerate(self.queue) if seg.request_id == rid]
+            jump = self._first_ready(run)
+            if jump is not None:  # the walk waits on it and it needs nothing queued before it: it goes now, alone
+                run = [jump]
             merged = self.queue[run[0]]
             if batch and rows + len(merged) > self.max_batch_rows:
                 continue
@@ -337,6 +342,31 @@ class StageWorker:
             rows += len(merged)
         self.queue = deque(seg for i, seg in enumerate(self.queue) if i not in taken)
         return batch
+
+    def _first_ready(self, run: list[int]) -> int | None:
+        """Of one request's queued segments (queue indices ``run``, oldest first): a round's first segment
+        queued behind fillers whose rows it does not need (every parent is in the session already, or in
+        the segment itself), so it can run before them; None when the oldest goes first anyway.
+
+        The originator's walk waits on a first segment and on nothing else, and a filler queued ahead of
+        it (sent while the previous first segment was in flight) would hold it back by a whole forward."""
+        if len(run) < 2:
+            return None
+        sess = self.sessions.get(self.queue[run[0]].request_id)
+        if sess is None:
+            return None
+        for i in run[1:]:
+            seg = self.queue[i]
+            if not seg.first:
+                continue
+            own = set()
+            for n, par in zip(seg.node_ids, seg.parents):
+                if par != PROMPT_PARENT and par not in own and par not in sess.slot_of and par not in sess.committed:
+                    break
+                own.add(n)
+            else:
+                return i
+        return None
 
     def _coalesce(self, seg: Segment, nxt: Segment, room: int) -> bool:
         """Whether ``nxt`` (queued behind ``seg``, same request) should share its forward."""

@@ -296,6 +296,7 @@ class Simulation:
                 origin=f"dev{dev.index}",
                 timer=self._work_clock,
                 draft_when_idle=idle_drafting,
+                local_stage=dev.stage,  # its stage's forwards and its calls share the device
                 **originator_kw,
             )
             self.origin_device.append(dev.index)
