@@ -219,13 +219,13 @@ def load_table(rows: list[dict]) -> str:
     """The markdown table of ``summarize_load`` rows."""
     lines = [
         "| rate req/s | mode | done | throughput tok/s | TTFT p50 / p95 s | per-token p50 / p95 ms | "
-        "tokens/round | nodes/round |",
-        "|---|---|---|---|---|---|---|---|",
+        "gap p95 ms | tokens/round | nodes/round |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [
         f"| {r['rate']:g} | {r['mode']} | {r['completed']}/{r['requests']} | {r['throughput']:.2f} | "
         f"{r['ttft_p50']:.2f} / {r['ttft_p95']:.2f} | {r['tpot_p50'] * 1e3:.0f} / {r['tpot_p95'] * 1e3:.0f} | "
-        f"{r['mean_accepted']:.2f} | {r['nodes_per_round']:.1f} |"
+        f"{r.get('gap_p95', math.nan) * 1e3:.0f} | {r['mean_accepted']:.2f} | {r['nodes_per_round']:.1f} |"
         for r in rows
     ]
     return "\n".join(lines)

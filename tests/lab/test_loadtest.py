@@ -54,6 +54,8 @@ def test_chunk_gaps_are_the_pauses_a_reader_sees():
     assert row["gap_p95"] == pytest.approx(0.01)  # one long pause among twenty is above the 95th percentile
     assert loadtest.summarize_load([fast, slow, slow], 1.0, "flow")["gap_p95"] == pytest.approx(1.0)
     assert row["per_request"][1]["chunks"] == [0.5, 1.5]
+    table = loadtest.load_table([row])
+    assert "| gap p95 ms |" in table and table.splitlines()[-1].split("|")[7].strip() == "10"
 
 
 async def test_streamed_requests_against_the_rest_api(rt, url):
