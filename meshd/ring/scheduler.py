@@ -391,6 +391,8 @@ class Originator:
             self.ring.dropped((lv.req.request_id, k))
         lv.segments.clear()
         lv.seg_of.clear()
+        lv.due.clear()
+        lv.stage_free = 0.0  # the old ring's stages: nothing of this request is computing on the new one
         lv.in_flight.clear()
         lv.prefill_left.clear()
         lv.logits.clear()
