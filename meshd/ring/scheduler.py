@@ -147,6 +147,7 @@ class _Live:
     # expected to be done with every segment of this request sent so far: a filler must fit in between
     due: dict[int, float] = field(default_factory=dict)
     stage_free: float = 0.0
+    stage_load: int = 0  # other requests' rows at the last stage, as its latest result reported them
     next_seg: int = 0
     first_depth: int = 2  # levels below its root the latest first segment reached
     deepen: bool = False  # the pool was drafted shallow for a first segment; deepen it when idle
@@ -479,7 +480,7 @@ class Originator:
         lv = self._by_result(res)
         if lv is None:
             return []  # finished, cancelled, or sent on a ring since lost, while this segment was in flight
-        self.stage_queue = res.stage_queue
+        self.stage_queue = lv.stage_load = res.stage_queue
         t0 = self.timer()
         if lv.prefill_left:
             acts = self._prefill_result(lv, res)
@@ -559,10 +560,14 @@ class Originator:
 
     # ---- rounds -----------------------------------------------------------------------------
     def _load(self, lv: _Live) -> tuple[int, float]:
-        """Rows and expected tokens other live requests put through the ring (FASER's load signal)."""
+        """Rows and expected tokens other live requests put through the ring (FASER's load signal): this
+        originator's other requests' rows in flight, or the other requests' rows the last stage reported
+        with ``lv``'s latest result, whichever is more (the stage sees other originators' requests too,
+        and this one's own others only while they are there); a request seen only at the stage counts
+        as yielding one token a forward."""
         others = [o for o in self.live.values() if o is not lv and not o.done]
-        rows = sum(len(o.in_flight) for o in others) + self.stage_queue
-        gain = sum(max(1.0, o.stats.mean_accepted) for o in others)
+        rows = max(sum(len(o.in_flight) for o in others), lv.stage_load)
+        gain = sum(max(1.0, o.stats.mean_accepted) for o in others) or (1.0 if lv.stage_load else 0.0)
         return rows, gain
 
     def _draft(self, lv: _Live, cost: CostCurve | None = None, depth: int | None = None) -> tuple[Tree, int]:
@@ -877,8 +882,6 @@ class Originator:
         # the curve against the tokens all those rows yield; and fillers only fill an idle ring (under
         # load the ring is busy with the others' rows, and a filler's rows delay them)
         load_rows, load_gain = self._load(lv)
-        # the stage's queue holds this request's own queued segments too: count only what exceeds them
-        load_rows = max(0, load_rows - min(self.stage_queue, len(lv.in_flight)))
         n = 0
         if lv.fresh:
             n = _best_prefix(gains, lambda m: self.ring.latency(load_rows + m + root), base=1.0 + load_gain)

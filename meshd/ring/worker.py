@@ -133,6 +133,7 @@ class StageWorker:
         self.forwards = 0
         self.shared_forwards = 0  # forwards that carried rows of more than one request (the ring was shared)
         self.coalesced = 0  # segments that rode along in another segment's forward
+        self._last_rows: dict[str, int] = {}  # rows per request in the latest forward
         self._opened = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -294,6 +295,13 @@ class StageWorker:
     def queued_rows(self) -> int:
         return sum(len(s) for s in self.queue)
 
+    def rows_besides(self, request_id: str) -> int:
+        """Rows of requests other than ``request_id`` here: queued, or in the latest forward. The last stage
+        reports it with each result (``Result.stage_queue``), so an originator also sees the requests of
+        other originators that share the ring's forwards with its own."""
+        queued = sum(len(s) for s in self.queue if s.request_id != request_id)
+        return queued + sum(n for r, n in self._last_rows.items() if r != request_id)
+
     # ---- compute --------------------------------------------------------------------------
     def _session(self, request_id: str) -> Session:
         sess = self.sessions.get(request_id)
@@ -400,6 +408,9 @@ class StageWorker:
             results.append(seg.with_hidden(out[row : row + len(seg)]))
             row += len(seg)
         self.busy_seconds += self.timer() - t0
+        self._last_rows = {}
+        for seg in batch:
+            self._last_rows[seg.request_id] = self._last_rows.get(seg.request_id, 0) + len(seg)
         self.rows_done += sum(len(s) for s in batch)
         self.forwards += 1
         self.shared_forwards += len(batch) > 1

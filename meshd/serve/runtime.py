@@ -790,8 +790,8 @@ class Runtime:
         # codec (quantizing a dequantized row again may move its scale by an ulp)
         if node is None or wire != torch.int8:
             seg.hidden = as_received(seg.hidden, wire)
-        queue = self.worker.queued_rows if self.worker else 0
-        await self._deliver(forward(seg, ring.local_index, len(ring.nodes), queue), ring)
+        load = self.worker.rows_besides(seg.request_id) if self.worker else 0
+        await self._deliver(forward(seg, ring.local_index, len(ring.nodes), load), ring)
 
     def link_dtype(self, node: str | None) -> torch.dtype:
         """The dtype hidden states cross to ``node`` as (None: this device; ``torch.int8``: int8 with

@@ -314,6 +314,25 @@ def test_flow_under_load_sends_no_fillers_and_sizes_first_segments_with_the_othe
     assert orig.live_segments() == {"r1": 3, "r2": 1}
 
 
+def test_flow_sends_no_fillers_while_the_last_stage_reports_another_originators_rows(target):
+    """A request of another originator is not in this originator's books; the last stage tells with each
+    result how many rows of other requests it holds (``Result.stage_queue``), and while there are any the
+    request sends first segments only, as under its own originator's load."""
+    p, a, b, c, d = target.tokens[:5]
+    drafter = Scripted({p: [(0, a, 0.6), (0, b, 0.3), (1, c, 0.9), (2, d, 0.5)]})
+
+    def run(load: int) -> list[Segment]:
+        orig = Originator(target.head, lambda: drafter, [STEEP] * 2, clock=lambda: 0.0, timer=lambda: 0.0, flow_slots=3)
+        acts = []
+        for seg in segments(orig.submit(Request("r", [a, b], 16, "flow"))):
+            acts = orig.on_result(said(target, seg, [p] * len(seg), queue=load))
+        return segments(acts)
+
+    assert len(run(0)) == 3  # alone: a first segment and two fillers
+    shared = run(5)
+    assert len(shared) == 1 and shared[0].first and shared[0].tokens == [p]
+
+
 def test_flow_refills_a_slot_freed_by_a_prune_and_restarts_at_once_from_the_bonus_token(target):
     p, a, b, c, d, z = target.tokens[:6]
     drafter = Scripted({p: [(0, a, 0.6), (0, b, 0.3), (1, c, 0.9), (2, d, 0.5)], z: [(0, a, 0.9)]})

@@ -259,3 +259,16 @@ def test_a_rounds_first_segment_overtakes_its_own_requests_filler_when_it_needs_
     w.handle(Segment("r", [7], [6], [5], tokens=[12], first=True))  # below 6, still queued: it waits
     assert [s.node_ids for s in w.take_batch()] == [[6]]
     assert [s.node_ids for s in w.take_batch()] == [[7]]
+
+
+def test_rows_besides_a_request_are_the_others_queued_and_in_the_latest_forward(full):
+    """What the last stage reports with a result as load: other requests' rows, never the request's own."""
+    w = worker(full)
+    for rid in ("a", "b"):
+        w.handle(prompt(rid))
+    w.step()  # both prompts in one forward: 3 rows each
+    assert w.rows_besides("a") == 3 and w.rows_besides("b") == 3 and w.rows_besides("c") == 6
+    w.handle(tree("a"))
+    assert w.rows_besides("b") == 6 and w.rows_besides("a") == 3  # a's queued tree counts for b only
+    w.step()  # a's tree alone
+    assert w.rows_besides("a") == 0 and w.rows_besides("b") == 3
