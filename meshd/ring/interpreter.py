@@ -75,7 +75,8 @@ def interpret(actions: Iterable[Action]) -> list[Delivery]:
 
 def forward(out: Segment, stage: int, n_stages: int, queue_rows: int) -> ToStage | ToOriginator:
     """Where stage ``stage``'s output ``out`` goes next: the next stage, or (from the last stage) a
-    result to the originator, reporting ``queue_rows`` still queued at the last stage as load."""
+    result to the originator, reporting ``queue_rows`` (the other requests' rows at the last stage,
+    :meth:`~meshd.ring.worker.StageWorker.rows_besides`) as load."""
     if stage + 1 < n_stages:
         return ToStage(stage + 1, out)
     return ToOriginator(out.origin, Result.of(out, queue_rows))

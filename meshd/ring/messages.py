@@ -128,7 +128,9 @@ class Result:
     request_id: str
     node_ids: list[int]
     hidden: torch.Tensor
-    stage_queue: int = 0  # rows queued at the reporting stage: a load signal for tree sizing
+    # rows of *other* requests at the reporting stage, queued or in the forward that produced this result:
+    # a load signal for tree sizing that also shows requests of other originators
+    stage_queue: int = 0
 
     @classmethod
     def of(cls, out: Segment, stage_queue: int) -> Result:

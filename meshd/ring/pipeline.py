@@ -84,7 +84,7 @@ class InProcessPipeline:
         for k, w in enumerate(self.workers):
             for out in w.step():
                 busy = True
-                self._deliver(forward(out, k, len(self.workers), w.queued_rows))
+                self._deliver(forward(out, k, len(self.workers), w.rows_besides(out.request_id)))
         if self.originator.idle_work():  # after the stages' steps, with their segments in flight
             busy = True
             self.dispatch(self.originator.idle())

@@ -8,6 +8,9 @@ and how big to make them:
   originator's own work on it (LM head, verification, drafting);
 - ``step(m)``: the slowest single step such a segment passes through, which is how often the ring
   can take a new one: one stage's forward, one hop's wire time, or the originator's work per segment.
+  An originator that is also a stage's device (meshd: any peer originates, in the same torch thread
+  as its stage) does both one after the other, so there that step is the stage's forward plus the
+  originator's work.
 
 ``slots(m) = ceil(latency(m) / step(m))`` segments keep every step busy. The compute part comes from the
 stages' published cost curves; the link part (``hop + wire * m`` summed over the hops) is not
@@ -41,9 +44,21 @@ class RingTimer:
     weight the prior (a free link) starts with, so one noisy sample cannot swing the model.
     """
 
-    def __init__(self, stage_curves: Sequence[CostCurve], *, memory: float = 0.9, prior: float = 1.0):
+    def __init__(
+        self,
+        stage_curves: Sequence[CostCurve],
+        *,
+        memory: float = 0.9,
+        prior: float = 1.0,
+        local: int | None = None,
+    ):
         if not stage_curves:
             raise ValueError("a ring needs at least one stage")
+        if local is not None and not 0 <= local < len(stage_curves):
+            raise ValueError(f"local stage {local}: the ring has stages 0..{len(stage_curves) - 1}")
+        # the stage that runs on the originator's own device (None: a device of its own), whose forwards
+        # and the originator's work share one thread
+        self.local = stage_curves[local] if local is not None else None
         self.hops = len(stage_curves)  # stage 0 ... last stage, then back to the originator
         ts = sorted({1, MAX_ROWS, *(t for c in stage_curves for t in c.ts)})
         self.compute = CostCurve({t: sum(c(t) for c in stage_curves) for t in ts})
@@ -104,7 +119,8 @@ class RingTimer:
 
     def step(self, rows: int) -> float:
         _, b = self.link()
-        return max(self.slowest(rows), b * rows / self.hops, self.origin_seconds, 1e-9)
+        own = self.origin_seconds + (self.local(rows) if self.local is not None else 0.0)
+        return max(self.slowest(rows), b * rows / self.hops, own, 1e-9)
 
     def slots(self, rows: int, most: int) -> int:
         """Segments in flight that keep the slowest step busy, from 1 to ``most``."""

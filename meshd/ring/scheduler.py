@@ -143,6 +143,11 @@ class _Live:
     fresh: bool = False  # the next segment is a round's (or a new frontier's) first: small, sent first
     segments: dict[int, set[int]] = field(default_factory=dict)
     seg_of: dict[int, int] = field(default_factory=dict)
+    # when each live segment's result is expected back (sent + ring latency), and when the first stage is
+    # expected to be done with every segment of this request sent so far: a filler must fit in between
+    due: dict[int, float] = field(default_factory=dict)
+    stage_free: float = 0.0
+    stage_load: int = 0  # other requests' rows at the last stage, as its latest result reported them
     next_seg: int = 0
     first_depth: int = 2  # levels below its root the latest first segment reached
     deepen: bool = False  # the pool was drafted shallow for a first segment; deepen it when idle
@@ -189,6 +194,7 @@ class Originator:
         draft_when_idle: bool = False,
         prefix_book: PrefixBook | None = None,
         resumable_drafting: bool = True,
+        local_stage: int | None = None,
     ):
         if not vocab.has_vocab:
             raise ValueError("the originator needs the embeddings, final norm and LM head")
@@ -205,7 +211,7 @@ class Originator:
         self.resumable_drafting = resumable_drafting
         # prefix caching (models/prefixcache.py): what this originator asked the stages to keep; None: off
         self.prefix_book = prefix_book
-        self.set_ring(stage_curves)
+        self.set_ring(stage_curves, local_stage)
         self.top_k, self.depth, self.pool, self.max_nodes = top_k, depth, pool, max_nodes
         self.live: dict[str, _Live] = {}
         self._by_ring: dict[str, str] = {}  # ring id -> request id, for what comes back from the stages
@@ -213,8 +219,9 @@ class Originator:
         self._rows_hint = 8  # rows of the latest flow segment: the size slots are computed for
         self.peak_segments = 0  # most segments of one request in flight at once, since start
 
-    def set_ring(self, stage_curves: Sequence[CostCurve]) -> None:
-        """A new plan: the number of stages and the cost of a pass through all of them."""
+    def set_ring(self, stage_curves: Sequence[CostCurve], local_stage: int | None = None) -> None:
+        """A new plan: the number of stages and the cost of a pass through all of them. ``local_stage``:
+        the stage this originator's device also runs (None: none), whose forwards share its thread."""
         if not stage_curves:
             raise ValueError("a ring needs at least one stage")
         self.n_stages = len(stage_curves)
@@ -222,7 +229,7 @@ class Originator:
         for c in stage_curves[1:]:
             total = total + c
         self.ring_cost = total
-        self.ring = RingTimer(stage_curves)
+        self.ring = RingTimer(stage_curves, local=local_stage)
         self.max_slots = 2 * self.n_stages  # a segment per stage, and as many queued behind them
         # the flat head of the curve: up to this many rows cost about as much as one, so cutting a tree
         # into segments smaller than this buys no overlap, only extra forwards
@@ -353,10 +360,10 @@ class Originator:
             self._pause(self.live[rid])
         return []
 
-    def on_ring(self, stage_curves: Sequence[CostCurve]) -> list[Action]:
+    def on_ring(self, stage_curves: Sequence[CostCurve], local_stage: int | None = None) -> list[Action]:
         """A ring to serve on (a newly committed plan, or the current one again): every paused request
         resumes on it. See :meth:`_resume`."""
-        self.set_ring(stage_curves)
+        self.set_ring(stage_curves, local_stage)
         return self.resume_waiting()
 
     def resume_waiting(self, older_than: float = 0.0) -> list[Action]:
@@ -385,6 +392,8 @@ class Originator:
             self.ring.dropped((lv.req.request_id, k))
         lv.segments.clear()
         lv.seg_of.clear()
+        lv.due.clear()
+        lv.stage_free = 0.0  # the old ring's stages: nothing of this request is computing on the new one
         lv.in_flight.clear()
         lv.prefill_left.clear()
         lv.logits.clear()
@@ -471,7 +480,7 @@ class Originator:
         lv = self._by_result(res)
         if lv is None:
             return []  # finished, cancelled, or sent on a ring since lost, while this segment was in flight
-        self.stage_queue = res.stage_queue
+        self.stage_queue = lv.stage_load = res.stage_queue
         t0 = self.timer()
         if lv.prefill_left:
             acts = self._prefill_result(lv, res)
@@ -552,10 +561,14 @@ class Originator:
 
     # ---- rounds -----------------------------------------------------------------------------
     def _load(self, lv: _Live) -> tuple[int, float]:
-        """Rows and expected tokens other live requests put through the ring (FASER's load signal)."""
+        """Rows and expected tokens other live requests put through the ring (FASER's load signal): this
+        originator's other requests' rows in flight, or the other requests' rows the last stage reported
+        with ``lv``'s latest result, whichever is more (the stage sees other originators' requests too,
+        and this one's own others only while they are there); a request seen only at the stage counts
+        as yielding one token a forward."""
         others = [o for o in self.live.values() if o is not lv and not o.done]
-        rows = sum(len(o.in_flight) for o in others) + self.stage_queue
-        gain = sum(max(1.0, o.stats.mean_accepted) for o in others)
+        rows = max(sum(len(o.in_flight) for o in others), lv.stage_load)
+        gain = sum(max(1.0, o.stats.mean_accepted) for o in others) or (1.0 if lv.stage_load else 0.0)
         return rows, gain
 
     def _draft(self, lv: _Live, cost: CostCurve | None = None, depth: int | None = None) -> tuple[Tree, int]:
@@ -870,13 +883,11 @@ class Originator:
         # the curve against the tokens all those rows yield; and fillers only fill an idle ring (under
         # load the ring is busy with the others' rows, and a filler's rows delay them)
         load_rows, load_gain = self._load(lv)
-        # the stage's queue holds this request's own queued segments too: count only what exceeds them
-        load_rows = max(0, load_rows - min(self.stage_queue, len(lv.in_flight)))
         n = 0
         if lv.fresh:
             n = _best_prefix(gains, lambda m: self.ring.latency(load_rows + m + root), base=1.0 + load_gain)
         if n == 0 and lv.root_sent and load_rows == 0:
-            floor = sum(1 for g in gains if g >= FILL_FLOOR)
+            floor = self._filler_rows(lv, sum(1 for g in gains if g >= FILL_FLOOR))
             n = _best_prefix(gains[:floor], self.ring.step)
         n = min(n, self.max_nodes)
         if n == 0 and lv.root_sent:
@@ -909,6 +920,25 @@ class Originator:
         self._track(lv, seg)
         return seg
 
+    def _filler_rows(self, lv: _Live, most: int) -> int:
+        """How many rows (up to ``most``) a filler may have so that the first stage is done with it before
+        the walk's next first segment can reach it: no earlier than the earliest expected return of the
+        request's segments in flight, since any of them may move the walk, which then sends a first segment.
+
+        A stage cannot stop a forward it began, so a filler still computing when that first segment arrives
+        delays it by what is left of the forward, and the whole walk with it. On a flat (GPU) curve several
+        fillers fit in a ring latency; on a steep (CPU) curve the first segment's own forward takes most of
+        it, and filling the rest by slot count (``ceil(L / tau)``) kept the stages busy with fillers exactly
+        when the next first segment came (docs/benchmarks.md, "Flow under load at low rates"). Configured
+        slots (``flow_slots``) are kept as configured: this sizes the slots the ring's timing decides."""
+        if self.flow_slots is not None or most == 0:
+            return most
+        dues = [lv.due[k] for k in lv.segments if k in lv.due]
+        if not dues:
+            return most
+        room = min(dues) - max(self.clock(), lv.stage_free)
+        return sum(1 for m in range(1, most + 1) if self.ring.step(m) <= room * (1 + 1e-9))
+
     # ---- segment bookkeeping (every flow variant) ------------------------------------------------
     def _track(self, lv: _Live, seg: Segment) -> None:
         k = lv.next_seg
@@ -916,7 +946,11 @@ class Originator:
         lv.segments[k] = set(seg.node_ids)
         for n in seg.node_ids:
             lv.seg_of[n] = k
-        self.ring.sent((lv.req.request_id, k), len(seg), self.clock(), alone=len(lv.segments) == 1)
+        now, rows = self.clock(), len(seg)
+        lv.due = {j: t for j, t in lv.due.items() if j in lv.segments}
+        lv.due[k] = now + self.ring.latency(rows)
+        lv.stage_free = max(now, lv.stage_free) + self.ring.step(rows)
+        self.ring.sent((lv.req.request_id, k), rows, now, alone=len(lv.segments) == 1)
         self.peak_segments = max(self.peak_segments, len(lv.segments))
 
     def _returned(self, lv: _Live, node_ids: list[int]) -> None:

@@ -133,6 +133,7 @@ class StageWorker:
         self.forwards = 0
         self.shared_forwards = 0  # forwards that carried rows of more than one request (the ring was shared)
         self.coalesced = 0  # segments that rode along in another segment's forward
+        self._last_rows: dict[str, int] = {}  # rows per request in the latest forward
         self._opened = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -294,6 +295,13 @@ class StageWorker:
     def queued_rows(self) -> int:
         return sum(len(s) for s in self.queue)
 
+    def rows_besides(self, request_id: str) -> int:
+        """Rows of requests other than ``request_id`` here: queued, or in the latest forward. The last stage
+        reports it with each result (``Result.stage_queue``), so an originator also sees the requests of
+        other originators that share the ring's forwards with its own."""
+        queued = sum(len(s) for s in self.queue if s.request_id != request_id)
+        return queued + sum(n for r, n in self._last_rows.items() if r != request_id)
+
     # ---- compute --------------------------------------------------------------------------
     def _session(self, request_id: str) -> Session:
         sess = self.sessions.get(request_id)
@@ -308,7 +316,9 @@ class StageWorker:
         """The queued segments for the next forward, up to ``max_batch_rows``: per request its oldest
         queued segment (a request's later segment may depend on its earlier one), with the ones queued
         behind it coalesced in while that is cheap (see ``cost``); requests waiting on a round's first
-        segment or on their prompt before those with only filler queued, older requests before newer ones."""
+        segment or on their prompt before those with only filler queued, older requests before newer ones;
+        within a request, a first segment that needs none of the rows queued ahead of it goes before them
+        (:meth:`_first_ready`)."""
         heads: dict[str, int] = {}  # request -> index of its oldest queued segment
         urgent: set[str] = set()
         for i, seg in enumerate(self.queue):
@@ -321,6 +331,9 @@ class StageWorker:
         batch, rows = [], 0
         for rid in order:
             run = [i for i, seg in enumerate(self.queue) if seg.request_id == rid]
+            jump = self._first_ready(run)
+            if jump is not None:  # the walk waits on it and it needs nothing queued before it: it goes now, alone
+                run = [jump]
             merged = self.queue[run[0]]
             if batch and rows + len(merged) > self.max_batch_rows:
                 continue
@@ -337,6 +350,31 @@ class StageWorker:
             rows += len(merged)
         self.queue = deque(seg for i, seg in enumerate(self.queue) if i not in taken)
         return batch
+
+    def _first_ready(self, run: list[int]) -> int | None:
+        """Of one request's queued segments (queue indices ``run``, oldest first): a round's first segment
+        queued behind fillers whose rows it does not need (every parent is in the session already, or in
+        the segment itself), so it can run before them; None when the oldest goes first anyway.
+
+        The originator's walk waits on a first segment and on nothing else, and a filler queued ahead of
+        it (sent while the previous first segment was in flight) would hold it back by a whole forward."""
+        if len(run) < 2:
+            return None
+        sess = self.sessions.get(self.queue[run[0]].request_id)
+        if sess is None:
+            return None
+        for i in run[1:]:
+            seg = self.queue[i]
+            if not seg.first:
+                continue
+            own = set()
+            for n, par in zip(seg.node_ids, seg.parents):
+                if par != PROMPT_PARENT and par not in own and par not in sess.slot_of and par not in sess.committed:
+                    break
+                own.add(n)
+            else:
+                return i
+        return None
 
     def _coalesce(self, seg: Segment, nxt: Segment, room: int) -> bool:
         """Whether ``nxt`` (queued behind ``seg``, same request) should share its forward."""
@@ -370,6 +408,9 @@ class StageWorker:
             results.append(seg.with_hidden(out[row : row + len(seg)]))
             row += len(seg)
         self.busy_seconds += self.timer() - t0
+        self._last_rows = {}
+        for seg in batch:
+            self._last_rows[seg.request_id] = self._last_rows.get(seg.request_id, 0) + len(seg)
         self.rows_done += sum(len(s) for s in batch)
         self.forwards += 1
         self.shared_forwards += len(batch) > 1

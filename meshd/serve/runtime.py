@@ -307,12 +307,13 @@ class Runtime:
                 self.drafter_factory,
                 ring.curves,
                 origin=self.node_id,
+                local_stage=ring.local_index,  # its stage's forwards and its own work share the torch thread
                 flow_slots=self.flow_slots,
                 draft_when_idle=True,  # _compute_once calls idle() whenever the torch thread has nothing queued
                 prefix_book=PrefixBook(self.prefix_cache_bytes // BOOK_SHARE) if self.prefix_cache_bytes else None,
             )
         else:
-            self.originator.set_ring(ring.curves)
+            self.originator.set_ring(ring.curves, ring.local_index)
         self.originator.set_epoch(ring.epoch)  # prefixes are named under the plan that holds them
 
     def clear_ring(self, reason: str) -> None:
@@ -362,7 +363,7 @@ class Runtime:
             self.originator.set_epoch(ring.epoch)  # prefixes are named under the plan that holds them
             if pause_first:
                 self.originator.on_ring_lost()
-            return self.originator.on_ring(ring.curves)
+            return self.originator.on_ring(ring.curves, ring.local_index)
 
         self._spawn(self._dispatch_later(self._in_torch_now(work), ring, f"plan epoch {ring.epoch}"))
 
@@ -789,8 +790,8 @@ class Runtime:
         # codec (quantizing a dequantized row again may move its scale by an ulp)
         if node is None or wire != torch.int8:
             seg.hidden = as_received(seg.hidden, wire)
-        queue = self.worker.queued_rows if self.worker else 0
-        await self._deliver(forward(seg, ring.local_index, len(ring.nodes), queue), ring)
+        load = self.worker.rows_besides(seg.request_id) if self.worker else 0
+        await self._deliver(forward(seg, ring.local_index, len(ring.nodes), load), ring)
 
     def link_dtype(self, node: str | None) -> torch.dtype:
         """The dtype hidden states cross to ``node`` as (None: this device; ``torch.int8``: int8 with

@@ -40,6 +40,22 @@ def test_statistics():
     assert row["completed"] == 2 and row["failed"] == 1 and row["errors"] == ["HTTP 503"]
     assert row["throughput"] == pytest.approx(20 / 4.0) and row["mean_accepted"] == 2.5
     assert row["nodes_per_round"] == 5.0 and row["ttft_p50"] == 0.5
+    assert math.isnan(row["gap_p95"])  # no chunk times: no gaps
+    assert [r["start"] for r in row["per_request"]] == [0.0, 1.0, 2.0]
+    assert [r["ok"] for r in row["per_request"]] == [True, True, False]
+
+
+def test_chunk_gaps_are_the_pauses_a_reader_sees():
+    assert loadtest.chunk_gaps([0.5, 0.6, 0.9]) == pytest.approx([0.1, 0.3]) and loadtest.chunk_gaps([0.5]) == []
+    ok = {"ok": True, "start": 0.0, "end": 2.0, "ttft": 0.5, "tpot": 0.1, "tokens": 10, "rounds": 4}
+    fast = ok | {"verified_nodes": 4, "chunks": [0.5] + [0.5 + 0.01 * i for i in range(1, 20)]}
+    slow = ok | {"verified_nodes": 4, "chunks": [0.5, 1.5]}
+    row = loadtest.summarize_load([fast, slow], 1.0, "flow")
+    assert row["gap_p95"] == pytest.approx(0.01)  # one long pause among twenty is above the 95th percentile
+    assert loadtest.summarize_load([fast, slow, slow], 1.0, "flow")["gap_p95"] == pytest.approx(1.0)
+    assert row["per_request"][1]["chunks"] == [0.5, 1.5]
+    table = loadtest.load_table([row])
+    assert "| gap p95 ms |" in table and table.splitlines()[-1].split("|")[7].strip() == "10"
 
 
 async def test_streamed_requests_against_the_rest_api(rt, url):
@@ -57,6 +73,8 @@ async def test_streamed_requests_against_the_rest_api(rt, url):
     assert row["completed"] == 4 and row["failed"] == 0, row
     assert row["tokens"] > 0 and row["throughput"] > 0 and row["ttft_p50"] > 0
     assert row["mean_accepted"] >= 1.0  # from the daemon's own stats in the final chunk
+    assert [r["originator"] for r in row["per_request"]] == [0, 0, 0, 0]
+    assert all(r["chunks"] and r["chunks"][0] == pytest.approx(r["ttft"], abs=1e-3) for r in row["per_request"])
     bad = await loadtest.run_rate(
         [url + "/nope"], rt.model_name, ["Hi"], rate=50.0, n=2, mode="flow", max_tokens=4, temperature=0.0, seed=0
     )

@@ -325,6 +325,25 @@ def test_flow_under_load_sends_no_fillers_and_sizes_first_segments_with_the_othe
     assert orig.live_segments() == {"r1": 3, "r2": 1}
 
 
+def test_flow_sends_no_fillers_while_the_last_stage_reports_another_originators_rows(target):
+    """A request of another originator is not in this originator's books; the last stage tells with each
+    result how many rows of other requests it holds (``Result.stage_queue``), and while there are any the
+    request sends first segments only, as under its own originator's load."""
+    p, a, b, c, d = target.tokens[:5]
+    drafter = Scripted({p: [(0, a, 0.6), (0, b, 0.3), (1, c, 0.9), (2, d, 0.5)]})
+
+    def run(load: int) -> list[Segment]:
+        orig = Originator(target.head, lambda: drafter, [STEEP] * 2, clock=lambda: 0.0, timer=lambda: 0.0, flow_slots=3)
+        acts = []
+        for seg in segments(orig.submit(Request("r", [a, b], 16, "flow"))):
+            acts = orig.on_result(said(target, seg, [p] * len(seg), queue=load))
+        return segments(acts)
+
+    assert len(run(0)) == 3  # alone: a first segment and two fillers
+    shared = run(5)
+    assert len(shared) == 1 and shared[0].first and shared[0].tokens == [p]
+
+
 def test_flow_refills_a_slot_freed_by_a_prune_and_restarts_at_once_from_the_bonus_token(target):
     p, a, b, c, d, z = target.tokens[:6]
     drafter = Scripted({p: [(0, a, 0.6), (0, b, 0.3), (1, c, 0.9), (2, d, 0.5)], z: [(0, a, 0.9)]})
@@ -340,6 +359,53 @@ def test_flow_refills_a_slot_freed_by_a_prune_and_restarts_at_once_from_the_bonu
     # a late result for the dead segments moves nothing and sends nothing beyond the slots
     assert segments(orig.on_result(said(target, s2, [a] * len(s2)))) == []
     assert orig.live_segments() == {"r": len(new)}
+
+
+def test_a_filler_goes_out_only_if_the_first_stage_is_done_with_it_before_the_next_first_segment(target):
+    """With slots from the ring's timing, a filler must leave the first stage before the earliest of the
+    request's segments in flight is expected back (that return may move the walk, which then sends a
+    first segment, and a forward cannot be stopped). Here stage 0 costs a second per row and stage 1 half
+    a second: the root's trip is 1.5 s and its forward at stage 0 takes 1 s, so a filler of a row (1 s)
+    does not fit, although ``ceil(latency / step)`` = 2 slots would have sent one."""
+    p, a, b, c, d = target.tokens[:5]
+    drafter = Scripted({p: [(0, a, 0.6), (0, b, 0.3), (1, c, 0.9), (2, d, 0.5)]})
+    now = [0.0]
+    curves = [STEEP, CostCurve({1: 0.5, 64: 0.5})]
+
+    def make(**kw) -> Originator:
+        return Originator(target.head, lambda: drafter, curves, clock=lambda: now[0], timer=lambda: 0.0, **kw)
+
+    orig = make()
+    assert orig.ring.slots(1, 8) == 2
+    segs = segments(prefill(orig, target, Request("r", [a, b], 16, "flow"), first=p))
+    assert [s.tokens for s in segs] == [[p]] and segs[0].first  # the root alone, no filler behind it
+    # the same ring with the first stage as cheap as the second: the root's forward (0.5 s) leaves a second
+    # of its 1 s trip for a filler, of one row (two rows would take the first stage a whole second)
+    curves[0] = CostCurve({1: 0.5, 2: 1.0, 64: 32.0})
+    now[0] = 10.0
+    orig = make()
+    segs = segments(prefill(orig, target, Request("r2", [a, b], 16, "flow"), first=p))
+    assert [s.tokens for s in segs] == [[p], [a]] and [s.first for s in segs] == [True, False]
+    # configured slots are kept as configured
+    orig = make(flow_slots=3)
+    segs = segments(prefill(orig, target, Request("r3", [a, b], 16, "flow"), first=p))
+    assert len(segs) == 3
+
+
+def test_ring_timer_counts_the_originators_own_stage_and_its_work_as_one_step():
+    """An originator that also runs a stage does both in one thread: there a step is the stage's forward
+    plus the originator's work per segment, not the larger of the two."""
+    from meshd.ring.ringtime import RingTimer
+
+    curves = [CostCurve({1: 0.010, 64: 0.010})] * 2
+    apart, shared = RingTimer(curves), RingTimer(curves, local=0)
+    for ring in (apart, shared):
+        ring.originator_work(0.006)
+    assert apart.step(1) == pytest.approx(0.010) and shared.step(1) == pytest.approx(0.016)
+    assert apart.latency(1) == shared.latency(1) == pytest.approx(0.026)
+    assert apart.slots(1, 8) == 3 and shared.slots(1, 8) == 2
+    with pytest.raises(ValueError, match="local stage 2"):
+        RingTimer(curves, local=2)
 
 
 def test_ring_timer_learns_the_links_from_lone_segments():

@@ -242,3 +242,33 @@ def test_a_new_requests_prompt_goes_before_other_requests_filler(full):
     w.handle(Segment("a", [3, 4, 5], [2, 2, 3], [3, 3, 4], tokens=[8, 9, 10]))  # a's filler, queued first
     w.handle(prompt("b"))  # b's originator waits on its prompt: it goes first, though b is newer
     assert [s.request_id for s in w.take_batch()] == ["b"]
+
+
+def test_a_rounds_first_segment_overtakes_its_own_requests_filler_when_it_needs_none_of_its_rows(full):
+    """The originator's walk waits on a first segment only: one queued behind the same request's filler
+    (sent while the previous first segment was in flight) runs first, unless it hangs below that filler's
+    rows, which this stage has not computed yet."""
+    w = worker(full)
+    w.handle(prompt())
+    w.step()
+    w.handle(Segment("r", [3], [2], [3], tokens=[8]))  # a filler under the last prompt token
+    w.handle(Segment("r", [4, 5], [2, 4], [3, 4], tokens=[9, 10], first=True))  # needs the prompt and itself
+    assert [s.node_ids for s in w.step()] == [[4, 5]]
+    assert [s.node_ids for s in w.step()] == [[3]]
+    w.handle(Segment("r", [6], [3], [4], tokens=[11]))  # a filler below 3 (computed)
+    w.handle(Segment("r", [7], [6], [5], tokens=[12], first=True))  # below 6, still queued: it waits
+    assert [s.node_ids for s in w.take_batch()] == [[6]]
+    assert [s.node_ids for s in w.take_batch()] == [[7]]
+
+
+def test_rows_besides_a_request_are_the_others_queued_and_in_the_latest_forward(full):
+    """What the last stage reports with a result as load: other requests' rows, never the request's own."""
+    w = worker(full)
+    for rid in ("a", "b"):
+        w.handle(prompt(rid))
+    w.step()  # both prompts in one forward: 3 rows each
+    assert w.rows_besides("a") == 3 and w.rows_besides("b") == 3 and w.rows_besides("c") == 6
+    w.handle(tree("a"))
+    assert w.rows_besides("b") == 6 and w.rows_besides("a") == 3  # a's queued tree counts for b only
+    w.step()  # a's tree alone
+    assert w.rows_besides("a") == 0 and w.rows_besides("b") == 3

@@ -296,6 +296,7 @@ class Simulation:
                 origin=f"dev{dev.index}",
                 timer=self._work_clock,
                 draft_when_idle=idle_drafting,
+                local_stage=dev.stage,  # its stage's forwards and its calls share the device
                 **originator_kw,
             )
             self.origin_device.append(dev.index)
@@ -350,14 +351,14 @@ class Simulation:
         worked = bool(results or submits)
         for req in submits:
             t = self._originator_call(dev, t, lambda req=req: dev.originator.submit(req), 0, req.request_id)
-        outputs, queue = [], 0
+        outputs, queue = [], {}
         batch = dev.worker.take_batch() if dev.worker else []
         if batch:
             worked = True
             rows = sum(len(s) for s in batch)
             start, t = self._compute(t, dev.cost(rows))
             outputs = dev.worker.run(batch)  # the real forward, charged by the cost model above
-            queue = dev.worker.queued_rows
+            queue = {out.request_id: dev.worker.rows_besides(out.request_id) for out in outputs}
             self.busy.append(Busy(dev.index, "stage", start, t, tuple(s.request_id for s in batch), rows))
         for res in results:
             t = self._originator_call(
@@ -368,7 +369,7 @@ class Simulation:
                 res.request_id,
             )
         for out in outputs:
-            self._route(dev, out, t, queue)
+            self._route(dev, out, t, queue[out.request_id])
         if not worked and dev.originator is not None and dev.originator.idle_work():
             t, worked = self._originator_call(dev, t, dev.originator.idle, 0, "idle"), True
         if worked:
