@@ -215,7 +215,6 @@ class Originator:
         self.top_k, self.depth, self.pool, self.max_nodes = top_k, depth, pool, max_nodes
         self.live: dict[str, _Live] = {}
         self._by_ring: dict[str, str] = {}  # ring id -> request id, for what comes back from the stages
-        self.stage_queue = 0  # latest queue depth the ring reported
         self._rows_hint = 8  # rows of the latest flow segment: the size slots are computed for
         self.peak_segments = 0  # most segments of one request in flight at once, since start
 
@@ -480,7 +479,7 @@ class Originator:
         lv = self._by_result(res)
         if lv is None:
             return []  # finished, cancelled, or sent on a ring since lost, while this segment was in flight
-        self.stage_queue = lv.stage_load = res.stage_queue
+        lv.stage_load = res.stage_queue
         t0 = self.timer()
         if lv.prefill_left:
             acts = self._prefill_result(lv, res)
@@ -933,10 +932,9 @@ class Originator:
         slots (``flow_slots``) are kept as configured: this sizes the slots the ring's timing decides."""
         if self.flow_slots is not None or most == 0:
             return most
-        dues = [lv.due[k] for k in lv.segments if k in lv.due]
-        if not dues:
+        if not lv.due:
             return most
-        room = min(dues) - max(self.clock(), lv.stage_free)
+        room = min(lv.due.values()) - max(self.clock(), lv.stage_free)
         return sum(1 for m in range(1, most + 1) if self.ring.step(m) <= room * (1 + 1e-9))
 
     # ---- segment bookkeeping (every flow variant) ------------------------------------------------
@@ -947,7 +945,6 @@ class Originator:
         for n in seg.node_ids:
             lv.seg_of[n] = k
         now, rows = self.clock(), len(seg)
-        lv.due = {j: t for j, t in lv.due.items() if j in lv.segments}
         lv.due[k] = now + self.ring.latency(rows)
         lv.stage_free = max(now, lv.stage_free) + self.ring.step(rows)
         self.ring.sent((lv.req.request_id, k), rows, now, alone=len(lv.segments) == 1)
@@ -964,6 +961,7 @@ class Originator:
             lv.segments[k].discard(n)
             if not lv.segments[k]:
                 del lv.segments[k]
+                lv.due.pop(k, None)
 
     def _settle(self, lv: _Live) -> None:
         """After a prune: a segment with no row left in flight frees its slot at once (its rows vanish
@@ -972,6 +970,7 @@ class Originator:
             lv.segments[k] &= lv.in_flight
             if not lv.segments[k]:
                 del lv.segments[k]
+                lv.due.pop(k, None)
                 self.ring.dropped((lv.req.request_id, k))
         lv.seg_of = {n: k for n, k in lv.seg_of.items() if n in lv.in_flight}
 

@@ -136,7 +136,7 @@ def test_prefill_waits_for_every_chunk_then_emits_and_sends_the_root(target):
     chunks = segments(orig.submit(Request("r", [target.tokens[1]] * 100, 8, "ar")))
     # the chunks come back in reverse order; only the last prompt position's output decides
     assert orig.on_result(said(target, chunks[1], [target.tokens[2]] * 35 + [a], queue=7)) == []
-    assert orig.stage_queue == 7  # the reported load is kept for tree sizing
+    assert orig.live["r"].stage_load == 7  # the reported load is kept for tree sizing
     acts = orig.on_result(said(target, chunks[0], [target.tokens[3]] * 64))
     assert acts[0] == Emit("r", [a])
     (root,) = segments(acts[1:])
