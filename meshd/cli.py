@@ -377,6 +377,10 @@ def cmd_train_draft(args: argparse.Namespace) -> int:
         batch_tokens=args.batch_tokens,
         eval_per_category=args.eval_per_category,
         generate_only=args.generate_only,
+        write_prompts=args.write_prompts,
+        prompt_count=args.prompt_count,
+        tokens_file=args.tokens_file,
+        train_tokens=args.train_tokens,
         time_budget=args.time_budget,
         command="meshd " + " ".join(sys.argv[1:]),
     )
@@ -670,6 +674,28 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-tokens", type=int, default=4096, help="padded tokens per training batch")
     t.add_argument("--eval-per-category", type=int, default=3, help="held-out questions per category in the report")
     t.add_argument("--generate-only", action="store_true", help="stop after generating the data")
+    t.add_argument(
+        "--write-prompts",
+        default=None,
+        metavar="PATH",
+        help="write a new prompt file instead of training: templates, questions the target writes itself, and "
+        "follow-up turns on answers already in the work dir's data; none close to an evaluation prompt",
+    )
+    t.add_argument("--prompt-count", type=int, default=6000, help="prompts --write-prompts makes")
+    t.add_argument(
+        "--tokens-file",
+        default=None,
+        metavar="PATH",
+        help="keep the generated answers' token ids here (a few MB a million tokens; features are recomputed "
+        "by prefill): read first if it exists, rewritten after generation; default: read the project's "
+        "models/heads/rollouts/FINGERPRINT.npz for this model when there is one",
+    )
+    t.add_argument(
+        "--train-tokens",
+        type=int,
+        default=None,
+        help="train on the first stored answers up to this many tokens (for data-size curves); default: all",
+    )
     t.set_defaults(func=cmd_train_draft)
 
     mm = sub.add_parser(

@@ -32,7 +32,7 @@ from models.stage import Stage
 from models.text import encode_messages, stop_ids
 from models.verify import Sampling
 from training.log import log
-from training.prompts import SPEC_BENCH_ENV, held_out_questions, read_spec_bench, spec_bench_path
+from training.prompts import SPEC_BENCH_ENV, held_out_questions, load_questions, read_spec_bench, spec_bench_path
 from training.rollouts import Rollout, batch_generate, work_dir
 
 if TYPE_CHECKING:
@@ -104,7 +104,7 @@ def held_out_rollouts(
 
 def held_out_cache(work: Path, questions: list[dict], max_new: int, temperature: float, dtype: str) -> Path:
     """Where :func:`held_out_rollouts` keeps the rollouts of exactly these questions and settings."""
-    ids = hashlib.sha256(json.dumps([q["question_id"] for q in questions]).encode()).hexdigest()[:8]
+    ids = hashlib.sha256(json.dumps([[q["question_id"], q["turns"][0]] for q in questions]).encode()).hexdigest()[:8]
     return work / f"heldout-{ids}-{max_new}-t{temperature:g}-{dtype}.pt"
 
 
@@ -113,6 +113,7 @@ DRAFT_SETTINGS = {
     "tree16": dict(top_k=8, depth=8, pool=128, nodes=16),
     "tree32": dict(top_k=8, depth=8, pool=128, nodes=32),
     "tree64": dict(top_k=8, depth=10, pool=160, nodes=64),
+    "tree128": dict(top_k=8, depth=12, pool=256, nodes=128),
 }
 
 
@@ -225,6 +226,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
         default=None,
         help=f"Spec-Bench question file, held-out split question_id %% 4 == 0 (default: ${SPEC_BENCH_ENV})",
     )
+    p.add_argument(
+        "--set",
+        default="specbench",
+        choices=["specbench", "everyday"],
+        help="Spec-Bench's held-out split, or the project's everyday prompts (meshd/lab/prompts/everyday.jsonl, "
+        "never trained on)",
+    )
     p.add_argument("--dtype", default="auto")
     p.add_argument("--per-category", type=int, default=5)
     p.add_argument("--t1-per-category", type=int, default=2)
@@ -236,13 +244,26 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--settings", default=",".join(DRAFT_SETTINGS), help="tree settings to replay")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
-    questions = spec_bench_path(a.questions)
-    if questions is None:
-        p.error(f"the held-out questions are Spec-Bench's: pass --questions PATH or set {SPEC_BENCH_ENV}")
+    if a.set == "everyday":
+        from meshd.lab.bench import EVERYDAY  # the lab owns the everyday set
+
+        questions = EVERYDAY
+        if a.speed_per_category > 0:
+            p.error("--set everyday replays acceptance only; pass --speed-per-category 0")
+    else:
+        questions = spec_bench_path(a.questions)
+        if questions is None:
+            p.error(f"the held-out questions are Spec-Bench's: pass --questions PATH or set {SPEC_BENCH_ENV}")
     try:
         read_spec_bench(questions)  # a missing file fails here, before the model loads
     except ValueError as e:
         p.error(str(e))
+
+    def pick(per: int) -> list[dict]:
+        if a.set == "everyday":
+            return load_questions(questions, per_category=per)
+        return held_out_questions(questions, per)
+
     torch.set_num_threads(os.cpu_count() or 1)
     src = ModelSource.resolve(a.model)
     work = work_dir(src.fingerprint, a.work)
@@ -252,11 +273,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     head = load_head(a.head, target.cfg, src.fingerprint)
     eagle = EagleDrafter(head, target)
     drafters = {"eagle": eagle, "ngram": NGramDrafter(), "eagle+ngram": MergedDrafter([eagle.fresh(), NGramDrafter()])}
-    report: dict = {"head": str(a.head), "dtype": str(target.dtype)}
+    report: dict = {"head": str(a.head), "dtype": str(target.dtype), "set": a.set}
     for temp, per in ((0.0, a.per_category), (1.0, a.t1_per_category)):
         if per <= 0:
             continue
-        qs = held_out_questions(questions, per)
+        qs = pick(per)
         cats = {str(q["question_id"]): q["category"] for q in qs}
         rolls = held_out_rollouts(
             target,

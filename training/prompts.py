@@ -76,16 +76,21 @@ def project_prompt_files() -> list[Path]:
     return sorted(PROJECT_PROMPTS.glob("*.jsonl"))
 
 
-def read_prompt_file(path: Path) -> list[tuple[str, str]]:
-    """(key, prompt) pairs of a JSONL file (``{"prompt": ...}``, ``{"text": ...}`` or ``{"turns": [...]}``)
-    or of a plain text file with one prompt per line; keys are ``name:line``."""
-    out = []
+Prompt = str | list[dict]
+"""A user message, or a whole chat ending with a user turn (``[{"role": ..., "content": ...}, ...]``)."""
+
+
+def read_prompt_file(path: Path) -> list[tuple[str, Prompt]]:
+    """(key, prompt) pairs of a JSONL file (``{"prompt": ...}``, ``{"text": ...}``, ``{"turns": [...]}``
+    or a chat as ``{"messages": [...]}``) or of a plain text file with one prompt per line; keys are
+    ``name:line``."""
+    out: list[tuple[str, Prompt]] = []
     for i, line in enumerate(path.read_text().splitlines()):
         if not line.strip():
             continue
         if line.lstrip().startswith("{"):
             r = json.loads(line)
-            text = r.get("prompt") or r.get("text") or (r.get("turns") or [""])[0]
+            text = r.get("messages") or r.get("prompt") or r.get("text") or (r.get("turns") or [""])[0]
         else:
             text = line.strip()
         if text:
@@ -93,10 +98,10 @@ def read_prompt_file(path: Path) -> list[tuple[str, str]]:
     return out
 
 
-def training_prompts(files: Sequence[str | Path] = (), spec_bench: Path | None = None) -> list[tuple[str, str]]:
+def training_prompts(files: Sequence[str | Path] = (), spec_bench: Path | None = None) -> list[tuple[str, Prompt]]:
     """(key, user message) pairs: Spec-Bench's training split (first turns) when a file is given, then
     the project's own prompt files and ``files`` (each file once)."""
-    out: list[tuple[str, str]] = []
+    out: list[tuple[str, Prompt]] = []
     if spec_bench is not None:
         for r in read_spec_bench(spec_bench):
             if not is_held_out(int(r["question_id"])):

@@ -20,15 +20,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from models.cache import cache_dir
+from models.kvcache import KVCache
 from models.layers import decoder_layer, float_mask
 from models.stage import Stage
 from models.text import encode_messages
 from training.log import log
+from training.prompts import Prompt
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -61,14 +65,11 @@ class BatchDecoder:
         if p >= self.width:
             raise ValueError(f"prompt of {p} tokens does not fit a decoder of width {self.width}")
         cache = st.new_cache(p)
-        feats = []
-        for s in range(0, p, 512):
-            ids = torch.tensor(prompt[s : s + 512])
-            feats.append(st.final_norm(st.forward_one(st.embed(ids), cache, torch.arange(s, s + len(ids)))))
+        feats = prefill_features(st, prompt, cache)
         self.k[:, slot, :, :p] = cache.k[:, :, :p]
         self.v[:, slot, :, :p] = cache.v[:, :, :p]
         self.lens[slot] = p
-        return torch.cat(feats)
+        return feats
 
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -81,8 +82,11 @@ class BatchDecoder:
         n = self.slots
         rows = torch.arange(n)
         cos, sin = st.rope(pos, st.dtype)
-        # attend over the whole (contiguous) width: slicing to the longest slot costs a copy per layer
-        mask = float_mask(torch.arange(self.width)[None, :] <= pos[:, None], st.dtype)[:, None, None, :]
+        # attend over the longest slot's length, not the whole width, while that is much shorter: a slice
+        # of the cache is copied per layer, which costs more than it saves once the slots are long
+        span = int(pos.max()) + 1
+        span = span if 2 * span <= self.width else self.width
+        mask = float_mask(torch.arange(span)[None, :] <= pos[:, None], st.dtype)[:, None, None, :]
         scale = 1.0 / math.sqrt(d)
 
         def attend(li: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -91,8 +95,8 @@ class BatchDecoder:
             self.v[li, rows, :, pos] = v.transpose(0, 1)
             # one query row per slot: plain batched matmuls beat the CPU flash kernel by far here
             qg = q.transpose(0, 1).reshape(n, nkv, nq // nkv, d)
-            scores = torch.matmul(qg, self.k[li].transpose(-1, -2)) * scale + mask
-            o = torch.matmul(torch.softmax(scores.float(), dim=-1).to(st.dtype), self.v[li])
+            scores = torch.matmul(qg, self.k[li, :, :, :span].transpose(-1, -2)) * scale + mask
+            o = torch.matmul(torch.softmax(scores.float(), dim=-1).to(st.dtype), self.v[li, :, :, :span])
             return o.reshape(n, nq, d).transpose(0, 1)
 
         x = st.embed(tokens).to(st.dtype)
@@ -100,6 +104,25 @@ class BatchDecoder:
             x = decoder_layer(layer, x, cfg, cos, sin, lambda q, k, v, li=li: attend(li, q, k, v))
         self.lens += 1
         return st.final_norm(x)
+
+
+TOKENS_FORMAT = "meshd-rollout-tokens-1"
+
+
+def feature_dtype(stage: Stage) -> torch.dtype:
+    """How features are kept: fp16 (half the memory of fp32) unless the target itself runs in fp32."""
+    return torch.float32 if stage.dtype == torch.float32 else torch.float16
+
+
+@torch.inference_mode()
+def prefill_features(stage: Stage, ids: Sequence[int], cache: KVCache, chunk: int = 512) -> torch.Tensor:
+    """Post-norm features of every position of ``ids``, prefilled into ``cache`` in chunks."""
+    out = []
+    for s in range(0, len(ids), chunk):
+        part = torch.tensor(ids[s : s + chunk])
+        h = stage.forward_one(stage.embed(part), cache, torch.arange(s, s + len(part)))
+        out.append(stage.final_norm(h))
+    return torch.cat(out)
 
 
 @dataclass
@@ -136,13 +159,16 @@ def batch_generate(
         return []
     gen = torch.Generator().manual_seed(seed)
     width = max(len(p) for _, p in prompts) + max_new + 2
-    dec = BatchDecoder(stage, min(slots, len(prompts)), width)
+    # long prompts get fewer slots: every step reads every slot's whole cache, and a smaller batch keeps
+    # the step's temporaries small (64k cached positions per layer at most)
+    slots = min(slots, len(prompts), max(4, 65536 // width))
+    dec = BatchDecoder(stage, slots, width)
     queue = list(prompts)
     state: list[dict | None] = [None] * dec.slots
     results: list[Rollout] = []
 
     def keep(f: torch.Tensor) -> torch.Tensor:
-        return f if stage.dtype == torch.float32 else f.to(torch.float16)
+        return f.to(feature_dtype(stage))
 
     def pick(logits: torch.Tensor) -> list[int]:
         if temperature <= 0:
@@ -237,6 +263,71 @@ class DataStore:
         tmp.write_text(json.dumps(self.meta))
         os.replace(tmp, self.meta_path)
 
+    def answered(self) -> list[tuple[str, list[int], int]]:
+        """Every stored (prompt key, tokens, prompt length), without the features."""
+        out = []
+        keys = iter(self.meta["done"])
+        for name in self.meta["shards"]:
+            with safe_open(str(self.root / name), "pt") as f:
+                toks, lens, plens = (f.get_tensor(k).tolist() for k in ("tokens", "lens", "prompt_lens"))
+            t0 = 0
+            for n, p in zip(lens, plens):
+                out.append((next(keys), toks[t0 : t0 + n], p))
+                t0 += n
+        return out
+
+    def save_tokens(self, path: Path, fingerprint: str, max_new: int) -> int:
+        """Write every stored sequence's token ids (no features) to ``path``, compressed: what must last
+        of hours of generation, small enough for a repository (about 2 MB a million tokens). Returns the
+        sequence count. :meth:`load_tokens` rebuilds the store from it."""
+        rows = self.answered()
+        toks = np.array([t for _, ts, _ in rows for t in ts], dtype=np.uint32)
+        dtype = np.uint16 if toks.size == 0 or int(toks.max()) < 2**16 else np.uint32
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            np.savez_compressed(
+                f,
+                tokens=toks.astype(dtype),
+                lens=np.array([len(ts) for _, ts, _ in rows], dtype=np.int32),
+                prompt_lens=np.array([p for _, _, p in rows], dtype=np.int32),
+                keys=np.array(json.dumps([k for k, _, _ in rows])),
+                meta=np.array(json.dumps({"fingerprint": fingerprint, "max_new": max_new, "format": TOKENS_FORMAT})),
+            )
+        os.replace(tmp, path)
+        return len(rows)
+
+    def load_tokens(self, path: Path, stage: Stage, fingerprint: str, progress: bool = True) -> int:
+        """Add the sequences of a :meth:`save_tokens` file not stored yet, their features recomputed by one
+        prefill each (far faster than generating them again). Refuses a file made for another target.
+        Returns how many sequences were added."""
+        with np.load(path) as z:
+            meta = json.loads(str(z["meta"]))
+            if meta.get("fingerprint") != fingerprint:
+                raise ValueError(
+                    f"{path} holds answers of target {meta.get('fingerprint')}, not of {fingerprint}: "
+                    "its token ids mean nothing for this model; pass the file made for this one or none"
+                )
+            toks, lens, plens = z["tokens"].astype(np.int64), z["lens"].tolist(), z["prompt_lens"].tolist()
+            keys = json.loads(str(z["keys"]))
+        done, starts = self.done, np.cumsum([0, *lens])
+        todo = [i for i, k in enumerate(keys) if k not in done]
+        total = int(sum(lens[i] for i in todo))
+        bar = tqdm(total=total, unit="tok", desc="prefill", file=sys.stderr, disable=not progress)
+        t0 = last = time.perf_counter()
+        for i in todo:
+            ids = toks[starts[i] : starts[i + 1]].tolist()
+            feats = prefill_features(stage, ids[:-1], stage.new_cache(len(ids)))
+            self.add(Rollout(keys[i], ids, plens[i], feats.to(feature_dtype(stage)), "loaded"))
+            bar.update(len(ids))
+            if time.perf_counter() - last > 120:
+                self.flush(0.0)
+                last = time.perf_counter()
+        self.flush(0.0)
+        bar.close()
+        if todo:
+            log(f"data: {len(todo)} sequences from {path}, features by prefill in {time.perf_counter() - t0:.0f} s")
+        return len(todo)
+
     def sequences(self) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
         """Every stored (tokens, features, prompt_len)."""
         out = []
@@ -254,14 +345,14 @@ def generate_data(
     stage: Stage,
     tok: PreTrainedTokenizerBase,
     store: DataStore,
-    prompts: list[tuple[str, str]],
+    prompts: list[tuple[str, Prompt]],
     *,
     target_tokens: int,
     max_new: int,
     slots: int,
     seed: int,
     eos: Sequence[int],
-    chunk: int = 144,
+    chunk: int | None = None,
     max_prompt: int = 1024,
     stop: Callable[[], bool] | None = None,
 ) -> bool:
@@ -271,11 +362,13 @@ def generate_data(
     todo = []
     for key, text in prompts:
         if key not in done:
-            ids = encode_messages(tok, [{"role": "user", "content": text}])
+            ids = encode_messages(tok, [{"role": "user", "content": text}] if isinstance(text, str) else text)
             if len(ids) <= max_prompt:
                 todo.append((key, ids))
     # chunks of similar prompt length keep the padded width tight; their order is shuffled
     todo.sort(key=lambda p: (len(p[1]), p[0]))
+    # a chunk's slots drain while its longest answers finish, so a chunk holds several rounds of slots
+    chunk = chunk or 6 * slots
     chunks = [todo[i : i + chunk] for i in range(0, len(todo), chunk)]
     random.Random(seed).shuffle(chunks)
     have = store.meta["answer_tokens"]

@@ -29,6 +29,7 @@ from models.config import ModelError
 from models.drafters import NGramDrafter
 from models.eagle import (
     CONFIG_FILE,
+    HEADS_DIR,
     EagleDrafter,
     EagleHead,
     HeadConfig,
@@ -41,15 +42,26 @@ from models.eagle import (
 from models.source import ModelSource
 from models.stage import Stage
 from models.text import stop_ids
+from training import promptgen
 from training.evaluate import evaluate_acceptance, held_out_cache, held_out_rollouts
 from training.log import log
-from training.prompts import SPEC_BENCH_ENV, held_out_questions, read_spec_bench, spec_bench_path, training_prompts
+from training.prompts import (
+    SPEC_BENCH_ENV,
+    Prompt,
+    held_out_questions,
+    read_spec_bench,
+    spec_bench_path,
+    training_prompts,
+)
 from training.rollouts import DataStore, generate_data, work_dir
 from training.timebudget import TimeBudget, format_duration
-from training.train import TrainConfig, choose_vocab, train_head
+from training.train import StoredSequence, TrainConfig, choose_vocab, train_head
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
+
+
+ROLLOUTS_DIR = HEADS_DIR / "rollouts"
 
 
 def default_head_dir(src: ModelSource) -> Path:
@@ -60,6 +72,25 @@ def default_head_dir(src: ModelSource) -> Path:
     never relies on the name: :func:`models.eagle.find_head` matches the fingerprint in ``eagle.json``."""
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", src.name).strip(".-") or "model"
     return user_heads_dir() / f"{name}-{src.fingerprint[:12]}"
+
+
+def shipped_tokens(fingerprint: str) -> Path | None:
+    """The token ids of the shipped head's training answers for this target, if the project has them
+    (``models/heads/rollouts/FINGERPRINT.npz``): a rerun on a new machine starts from them, features
+    recomputed by prefill, instead of generating them again."""
+    path = ROLLOUTS_DIR / f"{fingerprint}.npz"
+    return path if path.is_file() else None
+
+
+def first_answer_tokens(seqs: list[StoredSequence], tokens: int) -> list[StoredSequence]:
+    """The stored sequences in order, up to ``tokens`` answer tokens (for data-size curves)."""
+    out, total = [], 0
+    for t, f, p in seqs:
+        if total + len(t) - p > tokens:
+            break
+        out.append((t, f, p))
+        total += len(t) - p
+    return out
 
 
 def check_out_dir(out: Path) -> None:
@@ -140,6 +171,10 @@ def train_draft(
     batch_tokens: int = 4096,
     max_len: int = 1024,
     generate_only: bool = False,
+    write_prompts: str | Path | None = None,
+    prompt_count: int = 6000,
+    tokens_file: str | Path | None = None,
+    train_tokens: int | None = None,
     time_budget: float | None = None,
     command: str | None = None,
 ) -> dict:
@@ -181,6 +216,13 @@ def train_draft(
     tok = src.load_tokenizer()
     eos = stop_ids(tok, target.cfg)
     store = DataStore(work / "data")
+    saved = Path(tokens_file) if tokens_file is not None else shipped_tokens(fp)
+    if saved is not None and saved.is_file():
+        store.load_tokens(saved, target, fp)
+    if write_prompts is not None:
+        return write_prompt_set(
+            target, tok, store, all_prompts, Path(write_prompts), prompt_count, bench, seed, slots, eos
+        )
 
     gen_cut = generate_data(
         target,
@@ -194,11 +236,17 @@ def train_draft(
         eos=eos,
         stop=gen_stop,
     )
+    if tokens_file is not None:
+        n = store.save_tokens(Path(tokens_file), fp, max_new)
+        log(f"wrote the token ids of {n} sequences to {tokens_file} ({Path(tokens_file).stat().st_size / 1e6:.1f} MB)")
     if gen_cut:
         cuts["generation"] = f"stopped at {store.meta['answer_tokens']} of {tokens} answer tokens"
     if generate_only:
         return {"data": store.meta}
     seqs = store.sequences()
+    if train_tokens is not None:
+        seqs = first_answer_tokens(seqs, train_tokens)
+        log(f"training on the first {len(seqs)} sequences ({sum(len(t) - p for t, _, p in seqs)} answer tokens)")
     if not seqs and gen_cut:
         raise ValueError(
             f"no training data for {src.name} in {work / 'data'}: the time budget ran out before the target "
@@ -304,6 +352,36 @@ def train_draft(
     log(f"wrote {out} ({sum(f.stat().st_size for f in out.iterdir() if f.is_file()) / 1e6:.1f} MB)")
     log(where_auto_looks(out, src))
     return report
+
+
+def write_prompt_set(
+    target: Stage,
+    tok: PreTrainedTokenizerBase,
+    store: DataStore,
+    known: Sequence[tuple[str, Prompt]],
+    path: Path,
+    count: int,
+    bench: Path | None,
+    seed: int,
+    slots: int,
+    eos: Sequence[int],
+) -> dict:
+    """``--write-prompts``: a new prompt file of ``count`` prompts (:func:`training.promptgen.make_prompt_set`),
+    follow-up turns made on the answers already in the work dir's data; no prompt already known is repeated."""
+    texts = {k: p for k, p in known if isinstance(p, str)}
+    answers = [
+        (texts[k], tok.decode(toks[plen:], skip_special_tokens=True))
+        for k, toks, plen in store.answered()
+        if k in texts
+    ]
+    made = promptgen.make_prompt_set(
+        target, tok, count=count, answers=answers, spec_bench=bench, seed=seed, slots=slots, eos=eos
+    )
+    have = {" ".join(p.lower().split()) for p in texts.values()}
+    made = [p for p in made if not isinstance(p, str) or " ".join(p.lower().split()) not in have]
+    promptgen.write_prompts(path, made)
+    log(f"wrote {len(made)} prompts to {path}")
+    return {"prompts": len(made), "path": str(path)}
 
 
 def held_out_report(

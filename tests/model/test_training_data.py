@@ -1,0 +1,128 @@
+"""Self-distillation data: prompts made in bulk (seeded, distinct, never close to an evaluation prompt;
+chats read back and encoded whole), and the answers' token ids kept small and rebuilt into a full store
+with features recomputed by prefill."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from models.source import ModelSource
+from models.stage import Stage
+from training import promptgen as pg
+from training.prompts import read_prompt_file
+from training.rollouts import DataStore, batch_generate, generate_data
+from training.train_draft import first_answer_tokens
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir):
+    return Stage.load(ModelSource.resolve(tiny_dir), dtype="fp32")
+
+
+def test_templates_are_seeded_distinct_and_mixed():
+    a = pg.template_prompts(3000, seed=4)
+    assert a == pg.template_prompts(3000, seed=4) and a != pg.template_prompts(3000, seed=5)
+    assert len(a) == len(set(a)) == 3000
+    kinds = {
+        "math": lambda p: "How many" in p or "change" in p or "days" in p,
+        "code": lambda p: "function" in p or "code in" in p,
+        "story": lambda p: "story" in p or "novel" in p or "fable" in p,
+        "explain": lambda p: p.startswith(("Explain", "What is", "How does", "Why is")),
+    }
+    for name, is_kind in kinds.items():
+        assert sum(map(is_kind, a)) > 100, name  # every kind is well represented
+
+
+def test_evaluation_prompts_are_never_made():
+    """An evaluation prompt (everyday set, Spec-Bench held-out), or one sharing a run of six words with one,
+    is dropped; the check ignores case and punctuation; duplicates go too."""
+    evals = pg.evaluation_texts()
+    assert len(evals) >= 40  # the everyday set
+    ex = pg.Exclusion(evals)
+    seen: set[str] = set()
+    near = "Please, " + evals[0].upper() + " Thanks."
+    kept = pg.keep_new([evals[0], near, "A prompt of its own.", "a  PROMPT of its own."], ex, seen)
+    assert kept == ["A prompt of its own."]
+    made = pg.keep_new(pg.template_prompts(2000), pg.Exclusion(evals), set())
+    assert made and not any(ex.hits(p) for p in made)
+    chat = [{"role": "user", "content": evals[1]}, {"role": "assistant", "content": "x"}]
+    chat.append({"role": "user", "content": "Go on."})
+    assert pg.keep_new([chat], ex, set()) == []  # a chat's user turns are checked too
+
+
+def test_held_out_spec_bench_is_excluded(tmp_path):
+    bench = tmp_path / "q.jsonl"
+    text = "secret question number {} about seven rare apples"
+    rows = [{"question_id": i, "category": "c", "turns": [text.format(i)]} for i in (4, 5)]
+    bench.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ex = pg.Exclusion(pg.evaluation_texts(bench))
+    assert ex.hits("Here is secret question number 4 about seven rare apples")  # held out (4 % 4 == 0)
+    assert not ex.hits("Here is secret question number 5 about seven rare apples")  # trained on
+
+
+@pytest.mark.parametrize(
+    ("text", "want"),
+    [
+        ("How do volcanoes form?", "How do volcanoes form?"),
+        ('Question: "Why is the sky blue?"', "Why is the sky blue?"),
+        ("Explain how tides work.", "Explain how tides work."),
+        ("Volcanoes form when magma rises.", None),  # an answer, not a question
+        ("Why?", None),  # too short
+        ("What is X?\nWhat is Y?", None),  # more than one
+    ],
+)
+def test_clean_question(text, want):
+    assert pg.clean_question(text) == want
+
+
+def test_follow_up_chats_read_back_and_encode_whole(tmp_path, tiny):
+    chats = pg.follow_up_chats([("What is rain?", " Water falling. "), ("Why?", "")], count=5, seed=1)
+    assert len(chats) == 1 and [m["role"] for m in chats[0]] == ["user", "assistant", "user"]
+    assert chats[0][1]["content"] == "Water falling." and chats[0][2]["content"] in pg.FOLLOW_UPS
+    path = tmp_path / "p.jsonl"
+    pg.write_prompts(path, ["Plain one.", chats[0]])
+    got = read_prompt_file(path)
+    assert got == [("p.jsonl:0", "Plain one."), ("p.jsonl:1", chats[0])]
+
+    class Tok:
+        def apply_chat_template(self, messages, add_generation_prompt, tokenize):
+            return [1 + ord(c) % 60 for m in messages for c in m["content"][:8]]
+
+    store = DataStore(tmp_path / "data")
+    generate_data(tiny, Tok(), store, got, target_tokens=100, max_new=4, slots=2, seed=0, eos=[])
+    answered = {k: (toks, plen) for k, toks, plen in store.answered()}
+    assert answered["p.jsonl:1"][1] == len(Tok().apply_chat_template(chats[0], True, True))  # all three turns
+    seqs = store.sequences()
+    assert sorted(len(t) for t, _, _ in seqs) == sorted(len(t) for t, _ in answered.values())
+    assert all(torch.equal(torch.tensor(answered[k][0]), t) for k, (t, _, _) in zip(store.meta["done"], seqs))
+
+
+def test_token_file_round_trip_recomputes_features(tiny, tmp_path):
+    """Saved token ids rebuild the store: same keys, tokens and prompt lengths, features equal to the ones
+    generation recorded (within one fp16 step: the store keeps features in fp16, and prefill and
+    step-by-step decoding round differently in the last fp32 bits); another target's file
+    is refused; a second load adds nothing."""
+    g = torch.Generator().manual_seed(7)
+    prompts = [(f"k{i}", torch.randint(0, 64, (3 + i,), generator=g).tolist()) for i in range(5)]
+    store = DataStore(tmp_path / "a")
+    for r in batch_generate(tiny, prompts, max_new=12, slots=3):
+        store.add(r)
+    store.flush(1.0)
+    path = tmp_path / "tokens.npz"
+    assert store.save_tokens(path, "fp-1", max_new=12) == 5
+    with pytest.raises(ValueError, match="not of fp-2"):
+        DataStore(tmp_path / "x").load_tokens(path, tiny, "fp-2")
+    again = DataStore(tmp_path / "b")
+    assert again.load_tokens(path, tiny, "fp-1", progress=False) == 5
+    assert again.load_tokens(path, tiny, "fp-1", progress=False) == 0
+    assert again.answered() == store.answered()
+    for (t1, f1, p1), (t2, f2, p2) in zip(store.sequences(), again.sequences()):
+        assert torch.equal(t1, t2) and p1 == p2
+        torch.testing.assert_close(f2.float(), f1.float(), rtol=2**-10, atol=2**-10)
+    seqs = store.sequences()
+    answer = [len(t) - p for t, _, p in seqs]
+    assert first_answer_tokens(seqs, sum(answer[:2])) == seqs[:2]
+    assert first_answer_tokens(seqs, sum(answer[:2]) + answer[2] - 1) == seqs[:2]
