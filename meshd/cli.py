@@ -686,7 +686,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--tokens-file",
         default=None,
         metavar="PATH",
-        help="keep the generated answers' token ids here (a few MB a million tokens; features are recomputed "
+        help="keep the generated answers' token ids here (about 1 MB a million tokens; features are recomputed "
         "by prefill): read first if it exists, rewritten after generation; default: read the project's "
         "models/heads/rollouts/FINGERPRINT.npz for this model when there is one",
     )

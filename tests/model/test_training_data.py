@@ -126,3 +126,17 @@ def test_token_file_round_trip_recomputes_features(tiny, tmp_path):
     answer = [len(t) - p for t, _, p in seqs]
     assert first_answer_tokens(seqs, sum(answer[:2])) == seqs[:2]
     assert first_answer_tokens(seqs, sum(answer[:2]) + answer[2] - 1) == seqs[:2]
+
+
+def test_generation_stops_starting_prompts_at_the_target(tiny, tmp_path):
+    """Once the answers finished reach ``target_tokens``, no further prompt starts even inside a chunk;
+    the answers in flight finish (so at most one slot-load of answers past the target)."""
+
+    class Tok:
+        def apply_chat_template(self, messages, add_generation_prompt, tokenize):
+            return [1 + ord(c) % 60 for c in messages[-1]["content"]]
+
+    prompts = [(f"p{i}", f"prompt number {i}") for i in range(40)]
+    store = DataStore(tmp_path / "data")
+    generate_data(tiny, Tok(), store, prompts, target_tokens=30, max_new=10, slots=2, seed=0, eos=[], chunk=40)
+    assert 30 <= store.meta["answer_tokens"] <= 30 + 2 * 10 and store.meta["sequences"] < 10
