@@ -299,11 +299,13 @@ def train_draft(
         "dtype": str(target.dtype),
         "data": {
             "sequences": len(seqs),
-            "answer_tokens": store.meta["answer_tokens"],
-            "prompt_tokens": store.meta["prompt_tokens"],
+            "answer_tokens": sum(len(t) - p for t, _, p in seqs),
+            "prompt_tokens": sum(p for _, _, p in seqs),
+            "stored_answer_tokens": store.meta["answer_tokens"],
             "generation_seconds": store.meta["gen_seconds"],
             "max_new_tokens": max_new,
-            "prompt_sources": sorted({k.split(":")[0] for k, _ in all_prompts}),
+            # what was trained on: the store keeps sequences in order, keyed by their prompt
+            "prompt_sources": sorted({k.split(":")[0] for k in store.meta["done"][: len(seqs)]}),
             "held_out_rule": "Spec-Bench question_id % 4 == 0 is never trained on",
         },
         "head": {"params": head.param_count(), "draft_vocab": len(ids), "vocab_coverage": round(coverage, 4)},
