@@ -32,7 +32,14 @@ from models.stage import Stage
 from models.text import encode_messages, stop_ids
 from models.verify import Sampling
 from training.log import log
-from training.prompts import SPEC_BENCH_ENV, held_out_questions, load_questions, read_spec_bench, spec_bench_path
+from training.prompts import (
+    EVERYDAY,
+    SPEC_BENCH_ENV,
+    held_out_questions,
+    load_questions,
+    read_spec_bench,
+    spec_bench_path,
+)
 from training.rollouts import Rollout, batch_generate, work_dir
 
 if TYPE_CHECKING:
@@ -245,8 +252,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
     if a.set == "everyday":
-        from meshd.lab.bench import EVERYDAY  # the lab owns the everyday set
-
         questions = EVERYDAY
         if a.speed_per_category > 0:
             p.error("--set everyday replays acceptance only; pass --speed-per-category 0")

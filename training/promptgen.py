@@ -28,6 +28,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from training.prompts import EVERYDAY, held_out_questions, load_questions
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
@@ -212,9 +214,6 @@ class Exclusion:
 
 def evaluation_texts(spec_bench: Path | None = None) -> list[str]:
     """Every prompt the project measures on: the everyday set, and Spec-Bench's held-out split if given."""
-    from meshd.lab.bench import EVERYDAY  # the lab owns the everyday set
-    from training.prompts import held_out_questions, load_questions
-
     texts = [t for q in load_questions(EVERYDAY) for t in q["turns"]]
     if spec_bench is not None:
         texts += [t for q in held_out_questions(spec_bench) for t in q["turns"]]

@@ -17,6 +17,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 PROJECT_PROMPTS = Path(__file__).resolve().parents[1] / "models" / "heads" / "prompts"
+EVERYDAY = Path(__file__).resolve().parents[1] / "meshd" / "lab" / "prompts" / "everyday.jsonl"
+"""The project's everyday prompts (Spec-Bench's format): kept beside the lab's benchmarks, which measure on
+them; training reads them only to keep them out of its data, and the held-out evaluation replays them."""
 SPEC_BENCH_ENV = "MESHD_SPEC_BENCH"
 SPEC_BENCH_SOURCE = "data/spec_bench/question.jsonl of github.com/hemingkx/Spec-Bench"
 

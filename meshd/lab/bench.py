@@ -23,7 +23,7 @@ from meshd.lab.emulate import DeviceEmulation, link_emulation, slowdown
 from meshd.lab.testbed import LoopbackMesh, http
 from meshd.serve.loading import Ticker, quiet, stderr_say
 from meshd.serve.local import LocalModel
-from training.prompts import SPEC_BENCH_ENV, SPEC_BENCH_SOURCE, spec_bench_path
+from training.prompts import EVERYDAY, SPEC_BENCH_ENV, SPEC_BENCH_SOURCE, spec_bench_path
 
 
 @dataclass
@@ -47,9 +47,6 @@ class Run:
     def decode_seconds(self) -> float:
         """Seconds after the prefill: what llama-bench's text-generation figure (tg) times."""
         return self.seconds - self.prefill_seconds if self.prefill_seconds else 0.0
-
-
-EVERYDAY = Path(__file__).resolve().parent / "prompts" / "everyday.jsonl"
 
 
 def question_file(arg: str | None) -> Path:
