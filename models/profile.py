@@ -17,6 +17,7 @@ from typing import Literal
 
 import torch
 
+from models import q4a8
 from models.cache import cache_dir
 from models.layers import causal_mask, dense, float_mask
 from models.ranges import LayerRange
@@ -24,6 +25,11 @@ from models.source import ModelSource
 from models.stage import Stage
 
 SIZES = (1, 2, 4, 8, 16, 32, 64)
+
+WALK_ROWS = 2
+"""Rows of a tree whose logits a verification walk computes, for the cost curve of a stage whose
+quantized LM head works row by row (:meth:`models.stage.Stage.logits_by_row`): the accepted path
+plus the bonus, ~2 at today's acceptance. Charging all T rows made the budget pick trees of 1-3 nodes."""
 
 Clock = Literal["wall", "cpu"]
 CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.thread_time}
@@ -56,11 +62,13 @@ def forward_times(
     clock: Clock = "wall",
     layers: bool = True,
     lm_head: bool = False,
+    lm_rows: int | None = None,
 ) -> dict[int, float]:
     """Seconds of one forward over T new rows after ``context`` cached ones, for each T in ``sizes``.
 
     ``layers``: through the stage's decoder layers; ``lm_head``: then final norm + LM head over the
-    T rows (needs the vocabulary ends; alone, ``layers=False``, it is the originator's share).
+    T rows (needs the vocabulary ends; alone, ``layers=False``, it is the originator's share), or
+    over at most ``lm_rows`` of them (what a verification walk reads, see :data:`WALK_ROWS`).
     Inputs are random hidden states at the scale of real ones.
     """
     if lm_head and not stage.has_vocab:
@@ -77,7 +85,7 @@ def forward_times(
         def run(x: torch.Tensor = x, pos: torch.Tensor = pos) -> None:
             y = stage.forward_one(x, cache, pos) if layers else x
             if lm_head:
-                stage.logits(y)
+                stage.logits(y if lm_rows is None else y[:lm_rows])
 
         out[t] = _median_seconds(run, repeats, clock, setup=(lambda: cache.truncate(context)) if layers else None)
     return out
@@ -118,9 +126,11 @@ def compare_forward_times(
 def _cache_file(source: ModelSource, stage: Stage, with_lm_head: bool) -> Path:
     dt = str(stage.dtype).removeprefix("torch.")
     kernels = stage.kernels  # packed weights change the curve by a third, quantized ones its slope
+    if kernels == "int4a8":  # our own kernel: a new build may change the curve
+        kernels += "-" + q4a8.build_key()[:8]
     span = stage.layer_range
     name = (
-        f"{source.fingerprint}-{span.first}-{span.stop}-{int(with_lm_head)}-{dt}-{kernels}"
+        f"{source.fingerprint}-{span.first}-{span.stop}-{int(with_lm_head)}-{dt}-{kernels}-walk{WALK_ROWS}"
         f"-t{torch.get_num_threads()}.json"
     )
     return cache_dir("profiles", name)
@@ -161,7 +171,8 @@ def stage_cost_curve(
             return {int(k): float(v) for k, v in json.loads(path.read_text()).items()}
         except (ValueError, OSError):
             pass
-    curve = monotone(forward_times(stage, sizes, repeats=repeats, lm_head=with_lm_head))
+    lm_rows = WALK_ROWS if with_lm_head and stage.logits_per_row else None
+    curve = monotone(forward_times(stage, sizes, repeats=repeats, lm_head=with_lm_head, lm_rows=lm_rows))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(curve))

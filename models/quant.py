@@ -6,6 +6,10 @@ A weight format (``--weights``) says how a stage holds its matrices:
 - ``int8``: int8 with one scale per output row, through ``aten._weight_int8pack_mm``;
 - ``int4``: 4-bit values in groups of 32 along the input with a scale and a zero per group,
   ``w = (q - 8) * scale + zero``, through ``aten._weight_int4pack_mm_for_cpu``;
+- ``int4a8``: the file's Q4_0/Q4_1 blocks as they are (``w = d * q + m``) times activations rounded
+  to int8 per group of 32, as llama.cpp multiplies Q4 by Q8, through :mod:`models.q4a8` (a C
+  kernel built on first use). Its cost grows far less with rows than torch's int4 kernel, which is
+  what lets a tree verify for not much more than one row; other matrices are held as ``native``.
 - ``native``: the kernel closest to each tensor's type in the file (Q8_0 -> int8, Q4_0/Q4_1 ->
   int4, other quantized types -> int8, F32/F16 -> dense);
 - ``auto``: :func:`auto_format`, the fastest format that is exact enough on this CPU.
@@ -18,6 +22,8 @@ What each mapping costs in accuracy (per weight, on top of the file's own quanti
 - Under bf16 activations the kernel wants bf16 scales and zeros: each weight then moves by at most
   2^-9 (8 |scale| + |zero|), i.e. about the bf16 rounding of the weight itself, which is what the
   dequantized bf16 reference also pays.
+- int4a8 adds the activations' rounding: each input moves by at most max|group| / 254, so an output
+  by at most sum over groups of max|x in group| / 254 * sum |w in group| (the weights are exact).
 - Q8_0 -> int8: the kernel has one scale per row, GGUF one per 32 weights, so the row is
   re-quantized: |error| <= max|row| / 254 (half a step of 127 levels over the row's range).
 - dense (F32/F16/safetensors, or a Q8_0 asked for as int4) -> int4: |error| <= (max - min of the
@@ -39,9 +45,10 @@ from typing import Literal
 
 import torch
 
+from models import q4a8
 from models.formats import WEIGHT_FORMATS
 
-Kind = Literal["int8", "int4"]
+Kind = Literal["int8", "int4", "int4a8"]
 GROUP = 32  # GGUF's Q4_0/Q4_1/Q8_0 block, and a group size the int4 kernel takes
 _INT4_ROW_MULTIPLE = 16  # the int4 packer wants the output rows in multiples of 16 (torch 2.13)
 
@@ -57,8 +64,8 @@ class QuantRows:
     parts by rows first, and the int4 layout cannot be joined once packed.
 
     ``int8``: ``q`` int8 (out, in) in [-127, 127], ``scale`` fp32 (out,): ``w = q * scale``.
-    ``int4``: ``q`` uint8 (out, in) in [0, 15], ``scale`` and ``zero`` fp32 (out, in / 32):
-    ``w = (q - 8) * scale + zero`` group by group.
+    ``int4`` / ``int4a8``: ``q`` uint8 (out, in) in [0, 15], ``scale`` and ``zero`` fp32 (out, in / 32):
+    ``w = (q - 8) * scale + zero`` group by group (the two differ in the kernel they are packed for).
     """
 
     kind: Kind
@@ -87,6 +94,8 @@ class QuantRows:
         n, k = self.q.shape
         if self.kind == "int8":
             return QuantWeight("int8", self.q.contiguous(), self.scale.to(dtype).contiguous(), n, k)
+        if self.kind == "int4a8":  # the activations' dtype rides on an empty scales tensor: d and m are in data
+            return QuantWeight("int4a8", q4a8.pack(self.q, self.scale, self.zero), torch.empty(0, dtype=dtype), n, k)
         pad = -n % _INT4_ROW_MULTIPLE  # zero rows (q = 8, scale = zero = 0) whose outputs are cut off
         q, scale, zero = self.q, self.scale, self.zero
         if pad:
@@ -151,8 +160,9 @@ def quantize_int4(w: torch.Tensor) -> QuantRows:
 
 def quantize(w: torch.Tensor, kind: Kind) -> QuantRows:
     """``w`` (out, in) as ``kind``; int4 needs the inputs in whole groups of 32, else int8 is used."""
-    if kind == "int4" and w.shape[1] % GROUP == 0:
-        return quantize_int4(w)
+    if kind in ("int4", "int4a8") and w.shape[1] % GROUP == 0:
+        rows = quantize_int4(w)
+        return rows if kind == "int4" else QuantRows(kind, rows.q, rows.scale, rows.zero)
     return quantize_int8(w)
 
 
@@ -165,6 +175,8 @@ class QuantWeight:
 
     ``int8``: ``data`` int8 (out, in), ``scales`` (out,). ``int4``: ``data`` the kernel's opaque
     layout (out padded to 16), ``scales`` (in / 32, out padded, 2) holding scale and zero.
+    ``int4a8``: ``data`` :func:`models.q4a8.pack`'s layout with the scales inside, ``scales`` empty
+    (it only carries the activations' dtype).
     """
 
     kind: Kind
@@ -197,6 +209,8 @@ class QuantWeight:
                 return x2.new_zeros(*lead, self.out_features)
         if self.kind == "int8":
             y = torch.ops.aten._weight_int8pack_mm(x2, self.data, self.scales)
+        elif self.kind == "int4a8":
+            y = q4a8.matmul(x2, self.data, self.out_features)
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.data, GROUP, self.scales)
             if y.shape[1] != self.out_features:
@@ -207,6 +221,8 @@ class QuantWeight:
         """The dense matrix the kernel multiplies by, in :attr:`dtype` (for export and comparisons)."""
         if self.kind == "int8":
             return (self.data.to(torch.float32) * self.scales.float()[:, None]).to(self.dtype)
+        if self.kind == "int4a8":
+            return q4a8.unpack(self.data, self.out_features).to(self.dtype)
         # the packed layout is the kernel's own: read it back through the kernel with an identity
         eye = torch.eye(self.in_features, dtype=self.dtype)
         return self.matmul(eye).t().contiguous()
@@ -299,8 +315,8 @@ def matrix_kind(fmt: str, qtype: str | None) -> Kind | None:
     under the resolved format ``fmt``: int8, int4 or None for dense."""
     if fmt in ("int8", "int4"):
         return fmt  # type: ignore[return-value]
-    if fmt == "native" and qtype is not None and qtype not in ("F32", "F16", "BF16", "F64"):
-        return "int4" if qtype in ("Q4_0", "Q4_1") else "int8"
+    if fmt in ("native", "int4a8") and qtype is not None and qtype not in ("F32", "F16", "BF16", "F64"):
+        return ("int4" if fmt == "native" else "int4a8") if qtype in ("Q4_0", "Q4_1") else "int8"
     return None
 
 
@@ -312,6 +328,8 @@ def matrix_nbytes(out: int, inp: int, kind: Kind | None, dtype: torch.dtype) -> 
         return out * inp * el
     if kind == "int8" or inp % GROUP:
         return out * inp + out * el
+    if kind == "int4a8":
+        return (out + (-out % q4a8.COLS)) * inp * 5 // 8  # 20 bytes per 32 weights, as in the file
     rows = out + (-out % _INT4_ROW_MULTIPLE)
     return rows * inp // 2 + (inp // GROUP) * rows * 2 * el
 

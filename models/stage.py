@@ -288,6 +288,11 @@ class Stage:
         h = hidden if normed else self.final_norm(hidden)
         return linear(h, self.lm_head_packed).float()
 
+    @property
+    def logits_per_row(self) -> bool:
+        """Whether :meth:`logits_by_row` computes rows one at a time (a quantized LM head)."""
+        return isinstance(self.lm_head_packed, QuantWeight)
+
     def logits_by_row(self, normed: torch.Tensor) -> Callable[[int], torch.Tensor]:
         """Row ``i``'s logits (fp32, as :meth:`logits`) for post-norm rows ``normed``, computed when
         first asked for: what a verification walk (:func:`models.verify.advance`) takes.
@@ -299,7 +304,7 @@ class Stage:
         tests/model/test_quant.py), so the logits are the batched ones exactly. A dense LM head
         (oneDNN) costs nearly the same for 1 or 64 rows: all rows at once.
         """
-        if not isinstance(self.lm_head_packed, QuantWeight):
+        if not self.logits_per_row:
             every = self.logits(normed, normed=True)
             return every.__getitem__
         rows: dict[int, torch.Tensor] = {}

@@ -128,8 +128,9 @@ class TensorReader:
         if self.source.kind != "gguf":
             return quantize(self.read(name), kind)
         self.read_names.append(name)
-        if kind == "int4" and qtype in ("Q4_0", "Q4_1"):
-            return self._unpermute(name, _q4_rows(entry))
+        if kind in ("int4", "int4a8") and qtype in ("Q4_0", "Q4_1"):
+            rows = _q4_rows(entry)
+            return self._unpermute(name, QuantRows(kind, rows.q, rows.scale, rows.zero))
         # re-quantized a slab of rows at a time: a 50k-row vocabulary never exists in fp32 all at once
         out = int(entry.shape[-1])
         parts = [quantize(self._dequantized(entry, a, a + SLAB_ROWS), kind) for a in range(0, out, SLAB_ROWS)]

@@ -1,0 +1,172 @@
+"""The ``int4a8`` kernel: 4-bit weights times 8-bit activations, cheap for a tree's many rows.
+
+torch's int4 CPU kernel computes one activation row at a time, so verifying a tree of n rows costs
+about n one-row products and speculation cannot pay on a CPU. ``q4a8.c`` (next to this file) keeps
+GGUF's 4-bit blocks, rounds the activations to int8 per group of 32 as llama.cpp does for Q4 x Q8,
+and multiplies up to 4 rows with each block of weights it unpacks, so the weights stream from memory
+once for the whole tree. Each row's result is bitwise the same in any batch (see the C file), which
+the lossless oracle needs.
+
+The C file is compiled on first use for this CPU (``cc -O3 -march=native -fopenmp``) into
+``$XDG_CACHE_HOME/meshd/kernels`` (default ``~/.cache``), keyed by the source, the compiler and the
+CPU's flags, and loaded with ctypes; it shares torch's OpenMP runtime, so ``--threads`` applies.
+Where there is no C compiler the format is unavailable and says so; nothing else needs it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from functools import cache
+from pathlib import Path
+
+import torch
+
+GROUP = 32
+COLS = 16  # output columns per block of the packed layout
+GROUP_BYTES = 320  # per block and group: 256 nibble bytes, 16 fp16 scales, 16 fp16 offsets
+SOURCE = Path(__file__).with_name("q4a8.c")
+
+
+class KernelUnavailable(RuntimeError):
+    """The int4a8 kernel cannot be built on this machine (no C compiler, or it failed)."""
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(root) / "meshd" / "kernels"
+
+
+def _cpu_key() -> str:
+    from models.quant import cpu_flags
+
+    return " ".join(sorted(cpu_flags()))
+
+
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fPIC", "-shared")
+
+
+def _compiler() -> str:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if cc is None:
+        raise KernelUnavailable(
+            "--weights int4a8 compiles a small C kernel on first use and found no C compiler; "
+            "install one (e.g. apt-get install gcc) or use --weights native"
+        )
+    return cc
+
+
+@cache
+def build_key() -> str:
+    """What the built library depends on (source, compiler, flags, CPU), hashed: its cache name, and
+    part of the cost curve's, since a changed kernel changes the curve."""
+    cc = _compiler()
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
+    what = repr((version, FLAGS, _cpu_key(), sys.platform)).encode()
+    return hashlib.sha256(SOURCE.read_bytes() + what).hexdigest()[:16]
+
+
+@cache
+def library() -> ctypes.CDLL:
+    """The compiled kernel, built on first use; raises :class:`KernelUnavailable` with what to do."""
+    cc, flags = _compiler(), list(FLAGS)
+    out = _cache_dir() / f"q4a8-{build_key()}.so"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+            built = Path(tmp) / out.name
+            proc = subprocess.run([cc, *flags, str(SOURCE), "-o", str(built), "-lm"], capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise KernelUnavailable(
+                    f"compiling {SOURCE} with {cc} failed ({proc.stderr.strip()[-400:]}); use --weights native"
+                )
+            os.replace(built, out)  # atomic: concurrent daemons may build it at once
+    lib = ctypes.CDLL(str(out))
+    lib.q4a8_matmul.restype = ctypes.c_int
+    lib.q4a8_matmul.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_int,
+        ctypes.c_int64,
+        ctypes.c_int64,
+        ctypes.c_void_p,
+        ctypes.c_int64,
+        ctypes.c_int64,
+        ctypes.c_void_p,
+        ctypes.c_int,
+        ctypes.c_int,
+    ]
+    lib.q4a8_has_vnni.restype = ctypes.c_int
+    return lib
+
+
+def available() -> bool:
+    """Whether the kernel builds here (compiling it if it was not yet)."""
+    try:
+        library()
+    except KernelUnavailable:
+        return False
+    return True
+
+
+def vectorized() -> bool:
+    """Whether the build uses AVX512-VNNI (else plain C, the same numerics, slower)."""
+    return bool(library().q4a8_has_vnni())
+
+
+def pack(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """int4 rows (``q`` uint8 (n, k) in [0, 15]; ``w = (q - 8) * scale + zero`` per group of 32) in the
+    kernel's layout: uint8 (n / 16 rounded up, k / 32, 320).
+
+    The kernel wants ``w = d * q + m``: d = scale, m = zero - 8 * scale, both as fp16. For rows read
+    from a Q4_0/Q4_1 file both are the file's own fp16 values (exact); rows quantized here from
+    dense weights pay one fp16 rounding of each.
+    """
+    n, k = q.shape
+    pad = -n % COLS
+    d, m = scale.float(), zero.float() - 8 * scale.float()
+    if pad:
+        q = torch.cat([q, q.new_zeros(pad, k)])
+        d = torch.cat([d, d.new_zeros(pad, d.shape[1])])
+        m = torch.cat([m, m.new_zeros(pad, m.shape[1])])
+    blocks, groups = (n + pad) // COLS, k // GROUP
+    # (block, column, group, j8, t) -> (block, group, j8, column, t); j8 < 4 low nibbles, >= 4 high
+    qr = q.reshape(blocks, COLS, groups, 8, 4).permute(0, 2, 3, 1, 4)
+    nib = (qr[:, :, :4] | (qr[:, :, 4:] << 4)).reshape(blocks, groups, 256)
+
+    def halves(v: torch.Tensor) -> torch.Tensor:
+        return v.to(torch.float16).reshape(blocks, COLS, groups).permute(0, 2, 1).contiguous().view(torch.uint8)
+
+    return torch.cat([nib.to(torch.uint8), halves(d), halves(m)], dim=-1).contiguous()
+
+
+def unpack(data: torch.Tensor, n: int) -> torch.Tensor:
+    """The fp32 (n, k) matrix a packed weight stands for (``w = d * q + m``)."""
+    blocks, groups, _ = data.shape
+    nib = data[..., :256].reshape(blocks, groups, 4, COLS, 4)
+    q = torch.cat([nib & 0x0F, nib >> 4], dim=2).permute(0, 3, 1, 2, 4).reshape(blocks * COLS, groups * GROUP)
+    d = data[..., 256:288].contiguous().view(torch.float16).float().permute(0, 2, 1).reshape(blocks * COLS, groups)
+    m = data[..., 288:].contiguous().view(torch.float16).float().permute(0, 2, 1).reshape(blocks * COLS, groups)
+    w = q.float().reshape(blocks * COLS, groups, GROUP) * d[..., None] + m[..., None]
+    return w.reshape(blocks * COLS, groups * GROUP)[:n]
+
+
+def matmul(x: torch.Tensor, data: torch.Tensor, out_features: int, *, generic: bool = False) -> torch.Tensor:
+    """``x @ w.T`` for a 2-D contiguous ``x`` (bf16 or fp32; the result in the same dtype)."""
+    if x.dtype not in (torch.bfloat16, torch.float32) or x.dim() != 2 or not x.is_contiguous():
+        raise ValueError(f"int4a8 takes 2-D contiguous bf16/fp32 activations, not {x.dtype} {tuple(x.shape)}")
+    rows, k = x.shape
+    if k != data.shape[1] * GROUP:
+        raise ValueError(f"activations of width {k} for a weight of {data.shape[1] * GROUP} inputs")
+    y = torch.empty(rows, out_features, dtype=x.dtype)
+    bf16 = int(x.dtype == torch.bfloat16)
+    rc = library().q4a8_matmul(
+        x.data_ptr(), bf16, rows, k, data.data_ptr(), data.shape[0], out_features, y.data_ptr(), bf16, int(generic)
+    )
+    if rc != 0:
+        raise MemoryError(f"int4a8: no scratch memory for {rows} x {k} activations")
+    return y

@@ -1,0 +1,142 @@
+"""The int4a8 kernel (models/q4a8.c): 4-bit weights exactly as the file holds them, activations
+rounded to int8 per group of 32, and every row computed the same way in any batch.
+
+The bound on a product is split as in test_quant: the weights are the file's exactly (checked
+element by element), and the activations' rounding moves each input by at most max|group| / 254,
+so an output by at most sum over groups of that times sum |w| over the group (plus fp32 rounding)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from support import assert_matches_greedy, chat_ids, greedy_reference, prompts, rounding_tolerance
+from test_quant import dequantized, logits_of, tiny_gguf  # noqa: F401 (a fixture)
+
+from models import q4a8
+from models.budget import CostCurve, TreeBudget
+from models.drafters import NGramDrafter, load_drafter
+from models.engine import generate
+from models.layers import dense
+from models.quant import QuantWeight, matrix_kind, quantize_int4
+from models.ranges import LayerRange
+from models.stage import Stage, layer_nbytes
+from models.weights import TensorReader
+
+pytestmark = pytest.mark.skipif(not q4a8.available(), reason="no C compiler to build the int4a8 kernel")
+
+
+def random_rows(n: int, k: int, seed: int = 0):
+    torch.manual_seed(seed)
+    return quantize_int4(torch.randn(n, k))
+
+
+def activation_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Per output: sum over groups of (max|x in group| / 254) * sum |w in group|, the int8 rounding's reach."""
+    rows, k = x.shape
+    amax = x.float().abs().reshape(rows, k // 32, 32).amax(dim=-1) / 254  # (rows, groups)
+    wsum = w.abs().reshape(w.shape[0], k // 32, 32).sum(dim=-1)  # (out, groups)
+    return amax @ wsum.T
+
+
+def test_pack_keeps_the_weights_exactly():
+    rows = random_rows(40, 96)  # 40 outputs: the layout pads to blocks of 16
+    # the rows' scale and zero are fp32 here; the layout holds d and m as fp16 (exact for a file's blocks)
+    d, m = rows.scale.half().float(), (rows.zero - 8 * rows.scale).half().float()
+    want = (rows.q.float().reshape(40, 3, 32) * d[..., None] + m[..., None]).reshape(40, 96)
+    assert torch.equal(q4a8.unpack(q4a8.pack(rows.q, rows.scale, rows.zero), 40), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_each_row_alike_in_any_batch_and_code_path(dtype):
+    """The oracle's premise: a row's product does not depend on the rows beside it (tiles of 4, short
+    last tiles, the thread split), nor on the code path (AVX512-VNNI where built, plain C)."""
+    rows = random_rows(72, 160, seed=1)
+    data = q4a8.pack(rows.q, rows.scale, rows.zero)
+    torch.manual_seed(2)
+    x = torch.randn(11, 160).to(dtype)
+    batched = q4a8.matmul(x, data, 72)
+    assert batched.dtype == dtype and batched.shape == (11, 72)
+    for split in ([1] * 11, [3, 5, 3], [4, 7], [2, 9]):
+        parts = torch.split(x, split)
+        assert torch.equal(torch.cat([q4a8.matmul(p.contiguous(), data, 72) for p in parts]), batched)
+    assert torch.equal(q4a8.matmul(x, data, 72, generic=True), batched)
+
+
+def test_product_within_the_activations_rounding():
+    rows = random_rows(64, 256, seed=3)
+    data = q4a8.pack(rows.q, rows.scale, rows.zero)
+    w = q4a8.unpack(data, 64)
+    torch.manual_seed(4)
+    x = torch.randn(9, 256) * torch.logspace(-2, 1, 256)  # groups of very different magnitudes
+    got, want = q4a8.matmul(x, data, 64), x @ w.T
+    bound = activation_bound(x, w) * (1 + 1e-3) + rounding_tolerance(torch.float32, 256, (x.abs() @ w.abs().T).max())
+    assert ((got - want).abs() <= bound).all()
+    assert (got - want).abs().max() > 0  # the activations really were rounded (not a dense product)
+
+
+def test_zero_rows_and_bad_inputs():
+    rows = random_rows(16, 64)
+    data = q4a8.pack(rows.q, rows.scale, rows.zero)
+    assert torch.equal(q4a8.matmul(torch.zeros(2, 64), data, 16), torch.zeros(2, 16))
+    with pytest.raises(ValueError, match="width"):
+        q4a8.matmul(torch.zeros(2, 32), data, 16)
+    with pytest.raises(ValueError, match="contiguous"):
+        q4a8.matmul(torch.zeros(64, 2).t(), data, 16)
+
+
+def test_q4_file_blocks_held_as_they_are(tiny_gguf):  # noqa: F811
+    for qtype in ("Q4_0", "Q4_1"):
+        q = Stage.load(tiny_gguf[qtype], dtype="fp32", weights="int4a8")
+        ref = Stage.load(tiny_gguf[qtype], dtype="fp32", weights="fp32")
+        for a, b in zip(q.layers, ref.layers):
+            assert isinstance(a.w_gate_up, QuantWeight) and a.w_gate_up.kind == "int4a8"
+            assert torch.equal(a.w_gate_up.dequantize(), dense(b.w_gate_up))
+    assert matrix_kind("int4a8", "Q8_0") == "int8" and matrix_kind("int4a8", None) is None  # as native holds them
+
+
+def test_forward_error_comparable_to_bf16_activations(tiny_gguf):  # noqa: F811
+    """A whole forward on the kernel against the same weights dense in fp32: int8 activations (about
+    2^-8 of a group's largest input) lose a few times what bf16 activations (2^-9 of each input)
+    lose on torch's int4 kernel, and no more. The tiny random model amplifies both through its layers
+    (~3 % for bf16), so the comparison, not an absolute bound, is what holds on any CPU."""
+    ids = torch.arange(40) % 64
+    want = logits_of(dequantized(Stage.load(tiny_gguf["Q4_1"], dtype="fp32", weights="native")), ids)
+    ours = logits_of(Stage.load(tiny_gguf["Q4_1"], dtype="fp32", weights="int4a8"), ids)
+    bf16 = logits_of(Stage.load(tiny_gguf["Q4_1"], dtype="bf16", weights="native"), ids)
+    assert 0 < (ours - want).abs().max() <= 4 * (bf16 - want).abs().max()
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_spec_equals_greedy_on_int4a8(tiny_gguf, dtype):  # noqa: F811
+    target = Stage.load(tiny_gguf["Q4_1"], dtype=dtype, weights="int4a8")
+    g = torch.Generator().manual_seed(3)
+    for curve in ({1: 1.0, 64: 1.0}, {1: 1.0, 64: 20.0}):  # flat (big trees) and steep
+        prompt = torch.randint(0, 64, (12,), generator=g).tolist()
+        want, gaps = greedy_reference(target, prompt, 40, set())
+        res = generate(target, prompt, max_new_tokens=40, drafter=NGramDrafter(), budget=TreeBudget(CostCurve(curve)))
+        assert_matches_greedy(res.token_ids, want, gaps)
+
+
+def test_partial_load_and_bytes(tiny_gguf):  # noqa: F811
+    src = tiny_gguf["Q4_1"]
+    reader = TensorReader(src)
+    part = Stage.load(src, LayerRange(1, 3), vocab=False, dtype="bf16", weights="int4a8", reader=reader)
+    assert sorted({n.split(".")[2] for n in reader.read_names}) == ["1", "2"]
+    one = Stage.load(src, LayerRange(2, 3), vocab=False, dtype="bf16", weights="int4a8")
+    assert layer_nbytes(src, "int4a8", torch.bfloat16, index=2) == one.nbytes()
+    assert part.weights == "int4a8"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_embedded_spec_equals_greedy_on_int4a8(embedded_source, embedded_tokenizer):
+    """The real model on the kernel, with the shipped EAGLE head and n-gram candidates: lossless."""
+    target = Stage.load(embedded_source, dtype="bf16", weights="int4a8")
+    drafter = load_drafter("auto", target, source=embedded_source)
+    eos = set(target.cfg.eos_token_ids)
+    for q in prompts(1, categories=2):
+        prompt = chat_ids(embedded_tokenizer, q["turns"][0])
+        want, gaps = greedy_reference(target, prompt, 48, eos)
+        res = generate(target, prompt, max_new_tokens=48, drafter=drafter, eos_ids=sorted(eos))
+        assert_matches_greedy(res.token_ids, want, gaps)
+        assert res.stats.mean_accepted > 1.0
