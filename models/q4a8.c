@@ -29,11 +29,20 @@
 #else
 #define Q4A8_VNNI 0
 #endif
+#if Q4A8_VNNI && defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#define Q4A8_AMX 1
+#else
+#define Q4A8_AMX 0
+#endif
 
 #define GROUP 32
 #define COLS 16
 #define TILE 4
 #define GROUP_BYTES 320
+#define AMX_ROWS 16    /* rows per AMX tile */
+#define AMX_MIN_ROWS 6 /* from this many rows on AMX beats tiles of 4 (tools/issue11/q4a8_rows.py) */
 
 int q4a8_has_vnni(void) { return Q4A8_VNNI; }
 
@@ -99,7 +108,7 @@ static void quantize_row(const void *x, int bf16, int64_t k, int8_t *a, float *s
 
 /* Columns [16 * blk, 16 * blk + 16) for TILE rows (some may repeat row 0); out[r][c] in fp32. */
 static void block_generic(const uint8_t *wb, int64_t groups, const int8_t *const *a, const float *const *s,
-                          const float *const *sa, float out[TILE][COLS]) {
+                          const float *const *sa, float out[][COLS]) {
     for (int r = 0; r < TILE; r++)
         for (int c = 0; c < COLS; c++) out[r][c] = 0.0f;
     for (int64_t g = 0; g < groups; g++) {
@@ -131,7 +140,7 @@ static void block_generic(const uint8_t *wb, int64_t groups, const int8_t *const
  * product does one row's work, not a tile's. */
 static inline __attribute__((always_inline)) void block_vnni(const uint8_t *wb, int64_t groups,
                                                              const int8_t *const *a, const float *const *s,
-                                                             const float *const *sa, float out[TILE][COLS],
+                                                             const float *const *sa, float out[][COLS],
                                                              const int rows) {
     const __m512i low = _mm512_set1_epi8(0x0f);
     __m512 acc[TILE];
@@ -159,7 +168,7 @@ static inline __attribute__((always_inline)) void block_vnni(const uint8_t *wb, 
 }
 
 static void block_vnni_rows(const uint8_t *wb, int64_t groups, const int8_t *const *a, const float *const *s,
-                            const float *const *sa, float out[TILE][COLS], int rows) {
+                            const float *const *sa, float out[][COLS], int rows) {
     switch (rows) {
     case 1: block_vnni(wb, groups, a, s, sa, out, 1); break;
     case 2: block_vnni(wb, groups, a, s, sa, out, 2); break;
@@ -169,13 +178,123 @@ static void block_vnni_rows(const uint8_t *wb, int64_t groups, const int8_t *con
 }
 #endif
 
+#if Q4A8_AMX
+/* AMX: the int32 group sums of 16 rows at once (one tile product per block and group), then the
+ * very epilogue block_vnni applies, row by row: the same floats in the same order. */
+static int amx_state = -1; /* -1: not asked yet, 0: refused by the kernel, 1: granted */
+
+int q4a8_amx(void) {
+    if (amx_state < 0) amx_state = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+    return amx_state;
+}
+
+static void amx_configure(void) {
+    struct {
+        uint8_t palette, start_row, reserved[14];
+        uint16_t colsb[16];
+        uint8_t rows[16];
+    } __attribute__((packed, aligned(64))) cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int t = 0; t < 4; t++) cfg.rows[t] = AMX_ROWS, cfg.colsb[t] = COLS * 4; /* sums: 16 x 16 int32 */
+    for (int t = 4; t < 6; t++) cfg.rows[t] = AMX_ROWS, cfg.colsb[t] = GROUP;    /* activations: one group */
+    for (int t = 6; t < 8; t++) cfg.rows[t] = GROUP / 4, cfg.colsb[t] = COLS * 4; /* weights: 8 x (16 x 4) */
+    _tile_loadconfig(&cfg);
+}
+
+/* Rows [r0, r0 + rows) of the padded activations a (AMX_ROWS rows readable from r0). Groups go
+ * four at a time through four sum tiles, so the tile products of one batch overlap instead of each
+ * waiting for the last one's store; the epilogue then takes the groups in ascending order. */
+static void block_amx(const uint8_t *wb, int64_t groups, const int8_t *a, int64_t k, const float *s,
+                      const float *sa, int rows, float out[AMX_ROWS][COLS]) {
+    const __m512i low = _mm512_set1_epi8(0x0f);
+    int32_t sums[4][AMX_ROWS][COLS] __attribute__((aligned(64)));
+    uint8_t b[4][GROUP / 4][COLS * 4] __attribute__((aligned(64)));
+    for (int r = 0; r < rows; r++) _mm512_storeu_ps(out[r], _mm512_setzero_ps());
+    for (int64_t g0 = 0; g0 < groups; g0 += 4) {
+        int batch = groups - g0 < 4 ? (int)(groups - g0) : 4;
+        for (int i = 0; i < batch; i++) {
+            const uint8_t *p = wb + (g0 + i) * GROUP_BYTES;
+            for (int j = 0; j < 4; j++) {
+                __m512i raw = _mm512_loadu_si512((const void *)(p + 64 * j));
+                _mm512_store_si512((void *)b[i][j], _mm512_and_si512(raw, low));
+                _mm512_store_si512((void *)b[i][j + 4], _mm512_and_si512(_mm512_srli_epi16(raw, 4), low));
+            }
+        }
+        const int8_t *ag = a + g0 * GROUP;
+        /* tile numbers are immediates: the four products spelled out (a short batch stops early) */
+        _tile_zero(0);
+        _tile_loadd(4, ag, k);
+        _tile_loadd(6, b[0], COLS * 4);
+        _tile_dpbsud(0, 4, 6);
+        if (batch > 1) {
+            _tile_zero(1);
+            _tile_loadd(5, ag + GROUP, k);
+            _tile_loadd(7, b[1], COLS * 4);
+            _tile_dpbsud(1, 5, 7);
+        }
+        if (batch > 2) {
+            _tile_zero(2);
+            _tile_loadd(4, ag + 2 * GROUP, k);
+            _tile_loadd(6, b[2], COLS * 4);
+            _tile_dpbsud(2, 4, 6);
+        }
+        if (batch > 3) {
+            _tile_zero(3);
+            _tile_loadd(5, ag + 3 * GROUP, k);
+            _tile_loadd(7, b[3], COLS * 4);
+            _tile_dpbsud(3, 5, 7);
+        }
+        _tile_stored(0, sums[0], COLS * 4);
+        if (batch > 1) _tile_stored(1, sums[1], COLS * 4);
+        if (batch > 2) _tile_stored(2, sums[2], COLS * 4);
+        if (batch > 3) _tile_stored(3, sums[3], COLS * 4);
+        __m512 d[4], m[4];
+        for (int i = 0; i < batch; i++) {
+            const uint8_t *p = wb + (g0 + i) * GROUP_BYTES;
+            d[i] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p + 256)));
+            m[i] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p + 288)));
+        }
+        for (int r = 0; r < rows; r++) {
+            __m512 acc = _mm512_loadu_ps(out[r]);
+            for (int i = 0; i < batch; i++) {
+                int64_t g = g0 + i;
+                __m512 scale = _mm512_mul_ps(d[i], _mm512_set1_ps(s[r * groups + g]));
+                acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512((const void *)sums[i][r])), scale, acc);
+                acc = _mm512_fmadd_ps(m[i], _mm512_set1_ps(sa[r * groups + g]), acc);
+            }
+            _mm512_storeu_ps(out[r], acc);
+        }
+    }
+}
+#else
+int q4a8_amx(void) { return 0; }
+#endif
+
+static void store_rows(float out[][COLS], int rows, int64_t r0, int64_t c0, int64_t n_out, void *y, int y_bf16) {
+    int64_t cols = n_out - c0 < COLS ? n_out - c0 : COLS;
+    for (int r = 0; r < rows; r++) {
+        size_t at = (size_t)((r0 + r) * n_out + c0);
+        if (y_bf16)
+            for (int64_t c = 0; c < cols; c++) ((uint16_t *)y)[at + c] = float_to_bf16(out[r][c]);
+        else
+            for (int64_t c = 0; c < cols; c++) ((float *)y)[at + c] = out[r][c];
+    }
+}
+
 /* y[M, n_out] = x[M, K] @ W.T, W packed as described above with n_blocks * 16 >= n_out columns.
- * x and y are bf16 (flag set) or fp32; K is a multiple of 32. generic != 0 forces the plain C path
- * (the tests compare the two). Returns 0, or -1 when scratch memory could not be had. */
+ * x and y are bf16 (flag set) or fp32; K is a multiple of 32. path: 0 the fastest this build and
+ * CPU have for the number of rows, 1 plain C, 2 AVX512-VNNI tiles of 4 rows, 3 AMX tiles of 16 (the
+ * tests compare them; an unavailable one falls back). Returns 0, or -1 when scratch memory could
+ * not be had. */
 int q4a8_matmul(const void *x, int x_bf16, int64_t rows, int64_t k, const uint8_t *w, int64_t n_blocks,
-                int64_t n_out, void *y, int y_bf16, int generic) {
+                int64_t n_out, void *y, int y_bf16, int path) {
     int64_t groups = k / GROUP;
-    int8_t *a = malloc((size_t)(rows * k));
+    int amx = (path == 3 || (path == 0 && rows >= AMX_MIN_ROWS)) && q4a8_amx();
+    int vnni = Q4A8_VNNI && !amx && path != 1;
+    int64_t th = amx ? AMX_ROWS : TILE, tiles = (rows + th - 1) / th;
+    /* AMX reads whole 16-row tiles of activations: the rows past the last are zeros */
+    int8_t *a = calloc((size_t)(tiles * th * k), 1);
     float *s = malloc((size_t)(rows * groups) * sizeof(float) * 2);
     if (!a || !s) {
         free(a);
@@ -187,36 +306,46 @@ int q4a8_matmul(const void *x, int x_bf16, int64_t rows, int64_t k, const uint8_
     for (int64_t r = 0; r < rows; r++)
         quantize_row((const char *)x + (size_t)(r * k) * x_el, x_bf16, k, a + r * k, s + r * groups,
                      sa + r * groups);
-    int64_t tiles = (rows + TILE - 1) / TILE, work = n_blocks * tiles;
+    int64_t work = n_blocks * tiles;
     int serial = rows * k * n_blocks * COLS < (int64_t)1 << 18;
-#pragma omp parallel for schedule(static) if (!serial)
-    for (int64_t item = 0; item < work; item++) {
-        /* blocks outermost within a thread's run: a block's weights stay in cache over its tiles */
-        int64_t blk = item / tiles, r0 = (item % tiles) * TILE;
-        const int8_t *ap[TILE];
-        const float *sp[TILE], *sap[TILE];
-        for (int r = 0; r < TILE; r++) {
-            int64_t row = r0 + r < rows ? r0 + r : r0; /* a short last tile repeats its first row */
-            ap[r] = a + row * k;
-            sp[r] = s + row * groups;
-            sap[r] = sa + row * groups;
-        }
-        float out[TILE][COLS];
-        const uint8_t *wb = w + (size_t)(blk * groups) * GROUP_BYTES;
-#if Q4A8_VNNI
-        if (!generic)
-            block_vnni_rows(wb, groups, ap, sp, sap, out, rows - r0 < TILE ? (int)(rows - r0) : TILE);
-        else
+#pragma omp parallel if (!serial)
+    {
+#if Q4A8_AMX
+        if (amx) amx_configure(); /* tile state is per thread */
 #endif
-            block_generic(wb, groups, ap, sp, sap, out);
-        int64_t c0 = blk * COLS, cols = n_out - c0 < COLS ? n_out - c0 : COLS;
-        for (int r = 0; r < TILE && r0 + r < rows; r++) {
-            size_t at = (size_t)((r0 + r) * n_out + c0);
-            if (y_bf16)
-                for (int64_t c = 0; c < cols; c++) ((uint16_t *)y)[at + c] = float_to_bf16(out[r][c]);
+#pragma omp for schedule(static)
+        for (int64_t item = 0; item < work; item++) {
+            /* blocks outermost within a thread's run: a block's weights stay in cache over its tiles */
+            int64_t blk = item / tiles, r0 = (item % tiles) * th;
+            int n = rows - r0 < th ? (int)(rows - r0) : (int)th;
+            const uint8_t *wb = w + (size_t)(blk * groups) * GROUP_BYTES;
+            float out[AMX_ROWS][COLS];
+#if Q4A8_AMX
+            if (amx) {
+                block_amx(wb, groups, a + r0 * k, k, s + r0 * groups, sa + r0 * groups, n, out);
+                store_rows(out, n, r0, blk * COLS, n_out, y, y_bf16);
+                continue;
+            }
+#endif
+            const int8_t *ap[TILE];
+            const float *sp[TILE], *sap[TILE];
+            for (int r = 0; r < TILE; r++) {
+                int64_t row = r0 + r < rows ? r0 + r : r0; /* a short last tile repeats its first row */
+                ap[r] = a + row * k;
+                sp[r] = s + row * groups;
+                sap[r] = sa + row * groups;
+            }
+#if Q4A8_VNNI
+            if (vnni)
+                block_vnni_rows(wb, groups, ap, sp, sap, out, n);
             else
-                for (int64_t c = 0; c < cols; c++) ((float *)y)[at + c] = out[r][c];
+#endif
+                block_generic(wb, groups, ap, sp, sap, out);
+            store_rows(out, n, r0, blk * COLS, n_out, y, y_bf16);
         }
+#if Q4A8_AMX
+        if (amx) _tile_release();
+#endif
     }
     free(a);
     free(s);

@@ -101,6 +101,7 @@ def library() -> ctypes.CDLL:
         ctypes.c_int,
     ]
     lib.q4a8_has_vnni.restype = ctypes.c_int
+    lib.q4a8_amx.restype = ctypes.c_int
     return lib
 
 
@@ -116,6 +117,16 @@ def available() -> bool:
 def vectorized() -> bool:
     """Whether the build uses AVX512-VNNI (else plain C, the same numerics, slower)."""
     return bool(library().q4a8_has_vnni())
+
+
+def amx() -> bool:
+    """Whether products of 6 rows or more go through AMX tiles (the build has them and Linux granted
+    this process the tile state)."""
+    return bool(library().q4a8_amx())
+
+
+PATHS = {"auto": 0, "c": 1, "vnni": 2, "amx": 3}
+"""The kernel's code paths (``auto``: the fastest for the rows); all compute the same bits."""
 
 
 def pack(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
@@ -155,8 +166,9 @@ def unpack(data: torch.Tensor, n: int) -> torch.Tensor:
     return w.reshape(blocks * COLS, groups * GROUP)[:n]
 
 
-def matmul(x: torch.Tensor, data: torch.Tensor, out_features: int, *, generic: bool = False) -> torch.Tensor:
-    """``x @ w.T`` for a 2-D contiguous ``x`` (bf16 or fp32; the result in the same dtype)."""
+def matmul(x: torch.Tensor, data: torch.Tensor, out_features: int, *, path: str = "auto") -> torch.Tensor:
+    """``x @ w.T`` for a 2-D contiguous ``x`` (bf16 or fp32; the result in the same dtype); ``path``
+    one of :data:`PATHS` (an unavailable one falls back to the next slower)."""
     if x.dtype not in (torch.bfloat16, torch.float32) or x.dim() != 2 or not x.is_contiguous():
         raise ValueError(f"int4a8 takes 2-D contiguous bf16/fp32 activations, not {x.dtype} {tuple(x.shape)}")
     rows, k = x.shape
@@ -165,7 +177,7 @@ def matmul(x: torch.Tensor, data: torch.Tensor, out_features: int, *, generic: b
     y = torch.empty(rows, out_features, dtype=x.dtype)
     bf16 = int(x.dtype == torch.bfloat16)
     rc = library().q4a8_matmul(
-        x.data_ptr(), bf16, rows, k, data.data_ptr(), data.shape[0], out_features, y.data_ptr(), bf16, int(generic)
+        x.data_ptr(), bf16, rows, k, data.data_ptr(), data.shape[0], out_features, y.data_ptr(), bf16, PATHS[path]
     )
     if rc != 0:
         raise MemoryError(f"int4a8: no scratch memory for {rows} x {k} activations")
