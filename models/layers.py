@@ -17,6 +17,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from models import q4a8
 from models.config import ModelConfig, ModelError
 from models.quant import QuantWeight
 
@@ -85,6 +86,27 @@ def dense(w: Weight | None) -> torch.Tensor | None:
     if isinstance(w, QuantWeight):
         return w.dequantize()
     return w.to_dense() if w is not None and w.is_mkldnn else w
+
+
+def normed_linear(
+    x: torch.Tensor, norm: torch.Tensor | None, eps: float, w: Weight, b: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``linear(rms_norm(x, norm, eps), w, b)`` (no norm when ``norm`` is None). An ``int4a8`` weight
+    takes the norm into its kernel (:func:`models.q4a8.matmul`), which reads and rounds each row
+    anyway: two torch calls of ~15 us fewer per layer, 0.9 ms of a one-row forward of the embedded
+    model. Every row of every batch goes the same way, so speculation still checks like against like."""
+    if (
+        norm is not None
+        and isinstance(w, QuantWeight)
+        and w.kind == "int4a8"
+        and x.dim() == 2
+        and x.dtype == w.dtype == norm.dtype
+        and x.is_contiguous()
+        and x.shape[0]
+    ):
+        y = q4a8.matmul(x, w.data, w.out_features, norm=norm, eps=eps)
+        return y if b is None else y + b
+    return linear(rms_norm(x, norm, eps) if norm is not None else x, w, b)
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -227,14 +249,12 @@ def decoder_layer(
     views; the residual adds go into the projections' fresh outputs where no gradient is needed.
     """
     nq, nkv, d = shape.n_heads, shape.n_kv_heads, shape.head_dim
-    h = rms_norm(x, layer.attn_norm, shape.rms_eps) if layer.attn_norm is not None else x
-    qkv = linear(h, layer.wqkv, layer.bqkv)
+    qkv = normed_linear(x, layer.attn_norm, shape.rms_eps, layer.wqkv, layer.bqkv)
     qk = rotate(qkv[..., : (nq + nkv) * d].unflatten(-1, (nq + nkv, d)).transpose(-3, -2), cos, sin)
     v = qkv[..., (nq + nkv) * d :].unflatten(-1, (nkv, d)).transpose(-3, -2)
     o = attend(qk[..., :nq, :, :], qk[..., nq:, :, :], v)
     x = _residual(x, linear(o.transpose(-3, -2).flatten(-2), layer.wo))
-    h = rms_norm(x, layer.ffn_norm, shape.rms_eps)
-    gate, up = linear(h, layer.w_gate_up).chunk(2, dim=-1)
+    gate, up = normed_linear(x, layer.ffn_norm, shape.rms_eps, layer.w_gate_up).chunk(2, dim=-1)
     return _residual(x, linear(F.silu(gate) * up, layer.w_down))
 
 

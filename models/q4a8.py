@@ -99,6 +99,8 @@ def library() -> ctypes.CDLL:
         ctypes.c_void_p,
         ctypes.c_int,
         ctypes.c_int,
+        ctypes.c_void_p,
+        ctypes.c_float,
     ]
     lib.q4a8_has_vnni.restype = ctypes.c_int
     lib.q4a8_amx.restype = ctypes.c_int
@@ -166,18 +168,41 @@ def unpack(data: torch.Tensor, n: int) -> torch.Tensor:
     return w.reshape(blocks * COLS, groups * GROUP)[:n]
 
 
-def matmul(x: torch.Tensor, data: torch.Tensor, out_features: int, *, path: str = "auto") -> torch.Tensor:
+def matmul(
+    x: torch.Tensor,
+    data: torch.Tensor,
+    out_features: int,
+    *,
+    path: str = "auto",
+    norm: torch.Tensor | None = None,
+    eps: float = 0.0,
+) -> torch.Tensor:
     """``x @ w.T`` for a 2-D contiguous ``x`` (bf16 or fp32; the result in the same dtype); ``path``
-    one of :data:`PATHS` (an unavailable one falls back to the next slower)."""
+    one of :data:`PATHS` (an unavailable one falls back to the next slower). With ``norm`` (an RMS
+    norm's weight, in ``x``'s dtype): ``rms_norm(x, norm, eps) @ w.T``, the norm computed in the
+    kernel as :func:`models.layers.rms_norm` defines it."""
     if x.dtype not in (torch.bfloat16, torch.float32) or x.dim() != 2 or not x.is_contiguous():
         raise ValueError(f"int4a8 takes 2-D contiguous bf16/fp32 activations, not {x.dtype} {tuple(x.shape)}")
     rows, k = x.shape
     if k != data.shape[1] * GROUP:
         raise ValueError(f"activations of width {k} for a weight of {data.shape[1] * GROUP} inputs")
+    if norm is not None and (norm.dtype != x.dtype or norm.shape != (k,) or not norm.is_contiguous()):
+        raise ValueError(f"a norm weight of {k} {x.dtype} values, not {norm.dtype} {tuple(norm.shape)}")
     y = torch.empty(rows, out_features, dtype=x.dtype)
     bf16 = int(x.dtype == torch.bfloat16)
     rc = library().q4a8_matmul(
-        x.data_ptr(), bf16, rows, k, data.data_ptr(), data.shape[0], out_features, y.data_ptr(), bf16, PATHS[path]
+        x.data_ptr(),
+        bf16,
+        rows,
+        k,
+        data.data_ptr(),
+        data.shape[0],
+        out_features,
+        y.data_ptr(),
+        bf16,
+        PATHS[path],
+        None if norm is None else norm.data_ptr(),
+        eps,
     )
     if rc != 0:
         raise MemoryError(f"int4a8: no scratch memory for {rows} x {k} activations")

@@ -16,7 +16,7 @@ from models import q4a8
 from models.budget import CostCurve, TreeBudget
 from models.drafters import NGramDrafter, load_drafter
 from models.engine import generate
-from models.layers import dense
+from models.layers import dense, rms_norm
 from models.quant import QuantWeight, matrix_kind, quantize_int4
 from models.ranges import LayerRange
 from models.stage import Stage, layer_nbytes
@@ -73,6 +73,26 @@ def test_product_within_the_activations_rounding():
     bound = activation_bound(x, w) * (1 + 1e-3) + rounding_tolerance(torch.float32, 256, (x.abs() @ w.abs().T).max())
     assert ((got - want).abs() <= bound).all()
     assert (got - want).abs().max() > 0  # the activations really were rounded (not a dense product)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_fused_into_the_kernel(dtype):
+    """models.layers.normed_linear's fast path: the norm computed in the kernel as rms_norm defines it
+    (its statistics summed in another order, so a normalised value may round the other way: within
+    the activations' rounding of the unfused product), each row alike in any batch."""
+    rows = random_rows(48, 192, seed=5)
+    data = q4a8.pack(rows.q, rows.scale, rows.zero)
+    torch.manual_seed(6)
+    x, norm = (torch.randn(13, 192) * 3).to(dtype), (torch.rand(192) + 0.5).to(dtype)
+    fused = q4a8.matmul(x, data, 48, norm=norm, eps=1e-5)
+    h = rms_norm(x, norm, 1e-5)
+    unfused = q4a8.matmul(h, data, 48)
+    w = q4a8.unpack(data, 48)
+    assert ((fused.float() - unfused.float()).abs() <= 2 * activation_bound(h, w) + 0.02 * unfused.abs().max()).all()
+    parts = [q4a8.matmul(p.contiguous(), data, 48, norm=norm, eps=1e-5) for p in torch.split(x, [1, 4, 8])]
+    assert torch.equal(torch.cat(parts), fused)
+    with pytest.raises(ValueError, match="norm weight"):
+        q4a8.matmul(x, data, 48, norm=norm[:10], eps=1e-5)
 
 
 def test_zero_rows_and_bad_inputs():
@@ -134,6 +154,9 @@ def test_embedded_spec_equals_greedy_on_int4a8(embedded_source, embedded_tokeniz
     """The real model on the kernel, with the shipped EAGLE head and n-gram candidates: lossless."""
     target = Stage.load(embedded_source, dtype="bf16", weights="int4a8")
     drafter = load_drafter("auto", target, source=embedded_source)
+    head = next(p for p in drafter.parts if hasattr(p, "head")).head
+    with torch.inference_mode():  # the head's matrices drafted through the same kernel
+        assert head.layer().w_gate_up.kind == "int4a8"
     eos = set(target.cfg.eos_token_ids)
     for q in prompts(1, categories=2):
         prompt = chat_ids(embedded_tokenizer, q["turns"][0])
