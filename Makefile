@@ -22,19 +22,21 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(BIN)/meshd demo
 
-# tests/serve/test_systemd.py runs `systemd-analyze verify` on the unit and tests/serve/test_page.py drives
-# the live page in a headless Chromium; fresh Debian/Ubuntu images may lack both, so install them when we
-# can (root + apt) and say how otherwise (without Chromium the page test is skipped, not failed).
+# tests/serve/test_systemd.py runs `systemd-analyze verify` on the unit, tests/serve/test_page.py drives
+# the live page in a headless Chromium and tests/model/test_q4a8.py builds the int4a8 kernel with a C
+# compiler; fresh Debian/Ubuntu images may lack them, so install them when we can (root + apt) and say
+# how otherwise (without Chromium the page test is skipped, not failed).
 test-tools:
 	@missing=""; \
 	command -v systemd-analyze >/dev/null 2>&1 || missing="$$missing systemd"; \
 	command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || missing="$$missing chromium"; \
+	command -v cc >/dev/null 2>&1 || command -v gcc >/dev/null 2>&1 || missing="$$missing gcc"; \
 	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	  echo "installing$$missing (systemd-analyze; a headless browser for the live page test)"; \
+	  echo "installing$$missing (systemd-analyze; a headless browser for the live page test; a C compiler)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	elif [ -n "$$missing" ]; then \
 	  echo "missing:$$missing; install them (e.g. sudo apt-get install$$missing)" >&2; \
-	  case "$$missing" in *systemd*) exit 1;; esac; \
+	  case "$$missing" in *systemd*|*gcc*) exit 1;; esac; \
 	fi
 
 test: $(STAMP) test-tools

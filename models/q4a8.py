@@ -52,10 +52,12 @@ FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fPIC", "-sha
 
 
 def _compiler() -> str:
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    given = os.environ.get("CC")
+    cc = shutil.which(given) if given else shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if cc is None:
+        what = f"$CC ({given}) is not a program" if given else "found no C compiler (cc, gcc, clang)"
         raise KernelUnavailable(
-            "--weights int4a8 compiles a small C kernel on first use and found no C compiler; "
+            f"--weights int4a8 compiles a small C kernel on first use and {what}; "
             "install one (e.g. apt-get install gcc) or use --weights native"
         )
     return cc

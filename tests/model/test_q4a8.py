@@ -7,6 +7,10 @@ so an output by at most sum over groups of that times sum |w| over the group (pl
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from support import assert_matches_greedy, chat_ids, greedy_reference, prompts, rounding_tolerance
@@ -21,8 +25,6 @@ from models.quant import QuantWeight, matrix_kind, quantize_int4
 from models.ranges import LayerRange
 from models.stage import Stage, layer_nbytes
 from models.weights import TensorReader
-
-pytestmark = pytest.mark.skipif(not q4a8.available(), reason="no C compiler to build the int4a8 kernel")
 
 
 def random_rows(n: int, k: int, seed: int = 0):
@@ -146,6 +148,25 @@ def test_partial_load_and_bytes(tiny_gguf):  # noqa: F811
     one = Stage.load(src, LayerRange(2, 3), vocab=False, dtype="bf16", weights="int4a8")
     assert layer_nbytes(src, "int4a8", torch.bfloat16, index=2) == one.nbytes()
     assert part.weights == "int4a8"
+
+
+def test_without_a_compiler_auto_keeps_native_and_int4a8_says_what_to_do(tmp_path):
+    code = (
+        "import torch\n"
+        "from models import q4a8\n"
+        "from models.quant import auto_format\n"
+        "print(auto_format()[0])\n"
+        "try:\n"
+        "    q4a8.matmul(torch.zeros(1, 32), torch.zeros(1, 1, 320, dtype=torch.uint8), 16)\n"
+        "except q4a8.KernelUnavailable as e:\n"
+        "    print(e)\n"
+    )
+    env = {**os.environ, "CC": str(tmp_path / "no-such-cc"), "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    lines = out.stdout.splitlines()
+    assert out.returncode == 0, out.stderr
+    assert lines[0] in ("native", "fp32")
+    assert "no-such-cc" in lines[1] and "apt-get install gcc" in lines[1] and "--weights native" in lines[1]
 
 
 @pytest.mark.slow
