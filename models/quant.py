@@ -317,7 +317,7 @@ def resolve_format(weights: str | None, dtype: torch.dtype | None) -> tuple[str,
 
 def matrix_kind(fmt: str, qtype: str | None) -> Kind | None:
     """How a matrix stored as ``qtype`` (a GGUF type name; None: not quantized in the file) is held
-    under the resolved format ``fmt``: int8, int4 or None for dense."""
+    under the resolved format ``fmt``: int8, int4, int4a8 or None for dense."""
     if fmt in ("int8", "int4"):
         return fmt  # type: ignore[return-value]
     if fmt in ("native", "int4a8") and qtype is not None and qtype not in ("F32", "F16", "BF16", "F64"):
