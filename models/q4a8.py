@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from models.cache import cache_dir
+
 GROUP = 32
 COLS = 16  # output columns per block of the packed layout
 GROUP_BYTES = 320  # per block and group: 256 nibble bytes, 16 fp16 scales, 16 fp16 offsets
@@ -35,11 +37,6 @@ SOURCE = Path(__file__).with_name("q4a8.c")
 
 class KernelUnavailable(RuntimeError):
     """The int4a8 kernel cannot be built on this machine (no C compiler, or it failed)."""
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(root) / "meshd" / "kernels"
 
 
 def _cpu_key() -> str:
@@ -76,13 +73,13 @@ def build_key() -> str:
 @cache
 def library() -> ctypes.CDLL:
     """The compiled kernel, built on first use; raises :class:`KernelUnavailable` with what to do."""
-    cc, flags = _compiler(), list(FLAGS)
-    out = _cache_dir() / f"q4a8-{build_key()}.so"
+    cc = _compiler()
+    out = cache_dir("kernels", f"q4a8-{build_key()}.so")
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
             built = Path(tmp) / out.name
-            proc = subprocess.run([cc, *flags, str(SOURCE), "-o", str(built), "-lm"], capture_output=True, text=True)
+            proc = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(built), "-lm"], capture_output=True, text=True)
             if proc.returncode != 0:
                 raise KernelUnavailable(
                     f"compiling {SOURCE} with {cc} failed ({proc.stderr.strip()[-400:]}); use --weights native"
