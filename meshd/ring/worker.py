@@ -353,8 +353,8 @@ class StageWorker:
 
     def _first_ready(self, run: list[int]) -> int | None:
         """Of one request's queued segments (queue indices ``run``, oldest first): a round's first segment
-        queued behind fillers whose rows it does not need (every parent is in the session already, or in
-        the segment itself), so it can run before them; None when the oldest goes first anyway.
+        queued behind fillers whose rows it does not need (every parent computed at this stage already, or
+        in the segment itself), so it can run before them; None when the oldest goes first anyway.
 
         The originator's walk waits on a first segment and on nothing else, and a filler queued ahead of
         it (sent while the previous first segment was in flight) would hold it back by a whole forward."""
@@ -369,7 +369,9 @@ class StageWorker:
                 continue
             own = set()
             for n, par in zip(seg.node_ids, seg.parents):
-                if par != PROMPT_PARENT and par not in own and par not in sess.slot_of and par not in sess.committed:
+                # computed here (slot_of), not merely committed: a prune commits the accepted node the walk
+                # waits on while its row may still be queued at this stage
+                if par != PROMPT_PARENT and par not in own and par not in sess.slot_of:
                     break
                 own.add(n)
             else:

@@ -261,6 +261,20 @@ def test_a_rounds_first_segment_overtakes_its_own_requests_filler_when_it_needs_
     assert [s.node_ids for s in w.take_batch()] == [[7]]
 
 
+def test_a_first_segment_waits_for_a_committed_parent_this_stage_has_not_computed(full):
+    """In flow a prune commits the accepted node the walk waits on, and its row may still be queued here:
+    a first segment below it must not overtake it (downstream it would arrive before its parent, and here
+    its rows would not attend it)."""
+    w = worker(full)
+    w.handle(prompt())
+    w.step()
+    w.handle(Segment("r", [3], [2], [3], tokens=[8]))  # queued
+    w.handle(Prune("r", 3, [0, 1, 2, 3], [3]))  # the walk accepted node 3's token; its row is still queued here
+    w.handle(Segment("r", [4], [3], [4], tokens=[9], first=True))
+    assert [s.node_ids for s in w.take_batch()] == [[3]]
+    assert [s.node_ids for s in w.take_batch()] == [[4]]
+
+
 def test_rows_besides_a_request_are_the_others_queued_and_in_the_latest_forward(full):
     """What the last stage reports with a result as load: other requests' rows, never the request's own."""
     w = worker(full)
