@@ -35,7 +35,8 @@ if TYPE_CHECKING:
 # 3: frames sealed after the handshake (peers/channel.py); epochs bounded; plan_propose carries the fingerprint
 # 4: tensors may travel as dtype "q8row" (int8 with per-row fp32 scales), which a version-3 peer rejects
 # 5: segments may carry a prefix reference and a restart flag, closes the prefixes to keep (prefix caches)
-PROTO_VERSION = 5
+# 6: segments may carry a first flag (a round's first segment: every stage runs it before queued fillers)
+PROTO_VERSION = 6
 DEFAULT_MAX_FRAME = 64 * 1024 * 1024
 MAX_TENSOR_DIMS = 8
 MAX_DEPTH = 32  # nesting; real messages need about 4
@@ -463,6 +464,7 @@ _reg(
     commit=optional(Kind.BOOL),  # prompt chunks: committed context on arrival
     prefix=optional(Kind.INTS),  # [epoch, length, hash]: starts after a prefix the stages keep
     restart=optional(Kind.BOOL),  # the prompt again from its start after a prefix miss
+    first=optional(Kind.BOOL),  # a round's first segment: the originator waits on it, stages run it first
 )
 _reg("prune", upto=Kind.INT, keep=Kind.INTS, commit=Kind.INTS)
 _reg("result", nodes=Kind.INTS, hidden=Kind.TENSOR, queue=optional(Kind.INT))

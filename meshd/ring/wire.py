@@ -91,6 +91,8 @@ def to_message(msg: RingMessage, wire_dtype: torch.dtype) -> Message:
             body["prefix"] = [msg.prefix.epoch, msg.prefix.length, msg.prefix.hash]
         if msg.restart:
             body["restart"] = True
+        if msg.first:
+            body["first"] = True
         return Message("segment", body, request_id=rid)
     if isinstance(msg, Prune):
         return Message("prune", {"upto": msg.upto, "keep": msg.keep, "commit": msg.commit}, request_id=rid)
@@ -128,6 +130,7 @@ def from_message(msg: Message) -> RingMessage:
             origin=b["origin"] or None,
             prefix=PrefixRef(*prefix) if prefix is not None else None,
             restart=bool(b.get("restart", False)),
+            first=bool(b.get("first", False)),
         )
     if msg.type == "prune":
         return Prune(rid, int(b["upto"]), list(b["keep"]), list(b["commit"]))

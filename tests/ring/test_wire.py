@@ -34,6 +34,17 @@ def test_every_ring_message_survives_the_codec():
     assert over_the_wire(Close("7")) == Close("7")
 
 
+def test_the_first_segment_mark_reaches_every_stage():
+    """Stages run a round's first segment before the request's queued fillers (ring/worker.py), so the
+    mark must cross every hop, not only the originator's, and cost nothing on the others."""
+    h = torch.randn(3, 8)
+    first = Segment("5", [4, 5, 6], [3, 4, 4], [9, 10, 10], hidden=h, origin="peer-a", first=True)
+    assert over_the_wire(first).first
+    filler = Segment("5", [7], [5], [11], hidden=h[:1], origin="peer-a")
+    assert not over_the_wire(filler).first and "first" not in to_message(filler, torch.float16).body
+    assert over_the_wire(Segment("5", [8], [7], [12], tokens=[3], origin="peer-a", first=True)).first
+
+
 def test_codec_types_and_bodies():
     msgs = [
         to_message(Segment("1", [0], [PROMPT_PARENT], [0], tokens=[5]), torch.float32),
