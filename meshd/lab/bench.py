@@ -273,6 +273,8 @@ class DaemonBackend:
             raise
         self.model = self.mesh.status(0)["model"]
         self._busy0 = self._busy()  # busy fractions count from here, not from the daemons' start-up
+        # per mode: (wall seconds of its requests, busy seconds per stage during them), for per-mode fractions
+        self._busy_by: dict[str, tuple[float, list[float]]] = {}
 
     def describe(self) -> str:
         a = self.args
@@ -290,6 +292,13 @@ class DaemonBackend:
             return self._local(label.removeprefix("local:"))
 
         def run(text: str) -> dict:
+            before = self._busy()
+            try:
+                return ask(text)
+            finally:
+                self._count_busy(label, before, self._busy())
+
+        def ask(text: str) -> dict:
             code, body = http(
                 "POST",
                 self.mesh.url(0) + "/v1/chat/completions",
@@ -325,15 +334,31 @@ class DaemonBackend:
             (self.mesh.status(i).get("stage") or {}).get("busy_seconds", 0.0) for i in range(self.args.stages)
         ]
 
+    def _count_busy(self, label: str, before: tuple[float, list[float]], after: tuple[float, list[float]]) -> None:
+        wall, busy = self._busy_by.get(label, (0.0, [0.0] * self.args.stages))
+        (t0, b0), (t1, b1) = before, after
+        self._busy_by[label] = (wall + t1 - t0, [b + y - x for b, x, y in zip(busy, b0, b1, strict=True)])
+
     def devices(self) -> list[dict]:
         """Each daemon's stage figures and emulation report from its ``/mesh`` (cumulative since start-up),
-        and its busy fraction since the daemons were ready (``busy_fraction``: the benchmark's share)."""
+        its busy fraction since the daemons were ready (``busy_fraction``: the benchmark's share) and per
+        mode while that mode's requests ran (``busy_by_mode``: the modes run one request at a time, so each
+        request's stage time is its own)."""
         (t0, b0), (t1, b1) = self._busy0, self._busy()
         out = []
         for i in range(self.args.stages):
             st = self.mesh.status(i)
             busy = (b1[i] - b0[i]) / (t1 - t0) if t1 > t0 else 0.0
-            out.append({"node": i, "stage": st.get("stage"), "emulation": st.get("emulation"), "busy_fraction": busy})
+            by_mode = {m: round(b[i] / wall, 3) for m, (wall, b) in self._busy_by.items() if wall > 0}
+            out.append(
+                {
+                    "node": i,
+                    "stage": st.get("stage"),
+                    "emulation": st.get("emulation"),
+                    "busy_fraction": busy,
+                    "busy_by_mode": by_mode,
+                }
+            )
         return out
 
     def close(self) -> None:
@@ -367,6 +392,8 @@ def devices_note(devices: list[dict]) -> str:
             if busy is not None
             else f"daemon {d['node']}: busy fraction {st.get('utilisation', 0.0):.2f} since start"
         )
+        if d.get("busy_by_mode"):
+            line += " (" + ", ".join(f"{m} {b:.2f}" for m, b in d["busy_by_mode"].items()) + ")"
         if em:
             calls = sum(em[k]["calls"] for k in ("stage_forwards", "lm_head", "drafts"))
             over = sum(em[k]["overruns"] for k in ("stage_forwards", "lm_head", "drafts"))

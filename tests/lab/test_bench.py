@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -128,3 +129,35 @@ def test_the_decode_rate_leaves_out_each_runs_prefill_and_its_token():
     assert table["ALL/ar"]["decode_tokens_per_s"] == pytest.approx(10.0)
     assert table["ALL/ar"]["tokens_per_s"] == pytest.approx(32 / 4.0)
     assert "| ar tok/s | ar decode | ar acc |" in md and "| 8.00 | 10.00 | 1.00 |" in md
+
+
+def test_busy_fractions_are_counted_per_mode_over_that_modes_requests(monkeypatch):
+    """Per mode, each stage's busy seconds while that mode's requests ran over their wall time: the
+    figure issue 12 asks per mode, which the whole benchmark's fraction mixes."""
+    busy = [0.0, 0.0]
+    clock = [100.0]
+
+    class Mesh:
+        def status(self, i):
+            return {"stage": {"busy_seconds": busy[i]}}
+
+        def url(self, i):
+            return "http://x"
+
+    def answer(method, url, body, timeout):  # one request: 2 s of wall, stage 0 busy 1.5 s, stage 1 0.5 s
+        clock[0] += 2.0 if body["mode"] == "flow" else 4.0
+        busy[0] += 1.5
+        busy[1] += 0.5
+        return 200, {"meshd": {"new_tokens": 1}}
+
+    monkeypatch.setattr(bench, "http", answer)
+    monkeypatch.setattr(bench.time, "monotonic", lambda: clock[0])
+    daemons = object.__new__(bench.DaemonBackend)
+    daemons.args = SimpleNamespace(stages=2, max_tokens=8, temperature=0.0)
+    daemons.mesh, daemons.model, daemons._busy_by = Mesh(), "m", {}
+    daemons._busy0 = daemons._busy()
+    for label in ("flow", "ar", "flow"):
+        daemons.runner(label)("hi")
+    by_mode = [d["busy_by_mode"] for d in daemons.devices()]
+    assert by_mode == [{"flow": 0.75, "ar": 0.375}, {"flow": 0.25, "ar": 0.125}]
+    assert "(flow 0.75, ar 0.38)" in bench.devices_note(daemons.devices())
