@@ -129,7 +129,9 @@ class _ProfiledHead(Stage):
 
 
 class _ProfiledDrafter:
-    """A drafter whose draft calls take the profile's draft time for the depth they drafted."""
+    """A drafter whose draft calls take the profile's draft time for the depth they drafted, and whose pool
+    growth (``extend``, one level per call: resumable drafting) takes a one-level draft's, as the simulator
+    charges it; unpaced, an emulated originator grew its pools for free while its stages were paced."""
 
     def __init__(self, inner: Drafter, cost: Callable[[int], float], pacer: _Pacer):
         self.inner, self.cost, self.pacer = inner, cost, pacer
@@ -147,6 +149,16 @@ class _ProfiledDrafter:
         self.inner.accept(context, hidden)
 
     def __getattr__(self, name: str):
+        if name == "extend":  # only where the inner drafter grows pools (models.drafters.can_extend)
+            extend = self.inner.extend
+
+            def paced(*args, **kw):
+                t0 = time.perf_counter()
+                added = extend(*args, **kw)
+                self.pacer.pace(t0, self.cost(1))
+                return added
+
+            return paced
         return getattr(self.inner, name)
 
 

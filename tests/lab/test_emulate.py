@@ -17,10 +17,11 @@ from meshd.ring.messages import Segment
 from meshd.ring.worker import StageWorker
 from meshd.serve.daemon import Daemon
 from meshd.serve.runtime import Runtime
-from models.drafters import NGramDrafter
+from models.drafters import NGramDrafter, can_extend
 from models.ranges import LayerRange
 from models.source import ModelSource
 from models.stage import Stage
+from models.tree import frontier
 from peers.negotiation import Plan
 from peers.planner import Assignment
 
@@ -138,9 +139,14 @@ def test_an_emulated_device_takes_the_profiles_time_and_counts_overruns(tiny_dir
     t0 = time.perf_counter()
     tree = drafter.draft([1, 2, 1, 2, 1], top_k=2, depth=3, max_nodes=16)
     assert time.perf_counter() - t0 >= 2 * 0.010 * max(tree.depth)
+    assert can_extend(drafter)  # resumable drafting still sees a drafter that grows pools ...
+    t0 = time.perf_counter()
+    drafter.extend([1, 2, 1, 2, 1], tree, frontier(tree, 2), top_k=2, max_nodes=32)
+    assert time.perf_counter() - t0 >= 2 * 0.010  # ... and each level it grows takes a one-level draft's time
+    assert not can_extend(emu.drafters(lambda: SimpleNamespace(draft=None))())
     rep = emu.report()
     assert rep["emulated"] and rep["profile"] == "test-board" and rep["factor"] == 2.0
-    assert [rep[k]["calls"] for k in ("stage_forwards", "lm_head", "drafts")] == [1, 1, 1]
+    assert [rep[k]["calls"] for k in ("stage_forwards", "lm_head", "drafts")] == [1, 1, 2]
     assert sum(rep[k]["overruns"] for k in ("stage_forwards", "lm_head", "drafts")) == 0
     fast = DeviceEmulation(_profile(1e-6, 1e-6, 0.0))  # a board faster than this machine: every call overruns
     StageWorker(fast.stage(full.slice(half)), embed=full.embed).run([seg])
