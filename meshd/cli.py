@@ -598,6 +598,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="draft every level before a flow round's first segment leaves (the scheduler before idle drafting)",
     )
+    sm.add_argument(
+        "--wire-activations",
+        default="auto",
+        choices=WIRE_ACTIVATIONS,
+        help="each stage's link sends hidden states so, as a daemon's would (default auto: int8 where the "
+        "profile's fp16 rows take a real share of a hop); " + WIRE_ACTIVATIONS_HELP,
+    )
     sm.add_argument("--compute-scale", type=float, default=1.0, help="device slowdown factor on all compute")
     sm.add_argument("--cores", type=int, default=None, help="CPU cores shared by all devices (default: one each)")
     sm.add_argument("--questions", default=None, metavar="PATH", help=QUESTIONS_HELP)

@@ -341,15 +341,16 @@ class DaemonBackend:
 
     def devices(self) -> list[dict]:
         """Each daemon's stage figures and emulation report from its ``/mesh`` (cumulative since start-up),
-        its busy fraction since the daemons were ready (``busy_fraction``: the benchmark's share) and per
-        mode while that mode's requests ran (``busy_by_mode``: the modes run one request at a time, so each
-        request's stage time is its own)."""
+        its busy fraction since the daemons were ready or the previous call (``busy_fraction``: this record's
+        share; one record per temperature) and per mode while that mode's requests ran (``busy_by_mode``: the
+        modes run one request at a time, so each request's stage time is its own)."""
         (t0, b0), (t1, b1) = self._busy0, self._busy()
+        by_modes, self._busy0, self._busy_by = self._busy_by, (t1, b1), {}
         out = []
         for i in range(self.args.stages):
             st = self.mesh.status(i)
             busy = (b1[i] - b0[i]) / (t1 - t0) if t1 > t0 else 0.0
-            by_mode = {m: round(b[i] / wall, 3) for m, (wall, b) in self._busy_by.items() if wall > 0}
+            by_mode = {m: round(b[i] / wall, 3) for m, (wall, b) in by_modes.items() if wall > 0}
             out.append(
                 {
                     "node": i,

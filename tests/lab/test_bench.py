@@ -158,6 +158,8 @@ def test_busy_fractions_are_counted_per_mode_over_that_modes_requests(monkeypatc
     daemons._busy0 = daemons._busy()
     for label in ("flow", "ar", "flow"):
         daemons.runner(label)("hi")
-    by_mode = [d["busy_by_mode"] for d in daemons.devices()]
-    assert by_mode == [{"flow": 0.75, "ar": 0.375}, {"flow": 0.25, "ar": 0.125}]
-    assert "(flow 0.75, ar 0.38)" in bench.devices_note(daemons.devices())
+    devices = daemons.devices()
+    assert [d["busy_by_mode"] for d in devices] == [{"flow": 0.75, "ar": 0.375}, {"flow": 0.25, "ar": 0.125}]
+    assert "(flow 0.75, ar 0.38)" in bench.devices_note(devices)
+    daemons.runner("ar")("hi")  # the next record (the next temperature) counts from the previous one
+    assert [d["busy_by_mode"] for d in daemons.devices()] == [{"ar": 0.375}, {"ar": 0.125}]

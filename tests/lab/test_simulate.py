@@ -143,6 +143,25 @@ def test_bandwidth_serialises_each_link(tiny):
     assert summarize_traces([res])["decode_tokens_per_s"] == pytest.approx(1 / period, rel=0.01)
 
 
+def test_int8_activations_carry_a_byte_per_value_and_a_scale_per_row(tiny):
+    """``wire_activations``: an int8 link carries hidden + 4 bytes per row (the fp32 scale) instead of
+    hidden * wire_bytes; ``auto`` picks int8 exactly where a daemon's link would (meshd.ring.wire.link_dtype)."""
+    _, full = tiny
+    k, c, bw = 3, 0.010, 1e6
+    prof = synthetic(c, hidden=64, wire_bytes=2)
+    res, tr = run_one(full, "ar", stages=k, profile=prof, link=LinkModel(0.0, bw), wire_activations="int8")
+    meta, row = SEGMENT_META_BYTES, ROW_META_BYTES
+    period = k * c + (meta + 4 * 2 + meta + row + TOKEN_BYTES + k * (meta + row + 64 + 4)) * 8 / bw
+    assert summarize_traces([res])["decode_tokens_per_s"] == pytest.approx(1 / period, rel=0.01)
+    assert tr.reason == "length"
+    slow, fast = LinkModel(1e-3, 150e6), LinkModel(1e-3, 1e9)
+    jetson = jetson_orin_7b()
+    assert Simulation.wire_plan("auto", jetson, slow, torch.float16, 5) == [torch.int8] * 5
+    assert Simulation.wire_plan("auto", jetson, fast, torch.float16, 5) == [torch.float16] * 5
+    assert Simulation.wire_plan("fp16", jetson, slow, torch.float32, 5) == [torch.float32] * 5
+    assert Simulation.wire_plan("auto", jetson, LinkModel(), torch.float16, 5) == [torch.float16] * 5
+
+
 def test_flow_beats_chunk_beats_ar_with_perfect_drafts(tiny):
     """Perfect drafts, flat stage costs, free links and head. Structural: flat costs make every tree the
     maximum size in both tree modes; a chunk round accepts at least two tokens (the root's top child is
@@ -252,6 +271,10 @@ def test_calibration_inputs_and_errors():
     }
     (s,) = calibration_specs(bench_record)
     assert s["stages"] == 3 and s["modes"] == {"ar": 3.0, "flow": 6.0} and s["question_ids"] == [81]
+    assert s["emulate"] is None and s["wire_activations"] == "auto" and s["temperature"] == 0.0
+    bench_record["config"] |= {"emulate": "jetson-orin-7b:x4", "wire_activations": "int8", "temperature": 1.0}
+    (s,) = calibration_specs(bench_record)
+    assert (s["emulate"], s["wire_activations"], s["temperature"]) == ("jetson-orin-7b:x4", "int8", 1.0)
     with pytest.raises(ValueError):
         calibration_specs({"modes": {}})
 
@@ -341,6 +364,24 @@ def test_cli_calibration_against_a_measured_record(tiny_env, capsys, tmp_path, m
     ar, flow = fit["calibration"]
     assert ar["fitted"] and abs(ar["rel_error"]) < 0.05 and not flow["fitted"]
     assert fit["compute_scale"] > raw["calibration"][0]["simulated"] / 50.0  # the 1 ms links do not scale
+
+
+def test_an_emulated_record_is_simulated_with_its_profile(tiny_env, capsys, tmp_path):
+    """A record of daemons run with ``--emulate PROFILE:xK`` is simulated with that profile K times slower
+    (stages, LM head and drafts alike), links carrying the real model's rows: not with this device's."""
+    jetson = jetson_orin_7b()
+    emu = jetson.as_emulated(4.0, 64)
+    assert emu.hidden == 64 and emu.layer(1) == pytest.approx(4 * jetson.layer(1))
+    assert emu.head(8) == pytest.approx(4 * jetson.head(8)) and emu.draft.per_level == 4 * jetson.draft.per_level
+    rec = tmp_path / "emulated.json"
+    spec = {"stages": 2, "link": "1ms/150mbit", "max_tokens": 6, "prompts": 1, "drafter": "ngram"}
+    rec.write_text(json.dumps(spec | {"modes": {"ar": 1.0}, "emulate": "jetson-orin-7b:x4"}))
+    args = ["simulate", "--questions", "everyday", "--calibrate-with", str(rec), "--fit-scale", "none", "--json"]
+    assert cli.main(args) == 0
+    (row,) = json.loads(capsys.readouterr().out)["calibration"]
+    # ar: a token per pass of 2 stages x 16 of the profile's 32 layers, the LM head and 2 link latencies, x4
+    period = 4 * (32 * jetson.layer(1) + jetson.head(1)) + 2 * 1e-3
+    assert row["simulated"] == pytest.approx(1 / period, rel=0.15)
 
 
 def test_cost_curve_helpers():

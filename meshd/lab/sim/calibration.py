@@ -15,7 +15,9 @@ def calibration_specs(record: dict | list) -> list[dict]:
     "chunk": tok_s, "flow": tok_s}}`` with optional ``metric`` ("e2e", tokens over submit-to-finish as
     the daemon's stats count them (default), or "decode"), ``max_tokens``, ``prompts`` (count) or
     ``question_ids``, ``drafter``, ``dtype``, ``originator`` ("own" or a stage index, default 0),
-    ``cores`` (default: this machine's), ``compute_scale``; a list of specs; ``{"calibration": [...]}``;
+    ``cores`` (default: this machine's), ``compute_scale``, ``emulate`` (``PROFILE[:xK]``: the daemons
+    were paced like that profile, which the simulation then uses instead of this device's, on devices of
+    their own), ``wire_activations``, ``temperature``; a list of specs; ``{"calibration": [...]}``;
     or a ``meshd bench --backend daemons`` record (``runs/bench-*.json``).
     """
     if isinstance(record, list):
@@ -42,6 +44,10 @@ def calibration_specs(record: dict | list) -> list[dict]:
                 "drafter": cfg.get("drafter"),
                 "dtype": cfg.get("dtype"),
                 "compute_scale": cfg.get("device_slowdown", 1.0),
+                # daemons paced like a profile (``--emulate``): simulated with that profile, not this device's
+                "emulate": cfg.get("emulate"),
+                "wire_activations": cfg.get("wire_activations") or "auto",
+                "temperature": cfg.get("temperature", 0.0),
             }
         ]
     if "stages" not in record or "modes" not in record:

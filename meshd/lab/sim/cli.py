@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from meshd.lab.bench import progress_printer, question_file, spread_over_categories
+from meshd.lab.emulate import DeviceEmulation
 from meshd.lab.sim.calibration import calibrate, calibration_specs, calibration_table
 from meshd.lab.sim.links import LinkModel, parse_link
 from meshd.lab.sim.profiles import Profile, load_profile, measure_profile
@@ -87,6 +88,7 @@ def _simulate(
     temperature: float,
     coalesce: bool = False,
     idle_drafting: bool = True,
+    wire_activations: str = "fp16",
 ) -> tuple[dict[str, list[SimResult]], str]:
     spec, factory = env.factory(drafter)
     for m in modes:
@@ -106,6 +108,7 @@ def _simulate(
             coalesce=coalesce,
             idle_drafting=idle_drafting,
             resumable_drafting=parse_variant(label).resumable,
+            wire_activations=wire_activations,
         )
 
     labels = [f"q{q['question_id']}-{q['category']}" for q in questions]
@@ -122,6 +125,19 @@ def _simulate(
         progress=progress_printer,
     )
     return res, spec
+
+
+def wire_summary(setting: str, profile: Profile, link: LinkModel, dtype: torch.dtype, stages: int) -> str:
+    """How the stages' links carry hidden states under ``setting``, said once for a run's header and record."""
+    sim = Simulation.wire_plan(setting, profile, link, dtype, stages)
+    names = {torch.int8: "int8", torch.float16: "fp16", torch.float32: "fp32"}
+    kinds = list(dict.fromkeys(names[d] for d in sim))
+    each = (
+        f"{kinds[0]} on every link"
+        if len(kinds) == 1
+        else ", ".join(f"stage {i} {names[d]}" for i, d in enumerate(sim))
+    )
+    return f"--wire-activations {setting}: {each}"
 
 
 def _load_env(args, one_thread: bool) -> _Env:
@@ -152,21 +168,28 @@ def _calibrate(args, path: Path) -> int:
         if want not in (None, "auto") and parse_dtype(want) != env.full.dtype:
             progress_printer(f"warning: the record ran {want}, this simulation {env.full.dtype}; pass --dtype {want}")
         link = parse_link(spec.get("link") or "0/inf")
+        emulated = spec.get("emulate")
+        if emulated:  # paced daemons: the profile's times, each device its own (sleeping costs no CPU)
+            emu = DeviceEmulation.parse(emulated)
+            prof, cores = emu.profile.as_emulated(emu.factor, env.full.cfg.hidden_size), spec.get("cores")
+        else:
+            prof, cores = profile, spec.get("cores", os.cpu_count())
         res, _ = _simulate(
             env,
             questions,
             stages=spec["stages"],
-            profile=profile,
+            profile=prof,
             link=LinkModel(link.latency + hop, link.bandwidth),
             modes=modes,
             drafter=spec.get("drafter") or args.drafter,
             max_tokens=spec.get("max_tokens", 128),
             origins=parse_origins(str(spec.get("originator", 0)), 1),
             compute_scale=spec.get("compute_scale", 1.0) * scale,
-            cores=spec.get("cores", os.cpu_count()),
+            cores=cores,
             rate=0.0,
             seed=args.seed,
-            temperature=0.0,
+            temperature=spec.get("temperature", 0.0),
+            wire_activations=spec.get("wire_activations", "fp16"),
         )
         key = "decode_tokens_per_s" if spec.get("metric") == "decode" else "tokens_per_s"
         return {m: summarize_traces(r)[key] for m, r in res.items()}
@@ -214,6 +237,8 @@ def main(args) -> int:
         f"{len(questions)} prompts x {args.max_tokens} tokens, modes {','.join(modes)}"
     )
     progress_printer(f"profile: {profile.note}")
+    wires = wire_summary(args.wire_activations, profile, link, env.full.dtype, args.stages)
+    progress_printer(f"wire: {wires}")
     res, drafter = _simulate(
         env,
         questions,
@@ -231,6 +256,7 @@ def main(args) -> int:
         temperature=args.temperature,
         coalesce=args.coalesce,
         idle_drafting=not args.no_idle_drafting,
+        wire_activations=args.wire_activations,
     )
     summary = {m: summarize_traces(r) for m, r in res.items()}
     flow = res.get("flow") or next(iter(res.values()))
@@ -238,6 +264,7 @@ def main(args) -> int:
         "label": "simulated",
         "config": {k: v for k, v in vars(args).items() if k != "func"} | {"drafter": drafter},
         "profile": profile.to_json(),
+        "wire": wires,
         "summary": summary,
         "ratios": ratios(summary, "throughput" if args.rate > 0 else "decode_tokens_per_s"),
         "flowspec_reference": {"flow/chunk": FLOWSPEC_7B_FLOW_OVER_CHUNK, "label": "measured, published"},
@@ -283,5 +310,6 @@ def main(args) -> int:
         f"T={args.temperature}, acceptance from the real {env.source.name} ({str(env.full.dtype)[6:]})"
     )
     print(f"profile: {profile.note}")
+    print(f"wire: {wires}")
     print(simulation_table(summary, args.rate))
     return 0

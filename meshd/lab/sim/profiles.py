@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -61,6 +61,25 @@ class Profile:
     def stage_cost(self, n_layers: int, scale: float = 1.0) -> CostCurve:
         ts = sorted({1, *self.layer.ts, *self.fixed.ts})
         return CostCurve({t: scale * (self.fixed(t) + n_layers * self.layer(t)) for t in ts})
+
+    def as_emulated(self, factor: float, hidden: int) -> Profile:
+        """What ``meshd serve --emulate NAME:x<factor>`` daemons of a model of width ``hidden`` behave like:
+        every paced time (stage forwards, LM head, draft calls) ``factor`` times the profile's, and links
+        carrying the real model's rows, not the profile's (the daemons send real hidden states)."""
+        k = factor
+        times = lambda c: CostCurve({t: k * s for t, s in zip(c.ts, c.secs)})  # noqa: E731
+        d = self.draft
+        draft = d if d.measured_scale is not None else DraftCost(k * d.per_call, k * d.per_level)
+        return replace(
+            self,
+            name=f"{self.name}:x{factor:g}",
+            hidden=hidden,
+            layer=times(self.layer),
+            head=times(self.head),
+            fixed=times(self.fixed),
+            draft=draft,
+            note=f"{self.note} EMULATED on daemons, x{factor:g}, rows {hidden} wide on the links.",
+        )
 
     def to_json(self) -> dict:
         ms = lambda c: {str(t): round(s * 1e3, 6) for t, s in zip(c.ts, c.secs)}  # noqa: E731

@@ -17,8 +17,10 @@ the clock is simulated. Each forward is computed for real but *charged* by a cos
 - **links**: one per ordered pair of devices, FIFO; a message occupies the wire for
   ``bytes * 8 / bandwidth`` and arrives ``latency`` later (latency overlaps, bandwidth serialises,
   as ``peers/link.py``'s emulation does). Segments carry ``rows * hidden * wire_bytes`` plus
-  metadata; prunes and closes are small and go to every stage, so they may overtake segments (the
-  workers prune by node id, so that is fine).
+  metadata, or with int8 activations (``wire_activations``: each stage's link decides as a daemon's does,
+  :func:`meshd.ring.wire.link_dtype`) one byte per value and a scale per row, and then the receiver
+  computes with the int8 round trip's values, as it would. Prunes and closes are small and go to
+  every stage, so they may overtake segments (the workers prune by node id, so that is fine).
 - **cores** (optional): a pool of CPU cores shared by every device, for calibrating against
   loopback daemons that share this machine's two cores; non-preemptive, first come first served.
 
@@ -48,6 +50,7 @@ from meshd.lab.sim.profiles import Profile
 from meshd.ring.interpreter import Delivery, ToClient, ToEveryStage, ToOriginator, ToStage, forward, interpret
 from meshd.ring.messages import Prune, Result, RingMessage, Segment
 from meshd.ring.scheduler import Action, Emit, Originator, Request
+from meshd.ring.wire import as_received, link_dtype
 from meshd.ring.worker import StageWorker
 from models.budget import CostCurve
 from models.engine import Stats
@@ -227,6 +230,7 @@ class _Device:
     worker: StageWorker | None = None
     stage: int | None = None
     cost: CostCurve | None = None
+    wire: torch.dtype | None = None  # how its stage's hidden states cross its outgoing link
     originator: Originator | None = None
     busy: bool = False
     submits: deque[Request] = field(default_factory=deque)
@@ -255,12 +259,13 @@ class Simulation:
         max_batch_rows: int = 256,
         coalesce: bool = False,
         idle_drafting: bool = True,
+        wire_activations: str = "fp16",
         **originator_kw,
     ):
         if not origins:
             raise ValueError("a simulation needs at least one originator")
         self.profile, self.link, self.scale = profile, link, compute_scale
-        self.wire = torch.float32 if full.dtype == torch.float32 else torch.float16  # as the runtime sends
+        wires = self.wire_plan(wire_activations, profile, link, full.dtype, stages, compute_scale)
         self._now = self._clock = 0.0
         self._events: list = []
         self._seq = itertools.count()
@@ -280,7 +285,7 @@ class Simulation:
                 max_batch_rows=max_batch_rows,
                 cost=cost if coalesce else None,
             )
-            self.devices.append(_Device(k, worker, k, cost))
+            self.devices.append(_Device(k, worker, k, cost, wires[k]))
         self.stage_devices = list(range(stages))
         factory = (lambda: _TimedDrafter(drafter_factory(), self.meter)) if drafter_factory else None
         self.origin_device: list[int] = []
@@ -411,20 +416,40 @@ class Simulation:
         for d in interpret(actions):
             self._carry(dev, d, t)
 
+    @staticmethod
+    def wire_plan(
+        setting: str, profile: Profile, link: LinkModel, dtype: torch.dtype, stages: int, compute_scale: float = 1.0
+    ) -> list[torch.dtype]:
+        """Per stage, the dtype its hidden states cross its outgoing link as: the daemon's rule
+        (:func:`meshd.ring.wire.link_dtype`) applied to the profile's width, the link's bandwidth and the
+        stage's simulated curve, so ``auto`` decides here as it would on those devices."""
+        float_wire = torch.float32 if dtype == torch.float32 else torch.float16  # as the runtime sends
+        per_byte = 8 / link.bandwidth if math.isfinite(link.bandwidth) else None
+        return [
+            link_dtype(
+                setting,
+                float_wire,
+                hidden_size=profile.hidden,
+                seconds_per_byte=per_byte,
+                stage_curve=profile.stage_cost(s.n_layers, compute_scale),
+            )
+            for s in LayerRange.split(profile.n_layers, stages)
+        ]
+
     def _route(self, dev: _Device, out: Segment, t: float, queue: int) -> None:
-        out.hidden = out.hidden.to(self.wire)
+        out.hidden = as_received(out.hidden, dev.wire)
         self._carry(dev, forward(out, dev.stage, len(self.stage_devices), queue), t)
 
     def _carry(self, dev: _Device, d: Delivery, t: float) -> None:
         """Put delivery ``d`` from ``dev`` on the simulated wires at ``t`` (the client hears at once)."""
         if isinstance(d, ToStage):
-            self._send(dev.index, self.stage_devices[d.index], d.message, self._nbytes(d.message), t)
+            self._send(dev.index, self.stage_devices[d.index], d.message, self._nbytes(d.message, dev.wire), t)
         elif isinstance(d, ToEveryStage):
-            nbytes = self._nbytes(d.message)
+            nbytes = self._nbytes(d.message, dev.wire)
             for s in self.stage_devices:
                 self._send(dev.index, s, d.message, nbytes, t)
         elif isinstance(d, ToOriginator):
-            self._send(dev.index, int(d.origin.removeprefix("dev")), d.message, self._nbytes(d.message), t)
+            self._send(dev.index, int(d.origin.removeprefix("dev")), d.message, self._nbytes(d.message, dev.wire), t)
         else:
             self._to_client(d, t)
 
@@ -436,12 +461,12 @@ class Simulation:
         else:
             tr.finish, tr.reason, tr.error, tr.stats = t, a.reason, a.error, a.stats
 
-    def _nbytes(self, msg: RingMessage) -> int:
-        """Bytes ``msg`` occupies on a link: token rows, hidden-state rows at the profile's width, or ids only."""
+    def _nbytes(self, msg: RingMessage, wire: torch.dtype | None) -> int:
+        """Bytes ``msg`` occupies on a link of ``wire``: token rows, hidden-state rows at the profile's width
+        (int8: a byte per value and a fp32 scale per row), or ids only."""
         if isinstance(msg, Result) or (isinstance(msg, Segment) and msg.hidden is not None):
-            return SEGMENT_META_BYTES + len(msg.node_ids) * (
-                ROW_META_BYTES + self.profile.hidden * self.profile.wire_bytes
-            )
+            row = self.profile.hidden + 4 if wire == torch.int8 else self.profile.hidden * self.profile.wire_bytes
+            return SEGMENT_META_BYTES + len(msg.node_ids) * (ROW_META_BYTES + row)
         if isinstance(msg, Segment):
             return SEGMENT_META_BYTES + len(msg) * (ROW_META_BYTES + TOKEN_BYTES)
         if isinstance(msg, Prune):
