@@ -6,7 +6,7 @@ which codec message and back. Request ids are strings in the ring and unsigned 6
 the frame envelope; the plan epoch is the link's business, not the ring's.
 
 It also owns how precise hidden states are on a link (:func:`link_dtype`): a float dtype, or
-``torch.int8`` for int8 with one scale per row (:class:`peers.codec.QuantizedRows`), and what the
+``torch.int8`` for int8 with a scale per 32 values (:class:`peers.codec.QuantizedRows`), and what the
 receiver computes with after a hop (:func:`as_received`), so a hop that stays on this device
 changes the numbers exactly as a real link would.
 """
@@ -37,7 +37,7 @@ def link_dtype(
     seconds_per_byte: float | None,
     stage_curve: CostCurve | None,
 ) -> torch.dtype:
-    """The dtype hidden states cross one link as; ``torch.int8`` means int8 with per-row scales.
+    """The dtype hidden states cross one link as; ``torch.int8`` means int8 with a scale per 32 values.
 
     ``fp16`` sends ``float_dtype`` (fp16, or fp32 for a model computing in fp32); ``int8`` always
     quantizes. ``auto`` picks int8 when ``TYPICAL_ROWS`` rows of ``hidden_size`` in ``float_dtype``
@@ -71,7 +71,7 @@ def as_received(hidden: torch.Tensor, wire_dtype: torch.dtype) -> torch.Tensor:
 
 def to_message(msg: RingMessage, wire_dtype: torch.dtype) -> Message:
     """``msg`` as a codec message; hidden states travel as ``wire_dtype`` (``torch.int8``: int8 with
-    per-row scales, see :func:`on_the_wire`)."""
+    a scale per 32 values, see :func:`on_the_wire`)."""
     if not isinstance(msg, (Segment, Prune, Result, Close, Failure)):
         raise TypeError(f"not a ring message: {type(msg).__name__}")
     rid = int(msg.request_id)

@@ -795,7 +795,7 @@ class Runtime:
 
     def link_dtype(self, node: str | None) -> torch.dtype:
         """The dtype hidden states cross to ``node`` as (None: this device; ``torch.int8``: int8 with
-        per-row scales). A hop within this device has no link, so ``auto`` keeps floats there."""
+        scales per 32 values). A hop within this device has no link, so ``auto`` keeps floats there."""
         ring = self.ring
         curve = ring.curves[ring.local_index] if ring is not None and ring.local_index is not None else None
         return link_dtype(

@@ -144,14 +144,14 @@ def test_bandwidth_serialises_each_link(tiny):
 
 
 def test_int8_activations_carry_a_byte_per_value_and_a_scale_per_row(tiny):
-    """``wire_activations``: an int8 link carries hidden + 4 bytes per row (the fp32 scale) instead of
+    """``wire_activations``: an int8 link carries hidden + 4 bytes per 32 values (fp32 scales) instead of
     hidden * wire_bytes; ``auto`` picks int8 exactly where a daemon's link would (meshd.ring.wire.link_dtype)."""
     _, full = tiny
     k, c, bw = 3, 0.010, 1e6
     prof = synthetic(c, hidden=64, wire_bytes=2)
     res, tr = run_one(full, "ar", stages=k, profile=prof, link=LinkModel(0.0, bw), wire_activations="int8")
     meta, row = SEGMENT_META_BYTES, ROW_META_BYTES
-    period = k * c + (meta + 4 * 2 + meta + row + TOKEN_BYTES + k * (meta + row + 64 + 4)) * 8 / bw
+    period = k * c + (meta + 4 * 2 + meta + row + TOKEN_BYTES + k * (meta + row + 64 + 2 * 4)) * 8 / bw
     assert summarize_traces([res])["decode_tokens_per_s"] == pytest.approx(1 / period, rel=0.01)
     assert tr.reason == "length"
     slow, fast = LinkModel(1e-3, 150e6), LinkModel(1e-3, 1e9)

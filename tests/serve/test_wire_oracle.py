@@ -35,7 +35,7 @@ class CodecLinks:
 
     def __init__(self) -> None:
         self.runtimes: dict[str, Runtime] = {}
-        self.frames = {"q8row": 0, "float": 0}
+        self.frames = {"q8": 0, "float": 0}
 
     def join(self, rt: Runtime) -> None:
         self.runtimes[rt.node_id] = rt
@@ -44,7 +44,7 @@ class CodecLinks:
             decoded = CODEC.decode(CODEC.encode(to_message(msg, rt.link_dtype(node))))
             hidden = decoded.get("hidden")
             if hidden is not None:
-                self.frames["q8row" if isinstance(hidden, QuantizedRows) else "float"] += 1
+                self.frames["q8" if isinstance(hidden, QuantizedRows) else "float"] += 1
             self.runtimes[node].deliver(from_message(decoded))
 
         rt.transport = send
@@ -116,7 +116,7 @@ async def generate(rt: Runtime, prompt: list[int], mode: str, n: int) -> tuple[l
     h = await rt.submit(prompt, GenerateParams(max_tokens=n, mode=mode))
     chunks = await asyncio.wait_for(_drain(h), 120)
     tokens = [t for chunk in chunks for t in chunk]
-    assert h.finish_reason == "length", (h.finish_reason, h.error)
+    assert h.finish_reason in ("length", "stop") and tokens, (h.finish_reason, h.error)  # an end token is greedy's too
     return tokens, sum(h.stats.per_round) / max(1, h.stats.trees)  # per verified tree: slots do not dilute it
 
 
@@ -131,7 +131,7 @@ async def oracle(src: ModelSource, full: Stage, split: int, prompt: list[int], n
     finally:
         for rt in (a, b):
             await rt.stop()
-    assert links.frames["q8row"] > 0 and links.frames["float"] == 0, links.frames  # int8 on both hops
+    assert links.frames["q8"] > 0 and links.frames["float"] == 0, links.frames  # int8 on both hops
     checked: dict[tuple[int, ...], list[float]] = {}  # flow's tokens are usually ar's: check them once
     for mode, (tokens, _) in got.items():
         if tuple(tokens) not in checked:
@@ -149,7 +149,7 @@ def test_flow_equals_ar_with_int8_on_the_wire_tiny(tiny_dir):
     src = ModelSource.resolve(str(tiny_dir))
     full = Stage.load(src, dtype="fp32")
     # a repetitive prompt: the random model falls into loops the n-gram drafter then predicts
-    prompt = [5, 6, 7, 8] * 4
+    prompt = [9, 10, 11, 12] * 4
     res = asyncio.run(oracle(src, full, full.cfg.n_layers // 2, prompt, 24))
     assert res["accepted"]["ar"] == 1.0
 

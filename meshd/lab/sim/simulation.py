@@ -18,7 +18,7 @@ the clock is simulated. Each forward is computed for real but *charged* by a cos
   ``bytes * 8 / bandwidth`` and arrives ``latency`` later (latency overlaps, bandwidth serialises,
   as ``peers/link.py``'s emulation does). Segments carry ``rows * hidden * wire_bytes`` plus
   metadata, or with int8 activations (``wire_activations``: each stage's link decides as a daemon's does,
-  :func:`meshd.ring.wire.link_dtype`) one byte per value and a scale per row, and then the receiver
+  :func:`meshd.ring.wire.link_dtype`) one byte per value and a scale per 32, and then the receiver
   computes with the int8 round trip's values, as it would. Prunes and closes are small and go to
   every stage, so they may overtake segments (the workers prune by node id, so that is fine).
 - **cores** (optional): a pool of CPU cores shared by every device, for calibrating against
@@ -57,6 +57,7 @@ from models.engine import Stats
 from models.ranges import LayerRange
 from models.stage import Stage
 from models.verify import Sampling
+from peers.codec import QuantizedRows
 
 FLOWSPEC_7B_FLOW_OVER_CHUNK = 1.43  # FlowSpec, LLaMA2-chat 7B, 5 Jetson boards, T=0 (measured, published)
 
@@ -463,9 +464,10 @@ class Simulation:
 
     def _nbytes(self, msg: RingMessage, wire: torch.dtype | None) -> int:
         """Bytes ``msg`` occupies on a link of ``wire``: token rows, hidden-state rows at the profile's width
-        (int8: a byte per value and a fp32 scale per row), or ids only."""
+        (int8: a byte per value and a fp32 scale per 32 values), or ids only."""
         if isinstance(msg, Result) or (isinstance(msg, Segment) and msg.hidden is not None):
-            row = self.profile.hidden + 4 if wire == torch.int8 else self.profile.hidden * self.profile.wire_bytes
+            hidden = self.profile.hidden
+            row = QuantizedRows.row_bytes(hidden) if wire == torch.int8 else hidden * self.profile.wire_bytes
             return SEGMENT_META_BYTES + len(msg.node_ids) * (ROW_META_BYTES + row)
         if isinstance(msg, Segment):
             return SEGMENT_META_BYTES + len(msg) * (ROW_META_BYTES + TOKEN_BYTES)

@@ -1,5 +1,5 @@
-"""Row-quantized tensors (int8 + one fp32 scale per row) on the wire: exact round trip of what was
-sent, the error bound against the float original, and hostile q8row frames rejected with a reason."""
+"""Row-quantized tensors (int8 + one fp32 scale per 32 values of a row) on the wire: exact round trip of
+what was sent, the error bound against the float original, and hostile q8g32 frames rejected with a reason."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from peers.codec import PROTO_VERSION, Codec, Message, QuantizedRows, TensorError
+from peers.codec import PROTO_VERSION, Q8_GROUP, Codec, Message, QuantizedRows, TensorError
 
 CODEC = Codec(max_frame=1 << 20)
 HIDDEN = 576  # the embedded model's hidden size
@@ -22,12 +22,17 @@ def through(x: torch.Tensor) -> QuantizedRows:
     return got
 
 
+def steps(q: QuantizedRows) -> torch.Tensor:
+    """Each element's quantization step: its group's scale."""
+    return q.scales.repeat_interleave(Q8_GROUP, dim=-1)[..., : q.shape[-1]]
+
+
 def assert_within_half_a_step(x: torch.Tensor, q: QuantizedRows) -> None:
     """|x - q * scale| <= scale / 2 per element; the slack is fp32 rounding of x / scale and of
     q * scale (each at most half an ulp of values below 128 * scale, and at least the smallest
-    subnormal, 2^-149, for rows so tiny their scales are subnormal), not a loosened bound."""
+    subnormal, 2^-149, for groups so tiny their scales are subnormal), not a loosened bound."""
     err = (x.float() - q.dequantize()).abs()
-    step = q.scales.unsqueeze(-1)
+    step = steps(q)
     slack = 2 * torch.finfo(torch.float32).eps * 128 * step + 2.0**-149
     assert bool((err <= step / 2 + slack).all()), float((err - step / 2).max())
 
@@ -36,14 +41,17 @@ def assert_within_half_a_step(x: torch.Tensor, q: QuantizedRows) -> None:
 def test_round_trip_and_error_bound(dtype):
     torch.manual_seed(0)
     x = (torch.randn(9, HIDDEN) * torch.logspace(-3, 3, 9)[:, None]).to(dtype)
-    x[4, 7] = 300.0  # an outlier channel, as real hidden states have: only its own row gets a coarser step
-    x[5] = 0.0  # an all-zero row: scale 0, decodes to zeros
+    x[4, 7] = 300.0  # an outlier channel, as real hidden states have: only its own group gets a coarser step
+    x[5] = 0.0  # an all-zero row: scales 0, decodes to zeros
     q = QuantizedRows.quantize(x)
     got = through(x)
     assert torch.equal(got.values, q.values) and torch.equal(got.scales, q.scales)  # the wire changes nothing
     assert got.values.dtype == torch.int8 and got.scales.dtype == torch.float32
-    assert int(got.values.abs().max()) == 127  # symmetric: each row's largest |value| maps to 127
-    assert torch.equal(got.scales, x.float().abs().amax(-1) / 127)
+    assert got.scales.shape == (9, HIDDEN // Q8_GROUP)
+    grouped = x.float().unflatten(-1, (-1, Q8_GROUP))
+    assert torch.equal(got.scales, grouped.abs().amax(-1) / 127)  # symmetric: each group's largest |value| -> 127
+    assert int(got.values[4, :Q8_GROUP].abs().max()) == 127 and got.scales[4, 0] == 300.0 / 127
+    assert float(got.scales[4, 1:].max()) < 0.05 * float(got.scales[4, 0])  # the outlier's neighbours only
     assert torch.equal(got.dequantize()[5], torch.zeros(HIDDEN))
     assert_within_half_a_step(x, got)
     assert got.dequantize(dtype).dtype == dtype
@@ -64,8 +72,21 @@ def test_bytes_per_row_about_half_of_fp16():
     x = torch.randn(8, HIDDEN)
     fp16 = len(CODEC.encode(Message("result", {"nodes": list(range(8)), "hidden": x.half()})))
     int8 = len(CODEC.encode(Message("result", {"nodes": list(range(8)), "hidden": QuantizedRows.quantize(x)})))
-    assert QuantizedRows.quantize(x).nbytes == 8 * (HIDDEN + 4)
-    assert int8 < 0.53 * fp16, (int8, fp16)  # 580 vs 1152 bytes a row plus the same small envelope
+    assert QuantizedRows.quantize(x).nbytes == 8 * QuantizedRows.row_bytes(HIDDEN) == 8 * (HIDDEN + 4 * HIDDEN // 32)
+    assert int8 < 0.58 * fp16, (int8, fp16)  # 648 vs 1152 bytes a row plus the same small envelope
+
+
+def test_a_short_last_group_and_a_row_narrower_than_a_group():
+    """Rows whose width is not a multiple of the group: the last group is shorter and has its own scale."""
+    x = torch.tensor([[1.0] * 32 + [0.5, -0.25, 0.0], [3.0] * 32 + [0.0, 0.0, 0.0]])
+    got = through(x)
+    assert got.scales.shape == (2, 2) and QuantizedRows.row_bytes(35) == 35 + 8
+    assert torch.equal(got.scales[:, 1], torch.tensor([0.5 / 127, 0.0]))
+    assert torch.equal(got.dequantize()[1, 32:], torch.zeros(3))
+    assert_within_half_a_step(x, got)
+    narrow = torch.tensor([[2.0, -1.0, 0.5]])
+    assert through(narrow).scales.shape == (1, 1)
+    assert_within_half_a_step(narrow, through(narrow))
 
 
 @settings(max_examples=60, deadline=None)
@@ -100,27 +121,30 @@ def frame(tensor: dict) -> bytes:
 @pytest.mark.parametrize(
     "tensor, reason",
     [
-        ({"dtype": "q8row", "shape": [1, 4], "bytes": b"\x01" * 4, "scales": b"\x00" * 8}, "fp32 scales"),
-        ({"dtype": "q8row", "shape": [1, 4], "bytes": b"\x01" * 3, "scales": b"\x00" * 4}, "needs 4 bytes"),
-        ({"dtype": "q8row", "shape": [], "bytes": b"\x01", "scales": b""}, "shape of 1 to"),
-        ({"dtype": "q8row", "shape": [1, 2], "bytes": b"\x80\x00", "scales": b"\x00" * 4}, "-127..127"),
+        ({"dtype": "q8g32", "shape": [1, 4], "bytes": b"\x01" * 4, "scales": b"\x00" * 8}, "fp32 scales"),
+        ({"dtype": "q8g32", "shape": [2, 40], "bytes": b"\x01" * 80, "scales": b"\x00" * 8}, "need 16 bytes"),
+        # version 4-6's encoding, one scale per row: gone with version 7
+        ({"dtype": "q8row", "shape": [1, 4], "bytes": b"\x01" * 4, "scales": b"\x00" * 4}, "exactly dtype, shape"),
+        ({"dtype": "q8g32", "shape": [1, 4], "bytes": b"\x01" * 3, "scales": b"\x00" * 4}, "needs 4 bytes"),
+        ({"dtype": "q8g32", "shape": [], "bytes": b"\x01", "scales": b""}, "shape of 1 to"),
+        ({"dtype": "q8g32", "shape": [1, 2], "bytes": b"\x80\x00", "scales": b"\x00" * 4}, "-127..127"),
         (
-            {"dtype": "q8row", "shape": [1, 1], "bytes": b"\x01", "scales": torch.tensor([-1.0]).numpy().tobytes()},
+            {"dtype": "q8g32", "shape": [1, 1], "bytes": b"\x01", "scales": torch.tensor([-1.0]).numpy().tobytes()},
             "finite and non-negative",
         ),
         (
             {
-                "dtype": "q8row",
+                "dtype": "q8g32",
                 "shape": [1, 1],
                 "bytes": b"\x01",
                 "scales": torch.tensor([float("nan")]).numpy().tobytes(),
             },
             "finite and non-negative",
         ),
-        ({"dtype": "q8row", "shape": [1, 1], "bytes": b"\x01"}, "exactly dtype, shape, bytes and scales"),
+        ({"dtype": "q8g32", "shape": [1, 1], "bytes": b"\x01"}, "exactly dtype, shape, bytes and scales"),
         ({"dtype": "fp16", "shape": [1], "bytes": b"\x00\x00", "scales": b""}, "exactly dtype, shape and bytes"),
     ],
 )
-def test_hostile_q8row_frames_are_rejected(tensor, reason):
+def test_hostile_q8_frames_are_rejected(tensor, reason):
     with pytest.raises(TensorError, match=reason):
         CODEC.decode(frame(tensor))
