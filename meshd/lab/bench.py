@@ -275,6 +275,9 @@ class DaemonBackend:
         self._busy0 = self._busy()  # busy fractions count from here, not from the daemons' start-up
         # per mode: (wall seconds of its requests, busy seconds per stage during them), for per-mode fractions
         self._busy_by: dict[str, tuple[float, list[float]]] = {}
+        self._emulation0: dict[int, dict] = {}  # each daemon's emulation report at the previous record
+        for i in range(args.stages):  # overruns count from here too
+            self._emulation_since(i, (self.mesh.status(i) or {}).get("emulation"))
 
     def describe(self) -> str:
         a = self.args
@@ -331,7 +334,7 @@ class DaemonBackend:
 
     def _busy(self) -> tuple[float, list[float]]:
         return time.monotonic(), [
-            (self.mesh.status(i).get("stage") or {}).get("busy_seconds", 0.0) for i in range(self.args.stages)
+            ((self.mesh.status(i) or {}).get("stage") or {}).get("busy_seconds", 0.0) for i in range(self.args.stages)
         ]
 
     def _count_busy(self, label: str, before: tuple[float, list[float]], after: tuple[float, list[float]]) -> None:
@@ -339,8 +342,20 @@ class DaemonBackend:
         (t0, b0), (t1, b1) = before, after
         self._busy_by[label] = (wall + t1 - t0, [b + y - x for b, x, y in zip(busy, b0, b1, strict=True)])
 
+    def _emulation_since(self, i: int, report: dict | None) -> dict | None:
+        """Daemon ``i``'s emulation report with its call and overrun counts since the previous record's."""
+        if not report:
+            return report
+        prev, self._emulation0[i] = self._emulation0.get(i), report
+        if prev is None:
+            return report
+        kinds = ("stage_forwards", "lm_head", "drafts")
+        since = {k: {n: report[k][n] - prev[k][n] for n in ("calls", "overruns")} for k in kinds if k in report}
+        return report | since
+
     def devices(self) -> list[dict]:
-        """Each daemon's stage figures and emulation report from its ``/mesh`` (cumulative since start-up),
+        """Each daemon's stage figures from its ``/mesh`` (cumulative since start-up), its emulation report
+        (calls and overruns since the previous call, as below),
         its busy fraction since the daemons were ready or the previous call (``busy_fraction``: this record's
         share; one record per temperature) and per mode while that mode's requests ran (``busy_by_mode``: the
         modes run one request at a time, so each request's stage time is its own)."""
@@ -348,14 +363,14 @@ class DaemonBackend:
         by_modes, self._busy0, self._busy_by = self._busy_by, (t1, b1), {}
         out = []
         for i in range(self.args.stages):
-            st = self.mesh.status(i)
+            st = self.mesh.status(i) or {}
             busy = (b1[i] - b0[i]) / (t1 - t0) if t1 > t0 else 0.0
             by_mode = {m: round(b[i] / wall, 3) for m, (wall, b) in by_modes.items() if wall > 0}
             out.append(
                 {
                     "node": i,
                     "stage": st.get("stage"),
-                    "emulation": st.get("emulation"),
+                    "emulation": self._emulation_since(i, st.get("emulation")),
                     "busy_fraction": busy,
                     "busy_by_mode": by_mode,
                 }
@@ -389,7 +404,7 @@ def devices_note(devices: list[dict]) -> str:
         st, em = d.get("stage") or {}, d.get("emulation")
         busy = d.get("busy_fraction")
         line = (
-            f"daemon {d['node']}: busy fraction {busy:.2f} during the benchmark"
+            f"daemon {d['node']}: busy fraction {busy:.2f} during this record"
             if busy is not None
             else f"daemon {d['node']}: busy fraction {st.get('utilisation', 0.0):.2f} since start"
         )

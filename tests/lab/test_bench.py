@@ -76,7 +76,7 @@ def test_device_notes_give_busy_fractions_and_flag_an_emulation_that_overran():
     )
     lines = note.strip().splitlines()
     assert (
-        lines[0] == "daemon 0: busy fraction 0.42 during the benchmark, EMULATED jetson-orin-7b:x8: "
+        lines[0] == "daemon 0: busy fraction 0.42 during this record, EMULATED jetson-orin-7b:x8: "
         "0/100 calls overran the profile"
     )
     assert "15/20 calls overran" in lines[1] and "CPU-bound" in lines[1]
@@ -137,9 +137,14 @@ def test_busy_fractions_are_counted_per_mode_over_that_modes_requests(monkeypatc
     busy = [0.0, 0.0]
     clock = [100.0]
 
+    calls = [0]
+
     class Mesh:
         def status(self, i):
-            return {"stage": {"busy_seconds": busy[i]}}
+            emulation = {
+                k: {"calls": calls[0], "overruns": calls[0] // 2} for k in ("stage_forwards", "lm_head", "drafts")
+            }
+            return {"stage": {"busy_seconds": busy[i]}, "emulation": {"spec": "jetson-orin-7b:x4", **emulation}}
 
         def url(self, i):
             return "http://x"
@@ -148,18 +153,25 @@ def test_busy_fractions_are_counted_per_mode_over_that_modes_requests(monkeypatc
         clock[0] += 2.0 if body["mode"] == "flow" else 4.0
         busy[0] += 1.5
         busy[1] += 0.5
+        calls[0] += 2
         return 200, {"meshd": {"new_tokens": 1}}
 
     monkeypatch.setattr(bench, "http", answer)
-    monkeypatch.setattr(bench.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(bench, "time", SimpleNamespace(monotonic=lambda: clock[0]))
     daemons = object.__new__(bench.DaemonBackend)
     daemons.args = SimpleNamespace(stages=2, max_tokens=8, temperature=0.0)
-    daemons.mesh, daemons.model, daemons._busy_by = Mesh(), "m", {}
+    daemons.mesh, daemons.model, daemons._busy_by, daemons._emulation0 = Mesh(), "m", {}, {}
     daemons._busy0 = daemons._busy()
+    for i in range(2):
+        daemons._emulation_since(i, Mesh().status(i)["emulation"])
     for label in ("flow", "ar", "flow"):
         daemons.runner(label)("hi")
     devices = daemons.devices()
     assert [d["busy_by_mode"] for d in devices] == [{"flow": 0.75, "ar": 0.375}, {"flow": 0.25, "ar": 0.125}]
     assert "(flow 0.75, ar 0.38)" in bench.devices_note(devices)
+    assert devices[0]["emulation"]["lm_head"] == {"calls": 6, "overruns": 3}  # 3 requests since the start
     daemons.runner("ar")("hi")  # the next record (the next temperature) counts from the previous one
-    assert [d["busy_by_mode"] for d in daemons.devices()] == [{"ar": 0.375}, {"ar": 0.125}]
+    devices = daemons.devices()
+    assert [d["busy_by_mode"] for d in devices] == [{"ar": 0.375}, {"ar": 0.125}]
+    assert devices[1]["emulation"]["stage_forwards"] == {"calls": 2, "overruns": 1}
+    assert "EMULATED jetson-orin-7b:x4: 3/6 calls overran" in bench.devices_note(devices)

@@ -370,8 +370,8 @@ def test_an_emulated_record_is_simulated_with_its_profile(tiny_env, capsys, tmp_
     """A record of daemons run with ``--emulate PROFILE:xK`` is simulated with that profile K times slower
     (stages, LM head and drafts alike), links carrying the real model's rows: not with this device's."""
     jetson = jetson_orin_7b()
-    emu = jetson.as_emulated(4.0, 64)
-    assert emu.hidden == 64 and emu.layer(1) == pytest.approx(4 * jetson.layer(1))
+    emu = jetson.as_emulated(4.0, 4, 64)  # the tiny model's 4 layers stand for the profile's 32
+    assert emu.hidden == 64 and emu.n_layers == 4 and emu.layer(1) == pytest.approx(4 * 8 * jetson.layer(1))
     assert emu.head(8) == pytest.approx(4 * jetson.head(8)) and emu.draft.per_level == 4 * jetson.draft.per_level
     rec = tmp_path / "emulated.json"
     spec = {"stages": 2, "link": "1ms/150mbit", "max_tokens": 6, "prompts": 1, "drafter": "ngram"}

@@ -127,9 +127,11 @@ def _simulate(
     return res, spec
 
 
-def wire_summary(setting: str, profile: Profile, link: LinkModel, dtype: torch.dtype, stages: int) -> str:
+def wire_summary(
+    setting: str, profile: Profile, link: LinkModel, dtype: torch.dtype, stages: int, compute_scale: float
+) -> str:
     """How the stages' links carry hidden states under ``setting``, said once for a run's header and record."""
-    sim = Simulation.wire_plan(setting, profile, link, dtype, stages)
+    sim = Simulation.wire_plan(setting, profile, link, dtype, stages, compute_scale)
     names = {torch.int8: "int8", torch.float16: "fp16", torch.float32: "fp32"}
     kinds = list(dict.fromkeys(names[d] for d in sim))
     each = (
@@ -147,11 +149,14 @@ def _load_env(args, one_thread: bool) -> _Env:
 
 def _calibrate(args, path: Path) -> int:
     """Simulate each measured mesh of ``--calibrate-with`` and print simulated vs measured tokens/s
-    (the fit: :func:`calibrate`); the profile is this device's, measured on one thread."""
+    (the fit: :func:`calibrate`). The profile is this device's, measured on one thread, except for
+    records of emulated daemons (``--emulate``), which are simulated with the profile they were paced by."""
     specs = [s for p in args.calibrate_with for s in calibration_specs(json.loads(Path(p).read_text()))]
     qs = load_questions(path, None, per_category=1000)
     env = _load_env(args, one_thread=True)
-    profile = measure_profile(env.full, env.source.fingerprint)
+    emulated = {s["emulate"]: DeviceEmulation.parse(s["emulate"]) for s in specs if s.get("emulate")}
+    profile = measure_profile(env.full, env.source.fingerprint) if len(emulated) < len(specs) else None
+    n_layers, hidden = env.full.cfg.n_layers, env.full.cfg.hidden_size
 
     def run(spec: dict, modes: list[str], scale: float, hop: float) -> dict[str, float]:
         ids = spec.get("question_ids")
@@ -168,10 +173,9 @@ def _calibrate(args, path: Path) -> int:
         if want not in (None, "auto") and parse_dtype(want) != env.full.dtype:
             progress_printer(f"warning: the record ran {want}, this simulation {env.full.dtype}; pass --dtype {want}")
         link = parse_link(spec.get("link") or "0/inf")
-        emulated = spec.get("emulate")
-        if emulated:  # paced daemons: the profile's times, each device its own (sleeping costs no CPU)
-            emu = DeviceEmulation.parse(emulated)
-            prof, cores = emu.profile.as_emulated(emu.factor, env.full.cfg.hidden_size), spec.get("cores")
+        emu = emulated.get(spec.get("emulate"))
+        if emu is not None:  # paced daemons: the profile's times, each device its own (sleeping costs no CPU)
+            prof, cores = emu.profile.as_emulated(emu.factor, n_layers, hidden), spec.get("cores")
         else:
             prof, cores = profile, spec.get("cores", os.cpu_count())
         res, _ = _simulate(
@@ -189,7 +193,7 @@ def _calibrate(args, path: Path) -> int:
             rate=0.0,
             seed=args.seed,
             temperature=spec.get("temperature", 0.0),
-            wire_activations=spec.get("wire_activations", "fp16"),
+            wire_activations=spec.get("wire_activations", "auto"),  # the daemons' default
         )
         key = "decode_tokens_per_s" if spec.get("metric") == "decode" else "tokens_per_s"
         return {m: summarize_traces(r)[key] for m, r in res.items()}
@@ -198,16 +202,15 @@ def _calibrate(args, path: Path) -> int:
     fit_hop = getattr(args, "fit_hop", False)
     scale, hop, all_rows = calibrate(specs, run, fit_mode=fit_mode, fit_hop=fit_hop, progress=progress_printer)
     fitted = any(r["fitted"] for r in all_rows)
+    used = [profile] if profile is not None else []
+    used += [e.profile.as_emulated(e.factor, n_layers, hidden) for e in emulated.values()]
     if args.json:
-        print(
-            json.dumps(
-                {"profile": profile.to_json(), "compute_scale": scale, "hop_overhead_s": hop, "calibration": all_rows}
-            )
-        )
+        shown = {"profile": used[0].to_json(), "profiles": [p.to_json() for p in used]}
+        print(json.dumps(shown | {"compute_scale": scale, "hop_overhead_s": hop, "calibration": all_rows}))
     else:
         what = "compute scale and a per-message overhead" if fit_hop else "one factor"
         print(
-            f"simulator calibration: profile {profile.note}; compute scale {scale:.3f}"
+            f"simulator calibration: profile {'; '.join(p.note for p in used)}; compute scale {scale:.3f}"
             + (f", per-message overhead {hop * 1e3:.2f} ms" if hop else "")
             + (
                 f" ({what} fitted on {fit_mode} of every record, rows marked 'fit'; the others are predicted)"
@@ -237,7 +240,7 @@ def main(args) -> int:
         f"{len(questions)} prompts x {args.max_tokens} tokens, modes {','.join(modes)}"
     )
     progress_printer(f"profile: {profile.note}")
-    wires = wire_summary(args.wire_activations, profile, link, env.full.dtype, args.stages)
+    wires = wire_summary(args.wire_activations, profile, link, env.full.dtype, args.stages, args.compute_scale)
     progress_printer(f"wire: {wires}")
     res, drafter = _simulate(
         env,

@@ -62,22 +62,26 @@ class Profile:
         ts = sorted({1, *self.layer.ts, *self.fixed.ts})
         return CostCurve({t: scale * (self.fixed(t) + n_layers * self.layer(t)) for t in ts})
 
-    def as_emulated(self, factor: float, hidden: int) -> Profile:
-        """What ``meshd serve --emulate NAME:x<factor>`` daemons of a model of width ``hidden`` behave like:
-        every paced time (stage forwards, LM head, draft calls) ``factor`` times the profile's, and links
-        carrying the real model's rows, not the profile's (the daemons send real hidden states)."""
-        k = factor
-        times = lambda c: CostCurve({t: k * s for t, s in zip(c.ts, c.secs)})  # noqa: E731
-        d = self.draft
+    def as_emulated(self, factor: float, n_layers: int, hidden: int) -> Profile:
+        """What ``meshd serve --emulate NAME:x<factor>`` daemons of a real model of ``n_layers`` layers and
+        width ``hidden`` behave like (:class:`meshd.lab.emulate.DeviceEmulation`): every paced time (stage
+        forwards, LM head, draft calls) ``factor`` times the profile's; each real layer stands for
+        ``self.n_layers / n_layers`` of the profile's, so the simulator splits the real layers as the daemons
+        do; links carry the real model's rows, not the profile's (the daemons send real hidden states)."""
+        k, share = factor, self.n_layers / n_layers
+        times = lambda c, f=k: CostCurve({t: f * s for t, s in zip(c.ts, c.secs)})  # noqa: E731
+        d = self.draft  # a measured draft cost is left unpaced by the emulation: still its CPU time here
         draft = d if d.measured_scale is not None else DraftCost(k * d.per_call, k * d.per_level)
         return replace(
             self,
             name=f"{self.name}:x{factor:g}",
+            n_layers=n_layers,
             hidden=hidden,
-            layer=times(self.layer),
+            layer=times(self.layer, k * share),
             head=times(self.head),
             fixed=times(self.fixed),
             draft=draft,
+            originator_measured=False,  # the emulation paces the LM head and drafts by the profile
             note=f"{self.note} EMULATED on daemons, x{factor:g}, rows {hidden} wide on the links.",
         )
 

@@ -187,7 +187,7 @@ class _DraftMeter:
         elif d.measured_scale is not None:
             self.modelled += seconds * d.measured_scale
         else:
-            self.modelled += d.per_call * calls + d.per_level * levels
+            self.modelled += (d.per_call * calls + d.per_level * levels) * self.scale  # slowed like all compute
 
 
 class _TimedDrafter:
@@ -422,20 +422,23 @@ class Simulation:
         setting: str, profile: Profile, link: LinkModel, dtype: torch.dtype, stages: int, compute_scale: float = 1.0
     ) -> list[torch.dtype]:
         """Per stage, the dtype its hidden states cross its outgoing link as: the daemon's rule
-        (:func:`meshd.ring.wire.link_dtype`) applied to the profile's width, the link's bandwidth and the
-        stage's simulated curve, so ``auto`` decides here as it would on those devices."""
+        (:func:`meshd.ring.wire.link_dtype`) applied to the profile's row (its width and float bytes, which
+        are what the simulated links carry), the link's bandwidth and the stage's simulated curve, so ``auto``
+        decides here as it would on those devices; a float link carries the float the real model sends."""
         float_wire = torch.float32 if dtype == torch.float32 else torch.float16  # as the runtime sends
+        profile_float = torch.float16 if profile.wire_bytes == 2 else torch.float32
         per_byte = 8 / link.bandwidth if math.isfinite(link.bandwidth) else None
-        return [
+        plan = [
             link_dtype(
                 setting,
-                float_wire,
+                profile_float,
                 hidden_size=profile.hidden,
                 seconds_per_byte=per_byte,
                 stage_curve=profile.stage_cost(s.n_layers, compute_scale),
             )
             for s in LayerRange.split(profile.n_layers, stages)
         ]
+        return [torch.int8 if d == torch.int8 else float_wire for d in plan]
 
     def _route(self, dev: _Device, out: Segment, t: float, queue: int) -> None:
         out.hidden = as_received(out.hidden, dev.wire)
