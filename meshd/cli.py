@@ -188,8 +188,9 @@ def _bench_load(args: argparse.Namespace, questions: list[dict], modes: list[str
         config = {k: v for k, v in vars(args).items() if k != "func"} | {
             "backend_info": backend.describe(),
             "originators": k,
+            "devices": backend.devices(),  # per daemon: busy fraction, emulation overruns
         }
-    md = loadtest.load_table(rows)
+    md = loadtest.load_table(rows) + bench.devices_note(config["devices"])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"load-{time.strftime('%Y%m%d-%H%M%S')}.json"
