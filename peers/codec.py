@@ -196,8 +196,8 @@ class QuantizedRows:
     most ``scale / 2`` (plus fp32 rounding of the division); an all-zero group has scale 0 and
     decodes to zeros. Groups, not whole rows: hidden states carry a few outlier channels far larger
     than the rest, and one scale per row gave every other value of such a row a step of outlier / 127
-    (SmolLM2-135M cut into 5 stages: top-1 agreement with the float wire 91.5 % and KL 0.052 with a
-    scale per row, 97.3 % and 0.005 with a scale per 32 values, docs/benchmarks.md), for 72 more bytes
+    (SmolLM2-135M cut into 5 stages: top-1 agreement with the float wire 92.0 % and KL 0.051 with a
+    scale per row, 97.2 % and 0.004 with a scale per 32 values, docs/benchmarks.md), for 72 more bytes
     per row of 576. Within rows, not across them: a row's bytes depend on that row alone, so the same
     hidden state quantizes the same way whatever segment it travels in (the speculation oracle relies
     on it, see docs/design.md).
