@@ -354,11 +354,10 @@ class DaemonBackend:
         return report | since
 
     def devices(self) -> list[dict]:
-        """Each daemon's stage figures from its ``/mesh`` (cumulative since start-up), its emulation report
-        (calls and overruns since the previous call, as below),
-        its busy fraction since the daemons were ready or the previous call (``busy_fraction``: this record's
-        share; one record per temperature) and per mode while that mode's requests ran (``busy_by_mode``: the
-        modes run one request at a time, so each request's stage time is its own)."""
+        """Each daemon's stage figures from its ``/mesh`` (cumulative since start-up); since the daemons were
+        ready or the previous call (one record per temperature): its emulation report's calls and overruns,
+        its busy fraction (``busy_fraction``) and per mode its busy fraction while that mode's requests ran
+        (``busy_by_mode``: the modes run one request at a time, so each request's stage time is its own)."""
         (t0, b0), (t1, b1) = self._busy0, self._busy()
         by_modes, self._busy0, self._busy_by = self._busy_by, (t1, b1), {}
         out = []

@@ -142,6 +142,12 @@ def wire_summary(
     return f"--wire-activations {setting}: {each}"
 
 
+def emulated_profile(spec: str, n_layers: int, hidden: int) -> Profile:
+    """What daemons run with ``--emulate spec`` behave like, for a real model of ``n_layers`` and ``hidden``."""
+    emu = DeviceEmulation.parse(spec)
+    return emu.profile.as_emulated(emu.factor, n_layers, hidden)
+
+
 def _load_env(args, one_thread: bool) -> _Env:
     torch.set_num_threads(1 if one_thread else (args.threads or 1))  # one: no oversubscription on a shared box
     return _Env(args.model, args.dtype)
@@ -154,9 +160,9 @@ def _calibrate(args, path: Path) -> int:
     specs = [s for p in args.calibrate_with for s in calibration_specs(json.loads(Path(p).read_text()))]
     qs = load_questions(path, None, per_category=1000)
     env = _load_env(args, one_thread=True)
-    emulated = {s["emulate"]: DeviceEmulation.parse(s["emulate"]) for s in specs if s.get("emulate")}
-    profile = measure_profile(env.full, env.source.fingerprint) if len(emulated) < len(specs) else None
     n_layers, hidden = env.full.cfg.n_layers, env.full.cfg.hidden_size
+    emulated = {s["emulate"]: emulated_profile(s["emulate"], n_layers, hidden) for s in specs if s.get("emulate")}
+    profile = measure_profile(env.full, env.source.fingerprint) if len(emulated) < len(specs) else None
 
     def run(spec: dict, modes: list[str], scale: float, hop: float) -> dict[str, float]:
         ids = spec.get("question_ids")
@@ -173,9 +179,9 @@ def _calibrate(args, path: Path) -> int:
         if want not in (None, "auto") and parse_dtype(want) != env.full.dtype:
             progress_printer(f"warning: the record ran {want}, this simulation {env.full.dtype}; pass --dtype {want}")
         link = parse_link(spec.get("link") or "0/inf")
-        emu = emulated.get(spec.get("emulate"))
-        if emu is not None:  # paced daemons: the profile's times, each device its own (sleeping costs no CPU)
-            prof, cores = emu.profile.as_emulated(emu.factor, n_layers, hidden), spec.get("cores")
+        prof = emulated.get(spec.get("emulate"))
+        if prof is not None:  # paced daemons: the profile's times, each device its own (sleeping costs no CPU)
+            cores = spec.get("cores")
         else:
             prof, cores = profile, spec.get("cores", os.cpu_count())
         res, _ = _simulate(
@@ -202,8 +208,7 @@ def _calibrate(args, path: Path) -> int:
     fit_hop = getattr(args, "fit_hop", False)
     scale, hop, all_rows = calibrate(specs, run, fit_mode=fit_mode, fit_hop=fit_hop, progress=progress_printer)
     fitted = any(r["fitted"] for r in all_rows)
-    used = [profile] if profile is not None else []
-    used += [e.profile.as_emulated(e.factor, n_layers, hidden) for e in emulated.values()]
+    used = ([profile] if profile is not None else []) + list(emulated.values())
     if args.json:
         shown = {"profile": used[0].to_json(), "profiles": [p.to_json() for p in used]}
         print(json.dumps(shown | {"compute_scale": scale, "hop_overhead_s": hop, "calibration": all_rows}))
