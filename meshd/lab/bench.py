@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from meshd.lab.emulate import DeviceEmulation, link_emulation, slowdown
+from meshd.lab.emulate import CALL_KINDS, DeviceEmulation, link_emulation, slowdown
 from meshd.lab.testbed import LoopbackMesh, http
 from meshd.serve.loading import Ticker, quiet, stderr_say
 from meshd.serve.local import LocalModel
@@ -349,8 +349,7 @@ class DaemonBackend:
         prev, self._emulation0[i] = self._emulation0.get(i), report
         if prev is None:
             return report
-        kinds = ("stage_forwards", "lm_head", "drafts")
-        since = {k: {n: report[k][n] - prev[k][n] for n in ("calls", "overruns")} for k in kinds if k in report}
+        since = {k: {n: report[k][n] - prev[k][n] for n in ("calls", "overruns")} for k in CALL_KINDS if k in report}
         return report | since
 
     def devices(self) -> list[dict]:
@@ -410,8 +409,8 @@ def devices_note(devices: list[dict]) -> str:
         if d.get("busy_by_mode"):
             line += " (" + ", ".join(f"{m} {b:.2f}" for m, b in d["busy_by_mode"].items()) + ")"
         if em:
-            calls = sum(em[k]["calls"] for k in ("stage_forwards", "lm_head", "drafts"))
-            over = sum(em[k]["overruns"] for k in ("stage_forwards", "lm_head", "drafts"))
+            calls = sum(em[k]["calls"] for k in CALL_KINDS)
+            over = sum(em[k]["overruns"] for k in CALL_KINDS)
             line += f", EMULATED {em['spec']}: {over}/{calls} calls overran the profile"
             if calls and over / calls > OVERRUN_WARNING:
                 line += " (CPU-bound: these figures are this machine's, not the profile's)"

@@ -162,6 +162,9 @@ class _ProfiledDrafter:
         return getattr(self.inner, name)
 
 
+CALL_KINDS = ("stage_forwards", "lm_head", "drafts")  # the paced kinds of call a report counts, each its own
+
+
 class DeviceEmulation:
     """This daemon as a device of ``profile`` slowed ``factor`` times: the hooks ``serve`` takes.
 
