@@ -127,13 +127,18 @@ class LoopbackMesh:
         ``progress`` hears each daemon's state (its ``/health`` reason) whenever it changes."""
         deadline, t0 = time.monotonic() + timeout, time.monotonic()
         said: dict[int, str] = {}
+
+        def report() -> None:
+            if progress is None:
+                return
+            for i in live:
+                state = self._state(i)
+                if said.get(i) != state:
+                    said[i] = state
+                    progress(f"  daemon {i} ({time.monotonic() - t0:.0f} s): {state}")
+
         while time.monotonic() < deadline:
-            if progress is not None:
-                for i in live:
-                    state = self._state(i)
-                    if said.get(i) != state:
-                        said[i] = state
-                        progress(f"  daemon {i} ({time.monotonic() - t0:.0f} s): {state}")
+            report()
             for i in live:
                 if self.procs[i].poll() is not None:
                     raise RuntimeError(
@@ -142,6 +147,7 @@ class LoopbackMesh:
             plans = [self.plan(i) for i in live]
             agreed = all(p and p["committed"] and len(p["stages"]) == stages and p == plans[0] for p in plans)
             if agreed and all(http("GET", self.url(i) + "/health", timeout=5)[0] == 200 for i in live):
+                report()  # a plan committed since this round's report: say each daemon is ready before returning
                 return plans[0]
             time.sleep(0.5)
         raise TimeoutError(
