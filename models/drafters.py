@@ -19,7 +19,7 @@ from models.eagle import default_drafter, load_eagle_drafter
 from models.ranges import LayerRange
 from models.source import ModelSource
 from models.stage import Stage
-from models.tree import DraftRows, NodePath, Tree, add_level, grow_tree
+from models.tree import DraftRows, NodePath, Tree, add_level, draft_tree, session_paths
 
 
 class Drafter(Protocol):
@@ -101,36 +101,38 @@ class NGramDrafter:
                     self._table[tuple(context[end - n : end])][nxt] += 1
         self._seen = max(self._seen, len(context))
 
-    def _propose(self, ctx: list[int], k: int) -> list[tuple[int, float]]:
+    def match(self, ctx: list[int]) -> tuple[int, Counter[int]] | None:
+        """The longest of ``orders`` whose n-gram ending ``ctx`` was seen, with the counts of what followed it."""
         for n in self.orders:
-            if len(ctx) < n:
-                continue
-            counts = self._table.get(tuple(ctx[-n:]))
-            if counts:
-                total = sum(counts.values())
-                w = self.discounts.get(n, 0.5)
-                return [(tok, math.log(w * c / total)) for tok, c in counts.most_common(k)]
-        return []
+            if len(ctx) >= n and (counts := self._table.get(tuple(ctx[-n:]))):
+                return n, counts
+        return None
 
-    def draft(self, context: list[int], *, top_k: int, depth: int, max_nodes: int, keep: int | None = None) -> Tree:
-        self._catch_up(context)
+    def _propose(self, ctx: list[int], k: int) -> list[tuple[int, float]]:
+        m = self.match(ctx)
+        if m is None:
+            return []
+        n, counts = m
+        total, w = sum(counts.values()), self.discounts.get(n, 0.5)
+        return [(tok, math.log(w * c / total)) for tok, c in counts.most_common(k)]
 
-        def expand(tree: Tree, nodes: list[int], k: int) -> list[list[tuple[int, float]]]:
-            return [self._propose(context[:-1] + tree.path_tokens(u), k) for u in nodes]
-
-        return grow_tree(context[-1], expand, top_k=top_k, depth=depth, max_nodes=max_nodes, keep=keep)
-
-    def extend(self, context: list[int], pool: Tree, leaves: list[int], *, top_k: int, max_nodes: int) -> list[int]:
-        """One level below ``leaves``: each leaf's path looked up like a draft's node (the table is the
-        context's, so nothing is kept between calls but the table itself)."""
-        self._catch_up(context)
-        props = [self._propose(context[:-1] + pool.path_tokens(u), top_k) for u in leaves]
-        return add_level(pool, leaves, props, top_k, max_nodes)
-
-    def _catch_up(self, context: list[int]) -> None:
+    def start(self, context: list[int]) -> bool:
+        """Open a draft at ``context``: the table catches up with it (see :func:`draft_tree`)."""
         if context[: self._seen] != self._context[: self._seen] or len(context) < self._seen:
             self.reset(context[:-1])
         self.accept(context, None)
+        return True
+
+    def children(self, context: list[int], tree: Tree, nodes: list[int], k: int) -> list[list[tuple[int, float]]]:
+        """Each node's path looked up like a context (the table is the context's: nothing else is kept)."""
+        return [self._propose(context[:-1] + tree.path_tokens(u), k) for u in nodes]
+
+    def draft(self, context: list[int], *, top_k: int, depth: int, max_nodes: int, keep: int | None = None) -> Tree:
+        return draft_tree(self, context, top_k=top_k, depth=depth, max_nodes=max_nodes, keep=keep)
+
+    def extend(self, context: list[int], pool: Tree, leaves: list[int], *, top_k: int, max_nodes: int) -> list[int]:
+        self.start(context)
+        return add_level(pool, leaves, self.children(context, pool, leaves, top_k), top_k, max_nodes)
 
 
 class ModelDrafter:
@@ -201,33 +203,35 @@ class ModelDrafter:
             out.append(list(zip(tok.tolist(), lp.tolist())))
         return out
 
+    def start(self, context: list[int]) -> bool:
+        """Open a draft at ``context`` (the cache synced to it); see :func:`draft_tree`."""
+        self._open(context)
+        return True
+
+    @torch.inference_mode()
+    def children(self, context: list[int], tree: Tree, nodes: list[int], k: int) -> list[list[tuple[int, float]]]:
+        """The ``k`` best next tokens below ``nodes`` of ``tree`` (rooted at ``context[-1]``), from the latest
+        draft's rows where ``context`` extends it (see :meth:`models.eagle.EagleDrafter.extend`), else from a
+        draft opened here."""
+        s, paths = session_paths(self._session, lambda: self._open(context), context, tree, nodes)
+        return self._children(s, paths, k)
+
     @torch.inference_mode()
     def draft(self, context: list[int], *, top_k: int, depth: int, max_nodes: int, keep: int | None = None) -> Tree:
-        s = self._open(context)
-
-        def expand(tree: Tree, nodes: list[int], k: int) -> list[list[tuple[int, float]]]:
-            return self._children(s, [tuple(tree.path_tokens(u)[1:]) for u in nodes], k)
-
-        return grow_tree(context[-1], expand, top_k=top_k, depth=depth, max_nodes=max_nodes, keep=keep)
+        return draft_tree(self, context, top_k=top_k, depth=depth, max_nodes=max_nodes, keep=keep)
 
     @torch.inference_mode()
     def extend(self, context: list[int], pool: Tree, leaves: list[int], *, top_k: int, max_nodes: int) -> list[int]:
-        """Grow ``pool`` (rooted at ``context[-1]``) by one level below ``leaves``, reusing the latest draft's
-        rows (see :meth:`models.eagle.EagleDrafter.extend`); a context that does not extend that draft's
-        starts a new one here."""
-        s = self._session
-        paths = s.paths(context, pool, leaves) if s is not None else None
-        if paths is None:
-            s = self._open(context)
-            paths = s.paths(context, pool, leaves)
-        return add_level(pool, leaves, self._children(s, paths, top_k), top_k, max_nodes)
+        return add_level(pool, leaves, self.children(context, pool, leaves, top_k), top_k, max_nodes)
 
 
 class MergedDrafter:
     """Several drafters' trees merged into one (matched by token path; a shared node keeps the better score).
 
     The default for the embedded model is the EAGLE head plus n-gram lookup: the head guesses
-    what the model would say, the n-gram table what it is about to copy from the prompt.
+    what the model would say, the n-gram table what it is about to copy from the prompt. (Merging by a
+    calibrated probability instead was measured no better: docs/draft-head.md, "Merging by calibrated
+    probability".)
     """
 
     def __init__(self, parts: list, name: str | None = None):

@@ -35,7 +35,7 @@ from models.layers import Layer, Rope, Weight, attention, causal_mask, decoder_l
 from models.quant import Kind, QuantWeight, matrix_kind, quantize
 from models.source import ModelSource
 from models.stage import Stage
-from models.tree import DraftRows, NodePath, Tree, add_level, grow_tree
+from models.tree import DraftRows, NodePath, Tree, add_level, draft_tree, session_paths
 
 FORMAT = "meshd-eagle-1"
 CONFIG_FILE = "eagle.json"
@@ -550,16 +550,24 @@ class EagleDrafter:
                 topk([key], self.logprobs(s.out[key][None]))
         return s.proposals(paths, k)
 
+    def start(self, context: list[int]) -> bool:
+        """Open a draft at ``context`` (see :func:`models.tree.draft_tree`); False when there is nothing to
+        draft from yet (no committed position has a feature)."""
+        if len(context) < 2:
+            return False
+        self._open(context)
+        return True
+
+    @torch.inference_mode()
+    def children(self, context: list[int], tree: Tree, nodes: list[int], k: int) -> list[list[tuple[int, float]]]:
+        """The ``k`` best next tokens below ``nodes`` of ``tree`` (rooted at ``context[-1]``), reusing the rows
+        of the latest draft where ``context`` extends it (see :meth:`extend`), else from a draft opened here."""
+        s, paths = session_paths(self._session, lambda: self._open(context), context, tree, nodes)
+        return self._children(s, paths, k)
+
     @torch.inference_mode()
     def draft(self, context: list[int], *, top_k: int, depth: int, max_nodes: int, keep: int | None = None) -> Tree:
-        if len(context) < 2:
-            return Tree.root(context[-1])
-        s = self._open(context)
-
-        def expand(tree: Tree, nodes: list[int], k: int) -> list[list[tuple[int, float]]]:
-            return self._children(s, [tuple(tree.path_tokens(u)[1:]) for u in nodes], max(k, top_k))
-
-        return grow_tree(context[-1], expand, top_k=top_k, depth=depth, max_nodes=max_nodes, keep=keep)
+        return draft_tree(self, context, top_k=top_k, depth=depth, max_nodes=max_nodes, keep=keep)
 
     @torch.inference_mode()
     def extend(self, context: list[int], pool: Tree, leaves: list[int], *, top_k: int, max_nodes: int) -> list[int]:
@@ -571,12 +579,7 @@ class EagleDrafter:
         which a draft from scratch at ``context`` would feed on, wait for the next :meth:`draft`."""
         if len(context) < 2:
             return []
-        s = self._session
-        paths = s.paths(context, pool, leaves) if s is not None else None
-        if paths is None:  # no draft this context extends: start one here (its rows computed as needed)
-            s = self._open(context)
-            paths = s.paths(context, pool, leaves)
-        return add_level(pool, leaves, self._children(s, paths, top_k), top_k, max_nodes)
+        return add_level(pool, leaves, self.children(context, pool, leaves, top_k), top_k, max_nodes)
 
 
 DEFAULT_SPEC = "eagle+ngram"

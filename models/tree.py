@@ -191,6 +191,20 @@ def grow_tree(
     return tree
 
 
+def draft_tree(drafter, context: list[int], *, top_k: int, depth: int, max_nodes: int, keep: int | None = None) -> Tree:
+    """A drafter's whole draft at ``context``: ``drafter.start(context)`` opens it (False: nothing to draft
+    from, the root alone), then :func:`grow_tree` asks ``drafter.children(context, tree, nodes, k)`` level by
+    level. Every drafter drafts this way, so its :meth:`extend` (one level more below given leaves, through
+    the same ``children``) gives what a deeper draft would have."""
+    if not drafter.start(context):
+        return Tree.root(context[-1])
+
+    def expand(tree: Tree, nodes: list[int], k: int) -> list[list[tuple[int, float]]]:
+        return drafter.children(context, tree, nodes, k)
+
+    return grow_tree(context[-1], expand, top_k=top_k, depth=depth, max_nodes=max_nodes, keep=keep)
+
+
 def add_level(
     tree: Tree, nodes: Sequence[int], proposals: Sequence[Sequence[tuple[int, float]]], top_k: int, max_nodes: int
 ) -> list[int]:
@@ -288,6 +302,22 @@ class DraftRows:
             vals, toks = self.logp[p]
             out.append(list(zip(toks[:k], vals[:k])))
         return out
+
+
+def session_paths(
+    session: DraftRows | None,
+    open_new: Callable[[], DraftRows],
+    context: Sequence[int],
+    tree: Tree,
+    nodes: Sequence[int],
+) -> tuple[DraftRows, list[NodePath]]:
+    """The draft rows that serve ``nodes`` of ``tree`` (rooted at ``context[-1]``) and their paths: the
+    latest draft's (``session``) when ``context`` extends its anchor, else a new draft's (``open_new()``)."""
+    paths = session.paths(context, tree, nodes) if session is not None else None
+    if paths is None:
+        session = open_new()
+        paths = session.paths(context, tree, nodes)
+    return session, paths
 
 
 def split_segments(order: Sequence[int], k: int, sizes: Sequence[int] | None = None) -> list[list[int]]:
