@@ -11,7 +11,7 @@
  *     acc = fma(float(isum), d * s, acc);  acc = fma(m, s * sum(a), acc)
  * with w = d * q + m (GGUF's Q4_1; Q4_0 is m = -8d). Every output element goes through these very
  * operations whatever the number of rows, their position in a tile, the thread split or the code
- * path (AVX512-VNNI or plain C), so a row's result is bitwise the same in any batch.
+ * path (AVX512-VNNI, AMX, AVX2 or plain C), so a row's result is bitwise the same in any batch.
  *
  * Weight layout, per block of 16 output columns and group of 32 inputs (320 bytes, 20 per 32
  * weights, as in the file): 256 bytes of nibbles, then 16 fp16 scales d, then 16 fp16 offsets m.
@@ -29,6 +29,12 @@
 #else
 #define Q4A8_VNNI 0
 #endif
+#if !Q4A8_VNNI && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define Q4A8_AVX2 1
+#else
+#define Q4A8_AVX2 0
+#endif
 #if Q4A8_VNNI && defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__linux__)
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -45,6 +51,7 @@
 #define AMX_MIN_ROWS 6 /* from this many rows on AMX beats tiles of 4 (tools/issue11/q4a8_rows.py) */
 
 int q4a8_has_vnni(void) { return Q4A8_VNNI; }
+int q4a8_has_avx2(void) { return Q4A8_AVX2; }
 
 static float half_to_float(uint16_t h) {
     uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, bits;
@@ -201,6 +208,57 @@ static void block_vnni_rows(const uint8_t *wb, int64_t groups, const int8_t *con
 }
 #endif
 
+#if Q4A8_AVX2
+/* AVX2 without VNNI (AMD Zen 1-3, older Intel): the same products with maddubs (u8 x s8 -> pairs of
+ * int16, at most 2 * 15 * 127, so never saturating) and madd (pairs -> int32): the group sums are the
+ * same exact int32, and the epilogue the same two fused multiply-adds per group, so every output is
+ * bitwise what the plain C path gives. 256-bit registers hold 8 columns: the block is done in two halves. */
+static inline __attribute__((always_inline)) void block_avx2(const uint8_t *wb, int64_t groups,
+                                                             const int8_t *const *a, const float *const *s,
+                                                             const float *const *sa, float out[][COLS],
+                                                             const int rows) {
+    const __m256i low = _mm256_set1_epi8(0x0f);
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int h = 0; h < 2; h++) {
+        __m256 acc[TILE];
+        for (int r = 0; r < rows; r++) acc[r] = _mm256_setzero_ps();
+        for (int64_t g = 0; g < groups; g++) {
+            const uint8_t *p = wb + g * GROUP_BYTES;
+            __m256i w[8];
+            for (int j = 0; j < 4; j++) {
+                __m256i raw = _mm256_loadu_si256((const __m256i *)(p + 64 * j + 32 * h));
+                w[j] = _mm256_and_si256(raw, low);
+                w[j + 4] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
+            }
+            __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 256 + 16 * h)));
+            __m256 m = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 288 + 16 * h)));
+            for (int r = 0; r < rows; r++) {
+                const int32_t *ar = (const int32_t *)(a[r] + g * GROUP);
+                __m256i isum = _mm256_setzero_si256();
+                for (int j = 0; j < 8; j++) {
+                    __m256i pairs = _mm256_maddubs_epi16(w[j], _mm256_set1_epi32(ar[j]));
+                    isum = _mm256_add_epi32(isum, _mm256_madd_epi16(pairs, ones));
+                }
+                __m256 scale = _mm256_mul_ps(d, _mm256_set1_ps(s[r][g]));
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), scale, acc[r]);
+                acc[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(sa[r][g]), acc[r]);
+            }
+        }
+        for (int r = 0; r < rows; r++) _mm256_storeu_ps(out[r] + 8 * h, acc[r]);
+    }
+}
+
+static void block_avx2_rows(const uint8_t *wb, int64_t groups, const int8_t *const *a, const float *const *s,
+                            const float *const *sa, float out[][COLS], int rows) {
+    switch (rows) {
+    case 1: block_avx2(wb, groups, a, s, sa, out, 1); break;
+    case 2: block_avx2(wb, groups, a, s, sa, out, 2); break;
+    case 3: block_avx2(wb, groups, a, s, sa, out, 3); break;
+    default: block_avx2(wb, groups, a, s, sa, out, TILE); break;
+    }
+}
+#endif
+
 #if Q4A8_AMX
 /* AMX: the int32 group sums of 16 rows at once (one tile product per block and group), then the
  * very epilogue block_vnni applies, row by row: the same floats in the same order. */
@@ -316,7 +374,7 @@ int q4a8_matmul(const void *x, int x_bf16, int64_t rows, int64_t k, const uint8_
                 int64_t n_out, void *y, int y_bf16, int path, const void *norm, float eps) {
     int64_t groups = k / GROUP;
     int amx = (path == 3 || (path == 0 && rows >= AMX_MIN_ROWS)) && q4a8_amx();
-    int vnni = Q4A8_VNNI && !amx && path != 1;
+    int vnni = (Q4A8_VNNI || Q4A8_AVX2) && !amx && path != 1; /* path 2: this CPU's SIMD path */
     int64_t th = amx ? AMX_ROWS : TILE, tiles = (rows + th - 1) / th;
     /* AMX reads whole 16-row tiles of activations: the rows past the last are zeros */
     int8_t *a = calloc((size_t)(tiles * th * k), 1);
@@ -371,6 +429,10 @@ int q4a8_matmul(const void *x, int x_bf16, int64_t rows, int64_t k, const uint8_
 #if Q4A8_VNNI
             if (vnni)
                 block_vnni_rows(wb, groups, ap, sp, sap, out, n);
+            else
+#elif Q4A8_AVX2
+            if (vnni)
+                block_avx2_rows(wb, groups, ap, sp, sap, out, n);
             else
 #endif
                 block_generic(wb, groups, ap, sp, sap, out);

@@ -102,6 +102,7 @@ def library() -> ctypes.CDLL:
         ctypes.c_float,
     ]
     lib.q4a8_has_vnni.restype = ctypes.c_int
+    lib.q4a8_has_avx2.restype = ctypes.c_int
     lib.q4a8_amx.restype = ctypes.c_int
     return lib
 
@@ -116,8 +117,14 @@ def available() -> bool:
 
 
 def vectorized() -> bool:
-    """Whether the build uses AVX512-VNNI (else plain C, the same numerics, slower)."""
+    """Whether the build uses AVX512-VNNI (else plain C or AVX2, the same numerics, slower)."""
     return bool(library().q4a8_has_vnni())
+
+
+def simd() -> str:
+    """The build's vector path: ``vnni`` (AVX512-VNNI), ``avx2`` (AVX2 with FMA and F16C) or ``c`` (none)."""
+    lib = library()
+    return "vnni" if lib.q4a8_has_vnni() else "avx2" if lib.q4a8_has_avx2() else "c"
 
 
 def amx() -> bool:
@@ -126,8 +133,9 @@ def amx() -> bool:
     return bool(library().q4a8_amx())
 
 
-PATHS = {"auto": 0, "c": 1, "vnni": 2, "amx": 3}
-"""The kernel's code paths (``auto``: the fastest for the rows); all compute the same bits."""
+PATHS = {"auto": 0, "c": 1, "vnni": 2, "simd": 2, "amx": 3}
+"""The kernel's code paths (``auto``: the fastest for the rows; ``simd``/``vnni``: the build's vector path,
+AVX512-VNNI or AVX2, see :func:`simd`); all compute the same bits."""
 
 
 def pack(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:

@@ -265,21 +265,25 @@ def auto_format() -> tuple[str, torch.dtype]:
     The rule, from interleaved forwards of SmolLM2-135M (Q4_1) per format (docs/benchmarks.md,
     "Weights kept quantized" and "int4a8"):
 
-    - x86-64 with AVX512-VNNI (Intel Ice Lake and later, AMD Zen 4 and later) where a C compiler
-      builds :mod:`models.q4a8`: ``int4a8`` with bf16 activations. On an AMX Xeon, 2 threads, the
-      layers' matrices take 3.2 ms for one row against 4.0 for torch's int4 kernel, and 9.6 against
-      21.7 ms for a tree of 16 rows (AMX tiles from 6 rows on).
+    - x86-64 where a C compiler builds :mod:`models.q4a8` with a vector path, AVX512-VNNI (Intel Ice
+      Lake and later, AMD Zen 4 and later) or AVX2 with FMA and F16C (Haswell and later, AMD Zen 1-3):
+      ``int4a8`` with bf16 activations. On an AMX Xeon, 2 threads, the layers' matrices take 3.2 ms
+      for one row against 4.0 for torch's int4 kernel, and 9.6 against 21.7 ms for a tree of 16 rows
+      (AMX tiles from 6 rows on). On a 2-core AMD EPYC with AVX2 only: 5.0 against 10.0 ms for one
+      row, 28.7 against 55.2 for 16, and ``ar`` 42.8 against 27.7 tokens/s.
     - other x86-64 with AVX512 or AVX2: ``native`` with bf16 activations. One row (``ar``): int4
       ~2.2x faster than dense bf16 and ~3x than fp32 on an AMX Xeon, ~2.6x faster than fp32 with
       the kernels limited to AVX2. torch's quantized kernels are vectorized for bf16 activations;
       fp32 ones run 3-20x slower, so quantized formats default to bf16. (int4a8's plain C path
-      computes the same bits ~9x slower than its VNNI one, so it is not picked without VNNI.)
+      computes the same bits ~7x slower than its vector paths, so it is not picked without one.)
     - anything else (aarch64, x86-64 without AVX2): ``fp32`` dense, the reference. Not measured
       on such a device here; ``--weights native`` tries the quantized kernels there.
     """
     if platform.machine().lower() in ("x86_64", "amd64") and not torch.cuda.is_available():
         flags = cpu_flags()
-        if {"avx512_vnni", "avx512bw"} <= flags and q4a8.available():
+        vector = {"avx512_vnni", "avx512bw"} <= flags or {"avx2", "fma", "f16c"} <= flags
+        # the build must have a vector path too (a compiler may target less than the CPU has)
+        if vector and q4a8.available() and q4a8.simd() != "c":
             return "int4a8", torch.bfloat16
         if "avx2" in flags or "avx512f" in flags:
             return "native", torch.bfloat16

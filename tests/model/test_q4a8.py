@@ -61,7 +61,7 @@ def test_each_row_alike_in_any_batch_and_code_path(dtype):
     for split in ([1] * 37, [3, 5, 3, 16, 10], [4, 7, 26], [2, 35], [17, 20]):
         parts = torch.split(x, split)
         assert torch.equal(torch.cat([q4a8.matmul(p.contiguous(), data, 72) for p in parts]), batched)
-    for path in ("c", "vnni", "amx"):  # where a path is not built or granted, it falls back to a slower one
+    for path in ("c", "simd", "amx"):  # where a path is not built or granted, it falls back to a slower one
         assert torch.equal(q4a8.matmul(x, data, 72, path=path), batched), path
 
 

@@ -43,12 +43,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     ours = Stage.load(None, weights="int4a8", dtype="bf16")
     torch_int4 = Stage.load(None, weights="native", dtype="bf16")
-    print(f"threads {args.threads}; VNNI build: {q4a8.vectorized()}; AMX granted: {q4a8.amx()}")
-    print("rows | c | vnni | amx | auto | torch int4 (native)")
+    print(f"threads {args.threads}; vector path of the build: {q4a8.simd()}; AMX granted: {q4a8.amx()}")
+    print("rows | c | simd | amx | auto | torch int4 (native)")
     for rows in (int(r) for r in args.rows.split(",")):
         cells = [
             per_token_ms(ours, rows, lambda x, w, path=path: q4a8.matmul(x, w.data, w.out_features, path=path))
-            for path in ("c", "vnni", "amx", "auto")
+            for path in ("c", "simd", "amx", "auto")
         ]
         cells.append(per_token_ms(torch_int4, rows, lambda x, w: w.matmul(x)))
         print(f"{rows} | " + " | ".join(f"{c:.2f}" for c in cells))
