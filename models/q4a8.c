@@ -197,15 +197,7 @@ static inline __attribute__((always_inline)) void block_vnni(const uint8_t *wb, 
     for (int r = 0; r < rows; r++) _mm512_storeu_ps(out[r], acc[r]);
 }
 
-static void block_vnni_rows(const uint8_t *wb, int64_t groups, const int8_t *const *a, const float *const *s,
-                            const float *const *sa, float out[][COLS], int rows) {
-    switch (rows) {
-    case 1: block_vnni(wb, groups, a, s, sa, out, 1); break;
-    case 2: block_vnni(wb, groups, a, s, sa, out, 2); break;
-    case 3: block_vnni(wb, groups, a, s, sa, out, 3); break;
-    default: block_vnni(wb, groups, a, s, sa, out, TILE); break;
-    }
-}
+#define block_simd block_vnni
 #endif
 
 #if Q4A8_AVX2
@@ -248,13 +240,18 @@ static inline __attribute__((always_inline)) void block_avx2(const uint8_t *wb, 
     }
 }
 
-static void block_avx2_rows(const uint8_t *wb, int64_t groups, const int8_t *const *a, const float *const *s,
+#define block_simd block_avx2
+#endif
+
+#if Q4A8_VNNI || Q4A8_AVX2
+/* The build's vector path for a tile of `rows`: one case per count, so each unrolls to its own rows. */
+static void block_simd_rows(const uint8_t *wb, int64_t groups, const int8_t *const *a, const float *const *s,
                             const float *const *sa, float out[][COLS], int rows) {
     switch (rows) {
-    case 1: block_avx2(wb, groups, a, s, sa, out, 1); break;
-    case 2: block_avx2(wb, groups, a, s, sa, out, 2); break;
-    case 3: block_avx2(wb, groups, a, s, sa, out, 3); break;
-    default: block_avx2(wb, groups, a, s, sa, out, TILE); break;
+    case 1: block_simd(wb, groups, a, s, sa, out, 1); break;
+    case 2: block_simd(wb, groups, a, s, sa, out, 2); break;
+    case 3: block_simd(wb, groups, a, s, sa, out, 3); break;
+    default: block_simd(wb, groups, a, s, sa, out, TILE); break;
     }
 }
 #endif
@@ -374,7 +371,7 @@ int q4a8_matmul(const void *x, int x_bf16, int64_t rows, int64_t k, const uint8_
                 int64_t n_out, void *y, int y_bf16, int path, const void *norm, float eps) {
     int64_t groups = k / GROUP;
     int amx = (path == 3 || (path == 0 && rows >= AMX_MIN_ROWS)) && q4a8_amx();
-    int vnni = (Q4A8_VNNI || Q4A8_AVX2) && !amx && path != 1; /* path 2: this CPU's SIMD path */
+    int vector = (Q4A8_VNNI || Q4A8_AVX2) && !amx && path != 1; /* path 2: the build's vector path */
     int64_t th = amx ? AMX_ROWS : TILE, tiles = (rows + th - 1) / th;
     /* AMX reads whole 16-row tiles of activations: the rows past the last are zeros */
     int8_t *a = calloc((size_t)(tiles * th * k), 1);
@@ -426,13 +423,9 @@ int q4a8_matmul(const void *x, int x_bf16, int64_t rows, int64_t k, const uint8_
                 sp[r] = s + row * groups;
                 sap[r] = sa + row * groups;
             }
-#if Q4A8_VNNI
-            if (vnni)
-                block_vnni_rows(wb, groups, ap, sp, sap, out, n);
-            else
-#elif Q4A8_AVX2
-            if (vnni)
-                block_avx2_rows(wb, groups, ap, sp, sap, out, n);
+#if Q4A8_VNNI || Q4A8_AVX2
+            if (vector)
+                block_simd_rows(wb, groups, ap, sp, sap, out, n);
             else
 #endif
                 block_generic(wb, groups, ap, sp, sap, out);
