@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -191,7 +192,17 @@ def grow_tree(
     return tree
 
 
-def draft_tree(drafter, context: list[int], *, top_k: int, depth: int, max_nodes: int, keep: int | None = None) -> Tree:
+class Proposer(Protocol):
+    """What :func:`draft_tree` needs of a drafter (every drafter in :mod:`models.drafters` is one)."""
+
+    def start(self, context: list[int]) -> bool: ...
+
+    def children(self, context: list[int], tree: Tree, nodes: list[int], k: int) -> list[list[tuple[int, float]]]: ...
+
+
+def draft_tree(
+    drafter: Proposer, context: list[int], *, top_k: int, depth: int, max_nodes: int, keep: int | None = None
+) -> Tree:
     """A drafter's whole draft at ``context``: ``drafter.start(context)`` opens it (False: nothing to draft
     from, the root alone), then :func:`grow_tree` asks ``drafter.children(context, tree, nodes, k)`` level by
     level. Every drafter drafts this way, so its :meth:`extend` (one level more below given leaves, through
