@@ -116,11 +116,6 @@ def available() -> bool:
     return True
 
 
-def vectorized() -> bool:
-    """Whether the build uses AVX512-VNNI (else plain C or AVX2, the same numerics, slower)."""
-    return bool(library().q4a8_has_vnni())
-
-
 def simd() -> str:
     """The build's vector path: ``vnni`` (AVX512-VNNI), ``avx2`` (AVX2 with FMA and F16C) or ``c`` (none)."""
     lib = library()
@@ -133,9 +128,9 @@ def amx() -> bool:
     return bool(library().q4a8_amx())
 
 
-PATHS = {"auto": 0, "c": 1, "vnni": 2, "simd": 2, "amx": 3}
-"""The kernel's code paths (``auto``: the fastest for the rows; ``simd``/``vnni``: the build's vector path,
-AVX512-VNNI or AVX2, see :func:`simd`); all compute the same bits."""
+PATHS = {"auto": 0, "c": 1, "simd": 2, "amx": 3}
+"""The kernel's code paths (``auto``: the fastest for the rows; ``simd``: the build's vector path, AVX512-VNNI
+or AVX2, see :func:`simd`); all compute the same bits."""
 
 
 def pack(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
