@@ -22,6 +22,7 @@ from meshd.modes import LOCAL_MODES, MESH_DEFAULT, MESH_MODES
 from models.config import ModelError
 from models.formats import WEIGHT_FORMATS, WEIGHTS_HELP
 from peers.codec import WIRE_ACTIVATIONS, WIRE_ACTIVATIONS_HELP
+from peers.planner import SPLITS
 
 DEMO_QUESTION = "What are three good reasons to learn a second language? Answer briefly."
 QUESTIONS_HELP = (
@@ -167,8 +168,9 @@ def _bench_load(args: argparse.Namespace, questions: list[dict], modes: list[str
         raise ValueError("--load needs --backend daemons: it measures real daemons under concurrent requests")
     rates = [float(r) for r in args.load.split(",")]
     with bench.open_backend(args) as backend:
-        k = min(args.originators or args.stages, args.stages)
-        urls = [backend.mesh.url(i) for i in range(k)]
+        origins = [i for i, r in enumerate(bench.daemon_roles(args.roles, args.stages)) if r != "stage"]
+        k = min(args.originators or len(origins), len(origins))
+        urls = [backend.mesh.url(i) for i in origins[:k]]
         print(
             f"load test: rates {rates} req/s x {args.requests} requests, modes {','.join(modes)}, {k} originators, "
             f"{backend.describe()}, {args.max_tokens} new tokens, T={args.temperature}",
@@ -516,6 +518,13 @@ def build_parser() -> argparse.ArgumentParser:
         "from the ring's measured latency; 1: one tree per round, the scheduler before slots)",
     )
     b.add_argument(
+        "--roles",
+        default=None,
+        metavar="ROLE,...",
+        help="daemons: one role per daemon (both | stage | originator), e.g. both,stage,stage: peers that only "
+        "serve stages make the planner take daemon 0's measured originator work off its layers (default: all both)",
+    )
+    b.add_argument(
         "--wire-activations",
         default=None,
         choices=WIRE_ACTIVATIONS,
@@ -556,7 +565,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--originators",
         type=int,
         default=None,
-        help="load test: spread requests over the first K daemons' APIs (default: all)",
+        help="load test: spread requests over the first K daemons' APIs (default: all but --roles stage ones)",
     )
     b.set_defaults(func=cmd_bench)
 
@@ -586,6 +595,13 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--drafter", default="auto", help="as for generate; acceptance is the real model's")
     sm.add_argument("--originator", default="0", help="stage whose device originates (meshd) or 'own' (FlowSpec)")
     sm.add_argument("--originators", type=int, default=1, help="originators, requests spread round robin")
+    sm.add_argument(
+        "--split",
+        default="even",
+        choices=SPLITS,
+        help="layers per stage: even, or origin-aware (the planner's split when only the originators' devices "
+        "originate: each takes its measured LM head and draft work off its share, as --role stage peers make it)",
+    )
     sm.add_argument("--rate", type=float, default=0.0, help="Poisson arrivals per second (0: one request at a time)")
     sm.add_argument("--seed", type=int, default=0)
     sm.add_argument("--temperature", type=float, default=0.0)

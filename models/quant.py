@@ -49,7 +49,7 @@ from models import q4a8
 from models.formats import WEIGHT_FORMATS
 
 Kind = Literal["int8", "int4", "int4a8"]
-GROUP = 32  # GGUF's Q4_0/Q4_1/Q8_0 block, and a group size the int4 kernel takes
+GROUP = q4a8.GROUP  # GGUF's Q4_0/Q4_1/Q8_0 block, and the group size both int4 kernels take
 _INT4_ROW_MULTIPLE = 16  # the int4 packer wants the output rows in multiples of 16 (torch 2.13)
 
 

@@ -52,6 +52,13 @@ class ModelShape:
 
 
 ROLES = ("both", "stage", "originator")
+# how a peer measures ``origin_layers`` (meshd.serve.daemon), and the simulator models it: one LM head over
+# ORIGIN_ROWS rows (a typical segment) plus one ORIGIN_LEVELS-level draft (a typical first segment's)
+ORIGIN_ROWS = 8
+ORIGIN_LEVELS = 3
+# how the simulator cuts a profile's layers (meshd simulate --split): evenly, or as plan_layers does when only
+# the originators' peers originate (role both) and the rest serve stages (role stage)
+SPLITS = ("even", "origin-aware")
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from meshd.lab.emulate import CALL_KINDS, DeviceEmulation, link_emulation, slowd
 from meshd.lab.testbed import LoopbackMesh, http
 from meshd.serve.loading import Ticker, quiet, stderr_say
 from meshd.serve.local import LocalModel
+from peers.planner import ROLES
 from training.prompts import EVERYDAY, SPEC_BENCH_ENV, SPEC_BENCH_SOURCE, spec_bench_path
 
 
@@ -236,6 +237,25 @@ class LocalBackend:
         pass
 
 
+def daemon_roles(spec: str | None, n: int) -> list[str]:
+    """``--roles``: one role per daemon (``both``, ``stage`` or ``originator``; None: every daemon ``both``).
+    Requests go through daemon 0, so it must originate; peers that only serve stages make the planner take
+    the originators' measured work off their shares (``peers.planner``: the origin-aware split)."""
+    if not spec:
+        return ["both"] * n
+    roles = [r.strip() for r in spec.split(",")]
+    if len(roles) != n:
+        raise ValueError(f"--roles {spec!r}: {len(roles)} roles for {n} daemons (--stages); give one per daemon")
+    bad = [r for r in roles if r not in ROLES]
+    if bad:
+        raise ValueError(f"--roles {spec!r}: {bad[0]!r} is not a role; choose from {', '.join(ROLES)}")
+    if roles[0] == "stage":
+        raise ValueError(f"--roles {spec!r}: daemon 0 takes the requests, so it must originate (both or originator)")
+    if all(r == "originator" for r in roles):
+        raise ValueError(f"--roles {spec!r}: no daemon holds layers; at least one must be both or stage")
+    return roles
+
+
 class DaemonBackend:
     """``--stages`` real daemons on loopback; requests go through the REST API of the first one."""
 
@@ -253,6 +273,10 @@ class DaemonBackend:
             extra += ["--flow-slots", str(args.flow_slots)]
         if getattr(args, "wire_activations", None):
             extra += ["--wire-activations", args.wire_activations]
+        roles = daemon_roles(getattr(args, "roles", None), args.stages)
+        holders: int | range = sum(1 for r in roles if r != "originator")
+        if "stage" in roles and "both" in roles:  # origin-aware: a busy originator may be left no layers at all
+            holders = range(sum(1 for r in roles if r == "stage"), holders + 1)
         self._tmp = tempfile.TemporaryDirectory(prefix="meshd-bench-")
         progress_printer(f"starting {args.stages} daemons on 127.0.0.1 ...")
         self.mesh = LoopbackMesh(
@@ -262,12 +286,12 @@ class DaemonBackend:
             dtype=args.dtype if args.dtype != "auto" else "auto",
             threads=args.threads or 1,
             extra=extra,
+            extra_for={i: ["--role", r] for i, r in enumerate(roles) if r != "both"},
         )
         try:  # each daemon's state is said when it changes, and the wait itself regularly
             with Ticker(progress_printer, f"waiting for {args.stages} daemons to load and agree on a plan"):
-                self.plan = self.mesh.wait_plan(
-                    list(range(args.stages)), args.stages, timeout=300, progress=progress_printer
-                )
+                live = list(range(args.stages))
+                self.plan = self.mesh.wait_plan(live, holders, timeout=300, progress=progress_printer)
         except Exception:
             self.close()
             raise
@@ -287,6 +311,8 @@ class DaemonBackend:
             + (f", EMULATED device profile {a.emulate}" if getattr(a, "emulate", None) else "")
             + (f", flow slots {a.flow_slots}" if getattr(a, "flow_slots", None) is not None else "")
             + (f", wire activations {a.wire_activations}" if getattr(a, "wire_activations", None) else "")
+            + (f", roles {a.roles} (origin-aware split)" if getattr(a, "roles", None) else "")
+            + f", layers per stage {'/'.join(str(s['stop_layer'] - s['first_layer']) for s in self.plan['stages'])}"
         )
 
     def runner(self, label: str) -> Callable[[str], dict]:

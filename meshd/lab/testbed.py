@@ -121,10 +121,15 @@ class LoopbackMesh:
         return self.status(i)["node_id"]
 
     def wait_plan(
-        self, live: list[int], stages: int, timeout: float, progress: Callable[[str], None] | None = None
+        self,
+        live: list[int],
+        stages: int | range,
+        timeout: float,
+        progress: Callable[[str], None] | None = None,
     ) -> dict:
-        """Until every live daemon reports the same committed plan with ``stages`` stages and is healthy.
-        ``progress`` hears each daemon's state (its ``/health`` reason) whenever it changes."""
+        """Until every live daemon reports the same committed plan with ``stages`` stages (a number, or a
+        range of acceptable numbers) and is healthy. ``progress`` hears each daemon's state (its ``/health``
+        reason) whenever it changes."""
         deadline, t0 = time.monotonic() + timeout, time.monotonic()
         said: dict[int, str] = {}
 
@@ -145,13 +150,14 @@ class LoopbackMesh:
                         f"daemon {i} exited with {self.procs[i].returncode}; see {self.workdir / f'node{i}.log'}"
                     )
             plans = [self.plan(i) for i in live]
-            agreed = all(p and p["committed"] and len(p["stages"]) == stages and p == plans[0] for p in plans)
+            sizes = range(stages, stages + 1) if isinstance(stages, int) else stages
+            agreed = all(p and p["committed"] and len(p["stages"]) in sizes and p == plans[0] for p in plans)
             if agreed and all(http("GET", self.url(i) + "/health", timeout=5)[0] == 200 for i in live):
                 report()  # a plan committed since this round's report: say each daemon is ready before returning
                 return plans[0]
             time.sleep(0.5)
         raise TimeoutError(
-            f"no common committed {stages}-stage plan within {timeout} s: {[self.plan(i) for i in live]}"
+            f"no common committed plan of {stages} stages within {timeout} s: {[self.plan(i) for i in live]}"
         )
 
     def _state(self, i: int) -> str:

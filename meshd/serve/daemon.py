@@ -41,7 +41,7 @@ from peers.link import LinkEmulation
 from peers.membership import MembershipEvent, PeerLost
 from peers.mesh import MeshConfig, MeshNode
 from peers.negotiation import Plan
-from peers.planner import Assignment, ModelShape
+from peers.planner import ORIGIN_LEVELS, ORIGIN_ROWS, Assignment, ModelShape
 from peers.sizes import parse_size
 
 try:  # a dependency only where it builds (Linux, macOS); asyncio's own loop elsewhere
@@ -101,10 +101,6 @@ def link_seconds_per_byte(emulation: LinkEmulation | None) -> float | None:
     if emulation is None or emulation.bandwidth_mbps <= 0:
         return None
     return emulation.transmit_time(1)
-
-
-ORIGIN_ROWS = 8  # a typical segment: the rows the originator's work is measured over
-ORIGIN_LEVELS = 3  # draft levels of a typical first segment with slots
 
 
 class DeviceHooks(Protocol):

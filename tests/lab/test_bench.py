@@ -175,3 +175,19 @@ def test_busy_fractions_are_counted_per_mode_over_that_modes_requests(monkeypatc
     assert [d["busy_by_mode"] for d in devices] == [{"ar": 0.375}, {"ar": 0.125}]
     assert devices[1]["emulation"]["stage_forwards"] == {"calls": 2, "overruns": 1}
     assert "EMULATED jetson-orin-7b:x4: 3/6 calls overran" in bench.devices_note(devices)
+
+
+def test_roles_name_one_role_per_daemon_and_daemon_0_originates():
+    """``--roles``: the origin-aware split on real daemons (peers that only serve stages); bad lists fail
+    before any daemon starts, saying what to give instead."""
+    assert bench.daemon_roles(None, 3) == ["both", "both", "both"]
+    assert bench.daemon_roles("both, stage,stage", 3) == ["both", "stage", "stage"]
+    assert bench.daemon_roles("originator,stage", 2) == ["originator", "stage"]
+    for spec, why in [
+        ("both,stage", "2 roles for 3 daemons"),
+        ("both,stage,head", "'head' is not a role"),
+        ("stage,both,both", "daemon 0 takes the requests"),
+        ("originator,originator,originator", "no daemon holds layers"),
+    ]:
+        with pytest.raises(ValueError, match=why):
+            bench.daemon_roles(spec, 3)

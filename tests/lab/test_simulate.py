@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -16,11 +17,12 @@ from meshd.lab.sim import cli as sim_cli
 from meshd.lab.sim.calibration import calibration_rows, calibration_specs, fit_scale_and_hop
 from meshd.lab.sim.links import ROW_META_BYTES, SEGMENT_META_BYTES, TOKEN_BYTES, LinkModel, parse_link
 from meshd.lab.sim.profiles import DraftCost, Profile, flat, jetson_orin_7b, measure_profile
-from meshd.lab.sim.simulation import Simulation, parse_variant, summarize_traces
+from meshd.lab.sim.simulation import Simulation, layer_split, origin_layers, parse_variant, summarize_traces
 from meshd.ring.scheduler import Request
 from models.drafters import ModelDrafter, NGramDrafter
 from models.source import ModelSource
 from models.stage import Stage
+from peers.planner import PlanError
 
 N_LAYERS = 6
 
@@ -211,6 +213,39 @@ def test_utilisation_timeline_and_load(tiny):
     again = run()
     trace = lambda r: [(t.tokens, t.emits) for t in r.requests.values()]  # noqa: E731
     assert trace(again) == trace(res)
+
+
+def test_origin_aware_split_gives_the_originators_device_fewer_layers(tiny):
+    """``--split origin-aware``: the originator's device holds so many fewer layers that its forward plus its
+    work per round (LM head over 8 rows, a 3-level draft) is within a layer of every other stage's forward;
+    the real model's layers are cut at the same fractions, and a split that would leave the originator
+    nothing is refused with what to do instead."""
+    jetson = jetson_orin_7b()
+    work = origin_layers(jetson)
+    per_layer = jetson.layer(8)
+    assert work * per_layer == pytest.approx(jetson.head(8) + jetson.draft.per_call + 3 * jetson.draft.per_level)
+    assert layer_split(jetson, 5) == [7, 7, 6, 6, 6]
+    layers = layer_split(jetson, 5, "origin-aware", [0])
+    assert sum(layers) == jetson.n_layers and len(layers) == 5
+    assert all(abs(layers[0] + work - n) <= 1.0 for n in layers[1:]), (layers, work)
+    assert layer_split(jetson, 5, "origin-aware", [None]) == [7, 7, 6, 6, 6]  # a device of its own: nothing to take
+    two = layer_split(jetson, 5, "origin-aware", [0, 2])
+    assert two[0] < min(two[1], two[3], two[4]) and two[2] < min(two[1], two[3], two[4])
+    with pytest.raises(PlanError, match="--originator own"):
+        layer_split(jetson, 8, "origin-aware", [0])
+    with pytest.raises(ValueError, match="even, origin-aware"):
+        layer_split(jetson, 5, "uneven")
+    with pytest.raises(ValueError, match="--split even"):
+        origin_layers(replace(jetson, draft=DraftCost(measured_scale=1.0)))
+    _, full = tiny
+    profile = replace(jetson, n_layers=12)  # 6 real layers stand for 12 of the profile's
+    sim = Simulation(
+        full, NGramDrafter, stages=3, profile=profile, link=LinkModel(), origins=(0,), split="origin-aware"
+    )
+    real = [d.worker.stage.layer_range for d in sim.devices[:3]]
+    assert sim.layers == layer_split(profile, 3, "origin-aware", [0]) == [1, 6, 5]
+    assert [r.n_layers for r in real] == [1, 3, 2]  # the same fractions of the real model, at least one layer each
+    assert real[0].first == 0 and real[-1].stop == N_LAYERS
 
 
 def test_poisson_arrivals_are_seeded():

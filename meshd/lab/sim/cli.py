@@ -19,6 +19,7 @@ from meshd.lab.sim.simulation import (
     FLOWSPEC_7B_FLOW_OVER_CHUNK,
     SimResult,
     Simulation,
+    layer_split,
     parse_variant,
     ratios,
     run_modes,
@@ -89,6 +90,7 @@ def _simulate(
     coalesce: bool = False,
     idle_drafting: bool = True,
     wire_activations: str = "fp16",
+    split: str = "even",
 ) -> tuple[dict[str, list[SimResult]], str]:
     spec, factory = env.factory(drafter)
     for m in modes:
@@ -109,6 +111,7 @@ def _simulate(
             idle_drafting=idle_drafting,
             resumable_drafting=parse_variant(label).resumable,
             wire_activations=wire_activations,
+            split=split,
         )
 
     labels = [f"q{q['question_id']}-{q['category']}" for q in questions]
@@ -128,10 +131,16 @@ def _simulate(
 
 
 def wire_summary(
-    setting: str, profile: Profile, link: LinkModel, dtype: torch.dtype, stages: int, compute_scale: float
+    setting: str,
+    profile: Profile,
+    link: LinkModel,
+    dtype: torch.dtype,
+    stages: int,
+    compute_scale: float,
+    layers: list[int] | None = None,
 ) -> str:
     """How the stages' links carry hidden states under ``setting``, said once for a run's header and record."""
-    sim = Simulation.wire_plan(setting, profile, link, dtype, stages, compute_scale)
+    sim = Simulation.wire_plan(setting, profile, link, dtype, stages, compute_scale, layers=layers)
     names = {torch.int8: "int8", torch.float16: "fp16", torch.float32: "fp32"}
     kinds = list(dict.fromkeys(names[d] for d in sim))
     each = (
@@ -245,7 +254,9 @@ def main(args) -> int:
         f"{len(questions)} prompts x {args.max_tokens} tokens, modes {','.join(modes)}"
     )
     progress_printer(f"profile: {profile.note}")
-    wires = wire_summary(args.wire_activations, profile, link, env.full.dtype, args.stages, args.compute_scale)
+    layers = layer_split(profile, args.stages, args.split, origins)
+    progress_printer(f"layers per stage ({args.split} split): {'/'.join(map(str, layers))}")
+    wires = wire_summary(args.wire_activations, profile, link, env.full.dtype, args.stages, args.compute_scale, layers)
     progress_printer(f"wire: {wires}")
     res, drafter = _simulate(
         env,
@@ -265,6 +276,7 @@ def main(args) -> int:
         coalesce=args.coalesce,
         idle_drafting=not args.no_idle_drafting,
         wire_activations=args.wire_activations,
+        split=args.split,
     )
     summary = {m: summarize_traces(r) for m, r in res.items()}
     flow = res.get("flow") or next(iter(res.values()))
@@ -273,6 +285,7 @@ def main(args) -> int:
         "config": {k: v for k, v in vars(args).items() if k != "func"} | {"drafter": drafter},
         "profile": profile.to_json(),
         "wire": wires,
+        "layers": layers,
         "summary": summary,
         "ratios": ratios(summary, "throughput" if args.rate > 0 else "decode_tokens_per_s"),
         "flowspec_reference": {"flow/chunk": FLOWSPEC_7B_FLOW_OVER_CHUNK, "label": "measured, published"},
@@ -313,9 +326,10 @@ def main(args) -> int:
         print(json.dumps(record))
         return 0
     print(
-        f"SIMULATED (not measured): {args.stages} stages, profile {profile.name}, link {link}, originator on "
-        f"{where}, drafter {drafter}, {len(questions)} prompts of {path.name} x {args.max_tokens} tokens, "
-        f"T={args.temperature}, acceptance from the real {env.source.name} ({str(env.full.dtype)[6:]})"
+        f"SIMULATED (not measured): {args.stages} stages ({args.split} split, layers {'/'.join(map(str, layers))}), "
+        f"profile {profile.name}, link {link}, originator on {where}, drafter {drafter}, {len(questions)} prompts "
+        f"of {path.name} x {args.max_tokens} tokens, T={args.temperature}, acceptance from the real "
+        f"{env.source.name} ({str(env.full.dtype)[6:]})"
     )
     print(f"profile: {profile.note}")
     print(f"wire: {wires}")

@@ -58,8 +58,62 @@ from models.ranges import LayerRange
 from models.stage import Stage
 from models.verify import Sampling
 from peers.codec import QuantizedRows
+from peers.planner import ORIGIN_LEVELS, ORIGIN_ROWS, SPLITS, ModelShape, PeerResources, PlanError, plan_layers
 
 FLOWSPEC_7B_FLOW_OVER_CHUNK = 1.43  # FlowSpec, LLaMA2-chat 7B, 5 Jetson boards, T=0 (measured, published)
+
+
+def origin_layers(profile: Profile) -> float:
+    """The originator's work per round in the profile's decoder layers, as a daemon measures it at start-up
+    (``meshd.serve.daemon``): one LM head over ``ORIGIN_ROWS`` rows plus one ``ORIGIN_LEVELS``-level draft,
+    over one layer's forward of as many rows."""
+    d = profile.draft
+    if d.measured_scale is not None:
+        raise ValueError(
+            f"profile {profile.name}: its drafts are timed on this machine, not modelled, so the originator's work "
+            "per round is not known before the run; use --split even with it"
+        )
+    work = profile.head(ORIGIN_ROWS) + d.per_call + ORIGIN_LEVELS * d.per_level
+    return work / max(1e-12, profile.layer(ORIGIN_ROWS))
+
+
+def layer_split(profile: Profile, stages: int, split: str = "even", origins: Sequence[int | None] = (0,)) -> list[int]:
+    """The profile's layers per stage. ``even``: sizes differing by at most one (``LayerRange.split``);
+    ``origin-aware``: as the planner splits them when the devices of ``origins`` originate (role ``both``)
+    and the others only serve stages (role ``stage``), each originator's work (:func:`origin_layers`) taken
+    off its own share, so that its device finishes a round when the others do."""
+    if split == "even":
+        return [r.n_layers for r in LayerRange.split(profile.n_layers, stages)]
+    if split != "origin-aware":
+        raise ValueError(f"split {split!r}: choose one of {', '.join(SPLITS)}")
+    work = origin_layers(profile)
+    hosts = {o for o in origins if o is not None}
+    peers = [
+        PeerResources(f"{k:04d}", profile.n_layers, role="both" if k in hosts else "stage", origin_layers=work)
+        for k in range(stages)
+    ]
+    plan = plan_layers(peers, ModelShape(profile.n_layers, bytes_per_layer=1, replicated_bytes=0))
+    if len(plan) != stages:
+        raise PlanError(
+            f"the origin-aware split of {profile.n_layers} layers over {stages} stages leaves the originator's "
+            f"device without layers (its work is {work:.1f} layers a round): simulate it as a device of its own "
+            "(--originator own) or with fewer stages"
+        )
+    return [a.n_layers for a in plan]
+
+
+def _scaled(counts: Sequence[int], n_layers: int) -> list[LayerRange]:
+    """``counts`` (one split of some number of layers) carried over to ``n_layers``: each boundary at the
+    same fraction of the model, every stage keeping at least one layer."""
+    if len(counts) > n_layers:
+        raise ValueError(f"cannot split {n_layers} layers into {len(counts)} stages")
+    total, bounds, acc = sum(counts), [0], 0
+    for i, c in enumerate(counts[:-1], start=1):
+        acc += c
+        lo, hi = bounds[-1] + 1, n_layers - (len(counts) - i)
+        bounds.append(min(hi, max(lo, round(acc * n_layers / total))))
+    bounds.append(n_layers)
+    return [LayerRange(a, b) for a, b in itertools.pairwise(bounds)]
 
 
 class Variant(NamedTuple):
@@ -244,7 +298,8 @@ class Simulation:
     ``coalesce``: stages merge a request's queued segments into one forward where their cost curve
     makes that cheap (``StageWorker``'s ``cost``). ``idle_drafting``: an originator drafts a first segment
     shallow and deepens its pool when its device would otherwise idle (``Originator.idle``), as the
-    simulated devices give it the time; off, it drafts every level before the first segment leaves."""
+    simulated devices give it the time; off, it drafts every level before the first segment leaves.
+    ``split``: how the profile's layers are cut into stages (:func:`layer_split`)."""
 
     def __init__(
         self,
@@ -261,20 +316,24 @@ class Simulation:
         coalesce: bool = False,
         idle_drafting: bool = True,
         wire_activations: str = "fp16",
+        split: str = "even",
         **originator_kw,
     ):
         if not origins:
             raise ValueError("a simulation needs at least one originator")
         self.profile, self.link, self.scale = profile, link, compute_scale
-        wires = self.wire_plan(wire_activations, profile, link, full.dtype, stages, compute_scale)
+        counts = layer_split(profile, stages, split, origins)
+        self.layers = counts
+        wires = self.wire_plan(wire_activations, profile, link, full.dtype, stages, compute_scale, layers=counts)
         self._now = self._clock = 0.0
         self._events: list = []
         self._seq = itertools.count()
         self._wire_free: dict[tuple[int, int], float] = {}
         self._cores = [0.0] * cores if cores else None
         self.meter = _DraftMeter(profile, compute_scale)
-        real = LayerRange.split(full.cfg.n_layers, stages)
-        sim = LayerRange.split(profile.n_layers, stages)
+        # the real model's layers: as daemons split them evenly, or at the profile's fractions
+        real = LayerRange.split(full.cfg.n_layers, stages) if split == "even" else _scaled(counts, full.cfg.n_layers)
+        sim = _scaled(counts, profile.n_layers)
         self.devices: list[_Device] = []
         curves = []
         for k, (r, s) in enumerate(zip(real, sim)):
@@ -419,12 +478,19 @@ class Simulation:
 
     @staticmethod
     def wire_plan(
-        setting: str, profile: Profile, link: LinkModel, dtype: torch.dtype, stages: int, compute_scale: float = 1.0
+        setting: str,
+        profile: Profile,
+        link: LinkModel,
+        dtype: torch.dtype,
+        stages: int,
+        compute_scale: float = 1.0,
+        layers: Sequence[int] | None = None,
     ) -> list[torch.dtype]:
         """Per stage, the dtype its hidden states cross its outgoing link as: the daemon's rule
         (:func:`meshd.ring.wire.link_dtype`) applied to the profile's row (its width and float bytes, which
-        are what the simulated links carry), the link's bandwidth and the stage's simulated curve, so ``auto``
-        decides here as it would on those devices; a float link carries the float the real model sends."""
+        are what the simulated links carry), the link's bandwidth and the stage's simulated curve (``layers``
+        per stage, by default an even split), so ``auto`` decides here as it would on those devices; a float
+        link carries the float the real model sends."""
         float_wire = torch.float32 if dtype == torch.float32 else torch.float16  # as the runtime sends
         profile_float = torch.float16 if profile.wire_bytes == 2 else torch.float32
         per_byte = 8 / link.bandwidth if math.isfinite(link.bandwidth) else None
@@ -434,9 +500,9 @@ class Simulation:
                 profile_float,
                 hidden_size=profile.hidden,
                 seconds_per_byte=per_byte,
-                stage_curve=profile.stage_cost(s.n_layers, compute_scale),
+                stage_curve=profile.stage_cost(n, compute_scale),
             )
-            for s in LayerRange.split(profile.n_layers, stages)
+            for n in (layers or [r.n_layers for r in LayerRange.split(profile.n_layers, stages)])
         ]
         return [torch.int8 if d == torch.int8 else float_wire for d in plan]
 
