@@ -312,6 +312,11 @@ def test_calibration_inputs_and_errors():
     assert (s["emulate"], s["wire_activations"], s["temperature"]) == ("jetson-orin-7b:x4", "int8", 1.0)
     with pytest.raises(ValueError):
         calibration_specs({"modes": {}})
+    bench_record["config"]["roles"] = "both,both,both"  # the default roles: an even split, as simulated
+    assert calibration_specs(bench_record)[0]["stages"] == 3
+    bench_record["config"]["roles"] = "both,stage,stage"  # a split the daemons measured and the record lacks
+    with pytest.raises(ValueError, match="default role"):
+        calibration_specs(bench_record)
 
 
 @pytest.fixture

@@ -26,6 +26,12 @@ def calibration_specs(record: dict | list) -> list[dict]:
         return calibration_specs(record["calibration"])
     if "config" in record and "summary" in record:  # a meshd bench record
         cfg = record["config"]
+        if "stage" in (cfg.get("roles") or "").split(","):
+            raise ValueError(
+                f"a record of daemons started with --roles {cfg['roles']} cannot be calibrated against: their layer "
+                "split came from the work each daemon measured, which the record does not keep; calibrate with a "
+                "record of daemons on the default role"
+            )
         modes = {
             k.split("/", 1)[1]: v["tokens_per_s"]
             for k, v in record["summary"].items()
