@@ -311,7 +311,7 @@ class DaemonBackend:
             + (f", EMULATED device profile {a.emulate}" if getattr(a, "emulate", None) else "")
             + (f", flow slots {a.flow_slots}" if getattr(a, "flow_slots", None) is not None else "")
             + (f", wire activations {a.wire_activations}" if getattr(a, "wire_activations", None) else "")
-            + (f", roles {a.roles} (origin-aware split)" if getattr(a, "roles", None) else "")
+            + (f", roles {a.roles}" if getattr(a, "roles", None) else "")
             + f", layers per stage {'/'.join(str(s['stop_layer'] - s['first_layer']) for s in self.plan['stages'])}"
         )
 
