@@ -233,6 +233,9 @@ class LocalBackend:
     def devices(self) -> list[dict]:
         return []  # one process: no daemons to ask
 
+    def layout(self) -> dict:
+        return {}  # one process: no plan
+
     def close(self) -> None:
         pass
 
@@ -377,6 +380,14 @@ class DaemonBackend:
             return report
         since = {k: {n: report[k][n] - prev[k][n] for n in ("calls", "overruns")} for k in CALL_KINDS if k in report}
         return report | since
+
+    def layout(self) -> dict:
+        """The plan the daemons served, for the record (the simulator's calibration replays it): layers per
+        stage in ring order, and the stage daemon 0 (the originator) holds, None where it holds no layers."""
+        stages = self.plan["stages"]
+        origin = self.mesh.node_id(0)
+        at = next((k for k, st in enumerate(stages) if st["node_id"] == origin), None)
+        return {"layers": [st["stop_layer"] - st["first_layer"] for st in stages], "originator_stage": at}
 
     def devices(self) -> list[dict]:
         """Each daemon's stage figures from its ``/mesh`` (cumulative since start-up); since the daemons were

@@ -235,6 +235,10 @@ def test_origin_aware_split_gives_the_originators_device_fewer_layers(tiny):
         layer_split(jetson, 8, "origin-aware", [0])
     with pytest.raises(ValueError, match="even, origin-aware"):
         layer_split(jetson, 5, "uneven")
+    assert layer_split(jetson, 3, [2, 20, 10]) == [2, 20, 10]  # a plan daemons served, replayed as it was
+    for bad in ([2, 20, 9], [2, 30], [0, 22, 10]):
+        with pytest.raises(ValueError, match="32 layers in all"):
+            layer_split(jetson, 3, bad)
     with pytest.raises(ValueError, match="--split even"):
         origin_layers(replace(jetson, draft=DraftCost(measured_scale=1.0)))
     _, full = tiny
@@ -317,6 +321,12 @@ def test_calibration_inputs_and_errors():
     bench_record["config"]["roles"] = "both,stage,stage"  # a split the daemons measured and the record lacks
     with pytest.raises(ValueError, match="default role"):
         calibration_specs(bench_record)
+    bench_record["config"] |= {"layers": [1, 3, 2], "originator_stage": 0}  # records keep the daemons' plan now
+    (s,) = calibration_specs(bench_record)
+    assert (s["stages"], s["layers"], s["originator"]) == (3, [1, 3, 2], 0)
+    bench_record["config"] |= {"layers": [3, 3], "originator_stage": None}  # daemon 0 was left no layers
+    (s,) = calibration_specs(bench_record)
+    assert (s["stages"], s["layers"], s["originator"]) == (2, [3, 3], "own")
 
 
 @pytest.fixture

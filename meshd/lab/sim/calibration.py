@@ -15,7 +15,8 @@ def calibration_specs(record: dict | list) -> list[dict]:
     "chunk": tok_s, "flow": tok_s}}`` with optional ``metric`` ("e2e", tokens over submit-to-finish as
     the daemon's stats count them (default), or "decode"), ``max_tokens``, ``prompts`` (count) or
     ``question_ids``, ``drafter``, ``dtype``, ``originator`` ("own" or a stage index, default 0),
-    ``cores`` (default: this machine's), ``compute_scale``, ``emulate`` (``PROFILE[:xK]``: the daemons
+    ``layers`` (layers per stage in ring order; default an even split), ``cores`` (default: this
+    machine's), ``compute_scale``, ``emulate`` (``PROFILE[:xK]``: the daemons
     were paced like that profile, which the simulation then uses instead of this device's, on devices of
     their own), ``wire_activations``, ``temperature``; a list of specs; ``{"calibration": [...]}``;
     or a ``meshd bench --backend daemons`` record (``runs/bench-*.json``).
@@ -26,12 +27,14 @@ def calibration_specs(record: dict | list) -> list[dict]:
         return calibration_specs(record["calibration"])
     if "config" in record and "summary" in record:  # a meshd bench record
         cfg = record["config"]
-        if "stage" in (cfg.get("roles") or "").split(","):
+        layers = cfg.get("layers")  # the daemons' plan, kept by records since 2026-12-03
+        if layers is None and "stage" in (cfg.get("roles") or "").split(","):
             raise ValueError(
                 f"a record of daemons started with --roles {cfg['roles']} cannot be calibrated against: their layer "
-                "split came from the work each daemon measured, which the record does not keep; calibrate with a "
-                "record of daemons on the default role"
+                "split came from the work each daemon measured, which this (older) record does not keep; "
+                "calibrate with a newer record or one of daemons on the default role"
             )
+        where = cfg.get("originator_stage", 0) if layers else 0
         modes = {
             k.split("/", 1)[1]: v["tokens_per_s"]
             for k, v in record["summary"].items()
@@ -40,7 +43,9 @@ def calibration_specs(record: dict | list) -> list[dict]:
         qids = list(dict.fromkeys(r["question_id"] for r in record.get("runs", [])))
         return [
             {
-                "stages": cfg.get("stages", 1),
+                "stages": len(layers) if layers else cfg.get("stages", 1),
+                "layers": layers,
+                "originator": "own" if where is None else where,  # daemon 0 took the requests
                 "link": cfg.get("link") or "0/inf",
                 "threads_per_stage": cfg.get("threads") or 1,
                 "modes": modes,

@@ -90,7 +90,7 @@ def _simulate(
     coalesce: bool = False,
     idle_drafting: bool = True,
     wire_activations: str = "fp16",
-    split: str = "even",
+    split: str | list[int] = "even",
 ) -> tuple[dict[str, list[SimResult]], str]:
     spec, factory = env.factory(drafter)
     for m in modes:
@@ -209,6 +209,7 @@ def _calibrate(args, path: Path) -> int:
             seed=args.seed,
             temperature=spec.get("temperature", 0.0),
             wire_activations=spec.get("wire_activations", "auto"),  # the daemons' default
+            split=spec.get("layers") or "even",
         )
         key = "decode_tokens_per_s" if spec.get("metric") == "decode" else "tokens_per_s"
         return {m: summarize_traces(r)[key] for m, r in res.items()}

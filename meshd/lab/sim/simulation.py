@@ -77,11 +77,22 @@ def origin_layers(profile: Profile) -> float:
     return work / max(1e-12, profile.layer(ORIGIN_ROWS))
 
 
-def layer_split(profile: Profile, stages: int, split: str = "even", origins: Sequence[int | None] = (0,)) -> list[int]:
+def layer_split(
+    profile: Profile, stages: int, split: str | Sequence[int] = "even", origins: Sequence[int | None] = (0,)
+) -> list[int]:
     """The profile's layers per stage. ``even``: sizes differing by at most one (``LayerRange.split``);
     ``origin-aware``: as the planner splits them when the devices of ``origins`` originate (role ``both``)
     and the others only serve stages (role ``stage``), each originator's work (:func:`origin_layers`) taken
-    off its own share, so that its device finishes a round when the others do."""
+    off its own share, so that its device finishes a round when the others do; a list: those counts (a
+    plan daemons served, which a calibration replays)."""
+    if not isinstance(split, str):
+        counts = list(split)
+        if len(counts) != stages or sum(counts) != profile.n_layers or min(counts, default=0) < 1:
+            raise ValueError(
+                f"layers per stage {counts}: expected {stages} stages of at least one layer, "
+                f"{profile.n_layers} layers in all"
+            )
+        return counts
     if split == "even":
         return [r.n_layers for r in LayerRange.split(profile.n_layers, stages)]
     if split != "origin-aware":
@@ -316,7 +327,7 @@ class Simulation:
         coalesce: bool = False,
         idle_drafting: bool = True,
         wire_activations: str = "fp16",
-        split: str = "even",
+        split: str | Sequence[int] = "even",
         **originator_kw,
     ):
         if not origins:
