@@ -4,6 +4,9 @@ A Llama-family layer: RMS norm, fused q/k/v projection, rotary embedding, attent
 projection, residual, RMS norm, fused gate/up projection, SwiGLU, down projection, residual.
 Only the attention differs between callers (a KV cache with a tree mask, a padded batch, a
 training unroll), so :func:`decoder_layer` takes it as a function and does everything else.
+
+A stage whose matrices are all ``int4a8`` runs this same layer as C (``models/q4a8_layers.c``, one
+call per forward; tests/model/test_q4a8.py holds it against this one); this stays the reference.
 """
 
 from __future__ import annotations

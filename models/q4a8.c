@@ -23,6 +23,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "q4a8.h"
+
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #include <immintrin.h>
 #define Q4A8_VNNI 1
@@ -74,40 +76,26 @@ static float half_to_float(uint16_t h) {
     return f;
 }
 
-static float bf16_to_float(uint16_t b) {
-    uint32_t bits = (uint32_t)b << 16;
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-
-static uint16_t float_to_bf16(float f) { /* round to nearest even, as torch does */
-    uint32_t bits;
-    memcpy(&bits, &f, 4);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40u); /* NaN stays NaN */
-    bits += 0x7fffu + ((bits >> 16) & 1u);
-    return (uint16_t)(bits >> 16);
-}
-
 static float load(const void *x, int bf16, int64_t at) {
     return bf16 ? bf16_to_float(((const uint16_t *)x)[at]) : ((const float *)x)[at];
 }
 
 /* The RMS norm of one row as models.layers.rms_norm computes it: fp32 statistics, the normalised
- * row rounded to the activations' dtype, then times the weight in that dtype. `out` holds k floats
- * (values of the activations' dtype). */
-static void rms_norm_row(const void *x, int bf16, int64_t k, const void *w, float eps, float *out) {
+ * row rounded to the activations' dtype, then times the weight in that dtype. `x` is stored as bf16
+ * (x_bf16) or fp32; `act_bf16` says whether the activations' dtype is bf16 (then `w` is bf16 too and
+ * the results are rounded to it). `out` holds k floats (values of the activations' dtype). */
+static void rms_norm_row(const void *x, int x_bf16, int act_bf16, int64_t k, const void *w, float eps, float *out) {
     float ss = 0.0f;
     for (int64_t i = 0; i < k; i++) {
-        float v = load(x, bf16, i);
+        float v = load(x, x_bf16, i);
         ss = fmaf(v, v, ss);
     }
     float r = 1.0f / sqrtf(ss / (float)k + eps);
     for (int64_t i = 0; i < k; i++) {
-        float t = load(x, bf16, i) * r;
-        if (bf16) t = bf16_to_float(float_to_bf16(t));
-        float h = load(w, bf16, i) * t;
-        out[i] = bf16 ? bf16_to_float(float_to_bf16(h)) : h;
+        float t = load(x, x_bf16, i) * r;
+        if (act_bf16) t = bf16_to_float(float_to_bf16(t));
+        float h = load(w, act_bf16, i) * t;
+        out[i] = act_bf16 ? bf16_to_float(float_to_bf16(h)) : h;
     }
 }
 
@@ -126,7 +114,7 @@ static void quantize_row(const void *x, int bf16, int normed, int64_t k, int8_t 
         float d = amax / 127.0f, id = amax > 0.0f ? 127.0f / amax : 0.0f;
         int sum = 0;
         for (int i = 0; i < GROUP; i++) {
-            float r = nearbyintf(v[i] * id);
+            float r = (v[i] * id + 12582912.0f) - 12582912.0f; /* nearbyintf (|v * id| <= 127), vectorises */
             int q = (int)(r > 127.0f ? 127.0f : (r < -127.0f ? -127.0f : r));
             a[g * GROUP + i] = (int8_t)q;
             sum += q;
@@ -360,40 +348,28 @@ static void store_rows(float out[][COLS], int rows, int64_t r0, int64_t c0, int6
     }
 }
 
-/* y[M, n_out] = x[M, K] @ W.T, W packed as described above with n_blocks * 16 >= n_out columns,
- * or rms_norm(x) @ W.T where `norm` (the norm's weight, in x's dtype) is given: the norm fused
- * into the quantization of the activations, which reads each row anyway (two torch calls of ~15 us
- * fewer per layer and row count). x and y are bf16 (flag set) or fp32; K is a multiple of 32. path: 0 the fastest this build and
- * CPU have for the number of rows, 1 plain C, 2 AVX512-VNNI tiles of 4 rows, 3 AMX tiles of 16 (the
- * tests compare them; an unavailable one falls back). Returns 0, or -1 when scratch memory could
- * not be had. */
-int q4a8_matmul(const void *x, int x_bf16, int64_t rows, int64_t k, const uint8_t *w, int64_t n_blocks,
-                int64_t n_out, void *y, int y_bf16, int path, const void *norm, float eps) {
+int64_t q4a8_act_bytes(int64_t rows, int64_t k) {
+    /* AMX reads whole 16-row tiles of activations: room for the zero rows past the last */
+    return (rows + AMX_ROWS - 1) / AMX_ROWS * AMX_ROWS * k;
+}
+
+void q4a8_quantize(const void *x, int x_bf16, int act_bf16, int64_t rows, int64_t k, const void *norm, float eps,
+                   int8_t *a, float *s, float *sa, float *normed) {
+    int64_t groups = k / GROUP;
+    size_t x_el = x_bf16 ? 2 : 4;
+    for (int64_t r = 0; r < rows; r++) {
+        const void *row = (const char *)x + (size_t)(r * k) * x_el;
+        if (norm) rms_norm_row(row, x_bf16, act_bf16, k, norm, eps, normed);
+        quantize_row(norm ? normed : row, x_bf16, norm != NULL, k, a + r * k, s + r * groups, sa + r * groups);
+    }
+}
+
+void q4a8_product(const int8_t *a, const float *s, const float *sa, int64_t rows, int64_t k, const uint8_t *w,
+                  int64_t n_blocks, int64_t n_out, void *y, int y_bf16, int path) {
     int64_t groups = k / GROUP;
     int amx = (path == 3 || (path == 0 && rows >= AMX_MIN_ROWS)) && q4a8_amx();
     int vector = (Q4A8_VNNI || Q4A8_AVX2) && !amx && path != 1; /* path 2: the build's vector path */
     int64_t th = amx ? AMX_ROWS : TILE, tiles = (rows + th - 1) / th;
-    /* AMX reads whole 16-row tiles of activations: the rows past the last are zeros */
-    int8_t *a = calloc((size_t)(tiles * th * k), 1);
-    float *s = malloc((size_t)(rows * groups) * sizeof(float) * 2);
-    if (!a || !s) {
-        free(a);
-        free(s);
-        return -1;
-    }
-    float *sa = s + rows * groups, *normed = norm ? malloc((size_t)k * sizeof(float)) : NULL;
-    if (norm && !normed) {
-        free(a);
-        free(s);
-        return -1;
-    }
-    size_t x_el = x_bf16 ? 2 : 4;
-    for (int64_t r = 0; r < rows; r++) {
-        const void *row = (const char *)x + (size_t)(r * k) * x_el;
-        if (norm) rms_norm_row(row, x_bf16, k, norm, eps, normed);
-        quantize_row(norm ? normed : row, x_bf16, norm != NULL, k, a + r * k, s + r * groups, sa + r * groups);
-    }
-    free(normed);
     int64_t work = n_blocks * tiles;
     int serial = rows * k * n_blocks * COLS < (int64_t)1 << 18;
 #pragma omp parallel if (!serial)
@@ -434,6 +410,106 @@ int q4a8_matmul(const void *x, int x_bf16, int64_t rows, int64_t k, const uint8_
 #if Q4A8_AMX
         if (amx) _tile_release();
 #endif
+    }
+}
+
+/* y[M, n_out] = x[M, K] @ W.T, W packed as described above with n_blocks * 16 >= n_out columns,
+ * or rms_norm(x) @ W.T where `norm` (the norm's weight, in x's dtype) is given: the norm fused
+ * into the quantization of the activations, which reads each row anyway (two torch calls of ~15 us
+ * fewer per layer and row count). x and y are bf16 (flag set) or fp32; K is a multiple of 32. path: 0 the fastest this build and
+ * CPU have for the number of rows, 1 plain C, 2 AVX512-VNNI tiles of 4 rows, 3 AMX tiles of 16 (the
+ * tests compare them; an unavailable one falls back). Returns 0, or -1 when scratch memory could
+ * not be had. */
+int q4a8_matmul(const void *x, int x_bf16, int64_t rows, int64_t k, const uint8_t *w, int64_t n_blocks,
+                int64_t n_out, void *y, int y_bf16, int path, const void *norm, float eps) {
+    int64_t groups = k / GROUP;
+    int8_t *a = calloc((size_t)q4a8_act_bytes(rows, k), 1);
+    float *s = malloc((size_t)(rows * groups) * sizeof(float) * 2);
+    float *normed = norm ? malloc((size_t)k * sizeof(float)) : NULL;
+    if (!a || !s || (norm && !normed)) {
+        free(a);
+        free(s);
+        free(normed);
+        return -1;
+    }
+    q4a8_quantize(x, x_bf16, x_bf16, rows, k, norm, eps, a, s, s + rows * groups, normed);
+    q4a8_product(a, s, s + rows * groups, rows, k, w, n_blocks, n_out, y, y_bf16, path);
+    free(a);
+    free(s);
+    free(normed);
+    return 0;
+}
+
+/* ---- int8 rows times int8 activations: the vocabulary matrix of an int4a8 stage ---------------
+ *
+ * The LM head of the embedded model (49,152 x 576, Q8_0 in the file, held as int8 rows with one
+ * scale each) took a third of a token on torch's kernel once the layers ran in C. Here it goes the
+ * way q4a8_matmul goes: activations rounded to int8 per row and group of 32 (q4a8_quantize), each
+ * group's dot product with the weights an exact int32 in 8 lanes of 4 products, each lane added as
+ * acc[l] = fma(float(isum[l]), s, acc[l]) in ascending group order, the lanes summed by a fixed tree
+ * and the sum times the row's scale. Same bits on every code path, row count and thread split. */
+static inline float q8_lanes_sum(const float acc[8]) {
+    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+static float q8_row_generic(const int8_t *w, const int8_t *a, const float *s, int64_t groups) {
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int64_t g = 0; g < groups; g++)
+        for (int l = 0; l < 8; l++) {
+            int32_t isum = 0;
+            for (int t = 0; t < 4; t++) isum += (int32_t)w[g * GROUP + 4 * l + t] * a[g * GROUP + 4 * l + t];
+            acc[l] = fmaf((float)isum, s[g], acc[l]);
+        }
+    return q8_lanes_sum(acc);
+}
+
+#if Q4A8_VNNI || Q4A8_AVX2
+static float q8_row_avx2(const int8_t *w, const int8_t *a, const float *s, int64_t groups) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t g = 0; g < groups; g++) {
+        __m256i wv = _mm256_loadu_si256((const __m256i *)(w + g * GROUP));
+        __m256i av = _mm256_loadu_si256((const __m256i *)(a + g * GROUP));
+        /* |w| (unsigned) times a with w's sign: maddubs's u8 x s8, pairs at most 2 * 128 * 127 */
+        __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(av, wv));
+        __m256i isum = _mm256_madd_epi16(pairs, ones);
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(s[g]), acc);
+    }
+    float lanes[8];
+    _mm256_storeu_ps(lanes, acc);
+    return q8_lanes_sum(lanes);
+}
+#endif
+
+/* y[M, n] = x[M, k] @ (w * scale[:, None]).T with w int8 (n, k), scale (n,) in the activations'
+ * dtype; x bf16 (flag set) or fp32, y fp32 (logits: kept at full precision). path: q4a8_matmul's (1: plain C). Returns 0, or -1 when
+ * scratch memory could not be had. */
+int q8a8_matmul(const void *x, int bf16, int64_t rows, int64_t k, const int8_t *w, const void *scale, int64_t n,
+                float *y, int path) {
+    int64_t groups = k / GROUP;
+    int8_t *a = malloc((size_t)(rows * k));
+    float *s = malloc((size_t)(rows * groups) * sizeof(float) * 2);
+    if (!a || !s) {
+        free(a);
+        free(s);
+        return -1;
+    }
+    q4a8_quantize(x, bf16, bf16, rows, k, NULL, 0.0f, a, s, s + rows * groups, NULL);
+    int vector = (Q4A8_VNNI || Q4A8_AVX2) && path != 1;
+    (void)vector;
+#pragma omp parallel for schedule(static) if (n * k * rows > (1 << 18))
+    for (int64_t o = 0; o < n; o++) {
+        float ws = load(scale, bf16, o);
+        for (int64_t r = 0; r < rows; r++) {
+            float dot;
+#if Q4A8_VNNI || Q4A8_AVX2
+            if (vector)
+                dot = q8_row_avx2(w + o * k, a + r * k, s + r * groups, groups);
+            else
+#endif
+                dot = q8_row_generic(w + o * k, a + r * k, s + r * groups, groups);
+            y[r * n + o] = dot * ws;
+        }
     }
     free(a);
     free(s);

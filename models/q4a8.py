@@ -22,17 +22,24 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from models.cache import cache_dir
 
+if TYPE_CHECKING:  # models.layers imports this module
+    from models.kvcache import KVCache
+    from models.layers import Layer, LayerShape
+
 GROUP = 32
 COLS = 16  # output columns per block of the packed layout
 GROUP_BYTES = 320  # per block and group: 256 nibble bytes, 16 fp16 scales, 16 fp16 offsets
-SOURCE = Path(__file__).with_name("q4a8.c")
+SOURCES = tuple(Path(__file__).with_name(n) for n in ("q4a8.c", "q4a8_layers.c", "q4a8.h"))
+"""The library's sources: the kernel, the decoder layers built on it, and what they share."""
 
 
 class KernelUnavailable(RuntimeError):
@@ -67,7 +74,7 @@ def build_key() -> str:
     cc = _compiler()
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
     what = repr((version, FLAGS, _cpu_key(), sys.platform)).encode()
-    return hashlib.sha256(SOURCE.read_bytes() + what).hexdigest()[:16]
+    return hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + what).hexdigest()[:16]
 
 
 @cache
@@ -79,11 +86,11 @@ def library() -> ctypes.CDLL:
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
             built = Path(tmp) / out.name
-            proc = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(built), "-lm"], capture_output=True, text=True)
+            sources = [str(p) for p in SOURCES if p.suffix == ".c"]
+            proc = subprocess.run([cc, *FLAGS, *sources, "-o", str(built), "-lm"], capture_output=True, text=True)
             if proc.returncode != 0:
-                raise KernelUnavailable(
-                    f"compiling {SOURCE} with {cc} failed ({proc.stderr.strip()[-400:]}); use --weights native"
-                )
+                what = f"compiling {' and '.join(sources)} with {cc} failed ({proc.stderr.strip()[-400:]})"
+                raise KernelUnavailable(f"{what}; use --weights native")
             os.replace(built, out)  # atomic: concurrent daemons may build it at once
     lib = ctypes.CDLL(str(out))
     lib.q4a8_matmul.restype = ctypes.c_int
@@ -100,6 +107,36 @@ def library() -> ctypes.CDLL:
         ctypes.c_int,
         ctypes.c_void_p,
         ctypes.c_float,
+    ]
+    lib.q8a8_matmul.restype = ctypes.c_int
+    lib.q8a8_matmul.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_int,
+        ctypes.c_int64,
+        ctypes.c_int64,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_int64,
+        ctypes.c_void_p,
+        ctypes.c_int,
+    ]
+    lib.q4a8_layers.restype = ctypes.c_int
+    lib.q4a8_layers.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_int,
+        ctypes.c_int64,
+        ctypes.c_int64,
+        ctypes.c_int,
+        ctypes.c_void_p,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_float,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_int,
+        ctypes.c_void_p,
+        ctypes.c_int,
     ]
     lib.q4a8_has_vnni.restype = ctypes.c_int
     lib.q4a8_has_avx2.restype = ctypes.c_int
@@ -209,3 +246,155 @@ def matmul(
     if rc != 0:
         raise MemoryError(f"int4a8: no scratch memory for {rows} x {k} activations")
     return y
+
+
+def q8a8_matmul(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, *, path: str = "auto") -> torch.Tensor:
+    """``x @ (w * scales[:, None]).T`` in fp32 for int8 rows ``w`` (n, k) with one scale each (in ``x``'s
+    dtype), the activations rounded to int8 per group of 32 as :func:`matmul` rounds them: the
+    vocabulary matrix of an ``int4a8`` stage (see ``q8a8_matmul`` in the C file). Each row's result
+    is bitwise the same in any batch and code path."""
+    if x.dtype not in (torch.bfloat16, torch.float32) or x.dim() != 2 or not x.is_contiguous():
+        raise ValueError(f"q8a8 takes 2-D contiguous bf16/fp32 activations, not {x.dtype} {tuple(x.shape)}")
+    rows, k = x.shape
+    n = w.shape[0]
+    if w.dtype != torch.int8 or w.shape[1] != k or k % GROUP or scales.shape != (n,) or scales.dtype != x.dtype:
+        what = f"int8 rows {tuple(w.shape)} with {scales.dtype} scales"
+        raise ValueError(f"{what} for {x.dtype} activations of width {k}")
+    y = torch.empty(rows, n, dtype=torch.float32)
+    w, scales = w.contiguous(), scales.contiguous()  # held here while the kernel reads them
+    bf16 = int(x.dtype == torch.bfloat16)
+    lib = library()
+    rc = lib.q8a8_matmul(x.data_ptr(), bf16, rows, k, w.data_ptr(), scales.data_ptr(), n, y.data_ptr(), PATHS[path])
+    if rc != 0:
+        raise MemoryError(f"q8a8: no scratch memory for {rows} x {k} activations")
+    return y
+
+
+# ---- whole decoder layers (q4a8_layers.c) ---------------------------------------------------
+
+
+class _Matrix(ctypes.Structure):
+    _fields_ = [("w", ctypes.c_void_p), ("blocks", ctypes.c_int64), ("out", ctypes.c_int64)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [
+        ("qkv", _Matrix),
+        ("o", _Matrix),
+        ("gate_up", _Matrix),
+        ("down", _Matrix),
+        ("bqkv", ctypes.c_void_p),
+        ("attn_norm", ctypes.c_void_p),
+        ("ffn_norm", ctypes.c_void_p),
+    ]
+
+
+class _Item(ctypes.Structure):
+    _fields_ = [
+        ("rows", ctypes.c_int64),
+        ("k", ctypes.c_void_p),
+        ("v", ctypes.c_void_p),
+        ("cap", ctypes.c_int64),
+        ("past", ctypes.c_int64),
+        ("mask", ctypes.c_void_p),
+    ]
+
+
+def layers_enabled() -> bool:
+    """Whether int4a8 stages run their layers through :class:`Layers` and their int8 LM head through
+    :func:`q8a8_matmul` (``MESHD_FUSED=0``: the torch ops of :func:`models.layers.decoder_layer` and
+    torch's int8 kernel instead, to compare or to rule the C code out)."""
+    return os.environ.get("MESHD_FUSED", "1") != "0"
+
+
+class Layers:
+    """Decoder layers whose four matrices are all int4a8, prepared for ``q4a8_layers`` (one C call per
+    forward instead of ~30 torch ops per layer; see ``q4a8_layers.c`` for why and how it computes).
+
+    Build with :meth:`prepare`, which says None where the stack does not apply (another weight format,
+    an EAGLE-style layer without its first norm, activations neither bf16 nor fp32, no compiler).
+    """
+
+    def __init__(self, layers: Sequence[Layer], shape: LayerShape, dtype: torch.dtype):
+        self.n_layers, self.dtype = len(layers), dtype
+        self.shape = (shape.n_heads, shape.n_kv_heads, shape.head_dim, float(shape.rms_eps))
+        self.hidden = layers[0].wo.out_features
+        self._keep = [t for layer in layers for t in vars(layer).values() if t is not None]  # alive while used
+        arr = (_Layer * len(layers))()
+        for i, layer in enumerate(layers):
+            arr[i] = _Layer(
+                *(_Matrix(w.data.data_ptr(), w.data.shape[0], w.out_features) for w in _matrices(layer)),
+                layer.bqkv.data_ptr() if layer.bqkv is not None else None,
+                layer.attn_norm.data_ptr(),
+                layer.ffn_norm.data_ptr(),
+            )
+        self._layers = arr
+
+    @classmethod
+    def prepare(cls, layers: Sequence[Layer], shape: LayerShape, dtype: torch.dtype) -> Layers | None:
+        if not layers or not layers_enabled() or dtype not in (torch.bfloat16, torch.float32):
+            return None
+        for layer in layers:
+            if layer.attn_norm is None or any(getattr(w, "kind", None) != "int4a8" for w in _matrices(layer)):
+                return None
+            vectors = [layer.attn_norm, layer.ffn_norm] + ([layer.bqkv] if layer.bqkv is not None else [])
+            if any(v.dtype != dtype or not v.is_contiguous() or v.device.type != "cpu" for v in vectors):
+                return None
+        if not available():
+            return None
+        return cls(layers, shape, dtype)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        caches: Sequence[KVCache],
+        sizes: Sequence[int],
+        masks: Sequence[torch.Tensor | None],
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        path: str = "auto",
+    ) -> torch.Tensor:
+        """``x`` (T, hidden) through the layers; rows split among requests by ``sizes``, each with its
+        cache (room reserved, new entries written after its live ones, not committed), bool mask
+        (rows, length + rows) or None (each row sees every entry; one-row requests only), and the rows'
+        RoPE ``cos``/``sin`` (T, head dim, signed sine as :class:`models.layers.Rope` gives)."""
+        y = x.to(self.dtype).contiguous().clone()
+        cos, sin = cos.to(self.dtype).contiguous(), sin.to(self.dtype).contiguous()
+        items = (_Item * len(caches))()
+        keep = []
+        for i, (kv, t, mask) in enumerate(zip(caches, sizes, masks)):
+            if kv.n_layers != self.n_layers or kv.dtype != self.dtype or not kv.k.is_contiguous():
+                raise ValueError(f"a cache of {kv.n_layers} {kv.dtype} layers for {self.n_layers} {self.dtype} ones")
+            if mask is None and t != 1:
+                raise ValueError("a mask is needed for more than one row")
+            m = None if mask is None else mask.to(torch.bool).contiguous()
+            keep.append(m)  # alive until the call returns
+            mask_ptr = None if m is None else m.data_ptr()
+            items[i] = _Item(t, kv.k.data_ptr(), kv.v.data_ptr(), kv.capacity, kv.length, mask_ptr)
+        nq, nkv, hd, eps = self.shape
+        rc = library().q4a8_layers(
+            y.data_ptr(),
+            int(self.dtype == torch.bfloat16),
+            y.shape[0],
+            y.shape[1],
+            self.n_layers,
+            ctypes.addressof(self._layers),
+            nq,
+            nkv,
+            hd,
+            eps,
+            cos.data_ptr(),
+            sin.data_ptr(),
+            len(caches),
+            ctypes.addressof(items),
+            PATHS[path],
+        )
+        if rc == -1:
+            raise MemoryError(f"int4a8 layers: no scratch memory for {y.shape[0]} rows")
+        if rc != 0:
+            raise ValueError(f"int4a8 layers: shapes it does not take ({nq} heads, {nkv} kv heads, dim {hd})")
+        return y
+
+
+def _matrices(layer: Layer) -> tuple:
+    return (layer.wqkv, layer.wo, layer.w_gate_up, layer.w_down)

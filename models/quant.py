@@ -10,6 +10,8 @@ A weight format (``--weights``) says how a stage holds its matrices:
   to int8 per group of 32, as llama.cpp multiplies Q4 by Q8, through :mod:`models.q4a8` (a C
   kernel built on first use). Its cost grows far less with rows than torch's int4 kernel, which is
   what lets a tree verify for not much more than one row; other matrices are held as ``native``.
+  Such a stage runs its decoder layers in C (``models/q4a8_layers.c``) and multiplies its int8
+  vocabulary rows by int8 activations too (:func:`models.q4a8.q8a8_matmul`).
 - ``native``: the kernel closest to each tensor's type in the file (Q8_0 -> int8, Q4_0/Q4_1 ->
   int4, other quantized types -> int8, F32/F16 -> dense);
 - ``auto``: :func:`auto_format`, the fastest format that is exact enough on this CPU.

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from models import q4a8
 from models.config import ModelConfig, ModelError
 from models.kvcache import KVCache
 from models.layers import (
@@ -154,6 +155,16 @@ class Stage:
         # the LM head stays plain too (embedding lookups when tied, draft-vocabulary rows)
         self.lm_head_packed = pack_weight(lm_head) if lm_head is not None else None
         self.rope = rope or Rope.for_model(cfg)
+        # int4a8 layers run as one C call per forward where they can (MESHD_FUSED=0: never)
+        self.fused = q4a8.Layers.prepare(layers, cfg, dtype) if weights == "int4a8" else None
+        # ... and their int8 vocabulary rows times int8 activations, as the layers' kernel does: ~2x
+        # torch's int8 kernel for one row, a third of a token's time before
+        self.q8a8_head = (
+            weights == "int4a8"
+            and q4a8.layers_enabled()
+            and isinstance(self.lm_head_packed, QuantWeight)
+            and self.lm_head_packed.kind == "int8"
+        )
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
@@ -286,7 +297,10 @@ class Stage:
     def logits(self, hidden: torch.Tensor, normed: bool = False) -> torch.Tensor:
         """Final norm + LM head, in fp32 so greedy ties and sampling do not depend on the dtype."""
         h = hidden if normed else self.final_norm(hidden)
-        return linear(h, self.lm_head_packed).float()
+        w = self.lm_head_packed
+        if self.q8a8_head and h.dim() == 2:
+            return q4a8.q8a8_matmul(h.to(self.dtype).contiguous(), w.data, w.scales)
+        return linear(h, w).float()
 
     @property
     def logits_per_row(self) -> bool:
@@ -333,6 +347,12 @@ class Stage:
         ropes = [self.rope(it.positions, self.dtype) for it in items]
         cos = ropes[0][0] if len(ropes) == 1 else torch.cat([c for c, _ in ropes], dim=1)
         sin = ropes[0][1] if len(ropes) == 1 else torch.cat([s for _, s in ropes], dim=1)
+        if self.fused is not None and x.device.type == "cpu":
+            masks_ = [None if t == 1 and bool(it.mask.all()) else it.mask for it, t in zip(items, sizes)]
+            x = self.fused.forward(x, [it.cache for it in items], sizes, masks_, cos[0], sin[0])
+            for it, t in zip(items, sizes):
+                it.cache.commit(t)
+            return x
         # a row that sees every cached entry and every new one (decoding one token) needs no mask:
         # SDPA without one skips adding zeros, and the sums are the same
         masks = [

@@ -315,7 +315,7 @@ class DaemonBackend:
             + (f", flow slots {a.flow_slots}" if getattr(a, "flow_slots", None) is not None else "")
             + (f", wire activations {a.wire_activations}" if getattr(a, "wire_activations", None) else "")
             + (f", roles {a.roles}" if getattr(a, "roles", None) else "")
-            + f", layers per stage {'/'.join(str(s['stop_layer'] - s['first_layer']) for s in self.plan['stages'])}"
+            + f", layers per stage {'/'.join(str(n) for n in self.layout()['layers'])}"
         )
 
     def runner(self, label: str) -> Callable[[str], dict]:

@@ -20,10 +20,10 @@ from models import q4a8
 from models.budget import CostCurve, TreeBudget
 from models.drafters import NGramDrafter, load_drafter
 from models.engine import generate
-from models.layers import dense, rms_norm
+from models.layers import causal_mask, dense, rms_norm
 from models.quant import QuantWeight, matrix_kind, quantize_int4
 from models.ranges import LayerRange
-from models.stage import Stage, layer_nbytes
+from models.stage import Attend, Stage, layer_nbytes
 from models.weights import TensorReader
 
 
@@ -97,6 +97,24 @@ def test_rms_norm_fused_into_the_kernel(dtype):
         q4a8.matmul(x, data, 48, norm=norm[:10], eps=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_rows_times_int8_activations(dtype):
+    """The vocabulary matrix's product on an int4a8 stage: within the activations' int8 rounding of
+    the exact int8-row product, and each row bitwise the same in any batch and code path."""
+    torch.manual_seed(4)
+    w = torch.randint(-128, 128, (200, 96), dtype=torch.int8)
+    scales = (torch.rand(200) * 0.02 + 0.001).to(dtype)
+    x = torch.randn(5, 96).to(dtype)
+    got = q4a8.q8a8_matmul(x, w, scales)
+    dense_w = w.float() * scales.float()[:, None]
+    want = x.float() @ dense_w.T
+    bound = activation_bound(x, dense_w) + 1e-5 * want.abs().max()
+    assert got.dtype == torch.float32 and bool(((got - want).abs() <= bound).all())
+    assert torch.equal(q4a8.q8a8_matmul(x, w, scales, path="c"), got)
+    for i in range(5):
+        assert torch.equal(q4a8.q8a8_matmul(x[i : i + 1].contiguous(), w, scales)[0], got[i])
+
+
 def test_zero_rows_and_bad_inputs():
     rows = random_rows(16, 64)
     data = q4a8.pack(rows.q, rows.scale, rows.zero)
@@ -138,6 +156,9 @@ def test_spec_equals_greedy_on_int4a8(tiny_gguf, dtype):  # noqa: F811
         want, gaps = greedy_reference(target, prompt, 40, set())
         res = generate(target, prompt, max_new_tokens=40, drafter=NGramDrafter(), budget=TreeBudget(CostCurve(curve)))
         assert_matches_greedy(res.token_ids, want, gaps)
+        # the layers in C compute each row alike in any batch: a tree's tokens are ar's exactly
+        assert target.fused is not None
+        assert res.token_ids == generate(target, prompt, max_new_tokens=40, mode="ar").token_ids
 
 
 def test_partial_load_and_bytes(tiny_gguf):  # noqa: F811
@@ -185,3 +206,79 @@ def test_embedded_spec_equals_greedy_on_int4a8(embedded_source, embedded_tokeniz
         res = generate(target, prompt, max_new_tokens=48, drafter=drafter, eos_ids=sorted(eos))
         assert_matches_greedy(res.token_ids, want, gaps)
         assert res.stats.mean_accepted > 1.0
+
+
+# ---- the decoder layers in C (models/q4a8_layers.c) --------------------------------------------
+
+
+def _run_layers(
+    stage: Stage, x: torch.Tensor, past: int, mask: torch.Tensor | None = None, positions: torch.Tensor | None = None
+):
+    """``x``'s first ``past`` rows as a causal prefill, then the rest in one forward (causal at the
+    next positions unless ``mask`` and ``positions`` are given); that forward's output and the cache."""
+    cache = stage.new_cache(64)
+    stage.forward_one(x[:past], cache, torch.arange(past))
+    t = x.shape[0] - past
+    positions = torch.arange(past, past + t) if positions is None else positions
+    out = stage.forward_one(x[past:], cache, positions, mask)
+    return out, cache
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_layers_in_c_follow_the_torch_ops(tiny_gguf, dtype, monkeypatch):  # noqa: F811
+    """One layer through q4a8_layers.c against models.layers.decoder_layer on the same weights and
+    inputs. Both round at the same points to the same dtype; only the attention's order of sums
+    (and SDPA's own fused steps) differ, so the keys and values agree to a few fp32 ulps and the
+    output within a step of the int8 rounding of the attention's output where such a step flips."""
+    c = Stage.load(tiny_gguf["Q4_1"], LayerRange(1, 2), vocab=False, dtype=dtype, weights="int4a8")
+    monkeypatch.setenv("MESHD_FUSED", "0")
+    t = Stage.load(tiny_gguf["Q4_1"], LayerRange(1, 2), vocab=False, dtype=dtype, weights="int4a8")
+    monkeypatch.undo()
+    torch.manual_seed(1)
+    x = torch.randn(12, c.cfg.hidden_size).to(c.dtype)
+    (a, ca), (b, cb) = _run_layers(c, x, 7), _run_layers(t, x, 7)
+    assert c.fused is not None and t.fused is None
+    step = 2**-7 if dtype == "bf16" else 2**-20  # relative: a couple of the dtype's steps
+    assert torch.allclose(ca.k[:, :, :12].float(), cb.k[:, :, :12].float(), rtol=step, atol=step)
+    assert torch.allclose(ca.v[:, :, :12].float(), cb.v[:, :, :12].float(), rtol=step, atol=step)
+    # measured 2e-7 (fp32) and 0.0097 (bf16) of the largest output here; a flipped int8 rounding of
+    # one attention output moves its row by about max|group| / 127 of the weights' sums
+    assert float((a.float() - b.float()).abs().max()) <= 0.02 * float(b.float().abs().max())
+
+
+def test_layers_in_c_compute_each_row_alike_in_any_batch(tiny_gguf):  # noqa: F811
+    """What makes speculation check like against like, bitwise: a row's result does not depend on
+    the other rows of its forward. A prefill at once or in pieces, a tree's rows or the same tokens
+    decoded one by one after the tree is pruned to them, two requests in one forward or apart."""
+    stage = Stage.load(tiny_gguf["Q4_1"], vocab=False, dtype="bf16", weights="int4a8")
+    assert stage.fused is not None
+    torch.manual_seed(2)
+    x = torch.randn(14, stage.cfg.hidden_size).bfloat16()
+    whole, _ = _run_layers(stage, x, 0)
+    pieces, cache = [], stage.new_cache(8)  # grows while used
+    for lo, hi in ((0, 5), (5, 6), (6, 14)):
+        pieces.append(stage.forward_one(x[lo:hi], cache, torch.arange(lo, hi)))
+    assert torch.equal(torch.cat(pieces), whole)
+    # a tree after 8 rows: two branches (rows 0-1-2 and 0-3); decoding 0, 3 alone gives rows 0 and 3
+    tree = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 0, 1]], dtype=torch.bool)
+    mask = torch.cat([torch.ones(4, 8, dtype=torch.bool), tree], dim=1)
+    xt = torch.cat([x[:8], x[8:12]])
+    positions = torch.tensor([8, 9, 10, 9])
+    rows, cache = _run_layers(stage, xt, 8, mask, positions)
+    cache2 = stage.new_cache(64)
+    stage.forward_one(x[:8], cache2, torch.arange(8))
+    cache.keep([*range(8), 8, 11])
+    one = stage.forward_one(x[8:9], cache2, positions[:1])
+    two = stage.forward_one(x[11:12], cache2, positions[3:])
+    assert torch.equal(one, rows[0:1]) and torch.equal(two, rows[3:4])
+    assert torch.equal(cache.k[:, :, :10], cache2.k[:, :, :10])
+    # two requests in one forward (block-diagonal), each with its own cache and past
+    a, b = stage.new_cache(16), stage.new_cache(16)
+    stage.forward_one(x[:5], a, torch.arange(5))
+    stage.forward_one(x[5:8], b, torch.arange(3))
+    alone_a, alone_b = _run_layers(stage, torch.cat([x[:5], x[8:10]]), 5)[0], _run_layers(stage, x[5:9], 3)[0]
+    both = stage.forward(
+        torch.cat([x[8:10], x[8:9]]),
+        [Attend(a, torch.arange(5, 7), causal_mask(5, 2)), Attend(b, torch.tensor([3]), causal_mask(3, 1))],
+    )
+    assert torch.equal(both[:2], alone_a) and torch.equal(both[2:], alone_b)

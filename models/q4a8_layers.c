@@ -1,0 +1,374 @@
+/* A stage's decoder layers in one call, for weights held as int4a8 (q4a8.c's kernel).
+ *
+ * Why it exists: with the layers' matrices on q4a8.c's kernel, a one-row forward of the embedded
+ * model spent about two thirds of its time outside them: ~1,000 small torch ops per token (norms,
+ * RoPE, attention, views, casts, residuals), each costing microseconds of dispatch whatever its size.
+ * Here the whole stack runs in C: per layer four calls of the kernel and a few plain loops.
+ *
+ * It is models.layers.decoder_layer for this format, computed the same way step by step: the same
+ * rounding points to the activations' dtype (bf16 or fp32) as the torch ops (every matrix product,
+ * RoPE's two steps, the attention output, each residual sum, SiLU and its product), fp32 inside
+ * the attention. The attention itself differs from SDPA's in its order of sums, so results match
+ * the torch path within a few steps of the dtype, not bitwise.
+ *
+ * What the oracle needs, and has here: every row's result is bitwise the same in any batch. A row's
+ * matrix products are (q4a8.c); a row's attention reads exactly the cache entries its mask allows,
+ * in ascending order, with fixed-shape sums, whatever the other rows; a row of a verified tree and
+ * the same token decoded alone after a prune see the same keys in the same order.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "q4a8.h"
+
+typedef struct {
+    const uint8_t *w; /* q4a8.c's packed layout */
+    int64_t blocks, out;
+} q4a8_matrix;
+
+typedef struct {
+    q4a8_matrix qkv, o, gate_up, down; /* gate_up: the gate's rows, then the up projection's */
+    const void *bqkv;                  /* the q/k/v bias in the activations' dtype, or NULL */
+    const void *attn_norm, *ffn_norm;  /* RMS norm weights in the activations' dtype */
+} q4a8_layer;
+
+typedef struct {
+    int64_t rows;        /* this request's rows, consecutive in x */
+    void *k, *v;         /* its cache: (layers, kv heads, cap, head dim) in the activations' dtype */
+    int64_t cap, past;   /* capacity and live entries before this forward */
+    const uint8_t *mask; /* rows x (past + rows), nonzero where a row may attend; NULL: all entries */
+} q4a8_item;
+
+static inline float rnd(float v, int bf16) { return bf16 ? bf16_to_float(float_to_bf16(v)) : v; }
+
+/* n values rounded to bf16 in place (none with fp32 activations); branch-free, so it vectorises.
+ * (A NaN may come out as an infinity, where torch keeps it a NaN: either way the row is lost.) */
+static void round_all(float *v, int64_t n, int bf16) {
+    if (!bf16) return;
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t b;
+        memcpy(&b, v + i, 4);
+        b += 0x7fffu + ((b >> 16) & 1u);
+        b &= 0xffff0000u;
+        memcpy(v + i, &b, 4);
+    }
+}
+
+static inline float get(const void *p, int bf16, int64_t at) {
+    return bf16 ? bf16_to_float(((const uint16_t *)p)[at]) : ((const float *)p)[at];
+}
+
+static inline void put(void *p, int bf16, int64_t at, float v) {
+    if (bf16)
+        ((uint16_t *)p)[at] = float_to_bf16(v);
+    else
+        ((float *)p)[at] = v;
+}
+
+/* 8 floats as one vector (GCC's vector extension: AVX on x86-64, NEON pairs on aarch64), and the
+ * same loaded from an address aligned only to a float. */
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v8u __attribute__((vector_size(32), aligned(4), may_alias));
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+/* exp(x) for x <= 0 (softmax after subtracting the maximum; SiLU through exp(-|x|)), within a few
+ * ulp of expf: Cody-Waite range reduction and a degree-6 polynomial. exp8 does 8 at once (the C
+ * library's expf is a call per element, and at a tree's many rows the softmaxes and SiLUs took
+ * longer than the matrices); exp1 is the very same operations on one value, for the tails, so an
+ * element's result does not depend on where it falls in a vector. Plain multiplies and adds, no
+ * fused ones, in both. Rounding to an integer by the 1.5 * 2^23 trick (|x| / ln 2 < 2^22) is what
+ * nearbyintf gives. */
+#define EXP_LOW -87.0f
+#define EXP_LOG2E 1.44269504088896341f
+#define EXP_MAGIC 12582912.0f
+#define EXP_C1 0.693359375f
+#define EXP_C2 -2.12194440e-4f
+#define EXP_P0 1.9875691500e-4f
+#define EXP_P1 1.3981999507e-3f
+#define EXP_P2 8.3334519073e-3f
+#define EXP_P3 4.1665795894e-2f
+#define EXP_P4 1.6666665459e-1f
+#define EXP_P5 5.0000001201e-1f
+
+static inline float exp1(float x) {
+    x = x < EXP_LOW ? EXP_LOW : x;
+    float n = (x * EXP_LOG2E + EXP_MAGIC) - EXP_MAGIC;
+    float r = x - n * EXP_C1;
+    r = r - n * EXP_C2;
+    float p = EXP_P0 * r + EXP_P1;
+    p = p * r + EXP_P2;
+    p = p * r + EXP_P3;
+    p = p * r + EXP_P4;
+    p = p * r + EXP_P5;
+    p = (p * r) * r + r + 1.0f;
+    int32_t e = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &e, 4);
+    return p * scale;
+}
+
+static inline v8 exp8(v8 x) {
+    const v8 low = {EXP_LOW, EXP_LOW, EXP_LOW, EXP_LOW, EXP_LOW, EXP_LOW, EXP_LOW, EXP_LOW};
+    v8i under = x < low;
+    x = (v8)(((v8i)x & ~under) | ((v8i)low & under));
+    v8 n = (x * EXP_LOG2E + EXP_MAGIC) - EXP_MAGIC;
+    v8 r = x - n * EXP_C1;
+    r = r - n * EXP_C2;
+    v8 p = EXP_P0 * r + EXP_P1;
+    p = p * r + EXP_P2;
+    p = p * r + EXP_P3;
+    p = p * r + EXP_P4;
+    p = p * r + EXP_P5;
+    p = (p * r) * r + r + 1.0f;
+    v8i e = (__builtin_convertvector(n, v8i) + 127) << 23;
+    return p * (v8)e;
+}
+
+/* v[i] = exp(v[i] - shift) for n values, in place. */
+static void exp_all(float *v, int64_t n, float shift) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) *(v8u *)(v + i) = exp8(*(const v8u *)(v + i) - shift);
+    for (; i < n; i++) v[i] = exp1(v[i] - shift);
+}
+
+/* A fixed-shape dot product: 8 lanes of products summed by lane, then a fixed tree (the same
+ * order for any row, so the result does not depend on the batch). */
+static inline float dot(const float *a, const float *b, int n) {
+    v8 acc = {0, 0, 0, 0, 0, 0, 0, 0};
+    int d = 0;
+    for (; d + 8 <= n; d += 8) acc += *(const v8u *)(a + d) * *(const v8u *)(b + d);
+    float r = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    for (; d < n; d++) r += a[d] * b[d];
+    return r;
+}
+
+/* o (hd floats) = sum over the allowed keys j of p[j] * v[j] (rows of hd floats): 64 outputs at a
+ * time held in eight vectors while the keys stream past, then any rest 8 and 1 at a time. Each
+ * output's sum runs over j in ascending order whatever the blocking. */
+static void weighted_sum(float *o, const float *p, const float *v, int64_t n, const uint8_t *m, int hd) {
+    int d0 = 0;
+    for (; d0 + 64 <= hd; d0 += 64) {
+        v8 r0 = {0}, r1 = {0}, r2 = {0}, r3 = {0}, r4 = {0}, r5 = {0}, r6 = {0}, r7 = {0};
+        for (int64_t j = 0; j < n; j++) {
+            if (m && !m[j]) continue;
+            const float *vj = v + j * hd + d0;
+            float pj = p[j];
+            r0 += pj * *(const v8u *)(vj + 0), r1 += pj * *(const v8u *)(vj + 8);
+            r2 += pj * *(const v8u *)(vj + 16), r3 += pj * *(const v8u *)(vj + 24);
+            r4 += pj * *(const v8u *)(vj + 32), r5 += pj * *(const v8u *)(vj + 40);
+            r6 += pj * *(const v8u *)(vj + 48), r7 += pj * *(const v8u *)(vj + 56);
+        }
+        *(v8u *)(o + d0 + 0) = r0, *(v8u *)(o + d0 + 8) = r1, *(v8u *)(o + d0 + 16) = r2;
+        *(v8u *)(o + d0 + 24) = r3, *(v8u *)(o + d0 + 32) = r4, *(v8u *)(o + d0 + 40) = r5;
+        *(v8u *)(o + d0 + 48) = r6, *(v8u *)(o + d0 + 56) = r7;
+    }
+    for (; d0 + 8 <= hd; d0 += 8) {
+        v8 r = {0};
+        for (int64_t j = 0; j < n; j++)
+            if (!m || m[j]) r += p[j] * *(const v8u *)(v + j * hd + d0);
+        *(v8u *)(o + d0) = r;
+    }
+    for (; d0 < hd; d0++) {
+        float r = 0.0f;
+        for (int64_t j = 0; j < n; j++)
+            if (!m || m[j]) r += p[j] * v[j * hd + d0];
+        o[d0] = r;
+    }
+}
+
+/* Attention of one request's rows over its cache (new keys already written), one layer. The cache's
+ * entries are read as floats once per layer (`kv`: scratch of 2 x kv heads x n x head dim floats with
+ * bf16 caches); work is split by (row, kv head), each key serving the kv head's group of q heads. */
+static int attend(const float *qkv, int64_t qkv_out, int64_t row0, const q4a8_item *it, int layer, int nq, int nkv,
+                  int hd, int bf16, float *att) {
+    int group = nq / nkv;
+    int64_t n = it->past + it->rows, pairs = it->rows * nkv;
+    float scale = 1.0f / sqrtf((float)hd);
+    const float *keys, *values;
+    float *kv = NULL;
+    int64_t stride = it->cap * hd; /* between kv heads */
+    if (bf16) {
+        kv = malloc(sizeof(float) * (size_t)(2 * nkv * n * hd));
+        if (!kv) return -1;
+        for (int h = 0; h < nkv; h++) {
+            const uint16_t *k = (const uint16_t *)it->k + ((int64_t)layer * nkv + h) * stride;
+            const uint16_t *v = (const uint16_t *)it->v + ((int64_t)layer * nkv + h) * stride;
+            float *kf = kv + (int64_t)h * n * hd, *vf = kv + (int64_t)(nkv + h) * n * hd;
+            for (int64_t i = 0; i < n * hd; i++) {
+                uint32_t kb = (uint32_t)k[i] << 16, vb = (uint32_t)v[i] << 16;
+                memcpy(kf + i, &kb, 4);
+                memcpy(vf + i, &vb, 4);
+            }
+        }
+        keys = kv, values = kv + (int64_t)nkv * n * hd, stride = n * hd;
+    } else {
+        keys = (const float *)it->k + (int64_t)layer * nkv * stride;
+        values = (const float *)it->v + (int64_t)layer * nkv * stride;
+    }
+    int failed = 0;
+    int parallel = pairs * n * hd * group > (1 << 15);
+#pragma omp parallel if (parallel)
+    {
+        float *scores = malloc(sizeof(float) * (size_t)(group * n + group * hd));
+        if (!scores) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int64_t pair = 0; pair < pairs; pair++) {
+            if (!scores) continue;
+            int64_t i = pair / nkv;
+            int kvh = (int)(pair % nkv);
+            float *acc = scores + group * n;
+            const float *q = qkv + (row0 + i) * qkv_out + (int64_t)kvh * group * hd;
+            const float *kh = keys + kvh * stride, *vh = values + kvh * stride;
+            const uint8_t *m = it->mask ? it->mask + i * n : NULL;
+            for (int g = 0; g < group; g++) {
+                float *sc = scores + g * n, mx = -INFINITY, sum = 0.0f;
+                for (int64_t j = 0; j < n; j++) {
+                    sc[j] = (!m || m[j]) ? dot(q + g * hd, kh + j * hd, hd) * scale : -INFINITY;
+                    mx = sc[j] > mx ? sc[j] : mx;
+                }
+                exp_all(sc, n, mx);
+                for (int64_t j = 0; j < n; j++)
+                    if (!m || m[j]) sum += sc[j];
+                float *o = acc + g * hd;
+                weighted_sum(o, sc, vh, n, m, hd);
+                float *out = att + (row0 + i) * (int64_t)nq * hd + ((int64_t)kvh * group + g) * hd;
+                for (int d = 0; d < hd; d++) out[d] = o[d] / sum;
+                round_all(out, hd, bf16);
+            }
+        }
+        free(scores);
+    }
+    free(kv);
+    return failed ? -1 : 0;
+}
+
+/* RoPE (HF's rotate-half layout, `sin` signed as models.layers.Rope gives it) on one head in place:
+ * x * cos + roll(x, hd / 2) * sin, rounded after each of torch's two ops; c and s are the row's
+ * cos and sin as floats. */
+static void rope_head(float *x, const float *c, const float *s, int hd, int bf16) {
+    float t[512], a[512];
+    int half = hd / 2;
+    for (int d = 0; d < hd; d++) t[d] = x[d], a[d] = x[d] * c[d];
+    round_all(a, hd, bf16);
+    for (int d = 0; d < half; d++) x[d] = a[d] + t[d + half] * s[d];
+    for (int d = half; d < hd; d++) x[d] = a[d] + t[d - half] * s[d];
+    round_all(x, hd, bf16);
+}
+
+/* h = round(round(y) + h): a projection's output rounded, then the residual sum rounded (torch's
+ * `y.add_(x)` on the projection's output in the activations' dtype). */
+static void residual(float *h, float *y, int64_t n, int bf16) {
+    round_all(y, n, bf16);
+    for (int64_t i = 0; i < n; i++) h[i] += y[i];
+    round_all(h, n, bf16);
+}
+
+/* out = round(round(silu(gate)) * up) for one row of gate/up (already rounded), silu(g) = g / (1 +
+ * exp(-g)) in fp32 as torch computes it for bf16, with exp(-g) = e = exp(-|g|) for g >= 0 and
+ * g * e / (1 + e) for g < 0 (no overflow). */
+static void swiglu(const float *gu, int64_t inter, float *out, int bf16) {
+    for (int64_t c = 0; c < inter; c++) out[c] = gu[c] < 0.0f ? gu[c] : -gu[c];
+    exp_all(out, inter, 0.0f);
+    for (int64_t c = 0; c < inter; c++) {
+        float g = gu[c], e = out[c];
+        out[c] = (g >= 0.0f ? g : g * e) / (1.0f + e);
+    }
+    round_all(out, inter, bf16);
+    for (int64_t c = 0; c < inter; c++) out[c] *= gu[inter + c];
+    round_all(out, inter, bf16);
+}
+
+/* x (rows x hidden, bf16 when `bf16`, else fp32) through `n_layers` decoder layers, in place; the
+ * rows belong to `n_items` requests in order, each with its own cache, positions (the rows of
+ * cos/sin, rows x head dim) and mask. Each layer's new keys and values are written at entries
+ * [past, past + rows) of its request's cache; the caller commits them. `path` is q4a8_matmul's.
+ * Returns 0, -1 when memory could not be had, -2 for shapes it does not take. */
+int q4a8_layers(void *x, int bf16, int64_t rows, int64_t hidden, int n_layers, const q4a8_layer *layers, int nq,
+                int nkv, int hd, float eps, const void *cos, const void *sin, int n_items, const q4a8_item *items,
+                int path) {
+    if (n_layers <= 0 || rows <= 0) return 0;
+    if (nkv <= 0 || nq % nkv || nq / nkv > 64 || hd > 512 || hidden % 32 || ((int64_t)nq * hd) % 32) return -2;
+    int64_t qkv_out = (int64_t)(nq + 2 * nkv) * hd, inter = layers[0].gate_up.out / 2, att_k = (int64_t)nq * hd;
+    if (inter % 32 || layers[0].qkv.out != qkv_out) return -2;
+    int64_t kmax = hidden > inter ? hidden : inter;
+    kmax = kmax > att_k ? kmax : att_k;
+    float *h = malloc(sizeof(float) * (size_t)(rows * hidden));
+    float *qkv = malloc(sizeof(float) * (size_t)(rows * qkv_out));
+    float *att = malloc(sizeof(float) * (size_t)(rows * att_k));
+    float *y = malloc(sizeof(float) * (size_t)(rows * (2 * inter > hidden ? 2 * inter : hidden)));
+    float *act = malloc(sizeof(float) * (size_t)(rows * inter));
+    float *s = malloc(sizeof(float) * (size_t)(2 * rows * (kmax / 32)));
+    float *normed = malloc(sizeof(float) * (size_t)kmax);
+    int8_t *a = calloc((size_t)q4a8_act_bytes(rows, kmax), 1);
+    int rc = 0;
+    if (!h || !qkv || !att || !y || !act || !s || !normed || !a) {
+        rc = -1;
+        goto done;
+    }
+    float *sa = s + rows * (kmax / 32);
+    for (int64_t i = 0; i < rows * hidden; i++) h[i] = get(x, bf16, i);
+    for (int li = 0; li < n_layers; li++) {
+        const q4a8_layer *L = layers + li;
+        /* attention: norm + q/k/v, RoPE on q and k, the new keys/values into the caches, attend */
+        q4a8_quantize(h, 0, bf16, rows, hidden, L->attn_norm, eps, a, s, sa, normed);
+        q4a8_product(a, s, sa, rows, hidden, L->qkv.w, L->qkv.blocks, L->qkv.out, qkv, 0, path);
+        round_all(qkv, rows * qkv_out, bf16);
+        for (int64_t r = 0; r < rows; r++) {
+            float *row = qkv + r * qkv_out;
+            if (L->bqkv) {
+                for (int64_t c = 0; c < qkv_out; c++) row[c] += get(L->bqkv, bf16, c);
+                round_all(row, qkv_out, bf16);
+            }
+            float c[512], sn[512];
+            for (int d = 0; d < hd; d++) c[d] = get(cos, bf16, r * hd + d), sn[d] = get(sin, bf16, r * hd + d);
+            for (int j = 0; j < nq + nkv; j++) rope_head(row + (int64_t)j * hd, c, sn, hd, bf16);
+        }
+        int64_t row0 = 0;
+        for (int t = 0; t < n_items; t++) {
+            const q4a8_item *it = items + t;
+            for (int64_t i = 0; i < it->rows; i++) {
+                const float *row = qkv + (row0 + i) * qkv_out;
+                for (int kvh = 0; kvh < nkv; kvh++) {
+                    int64_t at = (((int64_t)li * nkv + kvh) * it->cap + it->past + i) * hd;
+                    for (int d = 0; d < hd; d++) {
+                        put(it->k, bf16, at + d, row[att_k + (int64_t)kvh * hd + d]);
+                        put(it->v, bf16, at + d, row[att_k + (int64_t)(nkv + kvh) * hd + d]);
+                    }
+                }
+            }
+            if (attend(qkv, qkv_out, row0, it, li, nq, nkv, hd, bf16, att)) {
+                rc = -1;
+                goto done;
+            }
+            row0 += it->rows;
+        }
+        /* output projection and residual */
+        q4a8_quantize(att, 0, bf16, rows, att_k, NULL, 0.0f, a, s, sa, normed);
+        q4a8_product(a, s, sa, rows, att_k, L->o.w, L->o.blocks, L->o.out, y, 0, path);
+        residual(h, y, rows * hidden, bf16);
+        /* MLP: norm + gate/up, SiLU(gate) * up, down, residual */
+        q4a8_quantize(h, 0, bf16, rows, hidden, L->ffn_norm, eps, a, s, sa, normed);
+        q4a8_product(a, s, sa, rows, hidden, L->gate_up.w, L->gate_up.blocks, L->gate_up.out, y, 0, path);
+        round_all(y, rows * 2 * inter, bf16);
+        for (int64_t r = 0; r < rows; r++) swiglu(y + r * 2 * inter, inter, act + r * inter, bf16);
+        q4a8_quantize(act, 0, bf16, rows, inter, NULL, 0.0f, a, s, sa, normed);
+        q4a8_product(a, s, sa, rows, inter, L->down.w, L->down.blocks, L->down.out, y, 0, path);
+        residual(h, y, rows * hidden, bf16);
+    }
+    for (int64_t i = 0; i < rows * hidden; i++) put(x, bf16, i, h[i]);
+done:
+    free(h);
+    free(qkv);
+    free(att);
+    free(y);
+    free(act);
+    free(s);
+    free(normed);
+    free(a);
+    return rc;
+}
