@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from models import q4a8
 from models.cache import cache_dir
 from models.config import ModelConfig, ModelError
 from models.kvcache import KVCache
@@ -505,7 +506,13 @@ class EagleDrafter:
         return self._last_out
 
     def logprobs(self, feats: torch.Tensor) -> torch.Tensor:
-        return torch.log_softmax(self.head.sub_logits(feats, self.lm_rows), dim=-1)
+        w = self.lm_rows
+        if self.target.q8a8_head and isinstance(w, QuantWeight) and w.kind == "int8" and feats.dim() == 2:
+            # the draft vocabulary's int8 rows as the target's LM head multiplies them (the kernel's cost)
+            logits = q4a8.q8a8_matmul(feats.to(self.dtype).contiguous(), w.data, w.scales)
+        else:
+            logits = self.head.sub_logits(feats, w)
+        return torch.log_softmax(logits, dim=-1)
 
     def _open(self, context: list[int]) -> DraftRows:
         """A new draft at ``context``: the committed rows brought up to date, the root's feature predicted."""

@@ -241,9 +241,9 @@ def test_layers_in_c_follow_the_torch_ops(tiny_gguf, dtype, monkeypatch):  # noq
     step = 2**-7 if dtype == "bf16" else 2**-20  # relative: a couple of the dtype's steps
     assert torch.allclose(ca.k[:, :, :12].float(), cb.k[:, :, :12].float(), rtol=step, atol=step)
     assert torch.allclose(ca.v[:, :, :12].float(), cb.v[:, :, :12].float(), rtol=step, atol=step)
-    # measured 2e-7 (fp32) and 0.0097 (bf16) of the largest output here; a flipped int8 rounding of
+    # measured 2e-7 (fp32) and 0.0097 (bf16, ~2.5 steps of 2^-8) of the largest output here; a flipped int8 rounding of
     # one attention output moves its row by about max|group| / 127 of the weights' sums
-    assert float((a.float() - b.float()).abs().max()) <= 0.02 * float(b.float().abs().max())
+    assert float((a.float() - b.float()).abs().max()) <= 0.04 * float(b.float().abs().max())
 
 
 def test_layers_in_c_compute_each_row_alike_in_any_batch(tiny_gguf):  # noqa: F811
