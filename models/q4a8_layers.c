@@ -183,6 +183,7 @@ static void weighted_sum(float *o, const float *p, const float *v, int64_t n, co
  * bf16 caches); work is split by (row, kv head), each key serving the kv head's group of q heads. */
 static int attend(const float *qkv, int64_t qkv_out, int64_t row0, const q4a8_item *it, int layer, int nq, int nkv,
                   int hd, int bf16, float *att) {
+    if (it->rows <= 0) return 0; /* a request with no rows in this forward */
     int group = nq / nkv;
     int64_t n = it->past + it->rows, pairs = it->rows * nkv;
     float scale = 1.0f / sqrtf((float)hd);

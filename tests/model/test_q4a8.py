@@ -279,6 +279,10 @@ def test_layers_in_c_compute_each_row_alike_in_any_batch(tiny_gguf):  # noqa: F8
     alone_a, alone_b = _run_layers(stage, torch.cat([x[:5], x[8:10]]), 5)[0], _run_layers(stage, x[5:9], 3)[0]
     both = stage.forward(
         torch.cat([x[8:10], x[8:9]]),
-        [Attend(a, torch.arange(5, 7), causal_mask(5, 2)), Attend(b, torch.tensor([3]), causal_mask(3, 1))],
+        [
+            Attend(a, torch.arange(5, 7), causal_mask(5, 2)),
+            Attend(stage.new_cache(4), torch.arange(0), causal_mask(0, 0)),  # a request with no rows this time
+            Attend(b, torch.tensor([3]), causal_mask(3, 1)),
+        ],
     )
     assert torch.equal(both[:2], alone_a) and torch.equal(both[2:], alone_b)
