@@ -28,7 +28,6 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from models import q4a8
 from models.cache import cache_dir
 from models.config import ModelConfig, ModelError
 from models.kvcache import KVCache
@@ -200,10 +199,6 @@ class EagleHead(nn.Module):
             outs.append(out)
             inp = torch.cat([feat[:, :1], out[:, :-1]], dim=1)  # row 0 has no predecessor (masked out of the loss)
         return outs
-
-    # ---- tokens ---------------------------------------------------------------------------
-    def sub_logits(self, feat: torch.Tensor, lm_rows: Weight) -> torch.Tensor:
-        return linear(feat.to(lm_rows.dtype), lm_rows).float()
 
     def param_count(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -506,13 +501,7 @@ class EagleDrafter:
         return self._last_out
 
     def logprobs(self, feats: torch.Tensor) -> torch.Tensor:
-        w = self.lm_rows
-        if self.target.q8a8_head and isinstance(w, QuantWeight) and w.kind == "int8" and feats.dim() == 2:
-            # the draft vocabulary's int8 rows as the target's LM head multiplies them (the kernel's cost)
-            logits = q4a8.q8a8_matmul(feats.to(self.dtype).contiguous(), w.data, w.scales)
-        else:
-            logits = self.head.sub_logits(feats, w)
-        return torch.log_softmax(logits, dim=-1)
+        return torch.log_softmax(self.target.vocab_logits(feats, self.lm_rows), dim=-1)
 
     def _open(self, context: list[int]) -> DraftRows:
         """A new draft at ``context``: the committed rows brought up to date, the root's feature predicted."""

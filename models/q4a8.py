@@ -93,55 +93,20 @@ def library() -> ctypes.CDLL:
                 raise KernelUnavailable(f"{what}; use --weights native")
             os.replace(built, out)  # atomic: concurrent daemons may build it at once
     lib = ctypes.CDLL(str(out))
-    lib.q4a8_matmul.restype = ctypes.c_int
-    lib.q4a8_matmul.argtypes = [
-        ctypes.c_void_p,
-        ctypes.c_int,
-        ctypes.c_int64,
-        ctypes.c_int64,
-        ctypes.c_void_p,
-        ctypes.c_int64,
-        ctypes.c_int64,
-        ctypes.c_void_p,
-        ctypes.c_int,
-        ctypes.c_int,
-        ctypes.c_void_p,
-        ctypes.c_float,
-    ]
-    lib.q8a8_matmul.restype = ctypes.c_int
-    lib.q8a8_matmul.argtypes = [
-        ctypes.c_void_p,
-        ctypes.c_int,
-        ctypes.c_int64,
-        ctypes.c_int64,
-        ctypes.c_void_p,
-        ctypes.c_void_p,
-        ctypes.c_int64,
-        ctypes.c_void_p,
-        ctypes.c_int,
-    ]
-    lib.q4a8_layers.restype = ctypes.c_int
-    lib.q4a8_layers.argtypes = [
-        ctypes.c_void_p,
-        ctypes.c_int,
-        ctypes.c_int64,
-        ctypes.c_int64,
-        ctypes.c_int,
-        ctypes.c_void_p,
-        ctypes.c_int,
-        ctypes.c_int,
-        ctypes.c_int,
-        ctypes.c_float,
-        ctypes.c_void_p,
-        ctypes.c_void_p,
-        ctypes.c_int,
-        ctypes.c_void_p,
-        ctypes.c_int,
-    ]
+    ptr, i32, i64, f32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
+    _signature(lib.q4a8_matmul, ptr, i32, i64, i64, ptr, i64, i64, ptr, i32, i32, ptr, f32)
+    _signature(lib.q8a8_matmul, ptr, i32, i64, i64, ptr, ptr, i64, ptr, i32)
+    _signature(lib.q4a8_layers, ptr, i32, i64, i64, i32, ptr, i32, i32, i32, f32, ptr, ptr, i32, ptr, i32)
     lib.q4a8_has_vnni.restype = ctypes.c_int
     lib.q4a8_has_avx2.restype = ctypes.c_int
     lib.q4a8_amx.restype = ctypes.c_int
     return lib
+
+
+def _signature(fn: ctypes._CFuncPtr, *argtypes: type) -> None:
+    """A C function of the library returning int (0 or an error code) and taking ``argtypes``."""
+    fn.restype = ctypes.c_int
+    fn.argtypes = list(argtypes)
 
 
 def available() -> bool:
@@ -318,7 +283,6 @@ class Layers:
     def __init__(self, layers: Sequence[Layer], shape: LayerShape, dtype: torch.dtype):
         self.n_layers, self.dtype = len(layers), dtype
         self.shape = (shape.n_heads, shape.n_kv_heads, shape.head_dim, float(shape.rms_eps))
-        self.hidden = layers[0].wo.out_features
         self._keep = [t for layer in layers for t in vars(layer).values() if t is not None]  # alive while used
         arr = (_Layer * len(layers))()
         for i, layer in enumerate(layers):

@@ -41,8 +41,6 @@ typedef struct {
     const uint8_t *mask; /* rows x (past + rows), nonzero where a row may attend; NULL: all entries */
 } q4a8_item;
 
-static inline float rnd(float v, int bf16) { return bf16 ? bf16_to_float(float_to_bf16(v)) : v; }
-
 /* n values rounded to bf16 in place (none with fp32 activations); branch-free, so it vectorises.
  * (A NaN may come out as an infinity, where torch keeps it a NaN: either way the row is lost.) */
 static void round_all(float *v, int64_t n, int bf16) {
@@ -76,8 +74,8 @@ typedef int32_t v8i __attribute__((vector_size(32)));
 /* exp(x) for x <= 0 (softmax after subtracting the maximum; SiLU through exp(-|x|)), within a few
  * ulp of expf: Cody-Waite range reduction and a degree-6 polynomial. exp8 does 8 at once (the C
  * library's expf is a call per element, and at a tree's many rows the softmaxes and SiLUs took
- * longer than the matrices); exp1 is the very same operations on one value, for the tails, so an
- * element's result does not depend on where it falls in a vector. Plain multiplies and adds, no
+ * longer than the matrices); exp1, for the tails, is exp8 on one value, so an element's result does
+ * not depend on where it falls in a vector. Plain multiplies and adds, no
  * fused ones, in both. Rounding to an integer by the 1.5 * 2^23 trick (|x| / ln 2 < 2^22) is what
  * nearbyintf gives. */
 #define EXP_LOW -87.0f
@@ -91,23 +89,6 @@ typedef int32_t v8i __attribute__((vector_size(32)));
 #define EXP_P3 4.1665795894e-2f
 #define EXP_P4 1.6666665459e-1f
 #define EXP_P5 5.0000001201e-1f
-
-static inline float exp1(float x) {
-    x = x < EXP_LOW ? EXP_LOW : x;
-    float n = (x * EXP_LOG2E + EXP_MAGIC) - EXP_MAGIC;
-    float r = x - n * EXP_C1;
-    r = r - n * EXP_C2;
-    float p = EXP_P0 * r + EXP_P1;
-    p = p * r + EXP_P2;
-    p = p * r + EXP_P3;
-    p = p * r + EXP_P4;
-    p = p * r + EXP_P5;
-    p = (p * r) * r + r + 1.0f;
-    int32_t e = ((int32_t)n + 127) << 23;
-    float scale;
-    memcpy(&scale, &e, 4);
-    return p * scale;
-}
 
 static inline v8 exp8(v8 x) {
     const v8 low = {EXP_LOW, EXP_LOW, EXP_LOW, EXP_LOW, EXP_LOW, EXP_LOW, EXP_LOW, EXP_LOW};
@@ -124,6 +105,11 @@ static inline v8 exp8(v8 x) {
     p = (p * r) * r + r + 1.0f;
     v8i e = (__builtin_convertvector(n, v8i) + 127) << 23;
     return p * (v8)e;
+}
+
+static inline float exp1(float x) {
+    v8 v = {x, x, x, x, x, x, x, x};
+    return exp8(v)[0];
 }
 
 /* v[i] = exp(v[i] - shift) for n values, in place. */

@@ -296,11 +296,15 @@ class Stage:
 
     def logits(self, hidden: torch.Tensor, normed: bool = False) -> torch.Tensor:
         """Final norm + LM head, in fp32 so greedy ties and sampling do not depend on the dtype."""
-        h = hidden if normed else self.final_norm(hidden)
-        w = self.lm_head_packed
+        return self.vocab_logits(hidden if normed else self.final_norm(hidden), self.lm_head_packed)
+
+    def vocab_logits(self, h: torch.Tensor, w: Weight) -> torch.Tensor:
+        """fp32 logits of rows ``h`` against vocabulary rows ``w``: the LM head, or the draft head's cut of
+        it (int8 rows whenever the LM head is). On :attr:`q8a8_head` stages, int8 rows times int8
+        activations (:func:`models.q4a8.q8a8_matmul`)."""
         if self.q8a8_head and h.dim() == 2:
             return q4a8.q8a8_matmul(h.to(self.dtype).contiguous(), w.data, w.scales)
-        return linear(h, w).float()
+        return linear(h.to(w.dtype), w).float()
 
     @property
     def logits_per_row(self) -> bool:
@@ -347,26 +351,36 @@ class Stage:
         ropes = [self.rope(it.positions, self.dtype) for it in items]
         cos = ropes[0][0] if len(ropes) == 1 else torch.cat([c for c, _ in ropes], dim=1)
         sin = ropes[0][1] if len(ropes) == 1 else torch.cat([s for _, s in ropes], dim=1)
-        if self.fused is not None and x.device.type == "cpu":
-            masks_ = [None if t == 1 and bool(it.mask.all()) else it.mask for it, t in zip(items, sizes)]
-            x = self.fused.forward(x, [it.cache for it in items], sizes, masks_, cos[0], sin[0])
-            for it, t in zip(items, sizes):
-                it.cache.commit(t)
-            return x
         # a row that sees every cached entry and every new one (decoding one token) needs no mask:
         # SDPA without one skips adding zeros, and the sums are the same
-        masks = [
-            None if t == 1 and bool(it.mask.all()) else float_mask(it.mask, self.dtype)[None, None]
-            for it, t in zip(items, sizes)
-        ]
+        masks = [None if t == 1 and bool(it.mask.all()) else it.mask for it, t in zip(items, sizes)]
+        if self.fused is not None and x.device.type == "cpu":
+            x = self.fused.forward(x, [it.cache for it in items], sizes, masks, cos[0], sin[0])
+        else:
+            x = self._torch_layers(x, items, sizes, masks, cos, sin)
+        for it, t in zip(items, sizes):
+            it.cache.commit(t)
+        return x
+
+    def _torch_layers(
+        self,
+        x: torch.Tensor,
+        items: Sequence[Attend],
+        sizes: list[int],
+        masks: list[torch.Tensor | None],
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+    ) -> torch.Tensor:
+        """:meth:`forward`'s layers as torch ops (:func:`models.layers.decoder_layer`), caches not committed."""
+        fmasks = [None if m is None else float_mask(m, self.dtype)[None, None] for m in masks]
 
         def attend(li: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             """Each item's rows attend over its own cache only (block-diagonal)."""
             if len(items) == 1:
                 keys, values = items[0].cache.write(li, k, v)
-                return attention(q[None], keys[None], values[None], masks[0])[0]  # 4-D: SDPA's flash kernel
+                return attention(q[None], keys[None], values[None], fmasks[0])[0]  # 4-D: SDPA's flash kernel
             outs, row = [], 0
-            for it, t, m in zip(items, sizes, masks):
+            for it, t, m in zip(items, sizes, fmasks):
                 keys, values = it.cache.write(li, k[:, row : row + t], v[:, row : row + t])
                 outs.append(attention(q[None, :, row : row + t], keys[None], values[None], m)[0])
                 row += t
@@ -374,8 +388,6 @@ class Stage:
 
         for li, layer in enumerate(self.layers):
             x = decoder_layer(layer, x, self.cfg, cos, sin, lambda q, k, v, li=li: attend(li, q, k, v))
-        for it, t in zip(items, sizes):
-            it.cache.commit(t)
         return x
 
     def forward_one(

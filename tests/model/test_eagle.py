@@ -242,7 +242,7 @@ def recompute_logits(drafter: EagleDrafter, context: list[int], path: list[int])
             pos = fresh.cache.length
             emb = target.embed(torch.tensor([tok]))
             out = head.step(emb, out[None], fresh.cache, torch.tensor([pos]), causal_mask(pos, 1))[0]
-        return head.sub_logits(out[None], drafter.lm_rows)[0]
+        return target.vocab_logits(out[None], drafter.lm_rows)[0]
 
 
 class CheckingDrafter:
