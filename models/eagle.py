@@ -32,6 +32,7 @@ from models.cache import cache_dir
 from models.config import ModelConfig, ModelError
 from models.kvcache import KVCache
 from models.layers import Layer, Rope, Weight, attention, causal_mask, decoder_layer, float_mask, linear, pack_weight
+from models.q4a8 import Layers
 from models.quant import Kind, QuantWeight, matrix_kind, quantize
 from models.source import ModelSource
 from models.stage import Stage
@@ -109,6 +110,7 @@ class EagleHead(nn.Module):
         for w in (self.wqkv, self.wo, self.w_gate_up, self.w_down):
             nn.init.normal_(w, std=0.02)
         self._packed: dict[str, tuple[Weight, int]] = {}  # name -> (packed weight, param version)
+        self._fused: Layers | None = None
 
     def _param(self, name: str) -> torch.Tensor:
         return self.fc.weight if name == "fc" else getattr(self, name)
@@ -126,6 +128,9 @@ class EagleHead(nn.Module):
             n: (packed(self._param(n).detach()), self._param(n)._version)
             for n in ("fc", "wqkv", "wo", "w_gate_up", "w_down")
         }
+        # int4a8 matrices: the decoder layer as one C call, as a target stage's layers run (the torch ops
+        # of decoder_layer cost a draft level more than its four matrices do)
+        self._fused = Layers.prepare([self.layer(packed=True)], self.hc, self.fc.weight.dtype)
 
     def _w(self, name: str) -> Weight:
         param = self._param(name)
@@ -135,22 +140,37 @@ class EagleHead(nn.Module):
                 return packed
         return param
 
+    def _fused_layer(self) -> Layers | None:
+        """The decoder layer in C for drafting: packed as int4a8, no gradients wanted, and no matrix
+        changed in place since :meth:`pack` (as for :meth:`_w`)."""
+        if self._fused is None or torch.is_grad_enabled() or self.fc.weight.dtype != self._fused.dtype:
+            return None
+        return self._fused if all(v == self._param(n)._version for n, (_, v) in self._packed.items()) else None
+
     # ---- the one forward ----------------------------------------------------------------
     def fuse(self, emb: torch.Tensor, feat: torch.Tensor) -> torch.Tensor:
         """The layer's input: ``fc`` over (embedding of token t+1, feature t)."""
         dt = self.fc.weight.dtype
         return linear(torch.cat([emb.to(dt), feat.to(dt)], dim=-1), self._w("fc"), self.fc.bias)
 
-    def layer(self) -> Layer:
-        """The decoder layer's weights as :func:`models.layers.decoder_layer` takes them (packed when drafting)."""
+    def layer(self, packed: bool = False) -> Layer:
+        """The decoder layer's weights as :func:`models.layers.decoder_layer` takes them (packed when drafting,
+        or with ``packed``)."""
+
+        def w(name: str) -> Weight:
+            return self._packed[name][0] if packed else self._w(name)
+
+        def v(p: torch.Tensor | None) -> torch.Tensor | None:
+            return None if p is None else p.detach() if packed else p
+
         return Layer(
-            wqkv=self._w("wqkv"),
-            bqkv=self.bqkv,
-            wo=self._w("wo"),
-            w_gate_up=self._w("w_gate_up"),
-            w_down=self._w("w_down"),
-            attn_norm=self.attn_norm,
-            ffn_norm=self.ffn_norm,
+            wqkv=w("wqkv"),
+            bqkv=v(self.bqkv),
+            wo=w("wo"),
+            w_gate_up=w("w_gate_up"),
+            w_down=w("w_down"),
+            attn_norm=v(self.attn_norm),
+            ffn_norm=v(self.ffn_norm),
         )
 
     def step(
@@ -161,6 +181,11 @@ class EagleHead(nn.Module):
         cache.reserve(t)
         x = self.fuse(emb, feat)
         cos, sin = self.rope(positions, x.dtype)
+        fused = self._fused_layer()
+        if fused is not None:
+            out = fused.forward(x, [cache], [t], [mask], cos[0], sin[0])
+            cache.commit(t)
+            return out
         fmask = float_mask(mask, x.dtype)[None, None]
 
         def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -286,3 +286,48 @@ def test_layers_in_c_compute_each_row_alike_in_any_batch(tiny_gguf):  # noqa: F8
         ],
     )
     assert torch.equal(both[:2], alone_a) and torch.equal(both[2:], alone_b)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_draft_head_layer_in_c(tiny_gguf, dtype):  # noqa: F811
+    """An int4a8 target's draft head runs its decoder layer through q4a8_layers.c too: within the
+    stage's bound of the torch ops on the same packed weights, and with each row alike in any batch,
+    so growing a draft level by level (``extend``) gives the deeper draft exactly."""
+    from test_eagle import fed, random_head
+
+    from models.eagle import EagleDrafter
+    from models.tree import frontier
+
+    target = Stage.load(tiny_gguf["Q4_1"], dtype=dtype, weights="int4a8")
+    drafter = EagleDrafter(random_head(target), target)
+    head = drafter.head
+    assert head._fused is not None
+    g = torch.Generator().manual_seed(4)
+    h = target.cfg.hidden_size
+    emb, feat = (torch.randn(9, h, generator=g).to(target.dtype) for _ in range(2))
+
+    def rows(fused: bool) -> torch.Tensor:
+        keep, head._fused = head._fused, head._fused if fused else None
+        try:
+            cache = drafter.fresh().cache
+            with torch.inference_mode():
+                return head.step(emb, feat, cache, torch.arange(9), causal_mask(0, 9))
+        finally:
+            head._fused = keep
+
+    c, t = rows(True), rows(False)
+    assert float((c.float() - t.float()).abs().max()) <= 0.04 * float(t.float().abs().max())  # as the stage's
+    with torch.no_grad():
+        head.w_down.add_(0.5)  # changed in place after pack(): drafting falls back to the torch ops
+    with torch.inference_mode():
+        assert head._fused_layer() is None
+    head.pack("int4a8")
+    with torch.inference_mode():
+        assert head._fused_layer() is not None
+    context = torch.randint(0, 8, (40,), generator=torch.Generator().manual_seed(1)).tolist()
+    fed(drafter, target, context)
+    for depth in (1, 2, 3):
+        pool = drafter.draft(context, top_k=3, depth=depth, max_nodes=64)
+        drafter.extend(context, pool, frontier(pool, 3), top_k=3, max_nodes=64)
+        want = drafter.draft(context, top_k=3, depth=depth + 1, max_nodes=64)
+        assert (pool.tokens, pool.parents, pool.scores) == (want.tokens, want.parents, want.scores)
