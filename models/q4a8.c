@@ -23,6 +23,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <omp.h>
+
 #include "q4a8.h"
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
@@ -54,6 +56,16 @@
 
 int q4a8_has_vnni(void) { return Q4A8_VNNI; }
 int q4a8_has_avx2(void) { return Q4A8_AVX2; }
+
+/* The team size of every parallel region here, as the caller's torch says (q4a8_set_threads before
+ * each call). OpenMP's own count cannot be relied on: torch.set_num_threads sets it in the calling
+ * thread, and another thread (a daemon's forwards run in one) has it only once torch initialised that
+ * thread on a parallel op of its own; before, OpenMP's default, every core, applies. */
+static int team = 0;
+
+void q4a8_set_threads(int n) { team = n; }
+
+int q4a8_team(void) { return team > 0 ? team : omp_get_max_threads(); }
 
 static float half_to_float(uint16_t h) {
     uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, bits;
@@ -373,7 +385,7 @@ void q4a8_product(const int8_t *a, const float *s, const float *sa, int64_t rows
     int64_t th = amx ? AMX_ROWS : TILE, tiles = (rows + th - 1) / th;
     int64_t work = n_blocks * tiles;
     int serial = rows * k * n_blocks * COLS < (int64_t)1 << 18;
-#pragma omp parallel if (!serial)
+#pragma omp parallel if (!serial) num_threads(q4a8_team())
     {
 #if Q4A8_AMX
         if (amx) amx_configure(); /* tile state is per thread */
@@ -498,7 +510,7 @@ int q8a8_matmul(const void *x, int bf16, int64_t rows, int64_t k, const int8_t *
     q4a8_quantize(x, bf16, bf16, rows, k, NULL, 0.0f, a, s, s + rows * groups, NULL);
     int vector = (Q4A8_VNNI || Q4A8_AVX2) && path != 1;
     (void)vector;
-#pragma omp parallel for schedule(static) if (n * k * rows > (1 << 18))
+#pragma omp parallel for schedule(static) if (n * k * rows > (1 << 18)) num_threads(q4a8_team())
     for (int64_t o = 0; o < n; o++) {
         float ws = load(scale, bf16, o);
         for (int64_t r = 0; r < rows; r++) {

@@ -20,6 +20,9 @@ static inline uint16_t float_to_bf16(float f) { /* round to nearest even, as tor
     return (uint16_t)(bits >> 16);
 }
 
+/* The team size of the library's parallel regions (see q4a8_set_threads). */
+int q4a8_team(void);
+
 /* Bytes of int8 activations q4a8_quantize writes for `rows` x `k` (AMX reads whole tiles of 16 rows:
  * the room past the last row must be zeros). */
 int64_t q4a8_act_bytes(int64_t rows, int64_t k);

@@ -9,7 +9,8 @@ the lossless oracle needs.
 
 The C file is compiled on first use for this CPU (``cc -O3 -march=native -fopenmp``) into
 ``$XDG_CACHE_HOME/meshd/kernels`` (default ``~/.cache``), keyed by the source, the compiler and the
-CPU's flags, and loaded with ctypes; it shares torch's OpenMP runtime, so ``--threads`` applies.
+CPU's flags, and loaded with ctypes; it shares torch's OpenMP runtime, and each call runs as many
+threads as torch's ``--threads`` says, whichever thread calls it.
 Where there is no C compiler the format is unavailable and says so; nothing else needs it.
 """
 
@@ -97,9 +98,19 @@ def library() -> ctypes.CDLL:
     _signature(lib.q4a8_matmul, ptr, i32, i64, i64, ptr, i64, i64, ptr, i32, i32, ptr, f32)
     _signature(lib.q8a8_matmul, ptr, i32, i64, i64, ptr, ptr, i64, ptr, i32)
     _signature(lib.q4a8_layers, ptr, i32, i64, i64, i32, ptr, i32, i32, i32, f32, ptr, ptr, i32, ptr, i32)
+    lib.q4a8_set_threads.restype = None
+    lib.q4a8_set_threads.argtypes = [ctypes.c_int]
     lib.q4a8_has_vnni.restype = ctypes.c_int
     lib.q4a8_has_avx2.restype = ctypes.c_int
     lib.q4a8_amx.restype = ctypes.c_int
+    return lib
+
+
+def _team() -> ctypes.CDLL:
+    """The library, its parallel regions sized to torch's thread count as of now (``--threads``): OpenMP's
+    own setting holds only in the thread that set it, and forwards run in other threads too."""
+    lib = library()
+    lib.q4a8_set_threads(torch.get_num_threads())
     return lib
 
 
@@ -194,7 +205,7 @@ def matmul(
         raise ValueError(f"a norm weight of {k} {x.dtype} values, not {norm.dtype} {tuple(norm.shape)}")
     y = torch.empty(rows, out_features, dtype=x.dtype)
     bf16 = int(x.dtype == torch.bfloat16)
-    rc = library().q4a8_matmul(
+    rc = _team().q4a8_matmul(
         x.data_ptr(),
         bf16,
         rows,
@@ -228,7 +239,7 @@ def q8a8_matmul(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, *, path:
     y = torch.empty(rows, n, dtype=torch.float32)
     w, scales = w.contiguous(), scales.contiguous()  # held here while the kernel reads them
     bf16 = int(x.dtype == torch.bfloat16)
-    lib = library()
+    lib = _team()
     rc = lib.q8a8_matmul(x.data_ptr(), bf16, rows, k, w.data_ptr(), scales.data_ptr(), n, y.data_ptr(), PATHS[path])
     if rc != 0:
         raise MemoryError(f"q8a8: no scratch memory for {rows} x {k} activations")
@@ -336,7 +347,7 @@ class Layers:
             mask_ptr = None if m is None else m.data_ptr()
             items[i] = _Item(t, kv.k.data_ptr(), kv.v.data_ptr(), kv.capacity, kv.length, mask_ptr)
         nq, nkv, hd, eps = self.shape
-        rc = library().q4a8_layers(
+        rc = _team().q4a8_layers(
             y.data_ptr(),
             int(self.dtype == torch.bfloat16),
             y.shape[0],

@@ -196,7 +196,7 @@ static int attend(const float *qkv, int64_t qkv_out, int64_t row0, const q4a8_it
     }
     int failed = 0;
     int parallel = pairs * n * hd * group > (1 << 15);
-#pragma omp parallel if (parallel)
+#pragma omp parallel if (parallel) num_threads(q4a8_team())
     {
         float *scores = malloc(sizeof(float) * (size_t)(group * n + group * hd));
         if (!scores) {

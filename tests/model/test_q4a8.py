@@ -331,3 +331,28 @@ def test_draft_head_layer_in_c(tiny_gguf, dtype):  # noqa: F811
         drafter.extend(context, pool, frontier(pool, 3), top_k=3, max_nodes=64)
         want = drafter.draft(context, top_k=3, depth=depth + 1, max_nodes=64)
         assert (pool.tokens, pool.parents, pool.scores) == (want.tokens, want.parents, want.scores)
+
+
+def test_threads_follow_torch_in_any_calling_thread():
+    """Each call runs as many threads as torch's setting (``--threads``), also from a thread where OpenMP's
+    own count was never set (it is per thread: a fresh one has OpenMP's default, every core)."""
+    import threading
+
+    lib = q4a8.library()
+    before = torch.get_num_threads()
+    seen = []
+
+    def call() -> None:
+        x = torch.randn(2, 64)
+        rows = random_rows(32, 64)
+        q4a8.matmul(x, q4a8.pack(rows.q, rows.scale, rows.zero), 32)
+        seen.append(lib.q4a8_team())
+
+    try:
+        torch.set_num_threads(1)
+        t = threading.Thread(target=call)
+        t.start()
+        t.join()
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [1]
