@@ -165,6 +165,16 @@ static void block_generic(const uint8_t *wb, int64_t groups, const int8_t *const
     }
 }
 
+/* The weights stream from memory once per forward (a stage's are far larger than the caches), in
+ * layout order: ask for the group PREFETCH bytes ahead while this one is multiplied, so the loads of
+ * the next blocks overlap the arithmetic. On a Zen 3 core (AVX2, one thread, the embedded model's
+ * 120 matrices one after the other, as tools/issue11/q4a8_rows.py times them) 16 KiB ahead took 1 row
+ * from 7.8 to 7.1 ms, 2 rows 9.0 -> 7.7, 4 rows 11.7 -> 10.3. A prefetch never faults, also past the end. */
+#define PREFETCH 16384
+static inline __attribute__((always_inline)) void prefetch_ahead(const uint8_t *p) {
+    for (int l = 0; l < GROUP_BYTES; l += 64) __builtin_prefetch(p + PREFETCH + l, 0, 3);
+}
+
 #if Q4A8_VNNI
 /* `rows` (1..TILE) is a constant in each caller below, so the row loops unroll and a one-row
  * product does one row's work, not a tile's. */
@@ -177,6 +187,7 @@ static inline __attribute__((always_inline)) void block_vnni(const uint8_t *wb, 
     for (int r = 0; r < rows; r++) acc[r] = _mm512_setzero_ps();
     for (int64_t g = 0; g < groups; g++) {
         const uint8_t *p = wb + g * GROUP_BYTES;
+        prefetch_ahead(p);
         __m512i w[8];
         for (int j = 0; j < 4; j++) {
             __m512i raw = _mm512_loadu_si512((const void *)(p + 64 * j));
@@ -218,6 +229,7 @@ static inline __attribute__((always_inline)) void block_avx2(const uint8_t *wb, 
         for (int r = 0; r < rows; r++) acc[r] = _mm256_setzero_ps();
         for (int64_t g = 0; g < groups; g++) {
             const uint8_t *p = wb + g * GROUP_BYTES;
+            if (h == 0) prefetch_ahead(p);
             __m256i w[8];
             for (int j = 0; j < 4; j++) {
                 __m256i raw = _mm256_loadu_si256((const __m256i *)(p + 64 * j + 32 * h));
