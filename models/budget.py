@@ -74,6 +74,10 @@ class DraftPrior:
     that failed once), up to ``max_wait``; a request whose latest full draft paid lets the next one draft
     from its first round again. A request that never drafted (it ended within its wait) says nothing and
     leaves the prior as it was. Deterministic: only the budgets' verdicts count, in the order they finish.
+
+    It also carries the tree size the latest request's full drafts settled on (:attr:`size`), which sizes
+    the next request's first draft (:meth:`TreeBudget.keep_hint`) instead of the whole budget: on a steep
+    CPU curve that first draft of up to 64 nodes cost as much as a plain token and was mostly thrown away.
     """
 
     def __init__(self, probe_after: int = PROBE_AFTER, max_wait: int = MAX_BACKOFF // 2):
@@ -81,10 +85,14 @@ class DraftPrior:
             raise ValueError(f"prior wait {probe_after}..{max_wait} rounds: need 1 <= probe_after <= max_wait")
         self.probe_after, self.max_wait = probe_after, max_wait
         self.wait = 0  # plain rounds the next request starts with before its first full draft (0: draft at once)
+        self.size: int | None = None  # nodes the latest judged request's last full draft verified (None: none yet)
 
-    def record(self, verdict: bool | None, backoff: int = 0) -> None:
+    def record(self, verdict: bool | None, backoff: int = 0, size: int | None = None) -> None:
         """Fold in one finished request: ``verdict`` is its budget's :attr:`TreeBudget.verdict`, ``backoff``
-        the wait its next failed probe would have bought (0: not known)."""
+        the wait its next failed probe would have bought (0: not known), ``size`` the nodes its last full
+        draft verified (None: it drafted none)."""
+        if size is not None:
+            self.size = size
         if verdict is True:
             self.wait = 0
         elif verdict is False:
@@ -92,7 +100,7 @@ class DraftPrior:
 
     def copy(self) -> DraftPrior:
         other = DraftPrior(self.probe_after, self.max_wait)
-        other.wait = self.wait
+        other.wait, other.size = self.wait, self.size
         return other
 
 
@@ -144,6 +152,9 @@ class TreeBudget:
             self._skip = self.prior.wait
             self._backoff = min(self.max_backoff, 2 * self.prior.wait)
             self._last = 0  # its first draft is a probe: a small tree (see keep_hint), not the whole budget
+        elif self.prior is not None and self.prior.size is not None:
+            self._last = self.prior.size  # the first draft sized as the requests before settled on
+        self._last_full: int | None = None  # nodes of this request's latest full draft, for the prior
 
     def drafting(self) -> bool:
         """Whether this round should call the drafter. False while backing off after drafts that did
@@ -177,7 +188,7 @@ class TreeBudget:
         fails, back to ``probe_after`` rounds when one pays.
         """
         best_n, best_rate, plain_rate = self._best(tree, overhead, cost or self.cost, load_rows, load_gain)
-        self._last = best_n
+        self._last = self._last_full = best_n
         if best_rate < plain_rate:
             self._back_off()
         elif not self._timed:  # without measured rounds the prediction is all there is to go by
@@ -222,7 +233,7 @@ class TreeBudget:
     def finish(self) -> None:
         """The request is over: hand its verdict to the prior (if any) for the next request."""
         if self.prior is not None:
-            self.prior.record(self.verdict, self._backoff)
+            self.prior.record(self.verdict, self._backoff, self._last_full)
 
     def observe_round(self, tokens: int, seconds: float, drafted: bool) -> None:
         """Fold in one round's measured wall time, for callers that can time whole rounds (one device).
@@ -249,8 +260,9 @@ class TreeBudget:
             self._paid()
 
     def keep_hint(self) -> int:
-        """How many nodes the next draft should be able to supply: twice the last choice, so the
-        tree can still grow when acceptance rises, and the whole budget before the first round."""
+        """How many nodes the next draft should be able to supply: the last choice and half again (at
+        least 4 more), so the tree can still grow when acceptance rises; before this request's first
+        choice, the prior's :attr:`DraftPrior.size` counts as the last, and without one the whole budget."""
         return self.max_nodes if self._last is None else min(self.max_nodes, self._last + max(4, self._last // 2))
 
     def expected(self, tree: Tree) -> float:

@@ -478,10 +478,11 @@ class EagleDrafter:
             return
         m = hidden.shape[0]
         start = len(context) - 1 - m  # position of hidden[0]
-        same = 0
-        limit = min(len(self._tokens), len(context))
-        while same < limit and self._tokens[same] == context[same]:
-            same += 1
+        same = len(self._tokens)
+        if same > len(context) or context[:same] != self._tokens:  # not the usual extension: find where they part
+            same, limit = 0, min(len(self._tokens), len(context))
+            while same < limit and self._tokens[same] == context[same]:
+                same += 1
         keep = min(start, same, self._feats.shape[0])
         if keep < start:  # a gap in the features: start over from what we were given
             self.reset([])

@@ -217,6 +217,22 @@ def test_a_request_whose_probe_paid_resets_the_prior_and_one_never_judged_leaves
     assert prior.wait == 0  # the next request drafts from its first round
 
 
+def test_the_first_draft_is_sized_as_the_requests_before_settled_on():
+    """A request's first draft supplies what the earlier requests' last full drafts verified and half
+    again, not the whole budget: on a steep curve the rest is drafted only to be thrown away."""
+    prior = DraftPrior()
+    first = TreeBudget(STEEP, alpha=1.0, prior=prior)
+    assert first.keep_hint() == first.max_nodes  # nothing known yet
+    n = first.choose(GOOD, overhead=0.1)
+    assert 0 < n < 16 and first.verdict is True
+    first.finish()
+    assert prior.size == n
+    second = TreeBudget(STEEP, alpha=1.0, prior=prior)
+    assert second.keep_hint() == n + max(4, n // 2) < second.max_nodes
+    second.finish()  # drafted nothing: the prior keeps what it knew
+    assert prior.size == n and prior.copy().size == n
+
+
 def test_measured_rounds_give_the_verdict_the_prior_learns_from():
     prior = DraftPrior()
     b = TreeBudget(STEEP, alpha=1.0, prior=prior)

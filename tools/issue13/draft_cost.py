@@ -49,7 +49,7 @@ def main() -> None:
         hidden = target.forward_one(target.embed(torch.tensor(context)), cache, torch.arange(len(context)))
     drafter.accept(context, target.final_norm(hidden)[: len(context) - 1])
     for nodes, depth in ((4, 3), (8, 4), (16, 6), (32, 8)):
-        s = best_of(7, lambda: drafter.draft(context, top_k=4, depth=depth, max_nodes=nodes))
+        s = best_of(7, lambda n=nodes, d=depth: drafter.draft(context, top_k=4, depth=d, max_nodes=n))
         print(f"draft of {nodes:2d} nodes (depth {depth}): {s * 1e3:6.2f} ms")
 
     def catch_up() -> None:
