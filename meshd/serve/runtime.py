@@ -202,6 +202,9 @@ class Runtime:
         self._ring_of: dict[str, int] = {}  # request id -> ring epoch it started under
         self._inbox: deque[tuple[RingMessage, str | None]] = deque()  # with the peer each came from
         self._wake = asyncio.Event()
+        # the torch thread's next step, started while the loop still sends the previous round's messages to
+        # peers and the client (see _compute_once); whoever runs the compute loop next routes its outputs
+        self._step_ahead: tuple[asyncio.Future, Ring | None, StageWorker | None] | None = None
         self._loop_task: asyncio.Task | None = None
         self._stopping = False
         self._background: set[asyncio.Future] = set()
@@ -511,12 +514,29 @@ class Runtime:
                 await self._deliver(d, ring)
 
     # ---- moving messages --------------------------------------------------------------------
-    async def _dispatch(self, actions: list[Action], ring: Ring | None = None) -> None:
-        ring = ring or self.ring  # one plan for the whole batch, even if a new one is committed while sending
-        for d in interpret(actions):
-            await self._deliver(d, ring)
+    async def _dispatch(
+        self, actions: list[Action], ring: Ring | None = None, local_done: Callable[[], None] | None = None
+    ) -> None:
+        """Carry out ``actions`` on ``ring`` (default: the current one, kept for the whole batch even if a new
+        plan is committed while sending). With ``local_done``, this device's own messages go first and
+        ``local_done`` is called before the rest (peers, the client): each destination still sees them in
+        order, and the torch thread can start on its own while the loop writes to sockets."""
+        ring = ring or self.ring
+        deliveries = interpret(actions)
+        mine = local_done is not None and ring is not None and None in ring.nodes  # deliver ours first
+        if mine:
+            for d in deliveries:
+                if isinstance(d, ToEveryStage) or (isinstance(d, ToStage) and ring.nodes[d.index] is None):
+                    self.deliver(d.message, self.node_id)
+        if local_done is not None:
+            local_done()
+        for d in deliveries:
+            if not (mine and isinstance(d, ToStage) and ring.nodes[d.index] is None):
+                await self._deliver(d, ring, others_only=mine)
 
-    async def _deliver(self, d: Delivery, ring: Ring | None) -> None:
+    async def _deliver(self, d: Delivery, ring: Ring | None, others_only: bool = False) -> None:
+        """Send ``d`` on ``ring`` (``others_only``: a message for every stage skips this device's, which
+        :meth:`_dispatch` handed over already)."""
         if isinstance(d, ToClient):
             self._to_client(d)
             return
@@ -528,7 +548,8 @@ class Runtime:
             await self._to_node(ring.nodes[d.index], d.message)
         elif isinstance(d, ToEveryStage):
             for node in ring.nodes:
-                await self._to_node(node, d.message)
+                if node is not None or not others_only:
+                    await self._to_node(node, d.message)
         elif d.origin is None or d.origin == self.node_id:
             self.deliver(d.message)
         else:
@@ -735,13 +756,17 @@ class Runtime:
 
     async def _compute_once(self) -> None:
         while True:
-            ring, worker = self.ring, self.worker
-            results, outputs = await self._torch(self._step)
+            if self._step_ahead is not None:  # started with the plan and worker of its time
+                (step, ring, worker), self._step_ahead = self._step_ahead, None
+            else:
+                ring, worker = self.ring, self.worker
+                step = self._torch(self._step)
+            results, outputs = await step
             if outputs and (self.worker is not worker or not _same_path(ring, self.ring)):
                 outputs = []  # computed for a plan replaced meanwhile: its requests replay on the new one
             for seg in outputs:  # first, so the next stage starts while the originator verifies and drafts
                 await self._route_output(seg)
-            for res in results:
+            for i, res in enumerate(results):
                 rid = self._request_of(res.request_id)
                 if rid in self._heard:
                     self._heard[rid] = time.monotonic()
@@ -753,12 +778,21 @@ class Runtime:
                     log.exception("request %s failed at the originator", res.request_id)
                     self._fail_ring(res.request_id, f"internal error at the originator: {type(exc).__name__}: {exc}")
                     continue
-                await self._dispatch(actions)
+                # after the last result, the next step (this device's stage on the new segment) starts while the
+                # loop sends the prune to the other stages and the tokens to the client, not after
+                last = i == len(results) - 1
+                await self._dispatch(actions, local_done=self._start_step_ahead if last else None)
+            if self._step_ahead is not None:
+                continue
             if not results and not outputs and not self._inbox:
                 if self.originator is None or not self.originator.idle_work():
                     return
                 # nothing queued: deepen the pools that first segments left from (slots' fillers come from them)
                 await self._dispatch(await self._torch(self.originator.idle))
+
+    def _start_step_ahead(self) -> None:
+        if self._inbox and self._step_ahead is None:
+            self._step_ahead = (asyncio.ensure_future(self._torch(self._step)), self.ring, self.worker)
 
     def _step(self) -> tuple[list[Result], list[Segment]]:
         results = self._drain_inbox()

@@ -6,9 +6,9 @@ import asyncio
 import gc
 import weakref
 
-from support import CodecMesh, solo_runtime
+from support import CodecMesh, solo_runtime, two_stage_mesh
 
-from meshd.ring.messages import PROMPT_PARENT, Segment
+from meshd.ring.messages import PROMPT_PARENT, Prune, Segment
 from meshd.serve.engine import GenerateParams
 from meshd.serve.runtime import Ring, Runtime
 from models.budget import CostCurve
@@ -146,6 +146,36 @@ async def test_the_runtime_deepens_flow_pools_when_its_torch_thread_is_idle(tiny
         assert got["flow"] == got["ar"]
         assert calls, "the runtime never let the originator draft while idle"
         assert not a.originator.idle_work()
+    finally:
+        await a.stop()
+        await b.stop()
+
+
+async def test_the_originators_own_stage_starts_before_the_messages_to_peers_are_sent(tiny_dir):
+    """After a verification the originator's own stage computes the next segment while the loop still sends
+    the prune to the other stages (and tokens to the client): its torch thread does not wait for sockets.
+    Here the first prune to B is held in the transport; A's stage must run meanwhile."""
+    _, a, b = two_stage_mesh(ModelSource.resolve(str(tiny_dir)))
+    inner, held = a.transport, []
+
+    async def slow_prunes(node: str, msg) -> None:
+        if isinstance(msg, Prune) and not held:
+            before = a.worker.forwards
+            for _ in range(200):
+                await asyncio.sleep(0.01)
+                if a.worker.forwards > before:
+                    break
+            held.append(a.worker.forwards > before)
+        await inner(node, msg)
+
+    a.transport = slow_prunes
+    await a.start()
+    await b.start()
+    try:
+        handle = await a.submit([5, 6, 7, 8], GenerateParams(max_tokens=4, mode="ar"))
+        assert len([t for chunk in await asyncio.wait_for(finished(handle), 60) for t in chunk]) == 4
+        assert handle.finish_reason == "length", handle.error
+        assert held == [True], "the originator's stage waited for the prune to its peer to be sent"
     finally:
         await a.stop()
         await b.stop()
