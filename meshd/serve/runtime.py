@@ -791,8 +791,9 @@ class Runtime:
                 await self._dispatch(await self._torch(self.originator.idle))
 
     def _start_step_ahead(self) -> None:
-        if self._inbox and self._step_ahead is None:
-            self._step_ahead = (asyncio.ensure_future(self._torch(self._step)), self.ring, self.worker)
+        if self._inbox and self._step_ahead is None:  # submitted now, not when the loop next gets round to it
+            step = asyncio.get_running_loop().run_in_executor(self.executor, self._step)
+            self._step_ahead = (step, self.ring, self.worker)
 
     def _step(self) -> tuple[list[Result], list[Segment]]:
         results = self._drain_inbox()
