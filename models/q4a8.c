@@ -230,20 +230,23 @@ static inline __attribute__((always_inline)) void block_avx2(const uint8_t *wb, 
         for (int64_t g = 0; g < groups; g++) {
             const uint8_t *p = wb + g * GROUP_BYTES;
             if (h == 0) prefetch_ahead(p);
-            __m256i w[8];
-            for (int j = 0; j < 4; j++) {
-                __m256i raw = _mm256_loadu_si256((const __m256i *)(p + 64 * j + 32 * h));
-                w[j] = _mm256_and_si256(raw, low);
-                w[j + 4] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
+            /* a nibble vector at a time, each feeding every row (rather than all 8 unpacked first): 4 rows'
+             * int16 sums, 4 accumulators and 2 weight vectors fit the 16 registers; the same exact sums */
+            __m256i pairs[TILE];
+            for (int jj = 0; jj < 4; jj++) {
+                __m256i raw = _mm256_loadu_si256((const __m256i *)(p + 64 * jj + 32 * h));
+                __m256i wl = _mm256_and_si256(raw, low), wh = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
+                for (int r = 0; r < rows; r++) {
+                    const int32_t *ar = (const int32_t *)(a[r] + g * GROUP);
+                    __m256i both = _mm256_add_epi16(_mm256_maddubs_epi16(wl, _mm256_set1_epi32(ar[jj])),
+                                                    _mm256_maddubs_epi16(wh, _mm256_set1_epi32(ar[jj + 4])));
+                    pairs[r] = jj == 0 ? both : _mm256_add_epi16(pairs[r], both);
+                }
             }
             __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 256 + 16 * h)));
             __m256 m = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 288 + 16 * h)));
             for (int r = 0; r < rows; r++) {
-                const int32_t *ar = (const int32_t *)(a[r] + g * GROUP);
-                __m256i pairs = _mm256_maddubs_epi16(w[0], _mm256_set1_epi32(ar[0]));
-                for (int j = 1; j < 8; j++)
-                    pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(w[j], _mm256_set1_epi32(ar[j])));
-                __m256i isum = _mm256_madd_epi16(pairs, ones);
+                __m256i isum = _mm256_madd_epi16(pairs[r], ones);
                 __m256 scale = _mm256_mul_ps(d, _mm256_set1_ps(s[r][g]));
                 acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), scale, acc[r]);
                 acc[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(sa[r][g]), acc[r]);
