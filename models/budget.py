@@ -61,6 +61,8 @@ class CostCurve:
 
 PROBE_AFTER = 2  # plain rounds after the first draft that did not pay, before drafting again
 MAX_BACKOFF = 32  # the longest wait between probes (doubling from PROBE_AFTER while probes fail)
+PROBE_NODES = 2  # a probe's draft: the head's best few nodes (see TreeBudget.probe)
+PROBE_DEPTH = 2
 
 
 class DraftPrior:
@@ -135,6 +137,10 @@ class TreeBudget:
         self.probe_after, self.max_backoff, self.back_off = probe_after, max_backoff, back_off
         self._backoff = probe_after  # plain rounds the next failed draft buys
         self._skip = 0  # plain rounds left before the next probe
+        self._waited = False  # whether plain rounds came since the last draft
+        # whether this round's draft (the latest :meth:`drafting` that returned True) is a probe: the first
+        # after plain rounds, which only has to tell whether drafts pay again (see keep_hint, depth_hint)
+        self.probe = False
         self.plain_rounds = 0  # rounds without the whole drafter (its cheap part may have drafted): stats, tests
         # measured rounds (:meth:`observe_round`), where the caller times them: seconds of a plain round,
         # and decayed sums of drafting rounds' tokens and seconds (draft, verification and bookkeeping)
@@ -163,7 +169,9 @@ class TreeBudget:
         if self._skip > 0:
             self._skip -= 1
             self.plain_rounds += 1
+            self._waited, self.probe = True, False  # the cheap part's draft, if any, is not a probe
             return False
+        self.probe, self._waited = self._waited, False
         return True
 
     def choose(
@@ -262,8 +270,22 @@ class TreeBudget:
     def keep_hint(self) -> int:
         """How many nodes the next draft should be able to supply: the last choice and half again (at
         least 4 more), so the tree can still grow when acceptance rises; before this request's first
-        choice, the prior's :attr:`DraftPrior.size` counts as the last, and without one the whole budget."""
-        return self.max_nodes if self._last is None else min(self.max_nodes, self._last + max(4, self._last // 2))
+        choice, the prior's :attr:`DraftPrior.size` counts as the last, and without one the whole budget.
+        A probe (:attr:`probe`) supplies at most ``PROBE_NODES``."""
+        keep = self.max_nodes if self._last is None else min(self.max_nodes, self._last + max(4, self._last // 2))
+        return min(keep, PROBE_NODES) if self.probe else keep
+
+    def depth_hint(self, depth: int) -> int:
+        """Levels the next draft may have (``depth`` as configured): a probe's at most ``PROBE_DEPTH``.
+
+        Why probes are small: where drafts stopped paying (a weak head, an unfamiliar prompt, a CPU where
+        every verified row costs a share of a forward) most probes fail, and a probe drafted like a full
+        round (as deep as its best nodes lead, then its choice verified) cost about 2.5 plain rounds at 2
+        threads on a Zen 3 core pair (docs/benchmarks.md, "Probes"). Whether the head's best next tokens
+        are accepted again is what a probe has to find out, and its top two nodes tell that; a probe
+        that pays brings the full drafts back (the wait returns to ``probe_after``) and the tree grows
+        from there by :meth:`keep_hint`."""
+        return min(depth, PROBE_DEPTH) if self.probe else depth
 
     def expected(self, tree: Tree) -> float:
         return sum(math.exp(s) for s in tree.scores[1:])

@@ -148,7 +148,9 @@ def generate(
             # tree is verified only when its nodes pay for their rows
             td = time.perf_counter()
             d = drafter if full else cheap
-            pool_tree = d.draft(context, top_k=top_k, depth=depth, max_nodes=pool, keep=budget.keep_hint())
+            pool_tree = d.draft(
+                context, top_k=top_k, depth=budget.depth_hint(depth), max_nodes=pool, keep=budget.keep_hint()
+            )
             draft_s = time.perf_counter() - td
             stats.draft_seconds += draft_s
             if full:

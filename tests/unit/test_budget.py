@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from models.budget import CostCurve, DraftPrior, TreeBudget
+from models.budget import PROBE_DEPTH, PROBE_NODES, CostCurve, DraftPrior, TreeBudget
 from models.tree import Tree
 
 FLAT = CostCurve({1: 1.0, 64: 1.1})  # a GPU-like stage: 64 rows cost about what one does
@@ -102,6 +102,22 @@ def test_a_probe_that_pays_resets_the_wait():
     assert plain_run(b) == 0  # it paid: keep drafting every round
     b.choose(POOR, overhead=0.1)
     assert plain_run(b) == 2  # the next failure waits the shortest time again
+
+
+def test_the_first_draft_after_plain_rounds_is_a_small_probe_and_one_that_paid_brings_full_drafts_back():
+    """A probe only has to tell whether the head's best next tokens are accepted again: its top nodes
+    over a level or two, not a full draft (on a CPU a full probe cost ~2.5 plain rounds, mostly lost)."""
+    b = TreeBudget(STEEP, alpha=1.0, probe_after=2)
+    assert b.drafting() and not b.probe  # nothing waited for: a full draft
+    assert b.keep_hint() == b.max_nodes and b.depth_hint(8) == 8
+    b.choose(POOR, overhead=0.1)
+    assert not b.drafting() and not b.probe  # backing off: the cheap part's draft of this round is no probe
+    assert b.keep_hint() > PROBE_NODES and b.depth_hint(8) == 8
+    plain_run(b)
+    assert b.probe and b.keep_hint() == PROBE_NODES and b.depth_hint(8) == PROBE_DEPTH
+    assert b.depth_hint(1) == 1  # never deeper than configured
+    assert b.choose(GOOD, overhead=0.1) > 0  # the probe paid
+    assert b.drafting() and not b.probe and b.keep_hint() > PROBE_NODES and b.depth_hint(8) == 8
 
 
 def test_verified_nodes_that_do_not_cover_the_drafting_cost_still_back_off():
