@@ -2,7 +2,9 @@
 
 Every round drafts (the budget never backs off) and verifies exactly N drafted nodes (0: the draft is
 made and thrown away, only the root is verified), for each N of ``--nodes``; ``ar`` alongside. Prints
-per setting the thread CPU time per round and per token (prefill excluded) and the tokens per round,
+per setting the wall time per round and per token (prefill excluded; the best of ``--repeats`` passes,
+settings interleaved within each pass: with 2 threads the kernels' second thread does half the work,
+which the calling thread's CPU time would not count) and the tokens per round,
 so the price of a round's parts can be read off: N=0 against ``ar`` is the drafting overhead, N=1
 against N=0 the first verified row, and so on. Whether ``spec`` can beat ``ar`` on a device follows:
 a round of N nodes pays when its tokens per round exceed its cost in plain rounds.
@@ -60,7 +62,7 @@ def main() -> None:
     def run(mode: str, drafter, n: int | None) -> tuple[float, float, float]:
         sec, toks, rounds = 0.0, 0, 0
         for p in prompts:
-            t0 = time.thread_time()
+            t0 = time.perf_counter()
             if mode == "ar":
                 g = engine.generate(target, p, max_new_tokens=a.max_tokens, mode="ar", eos_ids=local.eos)
             else:  # N=0: one level of the draft is enough to pay its fixed costs
@@ -75,7 +77,7 @@ def main() -> None:
                     depth=max(1, n),
                     budget=FixedBudget(n),
                 )
-            sec += time.thread_time() - t0 - g.stats.prefill_seconds
+            sec += time.perf_counter() - t0 - g.stats.prefill_seconds
             toks += g.stats.new_tokens
             rounds += g.stats.rounds
         return sec / rounds * 1e3, sec / toks * 1e3, toks / rounds
