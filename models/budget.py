@@ -10,7 +10,9 @@ Drafting itself is paid every round whatever is then verified, so a round that d
 only when its best rate, the draft's cost included, beats a plain round's 1 / cost(1). When it does
 not (a weak head, an unfamiliar prompt), the budget stops drafting for a few rounds (plain decoding,
 no drafter call) and probes again, doubling the wait while probes keep failing (FASER's adaptive
-length, down to zero): ``spec`` then costs at most the occasional probe more than ``ar``.
+length, down to zero): ``spec`` then costs at most the occasional probe more than ``ar``. A probe is a
+small draft (the head's best two nodes, :meth:`TreeBudget.depth_hint`): it only has to tell whether
+drafts pay again.
 
 Two things make those probes rarer and cheaper. A :class:`DraftPrior`, kept per model and drafter
 across requests, starts a request already backed off when the drafts of the requests before it did
