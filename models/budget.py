@@ -63,8 +63,8 @@ class CostCurve:
 
 PROBE_AFTER = 2  # plain rounds after the first draft that did not pay, before drafting again
 MAX_BACKOFF = 32  # the longest wait between probes (doubling from PROBE_AFTER while probes fail)
-PROBE_NODES = 2  # a probe's draft: the head's best few nodes (see TreeBudget.probe)
-PROBE_DEPTH = 2
+PROBE_NODES = 2  # a probe's draft: the head's best few nodes (see TreeBudget.depth_hint) ...
+PROBE_DEPTH = 2  # ... over at most this many levels
 
 
 class DraftPrior:
@@ -283,10 +283,10 @@ class TreeBudget:
         Why probes are small: where drafts stopped paying (a weak head, an unfamiliar prompt, a CPU where
         every verified row costs a share of a forward) most probes fail, and a probe drafted like a full
         round (as deep as its best nodes lead, then its choice verified) cost about 2.5 plain rounds at 2
-        threads on a Zen 3 core pair (docs/benchmarks.md, "Probes"). Whether the head's best next tokens
-        are accepted again is what a probe has to find out, and its top two nodes tell that; a probe
-        that pays brings the full drafts back (the wait returns to ``probe_after``) and the tree grows
-        from there by :meth:`keep_hint`."""
+        threads on a Zen 3 core pair (docs/benchmarks.md, "What a drafting round costs"). Whether the
+        head's best next tokens are accepted again is what a probe has to find out, and its top two nodes
+        tell that; a probe that pays brings the full drafts back (the wait returns to ``probe_after``) and
+        the tree grows from there by :meth:`keep_hint`."""
         return min(depth, PROBE_DEPTH) if self.probe else depth
 
     def expected(self, tree: Tree) -> float:

@@ -510,8 +510,8 @@ static float q8_row_avx2(const int8_t *w, const int8_t *a, const float *s, int64
 
 /* Four vocabulary rows against one activation row: q8_row_avx2's arithmetic for each, interleaved. One
  * row's sum is a chain of dependent fused multiply-adds, one per group, so alone it waits on their
- * latency (~5.5 cycles a group on Zen 3); four independent chains fill those cycles (each row's
- * operations and their order are unchanged: the same bits). */
+ * latency; four independent chains fill those cycles (each row's operations and their order are
+ * unchanged: the same bits). Zen 3, one thread: the LM head over 4 rows 4.9 -> 3.6 ms. */
 static void q8_rows4_avx2(const int8_t *w, int64_t k, const int8_t *a, const float *s, int64_t groups, float *y) {
     const __m256i ones = _mm256_set1_epi16(1);
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
@@ -564,6 +564,8 @@ int q8a8_matmul(const void *x, int bf16, int64_t rows, int64_t k, const int8_t *
         /* the vocabulary streams too: one row of the LM head 2.8 -> 2.2 ms with this (Zen 3, one thread) */
         int64_t o = item < quads ? 4 * item : 4 * quads + (item - quads), m = item < quads ? 4 : 1;
         for (int64_t l = 0; l < m * k; l += 64) __builtin_prefetch(w + o * k + PREFETCH + l, 0, 3);
+        float ws[4];
+        for (int64_t j = 0; j < m; j++) ws[j] = load(scale, bf16, o + j);
         for (int64_t r = 0; r < rows; r++) {
             float dot[4];
 #if Q4A8_VNNI || Q4A8_AVX2
@@ -574,7 +576,7 @@ int q8a8_matmul(const void *x, int bf16, int64_t rows, int64_t k, const int8_t *
             else
 #endif
                 dot[0] = q8_row_generic(w + o * k, a + r * k, s + r * groups, groups);
-            for (int64_t j = 0; j < m; j++) y[r * n + o + j] = dot[j] * load(scale, bf16, o + j);
+            for (int64_t j = 0; j < m; j++) y[r * n + o + j] = dot[j] * ws[j];
         }
     }
     free(a);
