@@ -65,6 +65,17 @@ def cheap_part(drafter: Drafter | None) -> Drafter | None:
     return cheap[0] if len(cheap) == 1 else MergedDrafter(cheap)
 
 
+def likeliest_first(drafter: Drafter, context: list[int]) -> float:
+    """The probability a draft at ``context`` would give its likeliest node, told without drafting by a
+    drafter that has ``best_first`` (n-gram lookup), the best over a merge's parts; 1.0 (anything may come)
+    for one that cannot tell."""
+    parts = getattr(drafter, "parts", None)
+    if parts:
+        return max(likeliest_first(p, context) for p in parts)
+    best_first = getattr(drafter, "best_first", None)
+    return best_first(context) if best_first is not None else 1.0
+
+
 def can_extend(drafter: Drafter | None) -> bool:
     """Whether ``drafter`` grows pools (:class:`Resumable`); a merge of drafters only if all its parts do."""
     return drafter is not None and callable(getattr(drafter, "extend", None))
@@ -126,6 +137,15 @@ class NGramDrafter:
     def children(self, context: list[int], tree: Tree, nodes: list[int], k: int) -> list[list[tuple[int, float]]]:
         """Each node's path looked up like a context (the table is the context's: nothing else is kept)."""
         return [self._propose(context[:-1] + tree.path_tokens(u), k) for u in nodes]
+
+    def best_first(self, context: list[int]) -> float:
+        """The probability a draft at ``context`` would give its likeliest node (0.0: it would draft nothing).
+        No node of the tree scores higher (each further level multiplies by another probability), so a
+        budget can tell from this alone that a tree is not worth drafting
+        (:meth:`models.budget.TreeBudget.cheap_may_pay`)."""
+        self.start(context)
+        best = self._propose(context, 1)
+        return math.exp(best[0][1]) if best else 0.0
 
     def draft(self, context: list[int], *, top_k: int, depth: int, max_nodes: int, keep: int | None = None) -> Tree:
         return draft_tree(self, context, top_k=top_k, depth=depth, max_nodes=max_nodes, keep=keep)

@@ -174,16 +174,24 @@ class EagleHead(nn.Module):
         )
 
     def step(
-        self, emb: torch.Tensor, feat: torch.Tensor, cache: KVCache, positions: torch.Tensor, mask: torch.Tensor
+        self,
+        emb: torch.Tensor,
+        feat: torch.Tensor,
+        cache: KVCache,
+        positions: torch.Tensor,
+        mask: torch.Tensor,
+        out_from: int = 0,
     ) -> torch.Tensor:
-        """Drafting: rows (T, H) appended to ``cache``; ``mask`` bool (T, cache.length + T)."""
+        """Drafting: rows (T, H) appended to ``cache``; ``mask`` bool (T, cache.length + T). Rows before
+        ``out_from`` are wanted for their cache entries only: the C layer (int4a8) skips the rest of their
+        work and their output rows are then not meaningful; the torch layer computes them anyway."""
         t = emb.shape[0]
         cache.reserve(t)
         x = self.fuse(emb, feat)
         cos, sin = self.rope(positions, x.dtype)
         fused = self._fused_layer()
         if fused is not None:
-            out = fused.forward(x, [cache], [t], [mask], cos[0], sin[0])
+            out = fused.forward(x, [cache], [t], [mask], cos[0], sin[0], out_from=out_from)
             cache.commit(t)
             return out
         fmask = float_mask(mask, x.dtype)[None, None]
@@ -468,10 +476,19 @@ class EagleDrafter:
     def reset(self, prompt: list[int]) -> None:
         self.cache.truncate(0)
         self._tokens: list[int] = []
-        self._feats = torch.zeros(0, self.head.hc.hidden_size, dtype=self.dtype)
+        # the target's features of the committed positions, rows [0, _nfeat) of a buffer that grows by doubling
+        # (kept across requests): a plain round appends one row, where a concatenation copied them all
+        if getattr(self, "_fbuf", None) is None:
+            self._fbuf = torch.zeros(256, self.head.hc.hidden_size, dtype=self.dtype)
+        self._nfeat = 0
         self._last_out: torch.Tensor | None = None
         self._rows = 0  # committed rows in the cache; the latest draft's rows follow them
         self._session: DraftRows | None = None
+
+    @property
+    def features(self) -> torch.Tensor:
+        """The target's post-norm features of the committed positions this drafter holds (a view)."""
+        return self._fbuf[: self._nfeat]
 
     def accept(self, context: list[int], hidden: torch.Tensor | None) -> None:
         if hidden is None:
@@ -483,12 +500,17 @@ class EagleDrafter:
             same, limit = 0, min(len(self._tokens), len(context))
             while same < limit and self._tokens[same] == context[same]:
                 same += 1
-        keep = min(start, same, self._feats.shape[0])
+        keep = min(start, same, self._nfeat)
         if keep < start:  # a gap in the features: start over from what we were given
             self.reset([])
             if start > 0:
                 return
-        self._feats = torch.cat([self._feats[:keep], hidden.to(self.dtype)])
+        if keep + m > self._fbuf.shape[0]:
+            grown = self._fbuf.new_zeros(max(keep + m, 2 * self._fbuf.shape[0]), self._fbuf.shape[1])
+            grown[:keep] = self._fbuf[:keep]
+            self._fbuf = grown
+        self._fbuf[keep : keep + m] = hidden
+        self._nfeat = keep + m
         # row t needs tokens up to t+1 and feature t, both unchanged below ``same - 1``. The latest draft's
         # rows stand on the committed rows: they stay (extend() grows that draft) while those do
         valid = min(self._rows, same - 1, keep)
@@ -503,7 +525,7 @@ class EagleDrafter:
         """Fill cache rows up to the root's predecessor (dropping the latest draft's rows); return the
         root's predicted feature."""
         n = len(context) - 1  # the root's position; rows 0..n-1
-        if self._feats.shape[0] < n:
+        if self._nfeat < n:
             raise RuntimeError(
                 "the EAGLE drafter needs the target's features of every committed position; "
                 "call accept(context, hidden) first"
@@ -519,8 +541,16 @@ class EagleDrafter:
             self.cache.truncate(n - 1)
             done = n - 1
         toks = torch.tensor(context[done + 1 : n + 1])
+        # only the last row's output is used (the root's predicted feature); the rows before it are the
+        # positions decoded since the last draft, wanted for their cache entries (a probe after 32 plain
+        # rounds caught up at about a quarter of the cost: docs/benchmarks.md, "Never slower, per prompt")
         out = self.head.step(
-            self.target.embed(toks), self._feats[done:n], self.cache, torch.arange(done, n), causal_mask(done, n - done)
+            self.target.embed(toks),
+            self._fbuf[done:n],
+            self.cache,
+            torch.arange(done, n),
+            causal_mask(done, n - done),
+            out_from=n - done - 1,
         )
         self._rows = n
         self._last_out = out[-1:]

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from models.budget import CostCurve, TreeBudget
-from models.drafters import Drafter, cheap_part
+from models.drafters import Drafter, cheap_part, likeliest_first
 from models.stage import Stage
 from models.tree import Tree
 from models.verify import History, Sampling, Walk, advance, sample_token
@@ -143,7 +143,9 @@ def generate(
         tr = time.perf_counter()  # spec: the budget weighs measured rounds, plain against drafting ones
         full = mode == "spec" and budget.drafting()
         tree = None
-        if full or cheap is not None:
+        # the cheap part drafts only when a tree of its could pay for its rows (its likeliest node tells)
+        cheap_now = not full and cheap is not None and budget.cheap_may_pay(likeliest_first(cheap, context))
+        if full or cheap_now:
             # the whole drafter, or while the budget backs off it, its cheap part (n-gram lookup), whose
             # tree is verified only when its nodes pay for their rows
             td = time.perf_counter()

@@ -97,7 +97,7 @@ def library() -> ctypes.CDLL:
     ptr, i32, i64, f32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
     _signature(lib.q4a8_matmul, ptr, i32, i64, i64, ptr, i64, i64, ptr, i32, i32, ptr, f32)
     _signature(lib.q8a8_matmul, ptr, i32, i64, i64, ptr, ptr, i64, ptr, i32)
-    _signature(lib.q4a8_layers, ptr, i32, i64, i64, i32, ptr, i32, i32, i32, f32, ptr, ptr, i32, ptr, i32)
+    _signature(lib.q4a8_layers, ptr, i32, i64, i64, i32, ptr, i32, i32, i32, f32, ptr, ptr, i32, ptr, i32, i64)
     lib.q4a8_set_threads.restype = None
     lib.q4a8_set_threads.argtypes = [ctypes.c_int]
     lib.q4a8_has_vnni.restype = ctypes.c_int
@@ -328,11 +328,17 @@ class Layers:
         cos: torch.Tensor,
         sin: torch.Tensor,
         path: str = "auto",
+        out_from: int = 0,
     ) -> torch.Tensor:
         """``x`` (T, hidden) through the layers; rows split among requests by ``sizes``, each with its
         cache (room reserved, new entries written after its live ones, not committed), bool mask
         (rows, length + rows) or None (each row sees every entry; one-row requests only), and the rows'
-        RoPE ``cos``/``sin`` (T, head dim, signed sine as :class:`models.layers.Rope` gives)."""
+        RoPE ``cos``/``sin`` (T, head dim, signed sine as :class:`models.layers.Rope` gives).
+
+        Rows before ``out_from`` are computed for their keys and values only: their rows of the result
+        are not the layers' output (the last layer skips their attention, output projection and MLP)."""
+        if out_from < 0 or (out_from and out_from >= x.shape[0]):
+            raise ValueError(f"out_from {out_from}: need 0 <= out_from < {x.shape[0]} rows")
         y = x.to(self.dtype).contiguous().clone()
         cos, sin = cos.to(self.dtype).contiguous(), sin.to(self.dtype).contiguous()
         items = (_Item * len(caches))()
@@ -363,6 +369,7 @@ class Layers:
             len(caches),
             ctypes.addressof(items),
             PATHS[path],
+            out_from,
         )
         if rc == -1:
             raise MemoryError(f"int4a8 layers: no scratch memory for {y.shape[0]} rows")

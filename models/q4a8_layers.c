@@ -274,11 +274,17 @@ static void swiglu(const float *gu, int64_t inter, float *out, int bf16) {
  * rows belong to `n_items` requests in order, each with its own cache, positions (the rows of
  * cos/sin, rows x head dim) and mask. Each layer's new keys and values are written at entries
  * [past, past + rows) of its request's cache; the caller commits them. `path` is q4a8_matmul's.
+ * Rows before `out_from` are wanted for their keys and values only: the last layer computes theirs and
+ * skips their attention, output projection and MLP (an EAGLE head catching up on positions decoded
+ * without it wants only the last row's output; with one layer that is ~4x less work), and their rows
+ * of x come back as they were. The other rows' results are bitwise those of a whole forward (see the
+ * top: a row's products and attention do not depend on the other rows).
  * Returns 0, -1 when memory could not be had, -2 for shapes it does not take. */
 int q4a8_layers(void *x, int bf16, int64_t rows, int64_t hidden, int n_layers, const q4a8_layer *layers, int nq,
                 int nkv, int hd, float eps, const void *cos, const void *sin, int n_items, const q4a8_item *items,
-                int path) {
+                int path, int64_t out_from) {
     if (n_layers <= 0 || rows <= 0) return 0;
+    if (out_from < 0 || out_from >= rows) return -2;
     if (nkv <= 0 || nq % nkv || nq / nkv > 64 || hd > 512 || hidden % 32 || ((int64_t)nq * hd) % 32) return -2;
     int64_t qkv_out = (int64_t)(nq + 2 * nkv) * hd, inter = layers[0].gate_up.out / 2, att_k = (int64_t)nq * hd;
     if (inter % 32 || layers[0].qkv.out != qkv_out) return -2;
@@ -301,6 +307,8 @@ int q4a8_layers(void *x, int bf16, int64_t rows, int64_t hidden, int n_layers, c
     for (int64_t i = 0; i < rows * hidden; i++) h[i] = get(x, bf16, i);
     for (int li = 0; li < n_layers; li++) {
         const q4a8_layer *L = layers + li;
+        int64_t skip = li == n_layers - 1 ? out_from : 0; /* rows wanted for keys and values only */
+        int64_t live = rows - skip;
         /* attention: norm + q/k/v, RoPE on q and k, the new keys/values into the caches, attend */
         q4a8_quantize(h, 0, bf16, rows, hidden, L->attn_norm, eps, a, s, sa, normed);
         q4a8_product(a, s, sa, rows, hidden, L->qkv.w, L->qkv.blocks, L->qkv.out, qkv, 0, path);
@@ -328,26 +336,32 @@ int q4a8_layers(void *x, int bf16, int64_t rows, int64_t hidden, int n_layers, c
                     }
                 }
             }
-            if (attend(qkv, qkv_out, row0, it, li, nq, nkv, hd, bf16, att)) {
+            /* the item's rows from `skip` on attend (mask rows keep their stride, past + rows) */
+            int64_t from = skip > row0 ? (skip < row0 + it->rows ? skip - row0 : it->rows) : 0;
+            q4a8_item sub = *it;
+            sub.rows -= from, sub.past += from;
+            if (sub.mask) sub.mask += from * (it->past + it->rows);
+            if (attend(qkv, qkv_out, row0 + from, &sub, li, nq, nkv, hd, bf16, att)) {
                 rc = -1;
                 goto done;
             }
             row0 += it->rows;
         }
         /* output projection and residual */
-        q4a8_quantize(att, 0, bf16, rows, att_k, NULL, 0.0f, a, s, sa, normed);
-        q4a8_product(a, s, sa, rows, att_k, L->o.w, L->o.blocks, L->o.out, y, 0, path);
-        residual(h, y, rows * hidden, bf16);
+        float *hl = h + skip * hidden, *al = att + skip * att_k;
+        q4a8_quantize(al, 0, bf16, live, att_k, NULL, 0.0f, a, s, sa, normed);
+        q4a8_product(a, s, sa, live, att_k, L->o.w, L->o.blocks, L->o.out, y, 0, path);
+        residual(hl, y, live * hidden, bf16);
         /* MLP: norm + gate/up, SiLU(gate) * up, down, residual */
-        q4a8_quantize(h, 0, bf16, rows, hidden, L->ffn_norm, eps, a, s, sa, normed);
-        q4a8_product(a, s, sa, rows, hidden, L->gate_up.w, L->gate_up.blocks, L->gate_up.out, y, 0, path);
-        round_all(y, rows * 2 * inter, bf16);
-        for (int64_t r = 0; r < rows; r++) swiglu(y + r * 2 * inter, inter, act + r * inter, bf16);
-        q4a8_quantize(act, 0, bf16, rows, inter, NULL, 0.0f, a, s, sa, normed);
-        q4a8_product(a, s, sa, rows, inter, L->down.w, L->down.blocks, L->down.out, y, 0, path);
-        residual(h, y, rows * hidden, bf16);
+        q4a8_quantize(hl, 0, bf16, live, hidden, L->ffn_norm, eps, a, s, sa, normed);
+        q4a8_product(a, s, sa, live, hidden, L->gate_up.w, L->gate_up.blocks, L->gate_up.out, y, 0, path);
+        round_all(y, live * 2 * inter, bf16);
+        for (int64_t r = 0; r < live; r++) swiglu(y + r * 2 * inter, inter, act + r * inter, bf16);
+        q4a8_quantize(act, 0, bf16, live, inter, NULL, 0.0f, a, s, sa, normed);
+        q4a8_product(a, s, sa, live, inter, L->down.w, L->down.blocks, L->down.out, y, 0, path);
+        residual(hl, y, live * hidden, bf16);
     }
-    for (int64_t i = 0; i < rows * hidden; i++) put(x, bf16, i, h[i]);
+    for (int64_t i = out_from * hidden; i < rows * hidden; i++) put(x, bf16, i, h[i]);
 done:
     free(h);
     free(qkv);

@@ -3,12 +3,14 @@ prior carried across requests can start a request backed off; the output stays p
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from support import CURVES, assert_matches_greedy, chat_ids, greedy_reference, prompts
 
 from models.budget import CostCurve, DraftPrior, TreeBudget
-from models.drafters import MergedDrafter, NGramDrafter, cheap_part, load_drafter
+from models.drafters import MergedDrafter, NGramDrafter, cheap_part, likeliest_first, load_drafter
 from models.engine import generate
 from models.source import ModelSource
 from models.stage import Stage
@@ -119,3 +121,29 @@ def test_embedded_default_drafter_with_prior_and_cheap_rounds_equals_greedy(
         res = generate(embedded, prompt, max_new_tokens=48, drafter=drafter, eos_ids=eos, budget=budget)
         assert_matches_greedy(res.token_ids, want, gaps)
     assert res.stats.accepted_drafts > 0 and res.stats.mean_accepted > 1.2, res.stats
+
+
+def test_the_lookup_tells_its_likeliest_node_without_drafting():
+    """NGramDrafter.best_first is the probability of the likeliest node its draft would hold (none scores
+    higher), which lets the budget skip drafts that could not pay (TreeBudget.cheap_may_pay)."""
+    ngram = NGramDrafter()
+    context = [1, 2, 3, 4, 1, 2, 3, 5, 1, 2, 3]  # "1 2 3" was followed by 4 and by 5
+    ngram.reset(context[:-1])
+    ngram.accept(context, None)
+    tree = ngram.draft(context, top_k=4, depth=3, max_nodes=64)
+    best = max(math.exp(s) for s in tree.scores[1:])
+    assert ngram.best_first(context) == pytest.approx(best) == pytest.approx(0.9 * 1 / 2)
+    assert ngram.best_first([7, 8, 9]) == 0.0  # nothing like it seen: the draft would be the root alone
+    assert likeliest_first(MergedDrafter([NGramDrafter(), ngram]), context) == pytest.approx(best)
+
+
+def test_a_cheap_part_that_says_nothing_can_pay_is_not_drafted(tiny_dir):
+    """While the head is backed off, a cheap part whose likeliest node could not pay for a row is not asked to
+    draft at all (it used to draft every round, ~0.1 ms a round on a 2-core CPU); the output stays greedy."""
+    target, prompt, want, gaps, head, lookup, drafter = _setup(tiny_dir, start_cheap=8, start_head=None)
+    lookup.best_first = lambda context: 0.01  # a weak lookup: on the steep curve nothing of it pays
+    budget = TreeBudget(CURVES["steep"])
+    res = generate(target, prompt, max_new_tokens=40, drafter=drafter, budget=budget, depth=4)
+    assert_matches_greedy(res.token_ids, want, gaps)
+    # asked only inside the full drafts (merged with the head's), never alone in the rounds between
+    assert lookup.contexts == head.contexts and len(head.contexts) == res.stats.rounds - budget.plain_rounds

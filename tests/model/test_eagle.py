@@ -237,7 +237,7 @@ def recompute_logits(drafter: EagleDrafter, context: list[int], path: list[int])
     n = len(context) - 1
     with torch.inference_mode():
         toks = torch.tensor(context[1 : n + 1])
-        out = head.step(target.embed(toks), drafter._feats[:n], fresh.cache, torch.arange(n), causal_mask(0, n))[-1]
+        out = head.step(target.embed(toks), drafter.features[:n], fresh.cache, torch.arange(n), causal_mask(0, n))[-1]
         for tok in path:
             pos = fresh.cache.length
             emb = target.embed(torch.tensor([tok]))

@@ -290,6 +290,34 @@ def test_layers_in_c_compute_each_row_alike_in_any_batch(tiny_gguf):  # noqa: F8
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_rows_wanted_for_their_cache_entries_only(tiny_gguf, dtype):  # noqa: F811
+    """``out_from``: the last layer skips attention, output projection and MLP for the rows before it (an
+    EAGLE head catching up wants only its last row's output). The cache entries of every row and the
+    output rows from ``out_from`` on are bitwise a whole forward's, with a mask and past entries too."""
+    stage = Stage.load(tiny_gguf["Q4_1"], vocab=False, dtype=dtype, weights="int4a8")
+    torch.manual_seed(3)
+    x = torch.randn(12, stage.cfg.hidden_size).to(stage.dtype)
+    cos, sin = stage.rope(torch.arange(4, 12), stage.dtype)
+
+    def run(out_from: int):
+        cache = stage.new_cache(16)
+        stage.forward_one(x[:4], cache, torch.arange(4))
+        cache.reserve(8)
+        y = stage.fused.forward(x[4:], [cache], [8], [causal_mask(4, 8)], cos[0], sin[0], out_from=out_from)
+        cache.commit(8)
+        return y, cache
+
+    whole, c0 = run(0)
+    for out_from in (1, 5, 7):
+        y, c = run(out_from)
+        assert torch.equal(y[out_from:], whole[out_from:])
+        assert torch.equal(c.k[:, :, :12], c0.k[:, :, :12]) and torch.equal(c.v[:, :, :12], c0.v[:, :, :12])
+        assert torch.equal(y[:out_from], x[4 : 4 + out_from])  # not computed: the input rows as they were
+    with pytest.raises(ValueError, match="out_from"):
+        stage.fused.forward(x[4:], [stage.new_cache(16)], [8], [causal_mask(0, 8)], cos[0], sin[0], out_from=8)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_draft_head_layer_in_c(tiny_gguf, dtype):  # noqa: F811
     """An int4a8 target's draft head runs its decoder layer through q4a8_layers.c too: within the
     stage's bound of the torch ops on the same packed weights, and with each row alike in any batch,

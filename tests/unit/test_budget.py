@@ -294,3 +294,30 @@ def test_a_drafting_round_that_accepted_nothing_never_counts_as_a_probe_that_pai
     assert b.verdict is False
     b.choose(POOR, overhead=0.1)
     assert plain_run(b) == 4
+
+
+@pytest.mark.parametrize("curve", [STEEP, FLAT, CostCurve({1: 1.0, 2: 1.31, 4: 1.72, 8: 2.81, 64: 18.7})])
+@pytest.mark.parametrize("alpha", [0.3, 1.0, 2.0])
+def test_a_cheap_tree_told_unable_to_pay_from_its_likeliest_node_is_never_one_worth_verifying(curve, alpha):
+    """cheap_may_pay lets a round skip drafting the n-gram tree: it must never skip one that choose_cheap
+    would have verified (a bound, not a guess), and must let through trees that pay."""
+    b = TreeBudget(curve, alpha=alpha)
+    for p in (0.02, 0.1, 0.2, 0.3, 0.45, 0.6, 0.8, 0.9, 0.99):
+        for width, depth in ((1, 1), (1, 8), (4, 3), (8, 2)):
+            tree = chain_tree([p] * depth, width=width)
+            first = max(math.exp(tree.scores[c]) for c in range(1, len(tree)) if tree.parents[c] == 0)
+            if not b.cheap_may_pay(first):
+                assert b.choose_cheap(tree) == 0, (p, width, depth)
+    assert b.cheap_may_pay(0.99) == (b.choose_cheap(chain_tree([0.99] * 8, width=1)) > 0)
+    steep = TreeBudget(STEEP, alpha=1.0)  # a row costs 0.2 of a plain round there: p 0.1 never pays, 0.9 does
+    assert not steep.cheap_may_pay(0.1) and steep.cheap_may_pay(0.9) and not steep.cheap_may_pay(0.0)
+
+
+def test_a_probe_verifies_no_more_nodes_than_it_drafted_for():
+    """A probe drafts the head's best PROBE_NODES nodes; merged with the n-gram table's, its tree can hold
+    more, but a probe only has to tell whether drafts pay again: it verifies at most PROBE_NODES."""
+    b = TreeBudget(FLAT, alpha=1.0, probe_after=2)
+    b.choose(POOR, overhead=0.5)
+    assert b.verdict is False and plain_run(b) == 2
+    assert b.probe and b.choose(GOOD) == PROBE_NODES
+    assert b.drafting() and not b.probe and b.choose(GOOD) > PROBE_NODES
