@@ -162,6 +162,10 @@ class TreeBudget:
             self._last = 0  # its first draft is a probe: a small tree (see keep_hint), not the whole budget
         elif self.prior is not None and self.prior.size is not None:
             self._last = self.prior.size  # the first draft sized as the requests before settled on
+        elif self.prior is not None:
+            # the model's first request: nothing says yet what drafts are worth here, so its first draft is a
+            # probe (a full one, 64 nodes over 8 levels, cost ~2 plain rounds on a 2-core CPU, mostly lost)
+            self._waited = True
         self._last_full: int | None = None  # nodes of this request's latest full draft, for the prior
         self._least_slope: float | None = None  # see cheap_may_pay
 

@@ -249,6 +249,22 @@ def test_the_first_draft_is_sized_as_the_requests_before_settled_on():
     assert prior.size == n and prior.copy().size == n
 
 
+def test_the_first_draft_of_a_models_first_request_is_a_probe():
+    """With a prior that knows nothing yet (no request judged), the first draft is a probe (small); once the
+    prior knows what full drafts settled on, the next request's first draft is sized from it."""
+    prior = DraftPrior()
+    first = TreeBudget(FLAT, alpha=1.0, prior=prior)
+    assert first.drafting() and first.probe and first.keep_hint() == PROBE_NODES
+    assert first.choose(GOOD) == PROBE_NODES and first.verdict is True  # it paid: full drafts follow
+    assert first.drafting() and not first.probe and first.keep_hint() > PROBE_NODES
+    n = first.choose(GOOD)
+    first.finish()
+    second = TreeBudget(FLAT, alpha=1.0, prior=prior)
+    assert second.drafting() and not second.probe and second.keep_hint() == min(64, n + max(4, n // 2))
+    alone = TreeBudget(FLAT, alpha=1.0)  # no prior (a benchmark measuring a drafter): full drafts at once
+    assert alone.drafting() and not alone.probe and alone.keep_hint() == alone.max_nodes
+
+
 def test_measured_rounds_give_the_verdict_the_prior_learns_from():
     prior = DraftPrior()
     b = TreeBudget(STEEP, alpha=1.0, prior=prior)
