@@ -204,8 +204,14 @@ class TreeBudget:
         """
         limit = PROBE_NODES if self.probe else self.max_nodes  # a probe verifies no more than it drafted for
         best_n, best_rate, plain_rate = self._best(tree, overhead, cost or self.cost, load_rows, load_gain, limit)
+        if self.probe and best_n == 0 and len(tree) > 1:
+            # a probe tests the drafter's best node whatever the calibration says: after failures ``alpha`` is
+            # low, a probe verifying nothing could never pay, and drafts (the n-gram part's too) stayed off
+            best_n = 1
         self._last = self._last_full = best_n
-        if best_rate < plain_rate:
+        if self.probe and self._timed:
+            pass  # a probe is judged by what its round yields (observe_round), not by the prediction
+        elif best_rate < plain_rate:
             self._back_off()
         elif not self._timed:  # without measured rounds the prediction is all there is to go by
             self._paid()
@@ -283,7 +289,7 @@ class TreeBudget:
         self._draft_tokens = self.memory * self._draft_tokens + tokens
         self._draft_s = self.memory * self._draft_s + seconds
         plain_s = self._plain_s if self._plain_s is not None else self.cost(1)
-        if self._draft_tokens * plain_s < self._draft_s:
+        if self._draft_tokens * plain_s < self._draft_s or (self.probe and tokens <= 1):
             if self._skip == 0:  # not already backing off after this round's choice
                 self._back_off()
         elif tokens > 1:  # a round that accepted no drafted token paid for nothing, whatever its time said

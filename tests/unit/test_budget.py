@@ -87,7 +87,8 @@ def test_a_draft_that_does_not_pay_stops_drafting_then_probes_with_a_doubling_wa
     assert b.drafting()  # the first round drafts: nothing is known yet
     waits = []
     for _ in range(6):
-        assert b.choose(POOR, overhead=0.1) == 0  # the drafting cost was paid for nothing
+        # the drafting cost was paid for nothing; a probe still tests its best node (see the next test)
+        assert b.choose(POOR, overhead=0.1) == (1 if b.probe else 0)
         waits.append(plain_run(b))
     assert waits == [2, 4, 8, 16, 16, 16]
     assert b.plain_rounds == sum(waits)
@@ -165,9 +166,10 @@ def test_a_measured_probe_that_pays_resets_the_wait_and_a_choice_alone_does_not(
     b.observe_round(1, 1.0, drafted=False)
     for _ in range(3):  # waits of 2, 4, 8
         b.choose(POOR, overhead=0.1)
+        b.observe_round(1, 1.0, drafted=True)  # nothing accepted (a probe is judged by this, the first by its choice)
         plain_run(b)
     assert b.choose(GOOD, overhead=0.1) > 0  # predicted to pay; with timed rounds, those decide whether it did
-    b.choose(POOR, overhead=0.1)
+    b.observe_round(1, 1.0, drafted=True)  # only the bonus token: the probe failed, the wait doubles
     assert plain_run(b) == 16
     for _ in range(4):
         b.choose(GOOD, overhead=0.1)
@@ -327,6 +329,20 @@ def test_a_cheap_tree_told_unable_to_pay_from_its_likeliest_node_is_never_one_wo
     assert b.cheap_may_pay(0.99) == (b.choose_cheap(chain_tree([0.99] * 8, width=1)) > 0)
     steep = TreeBudget(STEEP, alpha=1.0)  # a row costs 0.2 of a plain round there: p 0.1 never pays, 0.9 does
     assert not steep.cheap_may_pay(0.1) and steep.cheap_may_pay(0.9) and not steep.cheap_may_pay(0.0)
+
+
+def test_a_probe_tests_its_best_node_however_low_the_calibration_fell():
+    """After failures alpha is low and the rate rule verifies nothing; a probe that verified nothing could
+    never pay and drafts stayed off for the rest of the request (an n-gram copy included). A probe always
+    verifies its best node, and on a timed budget its measured round, not the prediction, judges it."""
+    b = TreeBudget(STEEP, alpha=0.02, probe_after=2)
+    b.observe_round(1, 1.0, drafted=False)
+    assert b.choose(GOOD, overhead=0.1) == 0 and plain_run(b) == 2  # not a probe: the rule, and a wait
+    assert b.probe and b.choose(GOOD, overhead=0.1) == 1
+    b.observe(math.exp(max(GOOD.scores[1:])), 1)  # its best node was accepted
+    b.observe_round(2, 1.2, drafted=True)  # 2 tokens in 1.2 plain rounds: it paid
+    assert b.verdict is True and b.drafting() and not b.probe  # full drafts at once
+    assert b.alpha > 0.3 and b.choose(GOOD, overhead=0.1) > 1  # the calibration recovered
 
 
 def test_a_probe_verifies_no_more_nodes_than_it_drafted_for():

@@ -13,6 +13,7 @@ Times are the calling thread's CPU time (``time.thread_time``; torch runs on thi
 ratios are printed as well. Each mode's time on a prompt is the best of ``--repeats`` runs.
 
     PYTHONPATH=. python tools/issue13/never_slower.py --prompts 24 --repeats 3 --max-tokens 64
+    PYTHONPATH=. python tools/issue13/never_slower.py --questions ../shared/data/spec_bench_questions.jsonl --prompts 26
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ import time
 
 import torch
 
-from meshd.lab.bench import EVERYDAY, spread_over_categories
+from meshd.lab.bench import EVERYDAY, question_file, spread_over_categories
 from meshd.serve.local import LocalModel
 from models.budget import CostCurve, DraftPrior, TreeBudget
 from models.engine import generate
+from training.prompts import is_held_out
 
 
 def main() -> None:
@@ -39,6 +41,11 @@ def main() -> None:
     ap.add_argument("--drafter", default="auto")
     ap.add_argument("--weights", default="auto", help="as meshd bench --weights (auto: native int4/int8 here)")
     ap.add_argument("--modes", default="ar,spec,spec-prior,spec-nocheap")
+    ap.add_argument(
+        "--questions",
+        default="everyday",
+        help="everyday (the project's own prompts) or a Spec-Bench question.jsonl (its held-out split is used)",
+    )
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -46,7 +53,11 @@ def main() -> None:
     local = LocalModel("default", "auto", a.weights)
     curve = CostCurve(local.curve)
     drafter = local.drafter(a.drafter)
-    qs = spread_over_categories([json.loads(line) for line in EVERYDAY.read_text().splitlines()], a.prompts)
+    path = question_file(a.questions)
+    questions = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if path != EVERYDAY:  # Spec-Bench: the split never trained on
+        questions = [q for q in questions if is_held_out(int(q["question_id"]))]
+    qs = spread_over_categories(questions, a.prompts)
     priors: dict[str, DraftPrior] = {}  # the mode's prior as the earlier prompts left it
     factories = {
         "ar": lambda pr: None,
