@@ -12,14 +12,17 @@ not (a weak head, an unfamiliar prompt), the budget stops drafting for a few rou
 no drafter call) and probes again, doubling the wait while probes keep failing (FASER's adaptive
 length, down to zero): ``spec`` then costs at most the occasional probe more than ``ar``. A probe is a
 small draft (the head's best two nodes, :meth:`TreeBudget.depth_hint`): it only has to tell whether
-drafts pay again.
+drafts pay again, so it verifies at least its best node whatever the calibration says, and its measured
+round judges it. A model's first request starts with a probe too.
 
 Two things make those probes rarer and cheaper. A :class:`DraftPrior`, kept per model and drafter
 across requests, starts a request already backed off when the drafts of the requests before it did
 not pay (the first round of a short answer then drafts nothing). And while the budget backs off, the
 drafter's cheap part (n-gram lookup: microseconds, no forward) still drafts every round
 (:attr:`TreeBudget.cheap`); its tree is verified only when the curve says its nodes pay, so a
-stretch the model copies from the context still speculates while the head waits for its next probe.
+stretch the model copies from the context still speculates while the head waits for its next probe. It is
+not even drafted when its likeliest node alone shows that no tree of its could pay
+(:meth:`TreeBudget.cheap_may_pay`): a plain round then costs ``ar``'s and the drafters' bookkeeping.
 """
 
 from __future__ import annotations

@@ -276,7 +276,7 @@ static void swiglu(const float *gu, int64_t inter, float *out, int bf16) {
  * [past, past + rows) of its request's cache; the caller commits them. `path` is q4a8_matmul's.
  * Rows before `out_from` are wanted for their keys and values only: the last layer computes theirs and
  * skips their attention, output projection and MLP (an EAGLE head catching up on positions decoded
- * without it wants only the last row's output; with one layer that is ~4x less work), and their rows
+ * without it wants only the last row's output; with one layer, ~3.5x fewer multiply-adds a row), and their rows
  * of x come back as they were. The other rows' results are bitwise those of a whole forward (see the
  * top: a row's products and attention do not depend on the other rows).
  * Returns 0, -1 when memory could not be had, -2 for shapes it does not take. */
