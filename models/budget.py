@@ -43,6 +43,7 @@ class CostCurve:
         items = sorted((int(t), float(s)) for t, s in points.items())
         self.ts = [t for t, _ in items]
         self.secs = [s for _, s in items]
+        self._least_share: dict[int, float] = {}  # see least_share_per_row
 
     def __call__(self, t: float) -> float:
         ts, ss = self.ts, self.secs
@@ -55,6 +56,15 @@ class CostCurve:
             i = len(ts) - 1
         t0, t1, s0, s1 = ts[i - 1], ts[i], ss[i - 1], ss[i]
         return s0 + (s1 - s0) * (t - t0) / (t1 - t0)
+
+    def least_share_per_row(self, max_rows: int) -> float:
+        """The least, over 1..``max_rows`` extra rows, of what each costs on average as a share of a one-row
+        forward: min over n of (cost(n + 1) / cost(1) - 1) / n. Computed once per ``max_rows`` (a curve
+        does not change once made)."""
+        if max_rows not in self._least_share:
+            c1 = self(1)
+            self._least_share[max_rows] = min((self(n + 1) / c1 - 1) / n for n in range(1, max_rows + 1))
+        return self._least_share[max_rows]
 
     def to_dict(self) -> dict[int, float]:
         return dict(zip(self.ts, self.secs))
@@ -170,7 +180,6 @@ class TreeBudget:
             # probe (a full one, 64 nodes over 8 levels, cost ~2 plain rounds on a 2-core CPU, mostly lost)
             self._waited = True
         self._last_full: int | None = None  # nodes of this request's latest full draft, for the prior
-        self._least_slope: float | None = None  # see cheap_may_pay
 
     def drafting(self) -> bool:
         """Whether this round should call the drafter. False while backing off after drafts that did
@@ -237,10 +246,7 @@ class TreeBudget:
         plain round, ``cost(n + 1) / cost(1) - 1``, for some n. When it beats it for none, the draft is
         skipped: in a plain round while the budget backs off, the n-gram table's draft and choice cost
         ~0.1 ms, 1-2 % of a token on a 2-core CPU, nearly always for a tree that is then not verified."""
-        if self._least_slope is None:
-            c1 = self.cost(1)
-            self._least_slope = min((self.cost(n + 1) / c1 - 1) / n for n in range(1, self.max_nodes + 1))
-        return self.alpha * best_first > self._least_slope
+        return self.alpha * best_first > self.cost.least_share_per_row(self.max_nodes)
 
     def _best(
         self, tree: Tree, overhead: float, cost: CostCurve, load_rows: int, load_gain: float, limit: int

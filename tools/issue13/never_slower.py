@@ -13,7 +13,7 @@ Times are the calling thread's CPU time (``time.thread_time``; torch runs on thi
 ratios are printed as well. Each mode's time on a prompt is the best of ``--repeats`` runs.
 
     PYTHONPATH=. python tools/issue13/never_slower.py --prompts 24 --repeats 3 --max-tokens 64
-    PYTHONPATH=. python tools/issue13/never_slower.py --questions ../shared/data/spec_bench_questions.jsonl --prompts 26
+    PYTHONPATH=. python tools/issue13/never_slower.py --questions PATH/TO/spec_bench/question.jsonl --prompts 26
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from meshd.lab.bench import EVERYDAY, question_file, spread_over_categories
 from meshd.serve.local import LocalModel
 from models.budget import CostCurve, DraftPrior, TreeBudget
 from models.engine import generate
-from training.prompts import is_held_out
+from training.prompts import load_questions
 
 
 def main() -> None:
@@ -54,9 +54,7 @@ def main() -> None:
     curve = CostCurve(local.curve)
     drafter = local.drafter(a.drafter)
     path = question_file(a.questions)
-    questions = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    if path != EVERYDAY:  # Spec-Bench: the split never trained on
-        questions = [q for q in questions if is_held_out(int(q["question_id"]))]
+    questions = load_questions(path, held_out_only=path != EVERYDAY)  # Spec-Bench: the split never trained on
     qs = spread_over_categories(questions, a.prompts)
     priors: dict[str, DraftPrior] = {}  # the mode's prior as the earlier prompts left it
     factories = {

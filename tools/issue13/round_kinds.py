@@ -16,7 +16,6 @@ tell the kinds apart; nothing else changes.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
@@ -26,7 +25,7 @@ from meshd.lab.bench import EVERYDAY, question_file, spread_over_categories
 from meshd.serve.local import LocalModel
 from models import engine
 from models.budget import CostCurve, DraftPrior, TreeBudget
-from training.prompts import is_held_out
+from training.prompts import load_questions
 
 KINDS = ("plain", "cheap", "probe", "full")
 _log: list[tuple[str, int, float]] = []  # (kind, tokens, seconds) of the current request's rounds
@@ -70,9 +69,7 @@ def main() -> None:
     curve = CostCurve(local.curve)
     drafter = local.drafter("auto")
     path = question_file(a.questions)
-    questions = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    if path != EVERYDAY:
-        questions = [q for q in questions if is_held_out(int(q["question_id"]))]
+    questions = load_questions(path, held_out_only=path != EVERYDAY)  # Spec-Bench: the split never trained on
     prior = DraftPrior()
     ratios = []
     print(
