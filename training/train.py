@@ -85,9 +85,13 @@ def make_batches(seqs: Sequence[StoredSequence], tc: TrainConfig, epoch: int) ->
 
 
 def collate(
-    seqs: Sequence[StoredSequence], idx: list[int], tc: TrainConfig
+    seqs: Sequence[StoredSequence], idx: list[int], tc: TrainConfig, target_width: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Padded (tokens t+1, features t, target features t+1, loss weights) with the window's tail kept."""
+    """Padded (tokens t+1, features t, target features t+1, loss weights) with the window's tail kept.
+
+    ``target_width``: the target features are the last that many columns of a sequence's features (the
+    head's hidden size); the columns before them are extra inputs only (features of earlier layers, for a
+    head that fuses several; ``tools/issue13/multi_layer.py``). None: all columns are the target's."""
     items = []
     for i in idx:
         toks, feats, plen = seqs[i]
@@ -97,15 +101,16 @@ def collate(
     t = max(len(x[0]) for x in items) - 2  # rows t=0..n-3: input (tok t+1, f_t), target f_{t+1}
     b = len(items)
     h = items[0][1].shape[1]
+    ht = h if target_width is None else target_width
     nxt = torch.zeros(b, t, dtype=torch.long)
     fin = torch.zeros(b, t, h)
-    ftg = torch.zeros(b, t, h)
+    ftg = torch.zeros(b, t, ht)
     w = torch.zeros(b, t)
     for j, (toks, feats, plen) in enumerate(items):
         r = len(toks) - 2
         nxt[j, :r] = toks[1 : r + 1]
         fin[j, :r] = feats[:r].float()
-        ftg[j, :r] = feats[1 : r + 1].float()
+        ftg[j, :r] = feats[1 : r + 1, h - ht :].float()
         # a row predicts the token after position t+1; answer positions start at plen - 1
         w[j, :r] = tc.prompt_weight
         w[j, max(0, plen - 2) : r] = 1.0
@@ -181,7 +186,7 @@ def train_head(
     try:
         for step in range(state["step"], total):
             epoch, idx = flat[step]
-            nxt, fin, ftg, w = collate(seqs, idx, tc)
+            nxt, fin, ftg, w = collate(seqs, idx, tc, head.hc.hidden_size)
             for g in opt.param_groups:
                 g["lr"] = lr_at(step)
             emb = F.embedding(nxt, embed)

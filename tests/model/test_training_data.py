@@ -14,6 +14,7 @@ from models.stage import Stage
 from training import promptgen as pg
 from training.prompts import read_prompt_file
 from training.rollouts import DataStore, batch_generate, generate_data
+from training.train import TrainConfig, collate
 from training.train_draft import first_answer_tokens
 
 
@@ -140,3 +141,17 @@ def test_generation_stops_starting_prompts_at_the_target(tiny, tmp_path):
     store = DataStore(tmp_path / "data")
     generate_data(tiny, Tok(), store, prompts, target_tokens=30, max_new=10, slots=2, seed=0, eos=[], chunk=40)
     assert 30 <= store.meta["answer_tokens"] <= 30 + 2 * 10 and store.meta["sequences"] < 10
+
+
+def test_a_batch_takes_its_targets_from_the_last_columns_of_wider_features():
+    """Features may carry extra inputs before the last layer's (a head mixing several layers'): the batch's
+    inputs keep every column, its targets (the next position's feature) only the last ``target_width``."""
+    toks = torch.arange(10, 16)
+    last = torch.randn(5, 4)
+    wide = torch.cat([torch.randn(5, 8), last], dim=1)
+    tc = TrainConfig(max_len=64)
+    nxt, fin, ftg, w = collate([(toks, wide, 2)], [0], tc, target_width=4)
+    assert fin.shape == (1, 4, 12) and ftg.shape == (1, 4, 4)
+    assert torch.equal(fin[0], wide[:4]) and torch.equal(ftg[0], last[1:5])
+    narrow = collate([(toks, last, 2)], [0], tc)
+    assert torch.equal(narrow[0], nxt) and torch.equal(narrow[2], ftg) and torch.equal(narrow[3], w)
