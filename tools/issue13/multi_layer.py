@@ -30,13 +30,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from models.config import ModelConfig
 from models.drafters import MergedDrafter, NGramDrafter
 from models.eagle import EagleDrafter, EagleHead, HeadConfig
 from models.ranges import LayerRange
 from models.source import ModelSource
 from models.stage import Stage
 from models.text import stop_ids
-from training.evaluate import evaluate_acceptance, held_out_rollouts
+from training.evaluate import evaluate_acceptance, held_out_cache, held_out_rollouts
 from training.log import log
 from training.prompts import EVERYDAY, held_out_questions, load_questions
 from training.rollouts import Rollout
@@ -48,7 +49,7 @@ class MixedHead(EagleHead):
     """An EAGLE head whose first-level input feature is a learned mix of several layers' features
     (the last layer's in the last H columns)."""
 
-    def __init__(self, hc: HeadConfig, target_cfg, n_inputs: int):
+    def __init__(self, hc: HeadConfig, target_cfg: ModelConfig, n_inputs: int):
         super().__init__(hc, target_cfg)
         h = hc.hidden_size
         self.mix = nn.Linear(n_inputs * h, h, bias=False)
@@ -57,6 +58,7 @@ class MixedHead(EagleHead):
             self.mix.weight[:, -h:] = torch.eye(h)
 
     def mixed(self, feats: torch.Tensor) -> torch.Tensor:
+        """The H-wide feature the head reads, from (..., n_inputs * H) features; what a drafter is given."""
         return self.mix(feats.to(self.mix.weight.dtype))
 
     def unroll(self, emb: torch.Tensor, feat: torch.Tensor, steps: int) -> list[torch.Tensor]:
@@ -64,6 +66,8 @@ class MixedHead(EagleHead):
 
 
 def rms(x: torch.Tensor) -> torch.Tensor:
+    """``x`` scaled to unit RMS per row, without weights: the residual stream's scale grows with depth, so an
+    earlier layer's output would otherwise enter the mix at another scale than the last (normed) feature."""
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
 
 
@@ -89,11 +93,15 @@ def load_sequences(stages: list[Stage], src: ModelSource, tokens: int, cache: Pa
     if cache.is_file():
         return torch.load(str(cache), weights_only=False)
     path = shipped_tokens(src.fingerprint)
+    if path is None or not path.is_file():
+        raise SystemExit(
+            f"no token file for {src.name} in the repository (models/heads/rollouts/); nothing to train on"
+        )
     with np.load(path) as z:
         toks, lens, plens = z["tokens"].astype(np.int64), z["lens"].tolist(), z["prompt_lens"].tolist()
     starts = np.cumsum([0, *lens])
     dummy = [(torch.zeros(n), torch.zeros(0), p) for n, p in zip(lens, plens)]
-    chosen = len(first_answer_tokens([(t, f, p) for t, f, p in dummy], tokens))
+    chosen = len(first_answer_tokens(dummy, tokens))
     total = int(starts[chosen])
     log(f"features: {chosen} sequences, {total} tokens by prefill through 3 stages")
     seqs, done, t0, last = [], 0, time.perf_counter(), 0.0
@@ -128,7 +136,8 @@ def main() -> None:
     lo, mid = (int(x) for x in a.layers.split(","))
     src = ModelSource.resolve("default")
     n = src.config.n_layers
-    stages = [Stage.load(src, LayerRange(f, s), dtype="fp32") for f, s in ((0, lo), (lo, mid), (mid, n))]
+    spans = ((0, lo), (lo, mid), (mid, n))  # the middle stage needs no embeddings or LM head
+    stages = [Stage.load(src, LayerRange(f, s), vocab=f != lo, dtype="fp32") for f, s in spans]
     target = Stage.load(src, dtype="fp32")
     h = target.cfg.hidden_size
 
@@ -175,7 +184,7 @@ def main() -> None:
             seed=0,
             eos=eos,
             slots=48,
-            cache=work / f"rollouts-{set_name}-{len(qs)}.pt",
+            cache=held_out_cache(work, qs, 128, 0.0, "fp32"),
         )
         feats = [layer_features(stages, list(r.tokens[:-1])) for r in rolls]
         for name, head in heads.items():
@@ -187,7 +196,6 @@ def main() -> None:
             res = evaluate_acceptance(drafters, rs, cats, settings=a.settings.split(","))
             report.setdefault(set_name, {})[name] = {k: v["mean_accepted"] for k, v in res.items()}
             report[set_name][f"{name}_per_category"] = {k: v["per_category"] for k, v in res.items()}
-            head.float()  # EagleDrafter moved it to the target's dtype; the next set mixes in fp32
             log(f"{set_name} {name}: {report[set_name][name]}")
             (work / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     summary = {s: {k: v for k, v in r.items() if "per_category" not in k} for s, r in report.items() if s in sets}
