@@ -13,8 +13,8 @@ takes them), features recomputed by prefill through the target cut into three st
 (dense: the same numbers on any CPU). Evaluation: Spec-Bench's held-out split (``--per-category`` of each
 category) and the everyday set, T=0, replay (exact for greedy decoding), head alone and merged with n-gram.
 
-    PYTHONPATH=. python tools/issue13/multi_layer.py --tokens 250000 --work /tmp/multi-layer \\
-        --questions ../shared/data/spec_bench_questions.jsonl
+    PYTHONPATH=. python tools/issue13/multi_layer.py --tokens 200000 --work /tmp/multi-layer \\
+        --questions PATH/TO/spec_bench/question.jsonl
 
 Prints and writes ``WORK/report.json``; features and heads stay in ``WORK`` (a rerun reuses them).
 """
@@ -143,7 +143,8 @@ def main() -> None:
 
     seqs3 = load_sequences(stages, src, a.tokens, work / f"feats-{a.tokens}-{lo}-{mid}.pt")
     seqs1 = [(t, f[:, -h:], p) for t, f, p in seqs3]
-    eos = stop_ids(src.load_tokenizer(), target.cfg)
+    tok = src.load_tokenizer()
+    eos = stop_ids(tok, target.cfg)
     ids, coverage = choose_vocab(seqs1, 8192, always=eos)
     answer = sum(len(t) - p for t, _, p in seqs1)
     log(f"{len(seqs1)} sequences, {answer} answer tokens; the draft vocabulary covers {coverage:.1%}")
@@ -168,7 +169,6 @@ def main() -> None:
         log(f"head {name}: {report['train'][name]}")
         heads[name] = head
 
-    tok = src.load_tokenizer()
     sets = {
         "specbench": held_out_questions(Path(a.questions), a.per_category),
         "everyday": load_questions(EVERYDAY)[: a.everyday],
