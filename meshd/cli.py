@@ -373,6 +373,7 @@ def cmd_train_draft(args: argparse.Namespace) -> int:
         seed=args.seed,
         work=args.work,
         dtype=args.dtype,
+        weights=args.weights,
         slots=args.slots,
         max_new=args.max_new,
         vocab=args.vocab,
@@ -690,6 +691,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--work", default=None, help="data and checkpoints (default ~/.cache/meshd/train-draft/FP)")
     t.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="target dtype")
+    t.add_argument(
+        "--weights",
+        default=None,
+        choices=WEIGHT_FORMATS,
+        help="how the target's weights are held while it makes the head's features (default: dense in --dtype); "
+        "a head drafts best on the features of the weights it runs with, so pass what serving uses (auto: what "
+        "serve picks on this device)",
+    )
     t.add_argument("--threads", type=int, default=None)
     t.add_argument("--slots", type=int, default=48, help="sequences generated together")
     t.add_argument("--max-new", type=int, default=256, help="answer length limit while generating data")

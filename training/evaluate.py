@@ -26,6 +26,7 @@ from models.budget import CostCurve, TreeBudget
 from models.drafters import Drafter, MergedDrafter, NGramDrafter
 from models.eagle import EagleDrafter, load_head
 from models.engine import generate
+from models.formats import WEIGHT_FORMATS
 from models.profile import stage_cost_curve
 from models.source import ModelSource
 from models.stage import Stage
@@ -40,7 +41,7 @@ from training.prompts import (
     read_spec_bench,
     spec_bench_path,
 )
-from training.rollouts import Rollout, batch_generate, work_dir
+from training.rollouts import Rollout, batch_generate, features_label, work_dir
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -109,10 +110,11 @@ def held_out_rollouts(
     return rolls
 
 
-def held_out_cache(work: Path, questions: list[dict], max_new: int, temperature: float, dtype: str) -> Path:
-    """Where :func:`held_out_rollouts` keeps the rollouts of exactly these questions and settings."""
+def held_out_cache(work: Path, questions: list[dict], max_new: int, temperature: float, numerics: str) -> Path:
+    """Where :func:`held_out_rollouts` keeps the rollouts of exactly these questions and settings
+    (``numerics``: the target's, :func:`training.rollouts.features_label`)."""
     ids = hashlib.sha256(json.dumps([[q["question_id"], q["turns"][0]] for q in questions]).encode()).hexdigest()[:8]
-    return work / f"heldout-{ids}-{max_new}-t{temperature:g}-{dtype}.pt"
+    return work / f"heldout-{ids}-{max_new}-t{temperature:g}-{numerics}.pt"
 
 
 DRAFT_SETTINGS = {
@@ -241,6 +243,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "never trained on)",
     )
     p.add_argument("--dtype", default="auto")
+    p.add_argument(
+        "--weights",
+        default=None,
+        choices=WEIGHT_FORMATS,
+        help="how the target's weights are held (default: dense in --dtype); the rollouts and the head's features "
+        "then come from those numerics, as when serving with them",
+    )
     p.add_argument("--per-category", type=int, default=5)
     p.add_argument("--t1-per-category", type=int, default=2)
     p.add_argument("--speed-per-category", type=int, default=1)
@@ -272,13 +281,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     torch.set_num_threads(os.cpu_count() or 1)
     src = ModelSource.resolve(a.model)
     work = work_dir(src.fingerprint, a.work)
-    target = Stage.load(src, dtype=a.dtype)
+    target = Stage.load(src, dtype=a.dtype, weights=a.weights)
     tok = src.load_tokenizer()
     eos = stop_ids(tok, target.cfg)
     head = load_head(a.head, target.cfg, src.fingerprint)
     eagle = EagleDrafter(head, target)
     drafters = {"eagle": eagle, "ngram": NGramDrafter(), "eagle+ngram": MergedDrafter([eagle.fresh(), NGramDrafter()])}
-    report: dict = {"head": str(a.head), "dtype": str(target.dtype), "set": a.set}
+    report: dict = {"head": str(a.head), "dtype": str(target.dtype), "features": features_label(target), "set": a.set}
     for temp, per in ((0.0, a.per_category), (1.0, a.t1_per_category)):
         if per <= 0:
             continue
@@ -293,7 +302,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             seed=0,
             eos=eos,
             slots=a.slots,
-            cache=held_out_cache(work, qs, a.max_new, temp, a.dtype),
+            cache=held_out_cache(work, qs, a.max_new, temp, features_label(target)),
         )
         log(f"held-out rollouts T={temp:g}: {len(rolls)} prompts")
         chosen = {k: v for k, v in drafters.items() if k in a.drafters.split(",")}

@@ -109,6 +109,18 @@ class BatchDecoder:
 TOKENS_FORMAT = "meshd-rollout-tokens-1"
 
 
+def features_label(target: Stage) -> str:
+    """The numerics a target's features come from, e.g. ``dense-bfloat16`` or ``int4a8-float32``."""
+    return f"{target.weights}-{str(target.dtype).removeprefix('torch.')}"
+
+
+def data_dir_name(target: Stage) -> str:
+    """The work dir's data directory for this target's features: ``data`` for dense weights (where
+    every store was before weight formats), ``data-FORMAT`` for quantized ones, so features of
+    different numerics never mix in one training set."""
+    return "data" if target.weights == "dense" else f"data-{target.weights}"
+
+
 def feature_dtype(stage: Stage) -> torch.dtype:
     """How features are kept: fp16 (half the memory of fp32) unless the target itself runs in fp32."""
     return torch.float32 if stage.dtype == torch.float32 else torch.float16

@@ -39,6 +39,7 @@ from models.eagle import (
     save_head,
     user_heads_dir,
 )
+from models.quant import dense_weight
 from models.source import ModelSource
 from models.stage import Stage
 from models.text import stop_ids
@@ -53,7 +54,7 @@ from training.prompts import (
     spec_bench_path,
     training_prompts,
 )
-from training.rollouts import DataStore, generate_data, work_dir
+from training.rollouts import DataStore, data_dir_name, features_label, generate_data, work_dir
 from training.timebudget import TimeBudget, format_duration
 from training.train import StoredSequence, TrainConfig, choose_vocab, train_head
 
@@ -163,6 +164,7 @@ def train_draft(
     slots: int = 48,
     max_new: int = 256,
     dtype: str = "auto",
+    weights: str | None = None,
     vocab: int = 8192,
     steps: int = 3,
     lr: float = 1e-3,
@@ -183,6 +185,10 @@ def train_draft(
     ``out``: the head's directory (default :func:`default_head_dir`, where ``auto`` finds it).
     ``spec_bench``: Spec-Bench's question file (default ``$MESHD_SPEC_BENCH``); without one, training
     uses only the project's own prompt files and ``prompts``, and the held-out evaluation is skipped.
+    ``weights``: how the target's matrices are held while it makes the head's features (a format of
+    ``--weights``; None: dense in ``dtype``). A head reads the features of the weights it drafts beside,
+    so training on those it will run with (``auto`` picks what serving picks on this device) spares it
+    their quantization noise; features of other numerics are kept in their own data directory.
     ``time_budget``: seconds for the whole run, split as :mod:`training.timebudget` says; what it cut
     is logged and recorded under ``report["time_budget"]``.
     """
@@ -212,10 +218,12 @@ def train_draft(
             if generate_only
             else budget.describe()
         )
-    target = Stage.load(src, dtype=dtype)
+    target = Stage.load(src, dtype=dtype, weights=weights)
+    numerics = features_label(target)
+    log(f"features: {numerics} ({'dense' if target.weights == 'dense' else 'quantized'} weights)")
     tok = src.load_tokenizer()
     eos = stop_ids(tok, target.cfg)
-    store = DataStore(work / "data")
+    store = DataStore(work / data_dir_name(target))
     saved = Path(tokens_file) if tokens_file is not None else shipped_tokens(fp)
     if saved is not None and saved.is_file():
         store.load_tokens(saved, target, fp)
@@ -270,7 +278,7 @@ def train_draft(
     torch.manual_seed(seed)
     head = EagleHead(hc, target.cfg)
     head.draft_vocab = ids
-    lm_rows = target.lm_head_w.index_select(0, ids).float()
+    lm_rows = dense_weight(target.lm_head_w).index_select(0, ids).float()
     tc = TrainConfig(epochs=epochs, lr=lr, steps=steps, seed=seed, batch_tokens=batch_tokens, max_len=max_len)
     vocab_file = work / "vocab.pt"
     if vocab_file.is_file() and not torch.equal(torch.load(str(vocab_file)), ids):
@@ -297,6 +305,7 @@ def train_draft(
         "target": src.name,
         "target_fingerprint": fp,
         "dtype": str(target.dtype),
+        "features": numerics,
         "data": {
             "sequences": len(seqs),
             "answer_tokens": sum(len(t) - p for t, _, p in seqs),
@@ -338,7 +347,7 @@ def train_draft(
             seed=seed,
             eos=eos,
             slots=slots,
-            dtype=dtype,
+            numerics=numerics,
             budget=budget,
         )
         if report["held_out"].get("cut"):
@@ -399,7 +408,7 @@ def held_out_report(
     seed: int,
     eos: Sequence[int],
     slots: int,
-    dtype: str,
+    numerics: str,
     budget: TimeBudget | None,
 ) -> dict:
     """Held-out acceptance of the head at ``out`` against n-gram lookup, by exact replay.
@@ -420,7 +429,7 @@ def held_out_report(
         seed=seed,
         eos=eos,
         slots=slots,
-        cache=held_out_cache(work, questions, eval_tokens, 0.0, dtype),
+        cache=held_out_cache(work, questions, eval_tokens, 0.0, numerics),
         stop=roll_stop,
     )
     drafter = EagleDrafter(load_head(out, target.cfg, fingerprint), target)
