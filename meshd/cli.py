@@ -695,9 +695,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--weights",
         default=None,
         choices=WEIGHT_FORMATS,
-        help="how the target's weights are held while it makes the head's features (default: dense in --dtype); "
-        "a head drafts best on the features of the weights it runs with, so pass what serving uses (auto: what "
-        "serve picks on this device)",
+        help="how the target's weights are held while it makes the head's features (default: dense in --dtype; "
+        "auto: what serve picks on this device); int4a8 features made no better head for the embedded model, "
+        "but prefill faster where dense bf16 is slow (docs/draft-head.md)",
     )
     t.add_argument("--threads", type=int, default=None)
     t.add_argument("--slots", type=int, default=48, help="sequences generated together")

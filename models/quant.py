@@ -345,12 +345,6 @@ def matrix_nbytes(out: int, inp: int, kind: Kind | None, dtype: torch.dtype) -> 
     return rows * inp // 2 + (inp // GROUP) * rows * 2 * el
 
 
-def dense_weight(w: torch.Tensor | QuantWeight) -> torch.Tensor:
-    """The matrix as a plain tensor, dequantized if it is packed: what training reads (it needs
-    gradients through dense math and the embeddings' rows as a table)."""
-    return w.dequantize() if isinstance(w, QuantWeight) else w
-
-
 def weight_nbytes(w: torch.Tensor | QuantWeight | None) -> int:
     """Bytes a weight holds in memory, packed or not."""
     if w is None:

@@ -284,10 +284,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     target = Stage.load(src, dtype=a.dtype, weights=a.weights)
     tok = src.load_tokenizer()
     eos = stop_ids(tok, target.cfg)
+    numerics = features_label(target)
     head = load_head(a.head, target.cfg, src.fingerprint)
     eagle = EagleDrafter(head, target)
     drafters = {"eagle": eagle, "ngram": NGramDrafter(), "eagle+ngram": MergedDrafter([eagle.fresh(), NGramDrafter()])}
-    report: dict = {"head": str(a.head), "dtype": str(target.dtype), "features": features_label(target), "set": a.set}
+    report: dict = {"head": str(a.head), "dtype": str(target.dtype), "features": numerics, "set": a.set}
     for temp, per in ((0.0, a.per_category), (1.0, a.t1_per_category)):
         if per <= 0:
             continue
@@ -302,7 +303,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             seed=0,
             eos=eos,
             slots=a.slots,
-            cache=held_out_cache(work, qs, a.max_new, temp, features_label(target)),
+            cache=held_out_cache(work, qs, a.max_new, temp, numerics),
         )
         log(f"held-out rollouts T={temp:g}: {len(rolls)} prompts")
         chosen = {k: v for k, v in drafters.items() if k in a.drafters.split(",")}

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from models.eagle import EagleHead
-from models.quant import dense_weight
+from models.layers import dense
 from models.stage import Stage
 from training.log import log
 
@@ -176,7 +176,7 @@ def train_head(
         torch.save({"model": head.state_dict(), "opt": opt.state_dict(), "state": state, "total": total}, str(tmp))
         os.replace(tmp, ckpt)
 
-    embed = dense_weight(target.embed_w).float()
+    embed = dense(target.embed_w).float()  # quantized embeddings as a plain table
     lm = lm_rows.float()
     head.float().train()
     bar = tqdm(total=total, initial=state["step"], unit="batch", desc="train", file=sys.stderr)

@@ -40,7 +40,7 @@ from models.text import stop_ids
 from training.evaluate import evaluate_acceptance, held_out_cache, held_out_rollouts
 from training.log import log
 from training.prompts import EVERYDAY, held_out_questions, load_questions
-from training.rollouts import Rollout
+from training.rollouts import Rollout, features_label
 from training.train import StoredSequence, TrainConfig, choose_vocab, train_head
 from training.train_draft import first_answer_tokens, shipped_tokens
 
@@ -184,7 +184,7 @@ def main() -> None:
             seed=0,
             eos=eos,
             slots=48,
-            cache=held_out_cache(work, qs, 128, 0.0, "fp32"),
+            cache=held_out_cache(work, qs, 128, 0.0, features_label(target)),
         )
         feats = [layer_features(stages, list(r.tokens[:-1])) for r in rolls]
         for name, head in heads.items():
