@@ -23,6 +23,12 @@ drafter's cheap part (n-gram lookup: microseconds, no forward) still drafts ever
 stretch the model copies from the context still speculates while the head waits for its next probe. It is
 not even drafted when its likeliest node alone shows that no tree of its could pay
 (:meth:`TreeBudget.cheap_may_pay`): a plain round then costs ``ar``'s and the drafters' bookkeeping.
+
+The cheap part has a :class:`Calibration` of its own. Shared with the head, a few failed probes of the head
+left ``alpha`` so low that no n-gram tree could pay any more, and a prompt that copies lost its lookups for
+the rest of the request (and the other way round: one failed lookup starved the head's first choice). Its
+own calibration learns only from its own rounds, and drifts back to its prior while it has none, so one bad
+guess early in an answer cannot switch the lookups off for good.
 """
 
 from __future__ import annotations
@@ -72,6 +78,42 @@ class CostCurve:
     def __add__(self, other: CostCurve) -> CostCurve:
         ts = sorted(set(self.ts) | set(other.ts))
         return CostCurve({t: self(t) + other(t) for t in ts})
+
+
+class Calibration:
+    """How much of what a drafter claims the target accepts: ``alpha`` = accepted drafted tokens over the
+    summed probabilities of the verified nodes, both decayed by ``memory`` per verified tree, so recent
+    rounds count most (a prompt changes character within an answer)."""
+
+    def __init__(self, prior: float = 0.5, memory: float = 0.8, relax: float = 0.9):
+        """``prior``: alpha before any round (and what it returns to without evidence, see :meth:`drift`);
+        ``relax``: per round without evidence, the weight the evidence so far keeps."""
+        self.prior, self.memory, self.relax = prior, memory, relax
+        self._pred, self._seen = 1.0, prior
+        self.alpha = prior
+
+    def observe(self, predicted: float, accepted: int) -> None:
+        """Fold one verified tree in: ``predicted`` = sum of its verified nodes' draft probabilities."""
+        if predicted <= 0:
+            return
+        self._pred = self.memory * self._pred + predicted
+        self._seen = self.memory * self._seen + accepted
+        self._update()
+
+    def drift(self) -> None:
+        """One round went by without evidence: the evidence so far weighs a little less against the prior
+        (one tree that claimed a token and was accepted at the prior's rate). What a drafter is worth
+        changes along an answer (a list to copy comes up), and a calibration that only moved when its
+        trees were verified would stay wherever its last failures left it: too low for any tree to be
+        verified again, so it could never learn that things changed. Much evidence of failure takes
+        longer to forget than one failed guess."""
+        r = self.relax
+        self._pred = r * self._pred + (1 - r)
+        self._seen = r * self._seen + (1 - r) * self.prior
+        self._update()
+
+    def _update(self) -> None:
+        self.alpha = min(2.0, max(0.02, self._seen / self._pred))
 
 
 PROBE_AFTER = 2  # plain rounds after the first draft that did not pay, before drafting again
@@ -144,10 +186,12 @@ class TreeBudget:
         if probe_after < 1 or max_backoff < probe_after:
             raise ValueError(f"backoff {probe_after}..{max_backoff} rounds: need 1 <= probe_after <= max_backoff")
         self.cost, self.max_nodes = cost, max_nodes
-        self.alpha = alpha  # prior: drafts are half as good as they claim until shown otherwise
+        # prior: drafts are half as good as they claim until shown otherwise; the cheap part (see
+        # :attr:`cheap`) is calibrated on its own rounds only
+        self.calibration = Calibration(alpha, memory)
+        self.cheap_calibration = Calibration(alpha, memory)
+        self._cheap_seen = False  # whether the cheap calibration had evidence since the last round began
         self.memory = memory
-        self._pred = 1.0
-        self._seen = alpha
         self._last: int | None = None
         self.probe_after, self.max_backoff, self.back_off = probe_after, max_backoff, back_off
         self._backoff = probe_after  # plain rounds the next failed draft buys
@@ -181,10 +225,18 @@ class TreeBudget:
             self._waited = True
         self._last_full: int | None = None  # nodes of this request's latest full draft, for the prior
 
+    @property
+    def alpha(self) -> float:
+        """The whole drafter's calibration (see :class:`Calibration`)."""
+        return self.calibration.alpha
+
     def drafting(self) -> bool:
         """Whether this round should call the drafter. False while backing off after drafts that did
         not pay: the caller then runs a plain one-row round (and still feeds the drafter the target's
         features, so the next probe drafts from the whole context). Each call counts one round."""
+        if not self._cheap_seen:
+            self.cheap_calibration.drift()  # the round before verified no cheap tree: no news of the part
+        self._cheap_seen = False
         if self._skip > 0:
             self._skip -= 1
             self.plain_rounds += 1
@@ -215,7 +267,9 @@ class TreeBudget:
         fails, back to ``probe_after`` rounds when one pays.
         """
         limit = PROBE_NODES if self.probe else self.max_nodes  # a probe verifies no more than it drafted for
-        best_n, best_rate, plain_rate = self._best(tree, overhead, cost or self.cost, load_rows, load_gain, limit)
+        best_n, best_rate, plain_rate = self._best(
+            tree, overhead, cost or self.cost, load_rows, load_gain, limit, self.alpha
+        )
         if self.probe and best_n == 0 and len(tree) > 1:
             # a probe tests the drafter's best node whatever the calibration says: after failures ``alpha`` is
             # low, a probe verifying nothing could never pay, and drafts (the n-gram part's too) stayed off
@@ -234,7 +288,8 @@ class TreeBudget:
         :attr:`cheap`): the rate rule of :meth:`choose`, but the tree is judged alone, without moving the
         wait before the next full draft or the verdict (a copy the n-gram table finds says little about
         the head), and a tree that does not beat a plain round is not verified (0: a plain round)."""
-        best_n, best_rate, plain_rate = self._best(tree, overhead, self.cost, 0, 0.0, self.max_nodes)
+        alpha = self.cheap_calibration.alpha
+        best_n, best_rate, plain_rate = self._best(tree, overhead, self.cost, 0, 0.0, self.max_nodes, alpha)
         return best_n if best_rate > plain_rate else 0
 
     def cheap_may_pay(self, best_first: float) -> bool:
@@ -246,19 +301,21 @@ class TreeBudget:
         plain round, ``cost(n + 1) / cost(1) - 1``, for some n. When it beats it for none, the draft is
         skipped: in a plain round while the budget backs off, the n-gram table's draft and choice cost
         ~0.1 ms, 1-2 % of a token on a 2-core CPU, nearly always for a tree that is then not verified."""
-        return self.alpha * best_first > self.cost.least_share_per_row(self.max_nodes)
+        return self.cheap_calibration.alpha * best_first > self.cost.least_share_per_row(self.max_nodes)
 
+    @staticmethod
     def _best(
-        self, tree: Tree, overhead: float, cost: CostCurve, load_rows: int, load_gain: float, limit: int
+        tree: Tree, overhead: float, cost: CostCurve, load_rows: int, load_gain: float, limit: int, alpha: float
     ) -> tuple[int, float, float]:
         """(nodes, rate) of the best choice of at most ``limit`` nodes from ``tree`` (tokens per second,
-        ``overhead`` included), and a plain round's rate (one row, no overhead)."""
+        ``overhead`` included) whose drafter is calibrated by ``alpha``, and a plain round's rate (one row,
+        no overhead)."""
         order = tree.score_order()[1 : limit + 1]
         best_n, gain = 0, load_gain + 1.0
         best_rate = gain / (overhead + cost(load_rows + 1))
         plain_rate = gain / cost(load_rows + 1)
         for n, i in enumerate(order, start=1):
-            gain += self.alpha * math.exp(tree.scores[i])
+            gain += alpha * math.exp(tree.scores[i])
             rate = gain / (overhead + cost(load_rows + n + 1))
             if rate > best_rate:
                 best_n, best_rate = n, rate
@@ -327,10 +384,11 @@ class TreeBudget:
     def expected(self, tree: Tree) -> float:
         return sum(math.exp(s) for s in tree.scores[1:])
 
-    def observe(self, predicted: float, accepted: int) -> None:
-        """Fold one round in: ``predicted`` = sum of the verified nodes' draft probabilities."""
-        if predicted <= 0:
-            return
-        self._pred = self.memory * self._pred + predicted
-        self._seen = self.memory * self._seen + accepted
-        self.alpha = min(2.0, max(0.02, self._seen / self._pred))
+    def observe(self, predicted: float, accepted: int, cheap: bool = False) -> None:
+        """Fold one verified tree in: ``predicted`` = sum of the verified nodes' draft probabilities;
+        ``cheap``: the tree was the cheap part's alone (:meth:`choose_cheap`), which calibrates that part only."""
+        if cheap:
+            self.cheap_calibration.observe(predicted, accepted)
+            self._cheap_seen = True
+        else:
+            self.calibration.observe(predicted, accepted)

@@ -175,7 +175,7 @@ def generate(
                 budget.observe_round(1, time.perf_counter() - tr, drafted=False)
             continue
         accepted, emitted, feats = verify_tree(target, cache, tree, len(context) - 1, sampling, gen, stats, history())
-        budget.observe(budget.expected(tree), len(accepted) - 1)
+        budget.observe(budget.expected(tree), len(accepted) - 1, cheap=not full)
         stats.rounds += 1
         stats.trees += 1
         stats.accepted_drafts += len(accepted) - 1

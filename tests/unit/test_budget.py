@@ -353,3 +353,35 @@ def test_a_probe_verifies_no_more_nodes_than_it_drafted_for():
     assert b.verdict is False and plain_run(b) == 2
     assert b.probe and b.choose(GOOD) == PROBE_NODES
     assert b.drafting() and not b.probe and b.choose(GOOD) > PROBE_NODES
+
+
+def test_the_cheap_part_is_calibrated_on_its_own_rounds_and_forgets_its_failures_while_it_waits():
+    """Shared with the head, a few failed head probes made every n-gram tree look worthless for the rest of
+    the request, so a prompt that copies lost its lookups (and a failed lookup starved the head). Each part
+    now has its own calibration, and the cheap one drifts back to its prior in rounds without evidence,
+    the more slowly the more failures it saw."""
+    b = TreeBudget(STEEP)  # prior alpha 0.5: a lookup of p 0.9 pays on this curve (a row costs 0.2 rounds)
+    for _ in range(5):
+        b.observe(2.0, 0)  # the head's trees: nothing accepted
+    assert b.alpha < 0.1 and b.cheap_calibration.alpha == 0.5 and b.cheap_may_pay(0.9)
+
+    def rounds_until_the_lookup_may_pay() -> int:
+        n = 0
+        while not b.cheap_may_pay(0.9):
+            b.drafting()
+            n += 1
+        return n
+
+    b.observe(2.0, 0, cheap=True)  # one failed lookup
+    once = rounds_until_the_lookup_may_pay()
+    for _ in range(5):
+        b.observe(2.0, 0, cheap=True)
+    assert b.cheap_calibration.alpha < 0.1
+    many = rounds_until_the_lookup_may_pay()
+    assert 1 <= once < many <= 40, (once, many)
+    assert b.alpha < 0.1  # the head's calibration neither drifted nor learned from the lookups
+    b.drafting()
+    b.observe(1.0, 1, cheap=True)  # a verified lookup: no drift in the next round, only the evidence
+    before = b.cheap_calibration.alpha
+    b.drafting()
+    assert b.cheap_calibration.alpha == before
