@@ -141,21 +141,27 @@ def generate(
         cheap = cheap_part(drafter) if budget.cheap else None
     while reason is None:
         tr = time.perf_counter()  # spec: the budget weighs measured rounds, plain against drafting ones
-        full = mode == "spec" and budget.drafting()
+        left = max_new_tokens - len(out)  # the last token needs no draft: its root's row decides it
+        full = mode == "spec" and left > 1 and budget.drafting()
         tree = None
         # the cheap part drafts only when a tree of its could pay for its rows (its likeliest node tells)
-        cheap_now = not full and cheap is not None and budget.cheap_may_pay(likeliest_first(cheap, context))
+        cheap_now = (
+            not full and left > 1 and cheap is not None and budget.cheap_may_pay(likeliest_first(cheap, context))
+        )
         if full or cheap_now:
             # the whole drafter, or while the budget backs off it, its cheap part (n-gram lookup), whose
             # tree is verified only when its nodes pay for their rows
             td = time.perf_counter()
             d = drafter if full else cheap
-            pool_tree = d.draft(
+            drafted = d.draft(
                 context, top_k=top_k, depth=budget.depth_hint(depth), max_nodes=pool, keep=budget.keep_hint()
             )
+            pool_tree = drafted.within(eos, left)  # no rows for what comes after the answer's end
             draft_s = time.perf_counter() - td
             stats.draft_seconds += draft_s
-            if full:
+            if len(pool_tree) == 1 < len(drafted):
+                pass  # all it drafted ends the answer: a plain round, which judges no draft
+            elif full:
                 tree = pool_tree.best(budget.choose(pool_tree, overhead=draft_s))
             elif n := budget.choose_cheap(pool_tree, overhead=draft_s):
                 tree = pool_tree.best(n)

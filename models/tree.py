@@ -9,7 +9,7 @@ is a valid topological order and "ties broken by tree order" means "by index".
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -114,6 +114,26 @@ class Tree:
                 raise ValueError(f"node {o} is kept but its parent {p} is not")
             t.add(remap[p], self.tokens[o], self.scores[o])
         return t, old
+
+    def past_the_end(self, stop: Collection[int], left: int) -> list[bool]:
+        """Per node, whether it is not worth a row in a round that may emit at most ``left`` more tokens and
+        ends at any token of ``stop``: its token ends the answer (an end token, or the ``left``-th token), or
+        an ancestor's did. Leaving such nodes out is lossless: a node's token is decided by its parent's row
+        (emitted as the bonus token when the node is absent, under greedy decoding and rejection sampling
+        alike), and nothing after an answer's last token is emitted. Seen on copying prompts: the n-gram
+        table drafts the chat template's ``<|im_end|>``, newline, ``<|im_start|>`` after an answer's last
+        full stop, and a round verified three rows to emit one token."""
+        out = [False] * len(self)
+        for i in range(1, len(self)):
+            out[i] = out[self.parents[i]] or self.tokens[i] in stop or self.depth[i] >= left
+        return out
+
+    def within(self, stop: Collection[int], left: int) -> Tree:
+        """This tree without the nodes :meth:`past_the_end` (itself when there are none)."""
+        dead = self.past_the_end(stop, left)
+        if not any(dead):
+            return self
+        return self.select(i for i, d in enumerate(dead) if not d)[0]
 
     def reroot(self, node: int) -> tuple[Tree, list[int]]:
         """The subtree under ``node`` as a tree of its own (``node`` becomes the root)."""

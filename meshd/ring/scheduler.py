@@ -587,7 +587,7 @@ class Originator:
             depth=max(1, min(self._draft_depth(lv) if depth is None else depth, left)),
             max_nodes=self.pool,
             keep=lv.budget.keep_hint(),
-        )
+        ).within(lv.req.eos, left)  # no rows for what comes after the answer's end
         overhead = self.timer() - t0
         lv.stats.draft_seconds += overhead
         rows, gain = self._load(lv)
@@ -834,8 +834,8 @@ class Originator:
         """Grow ``lv``'s pool by one level below its frontier (:func:`models.tree.frontier`: the best
         nodes of its deepest level, as a draft's next level would); whether any node was added."""
         pool = lv.pool
-        if max(pool.depth) >= lv.req.max_new_tokens - len(lv.out):
-            return False  # deeper nodes could never be sent
+        if max(pool.depth) + 1 >= lv.req.max_new_tokens - len(lv.out):
+            return False  # deeper nodes could never be sent (Tree.past_the_end)
         leaves = frontier(pool, self.top_k, lv.budget.keep_hint())
         if not leaves:
             return False
@@ -873,8 +873,8 @@ class Originator:
         so its rows are paid with step(m), and candidates below ``FILL_FLOOR`` are not worth a row.
         """
         pool = lv.pool
-        left = lv.req.max_new_tokens - len(lv.out)
-        cands = [i for i in pool.score_order() if i not in lv.placed and pool.depth[i] <= left]
+        dead = pool.past_the_end(lv.req.eos, lv.req.max_new_tokens - len(lv.out))  # rows no answer can use
+        cands = [i for i in pool.score_order() if i not in lv.placed and not dead[i]]
         gains = [lv.budget.alpha * math.exp(pool.scores[i]) for i in cands]
         root = 0 if lv.root_sent else 1
         # FASER's rule, as TreeBudget.choose applies it to whole trees: rows that other requests put

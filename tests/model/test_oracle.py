@@ -127,3 +127,33 @@ def test_embedded_spec_equals_greedy(embedded, embedded_references, drafter_spec
         assert_matches_greedy(res.token_ids, want, gaps)
         accepted.append(res.stats.mean_accepted)
     assert sum(accepted) / len(accepted) > 1.0  # the drafter was actually used, not bypassed
+
+
+def test_no_row_is_verified_past_the_answers_end(tiny_dir, monkeypatch):
+    """A drafter that knows the answer drafts it past its end token and past the length limit (as the n-gram
+    table drafts the chat template after an answer's last full stop); those nodes are never verified, and
+    the output is still greedy decoding's."""
+    import models.engine as engine
+
+    target = Stage.load(ModelSource.resolve(tiny_dir), dtype="fp32")
+    prompt = [5, 9, 2, 7, 1, 3]
+    want, _ = greedy_reference(target, prompt, 30, set())
+    end = next(i for i in range(10, 30) if want.index(want[i]) == i)  # a token not seen before position i
+    verified: list[tuple[Tree, int]] = []  # each verified tree, and the tokens emitted before its round
+    real = engine.verify_tree
+
+    def recording(target, cache, tree, base, *args, **kwargs):
+        verified.append((tree, base + 1 - len(prompt)))
+        return real(target, cache, tree, base, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "verify_tree", recording)
+    for limit, stop in ((30, [want[end]]), (end - 2, [])):
+        verified.clear()
+        budget = TreeBudget(CURVES["flat"], back_off=False)  # rows nearly free: every drafted node verified
+        drafter = _LateDrafter(want, len(prompt), start=0)
+        res = generate(target, prompt, max_new_tokens=limit, drafter=drafter, eos_ids=stop, budget=budget, depth=6)
+        assert res.token_ids == want[: end + 1 if stop else limit]
+        for tree, emitted in verified:
+            assert not set(tree.tokens[1:]) & set(stop)
+            assert max(tree.depth) < limit - emitted  # no node for the last token the length allows, or after
+        assert max(res.stats.per_round) > 1

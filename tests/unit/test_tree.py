@@ -153,3 +153,20 @@ def test_add_level_keeps_the_better_score_of_a_child_it_already_has():
     assert len(new) == 1 and t.tokens[new[0]] == 6  # 5 was there already; -inf is never a candidate
     assert t.scores[a] == pytest.approx(math.log(0.8))
     assert add_level(t, [a], [[(8, 0.0), (9, 0.0)]], top_k=3, max_nodes=4) == [3]  # the node limit holds
+
+
+def test_nodes_past_the_answers_end_are_cut_with_everything_below():
+    """A node whose token ends the answer (an end token, or the last token the length allows) needs no row:
+    its parent's row decides that token anyway, and nothing after it is emitted."""
+    t = Tree.root(1)
+    a = t.add(0, 2, -0.1)  # depth 1
+    end = t.add(a, 99, -0.2)  # depth 2: an end token
+    t.add(end, 3, -0.3)  # below it
+    b = t.add(a, 4, -0.4)  # depth 2
+    t.add(b, 5, -0.5)  # depth 3
+    assert t.past_the_end({99}, left=10) == [False, False, True, True, False, False]
+    assert t.past_the_end(set(), left=3) == [False, False, False, True, False, True]
+    assert t.past_the_end({99}, left=1) == [False, True, True, True, True, True]
+    cut = t.within({99}, left=3)
+    assert cut.tokens == [1, 2, 4] and cut.parents == [-1, 0, 1]
+    assert t.within(set(), left=10) is t  # nothing to cut: the same tree
