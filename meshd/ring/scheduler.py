@@ -577,9 +577,9 @@ class Originator:
         (``models/engine.py``), whose budget stops drafting while drafts do not pay for their own cost,
         a ring drafts while its stages compute (flow, idle drafting), so the draft's cost is mostly hidden
         and the one-device rule would stop speculation that pays (it did, in tests of chunk and flow)."""
-        if lv.drafter is None or lv.req.mode == "ar":
-            return Tree.root(lv.out[-1]), 0
         left = lv.req.max_new_tokens - len(lv.out)
+        if lv.drafter is None or lv.req.mode == "ar" or left <= 1:  # the last token: its root's row decides it
+            return Tree.root(lv.out[-1]), 0
         t0 = self.timer()
         pool = lv.drafter.draft(
             lv.context,

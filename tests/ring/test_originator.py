@@ -244,23 +244,34 @@ def test_eos_stops_closes_and_a_late_result_is_ignored(target):
     drafter = Scripted({p: [(0, a, 0.9), (1, eos, 0.9), (2, b, 0.9)]})
     orig = originator(target, drafter)
     (seg,) = segments(prefill(orig, target, Request("r", [a, b], 16, "chunk", eos=frozenset({eos})), first=p))
-    acts = orig.on_result(said(target, seg, [a, eos, b, a]))
+    assert seg.tokens == [p, a]  # the stop token and what follows it get no row: a's row decides the stop
+    acts = orig.on_result(said(target, seg, [a, eos]))
     assert acts[0] == Emit("r", [a, eos])  # nothing after the stop token
     assert acts[1] == CloseSessions("r")
     fin = acts[2]
     assert isinstance(fin, Finish) and (fin.request_id, fin.reason, fin.error) == ("r", "stop", None)
     assert fin.stats.new_tokens == 3 and len(acts) == 3  # p, a, eos; no prune, no new round
     assert "r" not in orig.live
-    assert orig.on_result(said(target, seg, [a, eos, b, a])) == []
+    assert orig.on_result(said(target, seg, [a, eos])) == []
 
 
 def test_length_cuts_the_accepted_tokens_at_max_new_tokens(target):
     p, a, b, c = target.tokens[:4]
-    orig = originator(target, Scripted({p: [(0, a, 0.9), (1, b, 0.9), (2, c, 0.9)]}))
+    drafter = Scripted({p: [(0, a, 0.9), (1, b, 0.9), (2, c, 0.9)], a: [(0, b, 0.9)]})
+    orig = originator(target, drafter)
     (seg,) = segments(prefill(orig, target, Request("r", [a, b], 3, "chunk"), first=p))
-    acts = orig.on_result(said(target, seg, [a, b, c, a]))
+    assert seg.tokens == [p, a]  # 2 tokens left: b, the last, needs no row (a's row decides it), c none either
+    acts = orig.on_result(said(target, seg, [a, b]))
     assert acts[0] == Emit("r", [a, b])
     assert acts[1] == CloseSessions("r") and acts[2].reason == "length" and acts[2].stats.new_tokens == 3
+
+    drafts = []
+    drafter.draft = lambda context, **kw: drafts.append(len(context)) or Scripted.draft(drafter, context, **kw)
+    orig = originator(target, drafter)
+    (seg,) = segments(prefill(orig, target, Request("r", [a, b], 2, "chunk"), first=p))
+    assert seg.tokens == [p] and drafts == []  # one token left: nothing is drafted for it
+    acts = orig.on_result(said(target, seg, [a]))
+    assert acts[0] == Emit("r", [a]) and acts[2].reason == "length"
 
 
 def test_cancel_closes_once_and_results_after_it_are_ignored(target):
