@@ -85,7 +85,7 @@ class Calibration:
     summed probabilities of the verified nodes, both decayed by ``memory`` per verified tree, so recent
     rounds count most (a prompt changes character within an answer)."""
 
-    def __init__(self, prior: float = 0.5, memory: float = 0.8, relax: float = 0.9):
+    def __init__(self, prior: float, memory: float, relax: float = 0.9):
         """``prior``: alpha before any round (and what it returns to without evidence, see :meth:`drift`);
         ``relax``: per round without evidence, the weight the evidence so far keeps."""
         self.prior, self.memory, self.relax = prior, memory, relax
