@@ -197,7 +197,7 @@ class Daemon:
             interface=cfg.interface,
             memory_budget=parse_size(cfg.memory) if cfg.memory else None,
             role=cfg.role,
-            origin_layers=await asyncio.to_thread(self._origin_layers, source, vocab, factory, dtype, weights)
+            origin_layers=await asyncio.to_thread(origin_layers, source, vocab, factory, dtype, weights, self.device)
             if cfg.role == "both"
             else 0.0,
             emulation=self.link_emulation,
@@ -300,42 +300,6 @@ class Daemon:
             await self.node.stop()
         if self.runner:
             await self.runner.cleanup()
-
-    def _origin_layers(
-        self, source: ModelSource, vocab: Stage, factory: Callable[[], Any] | None, dtype: str, weights: str
-    ) -> float:
-        """This device's originator work per round in decoder layers of its own forward: one LM head over
-        ``ORIGIN_ROWS`` rows plus one draft ``ORIGIN_LEVELS`` deep, over one layer's forward of as many rows,
-        all timed here as this device runs them (paced, when emulated). The planner takes it off this
-        peer's share where other peers only serve stages (peers.planner); 0.0 when it cannot be measured."""
-        try:
-            t0 = time.perf_counter()
-            h = vocab.final_norm(torch.randn(ORIGIN_ROWS, vocab.cfg.hidden_size, dtype=vocab.dtype))
-            vocab.logits(h, normed=True)
-            head = time.perf_counter() - t0
-            draft = 0.0
-            if factory is not None:
-                ids = [int(t) for t in torch.randint(0, vocab.cfg.vocab_size, (32,))]
-                d = factory()
-                d.reset(ids)
-                d.accept(ids, vocab.final_norm(torch.randn(len(ids), vocab.cfg.hidden_size, dtype=vocab.dtype)))
-                t0 = time.perf_counter()
-                d.draft(ids, top_k=8, depth=ORIGIN_LEVELS, max_nodes=64)
-                draft = time.perf_counter() - t0
-            layer = Stage.load(source, LayerRange(0, 1), dtype=dtype, weights=weights)
-            per_layer = {ORIGIN_ROWS: forward_times(layer, (ORIGIN_ROWS,), repeats=2, lm_head=False)[ORIGIN_ROWS]}
-            if self.device is not None:
-                per_layer = self.device.curve(layer, per_layer)
-            layers = (head + draft) / max(1e-9, per_layer[ORIGIN_ROWS])
-        except Exception as exc:  # a drafter that cannot draft from nothing: the split just ignores this peer's work
-            log.warning(
-                "could not measure the originator's work (%s: %s); the planner counts none", type(exc).__name__, exc
-            )
-            return 0.0
-        log.info(
-            "originator work per round: %.1f ms head + %.1f ms draft = %.1f layers", head * 1e3, draft * 1e3, layers
-        )
-        return round(layers, 1)
 
     # ---- mesh callbacks ---------------------------------------------------------------------
     async def _load_slice(self, plan: Plan, stage: Assignment | None) -> None:
@@ -450,6 +414,48 @@ class Daemon:
         if self.device is not None:
             status["emulation"] = self.device.report()
         return status
+
+
+def origin_layers(
+    source: ModelSource,
+    vocab: Stage,
+    factory: Callable[[], Any] | None,
+    dtype: str,
+    weights: str,
+    device: DeviceHooks | None = None,
+) -> float:
+    """This device's originator work per round in decoder layers of its own forward: one LM head over
+    ``ORIGIN_ROWS`` rows plus one draft ``ORIGIN_LEVELS`` deep, over one layer's forward of as many rows,
+    all timed here as this device runs them (paced, when emulated). The planner takes it off this
+    peer's share where other peers only serve stages (peers.planner); 0.0 when it cannot be measured."""
+    try:
+        t0 = time.perf_counter()
+        h = vocab.final_norm(torch.randn(ORIGIN_ROWS, vocab.cfg.hidden_size, dtype=vocab.dtype))
+        vocab.logits(h, normed=True)
+        head = time.perf_counter() - t0
+        draft = 0.0
+        if factory is not None:
+            ids = [int(t) for t in torch.randint(0, vocab.cfg.vocab_size, (32,))]
+            d = factory()
+            d.reset(ids)
+            # the target's features of every position but the root's (the last token), as after a prefill
+            feats = torch.randn(len(ids) - 1, vocab.cfg.hidden_size, dtype=vocab.dtype)
+            d.accept(ids, vocab.final_norm(feats))
+            t0 = time.perf_counter()
+            d.draft(ids, top_k=8, depth=ORIGIN_LEVELS, max_nodes=64)
+            draft = time.perf_counter() - t0
+        layer = Stage.load(source, LayerRange(0, 1), dtype=dtype, weights=weights)
+        per_layer = {ORIGIN_ROWS: forward_times(layer, (ORIGIN_ROWS,), repeats=2, lm_head=False)[ORIGIN_ROWS]}
+        if device is not None:
+            per_layer = device.curve(layer, per_layer)
+        layers = (head + draft) / max(1e-9, per_layer[ORIGIN_ROWS])
+    except Exception as exc:  # a drafter that cannot draft from nothing: the split just ignores this peer's work
+        log.warning(
+            "could not measure the originator's work (%s: %s); the planner counts none", type(exc).__name__, exc
+        )
+        return 0.0
+    log.info("originator work per round: %.1f ms head + %.1f ms draft = %.1f layers", head * 1e3, draft * 1e3, layers)
+    return round(layers, 1)
 
 
 def guard_settings(cfg: Config) -> GuardSettings:
