@@ -357,6 +357,8 @@ class MeshNode:
                     "memory_budget": h.memory_budget,
                     "compute_score": h.compute_score,
                     "role": h.role,
+                    # the originator work it measured, in its own layers: what the origin-aware split takes off
+                    "origin_layers": h.origin_layers,
                     "api_port": h.api_port,
                     **self._link_json(h.node_id),
                 }

@@ -308,3 +308,17 @@ def test_parse_host_port():
     assert parse_host_port("[fe80::1]:80") == ("fe80::1", 80)
     with pytest.raises(ValueError, match="host:port"):
         parse_host_port("10.0.0.2")
+
+
+async def test_the_originator_work_each_peer_published_shows_in_status_and_moves_layers(mesh):
+    """A peer's measured originator work (in its own layers) is what the origin-aware split takes off its
+    share where another peer only serves a stage; ``/mesh`` shows it, so a peer that published none (its
+    measurement failed) is seen as such, not only in its log."""
+    sa, sb = ports(2)
+    a = await mesh("a", sa, peers=[sb.getsockname()[1]], origin_layers=6.0)
+    b = await mesh("b", sb, peers=[sa.getsockname()[1]], role="stage")
+    await until(lambda: agreed(a, b) and len(a.plan.stages) == 2)
+    seen = {p["node_id"]: (p["role"], p["origin_layers"]) for p in b.status()["peers"]}
+    assert seen[a.node_id] == ("both", 6.0), seen
+    layers = {s.node_id: s.layers.stop - s.layers.first for s in a.plan.stages}
+    assert layers[a.node_id] < layers[b.node_id], layers
