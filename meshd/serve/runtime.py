@@ -202,9 +202,6 @@ class Runtime:
         self._ring_of: dict[str, int] = {}  # request id -> ring epoch it started under
         self._inbox: deque[tuple[RingMessage, str | None]] = deque()  # with the peer each came from
         self._wake = asyncio.Event()
-        # the torch thread's next step, started while the loop still sends the previous round's messages to
-        # peers and the client (see _compute_once); whoever runs the compute loop next routes its outputs
-        self._step_ahead: tuple[asyncio.Future, Ring | None, StageWorker | None] | None = None
         self._loop_task: asyncio.Task | None = None
         self._stopping = False
         self._background: set[asyncio.Future] = set()
@@ -514,23 +511,13 @@ class Runtime:
                 await self._deliver(d, ring)
 
     # ---- moving messages --------------------------------------------------------------------
-    async def _dispatch(
-        self, actions: list[Action], ring: Ring | None = None, local_done: Callable[[], None] | None = None
-    ) -> None:
+    async def _dispatch(self, actions: list[Action], ring: Ring | None = None, own_done: bool = False) -> None:
         """Carry out ``actions`` on ``ring`` (default: the current one, kept for the whole batch even if a new
-        plan is committed while sending). With ``local_done``, this device's own messages go first and
-        ``local_done`` is called before the rest (peers, the client): each destination still sees them in
-        order, and the torch thread can start on its own while the loop writes to sockets."""
+        plan is committed while sending). ``own_done``: the torch thread has already handed this device's
+        own stage its messages (:meth:`_step`), so only peers and the client get theirs here."""
         ring = ring or self.ring
-        deliveries = interpret(actions)
-        mine = local_done is not None and ring is not None and None in ring.nodes  # deliver ours first
-        if mine:
-            for d in deliveries:
-                if isinstance(d, ToEveryStage) or (isinstance(d, ToStage) and ring.nodes[d.index] is None):
-                    self.deliver(d.message, self.node_id)
-        if local_done is not None:
-            local_done()
-        for d in deliveries:
+        mine = own_done and ring is not None and None in ring.nodes
+        for d in interpret(actions):
             if not (mine and isinstance(d, ToStage) and ring.nodes[d.index] is None):
                 await self._deliver(d, ring, others_only=mine)
 
@@ -756,52 +743,53 @@ class Runtime:
 
     async def _compute_once(self) -> None:
         while True:
-            if self._step_ahead is not None:  # started with the plan and worker of its time
-                (step, ring, worker), self._step_ahead = self._step_ahead, None
-            else:
-                ring, worker = self.ring, self.worker
-                step = self._torch(self._step)
-            results, outputs = await step
-            if outputs and (self.worker is not worker or not _same_path(ring, self.ring)):
-                outputs = []  # computed for a plan replaced meanwhile: its requests replay on the new one
-            for seg in outputs:  # first, so the next stage starts while the originator verifies and drafts
-                await self._route_output(seg)
-            for i, res in enumerate(results):
+            ring, worker = self.ring, self.worker
+            verified, outputs = await self._torch(self._step, ring)
+            for res, actions, failure in verified:
                 rid = self._request_of(res.request_id)
                 if rid in self._heard:
                     self._heard[rid] = time.monotonic()
-                if self.originator is None:
+                if failure is not None:  # one broken request fails alone, with its reason, instead of hanging
+                    self._fail_ring(res.request_id, f"internal error at the originator: {failure}")
                     continue
-                try:
-                    actions = await self._torch(self.originator.on_result, res)
-                except Exception as exc:  # one broken request fails alone, with its reason, instead of hanging
-                    log.exception("request %s failed at the originator", res.request_id)
-                    self._fail_ring(res.request_id, f"internal error at the originator: {type(exc).__name__}: {exc}")
-                    continue
-                # after the last result, the next step (this device's stage on the new segment) starts while the
-                # loop sends the prune to the other stages and the tokens to the client, not after
-                last = i == len(results) - 1
-                await self._dispatch(actions, local_done=self._start_step_ahead if last else None)
-            if self._step_ahead is not None:
-                continue
-            if not results and not outputs and not self._inbox:
+                # peers' prunes before this step's outputs: every stage sees a prune before rows computed after it
+                await self._dispatch(actions, ring, own_done=True)
+            if outputs and (self.worker is not worker or not _same_path(ring, self.ring)):
+                outputs = []  # computed for a plan replaced meanwhile: its requests replay on the new one
+            for seg in outputs:
+                await self._route_output(seg)
+            if not verified and not outputs and not self._inbox:
                 if self.originator is None or not self.originator.idle_work():
                     return
                 # nothing queued: deepen the pools that first segments left from (slots' fillers come from them)
                 await self._dispatch(await self._torch(self.originator.idle))
 
-    def _start_step_ahead(self) -> None:
-        if self._inbox and self._step_ahead is None:  # submitted now, not when the loop next gets round to it
-            step = asyncio.get_running_loop().run_in_executor(self.executor, self._step)
-            self._step_ahead = (step, self.ring, self.worker)
+    def _step(self, ring: Ring | None) -> tuple[list[tuple[Result, list[Action], str | None]], list[Segment]]:
+        """Torch thread: one step of this device's work, carried as far as it goes without the event loop.
 
-    def _step(self) -> tuple[list[Result], list[Segment]]:
+        Results for this originator are verified first (LM head, walk, drafting); what that sends to this
+        device's own stage is queued for it here, and the stage then runs on everything queued, so the next
+        segment starts at once instead of after two trips through the loop (which, while it writes to sockets,
+        holds the GIL). Returns each result with its actions (or why the originator failed on it) and the
+        stage's outputs; the loop sends the actions' messages for peers and the client, then the outputs."""
+        verified: list[tuple[Result, list[Action], str | None]] = []
         results = self._drain_inbox()
+        while results and self.originator is not None:
+            for res in results:
+                try:
+                    actions = self.originator.on_result(res)
+                except Exception as exc:
+                    log.exception("request %s failed at the originator", res.request_id)
+                    verified.append((res, [], f"{type(exc).__name__}: {exc}"))
+                    continue
+                verified.append((res, actions, None))
+                self._queue_own(actions, ring)
+            results = self._drain_inbox()  # this device's messages, in order after what peers sent meanwhile
         if self.worker is None:
-            return results, []
+            return verified, []
         batch = self.worker.take_batch()
         try:
-            return results, self.worker.run(batch)
+            return verified, self.worker.run(batch)
         except Exception as exc:
             # the batch is lost: its requests' sessions are unusable, so close them; local ones fail at once,
             # remote originators hear it in an error message
@@ -811,7 +799,16 @@ class Runtime:
                 why = f"stage forward failed: {type(exc).__name__}: {exc}"
                 refusal = FrameRejected(seg.request_id, "forward_failed", why, spoils=True, tell=seg.origin)
                 self._loop.call_soon_threadsafe(self._refused, refusal)
-            return results, []
+            return verified, []
+
+    def _queue_own(self, actions: list[Action], ring: Ring | None) -> None:
+        """Torch thread: queue what ``actions`` send to this device's own stage on ``ring`` (as :meth:`deliver`
+        would from the loop; :meth:`_dispatch` with ``own_done`` then skips them)."""
+        if ring is None or None not in ring.nodes:
+            return
+        for d in interpret(actions):
+            if isinstance(d, ToEveryStage) or (isinstance(d, ToStage) and ring.nodes[d.index] is None):
+                self._inbox.append((d.message, self.node_id))
 
     async def _route_output(self, seg: Segment) -> None:
         ring = self.ring
