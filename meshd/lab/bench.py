@@ -315,8 +315,15 @@ class DaemonBackend:
             + (f", flow slots {a.flow_slots}" if getattr(a, "flow_slots", None) is not None else "")
             + (f", wire activations {a.wire_activations}" if getattr(a, "wire_activations", None) else "")
             + (f", roles {a.roles}" if getattr(a, "roles", None) else "")
-            + f", layers per stage {'/'.join(str(n) for n in self.layout()['layers'])}"
+            + f", layers per stage {'/'.join(str(n) for n in self.layout()['layers'])}{self._origin_place()}"
         )
+
+    def _origin_place(self) -> str:
+        """Where the originator's own stage sits in the ring: the peers' random node ids decide it, and it
+        moves the figures (docs/benchmarks.md, "Two daemons, traced"), so every table says it."""
+        layout = self.layout()
+        at, n = layout["originator_stage"], len(layout["layers"])
+        return " (the originator holds none)" if at is None else f" (the originator's is stage {at + 1} of {n})"
 
     def runner(self, label: str) -> Callable[[str], dict]:
         a = self.args
