@@ -307,7 +307,7 @@ class DaemonBackend:
             self._emulation_since(i, (self.mesh.status(i) or {}).get("emulation"))
 
     def describe(self) -> str:
-        a = self.args
+        a, layout = self.args, self.layout()
         return (
             f"{a.stages} daemons on loopback ({a.threads or 1} thread each, sharing {os.cpu_count()} cores), "
             f"link {a.link or 'unshaped'}, device slowdown x{a.device_slowdown}"
@@ -315,13 +315,14 @@ class DaemonBackend:
             + (f", flow slots {a.flow_slots}" if getattr(a, "flow_slots", None) is not None else "")
             + (f", wire activations {a.wire_activations}" if getattr(a, "wire_activations", None) else "")
             + (f", roles {a.roles}" if getattr(a, "roles", None) else "")
-            + f", layers per stage {'/'.join(str(n) for n in self.layout()['layers'])}{self._origin_place()}"
+            + f", layers per stage {'/'.join(str(n) for n in layout['layers'])}{self._origin_place(layout)}"
         )
 
-    def _origin_place(self) -> str:
-        """Where the originator's own stage sits in the ring: the peers' random node ids decide it, and it
-        moves the figures (docs/benchmarks.md, "Two daemons, traced"), so every table says it."""
-        layout = self.layout()
+    @staticmethod
+    def _origin_place(layout: dict) -> str:
+        """Where the originator's own stage sits in the ring (``layout``: :meth:`layout`): the peers' random
+        node ids decide it, and it moves the figures (docs/benchmarks.md, "Two daemons, traced"), so every
+        table says it."""
         at, n = layout["originator_stage"], len(layout["layers"])
         return " (the originator holds none)" if at is None else f" (the originator's is stage {at + 1} of {n})"
 

@@ -511,19 +511,16 @@ class Runtime:
                 await self._deliver(d, ring)
 
     # ---- moving messages --------------------------------------------------------------------
-    async def _dispatch(self, actions: list[Action], ring: Ring | None = None, own_done: bool = False) -> None:
+    async def _dispatch(self, actions: list[Action], ring: Ring | None = None) -> None:
         """Carry out ``actions`` on ``ring`` (default: the current one, kept for the whole batch even if a new
-        plan is committed while sending). ``own_done``: the torch thread has already handed this device's
-        own stage its messages (:meth:`_step`), so only peers and the client get theirs here."""
+        plan is committed while sending)."""
         ring = ring or self.ring
-        mine = own_done and ring is not None and None in ring.nodes
         for d in interpret(actions):
-            if not (mine and isinstance(d, ToStage) and ring.nodes[d.index] is None):
-                await self._deliver(d, ring, others_only=mine)
+            await self._deliver(d, ring)
 
     async def _deliver(self, d: Delivery, ring: Ring | None, others_only: bool = False) -> None:
         """Send ``d`` on ``ring`` (``others_only``: a message for every stage skips this device's, which
-        :meth:`_dispatch` handed over already)."""
+        the torch thread queued already, :meth:`_queue_own`)."""
         if isinstance(d, ToClient):
             self._to_client(d)
             return
@@ -745,7 +742,7 @@ class Runtime:
         while True:
             ring, worker = self.ring, self.worker
             verified, outputs = await self._torch(self._step, ring)
-            for res, actions, failure in verified:
+            for res, others, failure in verified:
                 rid = self._request_of(res.request_id)
                 if rid in self._heard:
                     self._heard[rid] = time.monotonic()
@@ -753,7 +750,8 @@ class Runtime:
                     self._fail_ring(res.request_id, f"internal error at the originator: {failure}")
                     continue
                 # peers' prunes before this step's outputs: every stage sees a prune before rows computed after it
-                await self._dispatch(actions, ring, own_done=True)
+                for d in others:
+                    await self._deliver(d, ring, others_only=True)
             if outputs and (self.worker is not worker or not _same_path(ring, self.ring)):
                 outputs = []  # computed for a plan replaced meanwhile: its requests replay on the new one
             for seg in outputs:
@@ -764,15 +762,15 @@ class Runtime:
                 # nothing queued: deepen the pools that first segments left from (slots' fillers come from them)
                 await self._dispatch(await self._torch(self.originator.idle))
 
-    def _step(self, ring: Ring | None) -> tuple[list[tuple[Result, list[Action], str | None]], list[Segment]]:
+    def _step(self, ring: Ring | None) -> tuple[list[tuple[Result, list[Delivery], str | None]], list[Segment]]:
         """Torch thread: one step of this device's work, carried as far as it goes without the event loop.
 
         Results for this originator are verified first (LM head, walk, drafting); what that sends to this
         device's own stage is queued for it here, and the stage then runs on everything queued, so the next
         segment starts at once instead of after two trips through the loop (which, while it writes to sockets,
-        holds the GIL). Returns each result with its actions (or why the originator failed on it) and the
-        stage's outputs; the loop sends the actions' messages for peers and the client, then the outputs."""
-        verified: list[tuple[Result, list[Action], str | None]] = []
+        holds the GIL). Returns each result with the deliveries left for peers and the client (or why the
+        originator failed on it) and the stage's outputs; the loop sends those deliveries, then the outputs."""
+        verified: list[tuple[Result, list[Delivery], str | None]] = []
         results = self._drain_inbox()
         while results and self.originator is not None:
             for res in results:
@@ -782,8 +780,7 @@ class Runtime:
                     log.exception("request %s failed at the originator", res.request_id)
                     verified.append((res, [], f"{type(exc).__name__}: {exc}"))
                     continue
-                verified.append((res, actions, None))
-                self._queue_own(actions, ring)
+                verified.append((res, self._queue_own(actions, ring), None))
             results = self._drain_inbox()  # this device's messages, in order after what peers sent meanwhile
         if self.worker is None:
             return verified, []
@@ -801,14 +798,21 @@ class Runtime:
                 self._loop.call_soon_threadsafe(self._refused, refusal)
             return verified, []
 
-    def _queue_own(self, actions: list[Action], ring: Ring | None) -> None:
+    def _queue_own(self, actions: list[Action], ring: Ring | None) -> list[Delivery]:
         """Torch thread: queue what ``actions`` send to this device's own stage on ``ring`` (as :meth:`deliver`
-        would from the loop; :meth:`_dispatch` with ``own_done`` then skips them)."""
+        would from the loop) and return the rest of their deliveries, in order, for the loop to send with
+        ``others_only`` (a message for every stage then skips this device's)."""
+        deliveries = interpret(actions)
         if ring is None or None not in ring.nodes:
-            return
-        for d in interpret(actions):
-            if isinstance(d, ToEveryStage) or (isinstance(d, ToStage) and ring.nodes[d.index] is None):
+            return deliveries
+        rest = []
+        for d in deliveries:
+            mine = isinstance(d, ToStage) and ring.nodes[d.index] is None
+            if mine or isinstance(d, ToEveryStage):
                 self._inbox.append((d.message, self.node_id))
+            if not mine:
+                rest.append(d)
+        return rest
 
     async def _route_output(self, seg: Segment) -> None:
         ring = self.ring
