@@ -259,21 +259,36 @@ class DataStore:
 
     def flush(self, seconds: float = 0.0) -> None:
         if self._buf:
-            name = f"shard-{len(self.meta['shards']):05d}.safetensors"
-            toks = torch.tensor([t for r in self._buf for t in r.tokens], dtype=torch.int32)
-            lens = torch.tensor([len(r.tokens) for r in self._buf], dtype=torch.int64)
-            plens = torch.tensor([r.prompt_len for r in self._buf], dtype=torch.int64)
             feats = torch.cat([r.feats.to(torch.float16) for r in self._buf]).contiguous()
-            tmp = self.root / (name + ".tmp")
-            save_file({"tokens": toks, "lens": lens, "prompt_lens": plens, "feats": feats}, str(tmp))
-            os.replace(tmp, self.root / name)
-            self.meta["shards"].append(name)
+            self._write_shard([r.tokens for r in self._buf], [r.prompt_len for r in self._buf], feats)
             self.meta["done"] += [r.key for r in self._buf]
-            self.meta["sequences"] += len(self._buf)
-            self.meta["answer_tokens"] += sum(len(r.tokens) - r.prompt_len for r in self._buf)
-            self.meta["prompt_tokens"] += sum(r.prompt_len for r in self._buf)
+            self._count([(len(r.tokens), r.prompt_len) for r in self._buf])
             self._buf = []
         self.meta["gen_seconds"] = round(self.meta["gen_seconds"] + seconds, 1)
+        self._save_meta()
+
+    def _write_shard(self, tokens: list[list[int]], prompt_lens: list[int], feats: torch.Tensor | None) -> None:
+        """A new shard of these sequences; without ``feats`` until :meth:`fill_features` adds them."""
+        name = f"shard-{len(self.meta['shards']):05d}.safetensors"
+        tensors = {
+            "tokens": torch.tensor([t for ts in tokens for t in ts], dtype=torch.int32),
+            "lens": torch.tensor([len(ts) for ts in tokens], dtype=torch.int64),
+            "prompt_lens": torch.tensor(prompt_lens, dtype=torch.int64),
+        }
+        if feats is not None:
+            tensors["feats"] = feats
+        tmp = self.root / (name + ".tmp")
+        save_file(tensors, str(tmp))
+        os.replace(tmp, self.root / name)
+        self.meta["shards"].append(name)
+
+    def _count(self, sizes: list[tuple[int, int]]) -> None:
+        """Add sequences of (length, prompt length) to the totals."""
+        self.meta["sequences"] += len(sizes)
+        self.meta["answer_tokens"] += sum(n - p for n, p in sizes)
+        self.meta["prompt_tokens"] += sum(p for _, p in sizes)
+
+    def _save_meta(self) -> None:
         tmp = self.meta_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.meta))
         os.replace(tmp, self.meta_path)
@@ -312,10 +327,11 @@ class DataStore:
         os.replace(tmp, path)
         return len(rows)
 
-    def load_tokens(self, path: Path, stage: Stage, fingerprint: str, progress: bool = True) -> int:
-        """Add the sequences of a :meth:`save_tokens` file not stored yet, their features recomputed by one
-        prefill each (far faster than generating them again). Refuses a file made for another target.
-        Returns how many sequences were added."""
+    def load_tokens(self, path: Path, fingerprint: str) -> int:
+        """Add the sequences of a :meth:`save_tokens` file not stored yet, as token ids only: their
+        features are made later by :meth:`fill_features`, when training needs them, so answering new
+        prompts does not wait for a prefill of everything stored (52 minutes for 1.4M tokens on a CPU
+        without fast bf16). Refuses a file made for another target. Returns how many were added."""
         with np.load(path) as z:
             meta = json.loads(str(z["meta"]))
             if meta.get("fingerprint") != fingerprint:
@@ -327,33 +343,71 @@ class DataStore:
             keys = json.loads(str(z["keys"]))
         done, starts = self.done, np.cumsum([0, *lens])
         todo = [i for i, k in enumerate(keys) if k not in done]
-        total = int(sum(lens[i] for i in todo))
-        bar = tqdm(total=total, unit="tok", desc="prefill", file=sys.stderr, disable=not progress)
-        t0 = last = time.perf_counter()
-        for i in todo:
-            ids = toks[starts[i] : starts[i + 1]].tolist()
-            feats = prefill_features(stage, ids[:-1], stage.new_cache(len(ids)))
-            self.add(Rollout(keys[i], ids, plens[i], feats.to(feature_dtype(stage)), "loaded"))
-            bar.update(len(ids))
-            if time.perf_counter() - last > 120:
-                self.flush(0.0)
-                last = time.perf_counter()
-        self.flush(0.0)
-        bar.close()
+        for s in range(0, len(todo), 1000):  # shards of 1,000 sequences: one prefill checkpoint each later
+            part = todo[s : s + 1000]
+            self._write_shard([toks[starts[i] : starts[i + 1]].tolist() for i in part], [plens[i] for i in part], None)
+            self.meta["done"] += [keys[i] for i in part]
+            self._count([(len(toks[starts[i] : starts[i + 1]]), plens[i]) for i in part])
+        self._save_meta()
         if todo:
-            log(f"data: {len(todo)} sequences from {path}, features by prefill in {time.perf_counter() - t0:.0f} s")
+            log(f"data: {len(todo)} sequences' token ids from {path} (features made when training needs them)")
         return len(todo)
 
-    def sequences(self) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
-        """Every stored (tokens, features, prompt_len)."""
-        out = []
+    def fill_features(self, stage: Stage, answer_tokens: int | None = None, progress: bool = True) -> int:
+        """Make the features of the stored sequences that have none (loaded by :meth:`load_tokens`), one
+        prefill each, a shard at a time (an interruption keeps the shards done). ``answer_tokens``: only
+        the shards needed for the first that many answer tokens in store order (what
+        ``first_answer_tokens`` trains on). Returns how many sequences got features."""
+        need, have, filled = [], 0, 0
         for name in self.meta["shards"]:
+            if answer_tokens is not None and have >= answer_tokens:
+                break
+            with safe_open(str(self.root / name), "pt") as f:
+                lens, plens = (f.get_tensor(k).tolist() for k in ("lens", "prompt_lens"))
+                if "feats" not in set(f.keys()):
+                    need.append((name, sum(lens)))
+            have += sum(n - p for n, p in zip(lens, plens))
+        if not need:
+            return 0
+        total = sum(n for _, n in need)
+        bar = tqdm(total=total, unit="tok", desc="features", file=sys.stderr, disable=not progress)
+        t0 = time.perf_counter()
+        for name, _ in need:
             sd = load_file(str(self.root / name))
+            t, feats = 0, []
+            for n in sd["lens"].tolist():
+                ids = sd["tokens"][t : t + n].tolist()
+                feats.append(prefill_features(stage, ids[:-1], stage.new_cache(n)).to(torch.float16))
+                t += n
+                bar.update(n)
+            tmp = self.root / (name + ".tmp")
+            save_file({**sd, "feats": torch.cat(feats).contiguous()}, str(tmp))
+            os.replace(tmp, self.root / name)
+            filled += len(feats)
+        bar.close()
+        took = time.perf_counter() - t0
+        log(f"data: features of {filled} stored sequences by prefill in {took:.0f} s ({total / took:.0f} tokens/s)")
+        return filled
+
+    def sequences(self, answer_tokens: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+        """Every stored (tokens, features, prompt_len), or the shards that hold the first ``answer_tokens``
+        answer tokens; :meth:`fill_features` first if any were loaded as token ids only."""
+        out: list[tuple[torch.Tensor, torch.Tensor, int]] = []
+        have = 0
+        for name in self.meta["shards"]:
+            if answer_tokens is not None and have >= answer_tokens:
+                break
+            sd = load_file(str(self.root / name))
+            if "feats" not in sd:
+                raise ValueError(
+                    f"{self.root / name} holds token ids without features: call fill_features(stage) first"
+                )
             t0 = f0 = 0
             for n, p in zip(sd["lens"].tolist(), sd["prompt_lens"].tolist()):
                 out.append((sd["tokens"][t0 : t0 + n].long(), sd["feats"][f0 : f0 + n - 1], p))
                 t0 += n
                 f0 += n - 1
+                have += n - p
         return out
 
 

@@ -226,7 +226,7 @@ def train_draft(
     store = DataStore(work / data_dir_name(target))
     saved = Path(tokens_file) if tokens_file is not None else shipped_tokens(fp)
     if saved is not None and saved.is_file():
-        store.load_tokens(saved, target, fp)
+        store.load_tokens(saved, fp)
     if write_prompts is not None:
         return write_prompt_set(
             target, tok, store, all_prompts, Path(write_prompts), prompt_count, bench, seed, slots, eos
@@ -251,7 +251,8 @@ def train_draft(
         cuts["generation"] = f"stopped at {store.meta['answer_tokens']} of {tokens} answer tokens"
     if generate_only:
         return {"data": store.meta}
-    seqs = store.sequences()
+    store.fill_features(target, train_tokens)
+    seqs = store.sequences(train_tokens)
     if train_tokens is not None:
         seqs = first_answer_tokens(seqs, train_tokens)
         log(f"training on the first {len(seqs)} sequences ({sum(len(t) - p for t, _, p in seqs)} answer tokens)")

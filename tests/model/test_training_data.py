@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -102,10 +103,10 @@ def test_follow_up_chats_read_back_and_encode_whole(tmp_path, tiny):
 
 
 def test_token_file_round_trip_recomputes_features(tiny, tmp_path):
-    """Saved token ids rebuild the store: same keys, tokens and prompt lengths, features equal to the ones
-    generation recorded (within one fp16 step: the store keeps features in fp16, and prefill and
-    step-by-step decoding round differently in the last fp32 bits); another target's file
-    is refused; a second load adds nothing."""
+    """Saved token ids rebuild the store: same keys, tokens and prompt lengths at once, features only when
+    asked for (``fill_features``), then equal to the ones generation recorded (within one fp16 step: the
+    store keeps features in fp16, and prefill and step-by-step decoding round differently in the last
+    fp32 bits); another target's file is refused; a second load adds nothing."""
     g = torch.Generator().manual_seed(7)
     prompts = [(f"k{i}", torch.randint(0, 64, (3 + i,), generator=g).tolist()) for i in range(5)]
     store = DataStore(tmp_path / "a")
@@ -115,18 +116,52 @@ def test_token_file_round_trip_recomputes_features(tiny, tmp_path):
     path = tmp_path / "tokens.npz"
     assert store.save_tokens(path, "fp-1", max_new=12) == 5
     with pytest.raises(ValueError, match="not of fp-2"):
-        DataStore(tmp_path / "x").load_tokens(path, tiny, "fp-2")
+        DataStore(tmp_path / "x").load_tokens(path, "fp-2")
     again = DataStore(tmp_path / "b")
-    assert again.load_tokens(path, tiny, "fp-1", progress=False) == 5
-    assert again.load_tokens(path, tiny, "fp-1", progress=False) == 0
+    assert again.load_tokens(path, "fp-1") == 5
+    assert again.load_tokens(path, "fp-1") == 0
     assert again.answered() == store.answered()
-    for (t1, f1, p1), (t2, f2, p2) in zip(store.sequences(), again.sequences()):
+    assert {k: again.meta[k] for k in ("sequences", "answer_tokens", "prompt_tokens")} == {
+        k: store.meta[k] for k in ("sequences", "answer_tokens", "prompt_tokens")
+    }
+    with pytest.raises(ValueError, match="fill_features"):
+        again.sequences()
+    assert again.fill_features(tiny, progress=False) == 5
+    assert DataStore(tmp_path / "b").fill_features(tiny, progress=False) == 0  # kept on disk
+    for (t1, f1, p1), (t2, f2, p2) in zip(store.sequences(), again.sequences(), strict=True):
         assert torch.equal(t1, t2) and p1 == p2
         torch.testing.assert_close(f2.float(), f1.float(), rtol=2**-10, atol=2**-10)
     seqs = store.sequences()
     answer = [len(t) - p for t, _, p in seqs]
     assert first_answer_tokens(seqs, sum(answer[:2])) == seqs[:2]
     assert first_answer_tokens(seqs, sum(answer[:2]) + answer[2] - 1) == seqs[:2]
+
+
+def test_features_are_made_only_for_the_shards_training_reads(tiny, tmp_path):
+    """Token ids loaded in shards of 1,000 sequences; a prefix of the answer tokens fills and reads only
+    the shards that hold it, so a run that trains on the first N tokens prefills no more than it needs."""
+    g = torch.Generator().manual_seed(3)
+    lens = torch.randint(4, 9, (1500,), generator=g).tolist()
+    toks = torch.randint(0, 64, (sum(lens),), generator=g).numpy().astype("uint16")
+    path = tmp_path / "tokens.npz"
+    np.savez_compressed(
+        path,
+        tokens=toks,
+        lens=np.array(lens, dtype=np.int32),
+        prompt_lens=np.full(1500, 2, dtype=np.int32),
+        keys=np.array(json.dumps([f"k{i}" for i in range(1500)])),
+        meta=np.array(json.dumps({"fingerprint": "fp", "max_new": 8})),
+    )
+    store = DataStore(tmp_path / "s")
+    assert store.load_tokens(path, "fp") == 1500 and len(store.meta["shards"]) == 2
+    first = sum(n - 2 for n in lens[:1000])
+    assert store.fill_features(tiny, answer_tokens=first, progress=False) == 1000
+    seqs = store.sequences(answer_tokens=first)
+    assert len(seqs) == 1000 and first_answer_tokens(seqs, first) == seqs
+    assert all(f.shape == (len(t) - 1, tiny.cfg.hidden_size) for t, f, _ in seqs[:5])
+    with pytest.raises(ValueError, match="fill_features"):
+        store.sequences(answer_tokens=first + 1)
+    assert store.fill_features(tiny, progress=False) == 500
 
 
 def test_generation_stops_starting_prompts_at_the_target(tiny, tmp_path):
