@@ -100,8 +100,9 @@ def test_rms_norm_fused_into_the_kernel(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int8_rows_times_int8_activations(dtype):
     """The vocabulary matrix's product on an int4a8 stage: within the activations' int8 rounding of
-    the exact int8-row product, and each row bitwise the same in any batch and code path (203 rows: the
-    vector path's blocks of four vocabulary rows and the rows left over)."""
+    the exact int8-row product, and each row bitwise the same in any batch and code path (203 vocabulary rows
+    by 5 activation rows: the vector path's blocks of four vocabulary rows by two activation rows, by one,
+    and the rows left over of each)."""
     torch.manual_seed(4)
     w = torch.randint(-128, 128, (203, 96), dtype=torch.int8)
     scales = (torch.rand(203) * 0.02 + 0.001).to(dtype)
