@@ -24,9 +24,12 @@ from __future__ import annotations
 import json
 import random
 import re
+import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from tqdm import tqdm
 
 from training.prompts import EVERYDAY, held_out_questions, load_questions
 
@@ -401,7 +404,11 @@ def make_prompt_set(
         asks = self_question_requests(2 * n_self, seed)
         chats = [(str(i), encode_messages(tok, [{"role": "user", "content": a}])) for i, a in enumerate(asks)]
         log(f"prompts: the target writes {len(asks)} questions (sampled at T=0.9), keeping up to {n_self}")
-        rolls = batch_generate(stage, chats, max_new=48, slots=slots, temperature=0.9, seed=seed, eos=eos)
+        # at most 48 tokens each: the bar's total is that bound, and it ends early when answers stop sooner
+        with tqdm(total=48 * len(asks), unit="tok", desc="questions", file=sys.stderr) as bar:
+            rolls = batch_generate(
+                stage, chats, max_new=48, slots=slots, temperature=0.9, seed=seed, eos=eos, progress=bar
+            )
         written = [clean_question(tok.decode(r.tokens[r.prompt_len :], skip_special_tokens=True)) for r in rolls]
         mine = keep_new([q for q in written if q], exclusion, seen)[:n_self]
         looked = sum(q is not None for q in written)

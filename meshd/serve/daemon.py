@@ -416,6 +416,13 @@ class Daemon:
         return status
 
 
+def timed(fn: Callable[[], object]) -> float:
+    """Seconds one call of ``fn`` takes."""
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 def origin_layers(
     source: ModelSource,
     vocab: Stage,
@@ -426,26 +433,27 @@ def origin_layers(
 ) -> float:
     """This device's originator work per round in decoder layers of its own forward: one LM head over
     ``ORIGIN_ROWS`` rows plus one draft ``ORIGIN_LEVELS`` deep, over one layer's forward of as many rows,
-    all timed here as this device runs them (paced, when emulated). The planner takes it off this
-    peer's share where other peers only serve stages (peers.planner); 0.0 when it cannot be measured."""
+    all timed here as this device runs them (paced, when emulated), each the best of a few calls after a
+    cold first one. The planner takes it off this peer's share where other peers only serve stages
+    (peers.planner); 0.0 when it cannot be measured."""
     try:
-        t0 = time.perf_counter()
         h = vocab.final_norm(torch.randn(ORIGIN_ROWS, vocab.cfg.hidden_size, dtype=vocab.dtype))
-        vocab.logits(h, normed=True)
-        head = time.perf_counter() - t0
+        head = min(timed(lambda: vocab.logits(h, normed=True)) for _ in range(3))  # the first call is cold
         draft = 0.0
         if factory is not None:
             ids = [int(t) for t in torch.randint(0, vocab.cfg.vocab_size, (32,))]
-            d = factory()
-            d.reset(ids)
             # the target's features of every position but the root's (the last token), as after a prefill
-            feats = torch.randn(len(ids) - 1, vocab.cfg.hidden_size, dtype=vocab.dtype)
-            d.accept(ids, vocab.final_norm(feats))
-            t0 = time.perf_counter()
-            d.draft(ids, top_k=8, depth=ORIGIN_LEVELS, max_nodes=64)
-            draft = time.perf_counter() - t0
+            feats = vocab.final_norm(torch.randn(len(ids) - 1, vocab.cfg.hidden_size, dtype=vocab.dtype))
+
+            def one_draft() -> float:
+                d = factory()  # a fresh drafter each time: a second draft would grow the first one's tree
+                d.reset(ids)
+                d.accept(ids, feats)
+                return timed(lambda: d.draft(ids, top_k=8, depth=ORIGIN_LEVELS, max_nodes=64))
+
+            draft = min(one_draft() for _ in range(2))
         layer = Stage.load(source, LayerRange(0, 1), dtype=dtype, weights=weights)
-        per_layer = {ORIGIN_ROWS: forward_times(layer, (ORIGIN_ROWS,), repeats=2, lm_head=False)[ORIGIN_ROWS]}
+        per_layer = {ORIGIN_ROWS: forward_times(layer, (ORIGIN_ROWS,), repeats=5, lm_head=False)[ORIGIN_ROWS]}
         if device is not None:
             per_layer = device.curve(layer, per_layer)
         layers = (head + draft) / max(1e-9, per_layer[ORIGIN_ROWS])
