@@ -13,7 +13,7 @@ import torch
 from models.source import ModelSource
 from models.stage import Stage
 from training import promptgen as pg
-from training.prompts import read_prompt_file
+from training.prompts import project_prompt_files, read_prompt_file
 from training.rollouts import DataStore, batch_generate, generate_data
 from training.train import TrainConfig, collate
 from training.train_draft import first_answer_tokens
@@ -53,6 +53,27 @@ def test_evaluation_prompts_are_never_made():
     chat = [{"role": "user", "content": evals[1]}, {"role": "assistant", "content": "x"}]
     chat.append({"role": "user", "content": "Go on."})
     assert pg.keep_new([chat], ex, set()) == []  # a chat's user turns are checked too
+
+
+def test_the_projects_prompt_files_never_come_near_the_everyday_set():
+    """The prompts the project ships for training (``models/heads/prompts/*.jsonl``, chats' user turns
+    included) share no run of six words with an everyday prompt, so the set measured on stays unseen.
+    One exception, pinned: ``synthetic.jsonl`` (2026-12-01) predates the rule, and 29 of its 540 prompts
+    share a stock phrase with one ("Write a short story about a ...", "... hours. What is its average
+    speed?", "Write a Python function that checks ... a palindrome"); its lines cannot be dropped, since
+    the stored answers are keyed by line number, so the test holds that count from growing. (Spec-Bench's
+    held-out split is excluded when the files are made with ``--questions``; it is not in the repository.)"""
+    ex = pg.Exclusion(pg.evaluation_texts())
+    files = project_prompt_files()
+    assert len(files) >= 2
+    for path in files:
+        near = [
+            key
+            for key, prompt in read_prompt_file(path)
+            for text in ([prompt] if isinstance(prompt, str) else [m["content"] for m in prompt if m["role"] == "user"])
+            if ex.hits(text)
+        ]
+        assert len(near) == (29 if path.name == "synthetic.jsonl" else 0), f"{path.name}: {near[:5]}"
 
 
 def test_held_out_spec_bench_is_excluded(tmp_path):
