@@ -224,6 +224,41 @@ static inline __attribute__((always_inline)) void block_avx2(const uint8_t *wb, 
                                                              const int rows) {
     const __m256i low = _mm256_set1_epi8(0x0f);
     const __m256i ones = _mm256_set1_epi16(1);
+    if (rows <= 2) {
+        /* few rows leave registers for both halves' accumulators: one pass over the block reads its
+         * groups once, in order, and each row keeps two independent chains (its two halves' columns;
+         * every column's own sum is the same as below, so the same bits) */
+        __m256 acc[2][2];
+        for (int r = 0; r < rows; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+        for (int64_t g = 0; g < groups; g++) {
+            const uint8_t *p = wb + g * GROUP_BYTES;
+            prefetch_ahead(p);
+            for (int h = 0; h < 2; h++) {
+                __m256i pairs[2];
+                for (int jj = 0; jj < 4; jj++) {
+                    __m256i raw = _mm256_loadu_si256((const __m256i *)(p + 64 * jj + 32 * h));
+                    __m256i wl = _mm256_and_si256(raw, low), wh = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
+                    for (int r = 0; r < rows; r++) {
+                        const int32_t *ar = (const int32_t *)(a[r] + g * GROUP);
+                        __m256i both = _mm256_add_epi16(_mm256_maddubs_epi16(wl, _mm256_set1_epi32(ar[jj])),
+                                                        _mm256_maddubs_epi16(wh, _mm256_set1_epi32(ar[jj + 4])));
+                        pairs[r] = jj == 0 ? both : _mm256_add_epi16(pairs[r], both);
+                    }
+                }
+                __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 256 + 16 * h)));
+                __m256 m = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 288 + 16 * h)));
+                for (int r = 0; r < rows; r++) {
+                    __m256i isum = _mm256_madd_epi16(pairs[r], ones);
+                    __m256 scale = _mm256_mul_ps(d, _mm256_set1_ps(s[r][g]));
+                    acc[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), scale, acc[r][h]);
+                    acc[r][h] = _mm256_fmadd_ps(m, _mm256_set1_ps(sa[r][g]), acc[r][h]);
+                }
+            }
+        }
+        for (int r = 0; r < rows; r++)
+            for (int h = 0; h < 2; h++) _mm256_storeu_ps(out[r] + 8 * h, acc[r][h]);
+        return;
+    }
     for (int h = 0; h < 2; h++) {
         __m256 acc[TILE];
         for (int r = 0; r < rows; r++) acc[r] = _mm256_setzero_ps();
