@@ -347,7 +347,7 @@ class DataStore:
             part = todo[s : s + 1000]
             self._write_shard([toks[starts[i] : starts[i + 1]].tolist() for i in part], [plens[i] for i in part], None)
             self.meta["done"] += [keys[i] for i in part]
-            self._count([(len(toks[starts[i] : starts[i + 1]]), plens[i]) for i in part])
+            self._count([(lens[i], plens[i]) for i in part])
         self._save_meta()
         if todo:
             log(f"data: {len(todo)} sequences' token ids from {path} (features made when training needs them)")
@@ -358,15 +358,11 @@ class DataStore:
         prefill each, a shard at a time (an interruption keeps the shards done). ``answer_tokens``: only
         the shards needed for the first that many answer tokens in store order (what
         ``first_answer_tokens`` trains on). Returns how many sequences got features."""
-        need, have, filled = [], 0, 0
-        for name in self.meta["shards"]:
-            if answer_tokens is not None and have >= answer_tokens:
-                break
+        need, filled = [], 0
+        for name in self._prefix_shards(answer_tokens):
             with safe_open(str(self.root / name), "pt") as f:
-                lens, plens = (f.get_tensor(k).tolist() for k in ("lens", "prompt_lens"))
                 if "feats" not in set(f.keys()):
-                    need.append((name, sum(lens)))
-            have += sum(n - p for n, p in zip(lens, plens))
+                    need.append((name, int(f.get_tensor("lens").sum())))
         if not need:
             return 0
         total = sum(n for _, n in need)
@@ -393,10 +389,7 @@ class DataStore:
         """Every stored (tokens, features, prompt_len), or the shards that hold the first ``answer_tokens``
         answer tokens; :meth:`fill_features` first if any were loaded as token ids only."""
         out: list[tuple[torch.Tensor, torch.Tensor, int]] = []
-        have = 0
-        for name in self.meta["shards"]:
-            if answer_tokens is not None and have >= answer_tokens:
-                break
+        for name in self._prefix_shards(answer_tokens):
             sd = load_file(str(self.root / name))
             if "feats" not in sd:
                 raise ValueError(
@@ -407,8 +400,20 @@ class DataStore:
                 out.append((sd["tokens"][t0 : t0 + n].long(), sd["feats"][f0 : f0 + n - 1], p))
                 t0 += n
                 f0 += n - 1
-                have += n - p
         return out
+
+    def _prefix_shards(self, answer_tokens: int | None) -> list[str]:
+        """The shards, in store order, that hold the first ``answer_tokens`` answer tokens (all when None):
+        what :meth:`fill_features` fills and :meth:`sequences` reads for ``first_answer_tokens``."""
+        names, have = [], 0
+        for name in self.meta["shards"]:
+            if answer_tokens is not None and have >= answer_tokens:
+                break
+            names.append(name)
+            if answer_tokens is not None:
+                with safe_open(str(self.root / name), "pt") as f:
+                    have += int((f.get_tensor("lens") - f.get_tensor("prompt_lens")).sum())
+        return names
 
 
 def generate_data(
