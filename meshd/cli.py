@@ -360,36 +360,40 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_train_draft(args: argparse.Namespace) -> int:
+    from training.stopping import StopRequest
     from training.train_draft import train_draft  # lazy: keeps `meshd --help` fast
 
     _threads(args.threads)
-    train_draft(
-        model=args.model,
-        out=args.out,
-        prompts=args.prompts,
-        spec_bench=args.questions,
-        tokens=args.tokens,
-        epochs=args.epochs,
-        seed=args.seed,
-        work=args.work,
-        dtype=args.dtype,
-        weights=args.weights,
-        slots=args.slots,
-        max_new=args.max_new,
-        vocab=args.vocab,
-        steps=args.steps,
-        lr=args.lr,
-        batch_tokens=args.batch_tokens,
-        eval_per_category=args.eval_per_category,
-        generate_only=args.generate_only,
-        write_prompts=args.write_prompts,
-        prompt_count=args.prompt_count,
-        tokens_file=args.tokens_file,
-        train_tokens=args.train_tokens,
-        time_budget=args.time_budget,
-        command="meshd " + " ".join(sys.argv[1:]),
-    )
-    return 0
+    stop = StopRequest()
+    with stop.installed():
+        train_draft(
+            model=args.model,
+            out=args.out,
+            prompts=args.prompts,
+            spec_bench=args.questions,
+            tokens=args.tokens,
+            epochs=args.epochs,
+            seed=args.seed,
+            work=args.work,
+            dtype=args.dtype,
+            weights=args.weights,
+            slots=args.slots,
+            max_new=args.max_new,
+            vocab=args.vocab,
+            steps=args.steps,
+            lr=args.lr,
+            batch_tokens=args.batch_tokens,
+            eval_per_category=args.eval_per_category,
+            generate_only=args.generate_only,
+            write_prompts=args.write_prompts,
+            prompt_count=args.prompt_count,
+            tokens_file=args.tokens_file,
+            train_tokens=args.train_tokens,
+            time_budget=args.time_budget,
+            command="meshd " + " ".join(sys.argv[1:]),
+            stop=stop,
+        )
+    return stop.exit_code
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

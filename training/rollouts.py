@@ -353,44 +353,97 @@ class DataStore:
             log(f"data: {len(todo)} sequences' token ids from {path} (features made when training needs them)")
         return len(todo)
 
-    def fill_features(self, stage: Stage, answer_tokens: int | None = None, progress: bool = True) -> int:
+    def fill_features(
+        self,
+        stage: Stage,
+        answer_tokens: int | None = None,
+        progress: bool = True,
+        stop: Callable[[], bool] | None = None,
+    ) -> int:
         """Make the features of the stored sequences that have none (loaded by :meth:`load_tokens`), one
         prefill each, a shard at a time (an interruption keeps the shards done). ``answer_tokens``: only
         the shards needed for the first that many answer tokens in store order (what
-        ``first_answer_tokens`` trains on). Returns how many sequences got features."""
-        need, filled = [], 0
-        for name in self._prefix_shards(answer_tokens):
-            with safe_open(str(self.root / name), "pt") as f:
-                if "feats" not in set(f.keys()):
-                    need.append((name, int(f.get_tensor("lens").sum())))
+        ``first_answer_tokens`` trains on). ``stop`` (a time budget's or a signal's test) is asked before
+        every sequence: once true, the shard in progress is split in two, the sequences done with their
+        features and the rest as token ids for a later run, so no prefill is lost. Returns how many
+        sequences got features."""
+        need, filled = self.without_features(answer_tokens), 0
         if not need:
             return 0
         total = sum(n for _, n in need)
         bar = tqdm(total=total, unit="tok", desc="features", file=sys.stderr, disable=not progress)
-        t0 = time.perf_counter()
+        t0, made = time.perf_counter(), 0
         for name, _ in need:
             sd = load_file(str(self.root / name))
             t, feats = 0, []
             for n in sd["lens"].tolist():
+                if stop is not None and stop():
+                    break
                 ids = sd["tokens"][t : t + n].tolist()
                 feats.append(prefill_features(stage, ids[:-1], stage.new_cache(n)).to(torch.float16))
                 t += n
+                made += n
                 bar.update(n)
+            filled += len(feats)
+            if len(feats) < len(sd["lens"]):
+                if feats:
+                    self._split_shard(name, sd, len(feats), torch.cat(feats).contiguous())
+                break
             tmp = self.root / (name + ".tmp")
             save_file({**sd, "feats": torch.cat(feats).contiguous()}, str(tmp))
             os.replace(tmp, self.root / name)
-            filled += len(feats)
         bar.close()
         took = time.perf_counter() - t0
-        log(f"data: features of {filled} stored sequences by prefill in {took:.0f} s ({total / took:.0f} tokens/s)")
+        left = sum(n for _, n in self.without_features(answer_tokens))
+        log(
+            f"data: features of {filled} stored sequences by prefill in {took:.0f} s ({made / max(took, 1e-9):.0f} "
+            "tokens/s)" + (f"; stopped with {left} tokens still without (a rerun makes them)" if left else "")
+        )
         return filled
 
-    def sequences(self, answer_tokens: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+    def _split_shard(self, name: str, sd: dict[str, torch.Tensor], done: int, feats: torch.Tensor) -> None:
+        """Replace token-only shard ``name`` by two: its first ``done`` sequences with ``feats`` (theirs, in
+        order) and the rest still token ids. Both are new files, written before the shard list names them
+        (one atomic write), so a crash in between leaves at most a file nothing lists."""
+        lens, plens = sd["lens"], sd["prompt_lens"]
+        cut = int(lens[:done].sum())
+        parts = [
+            {"tokens": sd["tokens"][:cut], "lens": lens[:done], "prompt_lens": plens[:done], "feats": feats},
+            {"tokens": sd["tokens"][cut:], "lens": lens[done:], "prompt_lens": plens[done:]},
+        ]
+        names = []
+        for part in parts:
+            self.meta["split_shards"] = self.meta.get("split_shards", 0) + 1
+            new = f"shard-split-{self.meta['split_shards']:05d}.safetensors"
+            tmp = self.root / (new + ".tmp")
+            save_file({k: v.contiguous() for k, v in part.items()}, str(tmp))
+            os.replace(tmp, self.root / new)
+            names.append(new)
+        at = self.meta["shards"].index(name)
+        self.meta["shards"][at : at + 1] = names
+        self._save_meta()
+        (self.root / name).unlink()
+
+    def without_features(self, answer_tokens: int | None = None) -> list[tuple[str, int]]:
+        """(name, tokens) of the shards :meth:`_prefix_shards` names that hold token ids only."""
+        out = []
+        for name in self._prefix_shards(answer_tokens):
+            with safe_open(str(self.root / name), "pt") as f:
+                if "feats" not in set(f.keys()):
+                    out.append((name, int(f.get_tensor("lens").sum())))
+        return out
+
+    def sequences(
+        self, answer_tokens: int | None = None, made_only: bool = False
+    ) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
         """Every stored (tokens, features, prompt_len), or the shards that hold the first ``answer_tokens``
-        answer tokens; :meth:`fill_features` first if any were loaded as token ids only."""
+        answer tokens; :meth:`fill_features` first if any were loaded as token ids only, or ``made_only``
+        to leave those out (what a run whose prefill was cut short trains on)."""
         out: list[tuple[torch.Tensor, torch.Tensor, int]] = []
         for name in self._prefix_shards(answer_tokens):
             sd = load_file(str(self.root / name))
+            if "feats" not in sd and made_only:
+                continue
             if "feats" not in sd:
                 raise ValueError(
                     f"{self.root / name} holds token ids without features: call fill_features(stage) first"
@@ -493,6 +546,6 @@ def generate_data(
     log(
         f"generation: {store.meta['answer_tokens']} answer + {store.meta['prompt_tokens']} prompt tokens in "
         f"{store.meta['sequences']} sequences ({store.meta['gen_seconds']:.0f} s)"
-        + (f"; stopped by the time budget short of {target_tokens} (a rerun continues)" if cut else "")
+        + (f"; stopped short of {target_tokens} (a rerun continues)" if cut else "")
     )
     return cut

@@ -14,7 +14,7 @@ import random
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,6 +128,7 @@ def train_head(
     lm_rows: torch.Tensor,
     log_every: int = 20,
     deadline: float | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> dict:
     """Train ``head`` in place; resumes from ``ckpt``; returns the loss history and timing.
 
@@ -137,7 +138,11 @@ def train_head(
     whichever is further along, the batches done or the time spent of this run's share (warm-up
     included: it ends after 5 % of the time at the latest): the rate reaches its floor by the
     deadline however many batches fit. ``state["cut"]`` says whether the
-    deadline stopped it before the ``state["planned"]`` batches."""
+    deadline stopped it before the ``state["planned"]`` batches.
+
+    ``stop`` (a signal's stop test, :mod:`training.stopping`) is asked after every batch; when true,
+    training ends there mid-schedule with the checkpoint saved (``state["stopped"]``), for a rerun to
+    continue the same schedule."""
     torch.manual_seed(tc.seed)
     opt = torch.optim.AdamW(head.parameters(), lr=tc.lr, weight_decay=0.0, betas=(0.9, 0.95))
     per_epoch = [make_batches(seqs, tc, e) for e in range(tc.epochs)]
@@ -168,7 +173,7 @@ def train_head(
             log(f"training: resumed at step {state['step']}/{total}")
         else:
             log("training: checkpoint is for a different data set or schedule; starting over")
-    state["cut"] = False
+    state["cut"] = state["stopped"] = False
     state["planned"] = total
 
     def save() -> None:
@@ -221,7 +226,8 @@ def train_head(
             state["seconds"] += now - t_last
             t_last = now
             cut = deadline is not None and now >= deadline and step + 1 < total
-            if acc["n"] >= log_every or step + 1 == total or cut:  # the curve ends where training did
+            halt = stop is not None and step + 1 < total and stop()
+            if acc["n"] >= log_every or step + 1 == total or cut or halt:  # the curve ends where training did
                 row = {k: round(v / acc["n"], 4) for k, v in acc.items() if k != "n"}
                 row.update(step=step + 1, epoch=epoch, lr=round(lr_at(step), 6), seconds=round(state["seconds"], 1))
                 state["history"].append(row)
@@ -233,6 +239,10 @@ def train_head(
             if cut:
                 state["cut"] = True
                 log(f"training: stopped by the time budget at batch {step + 1}/{total} (a rerun resumes here)")
+                break
+            if halt:
+                state["stopped"] = True
+                log(f"training: stopped at batch {step + 1}/{total}, checkpoint saved (a rerun resumes here)")
                 break
     finally:
         bar.close()

@@ -55,6 +55,7 @@ from training.prompts import (
     training_prompts,
 )
 from training.rollouts import DataStore, data_dir_name, features_label, generate_data, work_dir
+from training.stopping import StopRequest, either
 from training.timebudget import TimeBudget, format_duration
 from training.train import StoredSequence, TrainConfig, choose_vocab, train_head
 
@@ -179,6 +180,7 @@ def train_draft(
     train_tokens: int | None = None,
     time_budget: float | None = None,
     command: str | None = None,
+    stop: StopRequest | None = None,
 ) -> dict:
     """Generate (resumable), train (resumable), write the head, evaluate, write the report.
 
@@ -190,7 +192,9 @@ def train_draft(
     other numerics are kept in their own data directory. Measured on the embedded model, int4a8 features
     made no better head than dense ones (docs/draft-head.md), so this is a choice, not the default.
     ``time_budget``: seconds for the whole run, split as :mod:`training.timebudget` says; what it cut
-    is logged and recorded under ``report["time_budget"]``.
+    is logged and recorded under ``report["time_budget"]``. ``stop`` (the command's SIGTERM and Ctrl-C,
+    :mod:`training.stopping`) ends the run at the next point where its work is kept, without writing a
+    head; the returned dict then says ``stopped`` (the signal's name).
     """
     t_start = time.perf_counter()
     bench = spec_bench_path(spec_bench)
@@ -210,9 +214,9 @@ def train_draft(
     out = Path(out) if out is not None else default_head_dir(src)
     check_out_dir(out)
     log(f"target {src.name} ({fp}); work dir {work}; head -> {out}")
-    gen_stop = None
+    gen_stop = stop
     if budget is not None:
-        gen_stop = budget.over(budget.end if generate_only else budget.generation_deadline)
+        gen_stop = either(stop, budget.over(budget.end if generate_only else budget.generation_deadline))
         log(
             f"time budget {format_duration(budget.seconds)}: all of it for generation (--generate-only)"
             if generate_only
@@ -232,6 +236,8 @@ def train_draft(
             target, tok, store, all_prompts, Path(write_prompts), prompt_count, bench, seed, slots, eos
         )
 
+    if stop is not None:
+        stop.graceful = True  # from here on every phase keeps its work when stopped
     gen_cut = generate_data(
         target,
         tok,
@@ -249,13 +255,27 @@ def train_draft(
         log(f"wrote the token ids of {n} sequences to {tokens_file} ({Path(tokens_file).stat().st_size / 1e6:.1f} MB)")
     if gen_cut:
         cuts["generation"] = f"stopped at {store.meta['answer_tokens']} of {tokens} answer tokens"
+    if stop is not None and stop():
+        return stopped(stop, "after generation, every finished answer kept", store)
     if generate_only:
         return {"data": store.meta}
-    store.fill_features(target, train_tokens)
-    seqs = store.sequences(train_tokens)
+    feat_stop = stop
+    if budget is not None:  # the prefill may take half of what training has; it trains on what got features
+        feat_stop = either(stop, budget.over(budget.clock() + budget.left(budget.training_deadline) / 2))
+    store.fill_features(target, train_tokens, stop=feat_stop)
+    if stop is not None and stop():
+        return stopped(stop, "while making features, the sequences done kept", store)
+    if store.without_features(train_tokens):
+        cuts["features"] = "made for part of the data only; training used those sequences"
+    seqs = store.sequences(train_tokens, made_only=True)
     if train_tokens is not None:
         seqs = first_answer_tokens(seqs, train_tokens)
         log(f"training on the first {len(seqs)} sequences ({sum(len(t) - p for t, _, p in seqs)} answer tokens)")
+    if not seqs and "features" in cuts:
+        raise ValueError(
+            f"no training data for {src.name}: the time budget ran out while the target made the features of "
+            "the stored answers; give a larger --time-budget, or run again: the features made are kept"
+        )
     if not seqs and gen_cut:
         raise ValueError(
             f"no training data for {src.name} in {work / 'data'}: the time budget ran out before the target "
@@ -295,7 +315,10 @@ def train_draft(
         work / "train.ckpt",
         lm_rows=lm_rows,
         deadline=budget.training_deadline if budget is not None else None,
+        stop=stop,
     )
+    if state["stopped"]:
+        return stopped(stop, f"in training at batch {state['step']} of {state['planned']}, checkpoint saved", store)
     if state.get("cut"):
         cuts["training"] = (
             f"stopped at batch {state['step']} of {state['planned']} ({epochs} epochs; the schedule annealed by time)"
@@ -335,6 +358,9 @@ def train_draft(
     elif eval_per_category > 0 and budget is not None and not budget.report_fits():
         cuts["report"] = f"skipped: {budget.left():.0f} s of the budget left"
         log(f"held-out evaluation {cuts['report']}")
+    elif eval_per_category > 0 and stop is not None and stop():
+        report["stopped"] = stop.name
+        log(f"held-out evaluation skipped: {stop.name}")
     elif eval_per_category > 0:
         report["held_out"] = held_out_report(
             target,
@@ -350,6 +376,7 @@ def train_draft(
             slots=slots,
             numerics=numerics,
             budget=budget,
+            stop=stop,
         )
         if report["held_out"].get("cut"):
             cuts["report"] = report["held_out"]["cut"]
@@ -364,6 +391,15 @@ def train_draft(
     log(f"wrote {out} ({sum(f.stat().st_size for f in out.iterdir() if f.is_file()) / 1e6:.1f} MB)")
     log(where_auto_looks(out, src))
     return report
+
+
+def stopped(stop: StopRequest, where: str, store: DataStore) -> dict:
+    """The run's end when a signal stopped it: what was kept, and that a rerun continues."""
+    log(
+        f"stopped by {stop.name} {where} ({store.meta['answer_tokens']} answer tokens stored); no head written: "
+        "run the same command again to continue"
+    )
+    return {"stopped": stop.name, "data": store.meta}
 
 
 def write_prompt_set(
@@ -411,6 +447,7 @@ def held_out_report(
     slots: int,
     numerics: str,
     budget: TimeBudget | None,
+    stop: StopRequest | None = None,
 ) -> dict:
     """Held-out acceptance of the head at ``out`` against n-gram lookup, by exact replay.
 
@@ -418,9 +455,9 @@ def held_out_report(
     whatever did not fit is left out and said so under ``cut`` (rollouts cut short are not cached)."""
     questions = held_out_questions(bench, per_category)
     cats = {str(q["question_id"]): q["category"] for q in questions}
-    roll_stop = None
+    roll_stop = stop
     if budget is not None:
-        roll_stop = budget.over(budget.clock() + budget.left() / 2)
+        roll_stop = either(stop, budget.over(budget.clock() + budget.left() / 2))
     rolls = held_out_rollouts(
         target,
         tok,
@@ -433,6 +470,8 @@ def held_out_report(
         cache=held_out_cache(work, questions, eval_tokens, 0.0, numerics),
         stop=roll_stop,
     )
+    if stop is not None and stop():
+        return {"questions": len(questions), "cut": f"stopped by {stop.name} before the replay"}
     drafter = EagleDrafter(load_head(out, target.cfg, fingerprint), target)
     res = evaluate_acceptance(
         {"eagle": drafter, "ngram": NGramDrafter()},

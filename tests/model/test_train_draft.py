@@ -5,6 +5,7 @@ safetensors directory, with the oracle (speculation equals greedy) on the head i
 from __future__ import annotations
 
 import json
+import signal
 import time
 
 import pytest
@@ -24,6 +25,7 @@ from models.source import ModelSource
 from models.stage import Stage
 from training.evaluate import evaluate_acceptance
 from training.rollouts import DataStore, batch_generate, features_label, generate_data, prefill_features
+from training.stopping import StopRequest
 from training.timebudget import TimeBudget
 from training.train import TrainConfig, train_head
 
@@ -184,6 +186,51 @@ def test_training_deadline_anneals_and_resumes(tiny, tmp_path):
     assert again["step"] == state["step"] + 1 and again["cut"]
 
 
+def test_training_stopped_on_request_saves_its_batch_and_resumes(tiny, tmp_path):
+    """A signal's stop ends training after the batch in progress, mid-schedule, with the checkpoint a
+    rerun continues from (the same schedule: not annealed early as a time budget's cut is)."""
+    _, target = tiny
+    g = torch.Generator().manual_seed(4)
+    prompts = [(str(i), torch.randint(0, 64, (6,), generator=g).tolist()) for i in range(8)]
+    seqs = [(torch.tensor(r.tokens), r.feats.half(), r.prompt_len) for r in batch_generate(target, prompts, max_new=20)]
+    tc = TrainConfig(epochs=4, lr=1e-3, batch_tokens=120, steps=2)
+    ckpt = tmp_path / "ckpt"
+    state = train_head(random_head(target), target, seqs, tc, ckpt, lm_rows=target.lm_head_w, stop=Steps(2))
+    assert state["stopped"] and not state["cut"] and state["step"] == 3 < state["planned"]
+    assert state["history"][-1]["step"] == 3 and state["history"][-1]["lr"] > 0.5 * tc.lr  # mid-schedule
+    again = train_head(random_head(target), target, seqs, tc, ckpt, lm_rows=target.lm_head_w)
+    assert again["step"] == again["planned"] == state["planned"] and not again["stopped"]
+    assert [h["step"] for h in again["history"]] == [3, state["planned"]]  # resumed at batch 3, not restarted
+
+
+def test_a_signal_asks_the_run_to_stop_and_a_second_one_stops_it():
+    """SIGTERM or Ctrl-C: at once while nothing could be kept, else a request the loops see, and the
+    second one at once; the handlers before come back after; an ignored Ctrl-C stays ignored."""
+    before = signal.getsignal(signal.SIGTERM)
+    stop = StopRequest()
+    with stop.installed(), pytest.raises(SystemExit) as exit_:
+        signal.raise_signal(signal.SIGTERM)
+        time.sleep(0.01)
+    assert exit_.value.code == 143 and signal.getsignal(signal.SIGTERM) is before
+    for sig, second in ((signal.SIGTERM, SystemExit), (signal.SIGINT, KeyboardInterrupt)):
+        stop = StopRequest()
+        with stop.installed():
+            stop.graceful = True
+            assert not stop()
+            signal.raise_signal(sig)
+            time.sleep(0.01)
+            assert stop() and stop.name == sig.name and stop.exit_code == 128 + sig
+            with pytest.raises(second):
+                signal.raise_signal(sig)
+                time.sleep(0.01)
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with StopRequest().installed():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
 def test_a_head_trains_on_the_features_of_quantized_weights(tmp_path, monkeypatch, embedded_source, embedded_tokenizer):
     """``--weights int8``: the head's features come from the quantized target (not the dense one), are
     kept apart from dense features in the work dir, and training reads the quantized embeddings and
@@ -316,3 +363,40 @@ def test_train_draft_end_to_end_under_a_budget(
     res = generate(target, prompt, max_new_tokens=24, drafter=auto, budget=budget)
     assert_matches_greedy(res.token_ids, want, gaps)
     assert res.stats.new_tokens == 24 and res.stats.verified_nodes > res.stats.rounds  # it drafted
+
+
+class SigtermAfter(StopRequest):
+    """A stop request that a SIGTERM answers after ``n`` asks (what the handler records, without a signal)."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.asks = n
+
+    def __call__(self) -> bool:
+        self.asks -= 1
+        if self.asks < 0 and self.signum is None:
+            self.signum = signal.SIGTERM
+        return super().__call__()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_train_draft_stopped_keeps_its_answers_and_a_rerun_finishes(
+    tmp_path, monkeypatch, capsys, embedded_source, embedded_tokenizer
+):
+    """SIGTERM during generation: the answers finished so far are stored, no head is written, the run
+    says how to go on; the same command again continues from them and writes the head."""
+    model = chat_target("gguf", tmp_path, embedded_source, embedded_tokenizer)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    kw = dict(model=model, work=tmp_path / "w", out=tmp_path / "head", tokens=400, max_new=16, slots=8)
+    kw.update(vocab=512, epochs=2, batch_tokens=512, dtype="fp32", eval_per_category=0)
+    got = td.train_draft(**kw, stop=SigtermAfter(30))  # 8 prefills + 16 steps finish 8 answers
+    err = capsys.readouterr().err
+    assert got["stopped"] == "SIGTERM" and 0 < got["data"]["answer_tokens"] < 400
+    assert "stopped by SIGTERM after generation" in err and "run the same command again to continue" in err
+    assert not (tmp_path / "head").exists()
+    kept = got["data"]["sequences"]
+    report = td.train_draft(**kw)
+    assert "stopped" not in report and (tmp_path / "head" / CONFIG_FILE).is_file()
+    assert report["data"]["stored_answer_tokens"] >= 400 and report["data"]["sequences"] > kept
+    assert f"generation: {got['data']['answer_tokens']} answer tokens stored" in capsys.readouterr().err

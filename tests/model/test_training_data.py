@@ -185,6 +185,38 @@ def test_features_are_made_only_for_the_shards_training_reads(tiny, tmp_path):
     assert store.fill_features(tiny, progress=False) == 500
 
 
+def test_a_stopped_prefill_keeps_what_it_made_and_a_rerun_makes_the_rest(tiny, tmp_path):
+    """Stopped inside a shard (a time budget or a signal), the prefill splits it: the sequences done keep
+    their features, the rest stay token ids; training can read the done ones alone (``made_only``), and
+    a rerun fills the rest, leaving the store as one uninterrupted prefill would, in the same order."""
+    g = torch.Generator().manual_seed(9)
+    prompts = [(f"k{i}", torch.randint(0, 64, (3 + i % 4,), generator=g).tolist()) for i in range(7)]
+    store = DataStore(tmp_path / "a")
+    for r in batch_generate(tiny, prompts, max_new=6, slots=4):
+        store.add(r)
+    store.flush()
+    path = tmp_path / "tokens.npz"
+    store.save_tokens(path, "fp", max_new=6)
+    whole, cut = DataStore(tmp_path / "whole"), DataStore(tmp_path / "cut")
+    for s in (whole, cut):
+        s.load_tokens(path, "fp")
+    assert whole.fill_features(tiny, progress=False) == 7
+    asks = iter(range(100))
+    assert cut.fill_features(tiny, progress=False, stop=lambda: next(asks) >= 3) == 3
+    rest = sum(len(t) for _, t, _ in cut.answered()[3:])
+    assert len(cut.meta["shards"]) == 2 and cut.without_features() == [(cut.meta["shards"][1], rest)]
+    done = DataStore(tmp_path / "cut").sequences(made_only=True)  # as a rerun reads the store from disk
+    assert [t.tolist() for t, _, _ in done] == [t.tolist() for t, _, _ in whole.sequences()[:3]]
+    with pytest.raises(ValueError, match="fill_features"):
+        cut.sequences()
+    assert DataStore(tmp_path / "cut").fill_features(tiny, progress=False) == 4
+    again = DataStore(tmp_path / "cut")
+    assert again.answered() == whole.answered() and again.meta["sequences"] == 7
+    for (t1, f1, p1), (t2, f2, p2) in zip(whole.sequences(), again.sequences(), strict=True):
+        assert torch.equal(t1, t2) and p1 == p2 and torch.equal(f1, f2)
+    assert sorted(p.name for p in (tmp_path / "cut").glob("shard-*")) == sorted(again.meta["shards"])
+
+
 def test_generation_stops_starting_prompts_at_the_target(tiny, tmp_path):
     """Once the answers finished reach ``target_tokens``, no further prompt starts even inside a chunk;
     the answers in flight finish (so at most one slot-load of answers past the target)."""
