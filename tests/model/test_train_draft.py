@@ -168,12 +168,17 @@ def test_generate_data_cut_then_resumed(tiny, tmp_path):
     assert again.meta["sequences"] == 12 and sorted(again.meta["done"]) == sorted(k for k, _ in prompts)
 
 
+def training_data(target, seed: int) -> list:
+    """Stored sequences as training reads them: 8 random prompts answered by the target, 20 tokens each."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = [(str(i), torch.randint(0, 64, (6,), generator=g).tolist()) for i in range(8)]
+    return [(torch.tensor(r.tokens), r.feats.half(), r.prompt_len) for r in batch_generate(target, prompts, max_new=20)]
+
+
 def test_training_deadline_anneals_and_resumes(tiny, tmp_path):
     """Cut by its deadline, training ends at the schedule's floor rate with a checkpoint a rerun resumes."""
     _, target = tiny
-    g = torch.Generator().manual_seed(3)
-    prompts = [(str(i), torch.randint(0, 64, (6,), generator=g).tolist()) for i in range(8)]
-    seqs = [(torch.tensor(r.tokens), r.feats.half(), r.prompt_len) for r in batch_generate(target, prompts, max_new=20)]
+    seqs = training_data(target, seed=3)
     tc = TrainConfig(epochs=400, lr=1e-3, batch_tokens=120, steps=2)
     ckpt = tmp_path / "ckpt"
     state = train_head(
@@ -190,9 +195,7 @@ def test_training_stopped_on_request_saves_its_batch_and_resumes(tiny, tmp_path)
     """A signal's stop ends training after the batch in progress, mid-schedule, with the checkpoint a
     rerun continues from (the same schedule: not annealed early as a time budget's cut is)."""
     _, target = tiny
-    g = torch.Generator().manual_seed(4)
-    prompts = [(str(i), torch.randint(0, 64, (6,), generator=g).tolist()) for i in range(8)]
-    seqs = [(torch.tensor(r.tokens), r.feats.half(), r.prompt_len) for r in batch_generate(target, prompts, max_new=20)]
+    seqs = training_data(target, seed=4)
     tc = TrainConfig(epochs=4, lr=1e-3, batch_tokens=120, steps=2)
     ckpt = tmp_path / "ckpt"
     state = train_head(random_head(target), target, seqs, tc, ckpt, lm_rows=target.lm_head_w, stop=Steps(2))
