@@ -39,6 +39,18 @@
 #else
 #define Q4A8_AVX2 0
 #endif
+#if defined(__aarch64__) && defined(__ARM_NEON)
+#include <arm_neon.h>
+#define Q4A8_NEON 1
+#else
+#define Q4A8_NEON 0
+#endif
+#if Q4A8_NEON && defined(__ARM_FEATURE_DOTPROD)
+#define Q4A8_DOTPROD 1
+#else
+#define Q4A8_DOTPROD 0
+#endif
+#define Q4A8_VECTOR (Q4A8_VNNI || Q4A8_AVX2 || Q4A8_NEON)
 #if Q4A8_VNNI && defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__linux__)
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -56,6 +68,7 @@
 
 int q4a8_has_vnni(void) { return Q4A8_VNNI; }
 int q4a8_has_avx2(void) { return Q4A8_AVX2; }
+int q4a8_has_neon(void) { return Q4A8_NEON ? 1 + Q4A8_DOTPROD : 0; } /* 2: with the dot product (ARMv8.2) */
 
 /* The team size of every parallel region here, as the caller's torch says (q4a8_set_threads before
  * each call). OpenMP's own count cannot be relied on: torch.set_num_threads sets it in the calling
@@ -285,7 +298,73 @@ static inline __attribute__((always_inline)) void block_avx2(const uint8_t *wb, 
 #define block_simd block_avx2
 #endif
 
-#if Q4A8_VNNI || Q4A8_AVX2
+#if Q4A8_NEON
+/* aarch64 (Raspberry Pi, Jetson, Apple): the same products with NEON. A 16-byte nibble vector holds
+ * inputs 4j..4j+3 (low nibbles; 16+4j.. in the high ones) of 4 columns; each is multiplied with those 4
+ * activations, broadcast from memory, and summed per column: one sdot with the dot product (ARMv8.2:
+ * Cortex-A76 / Pi 5, A78 / Jetson Orin), else widening multiply-adds into int16 (at most 8 * 15 * 127
+ * per lane: never saturating) folded to int32 once per group (ARMv8.0: Cortex-A72 / Pi 4). The group
+ * sums are the same exact int32, and the epilogue the same operations in the same order (fused
+ * multiply-adds are one rounding, as fmaf), so every output is bitwise what the plain C path gives.
+ * A block's group goes 4 columns at a time, their nibbles unpacked once for every row of the tile;
+ * the accumulators stay in `out` (a load and a store per row next to its 8 dot products). */
+/* Row `ar`'s sums for the 4 columns whose unpacked nibbles are lo[j] / hi[j] (inputs 4j.. / 16+4j..). */
+static inline __attribute__((always_inline)) int32x4_t column_sums_neon(const int8x16_t *lo, const int8x16_t *hi,
+                                                                        const int8_t *ar) {
+#if Q4A8_DOTPROD
+    int32x4_t isum = vdupq_n_s32(0);
+    for (int j = 0; j < 4; j++) {
+        isum = vdotq_s32(isum, lo[j], vreinterpretq_s8_s32(vld1q_dup_s32((const int32_t *)(ar + 4 * j))));
+        isum = vdotq_s32(isum, hi[j], vreinterpretq_s8_s32(vld1q_dup_s32((const int32_t *)(ar + 16 + 4 * j))));
+    }
+    return isum;
+#else
+    int16x8_t first = vdupq_n_s16(0), second = vdupq_n_s16(0); /* columns 0-1 and 2-3 of the four */
+    for (int j = 0; j < 4; j++) {
+        int8x16_t al = vreinterpretq_s8_s32(vld1q_dup_s32((const int32_t *)(ar + 4 * j)));
+        int8x16_t ah = vreinterpretq_s8_s32(vld1q_dup_s32((const int32_t *)(ar + 16 + 4 * j)));
+        first = vmlal_s8(vmlal_s8(first, vget_low_s8(lo[j]), vget_low_s8(al)), vget_low_s8(hi[j]), vget_low_s8(ah));
+        second = vmlal_high_s8(vmlal_high_s8(second, lo[j], al), hi[j], ah);
+    }
+    return vpaddq_s32(vpaddlq_s16(first), vpaddlq_s16(second));
+#endif
+}
+
+static inline __attribute__((always_inline)) void block_neon(const uint8_t *wb, int64_t groups,
+                                                             const int8_t *const *a, const float *const *s,
+                                                             const float *const *sa, float out[][COLS],
+                                                             const int rows) {
+    const uint8x16_t low = vdupq_n_u8(0x0f);
+    for (int r = 0; r < rows; r++)
+        for (int c = 0; c < COLS; c++) out[r][c] = 0.0f;
+    for (int64_t g = 0; g < groups; g++) {
+        const uint8_t *p = wb + g * GROUP_BYTES;
+        prefetch_ahead(p);
+        for (int q = 0; q < 4; q++) { /* columns 4q..4q+3: their nibbles unpacked once for every row */
+            int8x16_t lo[4], hi[4];
+            for (int j = 0; j < 4; j++) {
+                uint8x16_t raw = vld1q_u8(p + 64 * j + 16 * q);
+                lo[j] = vreinterpretq_s8_u8(vandq_u8(raw, low));
+                hi[j] = vreinterpretq_s8_u8(vshrq_n_u8(raw, 4));
+            }
+            float32x4_t d = vcvt_f32_f16(vreinterpret_f16_u8(vld1_u8(p + 256 + 8 * q)));
+            float32x4_t m = vcvt_f32_f16(vreinterpret_f16_u8(vld1_u8(p + 288 + 8 * q)));
+            for (int r = 0; r < rows; r++) {
+                int32x4_t isum = column_sums_neon(lo, hi, a[r] + g * GROUP);
+                float32x4_t scale = vmulq_f32(d, vdupq_n_f32(s[r][g]));
+                float32x4_t acc = vld1q_f32(out[r] + 4 * q);
+                acc = vfmaq_f32(acc, vcvtq_f32_s32(isum), scale);
+                acc = vfmaq_f32(acc, m, vdupq_n_f32(sa[r][g]));
+                vst1q_f32(out[r] + 4 * q, acc);
+            }
+        }
+    }
+}
+
+#define block_simd block_neon
+#endif
+
+#if Q4A8_VECTOR
 /* The build's vector path for a tile of `rows`: one case per count, so each unrolls to its own rows. */
 static void block_simd_rows(const uint8_t *wb, int64_t groups, const int8_t *const *a, const float *const *s,
                             const float *const *sa, float out[][COLS], int rows) {
@@ -422,7 +501,7 @@ void q4a8_product(const int8_t *a, const float *s, const float *sa, int64_t rows
                   int64_t n_blocks, int64_t n_out, void *y, int y_bf16, int path) {
     int64_t groups = k / GROUP;
     int amx = (path == 3 || (path == 0 && rows >= AMX_MIN_ROWS)) && q4a8_amx();
-    int vector = (Q4A8_VNNI || Q4A8_AVX2) && !amx && path != 1; /* path 2: the build's vector path */
+    int vector = Q4A8_VECTOR && !amx && path != 1; /* path 2: the build's vector path */
     int64_t th = amx ? AMX_ROWS : TILE, tiles = (rows + th - 1) / th;
     int64_t work = n_blocks * tiles;
     int serial = rows * k * n_blocks * COLS < (int64_t)1 << 18;
@@ -453,7 +532,7 @@ void q4a8_product(const int8_t *a, const float *s, const float *sa, int64_t rows
                 sp[r] = s + row * groups;
                 sap[r] = sa + row * groups;
             }
-#if Q4A8_VNNI || Q4A8_AVX2
+#if Q4A8_VECTOR
             if (vector)
                 block_simd_rows(wb, groups, ap, sp, sap, out, n);
             else
@@ -565,6 +644,46 @@ static inline __attribute__((always_inline)) void q8_dot_avx2(const int8_t *w, c
         dot[j] = q8_lanes_sum(lanes);
     }
 }
+#define q8_dot_simd q8_dot_avx2
+#endif
+
+#if Q4A8_NEON
+/* q8_dot_generic's arithmetic in NEON: a group's 32 products summed 4 at a time into 8 int32 lanes
+ * (sdot, or widening multiplies folded pairwise: each product at most 128 * 127 in int16), the lanes
+ * added into the even or odd chain with one fused multiply-add each, as the plain C path does. */
+static inline __attribute__((always_inline)) int32x4_t q8_sums_neon(const int8_t *w, const int8_t *a) {
+    int8x16_t wv = vld1q_s8(w), av = vld1q_s8(a);
+#if Q4A8_DOTPROD
+    return vdotq_s32(vdupq_n_s32(0), wv, av);
+#else
+    int32x4_t lo = vpaddlq_s16(vmull_s8(vget_low_s8(wv), vget_low_s8(av)));
+    int32x4_t hi = vpaddlq_s16(vmull_high_s8(wv, av));
+    return vpaddq_s32(lo, hi);
+#endif
+}
+
+static inline __attribute__((always_inline)) void q8_dot_neon(const int8_t *w, const int8_t *a, int64_t k,
+                                                               const float *s, int64_t groups, int nr, float *dot) {
+    float32x4_t chain[2][4][2]; /* [group parity][row][lanes 0-3, 4-7] */
+    for (int e = 0; e < 2; e++)
+        for (int j = 0; j < nr; j++) chain[e][j][0] = chain[e][j][1] = vdupq_n_f32(0.0f);
+    for (int64_t g = 0; g < groups; g++)
+        for (int j = 0; j < nr; j++) {
+            const int8_t *ag = a + j * k + g * GROUP;
+            float32x4_t sg = vdupq_n_f32(s[j * groups + g]);
+            for (int h = 0; h < 2; h++) {
+                int32x4_t isum = q8_sums_neon(w + g * GROUP + 16 * h, ag + 16 * h);
+                chain[g & 1][j][h] = vfmaq_f32(chain[g & 1][j][h], vcvtq_f32_s32(isum), sg);
+            }
+        }
+    float lanes[8];
+    for (int j = 0; j < nr; j++) {
+        vst1q_f32(lanes, vaddq_f32(chain[0][j][0], chain[1][j][0]));
+        vst1q_f32(lanes + 4, vaddq_f32(chain[0][j][1], chain[1][j][1]));
+        dot[j] = q8_lanes_sum(lanes);
+    }
+}
+#define q8_dot_simd q8_dot_neon
 #endif
 
 /* y[M, n] = x[M, k] @ (w * scale[:, None]).T with w int8 (n, k), scale (n,) in the activations'
@@ -581,7 +700,7 @@ int q8a8_matmul(const void *x, int bf16, int64_t rows, int64_t k, const int8_t *
         return -1;
     }
     q4a8_quantize(x, bf16, bf16, rows, k, NULL, 0.0f, a, s, s + rows * groups, NULL);
-    int vector = (Q4A8_VNNI || Q4A8_AVX2) && path != 1;
+    int vector = Q4A8_VECTOR && path != 1;
 #pragma omp parallel for schedule(static) if (n * k * rows > (1 << 18)) num_threads(q4a8_team())
     for (int64_t o = 0; o < n; o++) {
         const int8_t *wo = w + o * k;
@@ -592,13 +711,13 @@ int q8a8_matmul(const void *x, int bf16, int64_t rows, int64_t k, const int8_t *
             const int8_t *ar = a + r * k;
             const float *sr = s + r * groups;
             float dot[4];
-#if Q4A8_VNNI || Q4A8_AVX2
+#if Q4A8_VECTOR
             if (vector) {
-                switch (nr) { /* constant row counts: each call unrolls (q8_dot_avx2) */
-                case 4: q8_dot_avx2(wo, ar, k, sr, groups, 4, dot); break;
-                case 3: q8_dot_avx2(wo, ar, k, sr, groups, 3, dot); break;
-                case 2: q8_dot_avx2(wo, ar, k, sr, groups, 2, dot); break;
-                default: q8_dot_avx2(wo, ar, k, sr, groups, 1, dot);
+                switch (nr) { /* constant row counts: each call unrolls (q8_dot_simd) */
+                case 4: q8_dot_simd(wo, ar, k, sr, groups, 4, dot); break;
+                case 3: q8_dot_simd(wo, ar, k, sr, groups, 3, dot); break;
+                case 2: q8_dot_simd(wo, ar, k, sr, groups, 2, dot); break;
+                default: q8_dot_simd(wo, ar, k, sr, groups, 1, dot);
                 }
             } else
 #endif

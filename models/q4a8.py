@@ -102,6 +102,7 @@ def library() -> ctypes.CDLL:
     lib.q4a8_set_threads.argtypes = [ctypes.c_int]
     lib.q4a8_has_vnni.restype = ctypes.c_int
     lib.q4a8_has_avx2.restype = ctypes.c_int
+    lib.q4a8_has_neon.restype = ctypes.c_int
     lib.q4a8_amx.restype = ctypes.c_int
     return lib
 
@@ -130,9 +131,15 @@ def available() -> bool:
 
 
 def simd() -> str:
-    """The build's vector path: ``vnni`` (AVX512-VNNI), ``avx2`` (AVX2 with FMA and F16C) or ``c`` (none)."""
+    """The build's vector path: ``vnni`` (AVX512-VNNI), ``avx2`` (AVX2 with FMA and F16C), ``neon-dot``
+    (aarch64 with the dot product, ARMv8.2: Pi 5, Jetson Orin), ``neon`` (aarch64: Pi 4) or ``c`` (none)."""
     lib = library()
-    return "vnni" if lib.q4a8_has_vnni() else "avx2" if lib.q4a8_has_avx2() else "c"
+    if lib.q4a8_has_vnni():
+        return "vnni"
+    if lib.q4a8_has_avx2():
+        return "avx2"
+    neon = lib.q4a8_has_neon()
+    return "neon-dot" if neon == 2 else "neon" if neon == 1 else "c"
 
 
 def amx() -> bool:

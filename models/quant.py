@@ -278,10 +278,17 @@ def auto_format() -> tuple[str, torch.dtype]:
       the kernels limited to AVX2. torch's quantized kernels are vectorized for bf16 activations;
       fp32 ones run 3-20x slower, so quantized formats default to bf16. (int4a8's plain C path
       computes the same bits ~7x slower than its vector paths, so it is not picked without one.)
-    - anything else (aarch64, x86-64 without AVX2): ``fp32`` dense, the reference. Not measured
-      on such a device here; ``--weights native`` tries the quantized kernels there.
+    - aarch64 without CUDA (Raspberry Pi, a Jetson's CPU) where the kernel builds with its NEON path:
+      ``int4a8`` with fp32 activations (these cores have no fast bf16). Not timed on such a board here:
+      picked because the alternative is the whole model dequantized to fp32, 7x the bytes of a Q4 file
+      per token and too large for the board's memory at 7B, while the NEON path computes the same bits
+      as the plain C path (tools/issue11/check_aarch64.sh runs it under an emulator). ``--weights fp32``
+      keeps the reference.
+    - anything else (x86-64 without AVX2, a CPU the kernel has no vector path for, CUDA): ``fp32`` dense,
+      the reference; ``--weights native`` tries torch's quantized kernels there.
     """
-    if platform.machine().lower() in ("x86_64", "amd64") and not torch.cuda.is_available():
+    machine = platform.machine().lower()
+    if machine in ("x86_64", "amd64") and not torch.cuda.is_available():
         flags = cpu_flags()
         vector = {"avx512_vnni", "avx512bw"} <= flags or {"avx2", "fma", "f16c"} <= flags
         # the build must have a vector path too (a compiler may target less than the CPU has)
@@ -289,6 +296,9 @@ def auto_format() -> tuple[str, torch.dtype]:
             return "int4a8", torch.bfloat16
         if "avx2" in flags or "avx512f" in flags:
             return "native", torch.bfloat16
+    neon = machine in ("aarch64", "arm64") and not torch.cuda.is_available()
+    if neon and q4a8.available() and q4a8.simd().startswith("neon"):
+        return "int4a8", quantized_activations()
     return "fp32", torch.float32
 
 
@@ -296,8 +306,8 @@ def resolve_format(weights: str | None, dtype: torch.dtype | None) -> tuple[str,
     """(``dense`` | ``native`` | ``int8`` | ``int4``, activation dtype) for a ``--weights`` choice.
 
     ``dtype`` is an explicit ``--dtype`` (None: not given). Dense formats compute in their own
-    dtype, so an explicit different one is an error; quantized formats default to bf16
-    activations (see :func:`auto_format`) unless ``--dtype`` says otherwise; ``auto`` with an
+    dtype, so an explicit different one is an error; quantized formats default to
+    :func:`quantized_activations` (bf16; fp32 on aarch64) unless ``--dtype`` says otherwise; ``auto`` with an
     explicit ``--dtype`` other than the one it would pick keeps the weights dense in that dtype. ``None`` weights
     mean dense in ``dtype``, the library default (``dense`` too: what a loaded stage's format says).
     """
@@ -318,7 +328,14 @@ def resolve_format(weights: str | None, dtype: torch.dtype | None) -> tuple[str,
                 "drop --dtype or make the two agree"
             )
         return "dense", dt
-    return weights, dtype or torch.bfloat16
+    return weights, dtype or quantized_activations()
+
+
+def quantized_activations() -> torch.dtype:
+    """The activations a quantized format computes with unless ``--dtype`` says otherwise: bf16 (what
+    torch's quantized CPU kernels are vectorised for), except on aarch64, whose cores (Cortex-A72/A76/A78)
+    have no fast bf16 and where the int4a8 kernel is as exact with fp32."""
+    return torch.float32 if platform.machine().lower() in ("aarch64", "arm64") else torch.bfloat16
 
 
 def matrix_kind(fmt: str, qtype: str | None) -> Kind | None:

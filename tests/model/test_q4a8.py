@@ -21,7 +21,7 @@ from models.budget import CostCurve, TreeBudget
 from models.drafters import NGramDrafter, load_drafter
 from models.engine import generate
 from models.layers import causal_mask, dense, rms_norm
-from models.quant import QuantWeight, matrix_kind, quantize_int4
+from models.quant import QuantWeight, auto_format, matrix_kind, quantize_int4, resolve_format
 from models.ranges import LayerRange
 from models.stage import Attend, Stage, layer_nbytes
 from models.weights import TensorReader
@@ -190,6 +190,28 @@ def test_without_a_compiler_auto_keeps_native_and_int4a8_says_what_to_do(tmp_pat
     assert out.returncode == 0, out.stderr
     assert lines[0] in ("native", "fp32")
     assert "no-such-cc" in lines[1] and "apt-get install gcc" in lines[1] and "--weights native" in lines[1]
+
+
+@pytest.mark.parametrize(
+    ("machine", "simd", "cuda", "want"),
+    [
+        ("aarch64", "neon-dot", False, ("int4a8", torch.float32)),  # Pi 5, a Jetson Orin's CPU
+        ("aarch64", "neon", False, ("int4a8", torch.float32)),  # Pi 4
+        ("arm64", "neon-dot", False, ("int4a8", torch.float32)),  # how macOS names it
+        ("aarch64", "c", False, ("fp32", torch.float32)),  # a compiler without the NEON path
+        ("aarch64", "neon-dot", True, ("fp32", torch.float32)),  # a Jetson's GPU: not this CPU kernel
+    ],
+)
+def test_what_auto_picks_on_aarch64(monkeypatch, machine, simd, cuda, want):
+    """On aarch64 the file's 4-bit blocks stay 4-bit through the kernel's NEON path, with fp32 activations
+    (no fast bf16 on those cores); without that path, or on CUDA, the dense reference."""
+    monkeypatch.setattr("platform.machine", lambda: machine)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(q4a8, "available", lambda: True)
+    monkeypatch.setattr(q4a8, "simd", lambda: simd)
+    assert auto_format() == want
+    assert resolve_format("int4a8", None) == ("int4a8", torch.float32)  # chosen by hand: fp32 activations too
+    assert resolve_format("int4a8", torch.bfloat16) == ("int4a8", torch.bfloat16)
 
 
 @pytest.mark.slow
