@@ -11,7 +11,7 @@
  *     acc = fma(float(isum), d * s, acc);  acc = fma(m, s * sum(a), acc)
  * with w = d * q + m (GGUF's Q4_1; Q4_0 is m = -8d). Every output element goes through these very
  * operations whatever the number of rows, their position in a tile, the thread split or the code
- * path (AVX512-VNNI, AMX, AVX2 or plain C), so a row's result is bitwise the same in any batch.
+ * path (AVX512-VNNI, AMX, AVX2, NEON or plain C), so a row's result is bitwise the same in any batch.
  *
  * Weight layout, per block of 16 output columns and group of 32 inputs (320 bytes, 20 per 32
  * weights, as in the file): 256 bytes of nibbles, then 16 fp16 scales d, then 16 fp16 offsets m.
@@ -550,7 +550,7 @@ void q4a8_product(const int8_t *a, const float *s, const float *sa, int64_t rows
  * or rms_norm(x) @ W.T where `norm` (the norm's weight, in x's dtype) is given: the norm fused
  * into the quantization of the activations, which reads each row anyway (two torch calls of ~15 us
  * fewer per layer and row count). x and y are bf16 (flag set) or fp32; K is a multiple of 32. path: 0 the fastest this build and
- * CPU have for the number of rows, 1 plain C, 2 AVX512-VNNI tiles of 4 rows, 3 AMX tiles of 16 (the
+ * CPU have for the number of rows, 1 plain C, 2 the vector path (VNNI, AVX2 or NEON) in tiles of 4 rows, 3 AMX tiles of 16 (the
  * tests compare them; an unavailable one falls back). Returns 0, or -1 when scratch memory could
  * not be had. */
 int q4a8_matmul(const void *x, int x_bf16, int64_t rows, int64_t k, const uint8_t *w, int64_t n_blocks,
