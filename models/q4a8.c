@@ -549,10 +549,10 @@ void q4a8_product(const int8_t *a, const float *s, const float *sa, int64_t rows
 /* y[M, n_out] = x[M, K] @ W.T, W packed as described above with n_blocks * 16 >= n_out columns,
  * or rms_norm(x) @ W.T where `norm` (the norm's weight, in x's dtype) is given: the norm fused
  * into the quantization of the activations, which reads each row anyway (two torch calls of ~15 us
- * fewer per layer and row count). x and y are bf16 (flag set) or fp32; K is a multiple of 32. path: 0 the fastest this build and
- * CPU have for the number of rows, 1 plain C, 2 the vector path (VNNI, AVX2 or NEON) in tiles of 4 rows, 3 AMX tiles of 16 (the
- * tests compare them; an unavailable one falls back). Returns 0, or -1 when scratch memory could
- * not be had. */
+ * fewer per layer and row count). x and y are bf16 (flag set) or fp32; K is a multiple of 32.
+ * path: 0 the fastest this build and CPU have for the number of rows, 1 plain C, 2 the vector path
+ * (VNNI, AVX2 or NEON) in tiles of 4 rows, 3 AMX tiles of 16 (the tests compare them; an unavailable
+ * one falls back). Returns 0, or -1 when scratch memory could not be had. */
 int q4a8_matmul(const void *x, int x_bf16, int64_t rows, int64_t k, const uint8_t *w, int64_t n_blocks,
                 int64_t n_out, void *y, int y_bf16, int path, const void *norm, float eps) {
     int64_t groups = k / GROUP;
