@@ -70,9 +70,6 @@ class StopRequest:
                 signal.signal(s, h)
 
 
-def either(*tests: Callable[[], bool] | None) -> Callable[[], bool] | None:
-    """One stop test true when any of ``tests`` is (``None`` entries ignored; ``None`` when all are)."""
-    live = [t for t in tests if t is not None]
-    if not live:
-        return None
-    return lambda: any(t() for t in live)
+def either(*tests: Callable[[], bool]) -> Callable[[], bool]:
+    """One stop test, true when any of ``tests`` is (a signal's stop request, a time budget's deadline)."""
+    return lambda: any(t() for t in tests)

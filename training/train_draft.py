@@ -19,7 +19,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -214,7 +214,8 @@ def train_draft(
     out = Path(out) if out is not None else default_head_dir(src)
     check_out_dir(out)
     log(f"target {src.name} ({fp}); work dir {work}; head -> {out}")
-    gen_stop = stop
+    stop = stop if stop is not None else StopRequest()  # not installed: never asks to stop
+    gen_stop: Callable[[], bool] = stop
     if budget is not None:
         gen_stop = either(stop, budget.over(budget.end if generate_only else budget.generation_deadline))
         log(
@@ -236,8 +237,7 @@ def train_draft(
             target, tok, store, all_prompts, Path(write_prompts), prompt_count, bench, seed, slots, eos
         )
 
-    if stop is not None:
-        stop.graceful = True  # from here on every phase keeps its work when stopped
+    stop.graceful = True  # from here on every phase keeps its work when stopped
     gen_cut = generate_data(
         target,
         tok,
@@ -255,15 +255,15 @@ def train_draft(
         log(f"wrote the token ids of {n} sequences to {tokens_file} ({Path(tokens_file).stat().st_size / 1e6:.1f} MB)")
     if gen_cut:
         cuts["generation"] = f"stopped at {store.meta['answer_tokens']} of {tokens} answer tokens"
-    if stop is not None and stop():
+    if stop():
         return stopped(stop, "after generation, every finished answer kept", store)
     if generate_only:
         return {"data": store.meta}
-    feat_stop = stop
+    feat_stop: Callable[[], bool] = stop
     if budget is not None:  # the prefill may take half of what training has; it trains on what got features
         feat_stop = either(stop, budget.over(budget.clock() + budget.left(budget.training_deadline) / 2))
     store.fill_features(target, train_tokens, stop=feat_stop)
-    if stop is not None and stop():
+    if stop():
         return stopped(stop, "while making features, the sequences done kept", store)
     if store.without_features(train_tokens):
         cuts["features"] = "made for part of the data only; training used those sequences"
@@ -358,7 +358,7 @@ def train_draft(
     elif eval_per_category > 0 and budget is not None and not budget.report_fits():
         cuts["report"] = f"skipped: {budget.left():.0f} s of the budget left"
         log(f"held-out evaluation {cuts['report']}")
-    elif eval_per_category > 0 and stop is not None and stop():
+    elif eval_per_category > 0 and stop():
         report["stopped"] = stop.name
         log(f"held-out evaluation skipped: {stop.name}")
     elif eval_per_category > 0:
@@ -447,7 +447,7 @@ def held_out_report(
     slots: int,
     numerics: str,
     budget: TimeBudget | None,
-    stop: StopRequest | None = None,
+    stop: Callable[[], bool] = lambda: False,
 ) -> dict:
     """Held-out acceptance of the head at ``out`` against n-gram lookup, by exact replay.
 
@@ -470,8 +470,8 @@ def held_out_report(
         cache=held_out_cache(work, questions, eval_tokens, 0.0, numerics),
         stop=roll_stop,
     )
-    if stop is not None and stop():
-        return {"questions": len(questions), "cut": f"stopped by {stop.name} before the replay"}
+    if stop():
+        return {"questions": len(questions), "cut": "stopped by a signal before the replay"}
     drafter = EagleDrafter(load_head(out, target.cfg, fingerprint), target)
     res = evaluate_acceptance(
         {"eagle": drafter, "ngram": NGramDrafter()},
