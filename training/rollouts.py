@@ -277,10 +277,14 @@ class DataStore:
         }
         if feats is not None:
             tensors["feats"] = feats
-        tmp = self.root / (name + ".tmp")
-        save_file(tensors, str(tmp))
-        os.replace(tmp, self.root / name)
+        self._save_shard(name, tensors)
         self.meta["shards"].append(name)
+
+    def _save_shard(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Write shard file ``name`` whole or not at all (a temporary file renamed into place)."""
+        tmp = self.root / (name + ".tmp")
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+        os.replace(tmp, self.root / name)
 
     def _count(self, sizes: list[tuple[int, int]]) -> None:
         """Add sequences of (length, prompt length) to the totals."""
@@ -387,11 +391,9 @@ class DataStore:
             filled += len(feats)
             if len(feats) < len(sd["lens"]):
                 if feats:
-                    self._split_shard(name, sd, len(feats), torch.cat(feats).contiguous())
+                    self._split_shard(name, sd, len(feats), torch.cat(feats))
                 break
-            tmp = self.root / (name + ".tmp")
-            save_file({**sd, "feats": torch.cat(feats).contiguous()}, str(tmp))
-            os.replace(tmp, self.root / name)
+            self._save_shard(name, {**sd, "feats": torch.cat(feats)})
         bar.close()
         took = time.perf_counter() - t0
         left = sum(n for _, n in self.without_features(answer_tokens))
@@ -415,9 +417,7 @@ class DataStore:
         for part in parts:
             self.meta["split_shards"] = self.meta.get("split_shards", 0) + 1
             new = f"shard-split-{self.meta['split_shards']:05d}.safetensors"
-            tmp = self.root / (new + ".tmp")
-            save_file({k: v.contiguous() for k, v in part.items()}, str(tmp))
-            os.replace(tmp, self.root / new)
+            self._save_shard(new, part)
             names.append(new)
         at = self.meta["shards"].index(name)
         self.meta["shards"][at : at + 1] = names
