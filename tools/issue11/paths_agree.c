@@ -44,6 +44,13 @@ static uint16_t random_half(void) { /* a normal fp16 between 2^-9 and 2^3, eithe
     return (uint16_t)(((next() & 1u) << 15) | ((6u + next() % 12u) << 10) | (next() & 0x3ffu));
 }
 
+static void put(void *x, int bf16, int64_t i, float v) { /* element i of an fp32 or bf16 array */
+    if (bf16)
+        ((uint16_t *)x)[i] = float_to_bf16(v);
+    else
+        ((float *)x)[i] = v;
+}
+
 static int failures = 0;
 
 static void same(const void *got, const void *want, size_t bytes, const char *what, int64_t k, int64_t rows) {
@@ -60,13 +67,7 @@ static void check_q4(int64_t k, int64_t n_out, int64_t rows, int bf16) {
         for (int i = 0; i < 32; i++) ((uint16_t *)(p + 256))[i] = random_half();
     }
     void *x = malloc((size_t)(rows * k * size));
-    for (int64_t i = 0; i < rows * k; i++) {
-        float v = uniform() * (i % 7 == 0 ? 8.0f : 1.0f);
-        if (bf16)
-            ((uint16_t *)x)[i] = float_to_bf16(v);
-        else
-            ((float *)x)[i] = v;
-    }
+    for (int64_t i = 0; i < rows * k; i++) put(x, bf16, i, uniform() * (i % 7 == 0 ? 8.0f : 1.0f));
     size_t out_bytes = (size_t)(rows * n_out * size);
     void *c = malloc(out_bytes), *simd = malloc(out_bytes), *best = malloc(out_bytes), *one = malloc(out_bytes);
     q4a8_matmul(x, bf16, rows, k, w, blocks, n_out, c, bf16, 1, NULL, 0.0f);
@@ -86,20 +87,8 @@ static void check_q8(int64_t k, int64_t n, int64_t rows, int bf16) {
     int8_t *w = malloc((size_t)(n * k));
     for (int64_t i = 0; i < n * k; i++) w[i] = (int8_t)next();
     void *scale = malloc((size_t)(n * size)), *x = malloc((size_t)(rows * k * size));
-    for (int64_t i = 0; i < n; i++) {
-        float v = 0.001f + 0.02f * (uniform() + 1.0f);
-        if (bf16)
-            ((uint16_t *)scale)[i] = float_to_bf16(v);
-        else
-            ((float *)scale)[i] = v;
-    }
-    for (int64_t i = 0; i < rows * k; i++) {
-        float v = uniform() * 3.0f;
-        if (bf16)
-            ((uint16_t *)x)[i] = float_to_bf16(v);
-        else
-            ((float *)x)[i] = v;
-    }
+    for (int64_t i = 0; i < n; i++) put(scale, bf16, i, 0.001f + 0.02f * (uniform() + 1.0f));
+    for (int64_t i = 0; i < rows * k; i++) put(x, bf16, i, uniform() * 3.0f);
     size_t bytes = (size_t)(rows * n) * sizeof(float);
     float *c = malloc(bytes), *best = malloc(bytes), *one = malloc(bytes);
     q8a8_matmul(x, bf16, rows, k, w, scale, n, c, 1);
