@@ -208,7 +208,18 @@ def test_training_stopped_on_request_saves_its_batch_and_resumes(tiny, tmp_path)
 
 def test_a_signal_asks_the_run_to_stop_and_a_second_one_stops_it():
     """SIGTERM or Ctrl-C: at once while nothing could be kept, else a request the loops see, and the
-    second one at once; the handlers before come back after; an ignored Ctrl-C stays ignored."""
+    second one at once; the handlers before come back after; an ignored Ctrl-C stays ignored.
+
+    Ctrl-C is given Python's usual handler first: a job started in the background by a shell without
+    job control (``make test &`` in a script) inherits SIGINT ignored, and the run then keeps it so."""
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        signals_ask_then_stop()
+    finally:
+        signal.signal(signal.SIGINT, inherited)
+
+
+def signals_ask_then_stop() -> None:
     before = signal.getsignal(signal.SIGTERM)
     stop = StopRequest()
     with stop.installed(), pytest.raises(SystemExit) as exit_:
