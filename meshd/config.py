@@ -187,6 +187,14 @@ class Config:
             hi=64,
         ),
     )
+    flow_backoff: bool = field(
+        default=True,
+        metadata=_opt(
+            "flow drafts only while its drafted trees yield more tokens a second than plain ones (the root alone, "
+            "an ar token), timed per request; where drafts do not pay it sends plain trees and probes again later "
+            "(--no-flow-backoff: every tree drafted, to measure a drafter's acceptance on the mesh)"
+        ),
+    )
     role: str = field(
         default="both",
         metadata=_opt(

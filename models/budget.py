@@ -178,11 +178,14 @@ class TreeBudget:
         back_off: bool = True,
         prior: DraftPrior | None = None,
         cheap: bool = True,
+        measured_only: bool = False,
     ):
         """``back_off=False``: draft every round whatever it costs (what the budget did before the
         backoff; for measuring a drafter's acceptance, which plain rounds would dilute).
         ``prior``: earlier requests' verdict, which may start this one backed off; :meth:`finish`
-        hands this request's verdict back to it. ``cheap``: see the attribute."""
+        hands this request's verdict back to it. ``cheap``: see the attribute. ``measured_only``: only
+        measured rounds (:meth:`observe_round`) decide whether drafts pay, never the curve's prediction
+        with the draft's cost added (a ring drafts while its stages compute, so that cost is mostly hidden)."""
         if probe_after < 1 or max_backoff < probe_after:
             raise ValueError(f"backoff {probe_after}..{max_backoff} rounds: need 1 <= probe_after <= max_backoff")
         self.cost, self.max_nodes = cost, max_nodes
@@ -224,6 +227,7 @@ class TreeBudget:
             # probe (a full one, 64 nodes over 8 levels, cost ~2 plain rounds on a 2-core CPU, mostly lost)
             self._waited = True
         self._last_full: int | None = None  # nodes of this request's latest full draft, for the prior
+        self.measured_only = measured_only
 
     @property
     def alpha(self) -> float:
@@ -275,8 +279,8 @@ class TreeBudget:
             # low, a probe verifying nothing could never pay, and drafts (the n-gram part's too) stayed off
             best_n = 1
         self._last = self._last_full = best_n
-        if self.probe and self._timed:
-            pass  # a probe is judged by what its round yields (observe_round), not by the prediction
+        if (self.probe and self._timed) or self.measured_only:
+            pass  # judged by what its round yields (observe_round), not by the prediction
         elif best_rate < plain_rate:
             self._back_off()
         elif not self._timed:  # without measured rounds the prediction is all there is to go by
@@ -360,6 +364,12 @@ class TreeBudget:
                 self._back_off()
         elif tokens > 1:  # a round that accepted no drafted token paid for nothing, whatever its time said
             self._paid()
+
+    @property
+    def plain_known(self) -> bool:
+        """Whether a plain round was measured (:meth:`observe_round`), so drafting rounds are judged
+        against what plain ones really take rather than against the cost curve's one-row figure."""
+        return self._plain_s is not None
 
     def keep_hint(self) -> int:
         """How many nodes the next draft should be able to supply: the last choice and half again (at

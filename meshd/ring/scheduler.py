@@ -151,6 +151,11 @@ class _Live:
     next_seg: int = 0
     first_depth: int = 2  # levels below its root the latest first segment reached
     deepen: bool = False  # the pool was drafted shallow for a first segment; deepen it when idle
+    # flow is never slower than ar: when the latest tree began (None: not timed), the tokens it emitted so
+    # far, and whether it was drafted (False: a plain tree, its root alone, as an ar token)
+    tree_started: float | None = None
+    tree_tokens: int = 0
+    tree_drafted: bool = False
     # prefix caching: the cached prefix the prompt starts after (None: computed from its start), the
     # target's post-norm features of every context position whose KV the stages hold (a record for the
     # next request that reuses them), and the last round's accepted nodes with computed KV
@@ -195,6 +200,7 @@ class Originator:
         prefix_book: PrefixBook | None = None,
         resumable_drafting: bool = True,
         local_stage: int | None = None,
+        back_off: bool = True,
     ):
         if not vocab.has_vocab:
             raise ValueError("the originator needs the embeddings, final norm and LM head")
@@ -209,6 +215,9 @@ class Originator:
         # grow a round's pool level by level with a drafter that keeps its state (models/drafters.py: extend),
         # also across a re-root, instead of drafting it again from the root and merging (False: the latter)
         self.resumable_drafting = resumable_drafting
+        # flow drafts only while drafted trees yield more tokens a second than plain ones (:meth:`_start_tree`);
+        # False: every tree is drafted (to measure a drafter's acceptance, which plain trees would dilute)
+        self.back_off = back_off
         # prefix caching (models/prefixcache.py): what this originator asked the stages to keep; None: off
         self.prefix_book = prefix_book
         self.set_ring(stage_curves, local_stage)
@@ -253,7 +262,7 @@ class Originator:
         lv = _Live(
             req,
             drafter,
-            TreeBudget(self.ring_cost, max_nodes=self.max_nodes),
+            TreeBudget(self.ring_cost, max_nodes=self.max_nodes, back_off=self.back_off, measured_only=True),
             torch.Generator().manual_seed(req.seed) if req.seed is not None else None,
             started=self.clock(),
             ring_id=req.request_id,
@@ -393,6 +402,7 @@ class Originator:
         lv.seg_of.clear()
         lv.due.clear()
         lv.stage_free = 0.0  # the old ring's stages: nothing of this request is computing on the new one
+        lv.tree_started = None  # the tree in progress is lost: its time says nothing of drafts
         lv.in_flight.clear()
         lv.prefill_left.clear()
         lv.logits.clear()
@@ -601,12 +611,13 @@ class Originator:
 
     def _new_round(self, lv: _Live) -> list[Action]:
         """Start a tree at a fresh root (the last emitted token, not yet in any cache)."""
+        drafted = self._start_tree(lv)
         if self._continuous(lv):
-            return self._new_pool(lv)
+            return self._new_pool(lv, drafted)
         root_pos = len(lv.context) - 1
         lv.logits.clear()
         lv.feats.clear()
-        pool, n = self._draft(lv)
+        pool, n = self._draft(lv) if drafted else (Tree.root(lv.out[-1]), 0)
         tree = pool.best(n)
         lv.tree, lv.walk, lv.round_accepted = tree, Walk(), 0
         lv.ids = lv.new_ids(len(tree))
@@ -614,6 +625,27 @@ class Originator:
         lv.predicted = sum(math.exp(s) for s in tree.scores[1:])
         order = tree.score_order() if lv.req.mode == "flow" else list(range(len(tree)))
         return self._send(lv, order, root_parent=lv.tail)
+
+    def _start_tree(self, lv: _Live) -> bool:
+        """A tree begins: time the one that ended, and say whether this one is drafted.
+
+        ``flow`` is never slower than ``ar``, as one device's ``spec`` is not (``models/engine.py``):
+        each tree's wall time, from its fresh root to the end of its walk, goes to the budget with the
+        tokens it emitted, and while drafted trees yield fewer tokens a second than plain ones (the
+        root alone: an ``ar`` token) the budget backs off to plain trees, then probes again
+        (:meth:`TreeBudget.observe_round`). Only measured times can say it: a ring drafts while its
+        stages compute, and what that hides depends on the devices, the links and the load (on a
+        2-core CPU where a verified row costs a share of a forward, flow's trees lost to ar tokens).
+        A request's first tree is plain, so drafted ones are judged against a measured plain one."""
+        now = self.clock()
+        if lv.tree_started is not None and lv.tree_tokens:
+            lv.budget.observe_round(lv.tree_tokens, now - lv.tree_started, drafted=lv.tree_drafted)
+        lv.tree_started, lv.tree_tokens = now, 0
+        if lv.req.mode != "flow" or lv.drafter is None or not self.back_off:
+            lv.tree_drafted = lv.drafter is not None
+        else:
+            lv.tree_drafted = lv.budget.drafting() and lv.budget.plain_known
+        return lv.tree_drafted
 
     def _send(self, lv: _Live, nodes: list[int], root_parent: int) -> list[Action]:
         """Send tree nodes (indices, parents first) as segments: one chunk per stage in ``chunk``; in ``flow``
@@ -667,6 +699,7 @@ class Originator:
         path_ids = [lv.ids[i] for i in walk.path]
         lv.stats.rounds += 1
         lv.stats.per_round.append(len(tokens))
+        lv.tree_tokens += len(tokens)
         lv.stats.accepted_drafts += len(tokens) - (1 if walk.done else 0)
         feats = [lv.feats[n] for n in path_ids if n in lv.feats]
         lv.final_commit = [n for n in path_ids if n in lv.feats]  # accepted, and computed at every stage
@@ -752,12 +785,16 @@ class Originator:
         return [SendSegment(seg)]
 
     # ---- continuous flow: slots ----------------------------------------------------------------
-    def _new_pool(self, lv: _Live) -> list[Action]:
-        """A round at a fresh root: draft the candidate pool; the root and the best candidates go
-        out as the round's first segment at the end of this event (:meth:`_fill`)."""
+    def _new_pool(self, lv: _Live, drafted: bool = True) -> list[Action]:
+        """A round at a fresh root: draft the candidate pool (``drafted``; else the root alone, a plain
+        tree); the root and the best candidates go out as the round's first segment at the end of this
+        event (:meth:`_fill`)."""
         lv.logits.clear()
         lv.feats.clear()
-        pool, _ = self._draft(lv, cost=self.ring.latency_curve(), depth=self._first_depth(lv))
+        if drafted:
+            pool, _ = self._draft(lv, cost=self.ring.latency_curve(), depth=self._first_depth(lv))
+        else:
+            pool, lv.deepen = Tree.root(lv.out[-1]), False
         lv.pool, lv.placed, lv.root_sent, lv.fresh = pool, {0: 0}, False, True
         lv.tree, lv.walk, lv.round_accepted, lv.predicted = Tree.root(pool.tokens[0]), Walk(), 0, 0.0
         lv.ids = lv.new_ids(1)

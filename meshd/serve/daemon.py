@@ -178,6 +178,7 @@ class Daemon:
             max_context=cfg.max_context,
             session_timeout=cfg.session_timeout,
             flow_slots=cfg.flow_slots or None,  # 0: sized from the ring's measured latency
+            flow_backoff=cfg.flow_backoff,
             contexts=cfg.contexts,
             sessions_per_peer=cfg.sessions_per_peer,
             stall_timeout=cfg.stall_timeout,

@@ -153,6 +153,7 @@ class Runtime:
         wire_dtype: torch.dtype | None = None,
         session_timeout: float = 300.0,
         flow_slots: int | None = None,
+        flow_backoff: bool = True,
         contexts: int | None = None,
         sessions_per_peer: int | None = None,
         stall_timeout: float | None = None,
@@ -163,6 +164,7 @@ class Runtime:
     ):
         self.source, self.vocab, self.tokenizer = source, vocab, tokenizer
         self.flow_slots = flow_slots  # the originator's segments in flight per flow request (None: from the ring)
+        self.flow_backoff = flow_backoff  # flow sends plain trees while drafted ones are slower (Originator)
         # a stage frees a request's KV session after this long without traffic: its originator vanished
         # (killed, partitioned) and will never send the close; swept from the compute loop
         self.session_timeout = session_timeout
@@ -309,6 +311,7 @@ class Runtime:
                 origin=self.node_id,
                 local_stage=ring.local_index,  # its stage's forwards and its own work share the torch thread
                 flow_slots=self.flow_slots,
+                back_off=self.flow_backoff,
                 draft_when_idle=True,  # _compute_once calls idle() whenever the torch thread has nothing queued
                 prefix_book=PrefixBook(self.prefix_cache_bytes // BOOK_SHARE) if self.prefix_cache_bytes else None,
             )

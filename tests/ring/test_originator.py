@@ -80,6 +80,7 @@ def originator(target: Target, drafter: Scripted | None = None, stages: int = 1,
         [FLAT] * stages,
         clock=lambda: 0.0,
         timer=lambda: 0.0,  # no drafting overhead: the budget's choice depends on the curve only
+        back_off=False,  # every tree drafted: these tests are about how trees are cut (back-off: its own tests)
         origin="me",
         **kw,
     )
@@ -238,6 +239,51 @@ def test_flow_decides_step_wise_prunes_and_extends_the_tree(target):
     assert orig.live["r"].out == [p, a, c, d, e]
 
 
+class Always(Scripted):
+    """A drafter that proposes one child, ``token`` with probability ``p``, below whatever came last."""
+
+    def __init__(self, token: int, p: float):
+        super().__init__({})
+        self.token, self.p = token, p
+
+    def draft(self, context: list[int], *, top_k: int, depth: int, max_nodes: int, keep: int | None = None) -> Tree:
+        tree = Tree.root(context[-1])
+        tree.add(0, self.token, math.log(self.p))
+        return tree
+
+
+def flow_trees(target: Target, drafter: Always, says: dict[int, list[int]], trees: int) -> list[int]:
+    """Rows of each tree a flow request sends (one segment a tree) on a clock where a one-row tree takes
+    1 s and a drafted one 1.5 s; ``says[rows]``: what the target says at each of a tree's rows."""
+    now = [0.0]
+    orig = Originator(target.head, lambda: drafter, [FLAT], clock=lambda: now[0], timer=lambda: 0.0, flow_slots=1)
+    acts = prefill(
+        orig, target, Request("r", [target.tokens[0], target.tokens[1]], 4 * trees, "flow"), first=says[1][0]
+    )
+    rows = []
+    for _ in range(trees):
+        (seg,) = segments(acts)
+        rows.append(len(seg))
+        now[0] += 1.0 if len(seg) == 1 else 1.5
+        acts = orig.on_result(said(target, seg, says[len(seg)]))
+    return rows
+
+
+def test_flow_backs_off_to_plain_trees_while_drafted_ones_are_slower_and_probes_again(target):
+    """flow is never slower than ar: a request's first tree is plain (its root alone), each tree's wall
+    time goes to the budget, and while drafted trees yield fewer tokens a second than plain ones the
+    request sends plain trees, probing with a drafted one after 2, then 4 (doubling) plain ones."""
+    x, u = target.tokens[2:4]
+    rejected = {1: [u], 2: [u, u]}  # the target says u at the root: the drafted x is rejected, 1 token a tree
+    assert flow_trees(target, Always(x, 0.9), rejected, 10) == [1, 2, 1, 1, 2, 1, 1, 1, 1, 2]
+
+
+def test_flow_keeps_drafting_while_drafted_trees_pay(target):
+    x, u = target.tokens[2:4]
+    accepted = {1: [u], 2: [x, u]}  # x accepted, then u: 2 tokens in 1.5 s against 1 in 1 s
+    assert flow_trees(target, Always(x, 0.9), accepted, 6) == [1, 2, 2, 2, 2, 2]
+
+
 # ---- finishing ------------------------------------------------------------------------------
 def test_eos_stops_closes_and_a_late_result_is_ignored(target):
     p, a, b, eos = target.tokens[:4]
@@ -312,7 +358,9 @@ def test_flow_slots_send_a_small_first_segment_then_fillers_in_score_order(targe
     p, a, b, c, d = target.tokens[:5]
     # score order: a 0.6, c (under a) 0.54, b 0.3, d (under b) 0.15
     drafter = Scripted({p: [(0, a, 0.6), (0, b, 0.3), (1, c, 0.9), (2, d, 0.5)]})
-    orig = Originator(target.head, lambda: drafter, [STEEP] * 2, clock=lambda: 0.0, timer=lambda: 0.0, flow_slots=3)
+    orig = Originator(
+        target.head, lambda: drafter, [STEEP] * 2, clock=lambda: 0.0, timer=lambda: 0.0, back_off=False, flow_slots=3
+    )
     segs = segments(prefill(orig, target, Request("r", [a, b], 16, "flow"), first=p))
     assert [s.first for s in segs] == [True] + [False] * (len(segs) - 1)
     assert len(segs) == 3 and segs[0].tokens[0] == p and segs[0].node_ids[0] == 2  # the root goes first
@@ -328,7 +376,9 @@ def test_flow_under_load_sends_no_fillers_and_sizes_first_segments_with_the_othe
     request's rows in flight sends its first segment only (the ring is busy with those rows already)."""
     p, a, b, c, d = target.tokens[:5]
     drafter = Scripted({p: [(0, a, 0.6), (0, b, 0.3), (1, c, 0.9), (2, d, 0.5)]})
-    orig = Originator(target.head, lambda: drafter, [STEEP] * 2, clock=lambda: 0.0, timer=lambda: 0.0, flow_slots=3)
+    orig = Originator(
+        target.head, lambda: drafter, [STEEP] * 2, clock=lambda: 0.0, timer=lambda: 0.0, back_off=False, flow_slots=3
+    )
     alone = segments(prefill(orig, target, Request("r1", [a, b], 16, "flow"), first=p))
     assert len(alone) == 3  # a first segment and two fillers, as in the test above
     shared = segments(prefill(orig, target, Request("r2", [a, b], 16, "flow"), first=p))
@@ -344,7 +394,15 @@ def test_flow_sends_no_fillers_while_the_last_stage_reports_another_originators_
     drafter = Scripted({p: [(0, a, 0.6), (0, b, 0.3), (1, c, 0.9), (2, d, 0.5)]})
 
     def run(load: int) -> list[Segment]:
-        orig = Originator(target.head, lambda: drafter, [STEEP] * 2, clock=lambda: 0.0, timer=lambda: 0.0, flow_slots=3)
+        orig = Originator(
+            target.head,
+            lambda: drafter,
+            [STEEP] * 2,
+            clock=lambda: 0.0,
+            timer=lambda: 0.0,
+            back_off=False,
+            flow_slots=3,
+        )
         acts = []
         for seg in segments(orig.submit(Request("r", [a, b], 16, "flow"))):
             acts = orig.on_result(said(target, seg, [p] * len(seg), queue=load))
@@ -358,7 +416,9 @@ def test_flow_sends_no_fillers_while_the_last_stage_reports_another_originators_
 def test_flow_refills_a_slot_freed_by_a_prune_and_restarts_at_once_from_the_bonus_token(target):
     p, a, b, c, d, z = target.tokens[:6]
     drafter = Scripted({p: [(0, a, 0.6), (0, b, 0.3), (1, c, 0.9), (2, d, 0.5)], z: [(0, a, 0.9)]})
-    orig = Originator(target.head, lambda: drafter, [STEEP] * 2, clock=lambda: 0.0, timer=lambda: 0.0, flow_slots=3)
+    orig = Originator(
+        target.head, lambda: drafter, [STEEP] * 2, clock=lambda: 0.0, timer=lambda: 0.0, back_off=False, flow_slots=3
+    )
     s1, s2, _ = segments(prefill(orig, target, Request("r", [a, b], 16, "flow"), first=p))
     # the root says z: no child matches, the round ends; every other segment is dead, the ring refills now
     acts = orig.on_result(said(target, s1, [z] * len(s1)))
@@ -384,7 +444,9 @@ def test_a_filler_goes_out_only_if_the_first_stage_is_done_with_it_before_the_ne
     curves = [STEEP, CostCurve({1: 0.5, 64: 0.5})]
 
     def make(**kw) -> Originator:
-        return Originator(target.head, lambda: drafter, curves, clock=lambda: now[0], timer=lambda: 0.0, **kw)
+        return Originator(
+            target.head, lambda: drafter, curves, clock=lambda: now[0], timer=lambda: 0.0, back_off=False, **kw
+        )
 
     orig = make()
     assert orig.ring.slots(1, 8) == 2
@@ -441,7 +503,9 @@ def _chain(target: Target):
     their own, so c is in flight below a node (a) whose own logits are still in flight."""
     p, a, b, c, d = target.tokens[:5]
     drafter = Scripted({p: [(0, a, 0.6), (0, b, 0.3), (1, c, 0.9), (2, d, 0.5)]})
-    orig = Originator(target.head, lambda: drafter, [STEEP] * 2, clock=lambda: 0.0, timer=lambda: 0.0, flow_slots=3)
+    orig = Originator(
+        target.head, lambda: drafter, [STEEP] * 2, clock=lambda: 0.0, timer=lambda: 0.0, back_off=False, flow_slots=3
+    )
     segs = segments(prefill(orig, target, Request("r", [a, b], 16, "flow"), first=p))
     assert [s.tokens for s in segs] == [[p], [a], [c]] and segs[2].parents == segs[1].node_ids
     return orig, segs, (p, a, b, c, d)
@@ -499,7 +563,13 @@ def test_idle_drafting_sends_a_shallow_first_segment_then_deepens_the_pool_while
     p, a, b, c, e, f = target.tokens[:6]
     drafter = Shallow({p: [(0, a, 0.9), (1, c, 0.9), (2, e, 0.9), (3, f, 0.9)]})  # one likely chain, 4 deep
     orig = Originator(
-        target.head, lambda: drafter, [FLAT] * 2, clock=lambda: 0.0, timer=lambda: 0.0, draft_when_idle=True
+        target.head,
+        lambda: drafter,
+        [FLAT] * 2,
+        clock=lambda: 0.0,
+        timer=lambda: 0.0,
+        draft_when_idle=True,
+        back_off=False,
     )
     segs = segments(prefill(orig, target, Request("r", [a, b], 16, "flow"), first=p))
     sent = [t for s in segs for t in s.tokens]
@@ -561,6 +631,7 @@ def test_idle_grows_the_pool_one_level_per_call_and_a_reroot_keeps_the_surviving
         timer=lambda: 0.0,
         draft_when_idle=True,
         resumable_drafting=resumable,
+        back_off=False,
     )
     segs = segments(prefill(orig, target, Request("r", [a, b], 16, "flow"), first=p))
     assert drafter.drafts == 1 and [t for s in segs for t in s.tokens] == [p, a, c]  # 2 levels before the first

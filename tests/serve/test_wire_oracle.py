@@ -57,7 +57,9 @@ async def two_peers(src: ModelSource, full: Stage, split: int, wire: str) -> tup
     n = full.cfg.n_layers
     peers = []
     for i, (name, layers) in enumerate([("a", LayerRange(0, split)), ("b", LayerRange(split, n))]):
-        rt = Runtime(src, full, drafter_factory("ngram", full), node_id=name, wire_activations=wire)
+        # every tree drafted: flow must speculate for the oracle to test anything (on a 2-core CPU its
+        # back-off may find drafts slower than plain trees and send the root alone)
+        rt = Runtime(src, full, drafter_factory("ngram", full), node_id=name, wire_activations=wire, flow_backoff=False)
         rt.install_worker(Stage.load(src, layers, vocab=False, dtype=full.dtype))
         nodes: list[str | None] = ["a", "b"]
         nodes[i] = None
