@@ -179,13 +179,19 @@ class TreeBudget:
         prior: DraftPrior | None = None,
         cheap: bool = True,
         measured_only: bool = False,
+        judge_after: float = 0.0,
+        plain_s: float | None = None,
     ):
         """``back_off=False``: draft every round whatever it costs (what the budget did before the
         backoff; for measuring a drafter's acceptance, which plain rounds would dilute).
         ``prior``: earlier requests' verdict, which may start this one backed off; :meth:`finish`
         hands this request's verdict back to it. ``cheap``: see the attribute. ``measured_only``: only
         measured rounds (:meth:`observe_round`) decide whether drafts pay, never the curve's prediction
-        with the draft's cost added (a ring drafts while its stages compute, so that cost is mostly hidden)."""
+        with the draft's cost added (a ring drafts while its stages compute, so that cost is mostly hidden).
+        ``judge_after``: the decayed count of measured drafting rounds below which none backs off, and a
+        probe is judged with the rounds before it rather than alone (0: every round judges; see
+        :meth:`observe_round`). ``plain_s``: seconds a token of a plain round took, as measured before (an
+        earlier request's plain rounds on the same devices), until this request measures its own."""
         if probe_after < 1 or max_backoff < probe_after:
             raise ValueError(f"backoff {probe_after}..{max_backoff} rounds: need 1 <= probe_after <= max_backoff")
         self.cost, self.max_nodes = cost, max_nodes
@@ -206,7 +212,7 @@ class TreeBudget:
         self.plain_rounds = 0  # rounds without the whole drafter (its cheap part may have drafted): stats, tests
         # measured rounds (:meth:`observe_round`), where the caller times them: seconds of a plain round,
         # and decayed sums of drafting rounds' tokens and seconds (draft, verification and bookkeeping)
-        self._plain_s: float | None = None
+        self._plain_s: float | None = plain_s
         self._draft_tokens = 0.0
         self._draft_s = 0.0
         self._timed = False
@@ -228,6 +234,8 @@ class TreeBudget:
             self._waited = True
         self._last_full: int | None = None  # nodes of this request's latest full draft, for the prior
         self.measured_only = measured_only
+        self.judge_after = judge_after
+        self._draft_n = 0.0  # decayed count of measured drafting rounds, beside their tokens and seconds
 
     @property
     def alpha(self) -> float:
@@ -349,7 +357,13 @@ class TreeBudget:
         rounds) and the curve was measured once, on a machine that may now be busier. So the rounds'
         measured rates decide too: drafting rounds (decayed like ``alpha``) against the latest plain
         rounds (decayed; before any, the curve's one-row cost). Slower: back off as for a draft not worth verifying;
-        not slower, and the round accepted a drafted token: a probe paid, and the wait returns to ``probe_after``."""
+        not slower, and the round accepted a drafted token: a probe paid, and the wait returns to ``probe_after``.
+
+        With ``judge_after`` the rates decide only once that many drafting rounds (decayed) were measured,
+        and a probe that accepted nothing does not back off alone. A ring's trees are few and their tokens
+        vary from 1 to 10, so one unlucky tree would stop drafts that pay: on 5 emulated boards, where
+        drafted trees yield ~1.9x the tokens a second of plain ones, a first drafted tree of 1 token took
+        1.15x a plain tree and one prompt ran plain to its end (flow 2.03 tok/s against 3.61-3.89)."""
         self._timed = True
         if not drafted:
             per_token = seconds / max(1, tokens)
@@ -358,12 +372,21 @@ class TreeBudget:
             return
         self._draft_tokens = self.memory * self._draft_tokens + tokens
         self._draft_s = self.memory * self._draft_s + seconds
+        self._draft_n = self.memory * self._draft_n + 1
         plain_s = self._plain_s if self._plain_s is not None else self.cost(1)
-        if self._draft_tokens * plain_s < self._draft_s or (self.probe and tokens <= 1):
+        if self._draft_n < self.judge_after:
+            return
+        slower = self._draft_tokens * plain_s < self._draft_s
+        if slower or (self.probe and tokens <= 1 and not self.judge_after):
             if self._skip == 0:  # not already backing off after this round's choice
                 self._back_off()
         elif tokens > 1:  # a round that accepted no drafted token paid for nothing, whatever its time said
             self._paid()
+
+    @property
+    def plain_seconds(self) -> float | None:
+        """Seconds a token of a plain round takes (decayed over the measured ones; None: none yet)."""
+        return self._plain_s
 
     @property
     def plain_known(self) -> bool:

@@ -54,6 +54,8 @@ FILL_FLOOR = 0.02  # a filler node must be expected to be accepted at least this
 # (1 was slower: the grandchildren then trail the first segment), and levels the idle draft reaches (3 and 8: slower)
 IDLE_FIRST_DEPTH = 2
 IDLE_DEPTH = 5
+# drafted trees (decayed count, memory 0.8: ~5 trees) measured before flow may back off to plain trees
+TREES_TO_JUDGE = 3.0
 
 
 # ---- actions ------------------------------------------------------------------------------
@@ -238,6 +240,9 @@ class Originator:
             total = total + c
         self.ring_cost = total
         self.ring = RingTimer(stage_curves, local=local_stage)
+        # a plain tree's seconds a token on this ring, from the latest request that timed one: where a flow
+        # request starts judging its drafted trees (None: its first tree is plain, to time one)
+        self._plain_tree_s: float | None = None
         self.max_slots = 2 * self.n_stages  # a segment per stage, and as many queued behind them
         # the flat head of the curve: up to this many rows cost about as much as one, so cutting a tree
         # into segments smaller than this buys no overlap, only extra forwards
@@ -262,7 +267,14 @@ class Originator:
         lv = _Live(
             req,
             drafter,
-            TreeBudget(self.ring_cost, max_nodes=self.max_nodes, back_off=self.back_off, measured_only=True),
+            TreeBudget(
+                self.ring_cost,
+                max_nodes=self.max_nodes,
+                back_off=self.back_off,
+                measured_only=True,
+                judge_after=TREES_TO_JUDGE,
+                plain_s=self._plain_tree_s,
+            ),
             torch.Generator().manual_seed(req.seed) if req.seed is not None else None,
             started=self.clock(),
             ring_id=req.request_id,
@@ -636,10 +648,13 @@ class Originator:
         (:meth:`TreeBudget.observe_round`). Only measured times can say it: a ring drafts while its
         stages compute, and what that hides depends on the devices, the links and the load (on a
         2-core CPU where a verified row costs a share of a forward, flow's trees lost to ar tokens).
-        A request's first tree is plain, so drafted ones are judged against a measured plain one."""
+        Drafted trees are judged against measured plain ones: the latest this ring timed for any request,
+        or, before any, this request's first tree, which is plain."""
         now = self.clock()
         if lv.tree_started is not None and lv.tree_tokens:
             lv.budget.observe_round(lv.tree_tokens, now - lv.tree_started, drafted=lv.tree_drafted)
+            if not lv.tree_drafted:  # a plain tree of any request, an ar one's too
+                self._plain_tree_s = lv.budget.plain_seconds
         lv.tree_started, lv.tree_tokens = now, 0
         if lv.req.mode != "flow" or lv.drafter is None or not self.back_off:
             lv.tree_drafted = lv.drafter is not None
@@ -928,7 +943,7 @@ class Originator:
         n = min(n, self.max_nodes)
         if n == 0 and lv.root_sent:
             return None
-        if lv.fresh:
+        if lv.fresh and lv.tree_drafted:  # a plain tree's root alone says nothing of how deep drafts go
             lv.first_depth = max((pool.depth[i] for i in cands[:n]), default=0)
         tree = lv.tree
         for i in cands[:n]:

@@ -272,10 +272,26 @@ def flow_trees(target: Target, drafter: Always, says: dict[int, list[int]], tree
 def test_flow_backs_off_to_plain_trees_while_drafted_ones_are_slower_and_probes_again(target):
     """flow is never slower than ar: a request's first tree is plain (its root alone), each tree's wall
     time goes to the budget, and while drafted trees yield fewer tokens a second than plain ones the
-    request sends plain trees, probing with a drafted one after 2, then 4 (doubling) plain ones."""
+    request sends plain trees, probing with a drafted one after 2, then 4 (doubling) plain ones. A verdict
+    needs 5 drafted trees (a decayed count of 3): one unlucky tree must not stop drafts that pay."""
     x, u = target.tokens[2:4]
     rejected = {1: [u], 2: [u, u]}  # the target says u at the root: the drafted x is rejected, 1 token a tree
-    assert flow_trees(target, Always(x, 0.9), rejected, 10) == [1, 2, 1, 1, 2, 1, 1, 1, 1, 2]
+    rows = flow_trees(target, Always(x, 0.9), rejected, 14)
+    assert rows == [1, 2, 2, 2, 2, 2, 1, 1, 2, 1, 1, 1, 1, 2]
+
+
+def test_a_flow_request_drafts_its_first_tree_once_the_ring_timed_a_plain_one(target):
+    """Only while the ring has timed no plain tree (an ar request's token is one) is a flow request's first
+    tree plain: it is what drafted trees are judged against, the same for every request on the ring."""
+    x, u = target.tokens[2:4]
+    now = [0.0]
+    orig = Originator(target.head, lambda: Always(x, 0.9), [FLAT], clock=lambda: now[0], timer=lambda: 0.0)
+    prompt = [target.tokens[0], target.tokens[1]]
+    (root,) = segments(prefill(orig, target, Request("a", prompt, 3, "ar"), first=u))
+    now[0] += 1.0
+    orig.on_result(said(target, root, [u]))  # the ar request's first tree ends: a plain one timed
+    (seg,) = segments(prefill(orig, target, Request("f", prompt, 8, "flow"), first=u))
+    assert seg.tokens == [u, x]
 
 
 def test_flow_keeps_drafting_while_drafted_trees_pay(target):

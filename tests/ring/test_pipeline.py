@@ -69,7 +69,9 @@ def test_concurrent_requests_share_forwards(tiny_src):
 
 
 def test_sampling_is_seeded_and_finishes(tiny_src):
-    pipe = build_local_pipeline(tiny_src, 3, NGramDrafter)
+    # every tree drafted: with flow's back-off the trees (and so the draws a seed's stream gives them)
+    # follow measured times, and the ring's first request times a plain tree (docs/design.md, "Seeds")
+    pipe = build_local_pipeline(tiny_src, 3, NGramDrafter, back_off=False)
     runs = []
     for rid in ("a", "b"):
         pipe.submit(Request(rid, list(range(5, 25)), 30, "flow", Sampling(0.8, 0.95), seed=7))
