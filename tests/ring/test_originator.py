@@ -73,11 +73,14 @@ class Scripted:
         self.accepted.append((list(context), 0 if hidden is None else hidden.shape[0]))
 
 
-def originator(target: Target, drafter: Scripted | None = None, stages: int = 1, **kw) -> Originator:
+def originator(
+    target: Target, drafter: Scripted | None = None, stages: int = 1, curves: list[CostCurve] | None = None, **kw
+) -> Originator:
+    """An originator on a clock that stands still, for ``stages`` flat stages (or ``curves``)."""
     return Originator(
         target.head,
         (lambda: drafter) if drafter else None,
-        [FLAT] * stages,
+        curves or [FLAT] * stages,
         clock=lambda: 0.0,
         timer=lambda: 0.0,  # no drafting overhead: the budget's choice depends on the curve only
         back_off=False,  # every tree drafted: these tests are about how trees are cut (back-off: its own tests)
@@ -374,9 +377,7 @@ def test_flow_slots_send_a_small_first_segment_then_fillers_in_score_order(targe
     p, a, b, c, d = target.tokens[:5]
     # score order: a 0.6, c (under a) 0.54, b 0.3, d (under b) 0.15
     drafter = Scripted({p: [(0, a, 0.6), (0, b, 0.3), (1, c, 0.9), (2, d, 0.5)]})
-    orig = Originator(
-        target.head, lambda: drafter, [STEEP] * 2, clock=lambda: 0.0, timer=lambda: 0.0, back_off=False, flow_slots=3
-    )
+    orig = originator(target, drafter, curves=[STEEP] * 2, flow_slots=3)
     segs = segments(prefill(orig, target, Request("r", [a, b], 16, "flow"), first=p))
     assert [s.first for s in segs] == [True] + [False] * (len(segs) - 1)
     assert len(segs) == 3 and segs[0].tokens[0] == p and segs[0].node_ids[0] == 2  # the root goes first
@@ -392,9 +393,7 @@ def test_flow_under_load_sends_no_fillers_and_sizes_first_segments_with_the_othe
     request's rows in flight sends its first segment only (the ring is busy with those rows already)."""
     p, a, b, c, d = target.tokens[:5]
     drafter = Scripted({p: [(0, a, 0.6), (0, b, 0.3), (1, c, 0.9), (2, d, 0.5)]})
-    orig = Originator(
-        target.head, lambda: drafter, [STEEP] * 2, clock=lambda: 0.0, timer=lambda: 0.0, back_off=False, flow_slots=3
-    )
+    orig = originator(target, drafter, curves=[STEEP] * 2, flow_slots=3)
     alone = segments(prefill(orig, target, Request("r1", [a, b], 16, "flow"), first=p))
     assert len(alone) == 3  # a first segment and two fillers, as in the test above
     shared = segments(prefill(orig, target, Request("r2", [a, b], 16, "flow"), first=p))
@@ -410,15 +409,7 @@ def test_flow_sends_no_fillers_while_the_last_stage_reports_another_originators_
     drafter = Scripted({p: [(0, a, 0.6), (0, b, 0.3), (1, c, 0.9), (2, d, 0.5)]})
 
     def run(load: int) -> list[Segment]:
-        orig = Originator(
-            target.head,
-            lambda: drafter,
-            [STEEP] * 2,
-            clock=lambda: 0.0,
-            timer=lambda: 0.0,
-            back_off=False,
-            flow_slots=3,
-        )
+        orig = originator(target, drafter, curves=[STEEP] * 2, flow_slots=3)
         acts = []
         for seg in segments(orig.submit(Request("r", [a, b], 16, "flow"))):
             acts = orig.on_result(said(target, seg, [p] * len(seg), queue=load))
@@ -432,9 +423,7 @@ def test_flow_sends_no_fillers_while_the_last_stage_reports_another_originators_
 def test_flow_refills_a_slot_freed_by_a_prune_and_restarts_at_once_from_the_bonus_token(target):
     p, a, b, c, d, z = target.tokens[:6]
     drafter = Scripted({p: [(0, a, 0.6), (0, b, 0.3), (1, c, 0.9), (2, d, 0.5)], z: [(0, a, 0.9)]})
-    orig = Originator(
-        target.head, lambda: drafter, [STEEP] * 2, clock=lambda: 0.0, timer=lambda: 0.0, back_off=False, flow_slots=3
-    )
+    orig = originator(target, drafter, curves=[STEEP] * 2, flow_slots=3)
     s1, s2, _ = segments(prefill(orig, target, Request("r", [a, b], 16, "flow"), first=p))
     # the root says z: no child matches, the round ends; every other segment is dead, the ring refills now
     acts = orig.on_result(said(target, s1, [z] * len(s1)))
@@ -519,9 +508,7 @@ def _chain(target: Target):
     their own, so c is in flight below a node (a) whose own logits are still in flight."""
     p, a, b, c, d = target.tokens[:5]
     drafter = Scripted({p: [(0, a, 0.6), (0, b, 0.3), (1, c, 0.9), (2, d, 0.5)]})
-    orig = Originator(
-        target.head, lambda: drafter, [STEEP] * 2, clock=lambda: 0.0, timer=lambda: 0.0, back_off=False, flow_slots=3
-    )
+    orig = originator(target, drafter, curves=[STEEP] * 2, flow_slots=3)
     segs = segments(prefill(orig, target, Request("r", [a, b], 16, "flow"), first=p))
     assert [s.tokens for s in segs] == [[p], [a], [c]] and segs[2].parents == segs[1].node_ids
     return orig, segs, (p, a, b, c, d)
@@ -578,15 +565,7 @@ class Shallow(Scripted):
 def test_idle_drafting_sends_a_shallow_first_segment_then_deepens_the_pool_while_it_is_in_flight(target):
     p, a, b, c, e, f = target.tokens[:6]
     drafter = Shallow({p: [(0, a, 0.9), (1, c, 0.9), (2, e, 0.9), (3, f, 0.9)]})  # one likely chain, 4 deep
-    orig = Originator(
-        target.head,
-        lambda: drafter,
-        [FLAT] * 2,
-        clock=lambda: 0.0,
-        timer=lambda: 0.0,
-        draft_when_idle=True,
-        back_off=False,
-    )
+    orig = originator(target, drafter, stages=2, draft_when_idle=True)
     segs = segments(prefill(orig, target, Request("r", [a, b], 16, "flow"), first=p))
     sent = [t for s in segs for t in s.tokens]
     assert sent[0] == p and e not in sent and f not in sent  # only 2 levels drafted before the first segment
@@ -639,16 +618,7 @@ def test_idle_grows_the_pool_one_level_per_call_and_a_reroot_keeps_the_surviving
     goes on without a new draft. Without it, idle re-drafts from the root and a re-root drafts again."""
     p, a, b, c, e, f, g = target.tokens[:7]
     drafter = Growing({p: [(0, a, 0.9), (1, c, 0.9), (2, e, 0.9), (3, f, 0.9), (4, g, 0.9)]})  # a chain, 5 deep
-    orig = Originator(
-        target.head,
-        lambda: drafter,
-        [FLAT] * 2,
-        clock=lambda: 0.0,
-        timer=lambda: 0.0,
-        draft_when_idle=True,
-        resumable_drafting=resumable,
-        back_off=False,
-    )
+    orig = originator(target, drafter, stages=2, draft_when_idle=True, resumable_drafting=resumable)
     segs = segments(prefill(orig, target, Request("r", [a, b], 16, "flow"), first=p))
     assert drafter.drafts == 1 and [t for s in segs for t in s.tokens] == [p, a, c]  # 2 levels before the first
     calls, more = 0, []
