@@ -388,12 +388,6 @@ class TreeBudget:
         """Seconds a token of a plain round takes (decayed over the measured ones; None: none yet)."""
         return self._plain_s
 
-    @property
-    def plain_known(self) -> bool:
-        """Whether a plain round was measured (:meth:`observe_round`), so drafting rounds are judged
-        against what plain ones really take rather than against the cost curve's one-row figure."""
-        return self._plain_s is not None
-
     def keep_hint(self) -> int:
         """How many nodes the next draft should be able to supply: the last choice and half again (at
         least 4 more), so the tree can still grow when acceptance rises; before this request's first

@@ -659,7 +659,7 @@ class Originator:
         if lv.req.mode != "flow" or lv.drafter is None or not self.back_off:
             lv.tree_drafted = lv.drafter is not None
         else:
-            lv.tree_drafted = lv.budget.drafting() and lv.budget.plain_known
+            lv.tree_drafted = lv.budget.drafting() and lv.budget.plain_seconds is not None
         return lv.tree_drafted
 
     def _send(self, lv: _Live, nodes: list[int], root_parent: int) -> list[Action]:
@@ -800,7 +800,7 @@ class Originator:
         return [SendSegment(seg)]
 
     # ---- continuous flow: slots ----------------------------------------------------------------
-    def _new_pool(self, lv: _Live, drafted: bool = True) -> list[Action]:
+    def _new_pool(self, lv: _Live, drafted: bool) -> list[Action]:
         """A round at a fresh root: draft the candidate pool (``drafted``; else the root alone, a plain
         tree); the root and the best candidates go out as the round's first segment at the end of this
         event (:meth:`_fill`)."""
