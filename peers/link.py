@@ -21,9 +21,10 @@ Before authentication a connection costs little: the websocket accepts messages 
 handshake frames are decoded only up to ``HANDSHAKE_MAX_FRAME``, and the whole handshake must
 finish within its timeout.
 
-After the handshake the link is symmetric: ``send()`` puts an encoded frame on a bounded queue
-(so a slow neighbour pushes back on its producer instead of growing memory) and one writer task
-seals and drains it in order; one reader task opens and decodes frames and hands them to the
+After the handshake the link is symmetric: ``send()`` seals and writes a frame at once when
+nothing is queued or being written, and otherwise puts it on a bounded queue (so a slow neighbour
+pushes back on its producer instead of growing memory) that one writer task seals and drains in
+order; one reader task opens and decodes frames and hands them to the
 owner's callback. A send that cannot get onto the queue within ``send_timeout`` raises
 :class:`SendTimeout`; a websocket write that does not complete within ``send_timeout`` (the peer
 stopped reading) closes the link with ``CLOSE_STALLED``.
@@ -363,6 +364,7 @@ class Link:
         self._close_done = asyncio.Event()  # set once close() has finished (see close)
         self._closer: asyncio.Task[None] | None = None
         self._writing_since: float | None = None  # loop time the websocket write under way began
+        self._write_lock = asyncio.Lock()  # held from sealing a frame until its last chunk is written
 
     def __repr__(self) -> str:
         return f"<Link {self.peer.node_id}@{self.remote} {'out' if self.dialer else 'in'}>"
@@ -382,6 +384,9 @@ class Link:
         Raises ConnectionError once closed, SendTimeout (a ConnectionError) if no room came in time.
         """
         frame = self.codec.encode(msg)
+        if not self.closed and self.emulation is None and self._queue.empty() and not self._write_lock.locked():
+            await self._write_now(frame)
+            return
         if not self.closed and not self._queue.full():
             self._queue.put_nowait(frame)
             return
@@ -398,6 +403,21 @@ class Link:
             raise ConnectionError(f"link to {self.peer.node_id} is closed ({self.close_reason})")
         if not put.done() or put.cancelled():
             raise SendTimeout(f"link to {self.peer.node_id}: send queue still full after {limit:g} s")
+
+    async def _write_now(self, frame: bytes) -> None:
+        """Seal and write ``frame`` in the caller's task, for a link with nothing queued or being written.
+
+        A frame then reaches the socket before the caller goes on (a stage's next forward, say), not after
+        the writer task's turn on a loop that the torch thread shares the GIL with: that turn cost 0.1-0.4
+        ms a hop. The write returns at once unless the socket's buffers are full (a peer that stopped
+        reading), which the watchdog bounds just as for the writer task."""
+        async with self._write_lock:
+            try:
+                for message in self._sealer.seal(frame):
+                    await self._write(message)
+            except Exception as exc:
+                self._fail(WSCloseCode.ABNORMAL_CLOSURE, f"send failed: {exc!r}")
+                raise ConnectionError(f"link to {self.peer.node_id}: send failed: {exc!r}") from exc
 
     def offer(self, frame: bytes) -> bool:
         """Queue an encoded frame only if there is room: for traffic that is better skipped than late."""
@@ -559,14 +579,15 @@ class Link:
         try:
             while True:
                 frame = await self._queue.get()
-                for message in self._sealer.seal(frame):
-                    if self.emulation is None:
-                        await self._write(message)
-                        continue
-                    # Bandwidth serialises messages on the wire; latency overlaps (the deliver loop applies it).
-                    wire_free = max(loop.time(), wire_free) + self.emulation.transmit_time(len(message))
-                    await self._inflight.put((wire_free + self.emulation.latency_ms / 1000, message))
-                    await asyncio.sleep(wire_free - loop.time())
+                async with self._write_lock:
+                    for message in self._sealer.seal(frame):
+                        if self.emulation is None:
+                            await self._write(message)
+                            continue
+                        # Bandwidth serialises messages on the wire; latency overlaps (the deliver loop applies it).
+                        wire_free = max(loop.time(), wire_free) + self.emulation.transmit_time(len(message))
+                        await self._inflight.put((wire_free + self.emulation.latency_ms / 1000, message))
+                        await asyncio.sleep(wire_free - loop.time())
         except Exception as exc:  # a dead socket; the reader sees it too, but do not wait for that
             self._fail(WSCloseCode.ABNORMAL_CLOSURE, f"send failed: {exc!r}")
 

@@ -80,6 +80,7 @@ class _Book:
     owner: str | None
     nodes: dict[int, tuple[int, int]] = field(default_factory=dict)
     committed: set[int] = field(default_factory=set)
+    open: set[int] = field(default_factory=set)  # live nodes not committed: the only ones a prune can kill
     upto: int = -1
     keep: frozenset[int] = frozenset()
 
@@ -242,6 +243,8 @@ class FrameGate:
             book.nodes[seg.node_ids[i]] = (seg.parents[i], seg.positions[i])
         if seg.commit:
             book.committed.update(seg.node_ids[i] for i in live)
+        else:
+            book.open.update(seg.node_ids[i] for i in live if seg.node_ids[i] not in book.committed)
         self.kv_tokens += book.cost - before
 
     def _prefix(self, seg: Segment, book: _Book | None, bad) -> range:
@@ -301,25 +304,34 @@ class FrameGate:
             raise bad("a prune names a node id out of range")
         if book is not None and p.upto < book.upto:
             raise bad(f"a prune up to node {p.upto} after one up to {book.upto}: prunes only move forward")
+        # the committed context is not walked on every prune (a token's worth of ar): only what it adds
+        # and the open nodes (the only ones that can die) are
+        keep, commits = frozenset(p.keep), set(p.commit)
         if book is not None:
-            committed = book.committed.union(p.commit)
-            if len(committed) > limit:
+            commits -= book.committed
+            if len(book.committed) + len(commits) > limit:
                 raise bad(f"the session would commit more than the model's {limit} positions")
-            keep = frozenset(p.keep)
+
+            def committed(x: int) -> bool:
+                return x in book.committed or x in commits
 
             def dies(x: int) -> bool:
-                return x <= p.upto and x not in keep and x not in committed
+                return x <= p.upto and x not in keep and not committed(x)
 
-            for node in [x for x in keep if x in book.nodes] + [x for x in book.nodes if x > p.upto]:
+            for node in [x for x in keep if x in book.nodes] + [x for x in book.open if x > p.upto]:
                 par = book.nodes[node][0]
-                if node not in committed and par != PROMPT_PARENT and (par not in book.nodes or dies(par)):
+                if not committed(node) and par != PROMPT_PARENT and (par not in book.nodes or dies(par)):
                     raise bad(f"the prune kills node {par} but keeps its child {node}")
         else:
             book = self._open(rid, sender)  # a prune may overtake the request's first segment
-            committed, keep = set(p.commit), frozenset(p.keep)
         before = book.cost
-        book.committed, book.upto, book.keep = committed, p.upto, keep
-        book.nodes = {x: v for x, v in book.nodes.items() if not book.dead(x)}
+        book.committed.update(commits)
+        book.open -= commits
+        book.upto, book.keep = p.upto, keep
+        dead = [x for x in book.open if book.dead(x)]
+        for x in dead:
+            del book.nodes[x]
+        book.open.difference_update(dead)
         self.kv_tokens += book.cost - before
 
 

@@ -32,6 +32,7 @@ class Session:
     slot_of: dict[int, int] = field(default_factory=dict)
     parent: dict[int, int] = field(default_factory=dict)
     committed: set[int] = field(default_factory=set)
+    open: set[int] = field(default_factory=set)  # cached nodes not committed: the only ones a prune can kill
     prunes: list[Prune] = field(default_factory=list)
 
     def dead(self, node: int) -> bool:
@@ -42,9 +43,12 @@ class Session:
         """Drop dead entries and compact the cache in place (accepted KV is never recomputed)."""
         self.prunes.append(prune)
         self.committed.update(prune.commit)
-        by_slot = sorted(self.slot_of.items(), key=lambda kv: kv[1])
-        keep = [(n, s) for n, s in by_slot if not self.dead(n)]
-        if len(keep) != len(by_slot):
+        self.open.difference_update(prune.commit)
+        # only open nodes can die: the committed context is not walked on every prune (a token's worth of ar)
+        dead = {n for n in self.open if self.dead(n)}
+        if dead:
+            self.open -= dead
+            keep = sorted(((n, s) for n, s in self.slot_of.items() if n not in dead), key=lambda kv: kv[1])
             self.cache.keep([s for _, s in keep])
             self.slot_of = {n: i for i, (n, _) in enumerate(keep)}
             self.parent = {n: p for n, p in self.parent.items() if n in self.slot_of}
@@ -55,9 +59,9 @@ class Session:
         """Bool (rows, cache.length + rows): committed context plus each row's own ancestors."""
         n_cache, t = self.cache.length, len(seg)
         m = torch.zeros(t, n_cache + t, dtype=torch.bool)
-        committed_slots = [self.slot_of[n] for n in self.committed if n in self.slot_of]
-        if committed_slots:
-            m[:, committed_slots] = True
+        m[:, :n_cache] = True  # every cached node is committed context but the open ones
+        if self.open:
+            m[:, [self.slot_of[n] for n in self.open]] = False
         row_of = {n: i for i, n in enumerate(seg.node_ids)}
         for r, (node, par) in enumerate(zip(seg.node_ids, seg.parents)):
             m[r, n_cache + r] = True
@@ -80,6 +84,8 @@ class Session:
             self.parent[n] = p
         if seg.commit:
             self.committed.update(seg.node_ids)
+        else:
+            self.open.update(n for n in seg.node_ids if n not in self.committed)
 
 
 class StageWorker:
@@ -212,7 +218,7 @@ class StageWorker:
         n = ref.length
         sess.slot_of = {i: i for i in range(n)}
         sess.parent = {i: i - 1 for i in range(n)}
-        sess.committed = set(range(n))
+        sess.committed, sess.open = set(range(n)), set()
         self.prefix_tokens_reused += n
 
     def _keep(self, close: Close) -> None:
