@@ -1,7 +1,9 @@
 """The daemon's engine room: the scheduler and the stage worker, driven on one event loop.
 
 Everything torch (the originator's LM head and drafting, this device's layer slice) runs in
-one executor thread, so links keep streaming while a forward runs. The event loop only moves
+one executor thread, so links keep streaming while a forward runs; only a short step that finds
+that thread idle runs on the loop's own thread, to spare a hop two thread hand-offs
+(``Runtime._start_step``). The event loop only moves
 messages: from the API to the originator, between this device's worker and its ring
 neighbours, and from the last stage back to whichever peer originated a request.
 """
@@ -43,6 +45,10 @@ from models.weights import release_freed_memory
 log = logging.getLogger(__name__)
 RECENT_REQUESTS = 8  # finished requests ``status()`` keeps showing, so a short one is seen on the live page
 
+# A step expected to take at most this long, over at most this many rows, runs on the event loop's own
+# thread when the torch thread has nothing to do (Runtime._start_step).
+INLINE_SECONDS = 0.02
+INLINE_ROWS = 16
 INBOX_LIMIT = 4096  # ring messages waiting for the torch thread; a stage this far behind refuses peers' new work
 # A request whose send to a stage failed while the plan stayed (a link dropped and came back) is replayed on the
 # same ring after this long: longer than the mesh takes to declare a silent peer lost (3 s), so a dead stage
@@ -206,6 +212,9 @@ class Runtime:
         self._wake = asyncio.Event()
         self._waiting = False  # the compute loop waits for work: a delivery starts the torch thread's step itself
         self._started: tuple[asyncio.Future, Ring | None, StageWorker | None] | None = None  # that step
+        self._torch_jobs = 0  # submitted to the torch thread and not yet seen finished by the loop
+        self._step_seconds: float | None = None  # how long recent steps took (moving average; None: no step yet)
+        self.inline_steps = 0  # steps run on the loop's thread (see _start_step)
         self._loop_task: asyncio.Task | None = None
         self._stopping = False
         self._background: set[asyncio.Future] = set()
@@ -248,7 +257,17 @@ class Runtime:
         await self._torch(lambda: None)
 
     async def _torch(self, fn: Callable, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+        return await self._submit(fn, *args)
+
+    def _submit(self, fn: Callable, *args: Any) -> asyncio.Future:
+        """Queue ``fn`` on the torch thread; counted until the loop sees it finish (see _start_step)."""
+        self._torch_jobs += 1
+        fut = asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+        fut.add_done_callback(self._torch_job_done)
+        return fut
+
+    def _torch_job_done(self, _: asyncio.Future) -> None:
+        self._torch_jobs -= 1
 
     # ---- topology ---------------------------------------------------------------------------
     def install_worker(self, stage: Stage | None) -> None:
@@ -353,7 +372,7 @@ class Runtime:
     def _in_torch_now(self, fn: Callable, *args: Any) -> asyncio.Future:
         """Queue ``fn`` on the torch thread at once, ahead of anything queued later (the executor is one
         FIFO thread): a pause queued when the ring goes runs before any result that arrives after it."""
-        fut = self._loop.run_in_executor(self.executor, fn, *args)
+        fut = self._submit(fn, *args)
         fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # a failure is logged where awaited
         return fut
 
@@ -632,15 +651,39 @@ class Runtime:
             return
         self._inbox.append((msg, sender))
         self._wake.set()
-        self._start_step()
+        self._start_step(msg)
 
-    def _start_step(self) -> None:
-        """While the compute loop waits for work, a delivery hands the torch thread its step at once, and the
-        loop picks up the step's outcome when it wakes: the loop's own wake-up (0.05-0.3 ms on a busy
-        host) then runs beside the forward instead of before it, on every hop of every token."""
-        if self._waiting and self._started is None and not self._stopping:
-            ring = self.ring
-            self._started = (self._loop.run_in_executor(self.executor, self._step, ring), ring, self.worker)
+    def _start_step(self, msg: RingMessage) -> None:
+        """While the compute loop waits for work, a delivery starts the step itself, and the loop picks up
+        the step's outcome when it wakes: the loop's own wake-up (0.05-0.3 ms on a busy host) is then off
+        the path of every hop of every token.
+
+        A short step (``msg`` of at most INLINE_ROWS rows while recent steps took at most INLINE_SECONDS)
+        runs right here, on the loop's thread, when the torch thread has nothing queued (so it cannot
+        overtake anything queued there): a hop then costs what a blocking server's does, one wake-up,
+        instead of two more thread hand-offs there and back (0.3-0.4 ms a hop on this project's 2-core
+        VMs). The loop's other work waits that long, as a queued message waits for a forward anyway.
+        Longer steps (a prompt, a big tree, a slow device: the first step is always timed there) go to
+        the torch thread."""
+        if not self._waiting or self._started is not None or self._stopping:
+            return
+        if isinstance(msg, (Segment, Result)):  # a prune or close waits for the segment that usually comes with it
+            self._started = self._begin_step(len(msg.node_ids))
+
+    def _begin_step(self, rows: int) -> tuple[asyncio.Future, Ring | None, StageWorker | None]:
+        """Start a step over about ``rows`` rows: on this thread when short and the torch thread is idle (see
+        :meth:`_start_step`), else on the torch thread. Returns its outcome and the ring and worker it ran for."""
+        ring, worker = self.ring, self.worker
+        recent = self._step_seconds
+        if self._torch_jobs or rows > INLINE_ROWS or recent is None or recent > INLINE_SECONDS:
+            return self._submit(self._step, ring), ring, worker
+        step = self._loop.create_future()
+        try:
+            step.set_result(self._step(ring))
+        except Exception as exc:  # the compute loop reports it, as for a step on the torch thread
+            step.set_exception(exc)
+        self.inline_steps += 1
+        return step, ring, worker
 
     def _on_failure(self, msg: Failure, sender: str | None) -> None:
         """A stage (or the mesh) says one of our requests cannot go on: fail it with that reason. Only a
@@ -761,10 +804,10 @@ class Runtime:
         while True:
             if self._started is not None:  # a delivery started this step while the loop waited (_start_step)
                 (step, ring, worker), self._started = self._started, None
-                verified, outputs = await step
             else:
-                ring, worker = self.ring, self.worker
-                verified, outputs = await self._torch(self._step, ring)
+                rows = sum(len(m.node_ids) for m, _ in self._inbox if isinstance(m, (Segment, Result)))
+                step, ring, worker = self._begin_step(rows + (self.worker.queued_rows if self.worker else 0))
+            verified, outputs = await step
             for res, others, failure in verified:
                 rid = self._request_of(res.request_id)
                 if rid in self._heard:
@@ -779,20 +822,31 @@ class Runtime:
                 outputs = []  # computed for a plan replaced meanwhile: its requests replay on the new one
             for seg in outputs:
                 await self._route_output(seg)
-            if not verified and not outputs and not self._inbox:
+            # nothing more for the torch thread (the worker's queue only changes in a step, which is over):
+            # no trip there to find that out, so the loop is waiting again when the next message comes
+            if not self._inbox and (self.worker is None or not self.worker.queue):
                 if self.originator is None or not self.originator.idle_work():
                     return
                 # nothing queued: deepen the pools that first segments left from (slots' fillers come from them)
                 await self._dispatch(await self._torch(self.originator.idle))
 
     def _step(self, ring: Ring | None) -> tuple[list[tuple[Result, list[Delivery], str | None]], list[Segment]]:
-        """Torch thread: one step of this device's work, carried as far as it goes without the event loop.
+        """Torch thread (or the loop's, for a short one: :meth:`_start_step`): one step of this device's work,
+        carried as far as it goes without the event loop.
 
         Results for this originator are verified first (LM head, walk, drafting); what that sends to this
         device's own stage is queued for it here, and the stage then runs on everything queued, so the next
         segment starts at once instead of after two trips through the loop (which, while it writes to sockets,
         holds the GIL). Returns each result with the deliveries left for peers and the client (or why the
         originator failed on it) and the stage's outputs; the loop sends those deliveries, then the outputs."""
+        t0 = time.perf_counter()
+        verified, outputs = self._step_on(ring)
+        if verified or outputs:  # steps that found nothing to do say nothing about how long work takes
+            took, recent = time.perf_counter() - t0, self._step_seconds
+            self._step_seconds = took if recent is None else 0.8 * recent + 0.2 * took
+        return verified, outputs
+
+    def _step_on(self, ring: Ring | None) -> tuple[list[tuple[Result, list[Delivery], str | None]], list[Segment]]:
         verified: list[tuple[Result, list[Delivery], str | None]] = []
         results = self._drain_inbox()
         while results and self.originator is not None:
@@ -885,6 +939,8 @@ class Runtime:
             "rows_done": w.rows_done,
             "forwards": w.forwards,
             "shared_forwards": w.shared_forwards,
+            "inline_steps": self.inline_steps,
+            # steps run on the loop's thread (Runtime._start_step)
             "utilisation": round(w.busy_seconds / up, 4),
             "prefix_cache": (
                 {

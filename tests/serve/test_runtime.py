@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import threading
 import weakref
 
-from support import CodecMesh, solo_runtime, two_stage_mesh
+from support import CodecMesh, assert_matches_greedy, greedy_reference, solo_runtime, two_stage_mesh
 
 from meshd.ring.messages import PROMPT_PARENT, Prune, Segment
 from meshd.serve.engine import GenerateParams
-from meshd.serve.runtime import Ring, Runtime
+from meshd.serve.runtime import INLINE_ROWS, Ring, Runtime
 from models.budget import CostCurve
 from models.drafters import drafter_factory
 from models.ranges import LayerRange
@@ -197,3 +198,45 @@ def test_a_replaced_slice_is_freed_when_the_next_one_is_installed(tiny_dir):
     finally:
         if enabled:
             gc.enable()
+
+
+async def test_short_steps_run_where_the_message_arrived_and_long_ones_on_the_torch_thread(tiny_dir):
+    """A token's step is short: it runs on the event loop's thread, where its message arrived, sparing a hop
+    two thread hand-offs; a prompt over INLINE_ROWS rows goes to the torch thread, and so does any step while
+    that thread has work queued (it cannot overtake it). The text is greedy decoding's either way."""
+    src = ModelSource.resolve(str(tiny_dir))
+    _, a, b = two_stage_mesh(src)
+    ran: dict[str, list[tuple[str, int]]] = {"A": [], "B": []}
+    for rt in (a, b):
+
+        def spy(batch, run=rt.worker.run, name=rt.node_id):
+            if batch:
+                ran[name].append((threading.current_thread().name, sum(len(s) for s in batch)))
+            return run(batch)
+
+        rt.worker.run = spy
+    prompts = [[5, 6, 7, 8], [5 + i % 50 for i in range(INLINE_ROWS + 6)]]
+    await a.start()
+    await b.start()
+    try:
+        got = []
+        for prompt in prompts:  # one after the other: the second's prompt comes once token steps were timed
+            handle = await a.submit(prompt, GenerateParams(max_tokens=8, mode="ar"))
+            got.append([t for chunk in await asyncio.wait_for(finished(handle), 60) for t in chunk])
+            assert handle.finish_reason == "length", handle.error
+    finally:
+        await a.stop()
+        await b.stop()
+    target = Stage.load(src, dtype="fp32")
+    for prompt, tokens in zip(prompts, got):
+        assert_matches_greedy(tokens, *greedy_reference(target, prompt, 8, set()))
+    loop_thread = threading.current_thread().name
+    for name, forwards in ran.items():
+        # B's first forward (nothing timed yet) and every prompt over INLINE_ROWS rows: on the torch thread
+        assert forwards[0][0] != loop_thread, (name, forwards)
+        long = [thread for thread, rows in forwards if rows > INLINE_ROWS]
+        assert len(long) == 1 and long[0] != loop_thread, (name, forwards)
+    # at B every token's segment arrives while its loop waits with the torch thread idle
+    tokens_at_b = [thread for thread, rows in ran["B"][1:] if rows == 1]
+    assert len(tokens_at_b) == 14 and set(tokens_at_b) == {loop_thread}, ran["B"]
+    assert a.inline_steps > 0
