@@ -21,11 +21,11 @@ Before authentication a connection costs little: the websocket accepts messages 
 handshake frames are decoded only up to ``HANDSHAKE_MAX_FRAME``, and the whole handshake must
 finish within its timeout.
 
-After the handshake the link is symmetric: ``send()`` seals and writes a frame at once when
-nothing is queued or being written, and otherwise puts it on a bounded queue (so a slow neighbour
-pushes back on its producer instead of growing memory) that one writer task seals and drains in
-order; one reader task opens and decodes frames and hands them to the
-owner's callback. A send that cannot get onto the queue within ``send_timeout`` raises
+After the handshake the link is symmetric: ``send()`` seals and writes a small frame at once when
+nothing is queued, being written or waiting in the socket's buffer, and otherwise puts it on a
+bounded queue (so a slow neighbour pushes back on its producer instead of growing memory) that one
+writer task seals and drains in order; one reader task opens and decodes frames and hands them to
+the owner's callback. A send that cannot get onto the queue within ``send_timeout`` raises
 :class:`SendTimeout`; a websocket write that does not complete within ``send_timeout`` (the peer
 stopped reading) closes the link with ``CLOSE_STALLED``.
 
@@ -323,6 +323,10 @@ async def dial_handshake(
 
 # --- the link ------------------------------------------------------------------------------------
 
+# A sealed frame at most this large, written onto an empty socket buffer, stays under the transport's
+# high-water mark (64 KiB), so its write cannot pause the transport and wait (Link._can_write_now).
+DIRECT_WRITE_MAX = 32 * 1024
+
 
 class Link:
     """An authenticated, sealed websocket to one peer with an ordered, bounded send path."""
@@ -384,7 +388,7 @@ class Link:
         Raises ConnectionError once closed, SendTimeout (a ConnectionError) if no room came in time.
         """
         frame = self.codec.encode(msg)
-        if not self.closed and self.emulation is None and self._queue.empty() and not self._write_lock.locked():
+        if self._can_write_now(frame):
             await self._write_now(frame)
             return
         if not self.closed and not self._queue.full():
@@ -404,13 +408,25 @@ class Link:
         if not put.done() or put.cancelled():
             raise SendTimeout(f"link to {self.peer.node_id}: send queue still full after {limit:g} s")
 
+    def _can_write_now(self, frame: bytes) -> bool:
+        """Whether ``frame`` may skip the queue: nothing queued or being written, no emulated link, and a
+        small frame onto an empty socket buffer, which cannot pause the transport, so the write never waits
+        (a peer that stopped reading, or a prompt's hidden states, still go through the writer task, and
+        ``send`` keeps its bound). The buffer is read off aiohttp's writer (not public API): without it,
+        every frame is queued."""
+        if self.closed or self.emulation is not None or len(frame) > DIRECT_WRITE_MAX:
+            return False
+        if not self._queue.empty() or self._write_lock.locked():
+            return False
+        transport = getattr(getattr(self.ws, "_writer", None), "transport", None)
+        return transport is not None and transport.get_write_buffer_size() == 0
+
     async def _write_now(self, frame: bytes) -> None:
-        """Seal and write ``frame`` in the caller's task, for a link with nothing queued or being written.
+        """Seal and write ``frame`` in the caller's task (see :meth:`_can_write_now`).
 
         A frame then reaches the socket before the caller goes on (a stage's next forward, say), not after
         the writer task's turn on a loop that the torch thread shares the GIL with: that turn cost 0.1-0.4
-        ms a hop. The write returns at once unless the socket's buffers are full (a peer that stopped
-        reading), which the watchdog bounds just as for the writer task."""
+        ms a hop."""
         async with self._write_lock:
             try:
                 for message in self._sealer.seal(frame):

@@ -260,14 +260,22 @@ class Runtime:
         return await self._submit(fn, *args)
 
     def _submit(self, fn: Callable, *args: Any) -> asyncio.Future:
-        """Queue ``fn`` on the torch thread; counted until the loop sees it finish (see _start_step)."""
+        """Queue ``fn`` on the torch thread; counted until it has run or was dropped unrun (see _start_step),
+        on the executor's own future: an awaiter that gives up on the job does not end it."""
+        loop = asyncio.get_running_loop()
+        job = self.executor.submit(fn, *args)
         self._torch_jobs += 1
-        fut = asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
-        fut.add_done_callback(self._torch_job_done)
+        fut = asyncio.wrap_future(job, loop=loop)
+        job.add_done_callback(lambda _: self._call_in_loop(loop, self._torch_job_done))
         return fut
 
-    def _torch_job_done(self, _: asyncio.Future) -> None:
+    def _torch_job_done(self) -> None:
         self._torch_jobs -= 1
+
+    @staticmethod
+    def _call_in_loop(loop: asyncio.AbstractEventLoop, fn: Callable[[], None]) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop closed first (the daemon stopped)
+            loop.call_soon_threadsafe(fn)
 
     # ---- topology ---------------------------------------------------------------------------
     def install_worker(self, stage: Stage | None) -> None:
@@ -759,6 +767,8 @@ class Runtime:
                     self._waiting = False
             self._wake.clear()
             try:
+                if self._started is not None:  # what a delivery started goes on before the housekeeping
+                    await self._compute_once()
                 if self.resume_timeout > 0 and self.originator is not None and self.handles:
                     actions, paused = await self._torch(self._sweep_paused)
                     now = time.monotonic()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
 import torch
 from hostile_peers import Mesh, linked_pair, until
 
@@ -22,7 +23,8 @@ SEND_TIMEOUT = 1.0
 BOUND = SEND_TIMEOUT * 1.25 + CLOSE_GRACE
 
 
-async def test_a_peer_that_stops_reading_is_declared_lost_within_the_bound(tmp_path):
+@pytest.mark.parametrize("rows", [64, 1])  # 73 kB segments fill socket buffers fast; 1 kB ones are written at once
+async def test_a_peer_that_stops_reading_is_declared_lost_within_the_bound(tmp_path, rows):
     mesh = Mesh(tmp_path)
     try:
         a, b = await linked_pair(mesh, send_timeout=SEND_TIMEOUT, peer_timeout=30.0)
@@ -35,8 +37,10 @@ async def test_a_peer_that_stops_reading_is_declared_lost_within_the_bound(tmp_p
         lost: list[tuple[float, MembershipEvent]] = []
         a.on_membership(lambda e: lost.append((time.monotonic(), e)) if isinstance(e, PeerLost) else None)
 
-        rows = torch.zeros(64, 576, dtype=torch.float16)  # 73 kB per segment: fills socket buffers fast
-        seg = Message("segment", {"origin": a.node_id, "nodes": [0], "parents": [-1], "positions": [0], "hidden": rows})
+        hidden = torch.zeros(rows, 576, dtype=torch.float16)
+        seg = Message(
+            "segment", {"origin": a.node_id, "nodes": [0], "parents": [-1], "positions": [0], "hidden": hidden}
+        )
         sent, error, blocked_at = 0, None, None
         start = time.monotonic()
         while time.monotonic() - start < 60:
