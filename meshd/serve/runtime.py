@@ -210,7 +210,7 @@ class Runtime:
         self._ring_of: dict[str, int] = {}  # request id -> ring epoch it started under
         self._inbox: deque[tuple[RingMessage, str | None]] = deque()  # with the peer each came from
         self._wake = asyncio.Event()
-        self._waiting = False  # the compute loop waits for work: a delivery starts the torch thread's step itself
+        self._waiting = False  # the compute loop waits for work: a delivery starts the step itself
         self._started: tuple[asyncio.Future, Ring | None, StageWorker | None] | None = None  # that step
         self._torch_jobs = 0  # submitted to the torch thread and not yet seen finished by the loop
         self._step_seconds: float | None = None  # how long recent steps took (moving average; None: no step yet)
@@ -949,8 +949,8 @@ class Runtime:
             "rows_done": w.rows_done,
             "forwards": w.forwards,
             "shared_forwards": w.shared_forwards,
-            "inline_steps": self.inline_steps,
             # steps run on the loop's thread (Runtime._start_step)
+            "inline_steps": self.inline_steps,
             "utilisation": round(w.busy_seconds / up, 4),
             "prefix_cache": (
                 {
