@@ -502,6 +502,7 @@ void q4a8_product(const int8_t *a, const float *s, const float *sa, int64_t rows
     int64_t groups = k / GROUP;
     int amx = (path == 3 || (path == 0 && rows >= AMX_MIN_ROWS)) && q4a8_amx();
     int vector = Q4A8_VECTOR && !amx && path != 1; /* path 2: the build's vector path */
+    (void)vector;                                   /* read only where the build has a vector path */
     int64_t th = amx ? AMX_ROWS : TILE, tiles = (rows + th - 1) / th;
     int64_t work = n_blocks * tiles;
     int serial = rows * k * n_blocks * COLS < (int64_t)1 << 18;
@@ -701,6 +702,7 @@ int q8a8_matmul(const void *x, int bf16, int64_t rows, int64_t k, const int8_t *
     }
     q4a8_quantize(x, bf16, bf16, rows, k, NULL, 0.0f, a, s, s + rows * groups, NULL);
     int vector = Q4A8_VECTOR && path != 1;
+    (void)vector; /* read only where the build has a vector path */
 #pragma omp parallel for schedule(static) if (n * k * rows > (1 << 18)) num_threads(q4a8_team())
     for (int64_t o = 0; o < n; o++) {
         const int8_t *wo = w + o * k;
