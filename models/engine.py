@@ -27,6 +27,8 @@ class Stats:
     new_tokens: int = 0
     rounds: int = 0  # verification steps that emitted tokens (in flow with slots: every walk advance)
     trees: int = 0  # verified trees: rounds from a fresh root until the walk could go no further
+    # trees of the root alone: every one of ar's; spec's and flow's while their budget backs off drafting
+    plain_trees: int = 0
     accepted_drafts: int = 0  # drafted tokens the target accepted (bonus tokens not included)
     target_forwards: int = 0  # every forward of the target, prefill chunks included
     verified_nodes: int = 0
@@ -173,6 +175,7 @@ def generate(
             stats.target_forwards += 1
             stats.rounds += 1
             stats.trees += 1
+            stats.plain_trees += 1
             stats.per_round.append(1)
             reason = emit([sample_token(target.logits(feats, normed=True)[0], sampling, gen, history())])
             context.append(out[-1])
@@ -184,6 +187,7 @@ def generate(
         budget.observe(budget.expected(tree), len(accepted) - 1, cheap=not full)
         stats.rounds += 1
         stats.trees += 1
+        stats.plain_trees += len(tree) == 1
         stats.accepted_drafts += len(accepted) - 1
         stats.per_round.append(len(emitted))
         reason = emit(emitted)

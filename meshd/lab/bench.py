@@ -43,6 +43,7 @@ class Run:
     verified_nodes: int = 0  # rows the target verified, roots included
     # of ``seconds``, the prompt's prefill up to its last row's hidden state (0: the backend did not say)
     prefill_seconds: float = 0.0
+    plain_trees: int = 0  # of ``trees``, those of the root alone (ar's all; spec's and flow's while backed off)
 
     @property
     def decode_seconds(self) -> float:
@@ -105,6 +106,7 @@ def run_interleaved(
                     s.get("draft_seconds", 0.0),
                     s.get("verified_nodes", 0),
                     s.get("prefill_seconds", 0.0),
+                    s.get("plain_trees", 0),
                 )
             )
             if progress:
@@ -153,6 +155,8 @@ def summarize_runs(runs: list[Run], baseline: str) -> tuple[dict, str]:
                 "accepted_per_tree": round(sum(r.mean_accepted * r.rounds for r in rs) / trees, 3)
                 if (trees := sum(r.trees for r in rs))
                 else 0.0,
+                "trees": trees,
+                "plain_trees": sum(r.plain_trees for r in rs),  # backed off: trees of the root alone
             }
     head = "| category | " + " | ".join(f"{m} tok/s | {m} decode | {m} acc" for m in modes)
     head += "".join(f" | {m}/{baseline}" for m in modes if m != baseline) + " |"

@@ -158,6 +158,7 @@ class _Live:
     tree_started: float | None = None
     tree_tokens: int = 0
     tree_drafted: bool = False
+    tree_rows: int = 0  # the request's verified rows before the latest tree began
     # prefix caching: the cached prefix the prompt starts after (None: computed from its start), the
     # target's post-norm features of every context position whose KV the stages hold (a record for the
     # next request that reuses them), and the last round's accepted nodes with computed KV
@@ -655,7 +656,7 @@ class Originator:
             lv.budget.observe_round(lv.tree_tokens, now - lv.tree_started, drafted=lv.tree_drafted)
             if not lv.tree_drafted:  # a plain tree of any request, an ar one's too
                 self._plain_tree_s = lv.budget.plain_seconds
-        lv.tree_started, lv.tree_tokens = now, 0
+        lv.tree_started, lv.tree_tokens, lv.tree_rows = now, 0, lv.stats.verified_nodes
         if lv.req.mode != "flow" or lv.drafter is None or not self.back_off:
             lv.tree_drafted = lv.drafter is not None
         else:
@@ -723,6 +724,7 @@ class Originator:
         acts = self._emit(lv, tokens, lps)
         if walk.done or lv.done:
             lv.stats.trees += 1
+            lv.stats.plain_trees += lv.stats.verified_nodes - lv.tree_rows == 1  # its root's row alone
         if lv.done:  # sessions are closed everywhere; a prune now would only resurrect them
             return acts
         lv.round_accepted += len(walk.path) - 1

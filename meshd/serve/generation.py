@@ -290,6 +290,7 @@ class Generation:
             "rounds": st.rounds,
             "mean_accepted": round(st.mean_accepted, 4),
             "trees": st.trees,
+            "plain_trees": st.plain_trees,
             "accepted_per_tree": round(st.mean_per_tree, 4),
             "new_tokens": st.new_tokens,
             "seconds": round(seconds, 4),

@@ -163,6 +163,7 @@ class LocalModel:
             "rounds": st.rounds,
             "mean_accepted": round(st.mean_accepted, 4),
             "trees": st.trees,
+            "plain_trees": st.plain_trees,
             "accepted_per_tree": round(st.mean_per_tree, 4),
             "target_forwards": st.target_forwards,
             "seconds": round(st.seconds, 4),

@@ -78,6 +78,10 @@ def test_the_cheap_part_speculates_while_the_rest_is_backed_off(tiny_dir):
     res_off = generate(target, prompt, max_new_tokens=40, drafter=drafter, budget=off, depth=4)
     assert_matches_greedy(res_off.token_ids, want, gaps)
     assert lookup.contexts == head.contexts and res_off.stats.rounds > res.stats.rounds
+    # the records count the trees of the root alone: at least every backed-off round; ar's every tree
+    assert res_off.stats.plain_trees >= off.plain_rounds > 0 and res.stats.plain_trees < res_off.stats.plain_trees
+    ar = generate(target, prompt, max_new_tokens=8, mode="ar")
+    assert ar.stats.plain_trees == ar.stats.trees == 7
 
 
 def test_a_prior_of_failed_requests_starts_the_next_backed_off_and_learns_from_it(tiny_dir):

@@ -15,6 +15,7 @@ import torch
 from meshd.ring.messages import PROMPT_PARENT, Prune, Result, Segment
 from meshd.ring.scheduler import CloseSessions, Emit, Finish, Originator, Request, SendPrune, SendSegment
 from models.budget import CostCurve
+from models.engine import Stats
 from models.source import ModelSource
 from models.stage import Stage
 from models.tree import Tree
@@ -255,9 +256,10 @@ class Always(Scripted):
         return tree
 
 
-def flow_trees(target: Target, drafter: Always, says: dict[int, list[int]], trees: int) -> list[int]:
+def flow_trees(target: Target, drafter: Always, says: dict[int, list[int]], trees: int) -> tuple[list[int], Stats]:
     """Rows of each tree a flow request sends (one segment a tree) on a clock where a one-row tree takes
-    1 s and a drafted one 1.5 s; ``says[rows]``: what the target says at each of a tree's rows."""
+    1 s and a drafted one 1.5 s, and the request's statistics; ``says[rows]``: what the target says at
+    each of a tree's rows."""
     now = [0.0]
     orig = Originator(target.head, lambda: drafter, [FLAT], clock=lambda: now[0], timer=lambda: 0.0, flow_slots=1)
     acts = prefill(
@@ -269,7 +271,7 @@ def flow_trees(target: Target, drafter: Always, says: dict[int, list[int]], tree
         rows.append(len(seg))
         now[0] += 1.0 if len(seg) == 1 else 1.5
         acts = orig.on_result(said(target, seg, says[len(seg)]))
-    return rows
+    return rows, orig.live["r"].stats
 
 
 def test_flow_backs_off_to_plain_trees_while_drafted_ones_are_slower_and_probes_again(target):
@@ -279,8 +281,9 @@ def test_flow_backs_off_to_plain_trees_while_drafted_ones_are_slower_and_probes_
     needs 5 drafted trees (a decayed count of 3): one unlucky tree must not stop drafts that pay."""
     x, u = target.tokens[2:4]
     rejected = {1: [u], 2: [u, u]}  # the target says u at the root: the drafted x is rejected, 1 token a tree
-    rows = flow_trees(target, Always(x, 0.9), rejected, 14)
+    rows, stats = flow_trees(target, Always(x, 0.9), rejected, 14)
     assert rows == [1, 2, 2, 2, 2, 2, 1, 1, 2, 1, 1, 1, 1, 2]
+    assert (stats.trees, stats.plain_trees) == (14, 7)  # the records say how often the budget backed off
 
 
 def test_a_flow_request_drafts_its_first_tree_once_the_ring_timed_a_plain_one(target):
@@ -300,7 +303,8 @@ def test_a_flow_request_drafts_its_first_tree_once_the_ring_timed_a_plain_one(ta
 def test_flow_keeps_drafting_while_drafted_trees_pay(target):
     x, u = target.tokens[2:4]
     accepted = {1: [u], 2: [x, u]}  # x accepted, then u: 2 tokens in 1.5 s against 1 in 1 s
-    assert flow_trees(target, Always(x, 0.9), accepted, 6) == [1, 2, 2, 2, 2, 2]
+    rows, stats = flow_trees(target, Always(x, 0.9), accepted, 6)
+    assert rows == [1, 2, 2, 2, 2, 2] and (stats.trees, stats.plain_trees) == (6, 1)
 
 
 # ---- finishing ------------------------------------------------------------------------------
