@@ -389,6 +389,7 @@ def cmd_train_draft(args: argparse.Namespace) -> int:
             prompt_count=args.prompt_count,
             tokens_file=args.tokens_file,
             train_tokens=args.train_tokens,
+            init_head=args.init_head,
             time_budget=args.time_budget,
             command="meshd " + " ".join(sys.argv[1:]),
             stop=stop,
@@ -733,6 +734,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="train on the first stored answers up to this many tokens (for data-size curves); default: all",
+    )
+    t.add_argument(
+        "--init-head",
+        default=None,
+        metavar="DIR",
+        help="start from this head's weights and draft vocabulary instead of a fresh head (--vocab unused): more "
+        "epochs, or more data, on top of a head already trained; use a lower --lr (e.g. 3e-4)",
     )
     t.set_defaults(func=cmd_train_draft)
 

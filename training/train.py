@@ -46,6 +46,17 @@ def choose_vocab(seqs: Sequence[StoredSequence], size: int, always: Iterable[int
     return torch.tensor(sorted(ids)), covered / max(total, 1)
 
 
+def vocab_coverage(seqs: Sequence[StoredSequence], ids: torch.Tensor) -> float:
+    """The share of answer tokens that a draft vocabulary ``ids`` holds (a warm start keeps its head's)."""
+    keep = set(ids.tolist())
+    total = covered = 0
+    for toks, _, plen in seqs:
+        answer = toks[plen:].tolist()
+        total += len(answer)
+        covered += sum(t in keep for t in answer)
+    return covered / max(total, 1)
+
+
 @dataclass
 class TrainConfig:
     """How the head is trained; part of the report, and of the checkpoint's identity (a change restarts)."""
@@ -60,6 +71,7 @@ class TrainConfig:
     prompt_weight: float = 0.1
     seed: int = 0
     checkpoint_seconds: float = 180.0
+    init: str | None = None  # the head a warm start began from (path@digest); None: a fresh head
 
 
 def make_batches(seqs: Sequence[StoredSequence], tc: TrainConfig, epoch: int) -> list[list[int]]:
@@ -166,19 +178,22 @@ def train_head(
     state: dict = {"step": 0, "history": [], "seconds": 0.0}
     if ckpt.is_file():
         saved = torch.load(str(ckpt), map_location="cpu", weights_only=False)
-        if saved.get("total") == total:
+        if saved.get("total") == total and saved.get("init") == tc.init:
             head.load_state_dict(saved["model"])
             opt.load_state_dict(saved["opt"])
             state = saved["state"]
             log(f"training: resumed at step {state['step']}/{total}")
         else:
-            log("training: checkpoint is for a different data set or schedule; starting over")
+            log("training: checkpoint is for a different data set, schedule or starting head; starting over")
     state["cut"] = state["stopped"] = False
     state["planned"] = total
 
     def save() -> None:
         tmp = ckpt.with_suffix(".tmp")
-        torch.save({"model": head.state_dict(), "opt": opt.state_dict(), "state": state, "total": total}, str(tmp))
+        torch.save(
+            {"model": head.state_dict(), "opt": opt.state_dict(), "state": state, "total": total, "init": tc.init},
+            str(tmp),
+        )
         os.replace(tmp, ckpt)
 
     embed = dense(target.embed_w).float()  # quantized embeddings as a plain table

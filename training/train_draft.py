@@ -14,6 +14,7 @@ where ``--drafter auto`` finds it for that model. ``time_budget`` bounds the who
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -30,6 +31,7 @@ from models.drafters import NGramDrafter
 from models.eagle import (
     CONFIG_FILE,
     HEADS_DIR,
+    WEIGHTS_FILE,
     EagleDrafter,
     EagleHead,
     HeadConfig,
@@ -57,7 +59,7 @@ from training.prompts import (
 from training.rollouts import DataStore, data_dir_name, features_label, generate_data, work_dir
 from training.stopping import StopRequest, either
 from training.timebudget import TimeBudget, format_duration
-from training.train import StoredSequence, TrainConfig, choose_vocab, train_head
+from training.train import StoredSequence, TrainConfig, choose_vocab, train_head, vocab_coverage
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -93,6 +95,16 @@ def first_answer_tokens(seqs: list[StoredSequence], tokens: int) -> list[StoredS
         out.append((t, f, p))
         total += len(t) - p
     return out
+
+
+def head_identity(path: str | Path) -> str:
+    """What a warm start begins from, for the checkpoint's identity: the head's path and its weights'
+    digest (a checkpoint made from another head, or from this path before it was retrained, must not
+    resume)."""
+    found = Path(path).expanduser()
+    weights = found / WEIGHTS_FILE if found.is_dir() else found
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()[:16] if weights.is_file() else "?"
+    return f"{found}@{digest}"
 
 
 def check_out_dir(out: Path) -> None:
@@ -178,6 +190,7 @@ def train_draft(
     prompt_count: int = 6000,
     tokens_file: str | Path | None = None,
     train_tokens: int | None = None,
+    init_head: str | Path | None = None,
     time_budget: float | None = None,
     command: str | None = None,
     stop: StopRequest | None = None,
@@ -192,7 +205,10 @@ def train_draft(
     other numerics are kept in their own data directory. Measured on the embedded model, int4a8 features
     made no better head than dense ones (docs/draft-head.md), so this is a choice, not the default.
     ``time_budget``: seconds for the whole run, split as :mod:`training.timebudget` says; what it cut
-    is logged and recorded under ``report["time_budget"]``. ``stop`` (the command's SIGTERM and Ctrl-C,
+    is logged and recorded under ``report["time_budget"]``. ``init_head``: start from this head (its
+    weights and its draft vocabulary) instead of a fresh one, so more epochs or more data build on a
+    head already trained rather than paying for all of its training again; ``vocab`` is then unused.
+    ``stop`` (the command's SIGTERM and Ctrl-C,
     :mod:`training.stopping`) ends the run at the next point where its work is kept, without writing a
     head; the returned dict then says ``stopped`` (the signal's name).
     """
@@ -287,20 +303,36 @@ def train_draft(
             f"no training data for {src.name} in {work / 'data'}: no prompt could be answered (every prompt "
             "file empty, or every prompt longer than 1024 tokens); pass --prompts FILE with shorter prompts"
         )
-    if vocab > 0:
-        ids, coverage = choose_vocab(seqs, vocab, always=eos)
-    else:  # the full vocabulary
-        ids, coverage = torch.arange(target.cfg.vocab_size), 1.0
-    log(f"data: {len(seqs)} sequences; draft vocabulary {len(ids)} covers {coverage:.1%} of answer tokens")
-
-    hc = HeadConfig.for_target(
-        target.cfg, draft_vocab_size=len(ids) if vocab > 0 else 0, target_fingerprint=fp, target_name=src.name
-    )
-    torch.manual_seed(seed)
-    head = EagleHead(hc, target.cfg)
-    head.draft_vocab = ids
+    if init_head is not None:
+        head = load_head(init_head, target.cfg, fp).float()
+        ids = head.draft_vocab if head.hc.draft_vocab_size else torch.arange(target.cfg.vocab_size)
+        coverage = vocab_coverage(seqs, ids)
+        log(
+            f"data: {len(seqs)} sequences; starting from the head in {init_head}, whose draft vocabulary of "
+            f"{len(ids)} covers {coverage:.1%} of answer tokens"
+        )
+    else:
+        if vocab > 0:
+            ids, coverage = choose_vocab(seqs, vocab, always=eos)
+        else:  # the full vocabulary
+            ids, coverage = torch.arange(target.cfg.vocab_size), 1.0
+        log(f"data: {len(seqs)} sequences; draft vocabulary {len(ids)} covers {coverage:.1%} of answer tokens")
+        hc = HeadConfig.for_target(
+            target.cfg, draft_vocab_size=len(ids) if vocab > 0 else 0, target_fingerprint=fp, target_name=src.name
+        )
+        torch.manual_seed(seed)
+        head = EagleHead(hc, target.cfg)
+        head.draft_vocab = ids
     lm_rows = dense(target.lm_head_w).index_select(0, ids).float()
-    tc = TrainConfig(epochs=epochs, lr=lr, steps=steps, seed=seed, batch_tokens=batch_tokens, max_len=max_len)
+    tc = TrainConfig(
+        epochs=epochs,
+        lr=lr,
+        steps=steps,
+        seed=seed,
+        batch_tokens=batch_tokens,
+        max_len=max_len,
+        init=head_identity(init_head) if init_head is not None else None,
+    )
     vocab_file = work / "vocab.pt"
     if vocab_file.is_file() and not torch.equal(torch.load(str(vocab_file)), ids):
         (work / "train.ckpt").unlink(missing_ok=True)  # the data changed: old checkpoints do not apply
@@ -344,6 +376,7 @@ def train_draft(
         "head": {"params": head.param_count(), "draft_vocab": len(ids), "vocab_coverage": round(coverage, 4)},
         "training": {
             "epochs": epochs,
+            "init_head": str(init_head) if init_head is not None else None,
             "batches": state["step"],
             "planned_batches": state.get("planned"),
             "seconds": round(state["seconds"], 1),

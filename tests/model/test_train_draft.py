@@ -206,6 +206,22 @@ def test_training_stopped_on_request_saves_its_batch_and_resumes(tiny, tmp_path)
     assert [h["step"] for h in again["history"]] == [3, state["planned"]]  # resumed at batch 3, not restarted
 
 
+def test_a_checkpoint_resumes_only_from_the_head_it_started_from(tiny, tmp_path):
+    """A warm start's checkpoint names the head it began from: a run from a fresh head, or from another
+    head, starts over instead of resuming a schedule that was training something else."""
+    _, target = tiny
+    seqs = training_data(target, seed=6)
+    ckpt = tmp_path / "ckpt"
+    warm = TrainConfig(epochs=3, lr=1e-3, batch_tokens=120, steps=2, init="heads/a@0123")
+    state = train_head(random_head(target), target, seqs, warm, ckpt, lm_rows=target.lm_head_w, stop=Steps(0))
+    assert state["stopped"] and state["step"] == 1
+    fresh = TrainConfig(epochs=3, lr=1e-3, batch_tokens=120, steps=2)
+    other = train_head(random_head(target), target, seqs, fresh, ckpt, lm_rows=target.lm_head_w, stop=Steps(0))
+    assert other["step"] == 1  # started over: the checkpoint was another start's
+    again = train_head(random_head(target), target, seqs, fresh, ckpt, lm_rows=target.lm_head_w, stop=Steps(0))
+    assert again["step"] == 2  # its own checkpoint resumes
+
+
 def test_a_signal_asks_the_run_to_stop_and_a_second_one_stops_it():
     """SIGTERM or Ctrl-C: at once while nothing could be kept, else a request the loops see, and the
     second one at once; the handlers before come back after; an ignored Ctrl-C stays ignored.
@@ -414,3 +430,16 @@ def test_train_draft_stopped_keeps_its_answers_and_a_rerun_finishes(
     assert "stopped" not in report and (tmp_path / "head" / CONFIG_FILE).is_file()
     assert report["data"]["stored_answer_tokens"] >= 400 and report["data"]["sequences"] > kept
     assert f"generation: {got['data']['answer_tokens']} answer tokens stored" in capsys.readouterr().err
+
+    # a warm start: more epochs on top of that head keep its draft vocabulary (not one of --vocab's size)
+    # and begin from its weights (at a vanishing rate the head comes out as it went in)
+    kw.update(out=tmp_path / "warm", vocab=64, epochs=1, lr=1e-12)
+    warm = td.train_draft(**kw, init_head=tmp_path / "head")
+    assert (
+        warm["training"]["init_head"] == str(tmp_path / "head")
+        and warm["head"]["draft_vocab"] == report["head"]["draft_vocab"] != 64
+    )
+    assert "starting from the head in" in capsys.readouterr().err
+    target = Stage.load(ModelSource.resolve(model), dtype="fp32")
+    before, after = load_head(tmp_path / "head", target.cfg), load_head(tmp_path / "warm", target.cfg)
+    assert torch.equal(before.draft_vocab, after.draft_vocab) and same_head(before, after)
