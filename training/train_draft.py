@@ -107,6 +107,20 @@ def head_identity(path: str | Path) -> str:
     return f"{found}@{digest}"
 
 
+def starting_point(path: str | Path) -> dict:
+    """What a warm start began from, for its report: the head, its weights' digest and what its own report
+    says of its data and training (itself nested back to the first fresh head; loss curves left out), so a
+    head trained in several runs still says how it was made."""
+    found = Path(path).expanduser()
+    point: dict = {"head": str(found), "weights": head_identity(found).rsplit("@", 1)[1]}
+    earlier = found / "report.json"
+    if earlier.is_file():
+        rep = json.loads(earlier.read_text())
+        training = {k: v for k, v in rep.get("training", {}).items() if k != "loss_curve"}
+        point["report"] = {"command": rep.get("command"), "data": rep.get("data"), "training": training}
+    return point
+
+
 def check_out_dir(out: Path) -> None:
     """Refuse, before hours of work, an ``out`` that exists and is not a head (publishing replaces it whole),
     or one named with a leading dot (lookup skips those: they are how unfinished heads are kept out of it)."""
@@ -376,7 +390,7 @@ def train_draft(
         "head": {"params": head.param_count(), "draft_vocab": len(ids), "vocab_coverage": round(coverage, 4)},
         "training": {
             "epochs": epochs,
-            "init_head": str(init_head) if init_head is not None else None,
+            "init_head": starting_point(init_head) if init_head is not None else None,
             "batches": state["step"],
             "planned_batches": state.get("planned"),
             "seconds": round(state["seconds"], 1),

@@ -435,10 +435,9 @@ def test_train_draft_stopped_keeps_its_answers_and_a_rerun_finishes(
     # and begin from its weights (at a vanishing rate the head comes out as it went in)
     kw.update(out=tmp_path / "warm", vocab=64, epochs=1, lr=1e-12)
     warm = td.train_draft(**kw, init_head=tmp_path / "head")
-    assert (
-        warm["training"]["init_head"] == str(tmp_path / "head")
-        and warm["head"]["draft_vocab"] == report["head"]["draft_vocab"] != 64
-    )
+    began = warm["training"]["init_head"]
+    assert began["head"] == str(tmp_path / "head") and began["report"]["training"]["epochs"] == 2  # its lineage
+    assert warm["head"]["draft_vocab"] == report["head"]["draft_vocab"] != 64
     assert "starting from the head in" in capsys.readouterr().err
     target = Stage.load(ModelSource.resolve(model), dtype="fp32")
     before, after = load_head(tmp_path / "head", target.cfg), load_head(tmp_path / "warm", target.cfg)
