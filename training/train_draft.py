@@ -254,6 +254,8 @@ def train_draft(
             else budget.describe()
         )
     target = Stage.load(src, dtype=dtype, weights=weights)
+    # a warm start's head is read now: a wrong path or another model's head fails before hours of work
+    start = load_head(init_head, target.cfg, fp).float() if init_head is not None else None
     numerics = features_label(target)
     log(f"features: {numerics}")
     tok = src.load_tokenizer()
@@ -317,8 +319,8 @@ def train_draft(
             f"no training data for {src.name} in {work / 'data'}: no prompt could be answered (every prompt "
             "file empty, or every prompt longer than 1024 tokens); pass --prompts FILE with shorter prompts"
         )
-    if init_head is not None:
-        head = load_head(init_head, target.cfg, fp).float()
+    if start is not None:
+        head = start
         ids = head.draft_vocab if head.hc.draft_vocab_size else torch.arange(target.cfg.vocab_size)
         coverage = vocab_coverage(seqs, ids)
         log(

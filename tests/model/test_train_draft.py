@@ -442,3 +442,5 @@ def test_train_draft_stopped_keeps_its_answers_and_a_rerun_finishes(
     target = Stage.load(ModelSource.resolve(model), dtype="fp32")
     before, after = load_head(tmp_path / "head", target.cfg), load_head(tmp_path / "warm", target.cfg)
     assert torch.equal(before.draft_vocab, after.draft_vocab) and same_head(before, after)
+    with pytest.raises(ModelError, match="nowhere not found"):  # read with the target, before any work
+        td.train_draft(**kw, init_head=tmp_path / "nowhere")
