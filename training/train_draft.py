@@ -97,14 +97,18 @@ def first_answer_tokens(seqs: list[StoredSequence], tokens: int) -> list[StoredS
     return out
 
 
+def weights_digest(head: Path) -> str:
+    """The first 16 hex digits of the sha256 of a head's weights file ("?" when it has none)."""
+    weights = head / WEIGHTS_FILE if head.is_dir() else head
+    return hashlib.sha256(weights.read_bytes()).hexdigest()[:16] if weights.is_file() else "?"
+
+
 def head_identity(path: str | Path) -> str:
     """What a warm start begins from, for the checkpoint's identity: the head's path and its weights'
     digest (a checkpoint made from another head, or from this path before it was retrained, must not
     resume)."""
     found = Path(path).expanduser()
-    weights = found / WEIGHTS_FILE if found.is_dir() else found
-    digest = hashlib.sha256(weights.read_bytes()).hexdigest()[:16] if weights.is_file() else "?"
-    return f"{found}@{digest}"
+    return f"{found}@{weights_digest(found)}"
 
 
 def starting_point(path: str | Path) -> dict:
@@ -112,7 +116,7 @@ def starting_point(path: str | Path) -> dict:
     says of its data and training (itself nested back to the first fresh head; loss curves left out), so a
     head trained in several runs still says how it was made."""
     found = Path(path).expanduser()
-    point: dict = {"head": str(found), "weights": head_identity(found).rsplit("@", 1)[1]}
+    point: dict = {"head": str(found), "weights": weights_digest(found)}
     earlier = found / "report.json"
     if earlier.is_file():
         rep = json.loads(earlier.read_text())
