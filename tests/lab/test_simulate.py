@@ -426,9 +426,12 @@ def test_an_emulated_record_is_simulated_with_its_profile(tiny_env, capsys, tmp_
     rec = tmp_path / "emulated.json"
     spec = {"stages": 2, "link": "1ms/150mbit", "max_tokens": 6, "prompts": 1, "drafter": "ngram"}
     rec.write_text(json.dumps(spec | {"modes": {"ar": 1.0}, "emulate": "jetson-orin-7b:x4"}))
+    out = tmp_path / "calib" / "record.json"
     args = ["simulate", "--questions", "everyday", "--calibrate-with", str(rec), "--fit-scale", "none", "--json"]
-    assert cli.main(args) == 0
-    (row,) = json.loads(capsys.readouterr().out)["calibration"]
+    assert cli.main([*args, "--out", str(out)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert json.loads(out.read_text()) == printed  # --out keeps the calibration's record, as it does a simulation's
+    (row,) = printed["calibration"]
     # ar: a token per pass of 2 stages x 16 of the profile's 32 layers, the LM head and 2 link latencies, x4
     period = 4 * (32 * jetson.layer(1) + jetson.head(1)) + 2 * 1e-3
     assert row["simulated"] == pytest.approx(1 / period, rel=0.15)

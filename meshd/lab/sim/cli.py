@@ -219,9 +219,14 @@ def _calibrate(args, path: Path) -> int:
     scale, hop, all_rows = calibrate(specs, run, fit_mode=fit_mode, fit_hop=fit_hop, progress=progress_printer)
     fitted = any(r["fitted"] for r in all_rows)
     used = ([profile] if profile is not None else []) + list(emulated.values())
+    record = {"profile": used[0].to_json(), "profiles": [p.to_json() for p in used]}
+    record |= {"compute_scale": scale, "hop_overhead_s": hop, "calibration": all_rows}
+    if args.out:  # the calibration's own record, as a simulation writes its own
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(record, indent=1))
+        progress_printer(f"record: {args.out}")
     if args.json:
-        shown = {"profile": used[0].to_json(), "profiles": [p.to_json() for p in used]}
-        print(json.dumps(shown | {"compute_scale": scale, "hop_overhead_s": hop, "calibration": all_rows}))
+        print(json.dumps(record))
     else:
         what = "compute scale and a per-message overhead" if fit_hop else "one factor"
         print(
