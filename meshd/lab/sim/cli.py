@@ -162,6 +162,13 @@ def _load_env(args, one_thread: bool) -> _Env:
     return _Env(args.model, args.dtype)
 
 
+def _write_record(path: Path, record: dict) -> None:
+    """``--out``: the JSON record, wherever the user asked (folders made), and where it went."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1))
+    progress_printer(f"record: {path}")
+
+
 def _calibrate(args, path: Path) -> int:
     """Simulate each measured mesh of ``--calibrate-with`` and print simulated vs measured tokens/s
     (the fit: :func:`calibrate`). The profile is this device's, measured on one thread, except for
@@ -222,9 +229,7 @@ def _calibrate(args, path: Path) -> int:
     record = {"profile": used[0].to_json(), "profiles": [p.to_json() for p in used]}
     record |= {"compute_scale": scale, "hop_overhead_s": hop, "calibration": all_rows}
     if args.out:  # the calibration's own record, as a simulation writes its own
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(record, indent=1))
-        progress_printer(f"record: {args.out}")
+        _write_record(Path(args.out), record)
     if args.json:
         print(json.dumps(record))
     else:
@@ -325,9 +330,7 @@ def main(args) -> int:
         ],
     }
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(record, indent=1))
-        progress_printer(f"record: {args.out}")
+        _write_record(Path(args.out), record)
     if args.json:
         print(json.dumps(record))
         return 0
