@@ -61,10 +61,14 @@
 
 #define GROUP 32
 #define COLS 16
-#define TILE 4
+#if Q4A8_VNNI
+#define TILE 8 /* rows a block's unpacked weights meet: 32 vector registers hold 8 rows' sums beside them */
+#else
+#define TILE 4 /* AVX2 and NEON: 16 and 32 registers, with wider unpacking */
+#endif
 #define GROUP_BYTES 320
 #define AMX_ROWS 16    /* rows per AMX tile */
-#define AMX_MIN_ROWS 6 /* from this many rows on AMX beats tiles of 4 (tools/issue11/q4a8_rows.py) */
+#define AMX_MIN_ROWS 6 /* from this many rows on AMX beat VNNI (measured with its tiles of 4; tools/issue11/q4a8_rows.py) */
 
 int q4a8_has_vnni(void) { return Q4A8_VNNI; }
 int q4a8_has_avx2(void) { return Q4A8_AVX2; }
@@ -190,7 +194,11 @@ static inline __attribute__((always_inline)) void prefetch_ahead(const uint8_t *
 
 #if Q4A8_VNNI
 /* `rows` (1..TILE) is a constant in each caller below, so the row loops unroll and a one-row
- * product does one row's work, not a tile's. */
+ * product does one row's work, not a tile's. Each of a row's 8 products takes its 4 activations as an
+ * embedded broadcast from memory (gcc 12 emits a separate broadcast per product from the intrinsics),
+ * and a tile is 8 rows, not 4: the 8 unpacked weight vectors serve twice the rows. The embedded model's
+ * 120 layer matrices, 1 thread, Zen 4, three alternations (tools/issue11/q4a8_rows.py's `auto`): 8 rows
+ * 9.35-9.55 -> 8.15-8.33 ms, 16 rows 16.5-16.6 -> 15.0-16.0, 64 rows 57.2-57.4 -> 54.5-55.0. */
 static inline __attribute__((always_inline)) void block_vnni(const uint8_t *wb, int64_t groups,
                                                              const int8_t *const *a, const float *const *s,
                                                              const float *const *sa, float out[][COLS],
@@ -212,7 +220,8 @@ static inline __attribute__((always_inline)) void block_vnni(const uint8_t *wb, 
         for (int r = 0; r < rows; r++) {
             const int32_t *ar = (const int32_t *)(a[r] + g * GROUP);
             __m512i isum = _mm512_setzero_si512();
-            for (int j = 0; j < 8; j++) isum = _mm512_dpbusd_epi32(isum, w[j], _mm512_set1_epi32(ar[j]));
+            for (int j = 0; j < 8; j++)
+                __asm__("vpdpbusd %[b]%{1to16%}, %[w], %[acc]" : [acc] "+v"(isum) : [w] "v"(w[j]), [b] "m"(ar[j]));
             __m512 scale = _mm512_mul_ps(d, _mm512_set1_ps(s[r][g]));
             acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), scale, acc[r]);
             acc[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(sa[r][g]), acc[r]);
@@ -372,6 +381,12 @@ static void block_simd_rows(const uint8_t *wb, int64_t groups, const int8_t *con
     case 1: block_simd(wb, groups, a, s, sa, out, 1); break;
     case 2: block_simd(wb, groups, a, s, sa, out, 2); break;
     case 3: block_simd(wb, groups, a, s, sa, out, 3); break;
+#if TILE > 4
+    case 4: block_simd(wb, groups, a, s, sa, out, 4); break;
+    case 5: block_simd(wb, groups, a, s, sa, out, 5); break;
+    case 6: block_simd(wb, groups, a, s, sa, out, 6); break;
+    case 7: block_simd(wb, groups, a, s, sa, out, 7); break;
+#endif
     default: block_simd(wb, groups, a, s, sa, out, TILE); break;
     }
 }
@@ -552,7 +567,7 @@ void q4a8_product(const int8_t *a, const float *s, const float *sa, int64_t rows
  * into the quantization of the activations, which reads each row anyway (two torch calls of ~15 us
  * fewer per layer and row count). x and y are bf16 (flag set) or fp32; K is a multiple of 32.
  * path: 0 the fastest this build and CPU have for the number of rows, 1 plain C, 2 the vector path
- * (VNNI, AVX2 or NEON) in tiles of 4 rows, 3 AMX tiles of 16 (the tests compare them; an unavailable
+ * (VNNI in tiles of 8 rows, AVX2 or NEON in tiles of 4), 3 AMX tiles of 16 (the tests compare them; an unavailable
  * one falls back). Returns 0, or -1 when scratch memory could not be had. */
 int q4a8_matmul(const void *x, int x_bf16, int64_t rows, int64_t k, const uint8_t *w, int64_t n_blocks,
                 int64_t n_out, void *y, int y_bf16, int path, const void *norm, float eps) {
@@ -612,7 +627,7 @@ static void q8_dot_generic(const int8_t *w, const int8_t *a, int64_t k, const fl
     }
 }
 
-#if Q4A8_VNNI || Q4A8_AVX2
+#if Q4A8_AVX2
 /* q8_dot_generic's arithmetic in AVX2: |w| (unsigned) times a with w's sign through maddubs (u8 x s8,
  * pairs at most 2 * 128 * 127), the pairs summed to int32 lanes. ``nr`` is a constant at each call
  * (always inlined), so the loops over activation rows unroll into independent chains. */
@@ -646,6 +661,49 @@ static inline __attribute__((always_inline)) void q8_dot_avx2(const int8_t *w, c
     }
 }
 #define q8_dot_simd q8_dot_avx2
+#endif
+
+#if Q4A8_VNNI
+/* q8_dot_generic's arithmetic in AVX512-VNNI, two groups a step: lanes 0-7 of a 512-bit vector hold an
+ * even group's 8 lane sums, lanes 8-15 the next odd group's, so one fused multiply-add (with each
+ * group's scale in its half, from `sv`: 8 copies per row and group) advances both chains exactly as
+ * the plain C path does. vpdpbusd multiplies unsigned by signed bytes: the activations go in offset by
+ * 128 (`au` = a ^ 0x80, 1..255) and each lane starts from -128 * (the sum of its 4 weights), so the
+ * lane's int32 is the exact signed sum. A lone last group (an odd count) is the even chain's, in lanes
+ * 0-7 only. Against the AVX2 path on a Zen 4 core (the embedded model's LM head, 49,152 x 576, 1 thread,
+ * tools/issue11/lm_head_rows.py, three alternations): 1 row 1.17-1.28 -> 1.05-1.31 ms, 4 rows
+ * 2.86-2.93 -> 2.06-2.23, 16 rows 11.3-11.5 -> 8.9-9.1. */
+static inline __attribute__((always_inline)) void q8_dot_vnni(const int8_t *w, const uint8_t *au, int64_t k,
+                                                               const float *sv, int64_t groups, int nr, float *dot) {
+    const __m512i bias = _mm512_set1_epi8((char)0x80), zero = _mm512_setzero_si512();
+    __m512 acc[4]; /* row j: lanes 0-7 the even groups' chain, 8-15 the odd groups' */
+    for (int j = 0; j < nr; j++) acc[j] = _mm512_setzero_ps();
+    int64_t g = 0;
+    for (; g + 1 < groups; g += 2) {
+        __m512i wv = _mm512_loadu_si512((const void *)(w + g * GROUP));
+        __m512i start = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, bias, wv));
+        for (int j = 0; j < nr; j++) {
+            __m512i isum = _mm512_dpbusd_epi32(start, _mm512_loadu_si512((const void *)(au + j * k + g * GROUP)), wv);
+            acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_loadu_ps(sv + (j * groups + g) * 8), acc[j]);
+        }
+    }
+    if (g < groups) {
+        const __mmask64 half = 0xffffffffull;
+        __m512i wv = _mm512_maskz_loadu_epi8(half, (const void *)(w + g * GROUP));
+        __m512i start = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, bias, wv));
+        for (int j = 0; j < nr; j++) {
+            __m512i av = _mm512_maskz_loadu_epi8(half, (const void *)(au + j * k + g * GROUP));
+            __m512 sg = _mm512_maskz_loadu_ps(0x00ff, sv + (j * groups + g) * 8);
+            acc[j] = _mm512_mask3_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(start, av, wv)), sg, acc[j], 0x00ff);
+        }
+    }
+    float lanes[8];
+    for (int j = 0; j < nr; j++) {
+        __m256 odd = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[j]), 1));
+        _mm256_storeu_ps(lanes, _mm256_add_ps(_mm512_castps512_ps256(acc[j]), odd));
+        dot[j] = q8_lanes_sum(lanes);
+    }
+}
 #endif
 
 #if Q4A8_NEON
@@ -703,6 +761,23 @@ int q8a8_matmul(const void *x, int bf16, int64_t rows, int64_t k, const int8_t *
     q4a8_quantize(x, bf16, bf16, rows, k, NULL, 0.0f, a, s, s + rows * groups, NULL);
     int vector = Q4A8_VECTOR && path != 1;
     (void)vector; /* read only where the build has a vector path */
+#if Q4A8_VNNI
+    /* q8_dot_vnni's operands: the activations offset to unsigned bytes, each scale 8 times */
+    uint8_t *au = vector ? malloc((size_t)(rows * k)) : NULL;
+    float *sv = vector ? malloc((size_t)(rows * groups) * 8 * sizeof(float)) : NULL;
+    if (vector && (!au || !sv)) {
+        free(a);
+        free(s);
+        free(au);
+        free(sv);
+        return -1;
+    }
+    if (vector) {
+        for (int64_t i = 0; i < rows * k; i++) au[i] = (uint8_t)a[i] ^ 0x80u;
+        for (int64_t i = 0; i < rows * groups; i++)
+            for (int l = 0; l < 8; l++) sv[8 * i + l] = s[i];
+    }
+#endif
 #pragma omp parallel for schedule(static) if (n * k * rows > (1 << 18)) num_threads(q4a8_team())
     for (int64_t o = 0; o < n; o++) {
         const int8_t *wo = w + o * k;
@@ -713,7 +788,18 @@ int q8a8_matmul(const void *x, int bf16, int64_t rows, int64_t k, const int8_t *
             const int8_t *ar = a + r * k;
             const float *sr = s + r * groups;
             float dot[4];
-#if Q4A8_VECTOR
+#if Q4A8_VNNI
+            if (vector) {
+                const uint8_t *aur = au + r * k;
+                const float *svr = sv + r * groups * 8;
+                switch (nr) { /* constant row counts: each call unrolls */
+                case 4: q8_dot_vnni(wo, aur, k, svr, groups, 4, dot); break;
+                case 3: q8_dot_vnni(wo, aur, k, svr, groups, 3, dot); break;
+                case 2: q8_dot_vnni(wo, aur, k, svr, groups, 2, dot); break;
+                default: q8_dot_vnni(wo, aur, k, svr, groups, 1, dot);
+                }
+            } else
+#elif Q4A8_VECTOR
             if (vector) {
                 switch (nr) { /* constant row counts: each call unrolls (q8_dot_simd) */
                 case 4: q8_dot_simd(wo, ar, k, sr, groups, 4, dot); break;
@@ -727,6 +813,10 @@ int q8a8_matmul(const void *x, int bf16, int64_t rows, int64_t k, const int8_t *
             for (int j = 0; j < nr; j++) y[(r + j) * n + o] = dot[j] * ws;
         }
     }
+#if Q4A8_VNNI
+    free(au);
+    free(sv);
+#endif
     free(a);
     free(s);
     return 0;

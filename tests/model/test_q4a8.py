@@ -97,16 +97,18 @@ def test_rms_norm_fused_into_the_kernel(dtype):
         q4a8.matmul(x, data, 48, norm=norm[:10], eps=1e-5)
 
 
+@pytest.mark.parametrize("k", [96, 128])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int8_rows_times_int8_activations(dtype):
+def test_int8_rows_times_int8_activations(dtype, k):
     """The vocabulary matrix's product on an int4a8 stage: within the activations' int8 rounding of
     the exact int8-row product, and each row bitwise the same in any batch and code path (7 activation
     rows: the vector path's blocks of four and of one to three left over; 96 columns: three groups of
-    32, so the even-groups chain takes one more than the odd)."""
+    32, so the even-groups chain takes one more than the odd and AVX512-VNNI's pairs of groups leave
+    one alone; 128: two pairs, none left)."""
     torch.manual_seed(4)
-    w = torch.randint(-128, 128, (203, 96), dtype=torch.int8)
+    w = torch.randint(-128, 128, (203, k), dtype=torch.int8)
     scales = (torch.rand(203) * 0.02 + 0.001).to(dtype)
-    x = torch.randn(7, 96).to(dtype)
+    x = torch.randn(7, k).to(dtype)
     got = q4a8.q8a8_matmul(x, w, scales)
     dense_w = w.float() * scales.float()[:, None]
     want = x.float() @ dense_w.T
