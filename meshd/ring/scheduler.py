@@ -20,8 +20,10 @@ round's first segment (the new root and the frontier's likeliest descendants) is
 fast; the following *filler* segments carry the best unsent candidates, sized to keep the slowest
 step busy. ``flow_slots=1`` is the earlier scheduler, kept for comparison: one tree per round, cut
 into segments only where the stages' compute curve makes that free (``flat_rows``). With
-``draft_when_idle`` a first segment leaves after a shallow draft and :meth:`Originator.idle` deepens
-the pool while it is in flight, for drivers that call it when the originator's device is idle. With
+``draft_when_idle`` a first segment leaves after a shallow draft, deepened first only while a level's
+measured drafting time is worth what it saves (:meth:`Originator._deeper_first_pays`), and
+:meth:`Originator.idle` deepens the pool while it is in flight, for drivers that call it when the
+originator's device is idle. With
 ``resumable_drafting`` (the default) a pool is drafted once per round and then grown by the drafter one
 level at a time (``Drafter.extend``), in :meth:`Originator.idle` and after a re-root, instead of being
 re-drafted from the root and merged.
@@ -50,8 +52,9 @@ from models.verify import History, Sampling, TokenLogprobs, Walk, advance, sampl
 
 PREFILL_CHUNK = 64
 FILL_FLOOR = 0.02  # a filler node must be expected to be accepted at least this often to use a row
-# drafting when idle (simulated, docs/benchmarks.md): levels drafted before a first segment goes out
-# (1 was slower: the grandchildren then trail the first segment), and levels the idle draft reaches (3 and 8: slower)
+# drafting when idle (simulated, docs/benchmarks.md): levels always drafted before a first segment goes out
+# (1 was slower: the grandchildren then trail the first segment; deeper ones follow where they pay,
+# Originator._deeper_first_pays), and levels the idle draft reaches (3 and 8: slower)
 IDLE_FIRST_DEPTH = 2
 IDLE_DEPTH = 5
 # drafted trees (decayed count, memory 0.8: ~5 trees) measured before flow may back off to plain trees
@@ -228,6 +231,7 @@ class Originator:
         self.live: dict[str, _Live] = {}
         self._by_ring: dict[str, str] = {}  # ring id -> request id, for what comes back from the stages
         self._rows_hint = 8  # rows of the latest flow segment: the size slots are computed for
+        self._level_seconds: float | None = None  # one pool level's drafting time (_grow), averaged
         self.peak_segments = 0  # most segments of one request in flight at once, since start
 
     def set_ring(self, stage_curves: Sequence[CostCurve], local_stage: int | None = None) -> None:
@@ -816,6 +820,9 @@ class Originator:
         lv.tree, lv.walk, lv.round_accepted, lv.predicted = Tree.root(pool.tokens[0]), Walk(), 0, 0.0
         lv.ids = lv.new_ids(1)
         lv.pos[lv.ids[0]] = len(lv.context) - 1
+        if drafted and lv.deepen and self._resumes(lv):
+            while self._deeper_first_pays(lv) and self._grow(lv):
+                pass
         return []
 
     def _reroot_pool(self, lv: _Live) -> list[Action]:
@@ -841,6 +848,8 @@ class Originator:
             target = self._draft_depth(lv) if depth is None else depth
             while max(lv.pool.depth) < target and self._grow(lv):
                 pass
+            while lv.deepen and self._deeper_first_pays(lv) and self._grow(lv):
+                pass
             return []
         fresh, _ = self._draft(lv, cost=self.ring.latency_curve(), depth=depth)
         lv.pool.merge(fresh, at=0)
@@ -853,6 +862,26 @@ class Originator:
             return None
         lv.deepen = True
         return min(IDLE_FIRST_DEPTH, self._draft_depth(lv))
+
+    def _deeper_first_pays(self, lv: _Live) -> bool:
+        """Whether one more pool level is worth drafting before a round's first segment leaves (drafting
+        when idle). Drafted now, the level delays the whole round by one level's drafting time; left to
+        :meth:`idle`, it goes out as a filler, which the stages take at least one slowest step
+        (:meth:`RingTimer.step`) after the first segment, and that wait only matters where the walk gets
+        as deep as the level's parents. So: deepen while the likeliest node of the deepest level (its
+        expected acceptance, the budget's calibrated ``alpha`` times its path probability) times a step
+        exceeds a level's measured drafting time. A drafter whose levels cost little next to the stages'
+        forwards (a good head on slow, memory-bound boards) drafts deep first segments; one whose levels
+        cost a share of a forward, or whose deep nodes are unlikely (sampling), sends shallow ones."""
+        pool = lv.pool
+        deepest = max(pool.depth)
+        if deepest >= self._draft_depth(lv):
+            return False
+        if self._level_seconds is None:
+            return False  # not measured yet: idle drafting's first level measures it
+        likeliest = max(sc for sc, d in zip(pool.scores, pool.depth, strict=True) if d == deepest)
+        expected = lv.budget.alpha * math.exp(likeliest)
+        return expected * self.ring.step(max(1, self._rows_hint)) > self._level_seconds
 
     def idle_work(self) -> bool:
         """Whether :meth:`idle` has anything to do."""
@@ -895,7 +924,11 @@ class Originator:
             return False
         t0 = self.timer()
         added = lv.drafter.extend(lv.context, pool, leaves, top_k=self.top_k, max_nodes=self.pool)
-        lv.stats.draft_seconds += self.timer() - t0
+        spent = self.timer() - t0
+        lv.stats.draft_seconds += spent
+        if added:
+            last = self._level_seconds
+            self._level_seconds = spent if last is None else 0.8 * last + 0.2 * spent
         return bool(added)
 
     def _slots(self, lv: _Live) -> int:

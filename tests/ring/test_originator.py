@@ -77,13 +77,14 @@ class Scripted:
 def originator(
     target: Target, drafter: Scripted | None = None, stages: int = 1, curves: list[CostCurve] | None = None, **kw
 ) -> Originator:
-    """An originator on a clock that stands still, for ``stages`` flat stages (or ``curves``)."""
+    """An originator on a clock that stands still, for ``stages`` flat stages (or ``curves``); by default
+    drafting takes no time (``timer``), so the budget's choice depends on the curve only."""
     return Originator(
         target.head,
         (lambda: drafter) if drafter else None,
         curves or [FLAT] * stages,
         clock=lambda: 0.0,
-        timer=lambda: 0.0,  # no drafting overhead: the budget's choice depends on the curve only
+        timer=kw.pop("timer", lambda: 0.0),
         back_off=False,  # every tree drafted: these tests are about how trees are cut (back-off: its own tests)
         origin="me",
         **kw,
@@ -592,10 +593,11 @@ class Growing(Shallow):
     """A scripted drafter that can also grow a pool (``extend``): below a node it proposes the script's
     children of the same token path under the root of its latest draft, and it counts its calls."""
 
-    def __init__(self, trees: dict[int, list[tuple[int, int, float]]]):
+    def __init__(self, trees: dict[int, list[tuple[int, int, float]]], level_seconds: float = 0.0):
         super().__init__(trees)
         self.drafts, self.extends = 0, 0
         self.anchor: list[int] = []
+        self.level_seconds, self.spent = level_seconds, 0.0  # each extend "takes" level_seconds (read: spent)
 
     def draft(self, context: list[int], *, top_k: int, depth: int, max_nodes: int, keep: int | None = None) -> Tree:
         self.drafts += 1
@@ -604,6 +606,7 @@ class Growing(Shallow):
 
     def extend(self, context: list[int], pool: Tree, leaves: list[int], *, top_k: int, max_nodes: int) -> list[int]:
         self.extends += 1
+        self.spent += self.level_seconds
         assert context[: len(self.anchor)] == self.anchor, "grows only what it drafted"
         full = Scripted.draft(self, self.anchor, top_k=top_k, depth=99, max_nodes=max_nodes)
         where = {tuple(full.path_tokens(i)): i for i in range(len(full))}
@@ -642,3 +645,25 @@ def test_idle_grows_the_pool_one_level_per_call_and_a_reroot_keeps_the_surviving
     assert orig.live["r"].pool.tokens == [e, f, g]  # the surviving sub-pool (the pruned part is gone)
     later = [t for s in more + segments(acts) for t in s.tokens]
     assert sorted(later) == sorted([e, f, g])  # each drafted node sent once, as fillers or the frontier's first
+
+
+@pytest.mark.parametrize("level_seconds, deeper", [(0.01, True), (100.0, False)])
+def test_a_first_segment_is_drafted_deeper_while_a_level_costs_less_than_the_step_it_saves(
+    target, level_seconds, deeper
+):
+    """Drafting when idle sends a round's first segment after 2 levels; once idle drafting has timed a
+    level, a later round drafts one more first where that level's time is under the chance of reaching
+    it times the ring's slowest step (1 s here: flat stages of 1 s): a cheap level goes with the first
+    segment, a dear one is left to idle drafting, which sends it as a filler."""
+    p, a, b, c, e, f, g = target.tokens[:7]
+    chains = {p: [(0, a, 0.9), (1, c, 0.9), (2, e, 0.9)], b: [(0, f, 0.9), (1, g, 0.9), (2, a, 0.9)]}
+    drafter = Growing(chains, level_seconds)
+    orig = originator(target, drafter, stages=2, draft_when_idle=True, timer=lambda: drafter.spent)
+    segs = segments(prefill(orig, target, Request("r", [a, b], 16, "flow"), first=p))
+    assert [t for s in segs for t in s.tokens] == [p, a, c]  # no level timed yet: 2 levels, as always
+    while orig.idle_work():
+        orig.idle()  # grows e below c: a level timed
+    acts = orig.on_result(said(target, segs[0], [a, b, e]))  # a accepted, c rejected: the round ends with b
+    assert acts[0] == Emit("r", [a, b])
+    first = next(s for s in segments(acts) if s.first)
+    assert first.tokens == ([b, f, g, a] if deeper else [b, f, g])
