@@ -23,10 +23,9 @@ into segments only where the stages' compute curve makes that free (``flat_rows`
 ``draft_when_idle`` a first segment leaves after a shallow draft, deepened first only while a level's
 measured drafting time is worth what it saves (:meth:`Originator._deeper_first_pays`), and
 :meth:`Originator.idle` deepens the pool while it is in flight, for drivers that call it when the
-originator's device is idle. With
-``resumable_drafting`` (the default) a pool is drafted once per round and then grown by the drafter one
-level at a time (``Drafter.extend``), in :meth:`Originator.idle` and after a re-root, instead of being
-re-drafted from the root and merged.
+originator's device is idle. With ``resumable_drafting`` (the default) a pool is drafted once per round
+and then grown by the drafter one level at a time (``Drafter.extend``), in :meth:`Originator.idle` and
+after a re-root, instead of being re-drafted from the root and merged.
 """
 
 from __future__ import annotations
