@@ -651,6 +651,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="calibration: with --fit-scale, also fit a per-message daemon overhead (needs records of "
         "two or more stage counts on unshaped links)",
     )
+    sm.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        metavar="N",
+        help="calibration: simulate each record sampled at T > 0 with N seeds (--seed, --seed + 1, ...) and "
+        "compare by their mean; the table shows their range (greedy records run once)",
+    )
     sm.add_argument("--json", action="store_true", help="print the JSON record instead of the table")
     sm.add_argument("--out", default=None, help="also write the JSON record here")
     sm.set_defaults(func=cmd_simulate)

@@ -14,7 +14,7 @@ from support import assert_matches_greedy, greedy_reference, make_tiny_checkpoin
 from meshd import cli
 from meshd.lab.loadtest import poisson_arrivals
 from meshd.lab.sim import cli as sim_cli
-from meshd.lab.sim.calibration import calibration_rows, calibration_specs, fit_scale_and_hop
+from meshd.lab.sim.calibration import calibration_rows, calibration_specs, calibration_table, fit_scale_and_hop
 from meshd.lab.sim.links import ROW_META_BYTES, SEGMENT_META_BYTES, TOKEN_BYTES, LinkModel, parse_link
 from meshd.lab.sim.profiles import DraftCost, Profile, flat, jetson_orin_7b, measure_profile
 from meshd.lab.sim.simulation import Simulation, layer_split, origin_layers, parse_variant, summarize_traces
@@ -292,6 +292,12 @@ def test_calibration_inputs_and_errors():
     assert calibration_specs(spec) == [spec] == calibration_specs({"calibration": [spec]})
     rows = calibration_rows(spec, {"ar": 11.0, "flow": 19.0, "chunk": 5.0})
     assert [(r["mode"], round(r["rel_error"], 3)) for r in rows] == [("ar", 0.1), ("flow", -0.05)]
+    # several seeds' runs (a sampled record): compared by their mean, every seed's figure kept and shown
+    ar, flow = calibration_rows(spec, {"ar": [11.0], "flow": [18.0, 19.0, 23.0]})
+    assert "simulated_runs" not in ar and ar["simulated"] == 11.0
+    assert flow["simulated"] == pytest.approx(20.0) and flow["rel_error"] == pytest.approx(0.0)
+    assert flow["simulated_runs"] == [18.0, 19.0, 23.0]
+    assert "mean of 3 seeds: 18.00 to 23.00, -10.0% to +15.0%" in calibration_table([ar, flow])
     bench_record = {
         "config": {
             "stages": 3,
@@ -435,6 +441,23 @@ def test_an_emulated_record_is_simulated_with_its_profile(tiny_env, capsys, tmp_
     # ar: a token per pass of 2 stages x 16 of the profile's 32 layers, the LM head and 2 link latencies, x4
     period = 4 * (32 * jetson.layer(1) + jetson.head(1)) + 2 * 1e-3
     assert row["simulated"] == pytest.approx(1 / period, rel=0.15)
+
+
+def test_a_sampled_record_is_simulated_with_several_seeds(tiny_env, capsys, tmp_path):
+    """``--seeds N``: a record sampled at T > 0 is simulated once per seed and compared by the mean; a greedy
+    record has one path, so it is simulated once whatever N says."""
+    spec = {"stages": 2, "link": "1ms/150mbit", "max_tokens": 6, "prompts": 1, "drafter": "ngram"}
+    spec |= {"modes": {"ar": 1.0, "flow": 2.0}, "emulate": "jetson-orin-7b:x4"}
+    rows = {}
+    for t in (1.0, 0.0):
+        rec = tmp_path / f"t{t}.json"
+        rec.write_text(json.dumps(spec | {"temperature": t}))
+        args = ["simulate", "--questions", "everyday", "--calibrate-with", str(rec), "--fit-scale", "none"]
+        assert cli.main([*args, "--seeds", "3", "--json"]) == 0
+        rows[t] = json.loads(capsys.readouterr().out)["calibration"]
+    for r in rows[1.0]:
+        assert len(r["simulated_runs"]) == 3 and r["simulated"] == pytest.approx(sum(r["simulated_runs"]) / 3)
+    assert all("simulated_runs" not in r for r in rows[0.0])
 
 
 def test_cost_curve_helpers():

@@ -66,22 +66,33 @@ def calibration_specs(record: dict | list) -> list[dict]:
     return [record]
 
 
-def calibration_rows(spec: dict, simulated: dict[str, float]) -> list[dict]:
+def mean_of(runs: float | Sequence[float]) -> float:
+    """One simulated figure: itself, or the mean of several seeds' runs."""
+    return float(runs) if isinstance(runs, (int, float)) else sum(runs) / len(runs)
+
+
+def calibration_rows(spec: dict, simulated: dict[str, float | Sequence[float]]) -> list[dict]:
+    """Table rows of one measured mesh: measured against simulated tokens/s per mode. A mode simulated
+    with several seeds (a record sampled at T > 0) is compared by the seeds' mean, and its row keeps every
+    seed's figure (``simulated_runs``): one sampled run's paths differ from another's, so the spread says how
+    far a single simulated run could sit from the measured one by sampling alone."""
     rows = []
     for mode, measured in spec["modes"].items():
-        sim = simulated.get(mode)
-        if sim is None:
+        runs = simulated.get(mode)
+        if runs is None:
             continue
-        rows.append(
-            {
-                "stages": spec["stages"],
-                "link": spec.get("link", "0/inf"),
-                "mode": mode,
-                "measured": measured,
-                "simulated": sim,
-                "rel_error": (sim - measured) / measured if measured else math.nan,
-            }
-        )
+        sim = mean_of(runs)
+        row = {
+            "stages": spec["stages"],
+            "link": spec.get("link", "0/inf"),
+            "mode": mode,
+            "measured": measured,
+            "simulated": sim,
+            "rel_error": (sim - measured) / measured if measured else math.nan,
+        }
+        if not isinstance(runs, (int, float)) and len(runs) > 1:
+            row["simulated_runs"] = [float(r) for r in runs]
+        rows.append(row)
     return rows
 
 
@@ -107,16 +118,24 @@ def fit_scale_and_hop(points: Sequence[tuple[int, float, float]]) -> tuple[float
 def calibration_table(rows: list[dict]) -> str:
     lines = ["| stages | link | mode | measured tok/s | simulated tok/s | error |", "|---|---|---|---|---|---|"]
     lines += [
-        f"| {r['stages']} | {r['link']} | {r['mode']} | {r['measured']:.2f} | {r['simulated']:.2f} | "
+        f"| {r['stages']} | {r['link']} | {r['mode']} | {r['measured']:.2f} | {r['simulated']:.2f}{_spread(r)} | "
         f"{r['rel_error'] * 100:+.1f}%{' (fit)' if r.get('fitted') else ''} |"
         for r in rows
     ]
     return "\n".join(lines)
 
 
+def _spread(row: dict) -> str:
+    runs = row.get("simulated_runs")
+    if not runs:
+        return ""
+    lo, hi = (min(runs) - row["measured"]) / row["measured"], (max(runs) - row["measured"]) / row["measured"]
+    return f" (mean of {len(runs)} seeds: {min(runs):.2f} to {max(runs):.2f}, {lo * 100:+.1f}% to {hi * 100:+.1f}%)"
+
+
 def calibrate(
     specs: list[dict],
-    run: Callable[[dict, list[str], float, float], dict[str, float]],
+    run: Callable[[dict, list[str], float, float], dict[str, float | Sequence[float]]],
     *,
     fit_mode: str | None,
     fit_hop: bool,
@@ -124,7 +143,8 @@ def calibrate(
 ) -> tuple[float, float, list[dict]]:
     """The compute scale, the per-message overhead and the table rows of ``specs``.
 
-    ``run(spec, modes, scale, hop)`` simulates one measured mesh and returns {mode: tokens/s}.
+    ``run(spec, modes, scale, hop)`` simulates one measured mesh and returns {mode: tokens/s}, or
+    {mode: [tokens/s of each seed]} where it simulated several (a fit uses their mean).
     With ``fit_mode`` (``--fit-scale MODE``, default ``ar``) one number is fitted first: a factor on every
     compute cost, chosen so MODE matches its measurements (geometric mean over the records). The profile is a
     microbenchmark of bare forwards; a daemon also pays its event loop, executor hand-offs, codec
@@ -147,12 +167,12 @@ def calibrate(
             points = []
             for s in basis:
                 hops = s["stages"] + (1 if str(s.get("originator", 0)) == "own" else 0)
-                points.append((hops, 1 / run(s, [fit_mode], 1.0, 0.0)[fit_mode], 1 / s["modes"][fit_mode]))
+                points.append((hops, 1 / mean_of(run(s, [fit_mode], 1.0, 0.0)[fit_mode]), 1 / s["modes"][fit_mode]))
             scale, hop = fit_scale_and_hop(points)
         else:
             # on unshaped links every simulated time is compute, so one step is exact; link time does not scale
             for _ in range(1 if unshaped else 4):
-                ratios_ = [run(s, [fit_mode], scale, 0.0)[fit_mode] / s["modes"][fit_mode] for s in basis]
+                ratios_ = [mean_of(run(s, [fit_mode], scale, 0.0)[fit_mode]) / s["modes"][fit_mode] for s in basis]
                 step = math.exp(sum(math.log(r) for r in ratios_) / len(ratios_))  # geometric mean over records
                 scale *= step
                 if abs(step - 1.0) < 0.01:

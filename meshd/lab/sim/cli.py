@@ -180,7 +180,7 @@ def _calibrate(args, path: Path) -> int:
     emulated = {s["emulate"]: emulated_profile(s["emulate"], n_layers, hidden) for s in specs if s.get("emulate")}
     profile = measure_profile(env.full, env.source.fingerprint) if len(emulated) < len(specs) else None
 
-    def run(spec: dict, modes: list[str], scale: float, hop: float) -> dict[str, float]:
+    def run(spec: dict, modes: list[str], scale: float, hop: float) -> dict[str, list[float]]:
         ids = spec.get("question_ids")
         questions = (
             [q for q in qs if q["question_id"] in set(ids)]
@@ -200,26 +200,35 @@ def _calibrate(args, path: Path) -> int:
             cores = spec.get("cores")
         else:
             prof, cores = profile, spec.get("cores", os.cpu_count())
-        res, _ = _simulate(
-            env,
-            questions,
-            stages=spec["stages"],
-            profile=prof,
-            link=LinkModel(link.latency + hop, link.bandwidth),
-            modes=modes,
-            drafter=spec.get("drafter") or args.drafter,
-            max_tokens=spec.get("max_tokens", 128),
-            origins=parse_origins(str(spec.get("originator", 0)), 1),
-            compute_scale=spec.get("compute_scale", 1.0) * scale,
-            cores=cores,
-            rate=0.0,
-            seed=args.seed,
-            temperature=spec.get("temperature", 0.0),
-            wire_activations=spec.get("wire_activations", "auto"),  # the daemons' default
-            split=spec.get("layers") or "even",
-        )
+        temperature = spec.get("temperature", 0.0)
+        n_seeds = max(1, getattr(args, "seeds", 1)) if temperature > 0 else 1  # greedy decoding has one path
+        seeds = range(args.seed, args.seed + n_seeds)
         key = "decode_tokens_per_s" if spec.get("metric") == "decode" else "tokens_per_s"
-        return {m: summarize_traces(r)[key] for m, r in res.items()}
+        out: dict[str, list[float]] = {m: [] for m in modes}
+        for seed in seeds:
+            res, _ = _simulate(
+                env,
+                questions,
+                stages=spec["stages"],
+                profile=prof,
+                link=LinkModel(link.latency + hop, link.bandwidth),
+                modes=modes,
+                drafter=spec.get("drafter") or args.drafter,
+                max_tokens=spec.get("max_tokens", 128),
+                origins=parse_origins(str(spec.get("originator", 0)), 1),
+                compute_scale=spec.get("compute_scale", 1.0) * scale,
+                cores=cores,
+                rate=0.0,
+                seed=seed,
+                temperature=temperature,
+                wire_activations=spec.get("wire_activations", "auto"),  # the daemons' default
+                split=spec.get("layers") or "even",
+            )
+            for m, r in res.items():
+                out[m].append(summarize_traces(r)[key])
+            if len(seeds) > 1:
+                progress_printer(f"seed {seed}: " + ", ".join(f"{m} {v[-1]:.2f} tok/s" for m, v in out.items()))
+        return out
 
     fit_mode = getattr(args, "fit_scale", None)
     fit_hop = getattr(args, "fit_hop", False)
