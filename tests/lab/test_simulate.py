@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import json
 import math
@@ -18,6 +19,7 @@ from meshd.lab.sim.calibration import calibration_rows, calibration_specs, calib
 from meshd.lab.sim.links import ROW_META_BYTES, SEGMENT_META_BYTES, TOKEN_BYTES, LinkModel, parse_link
 from meshd.lab.sim.profiles import DraftCost, Profile, flat, jetson_orin_7b, measure_profile
 from meshd.lab.sim.simulation import Simulation, layer_split, origin_layers, parse_variant, summarize_traces
+from meshd.ring.messages import Segment
 from meshd.ring.scheduler import Request
 from models.drafters import ModelDrafter, NGramDrafter
 from models.source import ModelSource
@@ -537,3 +539,39 @@ def test_idle_drafting_deepens_pools_on_the_originators_idle_device(tiny):
     for tokens, _ in runs.values():
         assert_matches_greedy(tokens, want, gaps)  # both lossless (near-ties as greedy's own, see support)
     assert runs[True][1] and not runs[False][1]
+
+
+def test_a_step_verifies_results_before_its_devices_forward(tiny):
+    """As ``Runtime._step`` orders a device's work: the results that reached the originator's device are
+    verified first, and what that sends to the device's own stage is queued at once, so the forward that
+    follows starts when the originator is done and carries the new segments (a round's next first segment
+    waits for no filler's forward, and goes into the forward at once)."""
+    _, full = tiny
+    sim = Simulation(
+        full, factory("self", full), stages=2, profile=synthetic(1.0, head=0.25), link=LinkModel(), origins=(0,)
+    )
+    sim.add(Request("r", prompt_of(20, 5), 40, "flow"))
+    dev = sim.devices[0]
+    sent, took = [], []  # segments the originator queued on its own stage in a step; each forward's rows
+    handle, take = dev.worker.handle, dev.worker.take_batch
+    dev.worker.handle = lambda msg: (sent.append(msg) if dev.stepping else None, handle(msg))[1]
+    dev.worker.take_batch = lambda: (batch := take(), took.append({n for s in batch for n in s.node_ids}))[0]
+    steps = joined = 0
+    while sim._events:  # Simulation.run's loop, stopping after each step that verified results
+        t, _, fn, args = heapq.heappop(sim._events)
+        sim._now = t
+        verifying = fn == sim._iterate and args[0] is dev and bool(dev.results)
+        before, sent[:] = len(sim.busy), []
+        fn(*args)
+        spans = sim.busy[before:]
+        forward = [b for b in spans if b.kind == "stage"]
+        if not verifying or not forward:
+            continue
+        verify = [b for b in spans if b.kind == "originator"]
+        assert verify and spans.index(verify[-1]) < spans.index(forward[0]), spans
+        assert forward[0].start == pytest.approx(verify[-1].end)
+        new = {n for m in sent if isinstance(m, Segment) for n in m.node_ids}
+        joined += bool(new) and new <= took[-1]
+        steps += 1
+    assert sim.traces["r"].reason == "length"
+    assert steps > 0 and joined > 0

@@ -7,9 +7,10 @@ tensors, so every draft, accept/reject decision, tree size, prune and batch is t
 the clock is simulated. Each forward is computed for real but *charged* by a cost model:
 
 - **stages**: one device per stage, serial (one torch executor, as in the daemon). A device loops
-  like ``Runtime._compute_once``: collect the results that have arrived, run one batched forward
-  over its queue (``take_batch``/``run``), then the originator's calls for those results, then
-  route the forward's outputs. A forward over T rows costs ``profile.stage_cost(layers)(T)``.
+  like ``Runtime._step``: the originator's calls for the requests and results that have arrived
+  (what they send to the device's own stage is queued at once), then one batched forward over its
+  queue (``take_batch``/``run``), then route the forward's outputs. A forward over T rows costs
+  ``profile.stage_cost(layers)(T)``.
 - **originator**: its calls (submit, on_result) cost the LM head over the rows it reads plus the
   draft time; with a ``measured`` profile, the call's own CPU time (``time.thread_time``; run with
   one torch thread). It lives on a stage's device (meshd: any peer originates, sharing its executor)
@@ -298,6 +299,7 @@ class _Device:
     cost: CostCurve | None = None
     wire: torch.dtype | None = None  # how its stage's hidden states cross its outgoing link
     originator: Originator | None = None
+    stepping: bool = False  # inside the originator's calls of a step (_iterate): own-stage messages queue at once
     busy: bool = False
     submits: deque[Request] = field(default_factory=deque)
     results: deque[Result] = field(default_factory=deque)
@@ -420,13 +422,29 @@ class Simulation:
 
     # ---- one device -----------------------------------------------------------------------
     def _iterate(self, dev: _Device) -> None:
-        """One pass of the daemon's compute loop on ``dev``, starting now; the next starts when it ends."""
+        """One pass of the daemon's compute loop on ``dev``, starting now; the next starts when it ends.
+
+        As ``Runtime._step`` does it: the originator's calls first (new requests, then the results that
+        arrived, each verified, walked and drafted from), whose messages for this device's own stage are
+        queued at once (:meth:`_send`); then one forward over everything queued. So a result that decides a
+        round's next first segment waits for no filler's forward on its own device, and that segment goes
+        into the same forward."""
         t = self._now
         results, dev.results = list(dev.results), deque()
         submits, dev.submits = list(dev.submits), deque()
         worked = bool(results or submits)
+        dev.stepping = True
         for req in submits:
             t = self._originator_call(dev, t, lambda req=req: dev.originator.submit(req), 0, req.request_id)
+        for res in results:
+            t = self._originator_call(
+                dev,
+                t,
+                lambda res=res: dev.originator.on_result(res),
+                dev.originator.rows_to_verify(res),
+                res.request_id,
+            )
+        dev.stepping = False
         outputs, queue = [], {}
         batch = dev.worker.take_batch() if dev.worker else []
         if batch:
@@ -436,14 +454,6 @@ class Simulation:
             outputs = dev.worker.run(batch)  # the real forward, charged by the cost model above
             queue = {out.request_id: dev.worker.rows_besides(out.request_id) for out in outputs}
             self.busy.append(Busy(dev.index, "stage", start, t, tuple(s.request_id for s in batch), rows))
-        for res in results:
-            t = self._originator_call(
-                dev,
-                t,
-                lambda res=res: dev.originator.on_result(res),
-                dev.originator.rows_to_verify(res),
-                res.request_id,
-            )
         for out in outputs:
             self._route(dev, out, t, queue[out.request_id])
         if not worked and dev.originator is not None and dev.originator.idle_work():
@@ -557,7 +567,11 @@ class Simulation:
 
     def _send(self, src: int, dst: int, msg: RingMessage, nbytes: int, t: float) -> None:
         if src == dst:
-            self._at(t, self._deliver, self.devices[dst], msg)
+            dev = self.devices[dst]
+            if dev.stepping and dev.worker is not None and not isinstance(msg, Result):
+                dev.worker.handle(msg)  # the originator's message to its own stage, queued for this step's forward
+            else:
+                self._at(t, self._deliver, dev, msg)
             return
         start = max(t, self._wire_free.get((src, dst), 0.0))
         free = start + self.link.wire_seconds(nbytes)
