@@ -575,3 +575,22 @@ def test_a_step_verifies_results_before_its_devices_forward(tiny):
         steps += 1
     assert sim.traces["r"].reason == "length"
     assert steps > 0 and joined > 0
+
+
+def test_the_originators_clock_runs_over_its_head_and_drafting(tiny):
+    """On a daemon the originator's wall clock runs on while its LM head and drafter work, so what its ring
+    model learns of its own work per segment holds the head, and a segment it sends after drafting leaves
+    that much later. The simulator's originator reads a clock that does the same on the simulated device."""
+    _, full = tiny
+    head, level = 0.25, 0.05
+    prof = synthetic(1.0, head=head, draft=DraftCost(per_call=0.0, per_level=level))
+    sim = Simulation(full, factory("self", full), stages=2, profile=prof, link=LinkModel(), origins=(0,))
+    sim.add(Request("r", prompt_of(20, 5), 30, "flow"))
+    assert sim.run().requests["r"].reason == "length"
+    orig = sim.devices[0].originator
+    assert orig.ring.origin_seconds >= head  # a result's verification: one head at least, then drafting
+    # within a call the clock has moved by the heads and draft levels charged so far in it
+    sim._clock, sim._draft0 = 10.0, sim.meter.modelled
+    sim.meter.add_head(3)
+    sim.meter.add(0.0, levels=2, calls=0)
+    assert orig.clock() == pytest.approx(10.0 + head + 2 * level)

@@ -11,10 +11,12 @@ the clock is simulated. Each forward is computed for real but *charged* by a cos
   (what they send to the device's own stage is queued at once), then one batched forward over its
   queue (``take_batch``/``run``), then route the forward's outputs. A forward over T rows costs
   ``profile.stage_cost(layers)(T)``.
-- **originator**: its calls (submit, on_result) cost the LM head over the rows it reads plus the
-  draft time; with a ``measured`` profile, the call's own CPU time (``time.thread_time``; run with
-  one torch thread). It lives on a stage's device (meshd: any peer originates, sharing its executor)
-  or on a device of its own (FlowSpec's layout: a head device with no layers).
+- **originator**: its calls (submit, on_result) cost the LM heads they run plus the draft time;
+  with a ``measured`` profile, the call's own CPU time (``time.thread_time``; run with one torch
+  thread). Within a call its clock runs on over the heads and drafting charged so far, as a daemon's
+  wall clock does, so what it times (a segment's send, its own work per segment) is what a daemon's
+  originator would time. It lives on a stage's device (meshd: any peer originates, sharing its
+  executor) or on a device of its own (FlowSpec's layout: a head device with no layers).
 - **links**: one per ordered pair of devices, FIFO; a message occupies the wire for
   ``bytes * 8 / bandwidth`` and arrives ``latency`` later (latency overlaps, bandwidth serialises,
   as ``peers/link.py``'s emulation does). Segments carry ``rows * hidden * wire_bytes`` plus
@@ -27,8 +29,8 @@ the clock is simulated. Each forward is computed for real but *charged* by a cos
 
 Decisions never depend on the simulated clock, so output tokens equal the in-process pipeline's
 (and plain greedy decoding's); the tree budget sees the *simulated* stage curves, so a flat GPU
-profile gets GPU-sized trees. The one leak: the scheduler times drafting with the wall clock for
-its budget's ``overhead`` term, which is small against the simulated ring cost.
+profile gets GPU-sized trees. Where a profile's originator is measured rather than modelled, its
+clock runs within a call over the drafter's CPU time only (the head's is known when the call is over).
 """
 
 from __future__ import annotations
@@ -245,6 +247,11 @@ class _DraftMeter:
         self.seconds, self.levels, self.calls = 0.0, 0, 0
         self.modelled = 0.0
 
+    def add_head(self, rows: int) -> None:
+        """An LM head over ``rows`` rows ran (modelled profiles: measured ones time the whole call)."""
+        if not self.profile.originator_measured:
+            self.modelled += self.profile.head(rows) * self.scale
+
     def add(self, seconds: float, levels: int = 0, calls: int = 0) -> None:
         self.seconds, self.levels, self.calls = self.seconds + seconds, self.levels + levels, self.calls + calls
         d = self.profile.draft
@@ -289,6 +296,22 @@ class _TimedDrafter:
 
             return timed
         return getattr(self.inner, name)
+
+
+class _TimedHead:
+    """The target's vocabulary ends as the originator reads them, charging each LM head to the simulated
+    device (``_DraftMeter.add_head``) when it runs, so the originator's clock and timer pass over it as a
+    daemon's wall clock does over its (paced) head."""
+
+    def __init__(self, full: Stage, meter: _DraftMeter):
+        self.full, self.meter = full, meter
+
+    def logits(self, hidden: torch.Tensor, normed: bool = False) -> torch.Tensor:
+        self.meter.add_head(hidden.shape[0])
+        return self.full.logits(hidden, normed=normed)
+
+    def __getattr__(self, name: str):
+        return getattr(self.full, name)
 
 
 @dataclass
@@ -339,6 +362,7 @@ class Simulation:
         self.layers = counts
         wires = self.wire_plan(wire_activations, profile, link, full.dtype, stages, compute_scale, layers=counts)
         self._now = self._clock = 0.0
+        self._draft0 = 0.0  # the drafting meter at the start of the originator's current call
         self._events: list = []
         self._seq = itertools.count()
         self._wire_free: dict[tuple[int, int], float] = {}
@@ -367,10 +391,10 @@ class Simulation:
             if dev.originator is not None:
                 raise ValueError(f"stage {o} already hosts an originator")
             dev.originator = Originator(
-                full,
+                _TimedHead(full, self.meter),
                 factory,
                 curves,
-                clock=lambda: self._clock,
+                clock=self._originator_clock,
                 origin=f"dev{dev.index}",
                 timer=self._work_clock,
                 draft_when_idle=idle_drafting,
@@ -380,6 +404,12 @@ class Simulation:
             self.origin_device.append(dev.index)
         self.traces: dict[str, RequestTrace] = {}
         self.busy: list[Busy] = []
+
+    def _originator_clock(self) -> float:
+        """The originator's clock: the start of its current call plus the drafting it did so far in that
+        call (on a daemon the wall clock runs on while it drafts, so a segment sent after drafting is sent
+        that much later), or the time of its latest call between calls."""
+        return self._clock + (self.meter.modelled - self._draft0)
 
     def _work_clock(self) -> float:
         """The originator's timer: the simulated device's drafting time so far (CPU time on a measured
@@ -473,7 +503,7 @@ class Simulation:
         return start, start + cost
 
     def _originator_call(self, dev: _Device, t: float, call: Callable[[], list], head_rows: int, rid: str) -> float:
-        draft0 = self.meter.modelled
+        draft0 = self._draft0 = self.meter.modelled
         self._clock = t
         c0 = time.thread_time()
         actions = call()
@@ -482,7 +512,7 @@ class Simulation:
         if p.originator_measured:
             cost = cpu * self.scale
         else:
-            cost = (p.head(head_rows) if head_rows else 0.0) * self.scale + self.meter.modelled - draft0
+            cost = self.meter.modelled - draft0  # the LM heads it ran and its drafting
         start, end = self._compute(t, cost)
         if cost > 0:
             self.busy.append(Busy(dev.index, "originator", start, end, (rid,), head_rows))
