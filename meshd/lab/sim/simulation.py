@@ -239,8 +239,9 @@ class SimResult:
 
 # ---- the simulator ------------------------------------------------------------------------
 class _DraftMeter:
-    """What drafting cost so far: measured CPU seconds, tree levels and calls, and the device's
-    modelled time for them (``modelled``), which the originator reads as its timer."""
+    """What the originator's work cost so far: its drafting (measured CPU seconds, tree levels and calls)
+    and, on a modelled profile, its LM heads, with the device's modelled time for all of it (``modelled``),
+    which the originator reads as its timer and its clock runs on by."""
 
     def __init__(self, profile: Profile, scale: float) -> None:
         self.profile, self.scale = profile, scale
@@ -406,14 +407,15 @@ class Simulation:
         self.busy: list[Busy] = []
 
     def _originator_clock(self) -> float:
-        """The originator's clock: the start of its current call plus the drafting it did so far in that
-        call (on a daemon the wall clock runs on while it drafts, so a segment sent after drafting is sent
-        that much later), or the time of its latest call between calls."""
+        """The originator's clock: the start of its current call plus the LM heads and drafting charged so
+        far in that call (on a daemon the wall clock runs on while they work, so a segment sent after
+        drafting is sent that much later); between calls, the end of its latest call's work."""
         return self._clock + (self.meter.modelled - self._draft0)
 
     def _work_clock(self) -> float:
-        """The originator's timer: the simulated device's drafting time so far (CPU time on a measured
-        profile), so its budget and ring model see the simulated device, not this machine."""
+        """The originator's timer: the simulated device's time for its work so far (drafting and LM heads;
+        CPU time on a measured profile), so its budget and ring model see the simulated device, not this
+        machine."""
         return time.thread_time() * self.scale if self.profile.originator_measured else self.meter.modelled
 
     def _new_device(self) -> _Device:
