@@ -238,7 +238,7 @@ class SimResult:
 
 
 # ---- the simulator ------------------------------------------------------------------------
-class _DraftMeter:
+class _WorkMeter:
     """What the originator's work cost so far: its drafting (measured CPU seconds, tree levels and calls)
     and, on a modelled profile, its LM heads, with the device's modelled time for all of it (``modelled``),
     which the originator reads as its timer and its clock runs on by."""
@@ -267,7 +267,7 @@ class _DraftMeter:
 class _TimedDrafter:
     """Wraps a request's drafter to charge its CPU time and tree depth to the simulator."""
 
-    def __init__(self, inner, meter: _DraftMeter):
+    def __init__(self, inner, meter: _WorkMeter):
         self.inner, self.meter = inner, meter
 
     def reset(self, prompt: list[int]) -> None:
@@ -301,10 +301,10 @@ class _TimedDrafter:
 
 class _TimedHead:
     """The target's vocabulary ends as the originator reads them, charging each LM head to the simulated
-    device (``_DraftMeter.add_head``) when it runs, so the originator's clock and timer pass over it as a
+    device (``_WorkMeter.add_head``) when it runs, so the originator's clock and timer pass over it as a
     daemon's wall clock does over its (paced) head."""
 
-    def __init__(self, full: Stage, meter: _DraftMeter):
+    def __init__(self, full: Stage, meter: _WorkMeter):
         self.full, self.meter = full, meter
 
     def logits(self, hidden: torch.Tensor, normed: bool = False) -> torch.Tensor:
@@ -368,7 +368,7 @@ class Simulation:
         self._seq = itertools.count()
         self._wire_free: dict[tuple[int, int], float] = {}
         self._cores = [0.0] * cores if cores else None
-        self.meter = _DraftMeter(profile, compute_scale)
+        self.meter = _WorkMeter(profile, compute_scale)
         # the real model's layers: as daemons split them evenly, or at the profile's fractions
         real = LayerRange.split(full.cfg.n_layers, stages) if split == "even" else _scaled(counts, full.cfg.n_layers)
         sim = _scaled(counts, profile.n_layers)
