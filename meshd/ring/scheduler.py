@@ -538,17 +538,6 @@ class Originator:
         """Segments in flight per live request (what /mesh and the status view show)."""
         return {rid: len(lv.segments) for rid, lv in self.live.items()}
 
-    def rows_to_verify(self, res: Result) -> int:
-        """Rows ``on_result(res)`` will put through the LM head: the last prompt row once the prefill
-        is complete, else the returned nodes still in flight (0 for a finished request). The
-        simulator charges head time by it."""
-        lv = self._by_result(res)
-        if lv is None:
-            return 0
-        if lv.prefill_left:
-            return 1 if lv.prefill_left <= set(res.node_ids) else 0
-        return sum(1 for n in res.node_ids if n in lv.in_flight)
-
     # ---- prefill ----------------------------------------------------------------------------
     def _prefill_result(self, lv: _Live, res: Result) -> list[Action]:
         hidden = res.hidden.to(self.vocab.dtype)  # the wire may carry fp16 while this device computes in bf16

@@ -590,7 +590,7 @@ def test_the_originators_clock_runs_over_its_head_and_drafting(tiny):
     orig = sim.devices[0].originator
     assert orig.ring.origin_seconds >= head  # a result's verification: one head at least, then drafting
     # within a call the clock has moved by the heads and draft levels charged so far in it
-    sim._clock, sim._draft0 = 10.0, sim.meter.modelled
+    sim._clock, sim._work0 = 10.0, sim.meter.modelled
     sim.meter.add_head(3)
     sim.meter.add(0.0, levels=2, calls=0)
     assert orig.clock() == pytest.approx(10.0 + head + 2 * level)

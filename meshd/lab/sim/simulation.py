@@ -246,10 +246,13 @@ class _WorkMeter:
     def __init__(self, profile: Profile, scale: float) -> None:
         self.profile, self.scale = profile, scale
         self.seconds, self.levels, self.calls = 0.0, 0, 0
+        self.head_rows = 0  # rows put through the LM head
         self.modelled = 0.0
 
     def add_head(self, rows: int) -> None:
-        """An LM head over ``rows`` rows ran (modelled profiles: measured ones time the whole call)."""
+        """An LM head over ``rows`` rows ran (its time is modelled here on a modelled profile; a measured
+        one times the whole call)."""
+        self.head_rows += rows
         if not self.profile.originator_measured:
             self.modelled += self.profile.head(rows) * self.scale
 
@@ -363,7 +366,7 @@ class Simulation:
         self.layers = counts
         wires = self.wire_plan(wire_activations, profile, link, full.dtype, stages, compute_scale, layers=counts)
         self._now = self._clock = 0.0
-        self._draft0 = 0.0  # the drafting meter at the start of the originator's current call
+        self._work0 = 0.0  # the work meter's modelled time at the start of the originator's current call
         self._events: list = []
         self._seq = itertools.count()
         self._wire_free: dict[tuple[int, int], float] = {}
@@ -410,7 +413,7 @@ class Simulation:
         """The originator's clock: the start of its current call plus the LM heads and drafting charged so
         far in that call (on a daemon the wall clock runs on while they work, so a segment sent after
         drafting is sent that much later); between calls, the end of its latest call's work."""
-        return self._clock + (self.meter.modelled - self._draft0)
+        return self._clock + (self.meter.modelled - self._work0)
 
     def _work_clock(self) -> float:
         """The originator's timer: the simulated device's time for its work so far (drafting and LM heads;
@@ -467,15 +470,9 @@ class Simulation:
         worked = bool(results or submits)
         dev.stepping = True
         for req in submits:
-            t = self._originator_call(dev, t, lambda req=req: dev.originator.submit(req), 0, req.request_id)
+            t = self._originator_call(dev, t, lambda req=req: dev.originator.submit(req), req.request_id)
         for res in results:
-            t = self._originator_call(
-                dev,
-                t,
-                lambda res=res: dev.originator.on_result(res),
-                dev.originator.rows_to_verify(res),
-                res.request_id,
-            )
+            t = self._originator_call(dev, t, lambda res=res: dev.originator.on_result(res), res.request_id)
         dev.stepping = False
         outputs, queue = [], {}
         batch = dev.worker.take_batch() if dev.worker else []
@@ -489,7 +486,7 @@ class Simulation:
         for out in outputs:
             self._route(dev, out, t, queue[out.request_id])
         if not worked and dev.originator is not None and dev.originator.idle_work():
-            t, worked = self._originator_call(dev, t, dev.originator.idle, 0, "idle"), True
+            t, worked = self._originator_call(dev, t, dev.originator.idle, "idle"), True
         if worked:
             self._at(t, self._iterate, dev)
         else:
@@ -504,8 +501,8 @@ class Simulation:
         self._cores[i] = start + cost
         return start, start + cost
 
-    def _originator_call(self, dev: _Device, t: float, call: Callable[[], list], head_rows: int, rid: str) -> float:
-        draft0 = self._draft0 = self.meter.modelled
+    def _originator_call(self, dev: _Device, t: float, call: Callable[[], list], rid: str) -> float:
+        self._work0, rows0 = self.meter.modelled, self.meter.head_rows
         self._clock = t
         c0 = time.thread_time()
         actions = call()
@@ -514,10 +511,10 @@ class Simulation:
         if p.originator_measured:
             cost = cpu * self.scale
         else:
-            cost = self.meter.modelled - draft0  # the LM heads it ran and its drafting
+            cost = self.meter.modelled - self._work0  # the LM heads it ran and its drafting
         start, end = self._compute(t, cost)
         if cost > 0:
-            self.busy.append(Busy(dev.index, "originator", start, end, (rid,), head_rows))
+            self.busy.append(Busy(dev.index, "originator", start, end, (rid,), self.meter.head_rows - rows0))
         live = dev.originator.live_segments().get(rid)
         if live is not None and rid in self.traces:
             self.traces[rid].peak_segments = max(self.traces[rid].peak_segments, live)
