@@ -554,8 +554,18 @@ def test_a_step_verifies_results_before_its_devices_forward(tiny):
     dev = sim.devices[0]
     sent, took = [], []  # segments the originator queued on its own stage in a step; each forward's rows
     handle, take = dev.worker.handle, dev.worker.take_batch
-    dev.worker.handle = lambda msg: (sent.append(msg) if dev.stepping else None, handle(msg))[1]
-    dev.worker.take_batch = lambda: (batch := take(), took.append({n for s in batch for n in s.node_ids}))[0]
+
+    def handle_noting(msg):
+        if dev.stepping:
+            sent.append(msg)
+        return handle(msg)
+
+    def take_noting():
+        batch = take()
+        took.append({n for s in batch for n in s.node_ids})
+        return batch
+
+    dev.worker.handle, dev.worker.take_batch = handle_noting, take_noting
     steps = joined = 0
     while sim._events:  # Simulation.run's loop, stopping after each step that verified results
         t, _, fn, args = heapq.heappop(sim._events)
