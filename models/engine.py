@@ -36,6 +36,10 @@ class Stats:
     prefill_seconds: float = 0.0
     draft_seconds: float = 0.0
     per_round: list[int] = field(default_factory=list)
+    # per tree, seconds from its fresh root to its first emitted tokens: what a new round pays before its walk
+    # can move (its draft, its first segment's trip through the ring, the verification); a mesh's flow ends
+    # most trees at that first return, so this and the tokens a tree yields bound its rate
+    first_tokens_seconds: list[float] = field(default_factory=list)
     # positions whose KV the stages reused from a cached prefix (not computed), summed over the request's
     # prefills: its prompt's and, after a resume, each replay's of its history (a prefix a stage turned
     # out to lack does not count); a miss: a stage had evicted the prefix offered, that prefill was sent in full

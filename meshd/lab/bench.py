@@ -44,6 +44,8 @@ class Run:
     # of ``seconds``, the prompt's prefill up to its last row's hidden state (0: the backend did not say)
     prefill_seconds: float = 0.0
     plain_trees: int = 0  # of ``trees``, those of the root alone (ar's all; spec's and flow's while backed off)
+    # summed over ``trees``: from each fresh root to its first tokens (0: the backend did not say; one device's)
+    first_tokens_seconds: float = 0.0
 
     @property
     def decode_seconds(self) -> float:
@@ -107,6 +109,7 @@ def run_interleaved(
                     s.get("verified_nodes", 0),
                     s.get("prefill_seconds", 0.0),
                     s.get("plain_trees", 0),
+                    s.get("first_tokens_seconds", 0.0),
                 )
             )
             if progress:
@@ -157,6 +160,10 @@ def summarize_runs(runs: list[Run], baseline: str) -> tuple[dict, str]:
                 else 0.0,
                 "trees": trees,
                 "plain_trees": sum(r.plain_trees for r in rs),  # backed off: trees of the root alone
+                # a tree's wait for its first tokens, mean over trees (None: its backend does not time it)
+                "first_tokens_ms": round(1e3 * waited / trees, 1)
+                if trees and (waited := sum(r.first_tokens_seconds for r in rs))
+                else None,
             }
     head = "| category | " + " | ".join(f"{m} tok/s | {m} decode | {m} acc" for m in modes)
     head += "".join(f" | {m}/{baseline}" for m in modes if m != baseline) + " |"

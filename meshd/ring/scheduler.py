@@ -707,6 +707,8 @@ class Originator:
         path_ids = [lv.ids[i] for i in walk.path]
         lv.stats.rounds += 1
         lv.stats.per_round.append(len(tokens))
+        if lv.tree_tokens == 0 and lv.tree_started is not None:
+            lv.stats.first_tokens_seconds.append(self.clock() - lv.tree_started)
         lv.tree_tokens += len(tokens)
         lv.stats.accepted_drafts += len(tokens) - (1 if walk.done else 0)
         feats = [lv.feats[n] for n in path_ids if n in lv.feats]

@@ -292,6 +292,8 @@ class Generation:
             "trees": st.trees,
             "plain_trees": st.plain_trees,
             "accepted_per_tree": round(st.mean_per_tree, 4),
+            # summed over its trees: from each fresh root to the tree's first tokens (a mesh's rounds wait so)
+            "first_tokens_seconds": round(sum(st.first_tokens_seconds), 4),
             "new_tokens": st.new_tokens,
             "seconds": round(seconds, 4),
             "tokens_per_s": round(st.new_tokens / seconds, 3) if seconds > 0 else 0.0,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -129,6 +130,16 @@ def test_the_decode_rate_leaves_out_each_runs_prefill_and_its_token():
     assert table["ALL/ar"]["decode_tokens_per_s"] == pytest.approx(10.0)
     assert table["ALL/ar"]["tokens_per_s"] == pytest.approx(32 / 4.0)
     assert "| ar tok/s | ar decode | ar acc |" in md and "| 8.00 | 10.00 | 1.00 |" in md
+
+
+def test_a_trees_wait_for_its_first_tokens_is_a_mean_over_the_trees_of_the_runs_that_timed_it():
+    def run(mode: str, trees: int, waited: float) -> bench.Run:
+        r = bench.Run(1, "math", mode, 8, 4, 2.0, 4, 1.0, 8.0, trees, 0.0, 16, 0.1)
+        return replace(r, first_tokens_seconds=waited)
+
+    table, _ = bench.summarize_runs([run("flow", 3, 0.6), run("flow", 1, 0.2), run("spec", 4, 0.0)], baseline="spec")
+    assert table["ALL/flow"]["first_tokens_ms"] == pytest.approx(200.0)  # (0.6 + 0.2) s over 4 trees
+    assert table["ALL/spec"]["first_tokens_ms"] is None  # one device's engine does not time it
 
 
 def test_busy_fractions_are_counted_per_mode_over_that_modes_requests(monkeypatch):

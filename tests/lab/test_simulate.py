@@ -126,7 +126,12 @@ def test_ar_timing_matches_hand_computation(tiny, shared):
         full, "ar", stages=k, profile=synthetic(c, head=h), link=LinkModel(lat), origins=(0,) if shared else (None,)
     )
     period = k * c + (k if shared else k + 1) * lat + h
-    assert summarize_traces([res])["decode_tokens_per_s"] == pytest.approx(1 / period, rel=0.01)
+    summary = summarize_traces([res])
+    assert summary["decode_tokens_per_s"] == pytest.approx(1 / period, rel=0.01)
+    # every ar tree is its root's one token: its first (and only) tokens come one ring pass after it began
+    assert summary["tokens_per_tree"] == 1.0
+    assert summary["first_tokens_ms"] == pytest.approx(1e3 * period, rel=0.01)
+    assert len(tr.stats.first_tokens_seconds) == tr.stats.trees
     # prefill: two chunks pipelined through K stages (K+1 forwards on the critical path), then the head
     ttft = (k + 1) * c + (k if shared else k + 1) * lat + h
     assert tr.ttft == pytest.approx(ttft, rel=0.01)
@@ -172,11 +177,14 @@ def test_flow_beats_chunk_beats_ar_with_perfect_drafts(tiny):
     the greedy token) in 2K-1 forwards where ar gets one token per K; flow hears the best segment's
     verdict after K forwards instead of 2K-1 and keeps the ring full by extending the tree meanwhile."""
     _, full = tiny
-    rate = {
-        m: summarize_traces([run_one(full, m, stages=3)[0]])["decode_tokens_per_s"] for m in ("ar", "chunk", "flow")
-    }
+    summary = {m: summarize_traces([run_one(full, m, stages=3)[0]]) for m in ("ar", "chunk", "flow")}
+    rate = {m: s["decode_tokens_per_s"] for m, s in summary.items()}
     assert rate["flow"] > rate["chunk"] > rate["ar"]
     assert rate["ar"] == pytest.approx(1 / 3, rel=0.01)  # one token per 3 one-second stages
+    # a tree's first tokens: flow's first segment is back after K forwards, chunk's last chunk after 2K-1
+    assert summary["flow"]["tokens_per_tree"] > 1.0
+    assert summary["flow"]["first_tokens_ms"] == pytest.approx(3000.0, rel=0.01)
+    assert summary["chunk"]["first_tokens_ms"] == pytest.approx(5000.0, rel=0.01)
 
 
 def test_utilisation_timeline_and_load(tiny):

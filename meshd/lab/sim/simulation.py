@@ -630,6 +630,8 @@ def summarize_traces(results: Iterable[SimResult]) -> dict:
     rounds = sum(t.stats.rounds for t in done if t.stats)
     per_round = sum(sum(t.stats.per_round) for t in done if t.stats)
     nodes = sum(t.stats.verified_nodes for t in done if t.stats)
+    trees = sum(t.stats.trees for t in done if t.stats)
+    waits = [w for t in done if t.stats for w in t.stats.first_tokens_seconds]
     accepted = sum(t.stats.accepted_drafts for t in done if t.stats)
     span = sum(r.makespan for r in results)
     busy = [sum(x) for x in zip(*(r.stage_busy() for r in results))] if results else []
@@ -643,6 +645,9 @@ def summarize_traces(results: Iterable[SimResult]) -> dict:
         "throughput": toks / span if span > 0 else 0.0,
         "mean_accepted": per_round / rounds if rounds else 0.0,
         "nodes_per_round": nodes / rounds if rounds else 0.0,
+        # a tree: from a fresh root until its walk can go no further; flow's slots cut it into several rounds
+        "tokens_per_tree": per_round / trees if trees else 0.0,
+        "first_tokens_ms": 1e3 * statistics.fmean(waits) if waits else math.nan,
         "ttft_mean": statistics.fmean(t.ttft for t in done) if done else math.nan,
         "ttft_p50": percentile([t.ttft for t in done], 50),
         "ttft_p95": percentile([t.ttft for t in done], 95),
@@ -742,13 +747,14 @@ def simulation_table(summary: dict[str, dict], rate: float) -> str:
     else:
         lines = [
             "| mode | decode tok/s (simulated) | end-to-end tok/s (simulated) | tokens/round | nodes/round | "
-            "rows accepted/computed | segments in flight (peak) | TTFT s (simulated) | "
-            "stage busy fraction (simulated) | draft ms/token (simulated) |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "tokens/tree (ms to its first, simulated) | rows accepted/computed | segments in flight (peak) | "
+            "TTFT s (simulated) | stage busy fraction (simulated) | draft ms/token (simulated) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         lines += [
             f"| {m} | {s['decode_tokens_per_s']:.2f} | {s['tokens_per_s']:.2f} | {s['mean_accepted']:.2f} | "
-            f"{s['nodes_per_round']:.1f} | {s['rows_accepted']}/{s['rows_verified']} | {s['peak_segments']} | "
+            f"{s['nodes_per_round']:.1f} | {s['tokens_per_tree']:.2f} ({s['first_tokens_ms']:.0f}) | "
+            f"{s['rows_accepted']}/{s['rows_verified']} | {s['peak_segments']} | "
             f"{s['ttft_mean']:.3f} | {util(s)} | {s['draft_s_per_token'] * 1e3:.2f} |"
             for m, s in summary.items()
         ]
