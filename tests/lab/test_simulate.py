@@ -319,13 +319,22 @@ def test_calibration_inputs_and_errors():
         },
         "summary": {
             "ALL/ar": {"tokens_per_s": 3.0},
-            "ALL/flow": {"tokens_per_s": 6.0},
+            "ALL/flow": {"tokens_per_s": 6.0, "first_tokens_ms": 150.0},
             "writing/ar": {"tokens_per_s": 9.0},
         },
         "runs": [{"question_id": 81, "mode": "ar"}, {"question_id": 81, "mode": "flow"}],
     }
     (s,) = calibration_specs(bench_record)
     assert s["stages"] == 3 and s["modes"] == {"ar": 3.0, "flow": 6.0} and s["question_ids"] == [81]
+    # a tree's wait for its first tokens, where the daemons timed it: beside the simulation's, in a column of its own
+    assert s["first_tokens_ms"] == {"flow": 150.0}
+    ar, flow = calibration_rows(
+        s | {"first_tokens_ms_simulated": {"ar": 90.0, "flow": 140.0}}, {"ar": 3.3, "flow": 6.6}
+    )
+    assert "first_tokens_ms" not in ar and flow["first_tokens_ms"] == {"measured": 150.0, "simulated": 140.0}
+    table = calibration_table([ar, flow])
+    assert "first tokens, ms: measured / simulated |" in table and table.endswith("| 150 / 140 |")
+    assert "first tokens" not in calibration_table([ar])
     assert s["emulate"] is None and s["wire_activations"] == "auto" and s["temperature"] == 0.0
     bench_record["config"] |= {"emulate": "jetson-orin-7b:x4", "wire_activations": "int8", "temperature": 1.0}
     (s,) = calibration_specs(bench_record)
@@ -441,7 +450,9 @@ def test_an_emulated_record_is_simulated_with_its_profile(tiny_env, capsys, tmp_
     assert emu.head(8) == pytest.approx(4 * jetson.head(8)) and emu.draft.per_level == 4 * jetson.draft.per_level
     rec = tmp_path / "emulated.json"
     spec = {"stages": 2, "link": "1ms/150mbit", "max_tokens": 6, "prompts": 1, "drafter": "ngram"}
-    rec.write_text(json.dumps(spec | {"modes": {"ar": 1.0}, "emulate": "jetson-orin-7b:x4"}))
+    rec.write_text(
+        json.dumps(spec | {"modes": {"ar": 1.0}, "emulate": "jetson-orin-7b:x4", "first_tokens_ms": {"ar": 500}})
+    )
     out = tmp_path / "calib" / "record.json"
     args = ["simulate", "--questions", "everyday", "--calibrate-with", str(rec), "--fit-scale", "none", "--json"]
     assert cli.main([*args, "--out", str(out)]) == 0
@@ -451,6 +462,9 @@ def test_an_emulated_record_is_simulated_with_its_profile(tiny_env, capsys, tmp_
     # ar: a token per pass of 2 stages x 16 of the profile's 32 layers, the LM head and 2 link latencies, x4
     period = 4 * (32 * jetson.layer(1) + jetson.head(1)) + 2 * 1e-3
     assert row["simulated"] == pytest.approx(1 / period, rel=0.15)
+    # and each of its trees (one token) waits that pass for its first tokens, beside the record's measured wait
+    assert row["first_tokens_ms"]["measured"] == 500
+    assert row["first_tokens_ms"]["simulated"] == pytest.approx(1e3 * period, rel=0.01)
 
 
 def test_a_sampled_record_is_simulated_with_several_seeds(tiny_env, capsys, tmp_path):

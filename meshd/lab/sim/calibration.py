@@ -41,6 +41,11 @@ def calibration_specs(record: dict | list) -> list[dict]:
             if k.startswith("ALL/") and k.split("/", 1)[1] in ("ar", "chunk", "flow")
         }
         qids = list(dict.fromkeys(r["question_id"] for r in record.get("runs", [])))
+        waits = {  # a tree's wait for its first tokens, per mode, where the daemons' stats gave it (since 2026-12-06)
+            k.split("/", 1)[1]: v["first_tokens_ms"]
+            for k, v in record["summary"].items()
+            if k.startswith("ALL/") and k.split("/", 1)[1] in modes and v.get("first_tokens_ms")
+        }
         return [
             {
                 "stages": len(layers) if layers else cfg.get("stages", 1),
@@ -59,6 +64,7 @@ def calibration_specs(record: dict | list) -> list[dict]:
                 "emulate": cfg.get("emulate"),
                 "wire_activations": cfg.get("wire_activations") or "auto",
                 "temperature": cfg.get("temperature", 0.0),
+                "first_tokens_ms": waits,
             }
         ]
     if "stages" not in record or "modes" not in record:
@@ -75,7 +81,9 @@ def calibration_rows(spec: dict, simulated: dict[str, float | Sequence[float]]) 
     """Table rows of one measured mesh: measured against simulated tokens/s per mode. A mode simulated
     with several seeds (a record sampled at T > 0) is compared by the seeds' mean, and its row keeps every
     seed's figure (``simulated_runs``): one sampled run's paths differ from another's, so the spread says how
-    far a single simulated run could sit from the measured one by sampling alone."""
+    far a single simulated run could sit from the measured one by sampling alone. Where the spec holds a
+    tree's measured wait for its first tokens (``first_tokens_ms``) and the simulation's
+    (``first_tokens_ms_simulated``, the simulator's run sets it), the row compares those too."""
     rows = []
     for mode, measured in spec["modes"].items():
         runs = simulated.get(mode)
@@ -92,6 +100,9 @@ def calibration_rows(spec: dict, simulated: dict[str, float | Sequence[float]]) 
         }
         if not isinstance(runs, (int, float)) and len(runs) > 1:
             row["simulated_runs"] = [float(r) for r in runs]
+        waited = spec.get("first_tokens_ms", {}).get(mode), spec.get("first_tokens_ms_simulated", {}).get(mode)
+        if all(w is not None for w in waited):
+            row["first_tokens_ms"] = {"measured": waited[0], "simulated": waited[1]}
         rows.append(row)
     return rows
 
@@ -116,12 +127,22 @@ def fit_scale_and_hop(points: Sequence[tuple[int, float, float]]) -> tuple[float
 
 
 def calibration_table(rows: list[dict]) -> str:
-    lines = ["| stages | link | mode | measured tok/s | simulated tok/s | error |", "|---|---|---|---|---|---|"]
-    lines += [
-        f"| {r['stages']} | {r['link']} | {r['mode']} | {r['measured']:.2f} | {r['simulated']:.2f}{_spread(r)} | "
-        f"{r['rel_error'] * 100:+.1f}%{' (fit)' if r.get('fitted') else ''} |"
-        for r in rows
+    """The table; a column for a tree's wait for its first tokens where any row has it measured."""
+    waits = any("first_tokens_ms" in r for r in rows)
+    head = "| stages | link | mode | measured tok/s | simulated tok/s | error |"
+    lines = [
+        head + (" a tree's first tokens, ms: measured / simulated |" if waits else ""),
+        "|---|---|---|---|---|---|" + ("---|" if waits else ""),
     ]
+    for r in rows:
+        line = (
+            f"| {r['stages']} | {r['link']} | {r['mode']} | {r['measured']:.2f} | {r['simulated']:.2f}{_spread(r)} | "
+            f"{r['rel_error'] * 100:+.1f}%{' (fit)' if r.get('fitted') else ''} |"
+        )
+        if waits:
+            w = r.get("first_tokens_ms")
+            line += f" {w['measured']:.0f} / {w['simulated']:.0f} |" if w else " - |"
+        lines.append(line)
     return "\n".join(lines)
 
 
