@@ -18,7 +18,8 @@ def calibration_specs(record: dict | list) -> list[dict]:
     ``layers`` (layers per stage in ring order; default an even split), ``cores`` (default: this
     machine's), ``compute_scale``, ``emulate`` (``PROFILE[:xK]``: the daemons
     were paced like that profile, which the simulation then uses instead of this device's, on devices of
-    their own), ``wire_activations``, ``temperature``; a list of specs; ``{"calibration": [...]}``;
+    their own), ``wire_activations``, ``temperature``, ``first_tokens_ms`` ({mode: a tree's measured wait for its
+    first tokens, ms}, compared beside the tokens/s); a list of specs; ``{"calibration": [...]}``;
     or a ``meshd bench --backend daemons`` record (``runs/bench-*.json``).
     """
     if isinstance(record, list):
