@@ -36,17 +36,15 @@ def calibration_specs(record: dict | list) -> list[dict]:
                 "calibrate with a newer record or one of daemons on the default role"
             )
         where = cfg.get("originator_stage", 0) if layers else 0
-        modes = {
-            k.split("/", 1)[1]: v["tokens_per_s"]
+        whole = {  # each mode's figures over every category
+            k.split("/", 1)[1]: v
             for k, v in record["summary"].items()
             if k.startswith("ALL/") and k.split("/", 1)[1] in ("ar", "chunk", "flow")
         }
+        modes = {m: v["tokens_per_s"] for m, v in whole.items()}
         qids = list(dict.fromkeys(r["question_id"] for r in record.get("runs", [])))
-        waits = {  # a tree's wait for its first tokens, per mode, where the daemons' stats gave it (since 2026-12-06)
-            k.split("/", 1)[1]: v["first_tokens_ms"]
-            for k, v in record["summary"].items()
-            if k.startswith("ALL/") and k.split("/", 1)[1] in modes and v.get("first_tokens_ms")
-        }
+        # a tree's wait for its first tokens, where the daemons' stats gave it (records since 2026-12-06)
+        waits = {m: v["first_tokens_ms"] for m, v in whole.items() if v.get("first_tokens_ms")}
         return [
             {
                 "stages": len(layers) if layers else cfg.get("stages", 1),
