@@ -58,6 +58,9 @@ IDLE_FIRST_DEPTH = 2
 IDLE_DEPTH = 5
 # drafted trees (decayed count, memory 0.8: ~5 trees) measured before flow may back off to plain trees
 TREES_TO_JUDGE = 3.0
+# how far past a segment's expected return a fillers-only forward on the originator's own device waits for it,
+# as a fraction of that forward (Originator.hold_stage)
+HOLD_SLACK = 0.25
 
 
 # ---- actions ------------------------------------------------------------------------------
@@ -872,6 +875,27 @@ class Originator:
         likeliest = max(sc for sc, d in zip(pool.scores, pool.depth, strict=True) if d == deepest)
         expected = lv.budget.alpha * math.exp(likeliest)
         return expected * self.ring.step(max(1, self._rows_hint)) > self._level_seconds
+
+    def hold_stage(self, rows: int, now: float) -> float | None:
+        """This device's own stage is about to start a forward of ``rows`` rows that no walk waits on (only
+        fillers are queued there): the time (on :attr:`clock`, like ``now``) until which it should wait
+        instead, or None to go ahead.
+
+        A stage cannot stop a forward it began. When the originator's device also runs a stage past the
+        first, fillers reach that stage right behind each first segment, so a result that comes back while
+        one is computing waits for the rest of that forward, and the walk and the next round's first
+        segment with it (docs/benchmarks.md, "The originator's place in the ring"). So while one of this originator's
+        segments is due back before the forward would end, the forward waits for it, at most
+        ``HOLD_SLACK`` of the forward past the expected return: the result is verified at once, and the
+        filler goes a little later, which costs only where the walk gets as deep as its rows."""
+        if self.ring.local is None or rows < 1:
+            return None
+        dues = [d for lv in self.live.values() for d in lv.due.values()]
+        if not dues:
+            return None
+        due, forward = min(dues), self.ring.local(rows)
+        until = due + HOLD_SLACK * forward
+        return until if now < until and due < now + forward else None
 
     def idle_work(self) -> bool:
         """Whether :meth:`idle` has anything to do."""

@@ -301,6 +301,11 @@ class StageWorker:
     def queued_rows(self) -> int:
         return sum(len(s) for s in self.queue)
 
+    @property
+    def fillers_only(self) -> bool:
+        """Whether something is queued and none of it is awaited: no round's first segment, no prompt."""
+        return bool(self.queue) and not any(seg.first or seg.commit for seg in self.queue)
+
     def rows_besides(self, request_id: str) -> int:
         """Rows of requests other than ``request_id`` here: queued, or in the latest forward. The last stage
         reports it with each result (``Result.stage_queue``), so an originator also sees the requests of

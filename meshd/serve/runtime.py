@@ -215,6 +215,10 @@ class Runtime:
         self._torch_jobs = 0  # submitted to the torch thread and not yet seen finished by the loop
         self._step_seconds: float | None = None  # how long recent steps took (moving average; None: no step yet)
         self.inline_steps = 0  # steps run on the loop's thread (see _start_step)
+        # set by a step that left only fillers queued for our stage because a result of ours is due first
+        # (Originator.hold_stage): how long the compute loop waits for it before the forward goes ahead
+        self._hold_seconds: float | None = None
+        self.held_steps = 0  # such waits, since start
         self._loop_task: asyncio.Task | None = None
         self._stopping = False
         self._background: set[asyncio.Future] = set()
@@ -832,6 +836,13 @@ class Runtime:
                 outputs = []  # computed for a plan replaced meanwhile: its requests replay on the new one
             for seg in outputs:
                 await self._route_output(seg)
+            if self._hold_seconds is not None:  # the step held our stage's fillers for a result of ours
+                wait, self._hold_seconds = self._hold_seconds, None
+                self._wake.clear()  # both on this thread: a delivery from here on sets it again
+                if not self._inbox:
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), wait)
+                continue
             # nothing more for the torch thread (the worker's queue only changes in a step, which is over):
             # no trip there to find that out, so the loop is waiting again when the next message comes
             if not self._inbox and (self.worker is None or not self.worker.queue):
@@ -871,6 +882,13 @@ class Runtime:
             results = self._drain_inbox()  # this device's messages, in order after what peers sent meanwhile
         if self.worker is None:
             return verified, []
+        if self.originator is not None and self.worker.fillers_only:
+            now = self.originator.clock()
+            until = self.originator.hold_stage(self.worker.queued_rows, now)
+            if until is not None:  # a result of ours is due before a filler's forward would end: wait for it
+                self._hold_seconds = until - now
+                self.held_steps += 1
+                return verified, []
         batch = self.worker.take_batch()
         try:
             return verified, self.worker.run(batch)
@@ -951,6 +969,8 @@ class Runtime:
             "shared_forwards": w.shared_forwards,
             # steps run on the loop's thread (Runtime._start_step)
             "inline_steps": self.inline_steps,
+            # steps whose fillers waited for a result of this device's originator (Originator.hold_stage)
+            "held_steps": self.held_steps,
             "utilisation": round(w.busy_seconds / up, 4),
             "prefix_cache": (
                 {

@@ -19,8 +19,9 @@ from meshd.lab.sim.calibration import calibration_rows, calibration_specs, calib
 from meshd.lab.sim.links import ROW_META_BYTES, SEGMENT_META_BYTES, TOKEN_BYTES, LinkModel, parse_link
 from meshd.lab.sim.profiles import DraftCost, Profile, flat, jetson_orin_7b, measure_profile
 from meshd.lab.sim.simulation import Simulation, layer_split, origin_layers, parse_variant, summarize_traces
-from meshd.ring.messages import Segment
-from meshd.ring.scheduler import Request
+from meshd.ring.messages import Result, Segment
+from meshd.ring.scheduler import Originator, Request
+from models.budget import CostCurve
 from models.drafters import ModelDrafter, NGramDrafter
 from models.source import ModelSource
 from models.stage import Stage
@@ -626,3 +627,44 @@ def test_the_originators_clock_runs_over_its_head_and_drafting(tiny):
     sim.meter.add_head(3)
     sim.meter.add(0.0, levels=2, calls=0)
     assert orig.clock() == pytest.approx(10.0 + head + 2 * level)
+
+
+def _result_waits(full: Stage, hold: bool, monkeypatch) -> tuple[list[float], list[int]]:
+    """Seconds each result waited at its originator's device (from its arrival to its verification), with
+    the originator on the middle of 3 stages (a forward 1 s plus 0.1 s a row, links 0.3 s), and the answer."""
+    if not hold:
+        monkeypatch.setattr(Originator, "hold_stage", lambda self, rows, now: None)
+    profile = Profile("sloped", 3, 64, CostCurve({1: 1.0, 64: 7.3}), flat(0.1), flat(0.0), DraftCost(), 4)
+    sim = Simulation(full, factory("self", full), stages=3, profile=profile, link=LinkModel(0.3), origins=(1,))
+    dev = sim.devices[1]
+    arrived: dict[int, float] = {}
+    waits: list[float] = []
+    deliver, on_result = sim._deliver, dev.originator.on_result
+
+    def deliver_noting(to, msg):
+        if isinstance(msg, Result):
+            arrived[id(msg)] = sim._now
+        return deliver(to, msg)
+
+    def on_result_noting(res):
+        waits.append(sim._clock - arrived.pop(id(res)))
+        return on_result(res)
+
+    sim._deliver, dev.originator.on_result = deliver_noting, on_result_noting
+    sim.add(Request("r", prompt_of(20, 5), 40, "flow"))
+    sim.run()
+    monkeypatch.undo()
+    assert sim.traces["r"].reason == "length"
+    return waits, sim.traces["r"].tokens
+
+
+def test_the_originators_middle_stage_holds_fillers_for_its_results(tiny, monkeypatch):
+    """With the originator's device on a stage past the first, fillers reach its stage right behind each
+    first segment; without a hold a result that comes back during such a forward waits for the rest of it
+    (Originator.hold_stage). The answer is the same either way."""
+    _, full = tiny
+    held, tokens = _result_waits(full, True, monkeypatch)
+    free, same = _result_waits(full, False, monkeypatch)
+    assert tokens == same
+    assert sum(free) > 2.0  # forwards of 1 s and more: without the hold, results waited behind fillers
+    assert sum(held) < 0.25 * sum(free)

@@ -475,6 +475,52 @@ def test_a_filler_goes_out_only_if_the_first_stage_is_done_with_it_before_the_ne
     assert len(segs) == 3
 
 
+def test_a_stage_on_the_originators_device_holds_fillers_for_a_result_due_before_their_forward_ends(target):
+    """On a device that runs a stage past the first, fillers reach that stage right behind each first
+    segment; a result due back before such a forward would end waits for it unless the forward waits, at
+    most a quarter of the forward past the expected return (``HOLD_SLACK``). Three stages of a second a
+    forward, the originator's device running the middle one: the root leaves at 0 and is due back at 3 s."""
+    from meshd.ring.scheduler import HOLD_SLACK
+
+    p, a, b = target.tokens[:3]
+    drafter = Scripted({p: [(0, a, 0.6), (0, b, 0.3)]})
+    now = [0.0]
+
+    def make(local: int | None) -> Originator:
+        return Originator(
+            target.head,
+            lambda: drafter,
+            [FLAT] * 3,
+            clock=lambda: now[0],
+            timer=lambda: 0.0,
+            back_off=False,
+            local_stage=local,
+        )
+
+    orig = make(local=1)
+    assert orig.hold_stage(2, 0.0) is None  # nothing of its own in flight
+    segs = segments(prefill(orig, target, Request("r", [a, b], 16, "flow"), first=p))
+    due = orig.ring.latency(len(segs[0]))
+    assert due == pytest.approx(3.0)
+    until = due + HOLD_SLACK * 1.0
+    assert orig.hold_stage(2, 1.9) is None  # the forward (1 s) would end before the result comes
+    assert orig.hold_stage(2, 2.5) == pytest.approx(until)  # it would still be computing at 3 s: wait
+    assert orig.hold_stage(2, 3.1) == pytest.approx(until)  # a little late: still worth waiting for
+    assert orig.hold_stage(2, until) is None  # late by more than the slack: go ahead
+    assert orig.hold_stage(0, 2.5) is None
+    # the result back at 3 s: what is due now is the next round's first segment, sent then
+    now[0] = 3.0
+    nxt = segments(orig.on_result(said(target, segs[0], [a] * len(segs[0]))))
+    assert nxt and nxt[0].first
+    due = 3.0 + orig.ring.latency(len(nxt[0]))
+    assert orig.hold_stage(2, 3.0) is None
+    assert orig.hold_stage(2, due - 0.5) == pytest.approx(due + HOLD_SLACK)
+    # an originator whose device runs no stage never holds one
+    other = make(local=None)
+    segments(prefill(other, target, Request("s", [a, b], 16, "flow"), first=p))
+    assert other.hold_stage(2, 2.5) is None
+
+
 def test_ring_timer_counts_the_originators_own_stage_and_its_work_as_one_step():
     """An originator that also runs a stage does both in one thread: there a step is the stage's forward
     plus the originator's work per segment, not the larger of the two."""

@@ -13,7 +13,7 @@ from meshd.ring.messages import PROMPT_PARENT, Prune, Segment
 from meshd.serve.engine import GenerateParams
 from meshd.serve.runtime import INLINE_ROWS, Ring, Runtime
 from models.budget import CostCurve
-from models.drafters import drafter_factory
+from models.drafters import ModelDrafter, drafter_factory
 from models.ranges import LayerRange
 from models.source import ModelSource
 from models.stage import Stage
@@ -240,3 +240,47 @@ async def test_short_steps_run_where_the_message_arrived_and_long_ones_on_the_to
     tokens_at_b = [thread for thread, rows in ran["B"][1:] if rows == 1]
     assert len(tokens_at_b) == 14 and set(tokens_at_b) == {loop_thread}, ran["B"]
     assert a.inline_steps > 0
+
+
+async def test_a_step_that_holds_its_fillers_for_a_result_loses_nothing(tiny_dir, monkeypatch):
+    """The originator's device holds a forward of fillers while a result of its own is due
+    (``Originator.hold_stage``; here every such step is told to hold 50 ms): the compute loop waits for the
+    result or the deadline without spinning, then runs the fillers, and the answer is greedy decoding's."""
+    from meshd.ring.scheduler import Originator
+
+    src = ModelSource.resolve(str(tiny_dir))
+    full = Stage.load(src, dtype="fp32")
+    half = full.cfg.n_layers // 2
+    cc = CostCurve({1: 0.01, 64: 0.64})  # a row costs as much as the next: a tree goes in several segments
+    mesh = CodecMesh()
+    a = Runtime(src, full, None, node_id="A")
+    a.install_worker(Stage.load(src, LayerRange(0, half), vocab=False, dtype="fp32"))
+    a.set_ring(Ring(epoch=1, nodes=[None, "B"], curves=[cc, cc], local_index=0))
+    # B originates and runs the last stage: fillers reach its stage behind each round's first segment
+    b = Runtime(src, full, lambda: ModelDrafter(full), node_id="B", flow_slots=3)
+    b.install_worker(Stage.load(src, LayerRange(half, full.cfg.n_layers), vocab=False, dtype="fp32"))
+    b.set_ring(Ring(epoch=1, nodes=["A", None], curves=[cc, cc], local_index=1))
+    mesh.join(a)
+    mesh.join(b)
+    asked: list[float] = []
+
+    def hold(self, rows: int, now: float) -> float | None:
+        if not self.live:  # A's originator: nothing of its own in flight
+            return None
+        asked.append(now)
+        return now + 0.05
+
+    monkeypatch.setattr(Originator, "hold_stage", hold)
+    prompt = [20, 21, 22]
+    await a.start()
+    await b.start()
+    try:
+        handle = await b.submit(prompt, GenerateParams(max_tokens=24, mode="flow"))
+        tokens = [t for chunk in await asyncio.wait_for(finished(handle), 60) for t in chunk]
+        assert handle.finish_reason in ("length", "stop"), handle.error
+    finally:
+        await a.stop()
+        await b.stop()
+    assert_matches_greedy(tokens, *greedy_reference(full, prompt, 24, set(b._stop_ids())))
+    assert b.held_steps == len(asked) > 0 and a.held_steps == 0
+    assert b.stage_stats()["held_steps"] == b.held_steps  # in /mesh

@@ -474,6 +474,11 @@ class Simulation:
         for res in results:
             t = self._originator_call(dev, t, lambda res=res: dev.originator.on_result(res), res.request_id)
         dev.stepping = False
+        if dev.worker is not None and dev.originator is not None and dev.worker.fillers_only:
+            until = dev.originator.hold_stage(dev.worker.queued_rows, t)
+            if until is not None:  # a result of its own is due before a filler's forward would end: wait for it
+                self._at(t, self._hold, dev, until)
+                return
         outputs, queue = [], {}
         batch = dev.worker.take_batch() if dev.worker else []
         if batch:
@@ -491,6 +496,15 @@ class Simulation:
             self._at(t, self._iterate, dev)
         else:
             dev.busy = False
+
+    def _hold(self, dev: _Device, until: float) -> None:
+        """``dev`` is done with its originator's calls and holds its stage's fillers until ``until`` (as
+        ``Runtime._compute_once`` does): what arrives meanwhile wakes it at once."""
+        dev.busy = False
+        if dev.results or dev.submits or not dev.worker.fillers_only:
+            self._wake(dev)
+        else:
+            self._at(until, self._wake, dev)
 
     def _compute(self, t: float, cost: float) -> tuple[float, float]:
         """Start and end of ``cost`` seconds of compute wanted at ``t`` (waiting for a core if shared)."""
