@@ -532,6 +532,15 @@ def build_parser() -> argparse.ArgumentParser:
         "serve stages make the planner take daemon 0's measured originator work off its layers (default: all both)",
     )
     b.add_argument(
+        "--originator-stage",
+        dest="originator_pin",  # records keep the stage the plan gave it (0-based) as originator_stage
+        type=int,
+        default=None,
+        metavar="K",
+        help="daemons: give daemon 0 (which takes the requests) the node id that puts it on stage K of the ring "
+        "(1 = the first; default: where its random node id falls), so runs are comparable",
+    )
+    b.add_argument(
         "--wire-activations",
         default=None,
         choices=WIRE_ACTIVATIONS,

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from meshd.lab.emulate import CALL_KINDS, DeviceEmulation, link_emulation, slowdown
-from meshd.lab.testbed import LoopbackMesh, http
+from meshd.lab.testbed import LoopbackMesh, http, ids_placing
 from meshd.serve.loading import Ticker, quiet, stderr_say
 from meshd.serve.local import LocalModel
 from peers.planner import ROLES
@@ -291,6 +291,15 @@ class DaemonBackend:
         holders: int | range = sum(1 for r in roles if r != "originator")
         if "stage" in roles and "both" in roles:  # origin-aware: a busy originator may be left no layers at all
             holders = range(sum(1 for r in roles if r == "stage"), holders + 1)
+        node_ids = None
+        if getattr(args, "originator_pin", None) is not None:
+            at = args.originator_pin
+            if not 1 <= at <= args.stages or "originator" in roles:
+                raise ValueError(
+                    f"--originator-stage {at}: give a stage from 1 to {args.stages} (--stages), with every daemon "
+                    "holding one (no --roles originator)"
+                )
+            node_ids = ids_placing(0, at - 1, args.stages)
         self._tmp = tempfile.TemporaryDirectory(prefix="meshd-bench-")
         progress_printer(f"starting {args.stages} daemons on 127.0.0.1 ...")
         self.mesh = LoopbackMesh(
@@ -301,6 +310,7 @@ class DaemonBackend:
             threads=args.threads or 1,
             extra=extra,
             extra_for={i: ["--role", r] for i, r in enumerate(roles) if r != "both"},
+            node_ids=node_ids,
         )
         try:  # each daemon's state is said when it changes, and the wait itself regularly
             with Ticker(progress_printer, f"waiting for {args.stages} daemons to load and agree on a plan"):

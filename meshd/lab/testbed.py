@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -20,6 +21,8 @@ import urllib.request
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+
+from peers.identity import NODE_ID_FILE
 
 
 def free_port() -> int:
@@ -39,9 +42,22 @@ def http(method: str, url: str, body: dict | None = None, timeout: float = 120) 
         return e.code, json.loads(e.read())
 
 
+def ids_placing(first: int, at: int, n: int) -> list[str]:
+    """``n`` fresh node ids, one per daemon, such that daemon ``first`` sorts ``at``-th of them (from 0), the
+    others in their own order: the planner puts stages in ring order (ascending node id), so where every
+    daemon holds a stage, daemon ``first`` then holds stage ``at``."""
+    if not (0 <= first < n and 0 <= at < n):
+        raise ValueError(f"daemon {first} at stage {at}: a mesh of {n} daemons has daemons and stages 0..{n - 1}")
+    ids = sorted(secrets.token_hex(8) for _ in range(n))
+    mine = ids.pop(at)
+    ids.insert(first, mine)
+    return ids
+
+
 class LoopbackMesh:
     """``n`` daemons; ``extra`` flags go to every one (e.g. ``--link 5ms/100mbit``), ``extra_for[i]`` to
-    daemon ``i`` alone (e.g. ``--role originator``)."""
+    daemon ``i`` alone (e.g. ``--role originator``); ``node_ids``: each daemon's node id (default: each
+    draws its own), which orders the ring (:func:`ids_placing`)."""
 
     def __init__(
         self,
@@ -54,7 +70,10 @@ class LoopbackMesh:
         threads: int = 1,
         extra: list[str] | None = None,
         extra_for: dict[int, list[str]] | None = None,
+        node_ids: list[str] | None = None,
     ):
+        if node_ids is not None and len(node_ids) != n:
+            raise ValueError(f"{len(node_ids)} node ids for {n} daemons")
         self.workdir = Path(workdir)
         self.name = f"testbed-{uuid.uuid4().hex[:8]}"
         self.ports = [free_port() for _ in range(n)]
@@ -91,6 +110,10 @@ class LoopbackMesh:
             else:
                 cmd += ["--no-mdns"] + [a for p in self.ports if p != port for a in ("--peer", f"127.0.0.1:{p}")]
             self.workdir.mkdir(parents=True, exist_ok=True)
+            if node_ids is not None:  # what the daemon reads at its first start instead of drawing one
+                state = self.workdir / f"node{i}"
+                state.mkdir(parents=True, exist_ok=True)
+                (state / NODE_ID_FILE).write_text(node_ids[i] + "\n")
             self.cmds.append(cmd)
             self.procs.append(self._start(i, "w"))
 

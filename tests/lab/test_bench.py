@@ -13,6 +13,7 @@ import pytest
 from meshd import cli
 from meshd.lab import bench
 from meshd.lab.bench import EVERYDAY, question_file, spread_over_categories
+from meshd.lab.testbed import ids_placing
 from training.prompts import SPEC_BENCH_ENV, load_questions
 
 
@@ -202,3 +203,24 @@ def test_roles_name_one_role_per_daemon_and_daemon_0_originates():
     ]:
         with pytest.raises(ValueError, match=why):
             bench.daemon_roles(spec, 3)
+
+
+def test_node_ids_that_place_a_daemon_on_a_chosen_stage():
+    """The ring is in ascending node-id order: ``ids_placing(first, at, n)`` gives daemon ``first`` the
+    ``at``-th id and the others theirs in order; ``meshd bench --originator-stage K`` uses it for daemon 0."""
+    for n in (1, 2, 5):
+        for first in range(n):
+            for at in range(n):
+                ids = ids_placing(first, at, n)
+                assert len(set(ids)) == n and all(len(i) == 16 and int(i, 16) >= 0 for i in ids)
+                assert sorted(ids).index(ids[first]) == at
+    with pytest.raises(ValueError, match="daemon 0 at stage 5"):
+        ids_placing(0, 5, 5)
+
+
+def test_bench_refuses_an_originator_stage_outside_the_ring(capsys):
+    common = ["bench", "--questions", "everyday", "--backend", "daemons"]
+    assert cli.main([*common, "--stages", "3", "--originator-stage", "4"]) == 2
+    assert "--originator-stage 4: give a stage from 1 to 3" in capsys.readouterr().err
+    assert cli.main([*common, "--stages", "2", "--originator-stage", "1", "--roles", "originator,both"]) == 2
+    assert "no --roles originator" in capsys.readouterr().err

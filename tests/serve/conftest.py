@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 from support import ALIAS, QUESTION, SERVED, TOKENS, ClientMesh, chat_ids, greedy_reference
 
-from meshd.lab.testbed import LoopbackMesh
+from meshd.lab.testbed import LoopbackMesh, ids_placing
 
 
 @pytest.fixture(scope="session")
@@ -18,9 +18,16 @@ def client_mesh(tmp_path_factory, embedded, embedded_tokenizer) -> ClientMesh:
     # clients that return text alone are compared with this text exactly: no near-tie may make another
     # batch shape's rounding pick a different token (see support.near_tie)
     assert min(gaps) >= 1.0, gaps
-    mesh = LoopbackMesh(tmp_path_factory.mktemp("clients"), 3, extra=["--served-name", SERVED, "--alias", ALIAS])
+    # daemon 0 (the clients' usual entry) on the middle stage: its stage both precedes and follows others
+    mesh = LoopbackMesh(
+        tmp_path_factory.mktemp("clients"),
+        3,
+        extra=["--served-name", SERVED, "--alias", ALIAS],
+        node_ids=ids_placing(0, 1, 3),
+    )
     try:
-        mesh.wait_plan([0, 1, 2], 3, timeout=180)
+        plan = mesh.wait_plan([0, 1, 2], 3, timeout=180)
+        assert mesh.stage_index(0, plan) == 1, plan
         yield ClientMesh(mesh, prompt, want, embedded_tokenizer.decode(want, skip_special_tokens=True))
     finally:
         mesh.close()
