@@ -341,9 +341,10 @@ class DaemonBackend:
 
     @staticmethod
     def _origin_place(layout: dict) -> str:
-        """Where the originator's own stage sits in the ring (``layout``: :meth:`layout`): the peers' random
-        node ids decide it, and it moves the figures (docs/benchmarks.md, "Two daemons, traced"), so every
-        table says it."""
+        """Where the originator's own stage sits in the ring (``layout``: :meth:`layout`): the peers' node ids
+        decide it (random, unless ``--originator-stage`` chose them), and it moves the figures
+        (docs/benchmarks.md, "Two daemons, traced", "The originator's place in the ring"), so every table
+        says it."""
         at, n = layout["originator_stage"], len(layout["layers"])
         return " (the originator holds none)" if at is None else f" (the originator's is stage {at + 1} of {n})"
 

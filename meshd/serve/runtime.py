@@ -858,8 +858,10 @@ class Runtime:
         Results for this originator are verified first (LM head, walk, drafting); what that sends to this
         device's own stage is queued for it here, and the stage then runs on everything queued, so the next
         segment starts at once instead of after two trips through the loop (which, while it writes to sockets,
-        holds the GIL). Returns each result with the deliveries left for peers and the client (or why the
-        originator failed on it) and the stage's outputs; the loop sends those deliveries, then the outputs."""
+        holds the GIL). Only fillers queued while a result of ours is due before their forward would end: the
+        forward waits for it instead (``_hold_seconds``, :meth:`Originator.hold_stage`). Returns each result
+        with the deliveries left for peers and the client (or why the originator failed on it) and the stage's
+        outputs; the loop sends those deliveries, then the outputs."""
         t0 = time.perf_counter()
         verified, outputs = self._step_on(ring)
         if verified or outputs:  # steps that found nothing to do say nothing about how long work takes
