@@ -88,6 +88,11 @@ class Session:
             self.open.update(n for n in seg.node_ids if n not in self.committed)
 
 
+def _awaited(seg: Segment) -> bool:
+    """Whether the originator waits on ``seg``: a round's first segment, or the prompt."""
+    return seg.first or seg.commit
+
+
 class StageWorker:
     """Runs the layers ``stage.layer_range`` for every request that reaches this device.
 
@@ -304,7 +309,7 @@ class StageWorker:
     @property
     def fillers_only(self) -> bool:
         """Whether something is queued and none of it is awaited: no round's first segment, no prompt."""
-        return bool(self.queue) and not any(seg.first or seg.commit for seg in self.queue)
+        return bool(self.queue) and not any(_awaited(seg) for seg in self.queue)
 
     def rows_besides(self, request_id: str) -> int:
         """Rows of requests other than ``request_id`` here: queued, or in the latest forward. The last stage
@@ -334,7 +339,7 @@ class StageWorker:
         urgent: set[str] = set()
         for i, seg in enumerate(self.queue):
             heads.setdefault(seg.request_id, i)
-            if seg.first or seg.commit:  # the originator waits on it: a round's first segment, or the prompt
+            if _awaited(seg):
                 urgent.add(seg.request_id)
         age = {r: (s.opened if (s := self.sessions.get(r)) else self._opened) for r in heads}
         order = sorted(heads, key=lambda r: (r not in urgent, age[r], heads[r]))
