@@ -627,6 +627,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="stages merge a request's queued segments into one forward where their cost curve makes it cheap",
     )
     sm.add_argument(
+        "--no-flow-backoff",
+        action="store_true",
+        help="flow drafts every tree, also where drafted trees yield fewer tokens a second than plain ones "
+        "(as meshd serve --no-flow-backoff: to measure a drafter's acceptance)",
+    )
+    sm.add_argument(
         "--no-idle-drafting",
         action="store_true",
         help="draft every level before a flow round's first segment leaves (the scheduler before idle drafting)",

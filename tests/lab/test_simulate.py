@@ -668,3 +668,26 @@ def test_the_originators_middle_stage_holds_fillers_for_its_results(tiny, monkey
     assert tokens == same
     assert sum(free) > 2.0  # forwards of 1 s and more: without the hold, results waited behind fillers
     assert sum(held) < 0.25 * sum(free)
+
+
+def test_cli_no_flow_backoff_gives_every_originator_no_back_off(tiny_env, monkeypatch, tmp_path):
+    """``meshd simulate --no-flow-backoff`` as ``meshd serve --no-flow-backoff``: every tree drafted."""
+    from meshd.lab.sim import simulation
+
+    prof = tmp_path / "p.json"
+    prof.write_text(json.dumps(synthetic(0.01, head=0.002).to_json()))
+    seen: list[bool] = []
+    real = simulation.Originator
+
+    def recording(*args, **kw):
+        seen.append(kw.get("back_off", True))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(simulation, "Originator", recording)
+    args = ["simulate", "--questions", "everyday", "--stages", "2", "--profile", str(prof), "--prompts", "1"]
+    args += ["--max-tokens", "6", "--drafter", "ngram", "--modes", "flow", "--out", str(tmp_path / "r.json")]
+    assert cli.main(args) == 0
+    assert seen and all(seen)
+    seen.clear()
+    assert cli.main([*args, "--no-flow-backoff"]) == 0
+    assert seen and not any(seen)

@@ -92,6 +92,7 @@ def _simulate(
     idle_drafting: bool = True,
     wire_activations: str = "fp16",
     split: str | list[int] = "even",
+    back_off: bool = True,
 ) -> tuple[dict[str, list[SimResult]], str]:
     spec, factory = env.factory(drafter)
     for m in modes:
@@ -113,6 +114,7 @@ def _simulate(
             resumable_drafting=parse_variant(label).resumable,
             wire_activations=wire_activations,
             split=split,
+            back_off=back_off,  # the originators' (Originator.back_off)
         )
 
     labels = [f"q{q['question_id']}-{q['category']}" for q in questions]
@@ -304,6 +306,7 @@ def main(args) -> int:
         idle_drafting=not args.no_idle_drafting,
         wire_activations=args.wire_activations,
         split=args.split,
+        back_off=not args.no_flow_backoff,
     )
     summary = {m: summarize_traces(r) for m, r in res.items()}
     flow = res.get("flow") or next(iter(res.values()))
