@@ -119,118 +119,239 @@ static void exp_all(float *v, int64_t n, float shift) {
     for (; i < n; i++) v[i] = exp1(v[i] - shift);
 }
 
-/* A fixed-shape dot product: 8 lanes of products summed by lane, then a fixed tree (the same
- * order for any row, so the result does not depend on the batch). */
-static inline float dot(const float *a, const float *b, int n) {
-    v8 acc = {0, 0, 0, 0, 0, 0, 0, 0};
-    int d = 0;
-    for (; d + 8 <= n; d += 8) acc += *(const v8u *)(a + d) * *(const v8u *)(b + d);
-    float r = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-    for (; d < n; d++) r += a[d] * b[d];
+/* The largest of n values, NaNs ignored (a maximum is exact in any order, so 8 lanes at a time). */
+static float largest(const float *v, int64_t n) {
+    const v8 none = {-INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY};
+    v8 mx = none;
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        v8 x = *(const v8u *)(v + i);
+        v8i more = x > mx;
+        mx = (v8)(((v8i)x & more) | ((v8i)mx & ~more));
+    }
+    float r = -INFINITY;
+    for (int l = 0; l < 8; l++) r = mx[l] > r ? mx[l] : r;
+    for (; i < n; i++) r = v[i] > r ? v[i] : r;
     return r;
 }
 
-/* o (hd floats) = sum over the allowed keys j of p[j] * v[j] (rows of hd floats): 64 outputs at a
- * time held in eight vectors while the keys stream past, then any rest 8 and 1 at a time. Each
- * output's sum runs over j in ascending order whatever the blocking. */
-static void weighted_sum(float *o, const float *p, const float *v, int64_t n, const uint8_t *m, int hd) {
-    int d0 = 0;
-    for (; d0 + 64 <= hd; d0 += 64) {
-        v8 r0 = {0}, r1 = {0}, r2 = {0}, r3 = {0}, r4 = {0}, r5 = {0}, r6 = {0}, r7 = {0};
-        for (int64_t j = 0; j < n; j++) {
-            if (m && !m[j]) continue;
-            const float *vj = v + j * hd + d0;
-            float pj = p[j];
-            r0 += pj * *(const v8u *)(vj + 0), r1 += pj * *(const v8u *)(vj + 8);
-            r2 += pj * *(const v8u *)(vj + 16), r3 += pj * *(const v8u *)(vj + 24);
-            r4 += pj * *(const v8u *)(vj + 32), r5 += pj * *(const v8u *)(vj + 40);
-            r6 += pj * *(const v8u *)(vj + 48), r7 += pj * *(const v8u *)(vj + 56);
-        }
-        *(v8u *)(o + d0 + 0) = r0, *(v8u *)(o + d0 + 8) = r1, *(v8u *)(o + d0 + 16) = r2;
-        *(v8u *)(o + d0 + 24) = r3, *(v8u *)(o + d0 + 32) = r4, *(v8u *)(o + d0 + 40) = r5;
-        *(v8u *)(o + d0 + 48) = r6, *(v8u *)(o + d0 + 56) = r7;
-    }
-    for (; d0 + 8 <= hd; d0 += 8) {
-        v8 r = {0};
-        for (int64_t j = 0; j < n; j++)
-            if (!m || m[j]) r += p[j] * *(const v8u *)(v + j * hd + d0);
-        *(v8u *)(o + d0) = r;
-    }
-    for (; d0 < hd; d0++) {
-        float r = 0.0f;
-        for (int64_t j = 0; j < n; j++)
-            if (!m || m[j]) r += p[j] * v[j * hd + d0];
-        o[d0] = r;
-    }
+/* Keys and values are read where the cache holds them, bf16 or fp32: 8 floats of a row at element
+ * `at` (bf16 widens exactly, so both give the same floats and the same sums). */
+typedef uint16_t v8h __attribute__((vector_size(16), aligned(2), may_alias));
+typedef uint32_t v8w __attribute__((vector_size(32)));
+
+static inline v8 load8(const void *p, int bf16, int64_t at) {
+    if (bf16) return (v8)(__builtin_convertvector(*(const v8h *)((const uint16_t *)p + at), v8w) << 16);
+    return *(const v8u *)((const float *)p + at);
 }
 
-/* Attention of one request's rows over its cache (new keys already written), one layer. The cache's
- * entries are read as floats once per layer (`kv`: scratch of 2 x kv heads x n x head dim floats with
- * bf16 caches); work is split by (row, kv head), each key serving the kv head's group of q heads. */
+/* The fixed tree that sums a dot product's 8 lanes: ((0+1)+(2+3))+((4+5)+(6+7)). */
+static inline float lanes1(v8 a) { return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7])); }
+
+/* [a0+a1, a2+a3, b0+b1, b2+b3, a4+a5, a6+a7, b4+b5, b6+b7] */
+static inline v8 pair_sums(v8 a, v8 b) {
+    const v8i even = {0, 2, 8, 10, 4, 6, 12, 14}, odd = {1, 3, 9, 11, 5, 7, 13, 15};
+    return __builtin_shuffle(a, b, even) + __builtin_shuffle(a, b, odd);
+}
+
+/* lanes1 of 8 vectors at once, lane t of the result from a[t]: the same additions in the same tree,
+ * done 8 keys wide by shuffles (a key's score is then the same bits in a block or alone). */
+static inline v8 lanes8(const v8 *a) {
+    const v8i lo = {0, 1, 2, 3, 8, 9, 10, 11}, hi = {4, 5, 6, 7, 12, 13, 14, 15};
+    v8 q0 = pair_sums(pair_sums(a[0], a[1]), pair_sums(a[2], a[3])); /* keys 0-3: (01+23), then (45+67) */
+    v8 q1 = pair_sums(pair_sums(a[4], a[5]), pair_sums(a[6], a[7]));
+    return __builtin_shuffle(q0, q1, lo) + __builtin_shuffle(q0, q1, hi);
+}
+
+/* Query heads of one kv group attended together: each key and value vector loaded once serves QB heads
+ * (3 x 8 sums and the key fit AVX-512's 32 vector registers; with 16, one head at a time). */
+#if defined(__AVX512VL__)
+#define QB 3
+#else
+#define QB 1
+#endif
+
+/* s[g * n + j] = scale * (q_g . k_j) for the keys j of [0, n) and the gb (1..QB) query heads at q: per key,
+ * 8 lanes of products summed over the head dimension in order, then the lanes by lanes1's tree; keys 8 at
+ * a time while 8 remain, then one by one (the same sums: a key's score never depends on its neighbours). */
+static inline __attribute__((always_inline)) void scores(const float *q, const void *k, int bf16, int64_t n, int hd,
+                                                         float scale, float *s, const int gb) {
+    int64_t j = 0;
+    if (hd % 8 == 0)
+        for (; j + 8 <= n; j += 8) {
+            v8 acc[QB][8];
+            for (int g = 0; g < gb; g++)
+                for (int t = 0; t < 8; t++) acc[g][t] = (v8){0};
+            for (int d = 0; d < hd; d += 8) {
+                v8 qd[QB];
+                for (int g = 0; g < gb; g++) qd[g] = *(const v8u *)(q + g * hd + d);
+                for (int t = 0; t < 8; t++) {
+                    v8 kt = load8(k, bf16, (j + t) * hd + d);
+                    for (int g = 0; g < gb; g++) acc[g][t] += qd[g] * kt;
+                }
+            }
+            for (int g = 0; g < gb; g++) *(v8u *)(s + g * n + j) = lanes8(acc[g]) * scale;
+        }
+    for (; j < n; j++)
+        for (int g = 0; g < gb; g++) {
+            v8 acc = {0};
+            int d = 0;
+            for (; d + 8 <= hd; d += 8) acc += *(const v8u *)(q + g * hd + d) * load8(k, bf16, j * hd + d);
+            float r = lanes1(acc);
+            for (; d < hd; d++) r += q[g * hd + d] * get(k, bf16, j * hd + d);
+            s[g * n + j] = r * scale;
+        }
+}
+
+/* o[g * hd + d] = sum over the allowed keys j of p[g * n + j] * v_j[d] for the gb (1..QB) heads: 64 outputs
+ * of each head at a time held in vectors while the values stream past (each value vector serves every
+ * head), then any rest 8 and 1 at a time. Each output's sum runs over j in ascending order whatever the
+ * blocking. */
+static inline __attribute__((always_inline)) void values(float *o, const float *p, const void *v, int bf16, int64_t n,
+                                                         const uint8_t *m, int hd, const int gb) {
+    int d0 = 0;
+    for (; d0 + 64 <= hd; d0 += 64) {
+        v8 r[QB][8];
+        for (int g = 0; g < gb; g++)
+            for (int c = 0; c < 8; c++) r[g][c] = (v8){0};
+        for (int64_t j = 0; j < n; j++) {
+            if (m && !m[j]) continue;
+            for (int c = 0; c < 8; c++) {
+                v8 vc = load8(v, bf16, j * hd + d0 + 8 * c);
+                for (int g = 0; g < gb; g++) r[g][c] += p[g * n + j] * vc;
+            }
+        }
+        for (int g = 0; g < gb; g++)
+            for (int c = 0; c < 8; c++) *(v8u *)(o + g * hd + d0 + 8 * c) = r[g][c];
+    }
+    for (; d0 + 8 <= hd; d0 += 8)
+        for (int g = 0; g < gb; g++) {
+            v8 r = {0};
+            for (int64_t j = 0; j < n; j++)
+                if (!m || m[j]) r += p[g * n + j] * load8(v, bf16, j * hd + d0);
+            *(v8u *)(o + g * hd + d0) = r;
+        }
+    for (; d0 < hd; d0++)
+        for (int g = 0; g < gb; g++) {
+            float r = 0.0f;
+            for (int64_t j = 0; j < n; j++)
+                if (!m || m[j]) r += p[g * n + j] * get(v, bf16, j * hd + d0);
+            o[g * hd + d0] = r;
+        }
+}
+
+/* Rows of a forward from which a bf16 cache is widened into floats once per layer rather than as it is
+ * read: then each entry serves every row for one conversion. The floats go to scratch the calling
+ * thread keeps (a fresh allocation of that size, per layer, came from the kernel page by page every
+ * time: at 2 threads that alone cost more than the attention), up to WIDEN_BYTES; a longer cache is
+ * read as it is. */
+#define WIDEN_ROWS 3
+#define WIDEN_BYTES ((size_t)8 << 20)
+
+static __thread float *widened = NULL;
+static __thread size_t widened_bytes = 0;
+
+static float *widen_scratch(size_t bytes) {
+    if (bytes > widened_bytes) {
+        free(widened);
+        widened = malloc(bytes);
+        widened_bytes = widened ? bytes : 0;
+    }
+    return widened;
+}
+
+/* Attention of one request's rows over its cache (new keys already written), one layer. Work is split
+ * by (row, kv head); within it the kv head's query heads go QB at a time, each key and value read once
+ * for them (softmax in between, exp of the masked-out keys never used). */
 static int attend(const float *qkv, int64_t qkv_out, int64_t row0, const q4a8_item *it, int layer, int nq, int nkv,
                   int hd, int bf16, float *att) {
     if (it->rows <= 0) return 0; /* a request with no rows in this forward */
     int group = nq / nkv;
     int64_t n = it->past + it->rows, pairs = it->rows * nkv;
     float scale = 1.0f / sqrtf((float)hd);
-    const float *keys, *values;
+    int64_t stride = it->cap * hd; /* elements between kv heads */
+    int64_t at = (int64_t)layer * nkv * stride;
+    const void *keys = bf16 ? (const void *)((const uint16_t *)it->k + at) : (const void *)((const float *)it->k + at);
+    const void *vals = bf16 ? (const void *)((const uint16_t *)it->v + at) : (const void *)((const float *)it->v + at);
+    int kbf16 = bf16;
+    const void *src_k = keys, *src_v = vals;
+    int64_t src_stride = stride, per = n * hd, parts = (per + 4095) / 4096;
+    size_t wide = sizeof(float) * (size_t)(2 * nkv * per);
     float *kv = NULL;
-    int64_t stride = it->cap * hd; /* between kv heads */
-    if (bf16) {
-        kv = malloc(sizeof(float) * (size_t)(2 * nkv * n * hd));
+    if (bf16 && it->rows >= WIDEN_ROWS && wide <= WIDEN_BYTES) {
+        kv = widen_scratch(wide); /* kv heads' keys, then their values, each n x hd */
         if (!kv) return -1;
-        for (int h = 0; h < nkv; h++) {
-            const uint16_t *k = (const uint16_t *)it->k + ((int64_t)layer * nkv + h) * stride;
-            const uint16_t *v = (const uint16_t *)it->v + ((int64_t)layer * nkv + h) * stride;
-            float *kf = kv + (int64_t)h * n * hd, *vf = kv + (int64_t)(nkv + h) * n * hd;
-            for (int64_t i = 0; i < n * hd; i++) {
-                uint32_t kb = (uint32_t)k[i] << 16, vb = (uint32_t)v[i] << 16;
-                memcpy(kf + i, &kb, 4);
-                memcpy(vf + i, &vb, 4);
-            }
-        }
-        keys = kv, values = kv + (int64_t)nkv * n * hd, stride = n * hd;
-    } else {
-        keys = (const float *)it->k + (int64_t)layer * nkv * stride;
-        values = (const float *)it->v + (int64_t)layer * nkv * stride;
+        keys = kv, vals = kv + (int64_t)nkv * per, stride = per, kbf16 = 0;
     }
+    size_t el = kbf16 ? 2 : 4;
     int failed = 0;
     int parallel = pairs * n * hd * group > (1 << 15);
 #pragma omp parallel if (parallel) num_threads(q4a8_team())
     {
-        float *scores = malloc(sizeof(float) * (size_t)(group * n + group * hd));
-        if (!scores) {
+        if (kv) {
+#pragma omp for schedule(static)
+            for (int64_t c = 0; c < 2 * nkv * parts; c++) {
+                int64_t which = c / parts, lo = (c % parts) * 4096, hi = lo + 4096 < per ? lo + 4096 : per;
+                const uint16_t *src = (const uint16_t *)(which < nkv ? src_k : src_v) + (which % nkv) * src_stride;
+                float *dst = kv + which * per;
+                for (int64_t i = lo; i < hi; i++) {
+                    uint32_t b = (uint32_t)src[i] << 16;
+                    memcpy(dst + i, &b, 4);
+                }
+            }
+        }
+        float *buf = malloc(sizeof(float) * (size_t)(QB * n + QB * hd));
+        if (!buf) {
 #pragma omp atomic write
             failed = 1;
         }
 #pragma omp for schedule(static)
         for (int64_t pair = 0; pair < pairs; pair++) {
-            if (!scores) continue;
+            if (!buf) continue;
             int64_t i = pair / nkv;
             int kvh = (int)(pair % nkv);
-            float *acc = scores + group * n;
-            const float *q = qkv + (row0 + i) * qkv_out + (int64_t)kvh * group * hd;
-            const float *kh = keys + kvh * stride, *vh = values + kvh * stride;
+            const char *kh = (const char *)keys + (size_t)(kvh * stride) * el;
+            const char *vh = (const char *)vals + (size_t)(kvh * stride) * el;
             const uint8_t *m = it->mask ? it->mask + i * n : NULL;
-            for (int g = 0; g < group; g++) {
-                float *sc = scores + g * n, mx = -INFINITY, sum = 0.0f;
-                for (int64_t j = 0; j < n; j++) {
-                    sc[j] = (!m || m[j]) ? dot(q + g * hd, kh + j * hd, hd) * scale : -INFINITY;
-                    mx = sc[j] > mx ? sc[j] : mx;
+            for (int g0 = 0; g0 < group; g0 += QB) {
+                int gb = group - g0 < QB ? group - g0 : QB;
+                const float *q = qkv + (row0 + i) * qkv_out + ((int64_t)kvh * group + g0) * hd;
+                float *sc = buf, *o = buf + QB * n, sums[QB];
+                switch (gb) {
+#if QB >= 3
+                case 3: scores(q, kh, kbf16, n, hd, scale, sc, 3); break;
+                case 2: scores(q, kh, kbf16, n, hd, scale, sc, 2); break;
+#endif
+                default: scores(q, kh, kbf16, n, hd, scale, sc, 1); break;
                 }
-                exp_all(sc, n, mx);
+                for (int g = 0; g < gb; g++) {
+                    float *s = sc + g * n;
+                    if (m)
+                        for (int64_t j = 0; j < n; j++)
+                            if (!m[j]) s[j] = -INFINITY;
+                    exp_all(s, n, largest(s, n));
+                    sums[g] = 0.0f;
+                }
+                /* each head's sum in ascending order, the heads side by side (independent chains) */
                 for (int64_t j = 0; j < n; j++)
-                    if (!m || m[j]) sum += sc[j];
-                float *o = acc + g * hd;
-                weighted_sum(o, sc, vh, n, m, hd);
-                float *out = att + (row0 + i) * (int64_t)nq * hd + ((int64_t)kvh * group + g) * hd;
-                for (int d = 0; d < hd; d++) out[d] = o[d] / sum;
-                round_all(out, hd, bf16);
+                    if (!m || m[j])
+                        for (int g = 0; g < gb; g++) sums[g] += sc[g * n + j];
+                switch (gb) {
+#if QB >= 3
+                case 3: values(o, sc, vh, kbf16, n, m, hd, 3); break;
+                case 2: values(o, sc, vh, kbf16, n, m, hd, 2); break;
+#endif
+                default: values(o, sc, vh, kbf16, n, m, hd, 1); break;
+                }
+                for (int g = 0; g < gb; g++) {
+                    float *out = att + (row0 + i) * (int64_t)nq * hd + ((int64_t)kvh * group + g0 + g) * hd;
+                    for (int d = 0; d < hd; d++) out[d] = o[g * hd + d] / sums[g];
+                    round_all(out, hd, bf16);
+                }
             }
         }
-        free(scores);
+        free(buf);
     }
-    free(kv);
     return failed ? -1 : 0;
 }
 

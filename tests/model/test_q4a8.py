@@ -315,6 +315,34 @@ def test_layers_in_c_compute_each_row_alike_in_any_batch(tiny_gguf):  # noqa: F8
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_attention_reads_each_key_alike_wherever_it_falls(embedded_source, dtype):
+    """The attention scores keys 8 at a time with the 3 query heads of a kv head sharing each key, the
+    last keys one by one, and reads a bf16 cache as it is for 1-2 rows but widened once for more: a key's
+    score and a value's share must not depend on which of these it met. The embedded model (its 30
+    layers make a changed rounding in the attention show: each layer's int8 rounding of the attention
+    output hides most), a tree after 13 cached rows (its rows see 14-19 keys, crossing a block of 8)
+    against the same tokens decoded one at a time after the tree is pruned to them (14-16 keys)."""
+    stage = Stage.load(embedded_source, vocab=False, dtype=dtype, weights="int4a8")
+    assert stage.fused is not None
+    torch.manual_seed(4)
+    x = (torch.randn(19, stage.cfg.hidden_size) * 0.5).to(stage.dtype)
+    parent = [-1, 0, 1, 0, 3, 4]  # rows 0-1-2 and 0-3-4-5: decoding 0, 3, 4 alone must give rows 0, 3 and 4
+    tree = torch.zeros(6, 6, dtype=torch.bool)
+    for i in range(6):
+        j = i
+        while j >= 0:
+            tree[i, j], j = True, parent[j]
+    mask = torch.cat([torch.ones(6, 13, dtype=torch.bool), tree], dim=1)
+    rows, cache = _run_layers(stage, x, 13, mask, torch.tensor([13, 14, 15, 14, 15, 16]))
+    alone = stage.new_cache(32)
+    stage.forward_one(x[:13], alone, torch.arange(13))
+    for r, pos in ((0, 13), (3, 14), (4, 15)):
+        assert torch.equal(stage.forward_one(x[13 + r : 14 + r], alone, torch.tensor([pos])), rows[r : r + 1])
+    cache.keep([*range(13), 13, 16, 17])
+    assert torch.equal(cache.k[:, :, :16], alone.k[:, :, :16]) and torch.equal(cache.v[:, :, :16], alone.v[:, :, :16])
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_rows_wanted_for_their_cache_entries_only(tiny_gguf, dtype):  # noqa: F811
     """``out_from``: the last layer skips attention, output projection and MLP for the rows before it (an
     EAGLE head catching up wants only its last row's output). The cache entries of every row and the
