@@ -28,8 +28,9 @@ int q4a8_team(void);
 int64_t q4a8_act_bytes(int64_t rows, int64_t k);
 
 /* Rows of `x` (bf16 when x_bf16, else fp32; rms_norm'ed first with `norm` in the activations' dtype
- * when given, `normed` then k floats of scratch) rounded to int8 per group of 32: `a` (rows x k), the
- * groups' scales `s` and scale x sum `sa` (rows x k / 32 each). */
+ * when given, `normed` then k floats of scratch for each thread of q4a8_team()) rounded to int8 per
+ * group of 32: `a` (rows x k), the groups' scales `s` and scale x sum `sa` (rows x k / 32 each). Many
+ * rows are split between the team, each row computed alike. */
 void q4a8_quantize(const void *x, int x_bf16, int act_bf16, int64_t rows, int64_t k, const void *norm, float eps,
                    int8_t *a, float *s, float *sa, float *normed);
 

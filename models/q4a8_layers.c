@@ -305,7 +305,9 @@ static int attend(const float *qkv, int64_t qkv_out, int64_t row0, const q4a8_it
 #pragma omp atomic write
             failed = 1;
         }
-#pragma omp for schedule(static)
+        /* pairs dealt out one by one: a causal prefill's later rows attend to more keys, and halves of
+         * the rows in turn left one thread with three times the other's work */
+#pragma omp for schedule(static, 1)
         for (int64_t pair = 0; pair < pairs; pair++) {
             if (!buf) continue;
             int64_t i = pair / nkv;
@@ -313,35 +315,37 @@ static int attend(const float *qkv, int64_t qkv_out, int64_t row0, const q4a8_it
             const char *kh = (const char *)keys + (size_t)(kvh * stride) * el;
             const char *vh = (const char *)vals + (size_t)(kvh * stride) * el;
             const uint8_t *m = it->mask ? it->mask + i * n : NULL;
+            int64_t live = n; /* keys up to the row's last allowed one: a causal prefill's rows skip the rest */
+            while (m && live > 0 && !m[live - 1]) live--;
             for (int g0 = 0; g0 < group; g0 += QB) {
                 int gb = group - g0 < QB ? group - g0 : QB;
                 const float *q = qkv + (row0 + i) * qkv_out + ((int64_t)kvh * group + g0) * hd;
                 float *sc = buf, *o = buf + QB * n, sums[QB];
                 switch (gb) {
 #if QB >= 3
-                case 3: scores(q, kh, kbf16, n, hd, scale, sc, 3); break;
-                case 2: scores(q, kh, kbf16, n, hd, scale, sc, 2); break;
+                case 3: scores(q, kh, kbf16, live, hd, scale, sc, 3); break;
+                case 2: scores(q, kh, kbf16, live, hd, scale, sc, 2); break;
 #endif
-                default: scores(q, kh, kbf16, n, hd, scale, sc, 1); break;
+                default: scores(q, kh, kbf16, live, hd, scale, sc, 1); break;
                 }
                 for (int g = 0; g < gb; g++) {
-                    float *s = sc + g * n;
+                    float *s = sc + g * live;
                     if (m)
-                        for (int64_t j = 0; j < n; j++)
+                        for (int64_t j = 0; j < live; j++)
                             if (!m[j]) s[j] = -INFINITY;
-                    exp_all(s, n, largest(s, n));
+                    exp_all(s, live, largest(s, live));
                     sums[g] = 0.0f;
                 }
                 /* each head's sum in ascending order, the heads side by side (independent chains) */
-                for (int64_t j = 0; j < n; j++)
+                for (int64_t j = 0; j < live; j++)
                     if (!m || m[j])
-                        for (int g = 0; g < gb; g++) sums[g] += sc[g * n + j];
+                        for (int g = 0; g < gb; g++) sums[g] += sc[g * live + j];
                 switch (gb) {
 #if QB >= 3
-                case 3: values(o, sc, vh, kbf16, n, m, hd, 3); break;
-                case 2: values(o, sc, vh, kbf16, n, m, hd, 2); break;
+                case 3: values(o, sc, vh, kbf16, live, m, hd, 3); break;
+                case 2: values(o, sc, vh, kbf16, live, m, hd, 2); break;
 #endif
-                default: values(o, sc, vh, kbf16, n, m, hd, 1); break;
+                default: values(o, sc, vh, kbf16, live, m, hd, 1); break;
                 }
                 for (int g = 0; g < gb; g++) {
                     float *out = att + (row0 + i) * (int64_t)nq * hd + ((int64_t)kvh * group + g0 + g) * hd;
@@ -417,7 +421,7 @@ int q4a8_layers(void *x, int bf16, int64_t rows, int64_t hidden, int n_layers, c
     float *y = malloc(sizeof(float) * (size_t)(rows * (2 * inter > hidden ? 2 * inter : hidden)));
     float *act = malloc(sizeof(float) * (size_t)(rows * inter));
     float *s = malloc(sizeof(float) * (size_t)(2 * rows * (kmax / 32)));
-    float *normed = malloc(sizeof(float) * (size_t)kmax);
+    float *normed = malloc(sizeof(float) * (size_t)(kmax * q4a8_team()));
     int8_t *a = calloc((size_t)q4a8_act_bytes(rows, kmax), 1);
     int rc = 0;
     if (!h || !qkv || !att || !y || !act || !s || !normed || !a) {
@@ -476,8 +480,11 @@ int q4a8_layers(void *x, int bf16, int64_t rows, int64_t hidden, int n_layers, c
         /* MLP: norm + gate/up, SiLU(gate) * up, down, residual */
         q4a8_quantize(hl, 0, bf16, live, hidden, L->ffn_norm, eps, a, s, sa, normed);
         q4a8_product(a, s, sa, live, hidden, L->gate_up.w, L->gate_up.blocks, L->gate_up.out, y, 0, path);
-        round_all(y, live * 2 * inter, bf16);
-        for (int64_t r = 0; r < live; r++) swiglu(y + r * 2 * inter, inter, act + r * inter, bf16);
+#pragma omp parallel for if (live >= 8) num_threads(q4a8_team()) schedule(static)
+        for (int64_t r = 0; r < live; r++) {
+            round_all(y + r * 2 * inter, 2 * inter, bf16);
+            swiglu(y + r * 2 * inter, inter, act + r * inter, bf16);
+        }
         q4a8_quantize(act, 0, bf16, live, inter, NULL, 0.0f, a, s, sa, normed);
         q4a8_product(a, s, sa, live, inter, L->down.w, L->down.blocks, L->down.out, y, 0, path);
         residual(hl, y, live * hidden, bf16);
