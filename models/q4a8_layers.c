@@ -12,9 +12,10 @@
  * the torch path within a few steps of the dtype, not bitwise.
  *
  * What the oracle needs, and has here: every row's result is bitwise the same in any batch. A row's
- * matrix products are (q4a8.c); a row's attention reads exactly the cache entries its mask allows,
- * in ascending order, with fixed-shape sums, whatever the other rows; a row of a verified tree and
- * the same token decoded alone after a prune see the same keys in the same order.
+ * matrix products are (q4a8.c); a row's attention sums over exactly the cache entries its mask allows,
+ * in ascending order, each key's score a fixed-shape sum wherever the key falls (in a block of 8 or
+ * alone), whatever the other rows; a row of a verified tree and the same token decoded alone after a
+ * prune see the same keys in the same order.
  */
 #include <math.h>
 #include <stdint.h>
