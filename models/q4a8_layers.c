@@ -18,6 +18,7 @@
  * prune see the same keys in the same order.
  */
 #include <math.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -243,22 +244,32 @@ static inline __attribute__((always_inline)) void values(float *o, const float *
 
 /* Rows of a forward from which a bf16 cache is widened into floats once per layer rather than as it is
  * read: then each entry serves every row for one conversion. The floats go to scratch the calling
- * thread keeps (a fresh allocation of that size, per layer, came from the kernel page by page every
- * time: at 2 threads that alone cost more than the attention), up to WIDEN_BYTES; a longer cache is
- * read as it is. */
+ * thread keeps until it ends (a fresh allocation of that size, per layer, came from the kernel page by
+ * page every time: at 2 threads that alone cost more than the attention), up to WIDEN_BYTES; a longer
+ * cache is read as it is. */
 #define WIDEN_ROWS 3
 #define WIDEN_BYTES ((size_t)8 << 20)
 
-static __thread float *widened = NULL;
-static __thread size_t widened_bytes = 0;
+typedef struct {
+    size_t bytes;
+    float data[];
+} scratch;
+
+static pthread_key_t widen_key;
+static pthread_once_t widen_once = PTHREAD_ONCE_INIT;
+
+static void widen_key_make(void) { pthread_key_create(&widen_key, free); } /* freed as the thread ends */
 
 static float *widen_scratch(size_t bytes) {
-    if (bytes > widened_bytes) {
-        free(widened);
-        widened = malloc(bytes);
-        widened_bytes = widened ? bytes : 0;
+    pthread_once(&widen_once, widen_key_make);
+    scratch *s = pthread_getspecific(widen_key);
+    if (!s || s->bytes < bytes) {
+        free(s);
+        s = malloc(sizeof(scratch) + bytes);
+        if (s) s->bytes = bytes;
+        pthread_setspecific(widen_key, s);
     }
-    return widened;
+    return s ? s->data : NULL;
 }
 
 /* Attention of one request's rows over its cache (new keys already written), one layer. Work is split
