@@ -242,11 +242,32 @@ static inline __attribute__((always_inline)) void values(float *o, const float *
         }
 }
 
+/* One row's attention for gb (1..QB) query heads of a kv head over the keys [0, n) it may see (mask m, or
+ * all): scores, softmax (exp of the masked-out keys computed, never used), then values; o holds each head's
+ * unnormalised output (hd floats), sums its softmax sum, in ascending order of the keys. */
+static inline __attribute__((always_inline)) void heads(const float *q, const void *k, const void *v, int bf16, int64_t n,
+                                                        const uint8_t *m, int hd, float scale, float *sc, float *o,
+                                                        float *sums, const int gb) {
+    scores(q, k, bf16, n, hd, scale, sc, gb);
+    for (int g = 0; g < gb; g++) {
+        float *s = sc + g * n;
+        if (m)
+            for (int64_t j = 0; j < n; j++)
+                if (!m[j]) s[j] = -INFINITY;
+        exp_all(s, n, largest(s, n));
+        sums[g] = 0.0f;
+    }
+    /* each head's sum in ascending order, the heads side by side (independent chains) */
+    for (int64_t j = 0; j < n; j++)
+        if (!m || m[j])
+            for (int g = 0; g < gb; g++) sums[g] += sc[g * n + j];
+    values(o, sc, v, bf16, n, m, hd, gb);
+}
+
 /* Rows of a forward from which a bf16 cache is widened into floats once per layer rather than as it is
  * read: then each entry serves every row for one conversion. The floats go to scratch the calling
- * thread keeps until it ends (a fresh allocation of that size, per layer, came from the kernel page by
- * page every time: at 2 threads that alone cost more than the attention), up to WIDEN_BYTES; a longer
- * cache is read as it is. */
+ * thread keeps until it ends (not a fresh allocation of that size per layer: 1.5 MB after 1,024 tokens,
+ * which malloc may serve with new pages each time), up to WIDEN_BYTES; a longer cache is read as it is. */
 #define WIDEN_ROWS 3
 #define WIDEN_BYTES ((size_t)8 << 20)
 
@@ -333,31 +354,12 @@ static int attend(const float *qkv, int64_t qkv_out, int64_t row0, const q4a8_it
                 int gb = group - g0 < QB ? group - g0 : QB;
                 const float *q = qkv + (row0 + i) * qkv_out + ((int64_t)kvh * group + g0) * hd;
                 float *sc = buf, *o = buf + QB * n, sums[QB];
-                switch (gb) {
+                switch (gb) { /* a constant count each, so that each unrolls to its own registers */
 #if QB >= 3
-                case 3: scores(q, kh, kbf16, live, hd, scale, sc, 3); break;
-                case 2: scores(q, kh, kbf16, live, hd, scale, sc, 2); break;
+                case 3: heads(q, kh, vh, kbf16, live, m, hd, scale, sc, o, sums, 3); break;
+                case 2: heads(q, kh, vh, kbf16, live, m, hd, scale, sc, o, sums, 2); break;
 #endif
-                default: scores(q, kh, kbf16, live, hd, scale, sc, 1); break;
-                }
-                for (int g = 0; g < gb; g++) {
-                    float *s = sc + g * live;
-                    if (m)
-                        for (int64_t j = 0; j < live; j++)
-                            if (!m[j]) s[j] = -INFINITY;
-                    exp_all(s, live, largest(s, live));
-                    sums[g] = 0.0f;
-                }
-                /* each head's sum in ascending order, the heads side by side (independent chains) */
-                for (int64_t j = 0; j < live; j++)
-                    if (!m || m[j])
-                        for (int g = 0; g < gb; g++) sums[g] += sc[g * live + j];
-                switch (gb) {
-#if QB >= 3
-                case 3: values(o, sc, vh, kbf16, live, m, hd, 3); break;
-                case 2: values(o, sc, vh, kbf16, live, m, hd, 2); break;
-#endif
-                default: values(o, sc, vh, kbf16, live, m, hd, 1); break;
+                default: heads(q, kh, vh, kbf16, live, m, hd, scale, sc, o, sums, 1); break;
                 }
                 for (int g = 0; g < gb; g++) {
                     float *out = att + (row0 + i) * (int64_t)nq * hd + ((int64_t)kvh * group + g0 + g) * hd;
