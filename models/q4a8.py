@@ -93,7 +93,13 @@ def library() -> ctypes.CDLL:
                 what = f"compiling {' and '.join(sources)} with {cc} failed ({proc.stderr.strip()[-400:]})"
                 raise KernelUnavailable(f"{what}; use --weights native")
             os.replace(built, out)  # atomic: concurrent daemons may build it at once
-    lib = ctypes.CDLL(str(out))
+    return open_library(out)
+
+
+def open_library(path: Path | str) -> ctypes.CDLL:
+    """A build of the library at ``path`` with its functions' signatures set (:func:`library`'s, or an earlier
+    build's for comparing two: ``tools/issue13/layers_ab.py``)."""
+    lib = ctypes.CDLL(str(path))
     ptr, i32, i64, f32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
     _signature(lib.q4a8_matmul, ptr, i32, i64, i64, ptr, i64, i64, ptr, i32, i32, ptr, f32)
     _signature(lib.q8a8_matmul, ptr, i32, i64, i64, ptr, ptr, i64, ptr, i32)

@@ -13,7 +13,6 @@ bits for the comparison to mean "the same work, faster": check with the tests fi
 from __future__ import annotations
 
 import argparse
-import ctypes
 import statistics
 import time
 
@@ -21,18 +20,6 @@ import torch
 
 from models import q4a8
 from models.stage import Stage
-
-
-def load(path: str) -> ctypes.CDLL:
-    """A build of the library with the signatures :func:`models.q4a8.library` sets."""
-    lib = ctypes.CDLL(path)
-    ptr, i32, i64, f32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
-    q4a8._signature(lib.q4a8_layers, ptr, i32, i64, i64, i32, ptr, i32, i32, i32, f32, ptr, ptr, i32, ptr, i32, i64)
-    q4a8._signature(lib.q4a8_matmul, ptr, i32, i64, i64, ptr, i64, i64, ptr, i32, i32, ptr, f32)
-    q4a8._signature(lib.q8a8_matmul, ptr, i32, i64, i64, ptr, ptr, i64, ptr, i32)
-    lib.q4a8_set_threads.restype = None
-    lib.q4a8_set_threads.argtypes = [ctypes.c_int]
-    return lib
 
 
 def main() -> None:
@@ -44,7 +31,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=9)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    libs = {"old": load(args.old), "new": q4a8.library()}
+    libs = {"old": q4a8.open_library(args.old), "new": q4a8.library()}
     stage = Stage.load("default", weights="auto", dtype="auto")
     if stage.fused is None:
         raise SystemExit("the embedded model did not load as int4a8 layers in C on this machine: nothing to compare")
