@@ -327,10 +327,7 @@ static int attend(const float *qkv, int64_t qkv_out, int64_t row0, const q4a8_it
                 int64_t which = c / parts, lo = (c % parts) * 4096, hi = lo + 4096 < per ? lo + 4096 : per;
                 const uint16_t *src = (const uint16_t *)(which < nkv ? src_k : src_v) + (which % nkv) * src_stride;
                 float *dst = kv + which * per;
-                for (int64_t i = lo; i < hi; i++) {
-                    uint32_t b = (uint32_t)src[i] << 16;
-                    memcpy(dst + i, &b, 4);
-                }
+                for (int64_t i = lo; i < hi; i++) dst[i] = bf16_to_float(src[i]);
             }
         }
         float *buf = malloc(sizeof(float) * (size_t)(QB * n + QB * hd));
