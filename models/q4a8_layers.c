@@ -294,8 +294,9 @@ static float *widen_scratch(size_t bytes) {
 }
 
 /* Attention of one request's rows over its cache (new keys already written), one layer. Work is split
- * by (row, kv head); within it the kv head's query heads go QB at a time, each key and value read once
- * for them (softmax in between, exp of the masked-out keys never used). */
+ * by (row, kv head), or for a few rows by runs of query heads (below); within a kv head its query heads
+ * go QB at a time, each key and value read once for them (softmax in between, exp of the masked-out keys
+ * never used). */
 static int attend(const float *qkv, int64_t qkv_out, int64_t row0, const q4a8_item *it, int layer, int nq, int nkv,
                   int hd, int bf16, float *att) {
     if (it->rows <= 0) return 0; /* a request with no rows in this forward */
@@ -318,8 +319,8 @@ static int attend(const float *qkv, int64_t qkv_out, int64_t row0, const q4a8_it
     }
     size_t el = kbf16 ? 2 : 4;
     int failed = 0;
-    int parallel = pairs * n * hd * group > (1 << 15);
-#pragma omp parallel if (parallel) num_threads(q4a8_team())
+    int parallel = pairs * n * hd * group > (1 << 15), team = parallel ? q4a8_team() : 1;
+#pragma omp parallel if (parallel) num_threads(team)
     {
         if (kv) {
 #pragma omp for schedule(static)
@@ -335,34 +336,49 @@ static int attend(const float *qkv, int64_t qkv_out, int64_t row0, const q4a8_it
 #pragma omp atomic write
             failed = 1;
         }
-        /* pairs dealt out one by one: a causal prefill's later rows attend to more keys, and halves of
-         * the rows in turn left one thread with three times the other's work */
+        /* Work is dealt out in spans of query heads, numbered row by row and within a row kv head by kv
+         * head. With many (row, kv head) pairs, one pair's heads at a time, round-robin: a causal prefill's
+         * later rows attend to more keys, and halves of the rows in turn left one thread with three times
+         * the other's work. With fewer pairs than four per thread (a decode's row: 3 kv heads on 2 threads
+         * went 2:1), each thread takes an equal run of query heads, cut inside a kv head where it must: its
+         * keys are then read by both threads, each for its own heads (a head's result is the same bits in
+         * any group of heads). */
+        int64_t spans = pairs >= 4 * team ? pairs : team;
 #pragma omp for schedule(static, 1)
-        for (int64_t pair = 0; pair < pairs; pair++) {
+        for (int64_t span = 0; span < spans; span++) {
             if (!buf) continue;
-            int64_t i = pair / nkv;
-            int kvh = (int)(pair % nkv);
-            const char *kh = (const char *)keys + (size_t)(kvh * stride) * el;
-            const char *vh = (const char *)vals + (size_t)(kvh * stride) * el;
-            const uint8_t *m = it->mask ? it->mask + i * n : NULL;
-            int64_t live = n; /* keys up to the row's last allowed one: a causal prefill's rows skip the rest */
-            while (m && live > 0 && !m[live - 1]) live--;
-            for (int g0 = 0; g0 < group; g0 += QB) {
-                int gb = group - g0 < QB ? group - g0 : QB;
-                const float *q = qkv + (row0 + i) * qkv_out + ((int64_t)kvh * group + g0) * hd;
-                float *sc = buf, *o = buf + QB * n, sums[QB];
-                switch (gb) { /* a constant count each, so that each unrolls to its own registers */
+            int64_t h0 = span * group, h1 = h0 + group; /* query heads [h0, h1) of the request's rows */
+            if (spans != pairs) {
+                int64_t total = pairs * group;
+                h0 = total * span / team, h1 = total * (span + 1) / team;
+            }
+            for (int64_t hq = h0; hq < h1;) {
+                int64_t i = hq / ((int64_t)nkv * group);
+                int kvh = (int)(hq / group % nkv), g0 = (int)(hq % group);
+                int64_t end = hq - g0 + group < h1 ? hq - g0 + group : h1; /* this kv head's heads in the span */
+                const char *kh = (const char *)keys + (size_t)(kvh * stride) * el;
+                const char *vh = (const char *)vals + (size_t)(kvh * stride) * el;
+                const uint8_t *m = it->mask ? it->mask + i * n : NULL;
+                int64_t live = n; /* keys up to the row's last allowed one: a causal prefill's rows skip the rest */
+                while (m && live > 0 && !m[live - 1]) live--;
+                for (; hq < end; hq += QB, g0 += QB) {
+                    int gb = end - hq < QB ? (int)(end - hq) : QB;
+                    const float *q = qkv + (row0 + i) * qkv_out + ((int64_t)kvh * group + g0) * hd;
+                    float *sc = buf, *o = buf + QB * n, sums[QB];
+                    switch (gb) { /* a constant count each, so that each unrolls to its own registers */
 #if QB >= 3
-                case 3: heads(q, kh, vh, kbf16, live, m, hd, scale, sc, o, sums, 3); break;
-                case 2: heads(q, kh, vh, kbf16, live, m, hd, scale, sc, o, sums, 2); break;
+                    case 3: heads(q, kh, vh, kbf16, live, m, hd, scale, sc, o, sums, 3); break;
+                    case 2: heads(q, kh, vh, kbf16, live, m, hd, scale, sc, o, sums, 2); break;
 #endif
-                default: heads(q, kh, vh, kbf16, live, m, hd, scale, sc, o, sums, 1); break;
+                    default: heads(q, kh, vh, kbf16, live, m, hd, scale, sc, o, sums, 1); break;
+                    }
+                    for (int g = 0; g < gb; g++) {
+                        float *out = att + (row0 + i) * (int64_t)nq * hd + ((int64_t)kvh * group + g0 + g) * hd;
+                        for (int d = 0; d < hd; d++) out[d] = o[g * hd + d] / sums[g];
+                        round_all(out, hd, bf16);
+                    }
                 }
-                for (int g = 0; g < gb; g++) {
-                    float *out = att + (row0 + i) * (int64_t)nq * hd + ((int64_t)kvh * group + g0 + g) * hd;
-                    for (int d = 0; d < hd; d++) out[d] = o[g * hd + d] / sums[g];
-                    round_all(out, hd, bf16);
-                }
+                hq = end;
             }
         }
         free(buf);

@@ -343,6 +343,28 @@ def test_attention_reads_each_key_alike_wherever_it_falls(embedded_source, dtype
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_a_decoded_rows_heads_split_between_threads_give_the_batched_bits(embedded_source, dtype):
+    """A row alone has 3 kv heads of 3 query heads for 2 threads: each thread takes 4-5 query heads, one kv
+    head's split between them, where whole kv heads went 2:1. Its result must be bitwise what one thread
+    gives, and what the same row gives in a batch of 4 (dealt out by (row, kv head), its cache widened),
+    after 80 cached rows (enough keys for the attention to run on both threads)."""
+    stage = Stage.load(embedded_source, vocab=False, dtype=dtype, weights="int4a8")
+    assert stage.fused is not None
+    torch.manual_seed(5)
+    x = (torch.randn(84, stage.cfg.hidden_size) * 0.5).to(stage.dtype)
+    before = torch.get_num_threads()
+    try:
+        got = {}
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            got[threads] = _run_layers(stage, x[:81], 80)[0]
+        batched, _ = _run_layers(stage, x, 80)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(got[2], got[1]) and torch.equal(got[2], batched[:1])
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_rows_wanted_for_their_cache_entries_only(tiny_gguf, dtype):  # noqa: F811
     """``out_from``: the last layer skips attention, output projection and MLP for the rows before it (an
     EAGLE head catching up wants only its last row's output). The cache entries of every row and the
