@@ -592,6 +592,7 @@ def build_parser() -> argparse.ArgumentParser:
         "on a simulated clock; every figure printed is simulated. --threads defaults to 1 here.",
     )
     _add_model_args(sm)
+    _add_weights_arg(sm)
     sm.add_argument("--stages", type=int, default=5)
     sm.add_argument(
         "--profile",

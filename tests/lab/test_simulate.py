@@ -361,7 +361,7 @@ def tiny_env(tiny, monkeypatch):
     src, full = tiny
 
     class TinyEnv(sim_cli._Env):
-        def __init__(self, model, dtype):
+        def __init__(self, model, dtype, weights):
             self.source, self.full, self.eos, self._factories = src, full, [], {}
 
         def prompts(self, questions):
@@ -406,6 +406,33 @@ def test_cli_prints_simulated_table(tiny_env, capsys, tmp_path):
     assert {"flow/chunk", "flow/ar", "flow@1/chunk", "flow@1/ar"} <= set(rec["ratios"])
     assert all(s["rows_accepted"] <= s["rows_verified"] for s in rec["summary"].values())
     assert rec["timeline"] and all(0 <= u <= 1 for s in rec["summary"].values() for u in s["utilisation"])
+    # the oracle, in the table's heading: each later mode's texts against the first mode's, prompt by prompt
+    assert "greedy texts (the oracle): chunk " in text.out and "the same as ar's" in text.out
+    assert all(rec["summary"][m]["same_text"][1] == 2 for m in ("chunk", "flow@1", "flow"))
+    assert rec["config"]["weights"] == "auto"
+
+
+def test_same_texts_compares_each_mode_with_the_first_prompt_by_prompt():
+    """Request ids are MODE-PROMPT; a mode whose text for a prompt differs from the first mode's counts it
+    out, and prompts the first mode lacks are not compared."""
+
+    class Trace:
+        def __init__(self, rid, tokens):
+            self.request_id, self.tokens = rid, tokens
+
+    class Result:
+        def __init__(self, *traces):
+            self.requests = {t.request_id: t for t in traces}
+
+    res = {
+        "ar": [Result(Trace("ar-q1-math", [1, 2, 3])), Result(Trace("ar-q2-rag", [4, 5]))],
+        "flow@1": [Result(Trace("flow@1-q1-math", [1, 2, 3])), Result(Trace("flow@1-q2-rag", [4, 6]))],
+        "flow": [Result(Trace("flow-q1-math", [1, 2, 3])), Result(Trace("flow-q3-qa", [7]))],
+    }
+    same = sim_cli.same_texts(res)
+    assert same == {"flow@1": [1, 2], "flow": [1, 1]}
+    assert sim_cli.same_texts_line(same, "ar") == "flow@1 1/2, flow 1/1 the same as ar's"
+    assert sim_cli.same_texts({"ar": res["ar"]}) == {}
 
 
 def test_cli_calibration_against_a_measured_record(tiny_env, capsys, tmp_path, monkeypatch):

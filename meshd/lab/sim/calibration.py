@@ -14,7 +14,7 @@ def calibration_specs(record: dict | list) -> list[dict]:
     Accepted: a spec ``{"stages": K, "link": "1ms/1000mbit", "threads_per_stage": 1, "modes": {"ar": tok_s,
     "chunk": tok_s, "flow": tok_s}}`` with optional ``metric`` ("e2e", tokens over submit-to-finish as
     the daemon's stats count them (default), or "decode"), ``max_tokens``, ``prompts`` (count) or
-    ``question_ids``, ``drafter``, ``dtype``, ``originator`` ("own" or a stage index, default 0),
+    ``question_ids``, ``drafter``, ``dtype``, ``weights``, ``originator`` ("own" or a stage index, default 0),
     ``layers`` (layers per stage in ring order; default an even split), ``cores`` (default: this
     machine's), ``compute_scale``, ``emulate`` (``PROFILE[:xK]``: the daemons
     were paced like that profile, which the simulation then uses instead of this device's, on devices of
@@ -58,6 +58,7 @@ def calibration_specs(record: dict | list) -> list[dict]:
                 "question_ids": qids,
                 "drafter": cfg.get("drafter"),
                 "dtype": cfg.get("dtype"),
+                "weights": cfg.get("weights"),
                 "compute_scale": cfg.get("device_slowdown", 1.0),
                 # daemons paced like a profile (``--emulate``): simulated with that profile, not this device's
                 "emulate": cfg.get("emulate"),

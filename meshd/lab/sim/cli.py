@@ -51,11 +51,13 @@ def parse_origins(spec: str, n: int) -> list[int | None]:
 class _Env:
     """The loaded target, tokenizer and drafters: loaded once, shared by every simulated mesh."""
 
-    def __init__(self, model: str, dtype: str):
+    def __init__(self, model: str, dtype: str, weights: str):
         self.source = ModelSource.resolve(model)
         n, what = self.source.config.n_layers, f"loading {self.source.path.name}"
-        progress_printer(f"{what}: {n} layers and the vocabulary ends (dtype {dtype}) ...")
-        self.full = load_layers(self.source, LayerRange.whole(n), dtype, None, what, vocab=True, say=progress_printer)
+        progress_printer(f"{what}: {n} layers and the vocabulary ends (dtype {dtype}, weights {weights}) ...")
+        self.full = load_layers(
+            self.source, LayerRange.whole(n), dtype, weights, what, vocab=True, say=progress_printer
+        )
         progress_printer("loading the tokenizer ...")
         self.tokenizer = self.source.load_tokenizer()
         self.eos = stop_ids(self.tokenizer, self.full.cfg)
@@ -162,7 +164,7 @@ def emulated_profile(spec: str, n_layers: int, hidden: int) -> Profile:
 
 def _load_env(args, one_thread: bool) -> _Env:
     torch.set_num_threads(1 if one_thread else (args.threads or 1))  # one: no oversubscription on a shared box
-    return _Env(args.model, args.dtype)
+    return _Env(args.model, args.dtype, args.weights)
 
 
 def _write_record(path: Path, record: dict) -> None:
@@ -197,6 +199,9 @@ def _calibrate(args, path: Path) -> int:
         want = spec.get("dtype")
         if want not in (None, "auto") and parse_dtype(want) != env.full.dtype:
             progress_printer(f"warning: the record ran {want}, this simulation {env.full.dtype}; pass --dtype {want}")
+        held = spec.get("weights")
+        if held not in (None, args.weights):
+            progress_printer(f"warning: the record ran --weights {held}, this simulation {args.weights}; pass it")
         link = parse_link(spec.get("link") or "0/inf")
         prof = emulated.get(spec.get("emulate"))
         if prof is not None:  # paced daemons: the profile's times, each device its own (sleeping costs no CPU)
@@ -309,6 +314,9 @@ def main(args) -> int:
         back_off=not args.no_flow_backoff,
     )
     summary = {m: summarize_traces(r) for m, r in res.items()}
+    same = same_texts(res) if args.temperature == 0 else {}
+    for m, got in same.items():
+        summary[m]["same_text"] = got
     flow = res.get("flow") or next(iter(res.values()))
     record = {
         "label": "simulated",
@@ -357,9 +365,37 @@ def main(args) -> int:
         f"SIMULATED (not measured): {args.stages} stages ({args.split} split, layers {'/'.join(map(str, layers))}), "
         f"profile {profile.name}, link {link}, originator on {where}, drafter {drafter}, {len(questions)} prompts "
         f"of {path.name} x {args.max_tokens} tokens, T={args.temperature}, acceptance from the real "
-        f"{env.source.name} ({str(env.full.dtype)[6:]})"
+        f"{env.source.name} ({str(env.full.dtype)[6:]}, weights {env.full.weights})"
     )
     print(f"profile: {profile.note}")
     print(f"wire: {wires}")
+    if same:
+        print(f"greedy texts (the oracle): {same_texts_line(same, modes[0])}")
     print(simulation_table(summary, args.rate))
     return 0
+
+
+def same_texts(res: dict) -> dict[str, list[int]]:
+    """At T=0, every mode must write the first mode's text for each prompt (a batch-invariant target, such
+    as the int4a8 layers, makes that exact; a dense one may part at a near-tie): per later mode, how many
+    of its requests wrote the same tokens as the first mode's request for the same prompt, and how many
+    were compared."""
+
+    def texts(mode: str) -> dict[str, list[int]]:  # by prompt: request ids are MODE-PROMPT
+        return {t.request_id.removeprefix(f"{mode}-"): t.tokens for r in res[mode] for t in r.requests.values()}
+
+    modes = list(res)
+    if len(modes) < 2:
+        return {}
+    first = texts(modes[0])
+    out = {}
+    for m in modes[1:]:
+        mine = texts(m)
+        both = [k for k in mine if k in first]
+        out[m] = [sum(mine[k] == first[k] for k in both), len(both)]
+    return out
+
+
+def same_texts_line(same: dict[str, list[int]], first: str) -> str:
+    parts = ", ".join(f"{m} {k}/{n}" for m, (k, n) in same.items())
+    return f"{parts} the same as {first}'s"
