@@ -50,12 +50,15 @@ from models.tree import Tree, frontier, split_segments
 from models.verify import History, Sampling, TokenLogprobs, Walk, advance, sample_token, token_logprobs
 
 PREFILL_CHUNK = 64
-FILL_FLOOR = 0.02  # a filler node must be expected to be accepted at least this often to use a row
-# drafting when idle (simulated, docs/benchmarks.md): levels always drafted before a first segment goes out
-# (1 was slower: the grandchildren then trail the first segment; deeper ones follow where they pay,
-# Originator._deeper_first_pays), and levels the idle draft reaches (3 and 8: slower)
-IDLE_FIRST_DEPTH = 2
-IDLE_DEPTH = 5
+# A filler node must be expected to be accepted at least this often to use a row, and drafting when idle:
+# levels always drafted before a first segment goes out (deeper ones follow where they pay,
+# Originator._deeper_first_pays) and levels the idle draft reaches. Chosen on simulated runs whose modes
+# write the same text (int4a8 target; docs/benchmarks.md, "Fillers down to half a per cent"): 0.005, 3 and 8
+# against 0.02, 2 and 5 read +2-5 % tokens/s at T=0 and +5-7 % at T=1, for ~80 % more rows on the stages.
+# On a steep (CPU) curve a filler's rows must pay for the step they lengthen, so the floor rarely binds there.
+FILL_FLOOR = 0.005
+IDLE_FIRST_DEPTH = 3
+IDLE_DEPTH = 8
 # drafted trees (decayed count, memory 0.8: ~5 trees) measured before flow may back off to plain trees
 TREES_TO_JUDGE = 3.0
 # how far past a segment's expected return a fillers-only forward on the originator's own device waits for it,

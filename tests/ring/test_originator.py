@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 
+from meshd.ring import scheduler
 from meshd.ring.messages import PROMPT_PARENT, Prune, Result, Segment
 from meshd.ring.scheduler import CloseSessions, Emit, Finish, Originator, Request, SendPrune, SendSegment
 from models.budget import CostCurve
@@ -601,6 +602,14 @@ def test_flow_prunes_a_segment_below_an_in_flight_node_when_its_ancestor_is_reje
     assert orig.on_result(said(target, s_c, [c])) == []  # its late result moves nothing
 
 
+@pytest.fixture
+def two_levels_first(monkeypatch):
+    """The chains of the idle-drafting tests below are written for first segments drafted 2 levels deep and
+    idle drafting that stops at 5 (the mechanism; the defaults are a tuning, see IDLE_FIRST_DEPTH)."""
+    monkeypatch.setattr(scheduler, "IDLE_FIRST_DEPTH", 2)
+    monkeypatch.setattr(scheduler, "IDLE_DEPTH", 5)
+
+
 class Shallow(Scripted):
     """A scripted drafter that honours ``depth``: nodes deeper than it are not drafted."""
 
@@ -613,7 +622,9 @@ class Shallow(Scripted):
         return tree
 
 
-def test_idle_drafting_sends_a_shallow_first_segment_then_deepens_the_pool_while_it_is_in_flight(target):
+def test_idle_drafting_sends_a_shallow_first_segment_then_deepens_the_pool_while_it_is_in_flight(
+    target, two_levels_first
+):
     p, a, b, c, e, f = target.tokens[:6]
     drafter = Shallow({p: [(0, a, 0.9), (1, c, 0.9), (2, e, 0.9), (3, f, 0.9)]})  # one likely chain, 4 deep
     orig = originator(target, drafter, stages=2, draft_when_idle=True)
@@ -665,7 +676,9 @@ class Growing(Shallow):
 
 
 @pytest.mark.parametrize("resumable", [True, False])
-def test_idle_grows_the_pool_one_level_per_call_and_a_reroot_keeps_the_surviving_pool(target, resumable):
+def test_idle_grows_the_pool_one_level_per_call_and_a_reroot_keeps_the_surviving_pool(
+    target, two_levels_first, resumable
+):
     """With resumable drafting the pool is drafted once per round: each idle call grows it by one level
     (a result arriving meanwhile waits for one level at most), and after a re-root the surviving sub-pool
     goes on without a new draft. Without it, idle re-drafts from the root and a re-root drafts again."""
@@ -695,7 +708,7 @@ def test_idle_grows_the_pool_one_level_per_call_and_a_reroot_keeps_the_surviving
 
 @pytest.mark.parametrize("level_seconds, deeper", [(0.01, True), (100.0, False)])
 def test_a_first_segment_is_drafted_deeper_while_a_level_costs_less_than_the_step_it_saves(
-    target, level_seconds, deeper
+    target, two_levels_first, level_seconds, deeper
 ):
     """Drafting when idle sends a round's first segment after 2 levels; once idle drafting has timed a
     level, a later round drafts one more first where that level's time is under the chance of reaching
