@@ -123,11 +123,19 @@ def compare_forward_times(
     return {n: {t: statistics.median(v[1:]) for t, v in per.items()} for n, per in times.items()}
 
 
+def kernels_key(stage: Stage) -> str:
+    """What a stage's measured times depend on besides its model, layers and dtype, for the names of cached
+    measurements: its weights' kernels (packed weights change a curve by a third, quantized ones its slope),
+    and for our own int4a8 kernel its build (a new build may change the curve)."""
+    kernels = stage.kernels
+    if kernels == "int4a8":
+        kernels += "-" + q4a8.build_key()[:8]
+    return kernels
+
+
 def _cache_file(source: ModelSource, stage: Stage, with_lm_head: bool) -> Path:
     dt = str(stage.dtype).removeprefix("torch.")
-    kernels = stage.kernels  # packed weights change the curve by a third, quantized ones its slope
-    if kernels == "int4a8":  # our own kernel: a new build may change the curve
-        kernels += "-" + q4a8.build_key()[:8]
+    kernels = kernels_key(stage)
     span = stage.layer_range
     name = (
         f"{source.fingerprint}-{span.first}-{span.stop}-{int(with_lm_head)}-{dt}-{kernels}-walk{WALK_ROWS}"

@@ -15,7 +15,7 @@ import torch
 
 from models.budget import CostCurve
 from models.cache import cache_dir
-from models.profile import forward_times, monotone
+from models.profile import forward_times, kernels_key, monotone
 from models.ranges import LayerRange
 from models.stage import Stage
 
@@ -177,10 +177,10 @@ def measure_profile(
     One thread because loopback daemons run one thread each; CPU time because this machine is
     shared. Per-layer and fixed costs come from two slices (all layers, two layers) so a stage of
     any size is ``fixed + layers * per_layer``; each curve is made non-decreasing by its suffix
-    minimum (noise only ever adds time). Cached per (model, dtype) under ~/.cache/meshd.
+    minimum (noise only ever adds time). Cached per (model, dtype, kernels) under ~/.cache/meshd.
     """
     dt = str(full.dtype).removeprefix("torch.")
-    path = cache_dir("profiles", f"sim-{fingerprint}-{dt}-t1.json") if fingerprint else None
+    path = cache_dir("profiles", f"sim-{fingerprint}-{dt}-{kernels_key(full)}-t1.json") if fingerprint else None
     if path and path.is_file() and not refresh:
         return Profile.from_json(json.loads(path.read_text()))
     threads = torch.get_num_threads()
