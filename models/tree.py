@@ -119,7 +119,7 @@ class Tree:
         """Per node, whether it is not worth a row in a round that may emit at most ``left`` more tokens and
         ends at any token of ``stop``: its token ends the answer (an end token, or the ``left``-th token), or
         an ancestor's did. Leaving such nodes out is lossless: a node's token is decided by its parent's row
-        (emitted as the bonus token when the node is absent, under greedy decoding and rejection sampling
+        (emitted as the bonus token when the node is absent, under greedy decoding and sampling
         alike), and nothing after an answer's last token is emitted. Seen on copying prompts: the n-gram
         table drafts the chat template's ``<|im_end|>``, newline, ``<|im_start|>`` after an answer's last
         full stop, and a round verified three rows to emit one token."""

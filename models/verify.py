@@ -1,12 +1,20 @@
-"""Acceptance: walk the tree with the target's logits, greedy or by tree rejection sampling.
+"""Acceptance: walk the tree with the target's logits, greedy or sampled, one decision per position.
 
 Each node is decided once, as soon as its logits exist. That single rule serves the
 one-shot modes (all logits at once) and the continuous pipeline (logits arrive segment by
 segment): a walk stops where the next logits are not available yet and resumes later.
 
-Sampling keeps the target distribution exactly. Drafts are deterministic (top-k), so child
-``x`` is accepted with probability p(x); on rejection p(x) is zeroed and p renormalised before
-the next sibling is tried; if every child is rejected the token comes from the residual.
+Sampling keeps the target distribution exactly, and draws once per position. Drafts are
+deterministic (top-k), so the node's token can simply be drawn from the target's distribution p,
+as plain decoding draws it (one uniform number, the inverse of p's cumulative sum in vocabulary
+order: ``draw``); the walk follows the child holding that token, and if no child holds it the
+token is the bonus. A child x is then accepted with probability p(x), the same as rejection
+sampling child by child with p renormalised after each rejection would, but the random stream
+does not depend on the tree: a seeded request writes the same text in `ar`, `spec`, `chunk` and
+`flow`, whatever the tree sizes and segments (given the same logits, as the batch-invariant int4a8
+layers give), and after a resume. That makes sampled runs of two modes or two schedulers
+comparable answer for answer, as greedy ones are.
+
 That holds for any target distribution, so it holds for the one ``Sampling`` shapes (penalties,
 top-k, min-p) as long as each node is judged with its own history: the tokens before it along
 its path (``History``), as plain decoding would have had them.
@@ -114,12 +122,25 @@ def target_probs(logits: torch.Tensor, sampling: Sampling, history: History | No
     return probs
 
 
+def draw(probs: torch.Tensor, gen: torch.Generator | None) -> int:
+    """One token from ``probs`` with one uniform number: the first token (in vocabulary order) whose
+    cumulative probability exceeds it. One number per decided position, whatever the tree, is what
+    makes every mode's sampled text the same (module docstring); float64 so that the cumulative sum
+    over a large vocabulary keeps small tokens' shares."""
+    cdf = probs.double().cumsum(-1)
+    u = torch.rand((1,), generator=gen, dtype=torch.float64) * cdf[-1]
+    i = int(torch.searchsorted(cdf, u, right=True)[0])
+    if i >= len(cdf):  # u * total rounded up to the total: the last token with any mass
+        i = int(torch.nonzero(probs)[-1])
+    return i
+
+
 def sample_token(
     logits: torch.Tensor, sampling: Sampling, gen: torch.Generator | None, history: History | None = None
 ) -> int:
     if sampling.greedy:
         return int(penalised_logits(logits, sampling, history).argmax())
-    return int(torch.multinomial(target_probs(logits, sampling, history), 1, generator=gen))
+    return draw(target_probs(logits, sampling, history), gen)
 
 
 def decide(
@@ -131,22 +152,10 @@ def decide(
     history: History | None = None,
 ) -> tuple[int | None, int]:
     """The target's choice after ``node`` (``history``: the tokens up to and including ``node``'s):
-    (accepted child or None, its token)."""
-    if sampling.greedy:
-        tok = int(penalised_logits(logits, sampling, history).argmax())
-        return tree.child_with_token(node, tok), tok
-    p = target_probs(logits, sampling, history).double()
-    kids = sorted(tree.children(node), key=lambda c: (-tree.scores[c], c))
-    for c in kids:
-        x = tree.tokens[c]
-        total = float(p.sum())
-        px = float(p[x]) / total if total > 0 else 0.0
-        if float(torch.rand((), generator=gen, dtype=torch.float64)) < px:
-            return c, x
-        p[x] = 0.0
-    if float(p.sum()) <= 0.0:  # every token with mass was a rejected child: impossible unless p is degenerate
-        p = target_probs(logits, sampling, history).double()
-    return None, int(torch.multinomial(p, 1, generator=gen))
+    (accepted child or None, its token). The token is what plain decoding would pick there (greedy:
+    the argmax; sampled: one ``draw``), so the child holding it is accepted with probability p(token)."""
+    tok = sample_token(logits, sampling, gen, history)
+    return tree.child_with_token(node, tok), tok
 
 
 @dataclass(frozen=True)

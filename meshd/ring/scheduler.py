@@ -442,8 +442,8 @@ class Originator:
         been. The drafter restarts from that history, as for a new prompt. What is decided is decided:
         no token is sampled again, and the request's random generator (``seed``) continues where it
         stopped, so with temperature > 0 the tokens after a resume are the next draws of the same
-        stream: a sample from the target distribution, though not the one an uninterrupted run would
-        have drawn (the trees it verifies differ). With nothing emitted yet it is a plain new prefill.
+        stream, one per position (models/verify.py): the text an uninterrupted run writes, though the
+        trees it verifies differ. With nothing emitted yet it is a plain new prefill.
 
         Like a prompt, the replay starts after the longest prefix of the history the prefix book holds
         (``Segment.prefix``; a stage that evicted it answers ``prefix_miss`` and the whole history is

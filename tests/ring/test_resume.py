@@ -14,6 +14,7 @@ from meshd.ring.messages import Result, Segment
 from meshd.ring.pipeline import InProcessPipeline, build_local_pipeline, local_stages
 from meshd.ring.scheduler import CloseSessions, Emit, Request, SendSegment, resumed_ring_id
 from models.drafters import NGramDrafter
+from models.engine import generate
 from models.prefixcache import PREFIX_BLOCK
 from models.source import ModelSource
 from models.stage import Stage
@@ -109,6 +110,27 @@ def test_no_ring_in_time_fails_with_the_reason(tiny_src):
     o = pipe.outcomes["w"]
     assert o.reason == "error" and "within 10 s" in o.error and "lacks 1.2 GB" in o.error
     assert any(isinstance(a, CloseSessions) for a in acts) and not pipe.originator.live
+
+
+@pytest.mark.parametrize("mode", ["chunk", "flow"])
+def test_a_seeded_sample_resumed_is_the_uninterrupted_text(tiny_src, mode):
+    """T=1 with a seed: each decided position takes one draw whatever the trees (models/verify.py), and
+    what was decided before the loss stays decided, so the resumed request writes the text an
+    uninterrupted run writes (and plain sampled decoding with that seed), though its trees differ."""
+    full = Stage.load(tiny_src, dtype="fp32")
+    prompt = torch.randint(0, 64, (40,), generator=torch.Generator().manual_seed(5)).tolist()
+    want = generate(full, prompt, max_new_tokens=32, mode="ar", sampling=Sampling(1.0), seed=3).token_ids
+    pipe = build_local_pipeline(tiny_src, 3, None, full=full)
+    pipe.originator.drafter_factory = factory_for("self", tiny_src, full)
+    pipe.submit(Request("r", prompt, 32, mode, Sampling(1.0), seed=3))
+    step_until(pipe, lambda: len(pipe.outcomes["r"].tokens) >= 9)
+    assert pipe.outcomes["r"].reason is None
+    pipe.lose_ring()
+    workers, curves = local_stages(full, 2)
+    pipe.new_ring(workers, curves)
+    o = pipe.run()["r"]
+    assert o.reason == "length" and o.stats.resumed == 1, o.error
+    assert o.tokens == want
 
 
 @pytest.mark.slow  # ~10 s on a quiet machine

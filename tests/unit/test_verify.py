@@ -1,6 +1,7 @@
-"""Acceptance rules: greedy walk, resumable walks, exactness of tree rejection sampling, for plain
-sampling and for the distribution top-k, min-p and the penalties shape (each node judged by its
-own history), checked against a direct computation of that distribution."""
+"""Acceptance rules: greedy walk, resumable walks, exactness of sampled tree walks (and one draw per
+position, so a seeded sample is the same text in every mode), for plain sampling and for the
+distribution top-k, min-p and the penalties shape (each node judged by its own history), checked
+against a direct computation of that distribution."""
 
 from __future__ import annotations
 
@@ -121,10 +122,10 @@ def test_tree_rejection_sampling_matches_target(tiny_stage, sampling):
             second[toks[1]] += 1
         biased[biased_decide(tree, 0, logits[0], sampling, gen, HISTORY)[1]] += 1
     # Not a rounding bound: for an exact sampler the p-value is uniform on [0, 1], so each check
-    # fails with probability 1e-3 over the draws. The seed fixes them here (p = 0.34 to 0.97); on
-    # another CPU the logits differ by rounding (~1e-6 relative), which shifts a few draws' outcomes
-    # at most, a fresh 1e-3 chance at worst. The biased control scores p = 0.0 at 12,000 draws,
-    # far below its 1e-6.
+    # fails with probability 1e-3 over the draws. The seed fixes them here (p = 0.02 to 0.998; 0.09
+    # to 0.72 with 60,000 draws and another seed); on another CPU the logits differ by rounding (~1e-6
+    # relative), which shifts a few draws' outcomes at most, a fresh 1e-3 chance at worst. The biased
+    # control scores p = 0.0 at 12,000 draws, far below its 1e-6.
     assert _chi2(first, p_root) > 1e-3
     assert second.sum() > 1000 and _chi2(second, p_child) > 1e-3
     assert _chi2(biased, p_root) < 1e-6, "the chi-square test failed to catch a biased sampler"
@@ -223,6 +224,31 @@ def test_greedy_with_penalties_is_plain_penalised_decoding_on_every_path(tiny_di
     pipe.submit(Request("r", prompt, 40, "flow", sampling))
     out = pipe.run()["r"]
     assert out.tokens == want and out.stats.accepted_drafts > 0
+
+
+@pytest.mark.parametrize("sampling", [Sampling(1.0), Sampling(0.8, 0.9), PENALISED])
+def test_a_seeded_sample_is_plain_decodings_text_in_every_mode(tiny_dir, tiny_stage, sampling):
+    """One draw per decided position, whatever the tree: a seeded sampled request writes plain sampled
+    decoding's text in `spec` and in the mesh's `chunk` and `flow` (the drafts only decide how many of
+    those tokens a forward yields), as greedy requests do. A tree forward's fp32 logits differ from a
+    one-row forward's by rounding, which moves a draw onto another token only where the uniform number
+    lands within ~1e-6 of a boundary (about a 1e-6 chance a token); none does for these seeds. Control:
+    another seed writes another text, every mode verified drafted trees, and some drafts were accepted."""
+    prompt = [5, 9, 5, 9, 5, 9, 21, 5, 9]
+    drafter = ModelDrafter(load_drafter(f"model:{tiny_dir}", tiny_stage).model)
+    want = generate(tiny_stage, prompt, max_new_tokens=40, mode="ar", sampling=sampling, seed=7).token_ids
+    assert want != generate(tiny_stage, prompt, max_new_tokens=40, mode="ar", sampling=sampling, seed=8).token_ids
+    spec = generate(tiny_stage, prompt, max_new_tokens=40, mode="spec", drafter=drafter, sampling=sampling, seed=7)
+    assert spec.token_ids == want
+    pipe = build_local_pipeline(ModelSource.resolve(tiny_dir), 3, lambda: ModelDrafter(drafter.model), full=tiny_stage)
+    for mode in ("chunk", "flow"):
+        pipe.submit(Request(mode, prompt, 40, mode, sampling, seed=7))
+    out = pipe.run()
+    runs = {"spec": spec.stats, **{m: out[m].stats for m in ("chunk", "flow")}}
+    for mode in ("chunk", "flow"):
+        assert out[mode].tokens == want, mode
+    assert all(s.plain_trees < s.trees for s in runs.values()), "some mode drafted no tree"
+    assert sum(s.accepted_drafts for s in runs.values()) > 0
 
 
 def test_token_logprobs_are_the_models_log_softmax():

@@ -314,7 +314,7 @@ def main(args) -> int:
         back_off=not args.no_flow_backoff,
     )
     summary = {m: summarize_traces(r) for m, r in res.items()}
-    same = same_texts(res) if args.temperature == 0 else {}
+    same = same_texts(res)
     for m, got in same.items():
         summary[m]["same_text"] = got
     flow = res.get("flow") or next(iter(res.values()))
@@ -370,14 +370,16 @@ def main(args) -> int:
     print(f"profile: {profile.note}")
     print(f"wire: {wires}")
     if same:
-        print(f"greedy texts (the oracle): {same_texts_line(same, modes[0])}")
+        kind = "greedy texts" if args.temperature == 0 else f"sampled texts (seed {args.seed})"
+        print(f"{kind} (the oracle): {same_texts_line(same, modes[0])}")
     print(simulation_table(summary, args.rate))
     return 0
 
 
 def same_texts(res: dict) -> dict[str, list[int]]:
-    """At T=0, every mode must write the first mode's text for each prompt (a batch-invariant target, such
-    as the int4a8 layers, makes that exact; a dense one may part at a near-tie): per later mode, how many
+    """Every mode must write the first mode's text for each prompt, greedy or sampled with one seed (a
+    position takes one draw whatever the tree, models/verify.py; a batch-invariant target, such as the
+    int4a8 layers, makes that exact; a dense one may part at a near-tie): per later mode, how many
     of its requests wrote the same tokens as the first mode's request for the same prompt, and how many
     were compared."""
 
