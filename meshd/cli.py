@@ -146,7 +146,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             config = {k: v for k, v in vars(args).items() if k != "func"} | {"backend_info": backend.describe()}
             config["devices"] = backend.devices()  # per daemon: busy fraction, emulation overruns
             config |= backend.layout()  # the daemons' layer split, which a calibration replays
-            table, md = bench.summarize_runs(runs, baseline=labels[0])
+            table, md = bench.summarize_runs(runs, baseline=labels[0], temperature=temperature)
             md = f"{backend.describe()}, {args.max_tokens} new tokens, T={temperature}\n\n{md}"
             md += bench.devices_note(config["devices"])
             path = bench.write_record(Path(args.out), config, runs, table, md)

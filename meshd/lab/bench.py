@@ -6,6 +6,7 @@ so that drift of this machine (thermal, other load) hits every mode alike.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import os
@@ -46,6 +47,7 @@ class Run:
     plain_trees: int = 0  # of ``trees``, those of the root alone (ar's all; spec's and flow's while backed off)
     # summed over ``trees``: from each fresh root to its first tokens (0: the backend did not say; one device's)
     first_tokens_seconds: float = 0.0
+    text_sha: str = ""  # of the answer's text (modes compared answer for answer: same_texts); "": not given
 
     @property
     def decode_seconds(self) -> float:
@@ -110,6 +112,7 @@ def run_interleaved(
                     s.get("prefill_seconds", 0.0),
                     s.get("plain_trees", 0),
                     s.get("first_tokens_seconds", 0.0),
+                    text_digest(s["text"]) if "text" in s else "",
                 )
             )
             if progress:
@@ -122,6 +125,33 @@ def run_interleaved(
     return runs
 
 
+def text_digest(text: str) -> str:
+    """A short fingerprint of an answer: records compare modes' answers without carrying their text."""
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def same_texts(answers: dict[str, dict]) -> dict[str, list[int]]:
+    """``answers``: {mode: {prompt: answer}}, the first mode the reference. Every mode must write the
+    reference's answer for each prompt, greedy or sampled with one seed (a position takes one draw
+    whatever the tree, models/verify.py; batch-invariant layers, as int4a8's, make the logits the same
+    bits; dense ones may part at a near-tie): per later mode, how many of its answers equal the
+    reference's for the same prompt, and how many were compared (prompts the reference lacks are not)."""
+    modes = list(answers)
+    if len(modes) < 2:
+        return {}
+    first = answers[modes[0]]
+    out = {}
+    for m in modes[1:]:
+        both = [k for k in answers[m] if k in first]
+        out[m] = [sum(answers[m][k] == first[k] for k in both), len(both)]
+    return out
+
+
+def same_texts_line(same: dict[str, list[int]], first: str) -> str:
+    parts = ", ".join(f"{m} {k}/{n}" for m, (k, n) in same.items())
+    return f"{parts} the same as {first}'s"
+
+
 def decode_rate(runs: Sequence[Run]) -> float:
     """Tokens per second after the prefill (the prefill's own token left out), over the runs whose
     backend timed their prefill: the figure to set beside llama-bench's ``tg`` (which times generation
@@ -131,9 +161,10 @@ def decode_rate(runs: Sequence[Run]) -> float:
     return round(sum(r.new_tokens - 1 for r in timed) / secs, 3) if secs > 0 else 0.0
 
 
-def summarize_runs(runs: list[Run], baseline: str) -> tuple[dict, str]:
+def summarize_runs(runs: list[Run], baseline: str, temperature: float = 0.0) -> tuple[dict, str]:
     """Per-category and overall figures, plus a markdown table. Speed-ups are ratios of total
-    tokens over total seconds, per category, against ``baseline``."""
+    tokens over total seconds, per category, against ``baseline``. Where the backend gave the answers,
+    the table follows a line saying how many of each mode's answers are ``baseline``'s (the oracle)."""
     by: dict[tuple[str, str], list[Run]] = defaultdict(list)
     for r in runs:
         by[(r.category, r.mode)].append(r)
@@ -177,6 +208,16 @@ def summarize_runs(runs: list[Run], baseline: str) -> tuple[dict, str]:
         base = table.get(f"{c}/{baseline}", {}).get("tokens_per_s", 0)
         row += [f"{table[f'{c}/{m}']['tokens_per_s'] / base:.2f}x" if base else "-" for m in modes if m != baseline]
         lines.append("| " + " | ".join(row) + " |")
+    answers: dict[str, dict] = {m: {} for m in [baseline, *(m for m in modes if m != baseline)]}
+    for r in runs:
+        if r.text_sha and r.mode in answers:
+            answers[r.mode][r.question_id] = r.text_sha
+    same = same_texts({m: a for m, a in answers.items() if a}) if answers.get(baseline) else {}
+    for m, got in same.items():
+        table[f"ALL/{m}"]["same_text"] = got
+    if same:
+        kind = "greedy answers" if temperature == 0 else "sampled answers (seed 0)"
+        lines = [f"{kind} (the oracle): {same_texts_line(same, baseline)}", "", *lines]
     return table, "\n".join(lines)
 
 
@@ -376,7 +417,7 @@ class DaemonBackend:
             )
             if code != 200:
                 raise RuntimeError(f"daemon answered {code}: {body}")
-            return body["meshd"]
+            return body["meshd"] | {"text": body["choices"][0]["message"]["content"]}
 
         return run
 

@@ -133,6 +133,24 @@ def test_the_decode_rate_leaves_out_each_runs_prefill_and_its_token():
     assert "| ar tok/s | ar decode | ar acc |" in md and "| 8.00 | 10.00 | 1.00 |" in md
 
 
+def test_the_table_says_how_many_answers_of_each_mode_are_the_baselines():
+    """The oracle on a benchmark: each mode's answer to each question against the baseline's (by digest,
+    so records stay small); a backend that gave no text (an old record's runs) gets no line."""
+
+    def run(q: int, mode: str, text: str | None) -> bench.Run:
+        sha = bench.text_digest(text) if text is not None else ""
+        return bench.Run(q, "math", mode, 4, 4, 1.0, 4, 1.0, 4.0, text_sha=sha)
+
+    runs = [run(1, "ar", "a b"), run(1, "flow", "a b"), run(1, "chunk", "a c"), run(2, "ar", "x"), run(2, "flow", "x")]
+    runs.append(run(2, "chunk", "x"))
+    table, md = bench.summarize_runs(runs, baseline="ar", temperature=1.0)
+    assert table["ALL/flow"]["same_text"] == [2, 2] and table["ALL/chunk"]["same_text"] == [1, 2]
+    assert md.startswith("sampled answers (seed 0) (the oracle): flow 2/2, chunk 1/2 the same as ar's\n\n| category")
+    table, md = bench.summarize_runs([run(1, "ar", None), run(1, "flow", None)], baseline="ar")
+    assert "same_text" not in table["ALL/flow"] and md.startswith("| category")
+    assert bench.text_digest("a b") != bench.text_digest("a c") and len(bench.text_digest("")) == 16
+
+
 def test_a_trees_wait_for_its_first_tokens_is_a_mean_over_the_trees_of_the_runs_that_timed_it():
     def run(mode: str, trees: int, waited: float) -> bench.Run:
         r = bench.Run(1, "math", mode, 8, 4, 2.0, 4, 1.0, 8.0, trees, 0.0, 16, 0.1)
@@ -166,7 +184,7 @@ def test_busy_fractions_are_counted_per_mode_over_that_modes_requests(monkeypatc
         busy[0] += 1.5
         busy[1] += 0.5
         calls[0] += 2
-        return 200, {"meshd": {"new_tokens": 1}}
+        return 200, {"meshd": {"new_tokens": 1}, "choices": [{"message": {"content": "ok"}}]}
 
     monkeypatch.setattr(bench, "http", answer)
     monkeypatch.setattr(bench, "time", SimpleNamespace(monotonic=lambda: clock[0]))

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from meshd.lab.bench import progress_printer, question_file, spread_over_categories
+from meshd.lab.bench import progress_printer, question_file, same_texts_line, spread_over_categories
+from meshd.lab.bench import same_texts as bench_same_texts
 from meshd.lab.emulate import DeviceEmulation
 from meshd.lab.sim.calibration import calibrate, calibration_specs, calibration_table
 from meshd.lab.sim.links import LinkModel, parse_link
@@ -377,27 +378,11 @@ def main(args) -> int:
 
 
 def same_texts(res: dict) -> dict[str, list[int]]:
-    """Every mode must write the first mode's text for each prompt, greedy or sampled with one seed (a
-    position takes one draw whatever the tree, models/verify.py; a batch-invariant target, such as the
-    int4a8 layers, makes that exact; a dense one may part at a near-tie): per later mode, how many
-    of its requests wrote the same tokens as the first mode's request for the same prompt, and how many
-    were compared."""
-
-    def texts(mode: str) -> dict[str, list[int]]:  # by prompt: request ids are MODE-PROMPT
-        return {t.request_id.removeprefix(f"{mode}-"): t.tokens for r in res[mode] for t in r.requests.values()}
-
-    modes = list(res)
-    if len(modes) < 2:
-        return {}
-    first = texts(modes[0])
-    out = {}
-    for m in modes[1:]:
-        mine = texts(m)
-        both = [k for k in mine if k in first]
-        out[m] = [sum(mine[k] == first[k] for k in both), len(both)]
-    return out
-
-
-def same_texts_line(same: dict[str, list[int]], first: str) -> str:
-    parts = ", ".join(f"{m} {k}/{n}" for m, (k, n) in same.items())
-    return f"{parts} the same as {first}'s"
+    """Each mode's tokens for each prompt against the first mode's (``bench.same_texts``); request ids
+    are MODE-PROMPT."""
+    return bench_same_texts(
+        {
+            m: {t.request_id.removeprefix(f"{m}-"): t.tokens for r in rs for t in r.requests.values()}
+            for m, rs in res.items()
+        }
+    )
