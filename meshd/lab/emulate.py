@@ -104,7 +104,9 @@ class _ProfiledStage(Stage):
     def __init__(self, stage: Stage, cost: Callable[[int], float], pacer: _Pacer):
         if stage.has_vocab:
             raise ValueError("an emulated stage is a layer slice: load it without the vocabulary ends")
-        super().__init__(stage.cfg, stage.layer_range, stage.layers, dtype=stage.dtype, rope=stage.rope)
+        super().__init__(
+            stage.cfg, stage.layer_range, stage.layers, dtype=stage.dtype, rope=stage.rope, weights=stage.weights
+        )
         self.cost, self.pacer = cost, pacer
 
     def forward(self, x: torch.Tensor, items: Sequence[Attend]) -> torch.Tensor:

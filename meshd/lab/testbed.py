@@ -127,6 +127,14 @@ class LoopbackMesh:
         """Start daemon ``i`` again after :meth:`kill`: same flags, state directory and port; its log is appended."""
         self.procs[i] = self._start(i, "a")
 
+    def log_tail(self, i: int, lines: int = 20) -> str:
+        """The last ``lines`` of daemon ``i``'s log: an error quotes them, since a test's or a benchmark's
+        work directory is often gone by the time someone reads the message."""
+        try:
+            return "\n".join((self.workdir / f"node{i}.log").read_text(errors="replace").splitlines()[-lines:])
+        except OSError as e:
+            return f"(unreadable: {e})"
+
     def url(self, i: int) -> str:
         return f"http://127.0.0.1:{self.ports[i]}"
 
@@ -170,7 +178,8 @@ class LoopbackMesh:
             for i in live:
                 if self.procs[i].poll() is not None:
                     raise RuntimeError(
-                        f"daemon {i} exited with {self.procs[i].returncode}; see {self.workdir / f'node{i}.log'}"
+                        f"daemon {i} exited with {self.procs[i].returncode}; see {self.workdir / f'node{i}.log'}, "
+                        f"which ends:\n{self.log_tail(i)}"
                     )
             plans = [self.plan(i) for i in live]
             sizes = range(stages, stages + 1) if isinstance(stages, int) else stages

@@ -153,6 +153,23 @@ def test_an_emulated_device_takes_the_profiles_time_and_counts_overruns(tiny_dir
     assert fast.report()["stage_forwards"] == {**fast.report()["stage_forwards"], "calls": 1, "overruns": 1}
 
 
+@pytest.mark.parametrize("wrap", ["emulate", "slowdown"])
+def test_a_wrapped_int4a8_slice_keeps_its_own_kernels_and_their_bits(embedded_source, wrap):
+    """Both wrappers compute with the slice's own kernels: an int4a8 slice keeps its fused C layers (where
+    this CPU runs them), which give a row the same bits in any batch, so the emulated daemons' modes write
+    `ar`'s text, sampled answers too. The emulated slice once lost them (it passed no ``weights``): its
+    layers ran torch's ops, slower, and not batch-invariant, so on 5 emulated daemons 25 of 26 sampled
+    answers of `flow` parted from `ar`'s."""
+    layers = Stage.load(embedded_source, LayerRange(0, 2), vocab=False, weights="int4a8")
+    ends = Stage.load(embedded_source, LayerRange(0, 0), vocab=True, weights="int4a8")
+    wrapped = DeviceEmulation(_profile(1e-6, 1e-6, 0.0)).stage(layers) if wrap == "emulate" else slowdown(1.5)(layers)
+    assert wrapped.weights == "int4a8" and (wrapped.fused is None) == (layers.fused is None)
+    seg = Segment("r", [0, 1, 2, 3], [-1, 0, 1, 2], [0, 1, 2, 3], tokens=[3, 4, 5, 6], commit=True)
+    (want,) = StageWorker(layers, embed=ends.embed).run([seg])
+    (got,) = StageWorker(wrapped, embed=ends.embed).run([seg])
+    assert torch.equal(got.hidden, want.hidden)
+
+
 def test_an_emulated_slice_publishes_the_profiles_curve_unless_the_real_one_is_slower(tiny_dir):
     """Originators size segments by the published curve: an emulated slice must publish what its forwards
     take (the profile's time), not this machine's, except where the real computation overruns it."""

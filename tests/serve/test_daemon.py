@@ -17,6 +17,15 @@ from meshd.lab.testbed import LoopbackMesh, http
 pytestmark = pytest.mark.slow
 
 
+def test_a_daemon_that_exits_is_reported_with_the_end_of_its_log(tmp_path):
+    """The testbed's error quotes what the daemon said before it exited: its work directory is usually
+    gone (a temporary one) by the time anyone reads a failed test or benchmark."""
+    said = r"(?s)daemon 0 exited with \d+; see .*node0\.log, which ends:\n.*missing\.gguf"
+    mesh = LoopbackMesh(tmp_path / "mesh", 1, mdns=False, model=str(tmp_path / "missing.gguf"))
+    with mesh, pytest.raises(RuntimeError, match=said):
+        mesh.wait_plan([0], 1, timeout=120)
+
+
 def test_notify_ready_then_sigterm_fails_in_flight_request_and_exits_cleanly(tmp_path, monkeypatch):
     sock_path = str(tmp_path / "notify.sock")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
