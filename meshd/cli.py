@@ -673,7 +673,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         metavar="N",
         help="calibration: simulate each record sampled at T > 0 with N seeds (--seed, --seed + 1, ...) and "
-        "compare by their mean; the table shows their range (greedy records run once)",
+        "compare by their mean; the table shows their range (greedy records run once). `meshd bench` seeds "
+        "every request with 0, the default --seed, so one seed simulates the record's own answers",
     )
     sm.add_argument("--json", action="store_true", help="print the JSON record instead of the table")
     sm.add_argument("--out", default=None, help="also write the JSON record here")

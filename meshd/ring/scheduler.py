@@ -54,8 +54,9 @@ PREFILL_CHUNK = 64
 # levels always drafted before a first segment goes out (deeper ones follow where they pay,
 # Originator._deeper_first_pays) and levels the idle draft reaches. Chosen on simulated runs whose modes
 # write the same text (int4a8 target; docs/benchmarks.md, "Fillers down to half a per cent"): 0.005, 3 and 8
-# against 0.02, 2 and 5 read +2-5 % tokens/s at T=0 and +5-7 % at T=1, for ~80 % more rows on the stages;
-# on 5 emulated daemons +4.6 % at T=0 but -7 % in one run at T=1 (not yet understood).
+# against 0.02, 2 and 5 read +2-5 % tokens/s at T=0 and +2-4 % at T=1 (paired: one draw a position makes
+# every variant write the same sampled text), for ~80 % more rows on the stages; on 5 emulated daemons
+# +4.6 % at T=0 (an unpaired "-7 %" at T=1 was different answers, "Sampled answers the same in every mode").
 # On a steep (CPU) curve a filler's rows must pay for the step they lengthen, so the floor rarely binds there.
 FILL_FLOOR = 0.005
 IDLE_FIRST_DEPTH = 3
