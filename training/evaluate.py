@@ -1,9 +1,9 @@
 """Held-out evaluation of a draft head: acceptance by exact replay, and speed through the real engine.
 
 Acceptance is measured by replaying reference continuations: the walk of a (greedy or
-tree-rejection-sampling) verification accepts a drafted child iff it is the token the target
-emits, so simulating rounds against a recorded target rollout gives the same accepted lengths as
-running the engine, at the cost of drafting only. The questions are Spec-Bench's held-out split
+sampled) verification accepts a drafted child iff it is the token the target emits
+(models/verify.py), so simulating rounds against a recorded target rollout gives the same accepted
+lengths as running the engine, at the cost of drafting only. The questions are Spec-Bench's held-out split
 (``question_id % 4 == 0``, never trained on), read from the path given.
 
 ``python -m training.evaluate --head DIR --questions PATH --out eval.json``
@@ -50,8 +50,8 @@ if TYPE_CHECKING:
 def replay_rounds(drafter: Drafter, r: Rollout, *, top_k: int, depth: int, pool: int, nodes: int) -> list[int]:
     """Tokens emitted per round when verifying ``nodes`` best drafted nodes against rollout ``r``.
 
-    Exact for greedy decoding, and for tree rejection sampling given the sampled continuation:
-    a drafted child is accepted iff it is the token the target emits.
+    Exact for greedy decoding, and for sampled decoding given the sampled continuation: a drafted child
+    is accepted iff it is the token the target emits.
     """
     plen = r.prompt_len
     ctx = list(r.tokens[: plen + 1])
