@@ -212,11 +212,11 @@ def summarize_runs(runs: list[Run], baseline: str, temperature: float = 0.0) -> 
         base = table.get(f"{c}/{baseline}", {}).get("tokens_per_s", 0)
         row += [f"{table[f'{c}/{m}']['tokens_per_s'] / base:.2f}x" if base else "-" for m in modes if m != baseline]
         lines.append("| " + " | ".join(row) + " |")
-    answers: dict[str, dict] = {m: {} for m in [baseline] + [m for m in modes if m != baseline]}
+    answers: dict[str, dict] = defaultdict(dict)  # modes whose backend gave their answers
     for r in runs:
-        if r.text_sha and r.mode in answers:
+        if r.text_sha:
             answers[r.mode][r.question_id] = r.text_sha
-    same = same_texts({m: a for m, a in answers.items() if a}) if answers.get(baseline) else {}
+    same = same_texts({baseline: answers.pop(baseline)} | answers) if baseline in answers else {}
     for m, got in same.items():
         table[f"ALL/{m}"]["same_text"] = got
     if same:
