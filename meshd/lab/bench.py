@@ -315,23 +315,36 @@ def daemon_roles(spec: str | None, n: int) -> list[str]:
     return roles
 
 
+def daemon_flags(args) -> list[str]:
+    """The ``meshd serve`` flags every bench daemon gets from the bench's own. Bad values fail here, not in
+    every daemon.
+
+    Prefix caching is off: the modes take turns on each prompt, so with it on every mode after the first
+    would find the prompt's KV kept by the one before and prefill only its last token, and the first mode
+    (``ar``, the baseline) would be the only one to prefill cold (0.54-0.73 s against ~0.49 s a prompt on 5
+    emulated boards, docs/benchmarks.md). ``python -m meshd.lab.multiturn`` measures the cache itself."""
+    slowdown(args.device_slowdown)
+    link_emulation(args.link)
+    extra = ["--drafter", args.drafter, "--device-slowdown", str(args.device_slowdown), "--weights", args.weights]
+    extra += ["--no-prefix-cache"]
+    if args.link:
+        extra += ["--link", args.link]
+    if getattr(args, "emulate", None):
+        DeviceEmulation.parse(args.emulate)
+        extra += ["--emulate", args.emulate]
+    if getattr(args, "flow_slots", None) is not None:
+        extra += ["--flow-slots", str(args.flow_slots)]
+    if getattr(args, "wire_activations", None):
+        extra += ["--wire-activations", args.wire_activations]
+    return extra
+
+
 class DaemonBackend:
     """``--stages`` real daemons on loopback; requests go through the REST API of the first one."""
 
     def __init__(self, args):
         self.args = args
-        slowdown(args.device_slowdown)  # a bad value fails here, not in every daemon
-        link_emulation(args.link)
-        extra = ["--drafter", args.drafter, "--device-slowdown", str(args.device_slowdown), "--weights", args.weights]
-        if args.link:
-            extra += ["--link", args.link]
-        if getattr(args, "emulate", None):
-            DeviceEmulation.parse(args.emulate)  # a bad profile fails here, not in every daemon
-            extra += ["--emulate", args.emulate]
-        if getattr(args, "flow_slots", None) is not None:
-            extra += ["--flow-slots", str(args.flow_slots)]
-        if getattr(args, "wire_activations", None):
-            extra += ["--wire-activations", args.wire_activations]
+        extra = daemon_flags(args)
         roles = daemon_roles(getattr(args, "roles", None), args.stages)
         holders: int | range = sum(1 for r in roles if r != "originator")
         if "stage" in roles and "both" in roles:  # origin-aware: a busy originator may be left no layers at all
@@ -376,7 +389,7 @@ class DaemonBackend:
         a, layout = self.args, self.layout()
         return (
             f"{a.stages} daemons on loopback ({a.threads or 1} thread each, sharing {os.cpu_count()} cores), "
-            f"link {a.link or 'unshaped'}, device slowdown x{a.device_slowdown}"
+            f"link {a.link or 'unshaped'}, device slowdown x{a.device_slowdown}, no prefix caching"
             + (f", EMULATED device profile {a.emulate}" if getattr(a, "emulate", None) else "")
             + (f", flow slots {a.flow_slots}" if getattr(a, "flow_slots", None) is not None else "")
             + (f", wire activations {a.wire_activations}" if getattr(a, "wire_activations", None) else "")

@@ -253,8 +253,9 @@ class Originator:
         self.ring_cost = total
         self.ring = RingTimer(stage_curves, local=local_stage)
         # a plain tree's seconds a token on this ring, from the latest request that timed one: where a flow
-        # request starts judging its drafted trees (None: its first tree is plain, to time one)
-        self._plain_tree_s: float | None = None
+        # request starts judging its drafted trees (None: its first tree is plain, to time one). Public so a
+        # driver that models a daemon which has served requests on this ring can carry it over (the simulator)
+        self.plain_tree_s: float | None = None
         self.max_slots = 2 * self.n_stages  # a segment per stage, and as many queued behind them
         # the flat head of the curve: up to this many rows cost about as much as one, so cutting a tree
         # into segments smaller than this buys no overlap, only extra forwards
@@ -285,7 +286,7 @@ class Originator:
                 back_off=self.back_off,
                 measured_only=True,
                 judge_after=TREES_TO_JUDGE,
-                plain_s=self._plain_tree_s,
+                plain_s=self.plain_tree_s,
             ),
             torch.Generator().manual_seed(req.seed) if req.seed is not None else None,
             started=self.clock(),
@@ -655,7 +656,7 @@ class Originator:
         if lv.tree_started is not None and lv.tree_tokens:
             lv.budget.observe_round(lv.tree_tokens, now - lv.tree_started, drafted=lv.tree_drafted)
             if not lv.tree_drafted:  # a plain tree of any request, an ar one's too
-                self._plain_tree_s = lv.budget.plain_seconds
+                self.plain_tree_s = lv.budget.plain_seconds
         lv.tree_started, lv.tree_tokens, lv.tree_rows = now, 0, lv.stats.verified_nodes
         if lv.req.mode != "flow" or lv.drafter is None or not self.back_off:
             lv.tree_drafted = lv.drafter is not None

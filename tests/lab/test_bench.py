@@ -10,8 +10,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from meshd import cli
-from meshd.lab import bench
+from meshd import cli, config
+from meshd.lab import bench, emulate
 from meshd.lab.bench import EVERYDAY, question_file, spread_over_categories
 from meshd.lab.testbed import ids_placing
 from training.prompts import SPEC_BENCH_ENV, load_questions
@@ -205,6 +205,18 @@ def test_busy_fractions_are_counted_per_mode_over_that_modes_requests(monkeypatc
     assert [d["busy_by_mode"] for d in devices] == [{"ar": 0.375}, {"ar": 0.125}]
     assert devices[1]["emulation"]["stage_forwards"] == {"calls": 2, "overruns": 1}
     assert "EMULATED jetson-orin-7b:x4: 3/6 calls overran" in bench.devices_note(devices)
+
+
+def test_bench_daemons_prefill_every_mode_cold(tmp_path):
+    """The modes take turns on each prompt through the same daemons: with prefix caching on, every mode after
+    the first would reuse the prompt's KV kept by the one before, and only the first (``ar``, the baseline)
+    would prefill it. The flags the bench gives its daemons turn the cache off, as ``meshd serve`` reads them."""
+    args = SimpleNamespace(
+        drafter="auto", device_slowdown=1.0, weights="auto", link="1ms/150mbit", emulate="jetson-orin-7b:x4"
+    )
+    ns = emulate.build_parser().parse_args(["serve", *bench.daemon_flags(args)])  # as LoopbackMesh starts them
+    assert config.load_config(ns, env={"XDG_CONFIG_HOME": str(tmp_path)}).prefix_cache is False
+    assert (ns.link, ns.emulate) == ("1ms/150mbit", "jetson-orin-7b:x4")
 
 
 def test_roles_name_one_role_per_daemon_and_daemon_0_originates():

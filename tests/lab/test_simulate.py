@@ -18,7 +18,14 @@ from meshd.lab.sim import cli as sim_cli
 from meshd.lab.sim.calibration import calibration_rows, calibration_specs, calibration_table, fit_scale_and_hop
 from meshd.lab.sim.links import ROW_META_BYTES, SEGMENT_META_BYTES, TOKEN_BYTES, LinkModel, parse_link
 from meshd.lab.sim.profiles import DraftCost, Profile, flat, jetson_orin_7b, measure_profile
-from meshd.lab.sim.simulation import Simulation, layer_split, origin_layers, parse_variant, summarize_traces
+from meshd.lab.sim.simulation import (
+    Simulation,
+    layer_split,
+    origin_layers,
+    parse_variant,
+    run_modes,
+    summarize_traces,
+)
 from meshd.ring.messages import Result, Segment
 from meshd.ring.scheduler import Originator, Request
 from models.budget import CostCurve
@@ -186,6 +193,29 @@ def test_flow_beats_chunk_beats_ar_with_perfect_drafts(tiny):
     assert summary["flow"]["tokens_per_tree"] > 1.0
     assert summary["flow"]["first_tokens_ms"] == pytest.approx(3000.0, rel=0.01)
     assert summary["chunk"]["first_tokens_ms"] == pytest.approx(5000.0, rel=0.01)
+
+
+def test_one_at_a_time_runs_carry_the_rings_plain_tree_time_over(tiny):
+    """A daemon's originator knows a plain tree's time on its ring from the requests it served (an ``ar``
+    request's trees are plain), so its next ``flow`` request drafts its first tree; a fresh simulation
+    knows nothing and times a plain one first. Runs one at a time carry it over, as ``meshd bench``'s
+    daemons serve the modes in turn, so the simulator does not charge every ``flow`` answer a plain tree."""
+    _, full = tiny
+
+    def make(label: str) -> Simulation:
+        return Simulation(full, factory("self", full), stages=3, profile=synthetic(1.0), link=LinkModel())
+
+    alone = run_modes(make, [prompt_of(20, 3)], ["flow"], max_tokens=12)["flow"][0]
+    after_ar = run_modes(make, [prompt_of(20, 3)], ["ar", "flow"], max_tokens=12)["flow"][0]
+    assert next(iter(alone.requests.values())).stats.plain_trees == 1  # timed one first
+    assert next(iter(after_ar.requests.values())).stats.plain_trees == 0  # knew the time from ar's trees
+    first, later = make("ar"), make("flow")
+    first.add(Request("r", prompt_of(20, 3), 4, "ar"))
+    first.run()
+    later.carry_over(first)
+    measured = first.devices[first.origin_device[0]].originator.plain_tree_s
+    assert measured == pytest.approx(3.0)  # one token a pass through 3 one-second stages
+    assert later.devices[later.origin_device[0]].originator.plain_tree_s == measured
 
 
 def test_utilisation_timeline_and_load(tiny):

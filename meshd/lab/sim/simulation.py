@@ -426,6 +426,17 @@ class Simulation:
         return self.devices[-1]
 
     # ---- driving ------------------------------------------------------------------------
+    def carry_over(self, earlier: Simulation) -> None:
+        """Start as the mesh ``earlier`` left off: each originator knows what its counterpart there measured
+        of the ring (a plain tree's time a token, :attr:`Originator.plain_tree_s`), as a daemon's originator
+        knows it from the requests it served. Without it every one-at-a-time run's first ``flow`` tree would
+        be plain, to time one, where a daemon that served requests before (``meshd bench``'s, whose modes take
+        turns on the same daemons) drafts it."""
+        for k, i in zip(self.origin_device, earlier.origin_device, strict=False):
+            mine, theirs = self.devices[k].originator, earlier.devices[i].originator
+            if theirs.plain_tree_s is not None:
+                mine.plain_tree_s = theirs.plain_tree_s
+
     def add(self, req: Request, at: float = 0.0, origin: int = 0) -> None:
         """Submit ``req`` at simulated time ``at`` to originator ``origin``."""
         self.traces[req.request_id] = RequestTrace(req.request_id, req.mode, at, len(req.prompt))
@@ -691,7 +702,9 @@ def run_modes(
 ) -> dict[str, list[SimResult]]:
     """Every prompt in every mode (labels as :func:`parse_variant` reads them; ``make_sim(label)`` builds
     the mesh for one). ``rate`` 0: one request at a time (batch 1, FlowSpec's setting), modes
-    interleaved per prompt; ``rate`` > 0: each mode's prompts arrive as one Poisson stream."""
+    interleaved per prompt, each on a mesh that carries over what the one before it measured
+    (:meth:`Simulation.carry_over`), as ``meshd bench``'s daemons serve one request after another;
+    ``rate`` > 0: each mode's prompts arrive as one Poisson stream."""
     eos, out = frozenset(eos), {m: [] for m in modes}
     labels = labels or [f"p{i}" for i in range(len(prompts))]
 
@@ -701,9 +714,13 @@ def run_modes(
 
     t_wall = time.perf_counter()
     if rate <= 0:
+        last: Simulation | None = None
         for i in range(len(prompts)):
             for mode in modes:
                 sim = make_sim(mode)
+                if last is not None:
+                    sim.carry_over(last)
+                last = sim
                 sim.add(request(i, mode))
                 res = sim.run()
                 out[mode].append(res)
