@@ -40,6 +40,10 @@ class Stats:
     # can move (its draft, its first segment's trip through the ring, the verification); a mesh's flow ends
     # most trees at that first return, so this and the tokens a tree yields bound its rate
     first_tokens_seconds: list[float] = field(default_factory=list)
+    # flow with slots: why each drafted tree ended where it did (meshd.ring.scheduler.TREE_ENDS): the drafts
+    # below the node the walk stopped at held other tokens than the target's (missed), one held it but no row
+    # had been sent for it (unsent), or nothing was drafted below that node (undrafted)
+    tree_ends: dict[str, int] = field(default_factory=dict)
     # positions whose KV the stages reused from a cached prefix (not computed), summed over the request's
     # prefills: its prompt's and, after a resume, each replay's of its history (a prefix a stage turned
     # out to lack does not count); a miss: a stage had evicted the prefix offered, that prefill was sent in full

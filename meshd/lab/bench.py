@@ -15,13 +15,14 @@ import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from meshd.lab.emulate import CALL_KINDS, DeviceEmulation, link_emulation, slowdown
 from meshd.lab.testbed import LoopbackMesh, http, ids_placing
+from meshd.ring.scheduler import TREE_ENDS
 from meshd.serve.loading import Ticker, quiet, stderr_say
 from meshd.serve.local import LocalModel
 from peers.planner import ROLES
@@ -52,6 +53,8 @@ class Run:
     # summed over ``trees``: from each fresh root to its first tokens (0: the backend did not say; one device's)
     first_tokens_seconds: float = 0.0
     text_sha: str = ""  # of the answer's text (modes compared answer for answer: same_texts); "": not given
+    # flow with slots: why its drafted trees ended (Stats.tree_ends: missed, unsent, undrafted); {}: not given
+    tree_ends: dict[str, int] = field(default_factory=dict)
 
     @property
     def decode_seconds(self) -> float:
@@ -117,6 +120,7 @@ def run_interleaved(
                     s.get("plain_trees", 0),
                     s.get("first_tokens_seconds", 0.0),
                     text_digest(s["text"]) if "text" in s else "",
+                    dict(s.get("tree_ends") or {}),
                 )
             )
             if progress:
@@ -154,6 +158,22 @@ def same_texts(answers: dict[str, dict]) -> dict[str, list[int]]:
 def same_texts_line(same: dict[str, list[int]], first: str) -> str:
     parts = ", ".join(f"{m} {k}/{n}" for m, (k, n) in same.items())
     return f"{parts} the same as {first}'s"
+
+
+def tree_ends_line(ends: dict[str, dict[str, int]]) -> str | None:
+    """``ends``: {mode: {why: trees}} (``Stats.tree_ends`` summed). One line saying, per mode that counted
+    them, why its drafted trees ended, as shares of those trees; None where no mode did."""
+    parts = []
+    for mode, got in ends.items():
+        if total := sum(got.values()):
+            shares = ", ".join(f"{why} {100 * n / total:.0f} %" for why, n in got.items())
+            parts.append(f"{mode} {shares} (of {total})")
+    if not parts:
+        return None
+    return (
+        "why drafted trees ended (below the node where the walk stopped, the pool held other tokens than the "
+        "target's: missed; held it, unsent: unsent; held none: undrafted): " + "; ".join(parts)
+    )
 
 
 def decode_rate(runs: Sequence[Run]) -> float:
@@ -199,6 +219,7 @@ def summarize_runs(runs: list[Run], baseline: str, temperature: float = 0.0) -> 
                 "first_tokens_ms": round(1e3 * waited / trees, 1)
                 if trees and (waited := sum(r.first_tokens_seconds for r in rs))
                 else None,
+                "tree_ends": {why: n for why in TREE_ENDS if (n := sum(r.tree_ends.get(why, 0) for r in rs))},
             }
     head = "| category | " + " | ".join(f"{m} tok/s | {m} decode | {m} acc" for m in modes)
     head += "".join(f" | {m}/{baseline}" for m in modes if m != baseline) + " |"
@@ -222,6 +243,8 @@ def summarize_runs(runs: list[Run], baseline: str, temperature: float = 0.0) -> 
     if same:
         kind = "greedy answers" if temperature == 0 else f"sampled answers (seed {SEED})"
         lines = [f"{kind} (the oracle): {same_texts_line(same, baseline)}", "", *lines]
+    if (why := tree_ends_line({m: table[f"ALL/{m}"]["tree_ends"] for m in modes})) is not None:
+        lines += ["", why]
     return table, "\n".join(lines)
 
 

@@ -66,6 +66,10 @@ TREES_TO_JUDGE = 3.0
 # how far past a segment's expected return a fillers-only forward on the originator's own device waits for it,
 # as a fraction of that forward (Originator.hold_stage)
 HOLD_SLACK = 0.25
+# why a continuous request's drafted tree ended at the node where its walk stopped (Stats.tree_ends): the pool
+# held children of that node, none with the target's token; one held it, but no row had been sent for it;
+# no child had been drafted there
+TREE_ENDS = ("missed", "unsent", "undrafted")
 
 
 # ---- actions ------------------------------------------------------------------------------
@@ -730,6 +734,9 @@ class Originator:
             lv.stats.plain_trees += lv.stats.verified_nodes - lv.tree_rows == 1  # its root's row alone
         if lv.done:  # sessions are closed everywhere; a prune now would only resurrect them
             return acts
+        if walk.done and self._continuous(lv) and lv.tree_drafted:
+            why = self._why_ended(lv, walk.path[-1], tokens[-1])
+            lv.stats.tree_ends[why] = lv.stats.tree_ends.get(why, 0) + 1
         lv.round_accepted += len(walk.path) - 1
         if walk.done:
             lv.budget.observe(lv.predicted, lv.round_accepted)
@@ -750,6 +757,15 @@ class Originator:
         if walk.done:
             return acts + self._new_round(lv)
         return acts + self._expand(lv)
+
+    @staticmethod
+    def _why_ended(lv: _Live, node: int, token: int) -> str:
+        """Why the walk stopped at ``node`` of the sent tree, drawing ``token`` there (one of
+        :data:`TREE_ENDS`): what the pool held below that node."""
+        at = next((p for p, t in lv.placed.items() if t == node), None)
+        if at is None or not lv.pool.children(at):
+            return "undrafted"
+        return "unsent" if lv.pool.child_with_token(at, token) is not None else "missed"
 
     def _expand(self, lv: _Live) -> list[Action]:
         """flow: re-root at the accepted-but-pending node, re-draft from it, send the new nodes."""

@@ -294,6 +294,7 @@ class Generation:
             "accepted_per_tree": round(st.mean_per_tree, 4),
             # summed over its trees: from each fresh root to the tree's first tokens (a mesh's rounds wait so)
             "first_tokens_seconds": round(sum(st.first_tokens_seconds), 4),
+            "tree_ends": dict(st.tree_ends),  # flow with slots: why its drafted trees ended (missed, unsent, undrafted)
             "new_tokens": st.new_tokens,
             "seconds": round(seconds, 4),
             "tokens_per_s": round(st.new_tokens / seconds, 3) if seconds > 0 else 0.0,

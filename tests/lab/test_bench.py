@@ -161,6 +161,19 @@ def test_a_trees_wait_for_its_first_tokens_is_a_mean_over_the_trees_of_the_runs_
     assert table["ALL/spec"]["first_tokens_ms"] is None  # one device's engine does not time it
 
 
+def test_why_flows_trees_ended_is_summed_per_mode_and_said_under_the_table():
+    def run(q: int, mode: str, ends: dict[str, int]) -> bench.Run:
+        return bench.Run(q, "math", mode, 4, 4, 1.0, 4, 1.0, 4.0, tree_ends=ends)
+
+    runs = [run(1, "ar", {}), run(1, "flow", {"missed": 3, "undrafted": 1}), run(2, "flow", {"missed": 3, "unsent": 1})]
+    table, md = bench.summarize_runs(runs, baseline="ar")
+    assert table["ALL/flow"]["tree_ends"] == {"missed": 6, "unsent": 1, "undrafted": 1}
+    assert table["ALL/ar"]["tree_ends"] == {}
+    assert md.endswith("held none: undrafted): flow missed 75 %, unsent 12 %, undrafted 12 % (of 8)")
+    _, md = bench.summarize_runs([run(1, "ar", {}), run(1, "flow", {})], baseline="ar")
+    assert "why drafted trees ended" not in md  # a record whose backend did not count them
+
+
 def test_busy_fractions_are_counted_per_mode_over_that_modes_requests(monkeypatch):
     """Per mode, each stage's busy seconds while that mode's requests ran over their wall time: the
     figure issue 12 asks per mode, which the whole benchmark's fraction mixes."""

@@ -24,6 +24,7 @@ from meshd.lab.sim.simulation import (
     origin_layers,
     parse_variant,
     run_modes,
+    simulation_table,
     summarize_traces,
 )
 from meshd.ring.messages import Result, Segment
@@ -602,6 +603,31 @@ def test_a_flow_variant_names_its_slots():
     for bad in ("flow:other", "ar:redraft"):
         with pytest.raises(ValueError, match="redraft"):
             parse_variant(bad)
+
+
+@pytest.mark.parametrize("drafter", ["self", "ngram"])
+def test_flow_says_why_each_drafted_tree_ended(tiny, drafter):
+    """Every drafted tree of flow that did not end with the answer says why its walk stopped: the drafter's
+    children of that node held other tokens (missed), held the target's unsent (unsent), or there were none
+    (undrafted). The target drafting for itself never misses at T=0 (its argmax is always among its top
+    children); n-gram guesses on a random prompt do. Both the table and the record say it."""
+    _, full = tiny
+    res, tr = run_one(full, "flow", drafter=drafter, n=40, prompt=prompt_of(30, 7))
+    st = tr.stats
+    ends = st.tree_ends
+    assert set(ends) <= {"missed", "unsent", "undrafted"} and all(n > 0 for n in ends.values())
+    # the last tree ended with the answer; a request's first tree is plain, to time one; a drafted tree whose
+    # drafter had nothing to offer is the root alone (a plain tree in the statistics) and ended undrafted
+    assert st.trees - st.plain_trees - 1 <= sum(ends.values()) <= st.trees - 2
+    if drafter == "self":
+        assert "missed" not in ends and sum(ends.values()) == st.trees - st.plain_trees - 1
+    else:
+        assert ends.get("missed", 0) > 0
+    summary = {"flow": summarize_traces([res])}
+    assert summary["flow"]["tree_ends"] == ends
+    line = simulation_table(summary, 0.0).splitlines()
+    why = next(x for x in line if x.startswith("why drafted trees ended"))
+    assert f"(of {sum(ends.values())})" in why
 
 
 def test_idle_drafting_deepens_pools_on_the_originators_idle_device(tiny):
