@@ -14,7 +14,7 @@ import platform
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -160,6 +160,12 @@ def same_texts_line(same: dict[str, list[int]], first: str) -> str:
     return f"{parts} the same as {first}'s"
 
 
+def sum_tree_ends(counts: Iterable[dict[str, int]]) -> dict[str, int]:
+    """Why drafted trees ended (``Stats.tree_ends``), summed over requests, in ``TREE_ENDS``' order."""
+    counts = list(counts)
+    return {why: n for why in TREE_ENDS if (n := sum(c.get(why, 0) for c in counts))}
+
+
 def tree_ends_line(ends: dict[str, dict[str, int]]) -> str | None:
     """``ends``: {mode: {why: trees}} (``Stats.tree_ends`` summed). One line saying, per mode that counted
     them, why its drafted trees ended, as shares of those trees; None where no mode did."""
@@ -219,7 +225,7 @@ def summarize_runs(runs: list[Run], baseline: str, temperature: float = 0.0) -> 
                 "first_tokens_ms": round(1e3 * waited / trees, 1)
                 if trees and (waited := sum(r.first_tokens_seconds for r in rs))
                 else None,
-                "tree_ends": {why: n for why in TREE_ENDS if (n := sum(r.tree_ends.get(why, 0) for r in rs))},
+                "tree_ends": sum_tree_ends(r.tree_ends for r in rs),
             }
     head = "| category | " + " | ".join(f"{m} tok/s | {m} decode | {m} acc" for m in modes)
     head += "".join(f" | {m}/{baseline}" for m in modes if m != baseline) + " |"

@@ -47,13 +47,13 @@ from typing import NamedTuple
 
 import torch
 
-from meshd.lab.bench import tree_ends_line
+from meshd.lab.bench import sum_tree_ends, tree_ends_line
 from meshd.lab.loadtest import per_token_latency, percentile, poisson_arrivals
 from meshd.lab.sim.links import ROW_META_BYTES, SEGMENT_META_BYTES, TOKEN_BYTES, LinkModel
 from meshd.lab.sim.profiles import Profile
 from meshd.ring.interpreter import Delivery, ToClient, ToEveryStage, ToOriginator, ToStage, forward, interpret
 from meshd.ring.messages import Prune, Result, RingMessage, Segment
-from meshd.ring.scheduler import TREE_ENDS, Action, Emit, Originator, Request
+from meshd.ring.scheduler import Action, Emit, Originator, Request
 from meshd.ring.wire import as_received, link_dtype
 from meshd.ring.worker import StageWorker
 from models.budget import CostCurve
@@ -685,14 +685,8 @@ def summarize_traces(results: Iterable[SimResult]) -> dict:
         "peak_segments": max((t.peak_segments for t in done), default=0),
         # the originator's drafting (on the simulated device's clock), per token
         "draft_s_per_token": sum(t.stats.draft_seconds for t in done if t.stats) / toks if toks else 0.0,
-        "tree_ends": tree_ends([t.stats for t in done if t.stats]),
+        "tree_ends": sum_tree_ends(t.stats.tree_ends for t in done if t.stats),
     }
-
-
-def tree_ends(stats: Iterable[Stats]) -> dict[str, int]:
-    """Why drafted trees ended (``Stats.tree_ends``), summed over requests, in :data:`TREE_ENDS`' order."""
-    stats = list(stats)
-    return {why: n for why in TREE_ENDS if (n := sum(s.tree_ends.get(why, 0) for s in stats))}
 
 
 def run_modes(
