@@ -45,6 +45,7 @@ import peers.neighbours
 from meshd.config import add_arguments, load_config
 from meshd.lab.sim.links import parse_link
 from meshd.lab.sim.profiles import BUILTIN, Profile, load_profile
+from meshd.ring.ringtime import MAX_ROWS
 from meshd.serve.daemon import serve
 from models.drafters import Drafter
 from models.stage import Attend, Stage
@@ -208,7 +209,12 @@ class DeviceEmulation:
         where the real computation is slower (an overrun). Publishing the machine's own curve instead made
         originators size segments for a steep CPU ring whose whole emulated time looked like link latency."""
         cost = self._stage_cost(stage)
-        return {t: max(s, cost(t)) for t, s in measured.items()}
+        curve = {t: max(s, cost(t)) for t, s in measured.items()}
+        # and the profile's own sizes past the measured ones (originators trust a curve only as far as it
+        # goes: RingTimer.prefill_chunks); a real forward slower there counts as an overrun
+        widest = max(measured, default=0)
+        curve.update({t: cost(t) for t in self.profile.layer.ts if widest < t <= MAX_ROWS})
+        return curve
 
     def vocab(self, vocab: Stage) -> Stage:
         return _ProfiledHead(vocab, lambda t: self.factor * self.profile.head(t), self.head)

@@ -27,6 +27,11 @@ from dataclasses import dataclass
 from models.budget import CostCurve
 
 MAX_ROWS = 256  # the widest segment the curves below are tabulated for
+# the narrowest prefill chunk worth a forward of its own: below it a segment's handling outside the forward,
+# which the stages' curves do not hold, outweighs what pipelining saves (2 CPU daemons, 900-row prompts:
+# 9-row chunks 5 % slower than 64-row ones)
+MIN_PREFILL_ROWS = 16
+UNMEASURED_PREFILL_ROWS = 64  # the widest prefill chunk before the links are measured
 
 
 @dataclass
@@ -63,6 +68,8 @@ class RingTimer:
         ts = sorted({1, MAX_ROWS, *(t for c in stage_curves for t in c.ts)})
         self.compute = CostCurve({t: sum(c(t) for c in stage_curves) for t in ts})
         self.slowest = CostCurve({t: max(c(t) for c in stage_curves) for t in ts})
+        # the widest forward every stage's curve was measured at: wider ones are extrapolated
+        self.measured_rows = min(max(c.ts) for c in stage_curves)
         self.memory = memory
         # decayed sufficient statistics of (rows, extra seconds) samples; the prior is "no link cost"
         self._w, self._x, self._y, self._xx, self._xy = prior, prior * 1.0, 0.0, prior * 1.0, 0.0
@@ -88,6 +95,12 @@ class RingTimer:
     def dropped(self, key: Hashable) -> None:
         """Segment ``key`` will not come back (every row pruned): no sample."""
         self._sent.pop(key, None)
+
+    def carry_link(self, other: RingTimer) -> None:
+        """Start from what ``other`` (a timer of the same ring) has fitted of its links, as a daemon's timer
+        knows them from the requests it served before."""
+        self._w, self._x, self._y, self._xx, self._xy = other._w, other._x, other._y, other._xx, other._xy
+        self.samples = other.samples
 
     def originator_work(self, seconds: float) -> None:
         """One segment's worth of originator work was measured (exponential average)."""
@@ -121,6 +134,35 @@ class RingTimer:
         _, b = self.link()
         own = self.origin_seconds + (self.local(rows) if self.local is not None else 0.0)
         return max(self.slowest(rows), b * rows / self.hops, own, 1e-9)
+
+    def prefill_chunks(self, rows: int, widest: int = MAX_ROWS) -> int:
+        """How many near-equal chunks a prefill of ``rows`` rows should be cut into: the count whose last
+        chunk is modelled back soonest when they are sent back to back. The first chunk takes the ring's
+        latency (without the originator's work: a prefill's rows are only stored), each further one a
+        slowest step behind it (a stage's forward or a hop's wire time), so a flat, memory-bound curve
+        sends a prompt whole (a forward over 200 rows costs what one row costs) and a steep one cuts it
+        where pipelining the stages saves more than the extra forwards cost. Chunks hold at most
+        ``widest`` rows and no more than every stage's curve was measured at (a daemon measures up to 64
+        rows; past that, a CPU's forward grows faster than the curve's last slope says), and, where the
+        prompt allows, at least :data:`MIN_PREFILL_ROWS`. Until a segment has gone around alone the links
+        are unknown (the fit's prior is a free link), and a wide chunk would pay every hop's wire time in
+        turn: then chunks hold at most :data:`UNMEASURED_PREFILL_ROWS`."""
+        if rows <= 0:
+            return 0
+        widest = min(widest, self.measured_rows)
+        if not self.samples:
+            widest = min(widest, UNMEASURED_PREFILL_ROWS)
+        a, b = self.link()
+        fewest = math.ceil(rows / max(1, widest))
+        most = max(fewest, rows // MIN_PREFILL_ROWS)
+        best_n, best_s = fewest, math.inf
+        for n in range(fewest, most + 1):
+            c = math.ceil(rows / n)
+            step = max(self.slowest(c), b * c / self.hops)
+            seconds = self.compute(c) + a + b * c + (n - 1) * step
+            if seconds < best_s * (1 - 1e-9):
+                best_n, best_s = n, seconds
+        return best_n
 
     def slots(self, rows: int, most: int) -> int:
         """Segments in flight that keep the slowest step busy, from 1 to ``most``."""

@@ -40,7 +40,7 @@ import torch
 
 from meshd.modes import MESH_MODES
 from meshd.ring.messages import PROMPT_PARENT, PrefixRef, Prune, Result, Segment
-from meshd.ring.ringtime import RingTimer
+from meshd.ring.ringtime import MAX_ROWS, RingTimer
 from models.budget import CostCurve, TreeBudget
 from models.drafters import Drafter, can_extend
 from models.engine import Stats
@@ -49,7 +49,6 @@ from models.stage import Stage
 from models.tree import Tree, frontier, split_segments
 from models.verify import History, Sampling, TokenLogprobs, Walk, advance, sample_token, token_logprobs
 
-PREFILL_CHUNK = 64
 # A filler node must be expected to be accepted at least this often to use a row, and drafting when idle:
 # levels always drafted before a first segment goes out (deeper ones follow where they pay,
 # Originator._deeper_first_pays) and levels the idle draft reaches. Chosen on simulated runs whose modes
@@ -305,7 +304,8 @@ class Originator:
 
     def _prefill_segments(self, lv: _Live, tokens: list[int], restart: bool = False) -> list[Action]:
         """``tokens`` as committed context from position 0 (a new request's prompt, or a resumed
-        request's history; their nodes 0..n-1 already allocated), cut into prefill chunks. With a cached
+        request's history; their nodes 0..n-1 already allocated), cut into as many chunks as the ring's
+        model says bring the last one back soonest (:meth:`RingTimer.prefill_chunks`). With a cached
         prefix ``lv.prefix`` the chunks start after it (the first names the prefix; stages fork the
         request's KV from their cache); ``restart``: the stages drop whatever they hold of the request
         first (after a prefix miss)."""
@@ -313,8 +313,7 @@ class Originator:
         lv.stats.prefix_hit += skip  # summed over the request's prefills: its prompt's and each replay's
         ids = list(range(skip, len(tokens)))
         acts: list[Action] = []
-        for a in range(0, len(ids), PREFILL_CHUNK):
-            chunk = ids[a : a + PREFILL_CHUNK]
+        for a, chunk in enumerate(split_segments(ids, self.ring.prefill_chunks(len(ids), MAX_ROWS))):
             for i in chunk:
                 lv.pos[i] = i
             seg = Segment(

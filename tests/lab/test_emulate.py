@@ -179,6 +179,13 @@ def test_an_emulated_slice_publishes_the_profiles_curve_unless_the_real_one_is_s
     curve = emu.curve(half, {1: 0.001, 8: 0.002, 64: 0.5})
     assert curve[1] == pytest.approx(2 * 2 * 0.060) and curve[8] == pytest.approx(2 * 2 * 0.060)
     assert curve[64] == 0.5  # the real forward over 64 rows is slower than the profile: that is what it takes
+    # past the sizes measured here the profile's own points follow (prefill chunks are sized only as far as
+    # a curve goes): the built-in Jetson profile's 256 rows, 4 times slower
+    jetson = DeviceEmulation.parse("jetson-orin-7b:x4")
+    curve = jetson.curve(half, {1: 0.001, 64: 0.002})
+    assert sorted(curve) == [1, 64, 256]
+    share = half.n_layers * 32 / full.cfg.n_layers
+    assert curve[256] == pytest.approx(4 * share * (3.6e-3 + 0.012e-3 * 255))
 
 
 def test_emulate_names_a_builtin_profile_or_a_file_and_a_factor(tmp_path):

@@ -97,7 +97,7 @@ def run_one(
         origins=origins,
         **kw,
     )
-    sim.add(Request("r", prompt or prompt_of(75, 1), n, mode))  # 75 tokens: two prefill chunks
+    sim.add(Request("r", prompt or prompt_of(75, 1), n, mode))
     res = sim.run()
     return res, res.requests["r"]
 
@@ -141,9 +141,22 @@ def test_ar_timing_matches_hand_computation(tiny, shared):
     assert summary["tokens_per_tree"] == 1.0
     assert summary["first_tokens_ms"] == pytest.approx(1e3 * period, rel=0.01)
     assert len(tr.stats.first_tokens_seconds) == tr.stats.trees
-    # prefill: two chunks pipelined through K stages (K+1 forwards on the critical path), then the head
+    # prefill: the ring has not measured its links yet, so chunks hold 64 rows at most: the 75-token prompt
+    # goes as two, pipelined through K stages (K+1 forwards on the critical path), then the head
     ttft = (k + 1) * c + (k if shared else k + 1) * lat + h
     assert tr.ttft == pytest.approx(ttft, rel=0.01)
+
+
+def test_a_prefill_on_a_steep_curve_is_pipelined_in_the_chunks_the_ring_model_chose(tiny):
+    """A forward costs f(x) = 8.75 ms + 1.25 ms a row on each of 3 stages: the 75-token prompt goes as 5
+    chunks of 15 rows, the last back after (3 + 5 - 1) forwards of f(15) = 192.5 ms; the whole prompt
+    would take 3 f(75) = 307.5 ms, and fixed 64-row chunks (64 + 11) 289 ms."""
+    _, full = tiny
+    k, h = 3, 0.005
+    layer = CostCurve({1: 0.010, 65: 0.090})
+    profile = replace(synthetic(0.0, head=h), layer=layer)
+    _, tr = run_one(full, "ar", stages=k, profile=profile, n=2)
+    assert tr.ttft == pytest.approx((k + 5 - 1) * layer(15) + h, rel=0.01)
 
 
 def test_bandwidth_serialises_each_link(tiny):
@@ -196,7 +209,7 @@ def test_flow_beats_chunk_beats_ar_with_perfect_drafts(tiny):
     assert summary["chunk"]["first_tokens_ms"] == pytest.approx(5000.0, rel=0.01)
 
 
-def test_one_at_a_time_runs_carry_the_rings_plain_tree_time_over(tiny):
+def test_one_at_a_time_runs_carry_the_rings_plain_tree_time_and_link_fit_over(tiny):
     """A daemon's originator knows a plain tree's time on its ring from the requests it served (an ``ar``
     request's trees are plain), so its next ``flow`` request drafts its first tree; a fresh simulation
     knows nothing and times a plain one first. Runs one at a time carry it over, as ``meshd bench``'s
@@ -217,6 +230,10 @@ def test_one_at_a_time_runs_carry_the_rings_plain_tree_time_over(tiny):
     measured = first.devices[first.origin_device[0]].originator.plain_tree_s
     assert measured == pytest.approx(3.0)  # one token a pass through 3 one-second stages
     assert later.devices[later.origin_device[0]].originator.plain_tree_s == measured
+    # and the links' fit, which sizes the next request's prefill chunks
+    ring = first.devices[first.origin_device[0]].originator.ring
+    carried = later.devices[later.origin_device[0]].originator.ring
+    assert ring.samples > 0 and carried.samples == ring.samples and carried.link() == ring.link()
 
 
 def test_utilisation_timeline_and_load(tiny):

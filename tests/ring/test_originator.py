@@ -22,6 +22,8 @@ from models.stage import Stage
 from models.tree import Tree
 
 FLAT = CostCurve({1: 1.0, 2: 1.0})  # flat: every drafted node is worth verifying; flat rows = 2
+FLAT64 = CostCurve({1: 1.0, 64: 1.0})  # flat, measured up to 64 rows: a prompt's prefill chunks may be that wide
+FLAT256 = CostCurve({1: 1.0, 256: 1.0})
 
 
 class Target:
@@ -111,19 +113,40 @@ def prefill(orig: Originator, target: Target, req: Request, first: int) -> list:
 
 
 # ---- submit and prefill ---------------------------------------------------------------------
-def test_submit_cuts_the_prompt_into_committed_chunks_of_64(target):
-    orig = originator(target)
+def test_submit_cuts_the_prompt_into_committed_chunks_that_the_rings_model_brings_back_soonest(target):
+    # a forward costs 1 + rows / 8 on each of 2 stages: n near-equal chunks of 150 rows come back after
+    # (2 + n - 1) forwards of ceil(150 / n) rows; 5 chunks of 30 (6 x 4.75 = 28.5) beat 4 (5 x 5.75 = 28.75),
+    # 6 (7 x 4.125 = 28.875) and the whole prompt (2 x 19.75 = 39.5)
+    steep = CostCurve({1: 1.125, 257: 33.125})
+    orig = originator(target, curves=[steep, steep])
     prompt = [target.tokens[i % 4] for i in range(150)]
     acts = orig.submit(Request("r", prompt, 8, "ar"))
     assert all(isinstance(a, SendSegment) for a in acts)
     segs = segments(acts)
-    assert [len(s) for s in segs] == [64, 64, 22]
+    assert [len(s) for s in segs] == [30] * 5
     assert [n for s in segs for n in s.node_ids] == list(range(150))
     assert [p for s in segs for p in s.parents] == [PROMPT_PARENT, *range(149)]
     assert [p for s in segs for p in s.positions] == list(range(150))
     assert [t for s in segs for t in s.tokens] == prompt
     assert all(s.commit and s.origin == "me" and s.hidden is None for s in segs)
-    assert orig.live["r"].stats.target_forwards == 3
+    assert orig.live["r"].stats.target_forwards == 5
+
+
+def test_a_flat_ring_takes_the_prompt_whole_once_its_links_are_measured_as_far_as_its_curves_go(target):
+    """On a flat, memory-bound curve 200 rows cost what one does: more chunks only add forwards. Before any
+    segment went around alone the links are unknown, and chunks stay at 64 rows; never wider than the
+    narrowest stage curve's widest measured forward."""
+    orig = originator(target, curves=[FLAT256] * 3)
+    assert [len(s) for s in segments(orig.submit(Request("r", [target.tokens[0]] * 150, 8, "ar")))] == [50] * 3
+    orig.ring.sent("probe", 1, at=0.0, alone=True)
+    orig.ring.returned("probe", at=3.0)  # three flat stages, a free link
+    assert [len(s) for s in segments(orig.submit(Request("q", [target.tokens[0]] * 150, 8, "ar")))] == [150]
+    assert [len(s) for s in segments(orig.submit(Request("p", [target.tokens[0]] * 600, 8, "ar")))] == [200] * 3
+    # no wider than every stage's curve was measured: past that it is a guess
+    orig = originator(target, curves=[FLAT256, FLAT256, CostCurve({1: 1.0, 32: 1.0})])
+    orig.ring.sent("probe", 1, at=0.0, alone=True)
+    orig.ring.returned("probe", at=3.0)
+    assert [len(s) for s in segments(orig.submit(Request("r", [target.tokens[0]] * 150, 8, "ar")))] == [30] * 5
 
 
 def test_submit_refuses_bad_requests(target):
@@ -139,12 +162,12 @@ def test_submit_refuses_bad_requests(target):
 
 def test_prefill_waits_for_every_chunk_then_emits_and_sends_the_root(target):
     a = target.tokens[0]
-    orig = originator(target)
-    chunks = segments(orig.submit(Request("r", [target.tokens[1]] * 100, 8, "ar")))
+    orig = originator(target, curves=[FLAT64])
+    chunks = segments(orig.submit(Request("r", [target.tokens[1]] * 100, 8, "ar")))  # links unmeasured: 2 x 50
     # the chunks come back in reverse order; only the last prompt position's output decides
-    assert orig.on_result(said(target, chunks[1], [target.tokens[2]] * 35 + [a], queue=7)) == []
+    assert orig.on_result(said(target, chunks[1], [target.tokens[2]] * 49 + [a], queue=7)) == []
     assert orig.live["r"].stage_load == 7  # the reported load is kept for tree sizing
-    acts = orig.on_result(said(target, chunks[0], [target.tokens[3]] * 64))
+    acts = orig.on_result(said(target, chunks[0], [target.tokens[3]] * 50))
     assert acts[0] == Emit("r", [a])
     (root,) = segments(acts[1:])
     assert len(acts) == 2
@@ -154,7 +177,7 @@ def test_prefill_waits_for_every_chunk_then_emits_and_sends_the_root(target):
 
 def test_the_prefill_time_is_the_clock_from_submit_to_the_prompts_last_row(target):
     now = [10.0]
-    orig = Originator(target.head, None, [FLAT], clock=lambda: now[0], timer=lambda: 0.0, origin="me")
+    orig = Originator(target.head, None, [FLAT64], clock=lambda: now[0], timer=lambda: 0.0, origin="me")
     (chunk,) = segments(orig.submit(Request("r", [target.tokens[1]] * 10, 4, "ar")))
     now[0] = 10.25
     (root,) = segments(orig.on_result(said(target, chunk, [target.tokens[0]] * 10))[1:])

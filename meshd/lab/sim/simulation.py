@@ -429,7 +429,8 @@ class Simulation:
     # ---- driving ------------------------------------------------------------------------
     def carry_over(self, earlier: Simulation) -> None:
         """Start as the mesh ``earlier`` left off: each originator knows what its counterpart there measured
-        of the ring (a plain tree's time a token, :attr:`Originator.plain_tree_s`), as a daemon's originator
+        of the ring (a plain tree's time a token, :attr:`Originator.plain_tree_s`, and the links' fit that
+        sizes prefill chunks, :meth:`~meshd.ring.ringtime.RingTimer.carry_link`), as a daemon's originator
         knows it from the requests it served. Without it every one-at-a-time run's first ``flow`` tree would
         be plain, to time one, where a daemon that served requests before (``meshd bench``'s, whose modes take
         turns on the same daemons) drafts it."""
@@ -437,6 +438,7 @@ class Simulation:
             mine, theirs = self.devices[k].originator, earlier.devices[i].originator
             if theirs.plain_tree_s is not None:
                 mine.plain_tree_s = theirs.plain_tree_s
+            mine.ring.carry_link(theirs.ring)
 
     def add(self, req: Request, at: float = 0.0, origin: int = 0) -> None:
         """Submit ``req`` at simulated time ``at`` to originator ``origin``."""
