@@ -18,7 +18,7 @@ import random
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -219,6 +219,10 @@ class Runtime:
         # (Originator.hold_stage): how long the compute loop waits for it before the forward goes ahead
         self._hold_seconds: float | None = None
         self.held_steps = 0  # such waits, since start
+        # the originator's deliveries a threaded step handed to the loop before its forward (_send_ahead),
+        # awaited before the forward's outputs are sent; and how many steps did so, since start
+        self._ahead: Future | None = None
+        self.sent_ahead = 0
         self._loop_task: asyncio.Task | None = None
         self._stopping = False
         self._background: set[asyncio.Future] = set()
@@ -688,7 +692,7 @@ class Runtime:
         ring, worker = self.ring, self.worker
         recent = self._step_seconds
         if self._torch_jobs or rows > INLINE_ROWS or recent is None or recent > INLINE_SECONDS:
-            return self._submit(self._step, ring), ring, worker
+            return self._submit(self._step, ring, True), ring, worker
         step = self._loop.create_future()
         try:
             step.set_result(self._step(ring))
@@ -822,6 +826,9 @@ class Runtime:
                 rows = sum(len(m.node_ids) for m, _ in self._inbox if isinstance(m, (Segment, Result)))
                 step, ring, worker = self._begin_step(rows + (self.worker.queued_rows if self.worker else 0))
             verified, outputs = await step
+            if self._ahead is not None:  # what the step handed over before its forward leaves first
+                ahead, self._ahead = self._ahead, None
+                await asyncio.wrap_future(ahead)
             for res, others, failure in verified:
                 rid = self._request_of(res.request_id)
                 if rid in self._heard:
@@ -851,9 +858,11 @@ class Runtime:
                 # nothing queued: deepen the pools that first segments left from (slots' fillers come from them)
                 await self._dispatch(await self._torch(self.originator.idle))
 
-    def _step(self, ring: Ring | None) -> tuple[list[tuple[Result, list[Delivery], str | None]], list[Segment]]:
-        """Torch thread (or the loop's, for a short one: :meth:`_start_step`): one step of this device's work,
-        carried as far as it goes without the event loop.
+    def _step(
+        self, ring: Ring | None, threaded: bool = False
+    ) -> tuple[list[tuple[Result, list[Delivery], str | None]], list[Segment]]:
+        """Torch thread (``threaded``) or the loop's, for a short one (:meth:`_start_step`): one step of this
+        device's work, carried as far as it goes without the event loop.
 
         Results for this originator are verified first (LM head, walk, drafting); what that sends to this
         device's own stage is queued for it here, and the stage then runs on everything queued, so the next
@@ -861,15 +870,18 @@ class Runtime:
         holds the GIL). Only fillers queued while a result of ours is due before their forward would end: the
         forward waits for it instead (``_hold_seconds``, :meth:`Originator.hold_stage`). Returns each result
         with the deliveries left for peers and the client (or why the originator failed on it) and the stage's
-        outputs; the loop sends those deliveries, then the outputs."""
+        outputs; the loop sends those deliveries, then the outputs. On the torch thread, deliveries that would
+        otherwise wait for this device's forward go to the loop before it (:meth:`_send_ahead`)."""
         t0 = time.perf_counter()
-        verified, outputs = self._step_on(ring)
+        verified, outputs = self._step_on(ring, threaded)
         if verified or outputs:  # steps that found nothing to do say nothing about how long work takes
             took, recent = time.perf_counter() - t0, self._step_seconds
             self._step_seconds = took if recent is None else 0.8 * recent + 0.2 * took
         return verified, outputs
 
-    def _step_on(self, ring: Ring | None) -> tuple[list[tuple[Result, list[Delivery], str | None]], list[Segment]]:
+    def _step_on(
+        self, ring: Ring | None, threaded: bool
+    ) -> tuple[list[tuple[Result, list[Delivery], str | None]], list[Segment]]:
         verified: list[tuple[Result, list[Delivery], str | None]] = []
         results = self._drain_inbox()
         while results and self.originator is not None:
@@ -892,6 +904,8 @@ class Runtime:
                 self.held_steps += 1
                 return verified, []
         batch = self.worker.take_batch()
+        if threaded and batch:
+            verified = self._send_ahead(verified, ring)
         try:
             return verified, self.worker.run(batch)
         except Exception as exc:
@@ -904,6 +918,27 @@ class Runtime:
                 refusal = FrameRejected(seg.request_id, "forward_failed", why, spoils=True, tell=seg.origin)
                 self._loop.call_soon_threadsafe(self._refused, refusal)
             return verified, []
+
+    def _send_ahead(
+        self, verified: list[tuple[Result, list[Delivery], str | None]], ring: Ring | None
+    ) -> list[tuple[Result, list[Delivery], str | None]]:
+        """Torch thread, before this device's forward: hand the originator's deliveries (a round's next
+        segment for a peer's stage, a prune for every stage, tokens for the client) to the loop now, so they
+        leave while the forward runs instead of after it; returns ``verified`` without them. The loop awaits
+        them (:attr:`_ahead`) before it sends the forward's outputs, so every stage still sees a prune before
+        the rows computed after it. When the originator's device runs a stage, a result that moved a walk
+        otherwise held its next segment, and the client its tokens, for a whole forward of whatever was
+        queued there (the simulator had always sent them at once: ``Simulation._originator_call``)."""
+        ahead = [d for _, ds, _ in verified for d in ds]
+        if not ahead:
+            return verified
+        self._ahead = asyncio.run_coroutine_threadsafe(self._deliver_all(ahead, ring), self._loop)
+        self.sent_ahead += 1
+        return [(res, [], failure) for res, _, failure in verified]
+
+    async def _deliver_all(self, deliveries: list[Delivery], ring: Ring | None) -> None:
+        for d in deliveries:
+            await self._deliver(d, ring, others_only=True)
 
     def _queue_own(self, actions: list[Action], ring: Ring | None) -> list[Delivery]:
         """Torch thread: queue what ``actions`` send to this device's own stage on ``ring`` (as :meth:`deliver`
@@ -973,6 +1008,8 @@ class Runtime:
             "inline_steps": self.inline_steps,
             # steps whose fillers waited for a result of this device's originator (Originator.hold_stage)
             "held_steps": self.held_steps,
+            # steps whose originator's messages left before the stage's forward (Runtime._send_ahead)
+            "sent_ahead": self.sent_ahead,
             "utilisation": round(w.busy_seconds / up, 4),
             "prefix_cache": (
                 {

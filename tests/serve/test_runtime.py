@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import threading
+import time
 import weakref
 
 from support import CodecMesh, assert_matches_greedy, greedy_reference, solo_runtime, two_stage_mesh
@@ -152,33 +153,48 @@ async def test_the_runtime_deepens_flow_pools_when_its_torch_thread_is_idle(tiny
         await b.stop()
 
 
-async def test_the_originators_own_stage_runs_the_next_segment_before_the_loop_sends_to_peers(tiny_dir):
-    """After a verification the originator's own stage computes the next segment in the same torch step,
-    before the loop sends the prune to the other stages (and tokens to the client): the next token does not
-    wait for sockets, nor for the loop to hand the segment back to the torch thread. So whenever a prune
-    leaves for B, A's stage has already run the segment of the verification that made it."""
-    _, a, b = two_stage_mesh(ModelSource.resolve(str(tiny_dir)))
-    inner, seen = a.transport, []
+async def test_the_originators_messages_leave_while_its_own_stage_computes(tiny_dir):
+    """After a verification the originator's own stage computes the next segment in the same torch step (it
+    does not wait for the loop to hand it back), and what the verification sends elsewhere (the prune for the
+    other stages, the next segment when a peer's stage takes it, tokens for the client) goes to the loop
+    before that forward starts: it leaves while the forward runs instead of waiting for its end. Every stage
+    still sees a prune before the rows computed after it: the forward's outputs follow it (the answer is
+    greedy decoding's)."""
+    src = ModelSource.resolve(str(tiny_dir))
+    _, a, b = two_stage_mesh(src)
+    inner, done, seen = a.transport, [0], []
+    run = a.worker.run
+
+    def slow(batch):  # a device slow enough that its steps go to the torch thread
+        if not batch:
+            return run(batch)
+        time.sleep(0.05)
+        out = run(batch)
+        done[0] += 1
+        return out
 
     async def watch_prunes(node: str, msg) -> None:
         if isinstance(msg, Prune):
-            seen.append(a.worker.forwards)
+            seen.append(done[0])  # forwards finished when the prune left
         await inner(node, msg)
 
-    a.transport = watch_prunes
+    a.worker.run, a.transport = slow, watch_prunes
+    prompt = [5, 6, 7, 8]
     await a.start()
     await b.start()
     try:
-        handle = await a.submit([5, 6, 7, 8], GenerateParams(max_tokens=6, mode="ar"))
-        assert len([t for chunk in await asyncio.wait_for(finished(handle), 60) for t in chunk]) == 6
+        handle = await a.submit(prompt, GenerateParams(max_tokens=6, mode="ar"))
+        tokens = [t for chunk in await asyncio.wait_for(finished(handle), 60) for t in chunk]
         assert handle.finish_reason == "length", handle.error
-        # the prompt's forward and the first token's come before the first prune (the first verification has
-        # nothing to prune); then each prune leaves after the forward of the segment sent beside it (on the
-        # loop's schedule it left before: 2, 3, 4, ...)
-        assert len(seen) >= 3 and seen == list(range(3, 3 + len(seen))), seen
     finally:
         await a.stop()
         await b.stop()
+    assert_matches_greedy(tokens, *greedy_reference(Stage.load(src, dtype="fp32"), prompt, 6, set()))
+    # the prompt's forward and the first token's come before the first prune (the first verification has
+    # nothing to prune); then each prune leaves before the forward of the segment sent beside it ends (when
+    # it waited for that forward: 3, 4, 5, ...)
+    assert len(seen) >= 3 and seen == list(range(2, 2 + len(seen))), seen
+    assert a.sent_ahead >= len(seen) and a.stage_stats()["sent_ahead"] == a.sent_ahead
 
 
 def test_a_replaced_slice_is_freed_when_the_next_one_is_installed(tiny_dir):
