@@ -40,7 +40,7 @@ import torch
 
 from meshd.modes import MESH_MODES
 from meshd.ring.messages import PROMPT_PARENT, PrefixRef, Prune, Result, Segment
-from meshd.ring.ringtime import MAX_ROWS, RingTimer
+from meshd.ring.ringtime import RingTimer
 from models.budget import CostCurve, TreeBudget
 from models.drafters import Drafter, can_extend
 from models.engine import Stats
@@ -313,7 +313,7 @@ class Originator:
         lv.stats.prefix_hit += skip  # summed over the request's prefills: its prompt's and each replay's
         ids = list(range(skip, len(tokens)))
         acts: list[Action] = []
-        for a, chunk in enumerate(split_segments(ids, self.ring.prefill_chunks(len(ids), MAX_ROWS))):
+        for a, chunk in enumerate(split_segments(ids, self.ring.prefill_chunks(len(ids)))):
             for i in chunk:
                 lv.pos[i] = i
             seg = Segment(
