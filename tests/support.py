@@ -174,6 +174,7 @@ class FakeHandle:
         self.stats: Stats | None = None
         self.logprobs: list[TokenLogprobs] = []
         self.paused_since: float | None = None
+        self.submitted, self.first_token_at = time.monotonic(), None
         self._queue: asyncio.Queue[list[int] | None] = asyncio.Queue()
         self._stats = Stats()
         self._task = asyncio.ensure_future(self._produce())
@@ -200,6 +201,7 @@ class FakeHandle:
             self._stats.per_round.append(len(chunk))
             self._stats.new_tokens += len(chunk)
             self._stats.target_forwards += 1
+            self.first_token_at = self.first_token_at or time.monotonic()
             self._queue.put_nowait(chunk)
         self._finish("length" if len(tokens) < len(rt.reply_ids) else "stop")
 

@@ -55,6 +55,8 @@ class Run:
     text_sha: str = ""  # of the answer's text (modes compared answer for answer: same_texts); "": not given
     # flow with slots: why its drafted trees ended (Stats.tree_ends: missed, unsent, undrafted); {}: not given
     tree_ends: dict[str, int] = field(default_factory=dict)
+    # from the request's submission to its first tokens at the daemon's API (0: the backend did not say)
+    first_token_seconds: float = 0.0
 
     @property
     def decode_seconds(self) -> float:
@@ -121,6 +123,7 @@ def run_interleaved(
                     s.get("first_tokens_seconds", 0.0),
                     text_digest(s["text"]) if "text" in s else "",
                     dict(s.get("tree_ends") or {}),
+                    s.get("first_token_seconds") or 0.0,
                 )
             )
             if progress:
@@ -226,6 +229,10 @@ def summarize_runs(runs: list[Run], baseline: str, temperature: float = 0.0) -> 
                 if trees and (waited := sum(r.first_tokens_seconds for r in rs))
                 else None,
                 "tree_ends": sum_tree_ends(r.tree_ends for r in rs),
+                # time to first token at the daemon's API, mean over the runs that report it (None: none does)
+                "ttft_ms": round(1e3 * sum(ts) / len(ts), 1)
+                if (ts := [r.first_token_seconds for r in rs if r.first_token_seconds])
+                else None,
             }
     head = "| category | " + " | ".join(f"{m} tok/s | {m} decode | {m} acc" for m in modes)
     head += "".join(f" | {m}/{baseline}" for m in modes if m != baseline) + " |"
@@ -251,6 +258,8 @@ def summarize_runs(runs: list[Run], baseline: str, temperature: float = 0.0) -> 
         lines = [f"{kind} (the oracle): {same_texts_line(same, baseline)}", "", *lines]
     if (why := tree_ends_line({m: table[f"ALL/{m}"]["tree_ends"] for m in modes})) is not None:
         lines += ["", why]
+    if ttft := {m: t for m in modes if (t := table[f"ALL/{m}"]["ttft_ms"]) is not None}:
+        lines += ["", "time to first token at the API, mean ms: " + ", ".join(f"{m} {t:.0f}" for m, t in ttft.items())]
     return table, "\n".join(lines)
 
 

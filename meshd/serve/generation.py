@@ -299,6 +299,11 @@ class Generation:
             "seconds": round(seconds, 4),
             "tokens_per_s": round(st.new_tokens / seconds, 3) if seconds > 0 else 0.0,
             "prefill_seconds": round(st.prefill_seconds, 4),
+            # the server's time to first token: from the request's submission to its first tokens reaching the
+            # API (the prefill, the first token's verification and the hand-over to the event loop; None: none)
+            "first_token_seconds": round(first - self.handle.submitted, 4)
+            if (first := self.handle.first_token_at) is not None
+            else None,
             "target_forwards": st.target_forwards,
             "verified_nodes": st.verified_nodes,
             "prefix_hit": st.prefix_hit,

@@ -87,6 +87,7 @@ class RequestHandle:
         # time.monotonic() when this request's pause began (its ring was lost: it waits for a plan or replays
         # on one); None while it runs. Set by the compute loop's sweep, cleared by the first tokens after it.
         self.paused_since: float | None = None
+        self.first_token_at: float | None = None  # time.monotonic() when its first tokens reached this handle
         self._chunks: asyncio.Queue[list[int] | None] = asyncio.Queue()
 
     async def __aiter__(self) -> AsyncIterator[list[int]]:
@@ -117,6 +118,8 @@ class RequestHandle:
         }
 
     def _push(self, tokens: list[int], logprobs: list[TokenLogprobs] | None = None) -> None:
+        if self.first_token_at is None:
+            self.first_token_at = time.monotonic()
         self.rounds += 1
         self.token_ids.extend(tokens)
         self.logprobs.extend(logprobs or ())

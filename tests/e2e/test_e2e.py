@@ -69,6 +69,7 @@ def test_three_daemons_every_peer_every_mode_equals_greedy(mesh3, embedded, embe
             assert_matches_greedy(ext["token_ids"], want, gaps)
             # the response says how long its trees waited for their first tokens (each a pass through the ring)
             assert ext["trees"] >= 1 and ext["first_tokens_seconds"] > 0, ext
+            assert 0 < ext["first_token_seconds"] < ext["seconds"], ext  # and its time to first token
             if mode != "ar":  # per verified tree: flow's slots return a tree in several steps of the walk
                 accepted[mode].append(ext["accepted_per_tree"])
             stream = client.chat.completions.create(

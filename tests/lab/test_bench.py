@@ -161,6 +161,18 @@ def test_a_trees_wait_for_its_first_tokens_is_a_mean_over_the_trees_of_the_runs_
     assert table["ALL/spec"]["first_tokens_ms"] is None  # one device's engine does not time it
 
 
+def test_the_time_to_first_token_is_a_mean_over_the_runs_that_report_it_and_said_under_the_table():
+    def run(mode: str, ttft: float) -> bench.Run:
+        return bench.Run(1, "math", mode, 4, 4, 1.0, 4, 1.0, 4.0, first_token_seconds=ttft)
+
+    table, md = bench.summarize_runs([run("ar", 0.2), run("ar", 0.4), run("flow", 0.25), run("spec", 0.0)], "ar")
+    assert table["ALL/ar"]["ttft_ms"] == pytest.approx(300.0) and table["ALL/flow"]["ttft_ms"] == 250.0
+    assert table["ALL/spec"]["ttft_ms"] is None  # its backend did not say
+    assert md.endswith("time to first token at the API, mean ms: ar 300, flow 250")
+    _, md = bench.summarize_runs([run("ar", 0.0)], "ar")
+    assert "time to first token" not in md
+
+
 def test_why_flows_trees_ended_is_summed_per_mode_and_said_under_the_table():
     def run(q: int, mode: str, ends: dict[str, int]) -> bench.Run:
         return bench.Run(q, "math", mode, 4, 4, 1.0, 4, 1.0, 4.0, tree_ends=ends)

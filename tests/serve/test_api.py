@@ -64,6 +64,7 @@ async def test_openai_chat_non_streaming(rt, url, embedded_tokenizer):
     assert stats["mode"] == "chunk" and stats["new_tokens"] == len(rt.reply_ids)
     assert stats["rounds"] == -(-len(rt.reply_ids) // 3) and stats["mean_accepted"] > 2.5
     assert {"seconds", "tokens_per_s", "target_forwards"} <= set(stats)
+    assert stats["first_token_seconds"] > 0  # the server's time to first token
 
 
 async def test_openai_chat_streaming_is_the_same_answer(rt, url):
