@@ -60,8 +60,9 @@ class InProcessPipeline:
         elif isinstance(d, ToEveryStage):
             for w in self.workers:
                 w.handle(d.message)
-        elif isinstance(d, ToOriginator):
-            self.dispatch(self.originator.on_result(d.message))
+        elif isinstance(d, ToOriginator):  # the tokens and prune first, then the next round's draft
+            self.dispatch(self.originator.verify_result(d.message))
+            self.dispatch(self.originator.follow_up(d.message.request_id))
         else:
             self._to_client(d)
 

@@ -184,6 +184,12 @@ class _Live:
     paused_at: float | None = None  # when the ring was lost; cleared by the first tokens after the resume
     waiting: bool = False  # paused and not yet replayed on a ring
     replaying: bool = False  # the replay prefill of the committed history is in flight
+    # between Originator.verify_result and follow_up: a result was verified (following), what its walk calls
+    # for next (then: a new round or a re-rooted frontier, drafted and sent by follow_up; None: nothing but
+    # a continuous request's refill) and the verification's time, which follow_up adds to its own
+    following: bool = False
+    then: Callable[[], list[Action]] | None = None
+    verify_seconds: float = 0.0
 
     @property
     def context(self) -> list[int]:
@@ -431,6 +437,7 @@ class Originator:
         lv.due.clear()
         lv.stage_free = 0.0  # the old ring's stages: nothing of this request is computing on the new one
         lv.tree_started = None  # the tree in progress is lost: its time says nothing of drafts
+        lv.following, lv.then, lv.verify_seconds = False, None, 0.0  # what a result called for is lost with it
         lv.in_flight.clear()
         lv.prefill_left.clear()
         lv.logits.clear()
@@ -494,7 +501,8 @@ class Originator:
             lv.ctx_feats = [full]
         if lv.drafter is not None:
             lv.drafter.accept(lv.context, full if full is not None else feats)
-        return self._new_round(lv)
+        lv.then = lambda: self._new_round(lv)
+        return []
 
     @staticmethod
     def _context_feats(lv: _Live, feats: torch.Tensor) -> torch.Tensor | None:
@@ -513,19 +521,47 @@ class Originator:
         return None if lv is None or lv.waiting else lv
 
     def on_result(self, res: Result) -> list[Action]:
-        """Hidden states of ``res``'s nodes came back from the last stage."""
+        """Hidden states of ``res``'s nodes came back from the last stage: :meth:`verify_result` and
+        :meth:`follow_up` in one call, for drivers that send nothing between them."""
+        return self.verify_result(res) + self.follow_up(res.request_id)
+
+    def verify_result(self, res: Result) -> list[Action]:
+        """The first half of :meth:`on_result`: the LM head and the walk over ``res``'s rows, with what they
+        decide at once (the client's tokens, the stages' prune). The drafting they call for (a new round's
+        pool, a re-rooted frontier's levels) and the segments that carry it wait for :meth:`follow_up`, so a
+        driver can send the tokens and the prune first: a client otherwise waited a draft longer for every
+        round's last tokens, and for the answer's first token (a ``chunk`` tree's whole depth)."""
         lv = self._by_result(res)
         if lv is None:
             return []  # finished, cancelled, or sent on a ring since lost, while this segment was in flight
+        acts = self._follow(lv)  # an earlier result of this request not followed up yet: its round goes first
         lv.stage_load = res.stage_queue
         t0 = self.timer()
-        if lv.prefill_left:
-            acts = self._prefill_result(lv, res)
-        else:
-            acts = self._verify(lv, res)
+        lv.following = True
+        acts += self._prefill_result(lv, res) if lv.prefill_left else self._verify(lv, res)
+        lv.verify_seconds += self.timer() - t0
+        return acts
+
+    def follow_up(self, ring_id: str) -> list[Action]:
+        """The second half of :meth:`on_result` for the request the stages know as ``ring_id``, once per
+        :meth:`verify_result` (a second call, or one for a request that finished meanwhile, returns nothing):
+        the round or frontier its walk moved to is drafted and sent, and a continuous request's slots are
+        refilled (after every result, also one that moved nothing)."""
+        rid = self._by_ring.get(ring_id)
+        lv = self.live.get(rid) if rid is not None else None
+        return self._follow(lv) if lv is not None else []
+
+    def _follow(self, lv: _Live) -> list[Action]:
+        if not lv.following or lv.waiting or lv.done:
+            return []
+        lv.following = False
+        t0 = self.timer()
+        then, lv.then = lv.then, None
+        acts = then() if then is not None else []
         if self._continuous(lv) and not lv.done:
             acts += self._fill(lv)
-            self.ring.originator_work(self.timer() - t0)
+            self.ring.originator_work(lv.verify_seconds + self.timer() - t0)
+        lv.verify_seconds = 0.0
         return acts
 
     def _verify(self, lv: _Live, res: Result) -> list[Action]:
@@ -577,7 +613,7 @@ class Originator:
         if lv.drafter is not None:
             lv.drafter.accept(lv.context, feats)
         if not lv.done:
-            acts += self._new_round(lv)
+            lv.then = lambda: self._new_round(lv)
         return acts
 
     @staticmethod
@@ -753,9 +789,8 @@ class Originator:
         for n in path_ids:
             lv.logits.pop(n, None)
             lv.feats.pop(n, None)
-        if walk.done:
-            return acts + self._new_round(lv)
-        return acts + self._expand(lv)
+        lv.then = (lambda: self._new_round(lv)) if walk.done else (lambda: self._expand(lv))
+        return acts
 
     @staticmethod
     def _why_ended(lv: _Live, node: int, token: int) -> str:
@@ -931,7 +966,7 @@ class Originator:
         call re-drafts every such pool from its root to the full depth and merges it in."""
         acts: list[Action] = []
         for lv in list(self.live.values()):
-            if not lv.deepen or lv.done or lv.pool is None:
+            if not lv.deepen or lv.done or lv.pool is None or lv.following:
                 continue
             if self._resumes(lv):
                 grown = self._grow(lv)

@@ -222,8 +222,8 @@ class Runtime:
         # (Originator.hold_stage): how long the compute loop waits for it before the forward goes ahead
         self._hold_seconds: float | None = None
         self.held_steps = 0  # such waits, since start
-        # the originator's deliveries a threaded step handed to the loop before its forward (_send_ahead),
-        # awaited before the forward's outputs are sent; and how many steps did so, since start
+        # the originator's deliveries a threaded step handed to the loop before its drafting or forward (_send_ahead),
+        # awaited before the forward's outputs are sent; and how many hand-overs, since start
         self._ahead: Future | None = None
         self.sent_ahead = 0
         self._loop_task: asyncio.Task | None = None
@@ -867,8 +867,9 @@ class Runtime:
         """Torch thread (``threaded``) or the loop's, for a short one (:meth:`_start_step`): one step of this
         device's work, carried as far as it goes without the event loop.
 
-        Results for this originator are verified first (LM head, walk, drafting); what that sends to this
-        device's own stage is queued for it here, and the stage then runs on everything queued, so the next
+        Results for this originator are verified first (LM head, walk), then followed up (drafting the rounds
+        the walks moved to; the tokens and prunes leave before that on the torch thread); what that sends to
+        this device's own stage is queued for it here, and the stage then runs on everything queued, so the next
         segment starts at once instead of after two trips through the loop (which, while it writes to sockets,
         holds the GIL). Only fillers queued while a result of ours is due before their forward would end: the
         forward waits for it instead (``_hold_seconds``, :meth:`Originator.hold_stage`). Returns each result
@@ -888,14 +889,13 @@ class Runtime:
         verified: list[tuple[Result, list[Delivery], str | None]] = []
         results = self._drain_inbox()
         while results and self.originator is not None:
-            for res in results:
-                try:
-                    actions = self.originator.on_result(res)
-                except Exception as exc:
-                    log.exception("request %s failed at the originator", res.request_id)
-                    verified.append((res, [], f"{type(exc).__name__}: {exc}"))
-                    continue
-                verified.append((res, self._queue_own(actions, ring), None))
+            checked = [self._originate(res, ring, self.originator.verify_result, res) for res in results]
+            verified += checked
+            if threaded:  # the client's tokens and the prunes leave now; the drafts they call for follow
+                verified = self._send_ahead(verified, ring)
+            follow = {res.request_id: res for res, _, failure in checked if failure is None}
+            for rid, res in follow.items():
+                verified.append(self._originate(res, ring, self.originator.follow_up, rid))
             results = self._drain_inbox()  # this device's messages, in order after what peers sent meanwhile
         if self.worker is None:
             return verified, []
@@ -922,24 +922,43 @@ class Runtime:
                 self._loop.call_soon_threadsafe(self._refused, refusal)
             return verified, []
 
+    def _originate(
+        self, res: Result, ring: Ring | None, call: Callable[[Any], list[Action]], arg: Any
+    ) -> tuple[Result, list[Delivery], str | None]:
+        """Torch thread: one originator call for ``res``'s request (``call(arg)``); ``res`` with the call's
+        deliveries for peers and the client (what it sends to this device's own stage is queued here), or
+        with why the call failed (that request alone fails)."""
+        try:
+            actions = call(arg)
+        except Exception as exc:
+            log.exception("request %s failed at the originator", res.request_id)
+            return res, [], f"{type(exc).__name__}: {exc}"
+        return res, self._queue_own(actions, ring), None
+
     def _send_ahead(
         self, verified: list[tuple[Result, list[Delivery], str | None]], ring: Ring | None
     ) -> list[tuple[Result, list[Delivery], str | None]]:
-        """Torch thread, before this device's forward: hand the originator's deliveries (a round's next
-        segment for a peer's stage, a prune for every stage, tokens for the client) to the loop now, so they
-        leave while the forward runs instead of after it; returns ``verified`` without them. The loop awaits
-        them (:attr:`_ahead`) before it sends the forward's outputs, so every stage still sees a prune before
-        the rows computed after it. When the originator's device runs a stage, a result that moved a walk
-        otherwise held its next segment, and the client its tokens, for a whole forward of whatever was
-        queued there (the simulator had always sent them at once: ``Simulation._originator_call``)."""
+        """Torch thread, before the originator's drafting and before this device's forward: hand the
+        originator's deliveries so far (tokens for the client, a prune for every stage; before the forward
+        also a round's next segment for a peer's stage) to the loop now, so they leave while the drafting
+        and the forward run instead of after them; returns ``verified`` without them. Each hand-over's
+        deliveries go after the previous one's, and the loop awaits them all (:attr:`_ahead`) before it
+        sends the forward's outputs, so every stage still sees a prune before the rows computed after it.
+        When the originator's device runs a stage, a result that moved a walk otherwise held its next
+        segment, and the client its tokens, for a whole forward of whatever was queued there; the client's
+        tokens also waited for the next round's draft (the simulator sends each call's messages when the
+        call ends: ``Simulation._originator_call``)."""
         ahead = [d for _, ds, _ in verified for d in ds]
         if not ahead:
             return verified
-        self._ahead = asyncio.run_coroutine_threadsafe(self._deliver_all(ahead, ring), self._loop)
+        earlier = self._ahead  # handed over earlier in this step: those go first
+        self._ahead = asyncio.run_coroutine_threadsafe(self._deliver_all(ahead, ring, earlier), self._loop)
         self.sent_ahead += 1
         return [(res, [], failure) for res, _, failure in verified]
 
-    async def _deliver_all(self, deliveries: list[Delivery], ring: Ring | None) -> None:
+    async def _deliver_all(self, deliveries: list[Delivery], ring: Ring | None, after: Future | None = None) -> None:
+        if after is not None:
+            await asyncio.wrap_future(after)
         for d in deliveries:
             await self._deliver(d, ring, others_only=True)
 
@@ -1011,7 +1030,7 @@ class Runtime:
             "inline_steps": self.inline_steps,
             # steps whose fillers waited for a result of this device's originator (Originator.hold_stage)
             "held_steps": self.held_steps,
-            # steps whose originator's messages left before the stage's forward (Runtime._send_ahead)
+            # hand-overs of the originator's messages ahead of its drafting or the stage's forward (Runtime._send_ahead)
             "sent_ahead": self.sent_ahead,
             "utilisation": round(w.busy_seconds / up, 4),
             "prefix_cache": (

@@ -739,18 +739,18 @@ def _result_waits(full: Stage, hold: bool, monkeypatch) -> tuple[list[float], li
     dev = sim.devices[1]
     arrived: dict[int, float] = {}
     waits: list[float] = []
-    deliver, on_result = sim._deliver, dev.originator.on_result
+    deliver, verify_result = sim._deliver, dev.originator.verify_result
 
     def deliver_noting(to, msg):
         if isinstance(msg, Result):
             arrived[id(msg)] = sim._now
         return deliver(to, msg)
 
-    def on_result_noting(res):
+    def verify_noting(res):
         waits.append(sim._clock - arrived.pop(id(res)))
-        return on_result(res)
+        return verify_result(res)
 
-    sim._deliver, dev.originator.on_result = deliver_noting, on_result_noting
+    sim._deliver, dev.originator.verify_result = deliver_noting, verify_noting
     sim.add(Request("r", prompt_of(20, 5), 40, "flow"))
     sim.run()
     monkeypatch.undo()

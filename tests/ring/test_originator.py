@@ -63,11 +63,13 @@ class Scripted:
         self.trees = trees
         self.resets: list[list[int]] = []
         self.accepted: list[tuple[list[int], int]] = []  # (context, rows of hidden states)
+        self.drafted: list[int] = []  # the last token of each draft's context
 
     def reset(self, prompt: list[int]) -> None:
         self.resets.append(list(prompt))
 
     def draft(self, context: list[int], *, top_k: int, depth: int, max_nodes: int, keep: int | None = None) -> Tree:
+        self.drafted.append(context[-1])
         tree = Tree.root(context[-1])
         for parent, tok, p in self.trees.get(context[-1], []):
             tree.add(parent, tok, tree.scores[parent] + math.log(p))
@@ -223,6 +225,56 @@ def test_chunk_verifies_once_the_whole_tree_is_back(target):
     # the drafter heard the prompt, then the accepted path with the target's features of p, a, b
     assert drafter.resets == [[a, b, c]]
     assert drafter.accepted == [([a, b, c, p], 3), ([a, b, c, p, a, b, z], 3)]
+
+
+def test_the_tokens_and_prune_come_before_the_next_rounds_draft(target):
+    """verify_result decides and emits; follow_up drafts the round the walk moved to and sends it (once), so
+    a driver can send the client's tokens and the stages' prune before the drafting: on_result is both."""
+    p, a, b, c, z = target.tokens[:5]
+    drafter = Scripted({p: [(0, a, 0.9), (1, b, 0.9)], z: [(0, a, 0.9)]})
+    orig = originator(target, drafter, stages=2)
+    *chunks, last = segments(orig.submit(Request("r", [a, b, c], 16, "chunk")))
+    for chunk in chunks:
+        assert orig.verify_result(said(target, chunk, [p] * len(chunk))) == [] and orig.follow_up("r") == []
+    assert orig.verify_result(said(target, last, [p] * len(last))) == [Emit("r", [p])]  # the first token
+    assert drafter.drafted == []  # not drafted yet
+    s1, s2 = segments(orig.follow_up("r"))  # the first round: drafted now, one chunk per stage
+    assert drafter.drafted == [p] and (s1.tokens, s2.tokens) == ([p, a], [b])
+    assert orig.follow_up("r") == []  # once per verified result
+    assert orig.verify_result(said(target, s1, [a, b])) == [] and orig.follow_up("r") == []  # chunk waits
+    assert orig.verify_result(said(target, s2, [z])) == [
+        Emit("r", [a, b, z]),
+        SendPrune(Prune("r", upto=5, keep=[3, 4, 5], commit=[3, 4, 5])),
+    ]
+    assert drafter.drafted == [p]
+    (nxt,) = segments(orig.follow_up("r"))[:1]
+    assert drafter.drafted == [p, z] and nxt.tokens[0] == z
+    assert orig.follow_up("unknown") == []
+
+
+def test_a_result_verified_before_the_previous_ones_follow_up_starts_that_round_first(target):
+    """Two results of one request in one device step: each is verified, then followed up. The second's
+    verification first does what the first's walk called for, so the request goes on exactly as with
+    on_result per result (the same tokens, prunes, segments and drafter calls)."""
+    p, a, b, c, d, e = target.tokens[:6]
+    trees = {p: [(0, a, 0.6), (0, b, 0.3), (1, c, 0.9)], c: [(0, d, 0.9)]}
+
+    def run(split: bool) -> tuple[list, Scripted, list[int]]:
+        drafter = Scripted(trees)
+        orig = originator(target, drafter, stages=2, flow_slots=1)
+        s1, s2 = segments(prefill(orig, target, Request("r", [a, b], 16, "flow"), first=p))
+        if split:
+            acts = orig.verify_result(said(target, s1, [a, c])) + orig.verify_result(said(target, s2, [d, e]))
+            acts += orig.follow_up("r")
+        else:
+            acts = orig.on_result(said(target, s1, [a, c])) + orig.on_result(said(target, s2, [d, e]))
+        return acts, drafter, orig.live["r"].out
+
+    split, split_drafter, split_out = run(True)
+    joined, joined_drafter, joined_out = run(False)
+    assert [type(x) for x in split] == [Emit, SendPrune, SendSegment, Emit, SendPrune]
+    assert split == joined and split_out == joined_out == [p, a, c, d]
+    assert split_drafter.accepted == joined_drafter.accepted and split_drafter.drafted == joined_drafter.drafted
 
 
 def test_flow_and_chunk_cut_the_same_tree_differently(target):

@@ -197,6 +197,46 @@ async def test_the_originators_messages_leave_while_its_own_stage_computes(tiny_
     assert a.sent_ahead >= len(seen) and a.stage_stats()["sent_ahead"] == a.sent_ahead
 
 
+async def test_the_clients_tokens_leave_before_the_next_rounds_draft(tiny_dir):
+    """A verification's tokens go to the loop before the torch thread drafts the round they end with
+    (Originator.verify_result, then follow_up): the client does not wait a draft longer for a round's last
+    tokens, nor for the answer's first. Each draft here waits (up to 2 s) for the client to hold every token
+    before it; on a step that drafted before handing the tokens over, none ever would."""
+    src = ModelSource.resolve(str(tiny_dir))
+    _, a, b = two_stage_mesh(src)
+    full, prompt, waited = Stage.load(src, dtype="fp32"), [5, 6, 7, 8], []
+
+    class Watching(ModelDrafter):
+        def draft(self, context, **kw):
+            (handle,) = a.handles.values()
+            want, t0 = len(context) - len(prompt), time.monotonic()
+            while len(handle.token_ids) < want and time.monotonic() - t0 < 2.0:
+                time.sleep(0.001)
+            waited.append(len(handle.token_ids) >= want)
+            return super().draft(context, **kw)
+
+    a.originator.drafter_factory = lambda: Watching(full)
+    run = a.worker.run
+
+    def slow(batch):  # a device slow enough that its steps go to the torch thread
+        if batch:
+            time.sleep(0.05)
+        return run(batch)
+
+    a.worker.run = slow
+    await a.start()
+    await b.start()
+    try:
+        handle = await a.submit(prompt, GenerateParams(max_tokens=8, mode="chunk"))
+        tokens = [t for chunk in await asyncio.wait_for(finished(handle), 60) for t in chunk]
+        assert handle.finish_reason == "length", handle.error
+    finally:
+        await a.stop()
+        await b.stop()
+    assert_matches_greedy(tokens, *greedy_reference(full, prompt, 8, set()))
+    assert len(waited) >= 2 and all(waited), waited
+
+
 def test_a_replaced_slice_is_freed_when_the_next_one_is_installed(tiny_dir):
     """A re-plan swaps this device's slice; the old one must go at once, not at some later full
     collection (the soak saw resident memory grow by a slice at every re-plan)."""

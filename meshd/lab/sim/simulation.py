@@ -8,10 +8,11 @@ the clock is simulated. Each forward is computed for real but *charged* by a cos
 
 - **stages**: one device per stage, serial (one torch executor, as in the daemon). A device loops
   like ``Runtime._step``: the originator's calls for the requests and results that have arrived
-  (what they send to the device's own stage is queued at once), then one batched forward over its
+  (what they send to the device's own stage is queued at once; every result verified before any is
+  followed up with drafting, so tokens and prunes leave first), then one batched forward over its
   queue (``take_batch``/``run``), then route the forward's outputs. A forward over T rows costs
   ``profile.stage_cost(layers)(T)``.
-- **originator**: its calls (submit, on_result) cost the LM heads they run plus the draft time;
+- **originator**: its calls (submit, verify_result, follow_up) cost the LM heads they run plus the draft time;
   with a ``measured`` profile, the call's own CPU time (``time.thread_time``; run with one torch
   thread). Within a call its clock runs on over the heads and drafting charged so far, as a daemon's
   wall clock does, so what it times (a segment's send, its own work per segment) is what a daemon's
@@ -485,8 +486,12 @@ class Simulation:
         dev.stepping = True
         for req in submits:
             t = self._originator_call(dev, t, lambda req=req: dev.originator.submit(req), req.request_id)
+        # every result's tokens and prunes leave first, then the drafts they call for (Runtime._step_on)
         for res in results:
-            t = self._originator_call(dev, t, lambda res=res: dev.originator.on_result(res), res.request_id)
+            t = self._originator_call(dev, t, lambda res=res: dev.originator.verify_result(res), res.request_id)
+        for res in results:
+            follow = lambda rid=res.request_id: dev.originator.follow_up(rid)  # noqa: E731
+            t = self._originator_call(dev, t, follow, res.request_id)
         dev.stepping = False
         if dev.worker is not None and dev.originator is not None and dev.worker.fillers_only:
             until = dev.originator.hold_stage(dev.worker.queued_rows, t)
