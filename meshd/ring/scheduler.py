@@ -2,7 +2,9 @@
 
 The daemon, the in-process pipeline and the simulator all drive this same class; none of its
 methods touches a socket or a clock it was not given. Torch work (LM head, drafting) happens
-inside the calls, so the daemon calls them from its torch executor.
+inside the calls, so the daemon calls them from its torch executor. A result is taken in two calls,
+``verify_result`` (the walk: tokens for the client, prunes for the stages) and ``follow_up`` (the
+drafting it calls for, and the segments), so that a driver can send the tokens before drafting.
 
 Three modes, per request:
 - ``ar``: one token per pass through the ring.
