@@ -59,8 +59,11 @@ from models.verify import History, Sampling, TokenLogprobs, Walk, advance, sampl
 # every variant write the same sampled text), for ~80 % more rows on the stages; on 5 emulated daemons
 # +4.6 % at T=0 (an unpaired "-7 %" at T=1 was different answers, "Sampled answers the same in every mode").
 # On a steep (CPU) curve a filler's rows must pay for the step they lengthen, so the floor rarely binds there.
+# IDLE_FIRST_DEPTH back to 2 later (docs/benchmarks.md, "Two levels before a first segment"): on the later
+# scheduler 2 and 3 read the same at T=0 (22.69 and 22.70 tok/s on the 13 x 256), and 2 is +2-5 % at
+# T=1, where a walk rarely gets three levels deep and every level drafted first delays each restart.
 FILL_FLOOR = 0.005
-IDLE_FIRST_DEPTH = 3
+IDLE_FIRST_DEPTH = 2
 IDLE_DEPTH = 8
 # drafted trees (decayed count, memory 0.8: ~5 trees) measured before flow may back off to plain trees
 TREES_TO_JUDGE = 3.0
