@@ -489,9 +489,8 @@ class Simulation:
         # every result's tokens and prunes leave first, then the drafts they call for (Runtime._step_on)
         for res in results:
             t = self._originator_call(dev, t, lambda res=res: dev.originator.verify_result(res), res.request_id)
-        for res in results:
-            follow = lambda rid=res.request_id: dev.originator.follow_up(rid)  # noqa: E731
-            t = self._originator_call(dev, t, follow, res.request_id)
+        for rid in dict.fromkeys(res.request_id for res in results):
+            t = self._originator_call(dev, t, lambda rid=rid: dev.originator.follow_up(rid), rid)
         dev.stepping = False
         if dev.worker is not None and dev.originator is not None and dev.worker.fillers_only:
             until = dev.originator.hold_stage(dev.worker.queued_rows, t)
