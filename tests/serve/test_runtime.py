@@ -73,6 +73,25 @@ async def finished(handle) -> list[list[int]]:
     return [chunk async for chunk in handle]
 
 
+async def answers(
+    a: Runtime, b: Runtime, prompts: list[list[int]], params: GenerateParams, ask: Runtime | None = None
+) -> list[list[int]]:
+    """Start both runtimes of a two-stage mesh, have ``ask`` (by default ``a``) answer each prompt in turn,
+    stop them; the answers' tokens (each must end by its length or a stop token)."""
+    await a.start()
+    await b.start()
+    try:
+        got = []
+        for prompt in prompts:
+            handle = await (ask or a).submit(prompt, params)
+            got.append([t for chunk in await asyncio.wait_for(finished(handle), 60) for t in chunk])
+            assert handle.finish_reason in ("length", "stop"), handle.error
+    finally:
+        await a.stop()
+        await b.stop()
+    return got
+
+
 async def test_a_lost_link_fails_the_request_through_the_originator(tiny_dir):
     peer = Peer(refuse=True)
     rt = await two_stage_runtime(tiny_dir, peer)
@@ -180,15 +199,7 @@ async def test_the_originators_messages_leave_while_its_own_stage_computes(tiny_
 
     a.worker.run, a.transport = slow, watch_prunes
     prompt = [5, 6, 7, 8]
-    await a.start()
-    await b.start()
-    try:
-        handle = await a.submit(prompt, GenerateParams(max_tokens=6, mode="ar"))
-        tokens = [t for chunk in await asyncio.wait_for(finished(handle), 60) for t in chunk]
-        assert handle.finish_reason == "length", handle.error
-    finally:
-        await a.stop()
-        await b.stop()
+    (tokens,) = await answers(a, b, [prompt], GenerateParams(max_tokens=6, mode="ar"))
     assert_matches_greedy(tokens, *greedy_reference(Stage.load(src, dtype="fp32"), prompt, 6, set()))
     # the prompt's forward and the first token's come before the first prune (the first verification has
     # nothing to prune); then each prune leaves before the forward of the segment sent beside it ends (when
@@ -224,15 +235,7 @@ async def test_the_clients_tokens_leave_before_the_next_rounds_draft(tiny_dir):
         return run(batch)
 
     a.worker.run = slow
-    await a.start()
-    await b.start()
-    try:
-        handle = await a.submit(prompt, GenerateParams(max_tokens=8, mode="chunk"))
-        tokens = [t for chunk in await asyncio.wait_for(finished(handle), 60) for t in chunk]
-        assert handle.finish_reason == "length", handle.error
-    finally:
-        await a.stop()
-        await b.stop()
+    (tokens,) = await answers(a, b, [prompt], GenerateParams(max_tokens=8, mode="chunk"))
     assert_matches_greedy(tokens, *greedy_reference(full, prompt, 8, set()))
     assert len(waited) >= 2 and all(waited), waited
 
@@ -272,17 +275,8 @@ async def test_short_steps_run_where_the_message_arrived_and_long_ones_on_the_to
 
         rt.worker.run = spy
     prompts = [[5, 6, 7, 8], [5 + i % 50 for i in range(INLINE_ROWS + 6)]]
-    await a.start()
-    await b.start()
-    try:
-        got = []
-        for prompt in prompts:  # one after the other: the second's prompt comes once token steps were timed
-            handle = await a.submit(prompt, GenerateParams(max_tokens=8, mode="ar"))
-            got.append([t for chunk in await asyncio.wait_for(finished(handle), 60) for t in chunk])
-            assert handle.finish_reason == "length", handle.error
-    finally:
-        await a.stop()
-        await b.stop()
+    # one after the other: the second's prompt comes once token steps were timed
+    got = await answers(a, b, prompts, GenerateParams(max_tokens=8, mode="ar"))
     target = Stage.load(src, dtype="fp32")
     for prompt, tokens in zip(prompts, got):
         assert_matches_greedy(tokens, *greedy_reference(target, prompt, 8, set()))
@@ -328,15 +322,7 @@ async def test_a_step_that_holds_its_fillers_for_a_result_loses_nothing(tiny_dir
 
     monkeypatch.setattr(Originator, "hold_stage", hold)
     prompt = [20, 21, 22]
-    await a.start()
-    await b.start()
-    try:
-        handle = await b.submit(prompt, GenerateParams(max_tokens=24, mode="flow"))
-        tokens = [t for chunk in await asyncio.wait_for(finished(handle), 60) for t in chunk]
-        assert handle.finish_reason in ("length", "stop"), handle.error
-    finally:
-        await a.stop()
-        await b.stop()
+    (tokens,) = await answers(a, b, [prompt], GenerateParams(max_tokens=24, mode="flow"), ask=b)
     assert_matches_greedy(tokens, *greedy_reference(full, prompt, 24, set(b._stop_ids())))
     assert b.held_steps == len(asked) > 0 and a.held_steps == 0
     assert len(asked) < 400, len(asked)  # a loop that spun through its holds would ask thousands of times
