@@ -11,6 +11,7 @@ import weakref
 from support import CodecMesh, assert_matches_greedy, greedy_reference, solo_runtime, two_stage_mesh
 
 from meshd.ring.messages import PROMPT_PARENT, Prune, Segment
+from meshd.serve import runtime as runtime_module
 from meshd.serve.engine import GenerateParams
 from meshd.serve.runtime import INLINE_ROWS, Ring, Runtime
 from models.budget import CostCurve
@@ -259,10 +260,13 @@ def test_a_replaced_slice_is_freed_when_the_next_one_is_installed(tiny_dir):
             gc.enable()
 
 
-async def test_short_steps_run_where_the_message_arrived_and_long_ones_on_the_torch_thread(tiny_dir):
+async def test_short_steps_run_where_the_message_arrived_and_long_ones_on_the_torch_thread(tiny_dir, monkeypatch):
     """A token's step is short: it runs on the event loop's thread, where its message arrived, sparing a hop
     two thread hand-offs; a prompt over INLINE_ROWS rows goes to the torch thread, and so does any step while
-    that thread has work queued (it cannot overtake it). The text is greedy decoding's either way."""
+    that thread has work queued (it cannot overtake it). The text is greedy decoding's either way. (A step
+    counts as short up to 1 s here instead of INLINE_SECONDS: on a busy machine a token's step of this tiny
+    model can take longer than 20 ms, which would send it to the torch thread, rightly, and fail the test.)"""
+    monkeypatch.setattr(runtime_module, "INLINE_SECONDS", 1.0)
     src = ModelSource.resolve(str(tiny_dir))
     _, a, b = two_stage_mesh(src)
     ran: dict[str, list[tuple[str, int]]] = {"A": [], "B": []}
