@@ -557,6 +557,9 @@ class Originator:
         return self._follow(lv) if lv is not None else []
 
     def _follow(self, lv: _Live) -> list[Action]:
+        """:meth:`follow_up` for ``lv``; also what :meth:`verify_result` runs first when a second result of
+        the request comes before the first's follow-up (one device step held both), so each walk goes on
+        from the tree the previous one left, as with :meth:`on_result` per result."""
         if not lv.following or lv.waiting or lv.done:
             return []
         lv.following = False
