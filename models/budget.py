@@ -29,6 +29,15 @@ left ``alpha`` so low that no n-gram tree could pay any more, and a prompt that 
 the rest of the request (and the other way round: one failed lookup starved the head's first choice). Its
 own calibration learns only from its own rounds, and drifts back to its prior while it has none, so one bad
 guess early in an answer cannot switch the lookups off for good.
+
+Backing off still leaves each probe, each lookup tree and the first drafts of a request to chance: on a CPU
+where a verified row costs a tenth of a plain round, one failed 7-node tree costs ~2.5 plain rounds, 10 % of
+a 25-token answer. A budget given ``max_loss`` (what ``meshd generate`` and ``serve`` use on one device) also
+keeps a request's books: the measured time its drafting rounds took beyond their tokens at the plain rate.
+A round may draft, and verify as many nodes, only while what it would lose if nothing were accepted fits in
+``max_loss`` of the request's time so far, less what drafts already lost (plus what they gained: accepted
+tokens are credit). So a request loses at most that share to drafts, give or take one round's estimate, and
+its trees grow with what its drafts have earned (:meth:`TreeBudget.allowance`).
 """
 
 from __future__ import annotations
@@ -120,6 +129,9 @@ PROBE_AFTER = 2  # plain rounds after the first draft that did not pay, before d
 MAX_BACKOFF = 32  # the longest wait between probes (doubling from PROBE_AFTER while probes fail)
 PROBE_NODES = 2  # a probe's draft: the head's best few nodes (see TreeBudget.depth_hint) ...
 PROBE_DEPTH = 2  # ... over at most this many levels
+# the share of a request's time its drafts may lose against plain rounds on one device (TreeBudget.allowance):
+# issue 13 asks that ``spec`` be at worst a few per cent slower than ``ar`` on any prompt
+MAX_LOSS = 0.03
 
 
 class DraftPrior:
@@ -145,13 +157,29 @@ class DraftPrior:
         self.probe_after, self.max_wait = probe_after, max_wait
         self.wait = 0  # plain rounds the next request starts with before its first full draft (0: draft at once)
         self.size: int | None = None  # nodes the latest judged request's last full draft verified (None: none yet)
+        # what a full draft and a drafting round's bookkeeping took lately (TreeBudget.worst_loss; None: not
+        # measured yet), so a capped request sizes its first draft by it rather than find out by losing it
+        self.draft_s: float | None = None
+        self.fixed_s: float | None = None
 
-    def record(self, verdict: bool | None, backoff: int = 0, size: int | None = None) -> None:
+    def record(
+        self,
+        verdict: bool | None,
+        backoff: int = 0,
+        size: int | None = None,
+        draft_s: float | None = None,
+        fixed_s: float | None = None,
+    ) -> None:
         """Fold in one finished request: ``verdict`` is its budget's :attr:`TreeBudget.verdict`, ``backoff``
         the wait its next failed probe would have bought (0: not known), ``size`` the nodes its last full
-        draft verified (None: it drafted none)."""
+        draft verified (None: it drafted none), ``draft_s`` and ``fixed_s`` its measured draft and drafting
+        round's bookkeeping (None: not measured)."""
         if size is not None:
             self.size = size
+        if draft_s is not None:
+            self.draft_s = draft_s
+        if fixed_s is not None:
+            self.fixed_s = fixed_s
         if verdict is True:
             self.wait = 0
         elif verdict is False:
@@ -160,6 +188,7 @@ class DraftPrior:
     def copy(self) -> DraftPrior:
         other = DraftPrior(self.probe_after, self.max_wait)
         other.wait, other.size = self.wait, self.size
+        other.draft_s, other.fixed_s = self.draft_s, self.fixed_s
         return other
 
 
@@ -181,6 +210,7 @@ class TreeBudget:
         measured_only: bool = False,
         judge_after: float = 0.0,
         plain_s: float | None = None,
+        max_loss: float | None = None,
     ):
         """``back_off=False``: draft every round whatever it costs (what the budget did before the
         backoff; for measuring a drafter's acceptance, which plain rounds would dilute).
@@ -191,7 +221,11 @@ class TreeBudget:
         ``judge_after``: the decayed count of measured drafting rounds below which none backs off, and a
         probe is judged with the rounds before it rather than alone (0: every round judges; see
         :meth:`observe_round`). ``plain_s``: seconds a token of a plain round took, as measured before (an
-        earlier request's plain rounds on the same devices), until this request measures its own."""
+        earlier request's plain rounds on the same devices), until this request measures its own.
+        ``max_loss``: the share of the request's measured time its drafting rounds may lose against plain
+        rounds (see :meth:`allowance`; None: no cap, as for a ring, whose rounds overlap and are not timed
+        one by one). Needs ``cost`` in seconds and the caller to time every round, cheap ones too
+        (:meth:`observe_round`)."""
         if probe_after < 1 or max_backoff < probe_after:
             raise ValueError(f"backoff {probe_after}..{max_backoff} rounds: need 1 <= probe_after <= max_backoff")
         self.cost, self.max_nodes = cost, max_nodes
@@ -236,6 +270,18 @@ class TreeBudget:
         self.measured_only = measured_only
         self.judge_after = judge_after
         self._draft_n = 0.0  # decayed count of measured drafting rounds, beside their tokens and seconds
+        if max_loss is not None and not 0.0 <= max_loss < 1.0:
+            raise ValueError(f"max_loss {max_loss}: a share of the request's time, 0 <= max_loss < 1")
+        self.max_loss = max_loss
+        self._elapsed = 0.0  # seconds of this request's measured rounds
+        self._lost = 0.0  # what its drafting rounds took beyond their tokens at the plain rate (< 0: gained)
+        # decayed seconds a full draft took (choose's overhead), and a drafting round beyond its draft and
+        # forward (mask, walk, the cache's pruning); from the prior until this request measures its own
+        self._draft_cost: float | None = prior.draft_s if prior is not None else None
+        self._fixed = (prior.fixed_s or 0.0) if prior is not None else 0.0
+        self._fixed_seen = False
+        self._planned: float | None = None  # the draft and forward of the round being verified (for _fixed)
+        self.capped_rounds = 0  # rounds the cap kept plain (stats, tests)
 
     @property
     def alpha(self) -> float:
@@ -254,8 +300,45 @@ class TreeBudget:
             self.plain_rounds += 1
             self._waited, self.probe = True, False  # the cheap part's draft, if any, is not a probe
             return False
+        # a draft not measured yet (a model's first requests) is taken to cost a plain round's forward
+        draft_s = self._draft_cost if self._draft_cost is not None else self.cost(1)
+        if self.allowance() < self.worst_loss(1, draft_s):
+            self.plain_rounds += 1  # the cap: even the smallest tree could lose more than the books allow
+            self.capped_rounds += 1
+            self.probe = False  # as while backing off; the next draft is a probe if it was to be one
+            return False
         self.probe, self._waited = self._waited, False
         return True
+
+    def allowance(self) -> float:
+        """Seconds the next round may lose against a plain one: ``max_loss`` of the request's measured time,
+        less what its drafting rounds lost so far (more, where they gained); infinite without a cap.
+
+        Why a cap on top of backing off: backing off judges drafts after the fact, so what is lost before it
+        (a failed probe, a lookup tree, a full draft after a lucky probe) is a share of the answer that
+        grows as the answer gets shorter, and short answers are most of a chat's. With the cap, early rounds
+        of a request verify small trees (a probe, a few lookup nodes) or none, and a tree grows only as far
+        as earlier accepted tokens paid for it. On a flat curve (rows nearly free) the worst loss of a round
+        is its draft's cost and the cap rarely binds; on a steep CPU curve it is what keeps a weak draft from
+        costing a short answer more than ``max_loss``."""
+        if self.max_loss is None:
+            return math.inf
+        return self.max_loss * self._elapsed - self._lost
+
+    def worst_loss(self, nodes: int, overhead: float) -> float:
+        """What a round that drafted for ``overhead`` seconds and verifies ``nodes`` drafted nodes loses
+        against a plain round if none of them is accepted: the draft, the extra rows, and the drafting round's
+        own bookkeeping as measured (a plain round's one row is what the round yields in any case)."""
+        if nodes <= 0:
+            return overhead
+        return overhead + self.cost(nodes + 1) - self.cost(1) + self._fixed
+
+    def _capped(self, nodes: int, overhead: float) -> int:
+        """The most of ``nodes`` (best first) whose round fits :meth:`allowance`; 0 where none does."""
+        room = self.allowance()
+        while nodes > 0 and self.worst_loss(nodes, overhead) > room:
+            nodes -= 1
+        return nodes
 
     def choose(
         self,
@@ -286,6 +369,11 @@ class TreeBudget:
             # a probe tests the drafter's best node whatever the calibration says: after failures ``alpha`` is
             # low, a probe verifying nothing could never pay, and drafts (the n-gram part's too) stayed off
             best_n = 1
+        if self.max_loss is not None:
+            m = self.memory
+            self._draft_cost = overhead if self._draft_cost is None else m * self._draft_cost + (1 - m) * overhead
+            best_n = self._capped(best_n, overhead)
+            self._planned = overhead + (cost or self.cost)(load_rows + best_n + 1)
         self._last = self._last_full = best_n
         if (self.probe and self._timed) or self.measured_only:
             pass  # judged by what its round yields (observe_round), not by the prediction
@@ -302,7 +390,10 @@ class TreeBudget:
         the head), and a tree that does not beat a plain round is not verified (0: a plain round)."""
         alpha = self.cheap_calibration.alpha
         best_n, best_rate, plain_rate = self._best(tree, overhead, self.cost, 0, 0.0, self.max_nodes, alpha)
-        return best_n if best_rate > plain_rate else 0
+        n = self._capped(best_n, overhead) if best_rate > plain_rate else 0
+        if n and self.max_loss is not None:
+            self._planned = overhead + self.cost(n + 1)
+        return n
 
     def cheap_may_pay(self, best_first: float) -> bool:
         """Whether a cheap part's tree whose likeliest node has probability ``best_first`` could be worth
@@ -312,7 +403,10 @@ class TreeBudget:
         ``alpha * n * best_first`` drafted tokens; they pay only if that beats what the n rows cost over a
         plain round, ``cost(n + 1) / cost(1) - 1``, for some n. When it beats it for none, the draft is
         skipped: in a plain round while the budget backs off, the n-gram table's draft and choice cost
-        ~0.1 ms, 1-2 % of a token on a 2-core CPU, nearly always for a tree that is then not verified."""
+        ~0.1 ms, 1-2 % of a token on a 2-core CPU, nearly always for a tree that is then not verified. Nor
+        is it drafted while even one node's row could lose more than :meth:`allowance` leaves."""
+        if self.allowance() < self.worst_loss(1, 0.0):
+            return False
         return self.cheap_calibration.alpha * best_first > self.cost.least_share_per_row(self.max_nodes)
 
     @staticmethod
@@ -347,9 +441,10 @@ class TreeBudget:
     def finish(self) -> None:
         """The request is over: hand its verdict to the prior (if any) for the next request."""
         if self.prior is not None:
-            self.prior.record(self.verdict, self._backoff, self._last_full)
+            fixed = self._fixed if self._fixed_seen else None
+            self.prior.record(self.verdict, self._backoff, self._last_full, self._draft_cost, fixed)
 
-    def observe_round(self, tokens: int, seconds: float, drafted: bool) -> None:
+    def observe_round(self, tokens: int, seconds: float, drafted: bool, cheap: bool = False) -> None:
         """Fold in one round's measured wall time, for callers that can time whole rounds (one device).
 
         :meth:`choose` predicts from the cost curve, but a drafting round also pays what the curve does
@@ -363,7 +458,14 @@ class TreeBudget:
         and a probe that accepted nothing does not back off alone. A ring's trees are few and their tokens
         vary from 1 to 10, so one unlucky tree would stop drafts that pay: on 5 emulated boards, where
         drafted trees yield ~1.9x the tokens a second of plain ones, a first drafted tree of 1 token took
-        1.15x a plain tree and one prompt ran plain to its end (flow 2.03 tok/s against 3.61-3.89)."""
+        1.15x a plain tree and one prompt ran plain to its end (flow 2.03 tok/s against 3.61-3.89).
+
+        ``cheap``: a round of the cheap part's tree (:meth:`choose_cheap`); with ``max_loss`` its time and
+        tokens go into the request's books (:meth:`allowance`), and nothing else: what a lookup costs says
+        nothing of what the whole drafter's rounds do."""
+        self._keep_books(tokens, seconds, drafted)
+        if cheap:
+            return
         self._timed = True
         if not drafted:
             per_token = seconds / max(1, tokens)
@@ -382,6 +484,21 @@ class TreeBudget:
                 self._back_off()
         elif tokens > 1:  # a round that accepted no drafted token paid for nothing, whatever its time said
             self._paid()
+
+    def _keep_books(self, tokens: int, seconds: float, drafted: bool) -> None:
+        """One measured round into :meth:`allowance`'s books (only with ``max_loss``)."""
+        if self.max_loss is None:
+            return
+        self._elapsed += seconds
+        if not drafted:
+            return
+        plain_s = self._plain_s if self._plain_s is not None else self.cost(1)
+        self._lost += seconds - tokens * plain_s
+        if self._planned is not None:
+            m = self.memory
+            extra = seconds - self._planned
+            self._fixed = max(0.0, m * self._fixed + (1 - m) * extra if self._fixed_seen else extra)
+            self._fixed_seen, self._planned = True, None
 
     @property
     def plain_seconds(self) -> float | None:

@@ -201,8 +201,8 @@ def generate(
         reason = emit(emitted)
         context = list(prompt) + out
         drafter.accept(context, feats)
-        if full:  # a cheap round's time says nothing of what the whole drafter's rounds cost
-            budget.observe_round(len(emitted), time.perf_counter() - tr, drafted=True)
+        # a cheap round's time says nothing of what the whole drafter's rounds cost, but goes into the books
+        budget.observe_round(len(emitted), time.perf_counter() - tr, drafted=True, cheap=not full)
     if mode == "spec":
         budget.finish()
     stats.new_tokens = len(out)

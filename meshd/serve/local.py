@@ -14,7 +14,7 @@ from collections.abc import Callable
 from meshd.ring.pipeline import build_local_pipeline
 from meshd.ring.scheduler import Request
 from meshd.serve.loading import Say, Ticker, load_layers, quiet
-from models.budget import CostCurve, DraftPrior, TreeBudget
+from models.budget import MAX_LOSS, CostCurve, DraftPrior, TreeBudget
 from models.drafters import Drafter, drafter_factory, load_drafter
 from models.engine import Generation, Stats, generate
 from models.profile import stage_cost_curve
@@ -106,7 +106,9 @@ class LocalModel:
             sampling=Sampling(temperature, top_p),
             seed=seed,
             eos_ids=self.eos,
-            budget=TreeBudget(CostCurve(self.curve), prior=self._priors.setdefault(drafter, DraftPrior()))
+            budget=TreeBudget(
+                CostCurve(self.curve), prior=self._priors.setdefault(drafter, DraftPrior()), max_loss=MAX_LOSS
+            )
             if d
             else None,
             on_tokens=on_tokens if on_text else None,

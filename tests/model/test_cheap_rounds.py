@@ -9,7 +9,7 @@ import pytest
 import torch
 from support import CURVES, assert_matches_greedy, chat_ids, greedy_reference, prompts
 
-from models.budget import CostCurve, DraftPrior, TreeBudget
+from models.budget import MAX_LOSS, CostCurve, DraftPrior, TreeBudget
 from models.drafters import MergedDrafter, NGramDrafter, cheap_part, likeliest_first, load_drafter
 from models.engine import generate
 from models.source import ModelSource
@@ -103,6 +103,22 @@ def test_a_prior_of_failed_requests_starts_the_next_backed_off_and_learns_from_i
     assert_matches_greedy(res.token_ids, want, gaps)
     assert head.contexts[0] == len(prompt) + 1 + 16 and max(res.stats.per_round) > 1
     assert prior.wait == 0
+
+
+def test_a_capped_request_starts_plain_and_drafts_once_its_books_allow(tiny_dir):
+    """With ``max_loss`` (as `meshd generate` builds its budget; here a large share, so that a tiny model's
+    sub-millisecond rounds earn the first draft soon on any machine) a request's first round is plain
+    whatever the drafters offer (nothing measured, nothing to lose), drafts follow once the measured time
+    allows, and the output stays greedy decoding's."""
+    target, prompt, want, gaps, head, _lookup, drafter = _setup(tiny_dir, start_cheap=0, start_head=0)
+    seconds = CostCurve({1: 1e-4, 64: 2e-4})  # a curve in seconds, as the books need: rows nearly free
+    budget = TreeBudget(seconds, max_loss=0.5)
+    res = generate(target, prompt, max_new_tokens=40, drafter=drafter, budget=budget, depth=4)
+    assert_matches_greedy(res.token_ids, want, gaps)
+    assert res.stats.per_round[0] == 1 and budget.capped_rounds >= 1
+    assert head.contexts and head.contexts[0] > len(prompt) + 1  # not at the first round
+    assert max(res.stats.per_round) > 1 and budget.allowance() > 0  # the drafts paid: credit in the books
+    assert 0 < MAX_LOSS < 0.05  # what `meshd generate` and `serve` allow: "a few per cent" at worst
 
 
 @pytest.mark.slow

@@ -385,3 +385,86 @@ def test_the_cheap_part_is_calibrated_on_its_own_rounds_and_forgets_its_failures
     before = b.cheap_calibration.alpha
     b.drafting()
     assert b.cheap_calibration.alpha == before
+
+
+# ---- the loss cap (max_loss) -----------------------------------------------------------------------
+def run_request(b: TreeBudget, tokens: int, tree: Tree, accept: int, draft_s: float = 0.3, fixed: float = 0.1):
+    """A request of ``tokens`` tokens timed as the engine times it on ``b.cost`` (a plain round is cost(1);
+    a drafting round its draft, its forward and ``fixed`` bookkeeping), whose verified trees get ``accept``
+    drafted tokens at most; returns (its seconds, the seconds plain decoding takes, verified tree sizes)."""
+    seconds, out, sizes = 0.0, 0, []
+    while out < tokens:
+        if b.drafting():
+            n = b.choose(tree, overhead=draft_s)
+            got = 1 + min(accept, n)
+            secs = draft_s + b.cost(n + 1) + fixed
+            b.observe(b.expected(tree.best(n)), got - 1)
+            b.observe_round(got, secs, drafted=True)
+            sizes.append(n)
+        else:
+            got, secs = 1, b.cost(1)
+            b.observe_round(1, secs, drafted=False)
+        seconds, out = seconds + secs, out + got
+    return seconds, out * b.cost(1), sizes
+
+
+@pytest.mark.parametrize("tokens", [8, 25, 128])
+def test_a_capped_request_loses_at_most_its_share_to_drafts_that_never_pay(tokens):
+    """A head sure of drafts the target never takes, on a CPU-like curve: uncapped, its first full draft
+    and the probes after it cost a short answer 15-30 %; capped, a request loses no more than ``max_loss``
+    of its time and one smallest round's worth of estimate."""
+    sure = chain_tree([0.9] * 8)
+    spent, plain, _ = run_request(TreeBudget(STEEP, alpha=1.0), tokens, sure, accept=0)
+    assert spent > (1.10 if tokens < 100 else 1.04) * plain
+    b = TreeBudget(STEEP, alpha=1.0, max_loss=0.03)
+    spent, plain, _ = run_request(b, tokens, sure, accept=0)
+    assert spent - plain <= 0.03 * spent + b.worst_loss(1, 0.3) + 1e-9
+    assert b.capped_rounds > 0
+
+
+def test_under_the_cap_trees_grow_with_what_accepted_drafts_earned():
+    """The first rounds of a capped request are plain (nothing earned, nothing to lose); then small trees;
+    every accepted token is credit, so trees that pay grow to what an uncapped budget verifies."""
+    sure = chain_tree([0.9] * 8, width=2)
+    _, _, uncapped = run_request(TreeBudget(STEEP, alpha=1.0), 200, sure, accept=8)
+    b = TreeBudget(STEEP, alpha=1.0, max_loss=0.03)
+    assert not b.drafting() and b.capped_rounds == 1  # at its first round, no loss fits in 3 % of nothing
+    _, _, sizes = run_request(b, 200, sure, accept=8)
+    assert 0 < sizes[0] < uncapped[0] and sizes == sorted(sizes) and sizes[-1] == uncapped[-1]
+
+
+def test_a_capped_request_drafts_first_where_the_prior_says_its_draft_fits():
+    """The prior carries what a draft and a drafting round's bookkeeping cost, so the next request drafts
+    once a first small tree fits, rather than draft early, find the cost too high and verify nothing."""
+    sure = chain_tree([0.9] * 8, width=2)
+    prior = DraftPrior()
+    first = TreeBudget(STEEP, alpha=1.0, max_loss=0.03, prior=prior)
+    run_request(first, 200, sure, accept=8)
+    first.finish()
+    assert prior.draft_s == pytest.approx(0.3) and prior.fixed_s == pytest.approx(0.1)
+    b = TreeBudget(STEEP, alpha=1.0, max_loss=0.03, prior=prior)
+    _, _, sizes = run_request(b, 60, sure, accept=8)
+    assert sizes[0] > 0
+
+
+def test_cheap_rounds_go_into_the_books_but_judge_nothing():
+    """A lookup tree's round counts in the request's books (what it lost, what it gained) and its time
+    judges neither the whole drafter nor the plain rate; while nothing is earned, no lookup is drafted."""
+    b = TreeBudget(STEEP, alpha=1.0, max_loss=0.03)
+    assert not b.cheap_may_pay(0.99)
+    for _ in range(40):
+        b.observe_round(1, 1.0, drafted=False)
+    assert b.allowance() == pytest.approx(1.2)
+    assert b.cheap_may_pay(0.99)
+    b.observe_round(4, 1.5, drafted=True, cheap=True)  # three drafted tokens for half a round's more time
+    assert b.allowance() == pytest.approx(0.03 * 41.5 + 2.5)
+    assert b.plain_seconds == pytest.approx(1.0) and b.verdict is None
+
+
+def test_without_a_cap_the_budget_keeps_no_books():
+    b = TreeBudget(STEEP, alpha=1.0)
+    assert b.allowance() == math.inf and b.drafting()
+    b.observe_round(1, 5.0, drafted=True)
+    assert b.allowance() == math.inf
+    with pytest.raises(ValueError, match="max_loss"):
+        TreeBudget(STEEP, max_loss=1.5)

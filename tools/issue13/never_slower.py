@@ -5,6 +5,7 @@ Modes per prompt, interleaved in one process (their order rotates every repeat),
 still drafts every round); `spec-prior` (the same with a :class:`~models.budget.DraftPrior` carried
 across prompts: every repeat of a prompt starts from what the earlier prompts left, and the first
 repeat's verdict is what the next prompt sees, so a prompt never learns from its own runs);
+`spec-capped` (`spec-prior` with the loss cap ``meshd generate`` uses, ``max_loss``);
 `spec-nocheap` (backoff without the n-gram rounds: the budget of the session before the prior);
 `spec-always` (the budget told to draft every round: the behaviour before the backoff).
 
@@ -27,7 +28,7 @@ import torch
 
 from meshd.lab.bench import EVERYDAY, question_file, spread_over_categories
 from meshd.serve.local import LocalModel
-from models.budget import CostCurve, DraftPrior, TreeBudget
+from models.budget import MAX_LOSS, CostCurve, DraftPrior, TreeBudget
 from models.engine import generate
 from training.prompts import load_questions
 
@@ -61,6 +62,7 @@ def main() -> None:
         "ar": lambda pr: None,
         "spec": lambda pr: TreeBudget(curve),
         "spec-prior": lambda pr: TreeBudget(curve, prior=pr),
+        "spec-capped": lambda pr: TreeBudget(curve, prior=pr, max_loss=MAX_LOSS),
         "spec-nocheap": lambda pr: TreeBudget(curve, cheap=False),
         "spec-always": lambda pr: TreeBudget(curve, back_off=False),
     }
