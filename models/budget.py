@@ -329,8 +329,6 @@ class TreeBudget:
         """What a round that drafted for ``overhead`` seconds and verifies ``nodes`` drafted nodes loses
         against a plain round if none of them is accepted: the draft, the extra rows, and the drafting round's
         own bookkeeping as measured (a plain round's one row is what the round yields in any case)."""
-        if nodes <= 0:
-            return overhead
         return overhead + self.cost(nodes + 1) - self.cost(1) + self._fixed
 
     def _capped(self, nodes: int, overhead: float) -> int:

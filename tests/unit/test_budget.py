@@ -411,7 +411,7 @@ def run_request(b: TreeBudget, tokens: int, tree: Tree, accept: int, draft_s: fl
 @pytest.mark.parametrize("tokens", [8, 25, 128])
 def test_a_capped_request_loses_at_most_its_share_to_drafts_that_never_pay(tokens):
     """A head sure of drafts the target never takes, on a CPU-like curve: uncapped, its first full draft
-    and the probes after it cost a short answer 15-30 %; capped, a request loses no more than ``max_loss``
+    and the probes after it cost a short answer 15-33 %; capped, a request loses no more than ``max_loss``
     of its time and one smallest round's worth of estimate."""
     sure = chain_tree([0.9] * 8)
     spent, plain, _ = run_request(TreeBudget(STEEP, alpha=1.0), tokens, sure, accept=0)
