@@ -473,7 +473,7 @@ class TreeBudget:
         self._draft_tokens = self.memory * self._draft_tokens + tokens
         self._draft_s = self.memory * self._draft_s + seconds
         self._draft_n = self.memory * self._draft_n + 1
-        plain_s = self._plain_s if self._plain_s is not None else self.cost(1)
+        plain_s = self._plain_token_s()
         if self._draft_n < self.judge_after:
             return
         slower = self._draft_tokens * plain_s < self._draft_s
@@ -490,13 +490,17 @@ class TreeBudget:
         self._elapsed += seconds
         if not drafted:
             return
-        plain_s = self._plain_s if self._plain_s is not None else self.cost(1)
+        plain_s = self._plain_token_s()
         self._lost += seconds - tokens * plain_s
         if self._planned is not None:
             m = self.memory
             extra = seconds - self._planned
             self._fixed = max(0.0, m * self._fixed + (1 - m) * extra if self._fixed_seen else extra)
             self._fixed_seen, self._planned = True, None
+
+    def _plain_token_s(self) -> float:
+        """Seconds a token of a plain round takes: as measured (:attr:`plain_seconds`), else the curve's one row."""
+        return self._plain_s if self._plain_s is not None else self.cost(1)
 
     @property
     def plain_seconds(self) -> float | None:
