@@ -20,6 +20,7 @@ from models.ranges import LayerRange
 from models.source import ModelSource
 from models.stage import Stage
 from models.tree import DraftRows, NodePath, Tree, add_level, draft_tree, session_paths
+from models.verify import Draws, Sampling
 
 
 class Drafter(Protocol):
@@ -74,6 +75,17 @@ def likeliest_first(drafter: Drafter, context: list[int]) -> float:
         return max(likeliest_first(p, context) for p in parts)
     best_first = getattr(drafter, "best_first", None)
     return best_first(context) if best_first is not None else 1.0
+
+
+def couple(drafter: Drafter | None, draws: Draws | None, sampling: Sampling) -> None:
+    """Let ``drafter``'s model parts rank their candidates with the noise the target will sample with
+    (:meth:`models.verify.Draws.perturb`; nothing when greedy). A sampled walk then accepts a model
+    drafter's child about as often as a greedy one does, instead of with the target's probability of it.
+    The n-gram part keeps its counts: they are not a distribution the noise could sharpen."""
+    coupling = (draws, sampling.temperature) if draws is not None and not sampling.greedy else None
+    for part in getattr(drafter, "parts", None) or ([drafter] if drafter is not None else []):
+        if hasattr(part, "coupling"):
+            part.coupling = coupling
 
 
 def can_extend(drafter: Drafter | None) -> bool:
@@ -167,6 +179,7 @@ class ModelDrafter:
         if not model.has_vocab:
             raise ValueError("a draft model needs its embeddings and LM head")
         self.model, self.name = model, name
+        self.coupling: tuple[Draws, float] | None = None  # see couple()
         self.cache = model.new_cache()
         self._context: list[int] = []
         self._session: DraftRows | None = None
@@ -219,7 +232,11 @@ class ModelDrafter:
                 s.slot[key], s.out[key] = length + r, logp[r]
         out = []
         for key in paths:
-            lp, tok = s.out[key].topk(k)
+            logp = s.out[key]
+            if self.coupling is not None:
+                draws, temperature = self.coupling
+                logp = draws.perturb(logp[None], [len(s.anchor) + len(key)], temperature, None, len(logp))[0]
+            lp, tok = logp.topk(k)
             out.append(list(zip(tok.tolist(), lp.tolist())))
         return out
 

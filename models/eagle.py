@@ -37,6 +37,7 @@ from models.quant import Kind, QuantWeight, matrix_kind, quantize
 from models.source import ModelSource
 from models.stage import Stage
 from models.tree import DraftRows, NodePath, Tree, add_level, draft_tree, session_paths
+from models.verify import Draws
 
 FORMAT = "meshd-eagle-1"
 CONFIG_FILE = "eagle.json"
@@ -457,6 +458,7 @@ class EagleDrafter:
         else:
             self.lm_rows = pack_weight(lm.index_select(0, head.draft_vocab).to(self.dtype))
         self.vocab = head.draft_vocab.tolist()
+        self.coupling: tuple[Draws, float] | None = None  # see models.drafters.couple
         self.cache = KVCache(
             1, head.hc.n_kv_heads, head.hc.head_dim, self.dtype, 256, max_capacity=max(256, target.cfg.max_position)
         )
@@ -466,7 +468,7 @@ class EagleDrafter:
         """A drafter for another request sharing this one's weights (per-request state is separate)."""
         other = EagleDrafter.__new__(EagleDrafter)
         other.head, other.target, other.name, other.dtype = self.head, self.target, self.name, self.dtype
-        other.lm_rows, other.vocab = self.lm_rows, self.vocab
+        other.lm_rows, other.vocab, other.coupling = self.lm_rows, self.vocab, None
         other.cache = KVCache(
             1, self.head.hc.n_kv_heads, self.head.hc.head_dim, self.dtype, 256, max_capacity=self.cache.max_capacity
         )
@@ -574,6 +576,10 @@ class EagleDrafter:
         vocab, base = self.vocab, s.base
 
         def topk(keys: list[NodePath], lps: torch.Tensor) -> None:
+            if self.coupling is not None:  # ranked with the noise the target samples these positions with
+                draws, temperature = self.coupling
+                at = [len(s.anchor) + len(key) for key in keys]
+                lps = draws.perturb(lps, at, temperature, self.head.draft_vocab, self.target.cfg.vocab_size)
             vals, idx = lps.topk(min(k, lps.shape[-1]), dim=-1)
             for key, v, i in zip(keys, vals.tolist(), idx.tolist()):
                 s.logp[key] = (v, [vocab[j] for j in i])

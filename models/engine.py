@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 import torch
 
 from models.budget import CostCurve, TreeBudget
-from models.drafters import Drafter, cheap_part, likeliest_first
+from models.drafters import Drafter, cheap_part, couple, likeliest_first
 from models.stage import Stage
 from models.tree import Tree
-from models.verify import History, Sampling, Walk, advance, sample_token
+from models.verify import Draws, History, Sampling, Walk, advance, sample_token
 
 PREFILL_CHUNK = 256
 GREEDY = Sampling()
@@ -122,7 +122,7 @@ def generate(
         raise ValueError("spec mode needs a drafter")
     if not prompt:
         raise ValueError("the prompt is empty")
-    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    draws = Draws(seed)
     eos = set(eos_ids)
     stats = Stats()
     t0 = time.perf_counter()
@@ -141,11 +141,12 @@ def generate(
     def history() -> History | None:  # what the penalties look at before the next token
         return History(prompt, tuple(out)) if sampling.penalised else None
 
-    reason = emit([sample_token(target.logits(feats[-1:], normed=True)[0], sampling, gen, history())])
+    reason = emit([sample_token(target.logits(feats[-1:], normed=True)[0], sampling, draws, len(prompt), history())])
     context = list(prompt) + out
     cheap = None
     if mode == "spec":
         drafter.reset(list(prompt))
+        couple(drafter, draws, sampling)
         drafter.accept(context, feats)
         budget = budget or TreeBudget(CostCurve({1: 1.0, 64: 2.0}))
         cheap = cheap_part(drafter) if budget.cheap else None
@@ -185,13 +186,14 @@ def generate(
             stats.trees += 1
             stats.plain_trees += 1
             stats.per_round.append(1)
-            reason = emit([sample_token(target.logits(feats, normed=True)[0], sampling, gen, history())])
+            logits = target.logits(feats, normed=True)[0]
+            reason = emit([sample_token(logits, sampling, draws, len(context), history())])
             context.append(out[-1])
             if mode == "spec":
                 drafter.accept(context, feats)  # the next probe drafts from the whole context
                 budget.observe_round(1, time.perf_counter() - tr, drafted=False)
             continue
-        accepted, emitted, feats = verify_tree(target, cache, tree, len(context) - 1, sampling, gen, stats, history())
+        accepted, emitted, feats = verify_tree(target, cache, tree, len(context) - 1, sampling, draws, stats, history())
         budget.observe(budget.expected(tree), len(accepted) - 1, cheap=not full)
         stats.rounds += 1
         stats.trees += 1
@@ -216,7 +218,7 @@ def verify_tree(
     tree: Tree,
     base: int,
     sampling: Sampling,
-    gen: torch.Generator | None,
+    draws: Draws | None,
     stats: Stats,
     history: History | None = None,
 ) -> tuple[list[int], list[int], torch.Tensor]:
@@ -231,7 +233,7 @@ def verify_tree(
     stats.verified_nodes += n
     feats = target.final_norm(hidden)
     walk = Walk()
-    emitted = advance(walk, tree, target.logits_by_row(feats), sampling, gen, history)
+    emitted = advance(walk, tree, target.logits_by_row(feats), sampling, draws, base, history)
     path = walk.path
     cache.keep(list(range(base)) + [base + i for i in path])
     return path, emitted, feats[path]

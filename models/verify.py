@@ -4,16 +4,21 @@ Each node is decided once, as soon as its logits exist. That single rule serves 
 one-shot modes (all logits at once) and the continuous pipeline (logits arrive segment by
 segment): a walk stops where the next logits are not available yet and resumes later.
 
-Sampling keeps the target distribution exactly, and draws once per position. Drafts are
-deterministic (top-k), so the node's token can simply be drawn from the target's distribution p,
-as plain decoding draws it (one uniform number, the inverse of p's cumulative sum in vocabulary
-order: ``draw``); the walk follows the child holding that token, and if no child holds it the
-token is the bonus. A child x is then accepted with probability p(x), the same as rejection
-sampling child by child with p renormalised after each rejection would, but the random stream
-does not depend on the tree: a seeded request writes the same text in `ar`, `spec`, `chunk` and
-`flow`, whatever the tree sizes and segments (given the same logits, as the batch-invariant int4a8
-layers give), and after a resume. That makes sampled runs of two modes or two schedulers
-comparable answer for answer, as greedy ones are.
+Sampling keeps the target distribution exactly. A node's token is drawn from the target's
+distribution p as plain decoding draws it, with the request's noise for that position of the
+sequence (:class:`Draws`: one exponential race per position, ``argmax p(x) / E_x``); the walk
+follows the child holding that token, and if no child holds it the token is the bonus. The noise
+depends on the request's seed and the position only, never on the tree, so a seeded request writes
+the same text in `ar`, `spec`, `chunk` and `flow`, whatever the tree sizes and segments (given the
+same logits, as the batch-invariant int4a8 layers give), and after a resume. That makes sampled
+runs of two modes or two schedulers comparable answer for answer, as greedy ones are.
+
+Because the noise of a position is fixed before anything is drafted there, a drafter may read it
+too (:meth:`Draws.perturb`): ranking its candidates by its own log-probabilities plus the same noise
+(Gumbel-max) makes its likeliest child the token the target will draw whenever the two
+distributions are close, so a sampled walk accepts nearly as often as a greedy one. The output
+stays exact: each position's token is a function of the target's distribution and of noise
+independent of everything before it; drafts decide only how many positions one forward settles.
 
 That holds for any target distribution, so it holds for the one ``Sampling`` shapes (penalties,
 top-k, min-p) as long as each node is judged with its own history: the tokens before it along
@@ -22,6 +27,8 @@ its path (``History``), as plain decoding would have had them.
 
 from __future__ import annotations
 
+import hashlib
+import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -122,25 +129,68 @@ def target_probs(logits: torch.Tensor, sampling: Sampling, history: History | No
     return probs
 
 
-def draw(probs: torch.Tensor, gen: torch.Generator | None) -> int:
-    """One token from ``probs`` with one uniform number: the first token (in vocabulary order) whose
-    cumulative probability exceeds it. One number per decided position, whatever the tree, is what
-    makes every mode's sampled text the same (module docstring); float64 so that the cumulative sum
-    over a large vocabulary keeps small tokens' shares."""
-    cdf = probs.double().cumsum(-1)
-    u = torch.rand((1,), generator=gen, dtype=torch.float64) * cdf[-1]
-    i = int(torch.searchsorted(cdf, u, right=True)[0])
-    if i >= len(cdf):  # u * total rounded up to the total: the last token with any mass
-        i = int(torch.nonzero(probs)[-1])
-    return i
+class Draws:
+    """A request's random numbers: for each position of its sequence, one exponential variable per vocabulary
+    entry, drawn from a generator seeded by (``seed``, position).
+
+    The token sampled at a position is ``argmax p(x) / E_x`` (an exponential race: token x wins with
+    probability p(x), exactly), so it depends only on the target's distribution there and on noise that
+    nothing before the position can have influenced. Keyed by position rather than taken from one stream,
+    the numbers are the same whatever order positions are decided in, however many trees and segments a
+    mode cuts a walk into, and after a resume; and a drafter can read a position's noise before the target
+    decides it (:meth:`perturb`). A request without a seed gets a random one."""
+
+    KEEP = 32  # positions kept (a draft reads a few ahead of the walk; older ones are decided)
+
+    def __init__(self, seed: int | None = None):
+        self.seed = secrets.randbits(63) if seed is None else int(seed)
+        self._noise: dict[int, torch.Tensor] = {}
+
+    def exponential(self, pos: int, n: int) -> torch.Tensor:
+        """The ``n`` exponential variables (float32) of position ``pos`` (0-based, prompt included)."""
+        e = self._noise.get(pos)
+        if e is None or len(e) != n:
+            key = hashlib.blake2b(f"{self.seed}:{pos}".encode(), digest_size=8).digest()
+            gen = torch.Generator().manual_seed(int.from_bytes(key, "little") >> 1)
+            e = -torch.log(torch.rand(n, generator=gen))
+            self._noise[pos] = e
+            if len(self._noise) > self.KEEP:
+                del self._noise[min(self._noise)]
+        return e
+
+    def perturb(
+        self, logprobs: torch.Tensor, positions: list[int], temperature: float, vocab: torch.Tensor | None, size: int
+    ) -> torch.Tensor:
+        """A drafter's log-probabilities (one row per node, over ``vocab``: the draft vocabulary's token ids, or
+        the whole vocabulary of ``size`` tokens) coupled to the noise the target will sample the nodes'
+        successors with: ``log_softmax(logprobs / temperature + G)``, ``G = -log E`` (Gumbel) at the row's
+        position. Its best entry is the draft's Gumbel-max sample, which is the target's token whenever the
+        two distributions agree; the softmax is that token's chance of being the target's if the draft's
+        logits are off by Gumbel noise, as ``log_softmax(logprobs)`` is for greedy decoding."""
+        g = torch.stack([self.exponential(p, size) for p in positions])
+        if vocab is not None:
+            g = g.index_select(1, vocab)
+        return torch.log_softmax(logprobs.float() / temperature - torch.log(g), dim=-1)
+
+
+def draw(probs: torch.Tensor, noise: torch.Tensor) -> int:
+    """One token from ``probs``: the winner of the exponential race ``argmax probs / noise`` (``noise``:
+    :meth:`Draws.exponential` of the position), which is token x with probability ``probs[x]``. Tokens the
+    filters removed (probability 0) never win."""
+    return int((probs.double() / noise.double()).argmax())
 
 
 def sample_token(
-    logits: torch.Tensor, sampling: Sampling, gen: torch.Generator | None, history: History | None = None
+    logits: torch.Tensor, sampling: Sampling, draws: Draws | None, pos: int, history: History | None = None
 ) -> int:
+    """The target's token at position ``pos`` of the sequence: the argmax when greedy, else a ``draw`` with
+    ``draws``' noise for ``pos``."""
     if sampling.greedy:
         return int(penalised_logits(logits, sampling, history).argmax())
-    return draw(target_probs(logits, sampling, history), gen)
+    if draws is None:
+        raise ValueError("sampling needs the request's Draws")
+    probs = target_probs(logits, sampling, history)
+    return draw(probs, draws.exponential(pos, probs.shape[-1]))
 
 
 def decide(
@@ -148,13 +198,15 @@ def decide(
     node: int,
     logits: torch.Tensor,
     sampling: Sampling,
-    gen: torch.Generator | None,
+    draws: Draws | None,
+    pos: int,
     history: History | None = None,
 ) -> tuple[int | None, int]:
-    """The target's choice after ``node`` (``history``: the tokens up to and including ``node``'s):
-    (accepted child or None, its token). The token is what plain decoding would pick there (greedy:
-    the argmax; sampled: one ``draw``), so the child holding it is accepted with probability p(token)."""
-    tok = sample_token(logits, sampling, gen, history)
+    """The target's choice after ``node``, at position ``pos`` of the sequence (``history``: the tokens up to
+    and including ``node``'s): (accepted child or None, its token). The token is what plain decoding would
+    pick there (greedy: the argmax; sampled: one ``draw``), so the child holding it is accepted with
+    probability p(token) over the noise, and nearly always when the drafter ranked with the same noise."""
+    tok = sample_token(logits, sampling, draws, pos, history)
     return tree.child_with_token(node, tok), tok
 
 
@@ -196,15 +248,17 @@ def advance(
     tree: Tree,
     logits_of: Callable[[int], torch.Tensor | None],
     sampling: Sampling,
-    gen: torch.Generator | None,
+    draws: Draws | None,
+    root_pos: int,
     history: History | None = None,
     on_token: Callable[[int, torch.Tensor], None] | None = None,
 ) -> list[int]:
     """Decide as far as available logits allow; return the tokens newly accepted (bonus included).
 
-    ``history`` is what precedes the tree's root token, that token included (needed when
-    ``sampling`` penalises); ``on_token(token, logits)`` sees each decided token with the logits it
-    was decided from (for log-probabilities)."""
+    ``root_pos`` is the tree's root token's position in the sequence (a node at depth d is decided
+    with the noise of position ``root_pos + d + 1``); ``history`` is what precedes the tree's root token,
+    that token included (needed when ``sampling`` penalises); ``on_token(token, logits)`` sees each
+    decided token with the logits it was decided from (for log-probabilities)."""
     out: list[int] = []
     while not walk.done:
         node = walk.path[-1]
@@ -212,7 +266,7 @@ def advance(
         if logits is None:
             break
         here = history.then([tree.tokens[i] for i in walk.path[1:]]) if history is not None else None
-        child, tok = decide(tree, node, logits, sampling, gen, here)
+        child, tok = decide(tree, node, logits, sampling, draws, root_pos + len(walk.path), here)
         if on_token is not None:
             on_token(tok, logits)
         out.append(tok)
@@ -227,14 +281,16 @@ def verify(
     tree: Tree,
     logits: torch.Tensor,
     sampling: Sampling,
-    gen: torch.Generator | None = None,
+    draws: Draws | None = None,
+    root_pos: int = 0,
     history: History | None = None,
     on_token: Callable[[int, torch.Tensor], None] | None = None,
 ) -> tuple[list[int], list[int]]:
-    """One-shot verification when every node's logits are at hand (row i = node i).
+    """One-shot verification when every node's logits are at hand (row i = node i; the root at position
+    ``root_pos``, see :func:`advance`).
 
     Returns the accepted node path (root first) and the emitted tokens (accepted + bonus).
     """
     walk = Walk()
-    tokens = advance(walk, tree, lambda i: logits[i], sampling, gen, history, on_token)
+    tokens = advance(walk, tree, lambda i: logits[i], sampling, draws, root_pos, history, on_token)
     return walk.path, tokens

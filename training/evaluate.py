@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from models.budget import CostCurve, TreeBudget
-from models.drafters import Drafter, MergedDrafter, NGramDrafter
+from models.drafters import Drafter, MergedDrafter, NGramDrafter, couple
 from models.eagle import EagleDrafter, load_head
 from models.engine import generate
 from models.formats import WEIGHT_FORMATS
@@ -31,7 +31,7 @@ from models.profile import stage_cost_curve
 from models.source import ModelSource
 from models.stage import Stage
 from models.text import encode_messages, stop_ids
-from models.verify import Sampling
+from models.verify import Draws, Sampling
 from training.log import log
 from training.prompts import (
     EVERYDAY,
@@ -41,18 +41,38 @@ from training.prompts import (
     read_spec_bench,
     spec_bench_path,
 )
-from training.rollouts import Rollout, batch_generate, features_label, work_dir
+from training.rollouts import Rollout, batch_generate, features_label, rollout_draws, work_dir
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 
-def replay_rounds(drafter: Drafter, r: Rollout, *, top_k: int, depth: int, pool: int, nodes: int) -> list[int]:
+def replay_rounds(
+    drafter: Drafter,
+    r: Rollout,
+    *,
+    top_k: int,
+    depth: int,
+    pool: int,
+    nodes: int,
+    noise: Draws | None = None,
+    temperature: float = 0.0,
+) -> list[int]:
     """Tokens emitted per round when verifying ``nodes`` best drafted nodes against rollout ``r``.
 
     Exact for greedy decoding, and for sampled decoding given the sampled continuation: a drafted child
-    is accepted iff it is the token the target emits.
+    is accepted iff it is the token the target emits. ``noise``: the noise ``r`` was sampled with (at
+    ``temperature``; :func:`training.rollouts.rollout_draws`), which the drafter then ranks with, as a
+    serving request's coupled drafter does (:func:`models.drafters.couple`).
     """
+    couple(drafter, noise, Sampling(temperature))
+    try:
+        return _replay(drafter, r, top_k=top_k, depth=depth, pool=pool, nodes=nodes)
+    finally:
+        couple(drafter, None, Sampling())
+
+
+def _replay(drafter: Drafter, r: Rollout, *, top_k: int, depth: int, pool: int, nodes: int) -> list[int]:
     plen = r.prompt_len
     ctx = list(r.tokens[: plen + 1])
     drafter.reset(list(r.tokens[:plen]))
@@ -89,7 +109,8 @@ def held_out_rollouts(
     cache: Path | None = None,
     stop: Callable[[], bool] | None = None,
 ) -> list[Rollout]:
-    """Reference continuations of held-out questions (cached on disk: evaluation, never training).
+    """Reference continuations of held-out questions (cached on disk: evaluation, never training); sampled
+    ones with each prompt's own noise (:func:`training.rollouts.rollout_draws` of ``seed`` and its key).
 
     ``stop`` (a time budget's test) cuts generation short: the rollouts finished by then are
     returned, and nothing is cached (the cache stands for all of ``questions``)."""
@@ -100,7 +121,15 @@ def held_out_rollouts(
         (str(q["question_id"]), encode_messages(tok, [{"role": "user", "content": q["turns"][0]}])) for q in questions
     ]
     rolls = batch_generate(
-        stage, prompts, max_new=max_new, slots=slots, temperature=temperature, seed=seed, eos=eos, stop=stop
+        stage,
+        prompts,
+        max_new=max_new,
+        slots=slots,
+        temperature=temperature,
+        seed=seed,
+        eos=eos,
+        stop=stop,
+        keyed_noise=temperature > 0,
     )
     order = {k: i for i, (k, _) in enumerate(prompts)}
     rolls.sort(key=lambda r: order[r.key])
@@ -114,7 +143,8 @@ def held_out_cache(work: Path, questions: list[dict], max_new: int, temperature:
     """Where :func:`held_out_rollouts` keeps the rollouts of exactly these questions and settings
     (``numerics``: the target's, :func:`training.rollouts.features_label`)."""
     ids = hashlib.sha256(json.dumps([[q["question_id"], q["turns"][0]] for q in questions]).encode()).hexdigest()[:8]
-    return work / f"heldout-{ids}-{max_new}-t{temperature:g}-{numerics}.pt"
+    keyed = "-keyed" if temperature > 0 else ""  # sampled with each prompt's noise (rollout_draws)
+    return work / f"heldout-{ids}-{max_new}-t{temperature:g}{keyed}-{numerics}.pt"
 
 
 DRAFT_SETTINGS = {
@@ -132,8 +162,14 @@ def evaluate_acceptance(
     categories: dict[str, str],
     settings: Sequence[str] = tuple(DRAFT_SETTINGS),
     deadline: float | None = None,
+    temperature: float = 0.0,
+    seed: int | None = None,
 ) -> dict:
     """Mean tokens per round, overall and per category, for each drafter x tree setting.
+
+    ``rolls`` sampled at ``temperature`` > 0 with keyed noise of ``seed`` (:func:`held_out_rollouts`) are
+    replayed with drafts coupled to that noise, as serving drafts them; ``seed`` None replays them
+    uncoupled (a deterministic top-k drafter, for comparison).
 
     ``deadline`` (on ``time.perf_counter``, from a time budget) splits the time left evenly between
     the drafter x setting pairs still to run, each replaying rollouts until its share is spent (at
@@ -150,7 +186,8 @@ def evaluate_acceptance(
         for r in rolls:
             if replayed and until is not None and time.perf_counter() >= until:
                 break
-            rounds = replay_rounds(drafter, r, **DRAFT_SETTINGS[sname])
+            noise = rollout_draws(seed, r.key) if temperature > 0 and seed is not None else None
+            rounds = replay_rounds(drafter, r, **DRAFT_SETTINGS[sname], noise=noise, temperature=temperature)
             per_cat.setdefault(categories[r.key], []).extend(rounds)
             replayed += 1
         allr = [x for v in per_cat.values() for x in v]
@@ -307,8 +344,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
         )
         log(f"held-out rollouts T={temp:g}: {len(rolls)} prompts")
         chosen = {k: v for k, v in drafters.items() if k in a.drafters.split(",")}
-        res = evaluate_acceptance(chosen, rolls, cats, settings=a.settings.split(","))
+        res = evaluate_acceptance(chosen, rolls, cats, settings=a.settings.split(","), temperature=temp, seed=0)
         report[f"acceptance_T{temp:g}"] = {"questions": len(qs), "results": res}
+        if temp > 0:  # the same rollouts with deterministic top-k drafts: what coupling adds
+            plain = evaluate_acceptance(chosen, rolls, cats, settings=a.settings.split(","), temperature=temp)
+            report[f"acceptance_T{temp:g}"]["uncoupled"] = plain
         Path(a.out).write_text(json.dumps(report, indent=1) + "\n")
     if a.speed_per_category > 0:
         qs = held_out_questions(questions, a.speed_per_category)

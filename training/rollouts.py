@@ -9,6 +9,7 @@ are stored.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -31,6 +32,7 @@ from models.kvcache import KVCache
 from models.layers import decoder_layer, float_mask
 from models.stage import Stage
 from models.text import encode_messages
+from models.verify import Draws, draw
 from training.log import log
 from training.prompts import Prompt
 
@@ -148,6 +150,13 @@ class Rollout:
     finish: str
 
 
+def rollout_draws(seed: int, key: str) -> Draws:
+    """The noise a sampled rollout of prompt ``key`` is drawn with when :func:`batch_generate` is given
+    ``keyed_noise``: a serving request's kind (models/verify.py), so a replay can rank drafts with it as a
+    coupled drafter does (:func:`training.evaluate.replay_rounds`)."""
+    return Draws(int.from_bytes(hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest(), "little") >> 1)
+
+
 def batch_generate(
     stage: Stage,
     prompts: Sequence[tuple[str, list[int]]],
@@ -161,13 +170,16 @@ def batch_generate(
     progress: tqdm | None = None,
     stop: Callable[[], bool] | None = None,
     enough: Callable[[], bool] | None = None,
+    keyed_noise: bool = False,
 ) -> list[Rollout]:
     """Answer every prompt (greedy or sampled), refilling slots as sequences finish.
 
     ``stop`` (a time budget's test) is asked before every decoding step and every prefill: once it
     answers true, the finished rollouts are returned and those still in flight are dropped (unfinished answers would
     teach the head truncated text; a resumed run answers those prompts again). ``enough`` (the data
-    target's test) is asked before every prefill: once true, no prompt starts and those in flight finish."""
+    target's test) is asked before every prefill: once true, no prompt starts and those in flight finish.
+    ``keyed_noise`` samples each answer with :func:`rollout_draws` (a serving request's noise, by position)
+    instead of one generator for the batch: slower per token, but a replay can couple drafts to it."""
     eos = set(eos)
     if not prompts:
         return []
@@ -184,16 +196,30 @@ def batch_generate(
     def keep(f: torch.Tensor) -> torch.Tensor:
         return f.to(feature_dtype(stage))
 
-    def pick(logits: torch.Tensor) -> list[int]:
+    noise: dict[str, Draws] = {}
+
+    def pick(logits: torch.Tensor, at: Sequence[tuple[str, int] | None]) -> list[int]:
+        """The next token of each row; ``at``: the row's prompt key and the position it samples (None: idle)."""
         if temperature <= 0:
             return logits.argmax(-1).tolist()
         probs = torch.softmax(logits / temperature, dim=-1)
-        return torch.multinomial(probs, 1, generator=gen)[:, 0].tolist()
+        if not keyed_noise:
+            return torch.multinomial(probs, 1, generator=gen)[:, 0].tolist()
+        out = []
+        for row, where in zip(probs, at):
+            if where is None:
+                out.append(0)
+                continue
+            key, pos = where
+            d = noise.setdefault(key, rollout_draws(seed, key))
+            out.append(draw(row, d.exponential(pos, len(row))))
+        return out
 
     def finish(b: int, reason: str) -> None:
         s = state[b]
         r = Rollout(s["key"], s["tokens"], s["plen"], torch.cat(s["feats"]), reason)
         results.append(r)
+        noise.pop(r.key, None)
         if on_done:
             on_done(r)
         if progress is not None:
@@ -205,7 +231,7 @@ def batch_generate(
         while queue and not (stop is not None and stop()) and not (enough is not None and enough()):
             key, ids = queue.pop(0)
             f = dec.load(b, ids)
-            first = pick(stage.logits(f[-1:], normed=True))[0]
+            first = pick(stage.logits(f[-1:], normed=True), [(key, len(ids))])[0]
             state[b] = {"key": key, "tokens": [*ids, first], "plen": len(ids), "feats": [keep(f)], "new": 1}
             if first in eos or max_new <= 1:
                 finish(b, "stop" if first in eos else "length")
@@ -223,7 +249,7 @@ def batch_generate(
             if s is None:
                 dec.lens[b] = 0
         feats = dec.step(toks)
-        nxt = pick(stage.logits(feats, normed=True))
+        nxt = pick(stage.logits(feats, normed=True), [(s["key"], len(s["tokens"])) if s else None for s in state])
         for b, s in enumerate(state):
             if s is None:
                 continue

@@ -143,10 +143,11 @@ def text_digest(text: str) -> str:
 
 def same_texts(answers: dict[str, dict]) -> dict[str, list[int]]:
     """``answers``: {mode: {prompt: answer}}, the first mode the reference. Every mode must write the
-    reference's answer for each prompt, greedy or sampled with one seed (a position takes one draw
-    whatever the tree, models/verify.py; batch-invariant layers, as int4a8's, make the logits the same
-    bits; dense ones may part at a near-tie): per later mode, how many of its answers equal the
-    reference's for the same prompt, and how many were compared (prompts the reference lacks are not)."""
+    reference's answer for each prompt, greedy or sampled with one seed (a position's noise is keyed
+    by the seed and the position whatever the tree, models/verify.py; batch-invariant layers, as
+    int4a8's, make the logits the same bits; dense ones may part at a near-tie): per later mode, how
+    many of its answers equal the reference's for the same prompt, and how many were compared (prompts
+    the reference lacks are not)."""
     modes = list(answers)
     if len(modes) < 2:
         return {}

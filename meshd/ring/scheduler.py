@@ -44,18 +44,18 @@ from meshd.modes import MESH_MODES
 from meshd.ring.messages import PROMPT_PARENT, PrefixRef, Prune, Result, Segment
 from meshd.ring.ringtime import RingTimer
 from models.budget import CostCurve, TreeBudget
-from models.drafters import Drafter, can_extend
+from models.drafters import Drafter, can_extend, couple
 from models.engine import Stats
 from models.prefixcache import PrefixBook, PrefixMatch
 from models.stage import Stage
 from models.tree import Tree, frontier, split_segments
-from models.verify import History, Sampling, TokenLogprobs, Walk, advance, sample_token, token_logprobs
+from models.verify import Draws, History, Sampling, TokenLogprobs, Walk, advance, sample_token, token_logprobs
 
 # A filler node must be expected to be accepted at least this often to use a row, and drafting when idle:
 # levels always drafted before a first segment goes out (deeper ones follow where they pay,
 # Originator._deeper_first_pays) and levels the idle draft reaches. Chosen on simulated runs whose modes
 # write the same text (int4a8 target; docs/benchmarks.md, "Fillers down to half a per cent"): 0.005, 3 and 8
-# against 0.02, 2 and 5 read +2-5 % tokens/s at T=0 and +2-4 % at T=1 (paired: one draw a position makes
+# against 0.02, 2 and 5 read +2-5 % tokens/s at T=0 and +2-4 % at T=1 (paired: noise keyed by position makes
 # every variant write the same sampled text), for ~80 % more rows on the stages; on 5 emulated daemons
 # +4.6 % at T=0 (an unpaired "-7 %" at T=1 was different answers, "Sampled answers the same in every mode").
 # On a steep (CPU) curve a filler's rows must pay for the step they lengthen, so the floor rarely binds there.
@@ -138,7 +138,7 @@ class _Live:
     req: Request
     drafter: Drafter | None
     budget: TreeBudget
-    gen: torch.Generator | None
+    draws: Draws  # the request's noise by position: the target samples with it, the drafter ranks with it
     stats: Stats = field(default_factory=Stats)
     out: list[int] = field(default_factory=list)
     next_id: int = 0
@@ -302,10 +302,11 @@ class Originator:
                 judge_after=TREES_TO_JUDGE,
                 plain_s=self.plain_tree_s,
             ),
-            torch.Generator().manual_seed(req.seed) if req.seed is not None else None,
+            Draws(req.seed),
             started=self.clock(),
             ring_id=req.request_id,
         )
+        couple(drafter, lv.draws, req.sampling)
         self.live[req.request_id] = lv
         self._by_ring[lv.ring_id] = req.request_id
         lv.new_ids(len(req.prompt))  # the prompt's nodes are 0..n-1, at their positions
@@ -615,7 +616,7 @@ class Originator:
             feats = full
             if self.prefix_book is not None:  # the record a later turn may reuse
                 lv.ctx_feats = [feats]
-        first = sample_token(logits, lv.req.sampling, lv.gen, self._history(lv))
+        first = sample_token(logits, lv.req.sampling, lv.draws, len(lv.context), self._history(lv))
         lps = [token_logprobs(logits, first, lv.req.logprobs)] if lv.req.logprobs is not None else None
         acts = self._emit(lv, [first], lps)
         if lv.drafter is not None:
@@ -752,7 +753,8 @@ class Originator:
             lv.tree,
             lambda i: lv.logits.get(lv.ids[i]),
             lv.req.sampling,
-            lv.gen,
+            lv.draws,
+            len(lv.context) - len(lv.walk.path),  # the root's position: the context ends at the walk's last node
             self._history(lv),
             (lambda tok, logits: lps.append(token_logprobs(logits, tok, top))) if top is not None else None,
         )

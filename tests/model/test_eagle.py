@@ -33,9 +33,10 @@ from models.layers import causal_mask
 from models.source import ModelSource
 from models.stage import Stage
 from models.tree import frontier
+from models.verify import Sampling
 from training.evaluate import replay_rounds
 from training.prompts import held_out_questions, spec_bench_path, training_prompts
-from training.rollouts import DataStore, Rollout, batch_generate
+from training.rollouts import DataStore, Rollout, batch_generate, rollout_draws
 from training.train import TrainConfig, choose_vocab, train_head
 
 
@@ -403,6 +404,26 @@ def test_train_resume_and_simulate(tiny, tmp_path):
     )
     assert res.token_ids == r.tokens[r.prompt_len :]
     assert res.stats.per_round == sim
+    # sampled: a rollout drawn with its prompt's keyed noise, replayed with drafts coupled to that noise, rounds
+    # as the engine's do with the same noise (the request's seed); coupling changes which children are drafted
+    hot = batch_generate(target, prompts[:1], max_new=40, slots=1, temperature=1.0, seed=5, keyed_noise=True)[0]
+    noise = rollout_draws(5, hot.key)
+    sim = replay_rounds(d, hot, top_k=4, depth=4, pool=32, nodes=8, noise=noise, temperature=1.0)
+    res = generate(
+        target,
+        hot.tokens[: hot.prompt_len],
+        max_new_tokens=40,
+        drafter=d,
+        sampling=Sampling(1.0),
+        seed=noise.seed,
+        top_k=4,
+        depth=4,
+        pool=32,
+        budget=FixedBudget(8),
+    )
+    assert res.token_ids == hot.tokens[hot.prompt_len :]
+    assert res.stats.per_round == sim
+    assert replay_rounds(d, hot, top_k=4, depth=4, pool=32, nodes=8) != sim  # uncoupled drafts differ
 
 
 class FixedBudget(TreeBudget):

@@ -1,7 +1,8 @@
-"""Acceptance rules: greedy walk, resumable walks, exactness of sampled tree walks (and one draw per
+"""Acceptance rules: greedy walk, resumable walks, exactness of sampled tree walks (and noise keyed by
 position, so a seeded sample is the same text in every mode), for plain sampling and for the
 distribution top-k, min-p and the penalties shape (each node judged by its own history), checked
-against a direct computation of that distribution."""
+against a direct computation of that distribution; exactness also when the drafts were ranked with the
+same noise (coupled drafting), which makes a drafter that agrees with the target accepted every time."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from models.engine import generate
 from models.source import ModelSource
 from models.stage import Stage
 from models.tree import Tree
-from models.verify import History, Sampling, Walk, advance, decide, target_probs, token_logprobs, verify
+from models.verify import Draws, History, Sampling, Walk, advance, decide, target_probs, token_logprobs, verify
 
 
 def test_greedy_walk_accepts_longest_match_and_bonus():
@@ -42,10 +43,10 @@ def test_walk_resumes_when_logits_arrive():
     logits[1, 2] = 1.0
     w = Walk()
     avail = {0}
-    got = advance(w, t, lambda i: logits[i] if i in avail else None, Sampling(), None)
+    got = advance(w, t, lambda i: logits[i] if i in avail else None, Sampling(), None, 0)
     assert got == [5] and not w.done and w.path == [0, a]
     avail.add(1)
-    assert advance(w, t, lambda i: logits[i] if i in avail else None, Sampling(), None) == [2]
+    assert advance(w, t, lambda i: logits[i] if i in avail else None, Sampling(), None, 0) == [2]
     assert w.done and w.bonus == 2
 
 
@@ -115,8 +116,8 @@ def test_tree_rejection_sampling_matches_target(tiny_stage, sampling):
     first = np.zeros(len(p_root))
     second = np.zeros(len(p_root))
     biased = np.zeros(len(p_root))
-    for _ in range(draws):
-        path, toks = verify(tree, logits, sampling, gen, HISTORY)
+    for i in range(draws):  # a request's noise is fixed per position: one request (seed) per draw
+        path, toks = verify(tree, logits, sampling, Draws(1234 + i), 3, HISTORY)
         first[toks[0]] += 1
         if len(path) > 1 and path[1] == kids[1]:
             second[toks[1]] += 1
@@ -135,7 +136,7 @@ def test_decide_greedy_is_argmax():
     t = Tree.root(0)
     t.add(0, 4, -0.5)
     logits = torch.tensor([0.0, 3.0, 1.0, 0.0, 2.9])
-    assert decide(t, 0, logits, Sampling(), None) == (None, 1)
+    assert decide(t, 0, logits, Sampling(), None, 0) == (None, 1)
 
 
 def test_penalties_use_the_path_to_the_node(tiny_stage):
@@ -145,10 +146,57 @@ def test_penalties_use_the_path_to_the_node(tiny_stage):
     here = HISTORY.then([tree.tokens[kids[1]]])
     p_child = target_probs(logits[kids[1]], REPEATING, here).numpy().astype(np.float64)
     blind = np.zeros(len(p_child))
-    gen = torch.Generator().manual_seed(99)
-    for _ in range(3000):
-        blind[decide(tree, kids[1], logits[kids[1]], REPEATING, gen, HISTORY)[1]] += 1
+    for i in range(3000):
+        blind[decide(tree, kids[1], logits[kids[1]], REPEATING, Draws(99 + i), 5, HISTORY)[1]] += 1
     assert _chi2(blind, p_child) < 1e-6
+
+
+@pytest.mark.parametrize("sampling", [Sampling(1.0), Sampling(1.3, 0.95, min_p=0.02)])
+def test_drafts_ranked_with_the_noise_keep_the_target_distribution(sampling):
+    """Coupled drafting reads the noise the target samples with: the children below the root are the top
+    three of another distribution (the target's logits blurred and shifted) perturbed by that noise, so
+    which tokens are in the tree depends on the draw. The walk's token must still follow the target's
+    distribution exactly (chi-square, p-value uniform for an exact sampler: fails with probability 1e-3;
+    this seed gives p = 0.3-0.7), and the coupled children must be accepted far more often than the same
+    distribution's deterministic top three."""
+    g = torch.Generator().manual_seed(11)
+    logits = torch.randn(40, generator=g) * 1.5
+    draft_lp = torch.log_softmax(0.7 * logits + torch.randn(40, generator=g), -1)
+    p = target_probs(logits, sampling).double().numpy()
+    assert (p > 0.01).sum() >= 8  # a distribution worth testing
+    counts, coupled, fixed = np.zeros(40), 0, 0
+    top3 = draft_lp.topk(3).indices.tolist()
+    for i in range(8000):
+        d = Draws(i)
+        t = Tree.root(0)
+        for tok in d.perturb(draft_lp[None], [6], sampling.temperature, None, 40)[0].topk(3).indices.tolist():
+            t.add(0, tok, -1.0)
+        path, toks = verify(t, torch.stack([logits] * len(t)), sampling, d, 5)
+        counts[toks[0]] += 1
+        coupled += len(path) > 1
+        fixed += toks[0] in top3
+    assert _chi2(counts, p) > 1e-3
+    assert coupled > 1.2 * fixed, (coupled, fixed)
+
+
+def test_a_drafter_that_agrees_with_the_target_is_accepted_every_time():
+    """With the target's own log-probabilities, the coupled draft's first choice is the token the target
+    draws at that position (temperature scales both alike), 200 times out of 200; the uncoupled choice,
+    the argmax, only as often as its probability."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(50, generator=g) * 2
+    sampling = Sampling(0.8)
+    hits, argmax_hits = 0, 0
+    for i in range(200):
+        d = Draws(100 + i)
+        guess = int(d.perturb(torch.log_softmax(logits, -1)[None], [9], 0.8, None, 50)[0].argmax())
+        t = Tree.root(0)
+        t.add(0, guess, -0.1)
+        _, toks = verify(t, torch.stack([logits, logits]), sampling, d, 8)
+        hits += toks[0] == guess
+        argmax_hits += toks[0] == int(logits.argmax())
+    assert hits == 200
+    assert argmax_hits < 200 * (float(target_probs(logits, sampling).max()) + 0.1)
 
 
 def _reference_probs(logits: np.ndarray, s: Sampling, prompt: list[int], generated: list[int]) -> np.ndarray:
@@ -204,8 +252,8 @@ def test_penalties_need_the_history_and_greedy_takes_the_penalised_argmax():
     t = Tree.root(1)
     t.add(0, 2, -0.5)
     s = Sampling(0.0, frequency_penalty=0.5)
-    assert decide(t, 0, logits, s, None, History([], [])) == (None, 1)
-    assert decide(t, 0, logits, s, None, History([], [1])) == (1, 2)  # 2.0 - 0.5 < 1.9: the child wins
+    assert decide(t, 0, logits, s, None, 0, History([], [])) == (None, 1)
+    assert decide(t, 0, logits, s, None, 0, History([], [1])) == (1, 2)  # 2.0 - 0.5 < 1.9: the child wins
 
 
 @pytest.mark.parametrize("penalties", [dict(repetition_penalty=1.5), dict(presence_penalty=0.8, frequency_penalty=0.6)])
@@ -228,12 +276,13 @@ def test_greedy_with_penalties_is_plain_penalised_decoding_on_every_path(tiny_di
 
 @pytest.mark.parametrize("sampling", [Sampling(1.0), Sampling(0.8, 0.9), PENALISED])
 def test_a_seeded_sample_is_plain_decodings_text_in_every_mode(tiny_dir, tiny_stage, sampling):
-    """One draw per decided position, whatever the tree: a seeded sampled request writes plain sampled
-    decoding's text in `spec` and in the mesh's `chunk` and `flow` (the drafts only decide how many of
-    those tokens a forward yields), as greedy requests do. A tree forward's fp32 logits differ from a
-    one-row forward's by rounding, which moves a draw onto another token only where the uniform number
-    lands within ~1e-6 of a boundary (about a 1e-6 chance a token); none does for these seeds. Control:
-    another seed writes another text, every mode verified drafted trees, and some drafts were accepted."""
+    """Noise keyed by position, whatever the tree: a seeded sampled request writes plain sampled
+    decoding's text in `spec` and in the mesh's `chunk` and `flow` (the drafts, ranked with the same noise,
+    only decide how many of those tokens a forward yields), as greedy requests do. A tree forward's fp32
+    logits differ from a one-row forward's by rounding, which moves a draw onto another token only where
+    two tokens' races end within ~1e-6 of each other (about a 1e-6 chance a token); none does for these
+    seeds. Control: another seed writes another text, every mode verified drafted trees, and some drafts
+    were accepted."""
     prompt = [5, 9, 5, 9, 5, 9, 21, 5, 9]
     drafter = ModelDrafter(load_drafter(f"model:{tiny_dir}", tiny_stage).model)
     want = generate(tiny_stage, prompt, max_new_tokens=40, mode="ar", sampling=sampling, seed=7).token_ids
