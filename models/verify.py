@@ -167,10 +167,13 @@ class Draws:
         position. Its best entry is the draft's Gumbel-max sample, which is the target's token whenever the
         two distributions agree; the softmax is that token's chance of being the target's if the draft's
         logits are off by Gumbel noise, as ``log_softmax(logprobs)`` is for greedy decoding."""
-        g = torch.stack([self.exponential(p, size) for p in positions])
-        if vocab is not None:
-            g = g.index_select(1, vocab)
-        return torch.log_softmax(logprobs.float() / temperature - torch.log(g), dim=-1)
+        gumbel = {}  # per position (a tree level's rows share one): -log E over the draft vocabulary
+        for p in positions:
+            if p not in gumbel:
+                e = self.exponential(p, size)
+                gumbel[p] = -torch.log(e if vocab is None else e.index_select(0, vocab))
+        g = torch.stack([gumbel[p] for p in positions])
+        return torch.log_softmax(logprobs.float() / temperature + g, dim=-1)
 
 
 def draw(probs: torch.Tensor, noise: torch.Tensor) -> int:

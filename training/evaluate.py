@@ -3,8 +3,10 @@
 Acceptance is measured by replaying reference continuations: the walk of a (greedy or
 sampled) verification accepts a drafted child iff it is the token the target emits
 (models/verify.py), so simulating rounds against a recorded target rollout gives the same accepted
-lengths as running the engine, at the cost of drafting only. The questions are Spec-Bench's held-out split
-(``question_id % 4 == 0``, never trained on), read from the path given.
+lengths as running the engine, at the cost of drafting only. Sampled rollouts are drawn with each prompt's
+own position-keyed noise, and replayed with drafts ranked by that noise, as serving couples them
+(:func:`models.drafters.couple`), and again with deterministic top-k drafts for comparison. The questions
+are Spec-Bench's held-out split (``question_id % 4 == 0``, never trained on), read from the path given.
 
 ``python -m training.evaluate --head DIR --questions PATH --out eval.json``
 """

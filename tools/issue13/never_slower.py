@@ -7,7 +7,10 @@ across prompts: every repeat of a prompt starts from what the earlier prompts le
 repeat's verdict is what the next prompt sees, so a prompt never learns from its own runs);
 `spec-capped` (`spec-prior` with the loss cap ``meshd generate`` uses, ``max_loss``);
 `spec-nocheap` (backoff without the n-gram rounds: the budget of the session before the prior);
-`spec-always` (the budget told to draft every round: the behaviour before the backoff).
+`spec-always` (the budget told to draft every round: the behaviour before the backoff);
+`spec-uncoupled` (`spec-capped` with deterministic top-k drafts at ``--temperature`` > 0: drafting before
+the head ranked with the target's noise, models/drafters.py ``couple``). Sampled runs (``--temperature``)
+seed every request alike, so every mode writes the same text.
 
 Times are the calling thread's CPU time (``time.thread_time``; torch runs on this thread with
 ``--threads 1``), which other jobs on a shared machine disturb far less than wall time; wall-time
@@ -28,8 +31,10 @@ import torch
 
 from meshd.lab.bench import EVERYDAY, question_file, spread_over_categories
 from meshd.serve.local import LocalModel
+from models import engine
 from models.budget import MAX_LOSS, CostCurve, DraftPrior, TreeBudget
-from models.engine import generate
+from models.drafters import couple
+from models.verify import Sampling
 from training.prompts import load_questions
 
 
@@ -47,10 +52,16 @@ def main() -> None:
         default="everyday",
         help="everyday (the project's own prompts) or a Spec-Bench question.jsonl (its held-out split is used)",
     )
+    ap.add_argument("--temperature", type=float, default=0.0, help="sampled runs: every request seeded with 0")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    print(f"threads {a.threads}, weights {a.weights}, {a.max_tokens} new tokens, T=0, best of {a.repeats}", flush=True)
+    sampling = Sampling(a.temperature)
+    print(
+        f"threads {a.threads}, weights {a.weights}, {a.max_tokens} new tokens, T={a.temperature:g},"
+        f" best of {a.repeats}",
+        flush=True,
+    )
     local = LocalModel("default", "auto", a.weights)
     curve = CostCurve(local.curve)
     drafter = local.drafter(a.drafter)
@@ -65,6 +76,7 @@ def main() -> None:
         "spec-capped": lambda pr: TreeBudget(curve, prior=pr, max_loss=MAX_LOSS),
         "spec-nocheap": lambda pr: TreeBudget(curve, cheap=False),
         "spec-always": lambda pr: TreeBudget(curve, back_off=False),
+        "spec-uncoupled": lambda pr: TreeBudget(curve, prior=pr, max_loss=MAX_LOSS),
     }
     names = a.modes.split(",")
     if names[0] != "ar" or any(m not in factories for m in names):
@@ -81,8 +93,9 @@ def main() -> None:
                 prior = priors.setdefault(m, DraftPrior()).copy()
                 budget = factories[m](prior)
                 wait = prior.wait
+                engine.couple = (lambda *_: None) if m == "spec-uncoupled" else couple
                 c0, w0 = time.thread_time(), time.perf_counter()
-                res = generate(
+                res = engine.generate(
                     local.target,
                     prompt,
                     max_new_tokens=a.max_tokens,
@@ -90,8 +103,11 @@ def main() -> None:
                     drafter=None if m == "ar" else drafter,
                     eos_ids=local.eos,
                     budget=budget,
+                    sampling=sampling,
+                    seed=0,
                 )
                 cpu, wall = time.thread_time() - c0, time.perf_counter() - w0
+                engine.couple = couple
                 after.setdefault(m, prior)  # the first repeat's verdict goes on to the next prompt
                 st = res.stats
                 rec = {
