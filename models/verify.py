@@ -129,6 +129,12 @@ def target_probs(logits: torch.Tensor, sampling: Sampling, history: History | No
     return probs
 
 
+def mixed_seed(*parts: object) -> int:
+    """A 63-bit generator seed from ``parts`` (hashed: neighbouring inputs give unrelated streams)."""
+    key = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(key, "little") >> 1
+
+
 class Draws:
     """A request's random numbers: for each position of its sequence, one exponential variable per vocabulary
     entry, drawn from a generator seeded by (``seed``, position).
@@ -150,8 +156,7 @@ class Draws:
         """The ``n`` exponential variables (float32) of position ``pos`` (0-based, prompt included)."""
         e = self._noise.get(pos)
         if e is None or len(e) != n:
-            key = hashlib.blake2b(f"{self.seed}:{pos}".encode(), digest_size=8).digest()
-            gen = torch.Generator().manual_seed(int.from_bytes(key, "little") >> 1)
+            gen = torch.Generator().manual_seed(mixed_seed(self.seed, pos))
             e = -torch.log(torch.rand(n, generator=gen))
             self._noise[pos] = e
             if len(self._noise) > self.KEEP:

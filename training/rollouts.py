@@ -9,7 +9,6 @@ are stored.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -32,7 +31,7 @@ from models.kvcache import KVCache
 from models.layers import decoder_layer, float_mask
 from models.stage import Stage
 from models.text import encode_messages
-from models.verify import Draws, draw
+from models.verify import Draws, draw, mixed_seed
 from training.log import log
 from training.prompts import Prompt
 
@@ -152,9 +151,9 @@ class Rollout:
 
 def rollout_draws(seed: int, key: str) -> Draws:
     """The noise a sampled rollout of prompt ``key`` is drawn with when :func:`batch_generate` is given
-    ``keyed_noise``: a serving request's kind (models/verify.py), so a replay can rank drafts with it as a
-    coupled drafter does (:func:`training.evaluate.replay_rounds`)."""
-    return Draws(int.from_bytes(hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest(), "little") >> 1)
+    ``keyed_noise``: noise by position, as a serving request's (models/verify.py), so a replay can rank drafts
+    with it as a coupled drafter does (:func:`training.evaluate.replay_rounds`)."""
+    return Draws(mixed_seed(seed, key))
 
 
 def batch_generate(
@@ -211,7 +210,9 @@ def batch_generate(
                 out.append(0)
                 continue
             key, pos = where
-            d = noise.setdefault(key, rollout_draws(seed, key))
+            if key not in noise:
+                noise[key] = rollout_draws(seed, key)
+            d = noise[key]
             out.append(draw(row, d.exponential(pos, len(row))))
         return out
 
