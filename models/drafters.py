@@ -230,15 +230,12 @@ class ModelDrafter:
             logp = torch.log_softmax(self.model.logits(hidden), dim=-1)
             for r, key in enumerate(level):
                 s.slot[key], s.out[key] = length + r, logp[r]
-        out = []
-        for key in paths:
-            logp = s.out[key]
-            if self.coupling is not None:
-                draws, temperature = self.coupling
-                logp = draws.perturb(logp[None], [len(s.anchor) + len(key)], temperature, None, len(logp))[0]
-            lp, tok = logp.topk(k)
-            out.append(list(zip(tok.tolist(), lp.tolist())))
-        return out
+        logp = torch.stack([s.out[key] for key in paths])
+        if self.coupling is not None:  # ranked with the noise the target samples these positions with
+            draws, temperature = self.coupling
+            logp = draws.perturb(logp, [len(s.anchor) + len(key) for key in paths], temperature, None, logp.shape[-1])
+        lp, tok = logp.topk(k, dim=-1)
+        return [list(zip(t, v)) for t, v in zip(tok.tolist(), lp.tolist())]
 
     def start(self, context: list[int]) -> bool:
         """Open a draft at ``context`` (the cache synced to it); see :func:`draft_tree`."""

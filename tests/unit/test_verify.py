@@ -157,8 +157,9 @@ def test_drafts_ranked_with_the_noise_keep_the_target_distribution(sampling):
     three of another distribution (the target's logits blurred and shifted) perturbed by that noise, so
     which tokens are in the tree depends on the draw. The walk's token must still follow the target's
     distribution exactly (chi-square, p-value uniform for an exact sampler: fails with probability 1e-3;
-    this seed gives p = 0.3-0.7), and the coupled children must be accepted far more often than the same
-    distribution's deterministic top three."""
+    these seeds give p = 0.95 and 0.91), and the coupled children (accepted 7,567 and 7,420 times of
+    8,000) must be accepted far more often than the same distribution's deterministic top three (4,847
+    and 3,867)."""
     g = torch.Generator().manual_seed(11)
     logits = torch.randn(40, generator=g) * 1.5
     draft_lp = torch.log_softmax(0.7 * logits + torch.randn(40, generator=g), -1)
