@@ -458,8 +458,6 @@ class EagleDrafter:
         else:
             self.lm_rows = pack_weight(lm.index_select(0, head.draft_vocab).to(self.dtype))
         self.vocab = head.draft_vocab.tolist()
-        # the target's logits are this wide: coupled ranking reads the noise the target samples with, of that width
-        self.logits_width = lm.out_features if isinstance(lm, QuantWeight) else lm.shape[0]
         self.coupling: tuple[Draws, float] | None = None  # see models.drafters.couple
         self.cache = KVCache(
             1, head.hc.n_kv_heads, head.hc.head_dim, self.dtype, 256, max_capacity=max(256, target.cfg.max_position)
@@ -470,8 +468,7 @@ class EagleDrafter:
         """A drafter for another request sharing this one's weights (per-request state is separate)."""
         other = EagleDrafter.__new__(EagleDrafter)
         other.head, other.target, other.name, other.dtype = self.head, self.target, self.name, self.dtype
-        other.lm_rows, other.vocab, other.logits_width = self.lm_rows, self.vocab, self.logits_width
-        other.coupling = None
+        other.lm_rows, other.vocab, other.coupling = self.lm_rows, self.vocab, None
         other.cache = KVCache(
             1, self.head.hc.n_kv_heads, self.head.hc.head_dim, self.dtype, 256, max_capacity=self.cache.max_capacity
         )
@@ -582,7 +579,8 @@ class EagleDrafter:
             if self.coupling is not None:  # ranked with the noise the target samples these positions with
                 draws, temperature = self.coupling
                 at = [len(s.anchor) + len(key) for key in keys]
-                lps = draws.perturb(lps, at, temperature, self.head.draft_vocab, self.logits_width)
+                # the noise is as wide as the target's logits (Stage.logits_width), read over the draft vocabulary
+                lps = draws.perturb(lps, at, temperature, self.head.draft_vocab, self.target.logits_width)
             vals, idx = lps.topk(min(k, lps.shape[-1]), dim=-1)
             for key, v, i in zip(keys, vals.tolist(), idx.tolist()):
                 s.logp[key] = (v, [vocab[j] for j in i])

@@ -264,6 +264,12 @@ class Stage:
         """Whether the vocabulary ends (embeddings, final norm, LM head) were loaded."""
         return self.embed_w is not None
 
+    @property
+    def logits_width(self) -> int:
+        """How many logits a row gets (the LM head's rows): the length of a sampled position's noise."""
+        lm = self.lm_head_w
+        return lm.out_features if isinstance(lm, QuantWeight) else lm.shape[0]
+
     def new_cache(self, capacity: int = 256) -> KVCache:
         return KVCache(
             self.n_layers,
