@@ -732,7 +732,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=int, default=None)
     t.add_argument("--slots", type=int, default=48, help="sequences generated together")
     t.add_argument("--max-new", type=int, default=256, help="answer length limit while generating data")
-    t.add_argument("--vocab", type=int, default=8192, help="draft vocabulary size (0: the full vocabulary)")
+    t.add_argument(
+        "--vocab",
+        type=int,
+        default=8192,
+        help="draft vocabulary size (0: the full vocabulary); with --init-head, a size larger than that head's "
+        "widens its vocabulary by the data's most frequent tokens (no retraining needed; --epochs 0 writes it as is)",
+    )
     t.add_argument("--steps", type=int, default=3, help="training-time unroll depth")
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--batch-tokens", type=int, default=4096, help="padded tokens per training batch")
@@ -764,8 +770,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--init-head",
         default=None,
         metavar="DIR",
-        help="start from this head's weights and draft vocabulary instead of a fresh head (--vocab unused): more "
-        "epochs, or more data, on top of a head already trained; use a lower --lr (e.g. 3e-4)",
+        help="start from this head's weights and draft vocabulary instead of a fresh head: more epochs, or more "
+        "data, on top of a head already trained; use a lower --lr (e.g. 3e-4)",
     )
     t.set_defaults(func=cmd_train_draft)
 

@@ -55,6 +55,10 @@ class HeadConfig:
     rms_eps: float
     vocab_size: int  # the target's vocabulary
     draft_vocab_size: int = 0  # 0: the full vocabulary
+    # greedy drafts rank only the draft vocabulary's first N ids (0: all of it); sampled drafts rank all. A
+    # widened head keeps its old ids first: at T=0 the wider rows added 0.3 % for 2.5x the draft's time, at
+    # T=1 3.7 % (docs/draft-head.md, "A wider draft vocabulary")
+    greedy_vocab_size: int = 0
     fc_bias: bool = True
     qkv_bias: bool = False
     input_norm: bool = True  # EAGLE-1's public heads skip the first layer's input norm
@@ -380,6 +384,11 @@ def load_head(path: str | Path, target_cfg: ModelConfig, fingerprint: str | None
         if ids.numel() != hc.draft_vocab_size or int(ids.max()) >= hc.vocab_size or int(ids.min()) < 0:
             raise ModelError(f"draft head {path}: draft vocabulary ids out of range")
         head.draft_vocab = ids
+    if not 0 <= hc.greedy_vocab_size <= len(head.draft_vocab):
+        raise ModelError(
+            f"draft head {path}: greedy_vocab_size {hc.greedy_vocab_size} is not within its draft vocabulary of "
+            f"{len(head.draft_vocab)} (fix {CONFIG_FILE}, or set it to 0 to draft greedily over all of it)"
+        )
     return head.eval()
 
 
@@ -452,12 +461,11 @@ class EagleDrafter:
         # int4a8 too: drafting 12 everyday prompts, the head's share of a run fell from 24 to 20 % of the
         # time with the same tokens per round (2.00 / 2.04; docs/benchmarks.md, "int4a8")
         self.head.pack("int4a8" if target.weights == "int4a8" else matrix_kind(target.weights, None))
-        lm = target.lm_head_w
-        if isinstance(lm, QuantWeight):
-            self.lm_rows = pack_weight(lm.rows(head.draft_vocab))
-        else:
-            self.lm_rows = pack_weight(lm.index_select(0, head.draft_vocab).to(self.dtype))
-        self.vocab = head.draft_vocab.tolist()
+        ids = head.draft_vocab
+        greedy = head.hc.greedy_vocab_size or len(ids)
+        self.lm_rows = self._rows(ids[:greedy])
+        self.lm_wide = self._rows(ids[greedy:]) if greedy < len(ids) else None  # sampled drafts' extra rows
+        self.vocab = ids.tolist()
         self.coupling: tuple[Draws, float] | None = None  # see models.drafters.couple
         self.cache = KVCache(
             1, head.hc.n_kv_heads, head.hc.head_dim, self.dtype, 256, max_capacity=max(256, target.cfg.max_position)
@@ -468,7 +476,7 @@ class EagleDrafter:
         """A drafter for another request sharing this one's weights (per-request state is separate)."""
         other = EagleDrafter.__new__(EagleDrafter)
         other.head, other.target, other.name, other.dtype = self.head, self.target, self.name, self.dtype
-        other.lm_rows, other.vocab, other.coupling = self.lm_rows, self.vocab, None
+        other.lm_rows, other.lm_wide, other.vocab, other.coupling = self.lm_rows, self.lm_wide, self.vocab, None
         other.cache = KVCache(
             1, self.head.hc.n_kv_heads, self.head.hc.head_dim, self.dtype, 256, max_capacity=self.cache.max_capacity
         )
@@ -558,8 +566,19 @@ class EagleDrafter:
         self._last_out = out[-1:]
         return self._last_out
 
+    def _rows(self, ids: torch.Tensor) -> Weight:
+        """The target's LM-head rows of ``ids``, packed as the drafter reads them."""
+        lm = self.target.lm_head_w
+        if isinstance(lm, QuantWeight):
+            return pack_weight(lm.rows(ids))
+        return pack_weight(lm.index_select(0, ids).to(self.dtype))
+
     def logprobs(self, feats: torch.Tensor) -> torch.Tensor:
-        return torch.log_softmax(self.target.vocab_logits(feats, self.lm_rows), dim=-1)
+        """Log-probabilities over the greedy part of the draft vocabulary, or all of it for sampled drafts."""
+        logits = self.target.vocab_logits(feats, self.lm_rows)
+        if self.coupling is not None and self.lm_wide is not None:
+            logits = torch.cat([logits, self.target.vocab_logits(feats, self.lm_wide)], dim=-1)
+        return torch.log_softmax(logits, dim=-1)
 
     def _open(self, context: list[int]) -> DraftRows:
         """A new draft at ``context``: the committed rows brought up to date, the root's feature predicted."""
@@ -580,7 +599,8 @@ class EagleDrafter:
                 draws, temperature = self.coupling
                 at = [len(s.anchor) + len(key) for key in keys]
                 # the noise is as wide as the target's logits (Stage.logits_width), read over the draft vocabulary
-                lps = draws.perturb(lps, at, temperature, self.head.draft_vocab, self.target.logits_width)
+                ids = self.head.draft_vocab[: lps.shape[-1]]
+                lps = draws.perturb(lps, at, temperature, ids, self.target.logits_width)
             vals, idx = lps.topk(min(k, lps.shape[-1]), dim=-1)
             for key, v, i in zip(keys, vals.tolist(), idx.tolist()):
                 s.logp[key] = (v, [vocab[j] for j in i])

@@ -26,14 +26,14 @@ from meshd.cli import main
 from models.budget import CostCurve, TreeBudget
 from models.config import ModelError
 from models.drafters import MergedDrafter, ModelDrafter, NGramDrafter, can_extend, load_drafter
-from models.eagle import EagleDrafter, EagleHead, HeadConfig, find_head, load_head, save_head
+from models.eagle import CONFIG_FILE, EagleDrafter, EagleHead, HeadConfig, find_head, load_head, save_head
 from models.engine import generate
 from models.kvcache import KVCache
 from models.layers import causal_mask
 from models.source import ModelSource
 from models.stage import Stage
 from models.tree import frontier
-from models.verify import Sampling
+from models.verify import Draws, Sampling
 from training.evaluate import replay_rounds
 from training.prompts import held_out_questions, spec_bench_path, training_prompts
 from training.rollouts import DataStore, Rollout, batch_generate, rollout_draws
@@ -100,6 +100,34 @@ def hf_layer_reference(head: EagleHead, target: Stage, tokens: list[int], feats:
         mask = torch.full((t, t), torch.finfo(torch.float32).min).triu(1)[None, None]
         out = layer(x, attention_mask=mask, position_ids=pos, position_embeddings=pe)
     return (out[0] if isinstance(out, tuple) else out)[0]
+
+
+def test_greedy_drafts_read_a_widened_vocabularys_first_ids_and_sampled_drafts_all_of_it(tiny, tmp_path):
+    """A head whose file lists 32 even ids, then 32 odd ones, with ``greedy_vocab_size`` 32 (what widening
+    writes): greedy drafts only ever propose even tokens, drafts coupled to the target's noise also odd ones;
+    the order and the size survive the file, and a size beyond the vocabulary is refused with the fix."""
+    src, target = tiny
+    head = random_head(target, src.fingerprint, vocab=list(range(64)))
+    head.draft_vocab = torch.tensor(list(range(0, 64, 2)) + list(range(1, 64, 2)))
+    head.hc.greedy_vocab_size = 32
+    save_head(head, tmp_path / "h")
+    loaded = load_head(tmp_path / "h", target.cfg, src.fingerprint)
+    assert loaded.draft_vocab.tolist() == head.draft_vocab.tolist() and loaded.hc.greedy_vocab_size == 32
+    d = EagleDrafter(loaded, target)
+    context = [3, 5, 7, 9, 11, 13]
+    d.accept(context, torch.randn(len(context) - 1, target.cfg.hidden_size, generator=torch.Generator().manual_seed(0)))
+    greedy = d.draft(context, top_k=4, depth=3, max_nodes=16)
+    assert len(greedy) > 1 and all(t % 2 == 0 for t in greedy.tokens[1:])
+    assert d.logprobs(torch.randn(2, target.cfg.hidden_size)).shape == (2, 32)
+    drafted = set()
+    for seed in range(4):
+        d.coupling = (Draws(seed), 1.0)
+        drafted |= set(d.draft(context, top_k=4, depth=3, max_nodes=16).tokens[1:])
+    assert any(t % 2 for t in drafted) and d.logprobs(torch.randn(2, target.cfg.hidden_size)).shape == (2, 64)
+    cfg = json.loads((tmp_path / "h" / CONFIG_FILE).read_text())
+    (tmp_path / "h" / CONFIG_FILE).write_text(json.dumps({**cfg, "greedy_vocab_size": 65}))
+    with pytest.raises(ModelError, match="greedy_vocab_size 65 is not within its draft vocabulary of 64"):
+        load_head(tmp_path / "h", target.cfg, src.fingerprint)
 
 
 def test_own_format_roundtrip_and_target_check(tiny, tmp_path):
@@ -344,7 +372,7 @@ def test_batch_generate_and_store(tiny, tmp_path):
     assert again.done == {"a", "b", "c", "d"} and again.meta["answer_tokens"] == 64
     seqs = again.sequences()
     assert [len(s[0]) for s in seqs] == [len(r.tokens) for r in rolls]
-    ids, cov = choose_vocab(seqs, 8, always=[63])
+    ids, cov = choose_vocab(((t, p) for t, _, p in seqs), 8, always=[63])
     assert 63 in ids.tolist() and len(ids) == 8 and 0 < cov <= 1
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import signal
 import time
+from collections import Counter
 
 import pytest
 import torch
@@ -24,7 +25,14 @@ from models.engine import generate
 from models.source import ModelSource
 from models.stage import Stage
 from training.evaluate import evaluate_acceptance
-from training.rollouts import DataStore, batch_generate, features_label, generate_data, prefill_features
+from training.rollouts import (
+    DataStore,
+    batch_generate,
+    data_dir_name,
+    features_label,
+    generate_data,
+    prefill_features,
+)
 from training.stopping import StopRequest
 from training.timebudget import TimeBudget
 from training.train import TrainConfig, train_head
@@ -444,3 +452,28 @@ def test_train_draft_stopped_keeps_its_answers_and_a_rerun_finishes(
     assert torch.equal(before.draft_vocab, after.draft_vocab) and same_head(before, after)
     with pytest.raises(ModelError, match="nowhere not found"):  # read with the target, before any work
         td.train_draft(**kw, init_head=tmp_path / "nowhere")
+
+
+def test_a_warm_start_widens_its_draft_vocabulary_and_epochs_0_writes_it_untrained(
+    tmp_path, monkeypatch, embedded_source, embedded_tokenizer
+):
+    """`--init-head H --vocab N` with N above H's vocabulary keeps H's ids and adds the data's most frequent
+    tokens (then the lowest unused ids); `--epochs 0` writes that head without features or training, its
+    weights unchanged; `--epochs 0` without a head to widen is refused before any work."""
+    monkeypatch.delenv("MESHD_SPEC_BENCH", raising=False)
+    model = chat_target("safetensors", tmp_path, embedded_source, embedded_tokenizer)
+    src = ModelSource.resolve(model)
+    target = Stage.load(src, dtype="fp32")
+    start, out, work = tmp_path / "start", tmp_path / "wide", tmp_path / "w"
+    save_head(random_head(target, src.fingerprint, vocab=[0, 1, 2, 3]), start)
+    common = dict(model=model, tokens=40, max_new=8, slots=4, dtype="fp32", work=work, out=out)
+    report = td.train_draft(**common, init_head=start, vocab=48, epochs=0, eval_per_category=0)
+    assert report["head"]["draft_vocab"] == 48
+    wide, before = load_head(out, target.cfg, src.fingerprint), load_head(start, target.cfg, src.fingerprint)
+    ids = wide.draft_vocab.tolist()
+    assert len(ids) == 48 == len(set(ids)) and {0, 1, 2, 3} <= set(ids) and same_head(wide, before)
+    store = DataStore(work / data_dir_name(target))
+    answered = [t for _, toks, plen in store.answered() for t in toks[plen:]]
+    assert answered and {t for t, _ in Counter(answered).most_common(8)} <= set(ids)  # the data's commonest are in
+    with pytest.raises(ValueError, match="--epochs 0: give at least 1, or 0 with --init-head"):
+        td.train_draft(**common, epochs=0)

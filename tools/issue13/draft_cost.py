@@ -3,9 +3,10 @@
 Feeds the head the target's features of a real answer, then times ``draft`` (thread CPU time, best of 7)
 for trees of 4 to 32 nodes and the head catching up on 16 committed positions (what follows a stretch of
 plain rounds). ``--torch-layer``: the head's decoder layer on the torch ops of ``decoder_layer`` instead of
-the C call (the rest as is), to compare.
+the C call (the rest as is), to compare. ``--drafter eagle:DIR``: another head (e.g. one with a wider draft
+vocabulary) instead of the shipped one.
 
-    PYTHONPATH=. python tools/issue13/draft_cost.py [--threads 1] [--torch-layer]
+    PYTHONPATH=. python tools/issue13/draft_cost.py [--threads 1] [--torch-layer] [--drafter eagle:DIR]
 """
 
 from __future__ import annotations
@@ -34,13 +35,17 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--torch-layer", action="store_true")
+    ap.add_argument("--drafter", default="eagle", help="an EAGLE head as --drafter takes it (default: the shipped one)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     local = LocalModel("default", "auto", "auto")
-    drafter, target = local.drafter("eagle"), local.target
+    drafter, target = local.drafter(a.drafter), local.target
     if a.torch_layer:
         drafter.head._fused = None
-    print(f"weights {target.weights}, the head's layer in C: {drafter.head._fused is not None}")
+    print(
+        f"weights {target.weights}, the head's layer in C: {drafter.head._fused is not None}, "
+        f"draft vocabulary {len(drafter.vocab)}"
+    )
     prompt = local.encode(PROMPT)
     answer = engine.generate(target, prompt, max_new_tokens=40, mode="ar", eos_ids=local.eos).token_ids
     context = prompt + answer

@@ -145,7 +145,7 @@ def main() -> None:
     seqs1 = [(t, f[:, -h:], p) for t, f, p in seqs3]
     tok = src.load_tokenizer()
     eos = stop_ids(tok, target.cfg)
-    ids, coverage = choose_vocab(seqs1, 8192, always=eos)
+    ids, coverage = choose_vocab(((t, p) for t, _, p in seqs1), 8192, always=eos)
     answer = sum(len(t) - p for t, _, p in seqs1)
     log(f"{len(seqs1)} sequences, {answer} answer tokens; the draft vocabulary covers {coverage:.1%}")
     tc = TrainConfig(epochs=a.epochs, batch_tokens=a.batch_tokens)
